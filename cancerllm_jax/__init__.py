@@ -1,0 +1,26 @@
+"""cancerllm_jax: CancerLLM in JAX.
+
+The front door::
+
+    import cancerllm_jax as cj
+    lm = cj.load("an/hf/folder/or/our/checkpoint/or/a/run", dtype="float32")   # mesh="1x1"
+    logits = lm.logits(input_ids)                     # int [B, T] -> float32 numpy [B, T, V]
+    texts = lm.generate(["..."], max_new_tokens=50)   # strings in -> strings out; id lists -> id lists
+"""
+import os as _os
+
+# Never reach a model hub: everything this package loads is local.
+_os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+__version__ = "0.1.0"
+
+
+def load(path: str, dtype: str = "float32", mesh: str = "1x1", **kwargs):
+    """Load an HF folder, a converted checkpoint or a training run's latest checkpoint as an ``LM``."""
+    from cancerllm_jax.api import load as _load
+
+    return _load(path, dtype=dtype, mesh=mesh, **kwargs)
+
+
+__all__ = ["load", "__version__"]

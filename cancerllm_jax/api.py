@@ -1,0 +1,150 @@
+"""The front door: ``load(path)`` → ``LM`` with ``.logits(ids)``, ``.generate(prompts, ...)`` and ``.tokenizer``."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cancerllm_jax.config import LoRAConfig, ModelConfig
+from cancerllm_jax.errors import UserError
+
+
+@dataclass
+class LoadedWeights:
+    cfg: ModelConfig
+    params: dict
+    lora: LoRAConfig | None = None
+    lora_params: dict | None = None
+    tokenizer_spec: str | None = None
+    source: str = ""
+
+
+def read_weights(path: str, dtype: str | None = None) -> LoadedWeights:
+    """Read any supported location: HF folder, converted checkpoint, or a training run (latest checkpoint)."""
+    from cancerllm_jax.checkpoint import orbax_io
+
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise UserError(f"model path not found: {path}")
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: expected a folder (HF model folder, converted checkpoint or training run)")
+    if orbax_io.is_params_checkpoint(path):
+        meta = orbax_io.read_meta(path)
+        from cancerllm_jax.config import build
+
+        cfg = build(ModelConfig, meta["model"], f"{path}/{orbax_io.META_FILE}:model")
+        return LoadedWeights(cfg, orbax_io.load_params(path), tokenizer_spec=_tokenizer_in(path), source=path)
+    from cancerllm_jax.train import run_io
+
+    if run_io.is_run_dir(path):
+        return run_io.read_run_weights(path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from cancerllm_jax.checkpoint.hf import read_hf
+
+        cfg, params = read_hf(path)
+        return LoadedWeights(cfg, params, tokenizer_spec=_tokenizer_in(path), source=path)
+    raise UserError(f"{path}: not an HF model folder (no config.json), a converted checkpoint "
+                    f"(no cancerllm.json) or a training run (no checkpoints/)")
+
+
+def _tokenizer_in(folder: str) -> str | None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return folder
+    return None
+
+
+class LM:
+    """A loaded model on a mesh. ``logits`` and ``generate`` compile once per input shape bucket."""
+
+    def __init__(self, model, cfg: ModelConfig, tokenizer: Any, mesh, source: str = ""):
+        from cancerllm_jax import sharding
+
+        self.cfg, self.tokenizer, self.mesh, self.source = cfg, tokenizer, mesh, source
+        graphdef, state = nnx.split(model)
+        pure = nnx.to_pure_dict(state)
+        shardings = sharding.param_shardings(pure, mesh, cfg, fsdp=False, notice=lambda *_: None)
+        pure = jax.device_put(pure, shardings)
+        nnx.replace_by_pure_dict(state, pure)
+        self.graphdef, self.state = graphdef, state
+        self.model = nnx.merge(graphdef, state)
+        self._logits_fn = jax.jit(self._logits_impl)
+        self._decoder = None
+
+    def _logits_impl(self, state, ids):
+        model = nnx.merge(self.graphdef, state)
+        logits, _ = model(ids)
+        return logits.astype(jnp.float32)
+
+    def logits(self, input_ids) -> np.ndarray:
+        """``int [B, T]`` → ``float32 numpy [B, T, V]`` (a 1-D input gives ``[T, V]``)."""
+        ids = np.asarray(input_ids)
+        squeeze = ids.ndim == 1
+        if squeeze:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.size == 0:
+            raise UserError(f"input_ids: expected a non-empty int array [B, T], got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise UserError(f"input_ids: expected integers, got {ids.dtype}")
+        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
+            raise UserError(f"input_ids: ids must be in [0, {self.cfg.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        from cancerllm_jax import sharding
+
+        d = self.mesh.shape["data"]
+        b = ids.shape[0]
+        pad = (-b) % d
+        x = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)]) if pad else ids
+        x = jax.device_put(jnp.asarray(x, jnp.int32), sharding.batch_sharding(self.mesh))
+        out = np.asarray(self._logits_fn(self.state, x))[:b]
+        return out[0] if squeeze else out
+
+    def generate(self, prompts, max_new_tokens: int = 64, **kwargs):
+        """Strings → list of strings; token-id lists → list of generated id lists (prompt excluded).
+
+        See ``cancerllm_jax.decode.Decoder.generate`` for ``temperature``, ``top_k``, ``top_p``, ``seed``,
+        ``stop``, ``eos_id`` and ``max_prompt_tokens``.
+        """
+        from cancerllm_jax.decode import Decoder
+
+        if self._decoder is None:
+            self._decoder = Decoder(self)
+        return self._decoder.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool = True, tokenizer: str | None = None
+         ) -> LM:
+    """Load weights from ``path`` in ``dtype`` onto a ``mesh`` ("DxM"); a run's LoRA is merged by default."""
+    from cancerllm_jax import sharding
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+    from cancerllm_jax.model import model_from_params, resolve_dtype
+
+    resolve_dtype(dtype)
+    shape = sharding.parse_mesh(mesh)
+    mesh_obj = sharding.make_mesh(shape)
+    w = read_weights(path)
+    if w.lora is not None and w.lora_params is not None and merge_lora:
+        from cancerllm_jax.model.lora import merge_lora_params
+
+        params = merge_lora_params(w.params, w.lora_params, w.lora)
+        model = model_from_params(w.cfg, params, dtype=dtype)
+    else:
+        model = model_from_params(w.cfg, w.params, lora=w.lora if w.lora_params is not None else None,
+                                  lora_params=w.lora_params, dtype=dtype)
+    spec = tokenizer or w.tokenizer_spec
+    tok = None
+    if spec is not None:
+        tok = load_tokenizer(spec)
+    elif w.cfg.vocab_size == 32000 and w.cfg.model_type == "mistral":
+        try:
+            tok = load_tokenizer(None)
+        except UserError:
+            tok = None
+    if tok is not None and tok.vocab_size > w.cfg.vocab_size:
+        raise UserError(f"tokenizer {getattr(tok, 'name', spec)} has {tok.vocab_size} tokens but the model's "
+                        f"vocabulary is {w.cfg.vocab_size}")
+    return LM(model, w.cfg, tok, mesh_obj, source=w.source)

@@ -1,0 +1,217 @@
+"""Hugging Face safetensors ⇄ our parameter tree, tensor by tensor.
+
+HF keeps one ``[out, in]`` tensor per layer; we keep ``[layers, in, out]``. Import fills preallocated stacked
+arrays one HF tensor at a time (memory-mapped reads), export writes ~5 GB shards one layer slice at a time, so a
+7B conversion never holds two copies of the model.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from cancerllm_jax.config import ModelConfig, read_hf_config, to_hf_config
+from cancerllm_jax.errors import UserError
+
+LAYER_KEYS = {  # ours -> HF suffix under model.layers.{i}.
+    ("attn_norm",): "input_layernorm.weight",
+    ("mlp_norm",): "post_attention_layernorm.weight",
+    ("q", "kernel"): "self_attn.q_proj.weight",
+    ("k", "kernel"): "self_attn.k_proj.weight",
+    ("v", "kernel"): "self_attn.v_proj.weight",
+    ("o", "kernel"): "self_attn.o_proj.weight",
+    ("gate", "kernel"): "mlp.gate_proj.weight",
+    ("up", "kernel"): "mlp.up_proj.weight",
+    ("down", "kernel"): "mlp.down_proj.weight",
+}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+SHARD_BYTES = 5 * 1024**3
+
+
+def safetensors_files(folder: str) -> dict[str, str]:
+    """Map tensor name → file, from ``model.safetensors`` or a sharded ``model.safetensors.index.json``."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+        for fname in set(weight_map.values()):
+            if not os.path.isfile(os.path.join(folder, fname)):
+                raise UserError(f"{index} names {fname}, which is missing from {folder}")
+        return {k: os.path.join(folder, v) for k, v in weight_map.items()}
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(single, framework="numpy") as f:
+                return {k: single for k in f.keys()}
+        except Exception as e:  # safetensors raises SafetensorError / OSError on a corrupt header
+            raise UserError(f"{single}: corrupt or not a safetensors file ({e})") from None
+    if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in os.listdir(folder)):
+        raise UserError(f"{folder}: only pickle weights (.bin/.pt) found; convert them to safetensors first "
+                        "(pickle files are never loaded)")
+    raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+class _Reader:
+    """Lazily opened safetensors files; one tensor at a time."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files, self.handles = files, {}
+
+    def get(self, name: str) -> np.ndarray:
+        from safetensors import safe_open
+
+        path = self.files[name]
+        if path not in self.handles:
+            try:
+                self.handles[path] = safe_open(path, framework="numpy")
+            except Exception as e:
+                raise UserError(f"{path}: corrupt or not a safetensors file ({e})") from None
+        try:
+            return self.handles[path].get_tensor(name)
+        except Exception as e:
+            raise UserError(f"{path}: cannot read tensor {name} ({e})") from None
+
+
+def _check(name: str, arr: np.ndarray, shape: tuple) -> np.ndarray:
+    if tuple(arr.shape) != tuple(shape):
+        raise UserError(f"tensor {name}: shape {tuple(arr.shape)}, expected {tuple(shape)} from config.json")
+    return arr
+
+
+def read_hf(folder: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
+    """``(config, params)`` from an HF folder; ``dtype`` None keeps the file's dtype (bit-exact)."""
+    if not os.path.isdir(folder):
+        raise UserError(f"model folder not found: {folder}")
+    cfg = read_hf_config(folder)
+    files = safetensors_files(folder)
+    reader = _Reader(files)
+    names = set(files)
+    used = set()
+    cast = (lambda a: a) if dtype is None else (lambda a: a.astype(_np_dtype(dtype)))
+    n = cfg.num_layers
+    shapes = _hf_shapes(cfg)
+
+    def take(name):
+        if name not in names:
+            raise UserError(f"{folder}: tensor {name} is missing")
+        used.add(name)
+        return _check(name, reader.get(name), shapes[name] if name in shapes else shapes[_layer_generic(name)])
+
+    embed = cast(take("model.embed_tokens.weight"))
+    params: dict = {"embed": embed, "final_norm": cast(take("model.norm.weight")), "layers": {}}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = np.ascontiguousarray(cast(take("lm_head.weight")).T)
+    elif "lm_head.weight" in names:
+        used.add("lm_head.weight")  # tied: HF may still store a copy
+    for ours, suffix in LAYER_KEYS.items():
+        first = take(f"model.layers.0.{suffix}")
+        is_kernel = ours[-1] == "kernel"
+        shape = (n,) + (first.shape[::-1] if is_kernel else first.shape)
+        stacked = np.empty(shape, dtype=cast(first[:1]).dtype)
+        for i in range(n):
+            t = first if i == 0 else take(f"model.layers.{i}.{suffix}")
+            stacked[i] = cast(t.T if is_kernel else t)
+        node = params["layers"]
+        for k in ours[:-1]:
+            node = node.setdefault(k, {})
+        node[ours[-1]] = stacked
+    extra = sorted(k for k in names - used if not k.endswith(IGNORED_SUFFIXES))
+    if extra:
+        raise UserError(f"{folder}: unexpected tensor(s) {extra[:5]}{'…' if len(extra) > 5 else ''} "
+                        f"(not part of a {cfg.model_type} model with this config)")
+    return cfg, params
+
+
+def _layer_generic(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[:2] + ["*"] + parts[3:])
+
+
+def _hf_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    s = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
+    layer = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+             "self_attn.q_proj.weight": (cfg.q_size, d), "self_attn.k_proj.weight": (cfg.kv_size, d),
+             "self_attn.v_proj.weight": (cfg.kv_size, d), "self_attn.o_proj.weight": (d, cfg.q_size),
+             "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d), "mlp.down_proj.weight": (d, f)}
+    s.update({f"model.layers.*.{k}": v for k, v in layer.items()})
+    return s
+
+
+def _np_dtype(name: str):
+    import ml_dtypes
+
+    return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[name]
+
+
+def iter_hf_tensors(cfg: ModelConfig, params: dict):
+    """Yield ``(hf_name, numpy array)`` one tensor at a time, in HF's order."""
+    yield "model.embed_tokens.weight", np.asarray(params["embed"])
+    for i in range(cfg.num_layers):
+        for ours, suffix in LAYER_KEYS.items():
+            node = params["layers"]
+            for k in ours:
+                node = node[k]
+            t = np.asarray(node[i])
+            yield f"model.layers.{i}.{suffix}", np.ascontiguousarray(t.T if ours[-1] == "kernel" else t)
+    yield "model.norm.weight", np.asarray(params["final_norm"])
+    if not cfg.tie_embeddings:
+        yield "lm_head.weight", np.ascontiguousarray(np.asarray(params["lm_head"]).T)
+
+
+def write_hf(out_dir: str, cfg: ModelConfig, params: dict, overwrite: bool = False,
+             tokenizer_dir: str | None = None, shard_bytes: int = SHARD_BYTES) -> list[str]:
+    """Write ``config.json`` + safetensors (sharded at ``shard_bytes`` with an index) atomically."""
+    from safetensors.numpy import save_file
+
+    from cancerllm_jax.checkpoint.orbax_io import atomic_dir, copy_tokenizer_files
+
+    with atomic_dir(out_dir, overwrite) as tmp:
+        current, size, weight_map, dtype = {}, 0, {}, None
+        count, total_size = 0, 0
+
+        def flush():
+            nonlocal current, size, count
+            if current:
+                count += 1
+                fname = f"model-{count:05d}.safetensors.part"
+                save_file(current, os.path.join(tmp, fname), metadata={"format": "pt"})
+                for k in current:
+                    weight_map[k] = fname
+            current, size = {}, 0
+
+        for name, arr in iter_hf_tensors(cfg, params):
+            dtype = dtype or str(arr.dtype)
+            if size and size + arr.nbytes > shard_bytes:
+                flush()
+            current[name] = arr
+            size += arr.nbytes
+            total_size += arr.nbytes
+        flush()
+        total = count
+        files = []
+        if total == 1:
+            os.replace(os.path.join(tmp, "model-00001.safetensors.part"), os.path.join(tmp, "model.safetensors"))
+            files.append("model.safetensors")
+        else:
+            rename = {f"model-{i:05d}.safetensors.part": f"model-{i:05d}-of-{total:05d}.safetensors"
+                      for i in range(1, total + 1)}
+            for old, new in rename.items():
+                os.replace(os.path.join(tmp, old), os.path.join(tmp, new))
+            files.extend(rename.values())
+            index = {"metadata": {"total_size": int(total_size)},
+                     "weight_map": {k: rename[v] for k, v in weight_map.items()}}
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+        hf_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(dtype, "float32")
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(to_hf_config(cfg, hf_dtype), f, indent=2)
+        if tokenizer_dir:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+    return files

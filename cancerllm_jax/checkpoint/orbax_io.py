@@ -1,0 +1,98 @@
+"""Our converted-checkpoint format: ``cancerllm.json`` (model config, dtype) + an Orbax ``params/`` tree.
+
+Writes are atomic: everything goes into a sibling temp folder that is renamed into place at the end.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+from cancerllm_jax.config import ModelConfig, to_dict
+from cancerllm_jax.errors import UserError
+
+META_FILE = "cancerllm.json"
+FORMAT = "cancerllm-jax/params-v1"
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str, overwrite: bool = False):
+    """Yield a temp folder beside ``out_dir``; on success it replaces ``out_dir`` in one rename."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise UserError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(out_dir):
+            old = tmp + ".old"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_params_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META_FILE))
+
+
+def save_params(out_dir: str, cfg: ModelConfig, params: dict, dtype: str, extra: dict | None = None,
+                overwrite: bool = False, tokenizer_dir: str | None = None) -> None:
+    """Write a params checkpoint (pure dict of arrays) atomically."""
+    import orbax.checkpoint as ocp
+
+    with atomic_dir(out_dir, overwrite) as tmp:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(tmp, "params"), params)
+        ckptr.wait_until_finished()
+        ckptr.close()
+        meta = {"format": FORMAT, "model": to_dict(cfg), "dtype": dtype, **(extra or {})}
+        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+        if tokenizer_dir:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+def read_meta(path: str) -> dict:
+    try:
+        with open(os.path.join(path, META_FILE), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}/{META_FILE}: unreadable ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path}/{META_FILE}: unknown format {meta.get('format')!r} (expected {FORMAT})")
+    return meta
+
+
+def load_params(path: str, target: dict | None = None) -> dict:
+    """Restore the params tree; ``target`` (abstract arrays with shardings) places it on a mesh."""
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        return ckptr.restore(os.path.abspath(os.path.join(path, "params")), target)
+    except FileNotFoundError as e:
+        raise UserError(f"{path}: params missing or incomplete ({e})") from None
+    finally:
+        ckptr.close()

@@ -1,0 +1,313 @@
+"""Typed configs: the model, LoRA, data, training and mesh settings; YAML files and ``key=value`` overrides.
+
+Every config is a frozen dataclass; unknown keys are errors that suggest the nearest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from cancerllm_jax.errors import UserError, suggest
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The decoder's shape. ``sliding_window=None`` means full causal attention (Llama)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    sliding_window: int | None = 4096
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+    model_type: str = "mistral"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise UserError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"model config: num_heads {self.num_heads} is not a multiple of "
+                            f"num_kv_heads {self.num_kv_heads}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise UserError(f"model config: sliding_window must be positive or null, got {self.sliding_window}")
+        if self.model_type not in ("mistral", "llama"):
+            raise UserError(f"model config: model_type must be 'mistral' or 'llama', got {self.model_type!r}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        """Parameter count of the base model (embeddings counted once when tied)."""
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        per_layer = d * (self.q_size + 2 * self.kv_size) + self.q_size * d + 3 * d * f + 2 * d
+        return v * d * (1 if self.tie_embeddings else 2) + self.num_layers * per_layer + d
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Mistral-7B v0.1, as in PAPERS.md.
+    "mistral-7b-v0.1": ModelConfig(),
+    # A few-hundred-thousand-parameter model with the Mistral v1 vocabulary: CPU smoke runs and tests.
+    "tiny": ModelConfig(vocab_size=32000, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16, sliding_window=128, max_position_embeddings=4096,
+                        tie_embeddings=True),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown model preset {name!r}{suggest(name, PRESETS)}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+SUPPORTED_HF_TYPES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
+    """Build a ModelConfig from an HF ``config.json`` dict (``rope_theta`` or transformers-5 ``rope_parameters``)."""
+    mtype = hf.get("model_type")
+    if mtype not in SUPPORTED_HF_TYPES:
+        raise UserError(f"{source}: model_type {mtype!r} is not supported (supported: {sorted(SUPPORTED_HF_TYPES)})")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+        raise UserError(f"{source}: missing field(s) {missing}")
+    act = hf.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise UserError(f"{source}: hidden_act {act!r} is not supported (only silu)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise UserError(f"{source}: {flag}=true is not supported")
+    rope = hf.get("rope_parameters") or {}
+    if hf.get("rope_scaling"):
+        rope = {**hf["rope_scaling"], **rope}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise UserError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    heads = int(hf["num_attention_heads"])
+    window = hf.get("sliding_window") if mtype == "mistral" else None
+    if mtype == "mistral" and hf.get("use_sliding_window") is False:
+        window = None
+
+    def _tok(name):
+        v = hf.get(name)
+        return int(v[0]) if isinstance(v, list) and v else (int(v) if v is not None else None)
+
+    return ModelConfig(
+        vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
+        num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads), rope_theta=float(theta),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), sliding_window=int(window) if window else None,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)), bos_token_id=_tok("bos_token_id"),
+        eos_token_id=_tok("eos_token_id"), pad_token_id=_tok("pad_token_id"), model_type=mtype)
+
+
+def read_hf_config(folder: str) -> ModelConfig:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    return from_hf_config(hf, source=path)
+
+
+def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
+    """A transformers-5 ``config.json`` dict for MistralForCausalLM / LlamaForCausalLM."""
+    out = {
+        "architectures": [SUPPORTED_HF_TYPES[cfg.model_type]], "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": cfg.max_position_embeddings,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": dtype, "dtype": dtype, "attention_dropout": 0.0, "initializer_range": 0.02,
+        "use_cache": True,
+    }
+    if cfg.model_type == "mistral":
+        out["sliding_window"] = cfg.sliding_window
+    else:
+        out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    return out
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """PEFT-equivalent LoRA: ``y = W x + B(A(dropout(x))) * alpha / r`` on the target projections."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        targets = self.targets
+        if isinstance(targets, str):
+            targets = LORA_TARGETS if targets == "all" else tuple(t.strip() for t in targets.split(","))
+        targets = tuple(t[:-5] if t.endswith("_proj") else t for t in targets)
+        bad = [t for t in targets if t not in LORA_TARGETS]
+        if bad:
+            raise UserError(f"lora.targets: unknown module {bad[0]!r}{suggest(bad[0], LORA_TARGETS)}; "
+                            f"choose from {list(LORA_TARGETS)} or 'all'")
+        object.__setattr__(self, "targets", tuple(t for t in LORA_TARGETS if t in targets))
+        if self.rank <= 0:
+            raise UserError(f"lora.rank must be positive, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generic dataclass <-> dict with typo suggestions, used for YAML configs and key=value overrides.
+
+def _coerce(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value or {}, where)
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value not in ("all",) else value
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else str
+        items = [_coerce(v, inner, where) for v in value]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserError(f"{where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        try:
+            v = float(value) if tp is float else (int(value) if not isinstance(value, float) or value.is_integer()
+                                                   else None)
+            if v is None:
+                raise ValueError
+            if tp is int and isinstance(value, str):
+                v = int(value)
+            return v
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if tp is typing.Any:
+        return value
+    return value
+
+
+def build(cls, data: dict, where: str = "config"):
+    """Build dataclass ``cls`` from a nested dict; unknown keys raise a UserError with the nearest valid key."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise UserError(f"{where}: unknown key {key!r}{suggest(key, names)}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
+    """Apply ``a.b=value`` overrides (YAML-parsed values) to a nested dict, checking keys against ``cls``."""
+    data = json.loads(json.dumps(data))  # deep copy
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node, tp = data, cls
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts):
+            fields_ = {f.name: f for f in dataclasses.fields(tp)}
+            if part not in fields_:
+                raise UserError(f"override {key!r}: unknown key {part!r}{suggest(part, fields_)}")
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                hint = typing.get_type_hints(tp)[part]
+                if not dataclasses.is_dataclass(hint):
+                    raise UserError(f"override {key!r}: {part!r} has no sub-keys")
+                node = node.setdefault(part, {})
+                if node is None:
+                    node = data[part] = {}
+                tp = hint
+    return data
+
+
+def load_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+_ = field  # re-exported for config modules that build on this one

@@ -1,0 +1,170 @@
+"""Reading raw text: JSONL records with checked fields, plain-text notes, and globs of either.
+
+Every problem a user can fix is a ``UserError`` naming the file and the 1-based line. Nothing is dropped silently:
+with ``skip_bad_lines=True`` bad lines are counted and the count is returned beside the records.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from typing import Any
+
+from cancerllm_jax.errors import UserError, suggest
+
+log = logging.getLogger(__name__)
+
+TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+SUPPORTED_EXTENSIONS = (".jsonl", ".txt")
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    if isinstance(t, tuple):
+        return " or ".join(_type_name(x) for x in t)
+    return TYPE_NAMES.get(t, t.__name__)
+
+
+def _json_type_name(value: Any) -> str:
+    return "null" if value is None else _type_name(type(value))
+
+
+def _type_ok(value: Any, expected: type | tuple[type, ...]) -> bool:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool) and bool not in types:  # JSON true/false is not a number here
+        return False
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, types)
+
+
+def _check_record(obj: Any, required: dict[str, Any], optional: dict[str, Any]) -> str | None:
+    """The problem with one parsed line, or None."""
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {_json_type_name(obj)}"
+    for name, expected in required.items():
+        if name not in obj:
+            return f"missing field '{name}'{suggest(name, obj.keys())}"
+        if not _type_ok(obj[name], expected):
+            return f"field '{name}' should be a {_type_name(expected)}, got {_json_type_name(obj[name])}"
+    for name, expected in optional.items():
+        if obj.get(name) is not None and not _type_ok(obj[name], expected):
+            return f"field '{name}' should be a {_type_name(expected)} (or absent), got {_json_type_name(obj[name])}"
+    return None
+
+
+def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False, *,
+               optional: dict[str, Any] | None = None, line_key: str | None = None) -> tuple[list[dict], int]:
+    """Records of a JSONL file and the number of bad lines skipped.
+
+    ``required`` maps field → type (or tuple of types); ``optional`` fields are type-checked when present and not
+    null. Blank lines are ignored. A bad line (not UTF-8, invalid JSON, not an object, missing field, wrong type)
+    raises ``UserError`` naming ``path:line`` unless ``skip_bad_lines``, in which case it is counted (and the first
+    few are logged). A file with no valid record always raises. ``line_key`` stores each record's line number there.
+    """
+    optional = optional or {}
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    records: list[dict] = []
+    skipped = 0
+    first_problem = ""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            problem = None
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                problem = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            else:
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    problem = f"invalid JSON ({e.msg} at column {e.colno})"
+                else:
+                    problem = _check_record(obj, required, optional)
+            if problem is not None:
+                where = f"{path}:{lineno}: {problem}"
+                if not skip_bad_lines:
+                    raise UserError(where + " (use --skip-bad-lines to count and skip such lines)")
+                skipped += 1
+                first_problem = first_problem or where
+                if skipped <= 5:
+                    log.warning("skipping %s", where)
+                continue
+            if line_key is not None:
+                obj[line_key] = lineno
+            records.append(obj)
+    if not records:
+        detail = f"; {skipped} bad line(s) skipped, first: {first_problem}" if skipped else ""
+        raise UserError(f"{path}: no records{detail}")
+    if skipped:
+        log.warning("%s: skipped %d bad line(s) of %d", path, skipped, skipped + len(records))
+    return records, skipped
+
+
+def read_text_documents(path: str, split_on_blank_lines: bool = False) -> list[dict]:
+    """``{"text", "source"}`` records of a plain-text file: ONE document per file by default.
+
+    Clinical notes have blank lines between their sections, so splitting on blank lines would cut notes apart;
+    pass ``split_on_blank_lines=True`` for files that hold one short document per paragraph.
+    An empty (whitespace-only) file raises ``UserError``; bytes that are not UTF-8 raise naming the line.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+        line = data.count(b"\n", 0, e.start + start) + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start + start]:02x})") from None
+    text = text.replace("\r\n", "\n")
+    if split_on_blank_lines:
+        docs = [p.strip() for p in text.split("\n\n")]
+        docs = [d for d in docs if d]
+    else:
+        docs = [text.strip()] if text.strip() else []
+    if not docs:
+        raise UserError(f"{path}: no records (the file is empty)")
+    return [{"text": d, "source": path} for d in docs]
+
+
+def expand_paths(path_or_glob: str) -> list[str]:
+    """Sorted files named by a path, a glob, or a directory (its ``.jsonl`` and ``.txt`` files)."""
+    if os.path.isdir(path_or_glob):
+        files = [os.path.join(path_or_glob, n) for n in os.listdir(path_or_glob)
+                 if n.endswith(SUPPORTED_EXTENSIONS)]
+    elif any(c in path_or_glob for c in "*?["):
+        files = [p for p in glob.glob(path_or_glob, recursive=True) if os.path.isfile(p)]
+    else:
+        if not os.path.isfile(path_or_glob):
+            raise UserError(f"{path_or_glob}: no such file")
+        files = [path_or_glob]
+    if not files:
+        raise UserError(f"{path_or_glob}: matches no .jsonl or .txt files")
+    return sorted(files)
+
+
+def read_documents(path_or_glob: str, skip_bad_lines: bool = False, *, text_field: str = "text",
+                   split_on_blank_lines: bool = False) -> tuple[list[dict], int]:
+    """``{"text", "source"}`` documents from ``.jsonl`` (field ``text_field``) and ``.txt`` files, and skipped lines.
+
+    ``path_or_glob`` may be a file, a glob (``notes/*.jsonl``) or a directory. ``source`` is the file path.
+    """
+    docs: list[dict] = []
+    skipped = 0
+    for path in expand_paths(path_or_glob):
+        ext = os.path.splitext(path)[1].lower()
+        if ext == ".jsonl":
+            records, n_bad = read_jsonl(path, {text_field: str}, skip_bad_lines)
+            docs.extend({"text": r[text_field], "source": path} for r in records)
+            skipped += n_bad
+        elif ext == ".txt":
+            docs.extend(read_text_documents(path, split_on_blank_lines))
+        else:
+            raise UserError(f"{path}: unsupported file type '{ext}'{suggest(ext, SUPPORTED_EXTENSIONS)}; "
+                            f"use one of {', '.join(SUPPORTED_EXTENSIONS)}")
+    return docs, skipped

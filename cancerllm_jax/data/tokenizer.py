@@ -1,0 +1,100 @@
+"""Tokenizers: the Mistral v1 SentencePiece model (through sentencepiece) or any HF tokenizer folder.
+
+Both expose the same small interface: ``encode(text, bos=..., eos=...) -> list[int]``, ``decode(ids) -> str``,
+``bos_id``, ``eos_id``, ``pad_id`` and ``vocab_size``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from cancerllm_jax.errors import UserError
+
+
+def mistral_v1_model_file() -> str:
+    """Path of the Mistral-7B v0.1 SentencePiece model shipped in the ``mistral-common`` wheel."""
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the Mistral v1 tokenizer needs the 'mistral-common' package: "
+                        "pip install --no-deps mistral-common==1.13.1")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
+    if not path.exists():
+        raise UserError(f"{path} is missing from the installed mistral-common; reinstall mistral-common==1.13.1")
+    return str(path)
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece ``.model`` file used directly (Mistral v1: vocab 32000, unk 0, bos 1, eos 2)."""
+
+    def __init__(self, model_file: str):
+        import sentencepiece as spm
+
+        if not os.path.isfile(model_file):
+            raise UserError(f"tokenizer file not found: {model_file}")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        except Exception as e:  # sentencepiece raises RuntimeError / OSError on a bad file
+            raise UserError(f"{model_file}: not a SentencePiece model ({e})") from None
+        self.name = model_file
+        self.bos_id = int(self.sp.bos_id())
+        self.eos_id = int(self.sp.eos_id())
+        # Mistral v1 has no pad piece: pad with unk (0), never with EOS, and mask it out.
+        pad = int(self.sp.pad_id())
+        self.pad_id = pad if pad >= 0 else int(self.sp.unk_id())
+        self.vocab_size = int(self.sp.get_piece_size())
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = list(self.sp.encode(text))
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer:
+    """Any tokenizer folder transformers can read (``tokenizer.json`` / ``tokenizer_config.json``), offline."""
+
+    def __init__(self, folder: str):
+        from transformers import AutoTokenizer
+
+        try:
+            self.tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        except Exception as e:
+            raise UserError(f"{folder}: could not load a tokenizer ({type(e).__name__}: {e})") from None
+        self.name = folder
+        t = self.tok
+        self.bos_id = t.bos_token_id if t.bos_token_id is not None else -1
+        self.eos_id = t.eos_token_id if t.eos_token_id is not None else -1
+        pad = t.pad_token_id
+        if pad is None or pad == self.eos_id:
+            pad = t.unk_token_id if t.unk_token_id is not None and t.unk_token_id != self.eos_id else 0
+        self.pad_id = int(pad)
+        self.vocab_size = len(t)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = list(self.tok.encode(text, add_special_tokens=False))
+        if bos and self.bos_id >= 0:
+            ids = [self.bos_id] + ids
+        if eos and self.eos_id >= 0:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer(spec: str | None):
+    """``None``/``"mistral-v1"`` → the shipped Mistral v1 model; a ``.model`` file; or an HF tokenizer folder."""
+    if spec in (None, "", "mistral-v1", "mistral"):
+        return SentencePieceTokenizer(mistral_v1_model_file())
+    if os.path.isfile(spec) and spec.endswith(".model"):
+        return SentencePieceTokenizer(spec)
+    if os.path.isdir(spec):
+        if os.path.isfile(os.path.join(spec, "tokenizer.json")) or os.path.isfile(
+                os.path.join(spec, "tokenizer_config.json")):
+            return HFTokenizer(spec)
+        if os.path.isfile(os.path.join(spec, "tokenizer.model")):
+            return SentencePieceTokenizer(os.path.join(spec, "tokenizer.model"))
+        raise UserError(f"{spec}: no tokenizer.json, tokenizer_config.json or tokenizer.model in this folder")
+    raise UserError(f"tokenizer not found: {spec} (give 'mistral-v1', a .model file or an HF tokenizer folder)")

@@ -1,0 +1,324 @@
+"""CancerLLM's scoring protocol (``/work/shared/reference/EVAL_PROTOCOL.md``): EM, BLEU-2, ROUGE-L by soft set matching.
+
+Two protocols share the answer splitting, normalisation and soft set matching, and differ in the pair metrics:
+
+- ``standard``: ROUGE-L from ``rouge-score`` (β = 1) and sentence BLEU-2 from ``sacrebleu`` (effective order);
+- ``reference``: the authors' published choices, a unigram-*set* F-measure with β = 1.2 and COCO-style BLEU-2.
+
+Heavy libraries (nltk, rouge-score, sacrebleu) are imported on first use; nothing here imports jax.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import string
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+PROTOCOLS = ("standard", "reference")
+METRICS = ("em", "bleu2", "rougeL")
+KEYS = tuple(f"{m}_{x}" for m in METRICS for x in ("p", "r", "f1")) + ("avg_f1",)
+
+_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
+_TINY, _SMALL = 1e-15, 1e-9  # the COCO BLEU scorer's smoothing constants
+_BETA = 1.2  # the COCO "ROUGE" β
+
+PairFn = Callable[[str, str], float]
+
+
+# ---------------------------------------------------------------- text → answers
+
+
+def split_answers(text: str) -> list[str]:
+    """Split a response on commas; strip each item and drop empty ones."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def dedupe(items: Sequence[str]) -> list[str]:
+    """Drop repeated items, keeping the first occurrence's order."""
+    return list(dict.fromkeys(items))
+
+
+@functools.cache
+def _stemmer() -> Any:
+    from nltk.stem.porter import PorterStemmer  # the class rouge-score's tokenizer uses, in the same default mode
+
+    return PorterStemmer()
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _stem(token: str) -> str:
+    return _stemmer().stem(token)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def normalize(answer: str) -> str:
+    """Lower-case, remove ASCII punctuation, collapse whitespace, Porter-stem every token, join with spaces."""
+    tokens = answer.lower().translate(_PUNCT_TABLE).split()
+    return " ".join(stem for stem in map(_stem, tokens) if stem)
+
+
+# ---------------------------------------------------------------- pair metrics on normalised strings
+
+
+def exact_match(gold: str, pred: str) -> float:
+    """1.0 when the normalised strings are equal."""
+    return float(gold == pred)
+
+
+class _WhitespaceTokenizer:
+    """rouge-score's default tokenizer drops every non-``[a-z0-9]`` character; ours keeps normalised tokens intact."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+
+@functools.cache
+def _rouge_scorer() -> Any:
+    from rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer(["rougeL"], tokenizer=_WhitespaceTokenizer())
+
+
+@functools.cache
+def _bleu() -> Any:
+    from sacrebleu.metrics import BLEU
+
+    return BLEU(max_ngram_order=2, effective_order=True, tokenize="none")
+
+
+def _unit(x: float) -> float:
+    """Clamp float noise (sacrebleu returns 100.00000000000004 for a perfect match) into [0, 1]."""
+    return min(1.0, max(0.0, x))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def rouge_l(gold: str, pred: str) -> float:
+    """ROUGE-L F-measure (β = 1) over whitespace tokens, from rouge-score."""
+    return _unit(_rouge_scorer().score(gold, pred)["rougeL"].fmeasure)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def bleu2_sacrebleu(gold: str, pred: str) -> float:
+    """Sentence BLEU-2 from sacrebleu (effective order, exponential smoothing) as a fraction."""
+    return _unit(_bleu().sentence_score(pred, [gold]).score / 100.0)
+
+
+def _ngrams(tokens: list[str], n: int) -> Counter[tuple[str, ...]]:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def bleu2_coco(gold: str, pred: str) -> float:
+    """COCO-style BLEU-2 of one pair: (p1·p2)^½ with 1e-15/1e-9 smoothing, times the brevity penalty."""
+    hyp, ref = pred.split(), gold.split()
+    bleu = 1.0
+    for n in (1, 2):
+        h, r = _ngrams(hyp, n), _ngrams(ref, n)
+        clipped = sum(min(count, r[gram]) for gram, count in h.items())
+        bleu *= (clipped + _TINY) / (max(len(hyp) - n + 1, 0) + _SMALL)
+    bleu **= 0.5
+    ratio = (len(hyp) + _TINY) / (len(ref) + _SMALL)
+    if ratio < 1:
+        bleu *= math.exp(1 - 1 / ratio)
+    return bleu
+
+
+def rouge_unigram_set(gold: str, pred: str, beta: float = _BETA) -> float:
+    """The published "ROUGE": F-beta of the overlap of the sets of prediction and gold tokens."""
+    cand, ref = set(pred.split()), set(gold.split())
+    common = len(cand & ref)
+    if not common:
+        return 0.0
+    p, r = common / len(cand), common / len(ref)
+    return (1 + beta**2) * p * r / (r + beta**2 * p)
+
+
+_PAIR_METRICS: dict[str, dict[str, PairFn]] = {
+    "standard": {"em": exact_match, "bleu2": bleu2_sacrebleu, "rougeL": rouge_l},
+    "reference": {"em": exact_match, "bleu2": bleu2_coco, "rougeL": rouge_unigram_set},
+}
+
+
+def match(metric: PairFn, gold: str, pred: str) -> float:
+    """Score one (gold, prediction) pair of normalised answers: 1 if both empty, 0 if one is, else ``metric``."""
+    if not gold or not pred:
+        return float(not gold and not pred)
+    return metric(gold, pred)
+
+
+def soft_prf(golds: Sequence[str], preds: Sequence[str], metric: PairFn) -> tuple[float, float, float]:
+    """Precision, recall, F1 of normalised answer lists by soft set matching (section 4 of the protocol)."""
+    if not golds and not preds:
+        return 1.0, 1.0, 1.0
+    if not golds:
+        return 0.0, 1.0, 0.0
+    if not preds:
+        return 1.0, 0.0, 0.0
+    table = [[match(metric, g, p) for p in preds] for g in golds]
+    precision = sum(max(row[j] for row in table) for j in range(len(preds))) / len(preds)
+    recall = sum(max(row) for row in table) / len(golds)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+# ---------------------------------------------------------------- instances and test sets
+
+
+def _check_protocol(protocol: str) -> dict[str, PairFn]:
+    if protocol not in _PAIR_METRICS:
+        raise ValueError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
+    return _PAIR_METRICS[protocol]
+
+
+def score_instance(gold: str, pred: str, protocol: str = "standard") -> dict[str, float]:
+    """One instance's P/R/F1 for every metric and its Average F1, in percent."""
+    metrics = _check_protocol(protocol)
+    golds = [normalize(a) for a in split_answers(gold)]
+    preds = [normalize(a) for a in dedupe(split_answers(pred))]
+    row: dict[str, float] = {}
+    for name, fn in metrics.items():
+        p, r, f1 = soft_prf(golds, preds, fn)
+        row.update({f"{name}_p": 100 * p, f"{name}_r": 100 * r, f"{name}_f1": 100 * f1})
+    row["avg_f1"] = sum(row[f"{m}_f1"] for m in METRICS) / len(METRICS)
+    return row
+
+
+def score(
+    golds: Sequence[str], preds: Sequence[str], protocol: str = "standard", per_instance: bool = False
+) -> dict[str, Any]:
+    """Score a test set: each of ``KEYS`` is the mean over instances in percent, plus ``n`` (and ``rows``)."""
+    _check_protocol(protocol)
+    if isinstance(golds, str) or isinstance(preds, str):
+        raise TypeError("score() takes lists of strings, one gold and one prediction per instance, not a string")
+    if len(golds) != len(preds):
+        raise ValueError(f"golds and preds differ in length: {len(golds)} golds, {len(preds)} predictions")
+    if not golds:
+        raise ValueError("nothing to score: golds and preds are empty")
+    rows: list[dict[str, Any]] = []
+    for i, (g, p) in enumerate(zip(golds, preds, strict=True)):
+        if not isinstance(g, str) or not isinstance(p, str):
+            raise TypeError(f"instance {i}: gold and prediction must be strings, got {type(g).__name__}, "
+                            f"{type(p).__name__}")
+        rows.append({"index": i, "gold": g, "prediction": p, **score_instance(g, p, protocol)})
+    result: dict[str, Any] = {k: sum(row[k] for row in rows) / len(rows) for k in KEYS}
+    result["n"] = len(rows)
+    if per_instance:
+        result["rows"] = rows
+    return result
+
+
+# ---------------------------------------------------------------- JSONL files
+
+Row = tuple[int, dict[str, Any]]  # (1-based line number, the JSON object)
+
+
+def _read_jsonl(path: str) -> list[Row]:
+    """The JSON objects of a JSONL file with their line numbers; blank lines are skipped."""
+    from cancerllm_jax.errors import UserError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from e
+    rows: list[Row] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+        rows.append((number, obj))
+    if not rows:
+        raise UserError(f"{path}: empty file, no JSON lines to score")
+    return rows
+
+
+def _text_field(path: str, row: Row, name: str) -> str:
+    from cancerllm_jax.errors import UserError
+
+    number, obj = row
+    if name not in obj:
+        raise UserError(f"{path}:{number}: missing field '{name}' (fields: {', '.join(obj) or 'none'})")
+    value = obj[name]
+    if not isinstance(value, str):
+        raise UserError(f"{path}:{number}: field '{name}' must be a string, got {json.dumps(value)[:40]}")
+    return value
+
+
+def _ids(path: str, rows: list[Row]) -> dict[str, Row] | None:
+    """Rows keyed by ``id`` when every row has one, None when none has; mixed or duplicate ids are errors."""
+    from cancerllm_jax.errors import UserError
+
+    with_id = [row for row in rows if "id" in row[1]]
+    if not with_id:
+        return None
+    if len(with_id) != len(rows):
+        number = next(n for n, obj in rows if "id" not in obj)
+        raise UserError(f"{path}:{number}: missing 'id' (other lines have one: give every line an id, or none)")
+    keyed: dict[str, Row] = {}
+    for number, obj in rows:
+        key = obj["id"]
+        if not isinstance(key, (str, int)) or isinstance(key, bool):
+            raise UserError(f"{path}:{number}: 'id' must be a string or an integer, got {json.dumps(key)[:40]}")
+        if str(key) in keyed:
+            raise UserError(f"{path}:{number}: duplicate id {key!r} (first on line {keyed[str(key)][0]})")
+        keyed[str(key)] = (number, obj)
+    return keyed
+
+
+def _pairs(gold_path: str | None, pred_path: str, gold_field: str, pred_field: str) -> list[tuple[Any, str, str]]:
+    """(id or None, gold, prediction) per instance, in gold-file order."""
+    from cancerllm_jax.errors import UserError
+
+    preds = _read_jsonl(pred_path)
+    pred_ids = _ids(pred_path, preds)
+    if gold_path is None:  # a runner's output file: {id, prompt_hash, gold, prediction}
+        return [(obj.get("id"), _text_field(pred_path, row, "gold"), _text_field(pred_path, row, pred_field))
+                for row in preds for obj in [row[1]]]
+    golds = _read_jsonl(gold_path)
+    gold_ids = _ids(gold_path, golds)
+    if gold_ids is not None and pred_ids is not None:
+        for key, (number, _) in gold_ids.items():
+            if key not in pred_ids:
+                raise UserError(f"{gold_path}:{number}: id {key!r} has no prediction in {pred_path}")
+        for key, (number, _) in pred_ids.items():
+            if key not in gold_ids:
+                raise UserError(f"{pred_path}:{number}: id {key!r} is not in {gold_path}")
+        return [(row[1]["id"], _text_field(gold_path, row, gold_field),
+                 _text_field(pred_path, pred_ids[key], pred_field)) for key, row in gold_ids.items()]
+    if len(golds) != len(preds):
+        raise UserError(f"{gold_path} has {len(golds)} lines but {pred_path} has {len(preds)}; without ids on both "
+                        "sides they are matched by line order and must have equal counts")
+    return [(g[1].get("id"), _text_field(gold_path, g, gold_field), _text_field(pred_path, p, pred_field))
+            for g, p in zip(golds, preds, strict=True)]
+
+
+def score_file(
+    gold_path: str | None,
+    pred_path: str,
+    protocol: str = "standard",
+    gold_field: str = "response",
+    pred_field: str = "prediction",
+    per_instance: bool = False,
+) -> dict[str, Any]:
+    """Score a JSONL prediction file against a JSONL gold file, matched by ``id`` when both have ids, else by line.
+
+    With ``gold_path=None`` the prediction file carries its own ``gold`` field next to ``pred_field``.
+    Bad files raise ``UserError`` naming the file and line; rows (when asked for) carry the instance ``id``.
+    """
+    from cancerllm_jax.errors import UserError
+
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
+    pairs = _pairs(gold_path, pred_path, gold_field, pred_field)
+    result = score([g for _, g, _ in pairs], [p for _, _, p in pairs], protocol, per_instance)
+    for row, (key, _, _) in zip(result.get("rows", []), pairs, strict=False):
+        row["id"] = key
+    return result

@@ -1,0 +1,102 @@
+"""Model construction: random init, abstract (shape-only) models, and models filled from a parameter dict."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cancerllm_jax.config import LoRAConfig, ModelConfig
+from cancerllm_jax.errors import UserError, suggest
+from cancerllm_jax.model.mistral import Mistral
+
+DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+          "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def resolve_dtype(name) -> jnp.dtype:
+    if not isinstance(name, str):
+        return jnp.dtype(name)
+    if name not in DTYPES:
+        raise UserError(f"dtype {name!r} is not supported{suggest(name, DTYPES)}; choose from {sorted(DTYPES)}")
+    return jnp.dtype(DTYPES[name])
+
+
+def create_model(cfg: ModelConfig, lora: LoRAConfig | None = None, dtype="float32", compute_dtype=None,
+                 remat: str = "none", seed: int = 0) -> Mistral:
+    """A randomly initialised model (HF's N(0, 0.02) for weights; PEFT's init for LoRA)."""
+    dt = resolve_dtype(dtype)
+    return Mistral(cfg, lora=lora, param_dtype=dt, compute_dtype=resolve_dtype(compute_dtype or dt), remat=remat,
+                   rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig, lora: LoRAConfig | None = None, dtype="float32", compute_dtype=None,
+                   remat: str = "none"):
+    """``(graphdef, abstract_state)``: shapes and dtypes only, no memory."""
+    model = nnx.eval_shape(lambda: create_model(cfg, lora, dtype, compute_dtype, remat))
+    return nnx.split(model)
+
+
+def model_from_params(cfg: ModelConfig, params: dict, lora: LoRAConfig | None = None, dtype="float32",
+                      compute_dtype=None, remat: str = "none", lora_params: dict | None = None,
+                      lora_seed: int = 0) -> Mistral:
+    """A model whose base weights come from ``params`` (a pure dict, as saved) cast to ``dtype``.
+
+    LoRA factors come from ``lora_params`` when given, else PEFT's fresh init (seeded).
+    """
+    graphdef, state = abstract_model(cfg, lora, dtype, compute_dtype, remat)
+    pure = nnx.to_pure_dict(state)
+
+    def fill(node, src, path):
+        out = {}
+        for k, v in node.items():
+            p = f"{path}.{k}" if path else k
+            if isinstance(v, dict):
+                out[k] = fill(v, (src or {}).get(k) if isinstance(src, dict) else None, p)
+            elif k in ("lora_a", "lora_b"):
+                out[k] = None
+            else:
+                if src is None or k not in src:
+                    raise UserError(f"parameter {p} is missing from the checkpoint")
+                arr = src[k]
+                if tuple(arr.shape) != tuple(v.shape):
+                    raise UserError(f"parameter {p}: shape {tuple(arr.shape)} != expected {tuple(v.shape)}")
+                out[k] = jnp.asarray(arr, dtype=v.dtype)
+        return out
+
+    filled = fill(pure, params, "")
+    if lora is not None:
+        lp = lora_params if lora_params is not None else _fresh_lora(cfg, lora, lora_seed)
+        _put_lora(filled, lp)
+    nnx.replace_by_pure_dict(state, filled)
+    return nnx.merge(graphdef, state)
+
+
+def _fresh_lora(cfg: ModelConfig, lora: LoRAConfig, seed: int) -> dict:
+    from cancerllm_jax.model.mistral import proj_shapes
+
+    key = jax.random.PRNGKey(seed)
+    out = {}
+    for i, (name, (d_in, d_out)) in enumerate(proj_shapes(cfg).items()):
+        if name not in lora.targets:
+            continue
+        bound = 1.0 / (d_in ** 0.5)
+        a = jax.random.uniform(jax.random.fold_in(key, i), (cfg.num_layers, d_in, lora.rank), jnp.float32,
+                               -bound, bound)
+        out[name] = {"lora_a": a, "lora_b": jnp.zeros((cfg.num_layers, lora.rank, d_out), jnp.float32)}
+    return {"layers": out}
+
+
+def _put_lora(filled: dict, lp: dict) -> None:
+    layers = lp.get("layers", lp)
+    for name, ab in layers.items():
+        for k in ("lora_a", "lora_b"):
+            filled["layers"][name][k] = jnp.asarray(ab[k], jnp.float32)
+
+
+def base_params(model: Mistral) -> dict:
+    """The frozen base weights as a pure dict (LoRA factors excluded)."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.LoRAParam)))
+
+
+def lora_params(model: Mistral) -> dict:
+    return nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))

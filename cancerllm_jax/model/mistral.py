@@ -1,0 +1,237 @@
+"""A Flax NNX Mistral / Llama decoder with optional PEFT-style LoRA on its projections.
+
+Layer weights are stacked along a leading ``layers`` axis and the decoder runs them with ``jax.lax.scan``:
+compile time does not grow with depth, and one remat policy covers every layer. Kernels are stored
+``[in, out]`` (HF stores ``[out, in]``). Softmax, RMSNorm statistics and RoPE tables are computed in fp32.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cancerllm_jax.config import LoRAConfig, ModelConfig
+
+Array = jax.Array
+NEG_INF = -1e30  # finite, so a fully masked (padding) row never produces NaN
+
+# Logical axes of every parameter, keyed by its path inside the model (see sharding.py for the mesh rules).
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "final_norm": ("norm",),
+    "layers.attn_norm": ("layers", "norm"),
+    "layers.mlp_norm": ("layers", "norm"),
+    "layers.q.kernel": ("layers", "embed", "heads"),
+    "layers.k.kernel": ("layers", "embed", "kv_heads"),
+    "layers.v.kernel": ("layers", "embed", "kv_heads"),
+    "layers.o.kernel": ("layers", "heads", "embed"),
+    "layers.gate.kernel": ("layers", "embed", "mlp"),
+    "layers.up.kernel": ("layers", "embed", "mlp"),
+    "layers.down.kernel": ("layers", "mlp", "embed"),
+}
+for _name in ("q", "k", "v", "o", "gate", "up", "down"):
+    _ax = PARAM_AXES[f"layers.{_name}.kernel"]
+    PARAM_AXES[f"layers.{_name}.lora_a"] = ("layers", _ax[1], "lora_rank")
+    PARAM_AXES[f"layers.{_name}.lora_b"] = ("layers", "lora_rank", _ax[2])
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def proj_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """``[in, out]`` of each projection of one layer."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    return {"q": (d, cfg.q_size), "k": (d, cfg.kv_size), "v": (d, cfg.kv_size), "o": (cfg.q_size, d),
+            "gate": (d, f), "up": (d, f), "down": (f, d)}
+
+
+class Proj(nnx.Module):
+    """A stacked bias-free linear ``[layers, in, out]``, with LoRA factors ``A [layers, in, r]``, ``B [layers, r, out]``."""
+
+    def __init__(self, layers: int, d_in: int, d_out: int, dtype, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
+        self.kernel = nnx.Param(0.02 * jax.random.normal(rngs.params(), (layers, d_in, d_out), jnp.float32)
+                                .astype(dtype))
+        if lora is not None:
+            # PEFT: A ~ kaiming_uniform(a=sqrt(5)) on an [r, in] weight -> U(-1/sqrt(in), 1/sqrt(in)); B = 0.
+            bound = 1.0 / np.sqrt(d_in)
+            self.lora_a = nnx.LoRAParam(jax.random.uniform(rngs.params(), (layers, d_in, lora.rank), jnp.float32,
+                                                           -bound, bound))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((layers, lora.rank, d_out), jnp.float32))
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' weights, stacked along axis 0."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
+        n = cfg.num_layers
+        self.attn_norm = nnx.Param(jnp.ones((n, cfg.hidden_size), dtype))
+        self.mlp_norm = nnx.Param(jnp.ones((n, cfg.hidden_size), dtype))
+        for name, (d_in, d_out) in proj_shapes(cfg).items():
+            target = lora if lora is not None and name in lora.targets else None
+            setattr(self, name, Proj(n, d_in, d_out, dtype, rngs, target))
+
+
+class Mistral(nnx.Module):
+    """Decoder-only transformer: embeddings → N × (RMSNorm, GQA attention, RMSNorm, SwiGLU) → RMSNorm → LM head."""
+
+    def __init__(self, cfg: ModelConfig, *, lora: LoRAConfig | None = None, param_dtype: Any = jnp.float32,
+                 compute_dtype: Any = jnp.float32, remat: str = "none", rngs: nnx.Rngs | None = None):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+        rngs = rngs or nnx.Rngs(0)
+        self.cfg, self.lora_cfg = cfg, lora
+        self.compute_dtype, self.remat = jnp.dtype(compute_dtype), remat
+        self.embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
+                                                        jnp.float32).astype(param_dtype))
+        self.layers = DecoderLayers(cfg, param_dtype, rngs, lora)
+        self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), param_dtype))
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size),
+                                                              jnp.float32).astype(param_dtype))
+
+    # -- the forward pass ----------------------------------------------------------------------------------------
+    def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None, *,
+                 cache: dict | None = None, dropout_key: Array | None = None, return_hidden: bool = False):
+        """Logits ``[B, T, V]`` (compute dtype) and the updated cache (or ``None``).
+
+        ``positions`` restart at 0 per packed document; attention stays within equal ``segment_ids``. With a
+        ``cache`` (see ``init_cache``) the new tokens' keys/values are written at ``cache["index"]`` and queries
+        attend to every filled slot whose position is not in their future and within the sliding window.
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        x = jnp.take(self.embed.value, tokens, axis=0).astype(self.compute_dtype)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+
+        if cache is None:
+            mask = attention_mask(positions, segment_ids, positions, segment_ids, cfg.sliding_window)
+            kv_in = None
+        else:
+            idx = cache["index"]
+            q_pos = jnp.where(segment_ids > 0, positions, -1)
+            k_pos = jax.lax.dynamic_update_slice(cache["pos"], q_pos.astype(jnp.int32), (0, idx))
+            mask = attention_mask(positions, segment_ids, k_pos, (k_pos >= 0).astype(jnp.int32),
+                                  cfg.sliding_window)
+            kv_in = (cache["k"], cache["v"])
+
+        weights = nnx.to_pure_dict(nnx.state(self.layers))
+        n = cfg.num_layers
+        keys = (jax.random.split(dropout_key, n) if dropout_key is not None
+                else jnp.zeros((n, 2), jnp.uint32))
+
+        def body(h, xs):
+            w, key, kv = xs
+            h, new_kv = self._block(h, w, cos, sin, mask, key if dropout_key is not None else None, kv,
+                                    None if cache is None else cache["index"])
+            return h, new_kv
+
+        if REMAT_POLICIES[self.remat] is not None or self.remat == "full":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        x, new_kv = jax.lax.scan(body, x, (weights, keys, kv_in))
+        x = rms_norm(x, self.final_norm.value, cfg.rms_norm_eps)
+        if return_hidden:
+            return x
+        head = self.embed.value.T if cfg.tie_embeddings else self.lm_head.value
+        logits = x @ head.astype(x.dtype)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": new_kv[0], "v": new_kv[1], "pos": k_pos, "index": cache["index"] + t}
+        return logits, new_cache
+
+    def _block(self, x, w, cos, sin, mask, key, kv, index):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+        q = self._proj(h, w["q"], key, 0).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = self._proj(h, w["k"], key, 1).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = self._proj(h, w["v"], key, 2).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_kv = None
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+            new_kv = (k, v)
+        attn = gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask).reshape(b, t, cfg.q_size)
+        x = x + self._proj(attn, w["o"], key, 3)
+        h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+        gate = self._proj(h, w["gate"], key, 4)
+        up = self._proj(h, w["up"], key, 5)
+        x = x + self._proj(jax.nn.silu(gate) * up, w["down"], key, 6)
+        return x, new_kv
+
+    def _proj(self, x, w: dict, key, salt: int):
+        y = x @ w["kernel"].astype(x.dtype)
+        if "lora_a" in w:
+            xa = x
+            rate = self.lora_cfg.dropout
+            if key is not None and rate > 0.0:
+                keep = jax.random.bernoulli(jax.random.fold_in(key, salt), 1.0 - rate, x.shape)
+                xa = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+            lora = (xa @ w["lora_a"].astype(x.dtype)) @ w["lora_b"].astype(x.dtype)
+            y = y + lora * jnp.asarray(self.lora_cfg.scaling, x.dtype)
+        return y
+
+    def init_cache(self, batch: int, length: int, dtype=None) -> dict:
+        """An empty KV cache of ``length`` slots: ``k``/``v`` ``[layers, B, S, kv_heads, head_dim]``."""
+        cfg = self.cfg
+        dtype = dtype or self.compute_dtype
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "pos": jnp.full((batch, length), -1, jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
+# -- building blocks (pure functions) ----------------------------------------------------------------------------
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """HF's RMSNorm: statistics in fp32, cast back to the input dtype, then scale."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos/sin ``[B, T, head_dim]`` in fp32 for HF's rotate-half RoPE."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """``x [B, T, H, D]``: x·cos + rotate_half(x)·sin, with rotate_half(x) = (−x₂, x₁)."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * c + rot * s
+
+
+def attention_mask(q_pos: Array, q_seg: Array, k_pos: Array, k_seg: Array, window: int | None) -> Array:
+    """Boolean ``[B, T, S]``: same segment (non-zero keys), causal by position, and inside the sliding window."""
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    mask = (q_seg[:, :, None] == k_seg[:, None, :]) & (k_seg[:, None, :] > 0) & (kp <= qp)
+    if window is not None:
+        mask &= (qp - kp) < window
+    return mask
+
+
+def gqa_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    """Grouped-query attention without repeating K/V: q ``[B,T,H,D]``, k/v ``[B,S,KVH,D]`` → ``[B,T,H,D]``."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    q = q.reshape(b, t, kvh, h // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)

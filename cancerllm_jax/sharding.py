@@ -1,0 +1,128 @@
+"""Device meshes and shardings: ``"DxM"`` → a ``('data', 'model')`` mesh; logical axes → PartitionSpecs.
+
+The batch is split over ``data``; frozen weights are FSDP-sharded over ``data`` where a dimension divides;
+heads, KV heads, MLP hidden and vocabulary over ``model``. A dimension that does not divide its mesh axis is
+replicated, with a one-line notice.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from cancerllm_jax.errors import UserError
+
+# logical axis -> mesh axis (None = replicated)
+AXIS_RULES = {"vocab": "model", "heads": "model", "kv_heads": "model", "mlp": "model", "embed": "data",
+              "batch": "data", "layers": None, "norm": None, "lora_rank": None}
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    """``"10x1"`` → ``(10, 1)``; anything else is a UserError."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(text))
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise UserError(f"--mesh {text!r}: expected DATAxMODEL with positive integers, e.g. 10x1 or 2x4")
+    return int(m.group(1)), int(m.group(2))
+
+
+def ensure_host_devices(n: int, quiet: bool = False) -> None:
+    """Before JAX starts: on a CPU-only host, ask XLA for ``n`` host devices (a no-op when a GPU/TPU is present)."""
+    if "jax" in sys.modules:
+        import jax
+
+        try:
+            backend_ready = jax._src.xla_bridge.backends_are_initialized()  # noqa: SLF001
+        except AttributeError:
+            backend_ready = True
+        if backend_ready:
+            return
+        jax.config.update("jax_num_cpu_devices", max(n, 1))
+    else:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={max(n, 1)}".strip()
+    if n > 1 and not quiet:
+        print(f"note: CPU host: providing {n} host devices for the mesh (ignored when a GPU is present)",
+              file=sys.stderr)
+
+
+def make_mesh(shape: tuple[int, int] | str):
+    """A ``('data', 'model')`` mesh with Auto axis types over the available devices."""
+    import jax
+    from jax.sharding import AxisType
+
+    d, m = parse_mesh(shape) if isinstance(shape, str) else shape
+    have = jax.device_count()
+    if d * m > have:
+        raise UserError(f"mesh {d}x{m} needs {d * m} devices but {have} {jax.default_backend()} device(s) exist")
+    devices = jax.devices()[: d * m]
+    return jax.make_mesh((d, m), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
+def _unit(logical: str, size: int, model_cfg) -> int:
+    if logical == "heads" and model_cfg is not None:
+        return model_cfg.num_heads
+    if logical == "kv_heads" and model_cfg is not None:
+        return model_cfg.num_kv_heads
+    return size
+
+
+_NOTICED: set = set()
+
+
+def spec_for(path: str, shape: tuple[int, ...], axes: tuple[str, ...], mesh, model_cfg=None, fsdp: bool = True,
+             notice=print):
+    """PartitionSpec for one parameter from its logical axes; non-dividing dimensions are replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    out, used = [], set()
+    for dim, logical in zip(shape, axes):
+        axis = AXIS_RULES.get(logical)
+        if axis == "data" and not fsdp:
+            axis = None
+        if axis is None or mesh.shape[axis] == 1 or axis in used:
+            out.append(None)
+            continue
+        if _unit(logical, dim, model_cfg) % mesh.shape[axis]:
+            key = (logical, dim, axis, mesh.shape[axis])
+            if key not in _NOTICED:
+                _NOTICED.add(key)
+                notice(f"note: {logical} ({_unit(logical, dim, model_cfg)}) does not divide mesh axis "
+                       f"'{axis}' ({mesh.shape[axis]}): replicated")
+            out.append(None)
+            continue
+        used.add(axis)
+        out.append(axis)
+    return P(*out)
+
+
+def param_shardings(state_dict: dict, mesh, model_cfg=None, fsdp: bool = True, notice=print) -> dict:
+    """NamedShardings for a pure parameter dict (as from ``nnx.to_pure_dict``)."""
+    from jax.sharding import NamedSharding
+
+    from cancerllm_jax.model.mistral import PARAM_AXES
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            return {k: walk(v, f"{prefix}.{k}" if prefix else k) for k, v in node.items()}
+        axes = PARAM_AXES.get(prefix)
+        if axes is None or len(axes) != len(node.shape):
+            from jax.sharding import PartitionSpec as P
+
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, spec_for(prefix, tuple(node.shape), axes, mesh, model_cfg, fsdp, notice))
+
+    return walk(state_dict, "")
+
+
+def batch_sharding(mesh):
+    """Rows of a ``[B, T]`` batch over ``data``."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return NamedSharding(mesh, P("data", None))
+
+
+def replicated(mesh):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return NamedSharding(mesh, P())

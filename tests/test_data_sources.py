@@ -1,0 +1,125 @@
+"""Reading JSONL and text sources: every bad input is a UserError naming the file and line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cancerllm_jax.data.sources import read_documents, read_jsonl, read_text_documents
+from cancerllm_jax.errors import UserError
+
+REQ = {"instruction": str, "response": str}
+
+
+def write(tmp_path, name: str, content: str | bytes):
+    p = tmp_path / name
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(p)
+
+
+def good(i: int = 0) -> str:
+    return json.dumps({"instruction": f"q{i}", "response": f"a{i}"})
+
+
+def test_reads_records_and_ignores_blank_lines(tmp_path):
+    path = write(tmp_path, "ok.jsonl", good(0) + "\n\n   \n" + good(1) + "\n")
+    records, skipped = read_jsonl(path, REQ)
+    assert [r["response"] for r in records] == ["a0", "a1"] and skipped == 0
+
+
+def test_line_numbers_are_kept_on_request(tmp_path):
+    path = write(tmp_path, "ok.jsonl", "\n" + good(0) + "\n")
+    records, _ = read_jsonl(path, REQ, line_key="_line")
+    assert records[0]["_line"] == 2
+
+
+@pytest.mark.parametrize("bad_line, expect", [
+    ('{"instruction": "q", "response": ', "invalid JSON"),
+    ('{"instruction": "q"}', "missing field 'response'"),
+    ('{"instruction": "q", "response": 3}', "field 'response' should be a string, got integer"),
+    ('{"instruction": "q", "response": null}', "got null"),
+    ('["not", "an", "object"]', "expected a JSON object, got array"),
+])
+def test_bad_line_names_file_and_line(tmp_path, bad_line, expect):
+    path = write(tmp_path, "bad.jsonl", good(0) + "\n" + good(1) + "\n" + bad_line + "\n")
+    with pytest.raises(UserError) as e:
+        read_jsonl(path, REQ)
+    assert f"{path}:3:" in str(e.value) and expect in str(e.value)
+
+
+def test_non_utf8_bytes_name_the_line(tmp_path):
+    path = write(tmp_path, "latin1.jsonl", good(0).encode() + b"\n" + '{"instruction": "caf\xe9"}'.encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1\.jsonl:2: not valid UTF-8"):
+        read_jsonl(path, REQ)
+
+
+def test_empty_file_is_an_error(tmp_path):
+    path = write(tmp_path, "empty.jsonl", "\n  \n")
+    with pytest.raises(UserError, match="no records"):
+        read_jsonl(path, REQ)
+
+
+def test_missing_file_is_an_error(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        read_jsonl(str(tmp_path / "nope.jsonl"), REQ)
+
+
+def test_missing_field_suggests_a_near_name(tmp_path):
+    path = write(tmp_path, "typo.jsonl", '{"instruction": "q", "responce": "a"}\n')
+    with pytest.raises(UserError, match="did you mean 'responce'"):
+        read_jsonl(path, REQ)
+
+
+def test_skip_bad_lines_counts(tmp_path):
+    lines = [good(0), "{oops", '{"instruction": "q"}', good(1), "[1]"]
+    path = write(tmp_path, "mixed.jsonl", "\n".join(lines).encode() + b"\n\xff\xfe\n")
+    records, skipped = read_jsonl(path, REQ, skip_bad_lines=True)
+    assert len(records) == 2 and skipped == 4
+
+
+def test_all_bad_lines_still_an_error(tmp_path):
+    path = write(tmp_path, "allbad.jsonl", "{oops\n[1]\n")
+    with pytest.raises(UserError, match=r"no records; 2 bad line\(s\) skipped"):
+        read_jsonl(path, REQ, skip_bad_lines=True)
+
+
+def test_optional_fields_are_type_checked(tmp_path):
+    path = write(tmp_path, "opt.jsonl", good(0) + "\n" + '{"instruction": "q", "response": "a", "context": 5}\n')
+    with pytest.raises(UserError, match=r"opt\.jsonl:2: field 'context'"):
+        read_jsonl(path, REQ, optional={"context": str})
+    path = write(tmp_path, "opt2.jsonl", '{"instruction": "q", "response": "a", "context": null}\n')
+    assert read_jsonl(path, REQ, optional={"context": str})[0][0]["context"] is None
+
+
+def test_text_documents_one_per_file_or_per_paragraph(tmp_path):
+    note = "Reason for visit: follow-up.\n\nAssessment: stable disease.\n"
+    path = write(tmp_path, "note.txt", note)
+    assert read_text_documents(path) == [{"text": note.strip(), "source": path}]
+    assert [d["text"] for d in read_text_documents(path, split_on_blank_lines=True)] == [
+        "Reason for visit: follow-up.", "Assessment: stable disease."]
+
+
+def test_text_document_errors(tmp_path):
+    with pytest.raises(UserError, match="no records"):
+        read_text_documents(write(tmp_path, "empty.txt", " \n\n"))
+    with pytest.raises(UserError, match=r"bad\.txt:3: not valid UTF-8"):
+        read_text_documents(write(tmp_path, "bad.txt", b"one\ntwo\nthr\xe9e\n"))
+
+
+def test_read_documents_dispatches_on_extension(tmp_path):
+    write(tmp_path, "a.jsonl", json.dumps({"text": "first note"}) + "\n{bad\n" + json.dumps({"text": "second"}) + "\n")
+    write(tmp_path, "b.txt", "a pathology report\n")
+    docs, skipped = read_documents(str(tmp_path / "*"), skip_bad_lines=True)
+    assert [d["text"] for d in docs] == ["first note", "second", "a pathology report"] and skipped == 1
+    assert docs[0]["source"].endswith("a.jsonl") and docs[2]["source"].endswith("b.txt")
+    docs_dir, _ = read_documents(str(tmp_path), skip_bad_lines=True)
+    assert docs_dir == docs
+    with pytest.raises(UserError, match=r"a\.jsonl:2: invalid JSON"):
+        read_documents(str(tmp_path / "a.jsonl"))
+
+
+def test_read_documents_errors(tmp_path):
+    with pytest.raises(UserError, match="matches no"):
+        read_documents(str(tmp_path / "*.jsonl"))
+    with pytest.raises(UserError, match="unsupported file type"):
+        read_documents(write(tmp_path, "notes.csv", "a,b\n"))

@@ -1,0 +1,397 @@
+"""The scoring protocol (EVAL_PROTOCOL.md): hand-computed edge cases, independent re-computations, files and CLI."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import string
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("cancerllm_jax") is None:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cancerllm_jax.errors import UserError
+from cancerllm_jax.eval import KEYS, score, score_file
+from cancerllm_jax.eval.protocol import dedupe, normalize, split_answers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# COCO BLEU-2 of a one-word exact match: p1 = (1+1e-15)/(1+1e-9), p2 = 1e-15/1e-9 = 1e-6, ρ = p1 < 1.
+ONE_WORD_COCO = math.sqrt((1 + 1e-15) / (1 + 1e-9) * 1e-6) * math.exp(1 - (1 + 1e-9) / (1 + 1e-15))
+
+
+def prf(p: float, r: float) -> tuple[float, float, float]:
+    """(P, R, F1) in percent from fractions."""
+    return 100 * p, 100 * r, (200 * p * r / (p + r) if p + r else 0.0)
+
+
+def check(gold: str, pred: str, protocol: str, metric: str, p: float, r: float, tol: float = 1e-6) -> None:
+    res = score([gold], [pred], protocol=protocol)
+    got = (res[f"{metric}_p"], res[f"{metric}_r"], res[f"{metric}_f1"])
+    assert got == pytest.approx(prf(p, r), abs=tol), (gold, pred, protocol, metric, got)
+
+
+# ---------------------------------------------------------------- answers and normalisation
+
+
+def test_split_and_dedupe():
+    assert split_answers("pr, her2, er") == ["pr", "her2", "er"]
+    assert split_answers(" , a,, b ,") == ["a", "b"]
+    assert split_answers("") == [] and split_answers(" , ") == []
+    assert dedupe(["er", "pr", "er", "ER"]) == ["er", "pr", "ER"]
+
+
+@pytest.mark.parametrize(
+    "raw, norm",
+    [
+        ("Lung cancer.", "lung cancer"),
+        ("Tumors", "tumor"),
+        ("HER2/neu", "her2neu"),  # punctuation is removed, not replaced by a space
+        ("1.5 cm", "15 cm"),
+        ("  Invasive   Ductal ", "invas ductal"),
+        ("Not relevant", "not relev"),
+        ("...", ""),
+        ("metastatic lung cancer with brain mets", "metastat lung cancer with brain met"),
+        ("ER−", "er−"),  # U+2212 is not ASCII punctuation: it stays
+    ],
+)
+def test_normalize(raw, norm):
+    assert normalize(raw) == norm
+
+
+# ---------------------------------------------------------------- hand-computed instances
+
+BOTH = ("standard", "reference")
+
+
+@pytest.mark.parametrize("protocol", BOTH)
+@pytest.mark.parametrize("gold, pred", [("", ""), (" , ", ""), ("", ",")])
+def test_both_empty(protocol, gold, pred):
+    res = score([gold], [pred], protocol=protocol)
+    assert all(res[k] == 100.0 for k in KEYS)
+
+
+@pytest.mark.parametrize("protocol", BOTH)
+def test_gold_empty_pred_empty(protocol):
+    for metric in ("em", "bleu2", "rougeL"):
+        check("", "lung cancer", protocol, metric, 0.0, 1.0)  # G empty, P not → (0, 1, 0)
+        check("lung cancer", "", protocol, metric, 1.0, 0.0)  # P empty → (1, 0, 0)
+    assert score([""], ["x"], protocol=protocol)["avg_f1"] == 0.0
+
+
+@pytest.mark.parametrize("protocol", BOTH)
+def test_answers_that_normalise_to_empty(protocol):
+    check(".", "-", protocol, "em", 1.0, 1.0)  # both normalise to "" → match 1
+    check(".", "x", protocol, "rougeL", 0.0, 0.0)  # exactly one empty → match 0
+
+
+@pytest.mark.parametrize("protocol", BOTH)
+def test_punctuation_and_stemming_exact(protocol):
+    for gold, pred in [("lung cancer", "Lung cancer."), ("Tumors", "tumor"), ("Not relevant", "not relevant"),
+                       ("metastatic tumors", "Metastatic tumor!")]:
+        check(gold, pred, protocol, "em", 1.0, 1.0)
+        check(gold, pred, protocol, "rougeL", 1.0, 1.0)
+
+
+def test_one_word_bleu2():
+    check("er", "ER", "standard", "bleu2", 1.0, 1.0)  # effective order: unigrams only
+    assert abs(ONE_WORD_COCO - 1e-3) < 1e-8
+    check("er", "ER", "reference", "bleu2", ONE_WORD_COCO, ONE_WORD_COCO, tol=1e-9)
+
+
+def test_duplicates_dropped_from_predictions():
+    check("er", "er, er, pr", "standard", "em", 0.5, 1.0)  # P = {er, pr}: (1 + 0) / 2
+    check("er", "er, er, pr", "standard", "bleu2", 0.5, 1.0)
+    check("er, er", "er", "standard", "em", 1.0, 1.0)  # golds are not deduplicated, but both match
+    res = score(["er"], ["er, er, pr"], protocol="reference")
+    miss = math.sqrt(1e-15 / (1 + 1e-9) * 1e-6) * math.exp(1 - (1 + 1e-9) / (1 + 1e-15))  # pr vs er
+    assert res["bleu2_p"] == pytest.approx(100 * (ONE_WORD_COCO + miss) / 2, rel=1e-9)
+    assert res["rougeL_p"] == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize("protocol", BOTH)
+def test_multi_answer(protocol):
+    check("pr, her2, er", "er, pr", protocol, "em", 1.0, 2 / 3)  # F1 = 0.8
+    check("pr, her2, er", "er, pr", protocol, "rougeL", 1.0, 2 / 3)
+    assert score(["pr, her2, er"], ["er, pr"], protocol=protocol)["em_f1"] == pytest.approx(80.0)
+
+
+def test_multi_answer_bleu2():
+    check("pr, her2, er", "er, pr", "standard", "bleu2", 1.0, 2 / 3)
+    res = score(["pr, her2, er"], ["er, pr"], protocol="reference")
+    assert res["bleu2_p"] == pytest.approx(100 * ONE_WORD_COCO, rel=1e-6)
+    assert res["bleu2_r"] == pytest.approx(100 * 2 * ONE_WORD_COCO / 3, rel=1e-6)
+    assert res["bleu2_f1"] == pytest.approx(100 * 0.8 * ONE_WORD_COCO, rel=1e-6)
+
+
+def test_not_relevant_vs_partial():
+    # gold [not, relev], pred [relev]
+    check("Not relevant", "relevant", "standard", "em", 0.0, 0.0)
+    check("Not relevant", "relevant", "standard", "rougeL", 2 / 3, 2 / 3)  # LCS 1: p 1, r 1/2
+    check("Not relevant", "relevant", "standard", "bleu2", math.exp(-1), math.exp(-1))  # unigram 1, BP e^(1-2)
+    ref_rouge = 2.44 * 1 * 0.5 / (0.5 + 1.44 * 1)
+    check("Not relevant", "relevant", "reference", "rougeL", ref_rouge, ref_rouge)
+    coco = math.sqrt((1 + 1e-15) / (1 + 1e-9) * 1e-6) * math.exp(1 - (2 + 1e-9) / (1 + 1e-15))
+    check("Not relevant", "relevant", "reference", "bleu2", coco, coco, tol=1e-9)
+
+
+def test_partial_phrase():
+    gold, pred = "metastatic lung cancer with brain mets", "lung cancer with mets"  # 6 vs 4 tokens, all 4 in gold
+    check(gold, pred, "standard", "rougeL", 0.8, 0.8)  # LCS 4: p 1, r 2/3
+    bleu = math.exp(1 - 6 / 4) * math.sqrt(1 * 2 / 3)  # bigrams: lung cancer, cancer with of 3
+    check(gold, pred, "standard", "bleu2", bleu, bleu)
+    ref_rouge = 2.44 * (2 / 3) / (2 / 3 + 1.44)
+    check(gold, pred, "reference", "rougeL", ref_rouge, ref_rouge)
+    check(gold, pred, "reference", "bleu2", bleu, bleu)
+
+
+def test_word_order():
+    gold, pred = "left breast upper quadrant", "upper quadrant left breast"
+    check(gold, pred, "standard", "rougeL", 0.5, 0.5)  # LCS 2 of 4
+    check(gold, pred, "reference", "rougeL", 1.0, 1.0)  # same token sets
+    check(gold, pred, "standard", "bleu2", math.sqrt(2 / 3), math.sqrt(2 / 3))  # 2 of 3 bigrams, BP 1
+    check(gold, pred, "reference", "bleu2", math.sqrt(2 / 3), math.sqrt(2 / 3))
+    # no bigram match: sacrebleu's exp smoothing gives p2 = 1 / (2 · 1); COCO gives p2 ≈ 1e-15
+    check("ductal carcinoma", "carcinoma ductal", "standard", "bleu2", math.sqrt(0.5), math.sqrt(0.5))
+    check("ductal carcinoma", "carcinoma ductal", "reference", "bleu2", 0.0, 0.0, tol=1e-4)
+
+
+def test_repeated_tokens_are_clipped():
+    gold, pred = "grade 2", "grade grade 2"
+    check(gold, pred, "standard", "bleu2", math.sqrt(1 / 3), math.sqrt(1 / 3))  # p1 2/3, p2 1/2, BP 1
+    check(gold, pred, "reference", "bleu2", math.sqrt(1 / 3), math.sqrt(1 / 3))
+    check(gold, pred, "standard", "rougeL", 0.8, 0.8)  # LCS 2: p 2/3, r 1
+    check(gold, pred, "reference", "rougeL", 1.0, 1.0)
+
+
+def test_rouge_keeps_non_ascii_tokens():
+    # rouge-score's default tokenizer would turn "er−" into "er"; our tokens stay as normalised
+    check("ER−", "ER", "standard", "rougeL", 0.0, 0.0)
+    check("ER−", "ER", "standard", "em", 0.0, 0.0)
+
+
+def test_contract_example_and_means():
+    for protocol in BOTH:
+        res = score(["lung cancer", "pr, er"], ["Lung cancer.", "er"], protocol=protocol, per_instance=True)
+        assert (res["em_p"], res["em_r"], res["n"]) == (100.0, 75.0, 2)
+        assert res["em_f1"] == pytest.approx((100 + 200 / 3) / 2)
+        assert res["avg_f1"] == pytest.approx((res["em_f1"] + res["bleu2_f1"] + res["rougeL_f1"]) / 3)
+        assert [row["index"] for row in res["rows"]] == [0, 1]
+        assert res["rows"][1]["em_r"] == 50.0
+    assert "rows" not in score(["a"], ["a"])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="standard, reference"):
+        score(["a"], ["a"], protocol="coco")
+    with pytest.raises(ValueError, match="1 golds, 2 predictions"):
+        score(["a"], ["a", "b"])
+    with pytest.raises(ValueError, match="empty"):
+        score([], [])
+    with pytest.raises(TypeError):
+        score("a", "a")
+    with pytest.raises(TypeError, match="instance 0"):
+        score([None], ["a"])
+
+
+# ---------------------------------------------------------------- independent re-computation on varied pairs
+
+PAIRS = [
+    ("lung cancer", "Lung cancer."),
+    ("metastatic lung cancer with brain mets", "lung cancer with mets"),
+    ("nsclc t4n2m0", "NSCLC, T4N2M0"),
+    ("pr, her2, er", "er, pr"),
+    ("pr, her2, er", "ER, PR, HER2, Ki-67"),
+    ("Not relevant", "Not relevant"),
+    ("Not relevant", "left breast"),
+    ("left breast", "Not relevant"),
+    ("2.5 cm", "2.5 cm x 1.8 cm"),
+    ("grade 3", "Grade III"),
+    ("invasive ductal carcinoma", "infiltrating ductal carcinoma"),
+    ("invasive ductal carcinoma", "ductal carcinoma in situ, invasive ductal carcinoma"),
+    ("positive", "positive, positive"),
+    ("positive, negative", "negative"),
+    ("stage IIA", "stage 2a"),
+    ("right", "right breast, left breast"),
+    ("", "Not relevant"),
+    ("Not relevant", ""),
+    ("", ""),
+    ("upper outer quadrant", "outer upper quadrant"),
+    ("estrogen receptor positive, progesterone receptor negative", "ER positive, PR negative"),
+    ("small cell lung cancer", "non-small cell lung cancer"),
+    ("diffuse large b-cell lymphoma", "DLBCL"),
+    ("1. start carboplatin and pemetrexed 2. repeat ct chest in 6 weeks 3. follow up with radiation oncology",
+     "1. Start carboplatin/pemetrexed. 2. Repeat CT chest in 6 weeks."),
+    ("continue letrozole, follow up in 3 months", "Continue letrozole; follow-up in 3 months"),
+    ("tumors of the left lung", "left lung tumor"),
+    ("the the the cat", "the cat the"),
+    ("grade 2", "grade grade 2"),
+    ("her2 negative breast cancer", "breast cancer, her2 negative"),
+    ("recurrent glioblastoma multiforme", "glioblastoma"),
+    ("ER−", "ER"),
+    ("T2N0M0", "t2 n0 m0"),
+]
+
+
+def _norm(text: str) -> str:
+    from nltk.stem.porter import PorterStemmer
+
+    stem = PorterStemmer().stem
+    text = re.sub(f"[{re.escape(string.punctuation)}]", "", text.lower())
+    return " ".join(stem(t) for t in text.split())
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def _rouge_l(g: str, p: str) -> float:
+    a, b = g.split(), p.split()
+    lcs = _lcs(a, b)
+    return 2 * lcs / (len(a) + len(b)) if lcs else 0.0  # F1 of (lcs/|p|, lcs/|g|)
+
+
+def _set_f(g: str, p: str) -> float:
+    c, r = set(p.split()), set(g.split())
+    if not c & r:
+        return 0.0
+    prec, rec = len(c & r) / len(c), len(c & r) / len(r)
+    return 2.44 * prec * rec / (rec + 1.44 * prec)
+
+
+def _coco_bleu2(g: str, p: str) -> float:
+    hyp, ref = p.split(), g.split()
+    out = 1.0
+    for n in (1, 2):
+        hc = Counter(tuple(hyp[i : i + n]) for i in range(len(hyp) - n + 1))
+        rc = Counter(tuple(ref[i : i + n]) for i in range(len(ref) - n + 1))
+        out *= (sum((hc & rc).values()) + 1e-15) / (max(len(hyp) - n + 1, 0) + 1e-9)
+    ratio = (len(hyp) + 1e-15) / (len(ref) + 1e-9)
+    return math.sqrt(out) * (math.exp(1 - 1 / ratio) if ratio < 1 else 1.0)
+
+
+def _instance(gold: str, pred: str, fn) -> tuple[float, float, float]:
+    golds = [_norm(x.strip()) for x in gold.split(",") if x.strip()]
+    preds = []
+    for x in (x.strip() for x in pred.split(",")):
+        if x and x not in preds:
+            preds.append(x)
+    preds = [_norm(x) for x in preds]
+    if not golds:
+        return (1.0, 1.0) if not preds else (0.0, 1.0)
+    if not preds:
+        return 1.0, 0.0
+
+    def m(g: str, p: str) -> float:
+        return float(g == p) if not g or not p else fn(g, p)
+
+    return (sum(max(m(g, p) for g in golds) for p in preds) / len(preds),
+            sum(max(m(g, p) for p in preds) for g in golds) / len(golds))
+
+
+@pytest.mark.parametrize(
+    "protocol, metric, fn",
+    [("standard", "rougeL", _rouge_l), ("reference", "rougeL", _set_f), ("reference", "bleu2", _coco_bleu2),
+     ("standard", "em", lambda g, p: float(g == p))],
+)
+def test_independent_recomputation(protocol, metric, fn):
+    golds, preds = [g for g, _ in PAIRS], [p for _, p in PAIRS]
+    res = score(golds, preds, protocol=protocol, per_instance=True)
+    want = [prf(*_instance(g, p, fn)) for g, p in PAIRS]
+    for row, w in zip(res["rows"], want, strict=True):
+        assert (row[f"{metric}_p"], row[f"{metric}_r"], row[f"{metric}_f1"]) == pytest.approx(w, abs=0.01), row
+    for i, key in enumerate(("p", "r", "f1")):
+        assert res[f"{metric}_{key}"] == pytest.approx(sum(w[i] for w in want) / len(want), abs=0.01)
+
+
+# ---------------------------------------------------------------- files
+
+
+def _jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def gold(tmp_path):
+    return _jsonl(tmp_path / "gold.jsonl", [{"id": "a", "response": "lung cancer"}, {"id": "b", "response": "pr, er"}])
+
+
+def test_score_file_by_id_and_by_order(tmp_path, gold):
+    pred = _jsonl(tmp_path / "p.jsonl", [{"id": "b", "prediction": "er"}, {"id": "a", "prediction": "Lung cancer."}])
+    res = score_file(gold, pred, per_instance=True)
+    assert (res["em_p"], res["em_r"]) == (100.0, 75.0)
+    assert [row["id"] for row in res["rows"]] == ["a", "b"]
+    ordered = _jsonl(tmp_path / "o.jsonl", [{"prediction": "Lung cancer."}, {"prediction": "er"}])
+    assert score_file(gold, ordered)["em_r"] == 75.0
+    runner = _jsonl(tmp_path / "r.jsonl", [{"id": 1, "prompt_hash": "x", "gold": "pr, er", "prediction": "er"}])
+    assert score_file(None, runner, protocol="reference")["em_r"] == 50.0
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        (['{"id": "a", "prediction": "x"}', "{not json"], r"p\.jsonl:2: not valid JSON"),
+        (["[1, 2]"], r"p\.jsonl:1: expected a JSON object"),
+        ([{"id": "a", "prediction": "x"}, {"id": "b", "text": "y"}], r"p\.jsonl:2: missing field 'prediction'"),
+        ([{"id": "a", "prediction": "x"}, {"id": "b", "prediction": None}], r"p\.jsonl:2: .*must be a string"),
+        ([{"id": "a", "prediction": "x"}, {"prediction": "y"}], r"p\.jsonl:2: missing 'id'"),
+        ([{"id": "a", "prediction": "x"}, {"id": "a", "prediction": "y"}], r"p\.jsonl:2: duplicate id 'a'"),
+        ([{"id": "a", "prediction": "x"}], r"gold\.jsonl:2: id 'b' has no prediction"),
+        ([{"id": "a", "prediction": "x"}, {"id": "b", "prediction": "y"}, {"id": "c", "prediction": "z"}],
+         r"p\.jsonl:3: id 'c' is not in"),
+        ([{"prediction": "x"}], r"gold\.jsonl has 2 lines but .*p\.jsonl has 1"),
+        (["", "  "], r"p\.jsonl: empty file"),
+    ],
+)
+def test_score_file_errors(tmp_path, gold, rows, message):
+    pred = _jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(UserError, match=message):
+        score_file(gold, pred)
+
+
+def test_score_file_other_errors(tmp_path, gold):
+    with pytest.raises(UserError, match="missing.jsonl: cannot read"):
+        score_file(gold, str(tmp_path / "missing.jsonl"))
+    with pytest.raises(UserError, match=r"gold\.jsonl:1: missing field 'gold'"):
+        score_file(None, gold)
+    with pytest.raises(UserError, match="valid protocols"):
+        score_file(gold, gold, protocol="rouge")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "evaluate.py"), *args], check=False, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_score_and_errors(tmp_path, gold):
+    pred = _jsonl(tmp_path / "p.jsonl", [{"id": "a", "prediction": "Lung cancer."}, {"id": "b", "prediction": "er"}])
+    out, rows = tmp_path / "out" / "s.json", tmp_path / "out" / "rows.jsonl"
+    done = _cli("score", "--gold", gold, "--pred", pred, "--protocol", "reference", "--json", str(out),
+                "--per-instance", str(rows))
+    assert done.returncode == 0, done.stderr
+    assert "EM" in done.stdout and "75.00" in done.stdout
+    summary = json.loads(out.read_text())
+    assert summary["protocol"] == "reference" and summary["em_r"] == 75.0 and summary["n"] == 2
+    assert [json.loads(line)["id"] for line in rows.read_text().splitlines()] == ["a", "b"]
+
+    bad = _jsonl(tmp_path / "bad.jsonl", ["{oops"])
+    done = _cli("score", "--gold", gold, "--pred", bad)
+    assert done.returncode == 2 and "bad.jsonl:1:" in done.stderr and "Traceback" not in done.stderr
+    done = _cli("run")
+    assert done.returncode == 2 and "not implemented" in done.stderr
