@@ -85,14 +85,26 @@ def read_meta(path: str) -> dict:
     return meta
 
 
-def load_params(path: str, target: dict | None = None) -> dict:
-    """Restore the params tree; ``target`` (abstract arrays with shardings) places it on a mesh."""
+def restore_tree(path: str, target=None):
+    """Restore an Orbax tree saved on any mesh; without ``target`` it lands on this host's first device."""
+    import jax
     import orbax.checkpoint as ocp
 
+    path = os.path.abspath(path)
     ckptr = ocp.StandardCheckpointer()
     try:
-        return ckptr.restore(os.path.abspath(os.path.join(path, "params")), target)
+        if target is None:
+            meta = ckptr.metadata(path)
+            meta = getattr(meta, "item_metadata", meta)
+            local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), meta)
+        return ckptr.restore(path, target)
     except FileNotFoundError as e:
-        raise UserError(f"{path}: params missing or incomplete ({e})") from None
+        raise UserError(f"{path}: checkpoint missing or incomplete ({e})") from None
     finally:
         ckptr.close()
+
+
+def load_params(path: str, target: dict | None = None) -> dict:
+    """Restore the params tree; ``target`` (abstract arrays with shardings) places it on a mesh."""
+    return restore_tree(os.path.join(path, "params"), target)

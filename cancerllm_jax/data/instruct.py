@@ -168,7 +168,7 @@ class InstructRows:
 
 # ----------------------------------------------------------------------------------------------- reading & config
 
-@dataclass
+@dataclass(frozen=True)
 class InstructDataConfig:
     """Instruction JSONL files (``{instruction, context?, response, id?}``) and how to batch them."""
 

@@ -39,7 +39,7 @@ FIELDS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 Batch = dict[str, np.ndarray]
 
 
-@dataclass
+@dataclass(frozen=True)
 class PretrainDataConfig:
     """Where the pretraining text comes from and how it is cut into blocks."""
 

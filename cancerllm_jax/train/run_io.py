@@ -1,14 +1,77 @@
 """Reading a training run's folder (``WORKDIR``) back: its resolved config and latest checkpoint."""
 from __future__ import annotations
 
+import json
 import os
 
+from cancerllm_jax.errors import UserError
+
 RUN_FILE = "run.json"
+FORMAT = "cancerllm-jax/run-v1"
 
 
 def is_run_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, RUN_FILE))
 
 
+def write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_run_meta(path: str) -> dict:
+    try:
+        with open(os.path.join(path, RUN_FILE), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}/{RUN_FILE}: unreadable ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path}/{RUN_FILE}: unknown format {meta.get('format')!r}")
+    return meta
+
+
+def latest_step(ckpt_dir: str) -> int | None:
+    """The newest COMPLETE checkpoint step (Orbax finalises a step by renaming its temp folder)."""
+    if not os.path.isdir(ckpt_dir):
+        return None
+    steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()
+             and os.path.isdir(os.path.join(ckpt_dir, n, "state"))]
+    return max(steps) if steps else None
+
+
 def read_run_weights(path: str):
-    raise NotImplementedError
+    """``LoadedWeights`` of a run's latest checkpoint: base + LoRA factors, or all weights for ``--full``."""
+    from cancerllm_jax.api import LoadedWeights, read_weights
+    from cancerllm_jax.config import LoRAConfig, ModelConfig, build
+    from cancerllm_jax.checkpoint.orbax_io import load_params, restore_tree
+
+    meta = read_run_meta(path)
+    step = latest_step(os.path.join(path, "checkpoints"))
+    if step is None:
+        raise UserError(f"{path}: the run has no finished checkpoint yet")
+    cfg = build(ModelConfig, meta["model"], f"{path}/{RUN_FILE}:model")
+    state = restore_tree(os.path.join(path, "checkpoints", str(step), "state"))
+    trainable = state["params"]
+    run_cfg = meta["config"]
+    tok = (run_cfg.get("data") or {}).get("tokenizer") or meta.get("tokenizer")
+    if run_cfg.get("full"):
+        return LoadedWeights(cfg, trainable, tokenizer_spec=tok, source=path)
+    base = meta["base"]
+    if base["kind"] == "saved":
+        params = load_params(os.path.join(path, base["path"]))
+    elif base["kind"] == "path":
+        w = read_weights(base["path"])
+        params = w.params
+        tok = tok or w.tokenizer_spec
+        if w.lora is not None and w.lora_params is not None:
+            from cancerllm_jax.model.lora import merge_lora_params
+
+            params = merge_lora_params(params, w.lora_params, w.lora)
+    else:
+        from cancerllm_jax.model import base_params, create_model
+
+        params = base_params(create_model(cfg, None, meta.get("dtype", "float32"), seed=base.get("seed", 0)))
+    lora = build(LoRAConfig, run_cfg["lora"], f"{path}/{RUN_FILE}:config.lora")
+    return LoadedWeights(cfg, params, lora=lora, lora_params=trainable, tokenizer_spec=tok, source=path)

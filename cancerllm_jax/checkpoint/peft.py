@@ -1,0 +1,184 @@
+"""PEFT LoRA adapters ⇄ our LoRA factors.
+
+PEFT stores one ``lora_A.weight [r, in]`` and ``lora_B.weight [out, r]`` per layer and projection under
+``base_model.model.model.layers.{i}.self_attn.q_proj`` (etc.), plus an ``adapter_config.json``; we keep
+``lora_a [layers, in, r]`` and ``lora_b [layers, r, out]``. Missing or unexpected keys are errors, never warnings.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from cancerllm_jax.config import LORA_TARGETS, LoRAConfig, ModelConfig
+from cancerllm_jax.errors import UserError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PREFIX = "base_model.model.model.layers"
+HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+              "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+_UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "lora_bias": False}
+_EMPTY = ("layers_to_transform", "rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication",
+          "target_parameters", "trainable_token_indices")
+
+
+def peft_key(layer: int, target: str, factor: str) -> str:
+    """PEFT's saved key, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``."""
+    return f"{PREFIX}.{layer}.{HF_MODULES[target]}.lora_{factor}.weight"
+
+
+def adapter_config(lora_cfg: LoRAConfig, base_name_or_path: str | None) -> dict:
+    """The ``adapter_config.json`` dict that ``peft.PeftModel.from_pretrained`` reads."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name_or_path,
+        "r": int(lora_cfg.rank), "lora_alpha": float(lora_cfg.alpha), "lora_dropout": float(lora_cfg.dropout),
+        "target_modules": [HF_MODULES[t].split(".")[-1] for t in lora_cfg.targets], "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+        "use_dora": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+    }
+
+
+def _layers(lora_params: dict) -> dict:
+    return lora_params.get("layers", lora_params)
+
+
+def iter_peft_tensors(cfg: ModelConfig, lora_cfg: LoRAConfig, lora_params: dict, dtype: str | None = None):
+    """Yield ``(peft_key, numpy array)`` for every layer and target; a missing or mis-shaped factor is an error."""
+    from cancerllm_jax.model.mistral import proj_shapes
+
+    layers = _layers(lora_params)
+    extra = sorted(set(layers) - set(lora_cfg.targets))
+    if extra:
+        raise UserError(f"LoRA factors for {extra} are not in the LoRA targets {list(lora_cfg.targets)}")
+    shapes = proj_shapes(cfg)
+    for t in lora_cfg.targets:
+        if t not in layers or "lora_a" not in layers[t] or "lora_b" not in layers[t]:
+            raise UserError(f"LoRA factors for target {t!r} are missing")
+        d_in, d_out = shapes[t]
+        a, b = np.asarray(layers[t]["lora_a"]), np.asarray(layers[t]["lora_b"])
+        for name, arr, want in (("lora_a", a, (cfg.num_layers, d_in, lora_cfg.rank)),
+                                ("lora_b", b, (cfg.num_layers, lora_cfg.rank, d_out))):
+            if tuple(arr.shape) != want:
+                raise UserError(f"LoRA {t}.{name}: shape {tuple(arr.shape)}, expected {want}")
+    cast = (lambda x: x) if dtype is None else (lambda x: x.astype(_np_dtype(dtype)))
+    for i in range(cfg.num_layers):
+        for t in lora_cfg.targets:
+            yield peft_key(i, t, "A"), np.ascontiguousarray(cast(np.asarray(layers[t]["lora_a"][i]).T))
+            yield peft_key(i, t, "B"), np.ascontiguousarray(cast(np.asarray(layers[t]["lora_b"][i]).T))
+
+
+def write_peft_adapter(out_dir: str, cfg: ModelConfig, lora_cfg: LoRAConfig, lora_params: dict,
+                       base_name_or_path: str | None = None, overwrite: bool = False, dtype: str | None = None,
+                       tokenizer_dir: str | None = None) -> list[str]:
+    """Write ``adapter_model.safetensors`` + ``adapter_config.json`` atomically; returns the files written."""
+    from safetensors.numpy import save_file
+
+    from cancerllm_jax.checkpoint.orbax_io import atomic_dir, copy_tokenizer_files
+
+    tensors = dict(iter_peft_tensors(cfg, lora_cfg, lora_params, dtype))
+    with atomic_dir(out_dir, overwrite) as tmp:
+        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(tmp, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(adapter_config(lora_cfg, base_name_or_path), f, indent=2)
+        files = [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+        if tokenizer_dir:
+            files += copy_tokenizer_files(tokenizer_dir, tmp)
+    return files
+
+
+def read_adapter_config(folder: str) -> LoRAConfig:
+    """LoRAConfig from a PEFT ``adapter_config.json``; features we do not implement are errors."""
+    path = os.path.join(folder, ADAPTER_CONFIG)
+    if not os.path.isfile(path):
+        raise UserError(f"{folder}: no {ADAPTER_CONFIG} (expected a PEFT LoRA adapter folder)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            conf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if str(conf.get("peft_type", "")).upper() != "LORA":
+        raise UserError(f"{path}: peft_type {conf.get('peft_type')!r} is not supported (only LORA)")
+    for key, ok in _UNSUPPORTED.items():
+        if bool(conf.get(key, ok)) != ok:
+            raise UserError(f"{path}: {key}={conf[key]!r} is not supported")
+    if conf.get("bias", "none") != "none":
+        raise UserError(f"{path}: bias={conf['bias']!r} is not supported (only 'none')")
+    for key in _EMPTY:
+        if conf.get(key):
+            raise UserError(f"{path}: {key}={conf[key]!r} is not supported")
+    targets = conf.get("target_modules")
+    if targets == "all-linear":
+        targets = list(LORA_TARGETS)
+    if not isinstance(targets, list) or not targets:
+        raise UserError(f"{path}: target_modules must be a list of module names, got {targets!r}")
+    names = {v.split(".")[-1]: k for k, v in HF_MODULES.items()}
+    bad = [t for t in targets if t not in names and t not in LORA_TARGETS]
+    if bad:
+        raise UserError(f"{path}: target module(s) {bad} are not supported (choose from {sorted(names)})")
+    try:
+        return LoRAConfig(rank=int(conf["r"]), alpha=float(conf["lora_alpha"]),
+                          dropout=float(conf.get("lora_dropout", 0.0)),
+                          targets=tuple(names.get(t, t) for t in targets))
+    except KeyError as e:
+        raise UserError(f"{path}: missing field {e}") from None
+
+
+def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
+    """``(LoRAConfig, lora_params)`` from a PEFT adapter folder, ``lora_params`` as ``{"layers": {t: {a, b}}}``."""
+    from safetensors import safe_open
+
+    from cancerllm_jax.model.mistral import proj_shapes
+
+    if not os.path.isdir(folder):
+        raise UserError(f"adapter folder not found: {folder}")
+    lora_cfg = read_adapter_config(folder)
+    path = os.path.join(folder, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(folder, "adapter_model.bin")):
+            raise UserError(f"{folder}: only a pickle adapter_model.bin found; pickle files are never loaded "
+                            "(save the adapter with safetensors)")
+        raise UserError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    try:
+        handle = safe_open(path, framework="numpy")
+        keys = set(handle.keys())
+    except Exception as e:  # SafetensorError / OSError on a corrupt header
+        raise UserError(f"{path}: corrupt or not a safetensors file ({e})") from None
+    keys = {k: k for k in keys}
+    # Some writers keep the adapter name ("...q_proj.lora_A.default.weight"): accept it.
+    keys = {k.replace(".default.weight", ".weight"): v for k, v in keys.items()}
+    shapes = proj_shapes(cfg)
+    n, r = cfg.num_layers, lora_cfg.rank
+    out: dict = {}
+    used = set()
+    for t in lora_cfg.targets:
+        d_in, d_out = shapes[t]
+        a = np.empty((n, d_in, r), np.float32)
+        b = np.empty((n, r, d_out), np.float32)
+        for i in range(n):
+            for factor, dst, want in (("A", a, (r, d_in)), ("B", b, (d_out, r))):
+                key = peft_key(i, t, factor)
+                if key not in keys:
+                    raise UserError(f"{path}: tensor {key} is missing")
+                arr = handle.get_tensor(keys[key])
+                if tuple(arr.shape) != want:
+                    raise UserError(f"{path}: tensor {key} has shape {tuple(arr.shape)}, expected {want}")
+                dst[i] = arr.astype(np.float32).T
+                used.add(key)
+        out[t] = {"lora_a": a, "lora_b": b}
+    extra = sorted(set(keys) - used)
+    if extra:
+        raise UserError(f"{path}: unexpected tensor(s) {extra[:5]}{'…' if len(extra) > 5 else ''} "
+                        f"(not LoRA factors of {list(lora_cfg.targets)} in a {n}-layer model)")
+    return lora_cfg, {"layers": out}
+
+
+def _np_dtype(name: str):
+    import ml_dtypes
+
+    table = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+    if name not in table:
+        raise UserError(f"dtype {name!r} is not supported; choose from {sorted(table)}")
+    return table[name]

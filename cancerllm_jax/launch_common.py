@@ -1,0 +1,66 @@
+"""Flags and start-up shared by the training launchers: config resolution, host devices, multi-host init."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from cancerllm_jax.errors import UserError
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (see configs/)")
+    p.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 10x1 or 2x5 (default from the config: 1x1)")
+    p.add_argument("--steps", type=int, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, help="GLOBAL batch size (rows per optimiser step, all devices)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workdir", help="run folder (default: runs/<kind>-<date>-<time>)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (async); 0 = only at the end")
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
+    p.add_argument("--full", action="store_true", default=None, help="train every weight instead of LoRA")
+    p.add_argument("--dry-run", action="store_true", help="print shapes, shardings and the memory estimate; exit")
+    p.add_argument("--log-examples", action="store_true", default=None,
+                   help="allow note text in logs (off by default: notes are PHI)")
+    p.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed input lines")
+    p.add_argument("--no-segment-mask", action="store_true",
+                   help="let packed documents attend to each other (HF group_texts, the authors' script)")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0 for multi-host runs")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of any config field, e.g. lora.rank=16")
+
+
+def cli_values(args) -> dict:
+    return {"mesh": args.mesh, "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+            "save_every": args.save_every, "full": args.full, "log_examples": args.log_examples}
+
+
+def start_runtime(args, mesh_text: str) -> None:
+    """Before JAX starts: multi-host initialisation and, on CPU hosts, enough host devices for the mesh."""
+    from cancerllm_jax.sharding import ensure_host_devices, parse_mesh
+
+    d, m = parse_mesh(mesh_text)
+    nproc = args.num_processes or int(os.environ.get("CANCERLLM_NUM_PROCESSES", "0") or 0) or 1
+    if args.coordinator or nproc > 1:
+        if not args.coordinator or args.process_id is None or nproc < 2:
+            raise UserError("multi-host runs need --coordinator HOST:PORT, --num-processes N (>= 2) and "
+                            "--process-id I")
+        if (d * m) % nproc:
+            raise UserError(f"mesh {d}x{m} ({d * m} devices) does not split over {nproc} processes")
+        ensure_host_devices((d * m) // nproc, quiet=args.process_id != 0)
+        import jax
+
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=nproc,
+                                   process_id=args.process_id, initialization_timeout=120)
+    else:
+        ensure_host_devices(d * m)
+
+
+def default_workdir(kind: str) -> str:
+    return os.path.join("runs", f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def announce(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

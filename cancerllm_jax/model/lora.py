@@ -1,0 +1,32 @@
+"""Hand-written LoRA with PEFT's semantics: ``y = W x + B(A(dropout(x))) · α/r``.
+
+The factors live in the model as ``nnx.LoRAParam`` (``Proj.lora_a [layers, in, r]``, ``Proj.lora_b
+[layers, r, out]``), so filters split them from the frozen base. PEFT stores ``lora_A.weight [r, in]`` and
+``lora_B.weight [out, r]`` per layer; see ``checkpoint/peft.py`` for the key names.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from cancerllm_jax.config import LoRAConfig
+
+
+def merge_lora_params(params: dict, lora_params: dict, lora: LoRAConfig) -> dict:
+    """Base params with ``W + A·B·α/r`` folded into every target kernel, computed in fp32, cast back."""
+    layers = dict(params["layers"])
+    src = lora_params.get("layers", lora_params)
+    for name, ab in src.items():
+        if "lora_a" not in ab:
+            continue
+        kernel = np.asarray(layers[name]["kernel"])
+        a = np.asarray(ab["lora_a"], np.float32)
+        b = np.asarray(ab["lora_b"], np.float32)
+        merged = kernel.astype(np.float32) + np.einsum("lir,lro->lio", a, b) * np.float32(lora.scaling)
+        layers[name] = {**layers[name], "kernel": merged.astype(kernel.dtype)}
+    return {**params, "layers": layers}
+
+
+def count_params(tree) -> int:
+    import jax
+
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

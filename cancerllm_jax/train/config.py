@@ -1,0 +1,96 @@
+"""Typed training configs shared by continued pretraining and instruction tuning."""
+from __future__ import annotations
+
+
+from dataclasses import dataclass, field
+
+from cancerllm_jax.config import LoRAConfig, apply_overrides, build, load_yaml, to_dict
+from cancerllm_jax.data.pretrain import PretrainDataConfig
+from cancerllm_jax.errors import UserError
+from cancerllm_jax.train.optim import OptimConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What every training run needs. ``batch_size`` is the GLOBAL batch (rows per optimiser step)."""
+
+    model: str = "tiny"  # a preset (tiny, mistral-7b-v0.1), an HF folder, a converted checkpoint or a run
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    full: bool = False  # train every weight (Me-LLaMA style) instead of LoRA
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 30
+    batch_size: int = 20
+    seed: int = 0
+    mesh: str = "1x1"
+    dtype: str = "auto"  # auto: bfloat16 base on accelerators, float32 on CPU
+    remat: str = "none"  # none | full | dots
+    fsdp: bool = True  # shard frozen weights over the data axis where a dimension divides
+    save_every: int = 0  # 0: only at the end
+    keep: int = 3
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int = 0  # 0: every held-out batch
+    log_every: int = 1
+    log_examples: bool = False  # never log note text unless asked
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "keep", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_every", "eval_every", "eval_batches"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.remat not in ("none", "full", "dots"):
+            raise UserError(f"remat must be none, full or dots, got {self.remat!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.batch_size % self.optim.grad_accum:
+            raise UserError(f"batch_size {self.batch_size} is not divisible by optim.grad_accum "
+                            f"{self.optim.grad_accum}")
+
+
+@dataclass(frozen=True)
+class PretrainConfig(TrainConfig):
+    """Continued pretraining. With no ``data.sources`` the built-in synthetic clinical corpus is used."""
+
+    data: PretrainDataConfig = field(
+        default_factory=lambda: PretrainDataConfig(block_size=128, eval_fraction=0.05))
+    synthetic_documents: int = 400
+
+
+# Fields that may change between a run and its resumption; every other field must match.
+RESUMABLE_CHANGES = {"mesh", "save_every", "eval_every", "eval_batches", "log_every", "keep", "log_examples"}
+
+
+def resolve(cls, config_path: str | None, overrides: list[str], cli: dict | None = None):
+    """Defaults ← YAML file ← ``--flag`` values ← ``key=value`` overrides; unknown keys are errors."""
+    data = to_dict(cls()) if config_path is None else {**to_dict(cls()), **load_yaml(config_path)}
+    where = config_path or "config"
+    base = build(cls, data, where)  # validates the YAML's keys and types
+    data = to_dict(base)
+    for key, value in (cli or {}).items():
+        if value is not None:
+            data[key] = value
+    data = apply_overrides(data, overrides, cls)
+    cfg = build(cls, data, "config")
+    cfg.validate()
+    return cfg
+
+
+def diff(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff(va, vb, name + ".")
+        elif _norm(va) != _norm(vb):
+            out.append(name)
+    return out
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+

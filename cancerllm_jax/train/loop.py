@@ -1,0 +1,442 @@
+"""The training loop: build the model on the mesh, step, evaluate, log, checkpoint (Orbax), resume exactly.
+
+A run's folder (``WORKDIR``)::
+
+    run.json            resolved config, base-model pointer, tokenizer  (written once, first)
+    config.yaml         the same config, for people
+    base/               the frozen base, when it was randomly initialised from a preset (small models)
+    checkpoints/<step>/ state (trainable params, optimiser state, step, rng) + data iterator state
+    metrics.jsonl       one JSON object per logged step ({"step", "loss", ...}) and per eval
+    tb/                 TensorBoard events
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+
+from cancerllm_jax import sharding
+from cancerllm_jax.config import ModelConfig, PRESETS, to_dict
+from cancerllm_jax.errors import UserError
+from cancerllm_jax.train import run_io
+from cancerllm_jax.train.config import RESUMABLE_CHANGES, TrainConfig, diff
+from cancerllm_jax.train.optim import make_optimizer, schedule
+from cancerllm_jax.train.step import (BATCH_KEYS, ModelParts, device_peak_flops, lora_train_flops_per_token,
+                                      make_eval_step, make_train_step)
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or inf; the run stopped and kept its last good checkpoint."""
+
+
+@dataclass
+class DataBundle:
+    """What a task gives the loop: a resumable iterator of this process's rows, eval batches, and counts."""
+
+    train_iter: Any
+    eval_batches: list
+    stats: dict
+    seq_len: int
+
+
+def is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def say(msg: str) -> None:
+    if is_main():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_dtype_name(cfg: TrainConfig) -> str:
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+# ------------------------------------------------------------------------------------------------ the base model
+
+def load_base(cfg: TrainConfig) -> tuple[ModelConfig, dict | None, str | None, dict]:
+    """``(model config, base params or None for a preset, tokenizer spec, pointer)``."""
+    if cfg.model in PRESETS:
+        return PRESETS[cfg.model], None, None, {"kind": "preset", "name": cfg.model, "seed": cfg.seed}
+    from cancerllm_jax.api import read_weights
+    from cancerllm_jax.model.lora import merge_lora_params
+
+    w = read_weights(cfg.model)
+    params = w.params
+    if w.lora is not None and w.lora_params is not None:
+        say(f"base {cfg.model}: merging its LoRA (r={w.lora.rank}) into the base weights")
+        params = merge_lora_params(params, w.lora_params, w.lora)
+    return w.cfg, params, w.tokenizer_spec, {"kind": "path", "path": os.path.abspath(cfg.model),
+                                             "model": to_dict(w.cfg)}
+
+
+def build_model(cfg: TrainConfig, model_cfg: ModelConfig, params: dict | None, dtype: str, abstract: bool = False):
+    """The NNX model: LoRA factors (fp32) on a frozen base in ``dtype``, or all weights trainable with ``full``."""
+    from cancerllm_jax.model import abstract_model, create_model, model_from_params
+
+    lora = None if cfg.full else cfg.lora
+    param_dtype = "float32" if cfg.full else dtype
+    if abstract:
+        graphdef, state = abstract_model(model_cfg, lora, param_dtype, dtype, cfg.remat)
+        return nnx.merge(graphdef, state)
+    if params is None:
+        return create_model(model_cfg, lora, param_dtype, dtype, cfg.remat, seed=cfg.seed)
+    return model_from_params(model_cfg, params, lora, param_dtype, dtype, cfg.remat, lora_seed=cfg.seed)
+
+
+# ------------------------------------------------------------------------------------------------------ trainer
+
+class Trainer:
+    """Holds the compiled step, the state on the mesh and the checkpoint manager for one run."""
+
+    def __init__(self, cfg: TrainConfig, workdir: str, kind: str, make_data: Callable | None,
+                 resume: bool = False, dry_run: bool = False, extra_meta: dict | None = None):
+        self.cfg, self.kind, self.workdir = cfg, kind, os.path.abspath(workdir)
+        self.dry_run = dry_run
+        d, m = sharding.parse_mesh(cfg.mesh)
+        self.mesh = sharding.make_mesh((d, m))
+        if cfg.batch_size % d:
+            raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the data axis of mesh {cfg.mesh} "
+                            f"({d}); use a multiple of {d}")
+        if (cfg.batch_size // cfg.optim.grad_accum) % d:
+            raise UserError(f"micro-batch {cfg.batch_size // cfg.optim.grad_accum} (batch_size / grad_accum) is not "
+                            f"divisible by the data axis ({d})")
+        self.dtype = resolve_dtype_name(cfg)
+        self.model_cfg, base_params, tok_spec, self.base_pointer = (
+            (PRESETS[cfg.model], None, None, {}) if dry_run and cfg.model in PRESETS else
+            _dry_base(cfg) if dry_run else load_base(cfg))
+        self.tokenizer_spec = tok_spec
+        self.extra_meta = extra_meta or {}
+        model = build_model(cfg, self.model_cfg, base_params, self.dtype, abstract=dry_run)
+        del base_params
+        trainable_filter = nnx.Param if cfg.full else nnx.LoRAParam
+        graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
+        self.parts = ModelParts(graphdef, trainable, frozen)
+        trainable_pure, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+        notice = say
+        self.frozen_sh = sharding.param_shardings(frozen_pure, self.mesh, self.model_cfg, cfg.fsdp, notice)
+        self.trainable_sh = (sharding.param_shardings(trainable_pure, self.mesh, self.model_cfg, cfg.fsdp, notice)
+                             if cfg.full else jax.tree.map(lambda _: sharding.replicated(self.mesh), trainable_pure))
+        self.tx = make_optimizer(cfg.optim, cfg.steps)
+        self.schedule = schedule(cfg.optim, cfg.steps)
+        self.batch_sh = sharding.batch_sharding(self.mesh)
+        rep = sharding.replicated(self.mesh)
+        trainable_abs = _abstract(trainable_pure, self.trainable_sh)
+        opt_abs = jax.eval_shape(self.tx.init, trainable_abs)
+        self.opt_sh = _like_params(opt_abs, trainable_abs, self.trainable_sh, rep)
+        if dry_run:
+            self.frozen = _abstract(frozen_pure, self.frozen_sh)
+            self.state = {"params": trainable_abs, "opt_state": _abstract(opt_abs, self.opt_sh),
+                          "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+                          "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)}
+        else:
+            self.frozen = jax.device_put(frozen_pure, self.frozen_sh)
+            params = jax.device_put(trainable_pure, self.trainable_sh)
+            opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
+            self.state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
+                          "rng": jax.random.PRNGKey(cfg.seed)}
+            self.state["step"] = jax.device_put(self.state["step"], rep)
+            self.state["rng"] = jax.device_put(self.state["rng"], rep)
+        del model, frozen, trainable
+        self.state_sh = {"params": self.trainable_sh, "opt_state": self.opt_sh, "step": rep, "rng": rep}
+        use_dropout = (not cfg.full) and cfg.lora.dropout > 0
+        step_fn = make_train_step(self.parts, self.tx, self.schedule, cfg.optim.grad_accum, use_dropout)
+        self.step_fn = jax.jit(step_fn, in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh),
+                               out_shardings=(self.state_sh, rep), donate_argnums=(0,))
+        self.eval_fn = jax.jit(make_eval_step(self.parts), in_shardings=(self.trainable_sh, self.frozen_sh,
+                                                                         self.batch_sh), out_shardings=(rep, rep))
+        self.make_data = make_data
+        self.resume = resume
+
+    # -- memory ----------------------------------------------------------------------------------------------
+    def memory_estimate(self, seq_len: int) -> dict:
+        """Per-device bytes from the compiled step's memory analysis (arguments, outputs, temporaries)."""
+        batch = {k: jax.ShapeDtypeStruct((self.cfg.batch_size, seq_len), jnp.int32, sharding=self.batch_sh)
+                 for k in BATCH_KEYS}
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state,
+                             self.state_sh)
+        frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.frozen,
+                              self.frozen_sh)
+        t0 = time.time()
+        compiled = self.step_fn.lower(state, frozen, batch).compile()
+        ma = compiled.memory_analysis()
+        out = {"compile_s": round(time.time() - t0, 1)}
+        if ma is not None:
+            for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                         "alias_size_in_bytes"):
+                out[name.replace("_size_in_bytes", "_bytes")] = int(getattr(ma, name, 0) or 0)
+            out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                                  - out["alias_bytes"])
+        return out
+
+    def describe(self, seq_len: int) -> str:
+        n_base = self.model_cfg.num_params()
+        n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state["params"]))
+        mem = self.memory_estimate(seq_len)
+        gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+        lines = [f"model: {self.cfg.model} ({n_base / 1e6:.1f}M params, {self.model_cfg.num_layers} layers), "
+                 f"{'full fine-tuning' if self.cfg.full else f'LoRA r={self.cfg.lora.rank} on {list(self.cfg.lora.targets)}'}"
+                 f", trainable {n_train / 1e6:.3f}M, dtype {self.dtype}, remat {self.cfg.remat}",
+                 f"mesh {self.cfg.mesh} on {jax.device_count()} {jax.default_backend()} device(s); global batch "
+                 f"{self.cfg.batch_size} x {seq_len} tokens; grad_accum {self.cfg.optim.grad_accum}"]
+        if "total_bytes" in mem:
+            lines.append(f"memory estimate per device (compiled step): {gib(mem['total_bytes'])} "
+                         f"(arguments {gib(mem['argument_bytes'])}, temporaries {gib(mem['temp_bytes'])}, "
+                         f"outputs {gib(mem['output_bytes'])}); compile {mem['compile_s']} s")
+        self.memory = mem
+        return "\n".join(lines)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def _manager(self):
+        import orbax.checkpoint as ocp
+
+        opts = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep, create=True,
+                                            enable_async_checkpointing=True)
+        return ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"), options=opts,
+                                     item_names=("state", "data"))
+
+    def _save(self, mngr, step: int, it) -> None:
+        import grain
+        import orbax.checkpoint as ocp
+
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
+                                                data=grain.checkpoint.CheckpointSave(it)), force=True)
+
+    def _restore(self, mngr, step: int, it) -> None:
+        import grain
+        import orbax.checkpoint as ocp
+
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state,
+                              self.state_sh)
+        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                              data=grain.checkpoint.CheckpointRestore(it)))
+        self.state = restored["state"]
+
+    # -- the run ----------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        start_step = self._prepare_workdir()
+        tokenizer = None
+        from cancerllm_jax.data.tokenizer import load_tokenizer
+
+        tok_spec = getattr(getattr(cfg, "data", None), "tokenizer", None) or self.tokenizer_spec
+        tokenizer = load_tokenizer(tok_spec)
+        if tokenizer.vocab_size > self.model_cfg.vocab_size:
+            raise UserError(f"tokenizer {getattr(tokenizer, 'name', tok_spec)} has {tokenizer.vocab_size} tokens but "
+                            f"the model's vocabulary is {self.model_cfg.vocab_size}: they do not belong together")
+        data: DataBundle = self.make_data(tokenizer, jax.process_index(), jax.process_count())
+        say(self.describe(data.seq_len))
+        if is_main():
+            stats = {k: v for k, v in data.stats.items() if not isinstance(v, (list, dict))}
+            say(f"data: {json.dumps(stats)}")
+        mngr = self._manager()
+        it = data.train_iter
+        if start_step > 0:
+            self._restore(mngr, start_step, it)
+            say(f"resumed from step {start_step} ({self.workdir}/checkpoints/{start_step})")
+        logger = _MetricsLog(self.workdir, start_step) if is_main() else None
+        flops_tok = lora_train_flops_per_token(self.model_cfg, data.seq_len, None if cfg.full else cfg.lora.rank,
+                                               len(cfg.lora.targets))
+        peak = device_peak_flops()
+        step = start_step
+        last_saved = start_step
+        bar = _progress(cfg.steps, start_step)
+        eval_every = cfg.eval_every
+        try:
+            while step < cfg.steps:
+                local = next(it)
+                batch = {k: jax.make_array_from_process_local_data(self.batch_sh, np.asarray(local[k], np.int32))
+                         for k in BATCH_KEYS}
+                t0 = time.perf_counter()
+                self.state, metrics = self.step_fn(self.state, self.frozen, batch)
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = time.perf_counter() - t0
+                step += 1
+                if not math.isfinite(metrics["loss"]):
+                    raise NonFiniteLoss(
+                        f"loss is {metrics['loss']} at step {step}; stopped without saving. The last good checkpoint "
+                        f"is step {mngr.latest_step() or 'none'} in {self.workdir}/checkpoints. Lower optim.lr, check "
+                        f"the data, or use dtype=float32.")
+                tokens = cfg.batch_size * data.seq_len
+                row = {"step": step, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],
+                       "target_tokens": int(metrics["tokens"]), "tokens_per_s": tokens / dt, "step_s": dt}
+                if peak:
+                    row["mfu"] = flops_tok * tokens / dt / (peak * jax.device_count())
+                if logger and (step % cfg.log_every == 0 or step == cfg.steps):
+                    logger.write(row)
+                bar(step, row)
+                if eval_every and step % eval_every == 0 and step < cfg.steps:
+                    self._evaluate(data.eval_batches, step, logger)
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    self._save(mngr, step, it)
+                    last_saved = step
+            if data.eval_batches:
+                self._evaluate(data.eval_batches, step, logger)
+            if last_saved != step or mngr.latest_step() != step:
+                self._save(mngr, step, it)
+            mngr.wait_until_finished()
+        finally:
+            mngr.wait_until_finished()
+            mngr.close()
+            if logger:
+                logger.close()
+        return {"steps": step, "workdir": self.workdir}
+
+    def _evaluate(self, batches, step, logger) -> None:
+        limit = self.cfg.eval_batches or len(batches)
+        total = count = 0.0
+        for local in batches[:limit]:
+            b = {k: jax.make_array_from_process_local_data(self.batch_sh, np.asarray(local[k], np.int32))
+                 for k in BATCH_KEYS}
+            s, c = self.eval_fn(self.state["params"], self.frozen, b)
+            total += float(s)
+            count += float(c)
+        if count and logger:
+            loss = total / count
+            logger.write({"step": step, "eval_loss": loss, "eval_tokens": int(count)})
+            say(f"step {step}: eval loss {loss:.4f} over {int(count)} tokens")
+
+    def _prepare_workdir(self) -> int:
+        """Write run.json on a fresh run; on ``resume`` check the config and return the latest checkpoint step."""
+        os.makedirs(self.workdir, exist_ok=True)
+        meta_path = os.path.join(self.workdir, run_io.RUN_FILE)
+        ckpt_dir = os.path.join(self.workdir, "checkpoints")
+        latest = run_io.latest_step(ckpt_dir)
+        if os.path.isfile(meta_path) and not latest and not self.resume:
+            say(f"note: {self.workdir} holds a run that never saved a checkpoint; starting it again")
+            os.remove(meta_path)
+        if os.path.isfile(meta_path):
+            old = run_io.read_run_meta(self.workdir)
+            if not self.resume:
+                raise UserError(f"{self.workdir} already holds a run; pass --resume to continue it or choose "
+                                f"another --workdir")
+            changed = [k for k in diff(old["config"], to_dict(self.cfg)) if k.split(".")[0] not in RESUMABLE_CHANGES]
+            if changed:
+                raise UserError(f"--resume: the config differs from the run in {self.workdir} in {changed}; resume "
+                                f"with the same settings or start a new --workdir")
+            return latest or 0
+        if latest:
+            raise UserError(f"{ckpt_dir} has checkpoints but no {run_io.RUN_FILE}; not a run this tool wrote")
+        if self.resume:
+            say(f"--resume: no run in {self.workdir} yet; starting from step 0")
+        if is_main():
+            self._write_meta()
+        return 0
+
+    def _write_meta(self) -> None:
+        from cancerllm_jax.checkpoint.orbax_io import save_params
+
+        pointer = dict(self.base_pointer)
+        if pointer.get("kind") == "preset" and not self.cfg.full and self.model_cfg.num_params() < 2e9:
+            base_dir = os.path.join(self.workdir, "base")
+            frozen = jax.device_get(self.frozen)
+            save_params(base_dir, self.model_cfg, frozen, self.dtype, overwrite=True)
+            pointer = {**pointer, "kind": "saved", "path": "base"}
+        meta = {"format": run_io.FORMAT, "kind": self.kind, "config": to_dict(self.cfg), "base": pointer,
+                "model": to_dict(self.model_cfg), "dtype": self.dtype, "tokenizer": self.tokenizer_spec,
+                **self.extra_meta}
+        run_io.write_json_atomic(os.path.join(self.workdir, run_io.RUN_FILE), meta)
+        with open(os.path.join(self.workdir, "config.yaml.tmp"), "w", encoding="utf-8") as f:
+            yaml.safe_dump(to_dict(self.cfg), f, sort_keys=False)
+        os.replace(os.path.join(self.workdir, "config.yaml.tmp"), os.path.join(self.workdir, "config.yaml"))
+
+
+def _dry_base(cfg: TrainConfig):
+    from cancerllm_jax.config import read_hf_config
+
+    if os.path.isdir(cfg.model) and os.path.isfile(os.path.join(cfg.model, "config.json")):
+        return read_hf_config(cfg.model), None, None, {}
+    raise UserError(f"--dry-run: model {cfg.model!r} is neither a preset ({sorted(PRESETS)}) nor an HF folder; "
+                    f"pass model=mistral-7b-v0.1 to validate the shapes without the weights")
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _like_params(opt_abs, params_abs, params_sh, rep):
+    """Optimiser-state shardings: a leaf shaped like a param takes that param's sharding."""
+    by_shape = {}
+    for x, s in zip(jax.tree.leaves(params_abs), jax.tree.leaves(params_sh)):
+        by_shape.setdefault(tuple(x.shape), s)
+    return jax.tree.map(lambda x: by_shape.get(tuple(x.shape), rep), opt_abs)
+
+
+class _MetricsLog:
+    """``metrics.jsonl`` (rows past ``start_step`` from an interrupted run are dropped) and TensorBoard."""
+
+    def __init__(self, workdir: str, start_step: int):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        kept = []
+        if os.path.isfile(self.path):
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a kill
+                    if int(row.get("step", 0)) <= start_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+        self.f = open(self.path, "a", encoding="utf-8")
+        self.tb = None
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        except ImportError:
+            pass
+
+    def write(self, row: dict) -> None:
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self.f.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _progress(total: int, start: int):
+    """A tqdm bar on a terminal; otherwise a line every ~10 % of the run (process 0 only)."""
+    if not is_main():
+        return lambda *_: None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+        def update(step, row):
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if step == total:
+                bar.close()
+
+        return update
+    every = max(1, total // 10)
+
+    def update(step, row):
+        if step % every == 0 or step == total or step == start + 1:
+            print(f"step {step}/{total} loss {row['loss']:.4f} grad_norm {row['grad_norm']:.3f} lr {row['lr']:.2e} "
+                  f"{row['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
+
+    return update

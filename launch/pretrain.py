@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""LoRA continued pretraining (CancerLLM stage 1) on a device mesh.
+
+    python launch/pretrain.py --mesh 10x1                       # tiny model, built-in synthetic notes, CPU ok
+    python launch/pretrain.py --config configs/pretrain/cancerllm_7b.yaml model=/path/to/Mistral-7B-v0.1
+"""
+import argparse
+import os
+import sys
+
+import _bootstrap  # noqa: F401
+
+from cancerllm_jax.errors import cli_main
+from cancerllm_jax.launch_common import add_train_flags, announce, cli_values, default_workdir, start_runtime
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_flags(p)
+    p.add_argument("--data", nargs="+", help="pretraining files/globs (.jsonl with 'text', or .txt); "
+                                             "default: the built-in synthetic clinical corpus")
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv=None):
+    args = parse(argv)
+    from cancerllm_jax.train.config import PretrainConfig, resolve
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append("data.sources=" + ",".join(args.data))
+    if args.skip_bad_lines:
+        overrides.append("data.skip_bad_lines=true")
+    if args.no_segment_mask:
+        overrides.append("data.segment_mask=false")
+    cfg = resolve(PretrainConfig, args.config, overrides, cli_values(args))
+    start_runtime(args, cfg.mesh)
+
+    from cancerllm_jax.data.pretrain import build_pretrain_data
+    from cancerllm_jax.train.loop import DataBundle, Trainer
+
+    def make_data(tokenizer, process_index, process_count):
+        documents = None
+        if not cfg.data.sources:
+            from cancerllm_jax.data.synthetic import pretrain_documents
+
+            documents = pretrain_documents(cfg.synthetic_documents, seed=cfg.data.seed)
+            announce(f"data: no data.sources given; using {len(documents)} built-in synthetic clinical documents")
+        data = build_pretrain_data(cfg.data, tokenizer, documents)
+        return DataBundle(data.train_iterator(cfg.batch_size, process_index, process_count),
+                          data.eval_batches(cfg.batch_size, process_index, process_count), data.stats,
+                          cfg.data.block_size)
+
+    workdir = args.workdir or default_workdir("pretrain")
+    trainer = Trainer(cfg, workdir, "pretrain", make_data, resume=args.resume, dry_run=args.dry_run)
+    if args.dry_run:
+        print(trainer.describe(cfg.data.block_size))
+        return 0
+    announce(f"workdir: {os.path.abspath(workdir)}")
+    result = trainer.run()
+    announce(f"done: {result['steps']} steps; load it with cancerllm_jax.load({os.path.abspath(workdir)!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

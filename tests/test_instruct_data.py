@@ -1,0 +1,218 @@
+"""Instruction pipeline: the exact Alpaca template, response-only loss, truncation, packing, iterators."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import zlib
+
+import numpy as np
+import pytest
+
+from cancerllm_jax.data.instruct import (
+    InstructDataConfig,
+    build_instruct_data,
+    encode_example,
+    encode_prompt,
+    make_eval_batches,
+    make_train_iterator,
+    read_instruct_jsonl,
+    render_example,
+    render_prompt,
+)
+from cancerllm_jax.data.pretrain import FIELDS
+from cancerllm_jax.errors import UserError
+
+INSTR = "You are a medical expert, this task involves answering the question based on the provided context or text."
+CTX = "Pathology: invasive ductal carcinoma, 2.3 cm, left breast, ER positive, PR negative."
+RESP = "er"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    if importlib.util.find_spec("mistral_common") is None:
+        pytest.skip("the Mistral v1 tokenizer ships in mistral-common, which is not installed")
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+def test_templates_are_exact():
+    assert render_prompt("Q?", "C.") == ("Below is an instruction that describes a task, paired with an input that "
+                                         "provides further context.\n\n### Instruction:\nQ?\n\n### Input:\nC.\n\n"
+                                         "### Response:\n")
+    assert render_prompt("Q?", "") == "Below is an instruction that describes a task.\n\n### Instruction:\nQ?\n\n" \
+                                      "### Response:\n"
+    assert render_prompt("Q?", None, for_generation=True) == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nQ?\n\n### Response:\n")
+    assert render_prompt("Q?", "C.", for_generation=True) == render_prompt("Q?", "C.")
+    assert render_example("Q?", "C.", "A") == render_prompt("Q?", "C.") + "A"
+
+
+def test_example_token_by_token(tok):
+    ex = encode_example(tok, INSTR, CTX, "pr, her2, er", max_seq_len=512)
+    prompt = render_prompt(INSTR, CTX)
+    prompt_ids = tok.encode(prompt)
+    assert ex.tokens[0] == tok.bos_id and ex.tokens.count(tok.bos_id) == 1  # no doubled BOS
+    assert ex.tokens[1:ex.prompt_len] == prompt_ids and ex.prompt_len == 1 + len(prompt_ids)
+    assert ex.tokens[-1] == tok.eos_id and ex.tokens.count(tok.eos_id) == 1
+    # the response tokens are exactly the continuation of the prompt's tokenisation
+    assert tok.encode(prompt + "pr, her2, er") == prompt_ids + ex.tokens[ex.prompt_len:-1]
+    assert tok.decode(ex.tokens) == render_example(INSTR, CTX, "pr, her2, er")
+
+    row = ex.row(512, tok.pad_id)
+    n = len(ex.tokens) - 1
+    np.testing.assert_array_equal(row["inputs"][:n], ex.tokens[:-1])
+    np.testing.assert_array_equal(row["targets"][:n], ex.tokens[1:])
+    mask = row["loss_mask"]
+    first = int(np.argmax(mask))
+    assert first == ex.prompt_len - 1  # the target at `first` is the first response token
+    assert row["targets"][first] == ex.tokens[ex.prompt_len]
+    assert mask[:first].sum() == 0 and mask[first:n].all() and mask[n:].sum() == 0
+    assert row["targets"][n - 1] == tok.eos_id and mask[n - 1] == 1  # EOS is a trained target
+    assert tok.pad_id != tok.eos_id and (row["inputs"][n:] == tok.pad_id).all()
+    np.testing.assert_array_equal(row["segment_ids"], np.r_[np.ones(n), np.zeros(512 - n)])
+    np.testing.assert_array_equal(row["positions"][:n], np.arange(n))
+    assert tok.decode(row["targets"][mask == 1]) == "pr, her2, er"
+
+
+class AddsSpecials:
+    """A tokenizer whose encode always adds BOS and EOS (as some HF tokenizers do)."""
+
+    def __init__(self, inner):
+        self.inner, self.bos_id, self.eos_id, self.pad_id = inner, inner.bos_id, inner.eos_id, inner.pad_id
+
+    def encode(self, text, bos=True, eos=True):
+        return self.inner.encode(text, bos=True, eos=True)
+
+    def decode(self, ids):
+        return self.inner.decode(ids)
+
+
+def test_no_doubled_specials_when_encode_adds_them(tok):
+    plain = encode_example(tok, INSTR, CTX, RESP, 512)
+    odd = encode_example(AddsSpecials(tok), INSTR, CTX, RESP, 512)
+    assert odd.tokens == plain.tokens and odd.prompt_len == plain.prompt_len
+
+
+def test_context_truncation_is_counted_and_keeps_the_response(tok):
+    long_ctx = " ".join(f"Finding {i}: no evidence of metastatic disease." for i in range(100))
+    response = "metastatic lung cancer with brain mets"
+    full = encode_example(tok, INSTR, long_ctx, response, 4000)
+    cut = encode_example(tok, INSTR, long_ctx, response, 200)
+    assert full.context_tokens_cut == 0 and cut.context_tokens_cut > 0
+    assert len(cut.tokens) <= 200 and len(cut.tokens) >= 190
+    assert cut.tokens[cut.prompt_len:] == full.tokens[full.prompt_len:]  # response + EOS intact
+    text = tok.decode(cut.tokens)
+    assert INSTR in text and "### Input:\nFinding 0:" in text and text.endswith("### Response:\n" + response)
+
+
+def test_too_long_without_context_names_the_example(tok, tmp_path):
+    with pytest.raises(UserError, match="ex-7"):
+        encode_example(tok, INSTR * 20, CTX, RESP, 64, example_id="ex-7")
+    p = tmp_path / "long.jsonl"
+    p.write_text(json.dumps({"instruction": "Q?", "context": CTX, "response": RESP}) + "\n"
+                 + json.dumps({"instruction": INSTR * 20, "response": RESP}) + "\n")
+    with pytest.raises(UserError, match=r"long\.jsonl:2"):
+        build_instruct_data(InstructDataConfig(path=str(p), max_seq_len=64), tok)
+    data = build_instruct_data(InstructDataConfig(path=str(p), max_seq_len=64, skip_bad_lines=True), tok)
+    assert data.stats["skipped_too_long"] == 1 and data.stats["examples"] == 1
+
+
+def test_prompt_for_generation_is_truncated_the_same_way(tok):
+    ids, cut = encode_prompt(tok, INSTR, CTX * 30, 120, for_generation=True)
+    assert len(ids) <= 120 and cut > 0 and ids[0] == tok.bos_id
+    assert tok.decode(ids).endswith("### Response:\n")
+
+
+def test_jsonl_reading(tok, tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text(json.dumps({"instruction": "Q1", "context": "C1", "response": "A1"}) + "\n"
+                 + json.dumps({"instruction": "Q2", "response": "A2", "id": 42}) + "\n")
+    records, skipped = read_instruct_jsonl(str(p))
+    assert skipped == 0 and records[1]["context"] == "" and records[1]["id"] == f"{p}:2 (id 42)"
+    data = build_instruct_data(InstructDataConfig(path=str(p), max_seq_len=128), tok)
+    no_ctx = data.train.examples[1]
+    assert tok.decode(no_ctx.tokens) == render_example("Q2", "", "A2")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "Q1", "response": "A1"}) + "\n"
+                   + json.dumps({"instruction": "Q2", "context": "C2"}) + "\n")
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: missing field 'response'"):
+        build_instruct_data(InstructDataConfig(path=str(bad)), tok)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"instruction": "Q", "context": ["x"], "response": "A"}) + "\n")
+    with pytest.raises(UserError, match=r"wrong\.jsonl:1: field 'context'"):
+        build_instruct_data(InstructDataConfig(path=str(wrong)), tok)
+    data = build_instruct_data(InstructDataConfig(path=str(bad), max_seq_len=128, skip_bad_lines=True), tok)
+    assert data.stats["skipped_lines"] == 1 and data.stats["examples"] == 1
+
+
+def examples(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        ctx = "" if i % 3 == 0 else f"Note {i}: " + "tumor size 1.{i} cm, grade {i % 3}. " * (1 + i % 5)
+        out.append({"instruction": f"What is the tumor size in case {i}?", "context": ctx,
+                    "response": f"{1 + i % 4}.{i} cm" + " and more" * (i % 3), "id": f"ex{i}"})
+    return out
+
+
+def toy_loss(batches: list[dict]) -> float:
+    """A stand-in model: the loss of a target depends on everything its segment has seen up to it, and nothing else."""
+    total, count = 0.0, 0
+    for b in batches:
+        for r in range(b["inputs"].shape[0]):
+            seg, pos, inp, tgt, mask = (b[k][r] for k in ("segment_ids", "positions", "inputs", "targets",
+                                                          "loss_mask"))
+            for t in np.flatnonzero(mask):
+                visible = (seg == seg[t]) & (pos <= pos[t])
+                key = np.concatenate([pos[visible], inp[visible], [tgt[t]]]).astype(np.int32).tobytes()
+                total += zlib.crc32(key) / 2**32
+                count += 1
+    return total / count
+
+
+def test_packing_gives_the_same_mean_loss(tok):
+    cfg = InstructDataConfig(max_seq_len=256, seed=3)
+    unpacked = build_instruct_data(cfg, tok, examples=examples(23))
+    packed = build_instruct_data(InstructDataConfig(max_seq_len=256, seed=3, pack=True), tok, examples=examples(23))
+    assert len(packed.train) < len(unpacked.train) == 23
+    assert packed.stats["padding_fraction"] < unpacked.stats["padding_fraction"]
+    rows = [packed.train[i] for i in range(len(packed.train))]
+    assert max(r["segment_ids"].max() for r in rows) > 1
+    for r in rows:  # positions restart at every segment start
+        starts = np.flatnonzero(np.diff(np.r_[0, r["segment_ids"]]) != 0)
+        assert all(r["positions"][s] == 0 for s in starts if r["segment_ids"][s] > 0)
+    u = [{k: v[None] for k, v in unpacked.train[i].items()} for i in range(23)]
+    p = [{k: v[None] for k, v in row.items()} for row in rows]
+    assert sum(int(b["loss_mask"].sum()) for b in u) == sum(int(b["loss_mask"].sum()) for b in p)
+    assert toy_loss(u) == pytest.approx(toy_loss(p), rel=1e-12)
+
+
+def test_iterator_resumes_and_splits_over_processes(tok):
+    cfg = InstructDataConfig(max_seq_len=128, seed=5)
+    data = build_instruct_data(cfg, tok, examples=examples(10))
+    assert data.steps_per_epoch(4) == 3 and data.steps_for_epochs(5, 4) == 13
+    it = data.train_iterator(4)
+    next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(3)]
+    again = make_train_iterator(cfg, tok, 4, examples=examples(10))
+    again.set_state(state)
+    for w in want:
+        g = next(again)
+        for k in FIELDS:
+            np.testing.assert_array_equal(g[k], w[k])
+            assert g[k].dtype == np.int32 and g[k].shape == (4, 128)
+    whole, a, b = data.train_iterator(4), data.train_iterator(4, 0, 2), data.train_iterator(4, 1, 2)
+    for _ in range(4):
+        g, x, y = next(whole), next(a), next(b)
+        for k in FIELDS:
+            np.testing.assert_array_equal(np.concatenate([x[k], y[k]]), g[k])
+
+
+def test_eval_batches_are_padded_with_masked_rows(tok):
+    cfg = InstructDataConfig(max_seq_len=128)
+    batches = make_eval_batches(cfg, tok, 4, eval_examples=examples(6))
+    assert len(batches) == 2 and batches[1]["inputs"].shape == (4, 128)
+    assert not batches[1]["loss_mask"][2:].any() and not batches[1]["segment_ids"][2:].any()
+    assert batches[1]["loss_mask"][:2].any()

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Compare our forward pass with transformers' on the same HF weights; run it after every conversion.
+
+    python tools/check_parity.py --hf-dir DIR [--prompts FILE] [--dtype float32] [--tol 1e-3] [--json OUT]
+
+Prints per prompt max |Δlogit|, mean KL(ref‖ours) and argmax agreement; exits 1 past ``--tol`` or on any argmax
+disagreement (``--min-agree`` relaxes that, e.g. for bf16). ``FILE``: one prompt per line, or JSONL with ``text``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+try:
+    import cancerllm_jax  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from cancerllm_jax.errors import UserError, cli_main  # noqa: E402
+
+DEFAULT_PROMPTS = (
+    "The patient is a 62-year-old woman with stage IIA invasive ductal carcinoma, ER+/PR+, HER2-.",
+    "Assessment: metastatic nsclc with mets to the liver; plan is carboplatin and pemetrexed.",
+    "Pathology: prostate adenocarcinoma, Gleason score 4+3=7, margins negative, pT2N0.",
+    "Radiation oncology consult for 25 Gy in 5 fractions to the right lung lesion.",
+    "Diagnosis: diffuse large B-cell lymphoma. Treatment plan: R-CHOP for six cycles.",
+)
+
+
+def read_prompts(path: str | None) -> list[str]:
+    """Prompts from a text file (one per line) or JSONL with a ``text`` field; the built-ins when ``path`` is None."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    if not os.path.isfile(path):
+        raise UserError(f"prompts file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 ({e})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if line.startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: invalid JSON ({e})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise UserError(f"{path}:{n}: a JSONL line needs a string field 'text'")
+            out.append(row["text"])
+        else:
+            out.append(line)
+    if not out:
+        raise UserError(f"{path}: no prompts")
+    return out
+
+
+def compare_logits(ref: np.ndarray, ours: np.ndarray) -> dict:
+    """max |Δlogit|, mean KL(ref‖ours) over positions and argmax agreement (%) for ``[T, V]`` logits."""
+    from scipy.special import log_softmax
+
+    ref, ours = ref.astype(np.float64), ours.astype(np.float64)
+    lp, lq = log_softmax(ref, axis=-1), log_softmax(ours, axis=-1)
+    kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
+    agree = float(np.mean(ref.argmax(-1) == ours.argmax(-1)) * 100.0)
+    return {"max_abs_diff": float(np.abs(ref - ours).max()), "mean_kl": max(kl, 0.0), "argmax_agree_pct": agree}
+
+
+def encode_prompts(hf_dir: str, prompts: list[str], vocab_size: int) -> tuple[list[list[int]], str]:
+    """Token ids from the folder's tokenizer; without one, deterministic ids from the prompt bytes (noted)."""
+    from cancerllm_jax.api import _tokenizer_in
+
+    if _tokenizer_in(hf_dir):
+        from cancerllm_jax.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(hf_dir)
+        ids = [tok.encode(p, bos=tok.bos_id >= 0) for p in prompts]
+        return [[i for i in x if i < vocab_size] or [0] for x in ids], "tokenizer"
+    return [[b % vocab_size for b in p.encode("utf-8")] for p in prompts], "utf-8 bytes mod vocab (no tokenizer)"
+
+
+def reference_logits(hf_dir: str, ids_list: list[list[int]]) -> list[np.ndarray]:
+    """transformers fp32 logits (eager attention) for each prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager",
+                                                     local_files_only=True).eval()
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"{hf_dir}: transformers could not load it ({type(e).__name__}: {e})") from None
+    out = []
+    with torch.no_grad():
+        for ids in ids_list:
+            out.append(model(torch.tensor([ids], dtype=torch.long)).logits[0].float().numpy())
+    return out
+
+
+def check(hf_dir: str, prompts: list[str], dtype: str = "float32") -> list[dict]:
+    """One result row per prompt: tokens, max |Δlogit|, mean KL and argmax agreement."""
+    import cancerllm_jax as cj
+
+    if not os.path.isdir(hf_dir):
+        raise UserError(f"model folder not found: {hf_dir}")
+    lm = cj.load(hf_dir, dtype=dtype)
+    ids_list, how = encode_prompts(hf_dir, prompts, lm.cfg.vocab_size)
+    refs = reference_logits(hf_dir, ids_list)
+    rows = []
+    for text, ids, ref in zip(prompts, ids_list, refs):
+        ours = lm.logits(np.asarray([ids], np.int32))[0]
+        rows.append({"prompt": text, "tokens": len(ids), "encoding": how, **compare_logits(ref, ours)})
+    return rows
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hf-dir", required=True, help="an HF model folder (safetensors)")
+    p.add_argument("--prompts", default=None, help="one prompt per line, or JSONL with 'text'")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="our compute dtype")
+    p.add_argument("--tol", type=float, default=1e-3, help="max |Δlogit| allowed per prompt")
+    p.add_argument("--min-agree", type=float, default=100.0, help="argmax agreement %% required per prompt")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    args = p.parse_args(argv)
+    rows = check(args.hf_dir, read_prompts(args.prompts), args.dtype)
+    failed = 0
+    print(f"{'#':>3} {'tokens':>6} {'max|dlogit|':>12} {'mean KL':>10} {'argmax %':>9}  result")
+    for n, r in enumerate(rows, 1):
+        ok = r["max_abs_diff"] <= args.tol and r["argmax_agree_pct"] >= args.min_agree
+        r["pass"] = ok
+        failed += not ok
+        print(f"{n:>3} {r['tokens']:>6} {r['max_abs_diff']:>12.3e} {r['mean_kl']:>10.2e} "
+              f"{r['argmax_agree_pct']:>8.1f}%  {'PASS' if ok else 'FAIL'}")
+    if rows and rows[0]["encoding"] != "tokenizer":
+        print(f"note: token ids from {rows[0]['encoding']}")
+    summary = {"hf_dir": os.path.abspath(args.hf_dir), "dtype": args.dtype, "tol": args.tol,
+               "min_agree": args.min_agree, "failed": failed, "prompts": rows}
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+    print(f"{len(rows) - failed}/{len(rows)} prompts within tol {args.tol:g}" + ("" if failed else " — PASS"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Convert weights between Hugging Face safetensors folders and our converted-checkpoint format.
+
+    python tools/convert_checkpoint.py from-hf HF_DIR OUT_DIR [--dtype float32|bfloat16] [--overwrite]
+    python tools/convert_checkpoint.py to-hf CKPT_DIR OUT_DIR [--merge-lora | --peft-adapter] [--overwrite]
+
+``CKPT_DIR`` may be a converted checkpoint, an HF folder or a training run (its latest checkpoint). A run with
+LoRA is exported merged unless ``--peft-adapter`` asks for ``adapter_model.safetensors`` + ``adapter_config.json``.
+Outputs are written atomically; a non-empty ``OUT_DIR`` is refused without ``--overwrite``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+try:
+    import cancerllm_jax  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cancerllm_jax import api  # noqa: E402
+from cancerllm_jax.errors import UserError, cli_main  # noqa: E402
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def _cast(params: dict, dtype: str | None) -> dict:
+    """Cast every array in a params tree to ``dtype`` (None keeps it: bit-exact)."""
+    if dtype is None:
+        return params
+    import jax
+    import numpy as np
+
+    from cancerllm_jax.checkpoint.hf import _np_dtype
+
+    return jax.tree_util.tree_map(lambda a: np.asarray(a).astype(_np_dtype(dtype)), params)
+
+
+def _dtype_name(params: dict) -> str:
+    import numpy as np
+
+    return str(np.asarray(params["embed"]).dtype)
+
+
+def from_hf(hf_dir: str, out_dir: str, dtype: str | None = None, overwrite: bool = False) -> str:
+    """HF folder → our converted checkpoint (tokenizer files copied). Returns ``out_dir``."""
+    from cancerllm_jax.checkpoint.hf import read_hf
+    from cancerllm_jax.checkpoint.orbax_io import save_params
+
+    _check_out(out_dir, overwrite, src=hf_dir)
+    cfg, params = read_hf(hf_dir, dtype=dtype)
+    save_params(out_dir, cfg, params, dtype=_dtype_name(params), extra={"source": os.path.abspath(hf_dir)},
+                overwrite=overwrite, tokenizer_dir=hf_dir)
+    return out_dir
+
+
+def to_hf(ckpt_dir: str, out_dir: str, mode: str | None = None, overwrite: bool = False,
+          dtype: str | None = None, base_name: str | None = None, shard_bytes: int | None = None) -> list[str]:
+    """Our checkpoint / HF folder / run → HF folder (``mode`` None or "merge") or PEFT adapter (``mode="peft"``)."""
+    from cancerllm_jax.checkpoint.hf import SHARD_BYTES, write_hf
+
+    _check_out(out_dir, overwrite, src=ckpt_dir)
+    w = api.read_weights(ckpt_dir)
+    has_lora = w.lora is not None and w.lora_params is not None
+    tok_dir = w.tokenizer_spec if w.tokenizer_spec and os.path.isdir(w.tokenizer_spec) else None
+    if mode == "peft":
+        from cancerllm_jax.checkpoint.peft import write_peft_adapter
+
+        if not has_lora:
+            raise UserError(f"{ckpt_dir}: has no LoRA factors, so there is no adapter to export "
+                            "(use to-hf without --peft-adapter)")
+        base = base_name or _base_of(w)
+        return write_peft_adapter(out_dir, w.cfg, w.lora, w.lora_params, base_name_or_path=base,
+                                  overwrite=overwrite, dtype=dtype, tokenizer_dir=tok_dir)
+    params = w.params
+    if has_lora:
+        from cancerllm_jax.model.lora import merge_lora_params
+
+        params = merge_lora_params(params, w.lora_params, w.lora)
+    return write_hf(out_dir, w.cfg, _cast(params, dtype), overwrite=overwrite, tokenizer_dir=tok_dir,
+                    shard_bytes=shard_bytes or SHARD_BYTES)
+
+
+def _base_of(w) -> str | None:
+    """The base model a run was tuned from, as recorded by the run (None when unknown)."""
+    for attr in ("base", "base_model", "base_path", "base_name_or_path"):
+        value = getattr(w, attr, None)
+        if value:
+            return str(value)
+    return None
+
+
+def _check_out(out_dir: str, overwrite: bool, src: str) -> None:
+    """Fail before any work when ``out_dir`` is non-empty (without --overwrite) or is the source itself."""
+    out = os.path.abspath(os.path.expanduser(out_dir))
+    if os.path.exists(out) and os.path.abspath(os.path.expanduser(src)) == out:
+        raise UserError(f"{out_dir}: the output folder must differ from the input folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"{out_dir} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("from-hf", help="HF safetensors folder -> our converted checkpoint")
+    a.add_argument("hf_dir")
+    a.add_argument("out_dir")
+    a.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast weights (default: keep the file's)")
+    a.add_argument("--overwrite", action="store_true")
+    a.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    b = sub.add_parser("to-hf", help="converted checkpoint / HF folder / training run -> HF folder or PEFT adapter")
+    b.add_argument("ckpt_dir")
+    b.add_argument("out_dir")
+    mode = b.add_mutually_exclusive_group()
+    mode.add_argument("--merge-lora", action="store_true", help="fold LoRA into the weights (default for a run)")
+    mode.add_argument("--peft-adapter", action="store_true", help="write a PEFT adapter instead of full weights")
+    b.add_argument("--base-name", default=None, help="adapter_config base_model_name_or_path (default: the run's)")
+    b.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast weights (default: keep stored dtype)")
+    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "from-hf":
+        from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+        print(f"wrote converted checkpoint {os.path.abspath(args.out_dir)}")
+        return 0
+    mode = "peft" if args.peft_adapter else ("merge" if args.merge_lora else None)
+    files = to_hf(args.ckpt_dir, args.out_dir, mode=mode, overwrite=args.overwrite, dtype=args.dtype,
+                  base_name=args.base_name)
+    what = "PEFT adapter" if mode == "peft" else "HF model"
+    print(f"wrote {what} {os.path.abspath(args.out_dir)}: {', '.join(files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
