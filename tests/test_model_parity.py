@@ -1,0 +1,135 @@
+"""Our forward pass against transformers' MistralForCausalLM / LlamaForCausalLM on random tiny configs, fp32."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import cancerllm_jax as cj  # noqa: E402
+from cancerllm_jax.config import read_hf_config  # noqa: E402
+
+# name -> (architecture, HF config kwargs, sequence length). Together they cover: a sequence longer than the
+# sliding window, GQA group sizes 1 / 2 / 4+, tied and untied embeddings, head_dim != hidden/heads,
+# rope theta != 10000 and random (non-trivial) norm weights (every config).
+CONFIGS = {
+    "mistral_window_gqa2_tied": ("mistral", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2, sliding_window=5,
+                                                 tie_word_embeddings=True), 17),
+    "mistral_mha_headdim_theta": ("mistral", dict(hidden_size=40, intermediate_size=64, num_hidden_layers=3,
+                                                  num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                                                  sliding_window=8, rope_theta=1234.5), 20),
+    "llama_gqa4_theta_untied": ("llama", dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                              num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0,
+                                              tie_word_embeddings=False), 13),
+    "llama_mqa8_headdim_tied": ("llama", dict(hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+                                              num_attention_heads=8, num_key_value_heads=1, head_dim=8,
+                                              rope_theta=100000.0, tie_word_embeddings=True), 11),
+    "mistral_gqa3_no_window": ("mistral", dict(hidden_size=36, intermediate_size=40, num_hidden_layers=2,
+                                               num_attention_heads=6, num_key_value_heads=2, head_dim=10,
+                                               sliding_window=None, rms_norm_eps=1e-5), 9),
+}
+VOCAB = 97
+
+
+def make_hf_model(arch: str, kwargs: dict, seed: int = 0):
+    """A random HF model with non-trivial norm weights (uniform 0.5..1.5) and larger-than-default init."""
+    kwargs = dict(kwargs)
+    theta = kwargs.pop("rope_theta", 10000.0)
+    cls_cfg = transformers.MistralConfig if arch == "mistral" else transformers.LlamaConfig
+    cfg = cls_cfg(vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.1,
+                  rope_parameters={"rope_type": "default", "rope_theta": theta}, **kwargs)
+    torch.manual_seed(seed)
+    cls = transformers.MistralForCausalLM if arch == "mistral" else transformers.LlamaForCausalLM
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def ref_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(ids.astype(np.int64))).logits.float().numpy()
+
+
+def to_old_config_form(folder: str) -> None:
+    """Rewrite config.json in the pre-transformers-5 form: top-level ``rope_theta``, no ``rope_parameters``."""
+    path = os.path.join(folder, "config.json")
+    with open(path, encoding="utf-8") as f:
+        conf = json.load(f)
+    conf["rope_theta"] = conf.pop("rope_parameters")["rope_theta"]
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(conf, f)
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """name -> (hf model with eager attention, folder); odd configs are saved in the old config.json form."""
+    out = {}
+    for n, (name, (arch, kwargs, _)) in enumerate(CONFIGS.items()):
+        model = make_hf_model(arch, kwargs, seed=n)
+        folder = str(tmp_path_factory.mktemp(name))
+        model.save_pretrained(folder, safe_serialization=True)
+        if n % 2:
+            to_old_config_form(folder)
+        model.config._attn_implementation = "eager"
+        out[name] = (model, folder)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(saved_models, name):
+    arch, kwargs, seq = CONFIGS[name]
+    model, folder = saved_models[name]
+    rng = np.random.default_rng(len(name))
+    ids = rng.integers(0, VOCAB, size=(2, seq), dtype=np.int32)
+    ours = cj.load(folder, dtype="float32").logits(ids)
+    ref = ref_logits(model, ids)
+    diff = float(np.abs(ours - ref).max())
+    assert diff <= 1e-4, f"{name}: max|dlogit| {diff:.2e}"
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_config_forms_parse_the_same(saved_models):
+    """Both config.json forms give the same theta, and a window longer than the sequence is really exercised."""
+    for n, (name, (arch, kwargs, seq)) in enumerate(CONFIGS.items()):
+        cfg = read_hf_config(saved_models[name][1])
+        assert cfg.rope_theta == kwargs.get("rope_theta", 10000.0), name
+        assert cfg.model_type == arch
+        assert cfg.tie_embeddings == kwargs.get("tie_word_embeddings", False)
+        if arch == "llama":
+            assert cfg.sliding_window is None
+    forms = set()
+    for _, folder in saved_models.values():
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            forms.add("rope_parameters" in json.load(f))
+    assert forms == {True, False}
+    windowed = [s > k["sliding_window"] for a, k, s in CONFIGS.values() if k.get("sliding_window")]
+    assert windowed and all(windowed)
+
+
+def test_packed_documents_are_independent(saved_models):
+    """A document's logits do not change when another document precedes it in the row (segments + positions)."""
+    import jax.numpy as jnp
+
+    _, folder = saved_models["mistral_window_gqa2_tied"]
+    lm = cj.load(folder, dtype="float32")
+    rng = np.random.default_rng(7)
+    doc_a = rng.integers(0, VOCAB, size=9)
+    doc_b = rng.integers(0, VOCAB, size=12)  # longer than the window (5)
+    row = np.concatenate([doc_a, doc_b])[None]
+    positions = np.concatenate([np.arange(9), np.arange(12)])[None]
+    segments = np.concatenate([np.full(9, 1), np.full(12, 2)])[None]
+    packed, _ = lm.model(jnp.asarray(row, jnp.int32), jnp.asarray(positions, jnp.int32),
+                         jnp.asarray(segments, jnp.int32))
+    alone = lm.logits(doc_b[None].astype(np.int32))
+    first = lm.logits(doc_a[None].astype(np.int32))
+    packed = np.asarray(packed, np.float32)
+    assert float(np.abs(packed[0, 9:] - alone[0]).max()) <= 1e-5
+    assert float(np.abs(packed[0, :9] - first[0]).max()) <= 1e-5
