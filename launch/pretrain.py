@@ -37,21 +37,10 @@ def main(argv=None):
     cfg = resolve(PretrainConfig, args.config, overrides, cli_values(args))
     start_runtime(args, cfg.mesh)
 
-    from cancerllm_jax.data.pretrain import build_pretrain_data
-    from cancerllm_jax.train.loop import DataBundle, Trainer
+    from cancerllm_jax.train.loop import Trainer
+    from cancerllm_jax.train.pretrain import pretrain_data_factory
 
-    def make_data(tokenizer, process_index, process_count):
-        documents = None
-        if not cfg.data.sources:
-            from cancerllm_jax.data.synthetic import pretrain_documents
-
-            documents = pretrain_documents(cfg.synthetic_documents, seed=cfg.data.seed)
-            announce(f"data: no data.sources given; using {len(documents)} built-in synthetic clinical documents")
-        data = build_pretrain_data(cfg.data, tokenizer, documents)
-        return DataBundle(data.train_iterator(cfg.batch_size, process_index, process_count),
-                          data.eval_batches(cfg.batch_size, process_index, process_count), data.stats,
-                          cfg.data.block_size)
-
+    make_data = pretrain_data_factory(cfg, announce)
     workdir = args.workdir or default_workdir("pretrain")
     trainer = Trainer(cfg, workdir, "pretrain", make_data, resume=args.resume, dry_run=args.dry_run)
     if args.dry_run:

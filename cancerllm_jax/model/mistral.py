@@ -111,7 +111,7 @@ class Mistral(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        x = jnp.take(self.embed.value, tokens, axis=0).astype(self.compute_dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.compute_dtype)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
 
         if cache is None:
@@ -139,10 +139,10 @@ class Mistral(nnx.Module):
         if REMAT_POLICIES[self.remat] is not None or self.remat == "full":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         x, new_kv = jax.lax.scan(body, x, (weights, keys, kv_in))
-        x = rms_norm(x, self.final_norm.value, cfg.rms_norm_eps)
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if return_hidden:
             return x
-        head = self.embed.value.T if cfg.tie_embeddings else self.lm_head.value
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits = x @ head.astype(x.dtype)
         new_cache = None
         if cache is not None:

@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""LoRA instruction tuning (CancerLLM stage 2) on a device mesh.
+
+    python launch/finetune.py --model PATH --task diagnosis                 # synthetic data of that task
+    python launch/finetune.py --config configs/finetune/diagnosis.yaml model=PATH data.path=train.jsonl
+PATH: an HF folder, a converted checkpoint, or a pretraining run (its LoRA is merged first).
+"""
+import argparse
+import os
+import sys
+
+import _bootstrap  # noqa: F401
+
+from cancerllm_jax.errors import cli_main
+from cancerllm_jax.launch_common import add_train_flags, announce, cli_values, default_workdir, start_runtime
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_flags(p)
+    p.add_argument("--model", help="base model: preset, HF folder, converted checkpoint or pretraining run")
+    p.add_argument("--task", help="synthetic task when no data.path is given (default diagnosis)")
+    p.add_argument("--data", help="training JSONL ({instruction, context, response})")
+    p.add_argument("--eval-data", help="held-out JSONL for the per-epoch eval loss")
+    p.add_argument("--epochs", type=float)
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv=None):
+    args = parse(argv)
+    from cancerllm_jax.train.config import resolve
+    from cancerllm_jax.train.finetune import FinetuneConfig
+
+    overrides = list(args.overrides)
+    for flag, key in ((args.data, "data.path"), (args.eval_data, "data.eval_path")):
+        if flag:
+            overrides.append(f"{key}={flag}")
+    if args.skip_bad_lines:
+        overrides.append("data.skip_bad_lines=true")
+    cli = {**cli_values(args), "model": args.model, "task": args.task, "epochs": args.epochs}
+    cfg = resolve(FinetuneConfig, args.config, overrides, cli)
+    start_runtime(args, cfg.mesh)
+
+    import dataclasses
+
+    from cancerllm_jax.data.instruct import build_instruct_data
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+    from cancerllm_jax.train.finetune import load_records
+    from cancerllm_jax.train.loop import DataBundle, Trainer, load_base
+
+    train_records, eval_records = load_records(cfg)
+    if train_records is not None:
+        announce(f"data: no data.path given; using built-in synthetic '{cfg.task}' data "
+                 f"({len(train_records)} train, {len(eval_records)} eval examples)")
+    # Steps come from epochs, so the data is read (and counted) before the trainer is built.
+    tok_spec = cfg.data.tokenizer or (None if args.dry_run else load_base(cfg)[2])
+    tokenizer = load_tokenizer(tok_spec)
+    data = build_instruct_data(cfg.data, tokenizer, train_records, eval_records)
+    steps = cfg.steps or data.steps_for_epochs(cfg.epochs, cfg.batch_size)
+    per_epoch = data.steps_per_epoch(cfg.batch_size)
+    cfg = dataclasses.replace(cfg, steps=steps, eval_every=cfg.eval_every or per_epoch,
+                              data=dataclasses.replace(cfg.data, tokenizer=tok_spec))
+    announce(f"data: {data.num_rows} rows, {per_epoch} steps per epoch, {steps} steps "
+             f"({cfg.epochs:g} epochs); {data.stats.get('truncated_examples', 0)} contexts truncated, "
+             f"{data.stats.get('skipped_lines', 0)} lines skipped")
+
+    def make_data(_tokenizer, process_index, process_count):
+        return DataBundle(data.train_iterator(cfg.batch_size, process_index, process_count),
+                          data.eval_batches(cfg.batch_size, process_index, process_count), data.stats,
+                          cfg.data.max_seq_len)
+
+    workdir = args.workdir or default_workdir("finetune")
+    trainer = Trainer(cfg, workdir, "finetune", make_data, resume=args.resume, dry_run=args.dry_run)
+    if args.dry_run:
+        print(trainer.describe(cfg.data.max_seq_len))
+        return 0
+    announce(f"workdir: {os.path.abspath(workdir)}")
+    result = trainer.run()
+    announce(f"done: {result['steps']} steps; load it with cancerllm_jax.load({os.path.abspath(workdir)!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Decoding: KV-cache logits == full forward; greedy == transformers generate; ragged batches == one at a time."""
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import cancerllm_jax as cj
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random Mistral whose window (5) is shorter than prompt + output."""
+    folder = tmp_path_factory.mktemp("tiny_decode")
+    torch.manual_seed(1)
+    cfg = transformers.MistralConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=6, num_key_value_heads=2, sliding_window=5,
+                                     max_position_embeddings=256, initializer_range=0.3, rope_theta=5000.0,
+                                     eos_token_id=2, bos_token_id=1)
+    model = transformers.MistralForCausalLM(cfg).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return model, cj.load(str(folder), dtype="float32")
+
+
+def hf_greedy(model, prompt, n, eos=2):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                             eos_token_id=eos)
+    return out[0, len(prompt):].tolist()
+
+
+def test_cache_decode_logits_equal_full_forward(tiny):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    _, lm = tiny
+    model = nnx.merge(lm.graphdef, lm.state)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 96, size=(2, 13)).astype(np.int32)
+    full, _ = model(jnp.asarray(ids))
+    cache = model.init_cache(2, 16)
+    prefill, cache = model(jnp.asarray(ids[:, :6]), cache=cache)
+    steps = [prefill]
+    for t in range(6, 13):
+        pos = jnp.full((2, 1), t, jnp.int32)
+        logit, cache = model(jnp.asarray(ids[:, t:t + 1]), pos, cache=cache)
+        steps.append(logit)
+    got = np.concatenate([np.asarray(s) for s in steps], axis=1)
+    assert np.abs(got - np.asarray(full)).max() <= 1e-4
+
+
+def test_greedy_matches_transformers_past_the_window(tiny):
+    model, lm = tiny
+    prompts = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 40], [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
+    got = lm.generate(prompts, max_new_tokens=12, temperature=0.0)
+    for p, g in zip(prompts, got):
+        assert g == hf_greedy(model, p, 12)
+
+
+def test_ragged_batch_equals_each_prompt_alone(tiny):
+    _, lm = tiny
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 96, size=n).tolist() for n in (3, 17, 9, 1, 30)]
+    batched = lm.generate(prompts, max_new_tokens=8)
+    alone = [lm.generate([p], max_new_tokens=8)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_sampling_is_seeded_and_respects_top_k(tiny):
+    _, lm = tiny
+    prompts = [[1, 5, 6], [1, 7]]
+    a = lm.generate(prompts, max_new_tokens=10, temperature=0.8, top_k=5, seed=7)
+    b = lm.generate(prompts, max_new_tokens=10, temperature=0.8, top_k=5, seed=7)
+    c = lm.generate(prompts, max_new_tokens=10, temperature=0.8, top_k=5, seed=8)
+    assert a == b and a != c
+    one = lm.generate(prompts, max_new_tokens=10, temperature=1.0, top_k=1, seed=1)
+    assert one == lm.generate(prompts, max_new_tokens=10)  # top-1 sampling is greedy
+
+
+def test_eos_stops_a_row_and_is_returned(tiny):
+    model, lm = tiny
+    prompt = [1, 5, 6, 7]
+    first = lm.generate([prompt], max_new_tokens=1)[0][0]
+    got = lm.generate([prompt], max_new_tokens=10, eos_id=first)[0]
+    assert got == [first]
+    assert got == hf_greedy(model, prompt, 10, eos=first)
+
+
+def test_bad_prompts_are_clear_errors(tiny):
+    _, lm = tiny
+    with pytest.raises(cj_errors().UserError, match="prompt 1"):
+        lm.generate([[1, 2], []], max_new_tokens=2)
+    with pytest.raises(cj_errors().UserError, match="token ids"):
+        lm.generate([[1, 500]], max_new_tokens=2)
+    with pytest.raises(cj_errors().UserError, match="no tokenizer"):
+        lm.generate(["hello"], max_new_tokens=2)
+
+
+def cj_errors():
+    from cancerllm_jax import errors
+
+    return errors

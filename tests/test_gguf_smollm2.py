@@ -1,0 +1,65 @@
+"""SmolLM2-135M-Instruct real weights (GGUF → fp32 HF folder): our forward against transformers, fp32."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gguf")
+
+import cancerllm_jax as cj  # noqa: E402
+from cancerllm_jax.checkpoint.gguf import DEFAULT_OUT, default_gguf_path, import_gguf, is_complete  # noqa: E402
+from cancerllm_jax.errors import UserError  # noqa: E402
+
+PROMPTS = (
+    "The patient is a 58-year-old man with stage IIIA nsclc, EGFR negative, s/p lobectomy.",
+    "Pathology: invasive ductal carcinoma, grade 2, ER+/PR+, HER2-, margins negative, pT2N1a.",
+    "Plan: concurrent chemoradiation, 60 Gy in 30 fx, weekly carboplatin and paclitaxel.",
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> str:
+    """The imported folder: the user's cache when already complete, else a fresh import into a temp folder."""
+    try:
+        default_gguf_path()
+    except UserError as e:
+        pytest.skip(str(e))
+    cached = os.path.expanduser(DEFAULT_OUT)
+    if is_complete(cached):
+        return cached
+    return import_gguf(out_dir=str(tmp_path_factory.mktemp("smollm2") / "model"))
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers(smollm2_dir):
+    lm = cj.load(smollm2_dir, dtype="float32")
+    assert lm.cfg.model_type == "llama" and lm.cfg.num_layers == 30 and lm.cfg.tie_embeddings
+    assert lm.cfg.rope_theta == 100000.0 and lm.cfg.vocab_size == 49152
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32,
+                                                                  attn_implementation="eager").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    for text in PROMPTS:
+        ids = tok(text, return_tensors="np")["input_ids"].astype(np.int32)
+        assert ids.shape[1] > 10
+        assert lm.tokenizer.encode(text) == ids[0].tolist() or lm.tokenizer.encode(text, bos=True) == ids[0].tolist()
+        with torch.no_grad():
+            ref = ref_model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+        ours = lm.logits(ids)
+        diff = float(np.abs(ours - ref).max())
+        assert diff <= 1e-3, f"max|dlogit| {diff:.2e} on {text!r}"
+        assert (ours.argmax(-1) == ref.argmax(-1)).all(), f"argmax differs on {text!r}"
+
+
+@pytest.mark.slow
+def test_import_reuses_a_complete_folder(smollm2_dir, tmp_path):
+    assert import_gguf(out_dir=smollm2_dir) == os.path.abspath(smollm2_dir)  # no rework: returns at once
+    with pytest.raises(UserError, match="not found"):
+        import_gguf(str(tmp_path / "nope.gguf"), out_dir=str(tmp_path / "x"))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file.txt").write_text("x")
+    with pytest.raises(UserError, match="--overwrite"):
+        import_gguf(out_dir=str(tmp_path / "busy"))

@@ -1,0 +1,271 @@
+"""HF ⇄ converted checkpoint: bit-identical round trips, transformers loads our exports, bad inputs fail clearly."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from safetensors import safe_open  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
+
+import cancerllm_jax as cj  # noqa: E402
+from cancerllm_jax.checkpoint.hf import read_hf, write_hf  # noqa: E402
+from cancerllm_jax.errors import UserError  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 61
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+convert = _load_tool("convert_checkpoint")
+
+
+def make_model(dtype=torch.float32, tied=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                                     max_position_embeddings=128, initializer_range=0.1, tie_word_embeddings=tied)
+    model = transformers.MistralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model.to(dtype)
+
+
+def tensors(path: str) -> dict[str, np.ndarray]:
+    """Every tensor in a folder's safetensors file(s), as raw bytes-comparable numpy arrays."""
+    out = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), framework="numpy") as f:
+                for k in f.keys():
+                    out[k] = f.get_tensor(k)
+    return out
+
+
+def run_cli(*args: str) -> int:
+    """The CLI in-process; returns its exit code (0 when main returns normally)."""
+    try:
+        return convert.main(list(args))
+    except SystemExit as e:
+        return int(e.code)
+
+
+@pytest.fixture(scope="module")
+def hf_fp32(tmp_path_factory):
+    model = make_model(torch.float32)
+    folder = str(tmp_path_factory.mktemp("hf_fp32"))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model, folder
+
+
+@pytest.fixture(scope="module")
+def hf_bf16_tied(tmp_path_factory):
+    model = make_model(torch.bfloat16, tied=True, seed=1)
+    folder = str(tmp_path_factory.mktemp("hf_bf16"))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model, folder
+
+
+@pytest.mark.parametrize("which", ["hf_fp32", "hf_bf16_tied"])
+def test_roundtrip_is_bit_identical(which, request, tmp_path):
+    model, folder = request.getfixturevalue(which)
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    assert run_cli("from-hf", folder, ckpt) == 0
+    assert run_cli("to-hf", ckpt, back) == 0
+    src, out = tensors(folder), tensors(back)
+    assert set(out) == set(src)
+    for k, v in src.items():
+        assert out[k].dtype == v.dtype and out[k].shape == v.shape, k
+        assert out[k].tobytes() == v.tobytes(), k
+    with open(os.path.join(back, "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["dtype"] == str(src["model.embed_tokens.weight"].dtype)
+
+
+def test_export_loads_in_transformers_with_same_logits(hf_fp32, tmp_path):
+    model, folder = hf_fp32
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    assert run_cli("from-hf", folder, ckpt) == 0
+    assert run_cli("to-hf", ckpt, back) == 0
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=(2, 14))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(back, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+        got = reloaded(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_array_equal(got, ref)
+    ours = cj.load(ckpt, dtype="float32").logits(ids.astype(np.int32))
+    assert float(np.abs(ours - ref).max()) <= 1e-4
+
+
+def test_bf16_cast_on_import(hf_fp32, tmp_path):
+    _, folder = hf_fp32
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    assert run_cli("from-hf", folder, ckpt, "--dtype", "bfloat16") == 0
+    assert run_cli("to-hf", ckpt, back) == 0
+    out, src = tensors(back), tensors(folder)
+    assert str(out["model.embed_tokens.weight"].dtype) == "bfloat16"
+    for k, v in src.items():
+        np.testing.assert_array_equal(out[k], v.astype(out[k].dtype), err_msg=k)
+
+
+def test_sharded_export_loads_and_reads_back(hf_fp32, tmp_path):
+    model, folder = hf_fp32
+    cfg, params = read_hf(folder)
+    out = str(tmp_path / "sharded")
+    files = write_hf(out, cfg, params, shard_bytes=20_000)
+    assert len(files) > 2 and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.arange(10).unsqueeze(0) % VOCAB
+    with torch.no_grad():
+        np.testing.assert_array_equal(reloaded(ids).logits.numpy(), model(ids).logits.numpy())
+    cfg2, params2 = read_hf(out)
+    assert cfg2 == cfg
+    import jax
+
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params2)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_cli_runs_from_repo_root(hf_fp32, tmp_path):
+    _, folder = hf_fp32
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "from-hf", folder, str(tmp_path / "c")],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "from-hf", folder, str(tmp_path / "c")],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2 and "--overwrite" in p.stderr and "Traceback" not in p.stderr
+
+
+# -- bad inputs: one clear error each, non-zero exit ------------------------------------------------------------
+
+def _copy(folder: str, dst: str) -> str:
+    import shutil
+
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def _edit_tensors(folder: str, fn) -> None:
+    path = os.path.join(folder, "model.safetensors")
+    data = tensors(folder)
+    fn(data)
+    save_file(data, path, metadata={"format": "pt"})
+
+
+def _bad_missing(src, d):
+    return os.path.join(d, "does-not-exist")
+
+
+def _bad_model_type(src, d):
+    d = _copy(src, os.path.join(d, "m"))
+    path = os.path.join(d, "config.json")
+    conf = json.load(open(path, encoding="utf-8"))
+    conf["model_type"] = "gpt2"
+    json.dump(conf, open(path, "w", encoding="utf-8"))
+    return d
+
+
+def _bad_shape(src, d):
+    d = _copy(src, os.path.join(d, "m"))
+    _edit_tensors(d, lambda t: t.__setitem__("model.layers.1.self_attn.k_proj.weight", np.zeros((3, 32), np.float32)))
+    return d
+
+
+def _bad_corrupt(src, d):
+    d = _copy(src, os.path.join(d, "m"))
+    with open(os.path.join(d, "model.safetensors"), "wb") as f:
+        f.write(b"\x00garbage, not a safetensors header" * 10)
+    return d
+
+
+def _bad_truncated(src, d):
+    d = _copy(src, os.path.join(d, "m"))
+    path = os.path.join(d, "model.safetensors")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    return d
+
+
+def _bad_missing_tensor(src, d):
+    d = _copy(src, os.path.join(d, "m"))
+    _edit_tensors(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    return d
+
+
+def _bad_extra_tensor(src, d):
+    d = _copy(src, os.path.join(d, "m"))
+    _edit_tensors(d, lambda t: t.__setitem__("model.layers.7.self_attn.q_proj.weight", np.zeros((32, 32), np.float32)))
+    return d
+
+
+def _bad_pickle_only(src, d):
+    d = os.path.join(d, "m")
+    os.makedirs(d)
+    import shutil
+
+    shutil.copy(os.path.join(src, "config.json"), d)
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, os.path.join(d, "pytorch_model.bin"))
+    return d
+
+
+BAD = {  # case -> (builder, words the message must contain)
+    "missing folder": (_bad_missing, "not found"),
+    "unsupported model_type": (_bad_model_type, "gpt2"),
+    "wrong tensor shape": (_bad_shape, "model.layers.1.self_attn.k_proj.weight"),
+    "corrupt safetensors": (_bad_corrupt, "safetensors"),
+    "truncated safetensors": (_bad_truncated, "model.safetensors"),
+    "missing tensor": (_bad_missing_tensor, "model.layers.1.mlp.up_proj.weight"),
+    "unexpected tensor": (_bad_extra_tensor, "model.layers.7"),
+    "pickle-only folder": (_bad_pickle_only, "pickle"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gives_one_clear_error(case, hf_fp32, tmp_path, capsys):
+    build, words = BAD[case]
+    src = build(hf_fp32[1], str(tmp_path))
+    with pytest.raises(UserError, match=None) as err:
+        convert.from_hf(src, str(tmp_path / "out"))
+    assert words in str(err.value), str(err.value)
+    capsys.readouterr()
+    assert run_cli("from-hf", src, str(tmp_path / "out2")) == 2
+    stderr = capsys.readouterr().err.strip()
+    assert stderr.startswith("error:") and len(stderr.splitlines()) == 1 and words in stderr, stderr
+    assert not os.path.exists(tmp_path / "out2")
+
+
+def test_non_empty_out_needs_overwrite(hf_fp32, tmp_path, capsys):
+    _, folder = hf_fp32
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    assert run_cli("from-hf", folder, str(out)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "user data"
+    assert run_cli("to-hf", folder, str(out)) == 2
+    assert run_cli("to-hf", folder, str(out), "--overwrite") == 0
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".")]
+    assert not leftovers, leftovers
+
+
+def test_peft_adapter_without_lora_is_an_error(hf_fp32, tmp_path, capsys):
+    assert run_cli("to-hf", hf_fp32[1], str(tmp_path / "a"), "--peft-adapter") == 2
+    assert "LoRA" in capsys.readouterr().err

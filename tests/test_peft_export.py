@@ -1,0 +1,181 @@
+"""LoRA export: PEFT adapters that ``peft`` loads onto the HF base, merged exports, and PEFT-exact forwards."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import jax.numpy as jnp  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from cancerllm_jax.api import LoadedWeights  # noqa: E402
+from cancerllm_jax.checkpoint.hf import read_hf  # noqa: E402
+from cancerllm_jax.checkpoint.peft import read_peft_adapter, write_peft_adapter  # noqa: E402
+from cancerllm_jax.config import LoRAConfig  # noqa: E402
+from cancerllm_jax.errors import UserError  # noqa: E402
+from cancerllm_jax.model import model_from_params  # noqa: E402
+from cancerllm_jax.model.lora import merge_lora_params  # noqa: E402
+from cancerllm_jax.model.mistral import proj_shapes  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 53
+LORA = LoRAConfig(rank=4, alpha=8, dropout=0.0, targets="all")
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+convert = _load_tool("convert_checkpoint")
+
+
+def random_lora(cfg, lora: LoRAConfig, seed: int = 0) -> dict:
+    """Non-zero A and B for every target (PEFT would start B at zero, which would test nothing)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, (d_in, d_out) in proj_shapes(cfg).items():
+        if name in lora.targets:
+            out[name] = {"lora_a": rng.normal(0, 0.2, (cfg.num_layers, d_in, lora.rank)).astype(np.float32),
+                         "lora_b": rng.normal(0, 0.2, (cfg.num_layers, lora.rank, d_out)).astype(np.float32)}
+    return {"layers": out}
+
+
+def our_logits(model, ids: np.ndarray) -> np.ndarray:
+    logits, _ = model(jnp.asarray(ids, jnp.int32))
+    return np.asarray(logits, np.float32)
+
+
+def hf_base(folder: str):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+
+
+def torch_logits(model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(ids.astype(np.int64))).logits.float().numpy()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny GQA Mistral saved as an HF folder, its (cfg, params), and input ids longer than the window."""
+    torch.manual_seed(0)
+    hf_cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                                        max_position_embeddings=128, initializer_range=0.1)
+    folder = str(tmp_path_factory.mktemp("base"))
+    transformers.MistralForCausalLM(hf_cfg).save_pretrained(folder, safe_serialization=True)
+    cfg, params = read_hf(folder)
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=(2, 15))
+    return folder, cfg, params, ids
+
+
+@pytest.fixture(scope="module")
+def tuned(base):
+    """Our model with random LoRA on every projection, and its logits."""
+    folder, cfg, params, ids = base
+    lp = random_lora(cfg, LORA)
+    model = model_from_params(cfg, params, lora=LORA, lora_params=lp)
+    return lp, our_logits(model, ids)
+
+
+def fake_run(base, lp, monkeypatch):
+    """Make ``api.read_weights`` return a LoRA run (training runs are another module's job)."""
+    folder, cfg, params, _ = base
+    w = LoadedWeights(cfg, params, lora=LORA, lora_params=lp, tokenizer_spec=None, source="run")
+    monkeypatch.setattr(convert.api, "read_weights", lambda path, dtype=None: w)
+
+
+def test_peft_adapter_loads_in_peft_with_our_logits(base, tuned, tmp_path, monkeypatch):
+    folder, cfg, params, ids = base
+    lp, ours = tuned
+    fake_run(base, lp, monkeypatch)
+    out = str(tmp_path / "adapter")
+    assert convert.main(["to-hf", "run", out, "--peft-adapter", "--base-name", folder]) == 0
+    conf = json.load(open(os.path.join(out, "adapter_config.json"), encoding="utf-8"))
+    assert conf["r"] == 4 and conf["lora_alpha"] == 8 and conf["base_model_name_or_path"] == folder
+    assert sorted(conf["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"])
+    weights = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert weights["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
+    assert weights["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (32, 4)
+    assert len(weights) == 2 * 7 * cfg.num_layers
+    model = peft.PeftModel.from_pretrained(hf_base(folder), out).eval()
+    ref = torch_logits(model, ids)
+    base_only = torch_logits(hf_base(folder), ids)
+    assert float(np.abs(ref - base_only).max()) > 1e-2, "the adapter must change the logits"
+    assert float(np.abs(ours - ref).max()) <= 1e-4
+
+
+def test_merged_export_loads_in_transformers(base, tuned, tmp_path, monkeypatch):
+    folder, cfg, params, ids = base
+    lp, ours = tuned
+    fake_run(base, lp, monkeypatch)
+    for flags in ([], ["--merge-lora"]):  # merged is the default for a run with LoRA
+        out = str(tmp_path / f"merged{len(flags)}")
+        assert convert.main(["to-hf", "run", out, *flags]) == 0
+        assert not os.path.exists(os.path.join(out, "adapter_config.json"))
+        assert float(np.abs(torch_logits(hf_base(out), ids) - ours).max()) <= 1e-4
+
+
+def test_merge_lora_params_equals_unmerged_forward(base, tuned):
+    _, cfg, params, ids = base
+    lp, ours = tuned
+    merged = model_from_params(cfg, merge_lora_params(params, lp, LORA))
+    assert float(np.abs(our_logits(merged, ids) - ours).max()) <= 1e-5
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"]])
+def test_our_lora_forward_equals_peft(base, targets, tmp_path):
+    """peft's get_peft_model with random factors, saved by peft, read by us: same logits."""
+    folder, cfg, params, ids = base
+    torch.manual_seed(3)
+    pconf = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    pmodel = peft.get_peft_model(hf_base(folder), pconf).eval()
+    with torch.no_grad():
+        for name, p in pmodel.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+    ref = torch_logits(pmodel, ids)
+    pmodel.save_pretrained(str(tmp_path / "p"))
+    lora, lp = read_peft_adapter(str(tmp_path / "p"), cfg)
+    assert set(lora.targets) == {t.split("_")[0] for t in targets} and lora.scaling == 2.0
+    ours = our_logits(model_from_params(cfg, params, lora=lora, lora_params=lp), ids)
+    assert float(np.abs(ours - ref).max()) <= 1e-4
+    # and back out again: our export of what we read is the same tensors peft wrote
+    write_peft_adapter(str(tmp_path / "again"), cfg, lora, lp, folder)
+    a = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_adapter_missing_or_unexpected_keys_are_errors(base, tuned, tmp_path):
+    folder, cfg, _, _ = base
+    lp, _ = tuned
+    out = str(tmp_path / "a")
+    write_peft_adapter(out, cfg, LORA, lp, folder)
+    path = os.path.join(out, "adapter_model.safetensors")
+    good = load_file(path)
+    missing = dict(good)
+    missing.pop("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight")
+    save_file(missing, path)
+    with pytest.raises(UserError, match="up_proj.lora_B.weight is missing"):
+        read_peft_adapter(out, cfg)
+    save_file({**good, "base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight": np.zeros((4, 32),
+                                                                                                  np.float32)}, path)
+    with pytest.raises(UserError, match="unexpected"):
+        read_peft_adapter(out, cfg)
+    with pytest.raises(UserError, match="missing"):
+        write_peft_adapter(str(tmp_path / "b"), cfg, LORA, {"layers": {"q": lp["layers"]["q"]}}, folder)
+    with pytest.raises(UserError, match="not empty"):
+        write_peft_adapter(out, cfg, LORA, lp, folder)
