@@ -94,6 +94,12 @@ def test_logits_match_transformers(saved_models, name):
     diff = float(np.abs(ours - ref).max())
     assert diff <= 1e-4, f"{name}: max|dlogit| {diff:.2e}"
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    if kwargs.get("sliding_window") and seq > kwargs["sliding_window"]:  # the window really changes the output
+        model.config.sliding_window = None
+        try:
+            assert float(np.abs(ref_logits(model, ids) - ref).max()) > 1e-3
+        finally:
+            model.config.sliding_window = kwargs["sliding_window"]
 
 
 def test_config_forms_parse_the_same(saved_models):

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Batched generation over a JSONL file.
+
+    python launch/generate.py --model PATH --input prompts.jsonl --out predictions.jsonl [--max-new-tokens 64]
+
+Each input line has either ``prompt`` (used as is) or ``instruction`` [+ ``context``] (rendered with the
+authors' Alpaca template). Each output line: ``id``, ``prompt_hash`` and ``prediction`` (plus ``response`` as
+``gold`` when the input has one). The output file appears complete or not at all.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import _bootstrap  # noqa: F401
+
+from cancerllm_jax.errors import UserError, cli_main
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF folder, converted checkpoint or training run")
+    p.add_argument("--input", required=True, help="JSONL with 'prompt' or 'instruction' (+ 'context')")
+    p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-prompt-tokens", type=int, default=1500,
+                   help="contexts are cut to fit (counted); raw prompts keep their last tokens")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--mesh", default="1x1")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--skip-bad-lines", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv=None):
+    args = parse(argv)
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UserError(f"{args.out} exists; pass --overwrite to replace it")
+    from cancerllm_jax.data.sources import read_jsonl
+
+    records, skipped = read_jsonl(args.input, {}, args.skip_bad_lines, optional={
+        "prompt": str, "instruction": str, "context": str, "response": str, "id": (str, int)}, line_key="_line")
+    for r in records:
+        if "prompt" not in r and "instruction" not in r:
+            raise UserError(f"{args.input}:{r['_line']}: needs a 'prompt' or an 'instruction' field")
+    from cancerllm_jax.launch_common import start_runtime
+
+    start_runtime(argparse.Namespace(coordinator=None, num_processes=None, process_id=None), args.mesh)
+    import cancerllm_jax as cj
+    from cancerllm_jax.data.instruct import encode_prompt
+
+    lm = cj.load(args.model, dtype=args.dtype, mesh=args.mesh)
+    if lm.tokenizer is None:
+        raise UserError(f"{args.model}: no tokenizer found beside the weights")
+    prompts, texts, cut = [], [], 0
+    for r in records:
+        if "prompt" in r:
+            ids = lm.tokenizer.encode(r["prompt"], bos=True)
+            text = r["prompt"]
+        else:
+            ids, n_cut = encode_prompt(lm.tokenizer, r["instruction"], r.get("context") or "",
+                                       args.max_prompt_tokens, for_generation=True,
+                                       example_id=f"{args.input}:{r['_line']}")
+            cut += int(n_cut > 0)
+            from cancerllm_jax.data.instruct import render_prompt
+
+            text = render_prompt(r["instruction"], r.get("context") or "", for_generation=True)
+        prompts.append(ids)
+        texts.append(text)
+    outs = lm.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
+                       batch_size=args.batch_size, progress=True)
+    eos = lm.tokenizer.eos_id
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r, text, gen in zip(records, texts, outs):
+            pred = lm.tokenizer.decode([t for t in gen if t != eos]).strip()
+            for s in args.stop or ():
+                pred = pred.split(s)[0]
+            row = {"id": r.get("id", f"{os.path.basename(args.input)}:{r['_line']}"),
+                   "prompt_hash": hashlib.sha256(text.encode("utf-8")).hexdigest()[:16], "prediction": pred}
+            if "response" in r:
+                row["gold"] = r["response"]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, args.out)
+    st = lm._decoder.last_stats
+    print(f"wrote {len(records)} predictions to {args.out}: {st['generated_tokens']} tokens in {st['time_s']:.1f} s "
+          f"({st['generated_tokens'] / max(st['time_s'], 1e-9):.1f} tok/s); {cut} contexts truncated, "
+          f"{skipped} bad lines skipped", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
