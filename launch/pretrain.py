@@ -46,9 +46,14 @@ def main(argv=None):
     if args.dry_run:
         print(trainer.describe(cfg.data.block_size))
         return 0
-    announce(f"workdir: {os.path.abspath(workdir)}")
+    import jax
+
+    main_process = jax.process_index() == 0
+    if main_process:
+        announce(f"workdir: {os.path.abspath(workdir)}")
     result = trainer.run()
-    announce(f"done: {result['steps']} steps; load it with cancerllm_jax.load({os.path.abspath(workdir)!r})")
+    if main_process:
+        announce(f"done: {result['steps']} steps; load it with cancerllm_jax.load({os.path.abspath(workdir)!r})")
     return 0
 
 

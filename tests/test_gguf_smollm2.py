@@ -5,14 +5,12 @@ import os
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("gguf")
-
-import cancerllm_jax as cj  # noqa: E402
-from cancerllm_jax.checkpoint.gguf import DEFAULT_OUT, default_gguf_path, import_gguf, is_complete  # noqa: E402
-from cancerllm_jax.errors import UserError  # noqa: E402
+import cancerllm_jax as cj
+from cancerllm_jax.checkpoint.gguf import DEFAULT_OUT, default_gguf_path, import_gguf, is_complete
+from cancerllm_jax.errors import UserError
 
 PROMPTS = (
     "The patient is a 58-year-old man with stage IIIA nsclc, EGFR negative, s/p lobectomy.",

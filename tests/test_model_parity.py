@@ -6,32 +6,31 @@ import os
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-import cancerllm_jax as cj  # noqa: E402
-from cancerllm_jax.config import read_hf_config  # noqa: E402
+import cancerllm_jax as cj
+from cancerllm_jax.config import read_hf_config
 
 # name -> (architecture, HF config kwargs, sequence length). Together they cover: a sequence longer than the
 # sliding window, GQA group sizes 1 / 2 / 4+, tied and untied embeddings, head_dim != hidden/heads,
 # rope theta != 10000 and random (non-trivial) norm weights (every config).
 CONFIGS = {
-    "mistral_window_gqa2_tied": ("mistral", dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                                 num_attention_heads=4, num_key_value_heads=2, sliding_window=5,
-                                                 tie_word_embeddings=True), 17),
-    "mistral_mha_headdim_theta": ("mistral", dict(hidden_size=40, intermediate_size=64, num_hidden_layers=3,
-                                                  num_attention_heads=4, num_key_value_heads=4, head_dim=16,
-                                                  sliding_window=8, rope_theta=1234.5), 20),
-    "llama_gqa4_theta_untied": ("llama", dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                              num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0,
-                                              tie_word_embeddings=False), 13),
-    "llama_mqa8_headdim_tied": ("llama", dict(hidden_size=32, intermediate_size=72, num_hidden_layers=2,
-                                              num_attention_heads=8, num_key_value_heads=1, head_dim=8,
-                                              rope_theta=100000.0, tie_word_embeddings=True), 11),
-    "mistral_gqa3_no_window": ("mistral", dict(hidden_size=36, intermediate_size=40, num_hidden_layers=2,
-                                               num_attention_heads=6, num_key_value_heads=2, head_dim=10,
-                                               sliding_window=None, rms_norm_eps=1e-5), 9),
+    "mistral_window_gqa2_tied": ("mistral", {
+        "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "sliding_window": 5, "tie_word_embeddings": True}, 17),
+    "mistral_mha_headdim_theta": ("mistral", {
+        "hidden_size": 40, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "head_dim": 16, "sliding_window": 8, "rope_theta": 1234.5}, 20),
+    "llama_gqa4_theta_untied": ("llama", {
+        "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "rope_theta": 500000.0, "tie_word_embeddings": False}, 13),
+    "llama_mqa8_headdim_tied": ("llama", {
+        "hidden_size": 32, "intermediate_size": 72, "num_hidden_layers": 2, "num_attention_heads": 8,
+        "num_key_value_heads": 1, "head_dim": 8, "rope_theta": 100000.0, "tie_word_embeddings": True}, 11),
+    "mistral_gqa3_no_window": ("mistral", {
+        "hidden_size": 36, "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 6,
+        "num_key_value_heads": 2, "head_dim": 10, "sliding_window": None, "rms_norm_eps": 1e-5}, 9),
 }
 VOCAB = 97
 
@@ -85,7 +84,7 @@ def saved_models(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_match_transformers(saved_models, name):
-    arch, kwargs, seq = CONFIGS[name]
+    _, kwargs, seq = CONFIGS[name]
     model, folder = saved_models[name]
     rng = np.random.default_rng(len(name))
     ids = rng.integers(0, VOCAB, size=(2, seq), dtype=np.int32)

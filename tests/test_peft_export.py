@@ -5,24 +5,22 @@ import importlib.util
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-import jax.numpy as jnp  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
-
-from cancerllm_jax.api import LoadedWeights  # noqa: E402
-from cancerllm_jax.checkpoint.hf import read_hf  # noqa: E402
-from cancerllm_jax.checkpoint.peft import read_peft_adapter, write_peft_adapter  # noqa: E402
-from cancerllm_jax.config import LoRAConfig  # noqa: E402
-from cancerllm_jax.errors import UserError  # noqa: E402
-from cancerllm_jax.model import model_from_params  # noqa: E402
-from cancerllm_jax.model.lora import merge_lora_params  # noqa: E402
-from cancerllm_jax.model.mistral import proj_shapes  # noqa: E402
+from cancerllm_jax.api import LoadedWeights
+from cancerllm_jax.checkpoint.hf import read_hf
+from cancerllm_jax.checkpoint.peft import read_peft_adapter, write_peft_adapter
+from cancerllm_jax.config import LoRAConfig
+from cancerllm_jax.errors import UserError
+from cancerllm_jax.model import model_from_params
+from cancerllm_jax.model.lora import merge_lora_params
+from cancerllm_jax.model.mistral import proj_shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 53
@@ -82,7 +80,7 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tuned(base):
     """Our model with random LoRA on every projection, and its logits."""
-    folder, cfg, params, ids = base
+    _, cfg, params, ids = base
     lp = random_lora(cfg, LORA)
     model = model_from_params(cfg, params, lora=LORA, lora_params=lp)
     return lp, our_logits(model, ids)
@@ -90,18 +88,19 @@ def tuned(base):
 
 def fake_run(base, lp, monkeypatch):
     """Make ``api.read_weights`` return a LoRA run (training runs are another module's job)."""
-    folder, cfg, params, _ = base
+    _, cfg, params, _ = base
     w = LoadedWeights(cfg, params, lora=LORA, lora_params=lp, tokenizer_spec=None, source="run")
     monkeypatch.setattr(convert.api, "read_weights", lambda path, dtype=None: w)
 
 
 def test_peft_adapter_loads_in_peft_with_our_logits(base, tuned, tmp_path, monkeypatch):
-    folder, cfg, params, ids = base
+    folder, cfg, _, ids = base
     lp, ours = tuned
     fake_run(base, lp, monkeypatch)
     out = str(tmp_path / "adapter")
     assert convert.main(["to-hf", "run", out, "--peft-adapter", "--base-name", folder]) == 0
-    conf = json.load(open(os.path.join(out, "adapter_config.json"), encoding="utf-8"))
+    with open(os.path.join(out, "adapter_config.json"), encoding="utf-8") as f:
+        conf = json.load(f)
     assert conf["r"] == 4 and conf["lora_alpha"] == 8 and conf["base_model_name_or_path"] == folder
     assert sorted(conf["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                      "down_proj"])
@@ -117,7 +116,7 @@ def test_peft_adapter_loads_in_peft_with_our_logits(base, tuned, tmp_path, monke
 
 
 def test_merged_export_loads_in_transformers(base, tuned, tmp_path, monkeypatch):
-    folder, cfg, params, ids = base
+    ids = base[3]
     lp, ours = tuned
     fake_run(base, lp, monkeypatch)
     for flags in ([], ["--merge-lora"]):  # merged is the default for a run with LoRA

@@ -18,9 +18,9 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from cancerllm_jax.errors import UserError, cli_main  # noqa: E402
+from cancerllm_jax.errors import UserError, cli_main
 
 DEFAULT_PROMPTS = (
     "The patient is a 62-year-old woman with stage IIA invasive ductal carcinoma, ER+/PR+, HER2-.",

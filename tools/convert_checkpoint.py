@@ -19,8 +19,8 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cancerllm_jax import api  # noqa: E402
-from cancerllm_jax.errors import UserError, cli_main  # noqa: E402
+from cancerllm_jax import api
+from cancerllm_jax.errors import UserError, cli_main
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 

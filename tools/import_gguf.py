@@ -17,8 +17,8 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cancerllm_jax.checkpoint.gguf import DEFAULT_OUT, import_gguf, is_complete  # noqa: E402
-from cancerllm_jax.errors import cli_main  # noqa: E402
+from cancerllm_jax.checkpoint.gguf import DEFAULT_OUT, import_gguf, is_complete
+from cancerllm_jax.errors import cli_main
 
 
 @cli_main

@@ -20,12 +20,12 @@ try:
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from cancerllm_jax.errors import cli_main  # noqa: E402
+from cancerllm_jax.errors import cli_main
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from check_parity import DEFAULT_PROMPTS, compare_logits  # noqa: E402
+from check_parity import DEFAULT_PROMPTS, compare_logits
 
 
 def tiny_folder(out: str) -> str:
@@ -65,9 +65,9 @@ def measure(folder: str, batches: list[np.ndarray]) -> dict:
     for dtype in ("float32", "bfloat16"):
         lm = cj.load(folder, dtype=dtype)
         rows = []
-        for ids, ref in zip(batches, refs):
+        for ids, ref in zip(batches, refs, strict=True):
             ours = lm.logits(ids)
-            rows += [compare_logits(r, o) for r, o in zip(ref, ours)]
+            rows += [compare_logits(r, o) for r, o in zip(ref, ours, strict=True)]
         out[dtype] = {"max_abs_diff": max(r["max_abs_diff"] for r in rows),
                       "mean_kl": float(np.mean([r["mean_kl"] for r in rows])),
                       "argmax_agree_pct": float(np.mean([r["argmax_agree_pct"] for r in rows])),

@@ -128,7 +128,7 @@ def read_adapter_config(folder: str) -> LoRAConfig:
 
 def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
     """``(LoRAConfig, lora_params)`` from a PEFT adapter folder, ``lora_params`` as ``{"layers": {t: {a, b}}}``."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from cancerllm_jax.model.mistral import proj_shapes
 
@@ -144,7 +144,7 @@ def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
     try:
         handle = safe_open(path, framework="numpy")
         keys = set(handle.keys())
-    except Exception as e:  # SafetensorError / OSError on a corrupt header
+    except (SafetensorError, OSError) as e:
         raise UserError(f"{path}: corrupt or not a safetensors file ({e})") from None
     keys = {k: k for k in keys}
     # Some writers keep the adapter name ("...q_proj.lora_A.default.weight"): accept it.

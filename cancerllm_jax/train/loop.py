@@ -53,6 +53,14 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
+def sync(name: str) -> None:
+    """A barrier across processes (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def say(msg: str) -> None:
     if is_main():
         print(msg, file=sys.stderr, flush=True)
@@ -225,8 +233,10 @@ class Trainer:
         self.state = restored["state"]
 
     # -- the run ----------------------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, stop_after: int | None = None) -> dict:
+        """Train to ``cfg.steps`` (or stop, with a checkpoint, after step ``stop_after``: a resumable pause)."""
         cfg = self.cfg
+        end = cfg.steps if stop_after is None else min(max(stop_after, 0), cfg.steps)
         start_step = self._prepare_workdir()
         tokenizer = None
         from cancerllm_jax.data.tokenizer import load_tokenizer
@@ -255,7 +265,7 @@ class Trainer:
         bar = _progress(cfg.steps, start_step)
         eval_every = cfg.eval_every
         try:
-            while step < cfg.steps:
+            while step < end:
                 local = next(it)
                 batch = {k: jax.make_array_from_process_local_data(self.batch_sh, np.asarray(local[k], np.int32))
                          for k in BATCH_KEYS}
@@ -274,7 +284,7 @@ class Trainer:
                        "target_tokens": int(metrics["tokens"]), "tokens_per_s": tokens / dt, "step_s": dt}
                 if peak:
                     row["mfu"] = flops_tok * tokens / dt / (peak * jax.device_count())
-                if logger and (step % cfg.log_every == 0 or step == cfg.steps):
+                if logger and (step % cfg.log_every == 0 or step == end):
                     logger.write(row)
                 bar(step, row)
                 if eval_every and step % eval_every == 0 and step < cfg.steps:
@@ -282,7 +292,7 @@ class Trainer:
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     self._save(mngr, step, it)
                     last_saved = step
-            if data.eval_batches:
+            if data.eval_batches and step == cfg.steps:
                 self._evaluate(data.eval_batches, step, logger)
             if last_saved != step or mngr.latest_step() != step:
                 self._save(mngr, step, it)
@@ -309,16 +319,24 @@ class Trainer:
             say(f"step {step}: eval loss {loss:.4f} over {int(count)} tokens")
 
     def _prepare_workdir(self) -> int:
-        """Write run.json on a fresh run; on ``resume`` check the config and return the latest checkpoint step."""
-        os.makedirs(self.workdir, exist_ok=True)
+        """Write run.json on a fresh run; on ``resume`` check the config and return the latest checkpoint step.
+
+        Multi-process: every process looks at the folder, then (after a barrier) process 0 alone changes it, and no
+        process goes on before run.json and base/ are complete (a second barrier).
+        """
+        if is_main():
+            os.makedirs(self.workdir, exist_ok=True)
+        sync("cancerllm:workdir-made")
         meta_path = os.path.join(self.workdir, run_io.RUN_FILE)
         ckpt_dir = os.path.join(self.workdir, "checkpoints")
         latest = run_io.latest_step(ckpt_dir)
-        if os.path.isfile(meta_path) and not latest and not self.resume:
+        has_meta = os.path.isfile(meta_path)
+        old = run_io.read_run_meta(self.workdir) if has_meta and latest else None
+        sync("cancerllm:workdir-inspected")  # nobody writes before every process has looked
+        if has_meta and not latest and not self.resume:
             say(f"note: {self.workdir} holds a run that never saved a checkpoint; starting it again")
-            os.remove(meta_path)
-        if os.path.isfile(meta_path):
-            old = run_io.read_run_meta(self.workdir)
+            has_meta = False
+        if has_meta and latest:
             if not self.resume:
                 raise UserError(f"{self.workdir} already holds a run; pass --resume to continue it or choose "
                                 f"another --workdir")
@@ -326,31 +344,55 @@ class Trainer:
             if changed:
                 raise UserError(f"--resume: the config differs from the run in {self.workdir} in {changed}; resume "
                                 f"with the same settings or start a new --workdir")
-            return latest or 0
+            return latest
         if latest:
             raise UserError(f"{ckpt_dir} has checkpoints but no {run_io.RUN_FILE}; not a run this tool wrote")
         if self.resume:
-            say(f"--resume: no run in {self.workdir} yet; starting from step 0")
-        if is_main():
-            self._write_meta()
+            say(f"--resume: no checkpoint in {self.workdir} yet; starting from step 0")
+        if is_main() and os.path.isfile(meta_path):
+            os.remove(meta_path)
+        self._write_meta()
+        sync("cancerllm:meta-written")
         return 0
 
     def _write_meta(self) -> None:
-        from cancerllm_jax.checkpoint.orbax_io import save_params
-
+        """Every process calls this (saving a randomly initialised base is collective); process 0 writes files."""
         pointer = dict(self.base_pointer)
         if pointer.get("kind") == "preset" and not self.cfg.full and self.model_cfg.num_params() < 2e9:
-            base_dir = os.path.join(self.workdir, "base")
-            frozen = jax.device_get(self.frozen)
-            save_params(base_dir, self.model_cfg, frozen, self.dtype, overwrite=True)
+            self._save_base(os.path.join(self.workdir, "base"))
             pointer = {**pointer, "kind": "saved", "path": "base"}
+        if not is_main():
+            return
         meta = {"format": run_io.FORMAT, "kind": self.kind, "config": to_dict(self.cfg), "base": pointer,
                 "model": to_dict(self.model_cfg), "dtype": self.dtype, "tokenizer": self.tokenizer_spec,
                 **self.extra_meta}
-        run_io.write_json_atomic(os.path.join(self.workdir, run_io.RUN_FILE), meta)
         with open(os.path.join(self.workdir, "config.yaml.tmp"), "w", encoding="utf-8") as f:
             yaml.safe_dump(to_dict(self.cfg), f, sort_keys=False)
         os.replace(os.path.join(self.workdir, "config.yaml.tmp"), os.path.join(self.workdir, "config.yaml"))
+        run_io.write_json_atomic(os.path.join(self.workdir, run_io.RUN_FILE), meta)  # last: the run now exists
+
+    def _save_base(self, base_dir: str) -> None:
+        """The frozen base in ``checkpoint.orbax_io``'s params format (``cancerllm.json`` + Orbax ``params/``).
+
+        Written with a collective Orbax save of the (possibly FSDP-sharded, multi-process) arrays rather than
+        ``orbax_io.save_params``, whose single-process save would wait forever for the other processes.
+        """
+        import shutil
+
+        import orbax.checkpoint as ocp
+
+        from cancerllm_jax.checkpoint.orbax_io import FORMAT, META_FILE
+
+        if is_main() and os.path.exists(base_dir):
+            shutil.rmtree(base_dir)  # left by a run that stopped before its run.json was written
+        sync("cancerllm:base-cleared")
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(os.path.join(base_dir, "params"), self.frozen)
+        ckptr.wait_until_finished()
+        ckptr.close()
+        if is_main():
+            meta = {"format": FORMAT, "model": to_dict(self.model_cfg), "dtype": self.dtype}
+            run_io.write_json_atomic(os.path.join(base_dir, META_FILE), meta)
 
 
 def _dry_base(cfg: TrainConfig):

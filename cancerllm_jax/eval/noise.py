@@ -1,0 +1,230 @@
+"""Seeded noise for CancerLLM's robustness testbeds: misspelled words and counterfactual phenotype labels.
+
+- :func:`misspell_text` misspells an exact share of the words of a text with the four edits a typist makes
+  (adjacent swap, dropped letter, inserted letter, keyboard-neighbour substitution), keeping case and the
+  punctuation around each word. A *word* is a run of at least two ASCII letters bounded by non-alphanumerics,
+  so codes such as ``ct2n2am1`` and numbers are never touched.
+- :func:`corrupt_phenotype_labels` gives an exact share of phenotype training instances a wrong label: an entity
+  (of the same or another entity type) that does not occur in the instance's sentence, or, for a
+  ``Not relevant`` instance, such an irrelevant entity in place of ``Not relevant``.
+
+Counts are ``round(rate × n)`` rounded half up; every choice comes from a ``random.Random`` seeded with a string,
+so results are identical across runs and processes. Pure Python: no jax, no numpy.
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+EDIT_KINDS = ("swap", "drop", "insert", "substitute")
+NOT_RELEVANT = "Not relevant"
+WORD_RE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{2,}(?![A-Za-z0-9])")
+
+_ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
+
+
+def _qwerty_neighbours() -> dict[str, str]:
+    """Letter → the letters whose keys touch it on a QWERTY keyboard (same row ±1, rows above/below)."""
+    pos = {ch: (r, c + 0.5 * r) for r, row in enumerate(_ROWS) for c, ch in enumerate(row)}  # staggered rows
+    out: dict[str, str] = {}
+    for ch, (r, x) in pos.items():
+        near = [o for o, (r2, x2) in pos.items() if o != ch and abs(r2 - r) <= 1 and abs(x2 - x) <= 1.0]
+        out[ch] = "".join(sorted(near))
+    return out
+
+
+QWERTY_NEIGHBOURS = _qwerty_neighbours()
+
+
+def round_half_up(x: float) -> int:
+    """``round`` without banker's rounding (2.5 → 3), robust to float noise such as 0.6 × 5 = 3.0000000000000004."""
+    return int(math.floor(x + 0.5 + 1e-9))
+
+
+def _check_rate(rate: float) -> None:
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate}")
+
+
+# ---------------------------------------------------------------- misspellings
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One misspelled word: where it starts in the original text, the word before and after, and the edit kind."""
+
+    start: int
+    original: str
+    new: str
+    kind: str
+
+
+def _like(ch: str, template: str) -> str:
+    """``ch`` in the case of ``template``."""
+    return ch.upper() if template.isupper() else ch.lower()
+
+
+def _neighbour(rng: random.Random, ch: str) -> str:
+    return _like(rng.choice(QWERTY_NEIGHBOURS[ch.lower()]), ch)
+
+
+def _apply(word: str, kind: str, rng: random.Random) -> str | None:
+    """``word`` with one edit of ``kind``, or None when that edit cannot change this word."""
+    n = len(word)
+    if kind == "swap":
+        spots = [i for i in range(n - 1) if word[i].lower() != word[i + 1].lower()]
+        if not spots:
+            return None
+        i = rng.choice(spots)
+        a, b = word[i], word[i + 1]
+        return word[:i] + _like(b, a) + _like(a, b) + word[i + 2:]  # case stays with the position
+    if kind == "drop":
+        i = rng.randrange(n)
+        return word[:i] + word[i + 1:]
+    if kind == "insert":  # a neighbouring key pressed along with letter i, typed before or after it
+        i = rng.randrange(n)
+        extra = _neighbour(rng, word[i])
+        return word[:i] + extra + word[i:] if rng.random() < 0.5 else word[:i + 1] + extra + word[i + 1:]
+    if kind == "substitute":
+        i = rng.randrange(n)
+        return word[:i] + _neighbour(rng, word[i]) + word[i + 1:]
+    raise ValueError(f"unknown edit kind {kind!r}; choose from {EDIT_KINDS}")
+
+
+def misspell_word(word: str, rng: random.Random) -> tuple[str, str]:
+    """One realistic misspelling of an alphabetic ``word`` (length ≥ 2): ``(new word, edit kind)``."""
+    kinds = list(EDIT_KINDS)
+    rng.shuffle(kinds)
+    for kind in kinds:
+        new = _apply(word, kind, rng)
+        if new is not None and new != word:
+            return new, kind
+    raise AssertionError(f"no edit changes {word!r}")  # unreachable: drop always changes a word of length ≥ 2
+
+
+def eligible_words(text: str) -> list[re.Match[str]]:
+    """The words :func:`misspell_text` may edit: runs of ≥ 2 ASCII letters not glued to digits or letters."""
+    return list(WORD_RE.finditer(text))
+
+
+def misspell_edits(text: str, rate: float, seed: int | str) -> tuple[str, list[Edit]]:
+    """Misspell ``round(rate × eligible words)`` words chosen with ``seed``; return the text and the edits."""
+    _check_rate(rate)
+    words = eligible_words(text)
+    k = round_half_up(rate * len(words))
+    rng = random.Random(f"misspell:{seed}")
+    chosen = sorted(rng.sample(range(len(words)), k))
+    pieces, edits, last = [], [], 0
+    for i in chosen:
+        m = words[i]
+        new, kind = misspell_word(m.group(), rng)
+        pieces += [text[last:m.start()], new]
+        edits.append(Edit(m.start(), m.group(), new, kind))
+        last = m.end()
+    pieces.append(text[last:])
+    return "".join(pieces), edits
+
+
+def misspell_text(text: str, rate: float, seed: int | str) -> str:
+    """``text`` with ``rate`` of its eligible words misspelled (exactly ``round(rate × n)``; seeded)."""
+    return misspell_edits(text, rate, seed)[0]
+
+
+def misspell_record(record: dict, rate: float, seed: int | str, fields: Sequence[str] = ("context",)) -> dict:
+    """A copy of ``record`` with ``fields`` misspelled (per field seed: seed, record id, field name).
+
+    The copy gains ``noise = {"kind": "misspell", "rate", "words"}`` (words actually misspelled).
+    """
+    out = dict(record)
+    n = 0
+    for name in fields:
+        if isinstance(record.get(name), str):
+            out[name], edits = misspell_edits(record[name], rate, f"{seed}:{record.get('id', '')}:{name}")
+            n += len(edits)
+    out["noise"] = {"kind": "misspell", "rate": rate, "words": n}
+    return out
+
+
+# ---------------------------------------------------------------- counterfactual phenotype labels
+
+# Entities of every CancerLLM entity type, used when the records themselves offer no absent candidate.
+FALLBACK_ENTITIES: dict[str, tuple[str, ...]] = {
+    "tumor_size": ("2.3 cm", "14 mm", "3.1 x 2.4 cm"),
+    "histological_type": ("invasive ductal carcinoma", "mucinous carcinoma", "tubular carcinoma"),
+    "receptor_type": ("er, pr", "her2", "androgen receptor"),
+    "receptor_status": ("er-", "pr+", "her2 equivocal"),
+    "tumor_laterality": ("left", "right", "bilateral"),
+    "cancer_stage": ("stage iiia", "pt1cn0", "stage ib"),
+    "tumor_site": ("upper outer quadrant", "retroareolar", "axillary tail"),
+    "cancer_grade": ("grade 2", "nottingham grade 3", "poorly differentiated"),
+}
+
+
+def _split(label: str) -> list[str]:
+    return [a.strip() for a in label.split(",") if a.strip()]
+
+
+def _absent(label: str, text: str) -> bool:
+    """True when no comma-separated item of ``label`` occurs (case-insensitively) in ``text``."""
+    low = text.lower()
+    return all(item.lower() not in low for item in _split(label))
+
+
+def entity_pool(records: Iterable[dict]) -> dict[str, list[str]]:
+    """Entity type → the distinct non-``Not relevant`` labels seen in ``records`` (first-seen order)."""
+    pool: dict[str, dict[str, None]] = {}
+    for r in records:
+        label = str(r.get("response", "")).strip()
+        etype = r.get("entity_type") or r.get("answer_type")
+        if etype and label and label != NOT_RELEVANT:
+            pool.setdefault(etype, {})[label] = None
+    return {t: list(v) for t, v in pool.items()}
+
+
+def _wrong_label(record: dict, pool: dict[str, list[str]], rng: random.Random) -> tuple[str, str]:
+    """(wrong label, kind) for one record; the label is absent from its sentence and context."""
+    text = f"{record.get('sentence', '')}\n{record.get('context', '')}"
+    gold = str(record.get("response", "")).strip()
+    etype = record.get("entity_type") or record.get("answer_type")
+    types = sorted(set(pool) | set(FALLBACK_ENTITIES))
+    if gold == NOT_RELEVANT:
+        order = [("not_relevant_swap", t) for t in rng.sample(types, len(types))]
+    else:
+        others = [t for t in types if t != etype]
+        first = ("same_type", etype) if rng.random() < 0.5 else ("other_type", rng.choice(others))
+        order = [first] + [("same_type", etype)] + [("other_type", t) for t in rng.sample(others, len(others))]
+    gold_items = {a.lower() for a in _split(gold)}
+    for kind, t in order:
+        candidates = [c for c in pool.get(t, []) + list(FALLBACK_ENTITIES.get(t, ()))
+                      if _absent(c, text) and not gold_items & {a.lower() for a in _split(c)}]
+        if candidates:
+            return rng.choice(candidates), kind
+    raise ValueError(f"record {record.get('id')}: no entity absent from its sentence")  # pragma: no cover
+
+
+def corrupt_phenotype_labels(records: Sequence[dict], rate: float, seed: int | str) -> tuple[list[dict], list[str]]:
+    """Give ``round(rate × n)`` phenotype records (seeded choice) a wrong label absent from their sentence.
+
+    Returns ``(new_records, corrupted ids)``; other records are copied unchanged. A corrupted record keeps its
+    original label under ``counterfactual = {"original", "kind"}`` with kind ``same_type``, ``other_type`` or
+    ``not_relevant_swap``.
+    """
+    _check_rate(rate)
+    idx = [i for i, r in enumerate(records) if r.get("task", "phenotype") == "phenotype"]
+    k = round_half_up(rate * len(idx))
+    rng = random.Random(f"counterfactual:{seed}")
+    chosen = set(rng.sample(idx, k))
+    pool = entity_pool(records[i] for i in idx)
+    out, ids = [], []
+    for i, r in enumerate(records):
+        r = dict(r)
+        if i in chosen:
+            label, kind = _wrong_label(r, pool, random.Random(f"counterfactual:{seed}:{i}:{r.get('id', '')}"))
+            r["counterfactual"] = {"original": r.get("response"), "kind": kind}
+            r["response"] = label
+            ids.append(str(r.get("id", i)))
+        out.append(r)
+    return out, ids

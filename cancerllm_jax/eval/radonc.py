@@ -1,0 +1,207 @@
+"""Radiation-oncology tasks (seed 003): modality, ICD-10 and regimen scores, a temperature scan, a Wilcoxon test.
+
+- modality: accuracy and *weighted* precision / recall / F1 (per-class scores averaged with the gold support as
+  weights, as scikit-learn's ``average="weighted"``; a class never predicted has precision 0);
+- ICD-10: accuracy on the main category (letter + two digits, ``C50.412`` → ``C50``), *macro* precision / recall /
+  F1 over the categories seen in gold or predictions, and a confusion matrix by ICD-10 chapter;
+- regimen: mean ROUGE-1 F-measure (``rouge-score``);
+- :func:`temperature_scan` runs a generate-and-score function at T = 0.1 … 1.0 and :func:`wilcoxon_greater`
+  tests "A > B" over paired scan scores with scipy's one-sided Wilcoxon signed-rank test (α = 0.05).
+
+A prediction is free text: the first modality word or ICD-10 code in it is taken; none found → ``UNPARSED``, a
+label of its own (always wrong). Scores are fractions in [0, 1], as in the paper. numpy only (plus scipy for the
+test and rouge-score for ROUGE-1); no jax.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+MODALITIES = ("photon", "proton", "electron", "brachy")
+UNPARSED = "(none)"
+OTHER_CHAPTER = "other"
+
+_MODALITY_RE = re.compile(r"\b(photons?|protons?|electrons?|brachy\w*|hdr|ldr)\b", re.IGNORECASE)
+_ICD_RE = re.compile(r"\b([A-Z])(\d{2})(?![0-9])", re.IGNORECASE)
+
+# ICD-10 chapters (WHO numbering; block ranges as in ICD-10-CM, so chapter II ends at D49): (first, last, name).
+ICD10_CHAPTERS: tuple[tuple[str, str, str], ...] = (
+    ("A00", "B99", "I infectious"), ("C00", "D49", "II neoplasms"), ("D50", "D89", "III blood/immune"),
+    ("E00", "E89", "IV endocrine"), ("F01", "F99", "V mental"), ("G00", "G99", "VI nervous"),
+    ("H00", "H59", "VII eye"), ("H60", "H95", "VIII ear"), ("I00", "I99", "IX circulatory"),
+    ("J00", "J99", "X respiratory"), ("K00", "K95", "XI digestive"), ("L00", "L99", "XII skin"),
+    ("M00", "M99", "XIII musculoskeletal"), ("N00", "N99", "XIV genitourinary"), ("O00", "O9A", "XV pregnancy"),
+    ("P00", "P96", "XVI perinatal"), ("Q00", "Q99", "XVII congenital"), ("R00", "R99", "XVIII symptoms"),
+    ("S00", "T88", "XIX injury"), ("V00", "Y99", "XX external causes"), ("Z00", "Z99", "XXI health factors"),
+    ("U00", "U85", "XXII special"),
+)
+CHAPTER_ORDER = tuple(name for _, _, name in ICD10_CHAPTERS) + (OTHER_CHAPTER,)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def parse_modality(text: str) -> str:
+    """The first modality named in ``text`` (``photons`` → ``photon``, ``HDR``/``brachytherapy`` → ``brachy``)."""
+    m = _MODALITY_RE.search(text)
+    if not m:
+        return UNPARSED
+    word = m.group(1).lower()
+    return "brachy" if word.startswith("brachy") or word in ("hdr", "ldr") else word.rstrip("s")
+
+
+def icd10_category(text: str) -> str:
+    """The main category of the first ICD-10 code in ``text``: ``"C50.412"`` → ``"C50"``; none → ``UNPARSED``."""
+    m = _ICD_RE.search(text.strip())
+    return f"{m.group(1).upper()}{m.group(2)}" if m else UNPARSED
+
+
+def icd10_chapter(category: str) -> str:
+    """The chapter of a main category (``C50`` → ``II neoplasms``); unparsed or unknown → ``other``."""
+    cat = category.strip().upper()[:3]
+    if not re.fullmatch(r"[A-Z]\d[0-9A-Z]", cat):
+        return OTHER_CHAPTER
+    for first, last, name in ICD10_CHAPTERS:
+        if first <= cat <= last:
+            return name
+    return OTHER_CHAPTER
+
+
+# ---------------------------------------------------------------- classification metrics
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.zeros_like(num, dtype=float), where=den > 0)
+
+
+def per_class_prf(golds: Sequence[str], preds: Sequence[str], labels: Sequence[str] | None = None
+                  ) -> dict[str, Any]:
+    """Per-class precision, recall, F1 and gold support (zero division → 0, as scikit-learn's default)."""
+    if len(golds) != len(preds) or not golds:
+        raise ValueError(f"need as many predictions as golds (and at least one): {len(golds)} vs {len(preds)}")
+    labels = list(labels) if labels is not None else sorted(set(golds) | set(preds))
+    g, p = np.asarray(golds, dtype=object), np.asarray(preds, dtype=object)
+    tp = np.array([np.sum((g == lab) & (p == lab)) for lab in labels], dtype=float)
+    n_pred = np.array([np.sum(p == lab) for lab in labels], dtype=float)
+    support = np.array([np.sum(g == lab) for lab in labels], dtype=float)
+    precision, recall = _safe_div(tp, n_pred), _safe_div(tp, support)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    return {"labels": labels, "precision": precision, "recall": recall, "f1": f1, "support": support}
+
+
+def classification_report(golds: Sequence[str], preds: Sequence[str], average: str,
+                          labels: Sequence[str] | None = None) -> dict[str, Any]:
+    """Accuracy and ``average`` ("weighted" or "macro") precision / recall / F1, plus the per-class table."""
+    pc = per_class_prf(golds, preds, labels)
+    if average == "weighted":
+        w = pc["support"] / pc["support"].sum()
+    elif average == "macro":
+        w = np.full(len(pc["labels"]), 1.0 / len(pc["labels"]))
+    else:
+        raise ValueError(f"average must be 'weighted' or 'macro', got {average!r}")
+    acc = float(np.mean(np.asarray(golds, dtype=object) == np.asarray(preds, dtype=object)))
+    per_class = {lab: {"precision": float(pc["precision"][i]), "recall": float(pc["recall"][i]),
+                       "f1": float(pc["f1"][i]), "support": int(pc["support"][i])}
+                 for i, lab in enumerate(pc["labels"])}
+    return {"accuracy": acc, "precision": float(w @ pc["precision"]), "recall": float(w @ pc["recall"]),
+            "f1": float(w @ pc["f1"]), "average": average, "n": len(golds), "per_class": per_class}
+
+
+def modality_metrics(golds: Sequence[str], preds: Sequence[str]) -> dict[str, Any]:
+    """Treatment-modality selection: accuracy and weighted P/R/F1 over parsed modalities."""
+    g = [parse_modality(x) for x in golds]
+    p = [parse_modality(x) for x in preds]
+    return classification_report(g, p, "weighted")
+
+
+def confusion_matrix(golds: Sequence[str], preds: Sequence[str], labels: Sequence[str]) -> np.ndarray:
+    """Counts ``[i, j]`` of gold ``labels[i]`` predicted as ``labels[j]``."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    cm = np.zeros((len(labels), len(labels)), dtype=int)
+    for g, p in zip(golds, preds, strict=True):
+        cm[index[g], index[p]] += 1
+    return cm
+
+
+def icd10_metrics(golds: Sequence[str], preds: Sequence[str]) -> dict[str, Any]:
+    """ICD-10: main-category accuracy, macro P/R/F1, and the confusion matrix by chapter (rows gold)."""
+    g = [icd10_category(x) for x in golds]
+    p = [icd10_category(x) for x in preds]
+    out = classification_report(g, p, "macro")
+    gc, pc = [icd10_chapter(x) for x in g], [icd10_chapter(x) for x in p]
+    chapters = [c for c in CHAPTER_ORDER if c in set(gc) | set(pc)]
+    out["chapters"] = chapters
+    out["chapter_confusion"] = confusion_matrix(gc, pc, chapters).tolist()
+    return out
+
+
+def regimen_rouge1(golds: Sequence[str], preds: Sequence[str], use_stemmer: bool = False) -> dict[str, Any]:
+    """Treatment regimen: mean ROUGE-1 F-measure (rouge-score's default tokenizer) and the per-instance values."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    if len(golds) != len(preds) or not golds:
+        raise ValueError(f"need as many predictions as golds (and at least one): {len(golds)} vs {len(preds)}")
+    scorer = RougeScorer(["rouge1"], use_stemmer=use_stemmer)
+    per = [scorer.score(g, p)["rouge1"].fmeasure for g, p in zip(golds, preds, strict=True)]
+    return {"rouge1": float(np.mean(per)), "per_instance": per, "n": len(per)}
+
+
+def plot_chapter_confusion(result: dict[str, Any], path: str, title: str = "ICD-10 chapters") -> str:
+    """Write the chapter confusion matrix of :func:`icd10_metrics` as a PNG (rows gold, columns predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm, labels = np.asarray(result["chapter_confusion"]), result["chapters"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 3, 1.0 * len(labels) + 2.5))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set_xlabel("predicted chapter")
+    ax.set_ylabel("gold chapter")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- temperature scan and significance
+
+
+def temperature_scan(generate_fn: Callable[[float], Any], temperatures: Sequence[float] | None = None,
+                     score_fn: Callable[[Any], float] | None = None) -> dict[str, Any]:
+    """Call ``generate_fn(T)`` for T = 0.1 … 1.0 (10 runs); score each result with ``score_fn`` (or take it as
+    the score when ``score_fn`` is None). Returns the temperatures, scores, max and median."""
+    temps = np.linspace(0.1, 1.0, 10) if temperatures is None else np.asarray(temperatures, dtype=float)
+    temps = [round(float(t), 6) for t in temps]
+    scores = []
+    for t in temps:
+        out = generate_fn(t)
+        scores.append(float(score_fn(out) if score_fn is not None else out))
+    return {"temperatures": temps, "scores": scores, "max": max(scores), "median": float(np.median(scores))}
+
+
+def wilcoxon_greater(a_scores: Sequence[float], b_scores: Sequence[float], alpha: float = 0.05) -> dict[str, Any]:
+    """One-sided Wilcoxon signed-rank test of "A > B" on paired scores (e.g. the 10 runs of a temperature scan).
+
+    Returns the statistic (sum of positive ranks), the p-value, ``significant`` (p < ``alpha``), n and alpha.
+    All-equal pairs cannot favour A: p = 1.
+    """
+    from scipy.stats import wilcoxon
+
+    a, b = np.asarray(a_scores, dtype=float), np.asarray(b_scores, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"need two equally long, non-empty score lists: {a.shape} vs {b.shape}")
+    if np.all(a == b):
+        return {"statistic": 0.0, "p_value": 1.0, "significant": False, "n": int(a.size), "alpha": alpha}
+    res = wilcoxon(a, b, alternative="greater")
+    p = float(res.pvalue)
+    return {"statistic": float(res.statistic), "p_value": p, "significant": bool(p < alpha), "n": int(a.size),
+            "alpha": alpha}

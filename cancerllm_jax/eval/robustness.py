@@ -1,0 +1,350 @@
+"""CancerLLM's robustness testbeds (paper §3.2, Tables 5 and 6) as sweeps over noise rates.
+
+- :func:`counterfactual_sweep`: per rate, corrupt that share of the phenotype *training* labels
+  (:func:`~cancerllm_jax.eval.noise.corrupt_phenotype_labels`), fine-tune one LoRA model with ``launch/finetune.py``
+  (a subprocess, so each run is an ordinary, inspectable training run), and score it on the *clean* test set;
+- :func:`misspelling_sweep`: per task and rate, misspell that share of the words of every test context
+  (:func:`~cancerllm_jax.eval.noise.misspell_record`) and score one given model.
+
+Both return rows (per rate: the EM / BLEU-2 / ROUGE-L precision, recall, F1 and the Average F1) and the mean Average
+F1 over the rates; rate 0 may be given as a clean reference and is then left out of that mean. Each finished rate
+leaves ``scores.json`` in its folder and is reused when the sweep is run again (delete the folder to redo it).
+:func:`write_outputs` writes ``table5.md`` / ``table6.md``, ``robustness.json`` and ``robustness.png``.
+Decoding is greedy with the paper's limits unless told otherwise; nothing here imports jax until a model is loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cancerllm_jax.errors import UserError
+from cancerllm_jax.eval.noise import corrupt_phenotype_labels, misspell_record
+from cancerllm_jax.eval.protocol import score
+
+COUNTERFACTUAL_RATES = (0.2, 0.4, 0.6, 0.8)
+MISSPELLING_RATES = (0.02, 0.04, 0.06, 0.08, 0.2, 0.4, 0.6, 0.8)
+TASK_LIMITS = {"phenotype": (1500, 50), "diagnosis": (1500, 500), "treatment_plan": (4000, 500)}  # in / new tokens
+METRIC_LABELS = (("em", "EM"), ("bleu2", "BLEU-2"), ("rougeL", "ROUGE-L"))
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class DecodeSettings:
+    """Greedy decoding by default; ``None`` limits mean the paper's per-task limits."""
+
+    max_new_tokens: int | None = None
+    max_prompt_tokens: int | None = None
+    batch_size: int = 8
+    protocol: str = "standard"
+    dtype: str = "float32"
+    stop: tuple[str, ...] = ("###",)
+
+    def limits(self, task: str) -> tuple[int, int]:
+        inp, new = TASK_LIMITS.get(task, (1500, 500))
+        return self.max_prompt_tokens or inp, self.max_new_tokens or new
+
+
+@dataclass
+class SweepResult:
+    """One sweep: its kind, rows (one per task and rate), the mean Average F1 per task and the settings."""
+
+    kind: str
+    rows: list[dict[str, Any]]
+    mean_avg_f1: dict[str, float]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rows": self.rows, "mean_avg_f1": self.mean_avg_f1, "settings": self.settings}
+
+
+# ---------------------------------------------------------------- data
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records of a JSONL file (blank lines skipped); a bad line is a UserError naming the file and line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
+    return out
+
+
+def write_jsonl(path: str | os.PathLike, records: Sequence[dict]) -> None:
+    """Write ``records`` atomically, one JSON object per line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_split(data: str, task: str, split: str, limit: int | None = None, patients: int = 60,
+               seed: int = 0) -> list[dict]:
+    """``DIR/<task>/<split>.jsonl`` or, for ``data="synthetic"``, the built-in synthetic records; first ``limit``."""
+    if data == "synthetic":
+        from cancerllm_jax.data.synthetic import instruction_datasets
+
+        records = instruction_datasets(patients, seed=seed)[task][split]
+    else:
+        path = Path(data) / task / f"{split}.jsonl"
+        if not path.is_file():
+            raise UserError(f"{path} not found (expected DIR/<task>/<split>.jsonl, e.g. from tools/make_synthetic)")
+        records = read_jsonl(path)
+    if not records:
+        raise UserError(f"no {task} {split} records in {data}")
+    return records[:limit] if limit else records
+
+
+# ---------------------------------------------------------------- decoding and scoring
+
+
+def load_model(path: str, dtype: str = "float32") -> Any:
+    """``cancerllm_jax.load`` (imports jax)."""
+    import cancerllm_jax as cj
+
+    lm = cj.load(path, dtype=dtype)
+    if lm.tokenizer is None:
+        raise UserError(f"{path}: no tokenizer found beside the weights")
+    return lm
+
+
+def decode(lm: Any, records: Sequence[dict], task: str, settings: DecodeSettings) -> tuple[list[str], dict]:
+    """Greedy predictions for ``records`` (Alpaca generation prompt, context cut to fit) and decode stats."""
+    from cancerllm_jax.data.instruct import encode_prompt
+
+    max_in, max_new = settings.limits(task)
+    prompts = [encode_prompt(lm.tokenizer, r["instruction"], r.get("context") or "", max_in, for_generation=True,
+                             example_id=str(r.get("id", i)))[0] for i, r in enumerate(records)]
+    t0 = time.perf_counter()
+    outs = lm.generate(prompts, max_new_tokens=max_new, max_prompt_tokens=max_in, batch_size=settings.batch_size)
+    seconds = time.perf_counter() - t0
+    eos = lm.tokenizer.eos_id
+    preds = []
+    for gen in outs:
+        text = lm.tokenizer.decode([t for t in gen if t != eos])
+        for s in settings.stop:
+            text = text.split(s)[0]
+        preds.append(text.strip())
+    return preds, {"seconds": round(seconds, 2), "generated_tokens": int(sum(len(g) for g in outs)),
+                   "max_prompt_tokens": max_in, "max_new_tokens": max_new}
+
+
+def score_predictions(records: Sequence[dict], preds: Sequence[str], protocol: str) -> dict[str, Any]:
+    """The protocol's scores (percent) of ``preds`` against the records' responses."""
+    return score([r["response"] for r in records], list(preds), protocol=protocol)
+
+
+def _prediction_rows(records: Sequence[dict], preds: Sequence[str]) -> list[dict]:
+    def prompt_hash(r: dict) -> str:
+        return hashlib.sha256(f"{r['instruction']}\n{r.get('context') or ''}".encode()).hexdigest()[:16]
+
+    return [{"id": r.get("id", i), "prompt_hash": prompt_hash(r), "gold": r["response"], "prediction": p}
+            for i, (r, p) in enumerate(zip(records, preds, strict=True))]
+
+
+def evaluate_records(lm: Any, records: Sequence[dict], task: str, settings: DecodeSettings, out_dir: Path
+                     ) -> dict[str, Any]:
+    """Decode, score, and write ``predictions.jsonl`` + ``scores.json`` into ``out_dir``; return the scores."""
+    preds, stats = decode(lm, records, task, settings)
+    result = {**score_predictions(records, preds, settings.protocol), **stats}
+    write_jsonl(out_dir / "predictions.jsonl", _prediction_rows(records, preds))
+    (out_dir / "scores.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def _cached(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / "scores.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def rate_dir(root: Path, rate: float) -> Path:
+    return root / f"rate_{round(rate * 100):02d}"
+
+
+def mean_over_rates(rows: Sequence[dict], task: str) -> float:
+    """Mean Average F1 of ``task`` over its noisy rates (rate 0, a clean reference, excluded)."""
+    vals = [r["avg_f1"] for r in rows if r["task"] == task and r["rate"] > 0]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+# ---------------------------------------------------------------- the two sweeps
+
+
+def finetune_command(base_model: str, train: Path, val: Path, workdir: Path, epochs: float,
+                     overrides: Sequence[str] = ()) -> list[str]:
+    """The ``launch/finetune.py`` command line of one counterfactual run."""
+    script = ROOT / "launch" / "finetune.py"
+    if not script.is_file():
+        raise UserError(f"{script} not found: the counterfactual sweep runs launch/finetune.py from a checkout")
+    return [sys.executable, str(script), "--model", base_model, "--data", str(train), "--eval-data", str(val),
+            "--epochs", f"{epochs:g}", "--workdir", str(workdir), *overrides]
+
+
+def run_finetune(cmd: Sequence[str], log_path: Path) -> None:
+    """Run one fine-tuning subprocess, its output to ``log_path``; a failure is a UserError with the log's tail."""
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-15:])
+        raise UserError(f"fine-tuning failed (exit {proc.returncode}); see {log_path}:\n{tail}")
+
+
+def counterfactual_sweep(base_model: str, train: Sequence[dict], val: Sequence[dict], test: Sequence[dict],
+                         out_dir: str | os.PathLike, rates: Sequence[float] = COUNTERFACTUAL_RATES,
+                         epochs: float = 1.0, overrides: Sequence[str] = (), seed: int = 0,
+                         settings: DecodeSettings | None = None,
+                         trainer: Callable[[Sequence[str], Path], None] = run_finetune,
+                         log: Callable[[str], None] = print) -> SweepResult:
+    """Per rate: corrupt the training labels, fine-tune ``base_model``, score on the clean ``test`` set."""
+    settings = settings or DecodeSettings()
+    root = Path(out_dir) / "counterfactual"
+    write_jsonl(root / "val.jsonl", val)
+    write_jsonl(root / "test.jsonl", test)
+    rows = []
+    for rate in rates:
+        d = rate_dir(root, rate)
+        d.mkdir(parents=True, exist_ok=True)
+        result = _cached(d)
+        corrupted_records, ids = corrupt_phenotype_labels(train, rate, seed)
+        if result is None:
+            write_jsonl(d / "train.jsonl", corrupted_records)
+            (d / "corrupted_ids.json").write_text(json.dumps(ids) + "\n", encoding="utf-8")
+            cmd = finetune_command(base_model, d / "train.jsonl", root / "val.jsonl", d / "run", epochs, overrides)
+            log(f"[counterfactual {rate:.0%}] {len(ids)}/{len(train)} labels corrupted; fine-tuning ...")
+            t0 = time.perf_counter()
+            trainer(cmd, d / "finetune.log")
+            train_s = time.perf_counter() - t0
+            log(f"[counterfactual {rate:.0%}] trained in {train_s:.0f} s; scoring {len(test)} clean test examples")
+            result = evaluate_records(load_model(str(d / "run"), settings.dtype), test, "phenotype", settings, d)
+            result["train_seconds"] = round(train_s, 1)
+            (d / "scores.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        else:
+            log(f"[counterfactual {rate:.0%}] reusing {d / 'scores.json'}")
+        rows.append({"task": "phenotype", "rate": rate, "n_corrupted": len(ids), "n_train": len(train), **result})
+        log(f"[counterfactual {rate:.0%}] Avg F1 {result['avg_f1']:.2f}")
+    return SweepResult("counterfactual", rows, {"phenotype": mean_over_rates(rows, "phenotype")},
+                       {"base_model": base_model, "epochs": epochs, "overrides": list(overrides), "seed": seed,
+                        "rates": list(rates), "decode": vars(settings) | {"stop": list(settings.stop)},
+                        "n_train": len(train), "n_val": len(val), "n_test": len(test)})
+
+
+def misspelling_sweep(model: str | Any, tests: dict[str, Sequence[dict]], out_dir: str | os.PathLike,
+                      rates: Sequence[float] = MISSPELLING_RATES, seed: int = 0,
+                      settings: DecodeSettings | None = None, log: Callable[[str], None] = print) -> SweepResult:
+    """Per task and rate: misspell the test contexts, score ``model`` (a path, loaded once, or a loaded LM)."""
+    settings = settings or DecodeSettings()
+    root = Path(out_dir) / "misspell"
+    lm = None
+    rows = []
+    for task, records in tests.items():
+        for rate in rates:
+            d = rate_dir(root / task, rate)
+            d.mkdir(parents=True, exist_ok=True)
+            noisy = [misspell_record(r, rate, seed) for r in records]
+            result = _cached(d)
+            if result is None:
+                write_jsonl(d / "test.jsonl", noisy)
+                if lm is None:
+                    lm = load_model(model, settings.dtype) if isinstance(model, str) else model
+                result = evaluate_records(lm, noisy, task, settings, d)
+            words = sum(r["noise"]["words"] for r in noisy)
+            rows.append({"task": task, "rate": rate, "misspelled_words": words, **result})
+            log(f"[misspell {task} {rate:.0%}] {words} words misspelled; Avg F1 {result['avg_f1']:.2f}")
+    return SweepResult("misspell", rows, {t: mean_over_rates(rows, t) for t in tests},
+                       {"model": model if isinstance(model, str) else getattr(model, "source", "LM"), "seed": seed,
+                        "rates": list(rates), "decode": vars(settings) | {"stop": list(settings.stop)},
+                        "n_test": {t: len(r) for t, r in tests.items()}})
+
+
+# ---------------------------------------------------------------- tables, JSON and the plot
+
+
+def _pct(rate: float) -> str:
+    return f"{rate * 100:g}%" + (" (clean)" if rate == 0 else "")
+
+
+def table_markdown(result: SweepResult, model_name: str) -> str:
+    """Table 5 (counterfactual) or Table 6 (misspellings) in the paper's layout, plus the mean Average F1."""
+    number = "5" if result.kind == "counterfactual" else "6"
+    title = ("Counterfactual robustness on phenotype extraction (rate = share of wrongly labelled training "
+             "instances; evaluated on the clean test set)" if number == "5" else
+             "Misspelling robustness on diagnosis and treatment-plan generation (rate = share of misspelled "
+             "words per test instance)")
+    head = ["Task", "Model", "rate"] + [f"{lab} {x}" for _, lab in METRIC_LABELS for x in ("P", "R", "F1")]
+    head += ["Avg F1", "n"]
+    lines = [f"**Table {number}.** {title}", "", "| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    for task in dict.fromkeys(r["task"] for r in result.rows):
+        first = True
+        for r in (r for r in result.rows if r["task"] == task):
+            cells = [task.replace("_", " ") if first else "", model_name if first else "", _pct(r["rate"])]
+            cells += [f"{r[f'{m}_{x}']:.2f}" for m, _ in METRIC_LABELS for x in ("p", "r", "f1")]
+            cells += [f"{r['avg_f1']:.2f}", str(r["n"])]
+            lines.append("| " + " | ".join(cells) + " |")
+            first = False
+        mean = ["", "", "**mean over rates**"] + [""] * 9 + [f"**{result.mean_avg_f1[task]:.2f}**", ""]
+        lines.append("| " + " | ".join(mean) + " |")
+    s = result.settings
+    dec = s.get("decode", {})
+    lines += ["", f"Protocol `{dec.get('protocol', 'standard')}`; greedy decoding; limits "
+              f"{dec.get('max_prompt_tokens') or 'paper'} in / {dec.get('max_new_tokens') or 'paper'} new tokens; "
+              f"seed {s.get('seed')}. Scores in percent; rate 0 is a clean reference, not part of the mean."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweeps(results: Sequence[SweepResult], path: str | os.PathLike, model_names: dict[str, str]) -> str:
+    """F1 vs rate: one panel per (sweep, task), the three F1s dashed and the Average F1 bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(res, task) for res in results for task in dict.fromkeys(r["task"] for r in res.rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.3), squeeze=False)
+    for ax, (res, task) in zip(axes[0], panels, strict=True):
+        rows = sorted((r for r in res.rows if r["task"] == task), key=lambda r: r["rate"])
+        x = list(range(len(rows)))  # evenly spaced: the paper's rates cluster below 10 %
+        for key, label in METRIC_LABELS:
+            ax.plot(x, [r[f"{key}_f1"] for r in rows], "--o", ms=4, lw=1.2, label=f"{label} F1")
+        ax.plot(x, [r["avg_f1"] for r in rows], "-o", color="black", lw=2.4, label="Average F1")
+        ax.set_xticks(x, [f"{r['rate'] * 100:g}%" for r in rows])
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        what = "wrong training labels" if res.kind == "counterfactual" else "misspelled words"
+        ax.set_xlabel(f"rate of {what}")
+        ax.set_ylabel("F1 (%)")
+        ax.set_title(f"{res.kind}: {task.replace('_', ' ')}\n{model_names.get(res.kind, '')}", fontsize=10)
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def write_outputs(out_dir: str | os.PathLike, result: SweepResult, model_name: str) -> dict[str, str]:
+    """Write this sweep's table, merge it into ``robustness.json``, and redraw ``robustness.png`` from all sweeps
+    recorded there; return the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = out / ("table5.md" if result.kind == "counterfactual" else "table6.md")
+    table.write_text(table_markdown(result, model_name), encoding="utf-8")
+    js = out / "robustness.json"
+    data = json.loads(js.read_text(encoding="utf-8")) if js.is_file() else {}
+    data[result.kind] = {**result.to_json(), "model_name": model_name}
+    js.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    results = [SweepResult(v["kind"], v["rows"], v["mean_avg_f1"], v["settings"]) for k, v in sorted(data.items())]
+    names = {k: v.get("model_name", "") for k, v in data.items()}
+    png = plot_sweeps(results, out / "robustness.png", names)
+    return {"table": str(table), "json": str(js), "png": png}

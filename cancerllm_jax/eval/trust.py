@@ -1,0 +1,91 @@
+"""BenchHealth's trust metrics (seed 004) and k-shot Alpaca prompts.
+
+``per_dataset_results`` is one model's ``{task: {dataset: entry}}`` where an entry holds ``precision``,
+``recall`` and ``matching`` (one matching score, or a mapping of matching metrics such as EM/BLEU/ROUGE F1);
+:func:`entry_from_score` builds an entry from :func:`cancerllm_jax.eval.score`'s output. Following the paper:
+
+- **faithfulness** = the *sum over tasks* of the precision (nothing invented). A task evaluated on several
+  datasets contributes the mean of its datasets' precisions (our reading: BenchHealth sums "the precision scores
+  of tasks"; averaging within a task keeps a task with more datasets from weighing more);
+- **comprehensiveness** = the same sum with recall (nothing left out);
+- **generalizability** = the plain mean of *all* matching scores, over every metric, dataset and task;
+- **robustness** = per task with at least two datasets, the (population, ``ddof=0``) variance of the model's
+  score across those datasets, and their sum over tasks (lower is better). A dataset's score is the mean of its
+  matching scores. Tasks with a single dataset have no variance and are left out.
+
+Use one scale throughout (CancerLLM's scorer gives percent). No jax.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+SHOTS = (0, 1, 3, 5)
+
+
+def _matching(entry: Mapping[str, Any]) -> list[float]:
+    m = entry["matching"]
+    return [float(v) for v in m.values()] if isinstance(m, Mapping) else [float(m)]
+
+
+def entry_from_score(result: Mapping[str, Any]) -> dict[str, Any]:
+    """A trust entry from a CancerLLM score dict: precision / recall = mean of the EM, BLEU-2 and ROUGE-L
+    precisions / recalls; matching = the three F1s."""
+    metrics = ("em", "bleu2", "rougeL")
+    return {"precision": float(np.mean([result[f"{m}_p"] for m in metrics])),
+            "recall": float(np.mean([result[f"{m}_r"] for m in metrics])),
+            "matching": {f"{m}_f1": float(result[f"{m}_f1"]) for m in metrics}}
+
+
+def trust_metrics(per_dataset_results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """Faithfulness, comprehensiveness, generalizability and robustness of one model (see the module doc)."""
+    if not per_dataset_results or not all(per_dataset_results.values()):
+        raise ValueError("per_dataset_results must map each task to at least one dataset entry")
+    faith = comp = 0.0
+    matching: list[float] = []
+    variances: dict[str, float] = {}
+    for task, datasets in per_dataset_results.items():
+        entries = list(datasets.values())
+        if all("precision" in e for e in entries):
+            faith += float(np.mean([e["precision"] for e in entries]))
+        if all("recall" in e for e in entries):
+            comp += float(np.mean([e["recall"] for e in entries]))
+        matching += [v for e in entries for v in _matching(e)]
+        if len(entries) >= 2:
+            variances[task] = float(np.var([np.mean(_matching(e)) for e in entries]))
+    return {"faithfulness": faith, "comprehensiveness": comp, "generalizability": float(np.mean(matching)),
+            "robustness": float(sum(variances.values())), "robustness_per_task": variances,
+            "n_tasks": len(per_dataset_results), "n_datasets": sum(len(d) for d in per_dataset_results.values())}
+
+
+def _key(record: Mapping[str, Any]) -> tuple:
+    return (record.get("instruction"), record.get("context"), record.get("response"))
+
+
+def draw_exemplars(example: Mapping[str, Any], exemplars: Sequence[Mapping[str, Any]], k: int, seed: int | str
+                   ) -> list[Mapping[str, Any]]:
+    """``k`` exemplars drawn without replacement (seeded per example), never the example itself (same id or
+    same instruction/context/response)."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    ex_id = example.get("id")
+    pool = [e for e in exemplars if not ((ex_id is not None and e.get("id") == ex_id) or _key(e) == _key(example))]
+    if k > len(pool):
+        raise ValueError(f"asked for {k} exemplars but only {len(pool)} differ from the example")
+    rng = random.Random(f"kshot:{seed}:{ex_id if ex_id is not None else _key(example)}")
+    return rng.sample(pool, k)
+
+
+def few_shot_prompt(example: Mapping[str, Any], exemplars: Sequence[Mapping[str, Any]], k: int,
+                    seed: int | str = 0) -> str:
+    """A k-shot Alpaca prompt: ``k`` complete training examples (prompt + response), a blank line between them,
+    then the example's generation prompt. ``k = 0`` is exactly the zero-shot generation prompt."""
+    from cancerllm_jax.data.instruct import render_example, render_prompt
+
+    shots = draw_exemplars(example, exemplars, k, seed)
+    blocks = [render_example(e["instruction"], e.get("context"), e["response"]) for e in shots]
+    blocks.append(render_prompt(example["instruction"], example.get("context"), for_generation=True))
+    return "\n\n".join(blocks)

@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""CancerLLM's robustness testbeds: Table 5 (counterfactual labels) and Table 6 (misspellings).
+
+    python launch/robustness.py counterfactual --model BASE --data DIR|synthetic --out OUT \\
+        [--rates 0.2,0.4,0.6,0.8] [--epochs 1] [--limit N] [--train-limit N] [key=value overrides for finetune.py]
+    python launch/robustness.py misspell --model PATH --data DIR|synthetic --tasks diagnosis,treatment_plan \\
+        --out OUT [--rates 0.02,0.04,0.06,0.08,0.2,0.4,0.6,0.8] [--limit N]
+
+``counterfactual`` fine-tunes one LoRA model per rate (launch/finetune.py) on phenotype training data whose labels
+are corrupted at that rate and scores each on the clean test set; ``misspell`` scores one model on test sets whose
+contexts are misspelled at each rate. Both write OUT/table5.md or OUT/table6.md, OUT/robustness.json and
+OUT/robustness.png; each rate's predictions and scores stay under OUT/<sweep>/ and are reused on a re-run.
+Add 0 to --rates for a clean reference row (left out of the mean over rates). DIR holds <task>/<split>.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import _bootstrap  # noqa: F401
+
+from cancerllm_jax.errors import UserError, cli_main
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rates: expected comma-separated fractions, got {text!r}") from None
+    if not rates or any(not 0 <= r <= 1 for r in rates):
+        raise argparse.ArgumentTypeError(f"--rates: each rate must be a fraction in [0, 1] (0.2 = 20%), got {text!r}")
+    return rates
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", required=True, help="preset, HF folder, converted checkpoint or training run")
+    common.add_argument("--data", default="synthetic", help="folder with <task>/<split>.jsonl, or 'synthetic'")
+    common.add_argument("--out", required=True, help="output folder")
+    common.add_argument("--limit", type=int, help="score only the first N test examples per task")
+    common.add_argument("--patients", type=int, default=60, help="synthetic patients (with --data synthetic)")
+    common.add_argument("--seed", type=int, default=0, help="noise seed (and synthetic data seed)")
+    common.add_argument("--max-new-tokens", type=int, help="default: the paper's limit per task (50 / 500)")
+    common.add_argument("--max-prompt-tokens", type=int, help="default: the paper's limit (1500 / 4000)")
+    common.add_argument("--decode-batch", type=int, default=8, help="prompts decoded together")
+    common.add_argument("--protocol", choices=("standard", "reference"), default="standard")
+    common.add_argument("--name", help="model name in the table (default: the --model path's last part)")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    p = argparse.ArgumentParser(prog="robustness.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("counterfactual", parents=[common], help="Table 5: corrupted phenotype training labels")
+    c.add_argument("--rates", type=_rates, default=[0.2, 0.4, 0.6, 0.8])
+    c.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs per rate")
+    c.add_argument("--train-limit", type=int, help="use only the first N training examples")
+    c.add_argument("overrides", nargs="*", help="key=value overrides passed to launch/finetune.py")
+    m = sub.add_parser("misspell", parents=[common], help="Table 6: misspelled test contexts")
+    m.add_argument("--rates", type=_rates, default=[0.02, 0.04, 0.06, 0.08, 0.2, 0.4, 0.6, 0.8])
+    m.add_argument("--tasks", default="diagnosis,treatment_plan", help="comma-separated tasks")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import os
+
+    from cancerllm_jax.eval import robustness as rb
+
+    settings = rb.DecodeSettings(max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                                 batch_size=args.decode_batch, protocol=args.protocol)
+    name = args.name or os.path.basename(os.path.normpath(args.model))
+
+    def split(task: str, which: str, limit: int | None) -> list[dict]:
+        return rb.load_split(args.data, task, which, limit, args.patients, args.seed)
+
+    if args.command == "counterfactual":
+        bad = [o for o in args.overrides if "=" not in o]
+        if bad:
+            raise UserError(f"overrides must be key=value, got {bad}")
+        result = rb.counterfactual_sweep(args.model, split("phenotype", "train", args.train_limit),
+                                         split("phenotype", "val", None), split("phenotype", "test", args.limit),
+                                         args.out, args.rates, args.epochs, args.overrides, args.seed, settings)
+    else:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        unknown = [t for t in tasks if t not in rb.TASK_LIMITS]
+        if not tasks or unknown:
+            raise UserError(f"--tasks: choose from {sorted(rb.TASK_LIMITS)}, got {args.tasks!r}")
+        if not os.path.exists(args.model):
+            raise UserError(f"--model {args.model}: not found (give an HF folder, converted checkpoint or run)")
+        result = rb.misspelling_sweep(args.model, {t: split(t, "test", args.limit) for t in tasks}, args.out,
+                                      args.rates, args.seed, settings)
+    paths = rb.write_outputs(args.out, result, name)
+    print(open(paths["table"], encoding="utf-8").read())
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

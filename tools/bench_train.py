@@ -1,0 +1,424 @@
+#!/usr/bin/env python3
+"""LoRA train-step throughput: ours (jitted JAX step, built as the Trainer builds it) vs transformers + peft.
+
+    python tools/bench_train.py --preset smollm2-135m [--seq 256 --batch 4 --rank 8 --steps 10 --warmup 3]
+        [--dtype float32|bfloat16] [--remat none|full|dots] [--json OUT] [--only ours|torch] [--no-doc]
+
+Both sides train the same model (``smollm2-135m``: SmolLM2-135M-Instruct real weights imported from its GGUF;
+``mistral-7b``: random weights of Mistral-7B's shape, meant for a GPU; ``tiny``: the tiny preset's shape, random),
+the same LoRA (rank r, alpha 2r, dropout 0.05, all 7 projections, fp32 factors on a frozen base in ``--dtype``),
+the same batch of random token ids, AdamW (lr 2e-4, wd 0.01) with global-norm clipping 1.0. Each side runs in
+its own child process (one after the other), so its peak memory is its own; the reported time is the median of
+``--steps`` steps after ``--warmup`` steps (ours: the first warm-up step includes compilation, reported apart).
+
+Prints a table, writes ``--json OUT``, and appends a row to ``docs/benchmarks.md`` (unless ``--no-doc``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+try:
+    import cancerllm_jax  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, ROOT)
+
+DOC = os.path.join(ROOT, "docs", "benchmarks.md")
+PRESETS = ("smollm2-135m", "mistral-7b", "tiny")
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+HF_TARGETS = [f"{t}_proj" for t in TARGETS]
+
+
+# --------------------------------------------------------------------------------------------------- machine info
+
+def machine() -> str:
+    """``CPU model, N cores`` (+ GPU name when JAX or torch sees one)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    out = f"{cpu}, {os.cpu_count()} cores"
+    gpu = gpu_name()
+    return f"{out}, {gpu}" if gpu else out
+
+
+def gpu_name() -> str | None:
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=10)
+        if r.returncode == 0 and r.stdout.strip():
+            return r.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def rss_now() -> int:
+    with open("/proc/self/statm", encoding="utf-8") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def load_avg() -> str:
+    try:
+        return " ".join(open("/proc/loadavg", encoding="utf-8").read().split()[:3])
+    except OSError:
+        return "?"
+
+
+# ------------------------------------------------------------------------------------------------------ models
+
+def smollm2_folder(path: str | None) -> str:
+    from cancerllm_jax.checkpoint.gguf import import_gguf
+
+    return path or import_gguf()
+
+
+def model_config(preset: str, folder: str | None):
+    from cancerllm_jax.config import PRESETS as MP
+    from cancerllm_jax.config import read_hf_config
+
+    if preset == "smollm2-135m":
+        return read_hf_config(folder)
+    if preset == "mistral-7b":
+        return MP["mistral-7b-v0.1"]
+    return MP["tiny"]
+
+
+def hf_config(cfg):
+    """A transformers config object of our ModelConfig's shape (random-weight presets)."""
+    import transformers
+
+    from cancerllm_jax.config import to_hf_config
+
+    d = to_hf_config(cfg)
+    cls = transformers.MistralConfig if cfg.model_type == "mistral" else transformers.LlamaConfig
+    d.pop("architectures", None)
+    d.pop("model_type", None)
+    return cls(**d)
+
+
+def make_batch(cfg, batch: int, seq: int, seed: int = 0) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, min(cfg.vocab_size, 32000), size=(batch, seq + 1), dtype=np.int64)
+    return {"inputs": ids[:, :-1], "targets": ids[:, 1:]}
+
+
+# -------------------------------------------------------------------------------------------------------- ours
+
+def random_params(cfg, dtype: str):
+    """Random N(0, 0.02) base params of ``cfg``'s shape, generated on the device in ``dtype`` (no fp32 copy)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from cancerllm_jax.model import abstract_model, resolve_dtype
+
+    dt = resolve_dtype(dtype)
+    _, state = abstract_model(cfg, None, dtype, dtype)
+    pure = nnx.to_pure_dict(state)
+    leaves, treedef = jax.tree.flatten(pure)
+
+    @jax.jit
+    def gen(key):
+        keys = jax.random.split(key, len(leaves))
+        return [(0.02 * jax.random.normal(k, x.shape, dt)).astype(dt) for k, x in zip(keys, leaves)]
+
+    return jax.tree.unflatten(treedef, gen(jax.random.PRNGKey(0)))
+
+
+def run_ours(args, cfg, folder) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from cancerllm_jax.config import LoRAConfig
+    from cancerllm_jax.model import model_from_params
+    from cancerllm_jax.train.optim import OptimConfig, make_optimizer, schedule
+    from cancerllm_jax.train.step import (ModelParts, device_peak_flops, lora_train_flops_per_token,
+                                          make_train_step)
+
+    lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, dropout=0.05, targets=TARGETS)
+    t0 = time.perf_counter()
+    if args.preset == "smollm2-135m":
+        from cancerllm_jax.checkpoint.hf import read_hf
+
+        _, params = read_hf(folder)
+    else:
+        params = random_params(cfg, args.dtype)
+    model = model_from_params(cfg, params, lora, args.dtype, args.dtype, args.remat, lora_seed=0)
+    del params
+    load_s = time.perf_counter() - t0
+    # as the Trainer does: LoRA factors trainable, the base frozen, one pure step jitted with the state donated
+    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    parts = ModelParts(graphdef, trainable, frozen)
+    params, frozen = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+    del model, trainable
+    ocfg = OptimConfig(lr=2e-4, weight_decay=0.01, warmup_ratio=0.0, schedule="constant", clip_norm=1.0)
+    total = args.warmup + args.steps
+    tx = make_optimizer(ocfg, total)
+    step_fn = make_train_step(parts, tx, schedule(ocfg, total), 1, use_dropout=True)
+    step = jax.jit(step_fn, donate_argnums=(0,))
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.PRNGKey(0)}
+    raw = make_batch(cfg, args.batch, args.seq)
+    b, t = raw["inputs"].shape
+    batch = {"inputs": jnp.asarray(raw["inputs"], jnp.int32), "targets": jnp.asarray(raw["targets"], jnp.int32),
+             "loss_mask": jnp.ones((b, t), jnp.int32), "segment_ids": jnp.ones((b, t), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))}
+    t0 = time.perf_counter()
+    compiled = step.lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    times, losses, rss_steps = [], [], 0
+    for i in range(total):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, frozen, batch)
+        loss = float(jax.block_until_ready(metrics["loss"]))
+        dt = time.perf_counter() - t0
+        losses.append(loss)
+        rss_steps = max(rss_steps, rss_now())
+        if i >= args.warmup:
+            times.append(dt)
+    out = summarise(args, cfg, times, losses)
+    out.update(compile_s=compile_s, load_s=load_s, peak_rss=rss_peak(), rss_during_steps=rss_steps,
+               backend=jax.default_backend(), device=jax.devices()[0].device_kind)
+    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+    if stats:
+        out["device_peak_bytes"] = int(stats.get("peak_bytes_in_use", 0))
+    peak = device_peak_flops()
+    flops = lora_train_flops_per_token(cfg, args.seq, args.rank, len(TARGETS))
+    out["flops_per_token"] = flops
+    out["gflops"] = flops * out["tokens_per_s"] / 1e9
+    if peak:
+        out["mfu"] = flops * out["tokens_per_s"] / peak
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- torch
+
+def run_torch(args, cfg, folder) -> dict:
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cancerllm_jax.train.step import PEAK_FLOPS, lora_train_flops_per_token
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    if args.preset == "smollm2-135m":
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=tdt, local_files_only=True)
+    else:
+        with torch.device(dev):
+            model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=tdt)
+    model.to(dev)
+    model.config.use_cache = False
+    if args.remat != "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    pcfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules=HF_TARGETS,
+                      bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, pcfg)
+    for n, p in model.named_parameters():  # fp32 factors on the frozen base, as ours (and HF Trainer + autocast)
+        if p.requires_grad:
+            p.data = p.data.float()
+    load_s = time.perf_counter() - t0
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8)
+    raw = make_batch(cfg, args.batch, args.seq)
+    inputs = torch.as_tensor(raw["inputs"], device=dev)
+    labels = torch.as_tensor(raw["targets"], device=dev)
+    total = args.warmup + args.steps
+    times, losses, rss_steps = [], [], 0
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(total):
+        t0 = time.perf_counter()
+        # lm-head in the base dtype; a mixed-dtype (fp32 LoRA on bf16 base) forward runs under autocast
+        with torch.autocast(dev, dtype=tdt, enabled=args.dtype != "float32"):
+            logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        losses.append(float(loss))
+        dt = time.perf_counter() - t0
+        rss_steps = max(rss_steps, rss_now())
+        if i >= args.warmup:
+            times.append(dt)
+    out = summarise(args, cfg, times, losses)
+    out.update(load_s=load_s, peak_rss=rss_peak(), rss_during_steps=rss_steps, backend=dev,
+               threads=torch.get_num_threads())
+    if dev == "cuda":
+        out["device_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+        name = torch.cuda.get_device_name(0)
+        peak = next((v for k, v in PEAK_FLOPS.items() if k.lower() in name.lower()), None)
+        if peak:
+            out["mfu"] = lora_train_flops_per_token(cfg, args.seq, args.rank, len(TARGETS)) * out["tokens_per_s"] / peak
+    out["gflops"] = lora_train_flops_per_token(cfg, args.seq, args.rank, len(TARGETS)) * out["tokens_per_s"] / 1e9
+    return out
+
+
+def summarise(args, cfg, times, losses) -> dict:
+    med = statistics.median(times)
+    return {"ms_per_step": 1e3 * med, "tokens_per_s": args.batch * args.seq / med,
+            "ms_min": 1e3 * min(times), "ms_max": 1e3 * max(times), "steps_timed": len(times),
+            "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+def child(args) -> dict:
+    folder = smollm2_folder(args.smollm2_dir) if args.preset == "smollm2-135m" else None
+    cfg = model_config(args.preset, folder)
+    return (run_ours if args.only == "ours" else run_torch)(args, cfg, folder)
+
+
+def fmt_mem(r: dict) -> str:
+    if "device_peak_bytes" in r:
+        return f"{r['device_peak_bytes'] / 2**30:.2f} GiB dev"
+    return f"{r['peak_rss'] / 2**30:.2f} GiB RSS"
+
+
+def table(args, res: dict) -> str:
+    lines = [f"{'side':<22}{'tok/s':>10}{'ms/step':>10}{'min..max ms':>18}{'memory':>18}{'GFLOP/s':>10}{'MFU':>8}"
+             f"{'compile s':>11}"]
+    for side, r in res.items():
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        comp = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
+        lines.append(f"{side:<22}{r['tokens_per_s']:>10.1f}{r['ms_per_step']:>10.1f}"
+                     f"{r['ms_min']:>9.0f}..{r['ms_max']:<7.0f}{fmt_mem(r):>18}{r['gflops']:>10.1f}{mfu:>8}{comp:>11}")
+    if "ours" in res and "torch" in res:
+        lines.append(f"ratio ours/torch tokens/s: {res['ours']['tokens_per_s'] / res['torch']['tokens_per_s']:.2f}x")
+    return "\n".join(lines)
+
+
+def append_doc(args, res: dict, command: str, mach: str, load: str) -> None:
+    ours, ref = res.get("ours"), res.get("torch")
+    ratio = f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ours and ref else "-"
+
+    def cell(r):
+        if not r:
+            return "-"
+        s = f"{r['tokens_per_s']:.0f} tok/s, {r['ms_per_step']:.0f} ms, {fmt_mem(r)}"
+        if r.get("mfu"):
+            s += f", MFU {100 * r['mfu']:.1f}%"
+        if "compile_s" in r:
+            s += f", compile {r['compile_s']:.1f} s"
+        return s
+
+    row = (f"| {datetime.date.today().isoformat()} | {mach} (load {load}) | `{command}` | {cell(ours)} | "
+           f"{cell(ref)} | {ratio} | {args.note or ''} |\n")
+    header = "## LoRA train step (tools/bench_train.py)"
+    text = open(DOC, encoding="utf-8").read() if os.path.isfile(DOC) else "# Benchmarks\n"
+    cols = ("| date | machine | command | ours (JAX) | transformers + peft | ratio | note |\n"
+            "|---|---|---|---|---|---|---|\n")
+    if header not in text:
+        text = text.rstrip("\n") + f"\n\n{header}\n\n" + cols + row
+    else:
+        # append at the end of this section's table
+        start = text.index(header)
+        nxt = text.find("\n## ", start + len(header))
+        section = text[start:] if nxt < 0 else text[start:nxt]
+        section = section.rstrip("\n") + "\n" + row
+        text = text[:start] + section + ("" if nxt < 0 else "\n" + text[nxt:])
+    with open(DOC, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default="smollm2-135m")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--remat", choices=("none", "full", "dots"), default="none")
+    p.add_argument("--only", choices=("ours", "torch"))
+    p.add_argument("--smollm2-dir", help="an imported SmolLM2 HF folder (default: import the GGUF into the cache)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--no-doc", action="store_true", help="do not append a row to docs/benchmarks.md")
+    p.add_argument("--note", help="a note for the docs row")
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be >= 1")
+
+    if args.child_out:  # one side, in its own process
+        res = child(args)
+        with open(args.child_out, "w", encoding="utf-8") as f:
+            json.dump(res, f)
+        return 0
+
+    if args.preset == "smollm2-135m":
+        args.smollm2_dir = smollm2_folder(args.smollm2_dir)  # import once, before the children
+    command = "python tools/bench_train.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    sides = [args.only] if args.only else ["ours", "torch"]
+    res = {}
+    load_before = load_avg()
+    for side in sides:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+            path = tmp.name
+        cmd = [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]), "--only", side,
+               "--child-out", path]
+        if args.smollm2_dir and "--smollm2-dir" not in cmd:
+            cmd += ["--smollm2-dir", args.smollm2_dir]
+        print(f"[{side}] running ...", file=sys.stderr, flush=True)
+        r = subprocess.run(cmd)
+        if r.returncode != 0:
+            print(f"[{side}] failed with exit code {r.returncode}", file=sys.stderr)
+            return r.returncode
+        with open(path, encoding="utf-8") as f:
+            res[side] = json.load(f)
+        os.unlink(path)
+    load = f"{load_before} → {load_avg()}"
+    mach = machine()
+    print(f"machine: {mach}; load avg {load}")
+    print(f"preset {args.preset}, batch {args.batch} x seq {args.seq}, LoRA r={args.rank} on 7 projections, "
+          f"dtype {args.dtype}, remat {args.remat}, median of {args.steps} steps after {args.warmup} warm-up")
+    print(table(args, res))
+    out = {"preset": args.preset, "seq": args.seq, "batch": args.batch, "rank": args.rank, "dtype": args.dtype,
+           "remat": args.remat, "steps": args.steps, "warmup": args.warmup, "machine": mach, "load": load,
+           "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command, "results": res}
+    if "ours" in res and "torch" in res:
+        out["ratio"] = res["ours"]["tokens_per_s"] / res["torch"]["tokens_per_s"]
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=2)
+    if not args.no_doc:
+        append_doc(args, res, command, mach, load)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
