@@ -138,3 +138,23 @@ def test_packed_documents_are_independent(saved_models):
     packed = np.asarray(packed, np.float32)
     assert float(np.abs(packed[0, 9:] - alone[0]).max()) <= 1e-5
     assert float(np.abs(packed[0, :9] - first[0]).max()) <= 1e-5
+
+
+def test_check_parity_cli(saved_models, tmp_path, capsys):
+    """tools/check_parity.py: passes on our tiny model (JSONL prompts), exits 1 past tolerance, writes --json."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("tool_check_parity", os.path.join(root, "tools", "check_parity.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    _, folder = saved_models["llama_gqa4_theta_untied"]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"text": "ER+/PR+, HER2- breast ca"}\n{"text": "nsclc with mets"}\n', encoding="utf-8")
+    out = tmp_path / "parity.json"
+    assert tool.main(["--hf-dir", folder, "--prompts", str(prompts), "--json", str(out), "--tol", "1e-4"]) == 0
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["failed"] == 0 and len(result["prompts"]) == 2
+    assert all(r["argmax_agree_pct"] == 100.0 and r["max_abs_diff"] <= 1e-4 for r in result["prompts"])
+    assert tool.main(["--hf-dir", folder, "--prompts", str(prompts), "--tol", "0"]) == 1
+    assert "FAIL" in capsys.readouterr().out

@@ -71,16 +71,26 @@ def compare_logits(ref: np.ndarray, ours: np.ndarray) -> dict:
 
 
 def encode_prompts(hf_dir: str, prompts: list[str], vocab_size: int) -> tuple[list[list[int]], str]:
-    """Token ids from the folder's tokenizer; without one, deterministic ids from the prompt bytes (noted)."""
+    """Token ids as transformers' tokenizer for the folder makes them (its default special tokens); else our
+    tokenizer with BOS; without any tokenizer, deterministic ids from the prompt bytes (noted in the output)."""
     from cancerllm_jax.api import _tokenizer_in
 
-    if _tokenizer_in(hf_dir):
+    if not _tokenizer_in(hf_dir):
+        return [[b % vocab_size for b in p.encode("utf-8")] for p in prompts], "utf-8 bytes mod vocab (no tokenizer)"
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+        ids, how = [list(tok(p)["input_ids"]) for p in prompts], "tokenizer"
+    except (OSError, ValueError, KeyError, TypeError):
         from cancerllm_jax.data.tokenizer import load_tokenizer
 
-        tok = load_tokenizer(hf_dir)
-        ids = [tok.encode(p, bos=tok.bos_id >= 0) for p in prompts]
-        return [[i for i in x if i < vocab_size] or [0] for x in ids], "tokenizer"
-    return [[b % vocab_size for b in p.encode("utf-8")] for p in prompts], "utf-8 bytes mod vocab (no tokenizer)"
+        ours = load_tokenizer(hf_dir)
+        ids, how = [ours.encode(p, bos=ours.bos_id >= 0) for p in prompts], "tokenizer"
+    bad = [i for x in ids for i in x if not 0 <= i < vocab_size]
+    if bad:
+        raise UserError(f"{hf_dir}: the tokenizer produced id {bad[0]}, outside the model's vocabulary {vocab_size}")
+    return ids, how
 
 
 def reference_logits(hf_dir: str, ids_list: list[list[int]]) -> list[np.ndarray]:

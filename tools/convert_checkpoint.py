@@ -63,14 +63,14 @@ def to_hf(ckpt_dir: str, out_dir: str, mode: str | None = None, overwrite: bool 
     _check_out(out_dir, overwrite, src=ckpt_dir)
     w = api.read_weights(ckpt_dir)
     has_lora = w.lora is not None and w.lora_params is not None
-    tok_dir = w.tokenizer_spec if w.tokenizer_spec and os.path.isdir(w.tokenizer_spec) else None
+    tok_dir = w.tokenizer_spec
     if mode == "peft":
         from cancerllm_jax.checkpoint.peft import write_peft_adapter
 
         if not has_lora:
             raise UserError(f"{ckpt_dir}: has no LoRA factors, so there is no adapter to export "
                             "(use to-hf without --peft-adapter)")
-        base = base_name or _base_of(w)
+        base = base_name or _base_of(ckpt_dir, w)
         return write_peft_adapter(out_dir, w.cfg, w.lora, w.lora_params, base_name_or_path=base,
                                   overwrite=overwrite, dtype=dtype, tokenizer_dir=tok_dir)
     params = w.params
@@ -82,13 +82,15 @@ def to_hf(ckpt_dir: str, out_dir: str, mode: str | None = None, overwrite: bool 
                     shard_bytes=shard_bytes or SHARD_BYTES)
 
 
-def _base_of(w) -> str | None:
-    """The base model a run was tuned from, as recorded by the run (None when unknown)."""
-    for attr in ("base", "base_model", "base_path", "base_name_or_path"):
-        value = getattr(w, attr, None)
-        if value:
-            return str(value)
-    return None
+def _base_of(ckpt_dir: str, w) -> str | None:
+    """The base model a run was tuned from, as its ``run.json`` records it (None when unknown)."""
+    from cancerllm_jax.train import run_io
+
+    path = os.path.abspath(os.path.expanduser(ckpt_dir))
+    if not run_io.is_run_dir(path):
+        return getattr(w, "base", None)
+    base = run_io.read_run_meta(path).get("base") or {}
+    return base.get("path") if base.get("kind") == "path" else base.get("name")
 
 
 def _check_out(out_dir: str, overwrite: bool, src: str) -> None:

@@ -26,6 +26,9 @@ def atomic_dir(out_dir: str, overwrite: bool = False):
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should get the user's usual mode
     try:
         yield tmp
         if os.path.exists(out_dir):
@@ -66,6 +69,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:
+    """Copy the tokenizer files of folder ``src`` (or a SentencePiece ``.model`` file, as ``tokenizer.model``)."""
+    if src in ("mistral-v1", "mistral"):
+        from cancerllm_jax.data.tokenizer import mistral_v1_model_file
+
+        src = mistral_v1_model_file()
+    if os.path.isfile(src) and src.endswith(".model"):
+        shutil.copy2(src, os.path.join(dst, "tokenizer.model"))
+        return ["tokenizer.model"]
+    if not os.path.isdir(src):
+        return []
     copied = []
     for name in TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
@@ -90,8 +103,12 @@ def restore_tree(path: str, target=None):
     import jax
     import orbax.checkpoint as ocp
 
+    from absl import logging as absl_logging
+
     path = os.path.abspath(path)
     ckptr = ocp.StandardCheckpointer()
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warns about optional metadata files on every read
     try:
         if target is None:
             meta = ckptr.metadata(path)
@@ -102,6 +119,7 @@ def restore_tree(path: str, target=None):
     except FileNotFoundError as e:
         raise UserError(f"{path}: checkpoint missing or incomplete ({e})") from None
     finally:
+        absl_logging.set_verbosity(verbosity)
         ckptr.close()
 
 

@@ -56,6 +56,7 @@ def read_run_weights(path: str):
     trainable = state["params"]
     run_cfg = meta["config"]
     tok = (run_cfg.get("data") or {}).get("tokenizer") or meta.get("tokenizer")
+    tok = tok or "mistral-v1"
     if run_cfg.get("full"):
         return LoadedWeights(cfg, trainable, tokenizer_spec=tok, source=path)
     base = meta["base"]
@@ -64,7 +65,6 @@ def read_run_weights(path: str):
     elif base["kind"] == "path":
         w = read_weights(base["path"])
         params = w.params
-        tok = tok or w.tokenizer_spec
         if w.lora is not None and w.lora_params is not None:
             from cancerllm_jax.model.lora import merge_lora_params
 
