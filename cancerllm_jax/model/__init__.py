@@ -25,8 +25,15 @@ def create_model(cfg: ModelConfig, lora: LoRAConfig | None = None, dtype="float3
                  remat: str = "none", seed: int = 0) -> Mistral:
     """A randomly initialised model (HF's N(0, 0.02) for weights; PEFT's init for LoRA)."""
     dt = resolve_dtype(dtype)
-    return Mistral(cfg, lora=lora, param_dtype=dt, compute_dtype=resolve_dtype(compute_dtype or dt), remat=remat,
-                   rngs=nnx.Rngs(seed))
+    cdt = resolve_dtype(compute_dtype or dt)
+
+    def make():
+        return Mistral(cfg, lora=lora, param_dtype=dt, compute_dtype=cdt, remat=remat, rngs=nnx.Rngs(seed))
+
+    # One compiled initialiser instead of one eager (separately compiled) op per weight.
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    state = jax.jit(lambda: nnx.split(make())[1])()
+    return nnx.merge(graphdef, state)
 
 
 def abstract_model(cfg: ModelConfig, lora: LoRAConfig | None = None, dtype="float32", compute_dtype=None,
