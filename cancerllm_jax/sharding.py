@@ -26,7 +26,14 @@ def parse_mesh(text: str) -> tuple[int, int]:
 
 
 def ensure_host_devices(n: int, quiet: bool = False) -> None:
-    """Before JAX starts: on a CPU-only host, ask XLA for ``n`` host devices (a no-op when a GPU/TPU is present)."""
+    """Before JAX starts: on a CPU-only host, ask XLA for ``n`` host devices (a no-op when a GPU/TPU is present).
+
+    A host device count already in ``XLA_FLAGS`` is replaced (and the notice says so): the mesh asked for wins.
+    Once JAX's backends exist nothing can change; ``make_mesh`` then reports a mesh that does not fit.
+    """
+    n = max(n, 1)
+    flags = os.environ.get("XLA_FLAGS", "")
+    old = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
     if "jax" in sys.modules:
         import jax
 
@@ -36,12 +43,15 @@ def ensure_host_devices(n: int, quiet: bool = False) -> None:
             backend_ready = True
         if backend_ready:
             return
-        jax.config.update("jax_num_cpu_devices", max(n, 1))
+        jax.config.update("jax_num_cpu_devices", n)  # takes precedence over XLA_FLAGS
     else:
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_force_host_platform_device_count" not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={max(n, 1)}".strip()
-    if n > 1 and not quiet:
+        if old:
+            flags = flags.replace(old.group(0), "").strip()
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    if old and int(old.group(1)) != n and not quiet:
+        print(f"note: CPU host: providing {n} host devices for the mesh instead of the {old.group(1)} that XLA_FLAGS "
+              f"asks for (ignored when a GPU is present)", file=sys.stderr)
+    elif n > 1 and not quiet:
         print(f"note: CPU host: providing {n} host devices for the mesh (ignored when a GPU is present)",
               file=sys.stderr)
 
@@ -54,7 +64,16 @@ def make_mesh(shape: tuple[int, int] | str):
     d, m = parse_mesh(shape) if isinstance(shape, str) else shape
     have = jax.device_count()
     if d * m > have:
-        raise UserError(f"mesh {d}x{m} needs {d * m} devices but {have} {jax.default_backend()} device(s) exist")
+        hint = ""
+        forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+        if jax.default_backend() == "cpu" and forced:
+            hint = (f" (XLA_FLAGS sets --xla_force_host_platform_device_count={forced.group(1)} per process: "
+                    f"raise it or unset XLA_FLAGS and the launcher provides the devices)")
+        raise UserError(f"mesh {d}x{m} needs {d * m} devices but {have} {jax.default_backend()} device(s) exist"
+                        f"{hint}")
+    if jax.process_count() > 1 and d * m != have:
+        raise UserError(f"mesh {d}x{m} uses {d * m} of the {have} devices of {jax.process_count()} processes; a "
+                        f"multi-process mesh must use every device ({have // jax.process_count()} per process)")
     devices = jax.devices()[: d * m]
     return jax.make_mesh((d, m), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 

@@ -19,7 +19,7 @@ def parse(argv=None):
     add_train_flags(p)
     p.add_argument("--data", nargs="+", help="pretraining files/globs (.jsonl with 'text', or .txt); "
                                              "default: the built-in synthetic clinical corpus")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # key=value overrides may come between flags
 
 
 @cli_main
@@ -44,7 +44,7 @@ def main(argv=None):
     workdir = args.workdir or default_workdir("pretrain")
     trainer = Trainer(cfg, workdir, "pretrain", make_data, resume=args.resume, dry_run=args.dry_run)
     if args.dry_run:
-        print(trainer.describe(cfg.data.block_size))
+        print(trainer.describe(cfg.data.block_size, shardings=True))
         return 0
     import jax
 

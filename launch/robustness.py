@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         result = rb.misspelling_sweep(args.model, {t: split(t, "test", args.limit) for t in tasks}, args.out,
                                       args.rates, args.seed, settings)
     paths = rb.write_outputs(args.out, result, name)
-    print(open(paths["table"], encoding="utf-8").read())
+    with open(paths["table"], encoding="utf-8") as f:
+        print(f.read())
     print("wrote " + ", ".join(paths.values()))
     return 0
 

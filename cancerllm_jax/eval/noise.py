@@ -41,7 +41,7 @@ QWERTY_NEIGHBOURS = _qwerty_neighbours()
 
 def round_half_up(x: float) -> int:
     """``round`` without banker's rounding (2.5 → 3), robust to float noise such as 0.6 × 5 = 3.0000000000000004."""
-    return int(math.floor(x + 0.5 + 1e-9))
+    return math.floor(x + 0.5 + 1e-9)
 
 
 def _check_rate(rate: float) -> None:

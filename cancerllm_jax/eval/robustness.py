@@ -195,7 +195,7 @@ def finetune_command(base_model: str, train: Path, val: Path, workdir: Path, epo
 def run_finetune(cmd: Sequence[str], log_path: Path) -> None:
     """Run one fine-tuning subprocess, its output to ``log_path``; a failure is a UserError with the log's tail."""
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, check=False)
     if proc.returncode != 0:
         tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-15:])
         raise UserError(f"fine-tuning failed (exit {proc.returncode}); see {log_path}:\n{tail}")
@@ -298,9 +298,10 @@ def table_markdown(result: SweepResult, model_name: str) -> str:
         lines.append("| " + " | ".join(mean) + " |")
     s = result.settings
     dec = s.get("decode", {})
-    lines += ["", f"Protocol `{dec.get('protocol', 'standard')}`; greedy decoding; limits "
-              f"{dec.get('max_prompt_tokens') or 'paper'} in / {dec.get('max_new_tokens') or 'paper'} new tokens; "
-              f"seed {s.get('seed')}. Scores in percent; rate 0 is a clean reference, not part of the mean."]
+    note = (f"Protocol `{dec.get('protocol', 'standard')}`; greedy decoding; limits "
+            f"{dec.get('max_prompt_tokens') or 'paper'} in / {dec.get('max_new_tokens') or 'paper'} new tokens; "
+            f"seed {s.get('seed')}. Scores in percent; rate 0 is a clean reference, not part of the mean.")
+    lines += ["", note]
     return "\n".join(lines) + "\n"
 
 

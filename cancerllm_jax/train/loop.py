@@ -189,7 +189,17 @@ class Trainer:
                                   - out["alias_bytes"])
         return out
 
-    def describe(self, seq_len: int) -> str:
+    def sharding_lines(self) -> list[str]:
+        """One line per parameter: kind, path, shape, dtype and PartitionSpec on the mesh."""
+        lines = []
+        for kind, tree in (("trainable", self.state["params"]), ("frozen", self.frozen)):
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+                name = ".".join(str(getattr(p, "key", p)) for p in path)
+                spec = getattr(getattr(x, "sharding", None), "spec", None)
+                lines.append(f"  {kind:9s} {name:22s} {str(tuple(x.shape)):22s} {str(x.dtype):8s} {spec}")
+        return lines
+
+    def describe(self, seq_len: int, shardings: bool = False) -> str:
         n_base = self.model_cfg.num_params()
         n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state["params"]))
         mem = self.memory_estimate(seq_len)
@@ -203,6 +213,9 @@ class Trainer:
             lines.append(f"memory estimate per device (compiled step): {gib(mem['total_bytes'])} "
                          f"(arguments {gib(mem['argument_bytes'])}, temporaries {gib(mem['temp_bytes'])}, "
                          f"outputs {gib(mem['output_bytes'])}); compile {mem['compile_s']} s")
+        if shardings:
+            lines += ["parameters (kind, path, shape, dtype, PartitionSpec over ('data', 'model')):",
+                      *self.sharding_lines()]
         self.memory = mem
         return "\n".join(lines)
 
@@ -247,6 +260,11 @@ class Trainer:
             raise UserError(f"tokenizer {getattr(tokenizer, 'name', tok_spec)} has {tokenizer.vocab_size} tokens but "
                             f"the model's vocabulary is {self.model_cfg.vocab_size}: they do not belong together")
         data: DataBundle = self.make_data(tokenizer, jax.process_index(), jax.process_count())
+        if start_step == 0:
+            if is_main():
+                os.makedirs(self.workdir, exist_ok=True)
+            sync("cancerllm:workdir-made")
+            self._start_fresh()
         say(self.describe(data.seq_len))
         if is_main():
             stats = {k: v for k, v in data.stats.items() if not isinstance(v, (list, dict))}
@@ -324,9 +342,6 @@ class Trainer:
         Multi-process: every process looks at the folder, then (after a barrier) process 0 alone changes it, and no
         process goes on before run.json and base/ are complete (a second barrier).
         """
-        if is_main():
-            os.makedirs(self.workdir, exist_ok=True)
-        sync("cancerllm:workdir-made")
         meta_path = os.path.join(self.workdir, run_io.RUN_FILE)
         ckpt_dir = os.path.join(self.workdir, "checkpoints")
         latest = run_io.latest_step(ckpt_dir)
@@ -349,11 +364,15 @@ class Trainer:
             raise UserError(f"{ckpt_dir} has checkpoints but no {run_io.RUN_FILE}; not a run this tool wrote")
         if self.resume:
             say(f"--resume: no checkpoint in {self.workdir} yet; starting from step 0")
+        return 0
+
+    def _start_fresh(self) -> None:
+        """A new run's run.json, config.yaml and base/ (after the data was read, so bad data leaves no run)."""
+        meta_path = os.path.join(self.workdir, run_io.RUN_FILE)
         if is_main() and os.path.isfile(meta_path):
             os.remove(meta_path)
         self._write_meta()
         sync("cancerllm:meta-written")
-        return 0
 
     def _write_meta(self) -> None:
         """Every process calls this (saving a randomly initialised base is collective); process 0 writes files."""

@@ -1,0 +1,124 @@
+"""Misspellings and counterfactual labels: exact counts, determinism, the four edit kinds, absent wrong labels."""
+import pytest
+
+from cancerllm_jax.eval.noise import (
+    EDIT_KINDS,
+    NOT_RELEVANT,
+    QWERTY_NEIGHBOURS,
+    corrupt_phenotype_labels,
+    eligible_words,
+    misspell_edits,
+    misspell_record,
+    misspell_text,
+    round_half_up,
+)
+
+TEXT = ("Metastatic lung cancer with brain mets (cT2N2aM1), stage IV. Patient DENIES pain; ER+/PR+, HER2-. "
+        "MRI brain shows new ring-enhancing lesions; plan whole brain RT 30 Gy in 10 fx.")
+
+
+def _kind_of(old: str, new: str) -> str:
+    """Classify an edit from the two words alone (independent of the code under test)."""
+    o, n = old.lower(), new.lower()
+    if len(n) == len(o) - 1:
+        return "drop" if any(o[:i] + o[i + 1:] == n for i in range(len(o))) else "?"
+    if len(n) == len(o) + 1:
+        return "insert" if any(n[:i] + n[i + 1:] == o for i in range(len(n))) else "?"
+    diff = [i for i in range(len(o)) if o[i] != n[i]]
+    if len(diff) == 2 and diff[1] == diff[0] + 1 and o[diff[0]] == n[diff[1]] and o[diff[1]] == n[diff[0]]:
+        return "swap"
+    if len(diff) == 1 and n[diff[0]] in QWERTY_NEIGHBOURS[o[diff[0]]]:
+        return "substitute"
+    return "?"
+
+
+def test_eligible_words_skip_codes_numbers_and_single_letters():
+    words = [m.group() for m in eligible_words("cT2N2aM1 a 30 Gy, ER+/PR+ ring-enhancing")]
+    assert words == ["Gy", "ER", "PR", "ring", "enhancing"]
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.02, 0.04, 0.2, 0.4, 0.6, 0.8, 1.0])
+def test_exact_count_and_only_chosen_words_change(rate):
+    n = len(eligible_words(TEXT))
+    new, edits = misspell_edits(TEXT, rate, seed=3)
+    assert len(edits) == round_half_up(rate * n)
+    assert len({e.start for e in edits}) == len(edits)
+    # rebuild the original from the edits: everything outside the edited words is untouched (punctuation, codes)
+    rebuilt = new
+    for e in edits:  # left to right: the text before e.start is already the original again
+        assert rebuilt[e.start:e.start + len(e.new)] == e.new
+        rebuilt = rebuilt[:e.start] + e.original + rebuilt[e.start + len(e.new):]
+    assert rebuilt == TEXT
+
+
+def test_round_half_up():
+    assert [round_half_up(x) for x in (0.5, 1.5, 2.5, 0.49, 0.6 * 5)] == [1, 2, 3, 0, 3]
+
+
+def test_deterministic_and_seed_dependent():
+    assert misspell_text(TEXT, 0.4, 7) == misspell_text(TEXT, 0.4, 7)
+    assert misspell_text(TEXT, 0.4, 7) != misspell_text(TEXT, 0.4, 8)
+
+
+def test_edits_are_the_four_kinds_and_keep_case():
+    seen = set()
+    for seed in range(30):
+        for e in misspell_edits(TEXT, 0.5, seed)[1]:
+            assert e.kind in EDIT_KINDS and e.new != e.original
+            assert _kind_of(e.original, e.new) == e.kind, (e.original, e.new, e.kind)
+            if e.original.isupper():
+                assert e.new.isupper()
+            elif e.original.islower():
+                assert e.new.islower()
+            seen.add(e.kind)
+    assert seen == set(EDIT_KINDS)
+
+
+def test_misspell_record_touches_only_fields():
+    rec = {"id": "x", "instruction": "Give the diagnosis please", "context": TEXT, "response": "lung cancer"}
+    out = misspell_record(rec, 0.5, seed=1)
+    assert out["instruction"] == rec["instruction"] and out["response"] == rec["response"]
+    assert out["context"] != TEXT and rec["context"] == TEXT
+    assert out["noise"] == {"kind": "misspell", "rate": 0.5, "words": round_half_up(0.5 * len(eligible_words(TEXT)))}
+
+
+def _records():
+    sents = [("ER positive, PR negative, HER2 positive.", "receptor_type", "ER, PR, HER2"),
+             ("4.7 x 3.8 cm mass in the left breast, upper outer quadrant.", "tumor_size", "4.7 x 3.8 cm"),
+             ("4.7 x 3.8 cm mass in the left breast, upper outer quadrant.", "tumor_laterality", "left"),
+             ("4.7 x 3.8 cm mass in the left breast, upper outer quadrant.", "tumor_site", "upper outer quadrant"),
+             ("invasive lobular carcinoma, grade 2.", "histological_type", "invasive lobular carcinoma"),
+             ("invasive lobular carcinoma, grade 2.", "cancer_grade", "grade 2"),
+             ("invasive lobular carcinoma, grade 2.", "cancer_stage", NOT_RELEVANT),
+             ("pathologic stage: pT2 pN1a, stage IIB.", "cancer_stage", "pT2, pN1a, IIB"),
+             ("pathologic stage: pT2 pN1a, stage IIB.", "tumor_size", NOT_RELEVANT),
+             ("right lower inner quadrant, 12 mm.", "tumor_laterality", "right")]
+    return [{"id": f"p{i}", "task": "phenotype", "sentence": s, "context": f"{s} What is the {t}?",
+             "entity_type": t, "response": r} for i, (s, t, r) in enumerate(sents)]
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.4, 0.6, 0.8])
+def test_counterfactual_exact_count_and_absent_labels(rate):
+    recs = _records()
+    new, ids = corrupt_phenotype_labels(recs, rate, seed=0)
+    assert len(ids) == round_half_up(rate * len(recs)) and len(set(ids)) == len(ids)
+    for old, r in zip(recs, new):
+        if r["id"] in ids:
+            assert r["response"] != old["response"] and r["counterfactual"]["original"] == old["response"]
+            assert r["response"] != NOT_RELEVANT
+            for item in r["response"].split(","):
+                assert item.strip().lower() not in r["sentence"].lower()
+                assert item.strip().lower() not in r["context"].lower()
+            if old["response"] == NOT_RELEVANT:
+                assert r["counterfactual"]["kind"] == "not_relevant_swap"
+        else:
+            assert r == old
+    assert new == corrupt_phenotype_labels(recs, rate, seed=0)[0]  # deterministic
+    assert recs == _records()  # inputs untouched
+
+
+def test_counterfactual_uses_other_records_entities():
+    new, _ = corrupt_phenotype_labels(_records(), 1.0, seed=5)
+    labels = {r["response"] for r in new}
+    assert labels & {r["response"] for r in _records()}  # wrong labels come (at least partly) from the pool
+    assert {r["counterfactual"]["kind"] for r in new} <= {"same_type", "other_type", "not_relevant_swap"}

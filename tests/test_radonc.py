@@ -1,0 +1,84 @@
+"""Radiation-oncology scores against hand-computed values, and the one-sided Wilcoxon test against exact values."""
+import numpy as np
+import pytest
+
+from cancerllm_jax.eval.radonc import (
+    UNPARSED,
+    icd10_category,
+    icd10_chapter,
+    icd10_metrics,
+    modality_metrics,
+    parse_modality,
+    regimen_rouge1,
+    temperature_scan,
+    wilcoxon_greater,
+)
+
+
+def test_parse_modality():
+    assert parse_modality("plan 25 Gy/ 5 fx photons. primary, photon") == "photon"
+    assert parse_modality("HDR brachytherapy") == "brachy"
+    assert parse_modality("Proton") == "proton"
+    assert parse_modality("radiation") == UNPARSED
+
+
+def test_modality_weighted_by_hand():
+    golds = ["photon", "photon", "photon", "proton", "electron", "brachy"]
+    preds = ["photons", "proton", "photon", "proton", "photon", "HDR brachy"]
+    m = modality_metrics(golds, preds)
+    # photon: tp 2, predicted 3, support 3 → P 2/3 R 2/3 F1 2/3; proton: tp 1, predicted 2 → P 1/2 R 1 F1 2/3;
+    # electron: 0 / 0 / 0 (support 1); brachy: 1 / 1 / 1 (support 1). Weights 3/6, 1/6, 1/6, 1/6.
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["precision"] == pytest.approx((3 * 2 / 3 + 0.5 + 0 + 1) / 6)
+    assert m["recall"] == pytest.approx((3 * 2 / 3 + 1 + 0 + 1) / 6)
+    assert m["f1"] == pytest.approx((3 * 2 / 3 + 2 / 3 + 0 + 1) / 6)
+    assert m["per_class"]["proton"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 1}
+
+
+def test_icd10_category_and_chapter():
+    assert icd10_category("C50.412") == "C50"
+    assert icd10_category("the code is c34.11") == "C34"
+    assert icd10_category("plan a 25 Gy") == UNPARSED
+    assert icd10_chapter("C50") == "II neoplasms" and icd10_chapter("D49") == "II neoplasms"
+    assert icd10_chapter("D50") == "III blood/immune" and icd10_chapter("I10") == "IX circulatory"
+    assert icd10_chapter("T88") == "XIX injury" and icd10_chapter(UNPARSED) == "other"
+
+
+def test_icd10_macro_and_chapter_confusion_by_hand():
+    golds = ["C50.412", "C50.1", "C61", "C34.1"]
+    preds = ["C50.911", "C61", "C61", "I10 hypertension"]
+    m = icd10_metrics(golds, preds)
+    # labels C34, C50, C61, I10: C34 0/0/0; C50 P 1 R 1/2 F1 2/3; C61 P 1/2 R 1 F1 2/3; I10 0/0/0
+    assert m["accuracy"] == pytest.approx(2 / 4)
+    assert m["precision"] == pytest.approx((0 + 1 + 0.5 + 0) / 4)
+    assert m["recall"] == pytest.approx((0 + 0.5 + 1 + 0) / 4)
+    assert m["f1"] == pytest.approx((2 / 3 + 2 / 3) / 4)
+    assert m["chapters"] == ["II neoplasms", "IX circulatory"]
+    assert m["chapter_confusion"] == [[3, 1], [0, 0]]
+
+
+def test_regimen_rouge1():
+    gold = "plan 25 Gy/ 5 fx photons. primary, photon, 25.0Gy, fractions:5"
+    assert regimen_rouge1([gold], [gold])["rouge1"] == pytest.approx(1.0)
+    # "30 gy in 10 fx" vs "plan 30 gy 10 fx": tokens overlap {30, gy, 10, fx} = 4 of 5 and 4 of 5 → F 0.8
+    assert regimen_rouge1(["plan 30 Gy 10 fx"], ["30 Gy in 10 fx"])["rouge1"] == pytest.approx(0.8)
+
+
+def test_temperature_scan():
+    res = temperature_scan(lambda t: t * 2)
+    assert res["temperatures"] == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert res["max"] == pytest.approx(2.0) and res["median"] == pytest.approx(1.1)
+    assert temperature_scan(lambda t: [t], [0.5], score_fn=lambda p: p[0] + 1)["scores"] == [1.5]
+
+
+def test_wilcoxon_greater_known_values():
+    # 10 runs all better: exact one-sided p = 1 / 2^10 (the paper's p = 0.001 with n = 10)
+    a = np.linspace(0.5, 0.6, 10)
+    r = wilcoxon_greater(a, a - np.arange(1, 11) / 100)
+    assert r["statistic"] == 55 and r["p_value"] == pytest.approx(1 / 1024) and r["significant"]
+    # differences 1..10 with signs + + - + - + + - + +: W+ = 1+2+4+6+7+9+10 = 39; exact P(W+ >= 39) = 141 / 1024
+    # (141 of the 1024 subsets of 1..10 sum to at least 39)
+    d = np.array([1, 2, -3, 4, -5, 6, 7, -8, 9, 10], dtype=float)
+    r = wilcoxon_greater(d, np.zeros(10))
+    assert r["statistic"] == 39 and r["p_value"] == pytest.approx(141 / 1024) and not r["significant"]
+    assert wilcoxon_greater([1, 2], [1, 2])["p_value"] == 1.0

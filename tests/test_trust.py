@@ -1,0 +1,59 @@
+"""BenchHealth trust metrics by hand, and k-shot prompts that never contain the example itself."""
+import pytest
+
+from cancerllm_jax.data.instruct import render_prompt
+from cancerllm_jax.eval.trust import draw_exemplars, entry_from_score, few_shot_prompt, trust_metrics
+
+
+def test_trust_metrics_by_hand():
+    results = {
+        "summarization": {"iu_xray": {"precision": 40.0, "recall": 30.0, "matching": {"rougeL": 30.0, "bleu": 10.0}},
+                          "mimic_cxr": {"precision": 20.0, "recall": 50.0, "matching": {"rougeL": 20.0, "bleu": 0.0}}},
+        "ner": {"bc5": {"precision": 70.0, "recall": 60.0, "matching": 64.0}},
+    }
+    m = trust_metrics(results)
+    assert m["faithfulness"] == pytest.approx((40 + 20) / 2 + 70)  # per-task mean precision, summed over tasks
+    assert m["comprehensiveness"] == pytest.approx((30 + 50) / 2 + 60)
+    assert m["generalizability"] == pytest.approx((30 + 10 + 20 + 0 + 64) / 5)
+    # summarization dataset scores 20 and 10 → population variance 25; ner has one dataset → no variance
+    assert m["robustness_per_task"] == {"summarization": pytest.approx(25.0)}
+    assert m["robustness"] == pytest.approx(25.0)
+
+
+def test_entry_from_score():
+    s = {"em_p": 10, "em_r": 20, "em_f1": 15, "bleu2_p": 40, "bleu2_r": 50, "bleu2_f1": 45,
+         "rougeL_p": 70, "rougeL_r": 80, "rougeL_f1": 75, "avg_f1": 45}
+    e = entry_from_score(s)
+    assert e["precision"] == pytest.approx(40) and e["recall"] == pytest.approx(50)
+    assert e["matching"] == {"em_f1": 15, "bleu2_f1": 45, "rougeL_f1": 75}
+
+
+def _train(n=8):
+    return [{"id": f"t{i}", "instruction": "Give the diagnosis.", "context": f"note {i}", "response": f"dx {i}"}
+            for i in range(n)]
+
+
+def test_zero_shot_is_the_generation_prompt():
+    ex = {"id": "q", "instruction": "Give the diagnosis.", "context": "query note", "response": "dx q"}
+    assert few_shot_prompt(ex, _train(), 0) == render_prompt(ex["instruction"], ex["context"], for_generation=True)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_k_shot_never_includes_the_example(k):
+    train = _train(6)
+    for ex in train:  # the example is itself in the training split: it must never be an exemplar
+        shots = draw_exemplars(ex, train, k, seed=0)
+        assert len(shots) == k and ex not in shots and len({s["id"] for s in shots}) == k
+        prompt = few_shot_prompt(ex, train, k, seed=0)
+        assert prompt.count("### Instruction:") == k + 1
+        assert f"note {ex['id'][1:]}\n" in prompt and ex["response"] not in prompt
+        assert prompt.endswith(render_prompt(ex["instruction"], ex["context"], for_generation=True))
+        assert all(f"### Response:\n{s['response']}" in prompt for s in shots)
+
+
+def test_k_shot_is_seeded():
+    ex = {"id": "q", "instruction": "i", "context": "c", "response": "r"}
+    assert draw_exemplars(ex, _train(), 3, seed=1) == draw_exemplars(ex, _train(), 3, seed=1)
+    assert any(draw_exemplars(ex, _train(), 3, seed=1) != draw_exemplars(ex, _train(), 3, seed=s) for s in range(2, 6))
+    with pytest.raises(ValueError):
+        draw_exemplars(_train(3)[0], _train(3), 3, seed=0)
