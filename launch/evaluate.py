@@ -4,8 +4,14 @@
     python launch/evaluate.py score --gold test.jsonl --pred predictions.jsonl [--protocol standard|reference]
                                     [--json scores.json] [--per-instance rows.jsonl]
     python launch/evaluate.py score --pred runner_output.jsonl   # a file carrying both `gold` and `prediction`
+    python launch/evaluate.py run --model PATH [--model PATH2 ...] [--name NAME ...]
+                                  --tasks phenotype,diagnosis,treatment_plan --data synthetic|DIR|FILE --out OUT
+                                  [--limit N] [--batch-size B] [--protocol standard|reference] [--temperature T]
+                                  [--max-new-tokens N|task=N,...] [--max-input-tokens N|task=N,...] [--dtype] [--mesh]
+    python launch/evaluate.py report --out OUT [--protocol reference]   # re-score prediction files, no decoding
 
-``run`` (generate, then score) is reserved for the task runner and not implemented yet.
+``run`` decodes every (model, task), resuming from OUT/predictions/ when interrupted, and writes OUT/metrics.json,
+OUT/report.md and PNG plots.
 """
 from __future__ import annotations
 
@@ -53,15 +59,73 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_limits(text: str | None, tasks: list[str], flag: str) -> dict[str, int]:
+    """``"64"`` (every task) or ``"diagnosis=64,treatment_plan=128"`` → {task: N}."""
+    from cancerllm_jax.errors import UserError
+
+    if not text:
+        return {}
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        name, _, value = part.strip().rpartition("=")
+        try:
+            n = int(value)
+        except ValueError:
+            raise UserError(f"{flag} {text!r}: expected N or task=N,... with integers") from None
+        if n < 1:
+            raise UserError(f"{flag}: limits must be at least 1, got {n}")
+        if name and name not in tasks:
+            raise UserError(f"{flag}: {name!r} is not one of the tasks being run ({', '.join(tasks)})")
+        for t in ([name] if name else tasks):
+            out[t] = n
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """Placeholder for generate-then-score."""
-    print("evaluate.py run: not implemented yet (generate predictions with the task runner, then use `score`)",
-          file=sys.stderr)
-    return 2
+    """Generate with each model on each task (resuming), score, write metrics.json, report.md and plots."""
+    if args.mesh:
+        from cancerllm_jax.sharding import ensure_host_devices, parse_mesh
+
+        d, m = parse_mesh(args.mesh)
+        ensure_host_devices(d * m)
+    from cancerllm_jax.eval.runner import Decoding, RunConfig, model_names, run
+    from cancerllm_jax.eval.tasks import parse_tasks
+
+    specs = parse_tasks(args.tasks)
+    names = [s.name for s in specs]
+    new = parse_limits(args.max_new_tokens, names, "--max-new-tokens")
+    inp = parse_limits(args.max_input_tokens, names, "--max-input-tokens")
+    specs = [s.with_limits(inp.get(s.name), new.get(s.name)) for s in specs]
+    cfg = RunConfig(models=model_names(args.model, args.name), tasks=specs, data=args.data, out=args.out,
+                    limit=args.limit, protocol=args.protocol,
+                    decoding=Decoding(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      seed=args.seed, batch_size=args.batch_size),
+                    dtype=args.dtype, mesh=args.mesh or "1x1", tokenizer=args.tokenizer)
+    metrics = run(cfg)
+    _print_summary(metrics)
+    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def _print_summary(metrics: dict[str, Any]) -> None:
+    models = list(metrics["models"])
+    print(f"{'Avg F1':<16}" + "".join(f"{m[:22]:>24}" for m in models))
+    for task, by_model in metrics["results"].items():
+        print(f"{task:<16}" + "".join(f"{by_model[m]['avg_f1']:>24.2f}" for m in models))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Re-score a run folder from its prediction files and rewrite metrics.json and report.md."""
+    from cancerllm_jax.eval.runner import rescore
+
+    metrics = rescore(args.out, args.protocol)
+    _print_summary(metrics)
+    print(f"re-scored with protocol {metrics['protocol']}; wrote {Path(args.out) / 'report.md'}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI: ``score`` now, ``run`` later."""
+    """The CLI: ``score``, ``run`` and ``report``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0], parents=[common])
@@ -77,8 +141,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-instance", metavar="OUT.jsonl", help="write one JSON line of scores per instance")
     s.set_defaults(func=cmd_score)
 
-    r = sub.add_parser("run", parents=[common], help="generate with a model, then score (not implemented yet)")
+    r = sub.add_parser("run", parents=[common], help="generate with one or more models on the tasks, then score")
+    r.add_argument("--model", action="append", required=True,
+                   help="HF folder, converted checkpoint or training run; repeat to compare models side by side")
+    r.add_argument("--name", action="append", help="display name per --model (default: the folder name)")
+    r.add_argument("--tasks", default="phenotype,diagnosis,treatment_plan",
+                   help="comma-separated tasks (default: the three CancerLLM tasks); also radonc_regimen, "
+                        "radonc_modality, radonc_icd10")
+    r.add_argument("--data", default="synthetic",
+                   help="synthetic[:PATIENTS[:SEED]] (default), a folder with <task>/test.jsonl, or one JSONL file")
+    r.add_argument("--out", required=True, help="output folder (an existing run there is resumed)")
+    r.add_argument("--limit", type=int, help="only the first N test instances of each task")
+    r.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    r.add_argument("--protocol", choices=PROTOCOLS, default="standard", help="metric choices (default: standard)")
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=0, help="sampling seed (unused when greedy)")
+    r.add_argument("--max-new-tokens", help="override the paper's limits: N for every task or task=N,...")
+    r.add_argument("--max-input-tokens", help="override the prompt budgets: N or task=N,...")
+    r.add_argument("--dtype", default="float32", help="weight/compute dtype (float32, bfloat16)")
+    r.add_argument("--mesh", help="DATAxMODEL device mesh (default 1x1)")
+    r.add_argument("--tokenizer", help="tokenizer spec when the model folder has none")
     r.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", parents=[common], help="re-score a run folder from its prediction files")
+    p.add_argument("--out", required=True, help="a folder written by `run`")
+    p.add_argument("--protocol", choices=PROTOCOLS, help="default: the run's protocol")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

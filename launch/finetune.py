@@ -23,7 +23,7 @@ def parse(argv=None):
     p.add_argument("--data", help="training JSONL ({instruction, context, response})")
     p.add_argument("--eval-data", help="held-out JSONL for the per-epoch eval loss")
     p.add_argument("--epochs", type=float)
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # key=value overrides may come between flags
 
 
 @cli_main

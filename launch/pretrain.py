@@ -28,8 +28,11 @@ def main(argv=None):
     from cancerllm_jax.train.config import PretrainConfig, resolve
 
     overrides = list(args.overrides)
-    if args.data:
-        overrides.append("data.sources=" + ",".join(args.data))
+    # `--data a.jsonl lora.rank=4`: a key=value that is not a file is an override, not a data source
+    data = [d for d in args.data or [] if os.path.exists(d) or "=" not in d or any(c in d for c in "*?[")]
+    overrides += [d for d in args.data or [] if d not in data]
+    if data:
+        overrides.append("data.sources=" + ",".join(data))
     if args.skip_bad_lines:
         overrides.append("data.skip_bad_lines=true")
     if args.no_segment_mask:

@@ -1,0 +1,319 @@
+#!/usr/bin/env python
+"""The whole CancerLLM protocol in one command, vanilla vs tuned side by side, written up as one report.
+
+    python launch/reproduce.py --scale cpu-small [--out DIR] [--data DIR]
+    python launch/reproduce.py --scale 7b --model /models/Mistral-7B-v0.1 [--pretrain-data 'notes/*.jsonl'] \\
+        [--data DIR] [--out DIR]
+
+Stages (each a launcher of its own, logged to OUT/logs/<stage>.log; a stage whose output exists is skipped, so an
+interrupted run continues where it stopped):
+
+1. data          synthetic data (``write_dataset``) unless ``--data DIR`` holds ``<task>/{train,val,test}.jsonl``
+2. pretrain      LoRA continued pretraining on notes (``launch/pretrain.py``)
+3. finetune      LoRA instruction tuning of the pretrained model on the three tasks' training splits together
+                 (``launch/finetune.py``)
+4. evaluate      vanilla vs tuned on phenotype / diagnosis / treatment plan (``launch/evaluate.py run``): Tables 2-4
+                 and the efficiency table (Table 7)
+5. robustness    misspelled test sets (Table 6) for the tuned model, and counterfactual phenotype labels (Table 5)
+                 for the vanilla base (``launch/robustness.py``)
+6. report        OUT/report.md: stage times, the evaluation report, and the robustness tables
+
+``cpu-small``: SmolLM2-135M-Instruct (imported from its GGUF with ``tools/import_gguf.py``), short sequences, a few
+dozen optimiser steps, a few test instances per task and shortened generation budgets (the vanilla model does not
+stop by itself; diagnosis/treatment-plan answers are < 100 tokens), sized to finish on a 2-core CPU within an hour.
+``7b``: the paper's settings (configs/pretrain/cancerllm_7b.yaml, the fine-tuning defaults, paper decoding limits,
+whole test sets, bf16) for a GPU host.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import _bootstrap  # noqa: F401
+
+from cancerllm_jax.errors import UserError, cli_main
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EVAL_TASKS = ("phenotype", "diagnosis", "treatment_plan")
+
+
+@dataclass
+class Scale:
+    patients: int
+    pretrain: list[str]  # extra args for launch/pretrain.py
+    finetune: list[str]  # extra args for launch/finetune.py
+    train_limits: dict[str, int] | None  # training rows per task in the joint training set (None: all)
+    evaluate: list[str]  # extra args for launch/evaluate.py run
+    misspell: list[str]
+    counterfactual: list[str] | None
+    dtype: str = "float32"
+    notes: list[str] = field(default_factory=list)
+
+
+SCALES = {
+    "cpu-small": Scale(
+        patients=60,
+        pretrain=["--mesh", "1x1", "--steps", "12", "--batch-size", "2", "--save-every", "0", "data.block_size=256",
+                  "lora.rank=8", "optim.lr=5e-4", "eval_batches=1", "synthetic_documents=60"],
+        finetune=["--epochs", "1", "--batch-size", "4", "--save-every", "0", "lora.rank=16", "lora.alpha=32",
+                  "lora.dropout=0.0", "optim.lr=2e-3", "optim.warmup_ratio=0.1", "data.max_seq_len=512",
+                  "data.pack=true", "eval_batches=1"],
+        train_limits={"phenotype": 40, "diagnosis": 12, "treatment_plan": 12},
+        evaluate=["--limit", "12", "--batch-size", "6", "--max-new-tokens",
+                  "phenotype=24,diagnosis=40,treatment_plan=96"],
+        misspell=["--rates", "0.08,0.4,0.8", "--limit", "4", "--max-new-tokens", "96", "--decode-batch", "4"],
+        counterfactual=None,  # one fine-tuning per rate does not fit the CPU hour; run launch/robustness.py alone
+        notes=["cpu-small: 12 pretraining steps of 2 x 256 tokens and one fine-tuning epoch over 64 examples "
+               "(40 phenotype, 12 diagnosis, 12 treatment plan; sequences of at most 512 tokens) on a 2-core CPU; "
+               "shortened generation budgets (phenotype 24, diagnosis 40, treatment plan 96 new tokens instead of "
+               "50 / 500 / 500) and at most 12 test instances per task (the synthetic test split of 60 patients "
+               "has 6 diagnosis and 6 treatment-plan notes). The numbers show the pipeline working end to end, "
+               "not the paper's results."],
+    ),
+    "7b": Scale(
+        patients=2000,
+        pretrain=["--config", os.path.join(os.path.dirname(HERE), "configs", "pretrain", "cancerllm_7b.yaml")],
+        finetune=["--epochs", "5", "dtype=bfloat16"],
+        train_limits=None,
+        evaluate=["--batch-size", "32", "--dtype", "bfloat16"],
+        misspell=["--decode-batch", "32"],
+        counterfactual=["--rates", "0.2,0.4,0.6,0.8", "--epochs", "5"],
+        dtype="bfloat16",
+    ),
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[reproduce {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Pipeline:
+    def __init__(self, out: str):
+        self.out = os.path.abspath(out)
+        os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
+        self.state_path = os.path.join(self.out, "reproduce.json")
+        self.state = json.load(open(self.state_path)) if os.path.exists(self.state_path) else {"stages": {}}
+
+    def save(self) -> None:
+        with open(self.state_path + ".tmp", "w") as f:
+            json.dump(self.state, f, indent=2)
+        os.replace(self.state_path + ".tmp", self.state_path)
+
+    def stage(self, name: str, done: bool, cmd: list[str] | None = None, fn=None) -> None:
+        """Run one stage (a subprocess ``cmd`` or a function) unless ``done``; record its wall time."""
+        if done:
+            _log(f"{name}: already done, skipped")
+            self.state["stages"].setdefault(name, {})["skipped_last_run"] = True
+            self.save()
+            return
+        _log(f"{name}: " + (" ".join(shlex.quote(c) for c in cmd) if cmd else "running"))
+        t0 = time.time()
+        if cmd:
+            logf = os.path.join(self.out, "logs", f"{name}.log")
+            with open(logf, "w") as f:
+                p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=os.path.dirname(HERE))
+            if p.returncode != 0:
+                tail = open(logf).read()[-2000:]
+                raise UserError(f"stage {name} failed (exit {p.returncode}); log {logf}:\n{tail}")
+        else:
+            fn()
+        dt = time.time() - t0
+        self.state["stages"][name] = {"wall_s": round(dt, 1), "command": cmd and " ".join(map(shlex.quote, cmd))}
+        self.save()
+        _log(f"{name}: {dt:.0f} s")
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    os.replace(path + ".tmp", path)
+
+
+def _read_split(data: str, task: str, split: str) -> list[dict]:
+    from cancerllm_jax.eval.tasks import read_jsonl_records
+
+    return read_jsonl_records(os.path.join(data, task, f"{split}.jsonl"), task)
+
+
+def joint_training_set(data: str, out: str, limits: dict[str, int] | None) -> None:
+    """The three tasks' train (and val) splits in one file each, shuffled with a fixed seed."""
+    import random
+
+    for split in ("train", "val"):
+        rows = []
+        for task in EVAL_TASKS:
+            recs = _read_split(data, task, split)
+            if limits and task in limits:
+                recs = recs[:limits[task] if split == "train" else max(2, limits[task] // 8)]
+            rows += [{"id": f"{task}:{r['id']}", "instruction": r["instruction"], "context": r["context"],
+                      "response": r["response"]} for r in recs]
+        random.Random(0).shuffle(rows)
+        _write_jsonl(os.path.join(out, f"{split}.jsonl"), rows)
+
+
+def _done(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def write_combined_report(out: str, state: dict, scale: str) -> str:
+    """OUT/report.md: the pipeline's stages and times, then the evaluation report, then the robustness tables."""
+    lines = [f"# CancerLLM reproduction ({scale})", "",
+             "Continued pretraining → instruction tuning → the three tasks (vanilla vs tuned) → robustness → "
+             "efficiency, produced by `launch/reproduce.py`.", "", "## Pipeline", "",
+             "| Stage | Wall time | Command |", "|---|---:|---|"]
+    from cancerllm_jax.eval.report import hms
+
+    total = 0.0
+    for name, st in state["stages"].items():
+        total += st.get("wall_s", 0.0)
+        cmd = (st.get("command") or "").replace(out, "OUT").replace("|", "\\|")
+        lines.append(f"| {name} | {hms(st.get('wall_s'))} | `{cmd[:160]}{'…' if len(cmd) > 160 else ''}` |")
+    lines += [f"| **total** | **{hms(total)}** | |", ""]
+    for note in state.get("notes", []):
+        lines += [f"> {note}", ""]
+    ev = os.path.join(out, "eval", "report.md")
+    if os.path.exists(ev):
+        body = open(ev, encoding="utf-8").read().split("\n")
+        body = [("#" + ln if ln.startswith("#") else ln) for ln in body[1:]]  # demote headings
+        body = [ln.replace("](scores_", "](eval/scores_").replace("](efficiency.png", "](eval/efficiency.png")
+                for ln in body]
+        lines += ["## Evaluation: vanilla vs tuned", ""] + body
+    for sweep, table in (("misspell", "table6.md"), ("counterfactual", "table5.md")):
+        path = os.path.join(out, "robustness", sweep, table)
+        if os.path.exists(path):
+            lines += [f"## Robustness: {sweep} ({table[:-3].replace('table', 'Table ')}-shaped)", "",
+                      open(path, encoding="utf-8").read().strip(), ""]
+            png = os.path.join("robustness", sweep, "robustness.png")
+            if os.path.exists(os.path.join(out, png)):
+                lines += [f"![{sweep} sweep]({png})", ""]
+        elif sweep == "counterfactual":
+            lines += ["## Robustness: counterfactual (Table 5)", "",
+                      "Not run at this scale (one fine-tuning per noise rate); run "
+                      "`launch/robustness.py counterfactual` on its own.", ""]
+    path = os.path.join(out, "report.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=sorted(SCALES), required=True)
+    p.add_argument("--out", help="output folder (default: runs/reproduce-<scale>); an existing one is continued")
+    p.add_argument("--data", help="folder with <task>/{train,val,test}.jsonl (default: synthetic data)")
+    p.add_argument("--model", help="base model (default cpu-small: SmolLM2-135M-Instruct from its GGUF; "
+                                   "required for 7b)")
+    p.add_argument("--pretrain-data", nargs="+", help="pretraining JSONL/txt files (default: the synthetic notes)")
+    p.add_argument("--skip", default="", help="comma-separated stages to skip: pretrain,robustness")
+    p.add_argument("--debug", action="store_true")
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv=None):
+    args = parse(argv)
+    scale = SCALES[args.scale]
+    out = os.path.abspath(args.out or os.path.join("runs", f"reproduce-{args.scale}"))
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = skip - {"pretrain", "robustness"}
+    if unknown:
+        raise UserError(f"--skip: only pretrain and robustness can be skipped, got {sorted(unknown)}")
+    pipe = Pipeline(out)
+    pipe.state.update({"scale": args.scale, "notes": scale.notes})
+    py = sys.executable
+    t_start = time.time()
+
+    # 0. the base model
+    model = args.model
+    if model is None:
+        if args.scale == "7b":
+            raise UserError("--scale 7b needs --model (a Mistral-7B-v0.1 HF folder or converted checkpoint)")
+        from cancerllm_jax.checkpoint.gguf import import_gguf
+
+        t0 = time.time()
+        model = import_gguf()
+        pipe.state["stages"]["import_gguf"] = {"wall_s": round(time.time() - t0, 1),
+                                               "command": "cancerllm_jax.checkpoint.gguf.import_gguf()"}
+    pipe.state["base_model"] = model
+    pipe.save()
+
+    # 1. data
+    data = os.path.abspath(args.data) if args.data else os.path.join(out, "data")
+    if args.data:
+        for task in EVAL_TASKS:
+            for split in ("train", "val", "test"):
+                if not os.path.isfile(os.path.join(data, task, f"{split}.jsonl")):
+                    raise UserError(f"--data {data}: {task}/{split}.jsonl is missing")
+    else:
+        def make_data():
+            from cancerllm_jax.data.synthetic import write_dataset
+
+            write_dataset(data, scale.patients, seed=0, overwrite=True)
+
+        pipe.stage("data", _done(os.path.join(data, "DATA.md")), fn=make_data)
+    joint = os.path.join(out, "joint")
+    pipe.stage("joint_training_set", _done(os.path.join(joint, "val.jsonl")),
+               fn=lambda: joint_training_set(data, joint, scale.train_limits))
+
+    # 2. continued pretraining
+    tok = ["data.tokenizer=" + model] if os.path.isdir(model) and args.scale == "cpu-small" else []
+    pre_dir = os.path.join(out, "pretrain")
+    if "pretrain" not in skip:
+        sources = args.pretrain_data or ([os.path.join(data, "pretrain", "corpus.jsonl")]
+                                         if os.path.exists(os.path.join(data, "pretrain", "corpus.jsonl")) else None)
+        cmd = [py, os.path.join(HERE, "pretrain.py"), *scale.pretrain, "--workdir", pre_dir, f"model={model}", *tok]
+        if sources:
+            cmd[2:2] = ["--data", *sources]
+        pipe.stage("pretrain", _done(os.path.join(pre_dir, "DONE")), cmd)
+        open(os.path.join(pre_dir, "DONE"), "w").close()
+        tuned_base = pre_dir
+    else:
+        tuned_base = model
+
+    # 3. instruction tuning (all three tasks together)
+    ft_dir = os.path.join(out, "finetune")
+    cmd = [py, os.path.join(HERE, "finetune.py"), "--model", tuned_base, "--data", os.path.join(joint, "train.jsonl"),
+           "--eval-data", os.path.join(joint, "val.jsonl"), "--workdir", ft_dir, *scale.finetune, *tok]
+    pipe.stage("finetune", _done(os.path.join(ft_dir, "DONE")), cmd)
+    open(os.path.join(ft_dir, "DONE"), "w").close()
+
+    # 4. the three tasks, vanilla vs tuned, with the efficiency table
+    ev_dir = os.path.join(out, "eval")
+    cmd = [py, os.path.join(HERE, "evaluate.py"), "run", "--model", model, "--name", "vanilla", "--model", ft_dir,
+           "--name", "cancerllm-tuned", "--tasks", ",".join(EVAL_TASKS), "--data", data, "--out", ev_dir,
+           *scale.evaluate]
+    pipe.stage("evaluate", _done(os.path.join(ev_dir, "report.md")), cmd)
+
+    # 5. robustness
+    rb_script = os.path.join(HERE, "robustness.py")
+    if "robustness" not in skip and os.path.exists(rb_script):
+        ms = os.path.join(out, "robustness", "misspell")
+        cmd = [py, rb_script, "misspell", "--model", ft_dir, "--name", "cancerllm-tuned", "--data", data,
+               "--tasks", "diagnosis,treatment_plan", "--out", ms, *scale.misspell]
+        pipe.stage("robustness_misspell", _done(os.path.join(ms, "table6.md")), cmd)
+        if scale.counterfactual is not None:
+            cf = os.path.join(out, "robustness", "counterfactual")
+            cmd = [py, rb_script, "counterfactual", "--model", tuned_base, "--data", data, "--out", cf,
+                   *scale.counterfactual]
+            pipe.stage("robustness_counterfactual", _done(os.path.join(cf, "table5.md")), cmd)
+    elif "robustness" not in skip:
+        _log("robustness: launch/robustness.py not found; TODO: run the Table 5/6 sweeps when it exists")
+
+    # 6. one report
+    pipe.state["total_wall_s_this_invocation"] = round(time.time() - t_start, 1)
+    pipe.save()
+    path = write_combined_report(out, pipe.state, args.scale)
+    _log(f"done in {time.time() - t_start:.0f} s; report: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
