@@ -166,7 +166,7 @@ def _generate(graphdef, state, tokens, positions, segs, key, temperature, top_p,
     model = nnx.merge(graphdef, state)
     b = tokens.shape[0]
     cache = model.init_cache(b, cache_len)
-    logits, cache = model(tokens, positions, segs, cache=cache)
+    logits, cache = model(tokens, positions, segs, cache=cache, last_only=True)  # the head at the last slot only
     last = logits[:, -1]
     next_pos = positions[:, -1] + 1
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)

@@ -269,7 +269,7 @@ def run_torch(args, cfg, folder) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         dt = time.perf_counter() - t0
         rss_steps = max(rss_steps, rss_now())
         if i >= args.warmup:

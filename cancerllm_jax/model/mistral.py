@@ -98,8 +98,12 @@ class Mistral(nnx.Module):
 
     # -- the forward pass ----------------------------------------------------------------------------------------
     def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None, *,
-                 cache: dict | None = None, dropout_key: Array | None = None, return_hidden: bool = False):
+                 cache: dict | None = None, dropout_key: Array | None = None, return_hidden: bool = False,
+                 last_only: bool = False):
         """Logits ``[B, T, V]`` (compute dtype) and the updated cache (or ``None``).
+
+        ``last_only``: logits of the last position only (``[B, 1, V]``), as a prefill needs: the LM head is a
+        large share of a prefill's FLOPs (SmolLM2: vocab 49152 × hidden 576 per token).
 
         ``positions`` restart at 0 per packed document; attention stays within equal ``segment_ids``. With a
         ``cache`` (see ``init_cache``) the new tokens' keys/values are written at ``cache["index"]`` and queries
@@ -142,6 +146,8 @@ class Mistral(nnx.Module):
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if return_hidden:
             return x
+        if last_only:
+            x = x[:, -1:]
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         logits = x @ head.astype(x.dtype)
         new_cache = None

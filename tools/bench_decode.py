@@ -1,0 +1,437 @@
+#!/usr/bin/env python3
+"""Greedy generation throughput: our batched jitted decode vs transformers ``generate`` (one at a time, batched).
+
+    python tools/bench_decode.py --preset smollm2-135m [--prompts 16 --new 32 --batch 16 --prompt-tokens 128]
+        [--dtype float32|bfloat16] [--only ours|hf-single|hf-batched ...] [--json OUT] [--no-doc]
+
+The same model and the same prompts on every side: clinical instructions from ``cancerllm_jax.data.synthetic``,
+rendered with the Alpaca template for generation and cut to ``--prompt-tokens`` (the end of the context is cut,
+as ``encode_prompt`` does). EOS is ignored on every side (exactly ``--new`` tokens per prompt), so tokens/s count
+the same work. Reported per side: tokens/s over the whole run (warm: compilation is timed apart), time to first
+token (a 1-token run), ms per decode step ((T(new) − T(1)) / (new − 1)) and, on a GPU, the decode step's fraction
+of the HBM roofline: (weight bytes + KV-cache bytes read per step) / measured copy bandwidth / measured step time.
+Greedy agreement: our tokens vs transformers' one-at-a-time tokens, per prompt (exact match) and per token (up to
+the first divergence). Presets: ``smollm2-135m`` (real weights, CPU); ``mistral-7b`` (random weights of the real
+shape, bf16, GPU: ours only; for the batch-1 roofline).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+try:
+    import cancerllm_jax  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_train as bt  # noqa: E402  (machine(), rss, doc helpers)
+
+SIDES = ("ours", "hf-single", "hf-batched")
+
+
+# ------------------------------------------------------------------------------------------------------ prompts
+
+def clinical_prompts(tokenizer, n: int, budget: int, seed: int = 0) -> list[list[int]]:
+    """``n`` Alpaca generation prompts (``[bos] + prompt``) from the synthetic tasks, each within ``budget`` tokens."""
+    from cancerllm_jax.data.instruct import encode_prompt
+    from cancerllm_jax.data.synthetic import instruction_datasets
+
+    data = instruction_datasets(max(8, n), seed)
+    records = []
+    for split in ("test", "val", "train"):
+        for task in sorted(data):
+            records += data[task][split]
+    # round-robin over tasks so short and long contexts mix
+    by_task: dict = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r)
+    order, i = [], 0
+    while len(order) < n and any(i < len(v) for v in by_task.values()):
+        for task in sorted(by_task):
+            if i < len(by_task[task]) and len(order) < n:
+                order.append(by_task[task][i])
+        i += 1
+    out = []
+    for r in order:
+        ids, _ = encode_prompt(tokenizer, r["instruction"], r.get("context"), budget, for_generation=True,
+                               example_id=r["id"])
+        out.append([t for t in ids if t >= 0])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- ours
+
+def hbm_bandwidth() -> float | None:
+    """Measured device copy bandwidth (bytes read + written per second) on a GPU; None on CPU."""
+    import jax
+    import jax.numpy as jnp
+
+    if jax.default_backend() == "cpu":
+        return None
+    x = jnp.ones((256 * 2**20,), jnp.float32)  # 1 GiB
+    f = jax.jit(lambda a: a * 1.0001)
+    f(x).block_until_ready()
+    ts = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return 2 * x.nbytes / statistics.median(ts)
+
+
+def decode_step_bytes(cfg, dtype_bytes: int, batch: int, kv_len: float, cache_len: int | None = None) -> dict:
+    """Bytes a decode step must read: every weight once (the tied embedding once, as the LM head) + the KV cache.
+
+    ``kv_len``: filled KV slots per row (the minimum any decoder reads); ``cache_len``: slots our decoder actually
+    reads (its static cache), when different.
+    """
+    weights = cfg.num_params() * dtype_bytes
+    per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+    out = {"weight_bytes": weights, "kv_bytes_min": batch * kv_len * per_slot}
+    if cache_len is not None:
+        out["kv_bytes_read"] = batch * cache_len * per_slot
+    return out
+
+
+def roofline(cfg, dtype_bytes: int, batch: int, prompt_len: float, new: int, cache_len: int, step_s: float,
+             bandwidth: float | None) -> dict:
+    """HBM roofline of one decode step: minimal bytes (weights + filled KV, mid-generation) / bandwidth / step time."""
+    b = decode_step_bytes(cfg, dtype_bytes, batch, prompt_len + new / 2, cache_len)
+    out = dict(b)
+    if bandwidth:
+        ideal_s = (b["weight_bytes"] + b["kv_bytes_min"]) / bandwidth
+        out.update(bandwidth=bandwidth, ideal_step_s=ideal_s, roofline_fraction=ideal_s / step_s)
+    return out
+
+
+def run_ours(args, cfg, folder, prompts) -> dict:
+    import jax
+    import numpy as np
+
+    from cancerllm_jax.decode import bucket_length
+
+    t0 = time.perf_counter()
+    lm = load_ours(args, cfg, folder)
+    load_s = time.perf_counter() - t0
+    kw = dict(eos_id=[], batch_size=args.batch)
+
+    def timed(new):
+        t0 = time.perf_counter()
+        out = lm.generate(prompts, max_new_tokens=new, **kw)
+        return time.perf_counter() - t0, out
+
+    compile_s, _ = timed(args.new)  # compiles (and runs once)
+    compile1_s, _ = timed(1)
+    t_full, t_one = [], []
+    out = None
+    for _ in range(args.repeats):
+        dt, out = timed(args.new)
+        t_full.append(dt)
+        t_one.append(timed(1)[0])
+    full, one = statistics.median(t_full), statistics.median(t_one)
+    n_batches = -(-len(prompts) // args.batch)
+    step_s = (full - one) / max(args.new - 1, 1) / n_batches
+    res = {"tokens_per_s": len(prompts) * args.new / full, "total_s": full, "ttft_s": one / n_batches,
+           "ms_per_step": 1e3 * step_s, "compile_s": compile_s - full, "compile_1tok_s": compile1_s - one,
+           "load_s": load_s, "peak_rss": bt.rss_peak(), "backend": jax.default_backend(),
+           "runs": {"full_s": t_full, "one_s": t_one}, "tokens": out}
+    if jax.default_backend() != "cpu":
+        stats = jax.devices()[0].memory_stats() or {}
+        res["device_peak_bytes"] = int(stats.get("peak_bytes_in_use", 0))
+        plen = bucket_length(max(len(p) for p in prompts))
+        res["roofline"] = roofline(cfg, np.dtype(args.dtype).itemsize if args.dtype != "bfloat16" else 2,
+                                   min(args.batch, len(prompts)), statistics.mean(len(p) for p in prompts),
+                                   args.new, plen + args.new, step_s, hbm_bandwidth())
+    return res
+
+
+def load_ours(args, cfg, folder):
+    import cancerllm_jax as cj
+
+    if folder:
+        return cj.load(folder, dtype=args.dtype)
+    from cancerllm_jax import sharding
+    from cancerllm_jax.api import LM
+    from cancerllm_jax.model import model_from_params
+
+    params = bt.random_params(cfg, args.dtype)
+    model = model_from_params(cfg, params, dtype=args.dtype)
+    return LM(model, cfg, None, sharding.make_mesh((1, 1)), source=args.preset)
+
+
+# ----------------------------------------------------------------------------------------------------------- HF
+
+def load_hf(args, cfg, folder):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if folder:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=tdt, local_files_only=True)
+    else:
+        with torch.device(dev):
+            model = AutoModelForCausalLM.from_config(bt.hf_config(cfg), dtype=tdt)
+    model.to(dev).eval()
+    model.generation_config.eos_token_id = None  # exactly `new` tokens, like ours with eos_id=[]
+    model.generation_config.pad_token_id = 0
+    return model, dev
+
+
+def hf_generate(model, dev, rows: list[list[int]], new: int) -> list[list[int]]:
+    """Greedy, left-padded batch; returns the generated ids per row."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[:, width:].tolist()
+
+
+def run_hf(args, cfg, folder, prompts, batched: bool) -> dict:
+    import torch
+
+    t0 = time.perf_counter()
+    model, dev = load_hf(args, cfg, folder)
+    load_s = time.perf_counter() - t0
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    bs = args.batch if batched else 1
+    chunks = [prompts[i:i + bs] for i in range(0, len(prompts), bs)]
+
+    def timed(new):
+        out = []
+        sync()
+        t0 = time.perf_counter()
+        for c in chunks:
+            out += hf_generate(model, dev, c, new)
+        sync()
+        return time.perf_counter() - t0, out
+
+    hf_generate(model, dev, chunks[0], 2)  # warm-up (allocator, kernels)
+    t_full, t_one = [], []
+    out = None
+    for _ in range(args.hf_repeats):
+        dt, out = timed(args.new)
+        t_full.append(dt)
+        t_one.append(timed(1)[0])
+    full, one = statistics.median(t_full), statistics.median(t_one)
+    step_s = (full - one) / max(args.new - 1, 1) / len(chunks)
+    res = {"tokens_per_s": len(prompts) * args.new / full, "total_s": full, "ttft_s": one / len(chunks),
+           "ms_per_step": 1e3 * step_s, "load_s": load_s, "peak_rss": bt.rss_peak(), "backend": dev,
+           "runs": {"full_s": t_full, "one_s": t_one}, "tokens": out, "threads": torch.get_num_threads()}
+    if dev == "cuda":
+        res["device_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    return res
+
+
+# --------------------------------------------------------------------------------------------------------- main
+
+def agreement(ours: list[list[int]], ref: list[list[int]]) -> dict:
+    exact = sum(a == b for a, b in zip(ours, ref))
+    prefix = total = 0
+    for a, b in zip(ours, ref):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        prefix += n
+        total += len(b)
+    return {"prompts_identical": exact, "prompts": len(ref), "tokens_before_divergence": prefix,
+            "tokens": total, "token_agreement": prefix / max(total, 1)}
+
+
+def child(args) -> dict:
+    folder = bt.smollm2_folder(args.smollm2_dir) if args.preset == "smollm2-135m" else None
+    cfg = bt.model_config(args.preset, folder)
+    with open(args.prompts_file, encoding="utf-8") as f:
+        prompts = json.load(f)
+    if args.only == "ours":
+        return run_ours(args, cfg, folder, prompts)
+    return run_hf(args, cfg, folder, prompts, batched=args.only == "hf-batched")
+
+
+def make_prompts(args) -> list[list[int]]:
+    if args.preset == "smollm2-135m":
+        from cancerllm_jax.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(args.smollm2_dir)
+    else:
+        from cancerllm_jax.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(None)  # the Mistral v1 SentencePiece model
+    return clinical_prompts(tok, args.prompts, args.prompt_tokens)
+
+
+def fmt_mem(r):
+    return bt.fmt_mem(r)
+
+
+def table(res: dict) -> str:
+    lines = [f"{'side':<14}{'tok/s':>9}{'total s':>9}{'TTFT ms':>10}{'ms/step':>10}{'memory':>18}{'compile s':>11}"
+             f"{'roofline':>10}"]
+    for side, r in res.items():
+        comp = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
+        roof = r.get("roofline", {}).get("roofline_fraction")
+        roof = f"{100 * roof:.1f}%" if roof else "-"
+        lines.append(f"{side:<14}{r['tokens_per_s']:>9.1f}{r['total_s']:>9.2f}{1e3 * r['ttft_s']:>10.1f}"
+                     f"{r['ms_per_step']:>10.1f}{fmt_mem(r):>18}{comp:>11}{roof:>10}")
+    return "\n".join(lines)
+
+
+def append_doc(args, res, agree, command, mach, load) -> None:
+    def cell(r):
+        if not r:
+            return "-"
+        s = f"{r['tokens_per_s']:.1f} tok/s, TTFT {1e3 * r['ttft_s']:.0f} ms, {r['ms_per_step']:.1f} ms/step"
+        if "compile_s" in r:
+            s += f", compile {r['compile_s']:.1f} s"
+        roof = r.get("roofline", {}).get("roofline_fraction")
+        if roof:
+            s += f", roofline {100 * roof:.1f}%"
+        return s
+
+    o, s, b = res.get("ours"), res.get("hf-single"), res.get("hf-batched")
+    r1 = f"{o['tokens_per_s'] / s['tokens_per_s']:.1f}×" if o and s else "-"
+    r2 = f"{o['tokens_per_s'] / b['tokens_per_s']:.2f}×" if o and b else "-"
+    ag = (f"{agree['prompts_identical']}/{agree['prompts']} prompts, {100 * agree['token_agreement']:.1f}% tokens"
+          if agree else "-")
+    row = (f"| {datetime.date.today().isoformat()} | {mach} (load {load}) | `{command}` | {cell(o)} | {cell(s)} | "
+           f"{cell(b)} | {r1} | {r2} | {ag} | {args.note or ''} |\n")
+    header = "## Greedy generation (tools/bench_decode.py)"
+    cols = ("| date | machine | command | ours (JAX, batched) | HF generate, one at a time | HF generate, batched | "
+            "ours / one-at-a-time | ours / batched | greedy agreement | note |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    doc = bt.DOC
+    text = open(doc, encoding="utf-8").read() if os.path.isfile(doc) else "# Benchmarks\n"
+    if header not in text:
+        text = text.rstrip("\n") + f"\n\n{header}\n\n" + cols + row
+    else:
+        start = text.index(header)
+        nxt = text.find("\n## ", start + len(header))
+        section = text[start:] if nxt < 0 else text[start:nxt]
+        section = section.rstrip("\n") + "\n" + row
+        text = text[:start] + section + ("" if nxt < 0 else "\n" + text[nxt:])
+    with open(doc, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def main(argv=None) -> int:
+    import subprocess
+    import tempfile
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=("smollm2-135m", "mistral-7b"), default="smollm2-135m")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--new", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=128, help="token budget of every prompt (incl. BOS)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of ours (median)")
+    p.add_argument("--hf-repeats", type=int, default=1, help="timed runs of each transformers side (median)")
+    p.add_argument("--only", action="append", choices=SIDES, help="run only these sides (repeatable)")
+    p.add_argument("--smollm2-dir")
+    p.add_argument("--json")
+    p.add_argument("--no-doc", action="store_true")
+    p.add_argument("--note")
+    p.add_argument("--prompts-file", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.new < 2:
+        p.error("--new must be >= 2")
+
+    if args.child_out:
+        args.only = args.only[0]
+        res = child(args)
+        with open(args.child_out, "w", encoding="utf-8") as f:
+            json.dump(res, f)
+        return 0
+
+    if args.preset == "smollm2-135m":
+        args.smollm2_dir = bt.smollm2_folder(args.smollm2_dir)
+    sides = args.only or (list(SIDES) if args.preset == "smollm2-135m" else ["ours"])
+    prompts = make_prompts(args)
+    raw_argv = list(argv or sys.argv[1:])
+    command = "python tools/bench_decode.py " + " ".join(shlex.quote(a) for a in raw_argv)
+    tmpdir = tempfile.mkdtemp(prefix="bench-decode-")
+    pfile = os.path.join(tmpdir, "prompts.json")
+    with open(pfile, "w", encoding="utf-8") as f:
+        json.dump(prompts, f)
+    res = {}
+    load_before = bt.load_avg()
+    for side in sides:
+        out = os.path.join(tmpdir, f"{side}.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *[a for a in raw_argv], "--prompts-file", pfile,
+               "--child-out", out]
+        cmd = [c for c in cmd]
+        # the child runs exactly one side
+        cmd = _strip_only(cmd) + ["--only", side]
+        if args.smollm2_dir and "--smollm2-dir" not in cmd:
+            cmd += ["--smollm2-dir", args.smollm2_dir]
+        print(f"[{side}] running ...", file=sys.stderr, flush=True)
+        r = subprocess.run(cmd)
+        if r.returncode != 0:
+            print(f"[{side}] failed with exit code {r.returncode}", file=sys.stderr)
+            return r.returncode
+        with open(out, encoding="utf-8") as f:
+            res[side] = json.load(f)
+    load = f"{load_before} → {bt.load_avg()}"
+    mach = bt.machine()
+    agree = None
+    if "ours" in res and "hf-single" in res and args.preset == "smollm2-135m":
+        agree = agreement(res["ours"]["tokens"], res["hf-single"]["tokens"])
+    lens = [len(p) for p in prompts]
+    print(f"machine: {mach}; load avg {load}")
+    print(f"preset {args.preset}, {len(prompts)} prompts ({min(lens)}..{max(lens)} tokens, budget "
+          f"{args.prompt_tokens}), {args.new} new tokens each (EOS ignored), batch {args.batch}, dtype {args.dtype}")
+    print(table(res))
+    if "ours" in res and "hf-single" in res:
+        print(f"ours / HF one at a time: {res['ours']['tokens_per_s'] / res['hf-single']['tokens_per_s']:.1f}x")
+    if "ours" in res and "hf-batched" in res:
+        print(f"ours / HF batched: {res['ours']['tokens_per_s'] / res['hf-batched']['tokens_per_s']:.2f}x")
+    if agree:
+        print(f"greedy agreement with HF (one at a time): {agree['prompts_identical']}/{agree['prompts']} prompts "
+              f"identical, {100 * agree['token_agreement']:.1f}% of tokens before the first divergence")
+    if "hf-single" in res and "hf-batched" in res:
+        a2 = agreement(res["hf-batched"]["tokens"], res["hf-single"]["tokens"])
+        print(f"(HF batched vs HF one at a time: {a2['prompts_identical']}/{a2['prompts']} prompts identical)")
+    out = {"preset": args.preset, "prompts": len(prompts), "prompt_lengths": lens, "new": args.new,
+           "batch": args.batch, "dtype": args.dtype, "machine": mach, "load": load, "command": command,
+           "date": datetime.datetime.now().isoformat(timespec="seconds"), "results": res, "agreement": agree}
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=2)
+    if not args.no_doc:
+        append_doc(args, res, agree, command, mach, load)
+    return 0
+
+
+def _strip_only(cmd: list[str]) -> list[str]:
+    out, skip = [], False
+    for c in cmd:
+        if skip:
+            skip = False
+            continue
+        if c == "--only":
+            skip = True
+            continue
+        if c.startswith("--only="):
+            continue
+        out.append(c)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
