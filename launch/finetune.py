@@ -12,7 +12,8 @@ import sys
 import _bootstrap  # noqa: F401
 
 from cancerllm_jax.errors import cli_main
-from cancerllm_jax.launch_common import add_train_flags, announce, cli_values, default_workdir, start_runtime
+from cancerllm_jax.launch_common import (add_train_flags, announce, announce_privacy, cli_values, default_workdir,
+                                         start_runtime)
 
 
 def parse(argv=None):
@@ -40,6 +41,7 @@ def main(argv=None):
         overrides.append("data.skip_bad_lines=true")
     cli = {**cli_values(args), "model": args.model, "task": args.task, "epochs": args.epochs}
     cfg = resolve(FinetuneConfig, args.config, overrides, cli)
+    announce_privacy(cfg.log_examples)
     start_runtime(args, cfg.mesh)
 
     import dataclasses

@@ -45,6 +45,9 @@ def main(argv=None):
     args = parse(argv)
     if os.path.exists(args.out) and not args.overwrite:
         raise UserError(f"{args.out} exists; pass --overwrite to replace it")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"--out {args.out}: the folder {out_dir} does not exist; create it first")
     from cancerllm_jax.data.sources import read_jsonl
 
     records, skipped = read_jsonl(args.input, {}, args.skip_bad_lines, optional={
@@ -79,8 +82,23 @@ def main(argv=None):
     outs = lm.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
                        batch_size=args.batch_size, progress=True)
+    tmp = os.path.join(out_dir, f".{os.path.basename(args.out)}.tmp-{os.getpid()}")
+    try:
+        _write_predictions(tmp, args, records, texts, outs, lm)
+        os.replace(tmp, args.out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # disk full, interrupted: no partial file is left behind
+        raise
+    st = lm._decoder.last_stats
+    print(f"wrote {len(records)} predictions to {args.out}: {st['generated_tokens']} tokens in {st['time_s']:.1f} s "
+          f"({st['generated_tokens'] / max(st['time_s'], 1e-9):.1f} tok/s); {cut} contexts truncated, "
+          f"{skipped} bad lines skipped", file=sys.stderr)
+    return 0
+
+
+def _write_predictions(tmp, args, records, texts, outs, lm) -> None:
     eos = lm.tokenizer.eos_id
-    tmp = args.out + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for r, text, gen in zip(records, texts, outs):
             pred = lm.tokenizer.decode([t for t in gen if t != eos]).strip()
@@ -91,12 +109,8 @@ def main(argv=None):
             if "response" in r:
                 row["gold"] = r["response"]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, args.out)
-    st = lm._decoder.last_stats
-    print(f"wrote {len(records)} predictions to {args.out}: {st['generated_tokens']} tokens in {st['time_s']:.1f} s "
-          f"({st['generated_tokens'] / max(st['time_s'], 1e-9):.1f} tok/s); {cut} contexts truncated, "
-          f"{skipped} bad lines skipped", file=sys.stderr)
-    return 0
+        f.flush()
+        os.fsync(f.fileno())
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import sys
 import _bootstrap  # noqa: F401
 
 from cancerllm_jax.errors import cli_main
-from cancerllm_jax.launch_common import add_train_flags, announce, cli_values, default_workdir, start_runtime
+from cancerllm_jax.launch_common import (add_train_flags, announce, announce_privacy, cli_values, default_workdir,
+                                         start_runtime)
 
 
 def parse(argv=None):
@@ -38,6 +39,7 @@ def main(argv=None):
     if args.no_segment_mask:
         overrides.append("data.segment_mask=false")
     cfg = resolve(PretrainConfig, args.config, overrides, cli_values(args))
+    announce_privacy(cfg.log_examples)
     start_runtime(args, cfg.mesh)
 
     from cancerllm_jax.train.loop import Trainer

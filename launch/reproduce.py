@@ -173,7 +173,8 @@ def write_combined_report(out: str, state: dict, scale: str) -> str:
     total = 0.0
     for name, st in state["stages"].items():
         total += st.get("wall_s", 0.0)
-        cmd = (st.get("command") or "").replace(out, "OUT").replace("|", "\\|")
+        cmd = (st.get("command") or "(in process)").replace(out, "OUT").replace(sys.executable, "python")
+        cmd = cmd.replace(os.path.dirname(HERE) + os.sep, "").replace("|", "\\|")
         lines.append(f"| {name} | {hms(st.get('wall_s'))} | `{cmd[:160]}{'…' if len(cmd) > 160 else ''}` |")
     lines += [f"| **total** | **{hms(total)}** | |", ""]
     for note in state.get("notes", []):

@@ -329,8 +329,14 @@ def plot_sweeps(results: Sequence[SweepResult], path: str | os.PathLike, model_n
         ax.set_title(f"{res.kind}: {task.replace('_', ' ')}\n{model_names.get(res.kind, '')}", fontsize=10)
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(str(path))}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=110)  # written elsewhere, then renamed: the PNG appears complete or not at all
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return str(path)
 
 
@@ -340,11 +346,13 @@ def write_outputs(out_dir: str | os.PathLike, result: SweepResult, model_name: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = out / ("table5.md" if result.kind == "counterfactual" else "table6.md")
-    table.write_text(table_markdown(result, model_name), encoding="utf-8")
+    from cancerllm_jax.train.run_io import write_text_atomic
+
+    write_text_atomic(str(table), table_markdown(result, model_name))
     js = out / "robustness.json"
     data = json.loads(js.read_text(encoding="utf-8")) if js.is_file() else {}
     data[result.kind] = {**result.to_json(), "model_name": model_name}
-    js.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(str(js), json.dumps(data, indent=2) + "\n")
     results = [SweepResult(v["kind"], v["rows"], v["mean_avg_f1"], v["settings"]) for k, v in sorted(data.items())]
     names = {k: v.get("model_name", "") for k, v in data.items()}
     png = plot_sweeps(results, out / "robustness.png", names)

@@ -134,15 +134,23 @@ class Mistral(nnx.Module):
         keys = (jax.random.split(dropout_key, n) if dropout_key is not None
                 else jnp.zeros((n, 2), jnp.uint32))
 
-        def body(h, xs):
-            w, key, kv = xs
-            h, new_kv = self._block(h, w, cos, sin, mask, key if dropout_key is not None else None, kv,
-                                    None if cache is None else cache["index"])
-            return h, new_kv
+        index = None if cache is None else cache["index"]
+
+        def body(carry, xs):
+            # The whole cache rides in the carry and each layer updates its own slots in place; passing it
+            # through xs/ys would copy every layer's cache on every decode step.
+            h, ck, cv = carry
+            w, key, layer = xs
+            kv = None if cache is None else (ck, cv, layer)
+            h, new_kv = self._block(h, w, cos, sin, mask, key if dropout_key is not None else None, kv, index)
+            if new_kv is not None:
+                ck, cv = new_kv
+            return (h, ck, cv), None
 
         if REMAT_POLICIES[self.remat] is not None or self.remat == "full":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        x, new_kv = jax.lax.scan(body, x, (weights, keys, kv_in))
+        kv0 = kv_in if kv_in is not None else (jnp.zeros((), x.dtype), jnp.zeros((), x.dtype))
+        (x, ck, cv), _ = jax.lax.scan(body, (x, *kv0), (weights, keys, jnp.arange(n)))
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if return_hidden:
             return x
@@ -152,7 +160,7 @@ class Mistral(nnx.Module):
         logits = x @ head.astype(x.dtype)
         new_cache = None
         if cache is not None:
-            new_cache = {"k": new_kv[0], "v": new_kv[1], "pos": k_pos, "index": cache["index"] + t}
+            new_cache = {"k": ck, "v": cv, "pos": k_pos, "index": cache["index"] + t}
         return logits, new_cache
 
     def _block(self, x, w, cos, sin, mask, key, kv, index):
@@ -165,9 +173,12 @@ class Mistral(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = None
         if kv is not None:
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
-            new_kv = (k, v)
+            ck, cv, layer = kv
+            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, index, 0, 0))
+            new_kv = (ck, cv)
+            k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
         attn = gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask).reshape(b, t, cfg.q_size)
         x = x + self._proj(attn, w["o"], key, 3)
         h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)

@@ -1,0 +1,476 @@
+"""Run models on the evaluation tasks, side by side, and score them with the paper's protocol.
+
+For every (model, task) the runner writes ``OUT/predictions/<model>__<task>.jsonl``, one row
+``{id, prompt_hash, gold, prediction}`` per test instance, appended and flushed as each batch finishes, plus
+``<model>__<task>.stats.jsonl`` with one line of timing/token/memory figures per decoded batch. A run that is
+interrupted and started again with the same ``--out`` resumes: instances already in the prediction file are not
+decoded again (their prompt hash must match the prompt built now, else it is an error). ``OUT/metrics.json`` and
+``OUT/report.md`` (with PNG plots) are written at the end; ``rescore(OUT)`` rebuilds both from the prediction
+files alone, without a model.
+
+Efficiency figures per (model, task): generation wall time for the whole test split (summed over batches,
+including any batch that compiled a new shape; ``steady_tokens_per_s`` leaves those out), generated tokens per
+second, and peak memory — JAX ``peak_bytes_in_use`` of the device on GPU/TPU, the process's peak RSS on CPU. Both
+peaks are process-wide high-water marks, so with several models in one process a later model's figure is at
+least the earlier one's.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cancerllm_jax.errors import UserError
+from cancerllm_jax.eval.protocol import PROTOCOLS, score
+from cancerllm_jax.eval.tasks import TaskSpec, build_prompt, describe_data, get_task, read_test_split
+
+PRED_FIELDS = ("id", "prompt_hash", "gold", "prediction")
+_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    path: str
+
+
+@dataclass
+class Decoding:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"greedy": self.temperature <= 0, "temperature": self.temperature, "top_k": self.top_k,
+                "top_p": self.top_p, "seed": self.seed, "batch_size": self.batch_size}
+
+
+@dataclass
+class RunConfig:
+    models: list[ModelEntry]
+    tasks: list[TaskSpec]
+    data: str = "synthetic"
+    out: str = "eval_out"
+    limit: int | None = None
+    protocol: str = "standard"
+    decoding: Decoding = field(default_factory=Decoding)
+    dtype: str = "float32"
+    mesh: str = "1x1"
+    tokenizer: str | None = None
+    progress: bool = True
+
+
+# ---------------------------------------------------------------- names and paths
+
+
+def model_names(paths: Sequence[str], names: Sequence[str] | None = None) -> list[ModelEntry]:
+    """Pair model paths with display names (default: the folder's base name; repeats get a suffix)."""
+    names = list(names or [])
+    if names and len(names) != len(paths):
+        raise UserError(f"got {len(paths)} --model but {len(names)} --name; give one name per model or none")
+    entries, used = [], set()
+    for i, path in enumerate(paths):
+        name = names[i] if names else (os.path.basename(os.path.normpath(path)) or f"model{i}")
+        name = _NAME_RE.sub("-", name).strip("-") or f"model{i}"
+        if name in used:
+            if names:
+                raise UserError(f"--name {name!r} given twice; model names must be unique")
+            k = 2
+            while f"{name}-{k}" in used:
+                k += 1
+            name = f"{name}-{k}"
+        used.add(name)
+        entries.append(ModelEntry(name, path))
+    return entries
+
+
+def pred_path(out: str, model: str, task: str) -> str:
+    return os.path.join(out, "predictions", f"{model}__{task}.jsonl")
+
+
+def stats_path(out: str, model: str, task: str) -> str:
+    return os.path.join(out, "predictions", f"{model}__{task}.stats.jsonl")
+
+
+# ---------------------------------------------------------------- prediction files
+
+
+def read_predictions(path: str, allow_torn_tail: bool = False) -> list[dict]:
+    """The rows of a prediction file, checked: JSON objects with ``id, prompt_hash, gold, prediction``, no duplicate
+    ids. With ``allow_torn_tail`` an unparsable LAST line without a newline (a write cut by an interrupt) is dropped
+    from the file; anywhere else it is an error."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    lines = text.split("\n")
+    rows, seen = [], {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            torn = number == len(lines) and not text.endswith("\n")
+            if torn and allow_torn_tail:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write("\n".join(lines[:-1]) + ("\n" if len(lines) > 1 else ""))
+                print(f"warning: {path}:{number}: dropped an incomplete last line (interrupted write); "
+                      "it will be decoded again", file=sys.stderr)
+                break
+            raise UserError(f"{path}:{number}: not valid JSON ({e.msg}); fix or delete the line "
+                            "(a deleted row is decoded again on the next run)") from e
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+        missing = [k for k in PRED_FIELDS if k not in obj]
+        if missing:
+            raise UserError(f"{path}:{number}: missing field(s) {', '.join(missing)} "
+                            f"(a prediction row is {{{', '.join(PRED_FIELDS)}}})")
+        for k in PRED_FIELDS:
+            if not isinstance(obj[k], str):
+                raise UserError(f"{path}:{number}: field '{k}' must be a string, got {json.dumps(obj[k])[:40]}")
+        if obj["id"] in seen:
+            raise UserError(f"{path}:{number}: duplicate id {obj['id']!r} (first on line {seen[obj['id']]})")
+        seen[obj["id"]] = number
+        obj["_line"] = number
+        rows.append(obj)
+    return rows
+
+
+def check_against_split(path: str, rows: list[dict], expected: dict[str, tuple[str, str]], complete: bool) -> None:
+    """Every row's id must be in the test split with the same prompt hash and gold; with ``complete`` every test id
+    must have a row."""
+    for row in rows:
+        where = f"{path}:{row['_line']}"
+        if row["id"] not in expected:
+            raise UserError(f"{where}: id {row['id']!r} is not in this run's test split ({len(expected)} instances); "
+                            "was the file written for other data or another --limit? Use another --out or delete it")
+        want_hash, want_gold = expected[row["id"]]
+        if want_hash is not None and row["prompt_hash"] != want_hash:
+            raise UserError(f"{where}: id {row['id']!r} has prompt_hash {row['prompt_hash']} but the prompt built now "
+                            f"hashes to {want_hash} (other data, template, tokenizer or --max-input-tokens); "
+                            "use another --out or delete the file to decode again")
+        if want_gold is not None and row["gold"] != want_gold:
+            raise UserError(f"{where}: id {row['id']!r}: its gold answer differs from the test split's")
+    if complete:
+        have = {r["id"] for r in rows}
+        missing = [i for i in expected if i not in have]
+        if missing:
+            raise UserError(f"{path}: {len(rows)} predictions for {len(expected)} test instances; missing ids: "
+                            f"{', '.join(map(repr, missing[:5]))}{' …' if len(missing) > 5 else ''}")
+
+
+def _append_jsonl(path: str, rows: list[dict]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_stats(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:  # a torn timing line only loses timing, never predictions
+                    print(f"warning: {path}:{number}: unreadable timing line skipped", file=sys.stderr)
+    return out
+
+
+def summarize_stats(batches: list[dict]) -> dict[str, Any]:
+    """Efficiency figures of one (model, task) from its per-batch lines."""
+    t = sum(b["time_s"] for b in batches)
+    gen = sum(b["generated_tokens"] for b in batches)
+    steady = [b for b in batches if not b.get("compiled")]
+    st, sg = sum(b["time_s"] for b in steady), sum(b["generated_tokens"] for b in steady)
+    peaks = [b["peak_memory_bytes"] for b in batches if b.get("peak_memory_bytes")]
+    return {
+        "instances_decoded": sum(b["n"] for b in batches), "batches": len(batches), "sessions": len(
+            {b.get("session") for b in batches}),
+        "generation_time_s": round(t, 3), "prompt_tokens": sum(b["prompt_tokens"] for b in batches),
+        "generated_tokens": gen, "tokens_per_s": round(gen / t, 2) if t > 0 else None,
+        "compile_batches": len(batches) - len(steady),
+        "steady_tokens_per_s": round(sg / st, 2) if st > 0 and sg else None,
+        "peak_memory_bytes": max(peaks) if peaks else None,
+        "memory_kind": batches[-1].get("memory_kind") if batches else None,
+        "context_tokens_cut": sum(b.get("context_tokens_cut", 0) for b in batches),
+    }
+
+
+# ---------------------------------------------------------------- environment
+
+
+def peak_memory() -> tuple[int | None, str]:
+    """``(bytes, kind)``: the first JAX device's ``peak_bytes_in_use`` on an accelerator, else the peak RSS."""
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        try:
+            stats = dev.memory_stats() or {}
+            if "peak_bytes_in_use" in stats:
+                return int(stats["peak_bytes_in_use"]), f"{dev.platform} peak_bytes_in_use ({dev.device_kind})"
+        except Exception:  # noqa: BLE001 - some backends have no memory stats
+            pass
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "host peak RSS (ru_maxrss)"
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "flax", "transformers", "numpy", "rouge-score", "sacrebleu", "nltk", "cancerllm_jax"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    try:
+        import subprocess
+
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        sha = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        if sha:
+            out["git_commit"] = sha
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+def device_info() -> dict[str, Any]:
+    import jax
+
+    devs = jax.devices()
+    return {"platform": devs[0].platform, "device_kind": devs[0].device_kind, "count": len(devs),
+            "host_cpus": os.cpu_count(), "machine": platform.machine()}
+
+
+# ---------------------------------------------------------------- decoding one (model, task)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg: RunConfig,
+                session: str, log: Callable[[str], None] = _log) -> tuple[dict[str, Any], dict]:
+    """Decode every record of one task not yet in the model's prediction file; returns the resume/decoding counts
+    and ``{id: (prompt_hash, gold)}`` of the test split."""
+    path, spath = pred_path(cfg.out, model.name, spec.name), stats_path(cfg.out, model.name, spec.name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    prompts = [build_prompt(lm.tokenizer, r, spec) for r in records]
+    expected = {p.id: (p.hash, p.gold) for p in prompts}
+    done_rows = read_predictions(path, allow_torn_tail=True)
+    check_against_split(path, done_rows, expected, complete=False)
+    done = {r["id"] for r in done_rows}
+    todo = [p for p in prompts if p.id not in done]
+    if done:
+        log(f"[{model.name} / {spec.name}] resuming: {len(done)} of {len(prompts)} already in {path}")
+    # longest first: batches of similar length pad less and compile fewer prompt buckets
+    todo.sort(key=lambda p: -len(p.ids))
+    bs = cfg.decoding.batch_size
+    batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
+    for b, batch in enumerate(batches):
+        n_fns = len(lm._decoder._fns) if lm._decoder is not None else 0
+        t0 = time.perf_counter()
+        outs = lm.generate([p.ids for p in batch], max_new_tokens=spec.max_new_tokens,
+                           temperature=cfg.decoding.temperature, top_k=cfg.decoding.top_k,
+                           top_p=cfg.decoding.top_p, seed=cfg.decoding.seed + b, batch_size=len(batch))
+        elapsed = time.perf_counter() - t0
+        compiled = len(lm._decoder._fns) > n_fns
+        eos = lm.tokenizer.eos_id
+        rows = []
+        for p, gen in zip(batch, outs, strict=True):
+            text = lm.tokenizer.decode([t for t in gen if t != eos])
+            for s in spec.stop:
+                cut = text.find(s)
+                if cut >= 0:
+                    text = text[:cut]
+            rows.append({"id": p.id, "prompt_hash": p.hash, "gold": p.gold, "prediction": text.strip()})
+        _append_jsonl(path, rows)
+        mem, kind = peak_memory()
+        stats = lm._decoder.last_stats
+        _append_jsonl(spath, [{"session": session, "batch": b, "n": len(batch), "time_s": round(elapsed, 4),
+                               "prompt_tokens": stats.get("prompt_tokens", sum(len(p.ids) for p in batch)),
+                               "generated_tokens": stats.get("generated_tokens", 0), "compiled": compiled,
+                               "peak_memory_bytes": mem, "memory_kind": kind,
+                               "context_tokens_cut": sum(p.context_tokens_cut for p in batch)}])
+        log(f"[{model.name} / {spec.name}] batch {b + 1}/{len(batches)}: {len(batch)} in {elapsed:.1f}s"
+            f"{' (compiled)' if compiled else ''}, {stats.get('generated_tokens', 0)} tokens")
+    return {"resumed": len(done), "decoded": len(todo)}, expected
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def score_predictions(path: str, protocol: str, expected: dict[str, tuple[str, str]] | None = None,
+                      order: Sequence[str] | None = None) -> dict[str, Any]:
+    """Score one prediction file (re-scoring needs no model). With ``expected`` (id → (hash, gold)) the file must
+    cover exactly the test split."""
+    if not os.path.exists(path):
+        raise UserError(f"{path}: prediction file not found")
+    rows = read_predictions(path)
+    if not rows:
+        raise UserError(f"{path}: no predictions")
+    if expected is not None:
+        check_against_split(path, rows, expected, complete=True)
+    by_id = {r["id"]: r for r in rows}
+    ids = [i for i in (order or by_id) if i in by_id]
+    result = score([by_id[i]["gold"] for i in ids], [by_id[i]["prediction"] for i in ids], protocol)
+    result["empty_predictions"] = sum(1 for i in ids if not by_id[i]["prediction"].strip())
+    return result
+
+
+def _radonc_metrics(task: str, golds: list[str], preds: list[str]) -> dict[str, Any] | None:
+    """Task-specific radiation-oncology metrics from ``eval/radonc.py`` when that module is available."""
+    try:
+        from cancerllm_jax.eval import radonc
+    except ImportError:
+        return None
+    fn = {"radonc_modality": "modality_metrics", "radonc_icd10": "icd10_metrics",
+          "radonc_regimen": "regimen_rouge1"}.get(task)
+    f = getattr(radonc, fn, None) if fn else None
+    if f is None:
+        return None
+    try:
+        out = f(golds, preds)
+    except Exception as e:  # noqa: BLE001 - never lose the main scores over an optional extra
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {k: v for k, v in out.items() if isinstance(v, (int, float, str))} if isinstance(out, dict) else None
+
+
+def score_all(metrics: dict[str, Any], out: str, protocol: str, split: dict[str, dict] | None = None) -> None:
+    """Fill ``metrics['results'][task][model]`` from the prediction files."""
+    results = metrics.setdefault("results", {})
+    for task in metrics["tasks"]:
+        for model in metrics["models"]:
+            path = pred_path(out, model, task)
+            expected = (split.get(task) or {}).get(model) if split else None
+            order = list(expected) if expected else None
+            res = score_predictions(path, protocol, expected, order)
+            res["efficiency"] = summarize_stats(read_stats(stats_path(out, model, task)))
+            res["predictions"] = os.path.relpath(path, out)
+            if get_task(task).kind == "radonc":
+                rows = read_predictions(path)
+                extra = _radonc_metrics(task, [r["gold"] for r in rows], [r["prediction"] for r in rows])
+                if extra:
+                    res["radonc"] = extra
+            prev = results.get(task, {}).get(model, {})
+            res.update({k: v for k, v in prev.items() if k in ("load_time_s", "resumed", "decoded")})
+            results.setdefault(task, {})[model] = res
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def run(cfg: RunConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Decode (resuming), score, write ``metrics.json`` and ``report.md``; returns the metrics."""
+    import cancerllm_jax as cj
+
+    if cfg.protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {cfg.protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    if cfg.decoding.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {cfg.decoding.batch_size}")
+    if not cfg.models:
+        raise UserError("give at least one --model")
+    os.makedirs(cfg.out, exist_ok=True)
+    records = {spec.name: read_test_split(spec.name, cfg.data, cfg.limit) for spec in cfg.tasks}
+    session = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    metrics: dict[str, Any] = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "protocol": cfg.protocol, "data": describe_data(cfg.data), "limit": cfg.limit,
+        "decoding": cfg.decoding.to_dict(), "dtype": cfg.dtype, "mesh": cfg.mesh,
+        "seeds": {"decoding": cfg.decoding.seed, "synthetic_data": cfg.data if cfg.data.startswith("synthetic")
+                  else None},
+        "models": {m.name: {"path": os.path.abspath(m.path) if os.path.exists(m.path) else m.path}
+                   for m in cfg.models},
+        "tasks": {s.name: {**s.to_dict(), "n": len(records[s.name]), "ids": [str(r["id"]) for r in records[s.name]]}
+                  for s in cfg.tasks},
+        "versions": versions(), "device": device_info(), "command": " ".join(sys.argv),
+    }
+    split: dict[str, dict] = {s.name: {} for s in cfg.tasks}
+    runs: dict[tuple[str, str], dict] = {}
+    for model in cfg.models:
+        t0 = time.perf_counter()
+        lm = cj.load(model.path, dtype=cfg.dtype, mesh=cfg.mesh, tokenizer=cfg.tokenizer)
+        load_s = time.perf_counter() - t0
+        if lm.tokenizer is None:
+            raise UserError(f"{model.path}: no tokenizer found; pass --tokenizer")
+        metrics["models"][model.name].update({"load_time_s": round(load_s, 2), "model_type": lm.cfg.model_type,
+                                              "params_m": _param_count(lm) / 1e6,
+                                              "tokenizer": getattr(lm.tokenizer, "name", type(lm.tokenizer).__name__)})
+        log(f"[{model.name}] loaded {model.path} in {load_s:.1f}s")
+        for spec in cfg.tasks:
+            counts, split[spec.name][model.name] = decode_task(lm, model, spec, records[spec.name], cfg, session, log)
+            runs[(spec.name, model.name)] = counts
+        del lm
+    score_all(metrics, cfg.out, cfg.protocol, split)
+    for (task, model), counts in runs.items():
+        metrics["results"][task][model].update(counts)
+    _write_json(os.path.join(cfg.out, "metrics.json"), metrics)
+    from cancerllm_jax.eval.report import write_report
+
+    write_report(cfg.out, metrics)
+    return metrics
+
+
+def _param_count(lm) -> float:
+    import jax
+
+    return float(sum(x.size for x in jax.tree.leaves(lm.state) if hasattr(x, "size")))
+
+
+def rescore(out: str, protocol: str | None = None, write: bool = True) -> dict[str, Any]:
+    """Re-score a finished run from its prediction files (no model, no decoding); rewrite metrics and report."""
+    path = os.path.join(out, "metrics.json")
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: rescore needs a finished `evaluate.py run` folder")
+    with open(path, encoding="utf-8") as f:
+        metrics = json.load(f)
+    protocol = protocol or metrics.get("protocol", "standard")
+    if protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
+    old = metrics.get("results", {})
+    counts = {task: {m: r.get("n") for m, r in by_model.items()} for task, by_model in old.items()}
+    # each file must cover exactly the run's test ids (gold and prompt hash are taken from the file)
+    split = {task: {m: {i: (None, None) for i in spec["ids"]} for m in metrics["models"]}
+             for task, spec in metrics["tasks"].items() if spec.get("ids")}
+    metrics["protocol"] = protocol
+    score_all(metrics, out, protocol, split or None)
+    for task, by_model in metrics["results"].items():
+        for model, res in by_model.items():
+            n = counts.get(task, {}).get(model)
+            if n is not None and res["n"] != n:
+                raise UserError(f"{pred_path(out, model, task)}: {res['n']} predictions but the run scored {n}; "
+                                "the file was changed since the run")
+    metrics["rescored"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    if write:
+        _write_json(path, metrics)
+        from cancerllm_jax.eval.report import write_report
+
+        write_report(out, metrics)
+    return metrics

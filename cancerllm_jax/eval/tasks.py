@@ -1,0 +1,218 @@
+"""The evaluation tasks: what each one asks, its decoding limits, how its prompts are built and where its test split
+comes from.
+
+The three CancerLLM tasks use the paper's limits (Table 7): phenotypes 1500 prompt tokens / 50 new tokens, diagnosis
+1500 / 500, treatment plan 4000 / 500. The radiation-oncology tasks (answers of a few words) use short limits.
+
+A test split comes from ``data``:
+
+- ``"synthetic"`` or ``"synthetic:PATIENTS[:SEED]"``: the built-in synthetic data (60 patients, seed 0 by default,
+  the same patients ``launch/finetune.py --task T`` trains on, so the test patients are unseen in training);
+- a folder: ``DIR/<task>/test.jsonl`` (the layout ``tools/make_synthetic_data.py`` writes) or ``DIR/<task>.jsonl``;
+- a ``.jsonl`` file: used for every requested task (so give one task).
+
+Records are ``{id?, instruction, context?, response}``; a missing ``instruction`` takes the task's default; a
+missing ``id`` becomes ``line<N>``. Nothing here imports jax.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from cancerllm_jax.errors import UserError
+
+DEFAULT_SYNTHETIC_PATIENTS = 60  # FinetuneConfig.synthetic_patients
+DEFAULT_SYNTHETIC_SEED = 0
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One evaluation task."""
+
+    name: str
+    title: str
+    max_input_tokens: int  # prompt budget incl. BOS; the CONTEXT is cut at its end to fit
+    max_new_tokens: int
+    paper_table: str  # where the paper reports it
+    kind: str = "generation"  # "generation" (EM/BLEU-2/ROUGE-L) or "radonc" (also eval/radonc.py metrics)
+    stop: tuple[str, ...] = ()  # the protocol decodes to EOS or the limit; no stop strings by default
+
+    def with_limits(self, max_input_tokens: int | None = None, max_new_tokens: int | None = None) -> TaskSpec:
+        """A copy with other limits (``None`` keeps a limit)."""
+        return replace(self, max_input_tokens=max_input_tokens or self.max_input_tokens,
+                       max_new_tokens=max_new_tokens or self.max_new_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+TASKS: dict[str, TaskSpec] = {
+    "phenotype": TaskSpec("phenotype", "Cancer phenotype extraction", 1500, 50, "Table 2"),
+    "diagnosis": TaskSpec("diagnosis", "Cancer diagnosis generation", 1500, 500, "Table 3"),
+    "treatment_plan": TaskSpec("treatment_plan", "Cancer treatment plan generation", 4000, 500, "Table 4"),
+    "radonc_regimen": TaskSpec("radonc_regimen", "Radiation treatment regimen", 1024, 64, "RadOnc (ROUGE-1)",
+                               kind="radonc"),
+    "radonc_modality": TaskSpec("radonc_modality", "Radiation treatment modality", 1024, 8, "RadOnc (accuracy)",
+                                kind="radonc"),
+    "radonc_icd10": TaskSpec("radonc_icd10", "ICD-10 code prediction", 1024, 16, "RadOnc (accuracy)",
+                             kind="radonc"),
+}
+CANCERLLM_TASKS = ("phenotype", "diagnosis", "treatment_plan")
+
+
+def get_task(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def parse_tasks(text: str | list[str]) -> list[TaskSpec]:
+    """``"phenotype,diagnosis"`` (or a list; ``all`` = the three CancerLLM tasks) → specs, duplicates dropped."""
+    names = text.split(",") if isinstance(text, str) else list(text)
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        names = list(CANCERLLM_TASKS)
+    if not names:
+        raise UserError("no tasks given; e.g. --tasks phenotype,diagnosis,treatment_plan")
+    return [get_task(n) for n in dict.fromkeys(names)]
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def prompt_hash(text: str) -> str:
+    """First 16 hex digits of the prompt text's sha256."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class Prompt:
+    """A generation prompt: the ids fed to the model (``[bos] + prompt``), the text they spell and its hash."""
+
+    id: str
+    ids: list[int]
+    text: str
+    hash: str
+    context_tokens_cut: int
+    gold: str
+
+
+def build_prompt(tokenizer, record: dict, spec: TaskSpec) -> Prompt:
+    """The Alpaca generation prompt of one record within ``spec.max_input_tokens`` (cutting the context's end)."""
+    from cancerllm_jax.data.instruct import encode_prompt, render_prompt
+    from cancerllm_jax.data.pretrain import strip_special
+
+    ids, cut = encode_prompt(tokenizer, record["instruction"], record.get("context") or "", spec.max_input_tokens,
+                             for_generation=True, example_id=str(record["id"]))
+    if cut == 0:
+        text = render_prompt(record["instruction"], record.get("context") or "", for_generation=True)
+    else:  # the text the model actually sees
+        text = tokenizer.decode(strip_special(ids, tokenizer))
+    return Prompt(str(record["id"]), ids, text, prompt_hash(text), cut, record["response"])
+
+
+# ---------------------------------------------------------------- test splits
+
+
+def _parse_synthetic(data: str) -> tuple[int, int] | None:
+    if data != "synthetic" and not data.startswith("synthetic:"):
+        return None
+    parts = data.split(":")[1:]
+    try:
+        patients = int(parts[0]) if parts and parts[0] else DEFAULT_SYNTHETIC_PATIENTS
+        seed = int(parts[1]) if len(parts) > 1 else DEFAULT_SYNTHETIC_SEED
+    except ValueError:
+        raise UserError(f"--data {data!r}: expected synthetic, synthetic:PATIENTS or synthetic:PATIENTS:SEED") from None
+    if len(parts) > 2 or patients < 10:
+        raise UserError(f"--data {data!r}: expected synthetic[:PATIENTS[:SEED]] with PATIENTS >= 10")
+    return patients, seed
+
+
+_SYNTHETIC_CACHE: dict[tuple[int, int], dict] = {}
+
+
+def test_split_path(task: str, data: str) -> str:
+    """The JSONL file holding ``task``'s test split under ``data`` (a folder or a file)."""
+    if os.path.isfile(data):
+        return data
+    if os.path.isdir(data):
+        for candidate in (os.path.join(data, task, "test.jsonl"), os.path.join(data, f"{task}.jsonl")):
+            if os.path.isfile(candidate):
+                return candidate
+        raise UserError(f"--data {data}: no {task}/test.jsonl or {task}.jsonl in this folder")
+    raise UserError(f"--data {data}: not a file, a folder or 'synthetic[:PATIENTS[:SEED]]'")
+
+
+def read_jsonl_records(path: str, task: str) -> list[dict]:
+    """``{id, instruction, context, response}`` records of a user JSONL; clear errors name the file and line."""
+    default_instruction = _default_instruction(task)
+    records, seen = [], {}
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from e
+    with f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+            if not isinstance(obj, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+            for field in ("instruction", "context", "response"):
+                if field in obj and obj[field] is not None and not isinstance(obj[field], str):
+                    raise UserError(f"{path}:{number}: field '{field}' must be a string")
+            if not isinstance(obj.get("response"), str):
+                raise UserError(f"{path}:{number}: missing field 'response' (the gold answer)")
+            rid = obj.get("id", f"line{number}")
+            if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+                raise UserError(f"{path}:{number}: 'id' must be a string or an integer")
+            rid = str(rid)
+            if rid in seen:
+                raise UserError(f"{path}:{number}: duplicate id {rid!r} (first on line {seen[rid]})")
+            seen[rid] = number
+            records.append({"id": rid, "instruction": obj.get("instruction") or default_instruction,
+                            "context": obj.get("context") or "", "response": obj["response"],
+                            **{k: v for k, v in obj.items() if k not in ("id", "instruction", "context", "response")}})
+    if not records:
+        raise UserError(f"{path}: no records")
+    return records
+
+
+def _default_instruction(task: str) -> str:
+    from cancerllm_jax.data.synthetic import INSTRUCTIONS
+
+    return INSTRUCTIONS.get(task, "")
+
+
+def read_test_split(task: str, data: str = "synthetic", limit: int | None = None) -> list[dict]:
+    """The test records of ``task`` from ``data`` (see the module doc), the first ``limit`` of them if given."""
+    get_task(task)
+    synthetic = _parse_synthetic(data)
+    if synthetic is not None:
+        if synthetic not in _SYNTHETIC_CACHE:
+            from cancerllm_jax.data.synthetic import instruction_datasets
+
+            _SYNTHETIC_CACHE[synthetic] = instruction_datasets(*synthetic)
+        records = [dict(r) for r in _SYNTHETIC_CACHE[synthetic][task]["test"]]
+    else:
+        records = read_jsonl_records(test_split_path(task, data), task)
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit must be at least 1, got {limit}")
+        records = records[:limit]
+    return records
+
+
+def describe_data(data: str) -> str:
+    synthetic = _parse_synthetic(data)
+    if synthetic is not None:
+        return f"synthetic ({synthetic[0]} patients, seed {synthetic[1]}, test split)"
+    return os.path.abspath(data)

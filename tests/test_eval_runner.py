@@ -1,0 +1,238 @@
+"""The task runner (`launch/evaluate.py run` / `report`): prediction files, metrics.json, report.md, plots, resuming
+an interrupted run without decoding finished instances again, re-scoring without a model, and clear errors on bad
+prediction files. A tiny random Mistral (vocabulary 32000, the Mistral v1 SentencePiece tokenizer) decodes a few
+tokens on two synthetic tasks, so the scores are ~0: only the plumbing is under test."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = "phenotype,diagnosis"
+METRIC_KEYS = {"em_p", "em_r", "em_f1", "bleu2_p", "bleu2_r", "bleu2_f1", "rougeL_p", "rougeL_r", "rougeL_f1",
+               "avg_f1", "n"}
+
+
+def _evaluate():
+    spec = importlib.util.spec_from_file_location("launch_evaluate", ROOT / "launch" / "evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tiny_mistral(folder: Path) -> None:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=32000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=4096,
+                                     max_position_embeddings=4096, initializer_range=0.2)
+    transformers.MistralForCausalLM(cfg).eval().save_pretrained(folder, safe_serialization=True)
+
+
+def _run_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", "--model", str(model), "--model", str(model), "--name", "vanilla", "--name", "tuned",
+            "--tasks", TASKS, "--limit", "2", "--batch-size", "2", "--max-new-tokens", "4", "--out", str(out),
+            *extra]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished two-model, two-task run (the expensive part, done once)."""
+    base = tmp_path_factory.mktemp("eval")
+    model = base / "tiny"
+    _tiny_mistral(model)
+    out = base / "out"
+    assert _evaluate().main(_run_args(model, out)) == 0
+    return model, out
+
+
+def test_outputs(finished):
+    _, out = finished
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("protocol", "decoding", "versions", "seeds", "models", "tasks", "results", "device", "data"):
+        assert key in metrics, key
+    assert metrics["decoding"]["greedy"] and metrics["protocol"] == "standard"
+    for pkg in ("jax", "flax", "transformers", "cancerllm_jax"):
+        assert pkg in metrics["versions"]
+    assert set(metrics["results"]) == {"phenotype", "diagnosis"}
+    assert metrics["tasks"]["diagnosis"]["max_input_tokens"] == 1500  # the paper's limit
+    assert metrics["tasks"]["diagnosis"]["max_new_tokens"] == 4  # the override
+    for task, by_model in metrics["results"].items():
+        assert set(by_model) == {"vanilla", "tuned"}
+        for r in by_model.values():
+            assert METRIC_KEYS <= set(r) and r["n"] == 2
+            e = r["efficiency"]
+            assert e["instances_decoded"] == 2 and e["generation_time_s"] > 0 and e["generated_tokens"] > 0
+            assert e["tokens_per_s"] > 0 and e["peak_memory_bytes"] > 0
+        rows = _rows(out / "predictions" / f"vanilla__{task}.jsonl")
+        assert len(rows) == 2 and all(set(r) == {"id", "prompt_hash", "gold", "prediction"} for r in rows)
+        assert all(len(r["prompt_hash"]) == 16 for r in rows)
+    report = (out / "report.md").read_text()
+    for section in ("## Summary", "## Setup", "## Cancer phenotype extraction (Table 2-shaped)",
+                    "## Cancer diagnosis generation (Table 3-shaped)", "## Efficiency (Table 7-shaped)",
+                    "| Model | n | Exact Match P", "Tokens/s", "Peak memory (MB)", "jax ", "greedy"):
+        assert section in report, section
+    for png in ("scores_avg_f1.png", "scores_by_metric.png", "efficiency.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+        assert f"]({png})" in report
+
+
+def test_resume_decodes_only_missing(finished, tmp_path, monkeypatch):
+    model, done = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    pred = out / "predictions" / "vanilla__phenotype.jsonl"
+    rows = _rows(pred)
+    # keep one finished row, then a torn half-written line, as after an interrupt
+    pred.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:25])
+    for name in ("tuned__phenotype", "tuned__diagnosis"):  # another model's task never started
+        (out / "predictions" / f"{name}.jsonl").unlink()
+    from cancerllm_jax.decode import Decoder
+
+    calls = []
+    real = Decoder.generate
+
+    def spy(self, prompts, *a, **k):
+        calls.append(len(prompts))
+        return real(self, prompts, *a, **k)
+
+    monkeypatch.setattr(Decoder, "generate", spy)
+    assert _evaluate().main(_run_args(model, out)) == 0
+    assert calls == [1, 2, 2]  # vanilla: 1 phenotype row; tuned: both tasks; vanilla diagnosis: nothing
+    new = _rows(pred)
+    assert new[0] == rows[0] and sorted(r["id"] for r in new) == sorted(r["id"] for r in rows)
+    metrics = json.loads((out / "metrics.json").read_text())
+    r = metrics["results"]["phenotype"]["vanilla"]
+    assert (r["resumed"], r["decoded"], r["n"]) == (1, 1, 2)
+    assert metrics["results"]["diagnosis"]["vanilla"]["decoded"] == 0
+    # timing covers both sessions' batches of the instance set
+    assert r["efficiency"]["instances_decoded"] == 3 and r["efficiency"]["sessions"] == 2
+
+
+def test_rescore_without_decoding(finished, tmp_path, monkeypatch, capsys):
+    _, done = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    import cancerllm_jax
+
+    def no_model(*a, **k):
+        raise AssertionError("re-scoring must not load a model")
+
+    monkeypatch.setattr(cancerllm_jax, "load", no_model)
+    before = json.loads((out / "metrics.json").read_text())
+    pred = out / "predictions" / "tuned__diagnosis.jsonl"
+    rows = _rows(pred)
+    rows[0]["prediction"] = rows[0]["gold"]  # a perfect answer for one of two instances
+    pred.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _evaluate().main(["report", "--out", str(out), "--protocol", "reference"]) == 0
+    after = json.loads((out / "metrics.json").read_text())
+    assert after["protocol"] == "reference" and "rescored" in after
+    assert after["results"]["diagnosis"]["tuned"]["em_f1"] == pytest.approx(50.0)
+    assert after["results"]["phenotype"]["vanilla"]["efficiency"] == before["results"]["phenotype"]["vanilla"][
+        "efficiency"]
+    assert "`reference`" in (out / "report.md").read_text()
+    # one file on its own, through `score`
+    assert _evaluate().main(["score", "--pred", str(pred)]) == 0
+    assert "instances: 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("non_json", "not valid JSON"),
+    ("missing_id", "missing ids"),
+    ("extra_row", "is not in this run's test split"),
+    ("missing_field", "missing field(s) prediction"),
+    ("duplicate", "duplicate id"),
+])
+def test_bad_prediction_files(finished, tmp_path, damage, message):
+    from cancerllm_jax.errors import UserError
+    from cancerllm_jax.eval.runner import rescore
+
+    _, done = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    pred = out / "predictions" / "vanilla__diagnosis.jsonl"
+    rows = _rows(pred)
+    lines = [json.dumps(r) for r in rows]
+    if damage == "non_json":
+        lines.insert(1, "{this is not json")
+    elif damage == "missing_id":
+        lines = lines[:1]
+    elif damage == "extra_row":
+        lines.append(json.dumps({**rows[0], "id": "some-other-id"}))
+    elif damage == "missing_field":
+        del rows[1]["prediction"]
+        lines[1] = json.dumps(rows[1])
+    elif damage == "duplicate":
+        lines.append(lines[0])
+    pred.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+        rescore(str(out))
+    assert "vanilla__diagnosis.jsonl" in str(err.value)
+
+
+def test_resume_refuses_changed_prompts(finished, tmp_path, monkeypatch):
+    from cancerllm_jax.errors import UserError
+
+    model, done = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    pred = out / "predictions" / "vanilla__phenotype.jsonl"
+    rows = _rows(pred)
+    rows[0]["prompt_hash"] = "0" * 16
+    pred.write_text(json.dumps(rows[0]) + "\n")
+    monkeypatch.setenv("CANCERLLM_DEBUG", "1")  # raise the UserError instead of printing it and exiting
+    with pytest.raises(UserError, match="prompt_hash"):
+        _evaluate().main(_run_args(model, out))
+
+
+def test_task_specs_and_user_jsonl(tmp_path):
+    from cancerllm_jax.errors import UserError
+    from cancerllm_jax.eval.tasks import TASKS, parse_tasks, read_test_split
+
+    limits = {t: (s.max_input_tokens, s.max_new_tokens) for t, s in TASKS.items()}
+    assert limits["phenotype"] == (1500, 50) and limits["diagnosis"] == (1500, 500)
+    assert limits["treatment_plan"] == (4000, 500)
+    assert [s.name for s in parse_tasks("all")] == ["phenotype", "diagnosis", "treatment_plan"]
+    with pytest.raises(UserError, match="unknown task"):
+        parse_tasks("diagnosys")
+    (tmp_path / "diagnosis").mkdir()
+    (tmp_path / "diagnosis" / "test.jsonl").write_text(
+        json.dumps({"id": 7, "instruction": "Dx?", "context": "note", "response": "lung cancer"}) + "\n"
+        + json.dumps({"context": "note 2", "response": "breast cancer"}) + "\n")
+    recs = read_test_split("diagnosis", str(tmp_path))
+    assert [r["id"] for r in recs] == ["7", "line2"] and recs[1]["instruction"].startswith("You are a medical")
+    (tmp_path / "bad.jsonl").write_text('{"response": "x"}\nnot json\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
+        read_test_split("diagnosis", str(tmp_path / "bad.jsonl"))
+    assert len(read_test_split("diagnosis", "synthetic", limit=3)) == 3
+
+
+def test_cli_errors():
+    from cancerllm_jax.errors import UserError
+
+    ev = _evaluate()
+    with pytest.raises(UserError, match="--max-new-tokens"):
+        ev.parse_limits("diagnosis=abc", ["diagnosis"], "--max-new-tokens")
+    assert ev.parse_limits("diagnosis=64,8", ["diagnosis", "phenotype"], "--max-new-tokens") == {
+        "diagnosis": 8, "phenotype": 8}
+    with pytest.raises(UserError, match="rescore needs"):
+        from cancerllm_jax.eval.runner import rescore
+
+        rescore(os.devnull + "-nothing-here")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
