@@ -27,7 +27,7 @@ from flax import nnx
 
 from cancerllm_jax import sharding
 from cancerllm_jax.config import ModelConfig, PRESETS, to_dict
-from cancerllm_jax.errors import UserError
+from cancerllm_jax.errors import PeerLost, UserError
 from cancerllm_jax.train import run_io
 from cancerllm_jax.train.config import RESUMABLE_CHANGES, TrainConfig, diff
 from cancerllm_jax.train.optim import make_optimizer, schedule
@@ -282,6 +282,8 @@ class Trainer:
         last_saved = start_step
         bar = _progress(cfg.steps, start_step)
         eval_every = cfg.eval_every
+        if start_step == 0 and eval_every and data.eval_batches:
+            self._evaluate(data.eval_batches, 0, logger)  # the baseline that periodic evals are read against
         try:
             while step < end:
                 local = next(it)
@@ -315,6 +317,15 @@ class Trainer:
             if last_saved != step or mngr.latest_step() != step:
                 self._save(mngr, step, it)
             mngr.wait_until_finished()
+        except Exception as e:
+            if jax.process_count() > 1 and not isinstance(e, UserError):
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                raise PeerLost(
+                    f"another process of this {jax.process_count()}-process run stopped or cannot be reached "
+                    f"(at step {step}: {type(e).__name__}: {first}); this process (process {jax.process_index()}) "
+                    f"stops too. Start every process again with the same flags plus --resume: the run continues "
+                    f"from its last complete checkpoint in {self.workdir}/checkpoints") from e
+            raise
         finally:
             mngr.wait_until_finished()
             mngr.close()
