@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import errno
 import functools
 import os
 import sys
@@ -11,14 +12,34 @@ class UserError(Exception):
     """Bad input, config or environment: the message names the file, line or field and what to do."""
 
 
+class PeerLost(UserError):
+    """Another process of a multi-process run died or became unreachable. The CLI prints one line and leaves at once
+    (``os._exit``), without JAX's distributed shutdown barrier, which would wait for the dead peer and then abort."""
+
+
 def suggest(name: str, choices) -> str:
     """' (did you mean X?)' for the nearest valid key, or ''."""
     close = difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def describe_os_error(e: OSError) -> str:
+    """One line for an operating-system error (disk full, permission, missing file) and what to do."""
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return (f"disk full{where}: free some space or write to another folder, then run again (a training run: "
+                f"--resume; it continues from its last complete checkpoint). Results are written under a "
+                f"temporary name and renamed when complete, so nothing half-written was left in place")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where}: choose a folder you can write to ({e.strerror})"
+    if e.errno == errno.ENOENT:
+        return f"no such file or folder{where}"
+    return f"{e.strerror or e}{where}"
+
+
 def cli_main(fn):
-    """Wrap a CLI ``main``: a UserError (or a missing file) prints one line and exits 2; ``--debug`` keeps tracebacks."""
+    """Wrap a CLI ``main``: a UserError or an OSError (disk full, permission) prints one line and exits 2; any other
+    exception prints one line saying it is a bug and exits 1. ``--debug`` (or CANCERLLM_DEBUG=1) keeps tracebacks."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -28,10 +49,24 @@ def cli_main(fn):
         except UserError as e:
             if debug:
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            if isinstance(e, PeerLost):
+                sys.stdout.flush()
+                os._exit(3)
+            sys.exit(2)
+        except OSError as e:
+            if debug:
+                raise
+            print(f"error: {describe_os_error(e)}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - a bug, not the user's input: still one line without --debug
+            if debug:
+                raise
+            print(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (this is a "
+                  f"bug, not your input; run again with --debug for the traceback and report it)", file=sys.stderr)
+            sys.exit(1)
 
     return wrapper

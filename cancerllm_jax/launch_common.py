@@ -52,10 +52,21 @@ def start_runtime(args, mesh_text: str) -> None:
         ensure_host_devices((d * m) // nproc, quiet=args.process_id != 0)
         import jax
 
+        heartbeat = _env_seconds("CANCERLLM_HEARTBEAT_TIMEOUT", 60)
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=nproc,
-                                   process_id=args.process_id, initialization_timeout=120)
+                                   process_id=args.process_id, initialization_timeout=120,
+                                   heartbeat_timeout_seconds=heartbeat,
+                                   shutdown_timeout_seconds=_env_seconds("CANCERLLM_SHUTDOWN_TIMEOUT", 60))
     else:
         ensure_host_devices(d * m)
+
+
+def _env_seconds(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return max(1, int(value)) if value else default
+    except ValueError:
+        raise UserError(f"{name}={value!r}: expected a whole number of seconds") from None
 
 
 def default_workdir(kind: str) -> str:
@@ -64,3 +75,10 @@ def default_workdir(kind: str) -> str:
 
 def announce(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def announce_privacy(log_examples: bool) -> None:
+    """Say at start when note text may be logged (``--log-examples``); by default it never is."""
+    if log_examples:
+        announce("--log-examples is ON: note text (possibly PHI) may appear in this run's console output and logs; "
+                 "leave the flag out to keep note text out of everything but your prediction files")

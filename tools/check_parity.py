@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"hf_dir": os.path.abspath(args.hf_dir), "dtype": args.dtype, "tol": args.tol,
                "min_agree": args.min_agree, "failed": failed, "prompts": rows}
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+        from cancerllm_jax.train.run_io import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(summary, indent=2))
     print(f"{len(rows) - failed}/{len(rows)} prompts within tol {args.tol:g}" + ("" if failed else " — PASS"))
     return 1 if failed else 0
 

@@ -14,11 +14,23 @@ def is_run_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, RUN_FILE))
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """``path`` appears complete or not at all: written to a temp name beside it, synced, then renamed."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def read_run_meta(path: str) -> dict:

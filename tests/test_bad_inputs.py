@@ -1,0 +1,517 @@
+"""A catalogue of bad inputs across every CLI and the front door.
+
+Each CLI case: a non-zero exit, exactly one ``error: ...`` line on stderr naming the file, line or field (checked by
+the case's needles), no traceback, and nothing half-written (the case's output paths do not exist afterwards).
+CLIs run in-process (``main(argv)``; SystemExit caught) for speed; two subprocess cases check the real process
+and ``--debug``. Front-door cases check the exception type and message.
+"""
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jax
+
+import cancerllm_jax as cj
+from cancerllm_jax.errors import UserError
+
+# Start the backend now with conftest's 10 host devices: otherwise the first in-process launcher (mesh 1x1) would
+# ask for 1 device before JAX starts and every later mesh case would see a 1-device host.
+assert jax.device_count() >= 10
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--mesh", "1x1", "--steps", "2", "--batch-size", "2", "data.block_size=32", "synthetic_documents=20",
+        "lora.rank=2", "data.eval_fraction=0"]
+_MODULES: dict[str, object] = {}
+
+
+def _module(rel: str):
+    if rel not in _MODULES:
+        folder = os.path.join(ROOT, os.path.dirname(rel))
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        spec = importlib.util.spec_from_file_location("cli_" + rel.replace("/", "_")[:-3], os.path.join(ROOT, rel))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _MODULES[rel] = mod
+    return _MODULES[rel]
+
+
+def run_cli(rel: str, argv: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    try:
+        code = _module(rel).main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def one_clear_error(code, err, *needles) -> str:
+    assert code not in (0, None), err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def nothing_left(*paths):
+    for p in paths:
+        assert not os.path.exists(p), f"{p} was left behind"
+
+
+def no_temp_files(folder):
+    left = [n for n in os.listdir(folder) if ".tmp" in n]
+    assert not left, left
+
+
+# --------------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """``tok``: a tiny random Mistral with the Mistral v1 vocabulary (32000) and its tokenizer.model beside it;
+    ``small``: vocabulary 96 and no tokenizer."""
+    import torch
+    import transformers
+
+    from cancerllm_jax.data.tokenizer import mistral_v1_model_file
+
+    out = {}
+    for name, vocab in (("tok", 32000), ("small", 96)):
+        torch.manual_seed(0)
+        cfg = transformers.MistralConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                         sliding_window=64, bos_token_id=1, eos_token_id=2)
+        folder = str(tmp_path_factory.mktemp(name))
+        transformers.MistralForCausalLM(cfg).save_pretrained(folder, safe_serialization=True)
+        if name == "tok":
+            shutil.copy(mistral_v1_model_file(), os.path.join(folder, "tokenizer.model"))
+        out[name] = folder
+    return out
+
+
+def write(path, data) -> str:
+    mode = "wb" if isinstance(data, bytes) else "w"
+    with open(path, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
+        f.write(data)
+    return str(path)
+
+
+# ------------------------------------------------------------------------------ launch/pretrain.py: bad data
+
+TEN_MB = 10 * 1024 * 1024
+PRETRAIN_DATA = {
+    "malformed": ('{"text": "a fine note"}\n{"text": broken}\n', ["malformed.jsonl:2", "invalid JSON"]),
+    "truncated": ('{"text": "a fine note"}\n{"text": "cut off in the mid', ["truncated.jsonl:2", "invalid JSON"]),
+    "wrong_type": ('{"text": 42}\n', ["wrong_type.jsonl:1", "'text'", "string"]),
+    "missing_field": ('{"txt": "note"}\n', ["missing_field.jsonl:1", "'text'"]),
+    "not_object": ('["text"]\n', ["not_object.jsonl:1", "JSON object"]),
+    "empty": ("", ["empty.jsonl", "no records"]),
+    "blank_lines_only": ("\n\n  \n", ["blank_lines_only.jsonl", "no records"]),
+    "non_utf8": (b'{"text": "ok"}\n{"text": "caf\xe9 \xff"}\n', ["non_utf8.jsonl:2", "UTF-8"]),
+    # one 10 MB line: parsed in well under a second and refused with its line, never a hang
+    "ten_mb_line_bad_json": ('{"text": "' + "x" * TEN_MB, ["ten_mb_line_bad_json.jsonl:1", "invalid JSON"]),
+    "ten_mb_line_wrong_type": ('{"text": ["' + "x" * TEN_MB + '"]}\n', ["ten_mb_line_wrong_type.jsonl:1", "'text'"]),
+    "txt_non_utf8": (b"Reason for visit: f/u\n\xff\xfe bad bytes\n", ["txt_non_utf8.txt:2", "UTF-8"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PRETRAIN_DATA))
+def test_pretrain_bad_data(case, tmp_path, capsys):
+    text, needles = PRETRAIN_DATA[case]
+    path = write(tmp_path / (case + (".txt" if case.startswith("txt") else ".jsonl")), text)
+    wd = tmp_path / "run"
+    code, err = run_cli("launch/pretrain.py", ["--data", path, "--workdir", wd, *TINY], capsys)
+    one_clear_error(code, err, *needles)
+    nothing_left(wd)  # bad data leaves no run behind
+
+
+PRETRAIN_ARGS = {
+    "typo_override": (["lora.rnak=4"], ["rnak", "did you mean 'rank'"]),
+    "unknown_section": (["optimm.lr=1"], ["optimm", "did you mean 'optim'"]),
+    "bad_value_type": (["optim.lr=fast"], ["optim.lr", "'fast'"]),
+    "mesh_string": (["--mesh", "10by1"], ["10by1"]),
+    "mesh_too_big": (["--mesh", "4x5"], ["4x5", "20 devices"]),
+    "batch_not_divisible": (["--mesh", "2x1", "--batch-size", "3"], ["not divisible", "2x1"]),
+    "grad_accum_not_dividing": (["optim.grad_accum=3"], ["grad_accum"]),
+    "missing_data_file": (["--data", "/nonexistent/notes.jsonl"], ["/nonexistent/notes.jsonl", "no such file"]),
+    "unsupported_extension": (["--data", "__CSV__"], ["unsupported file type"]),
+    "unknown_model_preset": (["model=tiyn"], ["tiyn"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PRETRAIN_ARGS))
+def test_pretrain_bad_arguments(case, tmp_path, capsys):
+    extra, needles = PRETRAIN_ARGS[case]
+    extra = [write(tmp_path / "notes.csv", "text\nnote\n") if a == "__CSV__" else a for a in extra]
+    wd = tmp_path / "run"
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY, *extra], capsys)
+    one_clear_error(code, err, *needles)
+    nothing_left(wd)
+
+
+def test_pretrain_yaml_typo_suggests_the_key(tmp_path, capsys):
+    cfg = write(tmp_path / "c.yaml", "lora:\n  rank: 4\n  alpah: 8\n")
+    code, err = run_cli("launch/pretrain.py", ["--config", cfg, "--workdir", tmp_path / "r", *TINY], capsys)
+    one_clear_error(code, err, "alpah", "did you mean 'alpha'")
+
+
+def _fake_run(wd, rank=2):
+    """A run folder with run.json and a (fake) finished checkpoint: enough for --resume's config check."""
+    from cancerllm_jax.config import to_dict
+    from cancerllm_jax.train import run_io
+    from cancerllm_jax.train.config import PretrainConfig, resolve
+
+    cfg = resolve(PretrainConfig, None, ["steps=2", "batch_size=2", "data.block_size=32", "synthetic_documents=20",
+                                         f"lora.rank={rank}", "data.eval_fraction=0"])
+    os.makedirs(os.path.join(wd, "checkpoints", "1", "state"))
+    run_io.write_json_atomic(os.path.join(wd, run_io.RUN_FILE), {"format": run_io.FORMAT, "config": to_dict(cfg)})
+
+
+def test_resume_with_another_config_is_refused(tmp_path, capsys):
+    wd = str(tmp_path / "run")
+    _fake_run(wd, rank=2)
+    before = sorted(os.listdir(wd))
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, "--resume", *TINY, "lora.rank=8"], capsys)
+    one_clear_error(code, err, "--resume", "lora.rank", wd)
+    assert sorted(os.listdir(wd)) == before
+
+
+def test_existing_run_without_resume_is_refused(tmp_path, capsys):
+    wd = str(tmp_path / "run")
+    _fake_run(wd)
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY], capsys)
+    one_clear_error(code, err, "--resume", wd)
+
+
+def test_resume_from_a_corrupt_run_json(tmp_path, capsys):
+    wd = tmp_path / "run"
+    (wd / "checkpoints" / "1" / "state").mkdir(parents=True)
+    write(wd / "run.json", '{"format": "cancerllm-jax/run-v1", "config": {')
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, "--resume", *TINY], capsys)
+    one_clear_error(code, err, "run.json", "unreadable")
+
+
+def test_disk_full_writing_the_run_leaves_no_run(tmp_path, capsys, monkeypatch):
+    """ENOSPC when run.json is renamed into place: one clear line; the folder is not taken for a run."""
+    from cancerllm_jax.train import run_io
+
+    real = os.replace
+
+    def full(src, dst, *a, **k):
+        if str(dst).endswith(run_io.RUN_FILE):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", full)
+    wd = tmp_path / "run"
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY], capsys)
+    one_clear_error(code, err, "disk full", "run.json")
+    assert not run_io.is_run_dir(str(wd))
+    no_temp_files(wd)
+
+
+def test_log_examples_is_announced_at_start(tmp_path, capsys):
+    """``--log-examples`` says so before anything else happens (here the bad mesh stops the run right after)."""
+    code, err = run_cli("launch/pretrain.py", ["--log-examples", "--workdir", tmp_path / "r", *TINY,
+                                               "--mesh", "10by1"], capsys)
+    assert code == 2 and "--log-examples is ON" in err and "note text" in err
+    code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r", *TINY, "--mesh", "10by1"], capsys)
+    assert code == 2 and "--log-examples" not in err
+
+
+# ------------------------------------------------------------------------------ launch/finetune.py
+
+FINETUNE = {
+    "no_response": ('{"instruction": "What is the diagnosis?", "context": "pt w/ nsclc"}\n',
+                    ["no_response.jsonl:1", "'response'"]),
+    "wrong_type": ('{"instruction": 7, "context": "", "response": "x"}\n', ["wrong_type.jsonl:1", "'instruction'"]),
+    "malformed": ('{"instruction": "q", "response": "a"}\n{"instruction": "q", "response": \n',
+                  ["malformed.jsonl:2"]),
+    "empty": ("", ["empty.jsonl"]),
+    "non_utf8": (b'{"instruction": "q", "response": "\xe9"}\n', ["non_utf8.jsonl:1", "UTF-8"]),
+    "overlong_response": ('{"instruction": "Summarise.", "context": "", "response": "'
+                          + "metastatic disease " * 400 + '"}\n', ["response", "max_seq_len"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FINETUNE))
+def test_finetune_bad_instruction_data(case, tmp_path, capsys, models):
+    text, needles = FINETUNE[case]
+    path = write(tmp_path / f"{case}.jsonl", text)
+    wd = tmp_path / "run"
+    code, err = run_cli("launch/finetune.py", ["--model", models["tok"], "--data", path, "--workdir", wd,
+                                               "--mesh", "1x1", "--batch-size", "2", "--steps", "1",
+                                               "data.max_seq_len=64", "lora.rank=2"], capsys)
+    one_clear_error(code, err, *needles)
+    nothing_left(wd)
+
+
+# ------------------------------------------------------------------------------ launch/generate.py
+
+def _gen(models, tmp_path, capsys, lines, model="tok", extra=()):
+    inp = write(tmp_path / "in.jsonl", lines) if lines is not None else str(tmp_path / "missing.jsonl")
+    out = tmp_path / "pred.jsonl"
+    code, err = run_cli("launch/generate.py", ["--model", models.get(model, model), "--input", inp, "--out", out,
+                                               "--max-new-tokens", "2", *extra], capsys)
+    return code, err, out
+
+
+GENERATE = {
+    "no_prompt_field": ('{"question": "x"}\n', "tok", ["in.jsonl:1", "'prompt' or an 'instruction'"]),
+    "wrong_type": ('{"prompt": 3}\n', "tok", ["in.jsonl:1", "'prompt'"]),
+    "non_utf8": (b'{"prompt": "\xff"}\n', "tok", ["in.jsonl:1", "UTF-8"]),
+    "empty": ("", "tok", ["in.jsonl", "no records"]),
+    "missing_input": (None, "tok", ["missing.jsonl", "no such file"]),
+    "missing_model": ('{"prompt": "x"}\n', "/nonexistent/model", ["/nonexistent/model", "not found"]),
+    "missing_tokenizer": ('{"prompt": "x"}\n', "small", ["no tokenizer"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GENERATE))
+def test_generate_bad_inputs(case, tmp_path, capsys, models):
+    lines, model, needles = GENERATE[case]
+    code, err, out = _gen(models, tmp_path, capsys, lines, model)
+    one_clear_error(code, err, *needles)
+    nothing_left(out)
+
+
+def test_generate_refuses_to_overwrite(tmp_path, capsys, models):
+    write(tmp_path / "pred.jsonl", "keep me\n")
+    code, err, out = _gen(models, tmp_path, capsys, '{"prompt": "x"}\n')
+    one_clear_error(code, err, "pred.jsonl", "--overwrite")
+    assert open(out).read() == "keep me\n"
+
+
+def test_generate_disk_full_leaves_no_partial_predictions(tmp_path, capsys, models, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    code, err, out = _gen(models, tmp_path, capsys, '{"prompt": "pt w/ nsclc"}\n')
+    one_clear_error(code, err, "disk full")
+    nothing_left(out)
+    no_temp_files(tmp_path)
+
+
+# ------------------------------------------------------------------------------ tools/convert_checkpoint.py
+
+def _bad_model(tmp_path, models, what) -> str:
+    folder = tmp_path / what
+    shutil.copytree(models["small"], folder)
+    if what == "corrupt_safetensors":
+        write(folder / "model.safetensors", b"\x00\x01 this is not a safetensors file" * 10)
+    elif what == "truncated_safetensors":
+        data = open(folder / "model.safetensors", "rb").read()
+        write(folder / "model.safetensors", data[: len(data) // 2])
+    elif what == "wrong_safetensors":  # the weights of another model: shapes differ from config.json
+        shutil.copy(os.path.join(models["tok"], "model.safetensors"), folder / "model.safetensors")
+    elif what == "unsupported_architecture":
+        cfg = json.load(open(folder / "config.json"))
+        cfg["model_type"], cfg["architectures"] = "gpt2", ["GPT2LMHeadModel"]
+        write(folder / "config.json", json.dumps(cfg))
+    elif what == "config_not_json":
+        write(folder / "config.json", "{not json")
+    elif what == "pickle_only":
+        os.remove(folder / "model.safetensors")
+        write(folder / "pytorch_model.bin", b"PK\x03\x04 pretend pickle")
+    return str(folder)
+
+
+CONVERT = {
+    "corrupt_safetensors": ["model.safetensors", "corrupt or not a safetensors file"],
+    "truncated_safetensors": ["model.safetensors"],
+    "wrong_safetensors": ["shape", "config.json"],
+    "unsupported_architecture": ["model_type 'gpt2' is not supported"],
+    "config_not_json": ["config.json", "not valid JSON"],
+    "pickle_only": ["pickle", "safetensors"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONVERT))
+def test_convert_bad_weights(case, tmp_path, capsys, models):
+    src = _bad_model(tmp_path, models, case)
+    out = tmp_path / "out"
+    code, err = run_cli("tools/convert_checkpoint.py", ["from-hf", src, out], capsys)
+    one_clear_error(code, err, *CONVERT[case])
+    nothing_left(out)
+    no_temp_files(tmp_path)
+
+
+def test_export_onto_a_non_empty_folder_needs_overwrite(tmp_path, capsys, models):
+    out = tmp_path / "out"
+    out.mkdir()
+    write(out / "keep.txt", "mine")
+    code, err = run_cli("tools/convert_checkpoint.py", ["to-hf", models["small"], out], capsys)
+    one_clear_error(code, err, "not empty", "--overwrite")
+    assert os.listdir(out) == ["keep.txt"]
+    code, err = run_cli("tools/convert_checkpoint.py", ["to-hf", models["small"], out, "--overwrite"], capsys)
+    assert code in (0, None), err
+    assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
+
+
+def test_export_disk_full_leaves_nothing(tmp_path, capsys, models, monkeypatch):
+    import safetensors.numpy
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    out = tmp_path / "out"
+    code, err = run_cli("tools/convert_checkpoint.py", ["to-hf", models["small"], out], capsys)
+    one_clear_error(code, err, "disk full")
+    nothing_left(out)
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".out")] == []
+
+
+# ------------------------------------------------------------------------------ the other tools
+
+def test_import_gguf_missing_and_corrupt(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli("tools/import_gguf.py", [tmp_path / "nope.gguf", "--out", out], capsys)
+    one_clear_error(code, err, "nope.gguf", "not found")
+    bad = write(tmp_path / "bad.gguf", b"GGUF" + b"\x00" * 64)
+    code, err = run_cli("tools/import_gguf.py", [bad, "--out", out], capsys)
+    one_clear_error(code, err, "bad.gguf")
+    nothing_left(out)
+
+
+def test_check_parity_unsupported_architecture(tmp_path, capsys, models):
+    src = _bad_model(tmp_path, models, "unsupported_architecture")
+    code, err = run_cli("tools/check_parity.py", ["--hf-dir", src, "--json", tmp_path / "p.json"], capsys)
+    one_clear_error(code, err, "gpt2")
+    nothing_left(tmp_path / "p.json")
+
+
+def test_make_synthetic_data_bad_size_and_non_empty_out(tmp_path, capsys):
+    code, err = run_cli("tools/make_synthetic_data.py", ["--out", tmp_path / "d", "--size", "3"], capsys)
+    one_clear_error(code, err, "--size")
+    nothing_left(tmp_path / "d")
+    (tmp_path / "full").mkdir()
+    write(tmp_path / "full" / "x.txt", "mine")
+    code, err = run_cli("tools/make_synthetic_data.py", ["--out", tmp_path / "full", "--size", "10"], capsys)
+    one_clear_error(code, err, "not empty", "overwrite")
+
+
+def test_make_synthetic_data_disk_full(tmp_path, capsys, monkeypatch):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    out = tmp_path / "d"
+    code, err = run_cli("tools/make_synthetic_data.py", ["--out", out, "--size", "10"], capsys)
+    one_clear_error(code, err, "disk full")
+    assert not [str(p) for p in out.rglob("*") if p.is_file()]  # no file at all, complete or partial
+
+
+def test_robustness_unknown_task(tmp_path, capsys, models):
+    code, err = run_cli("launch/robustness.py", ["misspell", "--model", models["tok"], "--out", tmp_path / "o",
+                                                 "--tasks", "diagnosiss"], capsys)
+    one_clear_error(code, err, "--tasks", "diagnosiss")
+
+
+# ------------------------------------------------------------------------------ launch/evaluate.py score
+
+EVALUATE = {
+    "count_mismatch": ('{"response": "a"}\n{"response": "b"}\n', '{"prediction": "a"}\n', ["gold", "pred"]),
+    "pred_not_json": ('{"response": "a"}\n', '{"prediction": \n', ["pred.jsonl:1"]),
+    "pred_missing_field": ('{"response": "a"}\n', '{"pred": "a"}\n', ["pred.jsonl:1", "'prediction'"]),
+    "gold_empty": ("", '{"prediction": "a"}\n', ["gold.jsonl"]),
+    "ids_do_not_match": ('{"id": "1", "response": "a"}\n', '{"id": "2", "prediction": "a"}\n', ["id"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVALUATE))
+def test_evaluate_prediction_file_does_not_match_gold(case, tmp_path, capsys):
+    gold_text, pred_text, needles = EVALUATE[case]
+    gold, pred = write(tmp_path / "gold.jsonl", gold_text), write(tmp_path / "pred.jsonl", pred_text)
+    code, err = run_cli("launch/evaluate.py", ["score", "--gold", gold, "--pred", pred, "--json",
+                                               tmp_path / "s.json"], capsys)
+    one_clear_error(code, err, *needles)
+    nothing_left(tmp_path / "s.json")
+
+
+# ------------------------------------------------------------------------------ the front door
+
+def test_front_door_load_errors(tmp_path, models):
+    with pytest.raises(UserError, match="not found"):
+        cj.load(str(tmp_path / "nothing"))
+    with pytest.raises(UserError, match="model_type 'gpt2' is not supported"):
+        cj.load(_bad_model(tmp_path, models, "unsupported_architecture"))
+    with pytest.raises(UserError, match="corrupt or not a safetensors file"):
+        cj.load(_bad_model(tmp_path, models, "corrupt_safetensors"))
+    with pytest.raises(UserError, match="32000 tokens but the model's vocabulary is 96"):
+        cj.load(models["small"], tokenizer="mistral-v1")  # mismatched vocabulary
+    with pytest.raises(UserError, match="20x1"):
+        cj.load(models["small"], mesh="20x1")
+    with pytest.raises(UserError, match="dtype|float64"):
+        cj.load(models["small"], dtype="float64")
+
+
+def test_front_door_logits_and_generate_errors(models):
+    lm = cj.load(models["small"])
+    with pytest.raises(UserError, match=r"ids must be in \[0, 96\)"):
+        lm.logits([[1, 2, 500]])
+    with pytest.raises(UserError, match="integers"):
+        lm.logits(np.zeros((1, 3), np.float32))
+    with pytest.raises(UserError, match="non-empty"):
+        lm.logits(np.zeros((1, 0), np.int32))
+    with pytest.raises((UserError, ValueError, TypeError)) as e:
+        lm.generate([[1, 2, 500]], max_new_tokens=2)  # id out of the vocabulary
+    assert "prompt 0" in str(e.value) and "[0, 96)" in str(e.value)
+    with pytest.raises((UserError, ValueError, TypeError)) as e:
+        lm.generate(["a string prompt"], max_new_tokens=2)  # strings need a tokenizer; this model has none
+    assert "tokenizer" in str(e.value)
+
+
+def test_front_door_score_errors():
+    from cancerllm_jax import eval as cj_eval
+
+    with pytest.raises(ValueError, match="differ in length"):
+        cj_eval.score(["a", "b"], ["a"])
+    with pytest.raises(TypeError, match="lists of strings"):
+        cj_eval.score("a", "a")
+    with pytest.raises(TypeError, match="instance 0"):
+        cj_eval.score([None], ["a"])
+    with pytest.raises(UserError, match="unknown protocol"):
+        cj_eval.score_file(None, os.devnull, protocol="strict")
+
+
+# ------------------------------------------------------------------------------ real processes, --debug
+
+def _subprocess(args):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "CANCERLLM_DEBUG")}
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+
+
+def test_real_process_exit_code_and_debug_traceback(tmp_path):
+    res = _subprocess(["tools/make_synthetic_data.py", "--out", str(tmp_path / "d"), "--size", "3"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == ["error: --size must be at least 10 (got 3)"]
+    res = _subprocess(["tools/make_synthetic_data.py", "--out", str(tmp_path / "d"), "--size", "3", "--debug"])
+    assert res.returncode != 0 and "Traceback" in res.stderr and "UserError" in res.stderr
+
+
+def test_unexpected_exceptions_are_one_line_without_debug(capsys, monkeypatch):
+    from cancerllm_jax.errors import cli_main
+
+    @cli_main
+    def boom(argv=None):
+        raise KeyError("layers")
+
+    monkeypatch.setattr(sys, "argv", ["x"])
+    with pytest.raises(SystemExit) as e:
+        boom()
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert err.startswith("error: unexpected KeyError") and "--debug" in err
