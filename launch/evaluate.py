@@ -99,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = RunConfig(models=model_names(args.model, args.name), tasks=specs, data=args.data, out=args.out,
                     limit=args.limit, protocol=args.protocol,
                     decoding=Decoding(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                      seed=args.seed, batch_size=args.batch_size),
+                                      seed=args.seed, batch_size=args.batch_size, shots=args.shots),
                     dtype=args.dtype, mesh=args.mesh or "1x1", tokenizer=args.tokenizer)
     metrics = run(cfg)
     _print_summary(metrics)
@@ -157,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     r.add_argument("--top-k", type=int, default=0)
     r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--seed", type=int, default=0, help="sampling seed (unused when greedy)")
+    r.add_argument("--seed", type=int, default=0, help="sampling seed; also seeds the k-shot exemplar draw")
+    r.add_argument("--shots", type=int, default=0, choices=(0, 1, 3, 5),
+                   help="k-shot prompting with k exemplars from the training split (default 0: zero-shot)")
     r.add_argument("--max-new-tokens", help="override the paper's limits: N for every task or task=N,...")
     r.add_argument("--max-input-tokens", help="override the prompt budgets: N or task=N,...")
     r.add_argument("--dtype", default="float32", help="weight/compute dtype (float32, bfloat16)")

@@ -236,3 +236,21 @@ def test_cli_errors():
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_k_shot_prompts_hold_training_exemplars_and_fit_the_budget():
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+    from cancerllm_jax.eval.tasks import build_few_shot_prompt, build_prompt, get_task, read_test_split, \
+        read_train_split
+
+    tok = load_tokenizer(None)
+    spec = get_task("phenotype")
+    record = read_test_split("phenotype", "synthetic:20:0", limit=1)[0]
+    train = read_train_split("phenotype", "synthetic:20:0")
+    three = build_few_shot_prompt(tok, record, spec, train, 3, seed=0)
+    zero = build_prompt(tok, record, spec)
+    assert three.text.count("### Response:") == 4 and three.text.endswith(zero.text)
+    assert record["context"] not in three.text[: -len(zero.text)]  # the example itself is never an exemplar
+    assert three.hash != zero.hash and len(three.ids) <= spec.max_input_tokens
+    tight = build_few_shot_prompt(tok, record, spec.with_limits(max_input_tokens=len(zero.ids) + 5), train, 3)
+    assert tight.text == zero.text  # no exemplar fits: zero-shot

@@ -32,14 +32,20 @@ def smollm2_dir(tmp_path_factory) -> str:
     return import_gguf(out_dir=str(tmp_path_factory.mktemp("smollm2") / "model"))
 
 
-@pytest.mark.slow
-def test_smollm2_matches_transformers(smollm2_dir):
+@pytest.fixture(scope="module")
+def both(smollm2_dir):
+    """(ours, transformers model, transformers tokenizer) on the same fp32 weights, loaded once."""
     lm = cj.load(smollm2_dir, dtype="float32")
-    assert lm.cfg.model_type == "llama" and lm.cfg.num_layers == 30 and lm.cfg.tie_embeddings
-    assert lm.cfg.rope_theta == 100000.0 and lm.cfg.vocab_size == 49152
     ref_model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32,
                                                                   attn_implementation="eager").eval()
-    tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    return lm, ref_model, transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers(both):
+    lm, ref_model, tok = both
+    assert lm.cfg.model_type == "llama" and lm.cfg.num_layers == 30 and lm.cfg.tie_embeddings
+    assert lm.cfg.rope_theta == 100000.0 and lm.cfg.vocab_size == 49152
     rows = [tok(text)["input_ids"] for text in PROMPTS]
     for text, ids in zip(PROMPTS, rows, strict=True):
         assert len(ids) > 10 and lm.tokenizer.encode(text) == ids, text
@@ -54,6 +60,19 @@ def test_smollm2_matches_transformers(smollm2_dir):
         diff = float(np.abs(o - r).max())
         assert diff <= 1e-3, f"max|dlogit| {diff:.2e} on {text!r}"
         assert (o.argmax(-1) == r.argmax(-1)).all(), f"argmax differs on {text!r}"
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_generation_matches_transformers(both):
+    """Ragged prompts in one batch give transformers' greedy tokens, one prompt at a time."""
+    lm, ref_model, tok = both
+    rows = [tok(text)["input_ids"] for text in PROMPTS[:2]]
+    got = lm.generate(rows, max_new_tokens=8, temperature=0.0)
+    for ids, g in zip(rows, got, strict=True):
+        with torch.no_grad():
+            ref = ref_model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                     eos_token_id=ref_model.config.eos_token_id, pad_token_id=0)[0, len(ids):]
+        assert g == ref.tolist()
 
 
 @pytest.mark.slow

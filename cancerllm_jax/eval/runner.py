@@ -29,7 +29,8 @@ from typing import Any
 
 from cancerllm_jax.errors import UserError
 from cancerllm_jax.eval.protocol import PROTOCOLS, score
-from cancerllm_jax.eval.tasks import TaskSpec, build_prompt, describe_data, get_task, read_test_split
+from cancerllm_jax.eval.tasks import (TaskSpec, build_few_shot_prompt, build_prompt, describe_data, get_task,
+                                     read_test_split, read_train_split)
 
 PRED_FIELDS = ("id", "prompt_hash", "gold", "prediction")
 _NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -48,10 +49,11 @@ class Decoding:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 8
+    shots: int = 0  # k-shot prompting: k training exemplars (seeded per example) before each prompt
 
     def to_dict(self) -> dict[str, Any]:
         return {"greedy": self.temperature <= 0, "temperature": self.temperature, "top_k": self.top_k,
-                "top_p": self.top_p, "seed": self.seed, "batch_size": self.batch_size}
+                "top_p": self.top_p, "seed": self.seed, "batch_size": self.batch_size, "shots": self.shots}
 
 
 @dataclass
@@ -274,7 +276,12 @@ def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg:
     and ``{id: (prompt_hash, gold)}`` of the test split."""
     path, spath = pred_path(cfg.out, model.name, spec.name), stats_path(cfg.out, model.name, spec.name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    prompts = [build_prompt(lm.tokenizer, r, spec) for r in records]
+    if cfg.decoding.shots:
+        exemplars = read_train_split(spec.name, cfg.data)
+        prompts = [build_few_shot_prompt(lm.tokenizer, r, spec, exemplars, cfg.decoding.shots, cfg.decoding.seed)
+                   for r in records]
+    else:
+        prompts = [build_prompt(lm.tokenizer, r, spec) for r in records]
     expected = {p.id: (p.hash, p.gold) for p in prompts}
     done_rows = read_predictions(path, allow_torn_tail=True)
     check_against_split(path, done_rows, expected, complete=False)

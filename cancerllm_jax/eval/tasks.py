@@ -116,6 +116,20 @@ def build_prompt(tokenizer, record: dict, spec: TaskSpec) -> Prompt:
     return Prompt(str(record["id"]), ids, text, prompt_hash(text), cut, record["response"])
 
 
+def build_few_shot_prompt(tokenizer, record: dict, spec: TaskSpec, exemplars: list[dict], k: int,
+                          seed: int = 0) -> Prompt:
+    """A k-shot prompt (BenchHealth): ``k`` training exemplars then the Alpaca generation prompt. When it does
+    not fit ``spec.max_input_tokens``, fewer exemplars are used; with none left it is ``build_prompt``."""
+    from cancerllm_jax.eval.trust import few_shot_prompt
+
+    for shots in range(k, 0, -1):
+        text = few_shot_prompt(record, exemplars, shots, seed)
+        ids = tokenizer.encode(text, bos=True)
+        if len(ids) <= spec.max_input_tokens:
+            return Prompt(str(record["id"]), ids, text, prompt_hash(text), 0, record["response"])
+    return build_prompt(tokenizer, record, spec)
+
+
 # ---------------------------------------------------------------- test splits
 
 
@@ -197,11 +211,7 @@ def read_test_split(task: str, data: str = "synthetic", limit: int | None = None
     get_task(task)
     synthetic = _parse_synthetic(data)
     if synthetic is not None:
-        if synthetic not in _SYNTHETIC_CACHE:
-            from cancerllm_jax.data.synthetic import instruction_datasets
-
-            _SYNTHETIC_CACHE[synthetic] = instruction_datasets(*synthetic)
-        records = [dict(r) for r in _SYNTHETIC_CACHE[synthetic][task]["test"]]
+        records = [dict(r) for r in _synthetic(synthetic)[task]["test"]]
     else:
         records = read_jsonl_records(test_split_path(task, data), task)
     if limit is not None:
@@ -209,6 +219,26 @@ def read_test_split(task: str, data: str = "synthetic", limit: int | None = None
             raise UserError(f"--limit must be at least 1, got {limit}")
         records = records[:limit]
     return records
+
+
+def _synthetic(key: tuple[int, int]) -> dict:
+    """The synthetic datasets of ``(patients, seed)``, generated once per process."""
+    if key not in _SYNTHETIC_CACHE:
+        from cancerllm_jax.data.synthetic import instruction_datasets
+
+        _SYNTHETIC_CACHE[key] = instruction_datasets(*key)
+    return _SYNTHETIC_CACHE[key]
+
+
+def read_train_split(task: str, data: str = "synthetic") -> list[dict]:
+    """The training records of ``task`` (k-shot exemplars): synthetic, or ``DIR/<task>/train.jsonl``."""
+    synthetic = _parse_synthetic(data)
+    if synthetic is not None:
+        return [dict(r) for r in _synthetic(synthetic)[task]["train"]]
+    path = os.path.join(data, task, "train.jsonl") if os.path.isdir(data) else ""
+    if not os.path.isfile(path):
+        raise UserError(f"--shots needs training exemplars: no {task}/train.jsonl under --data {data}")
+    return read_jsonl_records(path, task)
 
 
 def describe_data(data: str) -> str:
