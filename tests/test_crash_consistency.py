@@ -20,7 +20,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads(res.stdout[res.stdout.index("{"):res.stdout.rindex("}") + 1])
     assert summary["ok"] and summary["kills"] == 4 and not summary["failures"]
-    assert summary["history_entries"] == 12 + 4  # 12 step losses + eval losses at steps 3, 6, 9, 12
+    assert summary["history_entries"] == 12 + 5  # 12 step losses + eval losses at steps 0 (baseline), 3, 6, 9, 12
     assert all(summary["moments"][m] >= 1 for m in ("step", "checkpoint", "eval", "startup")), summary["moments"]
     assert "bit-identical" in res.stdout
     # no manual cleanup happened, and the resumed run is a normal, loadable run

@@ -459,7 +459,7 @@ class _MetricsLog:
                         row = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a line cut by a kill
-                    if int(row.get("step", 0)) <= start_step:
+                    if start_step > 0 and int(row.get("step", 0)) <= start_step:  # a fresh start keeps none
                         kept.append(line if line.endswith("\n") else line + "\n")
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
