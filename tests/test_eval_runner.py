@@ -215,7 +215,7 @@ def test_task_specs_and_user_jsonl(tmp_path):
     recs = read_test_split("diagnosis", str(tmp_path))
     assert [r["id"] for r in recs] == ["7", "line2"] and recs[1]["instruction"].startswith("You are a medical")
     (tmp_path / "bad.jsonl").write_text('{"response": "x"}\nnot json\n')
-    with pytest.raises(UserError, match=r"bad.jsonl:2: not valid JSON"):
+    with pytest.raises(UserError, match=r"bad.jsonl:2: invalid JSON"):
         read_test_split("diagnosis", str(tmp_path / "bad.jsonl"))
     assert len(read_test_split("diagnosis", "synthetic", limit=3)) == 3
 

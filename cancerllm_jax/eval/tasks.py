@@ -17,7 +17,6 @@ missing ``id`` becomes ``line<N>``. Nothing here imports jax.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -164,39 +163,23 @@ def test_split_path(task: str, data: str) -> str:
 
 def read_jsonl_records(path: str, task: str) -> list[dict]:
     """``{id, instruction, context, response}`` records of a user JSONL; clear errors name the file and line."""
+    from cancerllm_jax.data.sources import read_jsonl
+
     default_instruction = _default_instruction(task)
+    rows, _ = read_jsonl(path, {"response": str}, optional={"instruction": str, "context": str, "id": (str, int)},
+                         line_key="_line")
     records, seen = [], {}
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror or e})") from e
-    with f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
-            for field in ("instruction", "context", "response"):
-                if field in obj and obj[field] is not None and not isinstance(obj[field], str):
-                    raise UserError(f"{path}:{number}: field '{field}' must be a string")
-            if not isinstance(obj.get("response"), str):
-                raise UserError(f"{path}:{number}: missing field 'response' (the gold answer)")
-            rid = obj.get("id", f"line{number}")
-            if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-                raise UserError(f"{path}:{number}: 'id' must be a string or an integer")
-            rid = str(rid)
-            if rid in seen:
-                raise UserError(f"{path}:{number}: duplicate id {rid!r} (first on line {seen[rid]})")
-            seen[rid] = number
-            records.append({"id": rid, "instruction": obj.get("instruction") or default_instruction,
-                            "context": obj.get("context") or "", "response": obj["response"],
-                            **{k: v for k, v in obj.items() if k not in ("id", "instruction", "context", "response")}})
-    if not records:
-        raise UserError(f"{path}: no records")
+    for obj in rows:
+        number = obj.pop("_line")
+        if isinstance(obj.get("id"), bool):
+            raise UserError(f"{path}:{number}: 'id' must be a string or an integer")
+        rid = str(obj.get("id", f"line{number}"))
+        if rid in seen:
+            raise UserError(f"{path}:{number}: duplicate id {rid!r} (first on line {seen[rid]})")
+        seen[rid] = number
+        records.append({"id": rid, "instruction": obj.get("instruction") or default_instruction,
+                        "context": obj.get("context") or "", "response": obj["response"],
+                        **{k: v for k, v in obj.items() if k not in ("id", "instruction", "context", "response")}})
     return records
 
 
