@@ -17,7 +17,6 @@ peft = pytest.importorskip("peft")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from cancerllm_jax.checkpoint.hf import read_hf  # noqa: E402

@@ -130,7 +130,6 @@ def make_batch(cfg, batch: int, seq: int, seed: int = 0) -> dict:
 def random_params(cfg, dtype: str):
     """Random N(0, 0.02) base params of ``cfg``'s shape, generated on the device in ``dtype`` (no fp32 copy)."""
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from cancerllm_jax.model import abstract_model, resolve_dtype
@@ -151,7 +150,6 @@ def random_params(cfg, dtype: str):
 def run_ours(args, cfg, folder) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from cancerllm_jax.config import LoRAConfig
@@ -219,7 +217,6 @@ def run_ours(args, cfg, folder) -> dict:
 # ------------------------------------------------------------------------------------------------------- torch
 
 def run_torch(args, cfg, folder) -> dict:
-    import numpy as np
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

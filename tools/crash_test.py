@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     for i, k in enumerate(kills):
         c = Child(args, run, resume=i > 0, log_path=os.path.join(base, f"start{i:02d}.log"))
         stale_tmp: set = set()
-        before = ckpt_listing(run, stale_tmp)[0]
+        ckpt_listing(run, stale_tmp)  # primes stale_tmp with the temp folders that already exist
         where = wait_trigger(c, run, k, args, expect_resume or 0, (metrics_inode(run), stale_tmp))
         if where is None:  # ended (or hung) before the moment came
             if c.proc.poll() is None:

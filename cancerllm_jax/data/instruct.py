@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 PROMPT_WITH_CONTEXT = ("Below is an instruction that describes a task, paired with an input that provides further "
                        "context.\n\n### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n")
-PROMPT_NO_CONTEXT = "Below is an instruction that describes a task.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+PROMPT_NO_CONTEXT = ("Below is an instruction that describes a task.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Response:\n")
 PROMPT_NO_CONTEXT_GENERATION = ("Below is an instruction that describes a task. Write a response that appropriately "
                                 "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 

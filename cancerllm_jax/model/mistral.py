@@ -53,7 +53,7 @@ def proj_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 class Proj(nnx.Module):
-    """A stacked bias-free linear ``[layers, in, out]``, with LoRA factors ``A [layers, in, r]``, ``B [layers, r, out]``."""
+    """A stacked bias-free linear ``[layers, in, out]``; LoRA factors ``A [layers, in, r]``, ``B [layers, r, out]``."""
 
     def __init__(self, layers: int, d_in: int, d_out: int, dtype, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
         self.kernel = nnx.Param(0.02 * jax.random.normal(rngs.params(), (layers, d_in, d_out), jnp.float32)

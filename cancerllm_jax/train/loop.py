@@ -204,8 +204,9 @@ class Trainer:
         n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.state["params"]))
         mem = self.memory_estimate(seq_len)
         gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+        lora_text = f"LoRA r={self.cfg.lora.rank} on {list(self.cfg.lora.targets)}"
         lines = [f"model: {self.cfg.model} ({n_base / 1e6:.1f}M params, {self.model_cfg.num_layers} layers), "
-                 f"{'full fine-tuning' if self.cfg.full else f'LoRA r={self.cfg.lora.rank} on {list(self.cfg.lora.targets)}'}"
+                 f"{'full fine-tuning' if self.cfg.full else lora_text}"
                  f", trainable {n_train / 1e6:.3f}M, dtype {self.dtype}, remat {self.cfg.remat}",
                  f"mesh {self.cfg.mesh} on {jax.device_count()} {jax.default_backend()} device(s); global batch "
                  f"{self.cfg.batch_size} x {seq_len} tokens; grad_accum {self.cfg.optim.grad_accum}"]
