@@ -185,7 +185,8 @@ def _generate(graphdef, state, tokens, positions, segs, key, temperature, top_p,
         logits, cache = model(tok[:, None], (next_pos + i)[:, None], jnp.ones((b, 1), jnp.int32), cache=cache)
         return i + 1, logits[:, -1], cache, done, out, lengths
 
-    init = (jnp.int32(0), last, cache, jnp.zeros((b,), bool), jnp.full((b, max_new), pad_id, jnp.int32),
+    padding_rows = jnp.sum(segs, axis=1) == 0  # rows added to fill the batch bucket: done from the start
+    init = (jnp.int32(0), last, cache, padding_rows, jnp.full((b, max_new), pad_id, jnp.int32),
             jnp.zeros((b,), jnp.int32))
     _, _, _, _, out, lengths = jax.lax.while_loop(cond, body, init)
     return out, lengths
