@@ -283,6 +283,7 @@ class Trainer:
         last_saved = start_step
         bar = _progress(cfg.steps, start_step)
         eval_every = cfg.eval_every
+        peer_lost = False
         if start_step == 0 and eval_every and data.eval_batches:
             self._evaluate(data.eval_batches, 0, logger)  # the baseline that periodic evals are read against
         try:
@@ -320,6 +321,7 @@ class Trainer:
             mngr.wait_until_finished()
         except Exception as e:
             if jax.process_count() > 1 and not isinstance(e, UserError):
+                peer_lost = True  # the checkpoint manager's barriers would wait for the dead peer (and log tracebacks)
                 first = (str(e).strip().splitlines() or [""])[0][:300]
                 raise PeerLost(
                     f"another process of this {jax.process_count()}-process run stopped or cannot be reached "
@@ -328,8 +330,9 @@ class Trainer:
                     f"from its last complete checkpoint in {self.workdir}/checkpoints") from e
             raise
         finally:
-            mngr.wait_until_finished()
-            mngr.close()
+            if not peer_lost:
+                mngr.wait_until_finished()
+                mngr.close()
             if logger:
                 logger.close()
         return {"steps": step, "workdir": self.workdir}
