@@ -198,9 +198,10 @@ def write_combined_report(out: str, state: dict, scale: str) -> str:
             lines += ["## Robustness: counterfactual (Table 5)", "",
                       "Not run at this scale (one fine-tuning per noise rate); run "
                       "`launch/robustness.py counterfactual` on its own.", ""]
+    from cancerllm_jax.train.run_io import write_text_atomic
+
     path = os.path.join(out, "report.md")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
     return path
 
 

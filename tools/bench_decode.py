@@ -314,18 +314,7 @@ def append_doc(args, res, agree, command, mach, load) -> None:
     cols = ("| date | machine | command | ours (JAX, batched) | HF generate, one at a time | HF generate, batched | "
             "ours / one-at-a-time | ours / batched | greedy agreement | note |\n"
             "|---|---|---|---|---|---|---|---|---|---|\n")
-    doc = bt.DOC
-    text = open(doc, encoding="utf-8").read() if os.path.isfile(doc) else "# Benchmarks\n"
-    if header not in text:
-        text = text.rstrip("\n") + f"\n\n{header}\n\n" + cols + row
-    else:
-        start = text.index(header)
-        nxt = text.find("\n## ", start + len(header))
-        section = text[start:] if nxt < 0 else text[start:nxt]
-        section = section.rstrip("\n") + "\n" + row
-        text = text[:start] + section + ("" if nxt < 0 else "\n" + text[nxt:])
-    with open(doc, "w", encoding="utf-8") as f:
-        f.write(text)
+    bt.append_row(header, cols, row)
 
 
 def main(argv=None) -> int:

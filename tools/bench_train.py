@@ -335,9 +335,14 @@ def append_doc(args, res: dict, command: str, mach: str, load: str) -> None:
     row = (f"| {datetime.date.today().isoformat()} | {mach} (load {load}) | `{command}` | {cell(ours)} | "
            f"{cell(ref)} | {ratio} | {args.note or ''} |\n")
     header = "## LoRA train step (tools/bench_train.py)"
-    text = open(DOC, encoding="utf-8").read() if os.path.isfile(DOC) else "# Benchmarks\n"
     cols = ("| date | machine | command | ours (JAX) | transformers + peft | ratio | note |\n"
             "|---|---|---|---|---|---|---|\n")
+    append_row(header, cols, row)
+
+
+def append_row(header: str, cols: str, row: str, doc: str = DOC) -> None:
+    """Append ``row`` to the table under ``header`` in docs/benchmarks.md (creating the section with ``cols``)."""
+    text = open(doc, encoding="utf-8").read() if os.path.isfile(doc) else "# Benchmarks\n"
     if header not in text:
         text = text.rstrip("\n") + f"\n\n{header}\n\n" + cols + row
     else:
@@ -347,8 +352,9 @@ def append_doc(args, res: dict, command: str, mach: str, load: str) -> None:
         section = text[start:] if nxt < 0 else text[start:nxt]
         section = section.rstrip("\n") + "\n" + row
         text = text[:start] + section + ("" if nxt < 0 else "\n" + text[nxt:])
-    with open(DOC, "w", encoding="utf-8") as f:
-        f.write(text)
+    from cancerllm_jax.train.run_io import write_text_atomic
+
+    write_text_atomic(doc, text)
 
 
 def main(argv=None) -> int:

@@ -144,9 +144,10 @@ def write_report(out: str, metrics: dict[str, Any], title: str | None = None) ->
               "- `predictions/<model>__<task>.jsonl`: `{id, prompt_hash, gold, prediction}` per instance; re-score "
               "without decoding: `python launch/evaluate.py report --out DIR [--protocol reference]`, or one file: "
               "`python launch/evaluate.py score --pred FILE`.", ""]
+    from cancerllm_jax.train.run_io import write_text_atomic
+
     path = os.path.join(out, "report.md")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
     return path
 
 
