@@ -318,7 +318,6 @@ def append_doc(args, res, agree, command, mach, load) -> None:
 
 
 def main(argv=None) -> int:
-    import subprocess
     import tempfile
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -364,18 +363,10 @@ def main(argv=None) -> int:
         out = os.path.join(tmpdir, f"{side}.json")
         cmd = [sys.executable, os.path.abspath(__file__), *[a for a in raw_argv], "--prompts-file", pfile,
                "--child-out", out]
-        cmd = [c for c in cmd]
-        # the child runs exactly one side
-        cmd = _strip_only(cmd) + ["--only", side]
-        if args.smollm2_dir and "--smollm2-dir" not in cmd:
-            cmd += ["--smollm2-dir", args.smollm2_dir]
-        print(f"[{side}] running ...", file=sys.stderr, flush=True)
-        r = subprocess.run(cmd)
-        if r.returncode != 0:
-            print(f"[{side}] failed with exit code {r.returncode}", file=sys.stderr)
-            return r.returncode
-        with open(out, encoding="utf-8") as f:
-            res[side] = json.load(f)
+        cmd = _strip_only(cmd) + ["--only", side]  # the child runs exactly one side
+        res[side], rc = bt.run_side(cmd, side, out, args.smollm2_dir)
+        if rc:
+            return rc
     load = f"{load_before} → {bt.load_avg()}"
     mach = bt.machine()
     agree = None

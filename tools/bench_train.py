@@ -340,6 +340,19 @@ def append_doc(args, res: dict, command: str, mach: str, load: str) -> None:
     append_row(header, cols, row)
 
 
+def run_side(cmd: list[str], side: str, out: str, smollm2_dir: str | None) -> tuple[dict | None, int]:
+    """Run one benchmark side in a child process (its own peak memory); ``(its JSON result, exit code)``."""
+    if smollm2_dir and "--smollm2-dir" not in cmd:
+        cmd = cmd + ["--smollm2-dir", smollm2_dir]
+    print(f"[{side}] running ...", file=sys.stderr, flush=True)
+    r = subprocess.run(cmd)
+    if r.returncode != 0:
+        print(f"[{side}] failed with exit code {r.returncode}", file=sys.stderr)
+        return None, r.returncode
+    with open(out, encoding="utf-8") as f:
+        return json.load(f), 0
+
+
 def append_row(header: str, cols: str, row: str, doc: str = DOC) -> None:
     """Append ``row`` to the table under ``header`` in docs/benchmarks.md (creating the section with ``cols``)."""
     text = open(doc, encoding="utf-8").read() if os.path.isfile(doc) else "# Benchmarks\n"
@@ -394,16 +407,10 @@ def main(argv=None) -> int:
             path = tmp.name
         cmd = [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]), "--only", side,
                "--child-out", path]
-        if args.smollm2_dir and "--smollm2-dir" not in cmd:
-            cmd += ["--smollm2-dir", args.smollm2_dir]
-        print(f"[{side}] running ...", file=sys.stderr, flush=True)
-        r = subprocess.run(cmd)
-        if r.returncode != 0:
-            print(f"[{side}] failed with exit code {r.returncode}", file=sys.stderr)
-            return r.returncode
-        with open(path, encoding="utf-8") as f:
-            res[side] = json.load(f)
+        res[side], rc = run_side(cmd, side, path, args.smollm2_dir)
         os.unlink(path)
+        if rc:
+            return rc
     load = f"{load_before} → {load_avg()}"
     mach = machine()
     print(f"machine: {mach}; load avg {load}")

@@ -87,15 +87,21 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
     return copied
 
 
-def read_meta(path: str) -> dict:
+def read_format_json(path: str, name: str, fmt: str) -> dict:
+    """``path/name`` as JSON whose ``format`` field must be ``fmt``; errors name the file."""
     try:
-        with open(os.path.join(path, META_FILE), encoding="utf-8") as f:
+        with open(os.path.join(path, name), encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}/{META_FILE}: unreadable ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path}/{META_FILE}: unknown format {meta.get('format')!r} (expected {FORMAT})")
+        raise UserError(f"{path}/{name}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise UserError(f"{path}/{name}: unknown format {found!r} (expected {fmt})")
     return meta
+
+
+def read_meta(path: str) -> dict:
+    return read_format_json(path, META_FILE, FORMAT)
 
 
 def restore_tree(path: str, target=None):

@@ -34,14 +34,9 @@ def write_json_atomic(path: str, obj) -> None:
 
 
 def read_run_meta(path: str) -> dict:
-    try:
-        with open(os.path.join(path, RUN_FILE), encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}/{RUN_FILE}: unreadable ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path}/{RUN_FILE}: unknown format {meta.get('format')!r}")
-    return meta
+    from cancerllm_jax.checkpoint.orbax_io import read_format_json
+
+    return read_format_json(path, RUN_FILE, FORMAT)
 
 
 def latest_step(ckpt_dir: str) -> int | None:
