@@ -116,14 +116,22 @@ class LM:
         return self._decoder.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
 
 
-def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool = True, tokenizer: str | None = None
-         ) -> LM:
-    """Load weights from ``path`` in ``dtype`` onto a ``mesh`` ("DxM"); a run's LoRA is merged by default."""
+def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool = True, tokenizer: str | None = None,
+         attention: str = "auto") -> LM:
+    """Load weights from ``path`` in ``dtype`` onto a ``mesh`` ("DxM"); a run's LoRA is merged by default.
+
+    ``attention``: ``auto`` (cuDNN flash attention on a GPU in bf16/fp16, else the explicit-mask einsum), ``xla``
+    or ``cudnn``.
+    """
     from cancerllm_jax import sharding
     from cancerllm_jax.data.tokenizer import load_tokenizer
     from cancerllm_jax.model import model_from_params, resolve_dtype
 
+    from cancerllm_jax.model.mistral import ATTENTION_IMPLS
+
     resolve_dtype(dtype)
+    if attention not in ATTENTION_IMPLS:
+        raise UserError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
     shape = sharding.parse_mesh(mesh)
     mesh_obj = sharding.make_mesh(shape)
     w = read_weights(path)
@@ -131,10 +139,10 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
         from cancerllm_jax.model.lora import merge_lora_params
 
         params = merge_lora_params(w.params, w.lora_params, w.lora)
-        model = model_from_params(w.cfg, params, dtype=dtype)
+        model = model_from_params(w.cfg, params, dtype=dtype, attention=attention)
     else:
         model = model_from_params(w.cfg, w.params, lora=w.lora if w.lora_params is not None else None,
-                                  lora_params=w.lora_params, dtype=dtype)
+                                  lora_params=w.lora_params, dtype=dtype, attention=attention)
     spec = tokenizer or w.tokenizer_spec
     tok = None
     if spec is not None:

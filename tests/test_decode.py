@@ -99,3 +99,14 @@ def cj_errors():
     from cancerllm_jax import errors
 
     return errors
+
+
+def test_unstacked_layers_decode_the_same(tiny):
+    """The per-layer weight path (chosen on GPUs) gives the same tokens as the scan over stacked weights."""
+    from cancerllm_jax.decode import Decoder
+
+    _, lm = tiny
+    prompts = [[1, 5, 9, 14, 3, 77, 12], [1, 8, 2, 6]]
+    stacked = Decoder(lm, unstack=False).generate(prompts, max_new_tokens=9)
+    unstacked = Decoder(lm, unstack=True).generate(prompts, max_new_tokens=9)
+    assert stacked == unstacked

@@ -2,7 +2,8 @@
 """LoRA train-step throughput: ours (jitted JAX step, built as the Trainer builds it) vs transformers + peft.
 
     python tools/bench_train.py --preset smollm2-135m [--seq 256 --batch 4 --rank 8 --steps 10 --warmup 3]
-        [--dtype float32|bfloat16] [--remat none|full|dots] [--json OUT] [--only ours|torch] [--no-doc]
+        [--dtype float32|bfloat16] [--remat none|full|dots] [--attention auto|xla|cudnn] [--json OUT]
+        [--only ours|torch] [--no-doc]
 
 Both sides train the same model (``smollm2-135m``: SmolLM2-135M-Instruct real weights imported from its GGUF;
 ``mistral-7b``: random weights of Mistral-7B's shape, meant for a GPU; ``tiny``: the tiny preset's shape, random),
@@ -147,7 +148,8 @@ def random_params(cfg, dtype: str):
     return jax.tree.unflatten(treedef, gen(jax.random.PRNGKey(0)))
 
 
-def run_ours(args, cfg, folder) -> dict:
+def build_ours(args, cfg, folder):
+    """``(jitted step, state, frozen, batch, load seconds)`` built as the Trainer builds them."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -155,8 +157,7 @@ def run_ours(args, cfg, folder) -> dict:
     from cancerllm_jax.config import LoRAConfig
     from cancerllm_jax.model import model_from_params
     from cancerllm_jax.train.optim import OptimConfig, make_optimizer, schedule
-    from cancerllm_jax.train.step import (ModelParts, device_peak_flops, lora_train_flops_per_token,
-                                          make_train_step)
+    from cancerllm_jax.train.step import ModelParts, make_train_step
 
     lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, dropout=0.05, targets=TARGETS)
     t0 = time.perf_counter()
@@ -166,7 +167,8 @@ def run_ours(args, cfg, folder) -> dict:
         _, params = read_hf(folder)
     else:
         params = random_params(cfg, args.dtype)
-    model = model_from_params(cfg, params, lora, args.dtype, args.dtype, args.remat, lora_seed=0)
+    model = model_from_params(cfg, params, lora, args.dtype, args.dtype, args.remat, lora_seed=0,
+                              attention=args.attention)
     del params
     load_s = time.perf_counter() - t0
     # as the Trainer does: LoRA factors trainable, the base frozen, one pure step jitted with the state donated
@@ -186,10 +188,20 @@ def run_ours(args, cfg, folder) -> dict:
     batch = {"inputs": jnp.asarray(raw["inputs"], jnp.int32), "targets": jnp.asarray(raw["targets"], jnp.int32),
              "loss_mask": jnp.ones((b, t), jnp.int32), "segment_ids": jnp.ones((b, t), jnp.int32),
              "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))}
+    return step, state, frozen, batch, load_s
+
+
+def run_ours(args, cfg, folder) -> dict:
+    import jax
+
+    from cancerllm_jax.train.step import device_peak_flops, lora_train_flops_per_token
+
+    step, state, frozen, batch, load_s = build_ours(args, cfg, folder)
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
     times, losses, rss_steps = [], [], 0
+    total = args.warmup + args.steps
     for i in range(total):
         t0 = time.perf_counter()
         state, metrics = compiled(state, frozen, batch)
@@ -201,7 +213,8 @@ def run_ours(args, cfg, folder) -> dict:
             times.append(dt)
     out = summarise(args, cfg, times, losses)
     out.update(compile_s=compile_s, load_s=load_s, peak_rss=rss_peak(), rss_during_steps=rss_steps,
-               backend=jax.default_backend(), device=jax.devices()[0].device_kind)
+               backend=jax.default_backend(), device=jax.devices()[0].device_kind,
+               attention=model_attention(cfg, args))
     stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
     if stats:
         out["device_peak_bytes"] = int(stats.get("peak_bytes_in_use", 0))
@@ -282,6 +295,13 @@ def run_torch(args, cfg, folder) -> dict:
             out["mfu"] = lora_train_flops_per_token(cfg, args.seq, args.rank, len(TARGETS)) * out["tokens_per_s"] / peak
     out["gflops"] = lora_train_flops_per_token(cfg, args.seq, args.rank, len(TARGETS)) * out["tokens_per_s"] / 1e9
     return out
+
+
+def model_attention(cfg, args) -> str:
+    from cancerllm_jax.model import resolve_dtype
+    from cancerllm_jax.model.mistral import resolve_attention
+
+    return resolve_attention(args.attention, resolve_dtype(args.dtype), cfg.head_dim)
 
 
 def summarise(args, cfg, times, losses) -> dict:
@@ -380,6 +400,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none")
+    p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
+                   help="our attention: auto = cuDNN flash attention on a GPU in bf16, else the explicit-mask einsum")
     p.add_argument("--only", choices=("ours", "torch"))
     p.add_argument("--smollm2-dir", help="an imported SmolLM2 HF folder (default: import the GGUF into the cache)")
     p.add_argument("--json", help="write the results here")
@@ -400,17 +422,21 @@ def main(argv=None) -> int:
         args.smollm2_dir = smollm2_folder(args.smollm2_dir)  # import once, before the children
     command = "python tools/bench_train.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     sides = [args.only] if args.only else ["ours", "torch"]
-    res = {}
+    res, failed = {}, 0
     load_before = load_avg()
-    for side in sides:
+    for side in sides:  # a failed side is reported and the other still runs
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
             path = tmp.name
         cmd = [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]), "--only", side,
                "--child-out", path]
-        res[side], rc = run_side(cmd, side, path, args.smollm2_dir)
+        result, rc = run_side(cmd, side, path, args.smollm2_dir)
         os.unlink(path)
         if rc:
-            return rc
+            failed = rc
+        else:
+            res[side] = result
+    if not res:
+        return failed
     load = f"{load_before} → {load_avg()}"
     mach = machine()
     print(f"machine: {mach}; load avg {load}")
@@ -427,7 +453,7 @@ def main(argv=None) -> int:
             json.dump(out, f, indent=2)
     if not args.no_doc:
         append_doc(args, res, command, mach, load)
-    return 0
+    return failed
 
 
 if __name__ == "__main__":

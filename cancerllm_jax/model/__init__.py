@@ -22,13 +22,14 @@ def resolve_dtype(name) -> jnp.dtype:
 
 
 def create_model(cfg: ModelConfig, lora: LoRAConfig | None = None, dtype="float32", compute_dtype=None,
-                 remat: str = "none", seed: int = 0) -> Mistral:
+                 remat: str = "none", seed: int = 0, attention: str = "auto") -> Mistral:
     """A randomly initialised model (HF's N(0, 0.02) for weights; PEFT's init for LoRA)."""
     dt = resolve_dtype(dtype)
     cdt = resolve_dtype(compute_dtype or dt)
 
     def make():
-        return Mistral(cfg, lora=lora, param_dtype=dt, compute_dtype=cdt, remat=remat, rngs=nnx.Rngs(seed))
+        return Mistral(cfg, lora=lora, param_dtype=dt, compute_dtype=cdt, remat=remat, attention=attention,
+                       rngs=nnx.Rngs(seed))
 
     # One compiled initialiser instead of one eager (separately compiled) op per weight.
     graphdef, _ = nnx.split(nnx.eval_shape(make))
@@ -37,20 +38,20 @@ def create_model(cfg: ModelConfig, lora: LoRAConfig | None = None, dtype="float3
 
 
 def abstract_model(cfg: ModelConfig, lora: LoRAConfig | None = None, dtype="float32", compute_dtype=None,
-                   remat: str = "none"):
+                   remat: str = "none", attention: str = "auto"):
     """``(graphdef, abstract_state)``: shapes and dtypes only, no memory."""
-    model = nnx.eval_shape(lambda: create_model(cfg, lora, dtype, compute_dtype, remat))
+    model = nnx.eval_shape(lambda: create_model(cfg, lora, dtype, compute_dtype, remat, attention=attention))
     return nnx.split(model)
 
 
 def model_from_params(cfg: ModelConfig, params: dict, lora: LoRAConfig | None = None, dtype="float32",
                       compute_dtype=None, remat: str = "none", lora_params: dict | None = None,
-                      lora_seed: int = 0) -> Mistral:
+                      lora_seed: int = 0, attention: str = "auto") -> Mistral:
     """A model whose base weights come from ``params`` (a pure dict, as saved) cast to ``dtype``.
 
     LoRA factors come from ``lora_params`` when given, else PEFT's fresh init (seeded).
     """
-    graphdef, state = abstract_model(cfg, lora, dtype, compute_dtype, remat)
+    graphdef, state = abstract_model(cfg, lora, dtype, compute_dtype, remat, attention)
     pure = nnx.to_pure_dict(state)
 
     def fill(node, src, path):

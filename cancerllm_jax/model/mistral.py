@@ -6,7 +6,7 @@ compile time does not grow with depth, and one remat policy covers every layer. 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +37,8 @@ for _name in ("q", "k", "v", "o", "gate", "up", "down"):
     _ax = PARAM_AXES[f"layers.{_name}.kernel"]
     PARAM_AXES[f"layers.{_name}.lora_a"] = ("layers", _ax[1], "lora_rank")
     PARAM_AXES[f"layers.{_name}.lora_b"] = ("layers", "lora_rank", _ax[2])
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 REMAT_POLICIES = {
     "none": None,
@@ -82,12 +84,15 @@ class Mistral(nnx.Module):
     """Decoder-only transformer: embeddings → N × (RMSNorm, GQA attention, RMSNorm, SwiGLU) → RMSNorm → LM head."""
 
     def __init__(self, cfg: ModelConfig, *, lora: LoRAConfig | None = None, param_dtype: Any = jnp.float32,
-                 compute_dtype: Any = jnp.float32, remat: str = "none", rngs: nnx.Rngs | None = None):
+                 compute_dtype: Any = jnp.float32, remat: str = "none", attention: str = "auto",
+                 rngs: nnx.Rngs | None = None):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
         rngs = rngs or nnx.Rngs(0)
         self.cfg, self.lora_cfg = cfg, lora
-        self.compute_dtype, self.remat = jnp.dtype(compute_dtype), remat
+        self.compute_dtype, self.remat, self.attention = jnp.dtype(compute_dtype), remat, attention
         self.embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
                                                         jnp.float32).astype(param_dtype))
         self.layers = DecoderLayers(cfg, param_dtype, rngs, lora)
@@ -99,7 +104,7 @@ class Mistral(nnx.Module):
     # -- the forward pass ----------------------------------------------------------------------------------------
     def __call__(self, tokens: Array, positions: Array | None = None, segment_ids: Array | None = None, *,
                  cache: dict | None = None, dropout_key: Array | None = None, return_hidden: bool = False,
-                 last_only: bool = False):
+                 last_only: bool = False, prefill: bool = False, layers: list[dict] | None = None):
         """Logits ``[B, T, V]`` (compute dtype) and the updated cache (or ``None``).
 
         ``last_only``: logits of the last position only (``[B, 1, V]``), as a prefill needs: the LM head is a
@@ -108,6 +113,10 @@ class Mistral(nnx.Module):
         ``positions`` restart at 0 per packed document; attention stays within equal ``segment_ids``. With a
         ``cache`` (see ``init_cache``) the new tokens' keys/values are written at ``cache["index"]`` and queries
         attend to every filled slot whose position is not in their future and within the sliding window.
+        ``prefill=True`` promises the cache is empty (``index`` 0): the block then attends over its own keys only,
+        not over the cache's empty slots.
+        ``layers``: per-layer weights (``layer_list()``) run by a Python loop instead of the scan over the stacked
+        weights, whose per-layer slices XLA copies on a GPU (see ``decode.Decoder``).
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -118,16 +127,24 @@ class Mistral(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.compute_dtype)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
 
-        if cache is None:
-            mask = attention_mask(positions, segment_ids, positions, segment_ids, cfg.sliding_window)
-            kv_in = None
+        if cache is None or prefill:
+            # self-attention over this block: fused (cuDNN) where available, else an explicit mask
+            if self.attention_impl() == "cudnn":
+                mask = fused_masking(segment_ids, positions)
+            else:
+                mask = attention_mask(positions, segment_ids, positions, segment_ids, cfg.sliding_window)
         else:
+            mask = None
+        if cache is not None:
             idx = cache["index"]
             q_pos = jnp.where(segment_ids > 0, positions, -1)
             k_pos = jax.lax.dynamic_update_slice(cache["pos"], q_pos.astype(jnp.int32), (0, idx))
-            mask = attention_mask(positions, segment_ids, k_pos, (k_pos >= 0).astype(jnp.int32),
-                                  cfg.sliding_window)
+            if mask is None:
+                mask = attention_mask(positions, segment_ids, k_pos, (k_pos >= 0).astype(jnp.int32),
+                                      cfg.sliding_window)
             kv_in = (cache["k"], cache["v"])
+        else:
+            kv_in = None
 
         weights = nnx.to_pure_dict(nnx.state(self.layers))
         n = cfg.num_layers
@@ -142,7 +159,8 @@ class Mistral(nnx.Module):
             h, ck, cv = carry
             w, key, layer = xs
             kv = None if cache is None else (ck, cv, layer)
-            h, new_kv = self._block(h, w, cos, sin, mask, key if dropout_key is not None else None, kv, index)
+            h, new_kv = self._block(h, w, cos, sin, mask, key if dropout_key is not None else None, kv, index,
+                                    prefill)
             if new_kv is not None:
                 ck, cv = new_kv
             return (h, ck, cv), None
@@ -150,7 +168,13 @@ class Mistral(nnx.Module):
         if REMAT_POLICIES[self.remat] is not None or self.remat == "full":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         kv0 = kv_in if kv_in is not None else (jnp.zeros((), x.dtype), jnp.zeros((), x.dtype))
-        (x, ck, cv), _ = jax.lax.scan(body, (x, *kv0), (weights, keys, jnp.arange(n)))
+        if layers is None:
+            (x, ck, cv), _ = jax.lax.scan(body, (x, *kv0), (weights, keys, jnp.arange(n)))
+        else:
+            carry = (x, *kv0)
+            for i, w in enumerate(layers):
+                carry, _ = body(carry, (w, keys[i], i))
+            x, ck, cv = carry
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if return_hidden:
             return x
@@ -163,7 +187,16 @@ class Mistral(nnx.Module):
             new_cache = {"k": ck, "v": cv, "pos": k_pos, "index": cache["index"] + t}
         return logits, new_cache
 
-    def _block(self, x, w, cos, sin, mask, key, kv, index):
+    def layer_list(self) -> list[dict]:
+        """Each layer's weights as separate arrays (a copy of the stacked weights)."""
+        weights = nnx.to_pure_dict(nnx.state(self.layers))
+        return [jax.tree.map(lambda a, i=i: a[i], weights) for i in range(self.cfg.num_layers)]
+
+    def attention_impl(self) -> str:
+        """``cudnn`` (fused flash attention) or ``xla`` (explicit mask); ``auto`` is cuDNN on a GPU in bf16/fp16."""
+        return resolve_attention(self.attention, self.compute_dtype, self.cfg.head_dim)
+
+    def _block(self, x, w, cos, sin, mask, key, kv, index, prefill=False):
         cfg = self.cfg
         b, t, _ = x.shape
         h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
@@ -177,9 +210,14 @@ class Mistral(nnx.Module):
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, index, 0, 0))
             cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, index, 0, 0))
             new_kv = (ck, cv)
-            k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
-        attn = gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask).reshape(b, t, cfg.q_size)
+            if not prefill:  # decode: attend over the cache (this block's keys are in it now)
+                k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
+                v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
+        if isinstance(mask, Fused):
+            attn = fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.sliding_window)
+        else:
+            attn = gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        attn = attn.reshape(b, t, cfg.q_size)
         x = x + self._proj(attn, w["o"], key, 3)
         h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
         gate = self._proj(h, w["gate"], key, 4)
@@ -209,6 +247,64 @@ class Mistral(nnx.Module):
 
 
 # -- building blocks (pure functions) ----------------------------------------------------------------------------
+
+def resolve_attention(name: str, compute_dtype, head_dim: int) -> str:
+    """The attention implementation ``name`` stands for on this backend (``auto`` → cuDNN only where it runs)."""
+    half = jnp.dtype(compute_dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    usable = jax.default_backend() == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128
+    if name == "auto":
+        return "cudnn" if usable else "xla"
+    if name == "cudnn" and not usable:
+        raise ValueError("attention='cudnn' needs a GPU, a bf16/fp16 compute dtype and head_dim a multiple of 8 "
+                         f"up to 128 (backend {jax.default_backend()}, dtype {jnp.dtype(compute_dtype).name}, "
+                         f"head_dim {head_dim})")
+    return name
+
+
+class Fused(NamedTuple):
+    """The fused path's masking: ``segments``, a boolean ``[B, 1, T, T]`` same-segment mask, and ``plain``, a
+    scalar that is true when no row needs it (causality and the window are the kernel's own)."""
+
+    segments: Array
+    plain: Array
+
+
+def fused_masking(segment_ids: Array, positions: Array) -> Fused:
+    """The segment mask and whether the batch can skip it: every row is one document at positions 0, 1, … with
+    only padding after it (padding queries' outputs are never used)."""
+    segments = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0))[:, None]
+    t = segment_ids.shape[1]
+    one_doc = jnp.all(segment_ids <= 1) & jnp.all(segment_ids[:, 1:] <= segment_ids[:, :-1])
+    counting = jnp.all((segment_ids == 0) | (positions == jnp.arange(t, dtype=positions.dtype)))
+    return Fused(segments, one_doc & counting)
+
+
+def fused_attention(q: Array, k: Array, v: Array, masking: Fused | None, window: int | None,
+                    implementation: str = "cudnn") -> Array:
+    """``jax.nn.dot_product_attention`` (cuDNN flash attention on a GPU): causal by index, the sliding window as
+    cuDNN's left window, packed documents / padding by the segment mask, which is skipped (a cheaper kernel) when
+    the batch does not need it.
+
+    Equal to ``gqa_attention`` with ``attention_mask`` whenever positions count up by one inside each segment, as
+    every batch our pipelines and decoder build does (packed documents, right-padded rows, left-padded prompts).
+    """
+    local = None if window is None else (window - 1, 0)
+    t = q.shape[1]
+    if implementation == "cudnn" and (t % 2 or k.shape[1] % 2):
+        # cuDNN's training kernels need even lengths: the explicit-mask path, same semantics
+        i, j = jnp.arange(t)[:, None], jnp.arange(k.shape[1])[None, :]
+        allowed = (j <= i) if window is None else (j <= i) & (i - j < window)
+        seg = allowed[None] if masking is None else masking.segments[:, 0] & allowed
+        return gqa_attention(q, k, v, seg)
+
+    def attend(mask):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=local,
+                                            implementation=implementation)
+
+    if masking is None:
+        return attend(None)
+    return jax.lax.cond(masking.plain, lambda: attend(None), lambda: attend(masking.segments))
+
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
     """HF's RMSNorm: statistics in fp32, cast back to the input dtype, then scale."""

@@ -24,6 +24,7 @@ class TrainConfig:
     mesh: str = "1x1"
     dtype: str = "auto"  # auto: bfloat16 base on accelerators, float32 on CPU
     remat: str = "none"  # none | full | dots
+    attention: str = "auto"  # auto (cuDNN flash attention on a GPU in bf16, else xla) | xla | cudnn
     fsdp: bool = True  # shard frozen weights over the data axis where a dimension divides
     save_every: int = 0  # 0: only at the end
     keep: int = 3
@@ -41,6 +42,8 @@ class TrainConfig:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.remat not in ("none", "full", "dots"):
             raise UserError(f"remat must be none, full or dots, got {self.remat!r}")
+        if self.attention not in ("auto", "xla", "cudnn"):
+            raise UserError(f"attention must be auto, xla or cudnn, got {self.attention!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.batch_size % self.optim.grad_accum:

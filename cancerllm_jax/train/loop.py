@@ -97,11 +97,12 @@ def build_model(cfg: TrainConfig, model_cfg: ModelConfig, params: dict | None, d
     lora = None if cfg.full else cfg.lora
     param_dtype = "float32" if cfg.full else dtype
     if abstract:
-        graphdef, state = abstract_model(model_cfg, lora, param_dtype, dtype, cfg.remat)
+        graphdef, state = abstract_model(model_cfg, lora, param_dtype, dtype, cfg.remat, cfg.attention)
         return nnx.merge(graphdef, state)
     if params is None:
-        return create_model(model_cfg, lora, param_dtype, dtype, cfg.remat, seed=cfg.seed)
-    return model_from_params(model_cfg, params, lora, param_dtype, dtype, cfg.remat, lora_seed=cfg.seed)
+        return create_model(model_cfg, lora, param_dtype, dtype, cfg.remat, seed=cfg.seed, attention=cfg.attention)
+    return model_from_params(model_cfg, params, lora, param_dtype, dtype, cfg.remat, lora_seed=cfg.seed,
+                             attention=cfg.attention)
 
 
 # ------------------------------------------------------------------------------------------------------ trainer

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The GPU benchmarks of docs/benchmarks.md in one go, each step under its own time limit, so that one failure
+# does not cost the rest. Results: JSON + logs under $OUT (default ./gpu_results), and rows appended to
+# docs/benchmarks.md; at the end $OUT holds results.tgz (every JSON and log) and a copy of docs/benchmarks.md.
+# Usage: bash tools/gpu_suite.sh STAGE...   (stages: env check attn train train-ours train-xla mem decode q1000
+# q1000-natural profile-train profile-decode profile-decode64). Keep the sum of the chosen stages' limits under the
+# time you have. A machine without a package index gets the missing wheels from .whl/ (Python 3.12 wheels of grain,
+# array-record, portpicker, mistral-common and, if its optax is older, optax: `pip download --no-deps
+# --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl NAME==VERSION`); never carry
+# flax or jax (they must match the machine's jaxlib).
+set -u
+OUT=${OUT:-gpu_results}
+WORK=$(mktemp -d)
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+if [ -d .whl ]; then  # wheels carried to a machine without a package index (see docs/benchmarks.md)
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+
+step() {  # step NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${limit}s): $*"
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$WORK/$name.log"
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+}
+
+for stage in "$@"; do
+  case $stage in
+    env)
+      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+      $PY -c "import jax, jaxlib, flax, optax, torch, transformers, peft; print('jax', jax.__version__, 'flax', \
+flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, \
+'peft', peft.__version__); print(jax.devices())" ;;
+    check)
+      step check 100 $PY -m pytest -q -p no:cacheprovider tests/test_fused_attention.py ;;
+    attn)
+      step attn 90 $PY tools/bench_attention.py --json "$WORK/attn.json" ;;
+    train)
+      step train 360 $PY tools/bench_train.py --preset mistral-7b --seq 3000 --batch 1 --dtype bfloat16 \
+        --remat none --steps 10 --warmup 3 --json "$WORK/train.json" --note "cuDNN attention (auto), no remat" ;;
+    train-ours)
+      step train_ours 240 $PY tools/bench_train.py --preset mistral-7b --seq 3000 --batch 1 --dtype bfloat16 \
+        --remat none --steps 10 --warmup 3 --only ours --json "$WORK/train_ours.json" --no-doc ;;
+    profile-train)
+      step profile_train 200 $PY tools/profile_step.py train --seq 3000 --batch 1 --hlo "$WORK/hlo" ;;
+    profile-decode)
+      step profile_decode 200 $PY tools/profile_step.py decode --batch 1 --prompt-tokens 512 --new 32 \
+        --hlo "$WORK/hlo" ;;
+    profile-decode64)
+      step profile_decode64 240 $PY tools/profile_step.py decode --batch 64 --prompt-tokens 1500 --new 16 ;;
+    train-xla)
+      step train_xla 240 $PY tools/bench_train.py --preset mistral-7b --seq 3000 --batch 1 --dtype bfloat16 \
+        --remat none --attention xla --steps 10 --warmup 3 --only ours --json "$WORK/train_xla.json" \
+        --note "A/B: einsum attention" ;;
+    mem)
+      step mem 240 $PY tools/bench_train.py --preset mistral-7b --seq 3000 --batch 1 --dtype bfloat16 \
+        --remat full --steps 5 --warmup 2 --json "$WORK/mem.json" --note "memory target: bf16 base, remat full" ;;
+    decode)
+      step decode 300 $PY tools/bench_decode.py --preset mistral-7b --dtype bfloat16 --batch 1 --prompts 4 \
+        --new 128 --prompt-tokens 512 --fill --only ours --only hf-single --json "$WORK/decode.json" \
+        --note "batch-1 roofline; 512-token prompts" ;;
+    q1000)
+      step q1000 400 $PY tools/bench_decode.py --preset mistral-7b --dtype bfloat16 --task phenotype --fill \
+        --prompts 1000 --prompt-tokens 1500 --new 50 --batch 64 --repeats 1 --only ours --no-ttft \
+        --json "$WORK/q1000.json" --note "1000 phenotype questions, every prompt filled to 1500 tokens" ;;
+    q1000-natural)
+      step q1000_natural 300 $PY tools/bench_decode.py --preset mistral-7b --dtype bfloat16 --task phenotype \
+        --prompts 1000 --prompt-tokens 1500 --new 50 --batch 128 --repeats 1 --only ours \
+        --json "$WORK/q1000_natural.json" --note "1000 phenotype questions at their own length" ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+done
+cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null
+tar czf "$OUT/results.tgz" -C "$WORK" . 2>/dev/null
+true
