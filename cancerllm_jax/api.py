@@ -1,6 +1,7 @@
 """The front door: ``load(path)`` → ``LM`` with ``.logits(ids)``, ``.generate(prompts, ...)`` and ``.tokenizer``."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -62,10 +63,15 @@ def _tokenizer_in(folder: str) -> str | None:
 class LM:
     """A loaded model on a mesh. ``logits`` and ``generate`` compile once per input shape bucket."""
 
-    def __init__(self, model, cfg: ModelConfig, tokenizer: Any, mesh, source: str = ""):
+    def __init__(self, model, cfg: ModelConfig, tokenizer: Any, mesh, source: str = "",
+                 eos_ids: tuple[int, ...] | None = None):
         from cancerllm_jax import sharding
 
         self.cfg, self.tokenizer, self.mesh, self.source = cfg, tokenizer, mesh, source
+        if eos_ids is None:  # generation stops at any of these (the tokenizer's, else the config's)
+            eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+            eos_ids = (eos,) if eos is not None and eos >= 0 else ()
+        self.eos_ids = tuple(eos_ids)
         graphdef, state = nnx.split(model)
         pure = nnx.to_pure_dict(state)
         shardings = sharding.param_shardings(pure, mesh, cfg, fsdp=False, notice=lambda *_: None)
@@ -155,4 +161,26 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
     if tok is not None and tok.vocab_size > w.cfg.vocab_size:
         raise UserError(f"tokenizer {getattr(tok, 'name', spec)} has {tok.vocab_size} tokens but the model's "
                         f"vocabulary is {w.cfg.vocab_size}")
-    return LM(model, w.cfg, tok, mesh_obj, source=w.source)
+    eos = {tok.eos_id if tok is not None else w.cfg.eos_token_id} | hf_eos_ids(path)
+    return LM(model, w.cfg, tok, mesh_obj, source=w.source,
+              eos_ids=tuple(sorted(e for e in eos if e is not None and 0 <= e < w.cfg.vocab_size)))
+
+
+def hf_eos_ids(folder: str) -> set[int]:
+    """Every EOS id an HF folder's ``config.json`` / ``generation_config.json`` names (transformers' generate
+    stops at any of them, e.g. Llama-3's end-of-text and end-of-turn)."""
+    out: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not readable JSON ({e})") from None
+        value = data.get("eos_token_id") if isinstance(data, dict) else None
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int):
+                out.add(v)
+    return out

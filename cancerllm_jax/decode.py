@@ -96,7 +96,7 @@ class Decoder:
                     ids[i] = p[-max_prompt_tokens:]
                     truncated += 1
         if eos_id is None:
-            eos_id = lm.tokenizer.eos_id if lm.tokenizer is not None else lm.cfg.eos_token_id
+            eos_id = list(lm.eos_ids)
         eos_ids = tuple(sorted({int(e) for e in (eos_id if isinstance(eos_id, (list, tuple)) else [eos_id])
                                 if e is not None and e >= 0}))
         greedy = temperature is None or float(temperature) <= 0.0

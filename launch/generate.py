@@ -98,10 +98,10 @@ def main(argv=None):
 
 
 def _write_predictions(tmp, args, records, texts, outs, lm) -> None:
-    eos = lm.tokenizer.eos_id
+    eos = set(lm.eos_ids)
     with open(tmp, "w", encoding="utf-8") as f:
         for r, text, gen in zip(records, texts, outs):
-            pred = lm.tokenizer.decode([t for t in gen if t != eos]).strip()
+            pred = lm.tokenizer.decode([t for t in gen if t not in eos]).strip()
             for s in args.stop or ():
                 pred = pred.split(s)[0]
             row = {"id": r.get("id", f"{os.path.basename(args.input)}:{r['_line']}"),

@@ -110,3 +110,26 @@ def test_unstacked_layers_decode_the_same(tiny):
     stacked = Decoder(lm, unstack=False).generate(prompts, max_new_tokens=9)
     unstacked = Decoder(lm, unstack=True).generate(prompts, max_new_tokens=9)
     assert stacked == unstacked
+
+
+def test_every_eos_id_of_the_generation_config_stops(tiny, tmp_path):
+    """Like transformers' generate, any id in generation_config.json's eos_token_id list ends a row."""
+    import json
+    import shutil
+
+    model, lm = tiny
+    prompt = [1, 5, 6, 7]
+    free = lm.generate([prompt], max_new_tokens=6, eos_id=[])[0]  # no stopping at all
+    stop = free[2]
+    folder = tmp_path / "multi_eos"
+    shutil.copytree(lm.source, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, int(stop)]}))
+    lm2 = cj.load(str(folder), dtype="float32")
+    assert set(lm2.eos_ids) == {2, int(stop)}
+    got = lm2.generate([prompt], max_new_tokens=6)[0]
+    first = next(i for i, t in enumerate(free) if t in (2, stop))
+    assert got == free[:first + 1]
+    assert got == hf_greedy(model, prompt, 6, eos=[2, int(stop)])
+    (folder / "generation_config.json").write_text("{not json")
+    with pytest.raises(cj_errors().UserError, match="generation_config.json"):
+        cj.load(str(folder), dtype="float32")

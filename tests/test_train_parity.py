@@ -154,3 +154,19 @@ def test_one_step_matches_transformers_peft_adamw(setup):
     assert worst_new <= 1e-5, f"updated LoRA weights differ from torch by {worst_new:.2e}"
     print(f"\nloss rel diff {loss_rel:.2e}, grad rel diff {worst_grad:.2e}, grad-norm rel diff {norm_rel:.2e}, "
           f"updated-weight max abs diff {worst_new:.2e}")
+
+
+def test_lora_dropout_rate_scale_and_independence():
+    """PEFT's dropout on the LoRA input: drop rate within sampling error, kept values scaled by 1/(1-p)."""
+    from cancerllm_jax.model.mistral import lora_dropout
+
+    x = jnp.ones((1000, 1000), jnp.float32)
+    for rate in (0.05, 0.1, 0.5):
+        y = np.asarray(lora_dropout(x, jax.random.PRNGKey(3), rate))
+        dropped = float((y == 0).mean())
+        assert abs(dropped - rate) < 5 * np.sqrt(rate * (1 - rate) / y.size), (rate, dropped)
+        assert np.allclose(y[y != 0], 1.0 / (1.0 - rate))
+    a = np.asarray(lora_dropout(x, jax.random.PRNGKey(1), 0.1))
+    b = np.asarray(lora_dropout(x, jax.random.PRNGKey(2), 0.1))
+    assert (a != b).mean() > 0.1  # different keys, different masks
+    assert lora_dropout(x, jax.random.PRNGKey(1), 0.0) is x

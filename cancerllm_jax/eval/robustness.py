@@ -130,10 +130,10 @@ def decode(lm: Any, records: Sequence[dict], task: str, settings: DecodeSettings
     t0 = time.perf_counter()
     outs = lm.generate(prompts, max_new_tokens=max_new, max_prompt_tokens=max_in, batch_size=settings.batch_size)
     seconds = time.perf_counter() - t0
-    eos = lm.tokenizer.eos_id
+    eos = set(lm.eos_ids)
     preds = []
     for gen in outs:
-        text = lm.tokenizer.decode([t for t in gen if t != eos])
+        text = lm.tokenizer.decode([t for t in gen if t not in eos])
         for s in settings.stop:
             text = text.split(s)[0]
         preds.append(text.strip())

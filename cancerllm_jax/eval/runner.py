@@ -301,10 +301,10 @@ def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg:
                            top_p=cfg.decoding.top_p, seed=cfg.decoding.seed + b, batch_size=len(batch))
         elapsed = time.perf_counter() - t0
         compiled = len(lm._decoder._fns) > n_fns
-        eos = lm.tokenizer.eos_id
+        eos = set(lm.eos_ids)
         rows = []
         for p, gen in zip(batch, outs, strict=True):
-            text = lm.tokenizer.decode([t for t in gen if t != eos])
+            text = lm.tokenizer.decode([t for t in gen if t not in eos])
             for s in spec.stop:
                 cut = text.find(s)
                 if cut >= 0:
