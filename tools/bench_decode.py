@@ -312,7 +312,7 @@ def table(res: dict) -> str:
     for side, r in res.items():
         comp = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
         roof = r.get("roofline", {}).get("roofline_fraction")
-        roof = f"{100 * roof:.1f}%" if roof else "-"
+        roof = f"{100 * roof:.1f}%" if roof and roof == roof else "-"
         lines.append(f"{side:<14}{r['tokens_per_s']:>9.1f}{r['total_s']:>9.2f}{1e3 * r['ttft_s']:>10.1f}"
                      f"{r['ms_per_step']:>10.1f}{fmt_mem(r):>18}{comp:>11}{roof:>10}")
     return "\n".join(lines)
@@ -322,11 +322,14 @@ def append_doc(args, res, agree, command, mach, load) -> None:
     def cell(r):
         if not r:
             return "-"
-        s = f"{r['tokens_per_s']:.1f} tok/s, TTFT {1e3 * r['ttft_s']:.0f} ms, {r['ms_per_step']:.1f} ms/step"
+        if r["ttft_s"] == r["ttft_s"]:  # not NaN (--no-ttft skips the 1-token runs)
+            s = f"{r['tokens_per_s']:.1f} tok/s, TTFT {1e3 * r['ttft_s']:.0f} ms, {r['ms_per_step']:.1f} ms/step"
+        else:
+            s = f"{r['tokens_per_s']:.1f} tok/s, total {r['total_s']:.1f} s"
         if "compile_s" in r:
             s += f", compile {r['compile_s']:.1f} s"
         roof = r.get("roofline", {}).get("roofline_fraction")
-        if roof:
+        if roof and roof == roof:
             s += f", roofline {100 * roof:.1f}%"
         return s
 
