@@ -22,6 +22,7 @@ import jax
 
 import cancerllm_jax as cj
 from cancerllm_jax.errors import UserError
+from helpers import one_clear_error
 
 # Start the backend now with conftest's 10 host devices: otherwise the first in-process launcher (mesh 1x1) would
 # ask for 1 device before JAX starts and every later mesh case would see a 1-device host.
@@ -54,14 +55,6 @@ def run_cli(rel: str, argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def one_clear_error(code, err, *needles) -> str:
-    assert code not in (0, None), err
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def nothing_left(*paths):

@@ -23,6 +23,7 @@ from cancerllm_jax.train import run_io
 from cancerllm_jax.train.config import PretrainConfig, resolve
 from cancerllm_jax.train.loop import Trainer
 from cancerllm_jax.train.pretrain import pretrain_data_factory
+from helpers import one_clear_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "launch", "pretrain.py")
@@ -176,14 +177,6 @@ def run_main(argv, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def one_clear_error(code, err, *needles):
-    assert code not in (0, None), err
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
-    assert len(lines) == 1, err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def test_bad_inputs_each_give_one_clear_error(reference, tmp_path, capsys):

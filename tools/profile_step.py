@@ -56,7 +56,7 @@ def report(title: str, logdir: str, wall_s: float, top: int) -> None:
 def profile_train(a) -> None:
     import jax
 
-    a.rank, a.steps, a.warmup, a.attention = 8, 1, 1, a.attention
+    a.rank, a.steps, a.warmup = 8, 1, 1
     cfg = bt.model_config(a.preset, None)
     step, state, frozen, batch, _ = bt.build_ours(a, cfg, None)
     compiled = step.lower(state, frozen, batch).compile()
@@ -82,7 +82,6 @@ def profile_decode(a) -> None:
     import bench_decode as bd
     from cancerllm_jax.decode import Decoder
 
-    a.attention = a.attention or "auto"
     cfg = bt.model_config(a.preset, None)
     lm = bd.load_ours(a, cfg, None)
     from cancerllm_jax.data.tokenizer import load_tokenizer

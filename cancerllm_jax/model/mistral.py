@@ -329,10 +329,9 @@ def fused_attention(q: Array, k: Array, v: Array, masking: Fused | None, window:
     t = q.shape[1]
     if implementation == "cudnn" and (t % 2 or k.shape[1] % 2):
         # cuDNN's training kernels need even lengths: the explicit-mask path, same semantics
-        i, j = jnp.arange(t)[:, None], jnp.arange(k.shape[1])[None, :]
-        allowed = (j <= i) if window is None else (j <= i) & (i - j < window)
-        seg = allowed[None] if masking is None else masking.segments[:, 0] & allowed
-        return gqa_attention(q, k, v, seg)
+        idx, one = jnp.arange(t)[None], jnp.ones((1, t), jnp.int32)
+        allowed = attention_mask(idx, one, idx, one, window)  # causal + window by index, [1, T, T]
+        return gqa_attention(q, k, v, allowed if masking is None else masking.segments[:, 0] & allowed)
 
     def attend(mask):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=local,
