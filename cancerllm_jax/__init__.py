@@ -13,6 +13,11 @@ import os as _os
 _os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# On the CPU backend, reuse freed host memory instead of page-faulting every step's buffers in again (hostmem.py)
+from cancerllm_jax.hostmem import keep_freed_memory as _keep_freed_memory  # noqa: E402
+
+HOST_MEMORY_KEPT = _keep_freed_memory()
+
 __version__ = "0.1.0"
 
 

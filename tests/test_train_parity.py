@@ -166,6 +166,12 @@ def test_lora_dropout_rate_scale_and_independence():
         dropped = float((y == 0).mean())
         assert abs(dropped - rate) < 5 * np.sqrt(rate * (1 - rate) / y.size), (rate, dropped)
         assert np.allclose(y[y != 0], 1.0 / (1.0 - rate))
+    # the two 16-bit halves of one 32-bit word (neighbours on the last axis) are dropped independently
+    y = np.asarray(lora_dropout(x, jax.random.PRNGKey(4), 0.5)).reshape(-1, 2) == 0
+    both = float((y[:, 0] & y[:, 1]).mean())
+    assert abs(both - 0.25) < 5 * np.sqrt(0.25 * 0.75 / len(y)), both
+    odd = np.asarray(lora_dropout(jnp.ones((3, 7, 999)), jax.random.PRNGKey(5), 0.3))  # odd last axis
+    assert odd.shape == (3, 7, 999) and abs(float((odd == 0).mean()) - 0.3) < 0.01
     a = np.asarray(lora_dropout(x, jax.random.PRNGKey(1), 0.1))
     b = np.asarray(lora_dropout(x, jax.random.PRNGKey(2), 0.1))
     assert (a != b).mean() > 0.1  # different keys, different masks

@@ -370,6 +370,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs of ours (median)")
     p.add_argument("--hf-repeats", type=int, default=1, help="timed runs of each transformers side (median)")
     p.add_argument("--only", action="append", choices=SIDES, help="run only these sides (repeatable)")
+    p.add_argument("--torch-host-malloc", choices=("system", "keep"), default="system", help=bt.TORCH_MALLOC_HELP)
     p.add_argument("--smollm2-dir")
     p.add_argument("--json")
     p.add_argument("--no-doc", action="store_true")
@@ -404,7 +405,8 @@ def main(argv=None) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), *[a for a in raw_argv], "--prompts-file", pfile,
                "--child-out", out]
         cmd = _strip_only(cmd) + ["--only", side]  # the child runs exactly one side
-        result, rc = bt.run_side(cmd, side, out, args.smollm2_dir)
+        result, rc = bt.run_side(cmd, side, out, args.smollm2_dir,
+                                 args.torch_host_malloc if side != "ours" else None)
         if rc:  # reported; the other sides still run
             failed = rc
         else:

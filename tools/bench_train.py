@@ -38,6 +38,8 @@ except ImportError:  # run from a checkout without installing
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 PRESETS = ("smollm2-135m", "mistral-7b", "tiny")
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+TORCH_MALLOC_HELP = ("glibc allocation for the torch side: system = glibc's defaults, as the authors' scripts run "
+                     "(default); keep = the setting this package applies to itself on the CPU (hostmem.py)")
 HF_TARGETS = [f"{t}_proj" for t in TARGETS]
 
 
@@ -196,6 +198,8 @@ def run_ours(args, cfg, folder) -> dict:
 
     from cancerllm_jax.train.step import device_peak_flops, lora_train_flops_per_token
 
+    import cancerllm_jax
+
     step, state, frozen, batch, load_s = build_ours(args, cfg, folder)
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
@@ -212,6 +216,7 @@ def run_ours(args, cfg, folder) -> dict:
         if i >= args.warmup:
             times.append(dt)
     out = summarise(args, cfg, times, losses)
+    out["host_memory_kept"] = cancerllm_jax.HOST_MEMORY_KEPT
     out.update(compile_s=compile_s, load_s=load_s, peak_rss=rss_peak(), rss_during_steps=rss_steps,
                backend=jax.default_backend(), device=jax.devices()[0].device_kind,
                attention=model_attention(cfg, args))
@@ -285,8 +290,10 @@ def run_torch(args, cfg, folder) -> dict:
         if i >= args.warmup:
             times.append(dt)
     out = summarise(args, cfg, times, losses)
+    import cancerllm_jax
+
     out.update(load_s=load_s, peak_rss=rss_peak(), rss_during_steps=rss_steps, backend=dev,
-               threads=torch.get_num_threads())
+               threads=torch.get_num_threads(), host_memory_kept=cancerllm_jax.HOST_MEMORY_KEPT)
     if dev == "cuda":
         out["device_peak_bytes"] = int(torch.cuda.max_memory_allocated())
         name = torch.cuda.get_device_name(0)
@@ -360,12 +367,17 @@ def append_doc(args, res: dict, command: str, mach: str, load: str) -> None:
     append_row(header, cols, row)
 
 
-def run_side(cmd: list[str], side: str, out: str, smollm2_dir: str | None) -> tuple[dict | None, int]:
-    """Run one benchmark side in a child process (its own peak memory); ``(its JSON result, exit code)``."""
+def run_side(cmd: list[str], side: str, out: str, smollm2_dir: str | None,
+             host_malloc: str | None = None) -> tuple[dict | None, int]:
+    """Run one benchmark side in a child process (its own peak memory); ``(its JSON result, exit code)``.
+
+    ``host_malloc``: ``CANCERLLM_HOST_MALLOC`` for the child (a torch side imports this package for its helpers,
+    which would otherwise give torch our CPU allocator setting, see ``cancerllm_jax/hostmem.py``)."""
     if smollm2_dir and "--smollm2-dir" not in cmd:
         cmd = cmd + ["--smollm2-dir", smollm2_dir]
     print(f"[{side}] running ...", file=sys.stderr, flush=True)
-    r = subprocess.run(cmd)
+    env = dict(os.environ, CANCERLLM_HOST_MALLOC=host_malloc) if host_malloc else None
+    r = subprocess.run(cmd, env=env)
     if r.returncode != 0:
         print(f"[{side}] failed with exit code {r.returncode}", file=sys.stderr)
         return None, r.returncode
@@ -403,6 +415,7 @@ def main(argv=None) -> int:
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                    help="our attention: auto = cuDNN flash attention on a GPU in bf16, else the explicit-mask einsum")
     p.add_argument("--only", choices=("ours", "torch"))
+    p.add_argument("--torch-host-malloc", choices=("system", "keep"), default="system", help=TORCH_MALLOC_HELP)
     p.add_argument("--smollm2-dir", help="an imported SmolLM2 HF folder (default: import the GGUF into the cache)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--no-doc", action="store_true", help="do not append a row to docs/benchmarks.md")
@@ -429,7 +442,8 @@ def main(argv=None) -> int:
             path = tmp.name
         cmd = [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]), "--only", side,
                "--child-out", path]
-        result, rc = run_side(cmd, side, path, args.smollm2_dir)
+        result, rc = run_side(cmd, side, path, args.smollm2_dir,
+                              args.torch_host_malloc if side == "torch" else None)
         os.unlink(path)
         if rc:
             failed = rc
