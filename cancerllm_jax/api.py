@@ -69,7 +69,7 @@ class LM:
 
         self.cfg, self.tokenizer, self.mesh, self.source = cfg, tokenizer, mesh, source
         if eos_ids is None:  # generation stops at any of these (the tokenizer's, else the config's)
-            eos = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+            eos = own_eos_id(tokenizer, cfg)
             eos_ids = (eos,) if eos is not None and eos >= 0 else ()
         self.eos_ids = tuple(eos_ids)
         graphdef, state = nnx.split(model)
@@ -161,9 +161,14 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
     if tok is not None and tok.vocab_size > w.cfg.vocab_size:
         raise UserError(f"tokenizer {getattr(tok, 'name', spec)} has {tok.vocab_size} tokens but the model's "
                         f"vocabulary is {w.cfg.vocab_size}")
-    eos = {tok.eos_id if tok is not None else w.cfg.eos_token_id} | hf_eos_ids(path)
+    eos = {own_eos_id(tok, w.cfg)} | hf_eos_ids(path)
     return LM(model, w.cfg, tok, mesh_obj, source=w.source,
               eos_ids=tuple(sorted(e for e in eos if e is not None and 0 <= e < w.cfg.vocab_size)))
+
+
+def own_eos_id(tokenizer, cfg: ModelConfig) -> int | None:
+    """The tokenizer's EOS id, else the model config's."""
+    return tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
 
 
 def hf_eos_ids(folder: str) -> set[int]:

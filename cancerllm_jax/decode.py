@@ -46,6 +46,17 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k: int, to
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
+def generated_text(tokenizer, ids: Sequence[int], eos_ids: Sequence[int], stop: Sequence[str] = ()) -> str:
+    """Generated ids as text: EOS ids dropped, then cut at the first occurrence of each ``stop`` string in turn."""
+    eos = set(eos_ids)
+    text = tokenizer.decode([t for t in ids if t not in eos])
+    for s in stop:
+        cut = text.find(s)
+        if cut >= 0:
+            text = text[:cut]
+    return text
+
+
 class Decoder:
     """Compiles and caches generate functions per (batch, prompt bucket, budget, sampling mode)."""
 
@@ -137,16 +148,7 @@ class Decoder:
                            "truncated_prompts": truncated}
         if not as_text:
             return results
-        texts = []
-        for gen in results:
-            gen = [t for t in gen if t not in eos_ids]
-            text = lm.tokenizer.decode(gen)
-            for s in stop or ():
-                cut = text.find(s)
-                if cut >= 0:
-                    text = text[:cut]
-            texts.append(text)
-        return texts
+        return [generated_text(lm.tokenizer, gen, eos_ids, stop or ()) for gen in results]
 
     def _encode(self, prompt, as_text: bool, index: int) -> list[int]:
         if as_text:

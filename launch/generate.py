@@ -98,10 +98,11 @@ def main(argv=None):
 
 
 def _write_predictions(tmp, args, records, texts, outs, lm) -> None:
-    eos = set(lm.eos_ids)
+    from cancerllm_jax.decode import generated_text
+
     with open(tmp, "w", encoding="utf-8") as f:
         for r, text, gen in zip(records, texts, outs):
-            pred = lm.tokenizer.decode([t for t in gen if t not in eos]).strip()
+            pred = generated_text(lm.tokenizer, gen, lm.eos_ids).strip()
             for s in args.stop or ():
                 pred = pred.split(s)[0]
             row = {"id": r.get("id", f"{os.path.basename(args.input)}:{r['_line']}"),

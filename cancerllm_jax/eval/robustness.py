@@ -123,6 +123,7 @@ def load_model(path: str, dtype: str = "float32") -> Any:
 def decode(lm: Any, records: Sequence[dict], task: str, settings: DecodeSettings) -> tuple[list[str], dict]:
     """Greedy predictions for ``records`` (Alpaca generation prompt, context cut to fit) and decode stats."""
     from cancerllm_jax.data.instruct import encode_prompt
+    from cancerllm_jax.decode import generated_text
 
     max_in, max_new = settings.limits(task)
     prompts = [encode_prompt(lm.tokenizer, r["instruction"], r.get("context") or "", max_in, for_generation=True,
@@ -130,13 +131,7 @@ def decode(lm: Any, records: Sequence[dict], task: str, settings: DecodeSettings
     t0 = time.perf_counter()
     outs = lm.generate(prompts, max_new_tokens=max_new, max_prompt_tokens=max_in, batch_size=settings.batch_size)
     seconds = time.perf_counter() - t0
-    eos = set(lm.eos_ids)
-    preds = []
-    for gen in outs:
-        text = lm.tokenizer.decode([t for t in gen if t not in eos])
-        for s in settings.stop:
-            text = text.split(s)[0]
-        preds.append(text.strip())
+    preds = [generated_text(lm.tokenizer, gen, lm.eos_ids, settings.stop).strip() for gen in outs]
     return preds, {"seconds": round(seconds, 2), "generated_tokens": int(sum(len(g) for g in outs)),
                    "max_prompt_tokens": max_in, "max_new_tokens": max_new}
 

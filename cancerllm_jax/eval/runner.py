@@ -274,6 +274,8 @@ def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg:
                 session: str, log: Callable[[str], None] = _log) -> tuple[dict[str, Any], dict]:
     """Decode every record of one task not yet in the model's prediction file; returns the resume/decoding counts
     and ``{id: (prompt_hash, gold)}`` of the test split."""
+    from cancerllm_jax.decode import generated_text
+
     path, spath = pred_path(cfg.out, model.name, spec.name), stats_path(cfg.out, model.name, spec.name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if cfg.decoding.shots:
@@ -301,14 +303,9 @@ def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg:
                            top_p=cfg.decoding.top_p, seed=cfg.decoding.seed + b, batch_size=len(batch))
         elapsed = time.perf_counter() - t0
         compiled = len(lm._decoder._fns) > n_fns
-        eos = set(lm.eos_ids)
         rows = []
         for p, gen in zip(batch, outs, strict=True):
-            text = lm.tokenizer.decode([t for t in gen if t not in eos])
-            for s in spec.stop:
-                cut = text.find(s)
-                if cut >= 0:
-                    text = text[:cut]
+            text = generated_text(lm.tokenizer, gen, lm.eos_ids, spec.stop)
             rows.append({"id": p.id, "prompt_hash": p.hash, "gold": p.gold, "prediction": text.strip()})
         _append_jsonl(path, rows)
         mem, kind = peak_memory()
