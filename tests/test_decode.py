@@ -48,6 +48,30 @@ def test_cache_decode_logits_equal_full_forward(tiny):
     assert np.abs(got - np.asarray(full)).max() <= 1e-4
 
 
+@pytest.mark.parametrize("heads,kv_heads,t", [(6, 2, 1), (4, 4, 3), (8, 1, 2)])
+def test_cached_attention_equals_gqa_attention(heads, kv_heads, t):
+    """The cache layout (keys [B,KVH,D,S], values [B,KVH,S,D]) gives gqa_attention's result for one or more
+    queries, GQA ratios 1/3/8, with masked slots (a fully masked row stays finite)."""
+    import jax.numpy as jnp
+
+    from cancerllm_jax.model.mistral import cached_attention, gqa_attention
+
+    rng = np.random.default_rng(heads + t)
+    b, s, d = 3, 11, 8
+    q = rng.standard_normal((b, t, heads, d)).astype(np.float32)
+    k = rng.standard_normal((b, s, kv_heads, d)).astype(np.float32)
+    v = rng.standard_normal((b, s, kv_heads, d)).astype(np.float32)
+    mask = rng.random((b, t, s)) < 0.7
+    mask[0, 0] = False
+    want = np.asarray(gqa_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask)))
+    got = np.asarray(cached_attention(jnp.asarray(q), jnp.asarray(k.transpose(0, 2, 3, 1)),
+                                      jnp.asarray(v.transpose(0, 2, 1, 3)), jnp.asarray(mask)))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)
+    assert np.abs(got[1:] - np.asarray(gqa_attention(jnp.asarray(q), jnp.asarray(k[:, ::-1]), jnp.asarray(v),
+                                                     jnp.asarray(mask)))[1:]).max() > 1e-3  # can fail
+
+
 def test_greedy_matches_transformers_past_the_window(tiny):
     model, lm = tiny
     prompts = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 40], [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]

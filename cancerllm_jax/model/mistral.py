@@ -205,18 +205,21 @@ class Mistral(nnx.Module):
         k = self._proj(h, w["k"], key, 1).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = self._proj(h, w["v"], key, 2).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        new_kv = None
+        new_kv, attn = None, None
         if kv is not None:
             ck, cv, layer = kv
-            ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, index, 0, 0))
+            ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 3, 1)[None].astype(ck.dtype),
+                                              (layer, 0, 0, 0, index))
+            cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3)[None].astype(cv.dtype),
+                                              (layer, 0, 0, index, 0))
             new_kv = (ck, cv)
-            if not prefill:  # decode: attend over the cache (this block's keys are in it now)
-                k = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False)
-                v = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False)
-        if isinstance(mask, Fused):
+            if not prefill:  # attend over the cache (this block's keys are in it now)
+                kt = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False).astype(q.dtype)
+                vc = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False).astype(q.dtype)
+                attn = cached_attention(q, kt, vc, mask)
+        if attn is None and isinstance(mask, Fused):
             attn = fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.sliding_window)
-        else:
+        elif attn is None:
             attn = gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         attn = attn.reshape(b, t, cfg.q_size)
         x = x + self._proj(attn, w["o"], key, 3)
@@ -236,11 +239,13 @@ class Mistral(nnx.Module):
         return y
 
     def init_cache(self, batch: int, length: int, dtype=None) -> dict:
-        """An empty KV cache of ``length`` slots: ``k``/``v`` ``[layers, B, S, kv_heads, head_dim]``."""
+        """An empty KV cache of ``length`` slots, laid out as ``cached_attention`` reads it without copies:
+        keys ``k [layers, B, kv_heads, head_dim, S]``, values ``v [layers, B, kv_heads, S, head_dim]``."""
         cfg = self.cfg
         dtype = dtype or self.compute_dtype
-        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+        kvh, d = cfg.num_kv_heads, cfg.head_dim
+        return {"k": jnp.zeros((cfg.num_layers, batch, kvh, d, length), dtype),
+                "v": jnp.zeros((cfg.num_layers, batch, kvh, length, d), dtype),
                 "pos": jnp.full((batch, length), -1, jnp.int32), "index": jnp.zeros((), jnp.int32)}
 
 
@@ -375,6 +380,21 @@ def attention_mask(q_pos: Array, q_seg: Array, k_pos: Array, k_seg: Array, windo
     if window is not None:
         mask &= (qp - kp) < window
     return mask
+
+
+def cached_attention(q: Array, kt: Array, v: Array, mask: Array) -> Array:
+    """``gqa_attention`` over a KV cache: q ``[B,T,H,D]``, keys ``kt [B,KVH,D,S]``, values ``v [B,KVH,S,D]``,
+    mask ``[B,T,S]`` → ``[B,T,H,D]``. Both products are plain (row-major) batched matmuls over the cache as it
+    lies, so XLA:CPU reads it once instead of transposing a copy of it for every decode step."""
+    b, t, h, d = q.shape
+    kvh = kt.shape[1]
+    g = h // kvh
+    q = q.reshape(b, t, kvh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, d)  # rows (group, token)
+    scores = jnp.einsum("bkrd,bkds->bkrs", q, kt, preferred_element_type=jnp.float32) * (d ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores.reshape(b, kvh, g, t, -1), NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kvh, g * t, -1)
+    out = jnp.einsum("bkrs,bksd->bkrd", probs, v).reshape(b, kvh, g, t, d)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def gqa_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
