@@ -7,7 +7,8 @@ large blocks from the heap and never trimming it makes the steps reuse the same 
 step). The price is the usual one of a caching allocator: the process keeps its peak host memory.
 
 Applied once, at ``import cancerllm_jax``, before JAX starts its threads; only where the CPU is the JAX backend
-(``JAX_PLATFORMS=cpu``, or no GPU/TPU plugin installed). ``CANCERLLM_HOST_MALLOC=system`` turns it off.
+(``JAX_PLATFORMS=cpu``, or no GPU/TPU plugin installed). ``CANCERLLM_HOST_MALLOC=system`` turns it off; a value
+other than ``keep`` / ``system`` is reported on stderr and treated as ``system``.
 """
 from __future__ import annotations
 
@@ -40,7 +41,11 @@ def cpu_is_the_backend() -> bool:
 
 def keep_freed_memory() -> bool:
     """Make glibc serve large blocks from one never-trimmed heap; returns whether it was applied."""
-    if os.environ.get("CANCERLLM_HOST_MALLOC", "keep").lower() != "keep":
+    choice = os.environ.get("CANCERLLM_HOST_MALLOC", "keep").strip().lower() or "keep"
+    if choice not in ("keep", "system"):
+        print(f"cancerllm_jax: CANCERLLM_HOST_MALLOC={os.environ['CANCERLLM_HOST_MALLOC']!r} is not 'keep' or "
+              "'system'; using glibc's defaults ('system')", file=sys.stderr)
+    if choice != "keep":
         return False
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or not cpu_is_the_backend():
         return False

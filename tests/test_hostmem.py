@@ -52,3 +52,14 @@ def test_backend_detection(monkeypatch):
     assert cpu_is_the_backend()
     monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
     assert not cpu_is_the_backend()
+
+
+def test_unknown_setting_is_reported(monkeypatch, capsys):
+    from cancerllm_jax.hostmem import keep_freed_memory
+
+    monkeypatch.setenv("CANCERLLM_HOST_MALLOC", "kepp")
+    assert not keep_freed_memory()
+    assert "CANCERLLM_HOST_MALLOC='kepp'" in capsys.readouterr().err
+    monkeypatch.setenv("CANCERLLM_HOST_MALLOC", "system")
+    assert not keep_freed_memory()
+    assert capsys.readouterr().err == ""

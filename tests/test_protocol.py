@@ -320,7 +320,11 @@ def test_independent_recomputation(protocol, metric, fn):
 
 
 def _jsonl(path: Path, rows: list) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    """Rows as JSON lines (strings and bytes written as they are)."""
+    def raw(r):
+        return r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode("utf-8")
+
+    path.write_bytes(b"".join(raw(r) + b"\n" for r in rows))
     return str(path)
 
 
@@ -354,6 +358,8 @@ def test_score_file_by_id_and_by_order(tmp_path, gold):
          r"p\.jsonl:3: id 'c' is not in"),
         ([{"prediction": "x"}], r"gold\.jsonl has 2 lines but .*p\.jsonl has 1"),
         (["", "  "], r"p\.jsonl: empty file"),
+        ([b'{"id": "a", "prediction": "x"}', b'{"id": "b", "prediction": "\xff"}'], r"p\.jsonl:2: not valid UTF-8"),
+        (['\ufeff{"id": "a", "prediction": "x\u2028y"}'], r"gold\.jsonl:2: id 'b' has no prediction"),
     ],
 )
 def test_score_file_errors(tmp_path, gold, rows, message):

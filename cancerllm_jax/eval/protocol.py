@@ -220,10 +220,16 @@ def _read_jsonl(path: str) -> list[Row]:
     from cancerllm_jax.errors import UserError
 
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from e
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        lines = data[bom:].decode("utf-8").split("\n")  # not splitlines(): U+2028 may sit inside a JSON string
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, bom + e.start) + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[bom + e.start]:02x})") from None
     rows: list[Row] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
