@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from cancerllm_jax.eval import robustness as rb
 from cancerllm_jax.eval.noise import round_half_up
 
@@ -68,3 +70,19 @@ def test_misspelling_sweep_and_clean_reference(tmp_path, monkeypatch):
     assert seen[("diagnosis", 0.0)] == "the left breast mass 0 cm" != seen[("diagnosis", 0.5)]
     paths = rb.write_outputs(tmp_path, res, "fake")
     assert "0% (clean)" in Path(paths["table"]).read_text()
+
+
+def test_load_split_reads_user_jsonl_with_clear_errors(tmp_path):
+    from cancerllm_jax.errors import UserError
+
+    folder = tmp_path / "phenotype"
+    folder.mkdir()
+    good = {"instruction": "List the phenotypes.", "context": "pt w/ nsclc", "response": "lung cancer", "id": 7}
+    (folder / "test.jsonl").write_text(json.dumps(good) + "\n" + json.dumps({"instruction": "x"}) + "\n")
+    with pytest.raises(UserError, match=r"test\.jsonl:2: .*response"):
+        rb.load_split(str(tmp_path), "phenotype", "test")
+    (folder / "test.jsonl").write_bytes(json.dumps(good).encode() + b"\n" + b'{"instruction": "\xff"}\n')
+    with pytest.raises(UserError, match=r"test\.jsonl:2: not valid UTF-8"):
+        rb.load_split(str(tmp_path), "phenotype", "test")
+    (folder / "test.jsonl").write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "context": None}) + "\n")
+    assert [r["response"] for r in rb.load_split(str(tmp_path), "phenotype", "test")] == ["lung cancer"] * 2

@@ -68,19 +68,6 @@ class SweepResult:
 # ---------------------------------------------------------------- data
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Records of a JSONL file (blank lines skipped); a bad line is a UserError naming the file and line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
-    return out
-
-
 def write_jsonl(path: str | os.PathLike, records: Sequence[dict]) -> None:
     """Write ``records`` atomically, one JSON object per line."""
     path = Path(path)
@@ -101,7 +88,10 @@ def load_split(data: str, task: str, split: str, limit: int | None = None, patie
         path = Path(data) / task / f"{split}.jsonl"
         if not path.is_file():
             raise UserError(f"{path} not found (expected DIR/<task>/<split>.jsonl, e.g. from tools/make_synthetic)")
-        records = read_jsonl(path)
+        from cancerllm_jax.data.sources import read_jsonl
+
+        records, _ = read_jsonl(str(path), {"instruction": str, "response": str},
+                                optional={"context": str, "id": (str, int)})
     if not records:
         raise UserError(f"no {task} {split} records in {data}")
     return records[:limit] if limit else records
