@@ -104,6 +104,17 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
     return records, skipped
 
 
+def decode_utf8(path: str, data: bytes) -> str:
+    """``data`` as text (a leading UTF-8 BOM dropped); bytes that are not UTF-8 raise ``UserError`` naming
+    ``path:line``."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+        line = data.count(b"\n", 0, e.start + start) + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start + start]:02x})") from None
+
+
 def read_text_documents(path: str, split_on_blank_lines: bool = False) -> list[dict]:
     """``{"text", "source"}`` records of a plain-text file: ONE document per file by default.
 
@@ -114,13 +125,7 @@ def read_text_documents(path: str, split_on_blank_lines: bool = False) -> list[d
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     with open(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        start = 3 if data.startswith(b"\xef\xbb\xbf") else 0
-        line = data.count(b"\n", 0, e.start + start) + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start + start]:02x})") from None
+        text = decode_utf8(path, f.read())
     text = text.replace("\r\n", "\n")
     if split_on_blank_lines:
         docs = [p.strip() for p in text.split("\n\n")]

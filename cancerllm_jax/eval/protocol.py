@@ -219,17 +219,14 @@ def _read_jsonl(path: str) -> list[Row]:
     """The JSON objects of a JSONL file with their line numbers; blank lines are skipped."""
     from cancerllm_jax.errors import UserError
 
+    from cancerllm_jax.data.sources import decode_utf8
+
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from e
-    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
-    try:
-        lines = data[bom:].decode("utf-8").split("\n")  # not splitlines(): U+2028 may sit inside a JSON string
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, bom + e.start) + 1
-        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[bom + e.start]:02x})") from None
+    lines = decode_utf8(path, data).split("\n")  # not splitlines(): U+2028 may sit inside a JSON string
     rows: list[Row] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

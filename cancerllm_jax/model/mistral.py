@@ -205,7 +205,7 @@ class Mistral(nnx.Module):
         k = self._proj(h, w["k"], key, 1).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = self._proj(h, w["v"], key, 2).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        new_kv, attn = None, None
+        new_kv = None
         if kv is not None:
             ck, cv, layer = kv
             ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 3, 1)[None].astype(ck.dtype),
@@ -213,13 +213,13 @@ class Mistral(nnx.Module):
             cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3)[None].astype(cv.dtype),
                                               (layer, 0, 0, index, 0))
             new_kv = (ck, cv)
-            if not prefill:  # attend over the cache (this block's keys are in it now)
-                kt = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False).astype(q.dtype)
-                vc = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False).astype(q.dtype)
-                attn = cached_attention(q, kt, vc, mask)
-        if attn is None and isinstance(mask, Fused):
+        if kv is not None and not prefill:  # attend over the cache (this block's keys are in it now)
+            kt = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False).astype(q.dtype)
+            vc = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False).astype(q.dtype)
+            attn = cached_attention(q, kt, vc, mask)
+        elif isinstance(mask, Fused):
             attn = fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.sliding_window)
-        elif attn is None:
+        else:
             attn = gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         attn = attn.reshape(b, t, cfg.q_size)
         x = x + self._proj(attn, w["o"], key, 3)
