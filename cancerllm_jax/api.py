@@ -1,7 +1,6 @@
 """The front door: ``load(path)`` → ``LM`` with ``.logits(ids)``, ``.generate(prompts, ...)`` and ``.tokenizer``."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cancerllm_jax.config import LoRAConfig, ModelConfig
+from cancerllm_jax.config import LoRAConfig, ModelConfig, hf_eos_ids
 from cancerllm_jax.errors import UserError
 
 
@@ -161,7 +160,7 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
     if tok is not None and tok.vocab_size > w.cfg.vocab_size:
         raise UserError(f"tokenizer {getattr(tok, 'name', spec)} has {tok.vocab_size} tokens but the model's "
                         f"vocabulary is {w.cfg.vocab_size}")
-    eos = {own_eos_id(tok, w.cfg)} | hf_eos_ids(path)
+    eos = {own_eos_id(tok, w.cfg), *w.cfg.eos_token_ids} | hf_eos_ids(path)  # a run records its base's ids
     return LM(model, w.cfg, tok, mesh_obj, source=w.source,
               eos_ids=tuple(sorted(e for e in eos if e is not None and 0 <= e < w.cfg.vocab_size)))
 
@@ -169,23 +168,3 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
 def own_eos_id(tokenizer, cfg: ModelConfig) -> int | None:
     """The tokenizer's EOS id, else the model config's."""
     return tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
-
-
-def hf_eos_ids(folder: str) -> set[int]:
-    """Every EOS id an HF folder's ``config.json`` / ``generation_config.json`` names (transformers' generate
-    stops at any of them, e.g. Llama-3's end-of-text and end-of-turn)."""
-    out: set[int] = set()
-    for name in ("config.json", "generation_config.json"):
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: not readable JSON ({e})") from None
-        value = data.get("eos_token_id") if isinstance(data, dict) else None
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, int):
-                out.add(v)
-    return out

@@ -36,8 +36,12 @@ class ModelConfig:
     eos_token_id: int | None = 2
     pad_token_id: int | None = None
     model_type: str = "mistral"
+    eos_token_ids: tuple[int, ...] = ()  # every EOS id the HF files name (generation stops at any); eos_token_id first
 
     def __post_init__(self):
+        first = () if self.eos_token_id is None else (int(self.eos_token_id),)
+        object.__setattr__(self, "eos_token_ids", tuple(dict.fromkeys(first + tuple(int(e) for e in
+                                                                                     self.eos_token_ids))))
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim"):
             if int(getattr(self, name)) <= 0:
@@ -84,8 +88,26 @@ def preset(name: str) -> ModelConfig:
 SUPPORTED_HF_TYPES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}
 
 
+# transformers' MistralConfig / LlamaConfig defaults for keys a config.json leaves out. An explicit null means no
+# sliding window, num_key_value_heads = num_attention_heads, head_dim = hidden_size / num_attention_heads. The five
+# shape keys are required (transformers would quietly take Mistral-7B's).
+HF_DEFAULTS = {
+    "mistral": {"num_key_value_heads": 8, "sliding_window": 4096, "max_position_embeddings": 4096 * 32},
+    "llama": {"num_key_value_heads": None, "sliding_window": None, "max_position_embeddings": 2048},
+}
+HF_COMMON_DEFAULTS = {"head_dim": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "bos_token_id": 1,
+                      "eos_token_id": 2, "pad_token_id": None, "hidden_act": "silu"}
+
+
+def eos_list(value) -> list[int]:
+    """An HF ``eos_token_id`` (an int, a list of ints or null) as a list."""
+    return [int(v) for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
+
+
 def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
-    """Build a ModelConfig from an HF ``config.json`` dict (``rope_theta`` or transformers-5 ``rope_parameters``)."""
+    """Build a ModelConfig from an HF ``config.json`` dict, resolving every key as transformers' MistralConfig /
+    LlamaConfig does (their defaults; ``rope_scaling`` over ``rope_parameters`` over top-level ``rope_theta``;
+    Mistral ignores ``use_sliding_window``, ``attention_bias`` and ``mlp_bias``)."""
     mtype = hf.get("model_type")
     if mtype not in SUPPORTED_HF_TYPES:
         raise UserError(f"{source}: model_type {mtype!r} is not supported (supported: {sorted(SUPPORTED_HF_TYPES)})")
@@ -93,40 +115,46 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
                            "num_attention_heads") if k not in hf]
     if missing:
         raise UserError(f"{source}: missing field(s) {missing}")
-    act = hf.get("hidden_act", "silu")
+    hf = {**HF_COMMON_DEFAULTS, **HF_DEFAULTS[mtype], **hf}
+    act = hf["hidden_act"]
     if act not in ("silu", "swish"):
         raise UserError(f"{source}: hidden_act {act!r} is not supported (only silu)")
     for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
+        if mtype == "llama" and hf.get(flag):
             raise UserError(f"{source}: {flag}=true is not supported")
-    rope = hf.get("rope_parameters") or {}
-    if hf.get("rope_scaling"):
-        rope = {**hf["rope_scaling"], **rope}
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", None):
         raise UserError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    heads = int(hf["num_attention_heads"])
-    window = hf.get("sliding_window") if mtype == "mistral" else None
-    if mtype == "mistral" and hf.get("use_sliding_window") is False:
-        window = None
+    heads = hf["num_attention_heads"]
+    window = hf["sliding_window"] if mtype == "mistral" else None
 
     def _tok(name):
-        v = hf.get(name)
-        return int(v[0]) if isinstance(v, list) and v else (int(v) if v is not None else None)
+        v = hf[name]
+        if isinstance(v, list):
+            return int(v[0]) if v else None
+        return int(v) if v is not None else None
 
-    return ModelConfig(
-        vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
-        num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-        head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // heads), rope_theta=float(theta),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), sliding_window=int(window) if window else None,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)), bos_token_id=_tok("bos_token_id"),
-        eos_token_id=_tok("eos_token_id"), pad_token_id=_tok("pad_token_id"), model_type=mtype)
+    try:
+        return ModelConfig(
+            vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
+            num_heads=int(heads), num_kv_heads=int(hf["num_key_value_heads"] if hf["num_key_value_heads"] is not None
+                                                   else heads),
+            head_dim=int(hf["head_dim"] if hf["head_dim"] is not None else int(hf["hidden_size"]) // int(heads)),
+            rope_theta=float(theta), rms_norm_eps=float(hf["rms_norm_eps"]),
+            sliding_window=int(window) if window is not None else None,
+            tie_embeddings=bool(hf["tie_word_embeddings"]),
+            max_position_embeddings=int(hf["max_position_embeddings"]), bos_token_id=_tok("bos_token_id"),
+            eos_token_id=_tok("eos_token_id"), pad_token_id=_tok("pad_token_id"), model_type=mtype,
+            eos_token_ids=tuple(eos_list(hf["eos_token_id"])))
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise UserError(f"{source}: a field has a value of the wrong type ({e})") from None
 
 
 def read_hf_config(folder: str) -> ModelConfig:
+    """``config.json`` of an HF folder, with every EOS id of its ``generation_config.json`` added."""
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise UserError(f"{folder}: no config.json (expected a Hugging Face model folder)")
@@ -135,7 +163,32 @@ def read_hf_config(folder: str) -> ModelConfig:
             hf = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
-    return from_hf_config(hf, source=path)
+    if not isinstance(hf, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    cfg = from_hf_config(hf, source=path)
+    return dataclasses.replace(cfg, eos_token_ids=cfg.eos_token_ids + tuple(sorted(hf_eos_ids(folder))))
+
+
+def hf_eos_ids(folder: str) -> set[int]:
+    """Every EOS id an HF folder's ``config.json`` / ``generation_config.json`` names (transformers' generate
+    stops at any of them, e.g. Llama-3's end-of-text and end-of-turn)."""
+    out: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not readable JSON ({e})") from None
+        out.update(eos_list(data.get("eos_token_id") if isinstance(data, dict) else None))
+    return out
+
+
+def hf_eos_value(cfg: ModelConfig):
+    """``eos_token_id`` as transformers writes it: the id, or the list when there are several."""
+    return list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_id
 
 
 def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
@@ -148,7 +201,7 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
         "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
         "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": cfg.max_position_embeddings,
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": hf_eos_value(cfg), "pad_token_id": cfg.pad_token_id,
         "torch_dtype": dtype, "dtype": dtype, "attention_dropout": 0.0, "initializer_range": 0.02,
         "use_cache": True,
     }
@@ -183,6 +236,8 @@ class LoRAConfig:
         object.__setattr__(self, "targets", tuple(t for t in LORA_TARGETS if t in targets))
         if self.rank <= 0:
             raise UserError(f"lora.rank must be positive, got {self.rank}")
+        if not 0.0 < self.alpha < float("inf"):
+            raise UserError(f"lora.alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 

@@ -8,6 +8,7 @@ outgrow it stay exact.
 """
 from __future__ import annotations
 
+import os
 import time
 from functools import partial
 from typing import Sequence
@@ -21,18 +22,40 @@ from cancerllm_jax.errors import UserError
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
-    """Next power of two up to 512, then the next multiple of 256."""
+    """``n`` rounded up to a multiple of 16 and of a quarter of its power of two (..., 64, 80, 96, 112, 128, 160,
+    ..., 512, 640, ...): at most 25 % padding, four compiled shapes per doubling of the prompt length."""
     n = max(n, minimum)
-    if n <= 512:
-        return 1 << (n - 1).bit_length()
-    return -(-n // 256) * 256
+    step = max(16, 1 << max((n - 1).bit_length() - 3, 0))
+    return -(-n // step) * step
+
+
+SHARED_PREFIX_STEP = 16
+PREFILL_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # Eigen dots for the prompt block on XLA:CPU
+
+
+def shared_prefix_length(rows: Sequence[Sequence[int]], step: int = SHARED_PREFIX_STEP) -> int:
+    """How many leading tokens every row shares, rounded down to a multiple of ``step`` (so the compiled shapes
+    stay few) and leaving each row at least one token of its own; 0 for a single row or no common prefix.
+
+    A batch of evaluation prompts shares the Alpaca preamble and the task's instruction (the phenotype questions:
+    51 of ~100 tokens): their keys and values are computed once and copied into every row's cache."""
+    if len(rows) < 2:
+        return 0
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for r in rows[1:]:
+        k = 0
+        while k < n and r[k] == first[k]:
+            k += 1
+        n = k
+    return (n // step) * step
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k: int, top_p, greedy: bool) -> jax.Array:
     """Next token per row: argmax when ``greedy``; else temperature, then top-k, then nucleus (top-p) sampling."""
     logits = logits.astype(jnp.float32)
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_argmax(logits)
     logits = logits / jnp.maximum(temperature, 1e-6)
     if top_k and top_k > 0:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -44,6 +67,16 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k: int, to
     sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)  # always keeps the top candidate
     choice = jax.random.categorical(key, sorted_logits, axis=-1)
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def first_argmax(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax(logits, -1)`` (the first maximal index; int32) as a max and a min over a select: XLA:CPU's
+    variadic arg-reduce took 12 of a batch-64 decode step's ~220 ms on SmolLM2's 49152-token vocabulary, this
+    takes 5. A row with a NaN gives the last index."""
+    v = logits.shape[-1]
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    idx = jnp.min(jnp.where(logits == best, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    return jnp.minimum(idx, v - 1)
 
 
 def generated_text(tokenizer, ids: Sequence[int], eos_ids: Sequence[int], stop: Sequence[str] = ()) -> str:
@@ -60,35 +93,55 @@ def generated_text(tokenizer, ids: Sequence[int], eos_ids: Sequence[int], stop: 
 class Decoder:
     """Compiles and caches generate functions per (batch, prompt bucket, budget, sampling mode)."""
 
-    def __init__(self, lm, unstack: bool | str = "auto"):
+    def __init__(self, lm, unstack: bool | str = "auto", share_prefix: bool | str = "auto"):
         self.lm = lm
-        # Per-layer weight arrays for the decode loop: XLA on a GPU copies each layer's slice of the stacked
-        # weights on every decode step (measured: 56 % of a batch-1 7B step). The copy made once per generate
-        # call costs the weights' size in memory, so "auto" does it on a GPU where they are <= 1/4 of its memory.
+        # A prefix every prompt of a batch shares is prefilled once (batch 1) and copied into each row's cache;
+        # the rows' own tokens then attend over it through the cache. "auto": where attention runs as the
+        # explicit-mask einsum (the fused cuDNN kernel has no cache path).
+        self.share_prefix = (lm.model.attention_impl() == "xla") if share_prefix == "auto" else bool(share_prefix)
+        # Per-layer weight arrays (and KV caches) for the decode loop: XLA copies each layer's slice of a stacked
+        # array on every decode step (a GPU: 56 % of a batch-1 7B step; the 2-core CPU: ~20 % of a batch-64
+        # SmolLM2 step). The copy, made once, costs the weights' size in memory, so "auto" makes it where the layer
+        # weights are <= 1/4 of the device's memory (a GPU's, else the host's RAM).
         self.unstack = should_unstack(lm) if unstack == "auto" else bool(unstack)
+        self._layers = None
+        # XLA:CPU: the prompt block's large GEMMs run faster as Eigen dots than in YNNPACK fusions, the decode
+        # step's small ones (M = batch) slower; the two are compiled apart (measured in docs/benchmarks.md).
+        self.prefill_options = dict(PREFILL_CPU_OPTIONS) if jax.default_backend() == "cpu" else {}
         self._fns: dict = {}
         self.last_stats: dict = {}
 
-    def _fn(self, batch: int, prompt_len: int, max_new: int, greedy: bool, top_k: int, eos_ids: tuple):
-        key = (batch, prompt_len, max_new, greedy, top_k, eos_ids)
-        if key not in self._fns:
-            from cancerllm_jax import sharding
-
+    def layers(self):
+        """The per-layer weights (``Mistral.layer_list``) when ``unstack``, else None; made once."""
+        if self.unstack and self._layers is None:
             lm = self.lm
-            fn = partial(_generate, lm.graphdef, max_new=max_new, greedy=greedy, top_k=top_k, eos_ids=eos_ids,
-                         pad_id=0, cache_len=prompt_len + max_new, unstack=self.unstack)
-            bs = sharding.batch_sharding(lm.mesh)
-            rep = sharding.replicated(lm.mesh)
-            state_sh = jax.tree.map(lambda x: x.sharding, lm.state)
-            rows = jax.sharding.NamedSharding(lm.mesh, jax.sharding.PartitionSpec("data"))
-            self._fns[key] = jax.jit(fn, in_shardings=(state_sh, bs, bs, bs, rep, rep, rep),
-                                     out_shardings=(bs, rows))
+            self._layers = jax.jit(lambda state: nnx.merge(lm.graphdef, state).layer_list())(lm.state)
+        return self._layers if self.unstack else None
+
+    def _prefill_fn(self, prefix_len: int, cache_len: int):
+        key = ("prefill", prefix_len, cache_len)
+        if key not in self._fns:
+            fn = partial(_prefill, self.lm.graphdef, cache_len=cache_len)
+            self._fns[key] = jax.jit(fn, compiler_options=self.prefill_options or None)
+        return self._fns[key]
+
+    def _decode_fn(self, max_new: int, greedy: bool, top_k: int, eos_ids: tuple):
+        key = ("decode", max_new, greedy, top_k, eos_ids)
+        if key not in self._fns:
+            fn = partial(_decode, self.lm.graphdef, max_new=max_new, greedy=greedy, top_k=top_k, eos_ids=eos_ids,
+                         pad_id=0)
+            self._fns[key] = jax.jit(fn)
         return self._fns[key]
 
     def generate(self, prompts: Sequence, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, stop: Sequence[str] | None = None, eos_id=None,
-                 max_prompt_tokens: int | None = None, batch_size: int = 32, progress: bool = False):
-        """Generate for every prompt (strings → strings; id lists → generated id lists incl. a final EOS)."""
+                 max_prompt_tokens: int | None = None, batch_size: int = 32, progress: bool = False,
+                 add_bos: bool = True):
+        """Generate for every prompt (strings → strings; id lists → generated id lists incl. a final EOS).
+
+        A string prompt is encoded as ``[bos] + prompt``, the way the instruction pipeline frames every training
+        example (and Mistral's tokenizer encodes text); ``add_bos=False`` feeds the text's ids alone, as
+        ``tokenizer(text, add_special_tokens=False)`` would. Id-list prompts are used as given."""
         lm = self.lm
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise UserError("prompts must be a list of strings or a list of token-id lists")
@@ -99,7 +152,7 @@ class Decoder:
             raise UserError(f"{lm.source}: no tokenizer found; pass token-id lists or load(..., tokenizer=...)")
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        ids = [self._encode(p, as_text, i) for i, p in enumerate(prompts)]
+        ids = [self._encode(p, as_text, i, add_bos) for i, p in enumerate(prompts)]
         truncated = 0
         if max_prompt_tokens:
             for i, p in enumerate(ids):
@@ -111,7 +164,11 @@ class Decoder:
         eos_ids = tuple(sorted({int(e) for e in (eos_id if isinstance(eos_id, (list, tuple)) else [eos_id])
                                 if e is not None and e >= 0}))
         greedy = temperature is None or float(temperature) <= 0.0
+        top_k = min(int(top_k or 0), lm.cfg.vocab_size)  # as transformers: k past the vocabulary keeps every token
+        if top_k < 0:
+            raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
         d = lm.mesh.shape["data"]
+        rows_sh = jax.sharding.NamedSharding(lm.mesh, jax.sharding.PartitionSpec("data"))
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         results: list = [None] * len(ids)
         key = jax.random.PRNGKey(seed)
@@ -124,20 +181,15 @@ class Decoder:
             iterator = tqdm(chunks, unit="batch", desc="generate")
         for c, chunk in enumerate(iterator):
             rows = [ids[i] for i in chunk]
-            plen = bucket_length(max(len(r) for r in rows))
+            shared = shared_prefix_length(rows) if self.share_prefix else 0
             b = max(len(rows), 1)
             b = -(-(1 << (b - 1).bit_length()) // d) * d if len(rows) < batch_size else -(-b // d) * d
-            tokens = np.zeros((b, plen), np.int32)
-            segs = np.zeros((b, plen), np.int32)
-            pos = np.zeros((b, plen), np.int32)
-            for r, row in enumerate(rows):
-                n = len(row)
-                tokens[r, plen - n:] = row
-                segs[r, plen - n:] = 1
-                pos[r, plen - n:] = np.arange(n)
-            fn = self._fn(b, plen, max_new_tokens, greedy, int(top_k or 0), eos_ids)
-            out, lengths = fn(lm.state, tokens, pos, segs, jax.random.fold_in(key, c),
-                              jnp.float32(temperature or 0.0), jnp.float32(top_p))
+            last, cache = self._prefill_rows(rows, b, shared, max_new_tokens)
+            next_pos = jax.device_put(np.asarray([len(r) for r in rows] + [0] * (b - len(rows)), np.int32), rows_sh)
+            filler = jax.device_put(np.arange(b) >= len(rows), rows_sh)  # rows that only fill the batch: done at once
+            decode = self._decode_fn(max_new_tokens, greedy, top_k, eos_ids)
+            out, lengths = decode(lm.state, self.layers(), last, cache, next_pos, filler, jax.random.fold_in(key, c),
+                                  jnp.float32(temperature or 0.0), jnp.float32(top_p))
             out, lengths = np.asarray(out), np.asarray(lengths)
             for r, i in enumerate(chunk):
                 gen = out[r, :lengths[r]].tolist()
@@ -150,11 +202,48 @@ class Decoder:
             return results
         return [generated_text(lm.tokenizer, gen, eos_ids, stop or ()) for gen in results]
 
-    def _encode(self, prompt, as_text: bool, index: int) -> list[int]:
+    def _prefill_rows(self, rows: list, b: int, shared: int, max_new: int):
+        """The rows' prompts (``shared`` leading tokens common to all) into a cache with room for ``max_new``
+        tokens, as a batch of ``b`` rows (rows past ``len(rows)`` are padding); returns ``(last logits, cache)``.
+
+        Rows come longest first; where their lengths spread, groups of rows are prefilled apart, each padded to
+        its own bucket, and their caches joined (a group's unused slots stay empty and masked)."""
+        from cancerllm_jax import sharding
+
+        lm = self.lm
+        bs, rep = sharding.batch_sharding(lm.mesh), sharding.replicated(lm.mesh)
+        own = [len(r) - shared for r in rows] + [1] * (b - len(rows))
+        groups = prefill_groups(own, lm.mesh.shape["data"])
+        plen = max(t for _, _, t in groups)
+        cache_len = shared + plen + max_new
+        prefix = jax.device_put(np.asarray(rows[0][:shared], np.int32), rep)
+        lasts, caches = [], []
+        for start, end, t in groups:
+            tokens, segs, pos = (np.zeros((end - start, t), np.int32) for _ in range(3))
+            for r, row in enumerate(rows[start:end]):
+                n = len(row) - shared
+                tokens[r, t - n:] = row[shared:]
+                segs[r, t - n:] = 1
+                pos[r, t - n:] = np.arange(shared, len(row))
+            fn = self._prefill_fn(shared, cache_len if len(groups) == 1 else shared + t)
+            last, cache = fn(lm.state, prefix, *(jax.device_put(x, bs) for x in (tokens, pos, segs)))
+            lasts.append(last)
+            caches.append(cache)
+        if len(groups) == 1:
+            return lasts[0], caches[0]
+        key = ("join", cache_len, shared + plen)
+        if key not in self._fns:
+            self._fns[key] = jax.jit(partial(_join_caches, cache_len=cache_len, filled=shared + plen))
+        return jnp.concatenate(lasts), self._fns[key](caches)
+
+    def _encode(self, prompt, as_text: bool, index: int, add_bos: bool = True) -> list[int]:
         if as_text:
             if not isinstance(prompt, str):
                 raise UserError(f"prompt {index}: expected a string like the first prompt, got {type(prompt).__name__}")
-            return self.lm.tokenizer.encode(prompt, bos=True)
+            row = self.lm.tokenizer.encode(prompt, bos=add_bos)
+            if not row:
+                raise UserError(f"prompt {index} is empty (no tokens; pass add_bos=True or some text)")
+            return row
         try:
             row = [int(t) for t in prompt]
         except (TypeError, ValueError):
@@ -166,28 +255,79 @@ class Decoder:
         return row
 
 
+def prefill_groups(lengths: Sequence[int], data: int = 1, min_rows: int = 8) -> list[tuple[int, int, int]]:
+    """``(start, end, bucket)`` row groups for a prefill of rows of ``lengths`` tokens (longest first): 1, 2 or 4
+    equal groups (each a multiple of ``data`` rows and at least ``min_rows``), whichever pads least, split only
+    when that saves at least 15 % of the padded tokens (each split costs a call and a join)."""
+    b = len(lengths)
+
+    def split(g):
+        n = b // g
+        return [(i * n, (i + 1) * n, bucket_length(max(lengths[i * n:(i + 1) * n]))) for i in range(g)]
+
+    best = split(1)
+    cost = sum((e - s) * t for s, e, t in best)
+    for g in (2, 4):
+        if b % g or (b // g) % data or b // g < min_rows:
+            continue
+        cand = split(g)
+        c = sum((e - s) * t for s, e, t in cand)
+        if c <= 0.85 * cost:
+            best, cost = cand, c
+    return best
+
+
+def _join_caches(caches: list[dict], *, cache_len: int, filled: int) -> dict:
+    """Row groups' caches (each filled to its own length) as one batch of ``cache_len`` slots, ``filled`` used."""
+    def slots(x, axis, value=0):
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, cache_len - x.shape[axis])
+        return jnp.pad(x, pad, constant_values=value)
+
+    return {"k": jnp.concatenate([slots(c["k"], 4) for c in caches], axis=1),
+            "v": jnp.concatenate([slots(c["v"], 3) for c in caches], axis=1),
+            "pos": jnp.concatenate([slots(c["pos"], 1, -1) for c in caches], axis=0),
+            "index": jnp.asarray(filled, jnp.int32)}
+
+
 def should_unstack(lm) -> bool:
-    """True on a GPU whose memory holds the layer weights four times over."""
+    """True where the device's memory (a GPU's, else the host's RAM) holds the layer weights four times over."""
     dev = jax.devices()[0]
-    if dev.platform != "gpu":
+    if dev.platform == "gpu":
+        limit = (dev.memory_stats() or {}).get("bytes_limit", 0)
+    elif dev.platform == "cpu":
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
         return False
-    limit = (dev.memory_stats() or {}).get("bytes_limit", 0)
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(lm.model.layers)))
     return bool(limit) and 4 * layer_bytes <= limit
 
 
-def _generate(graphdef, state, tokens, positions, segs, key, temperature, top_p, *, max_new: int, greedy: bool,
-              top_k: int, eos_ids: tuple, pad_id: int, cache_len: int, unstack: bool = False):
-    """Prefill the prompt block, then decode up to ``max_new`` tokens; returns ``(tokens [B, max_new], lengths)``."""
+def _prefill(graphdef, state, prefix, tokens, positions, segs, *, cache_len: int):
+    """The prompt into a fresh cache of ``cache_len`` slots: the rows' shared ``prefix [P]`` once, then their own
+    left-padded ``tokens [B, T]``. Returns the last position's logits ``[B, V]`` and the cache.
+
+    The layer scan over the stacked weights: with per-layer weights the prompt block is no faster (its GEMMs are
+    large) and compiles 6x slower (SmolLM2 on the 2-core CPU: 7.3 s either way; compile 1.9 s vs 12.4 s)."""
     model = nnx.merge(graphdef, state)
-    b = tokens.shape[0]
-    cache = model.init_cache(b, cache_len)
-    layers = model.layer_list() if unstack else None
-    # the prompt block attends over itself (the cache is empty); the head runs at the last slot only
-    logits, cache = model(tokens, positions, segs, cache=cache, last_only=True, prefill=True, layers=layers)
-    last = logits[:, -1]
-    next_pos = positions[:, -1] + 1
+    cache = model.init_cache(tokens.shape[0], cache_len)
+    if prefix.shape[0]:
+        cache = _with_shared_prefix(model, cache, prefix)
+        logits, cache = model(tokens, positions, segs, cache=cache, last_only=True)
+    else:  # the prompt block attends over itself (the cache is empty); the head runs at the last slot only
+        logits, cache = model(tokens, positions, segs, cache=cache, last_only=True, prefill=True)
+    return logits[:, -1], cache
+
+
+def _decode(graphdef, state, layers, last, cache, next_pos, done, key, temperature, top_p, *, max_new: int,
+            greedy: bool, top_k: int, eos_ids: tuple, pad_id: int):
+    """Up to ``max_new`` tokens after the prefill, in one ``while_loop`` that ends when every row is ``done``
+    (rows that only fill the batch bucket start done); returns ``(tokens [B, max_new], lengths [B])``."""
+    model = nnx.merge(graphdef, state)
+    b = last.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    if layers is not None:  # per-layer weights: per-layer caches too (the loop's carry keeps one structure)
+        cache = {**cache, "k": list(cache["k"]), "v": list(cache["v"])}
 
     def cond(carry):
         i, _, _, done, _, _ = carry
@@ -204,8 +344,19 @@ def _generate(graphdef, state, tokens, positions, segs, key, temperature, top_p,
                               layers=layers)
         return i + 1, logits[:, -1], cache, done, out, lengths
 
-    padding_rows = jnp.sum(segs, axis=1) == 0  # rows added to fill the batch bucket: done from the start
-    init = (jnp.int32(0), last, cache, padding_rows, jnp.full((b, max_new), pad_id, jnp.int32),
-            jnp.zeros((b,), jnp.int32))
+    init = (jnp.int32(0), last, cache, done, jnp.full((b, max_new), pad_id, jnp.int32), jnp.zeros((b,), jnp.int32))
     _, _, _, _, out, lengths = jax.lax.while_loop(cond, body, init)
     return out, lengths
+
+
+def _with_shared_prefix(model, cache: dict, prefix) -> dict:
+    """``cache`` with the prefix's keys and values (computed once, batch 1) in slots ``[0, P)`` of every row."""
+    p = prefix.shape[0]
+    _, one = model(prefix[None], cache=model.init_cache(1, p), last_only=True, prefill=True)
+    b = cache["pos"].shape[0]
+    k = jnp.broadcast_to(one["k"], (one["k"].shape[0], b, *one["k"].shape[2:]))
+    v = jnp.broadcast_to(one["v"], (one["v"].shape[0], b, *one["v"].shape[2:]))
+    return {"k": jax.lax.dynamic_update_slice_in_dim(cache["k"], k, 0, axis=4),
+            "v": jax.lax.dynamic_update_slice_in_dim(cache["v"], v, 0, axis=3),
+            "pos": cache["pos"].at[:, :p].set(jnp.arange(p, dtype=jnp.int32)),
+            "index": jnp.asarray(p, jnp.int32)}

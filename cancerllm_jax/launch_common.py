@@ -32,6 +32,25 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides of any config field, e.g. lora.rank=16")
 
 
+DECODE_FLAG_RULES = {  # argparse dest -> (test, what a valid value is)
+    "max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "max_prompt_tokens": (lambda v: v >= 1, "at least 1"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "decode_batch": (lambda v: v >= 1, "at least 1"),
+    "top_k": (lambda v: v >= 0, ">= 0 (0: no top-k)"),
+    "temperature": (lambda v: 0 <= v < float("inf"), ">= 0 (0: greedy)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
+
+
+def check_decode_flags(args) -> None:
+    """Refuse decoding flags no decoder can use (``--top-k -1``, ``--top-p 0``, ...) before any model is loaded."""
+    for name, (ok, what) in DECODE_FLAG_RULES.items():
+        value = getattr(args, name, None)
+        if isinstance(value, (int, float)) and not ok(value):
+            raise UserError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+
+
 def cli_values(args) -> dict:
     return {"mesh": args.mesh, "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
             "save_every": args.save_every, "full": args.full, "log_examples": args.log_examples}

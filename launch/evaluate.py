@@ -27,6 +27,7 @@ if importlib.util.find_spec("cancerllm_jax") is None:  # run from a checkout wit
 
 from cancerllm_jax.errors import cli_main
 from cancerllm_jax.eval.protocol import PROTOCOLS, score_file
+from cancerllm_jax.launch_common import check_decode_flags
 
 ROWS = (("EM", "em"), ("BLEU-2", "bleu2"), ("ROUGE-L", "rougeL"))
 
@@ -83,6 +84,7 @@ def parse_limits(text: str | None, tasks: list[str], flag: str) -> dict[str, int
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Generate with each model on each task (resuming), score, write metrics.json, report.md and plots."""
+    check_decode_flags(args)
     if args.mesh:
         from cancerllm_jax.sharding import ensure_host_devices, parse_mesh
 

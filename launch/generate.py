@@ -16,6 +16,7 @@ import sys
 import _bootstrap  # noqa: F401
 
 from cancerllm_jax.errors import UserError, cli_main
+from cancerllm_jax.launch_common import check_decode_flags, start_runtime
 
 
 def parse(argv=None):
@@ -43,6 +44,7 @@ def parse(argv=None):
 @cli_main
 def main(argv=None):
     args = parse(argv)
+    check_decode_flags(args)
     if os.path.exists(args.out) and not args.overwrite:
         raise UserError(f"{args.out} exists; pass --overwrite to replace it")
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -55,8 +57,6 @@ def main(argv=None):
     for r in records:
         if "prompt" not in r and "instruction" not in r:
             raise UserError(f"{args.input}:{r['_line']}: needs a 'prompt' or an 'instruction' field")
-    from cancerllm_jax.launch_common import start_runtime
-
     start_runtime(argparse.Namespace(coordinator=None, num_processes=None, process_id=None), args.mesh)
     import cancerllm_jax as cj
     from cancerllm_jax.data.instruct import encode_prompt

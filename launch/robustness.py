@@ -20,6 +20,7 @@ import sys
 import _bootstrap  # noqa: F401
 
 from cancerllm_jax.errors import UserError, cli_main
+from cancerllm_jax.launch_common import check_decode_flags
 
 
 def _rates(text: str) -> list[float]:
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_decode_flags(args)
     import os
 
     from cancerllm_jax.eval import robustness as rb

@@ -139,6 +139,21 @@ PRETRAIN_ARGS = {
     "missing_data_file": (["--data", "/nonexistent/notes.jsonl"], ["/nonexistent/notes.jsonl", "no such file"]),
     "unsupported_extension": (["--data", "__CSV__"], ["unsupported file type"]),
     "unknown_model_preset": (["model=tiyn"], ["tiyn"]),
+    # invalid numbers: refused by the typed config, so also by --dry-run (which builds no data)
+    "block_size_zero_dry_run": (["--dry-run", "data.block_size=0"], ["data.block_size", "at least 2"]),
+    "block_size_negative_dry_run": (["--dry-run", "data.block_size=-8"], ["data.block_size", "at least 2"]),
+    "lr_negative": (["optim.lr=-1"], ["optim.lr", "positive", "-1"]),
+    "lr_zero_dry_run": (["--dry-run", "optim.lr=0"], ["optim.lr", "positive"]),
+    "warmup_negative": (["optim.warmup_ratio=-0.1"], ["optim.warmup_ratio"]),
+    "weight_decay_negative": (["optim.weight_decay=-0.01"], ["optim.weight_decay", ">= 0"]),
+    "clip_norm_negative": (["optim.clip_norm=-1"], ["optim.clip_norm", ">= 0"]),
+    "beta_one": (["optim.b2=1"], ["optim.b2", "[0, 1)"]),
+    "lora_rank_zero": (["lora.rank=0"], ["lora.rank", "positive"]),
+    "lora_alpha_zero": (["lora.alpha=0"], ["lora.alpha", "positive"]),
+    "lora_alpha_negative": (["lora.alpha=-16"], ["lora.alpha", "positive"]),
+    "lora_dropout_one": (["lora.dropout=1"], ["lora.dropout", "[0, 1)"]),
+    "steps_zero": (["--steps", "0"], ["steps", ">= 1"]),
+    "batch_size_zero": (["--batch-size", "0"], ["batch_size", ">= 1"]),
 }
 
 
@@ -249,6 +264,25 @@ def test_finetune_bad_instruction_data(case, tmp_path, capsys, models):
     nothing_left(wd)
 
 
+FINETUNE_ARGS = {
+    "epochs_zero": (["--epochs", "0"], ["epochs", "positive"]),
+    "epochs_negative": (["--epochs", "-2"], ["epochs", "positive"]),
+    "lr_negative": (["optim.lr=-2e-4"], ["optim.lr", "positive"]),
+    "lora_alpha_negative": (["lora.alpha=-1"], ["lora.alpha", "positive"]),
+    "batch_size_negative": (["--batch-size", "-4"], ["batch_size", ">= 1"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FINETUNE_ARGS))
+def test_finetune_bad_arguments(case, tmp_path, capsys, models):
+    extra, needles = FINETUNE_ARGS[case]
+    wd = tmp_path / "run"
+    code, err = run_cli("launch/finetune.py", ["--model", models["tok"], "--workdir", wd, "--mesh", "1x1",
+                                               "--dry-run", "data.max_seq_len=64", "lora.rank=2", *extra], capsys)
+    one_clear_error(code, err, *needles)
+    nothing_left(wd)
+
+
 # ------------------------------------------------------------------------------ launch/generate.py
 
 def _gen(models, tmp_path, capsys, lines, model="tok", extra=()):
@@ -276,6 +310,35 @@ def test_generate_bad_inputs(case, tmp_path, capsys, models):
     code, err, out = _gen(models, tmp_path, capsys, lines, model)
     one_clear_error(code, err, *needles)
     nothing_left(out)
+
+
+GENERATE_FLAGS = {
+    "batch_size_zero": (["--batch-size", "0"], ["--batch-size", "at least 1"]),
+    "batch_size_negative": (["--batch-size", "-3"], ["--batch-size", "at least 1"]),
+    "max_new_tokens_zero": (["--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),
+    "max_prompt_tokens_zero": (["--max-prompt-tokens", "0"], ["--max-prompt-tokens", "at least 1"]),
+    "top_k_negative": (["--top-k", "-1"], ["--top-k", ">= 0"]),
+    "temperature_negative": (["--temperature", "-0.5"], ["--temperature", ">= 0"]),
+    "temperature_nan": (["--temperature", "nan"], ["--temperature", ">= 0"]),
+    "top_p_zero": (["--top-p", "0"], ["--top-p", "(0, 1]"]),
+    "top_p_above_one": (["--top-p", "1.5"], ["--top-p", "(0, 1]"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GENERATE_FLAGS))
+def test_generate_bad_decoding_flags(case, tmp_path, capsys, models):
+    extra, needles = GENERATE_FLAGS[case]
+    code, err, out = _gen(models, tmp_path, capsys, '{"prompt": "pt w/ nsclc"}\n', extra=extra)
+    one_clear_error(code, err, *needles)
+    nothing_left(out)
+
+
+def test_generate_top_k_above_the_vocabulary_is_fine(tmp_path, capsys, models):
+    """--top-k larger than the vocabulary keeps every token (as top_k=0 does) rather than failing."""
+    code, err, out = _gen(models, tmp_path, capsys, '{"prompt": "pt w/ nsclc"}\n',
+                          extra=["--top-k", "100000", "--temperature", "0.7"])
+    assert code in (0, None), err
+    assert len(open(out, encoding="utf-8").read().splitlines()) == 1
 
 
 def test_generate_refuses_to_overwrite(tmp_path, capsys, models):
@@ -410,6 +473,23 @@ def test_robustness_unknown_task(tmp_path, capsys, models):
     code, err = run_cli("launch/robustness.py", ["misspell", "--model", models["tok"], "--out", tmp_path / "o",
                                                  "--tasks", "diagnosiss"], capsys)
     one_clear_error(code, err, "--tasks", "diagnosiss")
+
+
+@pytest.mark.parametrize("extra,needles", [(["--top-k", "-5"], ["--top-k", ">= 0"]),
+                                           (["--top-p", "0"], ["--top-p", "(0, 1]"]),
+                                           (["--temperature", "-1"], ["--temperature", ">= 0"]),
+                                           (["--batch-size", "0"], ["--batch-size", "at least 1"]),
+                                           (["--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"])])
+def test_evaluate_run_and_robustness_bad_decoding_flags(extra, needles, tmp_path, capsys, models):
+    code, err = run_cli("launch/evaluate.py", ["run", "--model", models["tok"], "--out", tmp_path / "o",
+                                               "--limit", "1", *extra], capsys)
+    one_clear_error(code, err, *needles)
+    nothing_left(tmp_path / "o")
+    if extra[0] == "--max-new-tokens":
+        code, err = run_cli("launch/robustness.py", ["misspell", "--model", models["tok"], "--out", tmp_path / "r",
+                                                     *extra], capsys)
+        one_clear_error(code, err, *needles)
+        nothing_left(tmp_path / "r")
 
 
 # ------------------------------------------------------------------------------ launch/evaluate.py score

@@ -157,3 +157,122 @@ def test_every_eos_id_of_the_generation_config_stops(tiny, tmp_path):
     (folder / "generation_config.json").write_text("{not json")
     with pytest.raises(cj_errors().UserError, match="generation_config.json"):
         cj.load(str(folder), dtype="float32")
+
+
+def test_shared_prefix_decodes_like_each_prompt_alone(tiny):
+    """Rows sharing a long prefix (prefilled once, batch 1, then copied into every row's cache) give the tokens
+    each prompt gives alone and transformers gives, past the window (5); the shared path is really taken."""
+    from cancerllm_jax.decode import Decoder, shared_prefix_length
+
+    model, lm = tiny
+    rng = np.random.default_rng(11)
+    head = [1] + rng.integers(3, 96, size=36).tolist()
+    prompts = [head + rng.integers(3, 96, size=n).tolist() for n in (5, 1, 12, 3)]
+    assert shared_prefix_length(prompts) == 32
+    assert shared_prefix_length([head, head + [7]]) == 32  # every row keeps a token of its own
+    assert shared_prefix_length([head[:20] + [5], head[:20] + [6]]) == 16
+    assert shared_prefix_length([head]) == 0 and shared_prefix_length([[1, 2], [3, 2]]) == 0
+    shared = Decoder(lm, share_prefix=True)
+    got = shared.generate(prompts, max_new_tokens=7)
+    assert any(k[1] == 32 for k in shared._fns)
+    assert got == [lm.generate([p], max_new_tokens=7)[0] for p in prompts]
+    assert got == Decoder(lm, share_prefix=False).generate(prompts, max_new_tokens=7)
+    for p, g in zip(prompts, got):
+        assert g == hf_greedy(model, p, 7)
+
+
+def test_bucket_lengths_pad_at_most_a_quarter():
+    from cancerllm_jax.decode import bucket_length
+
+    assert [bucket_length(n) for n in (1, 16, 17, 68, 100, 119, 129, 442, 513, 1500)] == \
+        [16, 16, 32, 80, 112, 128, 160, 448, 640, 1536]
+    for n in range(1, 5000, 7):
+        b = bucket_length(n)
+        assert b >= n and b % 16 == 0 and (b - n) <= max(15, n // 4)
+
+
+def test_top_k_past_the_vocabulary_keeps_every_token(tiny):
+    _, lm = tiny
+    a = lm.generate([[1, 5, 6]], max_new_tokens=6, temperature=0.9, top_k=10_000, seed=3)
+    b = lm.generate([[1, 5, 6]], max_new_tokens=6, temperature=0.9, top_k=0, seed=3)
+    assert a == b
+    with pytest.raises(cj_errors().UserError, match="top_k"):
+        lm.generate([[1, 5, 6]], max_new_tokens=2, temperature=0.9, top_k=-1)
+
+
+def test_first_argmax_equals_argmax_with_ties():
+    import jax.numpy as jnp
+
+    from cancerllm_jax.decode import first_argmax
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(-3, 4, size=(64, 300)).astype(np.float32)  # many ties
+    x[3] = -np.inf
+    x[4, 7] = np.inf
+    got = np.asarray(first_argmax(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got.dtype == np.int32
+
+
+def test_string_prompts_get_bos_unless_asked_not_to(tiny):
+    """``[bos] + prompt`` by default (the training framing); ``add_bos=False``: the text's ids alone."""
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+
+    _, lm = tiny
+    tok = load_tokenizer(None)
+    text = "pt w/ nsclc"
+    with_bos, without = tok.encode(text, bos=True), tok.encode(text)
+    assert with_bos[0] == tok.bos_id and with_bos[1:] == without
+    ids = [t % 96 for t in with_bos]
+    lm.tokenizer = _ModTokenizer(tok)
+    try:
+        assert lm.generate([text], max_new_tokens=3, eos_id=[]) == [lm.tokenizer.decode(g) for g in
+                                                                   lm.generate([ids], max_new_tokens=3, eos_id=[])]
+        assert lm.generate([text], max_new_tokens=3, eos_id=[], add_bos=False) == [
+            lm.tokenizer.decode(g) for g in lm.generate([ids[1:]], max_new_tokens=3, eos_id=[])]
+        with pytest.raises(cj_errors().UserError, match="prompt 0 is empty"):
+            lm.generate([""], max_new_tokens=2, add_bos=False)
+    finally:
+        lm.tokenizer = None
+
+
+class _ModTokenizer:
+    """The Mistral v1 tokenizer with ids folded into the tiny model's 96-token vocabulary."""
+
+    def __init__(self, tok):
+        self.tok, self.eos_id, self.bos_id = tok, 2, 1
+
+    def encode(self, text, bos=False, eos=False):
+        return [t % 96 for t in self.tok.encode(text, bos=bos, eos=eos)]
+
+    def decode(self, ids):
+        return " ".join(str(int(i)) for i in ids)
+
+
+def test_prefill_groups_split_only_where_padding_pays():
+    from cancerllm_jax.decode import prefill_groups
+
+    assert prefill_groups([100] * 64) == [(0, 64, 112)]
+    spread = sorted(range(10, 138, 2), reverse=True)  # 64 rows, 137 .. 10 tokens
+    groups = prefill_groups(spread)
+    assert [(s, e) for s, e, _ in groups] == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    assert all(t >= max(spread[s:e]) for s, e, t in groups)
+    assert prefill_groups(spread, data=3) == [(0, 64, 160)]  # groups must be whole shards of the data axis
+    assert len(prefill_groups(sorted(range(2, 64, 4), reverse=True))) == 2  # 16 rows: groups of >= 8 rows
+
+
+def test_grouped_prefill_of_spread_prompts_decodes_like_each_alone(tiny):
+    """16 prompts of 2 .. 62 tokens sharing a 20-token head: prefilled in row groups of their own buckets (slots
+    a group does not use stay empty between its prompts and the new tokens), then decoded together."""
+    from cancerllm_jax.decode import Decoder
+
+    model, lm = tiny
+    rng = np.random.default_rng(4)
+    head = [1] + rng.integers(3, 96, size=19).tolist()
+    prompts = [head + rng.integers(3, 96, size=n).tolist() for n in range(2, 64, 4)]
+    dec = Decoder(lm)
+    got = dec.generate(prompts, max_new_tokens=6)
+    assert any(k[0] == "join" for k in dec._fns)
+    assert got == [lm.generate([p], max_new_tokens=6)[0] for p in prompts]
+    for p, g in list(zip(prompts, got))[::5]:
+        assert g == hf_greedy(model, p, 6)

@@ -158,3 +158,60 @@ def test_check_parity_cli(saved_models, tmp_path, capsys):
     assert all(r["argmax_agree_pct"] == 100.0 and r["max_abs_diff"] <= 1e-4 for r in result["prompts"])
     assert tool.main(["--hf-dir", folder, "--prompts", str(prompts), "--tol", "0"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+SHAPE = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+         "num_attention_heads": 16}
+# config.json dicts that leave keys out or set them oddly; ours must resolve each as transformers' config class does
+HF_DICTS = {
+    "mistral_use_sliding_window_false": {"model_type": "mistral", **SHAPE, "sliding_window": 5,
+                                         "use_sliding_window": False},
+    "mistral_no_window_key": {"model_type": "mistral", **SHAPE},  # every optional key missing: 4096, 8 KV heads, ...
+    "mistral_window_null": {"model_type": "mistral", **SHAPE, "sliding_window": None, "num_key_value_heads": 2},
+    "llama_no_kv_heads": {"model_type": "llama", **SHAPE, "sliding_window": 7},
+    "mistral_nulls": {"model_type": "mistral", **SHAPE, "head_dim": None, "bos_token_id": None,
+                      "eos_token_id": [5, 3], "pad_token_id": 0, "tie_word_embeddings": True, "rms_norm_eps": 1e-5},
+    "mistral_theta_forms": {"model_type": "mistral", **SHAPE, "rope_theta": 9.0, "rope_parameters": {"rope_theta": 7.0},
+                            "max_position_embeddings": 64, "head_dim": 16},
+    "llama_rope_scaling_over_parameters": {"model_type": "llama", **SHAPE, "rope_theta": 500000.0,
+                                           "rope_scaling": {"rope_type": "default"},
+                                           "rope_parameters": {"rope_theta": 7.0}},
+    "mistral_attention_bias_ignored": {"model_type": "mistral", **SHAPE, "attention_bias": True, "mlp_bias": True},
+}
+
+
+@pytest.mark.parametrize("name", list(HF_DICTS))
+def test_hf_config_keys_resolve_like_transformers(name):
+    """Defaults, nulls, ``use_sliding_window`` and the rope-theta forms: ``from_hf_config`` == transformers."""
+    from cancerllm_jax.config import from_hf_config
+
+    conf = HF_DICTS[name]
+    ours = from_hf_config(json.loads(json.dumps(conf)))
+    cls = transformers.MistralConfig if conf["model_type"] == "mistral" else transformers.LlamaConfig
+    ref = cls.from_dict(json.loads(json.dumps(conf)))
+    eos = ref.eos_token_id if isinstance(ref.eos_token_id, list) else [ref.eos_token_id]
+    assert (ours.vocab_size, ours.hidden_size, ours.intermediate_size, ours.num_layers, ours.num_heads,
+            ours.num_kv_heads, ours.head_dim, ours.rope_theta, ours.rms_norm_eps, ours.sliding_window,
+            ours.tie_embeddings, ours.max_position_embeddings, ours.bos_token_id, ours.eos_token_id,
+            ours.pad_token_id) == (
+        ref.vocab_size, ref.hidden_size, ref.intermediate_size, ref.num_hidden_layers, ref.num_attention_heads,
+        ref.num_key_value_heads, ref.head_dim, ref.rope_parameters["rope_theta"], ref.rms_norm_eps,
+        getattr(ref, "sliding_window", None) if conf["model_type"] == "mistral" else None,
+        ref.tie_word_embeddings, ref.max_position_embeddings, ref.bos_token_id, eos[0], ref.pad_token_id)
+    assert list(ours.eos_token_ids) == eos
+
+
+def test_use_sliding_window_false_keeps_the_window_like_transformers(tmp_path):
+    """transformers' Mistral ignores ``use_sliding_window``: the window (5) still applies to a sequence of 17."""
+    model = make_hf_model("mistral", {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                                      "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 5}, seed=3)
+    model.save_pretrained(str(tmp_path), safe_serialization=True)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "use_sliding_window": False}))
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
+                                                                  attn_implementation="eager").eval()
+    ids = np.random.default_rng(3).integers(0, VOCAB, size=(2, 17), dtype=np.int32)
+    ref = ref_logits(ref_model, ids)
+    assert float(np.abs(ref_logits(model, ids) - ref).max()) <= 1e-4  # transformers itself kept the window
+    ours = cj.load(str(tmp_path), dtype="float32").logits(ids)
+    assert float(np.abs(ours - ref).max()) <= 1e-4

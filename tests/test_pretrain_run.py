@@ -159,9 +159,10 @@ def test_two_processes_equal_one(reference, tmp_path):
 
 # ------------------------------------------------------------------------------------------------- bad inputs
 
-def _launcher_module():
-    sys.path.insert(0, os.path.join(ROOT, "launch"))
-    spec = importlib.util.spec_from_file_location("pretrain_launcher", LAUNCHER)
+def _launcher_module(path=LAUNCHER):
+    """A CLI script (launch/pretrain.py by default) as a module."""
+    sys.path.insert(0, os.path.dirname(path))
+    spec = importlib.util.spec_from_file_location(f"cli_{os.path.basename(path)[:-3]}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -259,6 +260,46 @@ def test_load_equals_the_trainers_model(reference):
     merged = cj.load(wd).logits(ids)  # LoRA folded into the kernels in fp32: equal up to rounding
     np.testing.assert_allclose(merged, ours, rtol=0, atol=1e-4)
     assert np.abs(np.asarray(trainer.state["params"]["layers"]["q"]["lora_b"])).max() > 0  # LoRA did train
+
+
+def test_every_eos_id_of_an_hf_base_is_kept_by_its_run_and_exports(tmp_path):
+    """A base whose generation_config.json lists EOS ids [2, 13]: its run and the run's to-hf export name both, as the
+    base folder does (and as transformers' generate stops at both); so does a from-hf checkpoint without the copied
+    generation_config.json, and a run written before run.json recorded the list."""
+    import shutil
+
+    import torch
+    import transformers
+
+    import cancerllm_jax as cj
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=32000, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, sliding_window=64)).save_pretrained(str(base))
+    (base / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 13]}))
+    assert cj.load(str(base)).eos_ids == (2, 13)
+    wd = tmp_path / "run"
+    make_trainer(wd, mesh="1x1", extra=[f"model={base}", "steps=1", "batch_size=2", "save_every=0"]).run()
+    assert cj.load(str(wd)).eos_ids == (2, 13)
+    assert run_io.read_run_meta(str(wd))["model"]["eos_token_ids"] == [2, 13]
+    convert = _launcher_module(os.path.join(ROOT, "tools", "convert_checkpoint.py"))
+    out = tmp_path / "hf"
+    convert.to_hf(str(wd), str(out))
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == [2, 13]
+    assert transformers.GenerationConfig.from_pretrained(str(out)).eos_token_id == [2, 13]
+    assert cj.load(str(out)).eos_ids == (2, 13)
+    ckpt = tmp_path / "ckpt"
+    convert.from_hf(str(base), str(ckpt))
+    os.remove(ckpt / "generation_config.json")
+    assert cj.load(str(ckpt)).eos_ids == (2, 13)
+    old = tmp_path / "old_run"  # run.json as older versions wrote it: model.eos_token_id only
+    shutil.copytree(wd, old)
+    meta = run_io.read_run_meta(str(old))
+    del meta["model"]["eos_token_ids"]
+    run_io.write_json_atomic(str(old / run_io.RUN_FILE), meta)
+    assert cj.load(str(old)).eos_ids == (2, 13)
 
 
 def test_dry_run_prints_memory_estimate_and_exits_0(tmp_path, capsys):

@@ -144,7 +144,8 @@ def run_ours(args, cfg, folder, prompts) -> dict:
     load_s = time.perf_counter() - t0
     from cancerllm_jax.decode import Decoder
 
-    decoder = Decoder(lm, unstack={"auto": "auto", "yes": True, "no": False}[args.unstack])
+    choice = {"auto": "auto", "yes": True, "no": False}
+    decoder = Decoder(lm, unstack=choice[args.unstack], share_prefix=choice[args.share_prefix])
     kw = dict(eos_id=[], batch_size=args.batch)
 
     def timed(new):
@@ -169,7 +170,8 @@ def run_ours(args, cfg, folder, prompts) -> dict:
            "ms_per_step": 1e3 * step_s, "compile_s": compile_s - full, "compile_1tok_s": compile1_s - one,
            "load_s": load_s, "peak_rss": bt.rss_peak(), "backend": jax.default_backend(),
            "runs": {"full_s": t_full, "one_s": t_one}, "tokens": out,
-           "attention": lm.model.attention_impl(), "unstack": decoder.unstack}
+           "attention": lm.model.attention_impl(), "unstack": decoder.unstack,
+           "share_prefix": decoder.share_prefix}
     if jax.default_backend() != "cpu":
         stats = jax.devices()[0].memory_stats() or {}
         res["device_peak_bytes"] = int(stats.get("peak_bytes_in_use", 0))
@@ -365,6 +367,8 @@ def main(argv=None) -> int:
                    help="our attention in the prompt block: auto = cuDNN on a GPU in bf16, else the einsum")
     p.add_argument("--unstack", choices=("auto", "yes", "no"), default="auto",
                    help="per-layer weight arrays in our decode loop (auto: on a GPU with room for the copy)")
+    p.add_argument("--share-prefix", choices=("auto", "yes", "no"), default="auto",
+                   help="prefill the prompts' common prefix once per batch (auto: with the einsum attention)")
     p.add_argument("--no-ttft", dest="ttft", action="store_false",
                    help="skip the 1-token runs (no TTFT / ms-per-step split; halves a long run)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of ours (median)")

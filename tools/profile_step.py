@@ -90,15 +90,6 @@ def profile_decode(a) -> None:
     dec = Decoder(lm)
     for new in (a.new, 1):
         dec.generate(prompts, max_new_tokens=new, eos_id=[], batch_size=a.batch)
-    if a.hlo:
-        os.makedirs(a.hlo, exist_ok=True)
-        for i, fn in enumerate(dec._fns.values()):
-            try:
-                text = fn.lower(*fn_args(lm, a, len(prompts[0]))).compile().as_text()
-            except Exception as e:  # the HLO is a convenience; the profile still runs
-                text = f"could not lower: {e}"
-            with open(os.path.join(a.hlo, f"decode_{i}.txt"), "w", encoding="utf-8") as f:
-                f.write(text)
     for new in (a.new, 1):
         logdir = tempfile.mkdtemp(prefix="trace-")
         with jax.profiler.trace(logdir):
@@ -106,18 +97,6 @@ def profile_decode(a) -> None:
             dec.generate(prompts, max_new_tokens=new, eos_id=[], batch_size=a.batch)
             wall = time.perf_counter() - t0
         report(f"generate {new} tokens, batch {a.batch}, prompts {len(prompts[0])} tokens", logdir, wall, a.top)
-
-
-def fn_args(lm, a, plen):
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from cancerllm_jax.decode import bucket_length
-
-    p = bucket_length(plen)
-    z = np.zeros((a.batch, p), np.int32)
-    return lm.state, z, z, z, jax.random.PRNGKey(0), jnp.float32(0), jnp.float32(1)
 
 
 def main(argv=None) -> int:
@@ -134,6 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--hlo", help="write the compiled HLO text here")
     a = p.parse_args(argv)
+    if a.hlo and a.what == "decode":  # every module generate compiles (prefill, decode loop, cache join)
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={a.hlo} --xla_dump_hlo_as_text"
     (profile_train if a.what == "train" else profile_decode)(a)
     return 0
 

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from cancerllm_jax.config import ModelConfig, read_hf_config, to_hf_config
+from cancerllm_jax.config import ModelConfig, hf_eos_value, read_hf_config, to_hf_config
 from cancerllm_jax.errors import UserError
 
 LAYER_KEYS = {  # ours -> HF suffix under model.layers.{i}.
@@ -214,4 +214,26 @@ def write_hf(out_dir: str, cfg: ModelConfig, params: dict, overwrite: bool = Fal
             json.dump(to_hf_config(cfg, hf_dtype), f, indent=2)
         if tokenizer_dir:
             copy_tokenizer_files(tokenizer_dir, tmp)
+        write_generation_config(tmp, cfg)
     return files
+
+
+def write_generation_config(folder: str, cfg: ModelConfig) -> None:
+    """``generation_config.json`` naming every EOS id, as transformers' ``save_pretrained`` writes it; one copied
+    from the source keeps its other settings."""
+    path = os.path.join(folder, "generation_config.json")
+    gen = {}
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                gen = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not readable JSON ({e})") from None
+        if not isinstance(gen, dict):
+            raise UserError(f"{path}: expected a JSON object")
+    for key, value in (("bos_token_id", cfg.bos_token_id), ("pad_token_id", cfg.pad_token_id)):
+        if value is not None:
+            gen.setdefault(key, value)
+    gen["eos_token_id"] = hf_eos_value(cfg)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(gen, f, indent=2)

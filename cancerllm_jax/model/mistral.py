@@ -117,7 +117,8 @@ class Mistral(nnx.Module):
         ``prefill=True`` promises the cache is empty (``index`` 0): the block then attends over its own keys only,
         not over the cache's empty slots.
         ``layers``: per-layer weights (``layer_list()``) run by a Python loop instead of the scan over the stacked
-        weights, whose per-layer slices XLA copies on a GPU (see ``decode.Decoder``).
+        weights, whose per-layer slices XLA copies (see ``decode.Decoder``); the cache is then kept as lists of
+        per-layer arrays (a stacked one is split), so no step slices a stacked array.
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -171,11 +172,13 @@ class Mistral(nnx.Module):
         kv0 = kv_in if kv_in is not None else (jnp.zeros((), x.dtype), jnp.zeros((), x.dtype))
         if layers is None:
             (x, ck, cv), _ = jax.lax.scan(body, (x, *kv0), (weights, keys, jnp.arange(n)))
-        else:
-            carry = (x, *kv0)
+        else:  # per-layer weights; a stacked cache is split into per-layer caches (returned as lists)
+            ck, cv = (list(kv0[0]), list(kv0[1])) if cache is not None else (None, None)
             for i, w in enumerate(layers):
-                carry, _ = body(carry, (w, keys[i], i))
-            x, ck, cv = carry
+                x, new_kv = self._block(x, w, cos, sin, mask, keys[i] if dropout_key is not None else None,
+                                        None if cache is None else (ck[i], cv[i], None), index, prefill)
+                if new_kv is not None:
+                    ck[i], cv[i] = new_kv
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if return_hidden:
             return x
@@ -207,15 +210,21 @@ class Mistral(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_kv = None
         if kv is not None:
-            ck, cv, layer = kv
-            ck = jax.lax.dynamic_update_slice(ck, k.transpose(0, 2, 3, 1)[None].astype(ck.dtype),
-                                              (layer, 0, 0, 0, index))
-            cv = jax.lax.dynamic_update_slice(cv, v.transpose(0, 2, 1, 3)[None].astype(cv.dtype),
-                                              (layer, 0, 0, index, 0))
+            ck, cv, layer = kv  # layer None: this layer's own cache arrays, else the stacked cache
+            kt_new, v_new = k.transpose(0, 2, 3, 1).astype(ck.dtype), v.transpose(0, 2, 1, 3).astype(cv.dtype)
+            if layer is None:
+                ck = jax.lax.dynamic_update_slice(ck, kt_new, (0, 0, 0, index))
+                cv = jax.lax.dynamic_update_slice(cv, v_new, (0, 0, index, 0))
+            else:
+                ck = jax.lax.dynamic_update_slice(ck, kt_new[None], (layer, 0, 0, 0, index))
+                cv = jax.lax.dynamic_update_slice(cv, v_new[None], (layer, 0, 0, index, 0))
             new_kv = (ck, cv)
         if kv is not None and not prefill:  # attend over the cache (this block's keys are in it now)
-            kt = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False).astype(q.dtype)
-            vc = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False).astype(q.dtype)
+            if layer is None:
+                kt, vc = ck.astype(q.dtype), cv.astype(q.dtype)
+            else:
+                kt = jax.lax.dynamic_index_in_dim(ck, layer, 0, keepdims=False).astype(q.dtype)
+                vc = jax.lax.dynamic_index_in_dim(cv, layer, 0, keepdims=False).astype(q.dtype)
             attn = cached_attention(q, kt, vc, mask)
         elif isinstance(mask, Fused):
             attn = fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.sliding_window)

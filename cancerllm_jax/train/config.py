@@ -59,6 +59,10 @@ class PretrainConfig(TrainConfig):
         default_factory=lambda: PretrainDataConfig(block_size=128, eval_fraction=0.05))
     synthetic_documents: int = 400
 
+    def validate(self) -> None:
+        TrainConfig.validate(self)
+        self.data.validate()  # here too, so that --dry-run refuses what the data pipeline would
+
 
 # Fields that may change between a run and its resumption; every other field must match.
 RESUMABLE_CHANGES = {"mesh", "save_every", "eval_every", "eval_batches", "log_every", "keep", "log_examples"}

@@ -31,6 +31,14 @@ class OptimConfig:
             raise UserError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise UserError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 < self.lr < math.inf:
+            raise UserError(f"optim.lr must be positive, got {self.lr}")
+        for name in ("weight_decay", "clip_norm", "eps"):
+            if not 0.0 <= getattr(self, name) < math.inf:
+                raise UserError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:

@@ -1,6 +1,7 @@
 """Reading a training run's folder (``WORKDIR``) back: its resolved config and latest checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -72,6 +73,8 @@ def read_run_weights(path: str):
     elif base["kind"] == "path":
         w = read_weights(base["path"])
         params = w.params
+        if "eos_token_ids" not in meta["model"]:  # a run of an older version recorded only the first EOS id
+            cfg = dataclasses.replace(cfg, eos_token_ids=cfg.eos_token_ids + w.cfg.eos_token_ids)
         if w.lora is not None and w.lora_params is not None:
             from cancerllm_jax.model.lora import merge_lora_params
 
