@@ -8,6 +8,7 @@ outgrow it stay exact.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 from functools import partial
@@ -104,10 +105,13 @@ class Decoder:
         # SmolLM2 step). The copy, made once, costs the weights' size in memory, so "auto" makes it where the layer
         # weights are <= 1/4 of the device's memory (a GPU's, else the host's RAM).
         self.unstack = should_unstack(lm) if unstack == "auto" else bool(unstack)
+        # Per-layer caches cost one more cache at the loop's start (the stacked prefill cache is split): on the
+        # host's RAM that is cheap; a GPU keeps the stacked cache and updates it in place.
+        self.split_cache = jax.default_backend() == "cpu"
         self._layers = None
         # XLA:CPU: the prompt block's large GEMMs run faster as Eigen dots than in YNNPACK fusions, the decode
         # step's small ones (M = batch) slower; the two are compiled apart (measured in docs/benchmarks.md).
-        self.prefill_options = dict(PREFILL_CPU_OPTIONS) if jax.default_backend() == "cpu" else {}
+        self.prefill_options = cpu_prefill_options() if jax.default_backend() == "cpu" else {}
         self._fns: dict = {}
         self.last_stats: dict = {}
 
@@ -118,19 +122,23 @@ class Decoder:
             self._layers = jax.jit(lambda state: nnx.merge(lm.graphdef, state).layer_list())(lm.state)
         return self._layers if self.unstack else None
 
-    def _prefill_fn(self, prefix_len: int, cache_len: int):
-        key = ("prefill", prefix_len, cache_len)
+    # One jitted function per shape (not only per static argument), so that ``len(_fns)`` counts compilations
+    # (the evaluation runner reports which batches compiled).
+    def _prefill_fn(self, prefix_len: int, cache_len: int, rows: int, length: int):
+        key = ("prefill", prefix_len, cache_len, rows, length)
         if key not in self._fns:
             fn = partial(_prefill, self.lm.graphdef, cache_len=cache_len)
             self._fns[key] = jax.jit(fn, compiler_options=self.prefill_options or None)
         return self._fns[key]
 
-    def _decode_fn(self, max_new: int, greedy: bool, top_k: int, eos_ids: tuple):
-        key = ("decode", max_new, greedy, top_k, eos_ids)
+    def _decode_fn(self, max_new: int, greedy: bool, top_k: int, eos_ids: tuple, rows: int, cache_len: int):
+        key = ("decode", max_new, greedy, top_k, eos_ids, rows, cache_len)
         if key not in self._fns:
+            split = self.unstack and self.split_cache
             fn = partial(_decode, self.lm.graphdef, max_new=max_new, greedy=greedy, top_k=top_k, eos_ids=eos_ids,
-                         pad_id=0)
-            self._fns[key] = jax.jit(fn)
+                         pad_id=0, split_cache=split)
+            # a stacked cache is donated and returned, so the loop updates the prefill's cache in place
+            self._fns[key] = jax.jit(fn, donate_argnums=() if split else (3,))
         return self._fns[key]
 
     def generate(self, prompts: Sequence, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -187,9 +195,9 @@ class Decoder:
             last, cache = self._prefill_rows(rows, b, shared, max_new_tokens)
             next_pos = jax.device_put(np.asarray([len(r) for r in rows] + [0] * (b - len(rows)), np.int32), rows_sh)
             filler = jax.device_put(np.arange(b) >= len(rows), rows_sh)  # rows that only fill the batch: done at once
-            decode = self._decode_fn(max_new_tokens, greedy, top_k, eos_ids)
-            out, lengths = decode(lm.state, self.layers(), last, cache, next_pos, filler, jax.random.fold_in(key, c),
-                                  jnp.float32(temperature or 0.0), jnp.float32(top_p))
+            decode = self._decode_fn(max_new_tokens, greedy, top_k, eos_ids, b, cache["pos"].shape[1])
+            out, lengths, _ = decode(lm.state, self.layers(), last, cache, next_pos, filler,
+                                     jax.random.fold_in(key, c), jnp.float32(temperature or 0.0), jnp.float32(top_p))
             out, lengths = np.asarray(out), np.asarray(lengths)
             for r, i in enumerate(chunk):
                 gen = out[r, :lengths[r]].tolist()
@@ -225,13 +233,13 @@ class Decoder:
                 tokens[r, t - n:] = row[shared:]
                 segs[r, t - n:] = 1
                 pos[r, t - n:] = np.arange(shared, len(row))
-            fn = self._prefill_fn(shared, cache_len if len(groups) == 1 else shared + t)
+            fn = self._prefill_fn(shared, cache_len if len(groups) == 1 else shared + t, end - start, t)
             last, cache = fn(lm.state, prefix, *(jax.device_put(x, bs) for x in (tokens, pos, segs)))
             lasts.append(last)
             caches.append(cache)
         if len(groups) == 1:
             return lasts[0], caches[0]
-        key = ("join", cache_len, shared + plen)
+        key = ("join", cache_len, shared, tuple(groups))
         if key not in self._fns:
             self._fns[key] = jax.jit(partial(_join_caches, cache_len=cache_len, filled=shared + plen))
         return jnp.concatenate(lasts), self._fns[key](caches)
@@ -253,6 +261,16 @@ class Decoder:
         if min(row) < 0 or max(row) >= self.lm.cfg.vocab_size:
             raise UserError(f"prompt {index}: token ids must be in [0, {self.lm.cfg.vocab_size})")
         return row
+
+
+@functools.cache
+def cpu_prefill_options() -> dict:
+    """``PREFILL_CPU_OPTIONS`` if this jaxlib's XLA:CPU takes them (the flag is experimental), else none."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=PREFILL_CPU_OPTIONS).lower(1.0).compile()
+    except Exception:  # an unknown flag: compile as usual rather than fail every prefill
+        return {}
+    return dict(PREFILL_CPU_OPTIONS)
 
 
 def prefill_groups(lengths: Sequence[int], data: int = 1, min_rows: int = 8) -> list[tuple[int, int, int]]:
@@ -295,8 +313,8 @@ def should_unstack(lm) -> bool:
     dev = jax.devices()[0]
     if dev.platform == "gpu":
         limit = (dev.memory_stats() or {}).get("bytes_limit", 0)
-    elif dev.platform == "cpu":
-        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    elif dev.platform == "cpu":  # every device of a CPU mesh may hold a replica, all in the host's RAM
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // lm.mesh.size
     else:
         return False
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(lm.model.layers)))
@@ -320,13 +338,13 @@ def _prefill(graphdef, state, prefix, tokens, positions, segs, *, cache_len: int
 
 
 def _decode(graphdef, state, layers, last, cache, next_pos, done, key, temperature, top_p, *, max_new: int,
-            greedy: bool, top_k: int, eos_ids: tuple, pad_id: int):
+            greedy: bool, top_k: int, eos_ids: tuple, pad_id: int, split_cache: bool = False):
     """Up to ``max_new`` tokens after the prefill, in one ``while_loop`` that ends when every row is ``done``
-    (rows that only fill the batch bucket start done); returns ``(tokens [B, max_new], lengths [B])``."""
+    (rows that only fill the batch bucket start done); returns ``(tokens [B, max_new], lengths [B], cache)``."""
     model = nnx.merge(graphdef, state)
     b = last.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-    if layers is not None:  # per-layer weights: per-layer caches too (the loop's carry keeps one structure)
+    if split_cache:  # per-layer caches beside per-layer weights
         cache = {**cache, "k": list(cache["k"]), "v": list(cache["v"])}
 
     def cond(carry):
@@ -345,8 +363,8 @@ def _decode(graphdef, state, layers, last, cache, next_pos, done, key, temperatu
         return i + 1, logits[:, -1], cache, done, out, lengths
 
     init = (jnp.int32(0), last, cache, done, jnp.full((b, max_new), pad_id, jnp.int32), jnp.zeros((b,), jnp.int32))
-    _, _, _, _, out, lengths = jax.lax.while_loop(cond, body, init)
-    return out, lengths
+    _, _, cache, _, out, lengths = jax.lax.while_loop(cond, body, init)
+    return out, lengths, (None if split_cache else cache)
 
 
 def _with_shared_prefix(model, cache: dict, prefix) -> dict:

@@ -276,3 +276,29 @@ def test_grouped_prefill_of_spread_prompts_decodes_like_each_alone(tiny):
     assert got == [lm.generate([p], max_new_tokens=6)[0] for p in prompts]
     for p, g in list(zip(prompts, got))[::5]:
         assert g == hf_greedy(model, p, 6)
+
+
+def test_a_new_shape_adds_a_compiled_function(tiny):
+    """The evaluation runner counts ``Decoder._fns`` to tell which batches compiled: a repeated call adds none,
+    a new prompt bucket adds some."""
+    from cancerllm_jax.decode import Decoder
+
+    _, lm = tiny
+    dec = Decoder(lm)
+    dec.generate([[1, 5, 6], [1, 7]], max_new_tokens=3)
+    n = len(dec._fns)
+    dec.generate([[1, 9, 6], [1, 8]], max_new_tokens=3)
+    assert len(dec._fns) == n
+    dec.generate([[1] + list(range(3, 40)), [1, 8]], max_new_tokens=3)
+    assert len(dec._fns) > n
+
+
+def test_prefill_options_fall_back_when_xla_lacks_the_flag(monkeypatch):
+    from cancerllm_jax import decode
+
+    decode.cpu_prefill_options.cache_clear()
+    monkeypatch.setattr(decode, "PREFILL_CPU_OPTIONS", {"xla_cpu_no_such_flag_for_test": ""})
+    try:
+        assert decode.cpu_prefill_options() == {}
+    finally:
+        decode.cpu_prefill_options.cache_clear()

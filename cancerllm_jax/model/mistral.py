@@ -117,8 +117,8 @@ class Mistral(nnx.Module):
         ``prefill=True`` promises the cache is empty (``index`` 0): the block then attends over its own keys only,
         not over the cache's empty slots.
         ``layers``: per-layer weights (``layer_list()``) run by a Python loop instead of the scan over the stacked
-        weights, whose per-layer slices XLA copies (see ``decode.Decoder``); the cache is then kept as lists of
-        per-layer arrays (a stacked one is split), so no step slices a stacked array.
+        weights, whose per-layer slices XLA copies (see ``decode.Decoder``); with it, a cache whose ``k`` and ``v``
+        are lists of per-layer arrays is not sliced either.
         """
         cfg = self.cfg
         b, t = tokens.shape
@@ -172,13 +172,16 @@ class Mistral(nnx.Module):
         kv0 = kv_in if kv_in is not None else (jnp.zeros((), x.dtype), jnp.zeros((), x.dtype))
         if layers is None:
             (x, ck, cv), _ = jax.lax.scan(body, (x, *kv0), (weights, keys, jnp.arange(n)))
-        else:  # per-layer weights; a stacked cache is split into per-layer caches (returned as lists)
-            ck, cv = (list(kv0[0]), list(kv0[1])) if cache is not None else (None, None)
+        elif cache is not None and isinstance(kv0[0], list):  # per-layer caches: no step slices a stacked array
+            ck, cv = list(kv0[0]), list(kv0[1])
             for i, w in enumerate(layers):
-                x, new_kv = self._block(x, w, cos, sin, mask, keys[i] if dropout_key is not None else None,
-                                        None if cache is None else (ck[i], cv[i], None), index, prefill)
-                if new_kv is not None:
-                    ck[i], cv[i] = new_kv
+                x, (ck[i], cv[i]) = self._block(x, w, cos, sin, mask, keys[i] if dropout_key is not None else None,
+                                                (ck[i], cv[i], None), index, prefill)
+        else:
+            carry = (x, *kv0)
+            for i, w in enumerate(layers):
+                carry, _ = body(carry, (w, keys[i], i))
+            x, ck, cv = carry
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if return_hidden:
             return x
