@@ -158,15 +158,20 @@ def read_hf_config(folder: str) -> ModelConfig:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise UserError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    hf = read_json_file(path)
     if not isinstance(hf, dict):
         raise UserError(f"{path}: expected a JSON object")
     cfg = from_hf_config(hf, source=path)
     return dataclasses.replace(cfg, eos_token_ids=cfg.eos_token_ids + tuple(sorted(hf_eos_ids(folder))))
+
+
+def read_json_file(path: str):
+    """A JSON file's value; unreadable or invalid JSON is one error naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # ValueError covers JSONDecodeError and UnicodeDecodeError
+        raise UserError(f"{path}: not valid JSON ({e})") from None
 
 
 def hf_eos_ids(folder: str) -> set[int]:
@@ -177,11 +182,7 @@ def hf_eos_ids(folder: str) -> set[int]:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: not readable JSON ({e})") from None
+        data = read_json_file(path)
         out.update(eos_list(data.get("eos_token_id") if isinstance(data, dict) else None))
     return out
 

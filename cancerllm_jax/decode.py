@@ -1,17 +1,17 @@
-"""Batched generation: one jitted prefill + ``lax.while_loop`` decode over a static-shape KV cache.
+"""Batched generation: a jitted prefill, then a jitted ``lax.while_loop`` decode over a static-shape KV cache.
 
 Prompts are left-padded into a bucketed length (so a run compiles a handful of times, not once per prompt);
 each row keeps its own positions (0 at its first real token), so a batch of ragged prompts gives the same tokens
-as each prompt alone. Rows stop independently at EOS; the loop ends when every row is done or the budget is
+as each prompt alone. A prefix every prompt of a batch shares is prefilled once; rows of spread lengths are
+prefilled in length groups. Rows stop independently at EOS; the loop ends when every row is done or the budget is
 spent, without returning to the host. The sliding window is applied by the attention mask, so sequences that
 outgrow it stay exact.
 """
 from __future__ import annotations
 
-import functools
 import os
 import time
-from functools import partial
+from functools import cache, partial
 from typing import Sequence
 
 import jax
@@ -42,13 +42,7 @@ def shared_prefix_length(rows: Sequence[Sequence[int]], step: int = SHARED_PREFI
     51 of ~100 tokens): their keys and values are computed once and copied into every row's cache."""
     if len(rows) < 2:
         return 0
-    n = min(len(r) for r in rows) - 1
-    first = rows[0]
-    for r in rows[1:]:
-        k = 0
-        while k < n and r[k] == first[k]:
-            k += 1
-        n = k
+    n = min(len(os.path.commonprefix(rows)), min(len(r) for r in rows) - 1)
     return (n // step) * step
 
 
@@ -92,7 +86,7 @@ def generated_text(tokenizer, ids: Sequence[int], eos_ids: Sequence[int], stop: 
 
 
 class Decoder:
-    """Compiles and caches generate functions per (batch, prompt bucket, budget, sampling mode)."""
+    """Compiles and caches the prefill, decode-loop and cache-join functions per shape and sampling mode."""
 
     def __init__(self, lm, unstack: bool | str = "auto", share_prefix: bool | str = "auto"):
         self.lm = lm
@@ -263,7 +257,7 @@ class Decoder:
         return row
 
 
-@functools.cache
+@cache
 def cpu_prefill_options() -> dict:
     """``PREFILL_CPU_OPTIONS`` if this jaxlib's XLA:CPU takes them (the flag is experimental), else none."""
     try:

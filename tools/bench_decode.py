@@ -366,7 +366,7 @@ def main(argv=None) -> int:
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                    help="our attention in the prompt block: auto = cuDNN on a GPU in bf16, else the einsum")
     p.add_argument("--unstack", choices=("auto", "yes", "no"), default="auto",
-                   help="per-layer weight arrays in our decode loop (auto: on a GPU with room for the copy)")
+                   help="per-layer weights in our decode loop (auto: where the device holds the layer weights 4x)")
     p.add_argument("--share-prefix", choices=("auto", "yes", "no"), default="auto",
                    help="prefill the prompts' common prefix once per batch (auto: with the einsum attention)")
     p.add_argument("--no-ttft", dest="ttft", action="store_false",

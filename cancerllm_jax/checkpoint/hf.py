@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from cancerllm_jax.config import ModelConfig, hf_eos_value, read_hf_config, to_hf_config
+from cancerllm_jax.config import ModelConfig, hf_eos_value, read_hf_config, read_json_file, to_hf_config
 from cancerllm_jax.errors import UserError
 
 LAYER_KEYS = {  # ours -> HF suffix under model.layers.{i}.
@@ -224,11 +224,7 @@ def write_generation_config(folder: str, cfg: ModelConfig) -> None:
     path = os.path.join(folder, "generation_config.json")
     gen = {}
     if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                gen = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: not readable JSON ({e})") from None
+        gen = read_json_file(path)
         if not isinstance(gen, dict):
             raise UserError(f"{path}: expected a JSON object")
     for key, value in (("bos_token_id", cfg.bos_token_id), ("pad_token_id", cfg.pad_token_id)):
