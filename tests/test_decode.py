@@ -54,7 +54,7 @@ def test_cached_attention_equals_gqa_attention(heads, kv_heads, t):
     queries, GQA ratios 1/3/8, with masked slots (a fully masked row stays finite)."""
     import jax.numpy as jnp
 
-    from cancerllm_jax.model.mistral import cached_attention, gqa_attention
+    from cancerllm_jax.model.mistral import cached_attention, gqa_attention, mask_bias
 
     rng = np.random.default_rng(heads + t)
     b, s, d = 3, 11, 8
@@ -65,7 +65,7 @@ def test_cached_attention_equals_gqa_attention(heads, kv_heads, t):
     mask[0, 0] = False
     want = np.asarray(gqa_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask)))
     got = np.asarray(cached_attention(jnp.asarray(q), jnp.asarray(k.transpose(0, 2, 3, 1)),
-                                      jnp.asarray(v.transpose(0, 2, 1, 3)), jnp.asarray(mask)))
+                                      jnp.asarray(v.transpose(0, 2, 1, 3)), mask_bias(jnp.asarray(mask))))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)
     assert np.abs(got[1:] - np.asarray(gqa_attention(jnp.asarray(q), jnp.asarray(k[:, ::-1]), jnp.asarray(v),
