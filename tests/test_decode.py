@@ -72,6 +72,24 @@ def test_cached_attention_equals_gqa_attention(heads, kv_heads, t):
                                                      jnp.asarray(mask)))[1:]).max() > 1e-3  # can fail
 
 
+def test_cached_attention_keeps_a_half_precision_cache_dtype():
+    """A bf16 cache (the GPU decode) gives bf16 outputs close to the fp32 result (both products accumulate in
+    fp32; the softmax weights are cast to the cache dtype as the probabilities were)."""
+    import jax.numpy as jnp
+
+    from cancerllm_jax.model.mistral import cached_attention, mask_bias
+
+    rng = np.random.default_rng(7)
+    q = rng.standard_normal((2, 1, 8, 16)).astype(np.float32)
+    kt = rng.standard_normal((2, 2, 16, 9)).astype(np.float32)
+    v = rng.standard_normal((2, 2, 9, 16)).astype(np.float32)
+    bias = mask_bias(jnp.asarray(rng.random((2, 1, 9)) < 0.8))
+    want = np.asarray(cached_attention(jnp.asarray(q), jnp.asarray(kt), jnp.asarray(v), bias))
+    got = cached_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, kt, v)), bias)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=5e-2, rtol=5e-2)
+
+
 def test_greedy_matches_transformers_past_the_window(tiny):
     model, lm = tiny
     prompts = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 40], [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
