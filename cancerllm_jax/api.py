@@ -160,7 +160,9 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
     if tok is not None and tok.vocab_size > w.cfg.vocab_size:
         raise UserError(f"tokenizer {getattr(tok, 'name', spec)} has {tok.vocab_size} tokens but the model's "
                         f"vocabulary is {w.cfg.vocab_size}")
-    eos = {own_eos_id(tok, w.cfg), *w.cfg.eos_token_ids} | hf_eos_ids(path)  # a run records its base's ids
+    # the config's EOS ids (an HF folder's files, a run's base) and those a converted checkpoint's copied
+    # generation_config.json names (checkpoints converted before the config recorded them all)
+    eos = {own_eos_id(tok, w.cfg), *w.cfg.eos_token_ids} | hf_eos_ids(path)
     return LM(model, w.cfg, tok, mesh_obj, source=w.source,
               eos_ids=tuple(sorted(e for e in eos if e is not None and 0 <= e < w.cfg.vocab_size)))
 
