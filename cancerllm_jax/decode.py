@@ -205,8 +205,9 @@ class Decoder:
         return [generated_text(lm.tokenizer, gen, eos_ids, stop or ()) for gen in results]
 
     def _prefill_rows(self, rows: list, b: int, shared: int, max_new: int):
-        """The rows' prompts (``shared`` leading tokens common to all) into a cache with room for ``max_new``
-        tokens, as a batch of ``b`` rows (rows past ``len(rows)`` are padding); returns ``(last logits, cache)``.
+        """The rows' prompts (``shared`` leading tokens common to all) into a cache with room for the ``max_new - 1``
+        generated tokens fed back, as a batch of ``b`` rows (rows past ``len(rows)`` are padding); returns
+        ``(last logits, cache)``.
 
         Rows come longest first; where their lengths spread, groups of rows are prefilled apart, each padded to
         its own bucket, and their caches joined (a group's unused slots stay empty and masked)."""
@@ -217,7 +218,7 @@ class Decoder:
         own = [len(r) - shared for r in rows] + [1] * (b - len(rows))
         groups = prefill_groups(own, lm.mesh.shape["data"])
         plen = max(t for _, _, t in groups)
-        cache_len = shared + plen + max_new
+        cache_len = shared + plen + max_new - 1  # the last token is sampled, never fed back
         prefix = jax.device_put(np.asarray(rows[0][:shared], np.int32), rep)
         lasts, caches = [], []
         for start, end, t in groups:
@@ -334,30 +335,35 @@ def _prefill(graphdef, state, prefix, tokens, positions, segs, *, cache_len: int
 def _decode(graphdef, state, layers, last, cache, next_pos, done, key, temperature, top_p, *, max_new: int,
             greedy: bool, top_k: int, eos_ids: tuple, pad_id: int, split_cache: bool = False):
     """Up to ``max_new`` tokens after the prefill, in one ``while_loop`` that ends when every row is ``done``
-    (rows that only fill the batch bucket start done); returns ``(tokens [B, max_new], lengths [B], cache)``."""
+    (rows that only fill the batch bucket start done); returns ``(tokens [B, max_new], lengths [B], cache)``.
+
+    The first token comes from the prefill's logits, so ``max_new`` tokens take ``max_new - 1`` forward passes
+    (as transformers' ``generate``): no pass runs for logits nobody samples."""
     model = nnx.merge(graphdef, state)
     b = last.shape[0]
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     if split_cache:  # per-layer caches beside per-layer weights
         cache = {**cache, "k": list(cache["k"]), "v": list(cache["v"])}
 
+    def emit(i, logits, done, out, lengths):
+        tok = sample_logits(logits, jax.random.fold_in(key, i), temperature, top_k, top_p, greedy)
+        tok = jnp.where(done, pad_id, tok)
+        return tok, done | jnp.isin(tok, eos), out.at[:, i].set(tok), lengths + (~done).astype(jnp.int32)
+
     def cond(carry):
         i, _, _, done, _, _ = carry
         return (i < max_new) & ~jnp.all(done)
 
-    def body(carry):
-        i, last, cache, done, out, lengths = carry
-        tok = sample_logits(last, jax.random.fold_in(key, i), temperature, top_k, top_p, greedy)
-        tok = jnp.where(done, pad_id, tok)
-        out = out.at[:, i].set(tok)
-        lengths = lengths + (~done).astype(jnp.int32)
-        done = done | jnp.isin(tok, eos)
-        logits, cache = model(tok[:, None], (next_pos + i)[:, None], jnp.ones((b, 1), jnp.int32), cache=cache,
+    def body(carry):  # token i from a forward pass over token i - 1
+        i, tok, cache, done, out, lengths = carry
+        logits, cache = model(tok[:, None], (next_pos + i - 1)[:, None], jnp.ones((b, 1), jnp.int32), cache=cache,
                               layers=layers)
-        return i + 1, logits[:, -1], cache, done, out, lengths
+        tok, done, out, lengths = emit(i, logits[:, -1], done, out, lengths)
+        return i + 1, tok, cache, done, out, lengths
 
-    init = (jnp.int32(0), last, cache, done, jnp.full((b, max_new), pad_id, jnp.int32), jnp.zeros((b,), jnp.int32))
-    _, _, cache, _, out, lengths = jax.lax.while_loop(cond, body, init)
+    tok, done, out, lengths = emit(0, last, done, jnp.full((b, max_new), pad_id, jnp.int32),
+                                   jnp.zeros((b,), jnp.int32))
+    _, _, cache, _, out, lengths = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, cache, done, out, lengths))
     return out, lengths, (None if split_cache else cache)
 
 
