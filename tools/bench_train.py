@@ -3,7 +3,7 @@
 
     python tools/bench_train.py --preset smollm2-135m [--seq 256 --batch 4 --rank 8 --steps 10 --warmup 3]
         [--dtype float32|bfloat16] [--remat none|full|dots] [--attention auto|xla|cudnn] [--json OUT]
-        [--only ours|torch] [--no-doc]
+        [--only ours|torch] [--rounds N] [--no-doc]
 
 Both sides train the same model (``smollm2-135m``: SmolLM2-135M-Instruct real weights imported from its GGUF;
 ``mistral-7b``: random weights of Mistral-7B's shape, meant for a GPU; ``tiny``: the tiny preset's shape, random),
@@ -11,6 +11,8 @@ the same LoRA (rank r, alpha 2r, dropout 0.05, all 7 projections, fp32 factors o
 the same batch of random token ids, AdamW (lr 2e-4, wd 0.01) with global-norm clipping 1.0. Each side runs in
 its own child process (one after the other), so its peak memory is its own; the reported time is the median of
 ``--steps`` steps after ``--warmup`` steps (ours: the first warm-up step includes compilation, reported apart).
+``--rounds N`` repeats the pair N times, alternating which side goes first, and reports the median over all
+rounds' steps and each round's ratio (a shared machine's drift then hits both sides alike).
 
 Prints a table, writes ``--json OUT``, and appends a row to ``docs/benchmarks.md`` (unless ``--no-doc``).
 """
@@ -315,7 +317,31 @@ def summarise(args, cfg, times, losses) -> dict:
     med = statistics.median(times)
     return {"ms_per_step": 1e3 * med, "tokens_per_s": args.batch * args.seq / med,
             "ms_min": 1e3 * min(times), "ms_max": 1e3 * max(times), "steps_timed": len(times),
-            "first_loss": losses[0], "last_loss": losses[-1]}
+            "first_loss": losses[0], "last_loss": losses[-1], "step_s": list(times)}
+
+
+def combine_rounds(rounds: list[dict], tokens_per_step: int) -> dict:
+    """One side's results from several rounds as one: the median over every timed step of every round (GFLOP/s
+    and MFU rescaled to it), the peak memory of the worst round, the median compile time, and each round's own
+    ms/step under ``round_ms_per_step``."""
+    if len(rounds) == 1:
+        return rounds[0]
+    times = [t for r in rounds for t in r["step_s"]]
+    med = statistics.median(times)
+    out = dict(rounds[0])
+    out.update(ms_per_step=1e3 * med, tokens_per_s=tokens_per_step / med, ms_min=1e3 * min(times),
+               ms_max=1e3 * max(times), steps_timed=len(times), step_s=times, last_loss=rounds[-1]["last_loss"],
+               rounds=len(rounds), round_ms_per_step=[r["ms_per_step"] for r in rounds])
+    scale = out["tokens_per_s"] / rounds[0]["tokens_per_s"]
+    for key in ("gflops", "mfu"):
+        if key in out:
+            out[key] = rounds[0][key] * scale
+    for key in ("peak_rss", "rss_during_steps", "device_peak_bytes"):
+        if key in out:
+            out[key] = max(r[key] for r in rounds)
+    if "compile_s" in out:
+        out["compile_s"] = statistics.median(r["compile_s"] for r in rounds)
+    return out
 
 
 # -------------------------------------------------------------------------------------------------------- main
@@ -345,9 +371,11 @@ def table(args, res: dict) -> str:
     return "\n".join(lines)
 
 
-def append_doc(args, res: dict, command: str, mach: str, load: str) -> None:
+def append_doc(args, res: dict, command: str, mach: str, load: str, round_ratios: list | None = None) -> None:
     ours, ref = res.get("ours"), res.get("torch")
     ratio = f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ours and ref else "-"
+    if round_ratios:
+        ratio += " (rounds: " + ", ".join(f"{r:.2f}×" for r in round_ratios) + ")"
 
     def cell(r):
         if not r:
@@ -415,6 +443,10 @@ def main(argv=None) -> int:
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                    help="our attention: auto = cuDNN flash attention on a GPU in bf16, else the explicit-mask einsum")
     p.add_argument("--only", choices=("ours", "torch"))
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the two sides this many times, alternating which goes first, and report the median "
+                        "over every round's steps (and each round's ratio): drift of a shared machine then hits "
+                        "both sides alike")
     p.add_argument("--torch-host-malloc", choices=("system", "keep"), default="system", help=TORCH_MALLOC_HELP)
     p.add_argument("--smollm2-dir", help="an imported SmolLM2 HF folder (default: import the GGUF into the cache)")
     p.add_argument("--json", help="write the results here")
@@ -422,8 +454,8 @@ def main(argv=None) -> int:
     p.add_argument("--note", help="a note for the docs row")
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1:
-        p.error("--warmup and --steps must be >= 1")
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+        p.error("--warmup, --steps and --rounds must be >= 1")
 
     if args.child_out:  # one side, in its own process
         res = child(args)
@@ -435,20 +467,26 @@ def main(argv=None) -> int:
         args.smollm2_dir = smollm2_folder(args.smollm2_dir)  # import once, before the children
     command = "python tools/bench_train.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     sides = [args.only] if args.only else ["ours", "torch"]
-    res, failed = {}, 0
+    child_argv = list(argv or sys.argv[1:])  # a child ignores --rounds, --json and the docs row
+    per_round, failed = {}, 0
     load_before = load_avg()
-    for side in sides:  # a failed side is reported and the other still runs
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
-            path = tmp.name
-        cmd = [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]), "--only", side,
-               "--child-out", path]
-        result, rc = run_side(cmd, side, path, args.smollm2_dir,
-                              args.torch_host_malloc if side == "torch" else None)
-        os.unlink(path)
-        if rc:
-            failed = rc
-        else:
-            res[side] = result
+    for rnd in range(args.rounds):
+        for side in (sides if rnd % 2 == 0 else sides[::-1]):  # a failed side is reported and the other still runs
+            if side in per_round and per_round[side] is None:
+                continue
+            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+                path = tmp.name
+            cmd = [sys.executable, os.path.abspath(__file__), *child_argv, "--only", side, "--child-out", path]
+            result, rc = run_side(cmd, side if args.rounds == 1 else f"{side}, round {rnd + 1}", path,
+                                  args.smollm2_dir, args.torch_host_malloc if side == "torch" else None)
+            os.unlink(path)
+            if rc:
+                failed, per_round[side] = rc, None
+            else:
+                per_round.setdefault(side, []).append(result)
+    res = {side: combine_rounds(r, args.batch * args.seq) for side, r in per_round.items() if r}
+    round_ratios = ([o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(per_round["ours"], per_round["torch"])]
+                    if args.rounds > 1 and per_round.get("ours") and per_round.get("torch") else None)
     if not res:
         return failed
     load = f"{load_before} → {load_avg()}"
@@ -457,16 +495,20 @@ def main(argv=None) -> int:
     print(f"preset {args.preset}, batch {args.batch} x seq {args.seq}, LoRA r={args.rank} on 7 projections, "
           f"dtype {args.dtype}, remat {args.remat}, median of {args.steps} steps after {args.warmup} warm-up")
     print(table(args, res))
+    if round_ratios:
+        print("ratio per round: " + ", ".join(f"{r:.2f}x" for r in round_ratios))
     out = {"preset": args.preset, "seq": args.seq, "batch": args.batch, "rank": args.rank, "dtype": args.dtype,
            "remat": args.remat, "steps": args.steps, "warmup": args.warmup, "machine": mach, "load": load,
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command, "results": res}
     if "ours" in res and "torch" in res:
         out["ratio"] = res["ours"]["tokens_per_s"] / res["torch"]["tokens_per_s"]
+    if round_ratios:
+        out["round_ratios"] = round_ratios
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=2)
     if not args.no_doc:
-        append_doc(args, res, command, mach, load)
+        append_doc(args, res, command, mach, load, round_ratios)
     return failed
 
 
