@@ -41,3 +41,37 @@ def test_rounds_must_be_positive(bench_train):
     with pytest.raises(SystemExit) as e:
         bench_train.main(["--rounds", "0", "--no-doc"])
     assert e.value.code == 2
+
+
+@pytest.fixture(scope="module")
+def bench_decode():
+    spec = importlib.util.spec_from_file_location("bench_decode_under_test",
+                                                  os.path.join(ROOT, "tools/bench_decode.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def generation(full_s, one_s, batches=2, prompts=8, new=11, rss=10):
+    full, one = sorted(full_s)[len(full_s) // 2], sorted(one_s)[len(one_s) // 2]
+    return {"tokens_per_s": prompts * new / full, "total_s": full, "ttft_s": one / batches,
+            "ms_per_step": 1e3 * (full - one) / (new - 1) / batches, "batches": batches, "peak_rss": rss,
+            "runs": {"full_s": list(full_s), "one_s": list(one_s)}, "compile_s": 4.0, "tokens": [[1]] * prompts,
+            "roofline": {"ideal_step_s": 0.01, "roofline_fraction": 0.01 / ((full - one) / (new - 1) / batches)}}
+
+
+def test_generation_rounds_combine_every_run(bench_decode):
+    a = generation([2.0, 2.2, 2.1], [0.5, 0.5, 0.5])
+    b = generation([3.0], [0.7], rss=30)
+    out = bench_decode.combine_rounds([a, b], 8, 11)
+    full, one = 2.15, 0.5  # medians over all four runs (the two rounds' medians would give 2.55 and 0.6)
+    assert out["total_s"] == pytest.approx(full) and out["tokens_per_s"] == pytest.approx(88 / full)
+    assert out["ttft_s"] == pytest.approx(one / 2)
+    step = (full - one) / 10 / 2
+    assert out["ms_per_step"] == pytest.approx(1e3 * step)
+    assert out["roofline"]["roofline_fraction"] == pytest.approx(0.01 / step)
+    assert out["peak_rss"] == 30 and out["rounds"] == 2 and out["round_total_s"] == [2.1, 3.0]
+    assert bench_decode.combine_rounds([a], 8, 11) is a
+    assert bench_decode.round_ratios({"ours": [a, b], "hf-batched": [b, a]}, "hf-batched") == [
+        pytest.approx(3.0 / 2.1), pytest.approx(2.1 / 3.0)]
+    assert bench_decode.round_ratios({"ours": [a], "hf-batched": [b]}, "hf-batched") is None

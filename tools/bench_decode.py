@@ -2,7 +2,7 @@
 """Greedy generation throughput: our batched jitted decode vs transformers ``generate`` (one at a time, batched).
 
     python tools/bench_decode.py --preset smollm2-135m [--prompts 16 --new 32 --batch 16 --prompt-tokens 128]
-        [--dtype float32|bfloat16] [--only ours|hf-single|hf-batched ...] [--json OUT] [--no-doc]
+        [--dtype float32|bfloat16] [--only ours|hf-single|hf-batched ...] [--rounds N] [--json OUT] [--no-doc]
 
 The same model and the same prompts on every side: clinical instructions from ``cancerllm_jax.data.synthetic``,
 rendered with the Alpaca template for generation and cut to ``--prompt-tokens`` (the end of the context is cut,
@@ -12,7 +12,8 @@ token (a 1-token run), ms per decode step ((T(new) − T(1)) / (new − 1)) and,
 of the HBM roofline: (weight bytes + KV-cache bytes read per step) / measured copy bandwidth / measured step time.
 Greedy agreement: our tokens vs transformers' one-at-a-time tokens, per prompt (exact match) and per token (up to
 the first divergence). Presets: ``smollm2-135m`` (real weights, CPU); ``mistral-7b`` (random weights of the real
-shape, bf16, GPU: ours only; for the batch-1 roofline).
+shape, bf16, GPU: ours only; for the batch-1 roofline). ``--rounds N`` runs the sides N times, reversing their
+order every other round, and reports medians over every round's runs plus each round's ratios.
 """
 from __future__ import annotations
 
@@ -168,7 +169,7 @@ def run_ours(args, cfg, folder, prompts) -> dict:
     step_s = (full - one) / max(args.new - 1, 1) / n_batches
     res = {"tokens_per_s": len(prompts) * args.new / full, "total_s": full, "ttft_s": one / n_batches,
            "ms_per_step": 1e3 * step_s, "compile_s": compile_s - full, "compile_1tok_s": compile1_s - one,
-           "load_s": load_s, "peak_rss": bt.rss_peak(), "backend": jax.default_backend(),
+           "batches": n_batches, "load_s": load_s, "peak_rss": bt.rss_peak(), "backend": jax.default_backend(),
            "runs": {"full_s": t_full, "one_s": t_one}, "tokens": out,
            "attention": lm.model.attention_impl(), "unstack": decoder.unstack,
            "share_prefix": decoder.share_prefix}
@@ -260,7 +261,8 @@ def run_hf(args, cfg, folder, prompts, batched: bool) -> dict:
     full, one = statistics.median(t_full), statistics.median(t_one)
     step_s = (full - one) / max(args.new - 1, 1) / len(chunks)
     res = {"tokens_per_s": len(prompts) * args.new / full, "total_s": full, "ttft_s": one / len(chunks),
-           "ms_per_step": 1e3 * step_s, "load_s": load_s, "peak_rss": bt.rss_peak(), "backend": dev,
+           "ms_per_step": 1e3 * step_s, "batches": len(chunks), "load_s": load_s, "peak_rss": bt.rss_peak(),
+           "backend": dev,
            "runs": {"full_s": t_full, "one_s": t_one}, "tokens": out, "threads": torch.get_num_threads()}
     if dev == "cuda":
         res["device_peak_bytes"] = int(torch.cuda.max_memory_allocated())
@@ -320,7 +322,7 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def append_doc(args, res, agree, command, mach, load) -> None:
+def append_doc(args, res, agree, command, mach, load, ratios: dict | None = None) -> None:
     def cell(r):
         if not r:
             return "-"
@@ -338,6 +340,9 @@ def append_doc(args, res, agree, command, mach, load) -> None:
     o, s, b = res.get("ours"), res.get("hf-single"), res.get("hf-batched")
     r1 = f"{o['tokens_per_s'] / s['tokens_per_s']:.1f}×" if o and s else "-"
     r2 = f"{o['tokens_per_s'] / b['tokens_per_s']:.2f}×" if o and b else "-"
+    rounds = {ref: " (rounds: " + ", ".join(f"{x:.2f}×" for x in rs) + ")" for ref, rs in (ratios or {}).items() if rs}
+    r1 += rounds.get("hf-single", "")
+    r2 += rounds.get("hf-batched", "")
     ag = (f"{agree['prompts_identical']}/{agree['prompts']} prompts, {100 * agree['token_agreement']:.1f}% tokens"
           if agree else "-")
     row = (f"| {datetime.date.today().isoformat()} | {mach} (load {load}) | `{command}` | {cell(o)} | {cell(s)} | "
@@ -347,6 +352,41 @@ def append_doc(args, res, agree, command, mach, load) -> None:
             "ours / one-at-a-time | ours / batched | greedy agreement | note |\n"
             "|---|---|---|---|---|---|---|---|---|---|\n")
     bt.append_row(header, cols, row)
+
+
+def combine_rounds(rounds: list[dict], n_prompts: int, new: int) -> dict:
+    """One side's results from several rounds as one: total time, TTFT and ms/step from the medians over every
+    round's timed runs (the roofline fraction rescaled to that step time), the worst round's peak memory, the
+    median compile time, and each round's own total under ``round_total_s``."""
+    if len(rounds) == 1:
+        return rounds[0]
+    full_s = [t for r in rounds for t in r["runs"]["full_s"]]
+    one_s = [t for r in rounds for t in r["runs"]["one_s"]]
+    full = statistics.median(full_s)
+    one = statistics.median(one_s) if one_s else float("nan")
+    batches = rounds[0]["batches"]
+    step_s = (full - one) / max(new - 1, 1) / batches
+    out = dict(rounds[0])
+    out.update(total_s=full, tokens_per_s=n_prompts * new / full, ttft_s=one / batches, ms_per_step=1e3 * step_s,
+               runs={"full_s": full_s, "one_s": one_s}, rounds=len(rounds),
+               round_total_s=[r["total_s"] for r in rounds])
+    for key in ("compile_s", "compile_1tok_s"):
+        if key in out:
+            out[key] = statistics.median(r[key] for r in rounds)
+    for key in ("peak_rss", "device_peak_bytes"):
+        if key in out:
+            out[key] = max(r[key] for r in rounds)
+    if "ideal_step_s" in out.get("roofline", {}):
+        out["roofline"] = dict(out["roofline"], roofline_fraction=out["roofline"]["ideal_step_s"] / step_s)
+    return out
+
+
+def round_ratios(per_round: dict, ref: str) -> list[float] | None:
+    """Ours over ``ref`` (tokens/s) in each round, where both ran every round."""
+    ours, other = per_round.get("ours"), per_round.get(ref)
+    if not ours or not other or len(ours) < 2 or len(ours) != len(other):
+        return None
+    return [o["tokens_per_s"] / r["tokens_per_s"] for o, r in zip(ours, other)]
 
 
 def main(argv=None) -> int:
@@ -374,6 +414,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs of ours (median)")
     p.add_argument("--hf-repeats", type=int, default=1, help="timed runs of each transformers side (median)")
     p.add_argument("--only", action="append", choices=SIDES, help="run only these sides (repeatable)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the sides this many times, reversing their order every other round, and report the "
+                        "medians over every round's runs (and each round's ratios)")
     p.add_argument("--torch-host-malloc", choices=("system", "keep"), default="system", help=bt.TORCH_MALLOC_HELP)
     p.add_argument("--smollm2-dir")
     p.add_argument("--json")
@@ -384,6 +427,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.new < 2:
         p.error("--new must be >= 2")
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
 
     if args.child_out:
         args.only = args.only[0]
@@ -402,19 +447,24 @@ def main(argv=None) -> int:
     pfile = os.path.join(tmpdir, "prompts.json")
     with open(pfile, "w", encoding="utf-8") as f:
         json.dump(prompts, f)
-    res, failed = {}, 0
+    per_round, failed = {}, 0
     load_before = bt.load_avg()
-    for side in sides:
-        out = os.path.join(tmpdir, f"{side}.json")
-        cmd = [sys.executable, os.path.abspath(__file__), *[a for a in raw_argv], "--prompts-file", pfile,
-               "--child-out", out]
-        cmd = _strip_only(cmd) + ["--only", side]  # the child runs exactly one side
-        result, rc = bt.run_side(cmd, side, out, args.smollm2_dir,
-                                 args.torch_host_malloc if side != "ours" else None)
-        if rc:  # reported; the other sides still run
-            failed = rc
-        else:
-            res[side] = result
+    for rnd in range(args.rounds):
+        for side in (sides if rnd % 2 == 0 else sides[::-1]):
+            if side in per_round and per_round[side] is None:  # failed in an earlier round
+                continue
+            out = os.path.join(tmpdir, f"{side}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), *[a for a in raw_argv], "--prompts-file", pfile,
+                   "--child-out", out]
+            cmd = _strip_only(cmd) + ["--only", side]  # the child runs exactly one side
+            result, rc = bt.run_side(cmd, side if args.rounds == 1 else f"{side}, round {rnd + 1}", out,
+                                     args.smollm2_dir, args.torch_host_malloc if side != "ours" else None)
+            if rc:  # reported; the other sides still run
+                failed, per_round[side] = rc, None
+            else:
+                per_round.setdefault(side, []).append(result)
+    res = {side: combine_rounds(r, len(prompts), args.new) for side, r in per_round.items() if r}
+    ratios = {ref: round_ratios(per_round, ref) for ref in ("hf-single", "hf-batched")}
     if not res:
         return failed
     load = f"{load_before} → {bt.load_avg()}"
@@ -431,6 +481,9 @@ def main(argv=None) -> int:
         print(f"ours / HF one at a time: {res['ours']['tokens_per_s'] / res['hf-single']['tokens_per_s']:.1f}x")
     if "ours" in res and "hf-batched" in res:
         print(f"ours / HF batched: {res['ours']['tokens_per_s'] / res['hf-batched']['tokens_per_s']:.2f}x")
+    for ref, rs in ratios.items():
+        if rs:
+            print(f"ours / {ref} per round: " + ", ".join(f"{r:.2f}x" for r in rs))
     if agree:
         print(f"greedy agreement with HF (one at a time): {agree['prompts_identical']}/{agree['prompts']} prompts "
               f"identical, {100 * agree['token_agreement']:.1f}% of tokens before the first divergence")
@@ -440,11 +493,13 @@ def main(argv=None) -> int:
     out = {"preset": args.preset, "prompts": len(prompts), "prompt_lengths": lens, "new": args.new,
            "batch": args.batch, "dtype": args.dtype, "machine": mach, "load": load, "command": command,
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "results": res, "agreement": agree}
+    if any(ratios.values()):
+        out["round_ratios"] = {ref: rs for ref, rs in ratios.items() if rs}
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=2)
     if not args.no_doc:
-        append_doc(args, res, agree, command, mach, load)
+        append_doc(args, res, agree, command, mach, load, ratios)
     return failed
 
 
