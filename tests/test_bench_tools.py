@@ -72,6 +72,6 @@ def test_generation_rounds_combine_every_run(bench_decode):
     assert out["roofline"]["roofline_fraction"] == pytest.approx(0.01 / step)
     assert out["peak_rss"] == 30 and out["rounds"] == 2 and out["round_total_s"] == [2.1, 3.0]
     assert bench_decode.combine_rounds([a], 8, 11) is a
-    assert bench_decode.round_ratios({"ours": [a, b], "hf-batched": [b, a]}, "hf-batched") == [
+    assert bench_decode.bt.round_ratios({"ours": [a, b], "hf-batched": [b, a]}, "hf-batched") == [
         pytest.approx(3.0 / 2.1), pytest.approx(2.1 / 3.0)]
-    assert bench_decode.round_ratios({"ours": [a], "hf-batched": [b]}, "hf-batched") is None
+    assert bench_decode.bt.round_ratios({"ours": [a], "hf-batched": [b]}, "hf-batched") is None

@@ -340,9 +340,8 @@ def append_doc(args, res, agree, command, mach, load, ratios: dict | None = None
     o, s, b = res.get("ours"), res.get("hf-single"), res.get("hf-batched")
     r1 = f"{o['tokens_per_s'] / s['tokens_per_s']:.1f}×" if o and s else "-"
     r2 = f"{o['tokens_per_s'] / b['tokens_per_s']:.2f}×" if o and b else "-"
-    rounds = {ref: " (rounds: " + ", ".join(f"{x:.2f}×" for x in rs) + ")" for ref, rs in (ratios or {}).items() if rs}
-    r1 += rounds.get("hf-single", "")
-    r2 += rounds.get("hf-batched", "")
+    r1 += bt.rounds_note((ratios or {}).get("hf-single"))
+    r2 += bt.rounds_note((ratios or {}).get("hf-batched"))
     ag = (f"{agree['prompts_identical']}/{agree['prompts']} prompts, {100 * agree['token_agreement']:.1f}% tokens"
           if agree else "-")
     row = (f"| {datetime.date.today().isoformat()} | {mach} (load {load}) | `{command}` | {cell(o)} | {cell(s)} | "
@@ -370,23 +369,10 @@ def combine_rounds(rounds: list[dict], n_prompts: int, new: int) -> dict:
     out.update(total_s=full, tokens_per_s=n_prompts * new / full, ttft_s=one / batches, ms_per_step=1e3 * step_s,
                runs={"full_s": full_s, "one_s": one_s}, rounds=len(rounds),
                round_total_s=[r["total_s"] for r in rounds])
-    for key in ("compile_s", "compile_1tok_s"):
-        if key in out:
-            out[key] = statistics.median(r[key] for r in rounds)
-    for key in ("peak_rss", "device_peak_bytes"):
-        if key in out:
-            out[key] = max(r[key] for r in rounds)
+    bt.merge_round_costs(out, rounds)
     if "ideal_step_s" in out.get("roofline", {}):
         out["roofline"] = dict(out["roofline"], roofline_fraction=out["roofline"]["ideal_step_s"] / step_s)
     return out
-
-
-def round_ratios(per_round: dict, ref: str) -> list[float] | None:
-    """Ours over ``ref`` (tokens/s) in each round, where both ran every round."""
-    ours, other = per_round.get("ours"), per_round.get(ref)
-    if not ours or not other or len(ours) < 2 or len(ours) != len(other):
-        return None
-    return [o["tokens_per_s"] / r["tokens_per_s"] for o, r in zip(ours, other)]
 
 
 def main(argv=None) -> int:
@@ -447,24 +433,18 @@ def main(argv=None) -> int:
     pfile = os.path.join(tmpdir, "prompts.json")
     with open(pfile, "w", encoding="utf-8") as f:
         json.dump(prompts, f)
-    per_round, failed = {}, 0
     load_before = bt.load_avg()
-    for rnd in range(args.rounds):
-        for side in (sides if rnd % 2 == 0 else sides[::-1]):
-            if side in per_round and per_round[side] is None:  # failed in an earlier round
-                continue
-            out = os.path.join(tmpdir, f"{side}.json")
-            cmd = [sys.executable, os.path.abspath(__file__), *[a for a in raw_argv], "--prompts-file", pfile,
-                   "--child-out", out]
-            cmd = _strip_only(cmd) + ["--only", side]  # the child runs exactly one side
-            result, rc = bt.run_side(cmd, side if args.rounds == 1 else f"{side}, round {rnd + 1}", out,
-                                     args.smollm2_dir, args.torch_host_malloc if side != "ours" else None)
-            if rc:  # reported; the other sides still run
-                failed, per_round[side] = rc, None
-            else:
-                per_round.setdefault(side, []).append(result)
-    res = {side: combine_rounds(r, len(prompts), args.new) for side, r in per_round.items() if r}
-    ratios = {ref: round_ratios(per_round, ref) for ref in ("hf-single", "hf-batched")}
+
+    def run_one(side, label):
+        out = os.path.join(tmpdir, f"{side}.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *[a for a in raw_argv], "--prompts-file", pfile,
+               "--child-out", out]
+        cmd = _strip_only(cmd) + ["--only", side]  # the child runs exactly one side
+        return bt.run_side(cmd, label, out, args.smollm2_dir, args.torch_host_malloc if side != "ours" else None)
+
+    per_round, failed = bt.run_rounds(args.rounds, sides, run_one)  # a failed side is reported, the others run
+    res = {side: combine_rounds(r, len(prompts), args.new) for side, r in per_round.items()}
+    ratios = {ref: bt.round_ratios(per_round, ref) for ref in ("hf-single", "hf-batched")}
     if not res:
         return failed
     load = f"{load_before} → {bt.load_avg()}"

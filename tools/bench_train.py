@@ -336,12 +336,48 @@ def combine_rounds(rounds: list[dict], tokens_per_step: int) -> dict:
     for key in ("gflops", "mfu"):
         if key in out:
             out[key] = rounds[0][key] * scale
+    return merge_round_costs(out, rounds)
+
+
+def merge_round_costs(out: dict, rounds: list[dict]) -> dict:
+    """``out`` with the rounds' peak memory (their worst) and compile times (their median)."""
     for key in ("peak_rss", "rss_during_steps", "device_peak_bytes"):
         if key in out:
             out[key] = max(r[key] for r in rounds)
-    if "compile_s" in out:
-        out["compile_s"] = statistics.median(r["compile_s"] for r in rounds)
+    for key in ("compile_s", "compile_1tok_s"):
+        if key in out:
+            out[key] = statistics.median(r[key] for r in rounds)
     return out
+
+
+def run_rounds(rounds: int, sides: list[str], run_one) -> tuple[dict, int]:
+    """Every side ``rounds`` times, their order reversed every other round. ``run_one(side, label)`` runs one
+    and returns ``(result, exit code)``; a side that fails is dropped (``run_side`` reports it) and not run
+    again. Returns ``({side: [its result per round]}, the last non-zero exit code or 0)``."""
+    per_round, failed = {}, 0
+    for rnd in range(rounds):
+        for side in (sides if rnd % 2 == 0 else sides[::-1]):
+            if side in per_round and per_round[side] is None:  # failed in an earlier round
+                continue
+            result, rc = run_one(side, side if rounds == 1 else f"{side}, round {rnd + 1}")
+            if rc:
+                failed, per_round[side] = rc, None
+            else:
+                per_round.setdefault(side, []).append(result)
+    return {side: r for side, r in per_round.items() if r}, failed
+
+
+def round_ratios(per_round: dict, ref: str, ours: str = "ours") -> list[float] | None:
+    """``ours`` over ``ref`` (tokens/s) in each round, where there were rounds and both ran every one."""
+    a, b = per_round.get(ours), per_round.get(ref)
+    if not a or not b or len(a) < 2 or len(a) != len(b):
+        return None
+    return [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(a, b)]
+
+
+def rounds_note(ratios: list[float] | None) -> str:
+    """`` (rounds: 1.02×, 0.97×)`` for a docs cell, or nothing."""
+    return " (rounds: " + ", ".join(f"{r:.2f}×" for r in ratios) + ")" if ratios else ""
 
 
 # -------------------------------------------------------------------------------------------------------- main
@@ -371,11 +407,9 @@ def table(args, res: dict) -> str:
     return "\n".join(lines)
 
 
-def append_doc(args, res: dict, command: str, mach: str, load: str, round_ratios: list | None = None) -> None:
+def append_doc(args, res: dict, command: str, mach: str, load: str, ratios: list | None = None) -> None:
     ours, ref = res.get("ours"), res.get("torch")
-    ratio = f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ours and ref else "-"
-    if round_ratios:
-        ratio += " (rounds: " + ", ".join(f"{r:.2f}×" for r in round_ratios) + ")"
+    ratio = (f"{ours['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ours and ref else "-") + rounds_note(ratios)
 
     def cell(r):
         if not r:
@@ -468,25 +502,20 @@ def main(argv=None) -> int:
     command = "python tools/bench_train.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     sides = [args.only] if args.only else ["ours", "torch"]
     child_argv = list(argv or sys.argv[1:])  # a child ignores --rounds, --json and the docs row
-    per_round, failed = {}, 0
     load_before = load_avg()
-    for rnd in range(args.rounds):
-        for side in (sides if rnd % 2 == 0 else sides[::-1]):  # a failed side is reported and the other still runs
-            if side in per_round and per_round[side] is None:
-                continue
-            with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
-                path = tmp.name
-            cmd = [sys.executable, os.path.abspath(__file__), *child_argv, "--only", side, "--child-out", path]
-            result, rc = run_side(cmd, side if args.rounds == 1 else f"{side}, round {rnd + 1}", path,
-                                  args.smollm2_dir, args.torch_host_malloc if side == "torch" else None)
+
+    def run_one(side, label):
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as tmp:
+            path = tmp.name
+        cmd = [sys.executable, os.path.abspath(__file__), *child_argv, "--only", side, "--child-out", path]
+        try:
+            return run_side(cmd, label, path, args.smollm2_dir, args.torch_host_malloc if side == "torch" else None)
+        finally:
             os.unlink(path)
-            if rc:
-                failed, per_round[side] = rc, None
-            else:
-                per_round.setdefault(side, []).append(result)
-    res = {side: combine_rounds(r, args.batch * args.seq) for side, r in per_round.items() if r}
-    round_ratios = ([o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(per_round["ours"], per_round["torch"])]
-                    if args.rounds > 1 and per_round.get("ours") and per_round.get("torch") else None)
+
+    per_round, failed = run_rounds(args.rounds, sides, run_one)
+    res = {side: combine_rounds(r, args.batch * args.seq) for side, r in per_round.items()}
+    ratios = round_ratios(per_round, "torch")
     if not res:
         return failed
     load = f"{load_before} → {load_avg()}"
@@ -495,20 +524,20 @@ def main(argv=None) -> int:
     print(f"preset {args.preset}, batch {args.batch} x seq {args.seq}, LoRA r={args.rank} on 7 projections, "
           f"dtype {args.dtype}, remat {args.remat}, median of {args.steps} steps after {args.warmup} warm-up")
     print(table(args, res))
-    if round_ratios:
-        print("ratio per round: " + ", ".join(f"{r:.2f}x" for r in round_ratios))
+    if ratios:
+        print("ratio per round: " + ", ".join(f"{r:.2f}x" for r in ratios))
     out = {"preset": args.preset, "seq": args.seq, "batch": args.batch, "rank": args.rank, "dtype": args.dtype,
            "remat": args.remat, "steps": args.steps, "warmup": args.warmup, "machine": mach, "load": load,
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command, "results": res}
     if "ours" in res and "torch" in res:
         out["ratio"] = res["ours"]["tokens_per_s"] / res["torch"]["tokens_per_s"]
-    if round_ratios:
-        out["round_ratios"] = round_ratios
+    if ratios:
+        out["round_ratios"] = ratios
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=2)
     if not args.no_doc:
-        append_doc(args, res, command, mach, load, round_ratios)
+        append_doc(args, res, command, mach, load, ratios)
     return failed
 
 
