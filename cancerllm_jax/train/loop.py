@@ -278,7 +278,7 @@ class Trainer:
             say(f"resumed from step {start_step} ({self.workdir}/checkpoints/{start_step})")
         logger = _MetricsLog(self.workdir, start_step) if is_main() else None
         flops_tok = lora_train_flops_per_token(self.model_cfg, data.seq_len, None if cfg.full else cfg.lora.rank,
-                                               len(cfg.lora.targets))
+                                               cfg.lora.targets)
         peak = device_peak_flops()
         step = start_step
         last_saved = start_step

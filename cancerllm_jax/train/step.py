@@ -6,7 +6,8 @@ a separate, undonated argument. Loss = mean token cross-entropy over unmasked ta
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -89,32 +90,50 @@ def make_eval_step(parts: ModelParts) -> Callable:
     return eval_step
 
 
-def lora_train_flops_per_token(cfg, seq_len: int, lora_rank: int | None, n_lora_targets: int = 7) -> float:
-    """Honest training FLOPs per token: forward 2N, input-gradients 2N, weight-gradients only for trainable weights.
+def mean_keys_per_query(seq_len: int, window: int | None) -> float:
+    """How many keys a query attends to on average in a causal block of ``seq_len`` tokens with a sliding
+    ``window`` (query ``t`` sees ``min(t + 1, window)`` keys)."""
+    w = min(seq_len, window or seq_len)
+    return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
 
-    ``lora_rank=None`` means full fine-tuning (6N). Attention score/value matmuls are added (causal, full).
-    """
-    d, layers = cfg.hidden_size, cfg.num_layers
-    n_matmul = layers * (d * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * d + 3 * d * cfg.intermediate_size)
-    n_head = d * cfg.vocab_size
-    n = n_matmul + n_head
-    window = min(seq_len, cfg.sliding_window or seq_len)
-    attn = layers * 2 * 2 * cfg.q_size * window / 2  # QK^T and PV, forward, causal half
+
+def lora_train_flops_per_token(cfg, seq_len: int, lora_rank: int | None,
+                               targets: Sequence[str] | int = ("q", "k", "v", "o", "gate", "up", "down")) -> float:
+    """Honest training FLOPs per token: forward 2N, input gradients 2N, weight gradients only for trainable weights.
+
+    N counts the layers' projections and the LM head (a tied head too: it is a matmul); the embedding lookup is no
+    matmul. ``lora_rank=None`` means full fine-tuning (6N). LoRA adds, per factor pair of a ``targets`` projection
+    ``[in, out]``, ``2r(in + out)`` forward, as much for the input gradient and for the factors' own gradients.
+    Attention's score and value products are counted over the keys each query really attends to (causal, inside
+    the sliding window), forward 1×, backward 2×. ``targets`` may be a count (the first n of q, k, v, o, gate, up,
+    down)."""
+    from cancerllm_jax.model.mistral import proj_shapes
+
+    shapes = proj_shapes(cfg)
+    if isinstance(targets, int):
+        targets = tuple(shapes)[:targets]
+    layers = cfg.num_layers
+    n = layers * sum(i * o for i, o in shapes.values()) + cfg.hidden_size * cfg.vocab_size
+    attn = layers * 2 * 2 * cfg.q_size * mean_keys_per_query(seq_len, cfg.sliding_window)  # QK^T and PV, forward
     if lora_rank is None:
         return 6 * n + 3 * attn
-    lora = layers * n_lora_targets * 2 * lora_rank * (d + d)  # approximate A and B per target
-    return 4 * n + 3 * attn + 6 * lora
+    lora_forward = layers * sum(2 * lora_rank * sum(shapes[t]) for t in targets)
+    return 4 * n + 3 * attn + 3 * lora_forward
 
 
-PEAK_FLOPS = {  # dense bf16, per device
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "V100": 125e12,
-}
+# Dense bf16 peak FLOP/s per device, by the words of the device name (the most specific match wins).
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
+              "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The bf16 peak of a device named ``device_name`` (``NVIDIA H100 80GB HBM3``, ``NVIDIA A100-SXM4-80GB``), or
+    None when unknown: every word of a ``PEAK_FLOPS`` key must be a word of the name, so an L40S is no L4."""
+    words = set(re.split(r"[^0-9a-z]+", device_name.lower()))
+    known = [k for k in PEAK_FLOPS if set(k.lower().split()) <= words]
+    return PEAK_FLOPS[max(known, key=lambda k: len(k.split()))] if known else None
 
 
 def device_peak_flops() -> float | None:
     """Peak bf16 FLOP/s of device 0 when known (GPU names), else None (CPU)."""
-    kind = jax.devices()[0].device_kind
-    for name, peak in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return peak
-    return None
+    return peak_flops(jax.devices()[0].device_kind)

@@ -1,0 +1,53 @@
+"""The FLOP count behind MFU, checked against an independent count: the weights of transformers' linear layers,
+peft's trainable LoRA parameters, and an explicit causal sliding-window mask."""
+import numpy as np
+import pytest
+
+from cancerllm_jax.config import from_hf_config
+from cancerllm_jax.train.step import lora_train_flops_per_token, peak_flops
+
+
+def hf_model(tie: bool, window):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=window,
+                                     tie_word_embeddings=tie, max_position_embeddings=128)
+    return transformers.MistralForCausalLM(cfg)
+
+
+def attended_keys(seq: int, window) -> int:
+    t = np.arange(seq)
+    mask = t[None, :] <= t[:, None]
+    if window:
+        mask &= (t[:, None] - t[None, :]) < window
+    return int(mask.sum())
+
+
+@pytest.mark.parametrize("tie,window,seq", [(True, 5, 12), (False, None, 12), (False, 16, 9)])
+def test_lora_and_full_flops_match_an_independent_count(tie, window, seq):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = hf_model(tie, window)
+    cfg = from_hf_config(model.config.to_dict())
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # + the LM head
+    q_size = model.config.num_attention_heads * model.config.head_dim
+    attn_fwd = model.config.num_hidden_layers * 2 * 2 * q_size * attended_keys(seq, window) / seq
+    assert lora_train_flops_per_token(cfg, seq, None) == pytest.approx(6 * linear + 3 * attn_fwd, rel=1e-12)
+
+    targets = ("k", "o", "down")
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=[f"{t}_proj" for t in targets]))
+    lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    want = 4 * linear + 3 * attn_fwd + 6 * lora  # LoRA: forward, input and factor gradients, 2 FLOPs per weight each
+    assert lora_train_flops_per_token(cfg, seq, 4, targets) == pytest.approx(want, rel=1e-12)
+    assert lora_train_flops_per_token(cfg, seq, 4, 2) == lora_train_flops_per_token(cfg, seq, 4, ("q", "k"))
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
+                                       ("NVIDIA L4", 121e12), ("NVIDIA A10G", None), ("cpu", None)])
+def test_peak_flops_matches_whole_words_of_the_device_name(name, peak):
+    assert peak_flops(name) == peak
