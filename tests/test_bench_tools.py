@@ -1,4 +1,5 @@
-"""The benchmark tools' own logic (not their timings): how rounds of a side combine."""
+"""The benchmark tools' own logic (not their timings): how rounds of a side combine, argument checks, and what
+they write (strict JSON, Markdown rows)."""
 import importlib.util
 import os
 
@@ -37,10 +38,21 @@ def test_rounds_combine_into_the_median_of_every_step(bench_train):
     assert bench_train.combine_rounds([a], 100) is a
 
 
-def test_rounds_must_be_positive(bench_train):
+@pytest.mark.parametrize("args", [["--rounds", "0"], ["--batch", "0"], ["--seq", "-1"], ["--rank", "0"],
+                                  ["--steps", "x"], ["--smollm2-dir", "/nonexistent/smollm2"], ["--onl", "ours"]])
+def test_bad_train_arguments_are_one_clear_error(bench_train, args, capsys):
     with pytest.raises(SystemExit) as e:
-        bench_train.main(["--rounds", "0", "--no-doc"])
+        bench_train.main(args + ["--no-doc"])
     assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_doc_cells_and_json_stay_well_formed(bench_train):
+    assert bench_train.md_cell("a|b\nc") == "a\\|b c"
+    row = f"| `{bench_train.md_cell('--note x|y')}` | {bench_train.md_cell('p|q')} |"
+    assert len([c for c in row.replace("\\|", "").split("|")]) == 4  # two cells, whatever the text holds
+    assert bench_train.json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": "x"}) == {
+        "a": None, "b": [1.0, None], "c": "x"}
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +87,13 @@ def test_generation_rounds_combine_every_run(bench_decode):
     assert bench_decode.bt.round_ratios({"ours": [a, b], "hf-batched": [b, a]}, "hf-batched") == [
         pytest.approx(3.0 / 2.1), pytest.approx(2.1 / 3.0)]
     assert bench_decode.bt.round_ratios({"ours": [a], "hf-batched": [b]}, "hf-batched") is None
+
+
+@pytest.mark.parametrize("args", [["--prompts", "0"], ["--batch", "0"], ["--repeats", "0"], ["--hf-repeats", "0"],
+                                  ["--rounds", "0"], ["--new", "1"], ["--prompt-tokens", "0"], ["--onl", "ours"],
+                                  ["--preset", "mistral-7b", "--prompt-tokens", "4"]])
+def test_bad_generation_arguments_are_one_clear_error(bench_decode, args, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_decode.main(args + ["--no-doc"])
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err

@@ -27,10 +27,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-try:
-    import cancerllm_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # this checkout's package, even where another copy is installed
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_train as bt  # noqa: E402  (machine(), rss, doc helpers)
@@ -257,8 +254,10 @@ def run_hf(args, cfg, folder, prompts, batched: bool) -> dict:
     for _ in range(args.hf_repeats):
         dt, out = timed(args.new)
         t_full.append(dt)
-        t_one.append(timed(1)[0])
-    full, one = statistics.median(t_full), statistics.median(t_one)
+        if args.ttft:
+            t_one.append(timed(1)[0])
+    full = statistics.median(t_full)
+    one = statistics.median(t_one) if t_one else float("nan")
     step_s = (full - one) / max(args.new - 1, 1) / len(chunks)
     res = {"tokens_per_s": len(prompts) * args.new / full, "total_s": full, "ttft_s": one / len(chunks),
            "ms_per_step": 1e3 * step_s, "batches": len(chunks), "load_s": load_s, "peak_rss": bt.rss_peak(),
@@ -344,8 +343,8 @@ def append_doc(args, res, agree, command, mach, load, ratios: dict | None = None
     r2 += bt.rounds_note((ratios or {}).get("hf-batched"))
     ag = (f"{agree['prompts_identical']}/{agree['prompts']} prompts, {100 * agree['token_agreement']:.1f}% tokens"
           if agree else "-")
-    row = (f"| {datetime.date.today().isoformat()} | {mach} (load {load}) | `{command}` | {cell(o)} | {cell(s)} | "
-           f"{cell(b)} | {r1} | {r2} | {ag} | {args.note or ''} |\n")
+    row = (f"| {datetime.date.today().isoformat()} | {mach} (load {load}) | `{bt.md_cell(command)}` | {cell(o)} | "
+           f"{cell(s)} | {cell(b)} | {r1} | {r2} | {ag} | {bt.md_cell(args.note or '')} |\n")
     header = "## Greedy generation (tools/bench_decode.py)"
     cols = ("| date | machine | command | ours (JAX, batched) | HF generate, one at a time | HF generate, batched | "
             "ours / one-at-a-time | ours / batched | greedy agreement | note |\n"
@@ -378,12 +377,14 @@ def combine_rounds(rounds: list[dict], n_prompts: int, new: int) -> dict:
 def main(argv=None) -> int:
     import tempfile
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--preset", choices=("smollm2-135m", "mistral-7b"), default="smollm2-135m")
-    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--prompts", type=bt.positive_int, default=16)
     p.add_argument("--new", type=int, default=32)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt-tokens", type=int, default=128, help="token budget of every prompt (incl. BOS)")
+    p.add_argument("--batch", type=bt.positive_int, default=16)
+    p.add_argument("--prompt-tokens", type=bt.positive_int, default=128,
+                   help="token budget of every prompt (incl. BOS)")
     p.add_argument("--task", choices=("phenotype", "diagnosis", "treatment_plan"),
                    help="only this task's questions (default: all tasks, round-robin)")
     p.add_argument("--fill", action="store_true",
@@ -396,11 +397,12 @@ def main(argv=None) -> int:
     p.add_argument("--share-prefix", choices=("auto", "yes", "no"), default="auto",
                    help="prefill the prompts' common prefix once per batch (auto: with the einsum attention)")
     p.add_argument("--no-ttft", dest="ttft", action="store_false",
-                   help="skip the 1-token runs (no TTFT / ms-per-step split; halves a long run)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs of ours (median)")
-    p.add_argument("--hf-repeats", type=int, default=1, help="timed runs of each transformers side (median)")
+                   help="skip the 1-token runs on every side (no TTFT / ms-per-step split; halves a long run)")
+    p.add_argument("--repeats", type=bt.positive_int, default=3, help="timed runs of ours (median)")
+    p.add_argument("--hf-repeats", type=bt.positive_int, default=1,
+                   help="timed runs of each transformers side (median)")
     p.add_argument("--only", action="append", choices=SIDES, help="run only these sides (repeatable)")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=bt.positive_int, default=1,
                    help="run the sides this many times, reversing their order every other round, and report the "
                         "medians over every round's runs (and each round's ratios)")
     p.add_argument("--torch-host-malloc", choices=("system", "keep"), default="system", help=bt.TORCH_MALLOC_HELP)
@@ -413,8 +415,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.new < 2:
         p.error("--new must be >= 2")
-    if args.rounds < 1:
-        p.error("--rounds must be >= 1")
+    bt.check_smollm2_dir(p, args)
 
     if args.child_out:
         args.only = args.only[0]
@@ -426,13 +427,19 @@ def main(argv=None) -> int:
     if args.preset == "smollm2-135m":
         args.smollm2_dir = bt.smollm2_folder(args.smollm2_dir)
     sides = args.only or (list(SIDES) if args.preset == "smollm2-135m" else ["ours"])
-    prompts = make_prompts(args)
+    from cancerllm_jax.errors import UserError
+
+    try:
+        prompts = make_prompts(args)
+    except UserError as e:  # e.g. a --prompt-tokens budget too small for the prompt template
+        p.error(str(e))
     raw_argv = list(argv or sys.argv[1:])
     command = "python tools/bench_decode.py " + " ".join(shlex.quote(a) for a in raw_argv)
     tmpdir = tempfile.mkdtemp(prefix="bench-decode-")
     pfile = os.path.join(tmpdir, "prompts.json")
     with open(pfile, "w", encoding="utf-8") as f:
         json.dump(prompts, f)
+    bt.warn_if_busy()
     load_before = bt.load_avg()
 
     def run_one(side, label):
@@ -477,7 +484,7 @@ def main(argv=None) -> int:
         out["round_ratios"] = {ref: rs for ref, rs in ratios.items() if rs}
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2)
+            json.dump(bt.json_safe(out), f, indent=2, allow_nan=False)
     if not args.no_doc:
         append_doc(args, res, agree, command, mach, load, ratios)
     return failed

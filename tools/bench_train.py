@@ -10,7 +10,7 @@ Both sides train the same model (``smollm2-135m``: SmolLM2-135M-Instruct real we
 the same LoRA (rank r, alpha 2r, dropout 0.05, all 7 projections, fp32 factors on a frozen base in ``--dtype``),
 the same batch of random token ids, AdamW (lr 2e-4, wd 0.01) with global-norm clipping 1.0. Each side runs in
 its own child process (one after the other), so its peak memory is its own; the reported time is the median of
-``--steps`` steps after ``--warmup`` steps (ours: the first warm-up step includes compilation, reported apart).
+``--steps`` steps after ``--warmup`` steps (ours is compiled ahead of time; its compile time is reported apart).
 ``--rounds N`` repeats the pair N times, alternating which side goes first, and reports the median over all
 rounds' steps and each round's ratio (a shared machine's drift then hits both sides alike).
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import resource
@@ -32,10 +33,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-try:
-    import cancerllm_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # this checkout's package, even where another copy is installed
 
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 PRESETS = ("smollm2-135m", "mistral-7b", "tiny")
@@ -90,6 +88,52 @@ def load_avg() -> str:
         return "?"
 
 
+def warn_if_busy() -> None:
+    """A warning on stderr when other work already loads the machine: on a busy CPU, torch's thread pool (one
+    thread per core, spinning) slows far more than XLA's, and the ratios mean little."""
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        return
+    if busy > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {busy:.2f} on {os.cpu_count()} cores before the run; other work skews "
+              "the ratios (torch's threads suffer most)", file=sys.stderr)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def check_smollm2_dir(p: argparse.ArgumentParser, args) -> None:
+    """One clear argparse error when ``--smollm2-dir`` is no imported SmolLM2 folder."""
+    d = args.smollm2_dir
+    if args.preset == "smollm2-135m" and d and not os.path.isfile(os.path.join(d, "config.json")):
+        p.error(f"--smollm2-dir {d}: no config.json there (make one: python tools/import_gguf.py --out {d})")
+
+
+def md_cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell (a ``|`` would split the cell, even inside a code span)."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def json_safe(obj):
+    """``obj`` with NaN / infinite floats as None, so ``--json`` files are strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 # ------------------------------------------------------------------------------------------------------ models
 
 def smollm2_folder(path: str | None) -> str:
@@ -133,8 +177,10 @@ def make_batch(cfg, batch: int, seq: int, seed: int = 0) -> dict:
 # -------------------------------------------------------------------------------------------------------- ours
 
 def random_params(cfg, dtype: str):
-    """Random N(0, 0.02) base params of ``cfg``'s shape, generated on the device in ``dtype`` (no fp32 copy)."""
+    """Random base params of ``cfg``'s shape as transformers initialises them (matrices N(0, 0.02), RMSNorm weights
+    1), generated on the device in ``dtype`` (no fp32 copy)."""
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from cancerllm_jax.model import abstract_model, resolve_dtype
@@ -142,12 +188,15 @@ def random_params(cfg, dtype: str):
     dt = resolve_dtype(dtype)
     _, state = abstract_model(cfg, None, dtype, dtype)
     pure = nnx.to_pure_dict(state)
-    leaves, treedef = jax.tree.flatten(pure)
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
+    norm = ["norm" in jax.tree_util.keystr(path) for path, _ in paths_leaves]
+    leaves = [x for _, x in paths_leaves]
 
     @jax.jit
     def gen(key):
         keys = jax.random.split(key, len(leaves))
-        return [(0.02 * jax.random.normal(k, x.shape, dt)).astype(dt) for k, x in zip(keys, leaves)]
+        return [jnp.ones(x.shape, dt) if is_norm else (0.02 * jax.random.normal(k, x.shape, dt)).astype(dt)
+                for k, x, is_norm in zip(keys, leaves, norm)]
 
     return jax.tree.unflatten(treedef, gen(jax.random.PRNGKey(0)))
 
@@ -226,7 +275,7 @@ def run_ours(args, cfg, folder) -> dict:
     if stats:
         out["device_peak_bytes"] = int(stats.get("peak_bytes_in_use", 0))
     peak = device_peak_flops()
-    flops = lora_train_flops_per_token(cfg, args.seq, args.rank, len(TARGETS))
+    flops = lora_train_flops_per_token(cfg, args.seq, args.rank, TARGETS)
     out["flops_per_token"] = flops
     out["gflops"] = flops * out["tokens_per_s"] / 1e9
     if peak:
@@ -241,7 +290,7 @@ def run_torch(args, cfg, folder) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from cancerllm_jax.train.step import PEAK_FLOPS, lora_train_flops_per_token
+    from cancerllm_jax.train.step import lora_train_flops_per_token, peak_flops
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -299,10 +348,10 @@ def run_torch(args, cfg, folder) -> dict:
     if dev == "cuda":
         out["device_peak_bytes"] = int(torch.cuda.max_memory_allocated())
         name = torch.cuda.get_device_name(0)
-        peak = next((v for k, v in PEAK_FLOPS.items() if k.lower() in name.lower()), None)
+        peak = peak_flops(name)
         if peak:
-            out["mfu"] = lora_train_flops_per_token(cfg, args.seq, args.rank, len(TARGETS)) * out["tokens_per_s"] / peak
-    out["gflops"] = lora_train_flops_per_token(cfg, args.seq, args.rank, len(TARGETS)) * out["tokens_per_s"] / 1e9
+            out["mfu"] = lora_train_flops_per_token(cfg, args.seq, args.rank, TARGETS) * out["tokens_per_s"] / peak
+    out["gflops"] = lora_train_flops_per_token(cfg, args.seq, args.rank, TARGETS) * out["tokens_per_s"] / 1e9
     return out
 
 
@@ -421,8 +470,8 @@ def append_doc(args, res: dict, command: str, mach: str, load: str, ratios: list
             s += f", compile {r['compile_s']:.1f} s"
         return s
 
-    row = (f"| {datetime.date.today().isoformat()} | {mach} (load {load}) | `{command}` | {cell(ours)} | "
-           f"{cell(ref)} | {ratio} | {args.note or ''} |\n")
+    row = (f"| {datetime.date.today().isoformat()} | {mach} (load {load}) | `{md_cell(command)}` | {cell(ours)} | "
+           f"{cell(ref)} | {ratio} | {md_cell(args.note or '')} |\n")
     header = "## LoRA train step (tools/bench_train.py)"
     cols = ("| date | machine | command | ours (JAX) | transformers + peft | ratio | note |\n"
             "|---|---|---|---|---|---|---|\n")
@@ -465,19 +514,20 @@ def append_row(header: str, cols: str, row: str, doc: str = DOC) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--preset", choices=PRESETS, default="smollm2-135m")
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seq", type=positive_int, default=256)
+    p.add_argument("--batch", type=positive_int, default=4)
+    p.add_argument("--rank", type=positive_int, default=8)
+    p.add_argument("--steps", type=positive_int, default=10)
+    p.add_argument("--warmup", type=positive_int, default=3)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none")
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                    help="our attention: auto = cuDNN flash attention on a GPU in bf16, else the explicit-mask einsum")
     p.add_argument("--only", choices=("ours", "torch"))
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=positive_int, default=1,
                    help="run the two sides this many times, alternating which goes first, and report the median "
                         "over every round's steps (and each round's ratio): drift of a shared machine then hits "
                         "both sides alike")
@@ -488,8 +538,7 @@ def main(argv=None) -> int:
     p.add_argument("--note", help="a note for the docs row")
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
-        p.error("--warmup, --steps and --rounds must be >= 1")
+    check_smollm2_dir(p, args)
 
     if args.child_out:  # one side, in its own process
         res = child(args)
@@ -502,6 +551,7 @@ def main(argv=None) -> int:
     command = "python tools/bench_train.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     sides = [args.only] if args.only else ["ours", "torch"]
     child_argv = list(argv or sys.argv[1:])  # a child ignores --rounds, --json and the docs row
+    warn_if_busy()
     load_before = load_avg()
 
     def run_one(side, label):
@@ -535,7 +585,7 @@ def main(argv=None) -> int:
         out["round_ratios"] = ratios
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2)
+            json.dump(json_safe(out), f, indent=2, allow_nan=False)
     if not args.no_doc:
         append_doc(args, res, command, mach, load, ratios)
     return failed
