@@ -16,14 +16,12 @@ OUT/report.md and PNG plots.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-if importlib.util.find_spec("cancerllm_jax") is None:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package first
 
 from cancerllm_jax.errors import cli_main
 from cancerllm_jax.eval.protocol import PROTOCOLS, score_file

@@ -19,10 +19,7 @@ import time
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-try:
-    import cancerllm_jax  # noqa: F401
-except ImportError:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, ROOT)  # this checkout's package, even where another copy is installed
 
 
 def causal_flops(b, t, h, d, window) -> float:

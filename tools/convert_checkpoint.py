@@ -14,10 +14,8 @@ import argparse
 import os
 import sys
 
-try:
-    import cancerllm_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# this checkout's package, even where another copy is installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cancerllm_jax import api
 from cancerllm_jax.errors import UserError, cli_main

@@ -12,10 +12,8 @@ import argparse
 import os
 import sys
 
-try:
-    import cancerllm_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# this checkout's package, even where another copy is installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cancerllm_jax.checkpoint.gguf import DEFAULT_OUT, import_gguf, is_complete
 from cancerllm_jax.errors import cli_main
