@@ -234,6 +234,9 @@ class LoRAConfig:
         if bad:
             raise UserError(f"lora.targets: unknown module {bad[0]!r}{suggest(bad[0], LORA_TARGETS)}; "
                             f"choose from {list(LORA_TARGETS)} or 'all'")
+        if not targets:
+            raise UserError(f"lora.targets is empty: LoRA would train nothing; name at least one of "
+                            f"{list(LORA_TARGETS)} or 'all'")
         object.__setattr__(self, "targets", tuple(t for t in LORA_TARGETS if t in targets))
         if self.rank <= 0:
             raise UserError(f"lora.rank must be positive, got {self.rank}")
@@ -266,7 +269,7 @@ def _coerce(value, tp, where: str):
                 errors.append(str(e))
         raise UserError(errors[0] if errors else f"{where}: bad value {value!r}")
     if dataclasses.is_dataclass(tp):
-        return build(tp, value or {}, where)
+        return build(tp, {} if value is None else value, where)  # `lora=0` is an error, not the defaults
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()] if value not in ("all",) else value

@@ -143,7 +143,9 @@ class Decoder:
 
         A string prompt is encoded as ``[bos] + prompt``, the way the instruction pipeline frames every training
         example (and Mistral's tokenizer encodes text); ``add_bos=False`` feeds the text's ids alone, as
-        ``tokenizer(text, add_special_tokens=False)`` would. Id-list prompts are used as given."""
+        ``tokenizer(text, add_special_tokens=False)`` would. Id-list prompts are used as given.
+        ``max_prompt_tokens``: a longer prompt keeps its BOS (when it starts with one) and its last tokens; such
+        prompts are counted in ``last_stats["truncated_prompts"]``."""
         lm = self.lm
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise UserError("prompts must be a list of strings or a list of token-id lists")
@@ -157,9 +159,11 @@ class Decoder:
         ids = [self._encode(p, as_text, i, add_bos) for i, p in enumerate(prompts)]
         truncated = 0
         if max_prompt_tokens:
+            bos = lm.cfg.bos_token_id
             for i, p in enumerate(ids):
-                if len(p) > max_prompt_tokens:
-                    ids[i] = p[-max_prompt_tokens:]
+                if len(p) > max_prompt_tokens:  # the last tokens, after the BOS the prompt starts with
+                    keep_bos = bos is not None and p[0] == bos and max_prompt_tokens > 1
+                    ids[i] = p[:1] + p[len(p) - max_prompt_tokens + 1:] if keep_bos else p[-max_prompt_tokens:]
                     truncated += 1
         if eos_id is None:
             eos_id = list(lm.eos_ids)

@@ -26,12 +26,12 @@ def parse(argv=None):
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-prompt-tokens", type=int, default=1500,
-                   help="contexts are cut to fit (counted); raw prompts keep their last tokens")
+                   help="contexts are cut to fit; raw prompts keep their BOS and last tokens (both counted)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", help="stop string (repeatable, not empty)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--mesh", default="1x1")
@@ -45,6 +45,8 @@ def parse(argv=None):
 def main(argv=None):
     args = parse(argv)
     check_decode_flags(args)
+    if any(not s for s in args.stop or ()):
+        raise UserError("--stop must not be empty")
     if os.path.exists(args.out) and not args.overwrite:
         raise UserError(f"{args.out} exists; pass --overwrite to replace it")
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -93,6 +95,7 @@ def main(argv=None):
     st = lm._decoder.last_stats
     print(f"wrote {len(records)} predictions to {args.out}: {st['generated_tokens']} tokens in {st['time_s']:.1f} s "
           f"({st['generated_tokens'] / max(st['time_s'], 1e-9):.1f} tok/s); {cut} contexts truncated, "
+          f"{st['truncated_prompts']} raw prompts cut to their last {args.max_prompt_tokens} tokens, "
           f"{skipped} bad lines skipped", file=sys.stderr)
     return 0
 

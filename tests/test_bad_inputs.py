@@ -112,6 +112,7 @@ PRETRAIN_DATA = {
     "blank_lines_only": ("\n\n  \n", ["blank_lines_only.jsonl", "no records"]),
     "non_utf8": (b'{"text": "ok"}\n{"text": "caf\xe9 \xff"}\n', ["non_utf8.jsonl:2", "UTF-8"]),
     # one 10 MB line: parsed in well under a second and refused with its line, never a hang
+    "lone_surrogate": ('{"text": "a note \\ud800 cut"}\n', ["lone_surrogate.jsonl:1", "surrogate"]),
     "ten_mb_line_bad_json": ('{"text": "' + "x" * TEN_MB, ["ten_mb_line_bad_json.jsonl:1", "invalid JSON"]),
     "ten_mb_line_wrong_type": ('{"text": ["' + "x" * TEN_MB + '"]}\n', ["ten_mb_line_wrong_type.jsonl:1", "'text'"]),
     "txt_non_utf8": (b"Reason for visit: f/u\n\xff\xfe bad bytes\n", ["txt_non_utf8.txt:2", "UTF-8"]),
@@ -149,6 +150,8 @@ PRETRAIN_ARGS = {
     "clip_norm_negative": (["optim.clip_norm=-1"], ["optim.clip_norm", ">= 0"]),
     "beta_one": (["optim.b2=1"], ["optim.b2", "[0, 1)"]),
     "lora_rank_zero": (["lora.rank=0"], ["lora.rank", "positive"]),
+    "lora_targets_empty": (["lora.targets="], ["lora.targets", "empty"]),
+    "lora_section_zero": (["lora=0"], ["config.lora", "mapping"]),
     "lora_alpha_zero": (["lora.alpha=0"], ["lora.alpha", "positive"]),
     "lora_alpha_negative": (["lora.alpha=-16"], ["lora.alpha", "positive"]),
     "lora_dropout_one": (["lora.dropout=1"], ["lora.dropout", "[0, 1)"]),
@@ -301,6 +304,7 @@ GENERATE = {
     "missing_input": (None, "tok", ["missing.jsonl", "no such file"]),
     "missing_model": ('{"prompt": "x"}\n', "/nonexistent/model", ["/nonexistent/model", "not found"]),
     "missing_tokenizer": ('{"prompt": "x"}\n', "small", ["no tokenizer"]),
+    "null_prompt": ('{"prompt": null}\n', "tok", ["in.jsonl:1", "'prompt' or an 'instruction'"]),
 }
 
 
@@ -322,6 +326,7 @@ GENERATE_FLAGS = {
     "temperature_nan": (["--temperature", "nan"], ["--temperature", ">= 0"]),
     "top_p_zero": (["--top-p", "0"], ["--top-p", "(0, 1]"]),
     "top_p_above_one": (["--top-p", "1.5"], ["--top-p", "(0, 1]"]),
+    "empty_stop": (["--stop", ""], ["--stop", "empty"]),
 }
 
 

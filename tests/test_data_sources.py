@@ -88,7 +88,7 @@ def test_optional_fields_are_type_checked(tmp_path):
     with pytest.raises(UserError, match=r"opt\.jsonl:2: field 'context'"):
         read_jsonl(path, REQ, optional={"context": str})
     path = write(tmp_path, "opt2.jsonl", '{"instruction": "q", "response": "a", "context": null}\n')
-    assert read_jsonl(path, REQ, optional={"context": str})[0][0]["context"] is None
+    assert "context" not in read_jsonl(path, REQ, optional={"context": str})[0][0]  # null = absent
 
 
 def test_text_documents_one_per_file_or_per_paragraph(tmp_path):
@@ -116,6 +116,17 @@ def test_read_documents_dispatches_on_extension(tmp_path):
     assert docs_dir == docs
     with pytest.raises(UserError, match=r"a\.jsonl:2: invalid JSON"):
         read_documents(str(tmp_path / "a.jsonl"))
+
+
+def test_a_directory_reads_any_case_and_names_what_it_ignores(tmp_path, caplog):
+    write(tmp_path, "a.jsonl", json.dumps({"text": "first"}) + "\n")
+    write(tmp_path, "B.JSONL", json.dumps({"text": "second"}) + "\n")
+    write(tmp_path, "c.TXT", "third\n")
+    write(tmp_path, "notes.json", "{}")
+    write(tmp_path, ".hidden", "x")
+    docs, _ = read_documents(str(tmp_path))
+    assert sorted(d["text"] for d in docs) == ["first", "second", "third"]
+    assert "ignored 1 file(s)" in caplog.text and "notes.json" in caplog.text and ".hidden" not in caplog.text
 
 
 def test_read_documents_errors(tmp_path):

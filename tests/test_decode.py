@@ -107,6 +107,16 @@ def test_ragged_batch_equals_each_prompt_alone(tiny):
     assert batched == alone
 
 
+def test_long_prompts_keep_their_bos_and_last_tokens(tiny):
+    _, lm = tiny
+    rng = np.random.default_rng(5)
+    with_bos = [1] + rng.integers(3, 96, size=20).tolist()
+    without = rng.integers(3, 96, size=20).tolist()
+    got = lm.generate([with_bos, without, [1, 5, 6]], max_new_tokens=6, max_prompt_tokens=4)  # inside the window
+    assert lm._decoder.last_stats["truncated_prompts"] == 2
+    assert got == lm.generate([[1] + with_bos[-3:], without[-4:], [1, 5, 6]], max_new_tokens=6)
+
+
 def test_sampling_is_seeded_and_respects_top_k(tiny):
     _, lm = tiny
     prompts = [[1, 5, 6], [1, 7]]

@@ -351,6 +351,10 @@ def test_score_file_by_id_and_by_order(tmp_path, gold):
         (["[1, 2]"], r"p\.jsonl:1: expected a JSON object"),
         ([{"id": "a", "prediction": "x"}, {"id": "b", "text": "y"}], r"p\.jsonl:2: missing field 'prediction'"),
         ([{"id": "a", "prediction": "x"}, {"id": "b", "prediction": None}], r"p\.jsonl:2: .*must be a string"),
+        ([{"id": "a", "prediction": "x"}, {"id": "b", "prediction": ["Jane Roe"]}],
+         r"p\.jsonl:2: field 'prediction' must be a string, got array$"),  # the type, never the text
+        ([{"id": "a", "prediction": "x"}, {"id": ["Jane Roe"], "prediction": "y"}],
+         r"p\.jsonl:2: 'id' must be a string or an integer, got array$"),
         ([{"id": "a", "prediction": "x"}, {"prediction": "y"}], r"p\.jsonl:2: missing 'id'"),
         ([{"id": "a", "prediction": "x"}, {"id": "a", "prediction": "y"}], r"p\.jsonl:2: duplicate id 'a'"),
         ([{"id": "a", "prediction": "x"}], r"gold\.jsonl:2: id 'b' has no prediction"),

@@ -25,7 +25,7 @@ def _type_name(t: type | tuple[type, ...]) -> str:
     return TYPE_NAMES.get(t, t.__name__)
 
 
-def _json_type_name(value: Any) -> str:
+def json_type_name(value: Any) -> str:
     return "null" if value is None else _type_name(type(value))
 
 
@@ -41,16 +41,25 @@ def _type_ok(value: Any, expected: type | tuple[type, ...]) -> bool:
 def _check_record(obj: Any, required: dict[str, Any], optional: dict[str, Any]) -> str | None:
     """The problem with one parsed line, or None."""
     if not isinstance(obj, dict):
-        return f"expected a JSON object, got {_json_type_name(obj)}"
+        return f"expected a JSON object, got {json_type_name(obj)}"
     for name, expected in required.items():
         if name not in obj:
             return f"missing field '{name}'{suggest(name, obj.keys())}"
         if not _type_ok(obj[name], expected):
-            return f"field '{name}' should be a {_type_name(expected)}, got {_json_type_name(obj[name])}"
+            return f"field '{name}' should be a {_type_name(expected)}, got {json_type_name(obj[name])}"
     for name, expected in optional.items():
         if obj.get(name) is not None and not _type_ok(obj[name], expected):
-            return f"field '{name}' should be a {_type_name(expected)} (or absent), got {_json_type_name(obj[name])}"
+            return f"field '{name}' should be a {_type_name(expected)} (or absent), got {json_type_name(obj[name])}"
     return None
+
+
+def _encodable(obj: Any) -> bool:
+    """False when a string in ``obj`` holds a lone surrogate (JSON allows ``"\\ud800"``; UTF-8 does not)."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False, *,
@@ -58,9 +67,10 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
     """Records of a JSONL file and the number of bad lines skipped.
 
     ``required`` maps field → type (or tuple of types); ``optional`` fields are type-checked when present and not
-    null. Blank lines are ignored. A bad line (not UTF-8, invalid JSON, not an object, missing field, wrong type)
-    raises ``UserError`` naming ``path:line`` unless ``skip_bad_lines``, in which case it is counted (and the first
-    few are logged). A file with no valid record always raises. ``line_key`` stores each record's line number there.
+    null (a null one is dropped: absent). Blank lines are ignored. A bad line (not UTF-8, invalid JSON, a lone
+    surrogate escape, not an object, missing field, wrong type) raises ``UserError`` naming ``path:line`` unless
+    ``skip_bad_lines``, in which case it is counted (and the first few are logged). A file with no valid record
+    always raises. ``line_key`` stores each record's line number there.
     """
     optional = optional or {}
     if not os.path.isfile(path):
@@ -84,6 +94,8 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
                     problem = f"invalid JSON ({e.msg} at column {e.colno})"
                 else:
                     problem = _check_record(obj, required, optional)
+                    if problem is None and "\\u" in line and not _encodable(obj):
+                        problem = "a \\u escape that is no character (a lone UTF-16 surrogate)"
             if problem is not None:
                 where = f"{path}:{lineno}: {problem}"
                 if not skip_bad_lines:
@@ -93,6 +105,9 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
                 if skipped <= 5:
                     log.warning("skipping %s", where)
                 continue
+            for name in optional:  # an optional field given as null is absent
+                if name in obj and obj[name] is None:
+                    del obj[name]
             if line_key is not None:
                 obj[line_key] = lineno
             records.append(obj)
@@ -138,10 +153,16 @@ def read_text_documents(path: str, split_on_blank_lines: bool = False) -> list[d
 
 
 def expand_paths(path_or_glob: str) -> list[str]:
-    """Sorted files named by a path, a glob, or a directory (its ``.jsonl`` and ``.txt`` files)."""
+    """Sorted files named by a path, a glob, or a directory (its ``.jsonl`` and ``.txt`` files, any case; the
+    directory's other files are named in a warning, not read)."""
     if os.path.isdir(path_or_glob):
-        files = [os.path.join(path_or_glob, n) for n in os.listdir(path_or_glob)
-                 if n.endswith(SUPPORTED_EXTENSIONS)]
+        names = sorted(n for n in os.listdir(path_or_glob)
+                       if not n.startswith(".") and os.path.isfile(os.path.join(path_or_glob, n)))
+        files = [os.path.join(path_or_glob, n) for n in names if n.lower().endswith(SUPPORTED_EXTENSIONS)]
+        ignored = [n for n in names if not n.lower().endswith(SUPPORTED_EXTENSIONS)]
+        if ignored:
+            log.warning("%s: ignored %d file(s) that are not %s: %s%s", path_or_glob, len(ignored),
+                        " or ".join(SUPPORTED_EXTENSIONS), ", ".join(ignored[:5]), ", ..." if len(ignored) > 5 else "")
     elif any(c in path_or_glob for c in "*?["):
         files = [p for p in glob.glob(path_or_glob, recursive=True) if os.path.isfile(p)]
     else:

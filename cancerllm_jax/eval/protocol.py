@@ -244,6 +244,7 @@ def _read_jsonl(path: str) -> list[Row]:
 
 
 def _text_field(path: str, row: Row, name: str) -> str:
+    from cancerllm_jax.data.sources import json_type_name
     from cancerllm_jax.errors import UserError
 
     number, obj = row
@@ -251,12 +252,13 @@ def _text_field(path: str, row: Row, name: str) -> str:
         raise UserError(f"{path}:{number}: missing field '{name}' (fields: {', '.join(obj) or 'none'})")
     value = obj[name]
     if not isinstance(value, str):
-        raise UserError(f"{path}:{number}: field '{name}' must be a string, got {json.dumps(value)[:40]}")
+        raise UserError(f"{path}:{number}: field '{name}' must be a string, got {json_type_name(value)}")
     return value
 
 
 def _ids(path: str, rows: list[Row]) -> dict[str, Row] | None:
     """Rows keyed by ``id`` when every row has one, None when none has; mixed or duplicate ids are errors."""
+    from cancerllm_jax.data.sources import json_type_name
     from cancerllm_jax.errors import UserError
 
     with_id = [row for row in rows if "id" in row[1]]
@@ -269,7 +271,7 @@ def _ids(path: str, rows: list[Row]) -> dict[str, Row] | None:
     for number, obj in rows:
         key = obj["id"]
         if not isinstance(key, (str, int)) or isinstance(key, bool):
-            raise UserError(f"{path}:{number}: 'id' must be a string or an integer, got {json.dumps(key)[:40]}")
+            raise UserError(f"{path}:{number}: 'id' must be a string or an integer, got {json_type_name(key)}")
         if str(key) in keyed:
             raise UserError(f"{path}:{number}: duplicate id {key!r} (first on line {keyed[str(key)][0]})")
         keyed[str(key)] = (number, obj)
