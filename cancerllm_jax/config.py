@@ -109,7 +109,7 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     LlamaConfig does (their defaults; ``rope_scaling`` over ``rope_parameters`` over top-level ``rope_theta``;
     Mistral ignores ``use_sliding_window``, ``attention_bias`` and ``mlp_bias``)."""
     mtype = hf.get("model_type")
-    if mtype not in SUPPORTED_HF_TYPES:
+    if not isinstance(mtype, str) or mtype not in SUPPORTED_HF_TYPES:
         raise UserError(f"{source}: model_type {mtype!r} is not supported (supported: {sorted(SUPPORTED_HF_TYPES)})")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in hf]
@@ -123,6 +123,8 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
         if mtype == "llama" and hf.get(flag):
             raise UserError(f"{source}: {flag}=true is not supported")
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise UserError(f"{source}: rope_scaling / rope_parameters must be an object, got {type(rope).__name__}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", None):
         raise UserError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")

@@ -63,9 +63,15 @@ def main(argv=None):
     per_epoch = data.steps_per_epoch(cfg.batch_size)
     cfg = dataclasses.replace(cfg, steps=steps, eval_every=cfg.eval_every or per_epoch,
                               data=dataclasses.replace(cfg.data, tokenizer=tok_spec))
+    epochs = f"{cfg.epochs:g} epochs" if steps == data.steps_for_epochs(cfg.epochs, cfg.batch_size) else (
+        f"set by --steps: {steps / max(per_epoch, 1):.2f} epochs")
     announce(f"data: {data.num_rows} rows, {per_epoch} steps per epoch, {steps} steps "
-             f"({cfg.epochs:g} epochs); {data.stats.get('truncated_examples', 0)} contexts truncated, "
+             f"({epochs}); {data.stats.get('truncated_examples', 0)} contexts truncated, "
              f"{data.stats.get('skipped_lines', 0)} lines skipped")
+    ev = data.stats.get("eval")
+    if ev:
+        announce(f"eval data: {ev['examples']} examples; {ev['truncated_examples']} contexts truncated, "
+                 f"{ev['skipped_too_long']} too long skipped (not scored), {ev['skipped_lines']} lines skipped")
 
     def make_data(_tokenizer, process_index, process_count):
         return DataBundle(data.train_iterator(cfg.batch_size, process_index, process_count),

@@ -273,6 +273,8 @@ FINETUNE_ARGS = {
     "lr_negative": (["optim.lr=-2e-4"], ["optim.lr", "positive"]),
     "lora_alpha_negative": (["lora.alpha=-1"], ["lora.alpha", "positive"]),
     "batch_size_negative": (["--batch-size", "-4"], ["batch_size", ">= 1"]),
+    "epochs_nan": (["--epochs", "nan"], ["epochs", "positive"]),
+    "epochs_inf": (["--epochs", "inf"], ["epochs", "positive"]),
 }
 
 
@@ -284,6 +286,18 @@ def test_finetune_bad_arguments(case, tmp_path, capsys, models):
                                                "--dry-run", "data.max_seq_len=64", "lora.rank=2", *extra], capsys)
     one_clear_error(code, err, *needles)
     nothing_left(wd)
+
+
+def test_finetune_counts_what_it_skips_of_the_eval_data(tmp_path, capsys, models):
+    train = write(tmp_path / "train.jsonl", '{"instruction": "q", "response": "a"}\n' * 4)
+    ev = write(tmp_path / "ev.jsonl", '{"instruction": "q", "response": "a"}\n{broken\n'
+               '{"instruction": "Summarise.", "response": "' + "metastatic disease " * 60 + '"}\n')
+    code, err = run_cli("launch/finetune.py", ["--model", models["tok"], "--data", train, "--eval-data", ev,
+                                               "--workdir", tmp_path / "run", "--mesh", "1x1", "--batch-size", "2",
+                                               "--dry-run", "--skip-bad-lines", "data.max_seq_len=64",
+                                               "lora.rank=2"], capsys)
+    assert code in (0, None), err
+    assert "eval data: 1 examples" in err and "1 too long skipped" in err and "1 lines skipped" in err, err
 
 
 # ------------------------------------------------------------------------------ launch/generate.py
@@ -382,6 +396,15 @@ def _bad_model(tmp_path, models, what) -> str:
         write(folder / "config.json", json.dumps(cfg))
     elif what == "config_not_json":
         write(folder / "config.json", "{not json")
+    elif what in ("rope_scaling_string", "model_type_list"):
+        cfg = json.load(open(folder / "config.json"))
+        if what == "rope_scaling_string":
+            cfg["rope_scaling"] = "linear"
+        else:
+            cfg["model_type"] = ["mistral"]
+        write(folder / "config.json", json.dumps(cfg))
+    elif what == "index_weight_map_list":
+        write(folder / "model.safetensors.index.json", json.dumps({"weight_map": ["model.safetensors"]}))
     elif what == "pickle_only":
         os.remove(folder / "model.safetensors")
         write(folder / "pytorch_model.bin", b"PK\x03\x04 pretend pickle")
@@ -394,6 +417,9 @@ CONVERT = {
     "wrong_safetensors": ["shape", "config.json"],
     "unsupported_architecture": ["model_type 'gpt2' is not supported"],
     "config_not_json": ["config.json", "not valid JSON"],
+    "rope_scaling_string": ["config.json", "rope_scaling"],
+    "model_type_list": ["config.json", "model_type"],
+    "index_weight_map_list": ["model.safetensors.index.json", "weight_map"],
     "pickle_only": ["pickle", "safetensors"],
 }
 
@@ -406,6 +432,19 @@ def test_convert_bad_weights(case, tmp_path, capsys, models):
     one_clear_error(code, err, *CONVERT[case])
     nothing_left(out)
     no_temp_files(tmp_path)
+
+
+def test_a_damaged_converted_checkpoint_is_one_clear_error(tmp_path, capsys, models):
+    out = tmp_path / "ckpt"
+    code, err = run_cli("tools/convert_checkpoint.py", ["from-hf", models["tok"], out], capsys)
+    assert code in (0, None), err
+    data = [os.path.join(d, n) for d, _, names in os.walk(out / "params") for n in names
+            if os.path.basename(d) == "d"]
+    assert data
+    for path in data:  # torn writes: every data file cut short
+        write(path, open(path, "rb").read()[:20])
+    code, err, _ = _gen({"ck": str(out)}, tmp_path, capsys, '{"prompt": "pt w/ nsclc"}\n', model="ck")
+    one_clear_error(code, err, "params", "corrupt or unreadable checkpoint")
 
 
 def test_export_onto_a_non_empty_folder_needs_overwrite(tmp_path, capsys, models):

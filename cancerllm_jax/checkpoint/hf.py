@@ -37,8 +37,11 @@ def safetensors_files(folder: str) -> dict[str, str]:
         try:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError) as e:
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise UserError(f"{index}: 'weight_map' must map tensor names to file names")
         for fname in set(weight_map.values()):
             if not os.path.isfile(os.path.join(folder, fname)):
                 raise UserError(f"{index} names {fname}, which is missing from {folder}")

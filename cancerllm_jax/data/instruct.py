@@ -289,15 +289,16 @@ def build_instruct_data(cfg: InstructDataConfig, tokenizer=None, examples: Seque
         if not cfg.path:
             raise UserError("no instruction data: set data.path (a JSONL file) or pass examples")
         examples, skipped = read_instruct_jsonl(cfg.path, cfg.skip_bad_lines)
+    eval_skipped = 0
     if eval_examples is None and cfg.eval_path:
-        eval_examples, _ = read_instruct_jsonl(cfg.eval_path, cfg.skip_bad_lines)
+        eval_examples, eval_skipped = read_instruct_jsonl(cfg.eval_path, cfg.skip_bad_lines)
     train, stats = _rows(tokenizer, cfg, examples, cfg.path or "examples")
     stats["skipped_lines"] = skipped
     ev = None
     if eval_examples:
         ev, ev_stats = _rows(tokenizer, dataclasses.replace(cfg, pack=False), eval_examples,
                              cfg.eval_path or "eval examples")
-        stats["eval"] = ev_stats
+        stats["eval"] = {**ev_stats, "skipped_lines": eval_skipped}
     log.info("instruction data: %d examples in %d rows of %d (%.0f%% padding), %d contexts truncated "
              "(%d tokens), %d too long skipped, %d bad lines skipped", stats["examples"], stats["rows"],
              cfg.max_seq_len, 100 * stats["padding_fraction"], stats["truncated_examples"],

@@ -34,7 +34,7 @@ class FinetuneConfig(TrainConfig):
     def validate(self) -> None:
         if self.task not in TASKS:
             raise UserError(f"task {self.task!r} is unknown{suggest(self.task, TASKS)}; choose from {list(TASKS)}")
-        if self.epochs <= 0:
+        if not 0 < self.epochs < float("inf"):
             raise UserError(f"epochs must be positive, got {self.epochs}")
         TrainConfig.validate(dataclasses.replace(self, steps=max(self.steps, 1)))
 
