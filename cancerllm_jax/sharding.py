@@ -25,6 +25,9 @@ def parse_mesh(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+MAX_HOST_DEVICES = 1024
+
+
 def ensure_host_devices(n: int, quiet: bool = False) -> None:
     """Before JAX starts: on a CPU-only host, ask XLA for ``n`` host devices (a no-op when a GPU/TPU is present).
 
@@ -32,6 +35,8 @@ def ensure_host_devices(n: int, quiet: bool = False) -> None:
     Once JAX's backends exist nothing can change; ``make_mesh`` then reports a mesh that does not fit.
     """
     n = max(n, 1)
+    if n > MAX_HOST_DEVICES:  # XLA would spend minutes creating them before any check could run
+        raise UserError(f"the mesh asks for {n} devices on this host; at most {MAX_HOST_DEVICES} per process")
     flags = os.environ.get("XLA_FLAGS", "")
     old = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
     if "jax" in sys.modules:

@@ -47,6 +47,8 @@ def main(argv=None):
     check_decode_flags(args)
     if any(not s for s in args.stop or ()):
         raise UserError("--stop must not be empty")
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a folder; name the output JSONL file")
     if os.path.exists(args.out) and not args.overwrite:
         raise UserError(f"{args.out} exists; pass --overwrite to replace it")
     out_dir = os.path.dirname(os.path.abspath(args.out))

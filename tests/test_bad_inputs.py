@@ -135,6 +135,8 @@ PRETRAIN_ARGS = {
     "bad_value_type": (["optim.lr=fast"], ["optim.lr", "'fast'"]),
     "mesh_string": (["--mesh", "10by1"], ["10by1"]),
     "mesh_too_big": (["--mesh", "4x5"], ["4x5", "20 devices"]),
+    "mesh_absurd": (["--mesh", "100000x1"], ["100000 devices", "at most"]),
+    "workdir_is_a_file": (["--workdir", "__FILE__"], ["is a file"]),
     "batch_not_divisible": (["--mesh", "2x1", "--batch-size", "3"], ["not divisible", "2x1"]),
     "grad_accum_not_dividing": (["optim.grad_accum=3"], ["grad_accum"]),
     "missing_data_file": (["--data", "/nonexistent/notes.jsonl"], ["/nonexistent/notes.jsonl", "no such file"]),
@@ -164,6 +166,7 @@ PRETRAIN_ARGS = {
 def test_pretrain_bad_arguments(case, tmp_path, capsys):
     extra, needles = PRETRAIN_ARGS[case]
     extra = [write(tmp_path / "notes.csv", "text\nnote\n") if a == "__CSV__" else a for a in extra]
+    extra = [write(tmp_path / "a_file", "x") if a == "__FILE__" else a for a in extra]
     wd = tmp_path / "run"
     code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY, *extra], capsys)
     one_clear_error(code, err, *needles)

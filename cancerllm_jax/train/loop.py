@@ -307,10 +307,11 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 step += 1
                 if not math.isfinite(metrics["loss"]):
-                    raise NonFiniteLoss(
-                        f"loss is {metrics['loss']} at step {step}; stopped without saving. The last good checkpoint "
-                        f"is step {mngr.latest_step() or 'none'} in {self.workdir}/checkpoints. Lower optim.lr, check "
-                        f"the data, or use dtype=float32.")
+                    good = mngr.latest_step()
+                    kept = (f"The last good checkpoint is step {good} in {self.workdir}/checkpoints." if good else
+                            "No checkpoint was saved before it.")
+                    raise NonFiniteLoss(f"loss is {metrics['loss']} at step {step}; stopped without saving. {kept} "
+                                        f"Lower optim.lr, check the data, or use dtype=float32.")
                 tokens = cfg.batch_size * data.seq_len
                 row = {"step": step, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],
                        "target_tokens": int(metrics["tokens"]), "tokens_per_s": tokens / dt, "step_s": dt}
@@ -367,6 +368,8 @@ class Trainer:
         Multi-process: every process looks at the folder, then (after a barrier) process 0 alone changes it, and no
         process goes on before run.json and base/ are complete (a second barrier).
         """
+        if os.path.exists(self.workdir) and not os.path.isdir(self.workdir):
+            raise UserError(f"--workdir {self.workdir} is a file, not a folder")
         meta_path = os.path.join(self.workdir, run_io.RUN_FILE)
         ckpt_dir = os.path.join(self.workdir, "checkpoints")
         latest = run_io.latest_step(ckpt_dir)
