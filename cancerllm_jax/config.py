@@ -365,7 +365,12 @@ def load_yaml(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: invalid YAML ({e})") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{where}: invalid YAML ({what})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at the top level")
     return data

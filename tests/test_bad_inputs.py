@@ -179,6 +179,15 @@ def test_pretrain_yaml_typo_suggests_the_key(tmp_path, capsys):
     one_clear_error(code, err, "alpah", "did you mean 'alpha'")
 
 
+@pytest.mark.parametrize("text, needle", [("lora:\n  rank: [1,\n", "c.yaml:3: invalid YAML"),
+                                          (b"lora:\n  rank: \xff\n", "not UTF-8")])
+def test_pretrain_bad_yaml_is_one_line(tmp_path, capsys, text, needle):
+    cfg = write(tmp_path / "c.yaml", text)
+    code, err = run_cli("launch/pretrain.py", ["--config", cfg, "--workdir", tmp_path / "r", *TINY], capsys)
+    one_clear_error(code, err, needle)
+    assert len(err.strip().splitlines()) == 1, err
+
+
 def _fake_run(wd, rank=2):
     """A run folder with run.json and a (fake) finished checkpoint: enough for --resume's config check."""
     from cancerllm_jax.config import to_dict
