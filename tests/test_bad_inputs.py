@@ -415,6 +415,11 @@ def _bad_model(tmp_path, models, what) -> str:
         else:
             cfg["model_type"] = ["mistral"]
         write(folder / "config.json", json.dumps(cfg))
+    elif what == "int_weights":
+        from safetensors.numpy import load_file, save_file
+
+        tensors = load_file(str(folder / "model.safetensors"))
+        save_file({k: v.astype("int32") for k, v in tensors.items()}, str(folder / "model.safetensors"))
     elif what == "index_weight_map_list":
         write(folder / "model.safetensors.index.json", json.dumps({"weight_map": ["model.safetensors"]}))
     elif what == "pickle_only":
@@ -432,6 +437,7 @@ CONVERT = {
     "rope_scaling_string": ["config.json", "rope_scaling"],
     "model_type_list": ["config.json", "model_type"],
     "index_weight_map_list": ["model.safetensors.index.json", "weight_map"],
+    "int_weights": ["dtype int32", "floating-point"],
     "pickle_only": ["pickle", "safetensors"],
 }
 

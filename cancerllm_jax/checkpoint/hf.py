@@ -84,6 +84,9 @@ class _Reader:
 def _check(name: str, arr: np.ndarray, shape: tuple) -> np.ndarray:
     if tuple(arr.shape) != tuple(shape):
         raise UserError(f"tensor {name}: shape {tuple(arr.shape)}, expected {tuple(shape)} from config.json")
+    if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":  # int8/uint8 quantised or corrupt weights
+        raise UserError(f"tensor {name}: dtype {arr.dtype.name}, expected floating-point weights (quantised "
+                        f"checkpoints are not supported; dequantise to float16/bfloat16/float32 first)")
     return arr
 
 
