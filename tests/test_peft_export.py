@@ -178,3 +178,22 @@ def test_adapter_missing_or_unexpected_keys_are_errors(base, tuned, tmp_path):
         write_peft_adapter(str(tmp_path / "b"), cfg, LORA, {"layers": {"q": lp["layers"]["q"]}}, folder)
     with pytest.raises(UserError, match="not empty"):
         write_peft_adapter(out, cfg, LORA, lp, folder)
+
+
+@pytest.mark.parametrize("field, value", [("alora_invocation_tokens", [10, 11]), ("init_lora_weights", "pissa"),
+                                          ("init_lora_weights", "pissa_niter_4"), ("init_lora_weights", "olora"),
+                                          ("init_lora_weights", "loftq")])
+def test_adapters_that_are_more_than_their_factors_are_refused(base, tuned, tmp_path, field, value):
+    """aLoRA acts only after its invocation tokens; PiSSA / OLoRA / LoftQ rewrite the base weights when peft loads
+    them: read as plain factors they would give other logits than peft, so they are errors."""
+    folder, cfg, _, _ = base
+    lp, _ = tuned
+    out = str(tmp_path / "a")
+    write_peft_adapter(out, cfg, LORA, lp, folder)
+    path = os.path.join(out, "adapter_config.json")
+    conf = json.load(open(path))
+    json.dump({**conf, field: value}, open(path, "w"))
+    with pytest.raises(UserError, match=field):
+        read_peft_adapter(out, cfg)
+    json.dump({**conf, "init_lora_weights": "gaussian"}, open(path, "w"))
+    read_peft_adapter(out, cfg)  # a plain initialisation name is fine

@@ -21,7 +21,10 @@ HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.
               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 _UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "lora_bias": False}
 _EMPTY = ("layers_to_transform", "rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication",
-          "target_parameters", "trainable_token_indices")
+          "target_parameters", "trainable_token_indices", "alora_invocation_tokens")
+# initialisations after which peft rewrites the base weights when it loads the adapter: the factors alone are not
+# the model (such adapters load here only after peft's conversion to a plain LoRA, path_initial_model_for_...)
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def peft_key(layer: int, target: str, factor: str) -> str:
@@ -104,6 +107,10 @@ def read_adapter_config(folder: str) -> LoRAConfig:
     for key, ok in _UNSUPPORTED.items():
         if bool(conf.get(key, ok)) != ok:
             raise UserError(f"{path}: {key}={conf[key]!r} is not supported")
+    init = conf.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise UserError(f"{path}: init_lora_weights={init!r} changes the base weights when peft loads the adapter; "
+                        "convert it to a plain LoRA adapter with peft first (path_initial_model_for_weight_conversion)")
     if conf.get("bias", "none") != "none":
         raise UserError(f"{path}: bias={conf['bias']!r} is not supported (only 'none')")
     for key in _EMPTY:
