@@ -330,3 +330,24 @@ def test_prefill_options_fall_back_when_xla_lacks_the_flag(monkeypatch):
         assert decode.cpu_prefill_options() == {}
     finally:
         decode.cpu_prefill_options.cache_clear()
+
+
+def test_a_mistral_folder_with_a_plain_fast_tokenizer_loads(tmp_path):
+    """transformers 5 routes a mistral config.json's tokenizer to mistral-common's tekken class (it needs
+    tiktoken); a folder whose tokenizer.json is a plain fast tokenizer still loads, with the same ids."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate("abcdefgh ")}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                                eos_token="</s>")
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    transformers.MistralForCausalLM(cfg).save_pretrained(tmp_path)
+    fast.save_pretrained(tmp_path)
+    lm = cj.load(str(tmp_path))
+    assert lm.tokenizer.encode("bad cafe", bos=True) == [1] + fast.encode("bad cafe", add_special_tokens=False)
+    assert lm.tokenizer.decode(lm.tokenizer.encode("bad cafe")) == "bad cafe"

@@ -61,7 +61,12 @@ class HFTokenizer:
         try:
             self.tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
         except Exception as e:
-            raise UserError(f"{folder}: could not load a tokenizer ({type(e).__name__}: {e})") from None
+            # transformers may route a folder by its config.json model_type to a tokenizer class with extra
+            # dependencies (mistral → mistral-common's tekken, which needs tiktoken); a tokenizer.json alone is
+            # read by the plain fast tokenizer
+            self.tok = self._fast(folder)
+            if self.tok is None:
+                raise UserError(f"{folder}: could not load a tokenizer ({type(e).__name__}: {e})") from None
         self.name = folder
         t = self.tok
         self.bos_id = t.bos_token_id if t.bos_token_id is not None else -1
@@ -71,6 +76,17 @@ class HFTokenizer:
             pad = t.unk_token_id if t.unk_token_id is not None and t.unk_token_id != self.eos_id else 0
         self.pad_id = int(pad)
         self.vocab_size = len(t)
+
+    @staticmethod
+    def _fast(folder: str):
+        if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            return None
+        from transformers import PreTrainedTokenizerFast
+
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+        except Exception:
+            return None
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = list(self.tok.encode(text, add_special_tokens=False))
