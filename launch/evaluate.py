@@ -8,10 +8,13 @@
                                   --tasks phenotype,diagnosis,treatment_plan --data synthetic|DIR|FILE --out OUT
                                   [--limit N] [--batch-size B] [--protocol standard|reference] [--temperature T]
                                   [--max-new-tokens N|task=N,...] [--max-input-tokens N|task=N,...] [--dtype] [--mesh]
+                                  [--overwrite]
     python launch/evaluate.py report --out OUT [--protocol reference]   # re-score prediction files, no decoding
 
 ``run`` decodes every (model, task), resuming from OUT/predictions/ when interrupted, and writes OUT/metrics.json,
-OUT/report.md and PNG plots.
+OUT/report.md and PNG plots. It resumes only predictions made by the same model weights with the same settings
+(recorded in OUT/predictions/<model>__<task>.produced_by.json); otherwise it stops with the differences, and
+--overwrite discards such predictions and decodes them again.
 """
 from __future__ import annotations
 
@@ -100,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     limit=args.limit, protocol=args.protocol,
                     decoding=Decoding(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                       seed=args.seed, batch_size=args.batch_size, shots=args.shots),
-                    dtype=args.dtype, mesh=args.mesh or "1x1", tokenizer=args.tokenizer)
+                    dtype=args.dtype, mesh=args.mesh or "1x1", tokenizer=args.tokenizer, overwrite=args.overwrite)
     metrics = run(cfg)
     _print_summary(metrics)
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.md'}")
@@ -150,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "radonc_modality, radonc_icd10")
     r.add_argument("--data", default="synthetic",
                    help="synthetic[:PATIENTS[:SEED]] (default), a folder with <task>/test.jsonl, or one JSONL file")
-    r.add_argument("--out", required=True, help="output folder (an existing run there is resumed)")
+    r.add_argument("--out", required=True,
+                   help="output folder (an existing run there is resumed if its model weights and settings match)")
     r.add_argument("--limit", type=int, help="only the first N test instances of each task")
     r.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     r.add_argument("--protocol", choices=PROTOCOLS, default="standard", help="metric choices (default: standard)")
@@ -165,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="float32", help="weight/compute dtype (float32, bfloat16)")
     r.add_argument("--mesh", help="DATAxMODEL device mesh (default 1x1)")
     r.add_argument("--tokenizer", help="tokenizer spec when the model folder has none")
+    r.add_argument("--overwrite", action="store_true",
+                   help="discard predictions in --out made by other model weights or with other settings (task, "
+                        "token limits, sampling, shots, dtype, tokenizer) and decode them again; default: refuse")
     r.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", parents=[common], help="re-score a run folder from its prediction files")

@@ -9,8 +9,15 @@
 ``counterfactual`` fine-tunes one LoRA model per rate (launch/finetune.py) on phenotype training data whose labels
 are corrupted at that rate and scores each on the clean test set; ``misspell`` scores one model on test sets whose
 contexts are misspelled at each rate. Both write OUT/table5.md or OUT/table6.md, OUT/robustness.json and
-OUT/robustness.png; each rate's predictions and scores stay under OUT/<sweep>/ and are reused on a re-run.
+OUT/robustness.png; each rate's predictions and scores stay under OUT/<sweep>/rate_NN/.
 Add 0 to --rates for a clean reference row (left out of the mean over rates). DIR holds <task>/<split>.jsonl.
+
+Re-running with the same --out reuses a finished rate only if it was computed with the same settings: the model
+(resolved path and a fingerprint of its weight files), the rate and --seed, the records used (--data, --limit,
+--train-limit, --patients), the decoding limits, --protocol and, for counterfactual, --epochs and the overrides.
+If any differs the command stops, before any work, with the differences; --overwrite recomputes such rates instead
+(replacing their results). A counterfactual rate whose fine-tuning was interrupted resumes it on a re-run; a finished
+fine-tuning run is reused when only the decoding settings changed. A damaged scores.json is recomputed.
 """
 from __future__ import annotations
 
@@ -46,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--decode-batch", type=int, default=8, help="prompts decoded together")
     common.add_argument("--protocol", choices=("standard", "reference"), default="standard")
     common.add_argument("--name", help="model name in the table (default: the --model path's last part)")
+    common.add_argument("--overwrite", action="store_true",
+                        help="recompute rates in --out that were computed with other settings (default: refuse)")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     p = argparse.ArgumentParser(prog="robustness.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -65,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_decode_flags(args)
+    for flag, value in (("--limit", args.limit), ("--train-limit", getattr(args, "train_limit", None)),
+                        ("--epochs", getattr(args, "epochs", None))):
+        if value is not None and not value > 0:  # 0 or a negative N would use all or drop examples silently
+            raise UserError(f"{flag} must be positive, got {value:g}")
     import os
 
     from cancerllm_jax.eval import robustness as rb
@@ -82,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"overrides must be key=value, got {bad}")
         result = rb.counterfactual_sweep(args.model, split("phenotype", "train", args.train_limit),
                                          split("phenotype", "val", None), split("phenotype", "test", args.limit),
-                                         args.out, args.rates, args.epochs, args.overrides, args.seed, settings)
+                                         args.out, args.rates, args.epochs, args.overrides, args.seed, settings,
+                                         overwrite=args.overwrite)
     else:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         unknown = [t for t in tasks if t not in rb.TASK_LIMITS]
@@ -91,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.exists(args.model):
             raise UserError(f"--model {args.model}: not found (give an HF folder, converted checkpoint or run)")
         result = rb.misspelling_sweep(args.model, {t: split(t, "test", args.limit) for t in tasks}, args.out,
-                                      args.rates, args.seed, settings)
+                                      args.rates, args.seed, settings, overwrite=args.overwrite)
     paths = rb.write_outputs(args.out, result, name)
     with open(paths["table"], encoding="utf-8") as f:
         print(f.read())

@@ -198,6 +198,128 @@ def test_resume_refuses_changed_prompts(finished, tmp_path, monkeypatch):
         _evaluate().main(_run_args(model, out))
 
 
+def test_resume_refuses_other_model_or_settings(finished, tmp_path, monkeypatch):
+    """Predictions made by other weights (even with the same folder name) or other decoding settings are never
+    resumed: one error names what differs, before any model is loaded; --overwrite decodes them again."""
+    from cancerllm_jax.errors import UserError
+
+    model, done = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    other = tmp_path / "elsewhere" / model.name  # other weights, the same basename
+    shutil.copytree(model, other)
+    os.utime(other / "model.safetensors", ns=(1, 1))
+    monkeypatch.setenv("CANCERLLM_DEBUG", "1")
+    args = ["run", "--model", str(other), "--model", str(model), "--name", "vanilla", "--name", "tuned",
+            "--tasks", TASKS, "--limit", "2", "--batch-size", "2", "--out", str(out)]
+    with pytest.raises(UserError) as err:
+        _evaluate().main([*args, "--max-new-tokens", "8", "--temperature", "0.9"])
+    msg = str(err.value)
+    assert "vanilla__phenotype.jsonl" in msg and "--overwrite" in msg and "fresh --out" in msg
+    for what in ("model_path", "weights", "max_new_tokens 4 (now 8)", "temperature 0.0 (now 0.9)"):
+        assert what in msg, what
+    with pytest.raises(UserError, match=r"vanilla__phenotype.jsonl: .*temperature 0.0 \(now 0.9\)") as err:
+        _evaluate().main(_run_args(model, out, "--temperature", "0.9"))
+    assert "model_path" not in str(err.value) and "max_new_tokens" not in str(err.value)
+    with pytest.raises(UserError, match="max_input_tokens 1500 \\(now 64\\)"):
+        _evaluate().main(_run_args(model, out, "--max-input-tokens", "64"))
+    os.remove(out / "predictions" / "vanilla__diagnosis.produced_by.json")  # as an older version left it
+    with pytest.raises(UserError, match="no record of the model and settings"):
+        _evaluate().main(_run_args(model, out))
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((done / "metrics.json").read_text())
+
+    assert _evaluate().main([*args, "--max-new-tokens", "4", "--overwrite"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for task in ("phenotype", "diagnosis"):
+        r = metrics["results"][task]["vanilla"]
+        assert (r["resumed"], r["decoded"]) == (0, 2)  # other weights: decoded again
+        assert r["produced_by"]["model_path"] == str(other) and r["efficiency"]["instances_decoded"] == 2
+        assert metrics["results"][task]["tuned"]["resumed"] == 2  # same weights and settings: kept
+    assert metrics["models"]["vanilla"]["weights"] != metrics["models"]["tuned"]["weights"]
+
+
+def test_model_fingerprint_follows_the_weights(tmp_path):
+    from cancerllm_jax.eval.runner import model_fingerprint
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"x" * 10)
+    first = model_fingerprint(str(hf))
+    (hf / "notes.md").write_text("unrelated")  # not a weight, config or tokenizer file
+    assert model_fingerprint(str(hf)) == first and first["path"] == str(hf.resolve())
+    (hf / "model.safetensors").write_bytes(b"y" * 11)
+    assert model_fingerprint(str(hf))["weights"] != first["weights"]
+    run = tmp_path / "run"  # a training run folder, trained further
+    (run / "checkpoints" / "10" / "state").mkdir(parents=True)
+    (run / "checkpoints" / "10" / "state" / "a").write_text("1")
+    (run / "run.json").write_text("{}")
+    before = model_fingerprint(str(run))
+    (run / "metrics.jsonl").write_text("{}\n")  # logs do not count
+    assert model_fingerprint(str(run)) == before and before["checkpoint_step"] == 10
+    (run / "checkpoints" / "20" / "state").mkdir(parents=True)
+    after = model_fingerprint(str(run))
+    assert after["checkpoint_step"] == 20 and after["weights"] != before["weights"]
+
+
+def test_prediction_errors_never_quote_text(finished, tmp_path):
+    from cancerllm_jax.errors import UserError
+    from cancerllm_jax.eval.runner import read_predictions, rescore
+
+    _, done = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    pred = out / "predictions" / "vanilla__diagnosis.jsonl"
+    rows = _rows(pred)
+    good = pred.read_bytes()
+    pred.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "prediction": ["Patient Jane Roe"]}) + "\n")
+    with pytest.raises(UserError, match=r"vanilla__diagnosis.jsonl:2: field 'prediction' must be a string, got array"
+                       ) as err:
+        rescore(str(out))
+    assert "Jane" not in str(err.value)
+    pred.write_bytes(good.replace(b'"prediction"', b'"prediction\xff"', 1))  # a byte that is not UTF-8, line 1
+    with pytest.raises(UserError, match=r"vanilla__diagnosis.jsonl:1: not valid UTF-8"):
+        rescore(str(out))
+    # a write cut inside a multi-byte character is a torn last line: dropped when resuming, kept rows intact
+    pred.write_bytes(good + json.dumps({**rows[0], "id": "z", "prediction": "é"}, ensure_ascii=False
+                                       ).encode()[:-3])
+    with pytest.raises(UserError, match=r"vanilla__diagnosis.jsonl:3: not valid UTF-8"):
+        read_predictions(str(pred))
+    assert [r["id"] for r in read_predictions(str(pred), allow_torn_tail=True)] == [r["id"] for r in rows]
+    assert pred.read_bytes() == good
+    for damaged, message in ((b'{"models": {}, "tasks":', r"metrics.json:1: not valid JSON"),
+                             (b'{"models": "\xff"}', r"metrics.json:1: not valid UTF-8"),
+                             (b'[1, 2]', r"metrics.json: not a metrics.json written by")):
+        (out / "metrics.json").write_bytes(damaged)
+        with pytest.raises(UserError, match=message) as err:
+            rescore(str(out))
+        assert "evaluate.py run` again" in str(err.value)
+
+
+def test_argument_errors_leave_no_output_folder(finished, tmp_path):
+    from cancerllm_jax.errors import UserError
+    from cancerllm_jax.eval.runner import Decoding, RunConfig, model_names, run
+    from cancerllm_jax.eval.tasks import parse_tasks
+
+    model, _ = finished
+    one_file = tmp_path / "diagnosis.jsonl"
+    one_file.write_text(json.dumps({"context": "note", "response": "lung cancer"}) + "\n")
+    out = tmp_path / "out"
+
+    def cfg(**kw):
+        base = {"models": model_names([str(model)]), "tasks": parse_tasks(TASKS), "out": str(out), "limit": 1,
+                "decoding": Decoding(batch_size=1)}
+        return RunConfig(**{**base, **kw})
+
+    with pytest.raises(UserError, match=r"diagnosis.jsonl is one file, but 2 tasks were given \(phenotype, diagnosis"):
+        run(cfg(data=str(one_file)))
+    for bad, message in (({"limit": 0}, "--limit must be at least 1"), ({"data": str(tmp_path / "nope")}, "nope"),
+                         ({"models": model_names([str(tmp_path / "no-model")])}, "model path not found")):
+        with pytest.raises(UserError, match=message):
+            run(cfg(**bad))
+    assert not out.exists()
+
+
 def test_task_specs_and_user_jsonl(tmp_path):
     from cancerllm_jax.errors import UserError
     from cancerllm_jax.eval.tasks import TASKS, parse_tasks, read_test_split

@@ -41,10 +41,10 @@ def test_counterfactual_sweep_with_fake_trainer(tmp_path, monkeypatch):
     assert [r["n_corrupted"] for r in res.rows] == [2, 8]
     assert [r["avg_f1"] for r in res.rows] == [75.0, 25.0]  # 3 of 4 then 1 of 4 right
     assert res.mean_avg_f1["phenotype"] == 50.0
-    # a second run reuses the finished rates: no training
+    # a second run with the same settings reuses the finished rates: no training
     calls.clear()
-    rb.counterfactual_sweep("base", _recs("phenotype", 10), [], _recs("phenotype", 4), tmp_path / "cf",
-                            rates=[0.2, 0.8], log=lambda s: None)
+    rb.counterfactual_sweep("base", _recs("phenotype", 10), _recs("phenotype", 2), _recs("phenotype", 4),
+                            tmp_path / "cf", rates=[0.2, 0.8], log=lambda s: None)
     assert calls == []
     paths = rb.write_outputs(tmp_path / "out", res, "fake")
     table = Path(paths["table"]).read_text()
@@ -70,6 +70,11 @@ def test_misspelling_sweep_and_clean_reference(tmp_path, monkeypatch):
     assert seen[("diagnosis", 0.0)] == "the left breast mass 0 cm" != seen[("diagnosis", 0.5)]
     paths = rb.write_outputs(tmp_path, res, "fake")
     assert "0% (clean)" in Path(paths["table"]).read_text()
+    Path(paths["json"]).write_text('{"misspell": ')  # damaged: one clear error, not a JSONDecodeError
+    from cancerllm_jax.errors import UserError
+
+    with pytest.raises(UserError, match=r"robustness.json:1: not valid JSON .*run the sweeps again"):
+        rb.write_outputs(tmp_path, res, "fake")
 
 
 def test_load_split_reads_user_jsonl_with_clear_errors(tmp_path):
@@ -86,3 +91,173 @@ def test_load_split_reads_user_jsonl_with_clear_errors(tmp_path):
         rb.load_split(str(tmp_path), "phenotype", "test")
     (folder / "test.jsonl").write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "context": None}) + "\n")
     assert [r["response"] for r in rb.load_split(str(tmp_path), "phenotype", "test")] == ["lung cancer"] * 2
+
+
+# ------------------------------------------------------------------ cached rates are keyed on their settings
+
+
+def _fake_model(folder: Path, payload: bytes = b"w") -> str:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(payload)
+    return str(folder)
+
+
+def test_misspelling_cache_is_keyed_on_model_data_and_settings(tmp_path, monkeypatch):
+    from cancerllm_jax.errors import UserError
+
+    decoded = []
+
+    def fake_decode(lm, records, task, settings):
+        decoded.append((lm, len(records)))
+        return [r["response"] for r in records], {"seconds": 0.0}
+
+    monkeypatch.setattr(rb, "decode", fake_decode)
+    monkeypatch.setattr(rb, "load_model", lambda path, dtype: path)
+    a, b = _fake_model(tmp_path / "a" / "m"), _fake_model(tmp_path / "b" / "m", b"other weights")
+    out = tmp_path / "O"
+
+    def sweep(model, n=1, overwrite=False, **settings):
+        return rb.misspelling_sweep(model, {"diagnosis": _recs("diagnosis", n)}, out, rates=[0.2],
+                                    settings=rb.DecodeSettings(**settings), log=lambda s: None, overwrite=overwrite)
+
+    assert [r["n"] for r in sweep(a).rows] == [1]
+    assert [r["n"] for r in sweep(a).rows] == [1] and len(decoded) == 1  # the same settings: reused
+    for kwargs, needles in (({"n": 3}, ["n_test 1 (now 3)", "test_set"]),
+                            ({"max_new_tokens": 2}, ["max_new_tokens 500 (now 2)"]),
+                            ({"model": b}, ["model_path", "model_weights"])):
+        with pytest.raises(UserError) as err:
+            sweep(kwargs.pop("model", a), **kwargs)
+        for needle in [*needles, "rate_20/scores.json", "--overwrite"]:
+            assert needle in str(err.value), needle
+    assert len(decoded) == 1
+    res = sweep(b, n=3, overwrite=True)
+    assert [r["n"] for r in res.rows] == [3] and decoded[-1] == (b, 3) and res.settings["model"] == b
+    assert [r["n"] for r in sweep(b, n=3).rows] == [3] and len(decoded) == 2
+    Path(a, "model.safetensors").write_bytes(b"trained further")  # the same folder, other weights
+    with pytest.raises(UserError, match="model_weights"):
+        sweep(a, n=3)
+    # a damaged scores.json (an older version wrote it in place) is recomputed, with a warning
+    scores = out / "misspell" / "diagnosis" / "rate_20" / "scores.json"
+    scores.write_text('{"avg_f1": 1')
+    logs = []
+    rb.misspelling_sweep(b, {"diagnosis": _recs("diagnosis", 3)}, out, rates=[0.2], log=logs.append)
+    assert len(decoded) == 3 and any("scores.json:1: not valid JSON" in m and "recomputing" in m for m in logs)
+    assert json.loads(scores.read_text())["settings"]["n_test"] == 3
+
+
+def test_counterfactual_cache_resume_and_atomic_writes(tmp_path, monkeypatch):
+    from cancerllm_jax.errors import UserError
+
+    calls, atomic = [], []
+
+    def fake_trainer(cmd, log_path):
+        calls.append(cmd)
+        (Path(cmd[cmd.index("--workdir") + 1]) / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    def fake_decode(lm, records, task, settings):
+        return ["left"] * len(records), {"seconds": 0.0}
+
+    real_atomic = rb.write_text_atomic
+
+    def spy_atomic(path, text):
+        atomic.append(Path(path).name)
+        real_atomic(path, text)
+
+    monkeypatch.setattr(rb, "load_model", lambda path, dtype: path)
+    monkeypatch.setattr(rb, "decode", fake_decode)
+    monkeypatch.setattr(rb, "write_text_atomic", spy_atomic)
+    base = _fake_model(tmp_path / "base")
+
+    def sweep(epochs=1.0, overwrite=False, **settings):
+        return rb.counterfactual_sweep(base, _recs("phenotype", 10), _recs("phenotype", 2), _recs("phenotype", 4),
+                                       tmp_path / "cf", rates=[0.2], epochs=epochs, overrides=["lora.rank=4"],
+                                       settings=rb.DecodeSettings(**settings), trainer=fake_trainer,
+                                       log=lambda s: None, overwrite=overwrite)
+
+    sweep()
+    assert len(calls) == 1 and "--resume" not in calls[0]
+    assert {"scores.json", "corrupted_ids.json", "settings.json"} <= set(atomic)
+    d = tmp_path / "cf" / "counterfactual" / "rate_20"
+    assert json.loads((d / "corrupted_ids.json").read_text()) and not list(d.glob("*.tmp*"))
+    # interrupted after training started: scores.json missing, run/ there -> the run is resumed, not refused
+    (d / "scores.json").unlink()
+    sweep()
+    assert len(calls) == 2 and "--resume" in calls[1]
+    with pytest.raises(UserError, match=r"epochs 1.0 \(now 2.0\).*--overwrite"):
+        sweep(epochs=2.0)
+    with pytest.raises(UserError, match=r"max_new_tokens 50 \(now 3\)"):
+        sweep(max_new_tokens=3)
+    assert len(calls) == 2
+    sweep(max_new_tokens=3, overwrite=True)  # only the decoding changed: the run is reused (resumed), re-scored
+    assert len(calls) == 3 and "--resume" in calls[2]
+    assert json.loads((d / "scores.json").read_text())["settings"]["max_new_tokens"] == 3
+    (d / "scores.json").unlink()
+    with pytest.raises(UserError, match=r"rate_20/run: a fine-tuning run made with other settings: epochs"):
+        sweep(epochs=2.0)  # an unfinished run of other training settings is never continued
+    sweep(epochs=2.0, overwrite=True)
+    assert len(calls) == 4 and "--resume" not in calls[3] and calls[3][calls[3].index("--epochs") + 1] == "2"
+
+
+def test_finetune_command_uses_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("models/base").mkdir(parents=True)
+    cmd = rb.finetune_command("models/base", Path("rb/train.jsonl"), Path("rb/val.jsonl"), Path("rb/run"), 1.0,
+                              ["lora.rank=4"], resume=True)
+    for flag, rel in (("--model", "models/base"), ("--data", "rb/train.jsonl"), ("--eval-data", "rb/val.jsonl"),
+                      ("--workdir", "rb/run")):
+        assert cmd[cmd.index(flag) + 1] == str(tmp_path / rel), flag
+    assert "--resume" in cmd and cmd[-1] == "lora.rank=4"
+    assert rb.finetune_command("tiny", Path("t"), Path("v"), Path("w"), 1.0)[3] == "tiny"  # a preset stays
+
+
+def test_counterfactual_with_relative_paths_resumes_an_interrupted_rate(tmp_path, monkeypatch):
+    """The real fine-tuning subprocess, from a working folder other than the checkout, with a relative --model and
+    --out (as the README's examples); then a rate interrupted after its first checkpoint resumes on a re-run."""
+    import torch
+    import transformers
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=32000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                     sliding_window=64)
+    transformers.MistralForCausalLM(cfg).save_pretrained("models/tiny", safe_serialization=True)
+    settings = rb.DecodeSettings(max_new_tokens=2, max_prompt_tokens=64)
+
+    def sweep():
+        return rb.counterfactual_sweep("models/tiny", _recs("phenotype", 4), _recs("phenotype", 2),
+                                       _recs("phenotype", 1), "rb", rates=[0.5], epochs=1.0, settings=settings,
+                                       overrides=["steps=2", "save_every=1", "batch_size=2", "lora.rank=4",
+                                                  "data.max_seq_len=64"], log=lambda s: None)
+
+    first = sweep()
+    d = tmp_path / "rb" / "counterfactual" / "rate_50"
+    assert first.rows[0]["n"] == 1 and (d / "run" / "checkpoints" / "2").is_dir()
+    # as if killed after step 1's checkpoint: no step-2 checkpoint, no scores
+    import shutil
+
+    shutil.rmtree(d / "run" / "checkpoints" / "2")
+    (d / "scores.json").unlink()
+    again = sweep()
+    assert "resumed from step 1" in (d / "finetune.log").read_text()
+    assert (d / "run" / "checkpoints" / "2").is_dir() and again.rows[0]["n"] == 1
+
+
+@pytest.mark.parametrize("flag", ["--limit", "--train-limit", "--epochs"])
+def test_cli_refuses_limits_that_would_drop_examples(tmp_path, flag):
+    import importlib.util
+    import sys
+
+    from cancerllm_jax.errors import UserError
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "launch"))
+    spec = importlib.util.spec_from_file_location("launch_robustness", root / "launch" / "robustness.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    command = "misspell" if flag == "--limit" else "counterfactual"
+    for value in ("0", "-1"):
+        with pytest.raises(UserError, match=f"{flag} must be positive"):
+            mod.main.__wrapped__([command, "--model", "tiny", "--out", str(tmp_path / "o"), flag, value])
+    assert not (tmp_path / "o").exists()

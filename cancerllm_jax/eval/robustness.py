@@ -8,7 +8,15 @@
 
 Both return rows (per rate: the EM / BLEU-2 / ROUGE-L precision, recall, F1 and the Average F1) and the mean Average
 F1 over the rates; rate 0 may be given as a clean reference and is then left out of that mean. Each finished rate
-leaves ``scores.json`` in its folder and is reused when the sweep is run again (delete the folder to redo it).
+leaves ``scores.json`` in its folder, holding the scores and every setting that produced them: the model's resolved
+path and weights fingerprint (:func:`~cancerllm_jax.eval.runner.model_fingerprint`), the rate and noise seed, a
+digest of the records used (so ``--limit``, ``--train-limit``, the data and the patients count), the decoding limits,
+stop strings, dtype and protocol, and for the counterfactual sweep the epochs and fine-tuning overrides. A re-run
+reuses a rate only when all of these match; when any differs the sweep stops before any work with an error naming the
+differences (``overwrite=True`` / ``--overwrite`` recomputes such rates instead, replacing their results). A damaged
+``scores.json`` is recomputed with a warning. A counterfactual rate whose fine-tuning was interrupted resumes that run
+(its settings are kept in ``settings.json`` beside it; a run made with other training settings is refused, or started
+again with ``--overwrite``); a finished run is reused when only the decoding settings changed.
 :func:`write_outputs` writes ``table5.md`` / ``table6.md``, ``robustness.json`` and ``robustness.png``.
 Decoding is greedy with the paper's limits unless told otherwise; nothing here imports jax until a model is loaded.
 """
@@ -17,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,12 +37,15 @@ from typing import Any
 from cancerllm_jax.errors import UserError
 from cancerllm_jax.eval.noise import corrupt_phenotype_labels, misspell_record
 from cancerllm_jax.eval.protocol import score
+from cancerllm_jax.eval.runner import differences, model_fingerprint, read_json_file
+from cancerllm_jax.train.run_io import write_text_atomic
 
 COUNTERFACTUAL_RATES = (0.2, 0.4, 0.6, 0.8)
 MISSPELLING_RATES = (0.02, 0.04, 0.06, 0.08, 0.2, 0.4, 0.6, 0.8)
 TASK_LIMITS = {"phenotype": (1500, 50), "diagnosis": (1500, 500), "treatment_plan": (4000, 500)}  # in / new tokens
 METRIC_LABELS = (("em", "EM"), ("bleu2", "BLEU-2"), ("rougeL", "ROUGE-L"))
 ROOT = Path(__file__).resolve().parents[2]
+SETTINGS_FORMAT = "cancerllm-jax/robustness-settings-v1"
 
 
 @dataclass
@@ -50,6 +62,12 @@ class DecodeSettings:
     def limits(self, task: str) -> tuple[int, int]:
         inp, new = TASK_LIMITS.get(task, (1500, 500))
         return self.max_prompt_tokens or inp, self.max_new_tokens or new
+
+    def key(self, task: str) -> dict[str, Any]:
+        """The settings that change ``task``'s scores (the batch size does not: decoding is greedy)."""
+        max_in, max_new = self.limits(task)
+        return {"max_prompt_tokens": max_in, "max_new_tokens": max_new, "stop": list(self.stop), "dtype": self.dtype,
+                "protocol": self.protocol}
 
 
 @dataclass
@@ -139,19 +157,60 @@ def _prediction_rows(records: Sequence[dict], preds: Sequence[str]) -> list[dict
             for i, (r, p) in enumerate(zip(records, preds, strict=True))]
 
 
-def evaluate_records(lm: Any, records: Sequence[dict], task: str, settings: DecodeSettings, out_dir: Path
-                     ) -> dict[str, Any]:
-    """Decode, score, and write ``predictions.jsonl`` + ``scores.json`` into ``out_dir``; return the scores."""
+def evaluate_records(lm: Any, records: Sequence[dict], task: str, settings: DecodeSettings, out_dir: Path,
+                     key: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Decode, score, and write ``predictions.jsonl`` + ``scores.json`` (the scores, ``extra`` and, under
+    ``settings``, the ``key`` of what produced them) into ``out_dir``, each atomically; return the scores."""
     preds, stats = decode(lm, records, task, settings)
-    result = {**score_predictions(records, preds, settings.protocol), **stats}
+    result = {**score_predictions(records, preds, settings.protocol), **stats, **(extra or {})}
     write_jsonl(out_dir / "predictions.jsonl", _prediction_rows(records, preds))
-    (out_dir / "scores.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(str(out_dir / "scores.json"), json.dumps({**result, "settings": key}, indent=2) + "\n")
     return result
 
 
-def _cached(out_dir: Path) -> dict[str, Any] | None:
+def records_digest(records: Sequence[dict]) -> str:
+    """A digest of records (what ``--limit``, the data and its seed select); the text itself is never stored."""
+    text = json.dumps(list(records), sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def model_key(model: str | Any, prefix: str = "model") -> dict[str, Any]:
+    """The model's resolved path and weights fingerprint (a loaded LM: those of its source folder)."""
+    source = model if isinstance(model, str) else getattr(model, "source", None)
+    if not isinstance(source, str) or not source:
+        return {f"{prefix}_path": type(model).__name__, f"{prefix}_checkpoint_step": None, f"{prefix}_weights": None}
+    fp = model_fingerprint(source)
+    return {f"{prefix}_path": fp["path"], f"{prefix}_checkpoint_step": fp["checkpoint_step"],
+            f"{prefix}_weights": fp["weights"]}
+
+
+_REDO = "use another --out, or pass --overwrite to recompute such rates (their old results are replaced)"
+
+
+def _cached(out_dir: Path, key: dict[str, Any] | None = None, overwrite: bool = False,
+            log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """The scores in ``out_dir/scores.json`` when they were computed with the settings ``key``; ``None`` when there
+    are none to reuse (none, damaged — with a warning — or other settings with ``overwrite``). Other settings without
+    ``overwrite`` raise ``UserError`` naming the differences."""
     path = out_dir / "scores.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        data = read_json_file(str(path), "cached result")
+        if not isinstance(data, dict) or not isinstance(data.get("avg_f1"), (int, float)):
+            raise UserError(f"{path}: not a scores.json this tool wrote (no 'avg_f1')")
+    except UserError as e:
+        log(f"warning: {e}; recomputing it")
+        return None
+    have = data.pop("settings", None)
+    if key is None or have == key:
+        return data
+    if overwrite:
+        log(f"{path}: computed with other settings; --overwrite: recomputing")
+        return None
+    what = (f"was computed with other settings: {'; '.join(differences(have, key))}" if isinstance(have, dict) else
+            "holds no record of the settings that produced it (an older version wrote it)")
+    raise UserError(f"{path} {what}. Reusing it would mix results of other settings into this table: {_REDO}")
 
 
 def rate_dir(root: Path, rate: float) -> Path:
@@ -167,23 +226,72 @@ def mean_over_rates(rows: Sequence[dict], task: str) -> float:
 # ---------------------------------------------------------------- the two sweeps
 
 
+def _absolute(path: str | os.PathLike) -> str:
+    """``path`` made absolute against this process's working folder (a name that is not a path is kept: a preset)."""
+    path = os.path.expanduser(str(path))
+    return os.path.abspath(path) if os.path.exists(path) or os.sep in path else path
+
+
 def finetune_command(base_model: str, train: Path, val: Path, workdir: Path, epochs: float,
-                     overrides: Sequence[str] = ()) -> list[str]:
-    """The ``launch/finetune.py`` command line of one counterfactual run."""
+                     overrides: Sequence[str] = (), resume: bool = False) -> list[str]:
+    """The ``launch/finetune.py`` command line of one counterfactual run, with absolute paths (the subprocess may
+    run in another folder); ``resume`` continues the run in ``workdir``."""
     script = ROOT / "launch" / "finetune.py"
     if not script.is_file():
         raise UserError(f"{script} not found: the counterfactual sweep runs launch/finetune.py from a checkout")
-    return [sys.executable, str(script), "--model", base_model, "--data", str(train), "--eval-data", str(val),
-            "--epochs", f"{epochs:g}", "--workdir", str(workdir), *overrides]
+    return [sys.executable, str(script), "--model", _absolute(base_model), "--data", _absolute(train),
+            "--eval-data", _absolute(val), "--epochs", f"{epochs:g}", "--workdir", _absolute(workdir),
+            *(["--resume"] if resume else []), *overrides]
 
 
 def run_finetune(cmd: Sequence[str], log_path: Path) -> None:
-    """Run one fine-tuning subprocess, its output to ``log_path``; a failure is a UserError with the log's tail."""
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, check=False)
+    """Run one fine-tuning subprocess in this process's working folder (so relative paths in key=value overrides
+    mean what they meant to the caller), its output appended to ``log_path``; a failure is a UserError with the
+    log's tail."""
+    with open(log_path, "a", encoding="utf-8") as log:
+        proc = subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
         tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-15:])
         raise UserError(f"fine-tuning failed (exit {proc.returncode}); see {log_path}:\n{tail}")
+
+
+def _read_settings(path: Path) -> dict[str, Any] | None:
+    """A rate's ``settings.json`` (what its fine-tuning run was started with), or None when absent or damaged."""
+    if not path.is_file():
+        return None
+    try:
+        data = read_json_file(str(path), "record of the fine-tuning settings")
+    except UserError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _run_finished(run: Path) -> bool:
+    """True when the training run in ``run`` has a checkpoint at its last step."""
+    from cancerllm_jax.train import run_io
+
+    try:
+        steps = run_io.read_run_meta(str(run))["config"]["steps"]
+        latest = run_io.latest_step(str(run / "checkpoints"))
+    except (UserError, OSError, KeyError, TypeError):
+        return False
+    return isinstance(steps, int) and steps > 0 and latest is not None and latest >= steps
+
+
+def _training_state(d: Path, train_key: dict[str, Any], overwrite: bool) -> str:
+    """``"fresh"`` (no run yet, or one to start again with ``overwrite``), ``"resume"`` (an interrupted run made with
+    ``train_key``) or ``"done"`` (a finished one); a run made with other settings is a ``UserError``."""
+    run = d / "run"
+    if not run.exists():
+        return "fresh"
+    have = _read_settings(d / "settings.json")
+    if have == train_key:
+        return "done" if _run_finished(run) else "resume"
+    if overwrite:
+        return "fresh"
+    what = (f"made with other settings: {'; '.join(differences(have, train_key))}" if have is not None else
+            f"with no readable record of its settings ({d / 'settings.json'})")
+    raise UserError(f"{run}: a fine-tuning run {what}. Continuing it would mix them: {_REDO}")
 
 
 def counterfactual_sweep(base_model: str, train: Sequence[dict], val: Sequence[dict], test: Sequence[dict],
@@ -191,30 +299,54 @@ def counterfactual_sweep(base_model: str, train: Sequence[dict], val: Sequence[d
                          epochs: float = 1.0, overrides: Sequence[str] = (), seed: int = 0,
                          settings: DecodeSettings | None = None,
                          trainer: Callable[[Sequence[str], Path], None] = run_finetune,
-                         log: Callable[[str], None] = print) -> SweepResult:
-    """Per rate: corrupt the training labels, fine-tune ``base_model``, score on the clean ``test`` set."""
+                         log: Callable[[str], None] = print, overwrite: bool = False) -> SweepResult:
+    """Per rate: corrupt the training labels, fine-tune ``base_model``, score on the clean ``test`` set. A rate is
+    reused, resumed or refused as the module doc says; every rate is checked before any is computed."""
     settings = settings or DecodeSettings()
     root = Path(out_dir) / "counterfactual"
+    base = {"format": SETTINGS_FORMAT, "sweep": "counterfactual", **model_key(base_model, "base_model"),
+            "seed": seed, "epochs": epochs, "overrides": list(overrides), "train_set": records_digest(train),
+            "n_train": len(train), "val_set": records_digest(val), "n_val": len(val)}
+    eval_key = {"test_set": records_digest(test), "n_test": len(test), **settings.key("phenotype")}
+    plans = []
+    for rate in rates:  # check every rate's cache and run first: a refusal comes before any work
+        d = rate_dir(root, rate)
+        train_key = {**base, "rate": rate}
+        key = {**train_key, **eval_key}
+        result = _cached(d, key, overwrite, log)
+        plans.append((rate, d, train_key, key, result, None if result is not None else
+                      _training_state(d, train_key, overwrite)))
     write_jsonl(root / "val.jsonl", val)
     write_jsonl(root / "test.jsonl", test)
     rows = []
-    for rate in rates:
-        d = rate_dir(root, rate)
+    for rate, d, train_key, key, result, state in plans:
         d.mkdir(parents=True, exist_ok=True)
-        result = _cached(d)
         corrupted_records, ids = corrupt_phenotype_labels(train, rate, seed)
         if result is None:
+            if state == "fresh":
+                for stale in ("run", "scores.json", "settings.json"):
+                    if (d / stale).is_dir():
+                        shutil.rmtree(d / stale)
+                    elif (d / stale).exists():
+                        (d / stale).unlink()
             write_jsonl(d / "train.jsonl", corrupted_records)
-            (d / "corrupted_ids.json").write_text(json.dumps(ids) + "\n", encoding="utf-8")
-            cmd = finetune_command(base_model, d / "train.jsonl", root / "val.jsonl", d / "run", epochs, overrides)
-            log(f"[counterfactual {rate:.0%}] {len(ids)}/{len(train)} labels corrupted; fine-tuning ...")
-            t0 = time.perf_counter()
-            trainer(cmd, d / "finetune.log")
-            train_s = time.perf_counter() - t0
-            log(f"[counterfactual {rate:.0%}] trained in {train_s:.0f} s; scoring {len(test)} clean test examples")
-            result = evaluate_records(load_model(str(d / "run"), settings.dtype), test, "phenotype", settings, d)
-            result["train_seconds"] = round(train_s, 1)
-            (d / "scores.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            write_text_atomic(str(d / "corrupted_ids.json"), json.dumps(ids) + "\n")
+            write_text_atomic(str(d / "settings.json"), json.dumps(train_key, indent=2) + "\n")
+            extra = {}
+            if state == "done":
+                log(f"[counterfactual {rate:.0%}] reusing the finished fine-tuning run {d / 'run'}")
+            else:
+                cmd = finetune_command(base_model, d / "train.jsonl", root / "val.jsonl", d / "run", epochs,
+                                       overrides, resume=state == "resume")
+                log(f"[counterfactual {rate:.0%}] {len(ids)}/{len(train)} labels corrupted; "
+                    + ("resuming the interrupted fine-tuning run ..." if state == "resume" else "fine-tuning ..."))
+                t0 = time.perf_counter()
+                trainer(cmd, d / "finetune.log")
+                extra["train_seconds"] = round(time.perf_counter() - t0, 1)
+                log(f"[counterfactual {rate:.0%}] trained in {extra['train_seconds']:.0f} s")
+            log(f"[counterfactual {rate:.0%}] scoring {len(test)} clean test examples")
+            result = evaluate_records(load_model(str(d / "run"), settings.dtype), test, "phenotype", settings, d,
+                                      key, extra)
         else:
             log(f"[counterfactual {rate:.0%}] reusing {d / 'scores.json'}")
         rows.append({"task": "phenotype", "rate": rate, "n_corrupted": len(ids), "n_train": len(train), **result})
@@ -227,26 +359,33 @@ def counterfactual_sweep(base_model: str, train: Sequence[dict], val: Sequence[d
 
 def misspelling_sweep(model: str | Any, tests: dict[str, Sequence[dict]], out_dir: str | os.PathLike,
                       rates: Sequence[float] = MISSPELLING_RATES, seed: int = 0,
-                      settings: DecodeSettings | None = None, log: Callable[[str], None] = print) -> SweepResult:
-    """Per task and rate: misspell the test contexts, score ``model`` (a path, loaded once, or a loaded LM)."""
+                      settings: DecodeSettings | None = None, log: Callable[[str], None] = print,
+                      overwrite: bool = False) -> SweepResult:
+    """Per task and rate: misspell the test contexts, score ``model`` (a path, loaded once, or a loaded LM). A rate
+    is reused only when its settings match (see the module doc); every rate is checked before any is computed."""
     settings = settings or DecodeSettings()
     root = Path(out_dir) / "misspell"
-    lm = None
-    rows = []
+    base = {"format": SETTINGS_FORMAT, "sweep": "misspell", **model_key(model), "seed": seed}
+    plans = []
     for task, records in tests.items():
         for rate in rates:
             d = rate_dir(root / task, rate)
-            d.mkdir(parents=True, exist_ok=True)
-            noisy = [misspell_record(r, rate, seed) for r in records]
-            result = _cached(d)
-            if result is None:
-                write_jsonl(d / "test.jsonl", noisy)
-                if lm is None:
-                    lm = load_model(model, settings.dtype) if isinstance(model, str) else model
-                result = evaluate_records(lm, noisy, task, settings, d)
-            words = sum(r["noise"]["words"] for r in noisy)
-            rows.append({"task": task, "rate": rate, "misspelled_words": words, **result})
-            log(f"[misspell {task} {rate:.0%}] {words} words misspelled; Avg F1 {result['avg_f1']:.2f}")
+            key = {**base, "task": task, "rate": rate, "test_set": records_digest(records), "n_test": len(records),
+                   **settings.key(task)}
+            plans.append((task, records, rate, d, key, _cached(d, key, overwrite, log)))
+    lm = None
+    rows = []
+    for task, records, rate, d, key, result in plans:
+        d.mkdir(parents=True, exist_ok=True)
+        noisy = [misspell_record(r, rate, seed) for r in records]
+        if result is None:
+            write_jsonl(d / "test.jsonl", noisy)
+            if lm is None:
+                lm = load_model(model, settings.dtype) if isinstance(model, str) else model
+            result = evaluate_records(lm, noisy, task, settings, d, key)
+        words = sum(r["noise"]["words"] for r in noisy)
+        rows.append({"task": task, "rate": rate, "misspelled_words": words, **result})
+        log(f"[misspell {task} {rate:.0%}] {words} words misspelled; Avg F1 {result['avg_f1']:.2f}")
     return SweepResult("misspell", rows, {t: mean_over_rates(rows, t) for t in tests},
                        {"model": model if isinstance(model, str) else getattr(model, "source", "LM"), "seed": seed,
                         "rates": list(rates), "decode": vars(settings) | {"stop": list(settings.stop)},
@@ -335,7 +474,10 @@ def write_outputs(out_dir: str | os.PathLike, result: SweepResult, model_name: s
 
     write_text_atomic(str(table), table_markdown(result, model_name))
     js = out / "robustness.json"
-    data = json.loads(js.read_text(encoding="utf-8")) if js.is_file() else {}
+    data = read_json_file(str(js), "merged results file", "delete it and run the sweeps again (their finished rates "
+                          "are reused)") if js.is_file() else {}
+    if not isinstance(data, dict):
+        raise UserError(f"{js}: expected a JSON object; delete it and run the sweeps again")
     data[result.kind] = {**result.to_json(), "model_name": model_name}
     write_text_atomic(str(js), json.dumps(data, indent=2) + "\n")
     results = [SweepResult(v["kind"], v["rows"], v["mean_avg_f1"], v["settings"]) for k, v in sorted(data.items())]

@@ -4,7 +4,12 @@ For every (model, task) the runner writes ``OUT/predictions/<model>__<task>.json
 ``{id, prompt_hash, gold, prediction}`` per test instance, appended and flushed as each batch finishes, plus
 ``<model>__<task>.stats.jsonl`` with one line of timing/token/memory figures per decoded batch. A run that is
 interrupted and started again with the same ``--out`` resumes: instances already in the prediction file are not
-decoded again (their prompt hash must match the prompt built now, else it is an error). ``OUT/metrics.json`` and
+decoded again (their prompt hash must match the prompt built now, else it is an error). Beside each prediction file,
+``<model>__<task>.produced_by.json`` records what made its rows: the model's resolved path and a weights fingerprint
+(sizes and modification times of the weight files; a training run's checkpoint step), the task and every setting that
+changes the output (token limits, stop strings, prompt format and shots, sampling settings, dtype, tokenizer). A run
+whose model or settings differ from that record is refused (``overwrite=True`` / ``--overwrite`` discards such files
+and decodes again), so one file never mixes predictions of two models or two decodings. ``OUT/metrics.json`` and
 ``OUT/report.md`` (with PNG plots) are written at the end; ``rescore(OUT)`` rebuilds both from the prediction
 files alone, without a model.
 
@@ -17,6 +22,7 @@ least the earlier one's.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -27,12 +33,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cancerllm_jax.data.sources import json_type_name
 from cancerllm_jax.errors import UserError
 from cancerllm_jax.eval.protocol import PROTOCOLS, score
-from cancerllm_jax.eval.tasks import (TaskSpec, build_few_shot_prompt, build_prompt, describe_data, get_task,
-                                     read_test_split, read_train_split)
+from cancerllm_jax.eval.tasks import (TaskSpec, _parse_synthetic, build_few_shot_prompt, build_prompt, describe_data,
+                                     get_task, read_test_split, read_train_split)
 
 PRED_FIELDS = ("id", "prompt_hash", "gold", "prediction")
+PROVENANCE_FORMAT = "cancerllm-jax/eval-provenance-v1"
 _NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -69,6 +77,7 @@ class RunConfig:
     mesh: str = "1x1"
     tokenizer: str | None = None
     progress: bool = True
+    overwrite: bool = False  # discard prediction files made by another model or with other settings
 
 
 # ---------------------------------------------------------------- names and paths
@@ -103,43 +112,160 @@ def stats_path(out: str, model: str, task: str) -> str:
     return os.path.join(out, "predictions", f"{model}__{task}.stats.jsonl")
 
 
+def provenance_path(out: str, model: str, task: str) -> str:
+    return os.path.join(out, "predictions", f"{model}__{task}.produced_by.json")
+
+
+# ---------------------------------------------------------------- what produced a prediction file
+
+_WEIGHT_NAMES = re.compile(r"(\.safetensors|\.model|\.json|\.txt|\.tiktoken)$")
+
+
+def _files_digest(root: str, rels: Sequence[str]) -> str:
+    """A cheap fingerprint of files: sha256 of their relative paths, sizes and modification times."""
+    entries = []
+    for rel in rels:
+        full = os.path.join(root, rel)
+        if os.path.isdir(full):
+            for folder, dirs, files in os.walk(full):
+                dirs.sort()
+                for name in sorted(files):
+                    st = os.stat(os.path.join(folder, name))
+                    entries.append([os.path.relpath(os.path.join(folder, name), root), st.st_size, st.st_mtime_ns])
+        elif os.path.isfile(full):
+            st = os.stat(full)
+            entries.append([rel, st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(path: str) -> dict[str, Any]:
+    """``{path, checkpoint_step, weights}``: the model folder's resolved path and a fingerprint of its weights — sizes
+    and modification times of the weight, config and tokenizer files (a training run: ``run.json``, ``base/`` and
+    its latest checkpoint). Cheap (no weight is read); a copy made without keeping modification times counts as
+    other weights. A path that does not exist (a preset name) has ``weights: None``."""
+    from cancerllm_jax.train import run_io
+
+    real = os.path.realpath(os.path.expanduser(path))
+    if not os.path.isdir(real):
+        return {"path": path if not os.path.exists(real) else real, "checkpoint_step": None, "weights": None}
+    if run_io.is_run_dir(real):
+        step = run_io.latest_step(os.path.join(real, "checkpoints"))
+        rels = [run_io.RUN_FILE, "base"] + ([os.path.join("checkpoints", str(step))] if step is not None else [])
+        return {"path": real, "checkpoint_step": step, "weights": _files_digest(real, rels)}
+    rels = sorted(n for n in os.listdir(real) if _WEIGHT_NAMES.search(n) and not n.startswith("."))
+    if os.path.isdir(os.path.join(real, "params")):  # a converted checkpoint's Orbax parameters
+        rels.append("params")
+    return {"path": real, "checkpoint_step": None, "weights": _files_digest(real, rels)}
+
+
+def provenance(fingerprint: dict[str, Any], spec: TaskSpec, cfg: RunConfig) -> dict[str, Any]:
+    """Everything that decides the predictions of one (model, task): the model and every output-changing setting.
+    Sampling settings that greedy decoding ignores are left out (the seed stays when it draws k-shot exemplars)."""
+    d = cfg.decoding
+    greedy = d.temperature <= 0
+    return {"format": PROVENANCE_FORMAT, "task": spec.name, "model_path": fingerprint["path"],
+            "checkpoint_step": fingerprint["checkpoint_step"], "weights": fingerprint["weights"],
+            "prompt_format": f"alpaca, {d.shots}-shot" if d.shots else "alpaca, zero-shot",
+            "max_input_tokens": spec.max_input_tokens, "max_new_tokens": spec.max_new_tokens, "stop": list(spec.stop),
+            "temperature": 0.0 if greedy else d.temperature, "top_k": None if greedy else d.top_k,
+            "top_p": None if greedy else d.top_p, "seed": d.seed if not greedy or d.shots else None,
+            "dtype": cfg.dtype, "tokenizer": cfg.tokenizer}
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``"key OLD (now NEW)"`` for every key whose value differs (``format`` aside)."""
+    keys = [k for k in new if k != "format"] + [k for k in old if k not in new and k != "format"]
+    return [f"{k} {old.get(k)!r} (now {new.get(k)!r})" for k in keys if old.get(k) != new.get(k)]
+
+
+def read_json_file(path: str, what: str = "file", fix: str = "") -> Any:
+    """A JSON file's content; bytes that are not UTF-8 or text that is not JSON raise ``UserError`` naming
+    ``path:line`` (never quoting the content), then ``fix`` (what to do)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    fix = f"; {fix}" if fix else ""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}): this {what} is damaged"
+                        f"{fix}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg}): this {what} is damaged or cut short"
+                        f"{fix}") from None
+
+
+def _has_rows(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return any(line.strip() for line in f)
+
+
+def check_provenance(out: str, model: str, task: str, want: dict[str, Any], overwrite: bool) -> bool:
+    """Refuse to resume a prediction file that another model or other settings made (``UserError`` saying what
+    differs); returns True when the file must be discarded first (``overwrite``, or nothing in it to keep)."""
+    pred, meta = pred_path(out, model, task), provenance_path(out, model, task)
+    if os.path.isfile(meta):
+        try:
+            have = read_json_file(meta, "record of what made the predictions",
+                                  "delete it and its prediction file, or pass --overwrite")
+            if not isinstance(have, dict):
+                raise UserError(f"{meta}: expected a JSON object, got {json_type_name(have)}")
+        except UserError:
+            if overwrite or not _has_rows(pred):
+                return True
+            raise
+        if have == want:
+            return False
+        problem = f"its predictions were made with other settings: {'; '.join(differences(have, want))}"
+    else:
+        problem = f"its predictions have no record of the model and settings that made them ({meta} is missing)"
+    if not _has_rows(pred) or overwrite:
+        return True
+    raise UserError(f"{pred}: {problem}. Resuming would mix two models' or two decodings' predictions: use a fresh "
+                    "--out, or pass --overwrite to discard this file and decode it again")
+
+
 # ---------------------------------------------------------------- prediction files
 
 
 def read_predictions(path: str, allow_torn_tail: bool = False) -> list[dict]:
     """The rows of a prediction file, checked: JSON objects with ``id, prompt_hash, gold, prediction``, no duplicate
-    ids. With ``allow_torn_tail`` an unparsable LAST line without a newline (a write cut by an interrupt) is dropped
-    from the file; anywhere else it is an error."""
+    ids. With ``allow_torn_tail`` an unreadable LAST line without a newline (a write cut by an interrupt) is cut from
+    the file; anywhere else it is an error. Errors name ``path:line`` and never quote the line."""
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    lines = text.split("\n")
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
     rows, seen = [], {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            torn = number == len(lines) and not text.endswith("\n")
-            if torn and allow_torn_tail:
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write("\n".join(lines[:-1]) + ("\n" if len(lines) > 1 else ""))
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if number == len(lines) and allow_torn_tail:  # the last line, with no newline after it
+                os.truncate(path, len(data) - len(raw))
                 print(f"warning: {path}:{number}: dropped an incomplete last line (interrupted write); "
                       "it will be decoded again", file=sys.stderr)
                 break
-            raise UserError(f"{path}:{number}: not valid JSON ({e.msg}); fix or delete the line "
-                            "(a deleted row is decoded again on the next run)") from e
+            what = (f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                    if isinstance(e, UnicodeDecodeError) else f"not valid JSON ({e.msg})")
+            raise UserError(f"{path}:{number}: {what}; fix or delete the line "
+                            "(a deleted row is decoded again on the next run)") from None
         if not isinstance(obj, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+            raise UserError(f"{path}:{number}: expected a JSON object, got {json_type_name(obj)}")
         missing = [k for k in PRED_FIELDS if k not in obj]
         if missing:
             raise UserError(f"{path}:{number}: missing field(s) {', '.join(missing)} "
                             f"(a prediction row is {{{', '.join(PRED_FIELDS)}}})")
         for k in PRED_FIELDS:
             if not isinstance(obj[k], str):
-                raise UserError(f"{path}:{number}: field '{k}' must be a string, got {json.dumps(obj[k])[:40]}")
+                raise UserError(f"{path}:{number}: field '{k}' must be a string, got {json_type_name(obj[k])}")
         if obj["id"] in seen:
             raise UserError(f"{path}:{number}: duplicate id {obj['id']!r} (first on line {seen[obj['id']]})")
         seen[obj["id"]] = number
@@ -370,6 +496,10 @@ def score_all(metrics: dict[str, Any], out: str, protocol: str, split: dict[str,
             res = score_predictions(path, protocol, expected, order)
             res["efficiency"] = summarize_stats(read_stats(stats_path(out, model, task)))
             res["predictions"] = os.path.relpath(path, out)
+            meta = provenance_path(out, model, task)
+            if os.path.isfile(meta):  # what made the file's predictions (model, weights, decoding settings)
+                res["produced_by"] = read_json_file(meta, "record of what made the predictions",
+                                                    "delete it to re-score without it")
             if get_task(task).kind == "radonc":
                 rows = read_predictions(path)
                 extra = _radonc_metrics(task, [r["gold"] for r in rows], [r["prediction"] for r in rows])
@@ -384,11 +514,9 @@ def score_all(metrics: dict[str, Any], out: str, protocol: str, split: dict[str,
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    from cancerllm_jax.train.run_io import write_text_atomic
+
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def run(cfg: RunConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
@@ -401,8 +529,32 @@ def run(cfg: RunConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
         raise UserError(f"--batch-size must be at least 1, got {cfg.decoding.batch_size}")
     if not cfg.models:
         raise UserError("give at least one --model")
-    os.makedirs(cfg.out, exist_ok=True)
+    if len(cfg.tasks) > 1 and _parse_synthetic(cfg.data) is None and os.path.isfile(cfg.data):
+        raise UserError(f"--data {cfg.data} is one file, but {len(cfg.tasks)} tasks were given "
+                        f"({', '.join(s.name for s in cfg.tasks)}): one file is one task's test split; give one "
+                        "task, or a folder with <task>/test.jsonl for each")
+    # everything that can be checked without a model is checked before OUT is created
     records = {spec.name: read_test_split(spec.name, cfg.data, cfg.limit) for spec in cfg.tasks}
+    fingerprints = {}
+    for m in cfg.models:
+        if not os.path.exists(os.path.expanduser(m.path)):
+            raise UserError(f"model path not found: {os.path.abspath(os.path.expanduser(m.path))}")
+        fingerprints[m.name] = model_fingerprint(m.path)
+    wanted = {(m.name, s.name): provenance(fingerprints[m.name], s, cfg) for m in cfg.models for s in cfg.tasks}
+    fresh = [key for key, want in wanted.items() if check_provenance(cfg.out, *key, want, cfg.overwrite)]
+    os.makedirs(os.path.join(cfg.out, "predictions"), exist_ok=True)
+    discarded = [key for key in fresh if _has_rows(pred_path(cfg.out, *key))]
+    if discarded:  # the old metrics and report describe the predictions discarded now
+        for stale in ("metrics.json", "report.md"):
+            if os.path.isfile(os.path.join(cfg.out, stale)):
+                os.remove(os.path.join(cfg.out, stale))
+    for key in fresh:
+        for path in (pred_path(cfg.out, *key), stats_path(cfg.out, *key)):
+            if os.path.isfile(path):
+                os.remove(path)
+        if key in discarded:
+            log(f"[{key[0]} / {key[1]}] --overwrite: discarded predictions made with other settings")
+        _write_json(provenance_path(cfg.out, *key), wanted[key])
     session = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     metrics: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -410,8 +562,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
         "decoding": cfg.decoding.to_dict(), "dtype": cfg.dtype, "mesh": cfg.mesh,
         "seeds": {"decoding": cfg.decoding.seed, "synthetic_data": cfg.data if cfg.data.startswith("synthetic")
                   else None},
-        "models": {m.name: {"path": os.path.abspath(m.path) if os.path.exists(m.path) else m.path}
-                   for m in cfg.models},
+        "models": {m.name: dict(fingerprints[m.name]) for m in cfg.models},
         "tasks": {s.name: {**s.to_dict(), "n": len(records[s.name]), "ids": [str(r["id"]) for r in records[s.name]]}
                   for s in cfg.tasks},
         "versions": versions(), "device": device_info(), "command": " ".join(sys.argv),
@@ -448,13 +599,20 @@ def _param_count(lm) -> float:
     return float(sum(x.size for x in jax.tree.leaves(lm.state) if hasattr(x, "size")))
 
 
+_REBUILD = ("run `evaluate.py run` again with the same --out, models and settings to rebuild it (finished "
+            "predictions are not decoded again)")
+
+
 def rescore(out: str, protocol: str | None = None, write: bool = True) -> dict[str, Any]:
     """Re-score a finished run from its prediction files (no model, no decoding); rewrite metrics and report."""
     path = os.path.join(out, "metrics.json")
     if not os.path.exists(path):
         raise UserError(f"{path} not found: rescore needs a finished `evaluate.py run` folder")
-    with open(path, encoding="utf-8") as f:
-        metrics = json.load(f)
+    metrics = read_json_file(path, "metrics file", _REBUILD)
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("models"), dict) \
+            or not isinstance(metrics.get("tasks"), dict):
+        raise UserError(f"{path}: not a metrics.json written by `evaluate.py run` (no 'models' and 'tasks' "
+                        f"objects); {_REBUILD}")
     protocol = protocol or metrics.get("protocol", "standard")
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
