@@ -228,16 +228,19 @@ def main(argv=None):
     unknown = skip - {"pretrain", "robustness"}
     if unknown:
         raise UserError(f"--skip: only pretrain and robustness can be skipped, got {sorted(unknown)}")
+    # the base model, checked before OUT is made (absolute: the stages run from the checkout folder)
+    model = os.path.abspath(os.path.expanduser(args.model)) if args.model else None
+    if model is not None and not os.path.exists(model):
+        raise UserError(f"--model {args.model}: not found (give an HF folder or a converted checkpoint)")
+    if model is None and args.scale == "7b":
+        raise UserError("--scale 7b needs --model (a Mistral-7B-v0.1 HF folder or converted checkpoint)")
     pipe = Pipeline(out)
     pipe.state.update({"scale": args.scale, "notes": scale.notes})
     py = sys.executable
     t_start = time.time()
 
     # 0. the base model
-    model = args.model
     if model is None:
-        if args.scale == "7b":
-            raise UserError("--scale 7b needs --model (a Mistral-7B-v0.1 HF folder or converted checkpoint)")
         from cancerllm_jax.checkpoint.gguf import import_gguf
 
         t0 = time.time()

@@ -650,3 +650,14 @@ def test_unexpected_exceptions_are_one_line_without_debug(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert e.value.code == 1 and "Traceback" not in err
     assert err.startswith("error: unexpected KeyError") and "--debug" in err
+
+
+# ------------------------------------------------------------------------------ launch/reproduce.py
+
+@pytest.mark.parametrize("argv, needle", [(["--scale", "7b"], "needs --model"),
+                                          (["--scale", "cpu-small", "--model", "no/such/model"], "not found")])
+def test_reproduce_checks_its_model_before_making_anything(tmp_path, capsys, argv, needle):
+    out = tmp_path / "rep"
+    code, err = run_cli("launch/reproduce.py", [*argv, "--out", out], capsys)
+    one_clear_error(code, err, needle)
+    assert not out.exists()
