@@ -41,6 +41,7 @@ def _module(rel: str):
             sys.path.insert(0, folder)
         spec = importlib.util.spec_from_file_location("cli_" + rel.replace("/", "_")[:-3], os.path.join(ROOT, rel))
         mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses defined in the script look their module up
         spec.loader.exec_module(mod)
         _MODULES[rel] = mod
     return _MODULES[rel]
