@@ -124,19 +124,21 @@ def restore_tree(path: str, target=None):
         return ckptr.restore(path, target)
     except FileNotFoundError as e:
         raise UserError(f"{path}: checkpoint missing or incomplete ({e})") from None
-    except UserError:
-        raise
-    except Exception as e:  # Orbax / TensorStore raise plain Exceptions on torn or damaged files
-        raise UserError(f"{path}: corrupt or unreadable checkpoint ({unreadable_reason(e)})") from None
+    except Exception as e:
+        raise unreadable(path, e) from None
     finally:
         absl_logging.set_verbosity(verbosity)
         ckptr.close()
 
 
-def unreadable_reason(e: BaseException) -> str:
-    """The first line of an Orbax / TensorStore read error, for a one-line message."""
+def unreadable(where: str, e: Exception, hint: str = "") -> UserError:
+    """The one-line error for a checkpoint Orbax / TensorStore could not read (they raise plain Exceptions on torn
+    or damaged files); a ``UserError`` is passed on as it is."""
+    if isinstance(e, UserError):
+        return e
     text = str(e).strip().split(" See full TensorStore details")[0].splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+    reason = f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+    return UserError(f"{where}: corrupt or unreadable checkpoint ({reason}){hint}")
 
 
 def load_params(path: str, target: dict | None = None) -> dict:

@@ -243,17 +243,14 @@ class Trainer:
 
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state,
                               self.state_sh)
-        from cancerllm_jax.checkpoint.orbax_io import unreadable_reason
+        from cancerllm_jax.checkpoint.orbax_io import unreadable
 
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                   data=grain.checkpoint.CheckpointRestore(it)))
-        except UserError:
-            raise
-        except Exception as e:  # Orbax / TensorStore raise plain Exceptions on torn or damaged files
-            raise UserError(f"{self.workdir}/checkpoints/{step}: corrupt or unreadable checkpoint "
-                            f"({unreadable_reason(e)}); restore it, or remove it to resume from an earlier one"
-                            ) from None
+        except Exception as e:
+            raise unreadable(f"{self.workdir}/checkpoints/{step}", e,
+                             "; restore it, or remove it to resume from an earlier one") from None
         self.state = restored["state"]
 
     # -- the run ----------------------------------------------------------------------------------------------

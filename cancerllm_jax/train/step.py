@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from cancerllm_jax.config import LORA_TARGETS
+
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -98,7 +100,7 @@ def mean_keys_per_query(seq_len: int, window: int | None) -> float:
 
 
 def lora_train_flops_per_token(cfg, seq_len: int, lora_rank: int | None,
-                               targets: Sequence[str] | int = ("q", "k", "v", "o", "gate", "up", "down")) -> float:
+                               targets: Sequence[str] | int = LORA_TARGETS) -> float:
     """Honest training FLOPs per token: forward 2N, input gradients 2N, weight gradients only for trainable weights.
 
     N counts the layers' projections and the LM head (a tied head too: it is a matmul); the embedding lookup is no
@@ -111,7 +113,7 @@ def lora_train_flops_per_token(cfg, seq_len: int, lora_rank: int | None,
 
     shapes = proj_shapes(cfg)
     if isinstance(targets, int):
-        targets = tuple(shapes)[:targets]
+        targets = LORA_TARGETS[:targets]
     layers = cfg.num_layers
     n = layers * sum(i * o for i, o in shapes.values()) + cfg.hidden_size * cfg.vocab_size
     attn = layers * 2 * 2 * cfg.q_size * mean_keys_per_query(seq_len, cfg.sliding_window)  # QK^T and PV, forward
