@@ -210,6 +210,19 @@ def test_resume_with_another_config_is_refused(tmp_path, capsys):
     assert sorted(os.listdir(wd)) == before
 
 
+def test_resume_from_a_damaged_checkpoint_is_one_clear_error(tmp_path, capsys):
+    wd = tmp_path / "run"
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY, "--save-every", "1"], capsys)
+    assert code in (0, None), err
+    data = [os.path.join(d, n) for d, _, names in os.walk(wd / "checkpoints") for n in names
+            if os.path.basename(d) == "d"]
+    assert data
+    for path in data:  # torn writes: every data file cut short
+        write(path, open(path, "rb").read()[:20])
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, "--resume", *TINY, "--save-every", "1"], capsys)
+    one_clear_error(code, err, "checkpoints/2", "corrupt or unreadable checkpoint")
+
+
 def test_existing_run_without_resume_is_refused(tmp_path, capsys):
     wd = str(tmp_path / "run")
     _fake_run(wd)
