@@ -37,6 +37,14 @@ class ModelConfig:
     pad_token_id: int | None = None
     model_type: str = "mistral"
     eos_token_ids: tuple[int, ...] = ()  # every EOS id the HF files name (generation stops at any); eos_token_id first
+    # RoPE frequency scaling as transformers' ``rope_parameters``: "default" (none), "linear" (every frequency
+    # divided by ``rope_factor``) or "llama3" (Llama 3.1: low frequencies divided, high kept, a smooth ramp between,
+    # set by the low/high frequency factors and the original context length).
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
 
     def __post_init__(self):
         first = () if self.eos_token_id is None else (int(self.eos_token_id),)
@@ -53,6 +61,16 @@ class ModelConfig:
             raise UserError(f"model config: sliding_window must be positive or null, got {self.sliding_window}")
         if self.model_type not in ("mistral", "llama"):
             raise UserError(f"model config: model_type must be 'mistral' or 'llama', got {self.model_type!r}")
+        if self.rope_type not in ROPE_TYPES:
+            raise UserError(f"model config: rope_type {self.rope_type!r} is not supported (supported: "
+                            f"{list(ROPE_TYPES)})")
+        if not 0.0 < self.rope_factor < float("inf"):
+            raise UserError(f"model config: rope_factor must be positive, got {self.rope_factor}")
+        if self.rope_type == "llama3" and not (0.0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+                                               and self.rope_original_max_position_embeddings > 0):
+            raise UserError("model config: llama3 RoPE needs 0 < rope_low_freq_factor < rope_high_freq_factor and a "
+                            f"positive rope_original_max_position_embeddings (got {self.rope_low_freq_factor}, "
+                            f"{self.rope_high_freq_factor}, {self.rope_original_max_position_embeddings})")
 
     @property
     def q_size(self) -> int:
@@ -67,6 +85,14 @@ class ModelConfig:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         per_layer = d * (self.q_size + 2 * self.kv_size) + self.q_size * d + 3 * d * f + 2 * d
         return v * d * (1 if self.tie_embeddings else 2) + self.num_layers * per_layer + d
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
+# transformers' rope_parameters keys -> ModelConfig fields, per rope type (each key is required, as in transformers)
+ROPE_KEYS = {"default": {}, "linear": {"factor": "rope_factor"},
+             "llama3": {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+                        "high_freq_factor": "rope_high_freq_factor",
+                        "original_max_position_embeddings": "rope_original_max_position_embeddings"}}
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -125,9 +151,16 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise UserError(f"{source}: rope_scaling / rope_parameters must be an object, got {type(rope).__name__}")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise UserError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if rope_type not in ROPE_TYPES:
+        raise UserError(f"{source}: rope_type {rope_type!r} is not supported (supported: {list(ROPE_TYPES)})")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UserError(f"{source}: partial_rotary_factor {rope['partial_rotary_factor']!r} is not supported "
+                        "(RoPE on the whole head only)")
+    missing = [k for k in ROPE_KEYS[rope_type] if rope.get(k) is None]
+    if missing:
+        raise UserError(f"{source}: rope_type {rope_type!r} needs rope_scaling / rope_parameters field(s) {missing}")
+    rope_fields = {f: rope[k] for k, f in ROPE_KEYS[rope_type].items()}
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     heads = hf["num_attention_heads"]
     window = hf["sliding_window"] if mtype == "mistral" else None
@@ -150,7 +183,8 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
             tie_embeddings=bool(hf["tie_word_embeddings"]),
             max_position_embeddings=int(hf["max_position_embeddings"]), bos_token_id=_tok("bos_token_id"),
             eos_token_id=_tok("eos_token_id"), pad_token_id=_tok("pad_token_id"), model_type=mtype,
-            eos_token_ids=tuple(eos_list(hf["eos_token_id"])))
+            eos_token_ids=tuple(eos_list(hf["eos_token_id"])), rope_type=rope_type,
+            **{f: (int(v) if f.endswith("embeddings") else float(v)) for f, v in rope_fields.items()})
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise UserError(f"{source}: a field has a value of the wrong type ({e})") from None
 
@@ -202,7 +236,8 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
         "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": cfg.rope_type,
+                            **{k: getattr(cfg, f) for k, f in ROPE_KEYS[cfg.rope_type].items()}},
         "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": cfg.max_position_embeddings,
         "bos_token_id": cfg.bos_token_id, "eos_token_id": hf_eos_value(cfg), "pad_token_id": cfg.pad_token_id,
         "torch_dtype": dtype, "dtype": dtype, "attention_dropout": 0.0, "initializer_range": 0.02,

@@ -31,6 +31,16 @@ CONFIGS = {
     "mistral_gqa3_no_window": ("mistral", {
         "hidden_size": 36, "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 6,
         "num_key_value_heads": 2, "head_dim": 10, "sliding_window": None, "rms_norm_eps": 1e-5}, 9),
+    # RoPE scaling: Llama 3.1's (low frequencies divided, a ramp, high kept: an original context of 64 puts
+    # frequencies in all three bands) and linear
+    "llama_rope_llama3": ("llama", {
+        "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "rope_theta": 50000.0,
+        "rope": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 64}}, 40),
+    "mistral_rope_linear": ("mistral", {
+        "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "sliding_window": 30, "rope": {"rope_type": "linear", "factor": 3.0}}, 36),
 }
 VOCAB = 97
 
@@ -39,9 +49,10 @@ def make_hf_model(arch: str, kwargs: dict, seed: int = 0):
     """A random HF model with non-trivial norm weights (uniform 0.5..1.5) and larger-than-default init."""
     kwargs = dict(kwargs)
     theta = kwargs.pop("rope_theta", 10000.0)
+    rope = kwargs.pop("rope", {"rope_type": "default"})
     cls_cfg = transformers.MistralConfig if arch == "mistral" else transformers.LlamaConfig
     cfg = cls_cfg(vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.1,
-                  rope_parameters={"rope_type": "default", "rope_theta": theta}, **kwargs)
+                  rope_parameters={**rope, "rope_theta": theta}, **kwargs)
     torch.manual_seed(seed)
     cls = transformers.MistralForCausalLM if arch == "mistral" else transformers.LlamaForCausalLM
     model = cls(cfg).eval()
@@ -58,11 +69,15 @@ def ref_logits(model, ids: np.ndarray) -> np.ndarray:
 
 
 def to_old_config_form(folder: str) -> None:
-    """Rewrite config.json in the pre-transformers-5 form: top-level ``rope_theta``, no ``rope_parameters``."""
+    """Rewrite config.json in the pre-transformers-5 form: top-level ``rope_theta``, no ``rope_parameters``; a
+    scaled RoPE as ``rope_scaling``."""
     path = os.path.join(folder, "config.json")
     with open(path, encoding="utf-8") as f:
         conf = json.load(f)
-    conf["rope_theta"] = conf.pop("rope_parameters")["rope_theta"]
+    rope = conf.pop("rope_parameters")
+    conf["rope_theta"] = rope.pop("rope_theta")
+    if rope.get("rope_type", "default") != "default":
+        conf["rope_scaling"] = rope
     with open(path, "w", encoding="utf-8") as f:
         json.dump(conf, f)
 
@@ -99,6 +114,30 @@ def test_logits_match_transformers(saved_models, name):
             assert float(np.abs(ref_logits(model, ids) - ref).max()) > 1e-3
         finally:
             model.config.sliding_window = kwargs["sliding_window"]
+
+
+def test_rope_scaling_frequencies_match_transformers(saved_models):
+    """Scaled RoPE frequencies equal transformers' (and differ from unscaled ones, so the logits test can fail);
+    the exported config.json round-trips them."""
+    import dataclasses
+
+    from cancerllm_jax.config import from_hf_config, to_hf_config
+    from cancerllm_jax.model.mistral import rope_inv_freq
+
+    for name in ("llama_rope_llama3", "mistral_rope_linear"):
+        model, folder = saved_models[name]
+        cfg = read_hf_config(folder)
+        assert cfg.rope_type == CONFIGS[name][1]["rope"]["rope_type"]
+        ref = model.model.rotary_emb.inv_freq.numpy()
+        ours = rope_inv_freq(cfg)
+        np.testing.assert_allclose(ours, ref, rtol=1e-6)
+        plain = rope_inv_freq(dataclasses.replace(cfg, rope_type="default"))
+        assert float(np.max(np.abs(plain - ref) / ref)) > 0.5, name
+        assert from_hf_config(json.loads(json.dumps(to_hf_config(cfg)))) == cfg
+    # llama3: all three bands present (divided, ramp, kept)
+    cfg = read_hf_config(saved_models["llama_rope_llama3"][1])
+    ratio = rope_inv_freq(dataclasses.replace(cfg, rope_type="default")) / rope_inv_freq(cfg)
+    assert np.isclose(ratio, 8.0).any() and np.isclose(ratio, 1.0).any() and ((ratio > 1.01) & (ratio < 7.9)).any()
 
 
 def test_config_forms_parse_the_same(saved_models):
@@ -215,3 +254,25 @@ def test_use_sliding_window_false_keeps_the_window_like_transformers(tmp_path):
     assert float(np.abs(ref_logits(model, ids) - ref).max()) <= 1e-4  # transformers itself kept the window
     ours = cj.load(str(tmp_path), dtype="float32").logits(ids)
     assert float(np.abs(ours - ref).max()) <= 1e-4
+
+
+@pytest.mark.parametrize("rope,words", [
+    ({"rope_type": "dynamic", "factor": 2.0}, ["rope_type 'dynamic' is not supported"]),
+    ({"rope_type": "yarn", "factor": 2.0}, ["rope_type 'yarn' is not supported"]),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}, ["needs", "high_freq_factor",
+                                                                     "original_max_position_embeddings"]),
+    ({"rope_type": "linear"}, ["needs", "factor"]),
+    ({"rope_type": "linear", "factor": -2.0}, ["rope_factor must be positive"]),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64}, ["rope_low_freq_factor < rope_high_freq_factor"]),
+    ({"rope_type": "default", "partial_rotary_factor": 0.5}, ["partial_rotary_factor"]),
+])
+def test_unsupported_rope_parameters_are_one_clear_error(rope, words):
+    """A RoPE we do not compute as transformers does is refused, never run as plain RoPE."""
+    from cancerllm_jax.config import from_hf_config
+    from cancerllm_jax.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        from_hf_config({"model_type": "llama", **SHAPE, "rope_parameters": {"rope_theta": 10000.0, **rope}})
+    for w in words:
+        assert w in str(e.value)

@@ -6,6 +6,7 @@ compile time does not grow with depth, and one remat policy covers every layer. 
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -127,7 +128,7 @@ class Mistral(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.compute_dtype)
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_tables(positions, rope_inv_freq(cfg))
 
         if cache is None or prefill:
             # self-attention over this block: fused (cuDNN) where available, else an explicit mask
@@ -369,10 +370,28 @@ def rms_norm(x: Array, weight: Array, eps: float) -> Array:
     return weight.astype(x.dtype) * y.astype(x.dtype)
 
 
-def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-    """cos/sin ``[B, T, head_dim]`` in fp32 for HF's rotate-half RoPE."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """RoPE's inverse frequencies ``[head_dim / 2]`` (fp32), computed as transformers' rope init functions do
+    (``default``, ``linear`` and ``llama3``), in fp32 like them."""
+    d = cfg.head_dim
+    inv = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d))))
+    if cfg.rope_type == "linear":
+        inv = inv / np.float32(cfg.rope_factor)
+    elif cfg.rope_type == "llama3":
+        factor, old = np.float32(cfg.rope_factor), np.float32(cfg.rope_original_max_position_embeddings)
+        low, high = np.float32(cfg.rope_low_freq_factor), np.float32(cfg.rope_high_freq_factor)
+        wavelen = np.float32(2 * math.pi) / inv
+        scaled = np.where(wavelen > old / low, inv / factor, inv)  # long wavelengths: interpolated
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def rope_tables(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
+    """cos/sin ``[B, T, head_dim]`` in fp32 for HF's rotate-half RoPE (``inv_freq`` from ``rope_inv_freq``)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
