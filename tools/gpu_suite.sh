@@ -6,9 +6,10 @@
 # q1000-natural profile-train profile-decode profile-decode64). Keep the sum of the chosen stages' limits under the
 # time you have. `lease` = `env train-ours decode` (limits ≈ 560 s): the targets' MFU and roofline figures in one
 # device call, for a lease of 15 minutes in all (as lent in 2026-12); then `q1000` if 8 minutes remain. A machine
-# without a package index gets the missing wheels from .whl/ (Python 3.12 wheels of grain, array-record, portpicker, mistral-common and, if its optax is older, optax: `pip download --no-deps
-# --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl NAME==VERSION`); never carry
-# flax or jax (they must match the machine's jaxlib).
+# without a package index gets the missing wheels from .whl/ (Python 3.12 wheels of grain, array-record,
+# portpicker, mistral-common and, if its optax is older, optax: `pip download --no-deps --only-binary=:all:
+# --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl NAME==VERSION`); never carry flax or jax (they
+# must match the machine's jaxlib).
 set -u
 OUT=${OUT:-gpu_results}
 WORK=$(mktemp -d)
