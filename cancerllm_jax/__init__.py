@@ -4,6 +4,7 @@ The front door::
 
     import cancerllm_jax as cj
     lm = cj.load("an/hf/folder/or/our/checkpoint/or/a/run", dtype="float32")   # mesh="1x1"
+    lm = cj.load("base/folder", adapter="a/peft/adapter")   # + a PEFT LoRA adapter (merged unless merge_lora=False)
     logits = lm.logits(input_ids)                     # int [B, T] -> float32 numpy [B, T, V]
     texts = lm.generate(["..."], max_new_tokens=50)   # strings in -> strings out; id lists -> id lists
 """
@@ -22,7 +23,8 @@ __version__ = "0.1.0"
 
 
 def load(path: str, dtype: str = "float32", mesh: str = "1x1", **kwargs):
-    """Load an HF folder, a converted checkpoint or a training run's latest checkpoint as an ``LM``."""
+    """Load an HF folder, a converted checkpoint or a training run's latest checkpoint as an ``LM`` (``adapter=``: a
+    PEFT LoRA adapter folder on top; see ``cancerllm_jax.api.load``)."""
     from cancerllm_jax.api import load as _load
 
     return _load(path, dtype=dtype, mesh=mesh, **kwargs)

@@ -1,6 +1,7 @@
 """The front door: ``load(path)`` → ``LM`` with ``.logits(ids)``, ``.generate(prompts, ...)`` and ``.tokenizer``."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,8 @@ class LoadedWeights:
 
 
 def read_weights(path: str, dtype: str | None = None) -> LoadedWeights:
-    """Read any supported location: HF folder, converted checkpoint, or a training run (latest checkpoint)."""
+    """Read any supported location: HF folder, converted checkpoint (with its unmerged LoRA, if any), or a training
+    run (latest checkpoint)."""
     from cancerllm_jax.checkpoint import orbax_io
 
     path = os.path.abspath(os.path.expanduser(path))
@@ -38,7 +40,10 @@ def read_weights(path: str, dtype: str | None = None) -> LoadedWeights:
         from cancerllm_jax.config import build
 
         cfg = build(ModelConfig, meta["model"], f"{path}/{orbax_io.META_FILE}:model")
-        return LoadedWeights(cfg, orbax_io.load_params(path), tokenizer_spec=_tokenizer_in(path), source=path)
+        lora = build(LoRAConfig, meta["lora"], f"{path}/{orbax_io.META_FILE}:lora") if "lora" in meta else None
+        return LoadedWeights(cfg, orbax_io.load_params(path), lora=lora,
+                             lora_params=orbax_io.load_lora(path) if lora else None,
+                             tokenizer_spec=_tokenizer_in(path), source=path)
     from cancerllm_jax.train import run_io
 
     if run_io.is_run_dir(path):
@@ -52,6 +57,20 @@ def read_weights(path: str, dtype: str | None = None) -> LoadedWeights:
                     f"(no cancerllm.json) or a training run (no checkpoints/)")
 
 
+def with_adapter(w: LoadedWeights, adapter: str) -> LoadedWeights:
+    """``w`` with a PEFT adapter folder as its LoRA; a LoRA ``w`` already has (a run's) is merged into the base
+    first. The adapter's shapes are checked against ``w.cfg``."""
+    from cancerllm_jax.checkpoint.peft import read_peft_adapter
+
+    params = w.params
+    if w.lora is not None and w.lora_params is not None:
+        from cancerllm_jax.model.lora import merge_lora_params
+
+        params = merge_lora_params(params, w.lora_params, w.lora)
+    lora, lora_params = read_peft_adapter(os.path.abspath(os.path.expanduser(adapter)), w.cfg)
+    return dataclasses.replace(w, params=params, lora=lora, lora_params=lora_params)
+
+
 def _tokenizer_in(folder: str) -> str | None:
     for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
         if os.path.isfile(os.path.join(folder, name)):
@@ -63,10 +82,11 @@ class LM:
     """A loaded model on a mesh. ``logits`` and ``generate`` compile once per input shape bucket."""
 
     def __init__(self, model, cfg: ModelConfig, tokenizer: Any, mesh, source: str = "",
-                 eos_ids: tuple[int, ...] | None = None):
+                 eos_ids: tuple[int, ...] | None = None, adapter: str | None = None):
         from cancerllm_jax import sharding
 
         self.cfg, self.tokenizer, self.mesh, self.source = cfg, tokenizer, mesh, source
+        self.adapter = adapter  # the PEFT adapter folder loaded on top of ``source``, if any
         if eos_ids is None:  # generation stops at any of these (the tokenizer's, else the config's)
             eos = own_eos_id(tokenizer, cfg)
             eos_ids = (eos,) if eos is not None and eos >= 0 else ()
@@ -122,9 +142,12 @@ class LM:
 
 
 def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool = True, tokenizer: str | None = None,
-         attention: str = "auto") -> LM:
+         attention: str = "auto", adapter: str | None = None) -> LM:
     """Load weights from ``path`` in ``dtype`` onto a ``mesh`` ("DxM"); a run's LoRA is merged by default.
 
+    ``adapter``: a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) to put on the
+    base ``path`` (whose own LoRA, if any, is merged first); ``merge_lora`` folds it into the weights in float32,
+    else it stays a separate LoRA branch.
     ``attention``: ``auto`` (cuDNN flash attention on a GPU in bf16/fp16, else the explicit-mask einsum), ``xla``
     or ``cudnn``.
     """
@@ -139,7 +162,14 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
         raise UserError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
     shape = sharding.parse_mesh(mesh)
     mesh_obj = sharding.make_mesh(shape)
+    if adapter is not None:
+        from cancerllm_jax.checkpoint.peft import check_adapter_folder
+
+        adapter = os.path.abspath(os.path.expanduser(adapter))
+        check_adapter_folder(adapter)  # a wrong adapter fails before the base is read
     w = read_weights(path)
+    if adapter is not None:
+        w = with_adapter(w, adapter)
     if w.lora is not None and w.lora_params is not None and merge_lora:
         from cancerllm_jax.model.lora import merge_lora_params
 
@@ -164,7 +194,8 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
     # generation_config.json names (checkpoints converted before the config recorded them all)
     eos = {own_eos_id(tok, w.cfg), *w.cfg.eos_token_ids} | hf_eos_ids(path)
     return LM(model, w.cfg, tok, mesh_obj, source=w.source,
-              eos_ids=tuple(sorted(e for e in eos if e is not None and 0 <= e < w.cfg.vocab_size)))
+              eos_ids=tuple(sorted(e for e in eos if e is not None and 0 <= e < w.cfg.vocab_size)),
+              adapter=adapter)
 
 
 def own_eos_id(tokenizer, cfg: ModelConfig) -> int | None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Batched generation over a JSONL file.
 
-    python launch/generate.py --model PATH --input prompts.jsonl --out predictions.jsonl [--max-new-tokens 64]
+    python launch/generate.py --model PATH [--adapter PEFT_DIR] --input prompts.jsonl --out predictions.jsonl
+                              [--max-new-tokens 64]
 
 Each input line has either ``prompt`` (used as is) or ``instruction`` [+ ``context``] (rendered with the
 authors' Alpaca template). Each output line: ``id``, ``prompt_hash`` and ``prediction`` (plus ``response`` as
@@ -22,6 +23,8 @@ from cancerllm_jax.launch_common import check_decode_flags, start_runtime
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF folder, converted checkpoint or training run")
+    p.add_argument("--adapter", help="a PEFT LoRA adapter folder for --model (adapter_config.json + "
+                                     "adapter_model.safetensors), merged into the weights")
     p.add_argument("--input", required=True, help="JSONL with 'prompt' or 'instruction' (+ 'context')")
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -65,7 +68,7 @@ def main(argv=None):
     import cancerllm_jax as cj
     from cancerllm_jax.data.instruct import encode_prompt
 
-    lm = cj.load(args.model, dtype=args.dtype, mesh=args.mesh)
+    lm = cj.load(args.model, dtype=args.dtype, mesh=args.mesh, adapter=args.adapter)
     if lm.tokenizer is None:
         raise UserError(f"{args.model}: no tokenizer found beside the weights")
     prompts, texts, cut = [], [], 0

@@ -2,10 +2,15 @@
 """Convert weights between Hugging Face safetensors folders and our converted-checkpoint format.
 
     python tools/convert_checkpoint.py from-hf HF_DIR OUT_DIR [--dtype float32|bfloat16] [--overwrite]
+                                       [--peft-adapter ADAPTER_DIR [--merge-lora]]
     python tools/convert_checkpoint.py to-hf CKPT_DIR OUT_DIR [--merge-lora | --peft-adapter] [--overwrite]
 
-``CKPT_DIR`` may be a converted checkpoint, an HF folder or a training run (its latest checkpoint). A run with
-LoRA is exported merged unless ``--peft-adapter`` asks for ``adapter_model.safetensors`` + ``adapter_config.json``.
+``from-hf --peft-adapter`` adds a PEFT LoRA adapter made for HF_DIR: kept as separate float32 LoRA factors in the
+converted checkpoint (``to-hf --peft-adapter`` gives the same adapter back), or folded into the weights with
+``--merge-lora`` (in float32, then cast to ``--dtype``).
+``CKPT_DIR`` may be a converted checkpoint, an HF folder or a training run (its latest checkpoint). A run or
+checkpoint with LoRA is exported merged unless ``--peft-adapter`` asks for ``adapter_model.safetensors`` +
+``adapter_config.json``.
 Outputs are written atomically; a non-empty ``OUT_DIR`` is refused without ``--overwrite``.
 """
 from __future__ import annotations
@@ -41,15 +46,34 @@ def _dtype_name(params: dict) -> str:
     return str(np.asarray(params["embed"]).dtype)
 
 
-def from_hf(hf_dir: str, out_dir: str, dtype: str | None = None, overwrite: bool = False) -> str:
-    """HF folder → our converted checkpoint (tokenizer files copied). Returns ``out_dir``."""
+def from_hf(hf_dir: str, out_dir: str, dtype: str | None = None, overwrite: bool = False,
+            adapter: str | None = None, merge_lora: bool = False) -> str:
+    """HF folder (+ PEFT adapter, unmerged unless ``merge_lora``) → our converted checkpoint (tokenizer files
+    copied). Returns ``out_dir``."""
     from cancerllm_jax.checkpoint.hf import read_hf
     from cancerllm_jax.checkpoint.orbax_io import save_params
+    from cancerllm_jax.checkpoint.peft import adapter_base_name, check_adapter_folder
 
     _check_out(out_dir, overwrite, src=hf_dir)
-    cfg, params = read_hf(hf_dir, dtype=dtype)
-    save_params(out_dir, cfg, params, dtype=_dtype_name(params), extra={"source": os.path.abspath(hf_dir)},
-                overwrite=overwrite, tokenizer_dir=hf_dir)
+    if merge_lora and adapter is None:
+        raise UserError("--merge-lora needs --peft-adapter (an HF folder has no LoRA to merge)")
+    extra: dict = {"source": os.path.abspath(hf_dir)}
+    if adapter is not None:
+        adapter = os.path.abspath(os.path.expanduser(adapter))
+        check_adapter_folder(adapter)  # a wrong adapter fails before the base is read
+        extra["adapter"] = {"source": adapter, "base_model_name_or_path": adapter_base_name(adapter)}
+    # merging: in float32 from the stored weights (the sum in their dtype), then cast to --dtype
+    cfg, params = read_hf(hf_dir, dtype=None if merge_lora else dtype)
+    lora = lora_params = None
+    if adapter is not None:
+        w = api.with_adapter(api.LoadedWeights(cfg, params), adapter)
+        lora, lora_params = w.lora, w.lora_params
+    if merge_lora:
+        from cancerllm_jax.model.lora import merge_lora_params
+
+        params, lora, lora_params = _cast(merge_lora_params(params, lora_params, lora), dtype), None, None
+    save_params(out_dir, cfg, params, dtype=_dtype_name(params), extra=extra, overwrite=overwrite,
+                tokenizer_dir=hf_dir, lora=lora, lora_params=lora_params)
     return out_dir
 
 
@@ -81,10 +105,15 @@ def to_hf(ckpt_dir: str, out_dir: str, mode: str | None = None, overwrite: bool 
 
 
 def _base_of(ckpt_dir: str, w) -> str | None:
-    """The base model a run was tuned from, as its ``run.json`` records it (None when unknown)."""
+    """The base model a run was tuned from, as its ``run.json`` records it, or a converted checkpoint's adapter was
+    made for (None when unknown)."""
+    from cancerllm_jax.checkpoint import orbax_io
     from cancerllm_jax.train import run_io
 
     path = os.path.abspath(os.path.expanduser(ckpt_dir))
+    if orbax_io.is_params_checkpoint(path):
+        meta = orbax_io.read_meta(path)
+        return (meta.get("adapter") or {}).get("base_model_name_or_path") or meta.get("source")
     if not run_io.is_run_dir(path):
         return getattr(w, "base", None)
     base = run_io.read_run_meta(path).get("base") or {}
@@ -110,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("hf_dir")
     a.add_argument("out_dir")
     a.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast weights (default: keep the file's)")
+    a.add_argument("--peft-adapter", metavar="ADAPTER_DIR", default=None,
+                   help="a PEFT LoRA adapter for HF_DIR (adapter_config.json + adapter_model.safetensors), kept as "
+                        "separate float32 LoRA factors (to-hf --peft-adapter exports it again)")
+    a.add_argument("--merge-lora", action="store_true",
+                   help="fold the --peft-adapter into the weights (in float32, then cast to --dtype)")
     a.add_argument("--overwrite", action="store_true")
     a.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     b = sub.add_parser("to-hf", help="converted checkpoint / HF folder / training run -> HF folder or PEFT adapter")
@@ -129,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "from-hf":
-        from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
-        print(f"wrote converted checkpoint {os.path.abspath(args.out_dir)}")
+        from_hf(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, adapter=args.peft_adapter,
+                merge_lora=args.merge_lora)
+        lora = "" if not args.peft_adapter else (" (adapter merged)" if args.merge_lora else " (with LoRA adapter)")
+        print(f"wrote converted checkpoint {os.path.abspath(args.out_dir)}{lora}")
         return 0
     mode = "peft" if args.peft_adapter else ("merge" if args.merge_lora else None)
     files = to_hf(args.ckpt_dir, args.out_dir, mode=mode, overwrite=args.overwrite, dtype=args.dtype,

@@ -1,5 +1,9 @@
 """Our converted-checkpoint format: ``cancerllm.json`` (model config, dtype) + an Orbax ``params/`` tree.
 
+A checkpoint may also carry unmerged LoRA factors: ``cancerllm.json`` then has ``lora`` (the LoRA config) and
+format ``params-lora-v1`` (so code that knows only ``params-v1`` refuses it rather than drop the LoRA), and the
+factors are the Orbax tree ``lora/`` (``{"layers": {target: {"lora_a", "lora_b"}}}``, float32).
+
 Writes are atomic: everything goes into a sibling temp folder that is renamed into place at the end.
 """
 from __future__ import annotations
@@ -10,11 +14,12 @@ import os
 import shutil
 import tempfile
 
-from cancerllm_jax.config import ModelConfig, to_dict
+from cancerllm_jax.config import LoRAConfig, ModelConfig, to_dict
 from cancerllm_jax.errors import UserError
 
 META_FILE = "cancerllm.json"
 FORMAT = "cancerllm-jax/params-v1"
+FORMAT_LORA = "cancerllm-jax/params-lora-v1"
 
 
 @contextlib.contextmanager
@@ -48,16 +53,20 @@ def is_params_checkpoint(path: str) -> bool:
 
 
 def save_params(out_dir: str, cfg: ModelConfig, params: dict, dtype: str, extra: dict | None = None,
-                overwrite: bool = False, tokenizer_dir: str | None = None) -> None:
-    """Write a params checkpoint (pure dict of arrays) atomically."""
+                overwrite: bool = False, tokenizer_dir: str | None = None, lora: LoRAConfig | None = None,
+                lora_params: dict | None = None) -> None:
+    """Write a params checkpoint (pure dict of arrays, optionally with unmerged LoRA factors) atomically."""
     import orbax.checkpoint as ocp
 
     with atomic_dir(out_dir, overwrite) as tmp:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(os.path.join(tmp, "params"), params)
+        if lora is not None:
+            ckptr.save(os.path.join(tmp, "lora"), lora_params)
         ckptr.wait_until_finished()
         ckptr.close()
-        meta = {"format": FORMAT, "model": to_dict(cfg), "dtype": dtype, **(extra or {})}
+        meta = {"format": FORMAT if lora is None else FORMAT_LORA, "model": to_dict(cfg), "dtype": dtype,
+                **({} if lora is None else {"lora": to_dict(lora)}), **(extra or {})}
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
         if tokenizer_dir:
@@ -87,21 +96,22 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
     return copied
 
 
-def read_format_json(path: str, name: str, fmt: str) -> dict:
-    """``path/name`` as JSON whose ``format`` field must be ``fmt``; errors name the file."""
+def read_format_json(path: str, name: str, fmt: str | tuple[str, ...]) -> dict:
+    """``path/name`` as JSON whose ``format`` field must be ``fmt`` (or one of them); errors name the file."""
+    fmts = (fmt,) if isinstance(fmt, str) else fmt
     try:
         with open(os.path.join(path, name), encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}/{name}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
+    if not isinstance(meta, dict) or meta.get("format") not in fmts:
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise UserError(f"{path}/{name}: unknown format {found!r} (expected {fmt})")
+        raise UserError(f"{path}/{name}: unknown format {found!r} (expected {' or '.join(fmts)})")
     return meta
 
 
 def read_meta(path: str) -> dict:
-    return read_format_json(path, META_FILE, FORMAT)
+    return read_format_json(path, META_FILE, (FORMAT, FORMAT_LORA))
 
 
 def restore_tree(path: str, target=None):
@@ -144,3 +154,8 @@ def unreadable(where: str, e: Exception, hint: str = "") -> UserError:
 def load_params(path: str, target: dict | None = None) -> dict:
     """Restore the params tree; ``target`` (abstract arrays with shardings) places it on a mesh."""
     return restore_tree(os.path.join(path, "params"), target)
+
+
+def load_lora(path: str) -> dict:
+    """Restore the ``lora/`` tree of a checkpoint whose ``cancerllm.json`` has ``lora``."""
+    return restore_tree(os.path.join(path, "lora"))

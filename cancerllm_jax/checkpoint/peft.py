@@ -19,9 +19,18 @@ ADAPTER_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model.model.layers"
 HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-_UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "lora_bias": False}
+_UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "lora_bias": False,
+                "use_qalora": False}
+# set, these change which weights get factors or what the layer computes (LoRA variants of peft 0.21)
 _EMPTY = ("layers_to_transform", "rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication",
-          "target_parameters", "trainable_token_indices", "alora_invocation_tokens")
+          "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "exclude_modules",
+          "velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")
+# fields that do not change a plain LoRA's forward (bookkeeping, training-time or initialisation-only settings,
+# and settings for features refused above); any other field that is set is an error: a newer peft's variant
+_HARMLESS = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+             "inference_mode", "r", "lora_alpha", "lora_dropout", "target_modules", "init_lora_weights",
+             "layers_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
+             "lora_ga_config", "qalora_group_size", "runtime_config", "ensure_weight_tying")
 # initialisations after which peft rewrites the base weights when it loads the adapter: the factors alone are not
 # the model (such adapters load here only after peft's conversion to a plain LoRA, path_initial_model_for_...)
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -92,8 +101,8 @@ def write_peft_adapter(out_dir: str, cfg: ModelConfig, lora_cfg: LoRAConfig, lor
     return files
 
 
-def read_adapter_config(folder: str) -> LoRAConfig:
-    """LoRAConfig from a PEFT ``adapter_config.json``; features we do not implement are errors."""
+def _adapter_json(folder: str) -> tuple[str, dict]:
+    """``(path, dict)`` of the folder's ``adapter_config.json``."""
     path = os.path.join(folder, ADAPTER_CONFIG)
     if not os.path.isfile(path):
         raise UserError(f"{folder}: no {ADAPTER_CONFIG} (expected a PEFT LoRA adapter folder)")
@@ -102,6 +111,19 @@ def read_adapter_config(folder: str) -> LoRAConfig:
             conf = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(conf, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(conf).__name__}")
+    return path, conf
+
+
+def adapter_base_name(folder: str) -> str | None:
+    """The adapter's ``base_model_name_or_path`` (a hub id or a path; informative only)."""
+    return _adapter_json(folder)[1].get("base_model_name_or_path")
+
+
+def read_adapter_config(folder: str) -> LoRAConfig:
+    """LoRAConfig from a PEFT ``adapter_config.json``; features we do not implement are errors."""
+    path, conf = _adapter_json(folder)
     if str(conf.get("peft_type", "")).upper() != "LORA":
         raise UserError(f"{path}: peft_type {conf.get('peft_type')!r} is not supported (only LORA)")
     for key, ok in _UNSUPPORTED.items():
@@ -116,6 +138,10 @@ def read_adapter_config(folder: str) -> LoRAConfig:
     for key in _EMPTY:
         if conf.get(key):
             raise UserError(f"{path}: {key}={conf[key]!r} is not supported")
+    unknown = [k for k, v in conf.items() if v and k not in (*_HARMLESS, *_UNSUPPORTED, *_EMPTY, "bias")]
+    if unknown:
+        raise UserError(f"{path}: field {unknown[0]}={conf[unknown[0]]!r} is not known here (a LoRA variant of a "
+                        "newer peft?); only plain LoRA adapters are supported")
     targets = conf.get("target_modules")
     if targets == "all-linear":
         targets = list(LORA_TARGETS)
@@ -131,6 +157,22 @@ def read_adapter_config(folder: str) -> LoRAConfig:
                           targets=tuple(names.get(t, t) for t in targets))
     except KeyError as e:
         raise UserError(f"{path}: missing field {e}") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: r / lora_alpha / lora_dropout must be numbers ({e})") from None
+
+
+def check_adapter_folder(folder: str) -> LoRAConfig:
+    """The checks that need no base model: a folder with a supported config and safetensors weights."""
+    if not os.path.isdir(folder):
+        what = "is not a folder (expected a PEFT adapter folder)" if os.path.exists(folder) else "not found"
+        raise UserError(f"adapter {folder}: {what}")
+    lora_cfg = read_adapter_config(folder)
+    if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS)):
+        if os.path.isfile(os.path.join(folder, "adapter_model.bin")):
+            raise UserError(f"{folder}: only a pickle adapter_model.bin found; pickle files are never loaded "
+                            "(save the adapter with safetensors)")
+        raise UserError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    return lora_cfg
 
 
 def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
@@ -139,15 +181,8 @@ def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
 
     from cancerllm_jax.model.mistral import proj_shapes
 
-    if not os.path.isdir(folder):
-        raise UserError(f"adapter folder not found: {folder}")
-    lora_cfg = read_adapter_config(folder)
+    lora_cfg = check_adapter_folder(folder)
     path = os.path.join(folder, ADAPTER_WEIGHTS)
-    if not os.path.isfile(path):
-        if os.path.isfile(os.path.join(folder, "adapter_model.bin")):
-            raise UserError(f"{folder}: only a pickle adapter_model.bin found; pickle files are never loaded "
-                            "(save the adapter with safetensors)")
-        raise UserError(f"{folder}: no {ADAPTER_WEIGHTS}")
     try:
         handle = safe_open(path, framework="numpy")
         keys = set(handle.keys())
@@ -158,6 +193,7 @@ def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
     keys = {k.replace(".default.weight", ".weight"): v for k, v in keys.items()}
     shapes = proj_shapes(cfg)
     n, r = cfg.num_layers, lora_cfg.rank
+    other = f" (an adapter for another base model? this one has {n} layers, hidden size {cfg.hidden_size})"
     out: dict = {}
     used = set()
     for t in lora_cfg.targets:
@@ -168,10 +204,10 @@ def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
             for factor, dst, want in (("A", a, (r, d_in)), ("B", b, (d_out, r))):
                 key = peft_key(i, t, factor)
                 if key not in keys:
-                    raise UserError(f"{path}: tensor {key} is missing")
+                    raise UserError(f"{path}: tensor {key} is missing{other}")
                 arr = handle.get_tensor(keys[key])
                 if tuple(arr.shape) != want:
-                    raise UserError(f"{path}: tensor {key} has shape {tuple(arr.shape)}, expected {want}")
+                    raise UserError(f"{path}: tensor {key} has shape {tuple(arr.shape)}, expected {want}{other}")
                 dst[i] = arr.astype(np.float32).T
                 used.add(key)
         out[t] = {"lora_a": a, "lora_b": b}

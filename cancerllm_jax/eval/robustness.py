@@ -37,7 +37,7 @@ from typing import Any
 from cancerllm_jax.errors import UserError
 from cancerllm_jax.eval.noise import corrupt_phenotype_labels, misspell_record
 from cancerllm_jax.eval.protocol import score
-from cancerllm_jax.eval.runner import differences, model_fingerprint, read_json_file
+from cancerllm_jax.eval.runner import adapter_fingerprint, differences, model_fingerprint, read_json_file
 from cancerllm_jax.train.run_io import write_text_atomic
 
 COUNTERFACTUAL_RATES = (0.2, 0.4, 0.6, 0.8)
@@ -175,13 +175,18 @@ def records_digest(records: Sequence[dict]) -> str:
 
 
 def model_key(model: str | Any, prefix: str = "model") -> dict[str, Any]:
-    """The model's resolved path and weights fingerprint (a loaded LM: those of its source folder)."""
+    """The model's resolved path and weights fingerprint (a loaded LM: those of its source folder, and of the PEFT
+    adapter loaded on it, if any)."""
     source = model if isinstance(model, str) else getattr(model, "source", None)
     if not isinstance(source, str) or not source:
         return {f"{prefix}_path": type(model).__name__, f"{prefix}_checkpoint_step": None, f"{prefix}_weights": None}
     fp = model_fingerprint(source)
-    return {f"{prefix}_path": fp["path"], f"{prefix}_checkpoint_step": fp["checkpoint_step"],
-            f"{prefix}_weights": fp["weights"]}
+    key = {f"{prefix}_path": fp["path"], f"{prefix}_checkpoint_step": fp["checkpoint_step"],
+           f"{prefix}_weights": fp["weights"]}
+    adapter = getattr(model, "adapter", None)  # a PEFT adapter loaded on top (``cj.load(..., adapter=)``)
+    if isinstance(adapter, str):
+        key[f"{prefix}_adapter"] = adapter_fingerprint(adapter)
+    return key
 
 
 _REDO = "use another --out, or pass --overwrite to recompute such rates (their old results are replaced)"

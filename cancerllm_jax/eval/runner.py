@@ -153,9 +153,16 @@ def model_fingerprint(path: str) -> dict[str, Any]:
         rels = [run_io.RUN_FILE, "base"] + ([os.path.join("checkpoints", str(step))] if step is not None else [])
         return {"path": real, "checkpoint_step": step, "weights": _files_digest(real, rels)}
     rels = sorted(n for n in os.listdir(real) if _WEIGHT_NAMES.search(n) and not n.startswith("."))
-    if os.path.isdir(os.path.join(real, "params")):  # a converted checkpoint's Orbax parameters
-        rels.append("params")
+    rels += [d for d in ("params", "lora") if os.path.isdir(os.path.join(real, d))]  # a converted checkpoint's trees
     return {"path": real, "checkpoint_step": None, "weights": _files_digest(real, rels)}
+
+
+def adapter_fingerprint(path: str) -> dict[str, Any]:
+    """``{path, weights}`` of a PEFT adapter folder, as ``model_fingerprint`` does it for a model."""
+    from cancerllm_jax.checkpoint.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    real = os.path.realpath(os.path.expanduser(path))
+    return {"path": real, "weights": _files_digest(real, [ADAPTER_CONFIG, ADAPTER_WEIGHTS])}
 
 
 def provenance(fingerprint: dict[str, Any], spec: TaskSpec, cfg: RunConfig) -> dict[str, Any]:

@@ -1,0 +1,176 @@
+"""LoRA import: a PEFT adapter that peft made (``get_peft_model`` + ``save_pretrained``) used on its HF base through
+``cj.load(base, adapter=...)``, ``convert_checkpoint.py from-hf --peft-adapter`` and ``generate.py --adapter``."""
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file
+
+import cancerllm_jax as cj
+from cancerllm_jax import api
+from cancerllm_jax.checkpoint.hf import read_hf, write_hf
+from cancerllm_jax.config import LoRAConfig
+from cancerllm_jax.errors import UserError
+from cancerllm_jax.model.lora import merge_lora_params
+from helpers import one_clear_error
+from test_bad_inputs import run_cli
+from test_peft_export import convert, hf_base, random_lora, torch_logits
+
+VOCAB = 53
+TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+CONFIGS = {  # MHA untied; GQA with head_dim != hidden / heads and tied embeddings
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa_headdim_tied": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+}
+IDS = np.random.default_rng(1).integers(0, VOCAB, size=(2, 15))  # longer than the window of 6
+
+
+def make_adapter(folder, layers: int = 2, hidden: int = 32, seed: int = 0, **kw):
+    """Save a tiny random fp32 HF Mistral to ``folder/base`` and a peft adapter with random (non-zero) factors on
+    it to ``folder/adapter``; returns ``(base, adapter, peft logits of IDS, base logits of IDS)``."""
+    torch.manual_seed(seed)
+    hf_cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=48,
+                                        num_hidden_layers=layers, sliding_window=6, max_position_embeddings=128,
+                                        initializer_range=0.1, **kw)
+    base, adapter = os.path.join(folder, "base"), os.path.join(folder, "adapter")
+    transformers.MistralForCausalLM(hf_cfg).save_pretrained(base, safe_serialization=True)
+    pconf = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    pmodel = peft.get_peft_model(hf_base(base), pconf).eval()
+    with torch.no_grad():
+        for name, p in pmodel.named_parameters():
+            if "lora_" in name:  # peft starts B at zero: the adapter would change nothing
+                p.normal_(0, 0.2)
+    pmodel.save_pretrained(adapter)
+    return base, adapter, torch_logits(pmodel, IDS), torch_logits(hf_base(base), IDS)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def made(request, tmp_path_factory):
+    return make_adapter(str(tmp_path_factory.mktemp(request.param)), **CONFIGS[request.param])
+
+
+@pytest.fixture(scope="module")
+def mha(tmp_path_factory):
+    return make_adapter(str(tmp_path_factory.mktemp("mha")), **CONFIGS["mha"])
+
+
+def max_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max())
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_load_with_adapter_equals_peft(made, merge):
+    base, adapter, ref, base_only = made
+    assert max_diff(ref, base_only) > 1e-2, "the adapter must change the logits"
+    lm = cj.load(base, adapter=adapter, merge_lora=merge)
+    assert max_diff(lm.logits(IDS), ref) <= 1e-4
+    assert lm.adapter == os.path.abspath(adapter) and lm.source == os.path.abspath(base)
+    assert hasattr(lm.model.layers.q, "lora_a") != merge  # unmerged: the LoRA branch is in the model
+
+
+def test_adapter_on_a_run_merges_the_runs_lora_first(mha, tmp_path, monkeypatch):
+    """A base that carries its own LoRA (a run) is merged first; the adapter goes on the merged weights."""
+    base, adapter, _, _ = mha
+    cfg, params = read_hf(base)
+    run_lora = LoRAConfig(rank=2, alpha=4, dropout=0.0, targets="all")
+    run_lp = random_lora(cfg, run_lora, seed=5)
+    write_hf(str(tmp_path / "merged"), cfg, merge_lora_params(params, run_lp, run_lora))
+    ref = torch_logits(peft.PeftModel.from_pretrained(hf_base(str(tmp_path / "merged")), adapter).eval(), IDS)
+    run = api.LoadedWeights(cfg, params, lora=run_lora, lora_params=run_lp, source="run")
+    monkeypatch.setattr(api, "read_weights", lambda path, dtype=None: run)
+    for merge in (True, False):
+        assert max_diff(cj.load(base, adapter=adapter, merge_lora=merge).logits(IDS), ref) <= 1e-4
+
+
+def test_from_hf_with_adapter_and_back(mha, tmp_path):
+    base, adapter, ref, _ = mha
+    out = str(tmp_path / "ckpt")
+    assert convert.main(["from-hf", base, out, "--peft-adapter", adapter]) == 0
+    meta = json.load(open(os.path.join(out, "cancerllm.json")))
+    assert meta["lora"]["rank"] == 4 and meta["adapter"]["source"] == os.path.abspath(adapter)
+    for merge in (True, False):
+        assert max_diff(cj.load(out, merge_lora=merge).logits(IDS), ref) <= 1e-4
+    # the converted checkpoint keeps the factors (float32 even on a bf16 base): to-hf --peft-adapter gives peft's
+    # tensors back, bit for bit
+    bf16 = str(tmp_path / "bf16")
+    assert convert.main(["from-hf", base, bf16, "--peft-adapter", adapter, "--dtype", "bfloat16"]) == 0
+    a = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    for ckpt in (out, bf16):
+        back = str(tmp_path / f"back_{os.path.basename(ckpt)}")
+        assert convert.main(["to-hf", ckpt, back, "--peft-adapter"]) == 0
+        b = load_file(os.path.join(back, "adapter_model.safetensors"))
+        assert set(a) == set(b) and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+        conf = json.load(open(os.path.join(back, "adapter_config.json")))
+        assert conf["base_model_name_or_path"] == json.load(open(os.path.join(adapter, "adapter_config.json")))[
+            "base_model_name_or_path"]
+    # --merge-lora folds it in: a plain converted checkpoint, and to-hf of it is plain transformers
+    merged = str(tmp_path / "merged")
+    assert convert.main(["from-hf", base, merged, "--peft-adapter", adapter, "--merge-lora"]) == 0
+    assert "lora" not in json.load(open(os.path.join(merged, "cancerllm.json")))
+    assert not os.path.exists(os.path.join(merged, "lora"))
+    assert convert.main(["to-hf", merged, str(tmp_path / "hf")]) == 0
+    assert max_diff(torch_logits(hf_base(str(tmp_path / "hf")), IDS), ref) <= 1e-4
+
+
+def test_adapter_weights_are_part_of_the_fingerprint(mha, tmp_path):
+    """A converted checkpoint's LoRA, and an adapter loaded on a model, count as weights in eval provenance."""
+    from cancerllm_jax.eval.robustness import model_key
+    from cancerllm_jax.eval.runner import model_fingerprint
+
+    base, adapter, _, _ = mha
+    out = str(tmp_path / "ckpt")
+    assert convert.main(["from-hf", base, out, "--peft-adapter", adapter]) == 0
+    before = model_fingerprint(out)["weights"]
+    lora_files = [os.path.join(d, n) for d, _, names in os.walk(os.path.join(out, "lora")) for n in names]
+    os.utime(lora_files[0], ns=(1, 1))
+    assert model_fingerprint(out)["weights"] != before
+    plain = model_key(SimpleNamespace(source=base, adapter=None))
+    tuned = model_key(SimpleNamespace(source=base, adapter=adapter))
+    assert "model_adapter" not in plain and tuned["model_adapter"]["path"] == os.path.realpath(adapter)
+    os.utime(os.path.join(adapter, "adapter_model.safetensors"), ns=(1, 1))
+    assert model_key(SimpleNamespace(source=base, adapter=adapter)) != tuned
+
+
+@pytest.fixture(scope="module")
+def other_adapters(tmp_path_factory):
+    """Adapters made by peft for bases with another layer count / hidden size."""
+    root, kw = tmp_path_factory.mktemp("other"), CONFIGS["mha"]
+    return {"layers": make_adapter(str(root / "layers"), layers=3, **kw)[1],
+            "fewer_layers": make_adapter(str(root / "fewer"), layers=1, **kw)[1],
+            "hidden": make_adapter(str(root / "hidden"), hidden=48, **kw)[1]}
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("missing", ["nope", "not found"]),
+    ("layers", ["adapter_model.safetensors", "unexpected", "layers.2", "2-layer model"]),
+    ("fewer_layers", ["adapter_model.safetensors", "layers.1", "is missing", "another base model"]),
+    ("hidden", ["adapter_model.safetensors", "shape", "another base model"]),
+])
+def test_wrong_adapter_is_one_clear_error(mha, other_adapters, tmp_path, capsys, case, needles):
+    base = mha[0]
+    adapter = other_adapters.get(case, str(tmp_path / "nope"))
+    with pytest.raises(UserError) as e:
+        cj.load(base, adapter=adapter)
+    assert all(n in str(e.value) for n in needles) and "\n" not in str(e.value)
+    out = tmp_path / "out"
+    code, err = run_cli("tools/convert_checkpoint.py", ["from-hf", base, out, "--peft-adapter", adapter], capsys)
+    one_clear_error(code, err, *needles)
+    assert not os.path.exists(out) and not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "x"}\n', encoding="utf-8")
+    code, err = run_cli("launch/generate.py", ["--model", base, "--adapter", adapter, "--input", inp,
+                                               "--out", tmp_path / "pred.jsonl"], capsys)
+    one_clear_error(code, err, *needles)
+
+
+def test_merge_lora_without_adapter_is_an_error(mha, tmp_path, capsys):
+    code, err = run_cli("tools/convert_checkpoint.py", ["from-hf", mha[0], tmp_path / "out", "--merge-lora"],
+                        capsys)
+    one_clear_error(code, err, "--merge-lora needs --peft-adapter")
