@@ -4,7 +4,7 @@
     python launch/evaluate.py score --gold test.jsonl --pred predictions.jsonl [--protocol standard|reference]
                                     [--json scores.json] [--per-instance rows.jsonl]
     python launch/evaluate.py score --pred runner_output.jsonl   # a file carrying both `gold` and `prediction`
-    python launch/evaluate.py run --model PATH [--model PATH2 ...] [--name NAME ...]
+    python launch/evaluate.py run --model PATH [--model PATH2 ...] [--name NAME ...] [--adapter PEFT_DIR|none ...]
                                   --tasks phenotype,diagnosis,treatment_plan --data synthetic|DIR|FILE --out OUT
                                   [--limit N] [--batch-size B] [--protocol standard|reference] [--temperature T]
                                   [--max-new-tokens N|task=N,...] [--max-input-tokens N|task=N,...] [--dtype] [--mesh]
@@ -99,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     new = parse_limits(args.max_new_tokens, names, "--max-new-tokens")
     inp = parse_limits(args.max_input_tokens, names, "--max-input-tokens")
     specs = [s.with_limits(inp.get(s.name), new.get(s.name)) for s in specs]
-    cfg = RunConfig(models=model_names(args.model, args.name), tasks=specs, data=args.data, out=args.out,
+    cfg = RunConfig(models=model_names(args.model, args.name, args.adapter), tasks=specs, data=args.data, out=args.out,
                     limit=args.limit, protocol=args.protocol,
                     decoding=Decoding(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                       seed=args.seed, batch_size=args.batch_size, shots=args.shots),
@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", action="append", required=True,
                    help="HF folder, converted checkpoint or training run; repeat to compare models side by side")
     r.add_argument("--name", action="append", help="display name per --model (default: the folder name)")
+    r.add_argument("--adapter", action="append",
+                   help="a PEFT LoRA adapter folder per --model, loaded on it and merged ('none' for a model "
+                        "without one), e.g. --model BASE --adapter none --model BASE --adapter TUNED")
     r.add_argument("--tasks", default="phenotype,diagnosis,treatment_plan",
                    help="comma-separated tasks (default: the three CancerLLM tasks); also radonc_regimen, "
                         "radonc_modality, radonc_icd10")

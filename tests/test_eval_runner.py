@@ -376,3 +376,47 @@ def test_k_shot_prompts_hold_training_exemplars_and_fit_the_budget():
     assert three.hash != zero.hash and len(three.ids) <= spec.max_input_tokens
     tight = build_few_shot_prompt(tok, record, spec.with_limits(max_input_tokens=len(zero.ids) + 5), train, 3)
     assert tight.text == zero.text  # no exemplar fits: zero-shot
+
+
+def test_adapters_per_model_and_in_the_provenance(finished, tmp_path, monkeypatch):
+    """``--adapter`` pairs a PEFT adapter with each ``--model`` (``none``: the bare model); the adapter's weights
+    are part of what made the predictions, so a run with another adapter is not resumed from them."""
+    import peft
+    import torch
+    import transformers
+
+    from cancerllm_jax.errors import UserError
+
+    model, _ = finished
+    monkeypatch.setenv("CANCERLLM_DEBUG", "1")
+    adapter = tmp_path / "tuned-adapter"
+    pmodel = peft.get_peft_model(transformers.MistralForCausalLM.from_pretrained(model),
+                                 peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in pmodel.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.5)
+    pmodel.save_pretrained(adapter)
+    out = tmp_path / "out"
+    args = ["run", "--model", str(model), "--adapter", "none", "--model", str(model), "--adapter", str(adapter),
+            "--tasks", "phenotype", "--limit", "1", "--batch-size", "1", "--max-new-tokens", "3", "--out", str(out)]
+    assert _evaluate().main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["models"]) == {model.name, "tuned-adapter"}  # the adapter names its model by default
+    assert metrics["models"]["tuned-adapter"]["adapter"]["path"] == str(adapter.resolve())
+    assert "adapter" not in metrics["models"][model.name]
+    made = json.loads((out / "predictions" / "tuned-adapter__phenotype.produced_by.json").read_text())
+    assert made["adapter"]["weights"]
+    # the same adapter folder with other weights: refused, naming the adapter
+    (adapter / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    os.utime(adapter / "adapter_model.safetensors", ns=(1, 1))
+    with pytest.raises(UserError, match=r"tuned-adapter__phenotype.jsonl: .*adapter"):
+        _evaluate().main(args)
+    for bad, message in ((["--adapter", str(adapter)], "2 --model but 1 --adapter"),
+                         (["--adapter", "none", "--adapter", str(tmp_path / "nope")], "nope: not found")):
+        fresh = tmp_path / "fresh"
+        argv = ["run", "--model", str(model), "--model", str(model), *bad, "--tasks", "phenotype", "--limit", "1",
+                "--out", str(fresh)]
+        with pytest.raises(UserError, match=message):
+            _evaluate().main(argv)
+        assert not fresh.exists()

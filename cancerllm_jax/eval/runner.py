@@ -48,6 +48,7 @@ _NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 class ModelEntry:
     name: str
     path: str
+    adapter: str | None = None  # a PEFT LoRA adapter folder loaded on top of ``path``
 
 
 @dataclass
@@ -83,14 +84,24 @@ class RunConfig:
 # ---------------------------------------------------------------- names and paths
 
 
-def model_names(paths: Sequence[str], names: Sequence[str] | None = None) -> list[ModelEntry]:
-    """Pair model paths with display names (default: the folder's base name; repeats get a suffix)."""
-    names = list(names or [])
+NO_ADAPTER = "none"
+
+
+def model_names(paths: Sequence[str], names: Sequence[str] | None = None,
+                adapters: Sequence[str] | None = None) -> list[ModelEntry]:
+    """Pair model paths with display names (default: the folder's base name, or the adapter's when one is given;
+    repeats get a suffix) and PEFT adapters (one per model, ``none`` for the bare model)."""
+    names, adapters = list(names or []), list(adapters or [])
     if names and len(names) != len(paths):
         raise UserError(f"got {len(paths)} --model but {len(names)} --name; give one name per model or none")
+    if adapters and len(adapters) != len(paths):
+        raise UserError(f"got {len(paths)} --model but {len(adapters)} --adapter; give one adapter per model "
+                        f"('{NO_ADAPTER}' for a model without one) or none")
+    adapters = [None if a in (None, "", NO_ADAPTER) else a for a in adapters] or [None] * len(paths)
     entries, used = [], set()
-    for i, path in enumerate(paths):
-        name = names[i] if names else (os.path.basename(os.path.normpath(path)) or f"model{i}")
+    for i, (path, adapter) in enumerate(zip(paths, adapters)):
+        default = os.path.basename(os.path.normpath(adapter or path))
+        name = names[i] if names else (default or f"model{i}")
         name = _NAME_RE.sub("-", name).strip("-") or f"model{i}"
         if name in used:
             if names:
@@ -100,7 +111,7 @@ def model_names(paths: Sequence[str], names: Sequence[str] | None = None) -> lis
                 k += 1
             name = f"{name}-{k}"
         used.add(name)
-        entries.append(ModelEntry(name, path))
+        entries.append(ModelEntry(name, path, adapter))
     return entries
 
 
@@ -172,6 +183,7 @@ def provenance(fingerprint: dict[str, Any], spec: TaskSpec, cfg: RunConfig) -> d
     greedy = d.temperature <= 0
     return {"format": PROVENANCE_FORMAT, "task": spec.name, "model_path": fingerprint["path"],
             "checkpoint_step": fingerprint["checkpoint_step"], "weights": fingerprint["weights"],
+            "adapter": fingerprint.get("adapter"),
             "prompt_format": f"alpaca, {d.shots}-shot" if d.shots else "alpaca, zero-shot",
             "max_input_tokens": spec.max_input_tokens, "max_new_tokens": spec.max_new_tokens, "stop": list(spec.stop),
             "temperature": 0.0 if greedy else d.temperature, "top_k": None if greedy else d.top_k,
@@ -547,6 +559,11 @@ def run(cfg: RunConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
         if not os.path.exists(os.path.expanduser(m.path)):
             raise UserError(f"model path not found: {os.path.abspath(os.path.expanduser(m.path))}")
         fingerprints[m.name] = model_fingerprint(m.path)
+        if m.adapter is not None:
+            from cancerllm_jax.checkpoint.peft import check_adapter_folder
+
+            check_adapter_folder(os.path.abspath(os.path.expanduser(m.adapter)))
+            fingerprints[m.name]["adapter"] = adapter_fingerprint(m.adapter)
     wanted = {(m.name, s.name): provenance(fingerprints[m.name], s, cfg) for m in cfg.models for s in cfg.tasks}
     fresh = [key for key, want in wanted.items() if check_provenance(cfg.out, *key, want, cfg.overwrite)]
     os.makedirs(os.path.join(cfg.out, "predictions"), exist_ok=True)
@@ -578,14 +595,15 @@ def run(cfg: RunConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
     runs: dict[tuple[str, str], dict] = {}
     for model in cfg.models:
         t0 = time.perf_counter()
-        lm = cj.load(model.path, dtype=cfg.dtype, mesh=cfg.mesh, tokenizer=cfg.tokenizer)
+        lm = cj.load(model.path, dtype=cfg.dtype, mesh=cfg.mesh, tokenizer=cfg.tokenizer, adapter=model.adapter)
         load_s = time.perf_counter() - t0
         if lm.tokenizer is None:
             raise UserError(f"{model.path}: no tokenizer found; pass --tokenizer")
         metrics["models"][model.name].update({"load_time_s": round(load_s, 2), "model_type": lm.cfg.model_type,
                                               "params_m": _param_count(lm) / 1e6,
                                               "tokenizer": getattr(lm.tokenizer, "name", type(lm.tokenizer).__name__)})
-        log(f"[{model.name}] loaded {model.path} in {load_s:.1f}s")
+        log(f"[{model.name}] loaded {model.path}{f' + adapter {model.adapter}' if model.adapter else ''} "
+            f"in {load_s:.1f}s")
         for spec in cfg.tasks:
             counts, split[spec.name][model.name] = decode_task(lm, model, spec, records[spec.name], cfg, session, log)
             runs[(spec.name, model.name)] = counts
