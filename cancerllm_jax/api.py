@@ -57,16 +57,16 @@ def read_weights(path: str, dtype: str | None = None) -> LoadedWeights:
                     f"(no cancerllm.json) or a training run (no checkpoints/)")
 
 
-def with_adapter(w: LoadedWeights, adapter: str) -> LoadedWeights:
+def with_adapter(w: LoadedWeights, adapter: str, dtype=None) -> LoadedWeights:
     """``w`` with a PEFT adapter folder as its LoRA; a LoRA ``w`` already has (a run's) is merged into the base
-    first. The adapter's shapes are checked against ``w.cfg``."""
+    first (cast to ``dtype``, default the stored one). The adapter's shapes are checked against ``w.cfg``."""
     from cancerllm_jax.checkpoint.peft import read_peft_adapter
 
     params = w.params
     if w.lora is not None and w.lora_params is not None:
         from cancerllm_jax.model.lora import merge_lora_params
 
-        params = merge_lora_params(params, w.lora_params, w.lora)
+        params = merge_lora_params(params, w.lora_params, w.lora, dtype)
     lora, lora_params = read_peft_adapter(os.path.abspath(os.path.expanduser(adapter)), w.cfg)
     return dataclasses.replace(w, params=params, lora=lora, lora_params=lora_params)
 
@@ -169,11 +169,11 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
         check_adapter_folder(adapter)  # a wrong adapter fails before the base is read
     w = read_weights(path)
     if adapter is not None:
-        w = with_adapter(w, adapter)
+        w = with_adapter(w, adapter, dtype)
     if w.lora is not None and w.lora_params is not None and merge_lora:
         from cancerllm_jax.model.lora import merge_lora_params
 
-        params = merge_lora_params(w.params, w.lora_params, w.lora)
+        params = merge_lora_params(w.params, w.lora_params, w.lora, dtype)  # the sum kept in the loaded dtype
         model = model_from_params(w.cfg, params, dtype=dtype, attention=attention)
     else:
         model = model_from_params(w.cfg, w.params, lora=w.lora if w.lora_params is not None else None,

@@ -154,9 +154,14 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if rope_type not in ROPE_TYPES:
         raise UserError(f"{source}: rope_type {rope_type!r} is not supported (supported: {list(ROPE_TYPES)})")
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UserError(f"{source}: partial_rotary_factor {rope['partial_rotary_factor']!r} is not supported "
-                        "(RoPE on the whole head only)")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise UserError(f"{source}: partial_rotary_factor {partial!r} is not supported (RoPE on the whole head only)")
+    if rope_type == "llama3":  # as transformers' standardize_rope_params: a top-level value first, then the dict's,
+        # then the model's context length
+        rope = {**rope, "original_max_position_embeddings": hf.get(
+            "original_max_position_embeddings", rope.get("original_max_position_embeddings",
+                                                         hf.get("max_position_embeddings")))}
     missing = [k for k in ROPE_KEYS[rope_type] if rope.get(k) is None]
     if missing:
         raise UserError(f"{source}: rope_type {rope_type!r} needs rope_scaling / rope_parameters field(s) {missing}")
@@ -243,6 +248,8 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
         "torch_dtype": dtype, "dtype": dtype, "attention_dropout": 0.0, "initializer_range": 0.02,
         "use_cache": True,
     }
+    if cfg.rope_type != "default":  # the name transformers < 5 reads (it would run the model unscaled without it)
+        out["rope_scaling"] = {k: v for k, v in out["rope_parameters"].items() if k != "rope_theta"}
     if cfg.model_type == "mistral":
         out["sliding_window"] = cfg.sliding_window
     else:

@@ -24,7 +24,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF folder, converted checkpoint or training run")
     p.add_argument("--adapter", help="a PEFT LoRA adapter folder for --model (adapter_config.json + "
-                                     "adapter_model.safetensors), merged into the weights")
+                                     "adapter_model.safetensors), merged into the weights; 'none': no adapter")
     p.add_argument("--input", required=True, help="JSONL with 'prompt' or 'instruction' (+ 'context')")
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -68,7 +68,8 @@ def main(argv=None):
     import cancerllm_jax as cj
     from cancerllm_jax.data.instruct import encode_prompt
 
-    lm = cj.load(args.model, dtype=args.dtype, mesh=args.mesh, adapter=args.adapter)
+    adapter = None if (args.adapter or "none").lower() == "none" else args.adapter
+    lm = cj.load(args.model, dtype=args.dtype, mesh=args.mesh, adapter=adapter)
     if lm.tokenizer is None:
         raise UserError(f"{args.model}: no tokenizer found beside the weights")
     prompts, texts, cut = [], [], 0

@@ -420,3 +420,16 @@ def test_adapters_per_model_and_in_the_provenance(finished, tmp_path, monkeypatc
         with pytest.raises(UserError, match=message):
             _evaluate().main(argv)
         assert not fresh.exists()
+
+
+def test_a_record_with_a_null_key_still_resumes(finished, tmp_path, monkeypatch):
+    """A key null in the record and absent now (or the reverse) is no difference: such a run resumes."""
+    model, done = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    monkeypatch.setenv("CANCERLLM_DEBUG", "1")
+    meta = out / "predictions" / "vanilla__phenotype.produced_by.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "adapter": None}))
+    assert _evaluate().main(_run_args(model, out)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["results"]["phenotype"]["vanilla"]["resumed"] == 2

@@ -174,3 +174,46 @@ def test_merge_lora_without_adapter_is_an_error(mha, tmp_path, capsys):
     code, err = run_cli("tools/convert_checkpoint.py", ["from-hf", mha[0], tmp_path / "out", "--merge-lora"],
                         capsys)
     one_clear_error(code, err, "--merge-lora needs --peft-adapter")
+
+
+def test_bf16_base_with_adapter_loaded_as_float32_keeps_the_fp32_sum(tmp_path):
+    """A bf16 base (as checkpoints ship) + an adapter, loaded in float32: the merged kernels keep W + B·A·α/r in
+    float32 (rounding the sum back to bf16 moved the logits by ~1e-2) and equal peft on the base in float32."""
+    torch.manual_seed(0)
+    hf_cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                                        initializer_range=0.1)
+    base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
+    transformers.MistralForCausalLM(hf_cfg).to(torch.bfloat16).save_pretrained(base, safe_serialization=True)
+    pmodel = peft.get_peft_model(hf_base(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in pmodel.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.05)
+    pmodel.save_pretrained(adapter)
+    ref = torch_logits(peft.PeftModel.from_pretrained(hf_base(base), adapter).eval(), IDS)
+    for merge in (True, False):
+        assert max_diff(cj.load(base, adapter=adapter, merge_lora=merge, dtype="float32").logits(IDS), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("targets", [r".*\.(q_proj|down_proj)", ["model.layers.0.self_attn.k_proj",
+                                                                "model.layers.1.self_attn.k_proj", "up_proj"]])
+def test_target_modules_as_peft_matches_them(tmp_path, targets):
+    """``target_modules`` as a regular expression (peft: the whole module name must match) or as full module
+    names (peft saves "all-linear" so for models of few layers) selects the same projections as in peft."""
+    base = str(tmp_path / "base")
+    torch.manual_seed(2)
+    hf_cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
+                                        initializer_range=0.1)
+    transformers.MistralForCausalLM(hf_cfg).save_pretrained(base, safe_serialization=True)
+    pmodel = peft.get_peft_model(hf_base(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    with torch.no_grad():
+        for name, p in pmodel.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    pmodel.save_pretrained(str(tmp_path / "adapter"))
+    ref = torch_logits(peft.PeftModel.from_pretrained(hf_base(base), str(tmp_path / "adapter")).eval(), IDS)
+    lm = cj.load(base, adapter=str(tmp_path / "adapter"), merge_lora=False)
+    assert max_diff(lm.logits(IDS), ref) <= 1e-4
+    assert max_diff(ref, torch_logits(hf_base(base), IDS)) > 1e-2

@@ -62,8 +62,7 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str | None = None, overwrite: bool
         adapter = os.path.abspath(os.path.expanduser(adapter))
         check_adapter_folder(adapter)  # a wrong adapter fails before the base is read
         extra["adapter"] = {"source": adapter, "base_model_name_or_path": adapter_base_name(adapter)}
-    # merging: in float32 from the stored weights (the sum in their dtype), then cast to --dtype
-    cfg, params = read_hf(hf_dir, dtype=None if merge_lora else dtype)
+    cfg, params = read_hf(hf_dir, dtype=dtype)  # a merge is summed in float32, then stored in this dtype
     lora = lora_params = None
     if adapter is not None:
         w = api.with_adapter(api.LoadedWeights(cfg, params), adapter)
@@ -71,7 +70,7 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str | None = None, overwrite: bool
     if merge_lora:
         from cancerllm_jax.model.lora import merge_lora_params
 
-        params, lora, lora_params = _cast(merge_lora_params(params, lora_params, lora), dtype), None, None
+        params, lora, lora_params = merge_lora_params(params, lora_params, lora), None, None
     save_params(out_dir, cfg, params, dtype=_dtype_name(params), extra=extra, overwrite=overwrite,
                 tokenizer_dir=hf_dir, lora=lora, lora_params=lora_params)
     return out_dir

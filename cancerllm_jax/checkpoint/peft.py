@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 
@@ -143,14 +144,28 @@ def read_adapter_config(folder: str) -> LoRAConfig:
         raise UserError(f"{path}: field {unknown[0]}={conf[unknown[0]]!r} is not known here (a LoRA variant of a "
                         "newer peft?); only plain LoRA adapters are supported")
     targets = conf.get("target_modules")
+    names = {v.split(".")[-1]: k for k, v in HF_MODULES.items()}
     if targets == "all-linear":
         targets = list(LORA_TARGETS)
+    elif isinstance(targets, str):  # peft: a regular expression that must match a module's whole name
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise UserError(f"{path}: target_modules {targets!r} is not a valid regular expression ({e})") from None
+        targets = [t for t, m in HF_MODULES.items() if pattern.fullmatch(f"model.layers.0.{m}")]
+        if not targets:
+            raise UserError(f"{path}: target_modules {conf['target_modules']!r} matches none of "
+                            f"{sorted(names)} (in model.layers.N.*)")
     if not isinstance(targets, list) or not targets:
         raise UserError(f"{path}: target_modules must be a list of module names, got {targets!r}")
-    names = {v.split(".")[-1]: k for k, v in HF_MODULES.items()}
+    # peft also matches a module by a name it ends with: full names (model.layers.0.mlp.down_proj, as peft saves
+    # "all-linear" for small models) name their projection by the last part; layers an adapter leaves out are
+    # found missing when its tensors are read
+    targets = [t.split(".")[-1] if isinstance(t, str) else t for t in targets]
     bad = [t for t in targets if t not in names and t not in LORA_TARGETS]
     if bad:
         raise UserError(f"{path}: target module(s) {bad} are not supported (choose from {sorted(names)})")
+    targets = list(dict.fromkeys(targets))
     try:
         return LoRAConfig(rank=int(conf["r"]), alpha=float(conf["lora_alpha"]),
                           dropout=float(conf.get("lora_dropout", 0.0)),

@@ -97,7 +97,7 @@ def model_names(paths: Sequence[str], names: Sequence[str] | None = None,
     if adapters and len(adapters) != len(paths):
         raise UserError(f"got {len(paths)} --model but {len(adapters)} --adapter; give one adapter per model "
                         f"('{NO_ADAPTER}' for a model without one) or none")
-    adapters = [None if a in (None, "", NO_ADAPTER) else a for a in adapters] or [None] * len(paths)
+    adapters = [None if a in (None, "") or a.lower() == NO_ADAPTER else a for a in adapters] or [None] * len(paths)
     entries, used = [], set()
     for i, (path, adapter) in enumerate(zip(paths, adapters)):
         default = os.path.basename(os.path.normpath(adapter or path))
@@ -181,9 +181,10 @@ def provenance(fingerprint: dict[str, Any], spec: TaskSpec, cfg: RunConfig) -> d
     Sampling settings that greedy decoding ignores are left out (the seed stays when it draws k-shot exemplars)."""
     d = cfg.decoding
     greedy = d.temperature <= 0
+    # an adapter only where there is one: records of runs without adapters stay as earlier versions wrote them
+    adapter = {"adapter": fingerprint["adapter"]} if fingerprint.get("adapter") else {}
     return {"format": PROVENANCE_FORMAT, "task": spec.name, "model_path": fingerprint["path"],
-            "checkpoint_step": fingerprint["checkpoint_step"], "weights": fingerprint["weights"],
-            "adapter": fingerprint.get("adapter"),
+            "checkpoint_step": fingerprint["checkpoint_step"], "weights": fingerprint["weights"], **adapter,
             "prompt_format": f"alpaca, {d.shots}-shot" if d.shots else "alpaca, zero-shot",
             "max_input_tokens": spec.max_input_tokens, "max_new_tokens": spec.max_new_tokens, "stop": list(spec.stop),
             "temperature": 0.0 if greedy else d.temperature, "top_k": None if greedy else d.top_k,
@@ -237,8 +238,8 @@ def check_provenance(out: str, model: str, task: str, want: dict[str, Any], over
             if overwrite or not _has_rows(pred):
                 return True
             raise
-        if have == want:
-            return False
+        if have == want or (have.get("format") == want.get("format") and not differences(have, want)):
+            return False  # equal, a key absent on one side being null on the other
         problem = f"its predictions were made with other settings: {'; '.join(differences(have, want))}"
     else:
         problem = f"its predictions have no record of the model and settings that made them ({meta} is missing)"

@@ -6,13 +6,15 @@ The factors live in the model as ``nnx.LoRAParam`` (``Proj.lora_a [layers, in, r
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 from cancerllm_jax.config import LoRAConfig
 
 
-def merge_lora_params(params: dict, lora_params: dict, lora: LoRAConfig) -> dict:
-    """Base params with ``W + A·B·α/r`` folded into every target kernel, computed in fp32, cast back."""
+def merge_lora_params(params: dict, lora_params: dict, lora: LoRAConfig, dtype=None) -> dict:
+    """Base params with ``W + A·B·α/r`` folded into every target kernel, computed in fp32, then cast to ``dtype``
+    (default: the kernel's own; a bf16 base loaded as fp32 keeps the fp32 sum)."""
     layers = dict(params["layers"])
     src = lora_params.get("layers", lora_params)
     for name, ab in src.items():
@@ -22,7 +24,7 @@ def merge_lora_params(params: dict, lora_params: dict, lora: LoRAConfig) -> dict
         a = np.asarray(ab["lora_a"], np.float32)
         b = np.asarray(ab["lora_b"], np.float32)
         merged = kernel.astype(np.float32) + np.einsum("lir,lro->lio", a, b) * np.float32(lora.scaling)
-        layers[name] = {**layers[name], "kernel": merged.astype(kernel.dtype)}
+        layers[name] = {**layers[name], "kernel": merged.astype(kernel.dtype if dtype is None else jnp.dtype(dtype))}
     return {**params, "layers": layers}
 
 
