@@ -146,8 +146,8 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
     """Load weights from ``path`` in ``dtype`` onto a ``mesh`` ("DxM"); a run's LoRA is merged by default.
 
     ``adapter``: a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) to put on the
-    base ``path`` (whose own LoRA, if any, is merged first); ``merge_lora`` folds it into the weights in float32,
-    else it stays a separate LoRA branch.
+    base ``path`` (whose own LoRA, if any, is merged first); ``merge_lora`` folds it into the weights (summed in
+    float32, kept in ``dtype``: a bf16 base loaded as float32 keeps the exact sum), else it stays a LoRA branch.
     ``attention``: ``auto`` (cuDNN flash attention on a GPU in bf16/fp16, else the explicit-mask einsum), ``xla``
     or ``cudnn``.
     """
