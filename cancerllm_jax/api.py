@@ -25,10 +25,11 @@ class LoadedWeights:
     source: str = ""
 
 
-def read_weights(path: str, dtype: str | None = None) -> LoadedWeights:
-    """Read any supported location: HF folder, converted checkpoint (with its unmerged LoRA, if any), or a training
-    run (latest checkpoint)."""
+def model_kind(path: str) -> tuple[str, str]:
+    """``(absolute path, kind)``: kind ``checkpoint`` (converted), ``run`` (a training run) or ``hf`` (an HF
+    folder); anything else is an error naming the path."""
     from cancerllm_jax.checkpoint import orbax_io
+    from cancerllm_jax.train import run_io
 
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
@@ -36,6 +37,36 @@ def read_weights(path: str, dtype: str | None = None) -> LoadedWeights:
     if not os.path.isdir(path):
         raise UserError(f"{path}: expected a folder (HF model folder, converted checkpoint or training run)")
     if orbax_io.is_params_checkpoint(path):
+        return path, "checkpoint"
+    if run_io.is_run_dir(path):
+        return path, "run"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path, "hf"
+    raise UserError(f"{path}: not an HF model folder (no config.json), a converted checkpoint "
+                    f"(no cancerllm.json) or a training run (no checkpoints/)")
+
+
+def read_model_config(path: str) -> ModelConfig:
+    """The model config of any location ``read_weights`` reads, without reading the weights."""
+    from cancerllm_jax.checkpoint import orbax_io
+    from cancerllm_jax.config import build, read_hf_config
+    from cancerllm_jax.train import run_io
+
+    path, kind = model_kind(path)
+    if kind == "hf":
+        return read_hf_config(path)
+    meta, name = ((orbax_io.read_meta(path), orbax_io.META_FILE) if kind == "checkpoint"
+                  else (run_io.read_run_meta(path), run_io.RUN_FILE))
+    return build(ModelConfig, meta["model"], f"{path}/{name}:model")
+
+
+def read_weights(path: str, dtype: str | None = None) -> LoadedWeights:
+    """Read any supported location: HF folder, converted checkpoint (with its unmerged LoRA, if any), or a training
+    run (latest checkpoint)."""
+    from cancerllm_jax.checkpoint import orbax_io
+
+    path, kind = model_kind(path)
+    if kind == "checkpoint":
         meta = orbax_io.read_meta(path)
         from cancerllm_jax.config import build
 
@@ -44,17 +75,14 @@ def read_weights(path: str, dtype: str | None = None) -> LoadedWeights:
         return LoadedWeights(cfg, orbax_io.load_params(path), lora=lora,
                              lora_params=orbax_io.load_lora(path) if lora else None,
                              tokenizer_spec=_tokenizer_in(path), source=path)
-    from cancerllm_jax.train import run_io
+    if kind == "run":
+        from cancerllm_jax.train import run_io
 
-    if run_io.is_run_dir(path):
         return run_io.read_run_weights(path)
-    if os.path.isfile(os.path.join(path, "config.json")):
-        from cancerllm_jax.checkpoint.hf import read_hf
+    from cancerllm_jax.checkpoint.hf import read_hf
 
-        cfg, params = read_hf(path)
-        return LoadedWeights(cfg, params, tokenizer_spec=_tokenizer_in(path), source=path)
-    raise UserError(f"{path}: not an HF model folder (no config.json), a converted checkpoint "
-                    f"(no cancerllm.json) or a training run (no checkpoints/)")
+    cfg, params = read_hf(path)
+    return LoadedWeights(cfg, params, tokenizer_spec=_tokenizer_in(path), source=path)
 
 
 def with_adapter(w: LoadedWeights, adapter: str, dtype=None) -> LoadedWeights:

@@ -412,8 +412,14 @@ def test_adapters_per_model_and_in_the_provenance(finished, tmp_path, monkeypatc
     os.utime(adapter / "adapter_model.safetensors", ns=(1, 1))
     with pytest.raises(UserError, match=r"tuned-adapter__phenotype.jsonl: .*adapter"):
         _evaluate().main(args)
+    other = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=32000, hidden_size=48, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2))
+    peft.get_peft_model(other, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "wrong")
     for bad, message in ((["--adapter", str(adapter)], "2 --model but 1 --adapter"),
-                         (["--adapter", "none", "--adapter", str(tmp_path / "nope")], "nope: not found")):
+                         (["--adapter", "none", "--adapter", str(tmp_path / "nope")], "nope: not found"),
+                         # found before the first model decodes, not when the second one loads
+                         (["--adapter", "none", "--adapter", str(tmp_path / "wrong")], "another base model")):
         fresh = tmp_path / "fresh"
         argv = ["run", "--model", str(model), "--model", str(model), *bad, "--tasks", "phenotype", "--limit", "1",
                 "--out", str(fresh)]
