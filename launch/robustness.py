@@ -3,8 +3,8 @@
 
     python launch/robustness.py counterfactual --model BASE --data DIR|synthetic --out OUT \\
         [--rates 0.2,0.4,0.6,0.8] [--epochs 1] [--limit N] [--train-limit N] [key=value overrides for finetune.py]
-    python launch/robustness.py misspell --model PATH --data DIR|synthetic --tasks diagnosis,treatment_plan \\
-        --out OUT [--rates 0.02,0.04,0.06,0.08,0.2,0.4,0.6,0.8] [--limit N]
+    python launch/robustness.py misspell --model PATH [--adapter PEFT_DIR] --data DIR|synthetic \\
+        --tasks diagnosis,treatment_plan --out OUT [--rates 0.02,0.04,0.06,0.08,0.2,0.4,0.6,0.8] [--limit N]
 
 ``counterfactual`` fine-tunes one LoRA model per rate (launch/finetune.py) on phenotype training data whose labels
 are corrupted at that rate and scores each on the clean test set; ``misspell`` scores one model on test sets whose
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("misspell", parents=[common], help="Table 6: misspelled test contexts")
     m.add_argument("--rates", type=_rates, default=[0.02, 0.04, 0.06, 0.08, 0.2, 0.4, 0.6, 0.8])
     m.add_argument("--tasks", default="diagnosis,treatment_plan", help="comma-separated tasks")
+    m.add_argument("--adapter", help="a PEFT LoRA adapter folder for --model (merged); part of each rate's settings")
     return p
 
 
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = rb.DecodeSettings(max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                                  batch_size=args.decode_batch, protocol=args.protocol)
-    name = args.name or os.path.basename(os.path.normpath(args.model))
+    adapter = getattr(args, "adapter", None)
+    name = args.name or os.path.basename(os.path.normpath(adapter or args.model))
 
     def split(task: str, which: str, limit: int | None) -> list[dict]:
         return rb.load_split(args.data, task, which, limit, args.patients, args.seed)
@@ -104,8 +106,15 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--tasks: choose from {sorted(rb.TASK_LIMITS)}, got {args.tasks!r}")
         if not os.path.exists(args.model):
             raise UserError(f"--model {args.model}: not found (give an HF folder, converted checkpoint or run)")
+        if adapter is not None:  # checked against the model's config before any rate is computed
+            from cancerllm_jax.api import read_model_config
+            from cancerllm_jax.checkpoint.peft import check_adapter_folder, read_peft_adapter
+
+            adapter = os.path.abspath(os.path.expanduser(adapter))
+            check_adapter_folder(adapter)
+            read_peft_adapter(adapter, read_model_config(args.model))
         result = rb.misspelling_sweep(args.model, {t: split(t, "test", args.limit) for t in tasks}, args.out,
-                                      args.rates, args.seed, settings, overwrite=args.overwrite)
+                                      args.rates, args.seed, settings, overwrite=args.overwrite, adapter=adapter)
     paths = rb.write_outputs(args.out, result, name)
     with open(paths["table"], encoding="utf-8") as f:
         print(f.read())

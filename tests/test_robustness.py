@@ -113,16 +113,23 @@ def test_misspelling_cache_is_keyed_on_model_data_and_settings(tmp_path, monkeyp
         return [r["response"] for r in records], {"seconds": 0.0}
 
     monkeypatch.setattr(rb, "decode", fake_decode)
-    monkeypatch.setattr(rb, "load_model", lambda path, dtype: path)
+    monkeypatch.setattr(rb, "load_model", lambda path, dtype, adapter=None: path)
     a, b = _fake_model(tmp_path / "a" / "m"), _fake_model(tmp_path / "b" / "m", b"other weights")
     out = tmp_path / "O"
 
-    def sweep(model, n=1, overwrite=False, **settings):
+    def sweep(model, n=1, overwrite=False, adapter=None, **settings):
         return rb.misspelling_sweep(model, {"diagnosis": _recs("diagnosis", n)}, out, rates=[0.2],
-                                    settings=rb.DecodeSettings(**settings), log=lambda s: None, overwrite=overwrite)
+                                    settings=rb.DecodeSettings(**settings), log=lambda s: None, overwrite=overwrite,
+                                    adapter=adapter)
 
     assert [r["n"] for r in sweep(a).rows] == [1]
     assert [r["n"] for r in sweep(a).rows] == [1] and len(decoded) == 1  # the same settings: reused
+    adapter = tmp_path / "adapter"  # an adapter on the model is part of the settings
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"factors")
+    with pytest.raises(UserError, match="model_adapter"):
+        sweep(a, adapter=str(adapter))
     for kwargs, needles in (({"n": 3}, ["n_test 1 (now 3)", "test_set"]),
                             ({"max_new_tokens": 2}, ["max_new_tokens 500 (now 2)"]),
                             ({"model": b}, ["model_path", "model_weights"])):
@@ -260,4 +267,22 @@ def test_cli_refuses_limits_that_would_drop_examples(tmp_path, flag):
     for value in ("0", "-1"):
         with pytest.raises(UserError, match=f"{flag} must be positive"):
             mod.main.__wrapped__([command, "--model", "tiny", "--out", str(tmp_path / "o"), flag, value])
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_misspell_adapter_is_checked_first(tmp_path):
+    import importlib.util
+    import sys
+
+    from cancerllm_jax.errors import UserError
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "launch"))
+    spec = importlib.util.spec_from_file_location("launch_robustness", root / "launch" / "robustness.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = _fake_model(tmp_path / "m")
+    with pytest.raises(UserError, match="nope: not found"):
+        mod.main.__wrapped__(["misspell", "--model", model, "--adapter", str(tmp_path / "nope"), "--out",
+                              str(tmp_path / "o"), "--limit", "1"])
     assert not (tmp_path / "o").exists()

@@ -118,11 +118,11 @@ def load_split(data: str, task: str, split: str, limit: int | None = None, patie
 # ---------------------------------------------------------------- decoding and scoring
 
 
-def load_model(path: str, dtype: str = "float32") -> Any:
-    """``cancerllm_jax.load`` (imports jax)."""
+def load_model(path: str, dtype: str = "float32", adapter: str | None = None) -> Any:
+    """``cancerllm_jax.load`` (imports jax), with a PEFT ``adapter`` folder on top if given."""
     import cancerllm_jax as cj
 
-    lm = cj.load(path, dtype=dtype)
+    lm = cj.load(path, dtype=dtype, adapter=adapter)
     if lm.tokenizer is None:
         raise UserError(f"{path}: no tokenizer found beside the weights")
     return lm
@@ -365,12 +365,15 @@ def counterfactual_sweep(base_model: str, train: Sequence[dict], val: Sequence[d
 def misspelling_sweep(model: str | Any, tests: dict[str, Sequence[dict]], out_dir: str | os.PathLike,
                       rates: Sequence[float] = MISSPELLING_RATES, seed: int = 0,
                       settings: DecodeSettings | None = None, log: Callable[[str], None] = print,
-                      overwrite: bool = False) -> SweepResult:
-    """Per task and rate: misspell the test contexts, score ``model`` (a path, loaded once, or a loaded LM). A rate
-    is reused only when its settings match (see the module doc); every rate is checked before any is computed."""
+                      overwrite: bool = False, adapter: str | None = None) -> SweepResult:
+    """Per task and rate: misspell the test contexts, score ``model`` (a path, loaded once with the PEFT ``adapter``
+    if given, or a loaded LM). A rate is reused only when its settings match (see the module doc); every rate is
+    checked before any is computed."""
     settings = settings or DecodeSettings()
     root = Path(out_dir) / "misspell"
     base = {"format": SETTINGS_FORMAT, "sweep": "misspell", **model_key(model), "seed": seed}
+    if adapter is not None:
+        base["model_adapter"] = adapter_fingerprint(adapter)
     plans = []
     for task, records in tests.items():
         for rate in rates:
@@ -386,13 +389,14 @@ def misspelling_sweep(model: str | Any, tests: dict[str, Sequence[dict]], out_di
         if result is None:
             write_jsonl(d / "test.jsonl", noisy)
             if lm is None:
-                lm = load_model(model, settings.dtype) if isinstance(model, str) else model
+                lm = load_model(model, settings.dtype, adapter) if isinstance(model, str) else model
             result = evaluate_records(lm, noisy, task, settings, d, key)
         words = sum(r["noise"]["words"] for r in noisy)
         rows.append({"task": task, "rate": rate, "misspelled_words": words, **result})
         log(f"[misspell {task} {rate:.0%}] {words} words misspelled; Avg F1 {result['avg_f1']:.2f}")
     return SweepResult("misspell", rows, {t: mean_over_rates(rows, t) for t in tests},
-                       {"model": model if isinstance(model, str) else getattr(model, "source", "LM"), "seed": seed,
+                       {"model": model if isinstance(model, str) else getattr(model, "source", "LM"),
+                        **({"adapter": adapter} if adapter else {}), "seed": seed,
                         "rates": list(rates), "decode": vars(settings) | {"stop": list(settings.stop)},
                         "n_test": {t: len(r) for t, r in tests.items()}})
 
