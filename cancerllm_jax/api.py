@@ -60,6 +60,17 @@ def read_model_config(path: str) -> ModelConfig:
     return build(ModelConfig, meta["model"], f"{path}/{name}:model")
 
 
+def check_adapter(adapter: str, base: str) -> str:
+    """The PEFT ``adapter`` folder's absolute path, once its config and tensors are checked against the model
+    config at ``base`` (no weights read): for commands that must fail before any work starts."""
+    from cancerllm_jax.checkpoint.peft import check_adapter_folder, read_peft_adapter
+
+    adapter = os.path.abspath(os.path.expanduser(adapter))
+    check_adapter_folder(adapter)
+    read_peft_adapter(adapter, read_model_config(base))
+    return adapter
+
+
 def read_weights(path: str, dtype: str | None = None) -> LoadedWeights:
     """Read any supported location: HF folder, converted checkpoint (with its unmerged LoRA, if any), or a training
     run (latest checkpoint)."""

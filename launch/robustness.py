@@ -107,12 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.exists(args.model):
             raise UserError(f"--model {args.model}: not found (give an HF folder, converted checkpoint or run)")
         if adapter is not None:  # checked against the model's config before any rate is computed
-            from cancerllm_jax.api import read_model_config
-            from cancerllm_jax.checkpoint.peft import check_adapter_folder, read_peft_adapter
+            from cancerllm_jax.api import check_adapter
 
-            adapter = os.path.abspath(os.path.expanduser(adapter))
-            check_adapter_folder(adapter)
-            read_peft_adapter(adapter, read_model_config(args.model))
+            adapter = check_adapter(adapter, args.model)
         result = rb.misspelling_sweep(args.model, {t: split(t, "test", args.limit) for t in tasks}, args.out,
                                       args.rates, args.seed, settings, overwrite=args.overwrite, adapter=adapter)
     paths = rb.write_outputs(args.out, result, name)

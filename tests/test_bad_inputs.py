@@ -100,6 +100,14 @@ def write(path, data) -> str:
     return str(path)
 
 
+def tear_orbax_data(folder) -> None:
+    """Cut every Orbax data file under ``folder`` short, as torn writes would."""
+    data = [os.path.join(d, n) for d, _, names in os.walk(folder) for n in names if os.path.basename(d) == "d"]
+    assert data
+    for path in data:
+        write(path, open(path, "rb").read()[:20])
+
+
 # ------------------------------------------------------------------------------ launch/pretrain.py: bad data
 
 TEN_MB = 10 * 1024 * 1024
@@ -214,11 +222,7 @@ def test_resume_from_a_damaged_checkpoint_is_one_clear_error(tmp_path, capsys):
     wd = tmp_path / "run"
     code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY, "--save-every", "1"], capsys)
     assert code in (0, None), err
-    data = [os.path.join(d, n) for d, _, names in os.walk(wd / "checkpoints") for n in names
-            if os.path.basename(d) == "d"]
-    assert data
-    for path in data:  # torn writes: every data file cut short
-        write(path, open(path, "rb").read()[:20])
+    tear_orbax_data(wd / "checkpoints")
     code, err = run_cli("launch/pretrain.py", ["--workdir", wd, "--resume", *TINY, "--save-every", "1"], capsys)
     one_clear_error(code, err, "checkpoints/2", "corrupt or unreadable checkpoint")
 
@@ -470,11 +474,7 @@ def test_a_damaged_converted_checkpoint_is_one_clear_error(tmp_path, capsys, mod
     out = tmp_path / "ckpt"
     code, err = run_cli("tools/convert_checkpoint.py", ["from-hf", models["tok"], out], capsys)
     assert code in (0, None), err
-    data = [os.path.join(d, n) for d, _, names in os.walk(out / "params") for n in names
-            if os.path.basename(d) == "d"]
-    assert data
-    for path in data:  # torn writes: every data file cut short
-        write(path, open(path, "rb").read()[:20])
+    tear_orbax_data(out / "params")
     code, err, _ = _gen({"ck": str(out)}, tmp_path, capsys, '{"prompt": "pt w/ nsclc"}\n', model="ck")
     one_clear_error(code, err, "params", "corrupt or unreadable checkpoint")
 

@@ -32,21 +32,23 @@ CONFIGS = {  # MHA untied; GQA with head_dim != hidden / heads and tied embeddin
 IDS = np.random.default_rng(1).integers(0, VOCAB, size=(2, 15))  # longer than the window of 6
 
 
-def make_adapter(folder, layers: int = 2, hidden: int = 32, seed: int = 0, **kw):
-    """Save a tiny random fp32 HF Mistral to ``folder/base`` and a peft adapter with random (non-zero) factors on
-    it to ``folder/adapter``; returns ``(base, adapter, peft logits of IDS, base logits of IDS)``."""
+def make_adapter(folder, layers: int = 2, hidden: int = 32, seed: int = 0, targets=TARGETS, r: int = 4,
+                 std: float = 0.2, base_dtype=torch.float32, **kw):
+    """Save a tiny random HF Mistral (``base_dtype``) to ``folder/base`` and a peft adapter with random (non-zero)
+    factors on it to ``folder/adapter``; returns ``(base, adapter, peft logits of IDS, base logits of IDS)``, both
+    computed in fp32."""
     torch.manual_seed(seed)
     hf_cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=48,
                                         num_hidden_layers=layers, sliding_window=6, max_position_embeddings=128,
                                         initializer_range=0.1, **kw)
     base, adapter = os.path.join(folder, "base"), os.path.join(folder, "adapter")
-    transformers.MistralForCausalLM(hf_cfg).save_pretrained(base, safe_serialization=True)
-    pconf = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=TARGETS, task_type="CAUSAL_LM")
+    transformers.MistralForCausalLM(hf_cfg).to(base_dtype).save_pretrained(base, safe_serialization=True)
+    pconf = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM")
     pmodel = peft.get_peft_model(hf_base(base), pconf).eval()
     with torch.no_grad():
         for name, p in pmodel.named_parameters():
             if "lora_" in name:  # peft starts B at zero: the adapter would change nothing
-                p.normal_(0, 0.2)
+                p.normal_(0, std)
     pmodel.save_pretrained(adapter)
     return base, adapter, torch_logits(pmodel, IDS), torch_logits(hf_base(base), IDS)
 
@@ -179,19 +181,8 @@ def test_merge_lora_without_adapter_is_an_error(mha, tmp_path, capsys):
 def test_bf16_base_with_adapter_loaded_as_float32_keeps_the_fp32_sum(tmp_path):
     """A bf16 base (as checkpoints ship) + an adapter, loaded in float32: the merged kernels keep W + B·A·α/r in
     float32 (rounding the sum back to bf16 moved the logits by ~1e-2) and equal peft on the base in float32."""
-    torch.manual_seed(0)
-    hf_cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
-                                        initializer_range=0.1)
-    base, adapter = str(tmp_path / "base"), str(tmp_path / "adapter")
-    transformers.MistralForCausalLM(hf_cfg).to(torch.bfloat16).save_pretrained(base, safe_serialization=True)
-    pmodel = peft.get_peft_model(hf_base(base), peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in pmodel.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.05)
-    pmodel.save_pretrained(adapter)
-    ref = torch_logits(peft.PeftModel.from_pretrained(hf_base(base), adapter).eval(), IDS)
+    base, adapter, ref, _ = make_adapter(str(tmp_path), hidden=64, targets="all-linear", r=8, std=0.05,
+                                         base_dtype=torch.bfloat16, num_attention_heads=4, num_key_value_heads=2)
     for merge in (True, False):
         assert max_diff(cj.load(base, adapter=adapter, merge_lora=merge, dtype="float32").logits(IDS), ref) <= 1e-4
 
@@ -201,19 +192,8 @@ def test_bf16_base_with_adapter_loaded_as_float32_keeps_the_fp32_sum(tmp_path):
 def test_target_modules_as_peft_matches_them(tmp_path, targets):
     """``target_modules`` as a regular expression (peft: the whole module name must match) or as full module
     names (peft saves "all-linear" so for models of few layers) selects the same projections as in peft."""
-    base = str(tmp_path / "base")
-    torch.manual_seed(2)
-    hf_cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=6,
-                                        initializer_range=0.1)
-    transformers.MistralForCausalLM(hf_cfg).save_pretrained(base, safe_serialization=True)
-    pmodel = peft.get_peft_model(hf_base(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets))
-    with torch.no_grad():
-        for name, p in pmodel.named_parameters():
-            if "lora_" in name:
-                p.normal_(0, 0.3)
-    pmodel.save_pretrained(str(tmp_path / "adapter"))
-    ref = torch_logits(peft.PeftModel.from_pretrained(hf_base(base), str(tmp_path / "adapter")).eval(), IDS)
-    lm = cj.load(base, adapter=str(tmp_path / "adapter"), merge_lora=False)
+    base, adapter, ref, base_only = make_adapter(str(tmp_path), seed=2, targets=targets, r=2, std=0.3,
+                                                 num_attention_heads=4, num_key_value_heads=2)
+    lm = cj.load(base, adapter=adapter, merge_lora=False)
     assert max_diff(lm.logits(IDS), ref) <= 1e-4
-    assert max_diff(ref, torch_logits(hf_base(base), IDS)) > 1e-2
+    assert max_diff(ref, base_only) > 1e-2

@@ -561,11 +561,9 @@ def run(cfg: RunConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
             raise UserError(f"model path not found: {os.path.abspath(os.path.expanduser(m.path))}")
         fingerprints[m.name] = model_fingerprint(m.path)
         if m.adapter is not None:  # checked against its base's config now, not after other models have decoded
-            from cancerllm_jax.api import read_model_config
-            from cancerllm_jax.checkpoint.peft import read_peft_adapter
+            from cancerllm_jax.api import check_adapter
 
-            read_peft_adapter(os.path.abspath(os.path.expanduser(m.adapter)), read_model_config(m.path))
-            fingerprints[m.name]["adapter"] = adapter_fingerprint(m.adapter)
+            fingerprints[m.name]["adapter"] = adapter_fingerprint(check_adapter(m.adapter, m.path))
     wanted = {(m.name, s.name): provenance(fingerprints[m.name], s, cfg) for m in cfg.models for s in cfg.tasks}
     fresh = [key for key, want in wanted.items() if check_provenance(cfg.out, *key, want, cfg.overwrite)]
     os.makedirs(os.path.join(cfg.out, "predictions"), exist_ok=True)
