@@ -439,3 +439,24 @@ def test_a_record_with_a_null_key_still_resumes(finished, tmp_path, monkeypatch)
     assert _evaluate().main(_run_args(model, out)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["results"]["phenotype"]["vanilla"]["resumed"] == 2
+
+
+def test_radonc_icd10_metrics_and_confusion_plot(finished, tmp_path):
+    """The ICD-10 task's own metrics reach metrics.json with both confusion matrices, and the report shows the
+    paper-group matrix as a PNG; a code written without its dot counts as the gold's category on re-scoring."""
+    model, _ = finished
+    out = tmp_path / "out"
+    assert _evaluate().main(["run", "--model", str(model), "--tasks", "radonc_icd10", "--limit", "2",
+                             "--batch-size", "2", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    pred = out / "predictions" / "tiny__radonc_icd10.jsonl"
+    rows = _rows(pred)
+    rows[0]["prediction"] = rows[0]["gold"].replace(".", "")
+    rows[1]["prediction"] = "not sure"
+    pred.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _evaluate().main(["report", "--out", str(out)]) == 0
+    extra = json.loads((out / "metrics.json").read_text())["results"]["radonc_icd10"]["tiny"]["radonc"]
+    assert extra["accuracy"] == pytest.approx(0.5) and extra["unparsed_predictions"] == 1
+    assert len(extra["chapter_confusion"]) == len(extra["chapters"]) and extra["group_confusion"]
+    report = (out / "report.md").read_text()
+    assert "](icd10_groups_tiny.png)" in report and "group_confusion" not in report
+    assert (out / "icd10_groups_tiny.png").read_bytes()[:4] == b"\x89PNG"

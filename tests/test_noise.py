@@ -122,3 +122,25 @@ def test_counterfactual_uses_other_records_entities():
     labels = {r["response"] for r in new}
     assert labels & {r["response"] for r in _records()}  # wrong labels come (at least partly) from the pool
     assert {r["counterfactual"]["kind"] for r in new} <= {"same_type", "other_type", "not_relevant_swap"}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_counterfactual_labels_are_wrong_as_the_scorer_sees_them(seed):
+    """A wrong label never shares a normalised item with the gold (``er+, pr+, her2+`` is the gold ``ER, PR, HER2``
+    to the scorer) and none of its items occurs, normalised, in the sentence."""
+    from cancerllm_jax.eval.noise import _words
+    from cancerllm_jax.eval.protocol import score_instance
+
+    s1, s2 = "receptor studies: ER positive, PR negative, HER2 positive.", "staging: ct2n2am1; er+/pr+, her2+."
+    recs = _records() + [  # the second record's label is the first's gold, punctuated
+        {"id": "a", "task": "phenotype", "sentence": s1, "context": s1 + "\nWhat is the receptor type?",
+         "entity_type": "receptor_type", "response": "ER, PR, HER2"},
+        {"id": "b", "task": "phenotype", "sentence": s2, "context": s2 + "\nWhat is the receptor status?",
+         "entity_type": "receptor_status", "response": "er+, pr+, her2+"}]
+    new, _ = corrupt_phenotype_labels(recs, 1.0, seed=seed)
+    for old, r in zip(recs, new, strict=True):
+        if old["response"] != NOT_RELEVANT:
+            assert score_instance(old["response"], r["response"])["em_f1"] == 0, (old["response"], r["response"])
+        sentence = " ".join(_words(r["context"]))
+        for item in r["response"].split(","):
+            assert f" {' '.join(_words(item))} " not in f" {sentence} ", (item, r["context"])

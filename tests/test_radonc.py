@@ -3,10 +3,13 @@ import numpy as np
 import pytest
 
 from cancerllm_jax.eval.radonc import (
+    GOLD_UNPARSED,
     UNPARSED,
     icd10_category,
     icd10_chapter,
+    icd10_group,
     icd10_metrics,
+    plot_chapter_confusion,
     modality_metrics,
     parse_modality,
     regimen_rouge1,
@@ -20,6 +23,19 @@ def test_parse_modality():
     assert parse_modality("HDR brachytherapy") == "brachy"
     assert parse_modality("Proton") == "proton"
     assert parse_modality("radiation") == UNPARSED
+    assert parse_modality("IMRT to the left breast") == "photon" and parse_modality("3D-CRT") == "photon"
+    assert parse_modality("SBRT 50 Gy/5 fx") == "photon" and parse_modality("IMPT") == "proton"
+    assert parse_modality("photon-based plan") == "photon" and parse_modality("simrt") == UNPARSED
+
+
+def test_unparsed_answers_are_always_wrong():
+    # an unparsed prediction never matches, not even a gold that names no modality / code either
+    m = modality_metrics(["IMRT", "photon", "no idea"], ["I am not sure", "photon", "unclear"])
+    assert m["accuracy"] == pytest.approx(1 / 3)
+    assert (m["unparsed_golds"], m["unparsed_predictions"]) == (1, 2)
+    assert m["per_class"][GOLD_UNPARSED]["recall"] == 0 and m["per_class"][UNPARSED]["precision"] == 0
+    m = icd10_metrics(["C50.9", "see notes"], ["no idea", "unknown"])
+    assert m["accuracy"] == 0 and (m["unparsed_golds"], m["unparsed_predictions"]) == (1, 2)
 
 
 def test_modality_weighted_by_hand():
@@ -42,6 +58,16 @@ def test_icd10_category_and_chapter():
     assert icd10_chapter("C50") == "II neoplasms" and icd10_chapter("D49") == "II neoplasms"
     assert icd10_chapter("D50") == "III blood/immune" and icd10_chapter("I10") == "IX circulatory"
     assert icd10_chapter("T88") == "XIX injury" and icd10_chapter(UNPARSED) == "other"
+    # codes without the dot, letters in the category (O9A, C4A) and after the dot; WHO and ICD-10-CM ranges
+    assert [icd10_category(x) for x in ("C509", "C50912", "O9A.11", "C4A.1", "T36.0X1A", "(c61)")] == [
+        "C50", "C50", "O9A", "C4A", "T36", "C61"]
+    assert icd10_category("KRAS G12C mutated, C34.1") == "C34" and icd10_category("T2N0M0, HbA1c 6") == UNPARSED
+    assert icd10_chapter("E90") == "IV endocrine" and icd10_chapter("F00") == "V mental"
+    assert icd10_chapter("T98") == "XIX injury" and icd10_chapter("O9A") == "XV pregnancy"
+    # the paper's groups: neoplasms by behaviour, malignant ones by site; other chapters by name
+    assert icd10_group("C50") == "malignant: breast" and icd10_group("C34") == "malignant: respiratory, intrathoracic"
+    assert icd10_group("D05") == "in situ neoplasms" and icd10_group("D24") == "benign neoplasms"
+    assert icd10_group("D61") == "III blood/immune" and icd10_group(UNPARSED) == "other"
 
 
 def test_icd10_macro_and_chapter_confusion_by_hand():
@@ -55,6 +81,17 @@ def test_icd10_macro_and_chapter_confusion_by_hand():
     assert m["f1"] == pytest.approx((2 / 3 + 2 / 3) / 4)
     assert m["chapters"] == ["II neoplasms", "IX circulatory"]
     assert m["chapter_confusion"] == [[3, 1], [0, 0]]
+    assert m["groups"] == ["malignant: respiratory, intrathoracic", "malignant: breast", "malignant: male genital",
+                           "IX circulatory"]
+    assert m["group_confusion"] == [[0, 0, 0, 1], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert icd10_metrics(["C50.9"], ["C509"])["accuracy"] == 1
+
+
+def test_confusion_plot(tmp_path):
+    m = icd10_metrics(["C50.9", "D05.1", "D61"], ["C50", "C50.1", "D61.0"])
+    for by in ("chapter", "group"):
+        path = plot_chapter_confusion(m, str(tmp_path / f"{by}.png"), by=by)
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_regimen_rouge1():
@@ -82,3 +119,6 @@ def test_wilcoxon_greater_known_values():
     r = wilcoxon_greater(d, np.zeros(10))
     assert r["statistic"] == 39 and r["p_value"] == pytest.approx(141 / 1024) and not r["significant"]
     assert wilcoxon_greater([1, 2], [1, 2])["p_value"] == 1.0
+    assert wilcoxon_greater([1, 2, 3], [0, 2, 1])["n_nonzero"] == 2  # scipy drops the tied pair
+    with pytest.raises(ValueError, match="NaN"):
+        wilcoxon_greater([1, float("nan")], [0, 0])

@@ -18,6 +18,13 @@ def test_trust_metrics_by_hand():
     # summarization dataset scores 20 and 10 → population variance 25; ner has one dataset → no variance
     assert m["robustness_per_task"] == {"summarization": pytest.approx(25.0)}
     assert m["robustness"] == pytest.approx(25.0)
+    # a task counts with all its datasets or not at all; NaN scores are refused
+    del results["summarization"]["mimic_cxr"]["precision"]
+    with pytest.raises(ValueError, match="mimic_cxr have no 'precision'"):
+        trust_metrics(results)
+    results["summarization"]["mimic_cxr"]["precision"] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        trust_metrics(results)
 
 
 def test_entry_from_score():

@@ -2,15 +2,17 @@
 
 - modality: accuracy and *weighted* precision / recall / F1 (per-class scores averaged with the gold support as
   weights, as scikit-learn's ``average="weighted"``; a class never predicted has precision 0);
-- ICD-10: accuracy on the main category (letter + two digits, ``C50.412`` → ``C50``), *macro* precision / recall /
-  F1 over the categories seen in gold or predictions, and a confusion matrix by ICD-10 chapter;
+- ICD-10: accuracy on the main category (letter + two characters, ``C50.412`` / ``C50412`` → ``C50``, ``O9A.1`` →
+  ``O9A``), *macro* precision / recall / F1 over the categories seen in gold or predictions, a confusion matrix by
+  ICD-10 chapter, and one by the paper's groups (Fig. 6: neoplasms split into benign / in situ / malignant by site);
 - regimen: mean ROUGE-1 F-measure (``rouge-score``);
 - :func:`temperature_scan` runs a generate-and-score function at T = 0.1 … 1.0 and :func:`wilcoxon_greater`
   tests "A > B" over paired scan scores with scipy's one-sided Wilcoxon signed-rank test (α = 0.05).
 
-A prediction is free text: the first modality word or ICD-10 code in it is taken; none found → ``UNPARSED``, a
-label of its own (always wrong). Scores are fractions in [0, 1], as in the paper. numpy only (plus scipy for the
-test and rouge-score for ROUGE-1); no jax.
+A prediction is free text: the first modality word (or photon / proton technique: IMRT, VMAT, SBRT, IMPT, …) or
+ICD-10 code in it is taken; none found → ``UNPARSED``, a label of its own that is always wrong (a gold answer that
+names none becomes ``GOLD_UNPARSED``, which no prediction matches; both are counted in the results). Scores are
+fractions in [0, 1], as in the paper. numpy only (plus scipy for the test and rouge-score for ROUGE-1); no jax.
 """
 from __future__ import annotations
 
@@ -22,35 +24,64 @@ import numpy as np
 
 MODALITIES = ("photon", "proton", "electron", "brachy")
 UNPARSED = "(none)"
+GOLD_UNPARSED = "(gold unparsed)"
 OTHER_CHAPTER = "other"
 
-_MODALITY_RE = re.compile(r"\b(photons?|protons?|electrons?|brachy\w*|hdr|ldr)\b", re.IGNORECASE)
-_ICD_RE = re.compile(r"\b([A-Z])(\d{2})(?![0-9])", re.IGNORECASE)
+# photon techniques (intensity-modulated, arc, stereotactic, 3D conformal, tomotherapy) and proton ones (IMPT)
+_PHOTON_WORDS = ("imrt", "vmat", "sbrt", "sabr", "srs", "3d-crt", "3dcrt", "tomotherapy")
+_MODALITY_RE = re.compile(r"\b(photons?|protons?|electrons?|brachy\w*|hdr|ldr|impt|"
+                          + "|".join(re.escape(w) for w in _PHOTON_WORDS) + r")\b", re.IGNORECASE)
+# a code: letter, digit, digit or A (O9A, C4A), then an optional subcategory after a dot (C50.912, T36.0X1A) or
+# without one (C50912; it starts with a digit or the placeholder X, so "KRAS G12C" is no code)
+_ICD_RE = re.compile(r"\b([A-Z])(\d[0-9A])(?:\.[0-9A-Z]{1,4}|[0-9X][0-9A-Z]{0,3})?\b", re.IGNORECASE)
 
-# ICD-10 chapters (WHO numbering; block ranges as in ICD-10-CM, so chapter II ends at D49): (first, last, name).
+# ICD-10 chapters (WHO numbering; each range the union of WHO's and ICD-10-CM's blocks, so chapter II ends at D49,
+# IV at E90, XIX at T98): (first, last, name).
 ICD10_CHAPTERS: tuple[tuple[str, str, str], ...] = (
     ("A00", "B99", "I infectious"), ("C00", "D49", "II neoplasms"), ("D50", "D89", "III blood/immune"),
-    ("E00", "E89", "IV endocrine"), ("F01", "F99", "V mental"), ("G00", "G99", "VI nervous"),
+    ("E00", "E90", "IV endocrine"), ("F00", "F99", "V mental"), ("G00", "G99", "VI nervous"),
     ("H00", "H59", "VII eye"), ("H60", "H95", "VIII ear"), ("I00", "I99", "IX circulatory"),
     ("J00", "J99", "X respiratory"), ("K00", "K95", "XI digestive"), ("L00", "L99", "XII skin"),
     ("M00", "M99", "XIII musculoskeletal"), ("N00", "N99", "XIV genitourinary"), ("O00", "O9A", "XV pregnancy"),
     ("P00", "P96", "XVI perinatal"), ("Q00", "Q99", "XVII congenital"), ("R00", "R99", "XVIII symptoms"),
-    ("S00", "T88", "XIX injury"), ("V00", "Y99", "XX external causes"), ("Z00", "Z99", "XXI health factors"),
+    ("S00", "T98", "XIX injury"), ("V00", "Y99", "XX external causes"), ("Z00", "Z99", "XXI health factors"),
     ("U00", "U85", "XXII special"),
 )
 CHAPTER_ORDER = tuple(name for _, _, name in ICD10_CHAPTERS) + (OTHER_CHAPTER,)
+
+# The paper's confusion-matrix groups (seed 003, Fig. 6): neoplasms by behaviour, the malignant ones by site (the
+# WHO blocks of chapter II); other chapters keep their name.
+NEOPLASM_GROUPS: tuple[tuple[str, str, str], ...] = (
+    ("C00", "C14", "malignant: lip, oral cavity, pharynx"), ("C15", "C26", "malignant: digestive"),
+    ("C30", "C39", "malignant: respiratory, intrathoracic"), ("C40", "C41", "malignant: bone, cartilage"),
+    ("C43", "C44", "malignant: skin"), ("C45", "C49", "malignant: mesothelial, soft tissue"),
+    ("C50", "C50", "malignant: breast"), ("C51", "C58", "malignant: female genital"),
+    ("C60", "C63", "malignant: male genital"), ("C64", "C68", "malignant: urinary tract"),
+    ("C69", "C72", "malignant: eye, brain, CNS"), ("C73", "C75", "malignant: endocrine"),
+    ("C76", "C80", "malignant: ill-defined, secondary, unspecified"),
+    ("C81", "C96", "malignant: lymphoid, haematopoietic"), ("C97", "C97", "malignant: multiple primaries"),
+    ("D00", "D09", "in situ neoplasms"), ("D10", "D36", "benign neoplasms"),
+    ("D37", "D49", "neoplasms of uncertain behaviour"),
+)
+GROUP_ORDER = (tuple(name for _, _, name in NEOPLASM_GROUPS)
+               + tuple(name for name in CHAPTER_ORDER if name != "II neoplasms"))
 
 
 # ---------------------------------------------------------------- parsing
 
 
 def parse_modality(text: str) -> str:
-    """The first modality named in ``text`` (``photons`` → ``photon``, ``HDR``/``brachytherapy`` → ``brachy``)."""
+    """The first modality named in ``text`` (``photons`` / ``IMRT`` → ``photon``, ``IMPT`` → ``proton``,
+    ``HDR`` / ``brachytherapy`` → ``brachy``)."""
     m = _MODALITY_RE.search(text)
     if not m:
         return UNPARSED
     word = m.group(1).lower()
-    return "brachy" if word.startswith("brachy") or word in ("hdr", "ldr") else word.rstrip("s")
+    if word.startswith("brachy") or word in ("hdr", "ldr"):
+        return "brachy"
+    if word in _PHOTON_WORDS:
+        return "photon"
+    return "proton" if word == "impt" else word.rstrip("s")
 
 
 def icd10_category(text: str) -> str:
@@ -59,15 +90,22 @@ def icd10_category(text: str) -> str:
     return f"{m.group(1).upper()}{m.group(2)}" if m else UNPARSED
 
 
-def icd10_chapter(category: str) -> str:
-    """The chapter of a main category (``C50`` → ``II neoplasms``); unparsed or unknown → ``other``."""
+def _in_ranges(category: str, ranges: tuple[tuple[str, str, str], ...]) -> str | None:
     cat = category.strip().upper()[:3]
     if not re.fullmatch(r"[A-Z]\d[0-9A-Z]", cat):
-        return OTHER_CHAPTER
-    for first, last, name in ICD10_CHAPTERS:
-        if first <= cat <= last:
-            return name
-    return OTHER_CHAPTER
+        return None
+    return next((name for first, last, name in ranges if first <= cat <= last), None)
+
+
+def icd10_chapter(category: str) -> str:
+    """The chapter of a main category (``C50`` → ``II neoplasms``); unparsed or unknown → ``other``."""
+    return _in_ranges(category, ICD10_CHAPTERS) or OTHER_CHAPTER
+
+
+def icd10_group(category: str) -> str:
+    """The paper's confusion-matrix group: a neoplasm's behaviour (malignant ones by site, ``C50`` → ``malignant:
+    breast``, ``D05`` → ``in situ neoplasms``), else the chapter (``D61`` → ``III blood/immune``)."""
+    return _in_ranges(category, NEOPLASM_GROUPS) or icd10_chapter(category)
 
 
 # ---------------------------------------------------------------- classification metrics
@@ -110,11 +148,19 @@ def classification_report(golds: Sequence[str], preds: Sequence[str], average: s
             "f1": float(w @ pc["f1"]), "average": average, "n": len(golds), "per_class": per_class}
 
 
+def _parsed(parse: Callable[[str], str], golds: Sequence[str], preds: Sequence[str]
+            ) -> tuple[list[str], list[str], dict[str, int]]:
+    """Parsed labels, a gold that names none as ``GOLD_UNPARSED`` (so an unparsed prediction never matches it),
+    and the two counts."""
+    g = [GOLD_UNPARSED if (c := parse(x)) == UNPARSED else c for x in golds]
+    p = [parse(x) for x in preds]
+    return g, p, {"unparsed_golds": g.count(GOLD_UNPARSED), "unparsed_predictions": p.count(UNPARSED)}
+
+
 def modality_metrics(golds: Sequence[str], preds: Sequence[str]) -> dict[str, Any]:
     """Treatment-modality selection: accuracy and weighted P/R/F1 over parsed modalities."""
-    g = [parse_modality(x) for x in golds]
-    p = [parse_modality(x) for x in preds]
-    return classification_report(g, p, "weighted")
+    g, p, counts = _parsed(parse_modality, golds, preds)
+    return classification_report(g, p, "weighted") | counts
 
 
 def confusion_matrix(golds: Sequence[str], preds: Sequence[str], labels: Sequence[str]) -> np.ndarray:
@@ -127,14 +173,15 @@ def confusion_matrix(golds: Sequence[str], preds: Sequence[str], labels: Sequenc
 
 
 def icd10_metrics(golds: Sequence[str], preds: Sequence[str]) -> dict[str, Any]:
-    """ICD-10: main-category accuracy, macro P/R/F1, and the confusion matrix by chapter (rows gold)."""
-    g = [icd10_category(x) for x in golds]
-    p = [icd10_category(x) for x in preds]
-    out = classification_report(g, p, "macro")
-    gc, pc = [icd10_chapter(x) for x in g], [icd10_chapter(x) for x in p]
-    chapters = [c for c in CHAPTER_ORDER if c in set(gc) | set(pc)]
-    out["chapters"] = chapters
-    out["chapter_confusion"] = confusion_matrix(gc, pc, chapters).tolist()
+    """ICD-10: main-category accuracy, macro P/R/F1, and confusion matrices (rows gold) by chapter and by the
+    paper's groups (unparsed codes fall in ``other``)."""
+    g, p, counts = _parsed(icd10_category, golds, preds)
+    out = classification_report(g, p, "macro") | counts
+    for key, fn, order in (("chapter", icd10_chapter, CHAPTER_ORDER), ("group", icd10_group, GROUP_ORDER)):
+        gc, pc = [fn(x) for x in g], [fn(x) for x in p]
+        labels = [c for c in order if c in set(gc) | set(pc)]
+        out[f"{key}s"] = labels
+        out[f"{key}_confusion"] = confusion_matrix(gc, pc, labels).tolist()
     return out
 
 
@@ -149,22 +196,24 @@ def regimen_rouge1(golds: Sequence[str], preds: Sequence[str], use_stemmer: bool
     return {"rouge1": float(np.mean(per)), "per_instance": per, "n": len(per)}
 
 
-def plot_chapter_confusion(result: dict[str, Any], path: str, title: str = "ICD-10 chapters") -> str:
-    """Write the chapter confusion matrix of :func:`icd10_metrics` as a PNG (rows gold, columns predicted)."""
+def plot_chapter_confusion(result: dict[str, Any], path: str, title: str = "ICD-10 chapters", by: str = "chapter"
+                           ) -> str:
+    """Write a confusion matrix of :func:`icd10_metrics` (``by`` = "chapter" or "group") as a PNG (rows gold,
+    columns predicted)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cm, labels = np.asarray(result["chapter_confusion"]), result["chapters"]
+    cm, labels = np.asarray(result[f"{by}_confusion"]), result[f"{by}s"]
     fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 3, 1.0 * len(labels) + 2.5))
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    ax.set_xlabel("predicted chapter")
-    ax.set_ylabel("gold chapter")
+    ax.set_xlabel(f"predicted {by}")
+    ax.set_ylabel(f"gold {by}")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -191,17 +240,19 @@ def temperature_scan(generate_fn: Callable[[float], Any], temperatures: Sequence
 def wilcoxon_greater(a_scores: Sequence[float], b_scores: Sequence[float], alpha: float = 0.05) -> dict[str, Any]:
     """One-sided Wilcoxon signed-rank test of "A > B" on paired scores (e.g. the 10 runs of a temperature scan).
 
-    Returns the statistic (sum of positive ranks), the p-value, ``significant`` (p < ``alpha``), n and alpha.
-    All-equal pairs cannot favour A: p = 1.
+    Returns the statistic (sum of positive ranks), the p-value, ``significant`` (p < ``alpha``), n (pairs),
+    n_nonzero (pairs that differ: scipy's default drops the others) and alpha. All-equal pairs cannot favour A: p = 1.
     """
     from scipy.stats import wilcoxon
 
     a, b = np.asarray(a_scores, dtype=float), np.asarray(b_scores, dtype=float)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"need two equally long, non-empty score lists: {a.shape} vs {b.shape}")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ValueError("a score is NaN or infinite; the test needs finite paired scores")
+    out = {"n": int(a.size), "n_nonzero": int(np.sum(a != b)), "alpha": alpha}
     if np.all(a == b):
-        return {"statistic": 0.0, "p_value": 1.0, "significant": False, "n": int(a.size), "alpha": alpha}
+        return {"statistic": 0.0, "p_value": 1.0, "significant": False} | out
     res = wilcoxon(a, b, alternative="greater")
     p = float(res.pvalue)
-    return {"statistic": float(res.statistic), "p_value": p, "significant": bool(p < alpha), "n": int(a.size),
-            "alpha": alpha}
+    return {"statistic": float(res.statistic), "p_value": p, "significant": bool(p < alpha)} | out

@@ -120,13 +120,15 @@ def write_report(out: str, metrics: dict[str, Any], title: str | None = None) ->
             lines += ["Empty predictions: " + ", ".join(f"{m}: {k}" for m, k in empties.items()), ""]
         radonc = {m: r["radonc"] for m, r in by_model.items() if r.get("radonc")}
         if radonc:
-            keys = sorted({k for v in radonc.values() for k in v})
+            keys = sorted({k for v in radonc.values() for k, x in v.items() if isinstance(x, (int, float, str))})
             lines += ["Task-specific metrics (`eval/radonc.py`):", "", "| Model | " + " | ".join(keys) + " |",
                       "|---|" + "---:|" * len(keys)]
             for m, v in radonc.items():
                 lines.append(f"| {m} | " + " | ".join(
                     (f"{v[k]:.4g}" if isinstance(v.get(k), float) else str(v.get(k, "–"))) for k in keys) + " |")
             lines += [""]
+            lines += [f"![ICD-10 confusion by the paper's groups, {m}]({plots[f'icd10:{m}']})"
+                      for m in radonc if f"icd10:{m}" in plots] + [""]
     if "metrics" in plots:
         lines += [f"![EM, BLEU-2 and ROUGE-L F1 per task]({plots['metrics']})", ""]
     lines += ["## Efficiency (Table 7-shaped)", "",
@@ -243,4 +245,12 @@ def write_plots(out: str, metrics: dict[str, Any]) -> dict[str, str]:
     files["efficiency"] = PLOTS["efficiency"]
     fig.savefig(os.path.join(out, PLOTS["efficiency"]), dpi=120)
     plt.close(fig)
+
+    from cancerllm_jax.eval.radonc import plot_chapter_confusion
+
+    for model, r in results.get("radonc_icd10", {}).items():
+        if (r.get("radonc") or {}).get("group_confusion"):
+            name = f"icd10_groups_{model}.png"
+            plot_chapter_confusion(r["radonc"], os.path.join(out, name), f"ICD-10 codes by group: {model}", "group")
+            files[f"icd10:{model}"] = name
     return files

@@ -502,7 +502,7 @@ def _radonc_metrics(task: str, golds: list[str], preds: list[str]) -> dict[str, 
         out = f(golds, preds)
     except Exception as e:  # noqa: BLE001 - never lose the main scores over an optional extra
         return {"error": f"{type(e).__name__}: {e}"}
-    return {k: v for k, v in out.items() if isinstance(v, (int, float, str))} if isinstance(out, dict) else None
+    return out if isinstance(out, dict) else None
 
 
 def score_all(metrics: dict[str, Any], out: str, protocol: str, split: dict[str, dict] | None = None) -> None:

@@ -49,6 +49,15 @@ def trust_metrics(per_dataset_results: Mapping[str, Mapping[str, Mapping[str, An
     variances: dict[str, float] = {}
     for task, datasets in per_dataset_results.items():
         entries = list(datasets.values())
+        for key in ("precision", "recall"):
+            missing = [name for name, e in datasets.items() if key not in e]
+            if missing and len(missing) < len(entries):  # a task counts with all its datasets or not at all
+                raise ValueError(f"task {task!r}: dataset(s) {', '.join(map(str, missing))} have no {key!r} but "
+                                 f"others do; give every dataset of a task the same fields")
+        values = [float(e[k]) for e in entries for k in ("precision", "recall") if k in e] + [
+            v for e in entries for v in _matching(e)]
+        if not np.all(np.isfinite(values)):
+            raise ValueError(f"task {task!r}: a score is NaN or infinite")
         if all("precision" in e for e in entries):
             faith += float(np.mean([e["precision"] for e in entries]))
         if all("recall" in e for e in entries):
