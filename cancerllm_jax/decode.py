@@ -141,8 +141,9 @@ class Decoder:
                  add_bos: bool = True):
         """Generate for every prompt (strings → strings; id lists → generated id lists incl. a final EOS).
 
-        A string prompt is encoded as ``[bos] + prompt``, the way the instruction pipeline frames every training
-        example (and Mistral's tokenizer encodes text); ``add_bos=False`` feeds the text's ids alone, as
+        A string prompt is encoded as ``[bos] + prompt`` when the tokenizer starts text with a BOS (Mistral,
+        Llama; not GPT-2-style tokenizers such as SmolLM2's), i.e. as ``tokenizer(text)`` and the instruction
+        pipeline's training examples; ``add_bos=False`` feeds the text's ids alone, as
         ``tokenizer(text, add_special_tokens=False)`` would. Id-list prompts are used as given.
         ``max_prompt_tokens``: a longer prompt keeps its BOS (when it starts with one) and its last tokens; such
         prompts are counted in ``last_stats["truncated_prompts"]``."""

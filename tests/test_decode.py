@@ -335,12 +335,13 @@ def test_prefill_options_fall_back_when_xla_lacks_the_flag(monkeypatch):
 def test_a_mistral_folder_with_a_plain_fast_tokenizer_loads(tmp_path):
     """transformers 5 routes a mistral config.json's tokenizer to mistral-common's tekken class (it needs
     tiktoken); a folder whose tokenizer.json is a plain fast tokenizer still loads, with the same ids."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate("abcdefgh ")}}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tk.decoder = decoders.Fuse()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # as Mistral's
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
                                                 eos_token="</s>")
     torch.manual_seed(0)
@@ -350,4 +351,5 @@ def test_a_mistral_folder_with_a_plain_fast_tokenizer_loads(tmp_path):
     fast.save_pretrained(tmp_path)
     lm = cj.load(str(tmp_path))
     assert lm.tokenizer.encode("bad cafe", bos=True) == [1] + fast.encode("bad cafe", add_special_tokens=False)
+    assert lm.tokenizer.encode("bad cafe", bos=True) == fast("bad cafe")["input_ids"]
     assert lm.tokenizer.decode(lm.tokenizer.encode("bad cafe")) == "bad cafe"

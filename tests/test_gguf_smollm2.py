@@ -73,6 +73,10 @@ def test_smollm2_greedy_generation_matches_transformers(both):
             ref = ref_model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
                                      eos_token_id=ref_model.config.eos_token_id, pad_token_id=0)[0, len(ids):]
         assert g == ref.tolist()
+    # string prompts are framed as tokenizer(text) frames them (SmolLM2's adds no BOS): the same text comes out
+    texts = lm.generate(PROMPTS[:2], max_new_tokens=8, temperature=0.0, eos_id=ref_model.config.eos_token_id)
+    for ids, g, text in zip(rows, got, texts, strict=True):
+        assert text == lm.tokenizer.decode([t for t in g if t != ref_model.config.eos_token_id])
 
 
 @pytest.mark.slow

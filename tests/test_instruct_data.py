@@ -216,3 +216,67 @@ def test_eval_batches_are_padded_with_masked_rows(tok):
     assert len(batches) == 2 and batches[1]["inputs"].shape == (4, 128)
     assert not batches[1]["loss_mask"][2:].any() and not batches[1]["segment_ids"][2:].any()
     assert batches[1]["loss_mask"][:2].any()
+
+
+def _char_tokenizer(folder, bos: bool, eos: bool = True):
+    """An HF tokenizer folder over single characters with EOS id 0, no pad and no unk token; with ``bos`` it has a
+    BOS that ``tokenizer(text)`` prepends (a post-processor, as Llama's), without one it has none (GPT-2 style)."""
+    import transformers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {"</s>": 0, "<s>": 1, **{c: i + 2 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz #:.,\n")}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="#"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>" if eos else None,
+                                                bos_token="<s>" if bos else None)
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_hf_tokenizer_framing_follows_the_tokenizer(tmp_path, bos):
+    """A tokenizer without BOS (GPT-2 style) frames documents and examples without one (no -1 ids); pad is never
+    EOS, even when EOS is id 0 and there is no pad or unk token; a tokenizer without EOS cannot make training data."""
+    from cancerllm_jax.data.pretrain import tokenize_documents
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+
+    fast = _char_tokenizer(tmp_path / "tok", bos)
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    assert tok.adds_bos == bos and tok.eos_id == 0 and tok.pad_id not in (0, tok.bos_id)
+    assert tok.encode("ab c", bos=True) == fast("ab c")["input_ids"]  # string prompts framed as tokenizer(text)
+    head = [1] if bos else []
+    stream, starts = tokenize_documents(tok, ["ab", "c"])
+    assert stream.tolist() == head + fast.encode("ab", add_special_tokens=False) + [0] + head + [4, 0]
+    ex = encode_example(tok, "q", "ctx", "yes", 512)
+    assert min(ex.tokens) >= 0 and ex.tokens[:len(head)] == head and ex.tokens[-1] == 0
+    assert ex.tokens[:ex.prompt_len] == encode_prompt(tok, "q", "ctx", 512)[0]
+    _char_tokenizer(tmp_path / "noeos", bos, eos=False)
+    with pytest.raises(UserError, match="no EOS token"):
+        tokenize_documents(load_tokenizer(str(tmp_path / "noeos")), ["ab"])
+
+
+def test_context_cut_inside_a_character_is_not_invented():
+    """A byte-level BPE can cut a multi-byte character in two; the kept context is still a prefix of the original
+    (no U+FFFD replacement character made up at the cut)."""
+    from cancerllm_jax.data.tokenizer import HFTokenizer
+
+    class Bytes(HFTokenizer):  # one token per UTF-8 byte: every cut of a non-ASCII character splits it
+        def __init__(self):
+            self.bos_id, self.eos_id, self.pad_id, self.adds_bos, self.vocab_size = 256, 257, 258, True, 259
+
+        def encode(self, text, bos=False, eos=False):
+            return [256] * bos + list(text.encode()) + [257] * eos
+
+        def decode(self, ids):
+            return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+    tok = Bytes()
+    ctx = "tumor size 2 cm " + "\u00e9\U0001f642" * 20
+    full, _ = encode_prompt(tok, "q", ctx, 10_000)
+    for budget in range(len(full) - 60, len(full)):
+        ids, cut = encode_prompt(tok, "q", ctx, budget)
+        kept = tok.decode(ids).split("### Input:\n", 1)[1].split("\n\n### Response:", 1)[0]
+        assert cut > 0 and ctx.startswith(kept) and "\ufffd" not in kept, (budget, kept[-8:])

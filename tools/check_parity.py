@@ -84,7 +84,7 @@ def encode_prompts(hf_dir: str, prompts: list[str], vocab_size: int) -> tuple[li
         from cancerllm_jax.data.tokenizer import load_tokenizer
 
         ours = load_tokenizer(hf_dir)
-        ids, how = [ours.encode(p, bos=ours.bos_id >= 0) for p in prompts], "tokenizer"
+        ids, how = [ours.encode(p, bos=True) for p in prompts], "tokenizer"
     bad = [i for x in ids for i in x if not 0 <= i < vocab_size]
     if bad:
         raise UserError(f"{hf_dir}: the tokenizer produced id {bad[0]}, outside the model's vocabulary {vocab_size}")

@@ -24,6 +24,7 @@ import numpy as np
 
 from cancerllm_jax.data.pretrain import FIELDS, Batch, fixed_batches, make_batched_dataset, strip_special
 from cancerllm_jax.data.sources import read_jsonl
+from cancerllm_jax.data.tokenizer import bos_ids, training_eos_id
 from cancerllm_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def encode_prompt(tokenizer, instruction: str, context: str | None, max_tokens: 
 
     def ids_for(ctx: str | None) -> list[int]:
         text = _render(instruction, ctx, has_context, for_generation)
-        return [tokenizer.bos_id] + strip_special(tokenizer.encode(text), tokenizer)
+        return bos_ids(tokenizer) + strip_special(tokenizer.encode(text), tokenizer)
 
     ids = ids_for(context)
     if len(ids) <= max_tokens:
@@ -82,7 +83,10 @@ def encode_prompt(tokenizer, instruction: str, context: str | None, max_tokens: 
     ctx_ids = strip_special(tokenizer.encode(context), tokenizer)
     keep = len(ctx_ids) - (len(ids) - max_tokens)
     while keep > 0:
-        ids = ids_for(tokenizer.decode(ctx_ids[:keep]))
+        kept = tokenizer.decode(ctx_ids[:keep])
+        while kept.endswith("\ufffd") and not context.startswith(kept):  # a byte-level cut inside a character
+            kept = kept[:-1]
+        ids = ids_for(kept)
         if len(ids) <= max_tokens:
             return ids, len(ctx_ids) - keep
         keep -= max(1, len(ids) - max_tokens)
@@ -110,10 +114,10 @@ def encode_example(tokenizer, instruction: str, context: str | None, response: s
     resp = _response_ids(tokenizer, prompt, prompt_ids, response)
     budget = max_seq_len - len(resp) - 1
     if budget < 1:
-        raise UserError(f"{example_id}: the response alone is {len(resp)} tokens (+EOS), more than max_seq_len "
-                        f"{max_seq_len}; raise max_seq_len")
+        raise UserError(f"{example_id}: the response alone is {len(resp)} tokens (+EOS), which leaves no room for "
+                        f"the prompt in max_seq_len {max_seq_len}; raise max_seq_len")
     ids, cut = encode_prompt(tokenizer, instruction, context, budget, example_id=example_id)
-    return EncodedExample(ids + resp + [tokenizer.eos_id], len(ids), cut)
+    return EncodedExample(ids + resp + [training_eos_id(tokenizer)], len(ids), cut)
 
 
 def pack_row(examples: Sequence[EncodedExample], max_seq_len: int, pad_id: int) -> dict[str, np.ndarray]:

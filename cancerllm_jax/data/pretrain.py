@@ -9,9 +9,11 @@ Two packing modes (``segment_mask``):
   starts in the row (a document continued from the previous row starts again at 0: the row is its whole context),
   and the target that crosses a document boundary (EOS → next document's BOS) is masked. The last target of a row
   is the next token of the stream when there is one (the loss then covers every token of the block).
-* ``False`` reproduces HF ``group_texts`` of the authors' script: one segment per row, positions ``0..T-1``,
-  attention across documents, and — as in HF, where labels are shifted inside the block — the last position of
-  every row has no target (masked), so each block gives ``T - 1`` predictions.
+* ``False`` blocks as HF ``group_texts`` of the authors' script attends and scores them: one segment per row,
+  positions ``0..T-1``, attention across documents, and — as in HF, where labels are shifted inside the block —
+  the last position of every row has no target (masked), so each block gives ``T - 1`` predictions. The stream
+  itself still differs from the authors': every document ends with an EOS here (their ``tokenizer(text)`` adds the
+  BOS only), and the tail is dropped once per source (``group_texts`` drops one per 1,000-document map batch).
 
 The final incomplete block of a training stream is dropped (like ``group_texts``) and counted in ``stats``; eval
 streams keep their tail as a padded block. The whole corpus is tokenised up front in memory: fine for the
@@ -31,6 +33,7 @@ import grain
 import numpy as np
 
 from cancerllm_jax.data.sources import read_documents
+from cancerllm_jax.data.tokenizer import bos_ids, training_eos_id
 from cancerllm_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -81,10 +84,12 @@ def strip_special(ids: Sequence[int], tokenizer) -> list[int]:
 
 
 def tokenize_documents(tokenizer, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The token stream ``[bos] doc0 [eos] [bos] doc1 [eos] …`` (int32) and each document's start offset (int64)."""
+    """The token stream ``[bos] doc0 [eos] [bos] doc1 [eos] …`` (int32; no ``[bos]`` for a tokenizer without one)
+    and each document's start offset (int64)."""
     pieces, starts, offset = [], [], 0
+    bos, eos = bos_ids(tokenizer), [training_eos_id(tokenizer)]
     for text in texts:
-        ids = [tokenizer.bos_id] + strip_special(tokenizer.encode(text), tokenizer) + [tokenizer.eos_id]
+        ids = bos + strip_special(tokenizer.encode(text), tokenizer) + eos
         pieces.append(np.asarray(ids, dtype=np.int32))
         starts.append(offset)
         offset += len(ids)
@@ -309,7 +314,8 @@ def build_pretrain_data(cfg: PretrainDataConfig, tokenizer=None, documents: Sequ
                             f"add text or lower data.block_size")
         train.append(tr)
         evals.append(ev)
-        per_source.append({"name": name, "documents": len(docs), "train_documents": len(tr_docs),
+        per_source.append({"name": name, "weight": None if cfg.weights is None else cfg.weights[i],
+                           "documents": len(docs), "train_documents": len(tr_docs),
                            "eval_documents": len(ev_docs), "train_tokens": len(tr.tokens),
                            "train_blocks": len(tr), "dropped_tail_tokens": tr.dropped_tokens,
                            "eval_tokens": len(ev.tokens), "eval_blocks": len(ev)})

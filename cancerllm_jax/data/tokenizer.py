@@ -43,10 +43,12 @@ class SentencePieceTokenizer:
         pad = int(self.sp.pad_id())
         self.pad_id = pad if pad >= 0 else int(self.sp.unk_id())
         self.vocab_size = int(self.sp.get_piece_size())
+        self.adds_bos = self.bos_id >= 0  # as Llama / Mistral's HF tokenizers frame text
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = list(self.sp.encode(text))
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        head = [self.bos_id] if bos and self.adds_bos else []
+        tail = [self.eos_id] if eos and self.eos_id >= 0 else []
+        return head + list(self.sp.encode(text)) + tail
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -72,10 +74,14 @@ class HFTokenizer:
         self.bos_id = t.bos_token_id if t.bos_token_id is not None else -1
         self.eos_id = t.eos_token_id if t.eos_token_id is not None else -1
         pad = t.pad_token_id
-        if pad is None or pad == self.eos_id:
-            pad = t.unk_token_id if t.unk_token_id is not None and t.unk_token_id != self.eos_id else 0
+        if pad is None or pad == self.eos_id:  # never pad with EOS (padding is masked, but EOS is a trained target)
+            pad = next(c for c in (t.unk_token_id, 0, 1, 2) if c is not None and c not in (self.eos_id, self.bos_id))
         self.pad_id = int(pad)
         self.vocab_size = len(t)
+        # does ``tokenizer(text)`` start with BOS? (Llama / Mistral: yes; GPT-2-style byte BPE such as SmolLM2's: no)
+        plain = t.encode("a", add_special_tokens=False)
+        self.adds_bos = self.bos_id >= 0 and t.encode("a", add_special_tokens=True)[:len(plain) + 1] == [
+            self.bos_id] + plain
 
     @staticmethod
     def _fast(folder: str):
@@ -89,8 +95,10 @@ class HFTokenizer:
             return None
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """The text's ids; ``bos``: after the BOS when this tokenizer frames text with one (``adds_bos``), as
+        ``tokenizer(text)`` does; ``eos``: then the EOS."""
         ids = list(self.tok.encode(text, add_special_tokens=False))
-        if bos and self.bos_id >= 0:
+        if bos and self.adds_bos:
             ids = [self.bos_id] + ids
         if eos and self.eos_id >= 0:
             ids = ids + [self.eos_id]
@@ -98,6 +106,21 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def bos_ids(tokenizer) -> list[int]:
+    """``[bos]`` when the tokenizer starts text with one, as ``tokenizer(text)`` does (Mistral, Llama), else ``[]``
+    (GPT-2-style tokenizers such as SmolLM2's, and tokenizers without a BOS token)."""
+    return [tokenizer.bos_id] if getattr(tokenizer, "adds_bos", tokenizer.bos_id >= 0) else []
+
+
+def training_eos_id(tokenizer) -> int:
+    """The EOS id that ends documents and responses in training data; a tokenizer without one is an error."""
+    if tokenizer.eos_id < 0:
+        raise UserError(f"{getattr(tokenizer, 'name', 'the tokenizer')}: the tokenizer has no EOS token, which "
+                        "training needs to end each document and response; set eos_token in its "
+                        "tokenizer_config.json")
+    return tokenizer.eos_id
 
 
 def load_tokenizer(spec: str | None):

@@ -277,6 +277,10 @@ class Trainer:
         if is_main():
             stats = {k: v for k, v in data.stats.items() if not isinstance(v, (list, dict))}
             say(f"data: {json.dumps(stats)}")
+            sources = data.stats.get("sources") or []
+            if len(sources) > 1:  # which weight went to which source
+                say("sources: " + "; ".join(f"{s['name']}: weight {s.get('weight')}, {s['train_blocks']} train blocks"
+                                            for s in sources))
         mngr = self._manager()
         it = data.train_iter
         if start_step > 0:

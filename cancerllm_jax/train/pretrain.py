@@ -26,9 +26,14 @@ def pretrain_data_factory(cfg: PretrainConfig, announce: Callable[[str], None] =
             from cancerllm_jax.data.synthetic import pretrain_documents
 
             documents = pretrain_documents(cfg.synthetic_documents, seed=cfg.data.seed)
+            note = ""
+            if cfg.data.weights is not None:  # weights pair with the sources in sorted order, whatever the seed
+                documents.sort(key=lambda d: str(d.get("source", "documents")))
+                names = sorted({str(d.get("source", "documents")) for d in documents})
+                note = f" (data.weights go to its sources in sorted order: {', '.join(names)})"
             if process_index == 0:
                 announce(f"data: no data.sources given; using {len(documents)} built-in synthetic clinical "
-                         f"documents")
+                         f"documents{note}")
         data = build_pretrain_data(cfg.data, tokenizer, documents)
         return DataBundle(data.train_iterator(cfg.batch_size, process_index, process_count),
                           data.eval_batches(cfg.batch_size, process_index, process_count), data.stats,
