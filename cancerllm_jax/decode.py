@@ -85,6 +85,15 @@ def generated_text(tokenizer, ids: Sequence[int], eos_ids: Sequence[int], stop: 
     return text
 
 
+def _check_counts(**counts) -> None:
+    """``max_new_tokens`` and ``batch_size`` whole numbers >= 1; ``max_prompt_tokens`` too, or None / 0 (no limit)."""
+    for name, value in counts.items():
+        if name == "max_prompt_tokens" and (value is None or value == 0):  # no limit
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
+
+
 class Decoder:
     """Compiles and caches the prefill, decode-loop and cache-join functions per shape and sampling mode."""
 
@@ -146,7 +155,12 @@ class Decoder:
         pipeline's training examples; ``add_bos=False`` feeds the text's ids alone, as
         ``tokenizer(text, add_special_tokens=False)`` would. Id-list prompts are used as given.
         ``max_prompt_tokens``: a longer prompt keeps its BOS (when it starts with one) and its last tokens; such
-        prompts are counted in ``last_stats["truncated_prompts"]``."""
+        prompts are counted in ``last_stats["truncated_prompts"]``.
+        ``stop`` (a string or a list; string prompts only) cuts each decoded text before the first stop string; the
+        rows still decode to EOS or ``max_new_tokens``. Sampling (``temperature`` > 0, then ``top_k``, then
+        ``top_p``, as transformers' warpers) draws each row's numbers from ``seed`` and the row's place in the batch
+        (prompts run longest first), so a sampled output can change with the other prompts of the call; greedy
+        output never does."""
         lm = self.lm
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise UserError("prompts must be a list of strings or a list of token-id lists")
@@ -155,8 +169,17 @@ class Decoder:
         as_text = isinstance(prompts[0], str)
         if as_text and lm.tokenizer is None:
             raise UserError(f"{lm.source}: no tokenizer found; pass token-id lists or load(..., tokenizer=...)")
-        if max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        stop = [stop] if isinstance(stop, str) else list(stop or ())
+        if stop and not as_text:
+            raise UserError("stop strings apply to string prompts; with token-id prompts, stop with eos_id")
+        if any(not isinstance(x, str) or not x for x in stop):
+            raise UserError("stop must be a non-empty string or a list of them")
+        _check_counts(max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
+        top_p = 1.0 if top_p is None else float(top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+        if temperature is not None and not np.isfinite(float(temperature)):
+            raise UserError(f"temperature must be a finite number (<= 0: greedy), got {temperature}")
         ids = [self._encode(p, as_text, i, add_bos) for i, p in enumerate(prompts)]
         truncated = 0
         if max_prompt_tokens:
@@ -168,8 +191,8 @@ class Decoder:
                     truncated += 1
         if eos_id is None:
             eos_id = list(lm.eos_ids)
-        eos_ids = tuple(sorted({int(e) for e in (eos_id if isinstance(eos_id, (list, tuple)) else [eos_id])
-                                if e is not None and e >= 0}))
+        eos_ids = tuple(sorted({int(e) for e in np.asarray(eos_id if eos_id is not None else [], dtype=object)
+                                .ravel() if e is not None and e >= 0}))
         greedy = temperature is None or float(temperature) <= 0.0
         top_k = min(int(top_k or 0), lm.cfg.vocab_size)  # as transformers: k past the vocabulary keeps every token
         if top_k < 0:
@@ -207,7 +230,7 @@ class Decoder:
                            "truncated_prompts": truncated}
         if not as_text:
             return results
-        return [generated_text(lm.tokenizer, gen, eos_ids, stop or ()) for gen in results]
+        return [generated_text(lm.tokenizer, gen, eos_ids, stop) for gen in results]
 
     def _prefill_rows(self, rows: list, b: int, shared: int, max_new: int):
         """The rows' prompts (``shared`` leading tokens common to all) into a cache with room for the ``max_new - 1``
@@ -250,7 +273,7 @@ class Decoder:
                 raise UserError(f"prompt {index}: expected a string like the first prompt, got {type(prompt).__name__}")
             row = self.lm.tokenizer.encode(prompt, bos=add_bos)
             if not row:
-                raise UserError(f"prompt {index} is empty (no tokens; pass add_bos=True or some text)")
+                raise UserError(f"prompt {index} is empty (no tokens)")
             return row
         try:
             row = [int(t) for t in prompt]

@@ -61,34 +61,26 @@ def main(argv=None):
 
     records, skipped = read_jsonl(args.input, {}, args.skip_bad_lines, optional={
         "prompt": str, "instruction": str, "context": str, "response": str, "id": (str, int)}, line_key="_line")
-    for r in records:
-        if "prompt" not in r and "instruction" not in r:
-            raise UserError(f"{args.input}:{r['_line']}: needs a 'prompt' or an 'instruction' field")
+    records, _, n_bad = _keep_good(records, args.skip_bad_lines, lambda r: _check_fields(args.input, r))
+    skipped += n_bad
+    if not records:
+        raise UserError(f"{args.input}: no usable records ({skipped} bad lines skipped)")
     start_runtime(argparse.Namespace(coordinator=None, num_processes=None, process_id=None), args.mesh)
     import cancerllm_jax as cj
-    from cancerllm_jax.data.instruct import encode_prompt
 
     adapter = None if (args.adapter or "none").lower() == "none" else args.adapter
     lm = cj.load(args.model, dtype=args.dtype, mesh=args.mesh, adapter=adapter)
     if lm.tokenizer is None:
         raise UserError(f"{args.model}: no tokenizer found beside the weights")
-    prompts, texts, cut = [], [], 0
-    for r in records:
-        if "prompt" in r:
-            ids = lm.tokenizer.encode(r["prompt"], bos=True)
-            text = r["prompt"]
-        else:
-            ids, n_cut = encode_prompt(lm.tokenizer, r["instruction"], r.get("context") or "",
-                                       args.max_prompt_tokens, for_generation=True,
-                                       example_id=f"{args.input}:{r['_line']}")
-            cut += int(n_cut > 0)
-            from cancerllm_jax.data.instruct import render_prompt
-
-            text = render_prompt(r["instruction"], r.get("context") or "", for_generation=True)
-        prompts.append(ids)
-        texts.append(text)
-    outs = lm.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
+    records, encoded, n_bad = _keep_good(records, args.skip_bad_lines, lambda r: _prompt(
+        lm.tokenizer, r, args.max_prompt_tokens, f"{args.input}:{r['_line']}"))
+    skipped += n_bad
+    if not records:
+        raise UserError(f"{args.input}: no usable records ({skipped} bad lines skipped)")
+    prompts, texts, cuts = zip(*encoded, strict=True)
+    cut = sum(n > 0 for n in cuts)
+    outs = lm.generate(list(prompts), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
                        batch_size=args.batch_size, progress=True)
     tmp = os.path.join(out_dir, f".{os.path.basename(args.out)}.tmp-{os.getpid()}")
     try:
@@ -106,14 +98,46 @@ def main(argv=None):
     return 0
 
 
+def _check_fields(path: str, r: dict) -> None:
+    if "prompt" not in r and "instruction" not in r:
+        raise UserError(f"{path}:{r['_line']}: needs a 'prompt' or an 'instruction' field")
+
+
+def _prompt(tokenizer, r: dict, budget: int, where: str) -> tuple[list[int], str, int]:
+    """(prompt ids, the prompt's text, context tokens cut) for one record."""
+    from cancerllm_jax.data.instruct import encode_prompt, render_prompt
+
+    if "prompt" in r:
+        ids = tokenizer.encode(r["prompt"], bos=True)
+        if not ids:
+            raise UserError(f"{where}: the prompt is empty")
+        return ids, r["prompt"], 0
+    ids, n_cut = encode_prompt(tokenizer, r["instruction"], r.get("context") or "", budget, for_generation=True,
+                               example_id=where)
+    return ids, render_prompt(r["instruction"], r.get("context") or "", for_generation=True), n_cut
+
+
+def _keep_good(records: list, skip_bad: bool, make) -> tuple[list, list, int]:
+    """(the records ``make`` accepts, what it made of them, how many it refused): a refused record is an error,
+    or dropped and counted with ``--skip-bad-lines``."""
+    kept, made = [], []
+    for r in records:
+        try:
+            made.append(make(r))
+        except UserError:
+            if not skip_bad:
+                raise
+            continue
+        kept.append(r)
+    return kept, made, len(records) - len(kept)
+
+
 def _write_predictions(tmp, args, records, texts, outs, lm) -> None:
     from cancerllm_jax.decode import generated_text
 
     with open(tmp, "w", encoding="utf-8") as f:
         for r, text, gen in zip(records, texts, outs):
-            pred = generated_text(lm.tokenizer, gen, lm.eos_ids).strip()
-            for s in args.stop or ():
-                pred = pred.split(s)[0]
+            pred = generated_text(lm.tokenizer, gen, lm.eos_ids, args.stop or ()).strip()
             row = {"id": r.get("id", f"{os.path.basename(args.input)}:{r['_line']}"),
                    "prompt_hash": hashlib.sha256(text.encode("utf-8")).hexdigest()[:16], "prediction": pred}
             if "response" in r:

@@ -390,6 +390,21 @@ def test_generate_top_k_above_the_vocabulary_is_fine(tmp_path, capsys, models):
     assert len(open(out, encoding="utf-8").read().splitlines()) == 1
 
 
+def test_generate_bad_records_name_their_line_or_are_skipped(tmp_path, capsys, models):
+    """A record without a prompt field and an instruction too long for --max-prompt-tokens: each an error naming
+    its line, both counted and skipped with --skip-bad-lines."""
+    long = json.dumps({"instruction": "word " * 300})
+    code, err, out = _gen(models, tmp_path, capsys, f'{long}\n', extra=["--max-prompt-tokens", "64"])
+    one_clear_error(code, err, "in.jsonl:1", "--max-prompt-tokens")
+    nothing_left(out)
+    lines = '{"prompt": "pt w/ nsclc"}\n{"question": "x"}\n' + long + "\n"
+    code, err, out = _gen(models, tmp_path, capsys, lines, extra=["--max-prompt-tokens", "64"])
+    one_clear_error(code, err, "in.jsonl:2", "'prompt' or an 'instruction'")
+    code, err, out = _gen(models, tmp_path, capsys, lines, extra=["--max-prompt-tokens", "64", "--skip-bad-lines"])
+    assert code in (0, None), err
+    assert "2 bad lines skipped" in err and len(open(out, encoding="utf-8").read().splitlines()) == 1
+
+
 def test_generate_refuses_to_overwrite(tmp_path, capsys, models):
     write(tmp_path / "pred.jsonl", "keep me\n")
     code, err, out = _gen(models, tmp_path, capsys, '{"prompt": "x"}\n')

@@ -147,6 +147,32 @@ def test_bad_prompts_are_clear_errors(tiny):
         lm.generate(["hello"], max_new_tokens=2)
 
 
+def test_bad_decoding_arguments_are_clear_errors(tiny):
+    """The API checks what the CLI checks: counts, top_p, stop strings (string prompts only), eos_id arrays."""
+    _, lm = tiny
+    err = cj_errors().UserError
+    for kwargs, needle in [({"batch_size": 0}, "batch_size"), ({"batch_size": -1}, "batch_size"),
+                           ({"max_new_tokens": 2.0}, "max_new_tokens"), ({"max_prompt_tokens": -1}, "max_prompt"),
+                           ({"top_p": 2.0}, "top_p"), ({"top_p": -0.1}, "top_p"),
+                           ({"temperature": float("nan")}, "temperature"), ({"stop": ["x"]}, "string prompts")]:
+        with pytest.raises(err, match=needle):
+            lm.generate([[1, 2]], **{"max_new_tokens": 2, **kwargs})
+    base = lm.generate([[1, 2, 3]], max_new_tokens=4, eos_id=[])
+    assert lm.generate([[1, 2, 3]], max_new_tokens=4, eos_id=np.array([], np.int64), top_p=None) == base
+    assert lm.generate([[1, 2, 3]], max_new_tokens=4, eos_id=np.int64(base[0][1])) == [base[0][:2]]
+
+
+def test_a_stop_string_is_one_string():
+    from cancerllm_jax.decode import generated_text
+
+    class Chars:
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    ids = [ord(c) for c in "jrnkf nojb"]
+    assert generated_text(Chars(), ids, [], ["kf"]) == "jrn" == generated_text(Chars(), ids, [], ["zz", "kf", "f"])
+
+
 def cj_errors():
     from cancerllm_jax import errors
 
@@ -260,6 +286,9 @@ def test_string_prompts_get_bos_unless_asked_not_to(tiny):
             lm.tokenizer.decode(g) for g in lm.generate([ids[1:]], max_new_tokens=3, eos_id=[])]
         with pytest.raises(cj_errors().UserError, match="prompt 0 is empty"):
             lm.generate([""], max_new_tokens=2, add_bos=False)
+        out = lm.generate([text], max_new_tokens=3, eos_id=[])[0]
+        stop = out.split(" ")[1]  # a bare string is one stop string, not a set of characters
+        assert lm.generate([text], max_new_tokens=3, eos_id=[], stop=stop) == [out[:out.find(stop)]]
     finally:
         lm.tokenizer = None
 

@@ -77,9 +77,11 @@ def encode_prompt(tokenizer, instruction: str, context: str | None, max_tokens: 
         return ids, 0
     empty = ids_for("")
     if not has_context or len(empty) > max_tokens:
+        budget = ("the prompt-token limit", "raise it (--max-prompt-tokens) or shorten the instruction")
+        if not for_generation:
+            budget = ("max_seq_len minus the response and EOS", "raise max_seq_len or shorten the instruction/response")
         raise UserError(f"{example_id}: the prompt needs {len(empty)} tokens without any context, but only "
-                        f"{max_tokens} fit (max_seq_len minus the response and EOS); raise max_seq_len or "
-                        f"shorten the instruction/response")
+                        f"{max_tokens} fit ({budget[0]}); {budget[1]}")
     ctx_ids = strip_special(tokenizer.encode(context), tokenizer)
     keep = len(ctx_ids) - (len(ids) - max_tokens)
     while keep > 0:
