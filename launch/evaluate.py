@@ -10,11 +10,15 @@
                                   [--max-new-tokens N|task=N,...] [--max-input-tokens N|task=N,...] [--dtype] [--mesh]
                                   [--overwrite]
     python launch/evaluate.py report --out OUT [--protocol reference]   # re-score prediction files, no decoding
+    python launch/evaluate.py scan --model TUNED --model VANILLA --tasks radonc_modality,radonc_icd10 --out OUT
+                                   [--temperatures 0.1,...,1.0] [run's other flags]   # OUT/T<t>/ runs + scan.md
 
 ``run`` decodes every (model, task), resuming from OUT/predictions/ when interrupted, and writes OUT/metrics.json,
 OUT/report.md and PNG plots. It resumes only predictions made by the same model weights with the same settings
 (recorded in OUT/predictions/<model>__<task>.produced_by.json); otherwise it stops with the differences, and
---overwrite discards such predictions and decodes them again.
+--overwrite discards such predictions and decodes them again. ``scan`` is a run per temperature (OUT/T0.1 …, each
+resumable) plus OUT/scan.json, scan.md and scan.png: every score, the highest and median per model, and one-sided
+Wilcoxon signed-rank tests of the first --model against each other one, per task and overall (the paper's Table 1).
 """
 from __future__ import annotations
 
@@ -83,15 +87,15 @@ def parse_limits(text: str | None, tasks: list[str], flag: str) -> dict[str, int
     return out
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Generate with each model on each task (resuming), score, write metrics.json, report.md and plots."""
+def _run_config(args: argparse.Namespace):
+    """The ``RunConfig`` that ``run`` and ``scan`` flags describe (checked before any model loads)."""
     check_decode_flags(args)
     if args.mesh:
         from cancerllm_jax.sharding import ensure_host_devices, parse_mesh
 
         d, m = parse_mesh(args.mesh)
         ensure_host_devices(d * m)
-    from cancerllm_jax.eval.runner import Decoding, RunConfig, model_names, run
+    from cancerllm_jax.eval.runner import Decoding, RunConfig, model_names
     from cancerllm_jax.eval.tasks import parse_tasks
 
     specs = parse_tasks(args.tasks)
@@ -99,14 +103,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     new = parse_limits(args.max_new_tokens, names, "--max-new-tokens")
     inp = parse_limits(args.max_input_tokens, names, "--max-input-tokens")
     specs = [s.with_limits(inp.get(s.name), new.get(s.name)) for s in specs]
-    cfg = RunConfig(models=model_names(args.model, args.name, args.adapter), tasks=specs, data=args.data, out=args.out,
-                    limit=args.limit, protocol=args.protocol,
-                    decoding=Decoding(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                      seed=args.seed, batch_size=args.batch_size, shots=args.shots),
-                    dtype=args.dtype, mesh=args.mesh or "1x1", tokenizer=args.tokenizer, overwrite=args.overwrite)
-    metrics = run(cfg)
+    return RunConfig(models=model_names(args.model, args.name, args.adapter), tasks=specs, data=args.data,
+                     out=args.out, limit=args.limit, protocol=args.protocol,
+                     decoding=Decoding(temperature=getattr(args, "temperature", 0.0), top_k=args.top_k,
+                                       top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+                                       shots=args.shots),
+                     dtype=args.dtype, mesh=args.mesh or "1x1", tokenizer=args.tokenizer, overwrite=args.overwrite)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Generate with each model on each task (resuming), score, write metrics.json, report.md and plots."""
+    from cancerllm_jax.eval.runner import run
+
+    metrics = run(_run_config(args))
     _print_summary(metrics)
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    """Run every model on every task at each temperature, then test the first model against the others."""
+    from cancerllm_jax.eval.scan import parse_temperatures, run_scan
+
+    temps = parse_temperatures(args.temperatures)
+    scan = run_scan(_run_config(args), temps)
+    for key, per_task in scan["wilcoxon"].items():
+        for task, r in per_task.items():
+            print(f"{key:<32} {task:<16} p = {r['p_value']:.4g} (n = {r['n']})"
+                  + ("  significant" if r["significant"] else ""))
+    print(f"wrote {Path(args.out) / 'scan.json'} and {Path(args.out) / 'scan.md'}")
     return 0
 
 
@@ -145,6 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_score)
 
     r = sub.add_parser("run", parents=[common], help="generate with one or more models on the tasks, then score")
+    _run_arguments(r)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("scan", parents=[common],
+                       help="a temperature scan (a run per temperature) and one-sided Wilcoxon tests of the first "
+                            "--model against each other one (seed 003)")
+    _run_arguments(c)
+    c.add_argument("--temperatures", help="comma-separated temperatures (default 0.1,0.2,...,1.0); each is a run "
+                                          "in OUT/T<t>")
+    c.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("report", parents=[common], help="re-score a run folder from its prediction files")
+    p.add_argument("--out", required=True, help="a folder written by `run`")
+    p.add_argument("--protocol", choices=PROTOCOLS, help="default: the run's protocol")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def _run_arguments(r: argparse.ArgumentParser) -> None:
+    """The flags ``run`` and ``scan`` share (all but the temperature)."""
     r.add_argument("--model", action="append", required=True,
                    help="HF folder, converted checkpoint or training run; repeat to compare models side by side")
     r.add_argument("--name", action="append", help="display name per --model (default: the folder name)")
@@ -161,7 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, help="only the first N test instances of each task")
     r.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     r.add_argument("--protocol", choices=PROTOCOLS, default="standard", help="metric choices (default: standard)")
-    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     r.add_argument("--top-k", type=int, default=0)
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=0, help="sampling seed; also seeds the k-shot exemplar draw")
@@ -175,13 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true",
                    help="discard predictions in --out made by other model weights or with other settings (task, "
                         "token limits, sampling, shots, dtype, tokenizer) and decode them again; default: refuse")
-    r.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("report", parents=[common], help="re-score a run folder from its prediction files")
-    p.add_argument("--out", required=True, help="a folder written by `run`")
-    p.add_argument("--protocol", choices=PROTOCOLS, help="default: the run's protocol")
-    p.set_defaults(func=cmd_report)
-    return parser
 
 
 @cli_main

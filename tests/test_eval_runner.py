@@ -460,3 +460,36 @@ def test_radonc_icd10_metrics_and_confusion_plot(finished, tmp_path):
     report = (out / "report.md").read_text()
     assert "](icd10_groups_tiny.png)" in report and "group_confusion" not in report
     assert (out / "icd10_groups_tiny.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_temperature_scan_runs_each_temperature_and_tests_the_first_model(finished, tmp_path, capsys):
+    """``evaluate.py scan``: a resumable run per temperature, the paper's scan scores (accuracy for the RT modality,
+    Average F1 for phenotypes), highest / median, and one-sided Wilcoxon tests per task and overall."""
+    model, _ = finished
+    out = tmp_path / "scan"
+    args = ["scan", "--model", str(model), "--name", "a", "--model", str(model), "--name", "b",
+            "--tasks", "radonc_modality,phenotype", "--limit", "2", "--batch-size", "2", "--max-new-tokens", "3",
+            "--temperatures", "0.5,1", "--out", str(out)]
+    assert _evaluate().main(args) == 0
+    scan = json.loads((out / "scan.json").read_text())
+    assert scan["temperatures"] == [0.5, 1.0] and scan["models"] == ["a", "b"]
+    for t in ("T0.5", "T1"):
+        metrics = json.loads((out / t / "metrics.json").read_text())
+        assert metrics["decoding"]["temperature"] == float(t[1:]) and not metrics["decoding"]["greedy"]
+        assert scan["scores"]["phenotype"]["a"]["scores"][scan["temperatures"].index(float(t[1:]))] == \
+            metrics["results"]["phenotype"]["a"]["avg_f1"]
+        assert scan["scores"]["radonc_modality"]["b"]["scores"][scan["temperatures"].index(float(t[1:]))] == \
+            metrics["results"]["radonc_modality"]["b"]["radonc"]["accuracy"]
+    tests = scan["wilcoxon"]["a > b"]
+    assert set(tests) == {"radonc_modality", "phenotype", "overall"} and tests["overall"]["n"] == 4
+    # the same model twice with the same seed: identical samples, so A > B is never significant
+    assert all(r["p_value"] == 1.0 and not r["significant"] for r in tests.values())
+    report = (out / "scan.md").read_text()
+    assert "| a > b | overall |" in report and "](scan.png)" in report
+    assert (out / "scan.png").read_bytes()[:4] == b"\x89PNG"
+    # run again: every temperature resumes, nothing is decoded again
+    before = {p: p.stat().st_mtime_ns for p in out.glob("T*/predictions/*.jsonl")}
+    assert _evaluate().main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("T*/predictions/*.jsonl")} == before
+    with pytest.raises(SystemExit):
+        _evaluate().main(args[:-4] + ["--temperatures", "0,1", "--out", str(out)])
