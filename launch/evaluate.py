@@ -10,6 +10,7 @@
                                   [--max-new-tokens N|task=N,...] [--max-input-tokens N|task=N,...] [--dtype] [--mesh]
                                   [--overwrite]
     python launch/evaluate.py report --out OUT [--protocol reference]   # re-score prediction files, no decoding
+    python launch/evaluate.py trust --run mimic=OUT1 --run synth=OUT2 [--json trust.json]   # seed 004's metrics
     python launch/evaluate.py scan --model TUNED --model VANILLA --tasks radonc_modality,radonc_icd10 --out OUT
                                    [--temperatures 0.1,...,1.0] [run's other flags]   # OUT/T<t>/ runs + scan.md
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -152,6 +154,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trust(args: argparse.Namespace) -> int:
+    """Faithfulness, comprehensiveness, generalizability and robustness (seed 004) of each model over run folders."""
+    from cancerllm_jax.errors import UserError
+    from cancerllm_jax.eval.runner import read_json_file
+    from cancerllm_jax.eval.trust import trust_from_runs
+
+    runs = {}
+    for spec in args.run:
+        name, sep, folder = spec.rpartition("=")
+        name, folder = (name, folder) if sep else (os.path.basename(os.path.normpath(spec)), spec)
+        path = os.path.join(folder, "metrics.json")
+        if not os.path.isfile(path):
+            raise UserError(f"--run {spec}: {path} not found (a folder written by `evaluate.py run`)")
+        if name in runs:
+            raise UserError(f"--run: dataset name {name!r} given twice; name them NAME=FOLDER")
+        runs[name] = read_json_file(path, "metrics file")
+    trust = trust_from_runs(runs)
+    keys = ("faithfulness", "comprehensiveness", "generalizability", "robustness")
+    print(f"{'model':<24}" + "".join(f"{k:>20}" for k in keys))
+    for model, m in trust.items():
+        print(f"{model[:24]:<24}" + "".join(f"{m[k]:>20.2f}" for k in keys))
+    if args.json:
+        _write(args.json, json.dumps({"datasets": list(runs), "models": trust}, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: ``score``, ``run`` and ``report``."""
     common = argparse.ArgumentParser(add_help=False)
@@ -181,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperatures", help="comma-separated temperatures (default 0.1,0.2,...,1.0); each is a run "
                                           "in OUT/T<t>")
     c.set_defaults(func=cmd_scan)
+
+    t = sub.add_parser("trust", parents=[common],
+                       help="trust metrics (seed 004) of each model over run folders, one per dataset")
+    t.add_argument("--run", action="append", required=True, metavar="[NAME=]FOLDER",
+                   help="an `evaluate.py run` folder evaluated on one dataset; repeat per dataset")
+    t.add_argument("--json", metavar="OUT", help="write the metrics as JSON")
+    t.set_defaults(func=cmd_trust)
 
     p = sub.add_parser("report", parents=[common], help="re-score a run folder from its prediction files")
     p.add_argument("--out", required=True, help="a folder written by `run`")

@@ -493,3 +493,27 @@ def test_temperature_scan_runs_each_temperature_and_tests_the_first_model(finish
     assert {p: p.stat().st_mtime_ns for p in out.glob("T*/predictions/*.jsonl")} == before
     with pytest.raises(SystemExit):
         _evaluate().main(args[:-4] + ["--temperatures", "0,1", "--out", str(out)])
+
+
+def test_trust_metrics_over_run_folders(finished, tmp_path, capsys):
+    """``evaluate.py trust``: seed 004's metrics of each model over runs on several datasets, from metrics.json."""
+    from cancerllm_jax.eval.trust import entry_from_score, trust_metrics
+
+    _, done = finished
+    other = tmp_path / "other"
+    shutil.copytree(done, other)
+    metrics = json.loads((other / "metrics.json").read_text())
+    metrics["results"]["diagnosis"]["tuned"].update(em_p=50.0, em_f1=40.0)  # a second dataset that differs
+    (other / "metrics.json").write_text(json.dumps(metrics))
+    assert _evaluate().main(["trust", "--run", f"a={done}", "--run", f"b={other}", "--json",
+                             str(tmp_path / "t.json")]) == 0
+    got = json.loads((tmp_path / "t.json").read_text())
+    assert got["datasets"] == ["a", "b"] and set(got["models"]) == {"vanilla", "tuned"}
+    runs = [json.loads((d / "metrics.json").read_text())["results"] for d in (done, other)]
+    want = trust_metrics({task: {name: entry_from_score(r[task]["tuned"]) for name, r in zip("ab", runs)}
+                          for task in runs[0]})
+    for key in ("faithfulness", "comprehensiveness", "generalizability", "robustness"):
+        assert got["models"]["tuned"][key] == pytest.approx(want[key]), key
+    assert got["models"]["tuned"]["robustness"] > 0 and "faithfulness" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        _evaluate().main(["trust", "--run", str(tmp_path / "nothing")])

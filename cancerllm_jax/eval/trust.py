@@ -70,6 +70,23 @@ def trust_metrics(per_dataset_results: Mapping[str, Mapping[str, Mapping[str, An
             "n_tasks": len(per_dataset_results), "n_datasets": sum(len(d) for d in per_dataset_results.values())}
 
 
+def trust_from_runs(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each model's trust metrics over several evaluation runs, one per dataset: ``runs`` maps a dataset name to
+    that run's ``metrics.json`` (as ``evaluate.py run`` writes it). A model is scored on every (task, dataset) its
+    runs hold; models or tasks missing from some runs are scored on the rest."""
+    models = sorted({m for metrics in runs.values() for by_model in metrics.get("results", {}).values()
+                     for m in by_model})
+    out = {}
+    for model in models:
+        per: dict[str, dict[str, Any]] = {}
+        for dataset, metrics in runs.items():
+            for task, by_model in metrics.get("results", {}).items():
+                if model in by_model:
+                    per.setdefault(task, {})[dataset] = entry_from_score(by_model[model])
+        out[model] = trust_metrics(per)
+    return out
+
+
 def _key(record: Mapping[str, Any]) -> tuple:
     return (record.get("instruction"), record.get("context"), record.get("response"))
 
