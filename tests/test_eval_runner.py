@@ -373,9 +373,9 @@ def test_k_shot_prompts_hold_training_exemplars_and_fit_the_budget():
     zero = build_prompt(tok, record, spec)
     assert three.text.count("### Response:") == 4 and three.text.endswith(zero.text)
     assert record["context"] not in three.text[: -len(zero.text)]  # the example itself is never an exemplar
-    assert three.hash != zero.hash and len(three.ids) <= spec.max_input_tokens
+    assert three.hash != zero.hash and len(three.ids) <= spec.max_input_tokens and three.shots == 3
     tight = build_few_shot_prompt(tok, record, spec.with_limits(max_input_tokens=len(zero.ids) + 5), train, 3)
-    assert tight.text == zero.text  # no exemplar fits: zero-shot
+    assert tight.text == zero.text and tight.shots == 0  # no exemplar fits: zero-shot, and it says so
 
 
 def test_adapters_per_model_and_in_the_provenance(finished, tmp_path, monkeypatch):

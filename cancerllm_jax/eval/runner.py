@@ -355,6 +355,7 @@ def summarize_stats(batches: list[dict]) -> dict[str, Any]:
         "peak_memory_bytes": max(peaks) if peaks else None,
         "memory_kind": batches[-1].get("memory_kind") if batches else None,
         "context_tokens_cut": sum(b.get("context_tokens_cut", 0) for b in batches),
+        "prompts_with_fewer_shots": sum(b.get("fewer_shots", 0) for b in batches),
     }
 
 
@@ -428,6 +429,10 @@ def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg:
         exemplars = read_train_split(spec.name, cfg.data)
         prompts = [build_few_shot_prompt(lm.tokenizer, r, spec, exemplars, cfg.decoding.shots, cfg.decoding.seed)
                    for r in records]
+        fewer = sum(p.shots < cfg.decoding.shots for p in prompts)
+        if fewer:
+            log(f"[{model.name} / {spec.name}] {fewer} of {len(prompts)} prompts hold fewer than "
+                f"{cfg.decoding.shots} exemplars: more did not fit {spec.max_input_tokens} prompt tokens")
     else:
         prompts = [build_prompt(lm.tokenizer, r, spec) for r in records]
     expected = {p.id: (p.hash, p.gold) for p in prompts}
@@ -460,7 +465,8 @@ def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg:
                                "prompt_tokens": stats.get("prompt_tokens", sum(len(p.ids) for p in batch)),
                                "generated_tokens": stats.get("generated_tokens", 0), "compiled": compiled,
                                "peak_memory_bytes": mem, "memory_kind": kind,
-                               "context_tokens_cut": sum(p.context_tokens_cut for p in batch)}])
+                               "context_tokens_cut": sum(p.context_tokens_cut for p in batch),
+                               "fewer_shots": sum(p.shots < cfg.decoding.shots for p in batch)}])
         log(f"[{model.name} / {spec.name}] batch {b + 1}/{len(batches)}: {len(batch)} in {elapsed:.1f}s"
             f"{' (compiled)' if compiled else ''}, {stats.get('generated_tokens', 0)} tokens")
     return {"resumed": len(done), "decoded": len(todo)}, expected

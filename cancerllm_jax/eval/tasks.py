@@ -99,6 +99,7 @@ class Prompt:
     hash: str
     context_tokens_cut: int
     gold: str
+    shots: int = 0  # training exemplars in the prompt (fewer than asked when they did not fit)
 
 
 def build_prompt(tokenizer, record: dict, spec: TaskSpec) -> Prompt:
@@ -125,7 +126,7 @@ def build_few_shot_prompt(tokenizer, record: dict, spec: TaskSpec, exemplars: li
         text = few_shot_prompt(record, exemplars, shots, seed)
         ids = tokenizer.encode(text, bos=True)
         if len(ids) <= spec.max_input_tokens:
-            return Prompt(str(record["id"]), ids, text, prompt_hash(text), 0, record["response"])
+            return Prompt(str(record["id"]), ids, text, prompt_hash(text), 0, record["response"], shots)
     return build_prompt(tokenizer, record, spec)
 
 
