@@ -342,6 +342,8 @@ def test_score_file_by_id_and_by_order(tmp_path, gold):
     assert score_file(gold, ordered)["em_r"] == 75.0
     runner = _jsonl(tmp_path / "r.jsonl", [{"id": 1, "prompt_hash": "x", "gold": "pr, er", "prediction": "er"}])
     assert score_file(None, runner, protocol="reference")["em_r"] == 50.0
+    both = _jsonl(tmp_path / "b.jsonl", [{"answer": "pr, er", "prediction": "er"}])  # the gold field is named
+    assert score_file(None, both, gold_field="answer")["em_r"] == 50.0
 
 
 @pytest.mark.parametrize(

@@ -278,15 +278,17 @@ def _ids(path: str, rows: list[Row]) -> dict[str, Row] | None:
     return keyed
 
 
-def _pairs(gold_path: str | None, pred_path: str, gold_field: str, pred_field: str) -> list[tuple[Any, str, str]]:
+def _pairs(gold_path: str | None, pred_path: str, gold_field: str | None, pred_field: str
+           ) -> list[tuple[Any, str, str]]:
     """(id or None, gold, prediction) per instance, in gold-file order."""
     from cancerllm_jax.errors import UserError
 
     preds = _read_jsonl(pred_path)
     pred_ids = _ids(pred_path, preds)
     if gold_path is None:  # a runner's output file: {id, prompt_hash, gold, prediction}
-        return [(obj.get("id"), _text_field(pred_path, row, "gold"), _text_field(pred_path, row, pred_field))
-                for row in preds for obj in [row[1]]]
+        return [(obj.get("id"), _text_field(pred_path, row, gold_field or "gold"),
+                 _text_field(pred_path, row, pred_field)) for row in preds for obj in [row[1]]]
+    gold_field = gold_field or "response"
     golds = _read_jsonl(gold_path)
     gold_ids = _ids(gold_path, golds)
     if gold_ids is not None and pred_ids is not None:
@@ -309,13 +311,14 @@ def score_file(
     gold_path: str | None,
     pred_path: str,
     protocol: str = "standard",
-    gold_field: str = "response",
+    gold_field: str | None = None,
     pred_field: str = "prediction",
     per_instance: bool = False,
 ) -> dict[str, Any]:
     """Score a JSONL prediction file against a JSONL gold file, matched by ``id`` when both have ids, else by line.
 
-    With ``gold_path=None`` the prediction file carries its own ``gold`` field next to ``pred_field``.
+    ``gold_field`` defaults to ``response`` in a gold file. With ``gold_path=None`` the prediction file carries its
+    own gold answers next to ``pred_field``, in ``gold_field`` (default ``gold``, as ``evaluate.py run`` writes).
     Bad files raise ``UserError`` naming the file and line; rows (when asked for) carry the instance ``id``.
     """
     from cancerllm_jax.errors import UserError
