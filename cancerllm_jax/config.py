@@ -169,6 +169,14 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     heads = hf["num_attention_heads"]
     window = hf["sliding_window"] if mtype == "mistral" else None
+    layer_types = hf.get("layer_types")
+    if mtype == "mistral" and layer_types is not None:  # transformers loads such a config as Ministral
+        kinds = set(layer_types) if isinstance(layer_types, list) else {None}
+        if kinds == {"full_attention"}:
+            window = None
+        elif kinds != {"sliding_attention"}:
+            raise UserError(f"{source}: layer_types {layer_types!r}: a window on some layers only (Ministral) is not "
+                            "supported; every layer must be 'sliding_attention' or every one 'full_attention'")
 
     def _tok(name):
         v = hf[name]
@@ -230,7 +238,9 @@ def hf_eos_ids(folder: str) -> set[int]:
 
 def hf_eos_value(cfg: ModelConfig):
     """``eos_token_id`` as transformers writes it: the id, or the list when there are several."""
-    return list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1 else cfg.eos_token_id
+    if len(cfg.eos_token_ids) > 1:
+        return list(cfg.eos_token_ids)
+    return cfg.eos_token_ids[0] if cfg.eos_token_ids else cfg.eos_token_id
 
 
 def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:

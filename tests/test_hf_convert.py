@@ -269,3 +269,76 @@ def test_non_empty_out_needs_overwrite(hf_fp32, tmp_path, capsys):
 def test_peft_adapter_without_lora_is_an_error(hf_fp32, tmp_path, capsys):
     assert run_cli("to-hf", hf_fp32[1], str(tmp_path / "a"), "--peft-adapter") == 2
     assert "LoRA" in capsys.readouterr().err
+
+
+def _tiny_llama(folder, **kw) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, initializer_range=0.1, **kw)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(folder)
+    return model
+
+
+def _same_logits_as_transformers(folder, ids) -> float:
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(
+            torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    return float(np.abs(cj.load(folder).logits(ids) - ref).max())
+
+
+def test_tied_config_with_a_trained_head_or_only_a_head_loads_as_transformers(tmp_path):
+    """``tie_word_embeddings`` with a stored ``lm_head.weight`` that differs from the embeddings (a fine-tune that
+    untied the head): transformers uses the stored head, and so do we (untied, also on export); with the head
+    stored alone, the embeddings are tied to it."""
+    ids = (np.arange(24, dtype=np.int32)[None] * 5) % 97
+    trained = str(tmp_path / "trained")
+    _tiny_llama(trained, tie_word_embeddings=True)
+    rng = np.random.default_rng(0)
+    _edit_tensors(trained, lambda t: t.update(
+        {"lm_head.weight": rng.standard_normal(t["model.embed_tokens.weight"].shape).astype(np.float32)}))
+    assert _same_logits_as_transformers(trained, ids) <= 1e-4
+    cfg, params = read_hf(trained)
+    assert not cfg.tie_embeddings and "lm_head" in params
+    out = str(tmp_path / "out")
+    write_hf(out, cfg, params)
+    assert _same_logits_as_transformers(out, ids) <= 1e-4
+    head_only = str(tmp_path / "head_only")
+    _tiny_llama(head_only, tie_word_embeddings=True)
+    _edit_tensors(head_only, lambda t: t.update({"lm_head.weight": t.pop("model.embed_tokens.weight")}))
+    assert _same_logits_as_transformers(head_only, ids) <= 1e-4
+    same = str(tmp_path / "copy")  # a stored copy of the tied head changes nothing
+    _tiny_llama(same, tie_word_embeddings=True)
+    _edit_tensors(same, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+    assert read_hf(same)[0].tie_embeddings
+
+
+@pytest.mark.parametrize("kinds, window", [(["sliding_attention"] * 2, 3), (["full_attention"] * 2, None),
+                                           (["full_attention", "sliding_attention"], "error")])
+def test_mistral_layer_types(tmp_path, kinds, window):
+    """transformers loads a Mistral config with ``layer_types`` as Ministral (a window only on 'sliding_attention'
+    layers): all-sliding and all-full are read as such (same logits); a mix is refused, naming the field."""
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=3,
+                                     initializer_range=0.1)
+    transformers.MistralForCausalLM(cfg).save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**conf, "layer_types": kinds}))
+    if window == "error":
+        with pytest.raises(UserError, match="layer_types"):
+            cj.load(str(tmp_path))
+        return
+    assert cj.load(str(tmp_path)).cfg.sliding_window == window
+    ids = (np.arange(12, dtype=np.int32)[None] * 7) % 97
+    assert _same_logits_as_transformers(str(tmp_path), ids) <= 1e-4
+
+
+def test_an_eos_only_in_the_generation_config_is_exported(tmp_path):
+    src = str(tmp_path / "src")
+    _tiny_llama(src, eos_token_id=None)
+    (tmp_path / "src" / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    cfg, params = read_hf(src)
+    assert cfg.eos_token_ids == (7,)
+    write_hf(str(tmp_path / "out"), cfg, params)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == 7

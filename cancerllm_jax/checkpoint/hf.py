@@ -6,13 +6,17 @@ arrays one HF tensor at a time (memory-mapped reads), export writes ~5 GB shards
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 
 import numpy as np
 
 from cancerllm_jax.config import ModelConfig, hf_eos_value, read_hf_config, read_json_file, to_hf_config
 from cancerllm_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 LAYER_KEYS = {  # ours -> HF suffix under model.layers.{i}.
     ("attn_norm",): "input_layernorm.weight",
@@ -109,12 +113,19 @@ def read_hf(folder: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
         used.add(name)
         return _check(name, reader.get(name), shapes[name] if name in shapes else shapes[_layer_generic(name)])
 
-    embed = cast(take("model.embed_tokens.weight"))
+    embed_name, head_name = "model.embed_tokens.weight", "lm_head.weight"
+    tied_head_only = cfg.tie_embeddings and embed_name not in names and head_name in names
+    embed = cast(take(head_name if tied_head_only else embed_name))  # tied: transformers fills one from the other
     params: dict = {"embed": embed, "final_norm": cast(take("model.norm.weight")), "layers": {}}
-    if not cfg.tie_embeddings:
-        params["lm_head"] = np.ascontiguousarray(cast(take("lm_head.weight")).T)
-    elif "lm_head.weight" in names:
-        used.add("lm_head.weight")  # tied: HF may still store a copy
+    if cfg.tie_embeddings and head_name in names and head_name not in used:
+        head = cast(take(head_name))  # tied, and a head is stored too: a copy, or a head trained apart
+        if not np.array_equal(head, embed):  # as transformers: the stored head is used, the weights untied
+            log.warning("%s: config.json ties the embeddings but lm_head.weight differs from them; using the stored "
+                        "head (as transformers does): the model is loaded untied", folder)
+            cfg = dataclasses.replace(cfg, tie_embeddings=False)
+            params["lm_head"] = np.ascontiguousarray(head.T)
+    elif not cfg.tie_embeddings:
+        params["lm_head"] = np.ascontiguousarray(cast(take(head_name)).T)
     for ours, suffix in LAYER_KEYS.items():
         first = take(f"model.layers.0.{suffix}")
         is_kernel = ours[-1] == "kernel"
