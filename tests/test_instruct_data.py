@@ -191,7 +191,8 @@ def test_packing_gives_the_same_mean_loss(tok):
 def test_iterator_resumes_and_splits_over_processes(tok):
     cfg = InstructDataConfig(max_seq_len=128, seed=5)
     data = build_instruct_data(cfg, tok, examples=examples(10))
-    assert data.steps_per_epoch(4) == 3 and data.steps_for_epochs(5, 4) == 13
+    assert data.steps_per_epoch(4) == 3 and data.steps_for_epochs(5, 4) == 15  # HF Trainer's count
+    assert data.steps_for_epochs(1.5, 4) == 5
     it = data.train_iterator(4)
     next(it)
     state = it.get_state()
@@ -208,6 +209,25 @@ def test_iterator_resumes_and_splits_over_processes(tok):
         g, x, y = next(whole), next(a), next(b)
         for k in FIELDS:
             np.testing.assert_array_equal(np.concatenate([x[k], y[k]]), g[k])
+
+
+def test_epochs_are_whole_as_hf_trainer_batches_them(tok):
+    """Each epoch is its own shuffle of every row in ceil(n / B) batches: every row once per epoch, the epoch's last
+    batch short (padding rows without loss), epochs in different orders."""
+    data = build_instruct_data(InstructDataConfig(max_seq_len=128, seed=3), tok, examples=examples(10))
+    rows = {data.train[i]["inputs"].tobytes(): i for i in range(len(data.train))}
+    it = data.train_iterator(4)
+    epochs = []
+    for _ in range(3):
+        seen = []
+        for j in range(3):
+            b = next(it)
+            real = [r for r in range(4) if b["loss_mask"][r].any()]
+            assert len(real) == (2 if j == 2 else 4) and not b["segment_ids"][len(real):].any()
+            seen += [rows[b["inputs"][r].tobytes()] for r in real]
+        assert sorted(seen) == list(range(10))
+        epochs.append(seen)
+    assert epochs[0] != epochs[1] != epochs[2]
 
 
 def test_eval_batches_are_padded_with_masked_rows(tok):

@@ -13,8 +13,10 @@ example ``[bos] … [eos]`` as HF's ``max_seq_length`` does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +24,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from cancerllm_jax.data.pretrain import FIELDS, Batch, fixed_batches, make_batched_dataset, strip_special
+from cancerllm_jax.data.pretrain import (FIELDS, Batch, check_process_split, fixed_batches, pad_rows, strip_special,
+                                         take_rows)
 from cancerllm_jax.data.sources import read_jsonl
 from cancerllm_jax.data.tokenizer import bos_ids, training_eos_id
 from cancerllm_jax.errors import UserError
@@ -226,8 +229,33 @@ def encode_examples(tokenizer, records: Sequence[dict], max_seq_len: int, skip_t
 
 
 def steps_for_epochs(num_rows: int, global_batch: int, epochs: float = 1.0) -> int:
-    """Optimizer steps that cover ``epochs`` passes over ``num_rows`` rows (batches run across epoch ends)."""
-    return max(1, math.ceil(epochs * num_rows / global_batch))
+    """Optimizer steps for ``epochs`` passes over ``num_rows`` rows, as HF Trainer counts them: ``ceil(num_rows /
+    global_batch)`` per epoch (the last batch of an epoch is short), times ``epochs``, rounded up."""
+    return max(1, math.ceil(epochs * math.ceil(num_rows / global_batch)))
+
+
+def epoch_batches(rows: Any, seed: int, global_batch: int, seq_len: int, pad_id: int, process_index: int = 0,
+                  process_count: int = 1, read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+    """Infinite batches in whole epochs, as HF Trainer batches them: epoch ``e`` is a seeded shuffle of every row
+    (its own per epoch), cut into ``ceil(n / global_batch)`` batches, so each row is seen once per epoch; an
+    epoch's short last batch is filled with padding rows (no loss). This process keeps its rows of each batch."""
+    lo, hi = check_process_split(global_batch, process_index, process_count)
+    n = len(rows)
+    if n == 0:
+        raise UserError("no training rows")
+    per_epoch = -(-n // global_batch)
+
+    @functools.lru_cache(maxsize=2)
+    def order(epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, epoch]).permutation(n)
+
+    def batch(k: int) -> Batch:
+        epoch, j = divmod(int(k), per_epoch)
+        picked = order(epoch)[j * global_batch:(j + 1) * global_batch]
+        return take_rows(pad_rows([rows[int(i)] for i in picked], global_batch, seq_len, pad_id), lo, hi)
+
+    ds = grain.MapDataset.range(sys.maxsize).map(batch)
+    return ds.to_iter_dataset(read_options=read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
 
 
 @dataclass
@@ -252,8 +280,8 @@ class InstructData:
 
     def train_dataset(self, global_batch: int, process_index: int = 0, process_count: int = 1,
                       read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
-        return make_batched_dataset([self.train], None, self.cfg.seed, global_batch, process_index, process_count,
-                                    read_options)
+        return epoch_batches(self.train, self.cfg.seed, global_batch, self.cfg.max_seq_len, self.pad_id,
+                             process_index, process_count, read_options)
 
     def train_iterator(self, global_batch: int, process_index: int = 0, process_count: int = 1,
                        read_options: grain.ReadOptions | None = None) -> grain.DatasetIterator:

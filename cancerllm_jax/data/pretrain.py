@@ -187,7 +187,8 @@ def check_process_split(global_batch: int, process_index: int, process_count: in
     return process_index * per, (process_index + 1) * per
 
 
-def _take_rows(batch: Batch, lo: int, hi: int) -> Batch:
+def take_rows(batch: Batch, lo: int, hi: int) -> Batch:
+    """Rows ``[lo, hi)`` of every field of ``batch`` (a process's share of a global batch)."""
     return {k: v[lo:hi] for k, v in batch.items()}
 
 
@@ -212,7 +213,7 @@ def make_batched_dataset(sources: Sequence[Any], weights: Sequence[float] | None
         ds = grain.MapDataset.mix(parts, weights=list(weights) if weights is not None else None)
     ds = ds.batch(global_batch, drop_remainder=True)
     if (lo, hi) != (0, global_batch):
-        ds = ds.map(functools.partial(_take_rows, lo=lo, hi=hi))
+        ds = ds.map(functools.partial(take_rows, lo=lo, hi=hi))
     opts = read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
     return ds.to_iter_dataset(read_options=opts)
 
@@ -233,7 +234,7 @@ def fixed_batches(sources: Sequence[Any], global_batch: int, block_size: int, pa
     """All rows of ``sources`` in order, in global batches (the last padded), each cut to this process's rows."""
     lo, hi = check_process_split(global_batch, process_index, process_count)
     rows = [src[i] for src in sources for i in range(len(src))]
-    return [_take_rows(pad_rows(rows[s:s + global_batch], global_batch, block_size, pad_id), lo, hi)
+    return [take_rows(pad_rows(rows[s:s + global_batch], global_batch, block_size, pad_id), lo, hi)
             for s in range(0, len(rows), global_batch)]
 
 
