@@ -517,3 +517,25 @@ def test_trust_metrics_over_run_folders(finished, tmp_path, capsys):
     assert got["models"]["tuned"]["robustness"] > 0 and "faithfulness" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         _evaluate().main(["trust", "--run", str(tmp_path / "nothing")])
+
+
+def test_shots_and_prompt_cuts_are_checked_and_reported(finished, tmp_path):
+    """Too few training exemplars for --shots, or none, is an error before OUT exists; contexts cut to fit the
+    prompt budget and the shots used are reported."""
+    model, _ = finished
+    data = tmp_path / "data"
+    for task in ("phenotype", "diagnosis"):
+        (data / task).mkdir(parents=True)
+        (data / task / "test.jsonl").write_text(json.dumps({"context": "pt w/ nsclc " * 40, "response": "x"}) + "\n")
+    (data / "phenotype" / "train.jsonl").write_text(json.dumps({"context": "c", "response": "y"}) + "\n")
+    out = tmp_path / "out"
+    base = ["run", "--model", str(model), "--data", str(data), "--out", str(out), "--max-new-tokens", "2"]
+    for tasks, shots, needle in [("phenotype", "3", "only 1 record"), ("phenotype,diagnosis", "1", "diagnosis")]:
+        with pytest.raises(SystemExit):
+            _evaluate().main(base + ["--tasks", tasks, "--shots", shots])
+        assert not out.exists(), needle
+    assert _evaluate().main(base + ["--tasks", "phenotype", "--shots", "1", "--max-input-tokens", "150"]) == 0
+    eff = json.loads((out / "metrics.json").read_text())["results"]["phenotype"]["tiny"]["efficiency"]
+    assert eff["prompts_cut"] == 1 and eff["context_tokens_cut"] > 0 and eff["prompts_with_fewer_shots"] == 1
+    report = (out / "report.md").read_text()
+    assert "1-shot prompts" in report and "Contexts cut to fit the prompt budget (instances): tiny: 1" in report

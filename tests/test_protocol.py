@@ -342,6 +342,14 @@ def test_score_file_by_id_and_by_order(tmp_path, gold):
     assert score_file(gold, ordered)["em_r"] == 75.0
     runner = _jsonl(tmp_path / "r.jsonl", [{"id": 1, "prompt_hash": "x", "gold": "pr, er", "prediction": "er"}])
     assert score_file(None, runner, protocol="reference")["em_r"] == 50.0
+    # gold lines without ids are line<N> (as `evaluate.py run` names them), whatever order the predictions are in
+    plain = _jsonl(tmp_path / "g.jsonl", [{"response": "Lung cancer."}, {"response": "er, pr"}])
+    run_out = _jsonl(tmp_path / "run.jsonl", [{"id": "line2", "prediction": "er"},
+                                              {"id": "line1", "prediction": "Lung cancer."}])
+    assert score_file(plain, run_out)["em_r"] == 75.0
+    with pytest.raises(UserError, match=r"g\.jsonl:1: id 'line1' has no prediction.*named line<N>"):
+        score_file(plain, _jsonl(tmp_path / "x.jsonl", [{"id": "a", "prediction": "er"},
+                                                        {"id": "b", "prediction": "x"}]))
     both = _jsonl(tmp_path / "b.jsonl", [{"answer": "pr, er", "prediction": "er"}])  # the gold field is named
     assert score_file(None, both, gold_field="answer")["em_r"] == 50.0
 

@@ -90,7 +90,16 @@ def test_load_split_reads_user_jsonl_with_clear_errors(tmp_path):
     with pytest.raises(UserError, match=r"test\.jsonl:2: not valid UTF-8"):
         rb.load_split(str(tmp_path), "phenotype", "test")
     (folder / "test.jsonl").write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "context": None}) + "\n")
-    assert [r["response"] for r in rb.load_split(str(tmp_path), "phenotype", "test")] == ["lung cancer"] * 2
+    with pytest.raises(UserError, match=r"test\.jsonl:3: duplicate id '7'"):  # read as evaluate.py reads them
+        rb.load_split(str(tmp_path), "phenotype", "test")
+    (folder / "test.jsonl").write_text(json.dumps(good) + "\n\n" + json.dumps({"response": "lung cancer"}) + "\n")
+    records = rb.load_split(str(tmp_path), "phenotype", "test")
+    assert [r["response"] for r in records] == ["lung cancer"] * 2 and records[1]["instruction"]  # the default
+
+
+def test_rates_that_differ_never_share_a_folder(tmp_path):
+    assert rb.rate_dir(tmp_path, 0.2).name == "rate_20" and rb.rate_dir(tmp_path, 0.02).name == "rate_02"
+    assert rb.rate_dir(tmp_path, 0.204).name == "rate_20.4" and rb.rate_dir(tmp_path, 0.3).name == "rate_30"
 
 
 # ------------------------------------------------------------------ cached rates are keyed on their settings

@@ -80,7 +80,8 @@ def encode_prompt(tokenizer, instruction: str, context: str | None, max_tokens: 
         return ids, 0
     empty = ids_for("")
     if not has_context or len(empty) > max_tokens:
-        budget = ("the prompt-token limit", "raise it (--max-prompt-tokens) or shorten the instruction")
+        budget = ("the prompt-token limit", "raise it (generate.py --max-prompt-tokens, evaluate.py "
+                  "--max-input-tokens) or shorten the instruction")
         if not for_generation:
             budget = ("max_seq_len minus the response and EOS", "raise max_seq_len or shorten the instruction/response")
         raise UserError(f"{example_id}: the prompt needs {len(empty)} tokens without any context, but only "

@@ -63,14 +63,16 @@ def _encodable(obj: Any) -> bool:
 
 
 def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False, *,
-               optional: dict[str, Any] | None = None, line_key: str | None = None) -> tuple[list[dict], int]:
+               optional: dict[str, Any] | None = None, line_key: str | None = None,
+               skip_flag: str | None = "--skip-bad-lines") -> tuple[list[dict], int]:
     """Records of a JSONL file and the number of bad lines skipped.
 
     ``required`` maps field → type (or tuple of types); ``optional`` fields are type-checked when present and not
     null (a null one is dropped: absent). Blank lines are ignored. A bad line (not UTF-8, invalid JSON, a lone
     surrogate escape, not an object, missing field, wrong type) raises ``UserError`` naming ``path:line`` unless
     ``skip_bad_lines``, in which case it is counted (and the first few are logged). A file with no valid record
-    always raises. ``line_key`` stores each record's line number there.
+    always raises. ``line_key`` stores each record's line number there. ``skip_flag``: the option an error
+    suggests for skipping bad lines (None where the command has none).
     """
     optional = optional or {}
     if not os.path.isfile(path):
@@ -89,7 +91,7 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
                     problem = f"invalid JSON ({e.msg} at column {e.colno})"
                 else:
@@ -99,7 +101,7 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
             if problem is not None:
                 where = f"{path}:{lineno}: {problem}"
                 if not skip_bad_lines:
-                    raise UserError(where + " (use --skip-bad-lines to count and skip such lines)")
+                    raise UserError(where + (f" (use {skip_flag} to count and skip such lines)" if skip_flag else ""))
                 skipped += 1
                 first_problem = first_problem or where
                 if skipped <= 5:

@@ -256,20 +256,21 @@ def _text_field(path: str, row: Row, name: str) -> str:
     return value
 
 
-def _ids(path: str, rows: list[Row]) -> dict[str, Row] | None:
-    """Rows keyed by ``id`` when every row has one, None when none has; mixed or duplicate ids are errors."""
+def _ids(path: str, rows: list[Row], implicit: bool = False) -> dict[str, Row] | None:
+    """Rows keyed by ``id`` when every row has one, None when none has; mixed or duplicate ids are errors.
+    ``implicit``: a row without an id is keyed ``line<N>``, as ``evaluate.py run`` names such test records."""
     from cancerllm_jax.data.sources import json_type_name
     from cancerllm_jax.errors import UserError
 
     with_id = [row for row in rows if "id" in row[1]]
-    if not with_id:
+    if not with_id and not implicit:
         return None
-    if len(with_id) != len(rows):
+    if len(with_id) != len(rows) and not implicit:
         number = next(n for n, obj in rows if "id" not in obj)
         raise UserError(f"{path}:{number}: missing 'id' (other lines have one: give every line an id, or none)")
     keyed: dict[str, Row] = {}
     for number, obj in rows:
-        key = obj["id"]
+        key = obj.get("id", f"line{number}")
         if not isinstance(key, (str, int)) or isinstance(key, bool):
             raise UserError(f"{path}:{number}: 'id' must be a string or an integer, got {json_type_name(key)}")
         if str(key) in keyed:
@@ -290,15 +291,17 @@ def _pairs(gold_path: str | None, pred_path: str, gold_field: str | None, pred_f
                  _text_field(pred_path, row, pred_field)) for row in preds for obj in [row[1]]]
     gold_field = gold_field or "response"
     golds = _read_jsonl(gold_path)
-    gold_ids = _ids(gold_path, golds)
+    # predictions with ids never pair by line order: a gold line without an id is line<N>, as `run` names it
+    gold_ids = _ids(gold_path, golds, implicit=pred_ids is not None)
     if gold_ids is not None and pred_ids is not None:
-        for key, (number, _) in gold_ids.items():
+        for key, (number, obj) in gold_ids.items():
             if key not in pred_ids:
-                raise UserError(f"{gold_path}:{number}: id {key!r} has no prediction in {pred_path}")
+                how = "" if "id" in obj else " (a line without an id is named line<N>, as `evaluate.py run` names it)"
+                raise UserError(f"{gold_path}:{number}: id {key!r} has no prediction in {pred_path}{how}")
         for key, (number, _) in pred_ids.items():
             if key not in gold_ids:
                 raise UserError(f"{pred_path}:{number}: id {key!r} is not in {gold_path}")
-        return [(row[1]["id"], _text_field(gold_path, row, gold_field),
+        return [(row[1].get("id", key), _text_field(gold_path, row, gold_field),
                  _text_field(pred_path, pred_ids[key], pred_field)) for key, row in gold_ids.items()]
     if len(golds) != len(preds):
         raise UserError(f"{gold_path} has {len(golds)} lines but {pred_path} has {len(preds)}; without ids on both "
@@ -315,7 +318,8 @@ def score_file(
     pred_field: str = "prediction",
     per_instance: bool = False,
 ) -> dict[str, Any]:
-    """Score a JSONL prediction file against a JSONL gold file, matched by ``id`` when both have ids, else by line.
+    """Score a JSONL prediction file against a JSONL gold file, matched by ``id`` when the predictions have ids (a
+    gold line without one is ``line<N>``, as ``evaluate.py run`` names it), else by line order.
 
     ``gold_field`` defaults to ``response`` in a gold file. With ``gold_path=None`` the prediction file carries its
     own gold answers next to ``pred_field``, in ``gold_field`` (default ``gold``, as ``evaluate.py run`` writes).

@@ -76,7 +76,8 @@ def _setup_lines(metrics: dict[str, Any]) -> list[str]:
         "Porter-stemmed, soft set matching; scores are percentages)",
         f"- **Data:** {metrics.get('data')}" + (f", first {metrics['limit']} test instances per task"
                                                 if metrics.get("limit") else ""),
-        f"- **Decoding:** {dec}; seed {d.get('seed')}; batch size {d.get('batch_size')}; "
+        f"- **Decoding:** {dec}; {d.get('shots') or 0}-shot prompts; seed {d.get('seed')}; "
+        f"batch size {d.get('batch_size')}; "
         f"weights in {metrics.get('dtype')}, mesh {metrics.get('mesh')}",
         f"- **Device:** {dev.get('platform', '?')} ({dev.get('device_kind', '?')}, {dev.get('count', '?')} device(s), "
         f"{dev.get('host_cpus', '?')} host CPUs)",
@@ -118,6 +119,11 @@ def write_report(out: str, metrics: dict[str, Any], title: str | None = None) ->
         empties = {m: r.get("empty_predictions", 0) for m, r in by_model.items() if r.get("empty_predictions")}
         if empties:
             lines += ["Empty predictions: " + ", ".join(f"{m}: {k}" for m, k in empties.items()), ""]
+        for key, what in (("prompts_cut", "Contexts cut to fit the prompt budget (instances)"),
+                          ("prompts_with_fewer_shots", "Prompts with fewer exemplars than asked (more did not fit)")):
+            counts = {m: (r.get("efficiency") or {}).get(key) for m, r in by_model.items()}
+            if any(counts.values()):
+                lines += [f"{what}: " + ", ".join(f"{m}: {k}" for m, k in counts.items() if k), ""]
         radonc = {m: r["radonc"] for m, r in by_model.items() if r.get("radonc")}
         if radonc:
             keys = sorted({k for v in radonc.values() for k, x in v.items() if isinstance(x, (int, float, str))})

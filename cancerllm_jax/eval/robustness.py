@@ -105,11 +105,11 @@ def load_split(data: str, task: str, split: str, limit: int | None = None, patie
     else:
         path = Path(data) / task / f"{split}.jsonl"
         if not path.is_file():
-            raise UserError(f"{path} not found (expected DIR/<task>/<split>.jsonl, e.g. from tools/make_synthetic)")
-        from cancerllm_jax.data.sources import read_jsonl
+            raise UserError(f"{path} not found (expected DIR/<task>/<split>.jsonl, e.g. from "
+                            "tools/make_synthetic_data.py)")
+        from cancerllm_jax.eval.tasks import read_jsonl_records
 
-        records, _ = read_jsonl(str(path), {"instruction": str, "response": str},
-                                optional={"context": str, "id": (str, int)})
+        records = read_jsonl_records(str(path), task)  # as evaluate.py reads them
     if not records:
         raise UserError(f"no {task} {split} records in {data}")
     return records[:limit] if limit else records
@@ -134,14 +134,16 @@ def decode(lm: Any, records: Sequence[dict], task: str, settings: DecodeSettings
     from cancerllm_jax.decode import generated_text
 
     max_in, max_new = settings.limits(task)
-    prompts = [encode_prompt(lm.tokenizer, r["instruction"], r.get("context") or "", max_in, for_generation=True,
-                             example_id=str(r.get("id", i)))[0] for i, r in enumerate(records)]
+    encoded = [encode_prompt(lm.tokenizer, r["instruction"], r.get("context") or "", max_in, for_generation=True,
+                             example_id=f"{task} record {r.get('id', i)}") for i, r in enumerate(records)]
+    prompts = [ids for ids, _ in encoded]
     t0 = time.perf_counter()
     outs = lm.generate(prompts, max_new_tokens=max_new, max_prompt_tokens=max_in, batch_size=settings.batch_size)
     seconds = time.perf_counter() - t0
     preds = [generated_text(lm.tokenizer, gen, lm.eos_ids, settings.stop).strip() for gen in outs]
     return preds, {"seconds": round(seconds, 2), "generated_tokens": int(sum(len(g) for g in outs)),
-                   "max_prompt_tokens": max_in, "max_new_tokens": max_new}
+                   "max_prompt_tokens": max_in, "max_new_tokens": max_new,
+                   "prompts_cut": sum(cut > 0 for _, cut in encoded), "context_tokens_cut": sum(c for _, c in encoded)}
 
 
 def score_predictions(records: Sequence[dict], preds: Sequence[str], protocol: str) -> dict[str, Any]:
@@ -219,7 +221,9 @@ def _cached(out_dir: Path, key: dict[str, Any] | None = None, overwrite: bool = 
 
 
 def rate_dir(root: Path, rate: float) -> Path:
-    return root / f"rate_{round(rate * 100):02d}"
+    """``rate_20`` for 20 %, ``rate_20.4`` for 20.4 %: rates that differ never share a folder."""
+    pct = rate * 100
+    return root / (f"rate_{round(pct):02d}" if abs(pct - round(pct)) < 1e-9 else f"rate_{pct:.6g}")
 
 
 def mean_over_rates(rows: Sequence[dict], task: str) -> float:

@@ -355,6 +355,7 @@ def summarize_stats(batches: list[dict]) -> dict[str, Any]:
         "peak_memory_bytes": max(peaks) if peaks else None,
         "memory_kind": batches[-1].get("memory_kind") if batches else None,
         "context_tokens_cut": sum(b.get("context_tokens_cut", 0) for b in batches),
+        "prompts_cut": sum(b.get("prompts_cut", 0) for b in batches),
         "prompts_with_fewer_shots": sum(b.get("fewer_shots", 0) for b in batches),
     }
 
@@ -417,6 +418,15 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def training_exemplars(task: str, cfg: RunConfig) -> list[dict]:
+    """The k-shot exemplars of ``task`` (its training split); too few for ``--shots`` is an error."""
+    exemplars = read_train_split(task, cfg.data)
+    if len(exemplars) < cfg.decoding.shots:
+        raise UserError(f"--shots {cfg.decoding.shots}: the {task} training split has only {len(exemplars)} "
+                        f"record(s) to draw exemplars from")
+    return exemplars
+
+
 def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg: RunConfig,
                 session: str, log: Callable[[str], None] = _log) -> tuple[dict[str, Any], dict]:
     """Decode every record of one task not yet in the model's prediction file; returns the resume/decoding counts
@@ -426,7 +436,7 @@ def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg:
     path, spath = pred_path(cfg.out, model.name, spec.name), stats_path(cfg.out, model.name, spec.name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if cfg.decoding.shots:
-        exemplars = read_train_split(spec.name, cfg.data)
+        exemplars = training_exemplars(spec.name, cfg)
         prompts = [build_few_shot_prompt(lm.tokenizer, r, spec, exemplars, cfg.decoding.shots, cfg.decoding.seed)
                    for r in records]
         fewer = sum(p.shots < cfg.decoding.shots for p in prompts)
@@ -466,6 +476,7 @@ def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg:
                                "generated_tokens": stats.get("generated_tokens", 0), "compiled": compiled,
                                "peak_memory_bytes": mem, "memory_kind": kind,
                                "context_tokens_cut": sum(p.context_tokens_cut for p in batch),
+                               "prompts_cut": sum(p.context_tokens_cut > 0 for p in batch),
                                "fewer_shots": sum(p.shots < cfg.decoding.shots for p in batch)}])
         log(f"[{model.name} / {spec.name}] batch {b + 1}/{len(batches)}: {len(batch)} in {elapsed:.1f}s"
             f"{' (compiled)' if compiled else ''}, {stats.get('generated_tokens', 0)} tokens")
@@ -561,6 +572,9 @@ def run(cfg: RunConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
                         "task, or a folder with <task>/test.jsonl for each")
     # everything that can be checked without a model is checked before OUT is created
     records = {spec.name: read_test_split(spec.name, cfg.data, cfg.limit) for spec in cfg.tasks}
+    if cfg.decoding.shots:
+        for spec in cfg.tasks:
+            training_exemplars(spec.name, cfg)
     fingerprints = {}
     for m in cfg.models:
         if not os.path.exists(os.path.expanduser(m.path)):

@@ -108,7 +108,7 @@ def build_prompt(tokenizer, record: dict, spec: TaskSpec) -> Prompt:
     from cancerllm_jax.data.pretrain import strip_special
 
     ids, cut = encode_prompt(tokenizer, record["instruction"], record.get("context") or "", spec.max_input_tokens,
-                             for_generation=True, example_id=str(record["id"]))
+                             for_generation=True, example_id=f"{spec.name} record {record['id']}")
     if cut == 0:
         text = render_prompt(record["instruction"], record.get("context") or "", for_generation=True)
     else:  # the text the model actually sees
@@ -123,7 +123,10 @@ def build_few_shot_prompt(tokenizer, record: dict, spec: TaskSpec, exemplars: li
     from cancerllm_jax.eval.trust import few_shot_prompt
 
     for shots in range(k, 0, -1):
-        text = few_shot_prompt(record, exemplars, shots, seed)
+        try:
+            text = few_shot_prompt(record, exemplars, shots, seed)
+        except ValueError as e:  # fewer exemplars than shots once the record itself is left out
+            raise UserError(f"{record['id']}: {e}") from None
         ids = tokenizer.encode(text, bos=True)
         if len(ids) <= spec.max_input_tokens:
             return Prompt(str(record["id"]), ids, text, prompt_hash(text), 0, record["response"], shots)
@@ -162,19 +165,20 @@ def test_split_path(task: str, data: str) -> str:
     raise UserError(f"--data {data}: not a file, a folder or 'synthetic[:PATIENTS[:SEED]]'")
 
 
-def read_jsonl_records(path: str, task: str) -> list[dict]:
-    """``{id, instruction, context, response}`` records of a user JSONL; clear errors name the file and line."""
+def read_jsonl_records(path: str, task: str, unnamed: str = "line") -> list[dict]:
+    """``{id, instruction, context, response}`` records of a user JSONL (a line without an id is ``<unnamed><N>``);
+    clear errors name the file and line."""
     from cancerllm_jax.data.sources import read_jsonl
 
     default_instruction = _default_instruction(task)
     rows, _ = read_jsonl(path, {"response": str}, optional={"instruction": str, "context": str, "id": (str, int)},
-                         line_key="_line")
+                         line_key="_line", skip_flag=None)
     records, seen = [], {}
     for obj in rows:
         number = obj.pop("_line")
         if isinstance(obj.get("id"), bool):
             raise UserError(f"{path}:{number}: 'id' must be a string or an integer")
-        rid = str(obj.get("id", f"line{number}"))
+        rid = str(obj.get("id", f"{unnamed}{number}"))
         if rid in seen:
             raise UserError(f"{path}:{number}: duplicate id {rid!r} (first on line {seen[rid]})")
         seen[rid] = number
@@ -222,7 +226,7 @@ def read_train_split(task: str, data: str = "synthetic") -> list[dict]:
     path = os.path.join(data, task, "train.jsonl") if os.path.isdir(data) else ""
     if not os.path.isfile(path):
         raise UserError(f"--shots needs training exemplars: no {task}/train.jsonl under --data {data}")
-    return read_jsonl_records(path, task)
+    return read_jsonl_records(path, task, unnamed="train-line")  # never the id of a test record without one
 
 
 def describe_data(data: str) -> str:
