@@ -46,8 +46,9 @@ def shared_prefix_length(rows: Sequence[Sequence[int]], step: int = SHARED_PREFI
     return (n // step) * step
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k: int, top_p, greedy: bool) -> jax.Array:
-    """Next token per row: argmax when ``greedy``; else temperature, then top-k, then nucleus (top-p) sampling."""
+def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_k: int, top_p, greedy: bool) -> jax.Array:
+    """Next token per row: argmax when ``greedy``; else temperature, then top-k, then nucleus (top-p) sampling,
+    each row drawing from its own key (``keys``: ``[B, 2]``)."""
     logits = logits.astype(jnp.float32)
     if greedy:
         return first_argmax(logits)
@@ -60,7 +61,7 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature, top_k: int, to
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each candidate
     sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)  # always keeps the top candidate
-    choice = jax.random.categorical(key, sorted_logits, axis=-1)
+    choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
@@ -83,6 +84,20 @@ def generated_text(tokenizer, ids: Sequence[int], eos_ids: Sequence[int], stop: 
         if cut >= 0:
             text = text[:cut]
     return text
+
+
+def _row_keys(seed, n: int) -> np.ndarray:
+    """One sampling key per prompt (``[n, 2]`` uint32): ``seed`` an int → prompt ``i`` draws from
+    ``fold_in(PRNGKey(seed), i)``; a list of ints → prompt ``i`` from ``PRNGKey(seed[i] mod 2**32)``. A prompt's
+    samples therefore never depend on the batch size or on the other prompts of its batch."""
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return np.asarray(jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(int(seed)),
+                                                                   jnp.arange(n, dtype=jnp.uint32)))
+    seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else None
+    if seeds is None or len(seeds) != n or any(isinstance(x, bool) or not isinstance(x, (int, np.integer))
+                                                for x in seeds):
+        raise UserError(f"seed must be an int or a list of one int per prompt ({n}), got {seed!r}")
+    return np.asarray(jax.vmap(jax.random.PRNGKey)(jnp.asarray([int(x) % 2**32 for x in seeds], jnp.uint32)))
 
 
 def _check_counts(**counts) -> None:
@@ -158,9 +173,10 @@ class Decoder:
         prompts are counted in ``last_stats["truncated_prompts"]``.
         ``stop`` (a string or a list; string prompts only) cuts each decoded text before the first stop string; the
         rows still decode to EOS or ``max_new_tokens``. Sampling (``temperature`` > 0, then ``top_k``, then
-        ``top_p``, as transformers' warpers) draws each row's numbers from ``seed`` and the row's place in the batch
-        (prompts run longest first), so a sampled output can change with the other prompts of the call; greedy
-        output never does."""
+        ``top_p``, as transformers' warpers) gives each prompt its own random stream: ``seed`` an int → from the
+        seed and the prompt's index in ``prompts``; a list of ints → one seed per prompt. A prompt's random numbers
+        never depend on ``batch_size`` or on which prompts share its batch (its logits may still differ in the last
+        bits between batch shapes, which can tip a near-tie)."""
         lm = self.lm
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise UserError("prompts must be a list of strings or a list of token-id lists")
@@ -201,7 +217,7 @@ class Decoder:
         rows_sh = jax.sharding.NamedSharding(lm.mesh, jax.sharding.PartitionSpec("data"))
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         results: list = [None] * len(ids)
-        key = jax.random.PRNGKey(seed)
+        row_keys = _row_keys(seed, len(ids))
         t0, generated = time.perf_counter(), 0
         chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         iterator = chunks
@@ -218,8 +234,10 @@ class Decoder:
             next_pos = jax.device_put(np.asarray([len(r) for r in rows] + [0] * (b - len(rows)), np.int32), rows_sh)
             filler = jax.device_put(np.arange(b) >= len(rows), rows_sh)  # rows that only fill the batch: done at once
             decode = self._decode_fn(max_new_tokens, greedy, top_k, eos_ids, b, cache["pos"].shape[1])
+            keys = np.concatenate([row_keys[chunk], np.zeros((b - len(rows), 2), np.uint32)])  # fillers: any key
             out, lengths, _ = decode(lm.state, self.layers(), last, cache, next_pos, filler,
-                                     jax.random.fold_in(key, c), jnp.float32(temperature or 0.0), jnp.float32(top_p))
+                                     jax.device_put(keys, rows_sh), jnp.float32(temperature or 0.0),
+                                     jnp.float32(top_p))
             out, lengths = np.asarray(out), np.asarray(lengths)
             for r, i in enumerate(chunk):
                 gen = out[r, :lengths[r]].tolist()
@@ -360,7 +378,7 @@ def _prefill(graphdef, state, prefix, tokens, positions, segs, *, cache_len: int
     return logits[:, -1], cache
 
 
-def _decode(graphdef, state, layers, last, cache, next_pos, done, key, temperature, top_p, *, max_new: int,
+def _decode(graphdef, state, layers, last, cache, next_pos, done, keys, temperature, top_p, *, max_new: int,
             greedy: bool, top_k: int, eos_ids: tuple, pad_id: int, split_cache: bool = False):
     """Up to ``max_new`` tokens after the prefill, in one ``while_loop`` that ends when every row is ``done``
     (rows that only fill the batch bucket start done); returns ``(tokens [B, max_new], lengths [B], cache)``.
@@ -374,7 +392,8 @@ def _decode(graphdef, state, layers, last, cache, next_pos, done, key, temperatu
         cache = {**cache, "k": list(cache["k"]), "v": list(cache["v"])}
 
     def emit(i, logits, done, out, lengths):
-        tok = sample_logits(logits, jax.random.fold_in(key, i), temperature, top_k, top_p, greedy)
+        tok = sample_logits(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, i), temperature, top_k, top_p,
+                            greedy)
         tok = jnp.where(done, pad_id, tok)
         return tok, done | jnp.isin(tok, eos), out.at[:, i].set(tok), lengths + (~done).astype(jnp.int32)
 

@@ -162,6 +162,24 @@ def test_bad_decoding_arguments_are_clear_errors(tiny):
     assert lm.generate([[1, 2, 3]], max_new_tokens=4, eos_id=np.int64(base[0][1])) == [base[0][:2]]
 
 
+def test_a_sampled_prompt_does_not_depend_on_its_batch(tiny):
+    """Each prompt samples from its own stream: the same output at any batch size, and with one seed per prompt
+    also alone or in another order."""
+    _, lm = tiny
+    prompts = [[1, 5, 6, 7], [1, 9], [1, 3, 4, 5, 6, 7, 8], [1, 2]]
+    kw = dict(max_new_tokens=6, temperature=1.0, eos_id=[])
+    whole = lm.generate(prompts, batch_size=4, seed=3, **kw)
+    assert lm.generate(prompts, batch_size=1, seed=3, **kw) == whole == lm.generate(prompts, batch_size=3, seed=3,
+                                                                                     **kw)
+    assert lm.generate(prompts, batch_size=4, seed=4, **kw) != whole
+    seeds = [11, 12, 13, 14]
+    alone = [lm.generate([p], seed=[s], **kw)[0] for p, s in zip(prompts, seeds, strict=True)]
+    assert lm.generate(prompts, seed=seeds, **kw) == alone
+    assert lm.generate(prompts[::-1], seed=seeds[::-1], batch_size=2, **kw) == alone[::-1]
+    with pytest.raises(cj_errors().UserError, match="one int per prompt"):
+        lm.generate(prompts, seed=[1, 2], **kw)
+
+
 def test_a_stop_string_is_one_string():
     from cancerllm_jax.decode import generated_text
 

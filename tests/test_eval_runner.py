@@ -539,3 +539,18 @@ def test_shots_and_prompt_cuts_are_checked_and_reported(finished, tmp_path):
     assert eff["prompts_cut"] == 1 and eff["context_tokens_cut"] > 0 and eff["prompts_with_fewer_shots"] == 1
     report = (out / "report.md").read_text()
     assert "1-shot prompts" in report and "Contexts cut to fit the prompt budget (instances): tiny: 1" in report
+
+
+def test_sampled_predictions_do_not_depend_on_a_resume(finished, tmp_path):
+    """Each test instance samples from a seed of its own (the run's seed and its id): a run resumed for its last
+    instance gives what the uninterrupted run gave."""
+    model, _ = finished
+    rows = {}
+    for name, limits in (("whole", ["3"]), ("resumed", ["2", "3"])):
+        out = tmp_path / name
+        for limit in limits:
+            assert _evaluate().main(["run", "--model", str(model), "--tasks", "phenotype", "--limit", limit,
+                                     "--max-new-tokens", "4", "--temperature", "1.0", "--seed", "5", "--batch-size",
+                                     "1", "--out", str(out)]) == 0
+        rows[name] = {r["id"]: r["prediction"] for r in _rows(out / "predictions" / "tiny__phenotype.jsonl")}
+    assert rows["whole"] == rows["resumed"] and len(rows["whole"]) == 3

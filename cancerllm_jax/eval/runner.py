@@ -418,6 +418,11 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def instance_seed(seed: int, instance_id: str) -> int:
+    """The sampling seed of one test instance: its samples do not depend on batching or on a resume."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{instance_id}".encode()).digest()[:4], "little")
+
+
 def training_exemplars(task: str, cfg: RunConfig) -> list[dict]:
     """The k-shot exemplars of ``task`` (its training split); too few for ``--shots`` is an error."""
     exemplars = read_train_split(task, cfg.data)
@@ -461,7 +466,8 @@ def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg:
         t0 = time.perf_counter()
         outs = lm.generate([p.ids for p in batch], max_new_tokens=spec.max_new_tokens,
                            temperature=cfg.decoding.temperature, top_k=cfg.decoding.top_k,
-                           top_p=cfg.decoding.top_p, seed=cfg.decoding.seed + b, batch_size=len(batch))
+                           top_p=cfg.decoding.top_p, seed=[instance_seed(cfg.decoding.seed, p.id) for p in batch],
+                           batch_size=len(batch))
         elapsed = time.perf_counter() - t0
         compiled = len(lm._decoder._fns) > n_fns
         rows = []
