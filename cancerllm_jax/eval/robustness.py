@@ -57,7 +57,7 @@ class DecodeSettings:
     batch_size: int = 8
     protocol: str = "standard"
     dtype: str = "float32"
-    stop: tuple[str, ...] = ("###",)
+    stop: tuple[str, ...] = ()  # EVAL_PROTOCOL: the output runs to EOS or the token limit, as evaluate.py run
 
     def limits(self, task: str) -> tuple[int, int]:
         inp, new = TASK_LIMITS.get(task, (1500, 500))
