@@ -11,7 +11,9 @@ Table 1); ``OUT/scan.md`` and ``OUT/scan.png`` show them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +21,8 @@ import numpy as np
 
 from cancerllm_jax.errors import UserError
 from cancerllm_jax.eval.radonc import temperature_scan, wilcoxon_greater
-from cancerllm_jax.eval.runner import RunConfig, _log, _write_json, run
+from cancerllm_jax.eval.runner import RunConfig, run
+from cancerllm_jax.train.run_io import write_text_atomic
 
 TEMPERATURES = tuple(round(0.1 * i, 1) for i in range(1, 11))
 # task -> (where the score is in a run's results[task][model], its name)
@@ -56,14 +59,15 @@ def parse_temperatures(text: str | None) -> list[float]:
 
 
 def run_scan(cfg: RunConfig, temperatures: Sequence[float] = TEMPERATURES,
-             log: Callable[[str], None] = _log) -> dict[str, Any]:
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run ``cfg`` once per temperature (``OUT/T<t>``), then write ``scan.json``, ``scan.md`` and ``scan.png``."""
     temps = [round(float(t), 6) for t in temperatures]
+    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     runs: dict[float, dict[str, Any]] = {}
     for t in temps:
-        log(f"temperature {t:g}")
+        say(f"temperature {t:g}: {os.path.join(cfg.out, f'T{t:g}')}")
         runs[t] = run(dataclasses.replace(cfg, out=os.path.join(cfg.out, f"T{t:g}"),
-                                          decoding=dataclasses.replace(cfg.decoding, temperature=t)), log)
+                                          decoding=dataclasses.replace(cfg.decoding, temperature=t)), say)
     tasks, models = [s.name for s in cfg.tasks], [m.name for m in cfg.models]
     by_task = {task: {m: temperature_scan(lambda t, task=task, m=m: runs[t]["results"][task][m], temps,
                                           lambda r, task=task: scan_score(task, r)) for m in models}
@@ -79,7 +83,7 @@ def run_scan(cfg: RunConfig, temperatures: Sequence[float] = TEMPERATURES,
     result = {"temperatures": temps, "models": models, "tasks": {t: score_name(t) for t in tasks},
               "scores": by_task, "wilcoxon": tests, "runs": {f"{t:g}": f"T{t:g}" for t in temps},
               "decoding": {k: v for k, v in dataclasses.asdict(cfg.decoding).items() if k != "temperature"}}
-    _write_json(os.path.join(cfg.out, "scan.json"), result)
+    write_text_atomic(os.path.join(cfg.out, "scan.json"), json.dumps(result, indent=2) + "\n")
     write_scan_report(cfg.out, result)
     return result
 
@@ -115,10 +119,7 @@ def write_scan_report(out: str, scan: dict[str, Any]) -> str:
     lines += ["![scores per temperature](scan.png)", ""]
     _plot(out, scan)
     path = os.path.join(out, "scan.md")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines))
     return path
 
 
