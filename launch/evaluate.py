@@ -162,15 +162,19 @@ def cmd_trust(args: argparse.Namespace) -> int:
 
     runs = {}
     for spec in args.run:
-        name, sep, folder = spec.rpartition("=")
-        name, folder = (name, folder) if sep else (os.path.basename(os.path.normpath(spec)), spec)
+        name, sep, folder = spec.partition("=")  # NAME=FOLDER; a folder alone may hold "=" in its path
+        if not sep or not name or os.sep in name:
+            name, folder = os.path.basename(os.path.normpath(spec)), spec
         path = os.path.join(folder, "metrics.json")
         if not os.path.isfile(path):
             raise UserError(f"--run {spec}: {path} not found (a folder written by `evaluate.py run`)")
         if name in runs:
             raise UserError(f"--run: dataset name {name!r} given twice; name them NAME=FOLDER")
         runs[name] = read_json_file(path, "metrics file")
-    trust = trust_from_runs(runs)
+    try:
+        trust = trust_from_runs(runs)
+    except ValueError as e:  # NaN or partial scores in a metrics.json
+        raise UserError(f"--run: {e}") from None
     keys = ("faithfulness", "comprehensiveness", "generalizability", "robustness")
     print(f"{'model':<24}" + "".join(f"{k:>20}" for k in keys))
     for model, m in trust.items():
@@ -181,7 +185,7 @@ def cmd_trust(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI: ``score``, ``run`` and ``report``."""
+    """The CLI: ``score``, ``run``, ``scan``, ``trust`` and ``report``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0], parents=[common])

@@ -305,7 +305,9 @@ def test_string_prompts_get_bos_unless_asked_not_to(tiny):
         with pytest.raises(cj_errors().UserError, match="prompt 0 is empty"):
             lm.generate([""], max_new_tokens=2, add_bos=False)
         out = lm.generate([text], max_new_tokens=3, eos_id=[])[0]
-        stop = out.split(" ")[1]  # a bare string is one stop string, not a set of characters
+        # a bare string is one stop string, not a set of characters: its first character alone cuts nothing
+        assert lm.generate([text], max_new_tokens=3, eos_id=[], stop=out[0] + "z") == [out]
+        stop = out.split(" ")[1]
         assert lm.generate([text], max_new_tokens=3, eos_id=[], stop=stop) == [out[:out.find(stop)]]
     finally:
         lm.tokenizer = None

@@ -347,9 +347,11 @@ def test_score_file_by_id_and_by_order(tmp_path, gold):
     run_out = _jsonl(tmp_path / "run.jsonl", [{"id": "line2", "prediction": "er"},
                                               {"id": "line1", "prediction": "Lung cancer."}])
     assert score_file(plain, run_out)["em_r"] == 75.0
-    with pytest.raises(UserError, match=r"g\.jsonl:1: id 'line1' has no prediction.*named line<N>"):
-        score_file(plain, _jsonl(tmp_path / "x.jsonl", [{"id": "a", "prediction": "er"},
-                                                        {"id": "b", "prediction": "x"}]))
+    with pytest.raises(UserError, match=r"g\.jsonl:2: id 'line2' has no prediction.*named line<N>"):
+        score_file(plain, _jsonl(tmp_path / "x.jsonl", [{"id": "line1", "prediction": "er"}, {"id": "b"}]))
+    generated = _jsonl(tmp_path / "gen.jsonl", [{"id": "in.jsonl:1", "prediction": "Lung cancer."},
+                                                {"id": "in.jsonl:2", "prediction": "er"}])
+    assert score_file(plain, generated)["em_r"] == 75.0  # generate.py's own ids: paired by line, as before
     both = _jsonl(tmp_path / "b.jsonl", [{"answer": "pr, er", "prediction": "er"}])  # the gold field is named
     assert score_file(None, both, gold_field="answer")["em_r"] == 50.0
 

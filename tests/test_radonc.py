@@ -62,6 +62,10 @@ def test_icd10_category_and_chapter():
     assert [icd10_category(x) for x in ("C509", "C50912", "O9A.11", "C4A.1", "T36.0X1A", "(c61)")] == [
         "C50", "C50", "O9A", "C4A", "T36", "C61"]
     assert icd10_category("KRAS G12C mutated, C34.1") == "C34" and icd10_category("T2N0M0, HbA1c 6") == UNPARSED
+    mutations = {"BRAF V600E mutated melanoma, C43.9": "C43", "EGFR L858R NSCLC, C34.1": "C34",
+                 "EGFR T790M, C34.1": "C34", "PIK3CA H1047R, C50.9": "C50", "IDH1 R132H glioma C71.9": "C71"}
+    for text, code in {**mutations, "o9a.1": "O9A"}.items():  # mutation names are no codes
+        assert icd10_category(text) == code, text
     assert icd10_chapter("E90") == "IV endocrine" and icd10_chapter("F00") == "V mental"
     assert icd10_chapter("T98") == "XIX injury" and icd10_chapter("O9A") == "XV pregnancy"
     # the paper's groups: neoplasms by behaviour, malignant ones by site; other chapters by name
@@ -85,6 +89,8 @@ def test_icd10_macro_and_chapter_confusion_by_hand():
                            "IX circulatory"]
     assert m["group_confusion"] == [[0, 0, 0, 1], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
     assert icd10_metrics(["C50.9"], ["C509"])["accuracy"] == 1
+    m = icd10_metrics(["C4A.1", "O9A.1"], ["C44.9", "o9a.1"])  # a chapter-II code outside the paper's groups
+    assert m["accuracy"] == 0.5 and "II neoplasms" in m["groups"] and sum(map(sum, m["group_confusion"])) == 2
 
 
 def test_confusion_plot(tmp_path):
@@ -122,3 +128,16 @@ def test_wilcoxon_greater_known_values():
     assert wilcoxon_greater([1, 2, 3], [0, 2, 1])["n_nonzero"] == 2  # scipy drops the tied pair
     with pytest.raises(ValueError, match="NaN"):
         wilcoxon_greater([1, float("nan")], [0, 0])
+
+
+def test_scan_pools_tasks_on_one_scale():
+    """The overall test puts fractions (RT accuracy) and percent (Average F1) on one scale: A's 0.05 accuracy gain
+    at every temperature outweighs B's 1-point F1 gain."""
+    from cancerllm_jax.eval.scan import wilcoxon_tests
+
+    t = np.arange(10) / 100
+    by_task = {"radonc_modality": {"A": {"scores": list(0.6 + t)}, "B": {"scores": list(0.55 + t)}},
+               "phenotype": {"A": {"scores": list(30 + t)}, "B": {"scores": list(31 + t)}}}
+    tests = wilcoxon_tests(by_task, ["A", "B"])["A > B"]
+    assert tests["radonc_modality"]["significant"] and not tests["phenotype"]["significant"]
+    assert tests["overall"]["n"] == 20 and tests["overall"]["significant"]

@@ -1,6 +1,7 @@
 """Instruction-tuning data: the authors' Alpaca template, response-only loss, context truncation, Grain batches.
 
-One example becomes ``[bos] prompt response [eos]``; the loss covers the response tokens and the EOS only.
+One example becomes ``[bos] prompt response [eos]`` (``[bos]`` where the tokenizer starts text with one, as
+``tokenizer(text)`` does: Mistral, Llama; not GPT-2-style tokenizers); the loss covers the response and the EOS.
 Response tokens are the continuation of the prompt's own tokenisation (``encode(prompt + response)`` minus the
 prompt's tokens, checked to be an exact prefix; otherwise the response is encoded on its own), so the mask starts
 exactly at the response and the trained tokens are the ones the model emits after the generation prompt.
@@ -80,12 +81,11 @@ def encode_prompt(tokenizer, instruction: str, context: str | None, max_tokens: 
         return ids, 0
     empty = ids_for("")
     if not has_context or len(empty) > max_tokens:
-        budget = ("the prompt-token limit", "raise it (generate.py --max-prompt-tokens, evaluate.py "
-                  "--max-input-tokens) or shorten the instruction")
-        if not for_generation:
-            budget = ("max_seq_len minus the response and EOS", "raise max_seq_len or shorten the instruction/response")
+        limit, fix = ("the prompt-token limit", "raise it (generate.py --max-prompt-tokens, evaluate.py "
+                      "--max-input-tokens) or shorten the instruction") if for_generation else (
+            "max_seq_len minus the response and EOS", "raise max_seq_len or shorten the instruction/response")
         raise UserError(f"{example_id}: the prompt needs {len(empty)} tokens without any context, but only "
-                        f"{max_tokens} fit ({budget[0]}); {budget[1]}")
+                        f"{max_tokens} fit ({limit}); {fix}")
     ctx_ids = strip_special(tokenizer.encode(context), tokenizer)
     keep = len(ctx_ids) - (len(ids) - max_tokens)
     while keep > 0:

@@ -1,7 +1,8 @@
 """Tokenizers: the Mistral v1 SentencePiece model (through sentencepiece) or any HF tokenizer folder.
 
 Both expose the same small interface: ``encode(text, bos=..., eos=...) -> list[int]``, ``decode(ids) -> str``,
-``bos_id``, ``eos_id``, ``pad_id`` and ``vocab_size``.
+``bos_id``, ``eos_id``, ``pad_id``, ``vocab_size`` and ``adds_bos`` (whether ``tokenizer(text)`` starts with the BOS:
+``encode(text, bos=True)`` adds it only then, and training data is framed the same way).
 """
 from __future__ import annotations
 

@@ -291,8 +291,10 @@ def _pairs(gold_path: str | None, pred_path: str, gold_field: str | None, pred_f
                  _text_field(pred_path, row, pred_field)) for row in preds for obj in [row[1]]]
     gold_field = gold_field or "response"
     golds = _read_jsonl(gold_path)
-    # predictions with ids never pair by line order: a gold line without an id is line<N>, as `run` names it
-    gold_ids = _ids(gold_path, golds, implicit=pred_ids is not None)
+    gold_ids = _ids(gold_path, golds)
+    if gold_ids is None and pred_ids is not None:  # a gold line without an id is line<N>, as `run` names it;
+        named = _ids(gold_path, golds, implicit=True)  # predictions named otherwise (generate.py) pair by line
+        gold_ids = named if set(named) & set(pred_ids) else None
     if gold_ids is not None and pred_ids is not None:
         for key, (number, obj) in gold_ids.items():
             if key not in pred_ids:
@@ -318,8 +320,8 @@ def score_file(
     pred_field: str = "prediction",
     per_instance: bool = False,
 ) -> dict[str, Any]:
-    """Score a JSONL prediction file against a JSONL gold file, matched by ``id`` when the predictions have ids (a
-    gold line without one is ``line<N>``, as ``evaluate.py run`` names it), else by line order.
+    """Score a JSONL prediction file against a JSONL gold file, matched by ``id`` when both have ids (or the gold
+    has none and the predictions are named ``line<N>``, as ``evaluate.py run`` names such records), else by line.
 
     ``gold_field`` defaults to ``response`` in a gold file. With ``gold_path=None`` the prediction file carries its
     own gold answers next to ``pred_field``, in ``gold_field`` (default ``gold``, as ``evaluate.py run`` writes).

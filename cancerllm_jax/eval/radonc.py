@@ -31,9 +31,10 @@ OTHER_CHAPTER = "other"
 _PHOTON_WORDS = ("imrt", "vmat", "sbrt", "sabr", "srs", "3d-crt", "3dcrt", "tomotherapy")
 _MODALITY_RE = re.compile(r"\b(photons?|protons?|electrons?|brachy\w*|hdr|ldr|impt|"
                           + "|".join(re.escape(w) for w in _PHOTON_WORDS) + r")\b", re.IGNORECASE)
-# a code: letter, digit, digit or A (O9A, C4A), then an optional subcategory after a dot (C50.912, T36.0X1A) or
-# without one (C50912; it starts with a digit or the placeholder X, so "KRAS G12C" is no code)
-_ICD_RE = re.compile(r"\b([A-Z])(\d[0-9A])(?:\.[0-9A-Z]{1,4}|[0-9X][0-9A-Z]{0,3})?\b", re.IGNORECASE)
+# a code: letter, digit, digit or A (O9A, C4A), then an optional subcategory after a dot (C50.912, T36.0X1A) or,
+# without the dot, digits and the placeholder X only (C50912), so that mutation names (KRAS G12C, BRAF V600E, EGFR
+# L858R) are no codes
+_ICD_RE = re.compile(r"\b([A-Z])(\d[0-9A])(?:\.[0-9A-Z]{1,4}|[0-9X]{1,4})?\b", re.IGNORECASE)
 
 # ICD-10 chapters (WHO numbering; each range the union of WHO's and ICD-10-CM's blocks, so chapter II ends at D49,
 # IV at E90, XIX at T98): (first, last, name).
@@ -63,8 +64,8 @@ NEOPLASM_GROUPS: tuple[tuple[str, str, str], ...] = (
     ("D00", "D09", "in situ neoplasms"), ("D10", "D36", "benign neoplasms"),
     ("D37", "D49", "neoplasms of uncertain behaviour"),
 )
-GROUP_ORDER = (tuple(name for _, _, name in NEOPLASM_GROUPS)
-               + tuple(name for name in CHAPTER_ORDER if name != "II neoplasms"))
+GROUP_ORDER = (tuple(name for _, _, name in NEOPLASM_GROUPS)  # other chapter-II codes (C4A, C7A, D3A) stay
+               + CHAPTER_ORDER)  # "II neoplasms"
 
 
 # ---------------------------------------------------------------- parsing
@@ -87,7 +88,7 @@ def parse_modality(text: str) -> str:
 def icd10_category(text: str) -> str:
     """The main category of the first ICD-10 code in ``text``: ``"C50.412"`` → ``"C50"``; none → ``UNPARSED``."""
     m = _ICD_RE.search(text.strip())
-    return f"{m.group(1).upper()}{m.group(2)}" if m else UNPARSED
+    return f"{m.group(1)}{m.group(2)}".upper() if m else UNPARSED
 
 
 def _in_ranges(category: str, ranges: tuple[tuple[str, str, str], ...]) -> str | None:

@@ -135,8 +135,9 @@ def write_report(out: str, metrics: dict[str, Any], title: str | None = None) ->
                 lines.append(f"| {m} | " + " | ".join(
                     (f"{v[k]:.4g}" if isinstance(v.get(k), float) else str(v.get(k, "–"))) for k in keys) + " |")
             lines += [""]
-            lines += [f"![ICD-10 confusion by the paper's groups, {m}]({plots[f'icd10:{m}']})"
-                      for m in radonc if f"icd10:{m}" in plots] + [""]
+            if task == "radonc_icd10":
+                lines += [f"![ICD-10 confusion by the paper's groups, {m}]({plots[f'icd10:{m}']})"
+                          for m in radonc if f"icd10:{m}" in plots] + [""]
     if "metrics" in plots:
         lines += [f"![EM, BLEU-2 and ROUGE-L F1 per task]({plots['metrics']})", ""]
     lines += ["## Efficiency (Table 7-shaped)", "",

@@ -5,8 +5,8 @@ Each temperature is an ordinary ``evaluate.py run`` folder, ``OUT/T0.1`` … ``O
 resumes where it stopped and each folder can be re-scored alone. The scan's score per (task, model, T) is the
 paper's: ROUGE-1 for the RT regimen, accuracy for the RT modality and ICD-10 code (fractions), and Average F1
 (percent) for the CancerLLM tasks. ``OUT/scan.json`` holds every score, the highest and median per (task, model)
-and the tests — per task (n = number of temperatures) and "overall" (every task's pairs together, as the paper's
-Table 1); ``OUT/scan.md`` and ``OUT/scan.png`` show them.
+and the tests — per task (n = number of temperatures) and "overall" (every task's pairs together, fractions as
+percent, as the paper's Table 1); ``OUT/scan.md`` and ``OUT/scan.png`` show them.
 """
 from __future__ import annotations
 
@@ -41,6 +41,11 @@ def scan_score(task: str, result: dict[str, Any]) -> float:
     return float(result["avg_f1"])
 
 
+def _percent(task: str) -> float:
+    """The factor that puts ``task``'s scan score in percent (the RT scores are fractions)."""
+    return 100.0 if task in _RADONC_SCORE else 1.0
+
+
 def score_name(task: str) -> str:
     return _RADONC_SCORE.get(task, (None, "Average F1 (%)"))[1]
 
@@ -53,7 +58,7 @@ def parse_temperatures(text: str | None) -> list[float]:
         temps = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise UserError(f"--temperatures {text!r}: expected comma-separated numbers") from None
-    if not temps or any(not np.isfinite(t) or t <= 0 for t in temps) or len(set(temps)) != len(temps):
+    if not temps or any(not np.isfinite(t) or t <= 0 for t in temps) or len({f"{t:g}" for t in temps}) != len(temps):
         raise UserError(f"--temperatures {text!r}: give distinct temperatures > 0 (sampling; 0 is greedy)")
     return temps
 
@@ -72,20 +77,29 @@ def run_scan(cfg: RunConfig, temperatures: Sequence[float] = TEMPERATURES,
     by_task = {task: {m: temperature_scan(lambda t, task=task, m=m: runs[t]["results"][task][m], temps,
                                           lambda r, task=task: scan_score(task, r)) for m in models}
                for task in tasks}
-    tests = {}
-    for other in models[1:]:
-        pairs = {task: (by_task[task][models[0]]["scores"], by_task[task][other]["scores"]) for task in tasks}
-        key = f"{models[0]} > {other}"
-        tests[key] = {task: wilcoxon_greater(a, b) for task, (a, b) in pairs.items()}
-        if len(tasks) > 1:
-            tests[key]["overall"] = wilcoxon_greater(np.concatenate([a for a, _ in pairs.values()]),
-                                                     np.concatenate([b for _, b in pairs.values()]))
+    tests = wilcoxon_tests(by_task, models)
     result = {"temperatures": temps, "models": models, "tasks": {t: score_name(t) for t in tasks},
               "scores": by_task, "wilcoxon": tests, "runs": {f"{t:g}": f"T{t:g}" for t in temps},
               "decoding": {k: v for k, v in dataclasses.asdict(cfg.decoding).items() if k != "temperature"}}
     write_text_atomic(os.path.join(cfg.out, "scan.json"), json.dumps(result, indent=2) + "\n")
     write_scan_report(cfg.out, result)
     return result
+
+
+def wilcoxon_tests(by_task: dict[str, dict[str, dict[str, Any]]], models: Sequence[str]) -> dict[str, Any]:
+    """One-sided Wilcoxon tests of ``models[0]`` > each other model over the scan: per task, and "overall" (every
+    task's pairs on one scale, percent, so that no task's differences swamp another's) when there are several."""
+    def pooled(model: str) -> np.ndarray:
+        return np.concatenate([np.asarray(s[model]["scores"]) * _percent(task) for task, s in by_task.items()])
+
+    tests = {}
+    for other in models[1:]:
+        key = f"{models[0]} > {other}"
+        tests[key] = {task: wilcoxon_greater(s[models[0]]["scores"], s[other]["scores"])
+                      for task, s in by_task.items()}
+        if len(by_task) > 1:
+            tests[key]["overall"] = wilcoxon_greater(pooled(models[0]), pooled(other))
+    return tests
 
 
 def write_scan_report(out: str, scan: dict[str, Any]) -> str:

@@ -91,7 +91,8 @@ def prompt_hash(text: str) -> str:
 
 @dataclass
 class Prompt:
-    """A generation prompt: the ids fed to the model (``[bos] + prompt``), the text they spell and its hash."""
+    """A generation prompt: the ids fed to the model (``[bos] + prompt`` where the tokenizer adds a BOS), the text
+    they spell and its hash."""
 
     id: str
     ids: list[int]
