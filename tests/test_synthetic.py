@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -146,3 +147,237 @@ def test_cli_writes_files_and_datasheet(tmp_path):
     assert again.returncode == 2 and "not empty" in again.stderr
     bad = subprocess.run(cmd[:-1] + ["3"] + ["--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--size" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Medical consistency: every record agrees with its patient's case (redrawn from (seed, patient id))
+# ------------------------------------------------------------------------------------------------------------------
+
+SEED = 7
+BONES = ("vertebral body", "femur", "iliac bone", "humerus")
+NO_BONE_METS = ("without evidence of osseous", "no suspicious bony", "skeleton free")
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return syn.pretrain_documents(600, seed=SEED)
+
+
+def _case(rec):
+    return syn.draw_case(rec["patient_id"], SEED)
+
+
+def _pathology_reports(docs):
+    """(case, text) of every pathology report in the pretraining corpus (document i is patient U<i>)."""
+    return [(syn.draw_case(f"U{i:07d}", SEED), d["text"]) for i, d in enumerate(docs)
+            if d["source"] == "pathology_report"]
+
+
+def test_palliative_bone_radiation_only_for_bone_mets_the_note_shows(data):
+    n_bone = 0
+    for r in _all(data, "treatment_plan") + _all(data, "diagnosis"):
+        case = _case(r)
+        if any(b in case.rt.target for b in BONES):
+            n_bone += 1
+            assert "bone" in case.mets, (case.rt, case.mets)
+            ctx = r["context"].lower()
+            assert not any(neg in ctx for neg in NO_BONE_METS), ctx
+            assert case.rt.target.lower() in ctx, (case.rt.target, ctx)
+        if case.m:
+            assert "brain" not in case.mets or "brain" in case.rt.target
+    assert n_bone > 5
+
+
+def test_brain_lesion_count_is_one_number_and_picks_srs_or_whole_brain(data):
+    n_seen = 0
+    for r in _all(data, "diagnosis") + _all(data, "treatment_plan") + _all(data, "radonc_regimen"):
+        case = _case(r)
+        counts = {int(x) for x in re.findall(r"(\d+) (?:enhancing lesion|new intracranial|brain metasta)",
+                                             r["context"])}
+        if "brain" not in case.mets:
+            assert not counts
+            continue
+        k = int(case.extras["brain_lesions"])
+        assert counts <= {k}, (counts, k, r["context"])
+        n_seen += bool(counts)
+        assert (case.rt.target, case.rt.fx) == (("brain", 1) if k <= 4 else ("whole brain", 10))
+    assert n_seen > 5
+
+
+AFTER_SURGERY = re.compile(r"\bpost[ -]|close deep margin|^adjuvant chemoradiation|after (thyroidectomy|debulking)")
+WITHOUT_SURGERY = ("inoperable", "intact cervix", "definitive chemoradiation", "HDR monotherapy",
+                   "bladder preservation", "not a resection candidate", "planned", "unresectable")
+
+
+def test_radiation_cues_agree_with_surgical_history(data):
+    dx = {r["patient_id"]: r["response"] for r in _all(data, "diagnosis")}
+    plans = {r["patient_id"]: r["response"] for r in _all(data, "treatment_plan")}
+    for r in _all(data, "radonc_regimen"):
+        case, pid = _case(r), r["patient_id"]
+        resected = " s/p " in dx[pid]
+        assert resected == case.surgery_done
+        if AFTER_SURGERY.search(case.rt.cue):
+            assert resected, (case.rt.cue, dx[pid])
+        if any(c in case.rt.cue for c in WITHOUT_SURGERY):
+            assert not resected, (case.rt.cue, dx[pid])
+        if syn.inoperable(case):  # an inoperable patient is not sent to the surgeon
+            assert "refer to surgical oncology" not in plans[pid], (case.rt.cue, plans[pid])
+        if case.key == "breast" and not case.m:
+            assert resected or "lumpectomy planned" in case.rt.cue
+            assert "chest wall" not in case.rt.target  # a lumpectomy leaves the breast
+
+
+def test_prostate_low_risk_and_endometrium_node_cue_follow_tnm(data):
+    n_low = 0
+    for r in _all(data, "radonc_regimen"):
+        case = _case(r)
+        if case.key == "prostate" and "low risk" in case.rt.cue:
+            n_low += 1
+            assert case.t in ("1c", "2a") and case.n == "0" and sum(case.gleason) <= 6 and case.marker_value < 10
+        if case.key == "endometrium" and not case.m:
+            assert ("node positive" in case.rt.cue) == (case.n != "0"), (case.n, case.rt.cue)
+            assert ("node negative" in case.rt.cue) == (case.n == "0")
+    cases = [syn.draw_case(f"X{i}", SEED) for i in range(3000)]
+    assert any(c.key == "prostate" and "low risk" in c.rt.cue for c in cases)
+    for c in cases:
+        if c.key == "prostate" and not c.m and not c.surgery_done:
+            assert ("low risk" in c.rt.cue) == (c.t in ("1c", "2a") and c.n == "0" and sum(c.gleason) <= 6
+                                                and c.marker_value < 10)
+
+
+_NODES = re.compile(r"(\d+)/\d+ (?:lymph nodes )?positive|nodes negative \((\d+)/\d+\)")
+
+
+def _positive_counts(text):
+    return [int(a or b) for a, b in _NODES.findall(text)]
+
+
+def test_lymph_node_counts_follow_n(data, docs):
+    pairs = [(_case(r), r["sentence"]) for r in _all(data, "phenotype")] + _pathology_reports(docs)
+    n_checked = 0
+    for case, text in pairs:
+        for k in _positive_counts(text):
+            n_checked += 1
+            assert case.has_tnm
+            assert (k == 0) == (case.n == "0"), (case.n, text)
+            if case.n[:1] in "23":
+                assert k >= 4, (case.n, text)
+    assert n_checked > 100
+
+
+def test_tumor_size_lies_in_its_t_category():
+    breast = {"1a": (0, 0.5), "1b": (0.5, 1), "1c": (1, 2), "2": (2, 5), "3": (5, 99)}
+    lung = {"1a": (0, 1), "1b": (1, 2), "1c": (2, 3), "2a": (3, 4), "2b": (4, 5), "3": (5, 7), "4": (7, 99)}
+    by_t: dict[str, list[float]] = {}
+    for i in range(2000):
+        c = syn.draw_case(f"S{i}", SEED)
+        table = {"breast": breast, "lung": lung}.get(c.key)
+        if table and c.t in table:
+            lo, hi = table[c.t]
+            assert lo < c.size_cm <= hi, (c.key, c.t, c.size_cm)
+        elif c.has_tnm and not table:
+            by_t.setdefault(c.t[0], []).append(c.size_cm)
+    assert max(by_t["1"]) < min(by_t["2"]) and max(by_t["2"]) < min(by_t["3"]) and max(by_t["3"]) < min(by_t["4"])
+
+
+def test_breast_clock_hours_lie_in_the_quadrant(data):
+    n_clock = 0
+    for r in _all(data, "phenotype") + _all(data, "diagnosis"):
+        case = _case(r)
+        for side, hour in re.findall(r"(left|right) breast at the (\d+):00 position", r["context"], re.I):
+            n_clock += 1
+            assert side.lower() == case.side and case.sub != "central portion"
+            assert int(hour) in syn.breast_clock_hours(case.side, case.sub), (case.side, case.sub, hour)
+    assert n_clock > 10
+    assert syn.breast_clock_hours("left", "upper outer quadrant") == (1, 2)
+    assert syn.breast_clock_hours("right", "upper outer quadrant") == (11, 10)
+
+
+def test_phenotype_single_answers_have_no_comma_and_laterality_is_consistent(data):
+    multi = ("receptor_type", "receptor_status", "cancer_stage")
+    for r in _all(data, "phenotype"):
+        if r["entity_type"] not in multi:
+            assert "," not in r["response"], r
+        if r["entity_type"] == "tumor_laterality" and r["response"] == syn.NOT_RELEVANT:
+            assert not re.search(r"\b(left|right)\b", r["sentence"], re.I), r["sentence"]
+    assert any(r["response"] == "glioblastoma idh-wildtype" for r in _all(data, "phenotype"))
+
+
+def test_pathology_reports_stage_with_p_and_biopsies_have_no_margins_or_nodes(docs):
+    reports = _pathology_reports(docs)
+    assert sum("core needle biopsy" in t for _, t in reports) > 10
+    for case, text in reports:
+        for line in text.splitlines():
+            if line.startswith("- Pathologic stage:"):
+                assert not re.search(r"\bc[TN]", line), line
+        if "core needle biopsy" in text.splitlines()[0]:
+            assert "Margins:" not in text and "Lymph nodes:" not in text and "Pathologic stage" not in text
+    for r in syn.instruction_datasets(200, seed=SEED)["phenotype"]["train"]:
+        if r["sentence"].lower().startswith("pathologic stage"):
+            assert not re.search(r"\bc[tn]\d", r["sentence"].lower()), r["sentence"]
+
+
+def test_regimens_fit_receptors_and_histology(data):
+    for r in _all(data, "treatment_plan"):
+        case, plan = _case(r), r["response"]
+        regs = {case.regimen, case.next_regimen}
+        if case.key == "breast":
+            her2 = case.receptors["HER2"] == "positive"
+            assert all(("trastuzumab" in g or g == "tchp") == her2 for g in regs), (case.receptors, regs)
+            assert her2 or ("tchp" not in plan and "trastuzumab" not in plan)
+        if case.key == "lung":
+            small = case.hist_abbrev == "sclc"
+            assert ("etoposide" in plan or "lurbinectedin" in plan) <= small
+            assert small <= ("pemetrexed" not in plan and "docetaxel" not in plan)
+            assert case.hist_abbrev != "scc" or "pemetrexed" not in plan
+            if small:
+                assert case.regimen == "cisplatin/etoposide"
+
+
+def test_radiation_is_held_for_low_counts(data):
+    n_low = 0
+    for r in _all(data, "treatment_plan"):
+        if r["answer_type"] != "radiation":
+            continue
+        case, steps = _case(r), r["response"].split("\n")
+        lab = case.labs
+        if lab["hgb"] < 8 or lab["plt"] < 50 or lab["anc"] < 1.0:
+            n_low += 1
+            resumed = [s for s in steps if s.split(". ", 1)[1].startswith("continue")
+                       and (" gy " in s or case.rt.target in s or (case.regimen in s and "ondansetron" not in s))]
+            assert not resumed, r["response"]
+            assert "recheck cbc" in r["response"]
+            assert (lab["hgb"] < 8) == ("transfuse" in r["response"])
+        else:
+            assert steps[0].startswith("1. continue")
+    assert n_low > 3
+
+
+def test_datasheet_claims_only_abbreviations_and_misspellings_that_occur(tmp_path):
+    out = tmp_path / "d"
+    syn.write_dataset(str(out), 60, seed=SEED, n_pretrain_docs=300)
+    sheet = (out / "DATA.md").read_text()
+    text = "\n".join(p.read_text() for p in out.rglob("*.jsonl"))
+    claim = next(line for line in sheet.splitlines() if "misspellings" in line)
+    abbrevs = re.search(r"abbreviations \(([^)]*)\)", claim).group(1).split(", ")
+    typos = re.findall(r"'([a-z]+)'", claim)
+    assert typos and "ca" not in abbrevs
+    for word in abbrevs + typos:
+        assert re.search(rf"(?<![A-Za-z/]){re.escape(word)}(?![A-Za-z/])", text), word
+
+
+def test_stage_groups_follow_ajcc8_for_breast_and_lung_and_no_figo_edition(data):
+    assert syn.stage_group("2", "0", 0, "breast") == "IIA"
+    assert syn.stage_group("1c", "1mi", 0, "breast") == "IB"
+    assert syn.stage_group("3", "0", 0, "breast") == "IIB"
+    assert syn.stage_group("2", "2a", 0, "breast") == "IIIA"
+    assert syn.stage_group("2b", "2", 0, "lung") == "IIIA"
+    assert syn.stage_group("2b", "0", 0, "lung") == "IIA"
+    assert syn.stage_group("1a", "0", 0, "lung") == "IA1"
+    assert syn.stage_group("4", "3", 0, "lung") == "IIIC"
+    for task in syn.TASKS:
+        for r in _all(data, task):
+            assert "FIGO 8th" not in r["context"]
+            case = _case(r)
+            if case.has_tnm:
+                assert case.stage == syn.stage_group(case.t, case.n, case.m, case.key)

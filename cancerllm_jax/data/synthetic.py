@@ -177,9 +177,9 @@ CANCERS: tuple[Cancer, ...] = (
     Cancer("lung", "lung cancer", "lung",
            (("adenocarcinoma", "adenoca"), ("squamous cell carcinoma", "scc"), ("small cell carcinoma", "sclc")),
            (("upper lobe", "C34.1{lat}", "LR"), ("lower lobe", "C34.3{lat}", "LR"), ("middle lobe", "C34.2", "R")),
-           "differentiation", ("brain", "bone", "liver", "adrenal"), ("carboplatin/pemetrexed/pembrolizumab",
-                                                                     "cisplatin/etoposide"),
-           ("docetaxel", "docetaxel/ramucirumab"), "lobectomy", "", (), "", 2.4, "nsclc"),
+           "differentiation", ("brain", "bone", "liver", "adrenal"),
+           ("carboplatin/pemetrexed/pembrolizumab", "carboplatin/paclitaxel/pembrolizumab", "cisplatin/etoposide"),
+           ("docetaxel", "docetaxel/ramucirumab", "lurbinectedin"), "lobectomy", "", (), "", 2.4, "nsclc"),
     Cancer("colorectal", "colon cancer", "colon", (("adenocarcinoma", "adenoca"),),
            (("sigmoid colon", "C18.7", ""), ("ascending colon", "C18.2", ""), ("cecum", "C18.0", ""),
             ("transverse colon", "C18.4", ""), ("rectum", "C20", ""), ("rectosigmoid junction", "C19", "")),
@@ -239,7 +239,7 @@ CANCERS: tuple[Cancer, ...] = (
                                                                                     "")),
            "differentiation", ("lung", "bone"), ("atezolizumab/bevacizumab",), ("lenvatinib",), "hepatectomy",
            "afp", (), "", 0.7, "hcc"),
-    Cancer("brain", "glioblastoma", "", (("glioblastoma, idh-wildtype", "gbm"),),
+    Cancer("brain", "glioblastoma", "", (("glioblastoma idh-wildtype", "gbm"),),
            (("frontal lobe", "C71.1", "LR"), ("temporal lobe", "C71.2", "LR"), ("parietal lobe", "C71.3", "LR")),
            "who", (), ("temozolomide",), ("bevacizumab", "lomustine"), "craniotomy", weight=0.6, staging="none"),
     Cancer("thyroid", "thyroid cancer", "", (("papillary thyroid carcinoma", "ptc"),),
@@ -253,7 +253,8 @@ _CANCER_WEIGHTS = [c.weight for c in CANCERS]
 NEUROTOXIC = {"folfox": "oxaliplatin", "capox": "oxaliplatin", "folfirinox": "oxaliplatin", "flot": "oxaliplatin",
               "ac-t": "paclitaxel", "weekly paclitaxel": "paclitaxel", "carboplatin/paclitaxel": "paclitaxel",
               "weekly carboplatin/paclitaxel": "paclitaxel", "gemcitabine/nab-paclitaxel": "nab-paclitaxel",
-              "carboplatin/paclitaxel/dostarlimab": "paclitaxel", "docetaxel": "docetaxel"}
+              "carboplatin/paclitaxel/dostarlimab": "paclitaxel", "docetaxel": "docetaxel",
+              "carboplatin/paclitaxel/pembrolizumab": "paclitaxel"}
 ORAL_OR_HORMONAL = {"leuprolide/abiraterone", "enzalutamide", "lenvatinib", "cabozantinib", "temozolomide",
                     "capecitabine", "lenvatinib/pembrolizumab"}
 INTERVAL_WEEKS = {"folfox": 2, "folfirinox": 2, "flot": 2, "folfiri/bevacizumab": 2, "ac-t": 2, "nivolumab": 4,
@@ -338,15 +339,63 @@ class Case:
         return self.histology[1]
 
 
-_T_SUB = {"breast": {"1": ("1a", "1b", "1c")}, "lung": {"1": ("1a", "1b", "1c"), "2": ("2a", "2b")}}
+_T_SUB = {"breast": {"1": ("1a", "1b", "1c")}, "lung": {"1": ("1a", "1b", "1c"), "2": ("2a", "2b")},
+          "prostate": {"1": ("1c",), "2": ("2a", "2b", "2c"), "3": ("3a", "3b")}}
 _N_SUB = {"breast": {"1": ("1a", "1mi"), "2": ("2a",)}, "head_neck": {"2": ("2a", "2b", "2c")}}
-_SIZE = {"1": (0.4, 2.0), "2": (2.1, 5.0), "3": (5.1, 7.0), "4": (3.0, 9.5)}
+# Tumour size (mm) per T category: the AJCC 8 size cut-offs for breast and lung, disjoint increasing ranges elsewhere.
+_SIZE_MM = {
+    "breast": {"1a": (2, 5), "1b": (6, 10), "1c": (11, 20), "2": (21, 50), "3": (51, 90), "4": (21, 95)},
+    "lung": {"1a": (5, 10), "1b": (11, 20), "1c": (21, 30), "2a": (31, 40), "2b": (41, 50), "3": (51, 70),
+             "4": (71, 95)},
+}
+_SIZE_MM_DEFAULT = {"1": (5, 20), "2": (21, 40), "3": (41, 65), "4": (66, 95)}
+_SIZE_MM_NO_TNM = (20, 65)
 
 
-def stage_group(t: str, n: str, m: int) -> str:
-    """A generic AJCC-like stage group from T, N and M (the same rule for every type, so it can be learnt)."""
+def _draw_size(rng: random.Random, key: str, t: str) -> float:
+    """Tumour size in cm, drawn inside the range its T category allows."""
+    if not t:
+        lo, hi = _SIZE_MM_NO_TNM
+    else:
+        table = _SIZE_MM.get(key, {})
+        lo, hi = table.get(t) or table.get(t[0]) or _SIZE_MM_DEFAULT[t[0]]
+    return rng.randint(lo, hi) / 10
+
+
+def _breast_stage(t: str, n: str) -> str:
+    """AJCC 8th edition anatomic stage group for breast cancer (M0)."""
+    ti, ni = t[0], n[0]
+    if ni == "3":
+        return "IIIC"
+    if ti == "4":
+        return "IIIB"
+    if ni == "2":
+        return "IIIA"
+    if ni == "1":
+        return "IB" if n == "1mi" and ti == "1" else {"1": "IIA", "2": "IIB", "3": "IIIA"}[ti]
+    return {"1": "IA", "2": "IIA", "3": "IIB"}[ti]
+
+
+def _lung_stage(t: str, n: str) -> str:
+    """AJCC 8th edition stage group for lung cancer (M0)."""
+    small = t[0] in "12"
+    if n[0] == "3":
+        return "IIIB" if small else "IIIC"
+    if n[0] == "2":
+        return "IIIA" if small else "IIIB"
+    if n[0] == "1":
+        return "IIB" if small else "IIIA"
+    return {"1a": "IA1", "1b": "IA2", "1c": "IA3", "2a": "IB", "2b": "IIA", "3": "IIB", "4": "IIIA"}[t]
+
+
+def stage_group(t: str, n: str, m: int, key: str = "") -> str:
+    """Stage group from T, N and M: AJCC 8 tables for breast and lung, one generic AJCC-like rule otherwise."""
     if m:
         return "IV"
+    if key == "breast":
+        return _breast_stage(t, n)
+    if key == "lung":
+        return _lung_stage(t, n)
     ti, ni = int(t[0]), int(n[0])
     if ni == 0:
         return ("IA", "IB", "IIA", "IIB")[ti - 1]
@@ -355,6 +404,11 @@ def stage_group(t: str, n: str, m: int) -> str:
     if ni == 2:
         return "IIIB" if ti <= 2 else "IIIC"
     return "IIIC"
+
+
+def stage_system(case: "Case") -> str:
+    """The staging system a stage group is labelled with (an edition only where real tables are used)."""
+    return "AJCC 8th edition" if case.key in ("breast", "lung") else case.cancer.staging
 
 
 def _draw_tnm(rng: random.Random, cancer: Cancer) -> tuple[str, str, int]:
@@ -413,34 +467,100 @@ def _draw_phase(rng: random.Random, m: int) -> str:
     return rng.choices(("consult", "chemo", "radiation", "surveillance"), weights=(2.5, 2.5, 2.5, 2.5))[0]
 
 
+def _regimen_fits(reg: str, key: str, hist: str, receptors: dict[str, str]) -> bool:
+    """Whether a regimen suits the tumour: trastuzumab only for HER2+ breast, etoposide only for small cell lung,
+    pemetrexed never for squamous lung."""
+    if key == "breast":
+        return ("trastuzumab" in reg or reg == "tchp") == (receptors.get("HER2") == "positive")
+    if key == "lung":
+        small = reg in ("cisplatin/etoposide", "lurbinectedin")
+        return small if hist == "sclc" else not small and not (hist == "scc" and "pemetrexed" in reg)
+    return True
+
+
+def _draw_regimens(rng: random.Random, cancer: Cancer, hist: str, receptors: dict[str, str]) -> tuple[str, str]:
+    """(first-line, next-line) regimens that fit the histology and receptors."""
+    first = [r for r in cancer.first_line if _regimen_fits(r, cancer.key, hist, receptors)]
+    second = [r for r in cancer.second_line if _regimen_fits(r, cancer.key, hist, receptors)]
+    return rng.choice(first), rng.choice(second)
+
+
+ADJUVANT_RT = ("breast", "endometrium", "stomach", "thyroid", "melanoma")  # radiation follows the operation
+NEOADJUVANT_RT = ("esophagus", "colorectal", "pancreas")  # radiation precedes the operation
+NO_SURGERY = ("liver",)  # radiation is offered instead of resection
+
+
+def _draw_surgery(rng: random.Random, key: str, m: int, phase: str) -> bool:
+    """Whether the primary has been resected, consistent with the phase and where radiation sits in treatment."""
+    if m or phase == "consult" or key in NO_SURGERY:
+        return False
+    if key in ADJUVANT_RT and phase in ("radiation", "surveillance"):
+        return True
+    if key in NEOADJUVANT_RT and phase == "radiation":
+        return False
+    return rng.random() < 0.6
+
+
+BONE_SITES = ("T10 vertebral body", "L3 vertebral body", "right femur", "left iliac bone", "right humerus")
+_PRIMARY_SYMPTOM = {"lung": "hemoptysis", "bladder": "hematuria", "cervix": "vaginal bleeding",
+                    "endometrium": "vaginal bleeding", "colorectal": "bleeding", "stomach": "bleeding",
+                    "esophagus": "dysphagia", "head_neck": "pain and bleeding"}
+
+
+def _srs_dose(largest_cm: float) -> float:
+    """Single-fraction SRS dose by the largest lesion (RTOG 90-05)."""
+    return 24.0 if largest_cm <= 2.0 else 18.0 if largest_cm <= 3.0 else 15.0
+
+
 def _rt_palliative(rng: random.Random, case: Case) -> RadPlan:
-    site = case.mets[0]
-    if site == "brain":
-        n_les = rng.randint(1, 8)
-        if n_les <= 3:
-            return RadPlan(21.0, 1, "photon", "brain", f"{n_les} brain metastases, largest 1.{rng.randint(1, 9)} cm")
-        return RadPlan(30.0, 10, "photon", "whole brain", f"{n_les} brain metastases")
-    bone = rng.choice(("T10 vertebral body", "L3 vertebral body", "right femur", "left iliac bone", "right humerus"))
+    """Brain mets first (SRS for 1-4 lesions, whole brain beyond), then a bone lesion, else the symptomatic primary."""
+    if "brain" in case.mets:
+        n_les, largest = int(case.extras["brain_lesions"]), float(case.extras["brain_largest"])
+        if n_les <= 4:
+            noun = "metastasis" if n_les == 1 else "metastases"
+            return RadPlan(_srs_dose(largest), 1, "photon", "brain",
+                           f"{n_les} brain {noun}, largest {largest:.1f} cm, SRS candidate")
+        return RadPlan(30.0, 10, "photon", "whole brain", f"{n_les} brain metastases, whole brain radiation")
+    if "bone" in case.mets:
+        bone = case.extras["bone_site"]
+        if case.ecog >= 3:
+            return RadPlan(8.0, 1, "photon", bone, f"painful {bone} lesion, ECOG {case.ecog}, limited life expectancy")
+        if "vertebral" in bone and rng.random() < 0.5:
+            return RadPlan(30.0, 10, "photon", bone, f"{bone} lesion with epidural extension, no cord compression")
+        return RadPlan(20.0, 5, "photon", bone, f"painful {bone} lesion")
+    site = f"{case.side} {case.sub}" if case.side else case.sub
+    symptom = "rectal bleeding" if case.dx_name == "rectal cancer" else _PRIMARY_SYMPTOM.get(case.key, "pain")
     if case.ecog >= 3:
-        return RadPlan(8.0, 1, "photon", bone, f"painful {bone} lesion, ECOG {case.ecog}, limited life expectancy")
-    if "vertebral" in bone and rng.random() < 0.5:
-        return RadPlan(30.0, 10, "photon", bone, f"{bone} lesion with epidural extension, no cord compression")
-    return RadPlan(20.0, 5, "photon", bone, f"painful {bone} lesion")
+        return RadPlan(20.0, 5, "photon", site, f"symptomatic primary ({symptom}), ECOG {case.ecog}")
+    return RadPlan(30.0, 10, "photon", site, f"symptomatic primary ({symptom}), palliative intent")
+
+
+def _prostate_low_risk(case: Case) -> bool:
+    """NCCN low risk: cT1-T2a, N0, Gleason <= 6 and PSA < 10."""
+    return case.t in ("1c", "2a") and case.n == "0" and sum(case.gleason) <= 6 and case.marker_value < 10
 
 
 def _rt_definitive(rng: random.Random, case: Case) -> RadPlan:
-    """Curative-intent prescription by type, with the cue that selects dose and modality."""
-    k, ti, ni, young = case.key, int(case.t[:1] or 0), int(case.n[:1] or 0), case.age < 60
+    """Curative-intent prescription by type, with the cue that selects dose and modality.
+
+    Cues agree with the surgical history: 'post <operation>' only after it, 'inoperable' or 'intact' only without it.
+    """
+    k, ti, ni, young, done = case.key, int(case.t[:1] or 0), int(case.n[:1] or 0), case.age < 60, case.surgery_done
     site = f"{case.side} {case.sub}" if case.side else case.sub
     if k == "breast":
-        if case.side == "left" and ni >= 1 and case.comorbidity:
-            return RadPlan(50.0, 25, "proton", "left chest wall and nodes", f"node positive, {case.comorbidity}")
+        post = "post lumpectomy" if done else "lumpectomy planned"
         if ni >= 1:
-            return RadPlan(50.0, 25, "photon", f"{case.side} breast and regional nodes", "node positive")
-        if case.age >= 65:
-            return RadPlan(26.0, 5, "photon", f"{case.side} breast", "node negative, post lumpectomy")
-        return RadPlan(40.05, 15, "photon", f"{case.side} breast", "node negative, post lumpectomy")
+            proton = case.side == "left" and bool(case.comorbidity)
+            cue = f"node positive, {post}" + (f", {case.comorbidity}" if proton else "")
+            return RadPlan(50.0, 25, "proton" if proton else "photon", f"{case.side} breast and regional nodes", cue)
+        dose, fx = (26.0, 5) if case.age >= 65 else (40.05, 15)
+        return RadPlan(dose, fx, "photon", f"{case.side} breast", f"node negative, {post}")
     if k == "lung":
+        if done:
+            why = "pN2 disease" if ni >= 2 else "positive bronchial margin"
+            return RadPlan(54.0, 30, "photon", "bronchial stump and mediastinum", f"post lobectomy, {why}")
+        if case.hist_abbrev == "sclc":
+            return RadPlan(45.0, 30, "photon", "chest", "limited-stage small cell, twice daily, cisplatin/etoposide")
         if ni == 0 and ti <= 2:
             central = rng.random() < 0.4
             return (RadPlan(50.0, 5, "photon", site, "central tumor, medically inoperable") if central
@@ -449,20 +569,30 @@ def _rt_definitive(rng: random.Random, case: Case) -> RadPlan:
             return RadPlan(60.0, 30, "proton", "chest", f"locally advanced, {case.comorbidity}")
         return RadPlan(60.0, 30, "photon", "chest", "locally advanced, concurrent chemotherapy")
     if k == "prostate":
-        g = sum(case.gleason)
-        if g <= 6:
+        if done:
+            why = "pN1" if ni else "positive margin"
+            return RadPlan(66.0, 33, "photon", "prostate bed", f"post prostatectomy, {why}")
+        if _prostate_low_risk(case):
             return RadPlan(27.0, 2, "brachy", "prostate", "low risk, HDR monotherapy candidate")
+        if ni:
+            return RadPlan(70.0, 28, "photon", "prostate and pelvic nodes", "node positive, long-term ADT")
         if young:
             return RadPlan(70.0, 28, "proton", "prostate and seminal vesicles", "intermediate/high risk")
         return RadPlan(70.0, 28, "photon", "prostate and seminal vesicles", "intermediate/high risk")
     if k == "cervix":
+        if done:
+            why = "positive pelvic nodes, concurrent weekly cisplatin" if ni else "intermediate-risk features (Sedlis)"
+            return RadPlan(45.0, 25, "photon", "pelvis", f"post radical hysterectomy, {why}")
         if case.extras.get("ebrt_done"):
             return RadPlan(28.0, 4, "brachy", "cervix", "completed 45 Gy pelvic EBRT with weekly cisplatin")
         return RadPlan(45.0, 25, "photon", "pelvis", "intact cervix, concurrent weekly cisplatin planned")
     if k == "endometrium":
+        post = "post hysterectomy" if done else "hysterectomy planned"
         if ni == 0 and ti <= 2:
-            return RadPlan(21.0, 3, "brachy", "vaginal cuff", "post hysterectomy, intermediate risk, node negative")
-        return RadPlan(45.0, 25, "photon", "pelvis", "post hysterectomy, node positive")
+            return RadPlan(21.0, 3, "brachy", "vaginal cuff", f"{post}, intermediate risk, node negative")
+        if ni == 0:
+            return RadPlan(45.0, 25, "photon", "pelvis", f"{post}, T{case.t} high risk, node negative")
+        return RadPlan(45.0, 25, "photon", "pelvis", f"{post}, node positive")
     if k == "brain":
         if case.age >= 70:
             return RadPlan(40.05, 15, "photon", site, "KPS 70, lives alone")
@@ -470,6 +600,9 @@ def _rt_definitive(rng: random.Random, case: Case) -> RadPlan:
             return RadPlan(60.0, 30, "proton", site, "good performance status")
         return RadPlan(60.0, 30, "photon", site, "concurrent temozolomide")
     if k == "head_neck":
+        if done:
+            return (RadPlan(66.0, 33, "photon", site, "post-operative, extranodal extension") if ni
+                    else RadPlan(60.0, 30, "photon", site, "post-operative, close margins"))
         if case.extras.get("p16") == "positive" and young:
             return RadPlan(70.0, 35, "proton", site, "p16 positive")
         return RadPlan(70.0, 35, "photon", site, "definitive chemoradiation")
@@ -482,20 +615,29 @@ def _rt_definitive(rng: random.Random, case: Case) -> RadPlan:
             return RadPlan(67.5, 15, "proton", "liver", f"{case.size_cm:.1f} cm tumor, not a resection candidate")
         return RadPlan(50.0, 5, "photon", "liver", f"{case.size_cm:.1f} cm tumor, SBRT candidate")
     if k == "melanoma":
-        return RadPlan(30.0, 5, "electron", site, "close deep margin, superficial target")
+        if done:
+            return RadPlan(30.0, 5, "electron", site, "close deep margin, superficial target")
+        return RadPlan(30.0, 5, "electron", site, "medically inoperable, superficial target")
     if k == "colorectal":
         if ti == 4 or ni >= 2:
             return RadPlan(50.4, 28, "photon", "pelvis", "locally advanced, long-course chemoradiation")
         return RadPlan(25.0, 5, "photon", "pelvis", "short-course radiation")
     if k == "pancreas":
+        if done:
+            return RadPlan(50.4, 28, "photon", "pancreatic bed", "post whipple, positive margin")
         if ti <= 2:
             return RadPlan(33.0, 5, "photon", "pancreas", "borderline resectable, SBRT after induction")
         return RadPlan(50.4, 28, "photon", "pancreas", "locally advanced, concurrent capecitabine")
-    table = {"bladder": (55.0, 20, "bladder", "bladder preservation"),
-             "kidney": (42.0, 3, site, "medically inoperable, SBRT"),
-             "stomach": (45.0, 25, "stomach bed", "adjuvant chemoradiation"),
-             "thyroid": (66.0, 33, "thyroid bed and neck", "gross residual disease"),
-             "ovary": (30.0, 10, "pelvis", "symptomatic pelvic mass")}
+    table = {"bladder": ((45.0, 25, "pelvis", "post cystectomy, positive margin") if done
+                         else (55.0, 20, "bladder", "bladder preservation")),
+             "kidney": ((45.0, 25, "nephrectomy bed", "post nephrectomy, positive margin") if done
+                        else (42.0, 3, site, "medically inoperable, SBRT")),
+             "stomach": ((45.0, 25, "stomach bed", "adjuvant chemoradiation") if done
+                         else (45.0, 25, "stomach", "gastrectomy planned, preoperative chemoradiation")),
+             "thyroid": ((66.0, 33, "thyroid bed and neck", "gross residual disease after thyroidectomy") if done
+                         else (66.0, 33, "thyroid and neck", "unresectable disease, medically inoperable")),
+             "ovary": ((30.0, 10, "pelvis", "symptomatic pelvic recurrence after debulking") if done
+                       else (30.0, 10, "pelvis", "symptomatic pelvic mass"))}
     dose, fx, target, cue = table[k]
     return RadPlan(dose, fx, "photon", target, cue)
 
@@ -513,33 +655,44 @@ def draw_case(pid: str, seed: int) -> Case:
     side = {"LR": rng.choice(("left", "right")), "R": "right"}.get(sides)
     icd = icd_t.format(lat="1" if side == "right" else "2")
     t, n, m = _draw_tnm(rng, cancer)
-    size_lo, size_hi = _SIZE[t[0]] if t else (2.0, 6.5)
     mets = rng.sample(cancer.mets, rng.choice((1, 1, 2))) if m else []
     phase = _draw_phase(rng, m)
-    first = rng.choice(cancer.first_line)
+    receptors = _draw_receptors(rng, cancer, histology[0])
+    first, second = _draw_regimens(rng, cancer, histology[1], receptors)
     comorbidity = rng.choice(("history of CAD s/p stent", "prior mediastinal RT for lymphoma")) \
         if rng.random() < 0.35 else ""
     case = Case(
         pid=pid, cancer=cancer, age=rng.randint(34, 88), sex=sex, histology=histology, sub=sub, side=side, icd=icd,
         grade=rng.choice((1, 2, 2, 3, 3)), gleason=rng.choice(((3, 3), (3, 4), (4, 3), (4, 4), (4, 5))),
-        size_cm=round(rng.uniform(size_lo, size_hi), 1), t=t, n=n, m=m,
-        stage=stage_group(t, n, m) if t else "", prefix=rng.choice(("c", "p", "p")) if not m else "c",
-        mets=mets, receptors=_draw_receptors(rng, cancer, histology[0]), phase=phase,
-        regimen=first, next_regimen=rng.choice(cancer.second_line), cycle=rng.randint(1, 6),
+        size_cm=_draw_size(rng, cancer.key, t), t=t, n=n, m=m,
+        stage=stage_group(t, n, m, cancer.key) if t else "", prefix=rng.choice(("c", "p", "p")) if not m else "c",
+        mets=mets, receptors=receptors, phase=phase,
+        regimen=first, next_regimen=second, cycle=rng.randint(1, 6),
         labs=_draw_labs(rng, phase), marker_value=round(rng.uniform(*MARKER_RANGE.get(cancer.marker, (1.0, 50.0))), 1),
         marker_rising=rng.random() < 0.25, symptoms=_draw_symptoms(rng, phase, cancer.key),
         ecog=rng.choices((0, 1, 2, 3), weights=(3, 4, 2, 1))[0], surgery_done=False,
         staging_done=rng.random() < 0.6, comorbidity=comorbidity, rt=RadPlan(0, 0, "", "", ""), rt_fraction=0)
-    case.surgery_done = not m and phase in ("chemo", "radiation", "surveillance") and rng.random() < 0.6
+    case.surgery_done = _draw_surgery(rng, cancer.key, m, phase)
     if case.prefix == "p" and not case.surgery_done:
         case.prefix = "c"
     if cancer.key == "head_neck":
         case.extras["p16"] = rng.choice(("positive", "negative"))
     if cancer.key == "cervix":
-        case.extras["ebrt_done"] = "yes" if rng.random() < 0.35 else ""
+        case.extras["ebrt_done"] = "yes" if rng.random() < 0.35 and not case.surgery_done else ""
+    if "bone" in mets:
+        case.extras["bone_site"] = rng.choice(BONE_SITES)
+    if "brain" in mets:
+        case.extras["brain_lesions"] = str(rng.randint(1, 8))
+        case.extras["brain_largest"] = f"{rng.uniform(0.6, 3.5):.1f}"
     case.rt = _rt_palliative(rng, case) if m else _rt_definitive(rng, case)
     case.rt_fraction = rng.randint(1, case.rt.fx)
     return case
+
+
+def positive_nodes(rng: random.Random, case: Case) -> int:
+    """Positive lymph nodes consistent with N: 0 for N0, 1-3 for N1, 4-9 for N2, 10 or more for N3."""
+    lo, hi = {"0": (0, 0), "1": (1, 3), "2": (4, 9), "3": (10, 16)}[case.n[:1] or "0"]
+    return 1 if case.n == "1mi" else rng.randint(lo, hi)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -553,6 +706,15 @@ LOBE_ABBREV = {("right", "upper lobe"): "RUL", ("left", "upper lobe"): "LUL", ("
                ("left", "lower lobe"): "LLL", ("right", "middle lobe"): "RML"}
 BREAST_ABBREV = {"upper outer quadrant": "UOQ", "upper inner quadrant": "UIQ", "lower outer quadrant": "LOQ",
                  "lower inner quadrant": "LIQ"}
+# Clock hours of each quadrant of the left breast (as the examiner faces the patient); the right breast mirrors them.
+LEFT_BREAST_HOURS = {"upper outer quadrant": (1, 2), "lower outer quadrant": (4, 5), "lower inner quadrant": (7, 8),
+                     "upper inner quadrant": (10, 11)}
+
+
+def breast_clock_hours(side: str, sub: str) -> tuple[int, ...]:
+    """Clock hours that lie in quadrant ``sub`` of the ``side`` breast (none for the central portion)."""
+    hours = LEFT_BREAST_HOURS.get(sub, ())
+    return hours if side == "left" else tuple(12 - h for h in hours)
 
 
 def site_phrase(w: Writer, case: Case, clock: bool = True) -> tuple[str, str, str | None]:
@@ -568,8 +730,8 @@ def site_phrase(w: Writer, case: Case, clock: bool = True) -> tuple[str, str, st
     if (case.side, sub) in LOBE_ABBREV and w.chance(0.25):
         code = LOBE_ABBREV[(case.side, sub)]
         return code, code, None
-    if clock and case.key == "breast" and w.chance(0.2):
-        hour = w.choice(("1:00", "2:00", "3:00", "9:00", "10:00", "11:00", "12:00", "9-10:00"))
+    if clock and case.key == "breast" and case.sub in LEFT_BREAST_HOURS and w.chance(0.2):
+        hour = f"{w.choice(breast_clock_hours(case.side, case.sub))}:00"
         return f"{case.side} breast at the {hour} position", f"{hour} position", case.side
     pool = SITE_FORMS if case.cancer.organ else SITE_FORMS_BARE
     return w.pick(pool, side=case.side, organ=case.cancer.organ, sub=sub), sub, case.side
@@ -624,9 +786,9 @@ def _grade_group(a: int, b: int) -> int:
     return {(3, 3): 1, (3, 4): 2, (4, 3): 3, (4, 4): 4}.get((a, b), 5)
 
 
-def tnm_parts(case: Case) -> tuple[str, str, str]:
-    """Prefixed T, N and M tokens as a report writes them (pT2a, pN1, cM0)."""
-    p = case.prefix
+def tnm_parts(case: Case, prefix: str = "") -> tuple[str, str, str]:
+    """Prefixed T, N and M tokens as a report writes them (pT2a, pN1, cM0); ``prefix`` overrides the case's."""
+    p = prefix or case.prefix
     return f"{p}T{case.t}", f"{p}N{case.n}", f"{'p' if case.m and p == 'p' else 'c'}M{case.m}"
 
 
@@ -634,13 +796,13 @@ STAGE_FORMS = P("stage", ("{t} {n} {m}", "{t} {n} {m}, stage {s}", "{compact}", 
                 ("stage {s} ({t}, {n}, {m})", "{t}/{n}/{m}", "{system} {s}"))
 
 
-def stage_phrase(w: Writer, case: Case) -> tuple[str, list[str]] | None:
+def stage_phrase(w: Writer, case: Case, prefix: str = "") -> tuple[str, list[str]] | None:
     """(text, answers): every T/N/M token and the stage group present, as written."""
     if not case.has_tnm:
         return None
-    t, n, m = tnm_parts(case)
+    t, n, m = tnm_parts(case, prefix)
     compact = f"{t}{n[1:]}{m[1:]}"
-    text = w.pick(STAGE_FORMS, t=t, n=n, m=m, s=case.stage, compact=compact, system=case.cancer.staging)
+    text = w.pick(STAGE_FORMS, t=t, n=n, m=m, s=case.stage, compact=compact, system=stage_system(case))
     if compact in text:
         return text, [compact]
     answers = [x for x in (t, n, m) if x in text]
@@ -752,10 +914,11 @@ def _slot_values(w: Writer, case: Case) -> tuple[dict[str, str], dict[str, list[
     vals: dict[str, str] = {"SPEC": distractor_size(w, case.size_cm), "AGE": str(case.age),
                             "SEX": w.choice(("f", "female")) if case.sex == "F" else w.choice(("m", "male")),
                             "SURG": case.cancer.surgery, "H": hist_phrase(w, case), "S": size_phrase(w, case.size_cm)}
-    k = w.rng.randint(0, 3)
     vals["MARGIN"] = f"margins negative, closest margin 0.{w.rng.randint(1, 9)} cm ({w.choice(('anterior', 'deep'))})"
-    vals["LN"] = (f"{k}/{k + w.rng.randint(1, 4)} lymph nodes positive for metastatic carcinoma" if k
-                  else "sentinel lymph nodes negative (0/2)")
+    if case.has_tnm:
+        k = positive_nodes(w.rng, case)
+        vals["LN"] = (f"{k}/{k + w.rng.randint(1, 4)} lymph nodes positive for metastatic carcinoma" if k
+                      else f"sentinel lymph nodes negative (0/{w.rng.randint(1, 4)})")
     ans: dict[str, list[str]] = {"histological_type": [vals["H"]], "tumor_size": [vals["S"]]}
     site, site_ans, side_ans = site_phrase(w, case)
     vals["SITE"] = site
@@ -763,7 +926,7 @@ def _slot_values(w: Writer, case: Case) -> tuple[dict[str, str], dict[str, list[
     skip = {"cancer_grade"} if case.key == "ovary" else set()
     if side_ans:
         ans["tumor_laterality"] = [side_ans]
-    elif case.side:
+    elif case.side or re.search(r"\b(left|right)\b", site, re.I):  # e.g. 'RUL', 'right hepatic lobe'
         skip.add("tumor_laterality")
     if (g := grade_phrase(w, case)) is not None:
         vals["G"], ans["cancer_grade"] = g[0], [g[1]]
@@ -782,7 +945,7 @@ def phenotype_sentence(w: Writer, case: Case) -> tuple[str, str, dict[str, list[
     """(sentence, source, answers per present entity type, types not to ask) for one case."""
     vals, ans, skip = _slot_values(w, case)
     options = [(vid, t) for vid, t in PHENO_SENTENCES.options(w.split)
-               if all(s in vals for s in _SLOT_RE.findall(t))]
+               if all(s in vals for s in _SLOT_RE.findall(t)) and (case.prefix == "p" or "pathologic" not in t)]
     if "REC" in vals and w.chance(0.5):  # receptor sentences are common in breast reports (CancerNER)
         options = [(vid, t) for vid, t in options if "{REC}" in t]
     vid, template = w.choice(options)
@@ -846,10 +1009,10 @@ RFV = {
 HISTORY = P("hist", ("{hist} of the {site}", "{site} mass, bx showed {hist}", "hx of {hist}, {site} primary"),
             ("biopsy-proven {hist} involving the {site}", "{hist} arising in the {site}"))
 MET_POS = {
-    "brain": P("met+.brain", ("MRI brain: {k} enhancing lesions, largest {x} cm, c/w metastases",
-                              "MRI brain with new ring-enhancing lesions concerning for mets"),
+    "brain": P("met+.brain", ("MRI brain: {k} enhancing lesion(s), largest {x} cm, c/w metastases",
+                              "MRI brain with new ring-enhancing lesion(s) concerning for mets"),
                ("brain imaging demonstrates {k} new intracranial metastatic deposits",)),
-    "bone": P("met+.bone", ("bone scan: multiple foci of uptake in the spine and pelvis c/w osseous mets",
+    "bone": P("met+.bone", ("bone scan: multiple foci of uptake including the {bone}, c/w osseous mets",
                             "CT shows lytic lesions in the {bone}, c/w metastatic disease"),
               ("PET: osseous metastatic disease involving the {bone}",)),
     "liver": P("met+.liver", ("CT A/P: multiple hypodense hepatic lesions, largest {x} cm, c/w liver mets",
@@ -877,7 +1040,7 @@ MET_NEG = {
     "adrenal": P("met-.adrenal", ("adrenals unremarkable",), ("no adrenal lesion",)),
 }
 NOTE_STAGE = P("note.stage", ("Stage: {t} {n} {m}{grp}", "staged as {compact}{grp}", "TNM: {t} {n} {m}{grp}"),
-               ("per tumor board, {t}, {n}, {m}{grp}", "{system} 8th ed: {t} {n} {m}{grp}"))
+               ("per tumor board, {t}, {n}, {m}{grp}", "{system}: {t} {n} {m}{grp}"))
 SYMPTOM_TEXT = {
     "nausea": ("reports nausea on days 2-3 after treatment", "c/o intermittent nausea", "some nausea, eating less"),
     "fatigue": ("fatigue is {adj}", "feels tired, napping during the day", "c/o fatigue"),
@@ -977,8 +1140,9 @@ def imaging_lines(w: Writer, case: Case) -> list[str]:
     """Metastasis findings and negated distractors (the diagnosis must use only the positive ones)."""
     if case.phase == "consult" and not case.staging_done:
         return ["PET/CT not yet obtained."]
-    lines = [w.pick(MET_POS[s], k=w.rng.randint(2, 6), x=f"{w.rng.uniform(0.6, 3.5):.1f}",
-                    bone=w.choice(("thoracic spine", "pelvis", "left femur", "ribs"))) for s in case.mets]
+    lines = [w.pick(MET_POS[s], k=case.extras.get("brain_lesions", ""), bone=case.extras.get("bone_site", ""),
+                    x=case.extras["brain_largest"] if s == "brain" else f"{w.rng.uniform(0.6, 3.5):.1f}")
+             for s in case.mets]
     negatives = [s for s in MET_NEG if s not in case.mets and s != case.key]
     lines += [w.pick(MET_NEG[s]) for s in w.rng.sample(negatives, min(len(negatives), w.rng.randint(1, 2)))]
     w.rng.shuffle(lines)
@@ -987,11 +1151,11 @@ def imaging_lines(w: Writer, case: Case) -> list[str]:
 
 def staging_line(w: Writer, case: Case) -> str:
     if not case.has_tnm:
-        return (f"Path: glioblastoma, IDH-wildtype, WHO grade 4, MGMT {w.choice(('methylated', 'unmethylated'))}.")
+        return (f"Path: glioblastoma IDH-wildtype, WHO grade 4, MGMT {w.choice(('methylated', 'unmethylated'))}.")
     t, n, m = tnm_parts(case)
     grp = f", stage {case.stage}" if w.chance(0.7) else ""
     compact = f"{t}{n[1:]}{m[1:]}"
-    return w.pick(NOTE_STAGE, t=t, n=n, m=m, grp=grp, compact=compact, system=case.cancer.staging) + "."
+    return w.pick(NOTE_STAGE, t=t, n=n, m=m, grp=grp, compact=compact, system=stage_system(case)) + "."
 
 
 def objective_text(w: Writer, case: Case) -> str:
@@ -1035,10 +1199,10 @@ def diagnosis_text(case: Case) -> str:
     """The gold diagnosis, in the short lower-case style of the paper's examples (no commas)."""
     if case.m:
         return f"metastatic {case.dx_name} with {' and '.join(case.mets)} mets"
-    if not case.has_tnm:
-        return "gbm idh-wildtype who grade 4"
     compact = f"t{case.t}n{case.n}m0"
-    if case.key == "prostate":
+    if not case.has_tnm:
+        base = "gbm idh-wildtype who grade 4"
+    elif case.key == "prostate":
         a, b = case.gleason
         base = f"prostate adenocarcinoma gleason {a}+{b}={a + b} {compact}"
     elif case.key == "breast":
@@ -1084,14 +1248,31 @@ def _consult_steps(case: Case) -> list[str]:
         steps.append("refer to neurosurgery for maximal safe resection")
     elif case.key == "prostate":
         steps.append("refer to radiation oncology to discuss definitive radiation")
+    elif inoperable(case):
+        steps.append("refer to radiation oncology for definitive radiation (not a surgical candidate)")
     elif stage3 and case.key in ("lung", "head_neck", "cervix", "esophagus"):
-        steps.append(f"plan concurrent chemoradiation with {case.regimen}")
-    elif stage3:
+        steps.append(f"plan concurrent chemoradiation with {concurrent_chemo(case)}")
+    elif stage3 and (case.key in NEOADJUVANT_CHEMO or case.dx_name == "rectal cancer"):
         steps.append(f"plan neoadjuvant {case.regimen}")
     else:
         steps.append(f"refer to surgical oncology for {case.cancer.surgery}")
     steps.append("rtc in 2 weeks to review results and finalize plan")
     return steps
+
+
+NEOADJUVANT_CHEMO = ("breast", "stomach", "pancreas", "bladder", "ovary")  # stage III gets chemotherapy first
+
+
+def inoperable(case: Case) -> bool:
+    """Whether the radiation cue rules surgery out."""
+    return any(w in case.rt.cue for w in ("inoperable", "unresectable", "not a resection candidate"))
+
+
+def concurrent_chemo(case: Case) -> str:
+    """The chemotherapy given with definitive radiation (platinum doublets; no immunotherapy concurrently)."""
+    if case.key == "lung" and case.hist_abbrev != "sclc":
+        return "weekly carboplatin/paclitaxel"
+    return case.regimen
 
 
 def _symptom_steps(case: Case) -> list[str]:
@@ -1129,10 +1310,25 @@ def _chemo_steps(case: Case) -> list[str]:
     return steps
 
 
+def low_counts(case: Case) -> list[str]:
+    """Counts too low to continue radiation safely (Hgb < 8, platelets < 50, ANC < 1.0), as plan wording."""
+    lab = case.labs
+    return [f"{name} {lab[key]}" for key, name, limit in (("hgb", "hgb", 8.0), ("plt", "platelets", 50),
+                                                          ("anc", "anc", 1.0)) if lab[key] < limit]
+
+
 def _radiation_steps(case: Case) -> list[str]:
-    rt = case.rt
-    steps = [f"continue {rt.dose:g} gy in {rt.fx} fractions to the {rt.target} ({case.rt_fraction} of {rt.fx} "
-             "completed)"]
+    rt, low = case.rt, low_counts(case)
+    done = f"({case.rt_fraction} of {rt.fx} completed)"
+    last = case.rt_fraction == rt.fx
+    if low:
+        steps = [f"radiation to the {rt.target} completed today {done}; {' and '.join(low)} noted" if last else
+                 f"hold radiation to the {rt.target} {done} for {' and '.join(low)}"]
+        if case.labs["hgb"] < 8.0:
+            steps.append(f"transfuse 1 unit prbc for hgb {case.labs['hgb']}")
+        steps.append("recheck cbc in 2 days" + ("" if last else " and resume radiation when counts recover"))
+    else:
+        steps = [f"continue {rt.dose:g} gy in {rt.fx} fractions to the {rt.target} {done}"]
     derm = case.symptoms.get("dermatitis", 0)
     if derm == 1:
         steps.append("reviewed routine skin care")
@@ -1143,9 +1339,12 @@ def _radiation_steps(case: Case) -> list[str]:
     if case.symptoms.get("fatigue", 0) >= 2:
         steps.append("encouraged light daily exercise for fatigue")
     if conc := concurrent_regimen(case):
-        steps.append(f"continue {conc}")
+        steps.append(f"hold {conc} until counts recover" if low else f"continue {conc}")
     steps += _symptom_steps(case)
-    steps.append("eotv today; follow up in 4 weeks" if case.rt_fraction == rt.fx else "weekly otv next week")
+    if last:
+        steps.append("eotv today; follow up in 4 weeks")
+    elif not low:
+        steps.append("weekly otv next week")
     return steps
 
 
@@ -1168,7 +1367,8 @@ def _surveillance_steps(case: Case) -> list[str]:
 def _progression_steps(case: Case) -> list[str]:
     steps = [f"discussed progression of disease on {case.regimen}", f"switch to {case.next_regimen}"]
     if "brain" in case.mets:
-        steps.append("refer to radiation oncology for srs to brain lesions")
+        srs = int(case.extras["brain_lesions"]) <= 4
+        steps.append(f"refer to radiation oncology for {'srs' if srs else 'whole brain radiation'} to brain lesions")
     if "bone" in case.mets:
         steps.append("start zoledronic acid every 12 weeks")
     steps += _symptom_steps(case)
@@ -1238,13 +1438,15 @@ def clinical_note(w: Writer, case: Case) -> str:
 
 
 def pathology_report(w: Writer, case: Case) -> str:
-    """Specimen, gross, microscopic and final diagnosis (histology, grade, size, margins, receptors, pTNM)."""
+    """Specimen, gross, microscopic and final diagnosis (histology, grade, size, receptors; for a resection also
+    margins, lymph nodes and the pathologic pTNM stage, which a core needle biopsy cannot give)."""
     site, _, _ = site_phrase(w, case)
-    proc = case.cancer.surgery if w.chance(0.6) else "core needle biopsy"
+    resection = w.chance(0.6)
+    proc = case.cancer.surgery if resection else "core needle biopsy"
     grade = grade_phrase(w, case)
-    stage = stage_phrase(w, case)
+    stage = stage_phrase(w, case, prefix="p") if resection else None
     rec = receptor_phrase(w, case)
-    k = w.rng.randint(0, 4)
+    k = positive_nodes(w.rng, case)
     lines = [f"SPECIMEN: {site}, {proc}.",
              f"GROSS DESCRIPTION: Received in formalin labeled with the patient's name and '{site}', a specimen "
              f"measuring {distractor_size(w, case.size_cm)}. Sectioning reveals a firm tan-white lesion measuring "
@@ -1257,9 +1459,11 @@ def pathology_report(w: Writer, case: Case) -> str:
                  f"{w.choice(('is present', 'is not identified'))}.")),
              "FINAL DIAGNOSIS:",
              f"- Histologic type: {case.histology[0]}",
-             f"- Tumor size: {size_phrase(w, case.size_cm)}",
-             f"- Margins: {w.choice(('negative', 'negative, closest 0.2 cm', 'positive (deep margin)'))}",
-             f"- Lymph nodes: {k}/{k + w.rng.randint(1, 12)} positive"]
+             f"- Tumor size: {size_phrase(w, case.size_cm)}"]
+    if resection:
+        lines.append(f"- Margins: {w.choice(('negative', 'negative, closest 0.2 cm', 'positive (deep margin)'))}")
+        if case.has_tnm:
+            lines.append(f"- Lymph nodes: {k}/{k + w.rng.randint(1, 12)} positive")
     if grade:
         lines.insert(5, f"- Grade: {grade[0]}")
     if rec:
@@ -1329,7 +1533,7 @@ def radonc_context(w: Writer, case: Case) -> str:
     rec = receptor_phrase(w, case)
     t, n, m = tnm_parts(case) if case.has_tnm else ("", "", "")
     mets = f" Metastatic to {' and '.join(case.mets)}." if case.mets else ""
-    text = w.pick(RADONC_FORMS, system=f"{case.cancer.staging} 8th edition " if case.has_tnm else "",
+    text = w.pick(RADONC_FORMS, system=f"{stage_system(case)} " if case.has_tnm else "",
                   stage=case.stage or "n/a", tnm=f"{t} {n} {m}".strip() or "no TNM", SIDE="", hist=case.histology[0],
                   site=site, grade=f", {grade[0]}" if grade else "", rec=f", {rec[0]}" if rec else "", age=case.age,
                   sex={"F": "female", "M": "male"}[case.sex], sex1=case.sex, cue=case.rt.cue, mets=mets)
@@ -1430,8 +1634,19 @@ def _table(title: str, rows: dict[str, Counter], cols: tuple[str, ...]) -> list[
     return out + [""]
 
 
+ABBREVIATIONS = ("mets", "s/p", "c/w", "RUL", "LLL", "UOQ", "idc", "otv", "prbc")
+
+
+def realism_claims(texts: list[str]) -> tuple[list[str], list[str]]:
+    """(abbreviations, misspellings) that really occur in ``texts``, so the datasheet claims only what is there."""
+    words = set(re.findall(r"[A-Za-z/]+", "\n".join(texts)))
+    return [a for a in ABBREVIATIONS if a in words], [m for m in MISSPELLINGS.values() if m in words]
+
+
 def datasheet(data: dict[str, dict[str, list[dict]]], docs: list[dict], n_patients: int, seed: int) -> str:
     """DATA.md: what the data is, how it was made, and counts per task, split, cancer type and answer type."""
+    texts = [d["text"] for d in docs] + [r["context"] for t in TASKS for s in SPLITS for r in data[t][s]]
+    abbrevs, typos = realism_claims(texts)
     lines = [
         "# Synthetic CancerLLM data (datasheet)", "",
         f"Generated by `cancerllm_jax.data.synthetic` with seed {seed} for {n_patients} synthetic patients. "
@@ -1450,15 +1665,18 @@ def datasheet(data: dict[str, dict[str, list[dict]]], docs: list[dict], n_patien
         "the receptor *status* entity. Distractors: specimen sizes, margins, node counts, 'metastatic carcinoma'.",
         "- Diagnosis: 6 sections -> diagnosis. Metastases must be read from imaging lines that also contain negated "
         "sites; TNM is written with prefixes (cT2a cN0 cM0) but answered compactly (t2an0m0); the stage group is "
-        "sometimes absent and follows one generic T/N/M rule.",
-        "- Treatment plan: 8 sections -> numbered steps derived from phase, labs (ANC < 1.0, platelets < 75, "
-        "Hgb < 8, creatinine > 1.5), symptom grades, regimen and tumor-marker trend.",
+        "sometimes absent and follows the AJCC 8th edition tables for breast and lung, one generic T/N/M rule for the "
+        "other types (labelled AJCC or FIGO without an edition).",
+        "- Treatment plan: 8 sections -> numbered steps derived from phase, labs (chemotherapy: ANC < 1.0, "
+        "platelets < 75, Hgb < 8, creatinine > 1.5; radiation is held for Hgb < 8, platelets < 50 or ANC < 1.0), "
+        "symptom grades, regimen and tumor-marker trend.",
         "- Radiation oncology: short diagnosis details -> regimen (`plan 25 Gy/ 5 fx photons. primary, photon, "
         "25.0Gy, fractions:5`), modality (photon/proton/electron/brachy) and the ICD-10 code of the primary.",
         "- Pretraining corpus: clinical notes and pathology reports (about 5:1) of other synthetic patients; it may "
         "use both seen and held-out phrasings (unlabelled text), which is where domain pretraining can help.",
-        "- Notes contain abbreviations (ca, mets, s/p, c/w, RUL, UOQ, idc), receptor shorthand and occasional "
-        "misspellings (e.g. 'dinosis', 'pateint'); gold responses are spelled correctly.", "",
+        f"- Notes contain abbreviations ({', '.join(abbrevs) or 'none in this sample'}), receptor shorthand and "
+        f"occasional misspellings ({', '.join(repr(m) for m in typos) or 'none in this sample'}); gold responses are "
+        "spelled correctly.", "",
         "## Counts", "",
     ]
     task_split = {t: Counter({s: len(r) for s, r in data[t].items()}) for t in TASKS}
