@@ -60,6 +60,14 @@ def read_model_config(path: str) -> ModelConfig:
     return build(ModelConfig, meta["model"], f"{path}/{name}:model")
 
 
+NO_ADAPTER = "none"  # the CLI value for "this model has no adapter"
+
+
+def adapter_or_none(value: str | None) -> str | None:
+    """A CLI ``--adapter`` value: None for absent, empty or ``none`` (any case), else the folder as given."""
+    return None if value in (None, "") or value.lower() == NO_ADAPTER else value
+
+
 def check_adapter(adapter: str, base: str) -> str:
     """The PEFT ``adapter`` folder's absolute path, once its config and tensors are checked against the model
     config at ``base`` (no weights read): for commands that must fail before any work starts."""

@@ -68,7 +68,9 @@ def main(argv=None):
     start_runtime(argparse.Namespace(coordinator=None, num_processes=None, process_id=None), args.mesh)
     import cancerllm_jax as cj
 
-    adapter = None if (args.adapter or "none").lower() == "none" else args.adapter
+    from cancerllm_jax.api import adapter_or_none
+
+    adapter = adapter_or_none(args.adapter)
     lm = cj.load(args.model, dtype=args.dtype, mesh=args.mesh, adapter=adapter)
     if lm.tokenizer is None:
         raise UserError(f"{args.model}: no tokenizer found beside the weights")

@@ -128,7 +128,7 @@ def test_counterfactual_uses_other_records_entities():
 def test_counterfactual_labels_are_wrong_as_the_scorer_sees_them(seed):
     """A wrong label never shares a normalised item with the gold (``er+, pr+, her2+`` is the gold ``ER, PR, HER2``
     to the scorer) and none of its items occurs, normalised, in the sentence."""
-    from cancerllm_jax.eval.noise import _words
+    from cancerllm_jax.eval.noise import scorer_words as _words
     from cancerllm_jax.eval.protocol import score_instance
 
     s1, s2 = "receptor studies: ER positive, PR negative, HER2 positive.", "staging: ct2n2am1; er+/pr+, her2+."

@@ -167,7 +167,7 @@ def _split(label: str) -> list[str]:
     return [a.strip() for a in label.split(",") if a.strip()]
 
 
-def _words(text: str) -> tuple[str, ...]:
+def scorer_words(text: str) -> tuple[str, ...]:
     """``text`` as the scorer sees it: lower-cased, ASCII punctuation removed, Porter-stemmed words."""
     from cancerllm_jax.eval.protocol import normalize
 
@@ -181,7 +181,7 @@ def _occurs(item: tuple[str, ...], words: tuple[str, ...]) -> bool:
 def _absent(label: str, words: tuple[str, ...]) -> bool:
     """True when no comma-separated item of ``label`` occurs, as the scorer normalises it (so ``er+`` is present in
     "ER positive"), as a run of whole words in ``words``; an item that normalises to nothing is never absent."""
-    items = [_words(item) for item in _split(label)]
+    items = [scorer_words(item) for item in _split(label)]
     return bool(items) and all(item and not _occurs(item, words) for item in items)
 
 
@@ -198,7 +198,7 @@ def entity_pool(records: Iterable[dict]) -> dict[str, list[str]]:
 
 def _wrong_label(record: dict, pool: dict[str, list[str]], rng: random.Random) -> tuple[str, str]:
     """(wrong label, kind) for one record; the label is absent from its sentence and context."""
-    words = _words(f"{record.get('sentence', '')}\n{record.get('context', '')}")
+    words = scorer_words(f"{record.get('sentence', '')}\n{record.get('context', '')}")
     gold = str(record.get("response", "")).strip()
     etype = record.get("entity_type") or record.get("answer_type")
     types = sorted(set(pool) | set(FALLBACK_ENTITIES))
@@ -208,10 +208,10 @@ def _wrong_label(record: dict, pool: dict[str, list[str]], rng: random.Random) -
         others = [t for t in types if t != etype]
         first = ("same_type", etype) if rng.random() < 0.5 else ("other_type", rng.choice(others))
         order = [first] + [("same_type", etype)] + [("other_type", t) for t in rng.sample(others, len(others))]
-    gold_items = {_words(a) for a in _split(gold)}  # a candidate sharing a normalised item would score as right
+    gold_items = {scorer_words(a) for a in _split(gold)}  # a candidate sharing a normalised item would score as right
     for kind, t in order:
         candidates = [c for c in pool.get(t, []) + list(FALLBACK_ENTITIES.get(t, ()))
-                      if _absent(c, words) and not gold_items & {_words(a) for a in _split(c)}]
+                      if _absent(c, words) and not gold_items & {scorer_words(a) for a in _split(c)}]
         if candidates:
             return rng.choice(candidates), kind
     raise ValueError(f"record {record.get('id')}: no entity absent from its sentence")  # pragma: no cover

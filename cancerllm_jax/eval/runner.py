@@ -84,20 +84,19 @@ class RunConfig:
 # ---------------------------------------------------------------- names and paths
 
 
-NO_ADAPTER = "none"
-
-
 def model_names(paths: Sequence[str], names: Sequence[str] | None = None,
                 adapters: Sequence[str] | None = None) -> list[ModelEntry]:
     """Pair model paths with display names (default: the folder's base name, or the adapter's when one is given;
     repeats get a suffix) and PEFT adapters (one per model, ``none`` for the bare model)."""
+    from cancerllm_jax.api import NO_ADAPTER, adapter_or_none
+
     names, adapters = list(names or []), list(adapters or [])
     if names and len(names) != len(paths):
         raise UserError(f"got {len(paths)} --model but {len(names)} --name; give one name per model or none")
     if adapters and len(adapters) != len(paths):
         raise UserError(f"got {len(paths)} --model but {len(adapters)} --adapter; give one adapter per model "
                         f"('{NO_ADAPTER}' for a model without one) or none")
-    adapters = [None if a in (None, "") or a.lower() == NO_ADAPTER else a for a in adapters] or [None] * len(paths)
+    adapters = [adapter_or_none(a) for a in adapters] or [None] * len(paths)
     entries, used = [], set()
     for i, (path, adapter) in enumerate(zip(paths, adapters)):
         default = os.path.basename(os.path.normpath(adapter or path))
@@ -414,7 +413,8 @@ def device_info() -> dict[str, Any]:
 # ---------------------------------------------------------------- decoding one (model, task)
 
 
-def _log(msg: str) -> None:
+def log_stderr(msg: str) -> None:
+    """The runner's default progress log: one line to stderr."""
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -433,7 +433,7 @@ def training_exemplars(task: str, cfg: RunConfig) -> list[dict]:
 
 
 def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg: RunConfig,
-                session: str, log: Callable[[str], None] = _log) -> tuple[dict[str, Any], dict]:
+                session: str, log: Callable[[str], None] = log_stderr) -> tuple[dict[str, Any], dict]:
     """Decode every record of one task not yet in the model's prediction file; returns the resume/decoding counts
     and ``{id: (prompt_hash, gold)}`` of the test split."""
     from cancerllm_jax.decode import generated_text
@@ -562,7 +562,7 @@ def _write_json(path: str, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def run(cfg: RunConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
+def run(cfg: RunConfig, log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
     """Decode (resuming), score, write ``metrics.json`` and ``report.md``; returns the metrics."""
     import cancerllm_jax as cj
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 
 from cancerllm_jax.errors import UserError
 from cancerllm_jax.eval.radonc import temperature_scan, wilcoxon_greater
-from cancerllm_jax.eval.runner import RunConfig, run
+from cancerllm_jax.eval.runner import RunConfig, log_stderr, run
 from cancerllm_jax.train.run_io import write_text_atomic
 
 TEMPERATURES = tuple(round(0.1 * i, 1) for i in range(1, 11))
@@ -64,15 +63,14 @@ def parse_temperatures(text: str | None) -> list[float]:
 
 
 def run_scan(cfg: RunConfig, temperatures: Sequence[float] = TEMPERATURES,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
     """Run ``cfg`` once per temperature (``OUT/T<t>``), then write ``scan.json``, ``scan.md`` and ``scan.png``."""
     temps = [round(float(t), 6) for t in temperatures]
-    say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     runs: dict[float, dict[str, Any]] = {}
     for t in temps:
-        say(f"temperature {t:g}: {os.path.join(cfg.out, f'T{t:g}')}")
+        log(f"temperature {t:g}: {os.path.join(cfg.out, f'T{t:g}')}")
         runs[t] = run(dataclasses.replace(cfg, out=os.path.join(cfg.out, f"T{t:g}"),
-                                          decoding=dataclasses.replace(cfg.decoding, temperature=t)), say)
+                                          decoding=dataclasses.replace(cfg.decoding, temperature=t)), log)
     tasks, models = [s.name for s in cfg.tasks], [m.name for m in cfg.models]
     by_task = {task: {m: temperature_scan(lambda t, task=task, m=m: runs[t]["results"][task][m], temps,
                                           lambda r, task=task: scan_score(task, r)) for m in models}
