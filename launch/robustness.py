@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("misspell", parents=[common], help="Table 6: misspelled test contexts")
     m.add_argument("--rates", type=_rates, default=[0.02, 0.04, 0.06, 0.08, 0.2, 0.4, 0.6, 0.8])
     m.add_argument("--tasks", default="diagnosis,treatment_plan", help="comma-separated tasks")
-    m.add_argument("--adapter", help="a PEFT LoRA adapter folder for --model (merged); part of each rate's settings")
+    m.add_argument("--adapter", help="a PEFT LoRA adapter folder for --model (merged; 'none' for the bare model); "
+                   "part of each rate's settings")
     return p
 
 
@@ -85,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = rb.DecodeSettings(max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                                  batch_size=args.decode_batch, protocol=args.protocol)
-    adapter = getattr(args, "adapter", None)
+    from cancerllm_jax.api import adapter_or_none
+
+    adapter = adapter_or_none(getattr(args, "adapter", None))  # 'none': the bare model, as evaluate.py reads it
     name = args.name or os.path.basename(os.path.normpath(adapter or args.model))
 
     def split(task: str, which: str, limit: int | None) -> list[dict]:

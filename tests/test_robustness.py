@@ -105,6 +105,19 @@ def test_rates_that_differ_never_share_a_folder(tmp_path):
 # ------------------------------------------------------------------ cached rates are keyed on their settings
 
 
+def _launch_robustness():
+    """launch/robustness.py as a module (its ``main.__wrapped__`` raises instead of exiting)."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "launch"))
+    spec = importlib.util.spec_from_file_location("launch_robustness", root / "launch" / "robustness.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _fake_model(folder: Path, payload: bytes = b"w") -> str:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
@@ -262,16 +275,9 @@ def test_counterfactual_with_relative_paths_resumes_an_interrupted_rate(tmp_path
 
 @pytest.mark.parametrize("flag", ["--limit", "--train-limit", "--epochs"])
 def test_cli_refuses_limits_that_would_drop_examples(tmp_path, flag):
-    import importlib.util
-    import sys
-
     from cancerllm_jax.errors import UserError
 
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "launch"))
-    spec = importlib.util.spec_from_file_location("launch_robustness", root / "launch" / "robustness.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _launch_robustness()
     command = "misspell" if flag == "--limit" else "counterfactual"
     for value in ("0", "-1"):
         with pytest.raises(UserError, match=f"{flag} must be positive"):
@@ -280,18 +286,30 @@ def test_cli_refuses_limits_that_would_drop_examples(tmp_path, flag):
 
 
 def test_cli_misspell_adapter_is_checked_first(tmp_path):
-    import importlib.util
-    import sys
-
     from cancerllm_jax.errors import UserError
 
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "launch"))
-    spec = importlib.util.spec_from_file_location("launch_robustness", root / "launch" / "robustness.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _launch_robustness()
     model = _fake_model(tmp_path / "m")
     with pytest.raises(UserError, match="nope: not found"):
         mod.main.__wrapped__(["misspell", "--model", model, "--adapter", str(tmp_path / "nope"), "--out",
                               str(tmp_path / "o"), "--limit", "1"])
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_misspell_adapter_none_is_the_bare_model(tmp_path, monkeypatch):
+    from cancerllm_jax.eval import robustness as rb
+
+    seen = {}
+
+    def sweep(model, data, out, rates, seed, settings, overwrite=False, adapter="unset"):
+        seen["adapter"] = adapter
+        raise SystemExit(3)
+
+    monkeypatch.setattr(rb, "misspelling_sweep", sweep)
+    monkeypatch.setattr(rb, "load_split", lambda *a, **k: [])
+    model = _fake_model(tmp_path / "m")
+    for value in ("none", "None", ""):
+        with pytest.raises(SystemExit):
+            _launch_robustness().main.__wrapped__(["misspell", "--model", model, "--adapter", value, "--out",
+                                                   str(tmp_path / "o"), "--limit", "1"])
+        assert seen.pop("adapter") is None
