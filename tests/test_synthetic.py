@@ -223,8 +223,9 @@ def test_radiation_cues_agree_with_surgical_history(data):
         if syn.inoperable(case):  # an inoperable patient is not sent to the surgeon
             assert "refer to surgical oncology" not in plans[pid], (case.rt.cue, plans[pid])
         if case.key == "breast" and not case.m:
-            assert resected or "lumpectomy planned" in case.rt.cue
-            assert "chest wall" not in case.rt.target  # a lumpectomy leaves the breast
+            assert resected or f"{case.surgery} planned" in case.rt.cue
+            # a lumpectomy leaves the breast; a T4 tumour is treated by mastectomy, then the chest wall
+            assert ("chest wall" in case.rt.target) == (case.surgery == "mastectomy") == case.t.startswith("4")
 
 
 def test_prostate_low_risk_and_endometrium_node_cue_follow_tnm(data):
@@ -381,3 +382,22 @@ def test_stage_groups_follow_ajcc8_for_breast_and_lung_and_no_figo_edition(data)
             case = _case(r)
             if case.has_tnm:
                 assert case.stage == syn.stage_group(case.t, case.n, case.m, case.key)
+
+
+def test_operation_and_regimen_fit_the_tumour():
+    """A Whipple only for the pancreatic head, a mastectomy for T4 breast, trastuzumab for metastatic HER2+ gastric."""
+    seen = set()
+    for i in range(4000):
+        case = syn.draw_case(f"S{i}", SEED)
+        if case.key == "pancreas":
+            assert (case.surgery == "whipple") == (case.sub == "pancreatic head"), case.sub
+            if case.surgery_done and not case.m:
+                assert "whipple" not in case.rt.cue or case.sub == "pancreatic head", case.rt.cue
+            seen.add(("pancreas", case.surgery))
+        if case.key == "breast":
+            assert (case.surgery == "mastectomy") == case.t.startswith("4")
+        if case.key == "stomach" and case.receptors:
+            her2_met = case.receptors["HER2"] == "positive" and bool(case.m)
+            assert ("trastuzumab" in case.regimen) == her2_met, (case.receptors, case.m, case.regimen)
+            seen.add(("stomach", her2_met))
+    assert {("pancreas", "whipple"), ("pancreas", "distal pancreatectomy"), ("stomach", True)} <= seen

@@ -232,7 +232,8 @@ CANCERS: tuple[Cancer, ...] = (
                                                     ("signet ring cell carcinoma", "src")),
            (("gastric antrum", "C16.3", ""), ("gastric body", "C16.2", ""), ("gastric cardia", "C16.0", ""),
             ("lesser curvature", "C16.5", "")),
-           "differentiation", ("liver", "peritoneal"), ("flot",), ("ramucirumab/paclitaxel",), "gastrectomy",
+           "differentiation", ("liver", "peritoneal"), ("flot", "capox/trastuzumab"), ("ramucirumab/paclitaxel",),
+           "gastrectomy",
            "cea", ("HER2",), "", 0.6),
     Cancer("liver", "liver cancer", "liver", (("hepatocellular carcinoma", "hcc"),),
            (("right hepatic lobe", "C22.0", ""), ("left hepatic lobe", "C22.0", ""), ("hepatic segment 7", "C22.0",
@@ -251,6 +252,7 @@ CANCER_BY_KEY = {c.key: c for c in CANCERS}
 _CANCER_WEIGHTS = [c.weight for c in CANCERS]
 
 NEUROTOXIC = {"folfox": "oxaliplatin", "capox": "oxaliplatin", "folfirinox": "oxaliplatin", "flot": "oxaliplatin",
+              "capox/trastuzumab": "oxaliplatin",
               "ac-t": "paclitaxel", "weekly paclitaxel": "paclitaxel", "carboplatin/paclitaxel": "paclitaxel",
               "weekly carboplatin/paclitaxel": "paclitaxel", "gemcitabine/nab-paclitaxel": "nab-paclitaxel",
               "carboplatin/paclitaxel/dostarlimab": "paclitaxel", "docetaxel": "docetaxel",
@@ -337,6 +339,16 @@ class Case:
     @property
     def hist_abbrev(self) -> str:
         return self.histology[1]
+
+    @property
+    def surgery(self) -> str:
+        """The operation for this primary: a distal pancreatectomy for the pancreatic body or tail (a Whipple is for
+        the head), a mastectomy for a T4 breast cancer (skin or chest wall involved: no breast conservation)."""
+        if self.key == "pancreas" and self.sub != "pancreatic head":
+            return "distal pancreatectomy"
+        if self.key == "breast" and self.t.startswith("4"):
+            return "mastectomy"
+        return self.cancer.surgery
 
 
 _T_SUB = {"breast": {"1": ("1a", "1b", "1c")}, "lung": {"1": ("1a", "1b", "1c"), "2": ("2a", "2b")},
@@ -467,21 +479,26 @@ def _draw_phase(rng: random.Random, m: int) -> str:
     return rng.choices(("consult", "chemo", "radiation", "surveillance"), weights=(2.5, 2.5, 2.5, 2.5))[0]
 
 
-def _regimen_fits(reg: str, key: str, hist: str, receptors: dict[str, str]) -> bool:
-    """Whether a regimen suits the tumour: trastuzumab only for HER2+ breast, etoposide only for small cell lung,
+def _regimen_fits(reg: str, key: str, hist: str, receptors: dict[str, str], m: int, first: bool) -> bool:
+    """Whether a regimen suits the tumour: trastuzumab for HER2+ breast and only for it, first-line for metastatic
+    HER2+ gastric cancer and only for it (perioperative FLOT otherwise), etoposide only for small cell lung,
     pemetrexed never for squamous lung."""
+    her2 = receptors.get("HER2") == "positive"
     if key == "breast":
-        return ("trastuzumab" in reg or reg == "tchp") == (receptors.get("HER2") == "positive")
+        return ("trastuzumab" in reg or reg == "tchp") == her2
+    if key == "stomach":
+        return ("trastuzumab" in reg) == (her2 and bool(m) and first)
     if key == "lung":
         small = reg in ("cisplatin/etoposide", "lurbinectedin")
         return small if hist == "sclc" else not small and not (hist == "scc" and "pemetrexed" in reg)
     return True
 
 
-def _draw_regimens(rng: random.Random, cancer: Cancer, hist: str, receptors: dict[str, str]) -> tuple[str, str]:
-    """(first-line, next-line) regimens that fit the histology and receptors."""
-    first = [r for r in cancer.first_line if _regimen_fits(r, cancer.key, hist, receptors)]
-    second = [r for r in cancer.second_line if _regimen_fits(r, cancer.key, hist, receptors)]
+def _draw_regimens(rng: random.Random, cancer: Cancer, hist: str, receptors: dict[str, str],
+                   m: int) -> tuple[str, str]:
+    """(first-line, next-line) regimens that fit the histology, receptors and metastatic state."""
+    first = [r for r in cancer.first_line if _regimen_fits(r, cancer.key, hist, receptors, m, True)]
+    second = [r for r in cancer.second_line if _regimen_fits(r, cancer.key, hist, receptors, m, False)]
     return rng.choice(first), rng.choice(second)
 
 
@@ -548,6 +565,9 @@ def _rt_definitive(rng: random.Random, case: Case) -> RadPlan:
     k, ti, ni, young, done = case.key, int(case.t[:1] or 0), int(case.n[:1] or 0), case.age < 60, case.surgery_done
     site = f"{case.side} {case.sub}" if case.side else case.sub
     if k == "breast":
+        if case.surgery == "mastectomy":  # T4: post-mastectomy radiation to the chest wall and nodes
+            cue = "T4, post mastectomy" if done else "T4, mastectomy planned"
+            return RadPlan(50.0, 25, "photon", f"{case.side} chest wall and regional nodes", cue)
         post = "post lumpectomy" if done else "lumpectomy planned"
         if ni >= 1:
             proton = case.side == "left" and bool(case.comorbidity)
@@ -624,7 +644,7 @@ def _rt_definitive(rng: random.Random, case: Case) -> RadPlan:
         return RadPlan(25.0, 5, "photon", "pelvis", "short-course radiation")
     if k == "pancreas":
         if done:
-            return RadPlan(50.4, 28, "photon", "pancreatic bed", "post whipple, positive margin")
+            return RadPlan(50.4, 28, "photon", "pancreatic bed", f"post {case.surgery}, positive margin")
         if ti <= 2:
             return RadPlan(33.0, 5, "photon", "pancreas", "borderline resectable, SBRT after induction")
         return RadPlan(50.4, 28, "photon", "pancreas", "locally advanced, concurrent capecitabine")
@@ -658,7 +678,7 @@ def draw_case(pid: str, seed: int) -> Case:
     mets = rng.sample(cancer.mets, rng.choice((1, 1, 2))) if m else []
     phase = _draw_phase(rng, m)
     receptors = _draw_receptors(rng, cancer, histology[0])
-    first, second = _draw_regimens(rng, cancer, histology[1], receptors)
+    first, second = _draw_regimens(rng, cancer, histology[1], receptors, m)
     comorbidity = rng.choice(("history of CAD s/p stent", "prior mediastinal RT for lymphoma")) \
         if rng.random() < 0.35 else ""
     case = Case(
@@ -913,7 +933,7 @@ def _slot_values(w: Writer, case: Case) -> tuple[dict[str, str], dict[str, list[
     """Filled slots, entity answers per type, and entity types that must not be asked (ambiguous)."""
     vals: dict[str, str] = {"SPEC": distractor_size(w, case.size_cm), "AGE": str(case.age),
                             "SEX": w.choice(("f", "female")) if case.sex == "F" else w.choice(("m", "male")),
-                            "SURG": case.cancer.surgery, "H": hist_phrase(w, case), "S": size_phrase(w, case.size_cm)}
+                            "SURG": case.surgery, "H": hist_phrase(w, case), "S": size_phrase(w, case.size_cm)}
     vals["MARGIN"] = f"margins negative, closest margin 0.{w.rng.randint(1, 9)} cm ({w.choice(('anterior', 'deep'))})"
     if case.has_tnm:
         k = positive_nodes(w.rng, case)
@@ -1083,7 +1103,7 @@ def subjective_text(w: Writer, case: Case) -> str:
     parts = [f"{case.age} yo {sex} with " + w.pick(HISTORY, hist=hist, site=site) + "."]
     if case.surgery_done:
         parts.append(w.choice(("s/p {s} {k} wks ago.", "underwent {s} {k} weeks ago, recovered well."))
-                     .format(s=case.cancer.surgery, k=w.rng.randint(3, 30)))
+                     .format(s=case.surgery, k=w.rng.randint(3, 30)))
     parts.append(_phase_story(w, case))
     for name, g in case.symptoms.items():
         if name == "dermatitis" and g == 0:
@@ -1216,7 +1236,7 @@ def diagnosis_text(case: Case) -> str:
         base = f"{case.cancer.abbrev} {compact}"
     else:
         base = f"stage {case.stage.lower()} {case.dx_name}"
-    return base + (f" s/p {case.cancer.surgery}" if case.surgery_done else "")
+    return base + (f" s/p {case.surgery}" if case.surgery_done else "")
 
 
 def assessment_text(w: Writer, case: Case) -> str:
@@ -1255,7 +1275,7 @@ def _consult_steps(case: Case) -> list[str]:
     elif stage3 and (case.key in NEOADJUVANT_CHEMO or case.dx_name == "rectal cancer"):
         steps.append(f"plan neoadjuvant {case.regimen}")
     else:
-        steps.append(f"refer to surgical oncology for {case.cancer.surgery}")
+        steps.append(f"refer to surgical oncology for {case.surgery}")
     steps.append("rtc in 2 weeks to review results and finalize plan")
     return steps
 
@@ -1442,7 +1462,7 @@ def pathology_report(w: Writer, case: Case) -> str:
     margins, lymph nodes and the pathologic pTNM stage, which a core needle biopsy cannot give)."""
     site, _, _ = site_phrase(w, case)
     resection = w.chance(0.6)
-    proc = case.cancer.surgery if resection else "core needle biopsy"
+    proc = case.surgery if resection else "core needle biopsy"
     grade = grade_phrase(w, case)
     stage = stage_phrase(w, case, prefix="p") if resection else None
     rec = receptor_phrase(w, case)
