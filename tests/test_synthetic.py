@@ -304,7 +304,7 @@ def test_phenotype_single_answers_have_no_comma_and_laterality_is_consistent(dat
     assert any(r["response"] == "glioblastoma idh-wildtype" for r in _all(data, "phenotype"))
 
 
-def test_pathology_reports_stage_with_p_and_biopsies_have_no_margins_or_nodes(docs):
+def test_pathology_reports_stage_with_p_and_biopsies_have_no_margins_nodes_or_size(docs):
     reports = _pathology_reports(docs)
     assert sum("core needle biopsy" in t for _, t in reports) > 10
     for case, text in reports:
@@ -313,6 +313,8 @@ def test_pathology_reports_stage_with_p_and_biopsies_have_no_margins_or_nodes(do
                 assert not re.search(r"\bc[TN]", line), line
         if "core needle biopsy" in text.splitlines()[0]:
             assert "Margins:" not in text and "Lymph nodes:" not in text and "Pathologic stage" not in text
+            assert "Tumor size:" not in text and "lesion measuring" not in text  # cores, not a measured tumour
+            assert re.search(r"\d tan-white cores of tissue", text), text
     for r in syn.instruction_datasets(200, seed=SEED)["phenotype"]["train"]:
         if r["sentence"].lower().startswith("pathologic stage"):
             assert not re.search(r"\bc[tn]\d", r["sentence"].lower()), r["sentence"]

@@ -1467,11 +1467,14 @@ def pathology_report(w: Writer, case: Case) -> str:
     stage = stage_phrase(w, case, prefix="p") if resection else None
     rec = receptor_phrase(w, case)
     k = positive_nodes(w.rng, case)
+    cores = w.rng.randint(2, 6)
+    gross = (f"a specimen measuring {distractor_size(w, case.size_cm)}. Sectioning reveals a firm tan-white lesion "
+             f"measuring {size_phrase(w, case.size_cm)}. Representative sections submitted in cassettes "
+             f"A1-A{w.rng.randint(4, 12)}." if resection else
+             f"{cores} tan-white cores of tissue, {w.rng.uniform(0.8, 2.0):.1f} cm in aggregate length. Entirely "
+             "submitted in cassette A1.")  # a core is not measured as a tumour
     lines = [f"SPECIMEN: {site}, {proc}.",
-             f"GROSS DESCRIPTION: Received in formalin labeled with the patient's name and '{site}', a specimen "
-             f"measuring {distractor_size(w, case.size_cm)}. Sectioning reveals a firm tan-white lesion measuring "
-             f"{size_phrase(w, case.size_cm)}. Representative sections submitted in cassettes "
-             f"A1-A{w.rng.randint(4, 12)}.",
+             f"GROSS DESCRIPTION: Received in formalin labeled with the patient's name and '{site}', {gross}",
              "MICROSCOPIC DESCRIPTION: " + w.choice((
                  f"Sections show {hist_phrase(w, case)} growing in nests and sheets with desmoplastic stroma.",
                  f"The tumor is composed of infiltrating {hist_phrase(w, case)} with areas of necrosis.",
@@ -1479,7 +1482,8 @@ def pathology_report(w: Writer, case: Case) -> str:
                  f"{w.choice(('is present', 'is not identified'))}.")),
              "FINAL DIAGNOSIS:",
              f"- Histologic type: {case.histology[0]}",
-             f"- Tumor size: {size_phrase(w, case.size_cm)}"]
+             f"- Tumor size: {size_phrase(w, case.size_cm)}" if resection else
+             f"- Tumor involves {w.rng.randint(1, cores)} of {cores} cores"]
     if resection:
         lines.append(f"- Margins: {w.choice(('negative', 'negative, closest 0.2 cm', 'positive (deep margin)'))}")
         if case.has_tnm:
