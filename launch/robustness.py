@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from cancerllm_jax.eval import robustness as rb
+    from cancerllm_jax.eval.tasks import CANCERLLM_TASKS
 
     settings = rb.DecodeSettings(max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                                  batch_size=args.decode_batch, protocol=args.protocol)
@@ -104,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                                          overwrite=args.overwrite)
     else:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        unknown = [t for t in tasks if t not in rb.TASK_LIMITS]
+        unknown = [t for t in tasks if t not in CANCERLLM_TASKS]
         if not tasks or unknown:
-            raise UserError(f"--tasks: choose from {sorted(rb.TASK_LIMITS)}, got {args.tasks!r}")
+            raise UserError(f"--tasks: choose from {', '.join(CANCERLLM_TASKS)}, got {args.tasks!r}")
         if not os.path.exists(args.model):
             raise UserError(f"--model {args.model}: not found (give an HF folder, converted checkpoint or run)")
         if adapter is not None:  # checked against the model's config before any rate is computed

@@ -27,7 +27,7 @@ def test_counterfactual_sweep_with_fake_trainer(tmp_path, monkeypatch):
     def fake_decode(lm, records, task, settings):  # a model that is right on 1 - rate of the examples
         rate = float(lm)
         k = round_half_up((1 - rate) * len(records))
-        return ["left"] * k + ["right"] * (len(records) - k), {"seconds": 0.0}
+        return ["left"] * k + ["right"] * (len(records) - k), {"seconds": 0.0}, ["h"] * len(records)
 
     def fake_load(path, dtype):  # the "model" is the share of wrong training labels it saw
         return int((Path(path).parent / "wrong.txt").read_text()) / 10
@@ -58,7 +58,8 @@ def test_misspelling_sweep_and_clean_reference(tmp_path, monkeypatch):
 
     def fake_decode(lm, records, task, settings):
         seen[(task, records[0]["noise"]["rate"])] = records[0]["context"]
-        return [r["response"] if r["noise"]["words"] == 0 else "x" for r in records], {"seconds": 0.0}
+        preds = [r["response"] if r["noise"]["words"] == 0 else "x" for r in records]
+        return preds, {"seconds": 0.0}, ["h"] * len(records)
 
     monkeypatch.setattr(rb, "decode", fake_decode)
     tests = {"diagnosis": _recs("diagnosis", 3), "treatment_plan": _recs("treatment_plan", 3)}
@@ -132,7 +133,7 @@ def test_misspelling_cache_is_keyed_on_model_data_and_settings(tmp_path, monkeyp
 
     def fake_decode(lm, records, task, settings):
         decoded.append((lm, len(records)))
-        return [r["response"] for r in records], {"seconds": 0.0}
+        return [r["response"] for r in records], {"seconds": 0.0}, ["h"] * len(records)
 
     monkeypatch.setattr(rb, "decode", fake_decode)
     monkeypatch.setattr(rb, "load_model", lambda path, dtype, adapter=None: path)
@@ -185,7 +186,7 @@ def test_counterfactual_cache_resume_and_atomic_writes(tmp_path, monkeypatch):
         (Path(cmd[cmd.index("--workdir") + 1]) / "checkpoints").mkdir(parents=True, exist_ok=True)
 
     def fake_decode(lm, records, task, settings):
-        return ["left"] * len(records), {"seconds": 0.0}
+        return ["left"] * len(records), {"seconds": 0.0}, ["h"] * len(records)
 
     real_atomic = rb.write_text_atomic
 
@@ -313,3 +314,27 @@ def test_cli_misspell_adapter_none_is_the_bare_model(tmp_path, monkeypatch):
             _launch_robustness().main.__wrapped__(["misspell", "--model", model, "--adapter", value, "--out",
                                                    str(tmp_path / "o"), "--limit", "1"])
         assert seen.pop("adapter") is None
+
+
+def test_decode_hashes_the_prompt_evaluate_run_builds():
+    """Robustness predictions carry ``evaluate.py run``'s ``prompt_hash`` for the same record and limits, including
+    a record whose context is cut to fit."""
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+    from cancerllm_jax.eval.tasks import build_prompt, get_task
+
+    class FakeLM:
+        tokenizer = load_tokenizer(None)
+        eos_ids = (tokenizer.eos_id,)
+
+        def generate(self, prompts, max_new_tokens, max_prompt_tokens, batch_size):
+            self.fed = prompts
+            return [[] for _ in prompts]
+
+    recs = _recs("diagnosis", 2)
+    recs[1]["context"] = "tumor " * 400  # cut to the 64-token budget below
+    lm, settings = FakeLM(), rb.DecodeSettings(max_prompt_tokens=64, max_new_tokens=4)
+    preds, stats, hashes = rb.decode(lm, recs, "diagnosis", settings)
+    spec = get_task("diagnosis").with_limits(64, 4)
+    want = [build_prompt(lm.tokenizer, r, spec) for r in recs]
+    assert hashes == [p.hash for p in want] and lm.fed == [p.ids for p in want]
+    assert stats["prompts_cut"] == 1 and preds == ["", ""]

@@ -38,11 +38,11 @@ from cancerllm_jax.errors import UserError
 from cancerllm_jax.eval.noise import corrupt_phenotype_labels, misspell_record
 from cancerllm_jax.eval.protocol import score
 from cancerllm_jax.eval.runner import adapter_fingerprint, differences, model_fingerprint, read_json_file
+from cancerllm_jax.eval.tasks import TaskSpec, get_task
 from cancerllm_jax.train.run_io import write_text_atomic
 
 COUNTERFACTUAL_RATES = (0.2, 0.4, 0.6, 0.8)
 MISSPELLING_RATES = (0.02, 0.04, 0.06, 0.08, 0.2, 0.4, 0.6, 0.8)
-TASK_LIMITS = {"phenotype": (1500, 50), "diagnosis": (1500, 500), "treatment_plan": (4000, 500)}  # in / new tokens
 METRIC_LABELS = (("em", "EM"), ("bleu2", "BLEU-2"), ("rougeL", "ROUGE-L"))
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_FORMAT = "cancerllm-jax/robustness-settings-v1"
@@ -59,9 +59,13 @@ class DecodeSettings:
     dtype: str = "float32"
     stop: tuple[str, ...] = ()  # EVAL_PROTOCOL: the output runs to EOS or the token limit, as evaluate.py run
 
+    def spec(self, task: str) -> TaskSpec:
+        """``task``'s evaluation spec (``evaluate.py run``'s) with these limits where they are set."""
+        return get_task(task).with_limits(self.max_prompt_tokens, self.max_new_tokens)
+
     def limits(self, task: str) -> tuple[int, int]:
-        inp, new = TASK_LIMITS.get(task, (1500, 500))
-        return self.max_prompt_tokens or inp, self.max_new_tokens or new
+        spec = self.spec(task)
+        return spec.max_input_tokens, spec.max_new_tokens
 
     def key(self, task: str) -> dict[str, Any]:
         """The settings that change ``task``'s scores (the batch size does not: decoding is greedy)."""
@@ -128,22 +132,25 @@ def load_model(path: str, dtype: str = "float32", adapter: str | None = None) ->
     return lm
 
 
-def decode(lm: Any, records: Sequence[dict], task: str, settings: DecodeSettings) -> tuple[list[str], dict]:
-    """Greedy predictions for ``records`` (Alpaca generation prompt, context cut to fit) and decode stats."""
-    from cancerllm_jax.data.instruct import encode_prompt
+def decode(lm: Any, records: Sequence[dict], task: str,
+           settings: DecodeSettings) -> tuple[list[str], dict, list[str]]:
+    """Greedy predictions for ``records`` (the Alpaca generation prompt, context cut to fit, as ``evaluate.py run``
+    builds it), decode stats, and each prompt's hash (``evaluate.py run``'s ``prompt_hash``)."""
     from cancerllm_jax.decode import generated_text
+    from cancerllm_jax.eval.tasks import build_prompt
 
-    max_in, max_new = settings.limits(task)
-    encoded = [encode_prompt(lm.tokenizer, r["instruction"], r.get("context") or "", max_in, for_generation=True,
-                             example_id=f"{task} record {r.get('id', i)}") for i, r in enumerate(records)]
-    prompts = [ids for ids, _ in encoded]
+    spec = settings.spec(task)
+    prompts = [build_prompt(lm.tokenizer, {**r, "id": r.get("id", i)}, spec) for i, r in enumerate(records)]
     t0 = time.perf_counter()
-    outs = lm.generate(prompts, max_new_tokens=max_new, max_prompt_tokens=max_in, batch_size=settings.batch_size)
+    outs = lm.generate([p.ids for p in prompts], max_new_tokens=spec.max_new_tokens,
+                       max_prompt_tokens=spec.max_input_tokens, batch_size=settings.batch_size)
     seconds = time.perf_counter() - t0
     preds = [generated_text(lm.tokenizer, gen, lm.eos_ids, settings.stop).strip() for gen in outs]
-    return preds, {"seconds": round(seconds, 2), "generated_tokens": int(sum(len(g) for g in outs)),
-                   "max_prompt_tokens": max_in, "max_new_tokens": max_new,
-                   "prompts_cut": sum(cut > 0 for _, cut in encoded), "context_tokens_cut": sum(c for _, c in encoded)}
+    stats = {"seconds": round(seconds, 2), "generated_tokens": int(sum(len(g) for g in outs)),
+             "max_prompt_tokens": spec.max_input_tokens, "max_new_tokens": spec.max_new_tokens,
+             "prompts_cut": sum(p.context_tokens_cut > 0 for p in prompts),
+             "context_tokens_cut": sum(p.context_tokens_cut for p in prompts)}
+    return preds, stats, [p.hash for p in prompts]
 
 
 def score_predictions(records: Sequence[dict], preds: Sequence[str], protocol: str) -> dict[str, Any]:
@@ -151,21 +158,18 @@ def score_predictions(records: Sequence[dict], preds: Sequence[str], protocol: s
     return score([r["response"] for r in records], list(preds), protocol=protocol)
 
 
-def _prediction_rows(records: Sequence[dict], preds: Sequence[str]) -> list[dict]:
-    def prompt_hash(r: dict) -> str:
-        return hashlib.sha256(f"{r['instruction']}\n{r.get('context') or ''}".encode()).hexdigest()[:16]
-
-    return [{"id": r.get("id", i), "prompt_hash": prompt_hash(r), "gold": r["response"], "prediction": p}
-            for i, (r, p) in enumerate(zip(records, preds, strict=True))]
+def _prediction_rows(records: Sequence[dict], preds: Sequence[str], hashes: Sequence[str]) -> list[dict]:
+    return [{"id": r.get("id", i), "prompt_hash": h, "gold": r["response"], "prediction": p}
+            for i, (r, p, h) in enumerate(zip(records, preds, hashes, strict=True))]
 
 
 def evaluate_records(lm: Any, records: Sequence[dict], task: str, settings: DecodeSettings, out_dir: Path,
                      key: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Decode, score, and write ``predictions.jsonl`` + ``scores.json`` (the scores, ``extra`` and, under
     ``settings``, the ``key`` of what produced them) into ``out_dir``, each atomically; return the scores."""
-    preds, stats = decode(lm, records, task, settings)
+    preds, stats, hashes = decode(lm, records, task, settings)
     result = {**score_predictions(records, preds, settings.protocol), **stats, **(extra or {})}
-    write_jsonl(out_dir / "predictions.jsonl", _prediction_rows(records, preds))
+    write_jsonl(out_dir / "predictions.jsonl", _prediction_rows(records, preds, hashes))
     write_text_atomic(str(out_dir / "scores.json"), json.dumps({**result, "settings": key}, indent=2) + "\n")
     return result
 
