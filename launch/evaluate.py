@@ -158,7 +158,7 @@ def cmd_trust(args: argparse.Namespace) -> int:
     """Faithfulness, comprehensiveness, generalizability and robustness (seed 004) of each model over run folders."""
     from cancerllm_jax.errors import UserError
     from cancerllm_jax.eval.runner import read_json_file
-    from cancerllm_jax.eval.trust import trust_from_runs
+    from cancerllm_jax.eval.trust import check_run, trust_from_runs
 
     runs = {}
     for spec in args.run:
@@ -171,6 +171,10 @@ def cmd_trust(args: argparse.Namespace) -> int:
         if name in runs:
             raise UserError(f"--run: dataset name {name!r} given twice; name them NAME=FOLDER")
         runs[name] = read_json_file(path, "metrics file")
+        try:
+            check_run(runs[name])
+        except ValueError as e:
+            raise UserError(f"{path}: {e}") from None
     try:
         trust = trust_from_runs(runs)
     except ValueError as e:  # NaN or partial scores in a metrics.json

@@ -354,6 +354,12 @@ def test_cli_errors():
         from cancerllm_jax.eval.runner import rescore
 
         rescore(os.devnull + "-nothing-here")
+    from cancerllm_jax.eval.scan import parse_temperatures
+
+    assert parse_temperatures("0.5, 1") == [0.5, 1.0] and parse_temperatures(None)[0] == 0.1
+    for bad in ("0,1", "0.1,abc", "1e-7,0.5", "0.1234561,0.1234564", "0.3,0.30000000000000004", "nan"):
+        with pytest.raises(UserError, match="--temperatures"):  # 1e-7 was greedy (rounded to 0) in folder T0
+            parse_temperatures(bad)
 
 
 if __name__ == "__main__":  # pragma: no cover

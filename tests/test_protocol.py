@@ -354,6 +354,10 @@ def test_score_file_by_id_and_by_order(tmp_path, gold):
     assert score_file(plain, generated)["em_r"] == 75.0  # generate.py's own ids: paired by line, as before
     both = _jsonl(tmp_path / "b.jsonl", [{"answer": "pr, er", "prediction": "er"}])  # the gold field is named
     assert score_file(None, both, gold_field="answer")["em_r"] == 50.0
+    # a null id is no id, as `evaluate.py run` reads the same test file (its records are line<N>)
+    nulls = _jsonl(tmp_path / "n.jsonl", [{"id": None, "response": "Lung cancer."}, {"id": None, "response": "er"}])
+    assert score_file(nulls, run_out)["em_r"] == 100.0  # by id: run_out lists line2 first
+    assert score_file(nulls, ordered)["em_r"] == 100.0
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,11 @@ def test_icd10_category_and_chapter():
                  "EGFR T790M, C34.1": "C34", "PIK3CA H1047R, C50.9": "C50", "IDH1 R132H glioma C71.9": "C71"}
     for text, code in {**mutations, "o9a.1": "O9A"}.items():  # mutation names are no codes
         assert icd10_category(text) == code, text
+    # TNM categories (T1a, N2a, M1a) are no codes; an upper-case A or a lower-case one before a subcategory is
+    tnm = {"Stage T1a N0 M0, C50.911": "C50", "M1a disease. C34.90": "C34", "ypT2 N2a, C18.9": "C18",
+           "stage T1a. C50.9": "C50", "M1A": "M1A", "c4a.9": "C4A"}
+    for text, code in tnm.items():
+        assert icd10_category(text) == code, text
     assert icd10_chapter("E90") == "IV endocrine" and icd10_chapter("F00") == "V mental"
     assert icd10_chapter("T98") == "XIX injury" and icd10_chapter("O9A") == "XV pregnancy"
     # the paper's groups: neoplasms by behaviour, malignant ones by site; other chapters by name

@@ -1,4 +1,9 @@
 """BenchHealth trust metrics by hand, and k-shot prompts that never contain the example itself."""
+import importlib.util
+import json
+import re
+from pathlib import Path
+
 import pytest
 
 from cancerllm_jax.data.instruct import render_prompt
@@ -64,3 +69,23 @@ def test_k_shot_is_seeded():
     assert any(draw_exemplars(ex, _train(), 3, seed=1) != draw_exemplars(ex, _train(), 3, seed=s) for s in range(2, 6))
     with pytest.raises(ValueError):
         draw_exemplars(_train(3)[0], _train(3), 3, seed=0)
+
+
+@pytest.mark.parametrize("metrics, message", [
+    ([1], "no scores under 'results'"),
+    ({"results": {}}, "no scores under 'results'"),  # used to print an empty table and exit 0
+    ({"results": {"diagnosis": {"m": {}}}}, r"results\['diagnosis'\]\['m'\]: missing or non-numeric em_p"),
+    ({"results": {"diagnosis": {"m": {k: "1" for k in ("em_p", "em_r", "em_f1", "bleu2_p", "bleu2_r", "bleu2_f1",
+                                                         "rougeL_p", "rougeL_r", "rougeL_f1")}}}},
+     "non-numeric em_p"),
+])
+def test_trust_cli_names_a_bad_metrics_file(tmp_path, capsys, metrics, message):
+    """A metrics.json without usable scores is one error naming the file (it was a KeyError "bug")."""
+    spec = importlib.util.spec_from_file_location("evaluate", Path(__file__).parents[1] / "launch" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["trust", "--run", f"d={tmp_path}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and re.search(re.escape(str(tmp_path / "metrics.json")) + ": .*" + message, err), err

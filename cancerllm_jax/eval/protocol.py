@@ -217,9 +217,8 @@ Row = tuple[int, dict[str, Any]]  # (1-based line number, the JSON object)
 
 def _read_jsonl(path: str) -> list[Row]:
     """The JSON objects of a JSONL file with their line numbers; blank lines are skipped."""
+    from cancerllm_jax.data.sources import decode_utf8, json_type_name
     from cancerllm_jax.errors import UserError
-
-    from cancerllm_jax.data.sources import decode_utf8
 
     try:
         with open(path, "rb") as f:
@@ -236,7 +235,9 @@ def _read_jsonl(path: str) -> list[Row]:
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from e
         if not isinstance(obj, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object, got {type(obj).__name__}")
+            raise UserError(f"{path}:{number}: expected a JSON object, got {json_type_name(obj)}")
+        if "id" in obj and obj["id"] is None:  # a null id is no id, as the task runner reads test records
+            del obj["id"]
         rows.append((number, obj))
     if not rows:
         raise UserError(f"{path}: empty file, no JSON lines to score")

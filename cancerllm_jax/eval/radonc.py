@@ -31,10 +31,10 @@ OTHER_CHAPTER = "other"
 _PHOTON_WORDS = ("imrt", "vmat", "sbrt", "sabr", "srs", "3d-crt", "3dcrt", "tomotherapy")
 _MODALITY_RE = re.compile(r"\b(photons?|protons?|electrons?|brachy\w*|hdr|ldr|impt|"
                           + "|".join(re.escape(w) for w in _PHOTON_WORDS) + r")\b", re.IGNORECASE)
-# a code: letter, digit, digit or A (O9A, C4A), then an optional subcategory after a dot (C50.912, T36.0X1A) or,
-# without the dot, digits and the placeholder X only (C50912), so that mutation names (KRAS G12C, BRAF V600E, EGFR
-# L858R) are no codes
-_ICD_RE = re.compile(r"\b([A-Z])(\d[0-9A])(?:\.[0-9A-Z]{1,4}|[0-9X]{1,4})?\b", re.IGNORECASE)
+# a code: letter, digit, digit or A (O9A, C4A; a lower-case a only before .<sub>, o9a.1, so that TNM categories such
+# as T1a, N2a, M1a are no codes), then an optional subcategory after a dot (C50.912, T36.0X1A) or, without the dot,
+# digits and the placeholder X only (C50912), so that mutation names (KRAS G12C, BRAF V600E, EGFR L858R) are no codes
+_ICD_RE = re.compile(r"\b([A-Z])(\d(?:\d|(?-i:A)|a(?=\.[0-9A-Z])))(?:\.[0-9A-Z]{1,4}|[0-9X]{1,4})?\b", re.IGNORECASE)
 
 # ICD-10 chapters (WHO numbering; each range the union of WHO's and ICD-10-CM's blocks, so chapter II ends at D49,
 # IV at E90, XIX at T98): (first, last, name).

@@ -57,8 +57,11 @@ def parse_temperatures(text: str | None) -> list[float]:
         temps = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise UserError(f"--temperatures {text!r}: expected comma-separated numbers") from None
-    if not temps or any(not np.isfinite(t) or t <= 0 for t in temps) or len({f"{t:g}" for t in temps}) != len(temps):
-        raise UserError(f"--temperatures {text!r}: give distinct temperatures > 0 (sampling; 0 is greedy)")
+    # the scan rounds them to 6 decimals: each must stay > 0 (0 is greedy) and have a folder name of its own
+    if not temps or any(not np.isfinite(t) or round(t, 6) <= 0 for t in temps) \
+            or len({f"{round(t, 6):g}" for t in temps}) != len(temps):
+        raise UserError(f"--temperatures {text!r}: give temperatures ≥ 0.000001 (sampling; 0 is greedy) that differ "
+                        "in the first 6 decimals")
     return temps
 
 

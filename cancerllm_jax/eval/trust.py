@@ -70,6 +70,22 @@ def trust_metrics(per_dataset_results: Mapping[str, Mapping[str, Mapping[str, An
             "n_tasks": len(per_dataset_results), "n_datasets": sum(len(d) for d in per_dataset_results.values())}
 
 
+def check_run(metrics: Any) -> None:
+    """Raise ``ValueError`` saying what is missing when ``metrics`` (a run's ``metrics.json``) has no scores to use:
+    ``results`` must map tasks to models to numeric ``em_p`` … ``rougeL_f1``."""
+    results = metrics.get("results") if isinstance(metrics, Mapping) else None
+    if not isinstance(results, Mapping) or not any(isinstance(v, Mapping) and v for v in results.values()):
+        raise ValueError("no scores under 'results' (not a finished `evaluate.py run` folder?)")
+    keys = [f"{m}_{x}" for m in ("em", "bleu2", "rougeL") for x in ("p", "r", "f1")]
+    for task, by_model in results.items():
+        for model, r in (by_model.items() if isinstance(by_model, Mapping) else [("", None)]):
+            bad = [k for k in keys if not isinstance(r, Mapping) or isinstance(r.get(k), bool)
+                   or not isinstance(r.get(k), (int, float))]
+            if bad:
+                raise ValueError(f"results[{task!r}]{f'[{model!r}]' if model else ''}: missing or non-numeric "
+                                 f"{', '.join(bad)}")
+
+
 def trust_from_runs(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each model's trust metrics over several evaluation runs, one per dataset: ``runs`` maps a dataset name to
     that run's ``metrics.json`` (as ``evaluate.py run`` writes it). A model is scored on every (task, dataset) its
