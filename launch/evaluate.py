@@ -49,8 +49,11 @@ def format_table(result: dict[str, Any], protocol: str) -> str:
 
 
 def _write(path: str, text: str) -> None:
+    """``path`` complete or not at all (a stopped run leaves no truncated summary)."""
+    from cancerllm_jax.train.run_io import write_text_atomic
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text, encoding="utf-8")
+    write_text_atomic(path, text)
 
 
 def cmd_score(args: argparse.Namespace) -> int:

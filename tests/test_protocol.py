@@ -421,3 +421,22 @@ def test_cli_score_and_errors(tmp_path, gold):
     assert done.returncode == 2 and "bad.jsonl:1:" in done.stderr and "Traceback" not in done.stderr
     done = _cli("run")  # the task runner needs at least --model and --out (tests/test_eval_runner.py covers it)
     assert done.returncode == 2 and "--model" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_outputs_are_written_atomically(tmp_path, gold, monkeypatch):
+    """--json / --per-instance appear complete or not at all (temp file + rename, as every other output)."""
+
+    from cancerllm_jax.train import run_io
+
+    written = []
+    real = run_io.write_text_atomic
+    monkeypatch.setattr(run_io, "write_text_atomic", lambda path, text: (written.append(Path(path).name),
+                                                                         real(path, text)))
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "launch" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    pred = _jsonl(tmp_path / "p.jsonl", [{"id": "a", "prediction": "x"}, {"id": "b", "prediction": "er"}])
+    out = tmp_path / "o"
+    assert evaluate.main(["score", "--gold", gold, "--pred", pred, "--json", str(out / "s.json"),
+                          "--per-instance", str(out / "rows.jsonl")]) == 0
+    assert written == ["s.json", "rows.jsonl"] and sorted(p.name for p in out.iterdir()) == ["rows.jsonl", "s.json"]
