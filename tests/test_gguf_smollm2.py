@@ -88,3 +88,23 @@ def test_import_reuses_a_complete_folder(smollm2_dir, tmp_path):
     (tmp_path / "busy" / "file.txt").write_text("x")
     with pytest.raises(UserError, match="--overwrite"):
         import_gguf(out_dir=str(tmp_path / "busy"))
+
+
+def test_an_out_path_that_is_a_file_fails_before_the_import(tmp_path, monkeypatch):
+    from cancerllm_jax.checkpoint import gguf
+
+    monkeypatch.setattr(gguf, "_load_gguf", lambda path: pytest.fail("the GGUF was read before --out was checked"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "afile").write_text("user data")
+    with pytest.raises(UserError, match="not a folder"):
+        import_gguf(str(tmp_path / "m.gguf"), out_dir=str(tmp_path / "afile"), overwrite=True)
+    assert (tmp_path / "afile").read_text() == "user data"
+
+
+@pytest.mark.parametrize("blob", [b"GGUF", b"GGUF\x03\x00\x00\x00" + b"\x00" * 5, b"not a gguf" * 50])
+def test_a_truncated_or_foreign_gguf_is_one_clear_error(tmp_path, blob):
+    """A download cut short (gguf's reader raises struct.error on it) or another file: one error naming it."""
+    (tmp_path / "m.gguf").write_bytes(blob)
+    with pytest.raises(UserError, match="m.gguf: transformers could not read this GGUF"):
+        import_gguf(str(tmp_path / "m.gguf"), out_dir=str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")

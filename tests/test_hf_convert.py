@@ -228,7 +228,7 @@ def _bad_pickle_only(src, d):
 BAD = {  # case -> (builder, words the message must contain)
     "missing folder": (_bad_missing, "not found"),
     "unsupported model_type": (_bad_model_type, "gpt2"),
-    "wrong tensor shape": (_bad_shape, "model.layers.1.self_attn.k_proj.weight"),
+    "wrong tensor shape": (_bad_shape, "model.safetensors: tensor model.layers.1.self_attn.k_proj.weight"),
     "corrupt safetensors": (_bad_corrupt, "safetensors"),
     "truncated safetensors": (_bad_truncated, "model.safetensors"),
     "missing tensor": (_bad_missing_tensor, "model.layers.1.mlp.up_proj.weight"),
@@ -342,3 +342,42 @@ def test_an_eos_only_in_the_generation_config_is_exported(tmp_path):
     assert cfg.eos_token_ids == (7,)
     write_hf(str(tmp_path / "out"), cfg, params)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == 7
+
+
+def test_a_stale_index_beside_model_safetensors_is_ignored_as_transformers_does(tmp_path):
+    """transformers' ``save_pretrained`` of a small model into a folder that held a sharded one removes the shards
+    but leaves ``model.safetensors.index.json``; transformers reads ``model.safetensors`` first, and so do we."""
+    folder = str(tmp_path / "m")
+    _tiny_llama(folder).save_pretrained(folder, max_shard_size="20KB")
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(folder)).save_pretrained(folder)
+    assert {"model.safetensors", "model.safetensors.index.json"} <= set(os.listdir(folder))
+    ids = (np.arange(12, dtype=np.int32)[None] * 5) % 97
+    assert _same_logits_as_transformers(folder, ids) <= 1e-4
+
+
+def test_an_output_path_that_is_a_file_is_one_clear_error(hf_fp32, tmp_path):
+    cfg, params = read_hf(hf_fp32[1])
+    (tmp_path / "f").write_text("user data")
+    with pytest.raises(UserError, match="is not a folder"):
+        write_hf(str(tmp_path / "f"), cfg, params, overwrite=True)
+    assert (tmp_path / "f").read_text() == "user data"
+
+
+def test_a_sentencepiece_tokenizer_keeps_its_added_tokens(tmp_path):
+    """A SentencePiece tokenizer folder (``tokenizer.model``) with tokens added in ``added_tokens.json``, as older
+    transformers saved them: the converted checkpoint and its export keep them (transformers reads the file)."""
+    import shutil
+
+    from cancerllm_jax.data.tokenizer import mistral_v1_model_file
+
+    src = str(tmp_path / "src")
+    _tiny_llama(src)
+    shutil.copy(mistral_v1_model_file(), os.path.join(src, "tokenizer.model"))
+    (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    (tmp_path / "src" / "added_tokens.json").write_text(json.dumps({"<pad>": 32000, "<|im_end|>": 32001}))
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    assert run_cli("from-hf", src, ckpt) == 0 and run_cli("to-hf", ckpt, back) == 0
+    for folder in (ckpt, back):
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+        assert len(tok) == 32002 and tok.convert_tokens_to_ids("<|im_end|>") == 32001

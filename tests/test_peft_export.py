@@ -184,6 +184,7 @@ def test_adapter_missing_or_unexpected_keys_are_errors(base, tuned, tmp_path):
                                           ("init_lora_weights", "pissa_niter_4"), ("init_lora_weights", "olora"),
                                           ("init_lora_weights", "loftq"), ("exclude_modules", ["q_proj"]),
                                           ("arrow_config", {"top_k": 3}), ("use_qalora", True),
+                                          ("layers_to_transform", 0),
                                           ("some_future_variant", {"on": True})])
 def test_adapters_that_are_more_than_their_factors_are_refused(base, tuned, tmp_path, field, value):
     """aLoRA acts only after its invocation tokens; PiSSA / OLoRA / LoftQ rewrite the base weights when peft loads
@@ -200,3 +201,14 @@ def test_adapters_that_are_more_than_their_factors_are_refused(base, tuned, tmp_
         read_peft_adapter(out, cfg)
     json.dump({**conf, "init_lora_weights": "gaussian"}, open(path, "w"))
     read_peft_adapter(out, cfg)  # a plain initialisation name is fine
+
+
+@pytest.mark.parametrize("field, value", [("r", 0), ("lora_alpha", -2), ("lora_dropout", 1.5)])
+def test_an_out_of_range_adapter_value_names_the_adapter_config(base, tuned, tmp_path, field, value):
+    folder, cfg, _, _ = base
+    out = str(tmp_path / "a")
+    write_peft_adapter(out, cfg, LORA, tuned[0], folder)
+    path = os.path.join(out, "adapter_config.json")
+    json.dump({**json.load(open(path)), field: value}, open(path, "w"))
+    with pytest.raises(UserError, match="adapter_config.json: lora"):
+        read_peft_adapter(out, cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -197,3 +198,43 @@ def test_target_modules_as_peft_matches_them(tmp_path, targets):
     lm = cj.load(base, adapter=adapter, merge_lora=False)
     assert max_diff(lm.logits(IDS), ref) <= 1e-4
     assert max_diff(ref, base_only) > 1e-2
+
+
+def test_rslora_and_fan_in_fan_out_load_as_peft_and_export_back(mha, tmp_path):
+    """``use_rslora`` (peft scales by alpha / sqrt(r)) is read exactly; ``fan_in_fan_out`` is what peft makes it on
+    nn.Linear (False); the exported adapter loads in peft with the same logits."""
+    base, adapter, _, _ = mha
+    edited = str(tmp_path / "rslora")
+    shutil.copytree(adapter, edited)
+    path = os.path.join(edited, "adapter_config.json")
+    conf = json.load(open(path))
+    json.dump({**conf, "use_rslora": True, "fan_in_fan_out": True}, open(path, "w"))
+    ref = torch_logits(peft.PeftModel.from_pretrained(hf_base(base), edited).eval(), IDS)
+    assert max_diff(ref, mha[2]) > 1e-2, "rsLoRA must change the scaling"
+    for merge in (True, False):
+        assert max_diff(cj.load(base, adapter=edited, merge_lora=merge).logits(IDS), ref) <= 1e-4
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    assert convert.main(["from-hf", base, ckpt, "--peft-adapter", edited]) == 0
+    assert convert.main(["to-hf", ckpt, back, "--peft-adapter"]) == 0
+    assert max_diff(torch_logits(peft.PeftModel.from_pretrained(hf_base(base), back).eval(), IDS), ref) <= 1e-4
+
+
+def test_merges_in_the_converter_round_once_as_peft_does(tmp_path):
+    """``from-hf --merge-lora --dtype bfloat16`` of an fp32 base is peft's fp32 merge cast to bf16, bit for bit
+    (casting the base first rounded twice: ~1/4 of the entries were 1 ulp off); ``to-hf --dtype float32`` of a bf16
+    checkpoint with LoRA keeps the fp32 sum (peft on the base loaded in fp32)."""
+    base, adapter, _, _ = make_adapter(str(tmp_path / "fp32"), hidden=64, targets="all-linear", r=8, std=0.05,
+                                       num_attention_heads=4, num_key_value_heads=2)
+    merged = peft.PeftModel.from_pretrained(hf_base(base), adapter).merge_and_unload().to(torch.bfloat16)
+    out = str(tmp_path / "merged")
+    assert convert.main(["from-hf", base, out, "--peft-adapter", adapter, "--merge-lora", "--dtype", "bfloat16"]) == 0
+    assert convert.main(["to-hf", out, str(tmp_path / "merged_hf")]) == 0
+    got = load_file(os.path.join(tmp_path / "merged_hf", "model.safetensors"))
+    for k, v in merged.state_dict().items():
+        assert np.array_equal(got[k].astype(np.float32), v.float().numpy()), k
+    base, adapter, ref, _ = make_adapter(str(tmp_path / "bf16"), hidden=64, targets="all-linear", r=8, std=0.05,
+                                         base_dtype=torch.bfloat16, num_attention_heads=4, num_key_value_heads=2)
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    assert convert.main(["from-hf", base, ckpt, "--peft-adapter", adapter]) == 0
+    assert convert.main(["to-hf", ckpt, back, "--dtype", "float32"]) == 0
+    assert max_diff(torch_logits(hf_base(back), IDS), ref) <= 1e-4

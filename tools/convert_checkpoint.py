@@ -62,7 +62,9 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str | None = None, overwrite: bool
         adapter = os.path.abspath(os.path.expanduser(adapter))
         check_adapter_folder(adapter)  # a wrong adapter fails before the base is read
         extra["adapter"] = {"source": adapter, "base_model_name_or_path": adapter_base_name(adapter)}
-    cfg, params = read_hf(hf_dir, dtype=dtype)  # a merge is summed in float32, then stored in this dtype
+    # a merge sums the file's weights and the factors in float32 and rounds once, to ``dtype`` (as peft's merge in
+    # float32, then a cast): weights cast before the merge were rounded twice
+    cfg, params = read_hf(hf_dir, dtype=None if merge_lora else dtype)
     lora = lora_params = None
     if adapter is not None:
         w = api.with_adapter(api.LoadedWeights(cfg, params), adapter)
@@ -70,7 +72,7 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str | None = None, overwrite: bool
     if merge_lora:
         from cancerllm_jax.model.lora import merge_lora_params
 
-        params, lora, lora_params = merge_lora_params(params, lora_params, lora), None, None
+        params, lora, lora_params = _cast(merge_lora_params(params, lora_params, lora, dtype), dtype), None, None
     save_params(out_dir, cfg, params, dtype=_dtype_name(params), extra=extra, overwrite=overwrite,
                 tokenizer_dir=hf_dir, lora=lora, lora_params=lora_params)
     return out_dir
@@ -98,7 +100,7 @@ def to_hf(ckpt_dir: str, out_dir: str, mode: str | None = None, overwrite: bool 
     if has_lora:
         from cancerllm_jax.model.lora import merge_lora_params
 
-        params = merge_lora_params(params, w.lora_params, w.lora)
+        params = merge_lora_params(params, w.lora_params, w.lora, dtype)  # the float32 sum, rounded once
     return write_hf(out_dir, w.cfg, _cast(params, dtype), overwrite=overwrite, tokenizer_dir=tok_dir,
                     shard_bytes=shard_bytes or SHARD_BYTES)
 

@@ -45,6 +45,8 @@ def import_gguf(gguf_path: str | None = None, out_dir: str | None = None, overwr
         raise UserError(f"GGUF file not found: {gguf_path}")
     if is_complete(out_dir) and not overwrite:
         return out_dir
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir} exists and is not a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise UserError(f"{out_dir} exists, is not empty and is not a finished import; pass --overwrite")
     model, tokenizer = _load_gguf(gguf_path)
@@ -65,7 +67,7 @@ def _load_gguf(gguf_path: str):
             loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
                                                           local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
+    except Exception as e:  # gguf raises ValueError, struct.error (a truncated file), KeyError, …
         raise UserError(f"{gguf_path}: transformers could not read this GGUF ({type(e).__name__}: {e})") from None
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
                                      if k not in ("quantization_config", "model_type")},

@@ -34,9 +34,21 @@ SHARD_BYTES = 5 * 1024**3
 
 
 def safetensors_files(folder: str) -> dict[str, str]:
-    """Map tensor name → file, from ``model.safetensors`` or a sharded ``model.safetensors.index.json``."""
+    """Map tensor name → file, from ``model.safetensors`` or else a sharded ``model.safetensors.index.json`` (the
+    order transformers looks in: its ``save_pretrained`` leaves a stale index beside a new single file)."""
     index = os.path.join(folder, "model.safetensors.index.json")
     single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        if os.path.isfile(index):
+            log.warning("%s: has both model.safetensors and model.safetensors.index.json; reading model.safetensors "
+                        "(as transformers does)", folder)
+        try:
+            with safe_open(single, framework="numpy") as f:
+                return {k: single for k in f.keys()}
+        except Exception as e:  # safetensors raises SafetensorError / OSError on a corrupt header
+            raise UserError(f"{single}: corrupt or not a safetensors file ({e})") from None
     if os.path.isfile(index):
         try:
             with open(index, encoding="utf-8") as f:
@@ -50,14 +62,6 @@ def safetensors_files(folder: str) -> dict[str, str]:
             if not os.path.isfile(os.path.join(folder, fname)):
                 raise UserError(f"{index} names {fname}, which is missing from {folder}")
         return {k: os.path.join(folder, v) for k, v in weight_map.items()}
-    if os.path.isfile(single):
-        from safetensors import safe_open
-
-        try:
-            with safe_open(single, framework="numpy") as f:
-                return {k: single for k in f.keys()}
-        except Exception as e:  # safetensors raises SafetensorError / OSError on a corrupt header
-            raise UserError(f"{single}: corrupt or not a safetensors file ({e})") from None
     if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in os.listdir(folder)):
         raise UserError(f"{folder}: only pickle weights (.bin/.pt) found; convert them to safetensors first "
                         "(pickle files are never loaded)")
@@ -85,11 +89,11 @@ class _Reader:
             raise UserError(f"{path}: cannot read tensor {name} ({e})") from None
 
 
-def _check(name: str, arr: np.ndarray, shape: tuple) -> np.ndarray:
+def _check(where: str, arr: np.ndarray, shape: tuple) -> np.ndarray:
     if tuple(arr.shape) != tuple(shape):
-        raise UserError(f"tensor {name}: shape {tuple(arr.shape)}, expected {tuple(shape)} from config.json")
+        raise UserError(f"{where}: shape {tuple(arr.shape)}, expected {tuple(shape)} from config.json")
     if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":  # int8/uint8 quantised or corrupt weights
-        raise UserError(f"tensor {name}: dtype {arr.dtype.name}, expected floating-point weights (quantised "
+        raise UserError(f"{where}: dtype {arr.dtype.name}, expected floating-point weights (quantised "
                         f"checkpoints are not supported; dequantise to float16/bfloat16/float32 first)")
     return arr
 
@@ -111,7 +115,8 @@ def read_hf(folder: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
         if name not in names:
             raise UserError(f"{folder}: tensor {name} is missing")
         used.add(name)
-        return _check(name, reader.get(name), shapes[name] if name in shapes else shapes[_layer_generic(name)])
+        return _check(f"{files[name]}: tensor {name}", reader.get(name),
+                      shapes[name] if name in shapes else shapes[_layer_generic(name)])
 
     embed_name, head_name = "model.embed_tokens.weight", "lm_head.weight"
     tied_head_only = cfg.tie_embeddings and embed_name not in names and head_name in names

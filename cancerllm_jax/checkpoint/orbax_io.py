@@ -26,6 +26,8 @@ FORMAT_LORA = "cancerllm-jax/params-lora-v1"
 def atomic_dir(out_dir: str, overwrite: bool = False):
     """Yield a temp folder beside ``out_dir``; on success it replaces ``out_dir`` in one rename."""
     out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir} exists and is not a folder")
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise UserError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
     parent = os.path.dirname(out_dir)
@@ -74,7 +76,7 @@ def save_params(out_dir: str, cfg: ModelConfig, params: dict, dtype: str, extra:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
+                   "added_tokens.json", "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:

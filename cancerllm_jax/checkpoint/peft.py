@@ -6,7 +6,9 @@ PEFT stores one ``lora_A.weight [r, in]`` and ``lora_B.weight [out, r]`` per lay
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 
@@ -20,16 +22,17 @@ ADAPTER_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model.model.layers"
 HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-_UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "lora_bias": False,
-                "use_qalora": False}
+_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "use_qalora": False}
 # set, these change which weights get factors or what the layer computes (LoRA variants of peft 0.21)
 _EMPTY = ("layers_to_transform", "rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication",
           "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "exclude_modules",
           "velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")
 # fields that do not change a plain LoRA's forward (bookkeeping, training-time or initialisation-only settings,
-# and settings for features refused above); any other field that is set is an error: a newer peft's variant
+# and settings for features refused above; peft sets fan_in_fan_out to False on nn.Linear, every target here, and
+# use_rslora is read below); any other field that is set is an error: a newer peft's variant
 _HARMLESS = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
              "inference_mode", "r", "lora_alpha", "lora_dropout", "target_modules", "init_lora_weights",
+             "fan_in_fan_out", "use_rslora",
              "layers_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
              "lora_ga_config", "qalora_group_size", "runtime_config", "ensure_weight_tying")
 # initialisations after which peft rewrites the base weights when it loads the adapter: the factors alone are not
@@ -136,8 +139,8 @@ def read_adapter_config(folder: str) -> LoRAConfig:
                         "convert it to a plain LoRA adapter with peft first (path_initial_model_for_weight_conversion)")
     if conf.get("bias", "none") != "none":
         raise UserError(f"{path}: bias={conf['bias']!r} is not supported (only 'none')")
-    for key in _EMPTY:
-        if conf.get(key):
+    for key in _EMPTY:  # set: not null, false or empty (layers_to_transform=0 is layer 0 alone)
+        if conf.get(key) is not None and conf[key] is not False and conf[key] not in ("", [], {}):
             raise UserError(f"{path}: {key}={conf[key]!r} is not supported")
     unknown = [k for k, v in conf.items() if v and k not in (*_HARMLESS, *_UNSUPPORTED, *_EMPTY, "bias")]
     if unknown:
@@ -167,13 +170,16 @@ def read_adapter_config(folder: str) -> LoRAConfig:
         raise UserError(f"{path}: target module(s) {bad} are not supported (choose from {sorted(names)})")
     targets = list(dict.fromkeys(targets))
     try:
-        return LoRAConfig(rank=int(conf["r"]), alpha=float(conf["lora_alpha"]),
-                          dropout=float(conf.get("lora_dropout", 0.0)),
-                          targets=tuple(names.get(t, t) for t in targets))
+        lora = LoRAConfig(rank=int(conf["r"]), alpha=float(conf["lora_alpha"]),
+                          dropout=float(conf.get("lora_dropout", 0.0)), targets=tuple(names.get(t, t) for t in targets))
     except KeyError as e:
         raise UserError(f"{path}: missing field {e}") from None
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: r / lora_alpha / lora_dropout must be numbers ({e})") from None
+    except UserError as e:
+        raise UserError(f"{path}: {e} (from r / lora_alpha / lora_dropout)") from None
+    # use_rslora: peft scales by alpha / sqrt(r), the same as alpha * sqrt(r) / r
+    return dataclasses.replace(lora, alpha=lora.alpha * math.sqrt(lora.rank)) if conf.get("use_rslora") else lora
 
 
 def check_adapter_folder(folder: str) -> LoRAConfig:
