@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cancerllm_jax.data.tokenizer import encode_written_prompt
 from cancerllm_jax.errors import UserError
 
 
@@ -76,14 +77,12 @@ def first_argmax(logits: jax.Array) -> jax.Array:
 
 
 def generated_text(tokenizer, ids: Sequence[int], eos_ids: Sequence[int], stop: Sequence[str] = ()) -> str:
-    """Generated ids as text: EOS ids dropped, then cut at the first occurrence of each ``stop`` string in turn."""
+    """Generated ids as text: EOS ids dropped, then cut before the ``stop`` string that is complete first (where
+    a stopper reading the text as it grows would stop), whatever order ``stop`` lists them in."""
     eos = set(eos_ids)
     text = tokenizer.decode([t for t in ids if t not in eos])
-    for s in stop:
-        cut = text.find(s)
-        if cut >= 0:
-            text = text[:cut]
-    return text
+    found = [(i + len(s), i) for s in stop if (i := text.find(s)) >= 0]  # (end, start) of each one's first match
+    return text[:min(found)[1]] if found else text
 
 
 def _row_keys(seed, n: int) -> np.ndarray:
@@ -171,12 +170,12 @@ class Decoder:
         ``tokenizer(text, add_special_tokens=False)`` would. Id-list prompts are used as given.
         ``max_prompt_tokens``: a longer prompt keeps its BOS (when it starts with one) and its last tokens; such
         prompts are counted in ``last_stats["truncated_prompts"]``.
-        ``stop`` (a string or a list; string prompts only) cuts each decoded text before the first stop string; the
-        rows still decode to EOS or ``max_new_tokens``. Sampling (``temperature`` > 0, then ``top_k``, then
-        ``top_p``, as transformers' warpers) gives each prompt its own random stream: ``seed`` an int → from the
-        seed and the prompt's index in ``prompts``; a list of ints → one seed per prompt. A prompt's random numbers
-        never depend on ``batch_size`` or on which prompts share its batch (its logits may still differ in the last
-        bits between batch shapes, which can tip a near-tie)."""
+        ``stop`` (a string or a list; string prompts only) cuts each decoded text before the stop string that is
+        complete first (``generated_text``); the rows still decode to EOS or ``max_new_tokens``. Sampling
+        (``temperature`` > 0, then ``top_k``, then ``top_p``, as transformers' warpers) gives each prompt its own
+        random stream: ``seed`` an int → from the seed and the prompt's index in ``prompts``; a list of ints → one
+        seed per prompt. A prompt's random numbers never depend on ``batch_size`` or on which prompts share its batch
+        (its logits may still differ in the last bits between batch shapes, which can tip a near-tie)."""
         lm = self.lm
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise UserError("prompts must be a list of strings or a list of token-id lists")
@@ -205,10 +204,11 @@ class Decoder:
                     keep_bos = bos is not None and p[0] == bos and max_prompt_tokens > 1
                     ids[i] = p[:1] + p[len(p) - max_prompt_tokens + 1:] if keep_bos else p[-max_prompt_tokens:]
                     truncated += 1
-        if eos_id is None:
-            eos_id = list(lm.eos_ids)
-        eos_ids = tuple(sorted({int(e) for e in np.asarray(eos_id if eos_id is not None else [], dtype=object)
-                                .ravel() if e is not None and e >= 0}))
+        try:  # None: the model's EOS ids; [] (or only negative ids): no EOS, every row runs to max_new_tokens
+            eos_ids = tuple(sorted({int(e) for e in np.asarray(lm.eos_ids if eos_id is None else eos_id, dtype=object)
+                                    .ravel() if e is not None and e >= 0}))
+        except (TypeError, ValueError):
+            raise UserError(f"eos_id must be a token id or a list of them, got {eos_id!r}") from None
         greedy = temperature is None or float(temperature) <= 0.0
         top_k = min(int(top_k or 0), lm.cfg.vocab_size)  # as transformers: k past the vocabulary keeps every token
         if top_k < 0:
@@ -228,8 +228,8 @@ class Decoder:
         for c, chunk in enumerate(iterator):
             rows = [ids[i] for i in chunk]
             shared = shared_prefix_length(rows) if self.share_prefix else 0
-            b = max(len(rows), 1)
-            b = -(-(1 << (b - 1).bit_length()) // d) * d if len(rows) < batch_size else -(-b // d) * d
+            b = len(rows)  # a last, smaller batch: a power of two rows, never more than batch_size
+            b = -(-(b if b == batch_size else min(1 << (b - 1).bit_length(), batch_size)) // d) * d
             last, cache = self._prefill_rows(rows, b, shared, max_new_tokens)
             next_pos = jax.device_put(np.asarray([len(r) for r in rows] + [0] * (b - len(rows)), np.int32), rows_sh)
             filler = jax.device_put(np.arange(b) >= len(rows), rows_sh)  # rows that only fill the batch: done at once
@@ -289,14 +289,16 @@ class Decoder:
         if as_text:
             if not isinstance(prompt, str):
                 raise UserError(f"prompt {index}: expected a string like the first prompt, got {type(prompt).__name__}")
-            row = self.lm.tokenizer.encode(prompt, bos=add_bos)
-            if not row:
+            row = encode_written_prompt(self.lm.tokenizer, prompt, add_bos)  # as tokenizer(text)
+            if not prompt or not row:  # a BOS alone is no prompt either
                 raise UserError(f"prompt {index} is empty (no tokens)")
             return row
         try:
             row = [int(t) for t in prompt]
+            if any(isinstance(t, (bool, np.bool_)) or t != r for t, r in zip(prompt, row)):  # 1.5, "7", True
+                raise ValueError
         except (TypeError, ValueError):
-            raise UserError(f"prompt {index}: expected a list of token ids") from None
+            raise UserError(f"prompt {index}: expected a list of token ids (whole numbers)") from None
         if not row:
             raise UserError(f"prompt {index} is empty")
         if min(row) < 0 or max(row) >= self.lm.cfg.vocab_size:

@@ -101,16 +101,24 @@ def main(argv=None):
 
 
 def _check_fields(path: str, r: dict) -> None:
+    from cancerllm_jax.data.instruct import refuse_alpaca_input
+
+    refuse_alpaca_input(f"{path}:{r['_line']}", r)
     if "prompt" not in r and "instruction" not in r:
         raise UserError(f"{path}:{r['_line']}: needs a 'prompt' or an 'instruction' field")
+    if "prompt" in r and ("instruction" in r or "context" in r):  # which one was meant? neither is dropped silently
+        raise UserError(f"{path}:{r['_line']}: has a 'prompt' and an 'instruction'/'context'; give one or the other")
+    if r.get("prompt") == "":  # with a tokenizer that adds a BOS it would encode to the BOS alone
+        raise UserError(f"{path}:{r['_line']}: the prompt is empty")
 
 
 def _prompt(tokenizer, r: dict, budget: int, where: str) -> tuple[list[int], str, int]:
     """(prompt ids, the prompt's text, context tokens cut) for one record."""
     from cancerllm_jax.data.instruct import encode_prompt, render_prompt
+    from cancerllm_jax.data.tokenizer import encode_written_prompt
 
     if "prompt" in r:
-        ids = tokenizer.encode(r["prompt"], bos=True)
+        ids = encode_written_prompt(tokenizer, r["prompt"], bos=True)  # as tokenizer(text): a chat template's tokens
         if not ids:
             raise UserError(f"{where}: the prompt is empty")
         return ids, r["prompt"], 0
@@ -123,12 +131,14 @@ def _keep_good(records: list, skip_bad: bool, make) -> tuple[list, list, int]:
     """(the records ``make`` accepts, what it made of them, how many it refused): a refused record is an error,
     or dropped and counted with ``--skip-bad-lines``."""
     kept, made = [], []
-    for r in records:
+    for n, r in enumerate(records):
         try:
             made.append(make(r))
-        except UserError:
+        except UserError as e:
             if not skip_bad:
                 raise
+            if n - len(kept) < 5:  # the first few refused records, by line (as read_jsonl logs bad lines)
+                print(f"warning: skipping {e}", file=sys.stderr)
             continue
         kept.append(r)
     return kept, made, len(records) - len(kept)

@@ -134,3 +134,34 @@ def test_read_documents_errors(tmp_path):
         read_documents(str(tmp_path / "*.jsonl"))
     with pytest.raises(UserError, match="unsupported file type"):
         read_documents(write(tmp_path, "notes.csv", "a,b\n"))
+
+
+def test_empty_document_text_is_a_bad_line(tmp_path):
+    """A JSONL document of only whitespace is refused naming file, line and field (or counted with skip)."""
+    path = write(tmp_path, "notes.jsonl", json.dumps({"text": "a note"}) + "\n" + json.dumps({"text": " \n"}) + "\n")
+    with pytest.raises(UserError, match=r"notes\.jsonl:2: field 'text' is empty"):
+        read_documents(path)
+    docs, skipped = read_documents(path, skip_bad_lines=True)
+    assert [d["text"] for d in docs] == ["a note"] and skipped == 1
+    assert read_jsonl(path, {"text": str})[0][1]["text"] == " \n"  # only where asked
+
+
+def test_edge_case_lines(tmp_path):
+    """BOM + CRLF, trailing whitespace, unicode (emoji, CJK, NUL escape) are read as written; a BOM in the middle
+    of a file (concatenated files) names its line."""
+    text = "emoji \U0001f642 中文 \u2028 a\u0000b"
+    path = write(tmp_path, "crlf.jsonl", b"\xef\xbb\xbf" + json.dumps({"text": text}, ensure_ascii=False).encode()
+                 + b"  \t\r\n\r\n" + json.dumps({"text": "x"}).encode() + b"\r\n")
+    assert [d["text"] for d in read_documents(path)[0]] == [text, "x"]
+    path = write(tmp_path, "cat.jsonl", json.dumps({"text": "a"}) + "\n\ufeff" + json.dumps({"text": "b"}) + "\n")
+    with pytest.raises(UserError, match=r"cat\.jsonl:2: invalid JSON"):
+        read_documents(path)
+
+
+@pytest.mark.parametrize("line, expect", [("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+                                          ('{"text": "a", "n": ' + "1" * 5000 + "}", "4300 digits")])
+def test_hostile_json_is_a_bad_line_not_a_crash(tmp_path, line, expect):
+    path = write(tmp_path, "hostile.jsonl", json.dumps({"text": "ok"}) + "\n" + line + "\n")
+    with pytest.raises(UserError, match=rf"hostile\.jsonl:2: invalid JSON \(.*{expect}"):
+        read_jsonl(path, {"text": str})
+    assert read_jsonl(path, {"text": str}, skip_bad_lines=True)[1] == 1

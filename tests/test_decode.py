@@ -143,6 +143,11 @@ def test_bad_prompts_are_clear_errors(tiny):
         lm.generate([[1, 2], []], max_new_tokens=2)
     with pytest.raises(cj_errors().UserError, match="token ids"):
         lm.generate([[1, 500]], max_new_tokens=2)
+    for bad in ([1, 5.5], [1, "7"], [True, 5], "15"):  # not silently 5, 7, 1 or [1, 5]
+        with pytest.raises(cj_errors().UserError, match="prompt 1: expected a list of token ids"):
+            lm.generate([[1, 2], bad], max_new_tokens=2)
+    assert lm.generate([np.array([1, 5], np.int64), [1.0, 5.0]], max_new_tokens=2, eos_id=[]) == \
+        lm.generate([[1, 5]] * 2, max_new_tokens=2, eos_id=[])
     with pytest.raises(cj_errors().UserError, match="no tokenizer"):
         lm.generate(["hello"], max_new_tokens=2)
 
@@ -160,6 +165,9 @@ def test_bad_decoding_arguments_are_clear_errors(tiny):
     base = lm.generate([[1, 2, 3]], max_new_tokens=4, eos_id=[])
     assert lm.generate([[1, 2, 3]], max_new_tokens=4, eos_id=np.array([], np.int64), top_p=None) == base
     assert lm.generate([[1, 2, 3]], max_new_tokens=4, eos_id=np.int64(base[0][1])) == [base[0][:2]]
+    for bad in (["</s>"], "2", [[2], "x"]):
+        with pytest.raises(err, match="eos_id must be a token id"):
+            lm.generate([[1, 2, 3]], max_new_tokens=4, eos_id=bad)
 
 
 def test_a_sampled_prompt_does_not_depend_on_its_batch(tiny):
@@ -189,6 +197,11 @@ def test_a_stop_string_is_one_string():
 
     ids = [ord(c) for c in "jrnkf nojb"]
     assert generated_text(Chars(), ids, [], ["kf"]) == "jrn" == generated_text(Chars(), ids, [], ["zz", "kf", "f"])
+    # the stop string complete first wins, whatever the list's order (not the first listed, nor the first found)
+    abcd = [ord(c) for c in "abcd"]
+    assert generated_text(Chars(), abcd, [], ["bc", "ab"]) == "" == generated_text(Chars(), abcd, [], ["ab", "bc"])
+    assert generated_text(Chars(), abcd, [], ["abcd", "bc"]) == "a" == generated_text(Chars(), abcd, [], ["bc", "abcd"])
+    assert generated_text(Chars(), abcd, [], ["bc", "abc"]) == ""  # complete together: the longer one's start
 
 
 def cj_errors():
@@ -300,10 +313,12 @@ def test_string_prompts_get_bos_unless_asked_not_to(tiny):
     try:
         assert lm.generate([text], max_new_tokens=3, eos_id=[]) == [lm.tokenizer.decode(g) for g in
                                                                    lm.generate([ids], max_new_tokens=3, eos_id=[])]
+        assert lm.tokenizer.special  # a prompt is read as tokenizer(text) reads it, chat-template tokens included
         assert lm.generate([text], max_new_tokens=3, eos_id=[], add_bos=False) == [
             lm.tokenizer.decode(g) for g in lm.generate([ids[1:]], max_new_tokens=3, eos_id=[])]
-        with pytest.raises(cj_errors().UserError, match="prompt 0 is empty"):
-            lm.generate([""], max_new_tokens=2, add_bos=False)
+        for add_bos in (False, True):  # with a BOS, an empty text still is no prompt
+            with pytest.raises(cj_errors().UserError, match="prompt 1 is empty"):
+                lm.generate([text, ""], max_new_tokens=2, add_bos=add_bos)
         out = lm.generate([text], max_new_tokens=3, eos_id=[])[0]
         # a bare string is one stop string, not a set of characters: its first character alone cuts nothing
         assert lm.generate([text], max_new_tokens=3, eos_id=[], stop=out[0] + "z") == [out]
@@ -319,7 +334,8 @@ class _ModTokenizer:
     def __init__(self, tok):
         self.tok, self.eos_id, self.bos_id = tok, 2, 1
 
-    def encode(self, text, bos=False, eos=False):
+    def encode(self, text, bos=False, eos=False, special=False):
+        self.special = special  # how the last text was read: special-token strings as the tokens (tokenizer(text))
         return [t % 96 for t in self.tok.encode(text, bos=bos, eos=eos)]
 
     def decode(self, ids):
@@ -402,3 +418,76 @@ def test_a_mistral_folder_with_a_plain_fast_tokenizer_loads(tmp_path):
     assert lm.tokenizer.encode("bad cafe", bos=True) == [1] + fast.encode("bad cafe", add_special_tokens=False)
     assert lm.tokenizer.encode("bad cafe", bos=True) == fast("bad cafe")["input_ids"]
     assert lm.tokenizer.decode(lm.tokenizer.encode("bad cafe")) == "bad cafe"
+
+
+def test_a_last_smaller_batch_never_exceeds_batch_size(tiny):
+    """The last batch pads to a power of two rows (few compiled shapes), but never past ``batch_size``: 11 prompts
+    in batches of 6 are decoded as 6 + 6 rows, not 6 + 8."""
+    from cancerllm_jax.decode import Decoder
+
+    _, lm = tiny
+    prompts = [[1, 5 + i, 6] for i in range(11)]
+    dec = Decoder(lm)
+    got = dec.generate(prompts, max_new_tokens=3, batch_size=6)
+    assert {k[5] for k in dec._fns if k[0] == "decode"} == {6}
+    assert got == [lm.generate([p], max_new_tokens=3)[0] for p in prompts]
+
+
+def _generate_cli():
+    import importlib.util
+    import os
+    import sys
+
+    launch = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch")
+    sys.path.insert(0, launch)
+    try:
+        spec = importlib.util.spec_from_file_location("generate_cli_for_test", os.path.join(launch, "generate.py"))
+        cli = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cli)
+    finally:
+        sys.path.remove(launch)
+    return cli
+
+
+def test_generate_cli_refuses_an_empty_prompt_even_with_a_bos():
+    """``{"prompt": ""}`` is a bad record naming its line (found before the model loads), for tokenizers with a
+    BOS (Mistral's: ``[bos]`` alone) as without."""
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+
+    cli = _generate_cli()
+    tok = load_tokenizer(None)
+    assert tok.encode("", bos=True) == [tok.bos_id]
+    cli._check_fields("in.jsonl", {"prompt": "x", "_line": 2})
+    with pytest.raises(cj_errors().UserError, match="in.jsonl:3: the prompt is empty"):
+        cli._check_fields("in.jsonl", {"prompt": "", "_line": 3})
+
+
+def test_generate_cli_refuses_a_prompt_beside_an_instruction_or_context():
+    """A record with ``prompt`` and ``context`` (or ``instruction``) is ambiguous: an error naming its line, not
+    a context silently left out of the prompt."""
+    cli = _generate_cli()
+    cli._check_fields("in.jsonl", {"prompt": "x", "_line": 1})
+    cli._check_fields("in.jsonl", {"instruction": "x", "context": "y", "_line": 2})
+    for extra in ({"context": "y"}, {"instruction": "y"}):
+        with pytest.raises(cj_errors().UserError, match="in.jsonl:4: has a 'prompt' and an 'instruction'"):
+            cli._check_fields("in.jsonl", {"prompt": "x", "_line": 4, **extra})
+    with pytest.raises(cj_errors().UserError, match="in.jsonl:5: field 'input' is not read"):  # Alpaca's name
+        cli._check_fields("in.jsonl", {"instruction": "x", "input": "the note", "_line": 5})
+
+
+def test_generate_cli_names_the_records_it_skips(capsys):
+    """With --skip-bad-lines, records refused after reading (empty prompt, too long, ...) are counted and the first
+    five named on stderr, as read_jsonl names the bad lines it skips."""
+    cli = _generate_cli()
+
+    def make(r):
+        if r["_line"] % 2 == 0:
+            raise cj_errors().UserError(f"in.jsonl:{r['_line']}: bad")
+        return r["_line"]
+
+    kept, made, refused = cli._keep_good([{"_line": i} for i in range(1, 16)], True, make)
+    assert refused == 7 and made == list(range(1, 16, 2)) == [r["_line"] for r in kept]
+    err = capsys.readouterr().err
+    assert err.count("skipping in.jsonl:") == 5 and "in.jsonl:2: bad" in err and "in.jsonl:12" not in err
+    with pytest.raises(cj_errors().UserError, match="in.jsonl:2: bad"):
+        cli._keep_good([{"_line": i} for i in range(1, 4)], False, make)

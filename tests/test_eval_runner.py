@@ -339,6 +339,9 @@ def test_task_specs_and_user_jsonl(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"response": "x"}\nnot json\n')
     with pytest.raises(UserError, match=r"bad.jsonl:2: invalid JSON"):
         read_test_split("diagnosis", str(tmp_path / "bad.jsonl"))
+    (tmp_path / "alpaca.jsonl").write_text('{"response": "x", "context": "c"}\n{"response": "x", "input": "c"}\n')
+    with pytest.raises(UserError, match=r"alpaca.jsonl:2: field 'input' is not read; rename it to 'context'"):
+        read_test_split("diagnosis", str(tmp_path / "alpaca.jsonl"))  # its context is not silently left out
     assert len(read_test_split("diagnosis", "synthetic", limit=3)) == 3
 
 

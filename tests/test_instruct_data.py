@@ -300,3 +300,91 @@ def test_context_cut_inside_a_character_is_not_invented():
         ids, cut = encode_prompt(tok, "q", ctx, budget)
         kept = tok.decode(ids).split("### Input:\n", 1)[1].split("\n\n### Response:", 1)[0]
         assert cut > 0 and ctx.startswith(kept) and "\ufffd" not in kept, (budget, kept[-8:])
+
+
+@pytest.mark.parametrize("hf", [True, False])
+def test_special_token_strings_in_user_text_stay_text(tmp_path, tok, hf):
+    """'</s>' or '<|im_end|>' typed in a note is text, never the EOS/BOS token (HF's tokenizer(text) would parse it):
+    each document and example holds exactly one EOS, at its end, and no text is stripped as a 'special'."""
+    from cancerllm_jax.data.pretrain import tokenize_documents
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+
+    if hf:
+        _char_tokenizer(tmp_path / "tok", bos=True)
+        tok = load_tokenizer(str(tmp_path / "tok"))
+    for text in ("a </s>", "<s>b", "c <|im_end|> d"):
+        stream, _ = tokenize_documents(tok, [text])
+        assert stream.tolist().count(tok.eos_id) == 1 and stream[-1] == tok.eos_id
+        assert stream.tolist().count(tok.bos_id) == 1 and stream[0] == tok.bos_id
+        ex = encode_example(tok, text, text, text, 512)
+        assert ex.tokens.count(tok.eos_id) == 1 and ex.tokens.count(tok.bos_id) == 1
+        assert len(ex.tokens) - ex.prompt_len > 2  # the response text is there, not stripped
+
+
+def test_a_written_prompt_reads_special_token_strings_as_tokenizer_text_does(tmp_path):
+    """Generation prompts (``lm.generate([text])``, generate.py's ``prompt``) are encoded as ``tokenizer(text)``: a
+    chat template's special-token strings are the special tokens there, while data keeps them as text."""
+    from cancerllm_jax.data.tokenizer import encode_written_prompt, load_tokenizer
+
+    fast = _char_tokenizer(tmp_path / "tok", bos=True)
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    text = "a</s>b<s>c"
+    assert encode_written_prompt(tok, text, bos=True) == fast(text)["input_ids"] == [1, 2, 0, 3, 1, 4]
+    assert tok.encode(text, bos=True).count(0) == 0  # data: '</s>' is four characters
+    sp = load_tokenizer(None)  # SentencePiece reads '</s>' as text either way
+    assert encode_written_prompt(sp, "a </s>", bos=True) == sp.encode("a </s>", bos=True)
+
+
+def test_alpaca_input_field_is_not_silently_dropped(tmp_path):
+    p = tmp_path / "alpaca.jsonl"
+    p.write_text(json.dumps({"instruction": "Q", "context": "C", "response": "A"}) + "\n"
+                 + json.dumps({"instruction": "Q", "input": "the note", "response": "A"}) + "\n")
+    with pytest.raises(UserError, match=r"alpaca\.jsonl:2: field 'input' is not read; rename it to 'context'"):
+        read_instruct_jsonl(str(p))
+
+
+def test_no_eos_is_one_error_even_when_skipping(tmp_path):
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+
+    _char_tokenizer(tmp_path / "noeos", bos=True, eos=False)
+    cfg = InstructDataConfig(max_seq_len=64, skip_bad_lines=True)
+    with pytest.raises(UserError, match="no EOS token"):
+        build_instruct_data(cfg, load_tokenizer(str(tmp_path / "noeos")), examples=[{"instruction": "q",
+                                                                                   "response": "a"}])
+
+
+@pytest.mark.parametrize("cfg, expect", [(InstructDataConfig(seed=-1), "data.seed"),
+                                         (InstructDataConfig(max_seq_len=4), "data.max_seq_len")])
+def test_bad_config_is_one_error(tok, cfg, expect):
+    with pytest.raises(UserError, match=expect):
+        build_instruct_data(cfg, tok, examples=[{"instruction": "q", "response": "a"}])
+
+
+@pytest.mark.parametrize("record, expect", [({"instruction": "q", "response": "a", "context": 5}, "'context' must be a "
+                                             "string, got integer"),
+                                            ({"instruction": "q", "response": "a", "context": ["c"]}, "got array"),
+                                            ({"instruction": "q"}, "'response' must be a string \\(missing\\)"),
+                                            ("q", "example 0 must be a dict")])
+def test_in_memory_examples_are_type_checked(tok, record, expect):
+    with pytest.raises(UserError, match=expect):
+        build_instruct_data(InstructDataConfig(max_seq_len=64), tok, examples=[record])
+    assert build_instruct_data(InstructDataConfig(max_seq_len=64), tok, examples=[
+        {"instruction": "q", "response": "a", "context": None}]).stats["examples"] == 1
+
+
+def test_tokenizer_json_path_loads_its_folder(tmp_path):
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+
+    _char_tokenizer(tmp_path / "tok", bos=True)
+    assert load_tokenizer(str(tmp_path / "tok" / "tokenizer.json")).encode("ab", bos=True) == [1, 2, 3]
+    (tmp_path / "vocab.txt").write_text("a\n")
+    with pytest.raises(UserError, match="is not a tokenizer"):
+        load_tokenizer(str(tmp_path / "vocab.txt"))
+
+
+def test_eval_truncation_is_reported(tok, caplog):
+    caplog.set_level("INFO")
+    long = {"instruction": "Q", "context": "word " * 200, "response": "A"}
+    data = build_instruct_data(InstructDataConfig(max_seq_len=64), tok, examples=[long], eval_examples=[long, long])
+    assert data.stats["eval"]["truncated_examples"] == 2
+    assert "instruction eval data: 2 examples, 2 contexts truncated" in caplog.text

@@ -235,3 +235,29 @@ def test_builtin_corpus_weights_pair_with_sorted_sources_whatever_the_seed(tok):
         stats = pretrain_data_factory(cfg, said.append)(tok, 0, 1).stats
         assert [(s["name"], s["weight"]) for s in stats["sources"]] == [("clinical_note", 5), ("pathology_report", 1)]
     assert "sorted order: clinical_note, pathology_report" in said[0]
+
+
+def test_empty_in_memory_document_is_an_error(tok):
+    with pytest.raises(UserError, match="document 1 has an empty 'text'"):
+        build_pretrain_data(PretrainDataConfig(block_size=16), tok, documents=[{"text": "a note"}, {"text": "  "}])
+
+
+@pytest.mark.parametrize("weights", [[1.0, float("nan")], [float("inf"), 1.0], [0, 1], [-1, 2]])
+def test_bad_mixture_weights_are_refused(weights):
+    with pytest.raises(UserError, match="data.weights must all be positive and finite"):
+        PretrainDataConfig(sources=["a", "b"], weights=weights).validate()
+
+
+def test_sources_without_weights_are_one_stream(tok, tmp_path):
+    """``weights: null`` concatenates the sources (each block once per epoch), not a 1:1 mixture that would show a
+    small source as often as a large one."""
+    big, small = tmp_path / "big.jsonl", tmp_path / "small.jsonl"
+    big.write_text("".join(json.dumps(d) + "\n" for d in notes(60, "big")))
+    small.write_text("".join(json.dumps(d) + "\n" for d in notes(4, "small")))
+    cfg = PretrainDataConfig(sources=[str(big), str(small)], block_size=16, eval_fraction=0.0)
+    data = build_pretrain_data(cfg, tok)
+    assert len(data.train) == 1 and data.stats["documents"] == 64 and data.weights is None
+    n = len(data.train[0])
+    it = data.train_iterator(1)
+    seen = sorted(next(it)["inputs"].tobytes() for _ in range(n))
+    assert seen == sorted(data.train[0][i]["inputs"].tobytes() for i in range(n))  # every block once per epoch

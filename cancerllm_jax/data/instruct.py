@@ -27,7 +27,7 @@ import numpy as np
 
 from cancerllm_jax.data.pretrain import (FIELDS, Batch, check_process_split, fixed_batches, pad_rows, strip_special,
                                          take_rows)
-from cancerllm_jax.data.sources import read_jsonl
+from cancerllm_jax.data.sources import json_type_name, read_jsonl
 from cancerllm_jax.data.tokenizer import bos_ids, training_eos_id
 from cancerllm_jax.errors import UserError
 
@@ -191,12 +191,29 @@ class InstructDataConfig:
     seed: int = 0
     skip_bad_lines: bool = False  # also skips (and counts) examples too long even with an empty context
 
+    def validate(self) -> None:
+        if self.max_seq_len < 8:
+            raise UserError(f"data.max_seq_len must be at least 8, got {self.max_seq_len}")
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"data.seed must be in [0, 2**32), got {self.seed}")
+
+
+def refuse_alpaca_input(where: str, record: dict) -> None:
+    """Alpaca's ``input`` field name is refused (naming ``where``, a file:line) rather than its context silently not
+    read: the fields are instruction, context, response."""
+    if "input" in record and "context" not in record:
+        raise UserError(f"{where}: field 'input' is not read; rename it to 'context' (the fields are instruction, "
+                        "context, response)")
+
 
 def read_instruct_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[dict], int]:
-    """``{instruction, context, response, id}`` records (``id`` defaults to ``path:line``) and skipped lines."""
+    """``{instruction, context, response, id}`` records (``id`` defaults to ``path:line``) and skipped lines.
+
+    Alpaca's ``input`` field name is refused (naming the line) rather than its context silently not read."""
     records, skipped = read_jsonl(path, {"instruction": str, "response": str}, skip_bad_lines,
                                   optional={"context": str, "id": (str, int)}, line_key="_line")
     for r in records:
+        refuse_alpaca_input(f"{path}:{r['_line']}", r)
         r["id"] = f"{path}:{r['_line']}" + (f" (id {r['id']})" if r.get("id") is not None else "")
         r["context"] = r.get("context") or ""
     return records, skipped
@@ -208,10 +225,14 @@ def encode_examples(tokenizer, records: Sequence[dict], max_seq_len: int, skip_t
     out: list[EncodedExample] = []
     stats = {"examples": 0, "truncated_examples": 0, "context_tokens_cut": 0, "skipped_too_long": 0,
              "loss_tokens": 0, "tokens": 0}
+    training_eos_id(tokenizer)  # a tokenizer without EOS is one error, not every example "too long"
     for i, r in enumerate(records):
-        for key in ("instruction", "response"):
-            if not isinstance(r.get(key), str):
-                raise UserError(f"{r.get('id', f'example {i}')}: '{key}' must be a string")
+        if not isinstance(r, dict):
+            raise UserError(f"example {i} must be a dict, got {type(r).__name__}")
+        for key in ("instruction", "response", "context"):
+            if not isinstance(r.get(key), str) and (key != "context" or r.get(key) is not None):
+                raise UserError(f"{r.get('id', f'example {i}')}: '{key}' must be a string"
+                                f"{', got ' + json_type_name(r[key]) if key in r else ' (missing)'}")
         try:
             ex = encode_example(tokenizer, r["instruction"], r.get("context") or "", r["response"], max_seq_len,
                                 example_id=str(r.get("id", f"example {i}")))
@@ -313,8 +334,7 @@ def _rows(tokenizer, cfg: InstructDataConfig, records: Sequence[dict], prefix: s
 def build_instruct_data(cfg: InstructDataConfig, tokenizer=None, examples: Sequence[dict] | None = None,
                         eval_examples: Sequence[dict] | None = None) -> InstructData:
     """Read ``cfg.path`` (or take in-memory ``examples``), encode, group into rows; ``stats`` counts everything."""
-    if cfg.max_seq_len < 8:
-        raise UserError(f"max_seq_len must be at least 8, got {cfg.max_seq_len}")
+    cfg.validate()
     if tokenizer is None:
         from cancerllm_jax.data.tokenizer import load_tokenizer
 
@@ -338,6 +358,11 @@ def build_instruct_data(cfg: InstructDataConfig, tokenizer=None, examples: Seque
              "(%d tokens), %d too long skipped, %d bad lines skipped", stats["examples"], stats["rows"],
              cfg.max_seq_len, 100 * stats["padding_fraction"], stats["truncated_examples"],
              stats["context_tokens_cut"], stats["skipped_too_long"], skipped)
+    if ev is not None:
+        e = stats["eval"]
+        log.info("instruction eval data: %d examples, %d contexts truncated (%d tokens), %d too long skipped, "
+                 "%d bad lines skipped", e["examples"], e["truncated_examples"], e["context_tokens_cut"],
+                 e["skipped_too_long"], eval_skipped)
     return InstructData(cfg, tokenizer.pad_id, train, ev, stats)
 
 
@@ -355,6 +380,7 @@ def make_eval_batches(cfg: InstructDataConfig, tokenizer, global_batch: int, pro
     """Unpacked eval rows in order, as batches (the last padded with ``loss_mask`` 0 rows)."""
     if data is not None:
         return data.eval_batches(global_batch, process_index, process_count)
+    cfg.validate()
     if tokenizer is None:
         from cancerllm_jax.data.tokenizer import load_tokenizer
 

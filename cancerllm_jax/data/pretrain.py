@@ -64,8 +64,8 @@ class PretrainDataConfig:
         if not 0 <= self.seed < 2**32:
             raise UserError(f"data.seed must be in [0, 2**32), got {self.seed}")
         if self.weights is not None:
-            if any(w <= 0 for w in self.weights):
-                raise UserError(f"data.weights must all be positive, got {self.weights}")
+            if not all(0 < w < float("inf") for w in self.weights):  # NaN fails too
+                raise UserError(f"data.weights must all be positive and finite, got {self.weights}")
             if self.sources is not None and len(self.weights) != len(self.sources):
                 raise UserError(f"data.weights has {len(self.weights)} entries but data.sources has "
                                 f"{len(self.sources)}: give one weight per source")
@@ -268,12 +268,14 @@ class PretrainData:
 
 def _group_documents(cfg: PretrainDataConfig, documents: Sequence[dict] | None) -> tuple[list[str], list[list[dict]],
                                                                                          int]:
-    """Mixture components: one per ``cfg.sources`` entry, or for in-memory documents one per distinct ``source``
-    when weights are given (in first-appearance order), else one."""
+    """Mixture components: with weights, one per ``cfg.sources`` entry (or for in-memory documents one per distinct
+    ``source``, in first-appearance order); without, one holding every document."""
     if documents is not None:
         for i, d in enumerate(documents):
             if not isinstance(d, dict) or not isinstance(d.get("text"), str):
                 raise UserError(f"document {i} must be a dict with a string 'text', got {type(d).__name__}")
+            if not d["text"].strip():
+                raise UserError(f"document {i} has an empty 'text'")
         if cfg.weights is None:
             return ["documents"], [list(documents)], 0
         groups: dict[str, list[dict]] = {}
@@ -291,6 +293,8 @@ def _group_documents(cfg: PretrainDataConfig, documents: Sequence[dict] | None) 
         names.append(spec)
         groups.append(docs)
         skipped += n_bad
+    if cfg.weights is None:  # one stream in source order, not a 1:1 mixture that would oversample a small source
+        return [", ".join(names)], [[d for g in groups for d in g]], skipped
     return names, groups, skipped
 
 

@@ -38,8 +38,9 @@ def _type_ok(value: Any, expected: type | tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
-def _check_record(obj: Any, required: dict[str, Any], optional: dict[str, Any]) -> str | None:
-    """The problem with one parsed line, or None."""
+def _check_record(obj: Any, required: dict[str, Any], optional: dict[str, Any], nonempty: tuple[str, ...] = ()
+                  ) -> str | None:
+    """The problem with one parsed line, or None; ``nonempty`` string fields must hold more than whitespace."""
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {json_type_name(obj)}"
     for name, expected in required.items():
@@ -47,6 +48,8 @@ def _check_record(obj: Any, required: dict[str, Any], optional: dict[str, Any]) 
             return f"missing field '{name}'{suggest(name, obj.keys())}"
         if not _type_ok(obj[name], expected):
             return f"field '{name}' should be a {_type_name(expected)}, got {json_type_name(obj[name])}"
+        if name in nonempty and not obj[name].strip():
+            return f"field '{name}' is empty"
     for name, expected in optional.items():
         if obj.get(name) is not None and not _type_ok(obj[name], expected):
             return f"field '{name}' should be a {_type_name(expected)} (or absent), got {json_type_name(obj[name])}"
@@ -64,13 +67,14 @@ def _encodable(obj: Any) -> bool:
 
 def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False, *,
                optional: dict[str, Any] | None = None, line_key: str | None = None,
-               skip_flag: str | None = "--skip-bad-lines") -> tuple[list[dict], int]:
+               skip_flag: str | None = "--skip-bad-lines", nonempty: tuple[str, ...] = ()) -> tuple[list[dict], int]:
     """Records of a JSONL file and the number of bad lines skipped.
 
     ``required`` maps field → type (or tuple of types); ``optional`` fields are type-checked when present and not
     null (a null one is dropped: absent). Blank lines are ignored. A bad line (not UTF-8, invalid JSON, a lone
-    surrogate escape, not an object, missing field, wrong type) raises ``UserError`` naming ``path:line`` unless
-    ``skip_bad_lines``, in which case it is counted (and the first few are logged). A file with no valid record
+    surrogate escape, not an object, missing field, wrong type, a ``nonempty`` field of only whitespace) raises
+    ``UserError`` naming ``path:line`` unless ``skip_bad_lines``, in which case it is counted (and the first few
+    are logged). A file with no valid record
     always raises. ``line_key`` stores each record's line number there. ``skip_flag``: the option an error
     suggests for skipping bad lines (None where the command has none).
     """
@@ -94,8 +98,12 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
                     obj = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
                     problem = f"invalid JSON ({e.msg} at column {e.colno})"
+                except RecursionError:
+                    problem = "invalid JSON (nested too deeply)"
+                except ValueError as e:  # an integer of more than 4300 digits
+                    problem = f"invalid JSON ({str(e).split(';')[0]})"
                 else:
-                    problem = _check_record(obj, required, optional)
+                    problem = _check_record(obj, required, optional, nonempty)
                     if problem is None and "\\u" in line and not _encodable(obj):
                         problem = "a \\u escape that is no character (a lone UTF-16 surrogate)"
             if problem is not None:
@@ -180,14 +188,15 @@ def read_documents(path_or_glob: str, skip_bad_lines: bool = False, *, text_fiel
                    split_on_blank_lines: bool = False) -> tuple[list[dict], int]:
     """``{"text", "source"}`` documents from ``.jsonl`` (field ``text_field``) and ``.txt`` files, and skipped lines.
 
-    ``path_or_glob`` may be a file, a glob (``notes/*.jsonl``) or a directory. ``source`` is the file path.
+    ``path_or_glob`` may be a file, a glob (``notes/*.jsonl``) or a directory. ``source`` is the file path. A JSONL
+    line whose text is empty (or only whitespace) is a bad line: a document of nothing would train BOS → EOS.
     """
     docs: list[dict] = []
     skipped = 0
     for path in expand_paths(path_or_glob):
         ext = os.path.splitext(path)[1].lower()
         if ext == ".jsonl":
-            records, n_bad = read_jsonl(path, {text_field: str}, skip_bad_lines)
+            records, n_bad = read_jsonl(path, {text_field: str}, skip_bad_lines, nonempty=(text_field,))
             docs.extend({"text": r[text_field], "source": path} for r in records)
             skipped += n_bad
         elif ext == ".txt":

@@ -46,7 +46,8 @@ class SentencePieceTokenizer:
         self.vocab_size = int(self.sp.get_piece_size())
         self.adds_bos = self.bos_id >= 0  # as Llama / Mistral's HF tokenizers frame text
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = False, eos: bool = False, special: bool = False) -> list[int]:
+        """As ``HFTokenizer.encode``; SentencePiece reads special-token strings (``</s>``) as text either way."""
         head = [self.bos_id] if bos and self.adds_bos else []
         tail = [self.eos_id] if eos and self.eos_id >= 0 else []
         return head + list(self.sp.encode(text)) + tail
@@ -95,10 +96,13 @@ class HFTokenizer:
         except Exception:
             return None
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = False, eos: bool = False, special: bool = False) -> list[int]:
         """The text's ids; ``bos``: after the BOS when this tokenizer frames text with one (``adds_bos``), as
-        ``tokenizer(text)`` does; ``eos``: then the EOS."""
-        ids = list(self.tok.encode(text, add_special_tokens=False))
+        ``tokenizer(text)`` does; ``eos``: then the EOS. Special-token strings in the text (``<|im_end|>``, ``</s>``)
+        are encoded as plain text, as SentencePiece does, never as the special tokens themselves (notes and
+        examples are data), unless ``special``: then they are the special tokens, as ``tokenizer(text)`` reads
+        them (a prompt someone wrote with a chat template)."""
+        ids = list(self.tok.encode(text, add_special_tokens=False, split_special_tokens=not special))
         if bos and self.adds_bos:
             ids = [self.bos_id] + ids
         if eos and self.eos_id >= 0:
@@ -124,12 +128,26 @@ def training_eos_id(tokenizer) -> int:
     return tokenizer.eos_id
 
 
+def encode_written_prompt(tokenizer, text: str, bos: bool) -> list[int]:
+    """A prompt's ids as ``tokenizer(text)`` gives them: special-token strings in it (a chat template's
+    ``<|im_start|>``) are the special tokens where the tokenizer reads them so (``encode(..., special=True)``; a
+    tokenizer object without that option encodes them its own way)."""
+    import inspect
+
+    if "special" in inspect.signature(tokenizer.encode).parameters:
+        return tokenizer.encode(text, bos=bos, special=True)
+    return tokenizer.encode(text, bos=bos)
+
+
 def load_tokenizer(spec: str | None):
-    """``None``/``"mistral-v1"`` → the shipped Mistral v1 model; a ``.model`` file; or an HF tokenizer folder."""
+    """``None``/``"mistral-v1"`` → the shipped Mistral v1 model; a ``.model`` file; or an HF tokenizer folder (or its
+    ``tokenizer.json``)."""
     if spec in (None, "", "mistral-v1", "mistral"):
         return SentencePieceTokenizer(mistral_v1_model_file())
     if os.path.isfile(spec) and spec.endswith(".model"):
         return SentencePieceTokenizer(spec)
+    if os.path.isfile(spec) and os.path.basename(spec) in ("tokenizer.json", "tokenizer_config.json"):
+        spec = os.path.dirname(os.path.abspath(spec))  # the folder that holds it
     if os.path.isdir(spec):
         if os.path.isfile(os.path.join(spec, "tokenizer.json")) or os.path.isfile(
                 os.path.join(spec, "tokenizer_config.json")):
@@ -137,4 +155,5 @@ def load_tokenizer(spec: str | None):
         if os.path.isfile(os.path.join(spec, "tokenizer.model")):
             return SentencePieceTokenizer(os.path.join(spec, "tokenizer.model"))
         raise UserError(f"{spec}: no tokenizer.json, tokenizer_config.json or tokenizer.model in this folder")
-    raise UserError(f"tokenizer not found: {spec} (give 'mistral-v1', a .model file or an HF tokenizer folder)")
+    what = "is not a tokenizer" if os.path.exists(spec) else "not found"
+    raise UserError(f"tokenizer {what}: {spec} (give 'mistral-v1', a .model file or an HF tokenizer folder)")

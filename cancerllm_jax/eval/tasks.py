@@ -169,6 +169,7 @@ def test_split_path(task: str, data: str) -> str:
 def read_jsonl_records(path: str, task: str, unnamed: str = "line") -> list[dict]:
     """``{id, instruction, context, response}`` records of a user JSONL (a line without an id is ``<unnamed><N>``);
     clear errors name the file and line."""
+    from cancerllm_jax.data.instruct import refuse_alpaca_input
     from cancerllm_jax.data.sources import read_jsonl
 
     default_instruction = _default_instruction(task)
@@ -177,6 +178,7 @@ def read_jsonl_records(path: str, task: str, unnamed: str = "line") -> list[dict
     records, seen = [], {}
     for obj in rows:
         number = obj.pop("_line")
+        refuse_alpaca_input(f"{path}:{number}", obj)
         if isinstance(obj.get("id"), bool):
             raise UserError(f"{path}:{number}: 'id' must be a string or an integer")
         rid = str(obj.get("id", f"{unnamed}{number}"))
