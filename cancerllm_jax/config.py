@@ -380,6 +380,14 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def deep_merge(base, over):
+    """``over`` on ``base``: a mapping updates a mapping key by key (``optim: {lr: 1e-4}`` keeps the other optim
+    settings of the defaults below it); any other value replaces."""
+    if not isinstance(base, dict) or not isinstance(over, dict):
+        return over
+    return {**base, **{k: deep_merge(base.get(k), v) for k, v in over.items()}}
+
+
 def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
     """Apply ``a.b=value`` overrides (YAML-parsed values) to a nested dict, checking keys against ``cls``."""
     data = json.loads(json.dumps(data))  # deep copy
@@ -398,7 +406,7 @@ def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
             if part not in fields_:
                 raise UserError(f"override {key!r}: unknown key {part!r}{suggest(part, fields_)}")
             if i == len(parts) - 1:
-                node[part] = value
+                node[part] = deep_merge(node.get(part), value)
             else:
                 hint = typing.get_type_hints(tp)[part]
                 if not dataclasses.is_dataclass(hint):

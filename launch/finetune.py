@@ -55,8 +55,10 @@ def main(argv=None):
     if train_records is not None:
         announce(f"data: no data.path given; using built-in synthetic '{cfg.task}' data "
                  f"({len(train_records)} train, {len(eval_records)} eval examples)")
-    # Steps come from epochs, so the data is read (and counted) before the trainer is built.
-    tok_spec = cfg.data.tokenizer or (None if args.dry_run else load_base(cfg)[2])
+    # Steps come from epochs, so the data is read (and counted) before the trainer is built; the base is read
+    # once, here, when its tokenizer is needed for that.
+    base = None if args.dry_run or cfg.data.tokenizer else load_base(cfg)
+    tok_spec = cfg.data.tokenizer or (base[2] if base else None)
     tokenizer = load_tokenizer(tok_spec)
     data = build_instruct_data(cfg.data, tokenizer, train_records, eval_records)
     steps = cfg.steps or data.steps_for_epochs(cfg.epochs, cfg.batch_size)
@@ -79,7 +81,8 @@ def main(argv=None):
                           cfg.data.max_seq_len)
 
     workdir = args.workdir or default_workdir("finetune")
-    trainer = Trainer(cfg, workdir, "finetune", make_data, resume=args.resume, dry_run=args.dry_run)
+    trainer = Trainer(cfg, workdir, "finetune", make_data, resume=args.resume, dry_run=args.dry_run, base=base)
+    del base
     if args.dry_run:
         print(trainer.describe(cfg.data.max_seq_len))
         return 0

@@ -7,6 +7,7 @@ and ``--debug``. Front-door cases check the exception type and message.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib.util
 import json
@@ -167,6 +168,7 @@ PRETRAIN_ARGS = {
     "lora_alpha_negative": (["lora.alpha=-16"], ["lora.alpha", "positive"]),
     "lora_dropout_one": (["lora.dropout=1"], ["lora.dropout", "[0, 1)"]),
     "steps_zero": (["--steps", "0"], ["steps", ">= 1"]),
+    "seed_too_big": (["--seed", str(2**32 + 5)], ["seed", "2**32"]),
     "batch_size_zero": (["--batch-size", "0"], ["batch_size", ">= 1"]),
 }
 
@@ -186,6 +188,21 @@ def test_pretrain_yaml_typo_suggests_the_key(tmp_path, capsys):
     cfg = write(tmp_path / "c.yaml", "lora:\n  rank: 4\n  alpah: 8\n")
     code, err = run_cli("launch/pretrain.py", ["--config", cfg, "--workdir", tmp_path / "r", *TINY], capsys)
     one_clear_error(code, err, "alpah", "did you mean 'alpha'")
+
+
+def test_a_yaml_section_keeps_the_defaults_it_does_not_name(tmp_path):
+    """``optim: {lr: ...}`` in a fine-tuning YAML changes the lr only: the task's clip 0.3, linear schedule, no
+    weight decay and LoRA dropout 0.1 stay (not the generic OptimConfig / LoRAConfig defaults); overrides alike."""
+    from cancerllm_jax.train.config import resolve
+    from cancerllm_jax.train.finetune import FinetuneConfig
+
+    default = FinetuneConfig()
+    cfg_file = write(tmp_path / "c.yaml", "optim:\n  lr: 1.0e-4\nlora:\n  rank: 16\ndata:\n  eval_path: null\n")
+    for cfg in (resolve(FinetuneConfig, cfg_file, []), resolve(FinetuneConfig, None, ["optim={lr: 1.0e-4}",
+                                                                                       "lora={rank: 16}"])):
+        assert cfg.optim == dataclasses.replace(default.optim, lr=1e-4)
+        assert cfg.lora == dataclasses.replace(default.lora, rank=16)
+        assert cfg.data.max_seq_len == default.data.max_seq_len
 
 
 @pytest.mark.parametrize("text, needle", [("lora:\n  rank: [1,\n", "c.yaml:3: invalid YAML"),
@@ -305,6 +322,8 @@ FINETUNE_ARGS = {
     "batch_size_negative": (["--batch-size", "-4"], ["batch_size", ">= 1"]),
     "epochs_nan": (["--epochs", "nan"], ["epochs", "positive"]),
     "epochs_inf": (["--epochs", "inf"], ["epochs", "positive"]),
+    "steps_negative": (["--steps", "-5"], ["steps", ">= 0"]),
+    "data_seed_negative": (["data.seed=-1"], ["data.seed", "2**32"]),  # --dry-run checks the data settings too
 }
 
 
@@ -328,6 +347,21 @@ def test_finetune_counts_what_it_skips_of_the_eval_data(tmp_path, capsys, models
                                                "lora.rank=2"], capsys)
     assert code in (0, None), err
     assert "eval data: 1 examples" in err and "1 too long skipped" in err and "1 lines skipped" in err, err
+
+
+def test_finetune_reads_the_base_weights_once(tmp_path, capsys, models, monkeypatch):
+    """The launcher needs the base's tokenizer before the Trainer exists; the weights it read then are the ones
+    trained on (not read a second time: minutes and a second copy in host memory for a 7B base)."""
+    import cancerllm_jax.api as api
+
+    read, calls = api.read_weights, []
+    monkeypatch.setattr(api, "read_weights", lambda *a, **k: calls.append(a) or read(*a, **k))
+    train = write(tmp_path / "train.jsonl", '{"instruction": "q", "response": "a"}\n' * 4)
+    code, err = run_cli("launch/finetune.py", ["--model", models["tok"], "--data", train, "--workdir",
+                                               tmp_path / "run", "--mesh", "1x1", "--batch-size", "2", "--steps", "1",
+                                               "data.max_seq_len=64", "lora.rank=2"], capsys)
+    assert code in (0, None), err
+    assert len(calls) == 1, calls
 
 
 # ------------------------------------------------------------------------------ launch/generate.py
@@ -453,7 +487,8 @@ def _bad_model(tmp_path, models, what) -> str:
 
         tensors = load_file(str(folder / "model.safetensors"))
         save_file({k: v.astype("int32") for k, v in tensors.items()}, str(folder / "model.safetensors"))
-    elif what == "index_weight_map_list":
+    elif what == "index_weight_map_list":  # the index alone (beside model.safetensors it is ignored, as transformers)
+        os.remove(folder / "model.safetensors")
         write(folder / "model.safetensors.index.json", json.dumps({"weight_map": ["model.safetensors"]}))
     elif what == "pickle_only":
         os.remove(folder / "model.safetensors")

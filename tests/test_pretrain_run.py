@@ -21,11 +21,14 @@ import jax
 
 from cancerllm_jax.train import run_io
 from cancerllm_jax.train.config import PretrainConfig, resolve
-from cancerllm_jax.train.loop import Trainer
+from cancerllm_jax.train.loop import NonFiniteLoss, Trainer
 from cancerllm_jax.train.pretrain import pretrain_data_factory
 from helpers import one_clear_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Start the backend now, with conftest's 10 host devices: a launcher's main() run in this process before it
+# started would otherwise leave only the devices of that run's mesh.
+jax.devices()
 LAUNCHER = os.path.join(ROOT, "launch", "pretrain.py")
 STEPS = 6
 TINY = [f"steps={STEPS}", "batch_size=10", "data.block_size=32", "synthetic_documents=40", "lora.rank=4",
@@ -219,6 +222,40 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     assert all(np.isfinite(losses(wd)))
 
 
+def test_non_finite_gradient_with_a_finite_loss_is_never_saved(tmp_path):
+    """A step whose loss is finite but whose gradient is not (bf16 overflow in the backward pass) has already made
+    the new weights NaN: the run stops there, and the last checkpoint is the step before."""
+    trainer = make_trainer(tmp_path, "1x1")
+    step_fn, calls = trainer.step_fn, []
+
+    def poisoned(state, frozen, batch):
+        state, metrics = step_fn(state, frozen, batch)
+        calls.append(1)
+        if len(calls) == 3:
+            state = {**state, "params": jax.tree.map(lambda x: x * np.nan, state["params"])}
+            metrics = {**metrics, "grad_norm": metrics["grad_norm"] * np.inf}
+        return state, metrics
+
+    poisoned.lower = step_fn.lower  # for the memory estimate
+    trainer.step_fn = poisoned
+    with pytest.raises(NonFiniteLoss, match="at step 3"):
+        trainer.run()
+    assert run_io.latest_step(str(tmp_path / "checkpoints")) == 2
+    assert len(losses(tmp_path)) == 2 and all(np.isfinite(losses(tmp_path)))
+
+
+def test_resuming_a_finished_run_adds_no_rows(tmp_path):
+    """``--resume`` of a run that already reached its last step evaluates nothing again (no duplicate rows)."""
+    extra = ["steps=2", "data.eval_fraction=0.2", "save_every=0"]
+    make_trainer(tmp_path, "1x1", extra).run()
+    with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+        before = f.read()
+    assert '"eval_loss"' in before
+    make_trainer(tmp_path, "1x1", extra, resume=True).run()
+    with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+        assert f.read() == before
+
+
 def test_cpu_device_count_from_xla_flags_is_replaced_and_said(tmp_path):
     """XLA_FLAGS forcing 2 host devices and ``--mesh 10x1``: the launcher provides 10 and says so (CPU only)."""
     res = launch(["--mesh", "10x1", "--dry-run", "--workdir", str(tmp_path), *TINY_CLI],
@@ -309,6 +346,44 @@ def test_dry_run_prints_memory_estimate_and_exits_0(tmp_path, capsys):
     assert "memory estimate per device (compiled step):" in out and "GiB" in out
     assert "layers.q.lora_a" in out and "P(" in out
     assert not os.path.exists(tmp_path / "d")  # nothing written
+
+
+def test_optimizer_state_takes_each_params_sharding():
+    """Full fine-tuning on 2x2: q [embed, heads] and o [heads, embed] have one shape but transposed specs; each
+    Adam moment is laid out like its own parameter (not like another of the same shape)."""
+    cfg = resolve(PretrainConfig, None, ["mesh=2x2", "full=true", "batch_size=4", "data.block_size=32"])
+    trainer = Trainer(cfg, str(ROOT), "pretrain", None, dry_run=True)
+    q, o = (trainer.trainable_sh["layers"][n]["kernel"].spec for n in ("q", "o"))
+    assert q != o
+    import optax
+
+    adam = [s for s in jax.tree.leaves(trainer.opt_sh, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)]
+    assert adam
+    for st in adam:
+        for moment in (st.mu, st.nu):
+            assert jax.tree.map(lambda s: s.spec, moment) == jax.tree.map(lambda s: s.spec, trainer.trainable_sh)
+
+
+def test_eval_runs_in_the_train_steps_micro_batches():
+    """With ``grad_accum`` the eval forward takes the global batch in the same micro-batches as the train step (its
+    whole-batch logits may not fit where the micro-batches' do): a quarter of the temporaries, the same sums."""
+    from cancerllm_jax.train.step import BATCH_KEYS
+
+    rng = np.random.default_rng(0)
+    local = {k: rng.integers(1, 100, (8, 64)).astype(np.int32) for k in BATCH_KEYS}
+    local["loss_mask"] = (rng.random((8, 64)) > 0.5).astype(np.int32)
+    temps, sums = [], []
+    for accum in (1, 4):
+        cfg = resolve(PretrainConfig, None, ["mesh=1x1", "batch_size=8", "data.block_size=64", "lora.rank=4",
+                                             f"optim.grad_accum={accum}"])
+        trainer = Trainer(cfg, str(ROOT), "pretrain", None)
+        batch = {k: jax.device_put(v, trainer.batch_sh) for k, v in local.items()}
+        compiled = trainer.eval_fn.lower(trainer.state["params"], trainer.frozen, batch).compile()
+        temps.append(compiled.memory_analysis().temp_size_in_bytes)
+        sums.append([float(x) for x in trainer.eval_fn(trainer.state["params"], trainer.frozen, batch)])
+    assert temps[1] < 0.5 * temps[0], temps
+    np.testing.assert_allclose(sums[1], sums[0], rtol=1e-6)
 
 
 def test_7b_config_resolves_with_paper_settings_and_shardings():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cancerllm_jax.config import LoRAConfig, apply_overrides, build, load_yaml, to_dict
+from cancerllm_jax.config import LoRAConfig, apply_overrides, build, deep_merge, load_yaml, to_dict
 from cancerllm_jax.data.pretrain import PretrainDataConfig
 from cancerllm_jax.errors import UserError
 from cancerllm_jax.train.optim import OptimConfig
@@ -40,6 +40,8 @@ class TrainConfig:
         for name in ("save_every", "eval_every", "eval_batches"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:  # JAX keeps a seed's low 32 bits: 2**32 + 5 would quietly be seed 5
+            raise UserError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.remat not in ("none", "full", "dots"):
             raise UserError(f"remat must be none, full or dots, got {self.remat!r}")
         if self.attention not in ("auto", "xla", "cudnn"):
@@ -69,8 +71,9 @@ RESUMABLE_CHANGES = {"mesh", "save_every", "eval_every", "eval_batches", "log_ev
 
 
 def resolve(cls, config_path: str | None, overrides: list[str], cli: dict | None = None):
-    """Defaults ← YAML file ← ``--flag`` values ← ``key=value`` overrides; unknown keys are errors."""
-    data = to_dict(cls()) if config_path is None else {**to_dict(cls()), **load_yaml(config_path)}
+    """Defaults ← YAML file ← ``--flag`` values ← ``key=value`` overrides, section by section (a YAML ``optim``
+    with only ``lr`` keeps the other optim defaults of ``cls``); unknown keys are errors."""
+    data = to_dict(cls()) if config_path is None else deep_merge(to_dict(cls()), load_yaml(config_path))
     where = config_path or "config"
     base = build(cls, data, where)  # validates the YAML's keys and types
     data = to_dict(base)

@@ -34,8 +34,11 @@ class FinetuneConfig(TrainConfig):
     def validate(self) -> None:
         if self.task not in TASKS:
             raise UserError(f"task {self.task!r} is unknown{suggest(self.task, TASKS)}; choose from {list(TASKS)}")
+        if self.steps < 0:
+            raise UserError(f"steps must be >= 0 (0: derived from epochs), got {self.steps}")
         if not 0 < self.epochs < float("inf"):
             raise UserError(f"epochs must be positive, got {self.epochs}")
+        self.data.validate()  # caught by --dry-run too, not only once the data is built
         TrainConfig.validate(dataclasses.replace(self, steps=max(self.steps, 1)))
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import yaml
 from flax import nnx
 
@@ -111,7 +112,9 @@ class Trainer:
     """Holds the compiled step, the state on the mesh and the checkpoint manager for one run."""
 
     def __init__(self, cfg: TrainConfig, workdir: str, kind: str, make_data: Callable | None,
-                 resume: bool = False, dry_run: bool = False, extra_meta: dict | None = None):
+                 resume: bool = False, dry_run: bool = False, extra_meta: dict | None = None,
+                 base: tuple | None = None):
+        """``base``: what ``load_base(cfg)`` returned, when the caller has read it already."""
         self.cfg, self.kind, self.workdir = cfg, kind, os.path.abspath(workdir)
         self.dry_run = dry_run
         d, m = sharding.parse_mesh(cfg.mesh)
@@ -125,11 +128,11 @@ class Trainer:
         self.dtype = resolve_dtype_name(cfg)
         self.model_cfg, base_params, tok_spec, self.base_pointer = (
             (PRESETS[cfg.model], None, None, {}) if dry_run and cfg.model in PRESETS else
-            _dry_base(cfg) if dry_run else load_base(cfg))
+            _dry_base(cfg) if dry_run else base or load_base(cfg))
         self.tokenizer_spec = tok_spec
         self.extra_meta = extra_meta or {}
         model = build_model(cfg, self.model_cfg, base_params, self.dtype, abstract=dry_run)
-        del base_params
+        del base_params, base
         trainable_filter = nnx.Param if cfg.full else nnx.LoRAParam
         graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
         self.parts = ModelParts(graphdef, trainable, frozen)
@@ -144,7 +147,9 @@ class Trainer:
         rep = sharding.replicated(self.mesh)
         trainable_abs = _abstract(trainable_pure, self.trainable_sh)
         opt_abs = jax.eval_shape(self.tx.init, trainable_abs)
-        self.opt_sh = _like_params(opt_abs, trainable_abs, self.trainable_sh, rep)
+        # optimiser moments take their param's sharding (by tree position: q and o may share a shape, not a spec)
+        self.opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, opt_abs, self.trainable_sh,
+                                            transform_non_params=lambda _: rep)
         if dry_run:
             self.frozen = _abstract(frozen_pure, self.frozen_sh)
             self.state = {"params": trainable_abs, "opt_state": _abstract(opt_abs, self.opt_sh),
@@ -164,8 +169,9 @@ class Trainer:
         step_fn = make_train_step(self.parts, self.tx, self.schedule, cfg.optim.grad_accum, use_dropout)
         self.step_fn = jax.jit(step_fn, in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh),
                                out_shardings=(self.state_sh, rep), donate_argnums=(0,))
-        self.eval_fn = jax.jit(make_eval_step(self.parts), in_shardings=(self.trainable_sh, self.frozen_sh,
-                                                                         self.batch_sh), out_shardings=(rep, rep))
+        self.eval_fn = jax.jit(make_eval_step(self.parts, cfg.optim.grad_accum),
+                               in_shardings=(self.trainable_sh, self.frozen_sh, self.batch_sh),
+                               out_shardings=(rep, rep))
         self.make_data = make_data
         self.resume = resume
 
@@ -307,11 +313,13 @@ class Trainer:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = time.perf_counter() - t0
                 step += 1
-                if not math.isfinite(metrics["loss"]):
+                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                    # a non-finite gradient with a finite loss has already made the new weights NaN: never saved
                     good = mngr.latest_step()
                     kept = (f"The last good checkpoint is step {good} in {self.workdir}/checkpoints." if good else
                             "No checkpoint was saved before it.")
-                    raise NonFiniteLoss(f"loss is {metrics['loss']} at step {step}; stopped without saving. {kept} "
+                    raise NonFiniteLoss(f"loss is {metrics['loss']} (gradient norm {metrics['grad_norm']}) at step "
+                                        f"{step}; stopped without saving. {kept} "
                                         f"Lower optim.lr, check the data, or use dtype=float32.")
                 tokens = cfg.batch_size * data.seq_len
                 row = {"step": step, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],
@@ -326,7 +334,7 @@ class Trainer:
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     self._save(mngr, step, it)
                     last_saved = step
-            if data.eval_batches and step == cfg.steps:
+            if data.eval_batches and step == cfg.steps > start_step:  # a finished run resumed: evaluated already
                 self._evaluate(data.eval_batches, step, logger)
             if last_saved != step or mngr.latest_step() != step:
                 self._save(mngr, step, it)
@@ -454,14 +462,6 @@ def _dry_base(cfg: TrainConfig):
 
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def _like_params(opt_abs, params_abs, params_sh, rep):
-    """Optimiser-state shardings: a leaf shaped like a param takes that param's sharding."""
-    by_shape = {}
-    for x, s in zip(jax.tree.leaves(params_abs), jax.tree.leaves(params_sh)):
-        by_shape.setdefault(tuple(x.shape), s)
-    return jax.tree.map(lambda x: by_shape.get(tuple(x.shape), rep), opt_abs)
 
 
 class _MetricsLog:

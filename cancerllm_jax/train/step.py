@@ -62,17 +62,14 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, schedul
         if grad_accum == 1:
             (loss_sum, count), grads = grad_fn(state["params"], batch, key)
         else:
-            # micro-batch i takes rows i, i+A, i+2A… so every micro-batch stays spread over the data axis
-            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:])
-                                 .swapaxes(0, 1), batch)
-
             def acc(carry, xs):
                 mb, i = xs
                 (ls, c), g = grad_fn(state["params"], mb, jax.random.fold_in(key, i))
                 return jax.tree.map(jnp.add, carry, (ls, c, g)), None
 
             zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
-            (loss_sum, count, grads), _ = jax.lax.scan(acc, zero, (micro, jnp.arange(grad_accum)))
+            (loss_sum, count, grads), _ = jax.lax.scan(acc, zero, (micro_batches(batch, grad_accum),
+                                                                   jnp.arange(grad_accum)))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -85,9 +82,24 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, schedul
     return step
 
 
-def make_eval_step(parts: ModelParts) -> Callable:
+def micro_batches(batch: dict, grad_accum: int) -> dict:
+    """``[B, ...]`` → ``[grad_accum, B / grad_accum, ...]``: micro-batch i takes rows i, i+A, i+2A… so every
+    micro-batch stays spread over the data axis."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
+                        batch)
+
+
+def make_eval_step(parts: ModelParts, grad_accum: int = 1) -> Callable:
+    """``(params, frozen, batch) -> (loss sum, token count)``, in the train step's micro-batches (the logits of a
+    whole global batch at once may not fit where its micro-batches do)."""
     def eval_step(params, frozen, batch):
-        return loss_sums(parts, params, frozen, batch, None)
+        if grad_accum == 1:
+            return loss_sums(parts, params, frozen, batch, None)
+
+        def acc(carry, mb):
+            return jax.tree.map(jnp.add, carry, loss_sums(parts, params, frozen, mb, None)), None
+
+        return jax.lax.scan(acc, (jnp.zeros(()), jnp.zeros(())), micro_batches(batch, grad_accum))[0]
 
     return eval_step
 
