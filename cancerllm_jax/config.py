@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -165,7 +166,6 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     missing = [k for k in ROPE_KEYS[rope_type] if rope.get(k) is None]
     if missing:
         raise UserError(f"{source}: rope_type {rope_type!r} needs rope_scaling / rope_parameters field(s) {missing}")
-    rope_fields = {f: rope[k] for k, f in ROPE_KEYS[rope_type].items()}
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     heads = hf["num_attention_heads"]
     window = hf["sliding_window"] if mtype == "mistral" else None
@@ -181,25 +181,47 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     def _tok(name):
         v = hf[name]
         if isinstance(v, list):
-            return int(v[0]) if v else None
-        return int(v) if v is not None else None
+            return _int(f"{name}[0]", v[0]) if v else None
+        return _int(name, v) if v is not None else None
 
+    def _int(name, v):  # as transformers' strict config: "4096", 1.5 and true are no sizes
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v != int(v):
+            raise UserError(f"{source}: {name} must be an integer, got {json.dumps(v)}")
+        return int(v)
+
+    def _float(name, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise UserError(f"{source}: {name} must be a finite number, got {json.dumps(v)}")
+        return float(v)
+
+    def _bool(name, v):
+        if not isinstance(v, bool):  # bool("false") is True
+            raise UserError(f"{source}: {name} must be true or false, got {json.dumps(v)}")
+        return v
+
+    kv = hf["num_key_value_heads"] if hf["num_key_value_heads"] is not None else heads
+    n_heads = _int("num_attention_heads", heads)
+    if n_heads <= 0:
+        raise UserError(f"{source}: num_attention_heads must be positive, got {n_heads}")
+    fields = dict(
+        vocab_size=_int("vocab_size", hf["vocab_size"]), hidden_size=_int("hidden_size", hf["hidden_size"]),
+        intermediate_size=_int("intermediate_size", hf["intermediate_size"]),
+        num_layers=_int("num_hidden_layers", hf["num_hidden_layers"]), num_heads=n_heads,
+        num_kv_heads=_int("num_key_value_heads", kv),
+        head_dim=(_int("head_dim", hf["head_dim"]) if hf["head_dim"] is not None
+                  else _int("hidden_size", hf["hidden_size"]) // n_heads),
+        rope_theta=_float("rope_theta", theta), rms_norm_eps=_float("rms_norm_eps", hf["rms_norm_eps"]),
+        sliding_window=_int("sliding_window", window) if window is not None else None,
+        tie_embeddings=_bool("tie_word_embeddings", hf["tie_word_embeddings"]),
+        max_position_embeddings=_int("max_position_embeddings", hf["max_position_embeddings"]),
+        bos_token_id=_tok("bos_token_id"), eos_token_id=_tok("eos_token_id"), pad_token_id=_tok("pad_token_id"),
+        model_type=mtype, eos_token_ids=tuple(eos_list(hf["eos_token_id"])), rope_type=rope_type,
+        **{f: (_int(k, rope[k]) if f.endswith("embeddings") else _float(k, rope[k]))
+           for k, f in ROPE_KEYS[rope_type].items()})
     try:
-        return ModelConfig(
-            vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
-            num_heads=int(heads), num_kv_heads=int(hf["num_key_value_heads"] if hf["num_key_value_heads"] is not None
-                                                   else heads),
-            head_dim=int(hf["head_dim"] if hf["head_dim"] is not None else int(hf["hidden_size"]) // int(heads)),
-            rope_theta=float(theta), rms_norm_eps=float(hf["rms_norm_eps"]),
-            sliding_window=int(window) if window is not None else None,
-            tie_embeddings=bool(hf["tie_word_embeddings"]),
-            max_position_embeddings=int(hf["max_position_embeddings"]), bos_token_id=_tok("bos_token_id"),
-            eos_token_id=_tok("eos_token_id"), pad_token_id=_tok("pad_token_id"), model_type=mtype,
-            eos_token_ids=tuple(eos_list(hf["eos_token_id"])), rope_type=rope_type,
-            **{f: (int(v) if f.endswith("embeddings") else float(v)) for f, v in rope_fields.items()})
-    except (TypeError, ValueError, ZeroDivisionError) as e:
-        raise UserError(f"{source}: a field has a value of the wrong type ({e})") from None
+        return ModelConfig(**fields)
+    except UserError as e:  # its own checks: positive sizes, heads a multiple of kv heads, ...
+        raise UserError(f"{source}: {e}") from None
 
 
 def read_hf_config(folder: str) -> ModelConfig:
