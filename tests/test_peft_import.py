@@ -189,10 +189,12 @@ def test_bf16_base_with_adapter_loaded_as_float32_keeps_the_fp32_sum(tmp_path):
 
 
 @pytest.mark.parametrize("targets", [r".*\.(q_proj|down_proj)", ["model.layers.0.self_attn.k_proj",
-                                                                "model.layers.1.self_attn.k_proj", "up_proj"]])
+                                                                "model.layers.1.self_attn.k_proj", "up_proj"],
+                                     ["q_proj", "v_proj", "query_key_value", "c_attn"]])
 def test_target_modules_as_peft_matches_them(tmp_path, targets):
-    """``target_modules`` as a regular expression (peft: the whole module name must match) or as full module
-    names (peft saves "all-linear" so for models of few layers) selects the same projections as in peft."""
+    """``target_modules`` as a regular expression (peft: the whole module name must match), as full module
+    names (peft saves "all-linear" so for models of few layers), or with names of another architecture's modules
+    (which peft ignores) selects the same projections as in peft."""
     base, adapter, ref, base_only = make_adapter(str(tmp_path), seed=2, targets=targets, r=2, std=0.3,
                                                  num_attention_heads=4, num_key_value_heads=2)
     lm = cj.load(base, adapter=adapter, merge_lora=False)
@@ -238,3 +240,19 @@ def test_merges_in_the_converter_round_once_as_peft_does(tmp_path):
     assert convert.main(["from-hf", base, ckpt, "--peft-adapter", adapter]) == 0
     assert convert.main(["to-hf", ckpt, back, "--dtype", "float32"]) == 0
     assert max_diff(torch_logits(hf_base(back), IDS), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["lm_head", "embed_tokens", "mlp", "self_attn", "input_layernorm"])
+def test_target_modules_naming_a_module_that_is_no_projection_is_refused(mha, tmp_path, name):
+    """peft would adapt the LM head / embeddings, or refuse a block or a norm: not silently ignored here."""
+    from cancerllm_jax.checkpoint.peft import read_adapter_config
+
+    edited = str(tmp_path / "a")
+    shutil.copytree(mha[1], edited)
+    path = os.path.join(edited, "adapter_config.json")
+    json.dump({**json.load(open(path)), "target_modules": ["q_proj", name]}, open(path, "w"))
+    with pytest.raises(UserError, match=f"target module\\(s\\) \\['{name}'\\] are not supported"):
+        read_adapter_config(edited)
+    json.dump({**json.load(open(path)), "target_modules": ["c_attn"]}, open(path, "w"))
+    with pytest.raises(UserError, match="name none of"):
+        read_adapter_config(edited)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -18,6 +19,7 @@ from cancerllm_jax.config import LORA_TARGETS, LoRAConfig, ModelConfig
 from cancerllm_jax.errors import UserError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model.model.layers"
 HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
@@ -35,6 +37,9 @@ _HARMLESS = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_mod
              "fan_in_fan_out", "use_rslora",
              "layers_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
              "lora_ga_config", "qalora_group_size", "runtime_config", "ensure_weight_tying")
+# the model's modules that are not LoRA projections (names peft's target_modules could match)
+_OTHER_MODULES = ("model", "layers", "embed_tokens", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm",
+                  "norm", "rotary_emb", "lm_head", "act_fn")
 # initialisations after which peft rewrites the base weights when it loads the adapter: the factors alone are not
 # the model (such adapters load here only after peft's conversion to a plain LoRA, path_initial_model_for_...)
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -165,10 +170,16 @@ def read_adapter_config(folder: str) -> LoRAConfig:
     # "all-linear" for small models) name their projection by the last part; layers an adapter leaves out are
     # found missing when its tensors are read
     targets = [t.split(".")[-1] if isinstance(t, str) else t for t in targets]
-    bad = [t for t in targets if t not in names and t not in LORA_TARGETS]
-    if bad:
+    bad = [t for t in targets if not isinstance(t, str) or t in _OTHER_MODULES or t.isdigit()]
+    if bad:  # peft would adapt (lm_head, embed_tokens) or refuse (a block, a norm) a module other than a projection
         raise UserError(f"{path}: target module(s) {bad} are not supported (choose from {sorted(names)})")
-    targets = list(dict.fromkeys(targets))
+    absent = [t for t in targets if t not in names and t not in LORA_TARGETS]
+    if absent:  # peft ignores a name no module of the model ends with (another architecture's)
+        log.warning("%s: target_modules %s name no module of a Mistral/Llama model; ignored, as peft ignores them",
+                    path, absent)
+    targets = list(dict.fromkeys(t for t in targets if t not in absent))
+    if not targets:
+        raise UserError(f"{path}: target_modules {conf['target_modules']!r} name none of {sorted(names)}")
     try:
         lora = LoRAConfig(rank=int(conf["r"]), alpha=float(conf["lora_alpha"]),
                           dropout=float(conf.get("lora_dropout", 0.0)), targets=tuple(names.get(t, t) for t in targets))
