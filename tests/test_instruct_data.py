@@ -388,3 +388,14 @@ def test_eval_truncation_is_reported(tok, caplog):
     data = build_instruct_data(InstructDataConfig(max_seq_len=64), tok, examples=[long], eval_examples=[long, long])
     assert data.stats["eval"]["truncated_examples"] == 2
     assert "instruction eval data: 2 examples, 2 contexts truncated" in caplog.text
+
+
+def test_sentencepiece_decode_skips_specials_and_ids_past_its_vocabulary():
+    """A model with more rows than the tokenizer has pieces (32768 vs Mistral v1's 32000) may generate such ids:
+    they are dropped as HF's decode(skip_special_tokens=True) drops them, with <unk>, BOS and EOS."""
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    ids = tok.encode("pt w/ nsclc", bos=True)
+    assert tok.decode(ids) == "pt w/ nsclc"
+    assert tok.decode([0, *ids, 32005, 40000, -1, tok.eos_id]) == "pt w/ nsclc"

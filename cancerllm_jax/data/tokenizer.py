@@ -53,7 +53,11 @@ class SentencePieceTokenizer:
         return head + list(self.sp.encode(text)) + tail
 
     def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        """The text of ``ids`` without special tokens, as HF's ``decode(ids, skip_special_tokens=True)``: BOS, EOS,
+        ``<unk>`` and ids past this vocabulary (a model may have more rows than its tokenizer has pieces) are
+        dropped, never a crash."""
+        n = self.vocab_size
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < n and not self.sp.is_unknown(int(i))])
 
 
 class HFTokenizer:
