@@ -33,7 +33,9 @@ def parse(argv=None):
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed; each input line draws its own stream from it and its line number, so a "
+                        "line's sample does not depend on the other lines, the batch size or skipped lines")
     p.add_argument("--stop", action="append", help="stop string (repeatable, not empty)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32")
@@ -81,8 +83,11 @@ def main(argv=None):
         raise UserError(f"{args.input}: no usable records ({skipped} bad lines skipped)")
     prompts, texts, cuts = zip(*encoded, strict=True)
     cut = sum(n > 0 for n in cuts)
+    from cancerllm_jax.eval.runner import instance_seed
+
+    seeds = [instance_seed(args.seed, f"line{r['_line']}") for r in records]  # a skipped line moves no other's
     outs = lm.generate(list(prompts), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
+                       top_k=args.top_k, top_p=args.top_p, seed=seeds, max_prompt_tokens=args.max_prompt_tokens,
                        batch_size=args.batch_size, progress=True)
     tmp = os.path.join(out_dir, f".{os.path.basename(args.out)}.tmp-{os.getpid()}")
     try:

@@ -416,6 +416,20 @@ def test_generate_bad_decoding_flags(case, tmp_path, capsys, models):
     nothing_left(out)
 
 
+def test_generate_samples_of_a_line_do_not_depend_on_other_lines(tmp_path, capsys, models):
+    """--seed gives each input line its own stream (from the seed and its line number): a line skipped as bad above
+    it, or another batch size, leaves its sample as it was."""
+    good = '{"prompt": "pt w/ nsclc"}\n{"prompt": "er+ pr- her2-"}\n'
+    runs = []
+    for first, extra in (('{"prompt": "ecog 1"}\n', ["--batch-size", "3"]), ('{"prompt": 3}\n', ["--skip-bad-lines"])):
+        (tmp_path / "pred.jsonl").unlink(missing_ok=True)
+        code, err, out = _gen(models, tmp_path, capsys, first + good, extra=["--temperature", "1.0", "--seed", "7",
+                                                                             "--max-new-tokens", "6", *extra])
+        assert code in (0, None), err
+        runs.append([json.loads(x)["prediction"] for x in out.read_text().splitlines()][-2:])
+    assert runs[0] == runs[1]
+
+
 def test_generate_top_k_above_the_vocabulary_is_fine(tmp_path, capsys, models):
     """--top-k larger than the vocabulary keeps every token (as top_k=0 does) rather than failing."""
     code, err, out = _gen(models, tmp_path, capsys, '{"prompt": "pt w/ nsclc"}\n',
