@@ -84,8 +84,9 @@ def main(argv=None):
     prompts, texts, cuts = zip(*encoded, strict=True)
     cut = sum(n > 0 for n in cuts)
     from cancerllm_jax.eval.runner import instance_seed
+    from cancerllm_jax.eval.tasks import line_id
 
-    seeds = [instance_seed(args.seed, f"line{r['_line']}") for r in records]  # a skipped line moves no other's
+    seeds = [instance_seed(args.seed, line_id(r["_line"])) for r in records]  # a skipped line moves no other's
     outs = lm.generate(list(prompts), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=seeds, max_prompt_tokens=args.max_prompt_tokens,
                        batch_size=args.batch_size, progress=True)

@@ -262,6 +262,7 @@ def _ids(path: str, rows: list[Row], implicit: bool = False) -> dict[str, Row] |
     ``implicit``: a row without an id is keyed ``line<N>``, as ``evaluate.py run`` names such test records."""
     from cancerllm_jax.data.sources import json_type_name
     from cancerllm_jax.errors import UserError
+    from cancerllm_jax.eval.tasks import line_id
 
     with_id = [row for row in rows if "id" in row[1]]
     if not with_id and not implicit:
@@ -271,7 +272,7 @@ def _ids(path: str, rows: list[Row], implicit: bool = False) -> dict[str, Row] |
         raise UserError(f"{path}:{number}: missing 'id' (other lines have one: give every line an id, or none)")
     keyed: dict[str, Row] = {}
     for number, obj in rows:
-        key = obj.get("id", f"line{number}")
+        key = obj.get("id", line_id(number))
         if not isinstance(key, (str, int)) or isinstance(key, bool):
             raise UserError(f"{path}:{number}: 'id' must be a string or an integer, got {json_type_name(key)}")
         if str(key) in keyed:

@@ -166,6 +166,11 @@ def test_split_path(task: str, data: str) -> str:
     raise UserError(f"--data {data}: not a file, a folder or 'synthetic[:PATIENTS[:SEED]]'")
 
 
+def line_id(number: int, unnamed: str = "line") -> str:
+    """The id of a JSONL record without one: ``line<N>`` (N its 1-based line), as every reader and writer names it."""
+    return f"{unnamed}{number}"
+
+
 def read_jsonl_records(path: str, task: str, unnamed: str = "line") -> list[dict]:
     """``{id, instruction, context, response}`` records of a user JSONL (a line without an id is ``<unnamed><N>``);
     clear errors name the file and line."""
@@ -181,7 +186,7 @@ def read_jsonl_records(path: str, task: str, unnamed: str = "line") -> list[dict
         refuse_alpaca_input(f"{path}:{number}", obj)
         if isinstance(obj.get("id"), bool):
             raise UserError(f"{path}:{number}: 'id' must be a string or an integer")
-        rid = str(obj.get("id", f"{unnamed}{number}"))
+        rid = str(obj.get("id", line_id(number, unnamed)))
         if rid in seen:
             raise UserError(f"{path}:{number}: duplicate id {rid!r} (first on line {seen[rid]})")
         seen[rid] = number
