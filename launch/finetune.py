@@ -46,14 +46,17 @@ def main(argv=None):
 
     import dataclasses
 
+    import jax
+
     from cancerllm_jax.data.instruct import build_instruct_data
     from cancerllm_jax.data.tokenizer import load_tokenizer
     from cancerllm_jax.train.finetune import load_records
     from cancerllm_jax.train.loop import DataBundle, Trainer, load_base
 
+    say = announce if jax.process_index() == 0 else (lambda _msg: None)  # one process speaks for the run
     train_records, eval_records = load_records(cfg)
     if train_records is not None:
-        announce(f"data: no data.path given; using built-in synthetic '{cfg.task}' data "
+        say(f"data: no data.path given; using built-in synthetic '{cfg.task}' data "
                  f"({len(train_records)} train, {len(eval_records)} eval examples)")
     # Steps come from epochs, so the data is read (and counted) before the trainer is built; the base is read
     # once, here, when its tokenizer is needed for that.
@@ -67,12 +70,12 @@ def main(argv=None):
                               data=dataclasses.replace(cfg.data, tokenizer=tok_spec))
     epochs = f"{cfg.epochs:g} epochs" if steps == data.steps_for_epochs(cfg.epochs, cfg.batch_size) else (
         f"set by --steps: {steps / max(per_epoch, 1):.2f} epochs")
-    announce(f"data: {data.num_rows} rows, {per_epoch} steps per epoch, {steps} steps "
+    say(f"data: {data.num_rows} rows, {per_epoch} steps per epoch, {steps} steps "
              f"({epochs}); {data.stats.get('truncated_examples', 0)} contexts truncated, "
              f"{data.stats.get('skipped_lines', 0)} lines skipped")
     ev = data.stats.get("eval")
     if ev:
-        announce(f"eval data: {ev['examples']} examples; {ev['truncated_examples']} contexts truncated, "
+        say(f"eval data: {ev['examples']} examples; {ev['truncated_examples']} contexts truncated, "
                  f"{ev['skipped_too_long']} too long skipped (not scored), {ev['skipped_lines']} lines skipped")
 
     def make_data(_tokenizer, process_index, process_count):
@@ -86,9 +89,9 @@ def main(argv=None):
     if args.dry_run:
         print(trainer.describe(cfg.data.max_seq_len))
         return 0
-    announce(f"workdir: {os.path.abspath(workdir)}")
+    say(f"workdir: {os.path.abspath(workdir)}")
     result = trainer.run()
-    announce(f"done: {result['steps']} steps; load it with cancerllm_jax.load({os.path.abspath(workdir)!r})")
+    say(f"done: {result['steps']} steps; load it with cancerllm_jax.load({os.path.abspath(workdir)!r})")
     return 0
 
 
