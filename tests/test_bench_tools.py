@@ -97,3 +97,59 @@ def test_bad_generation_arguments_are_one_clear_error(bench_decode, args, capsys
         bench_decode.main(args + ["--no-doc"])
     assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", os.path.join(ROOT, "tools", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("tool,args", [
+    ("bench_attention", ["--iters", "0"]), ("bench_attention", ["--seq", "-1"]),
+    ("bench_attention", ["--heads", "3", "--kv-heads", "2"]), ("bench_attention", ["--window", "-1"]),
+    ("bench_attention", ["--json", "/nonexistent/a.json"]), ("bench_attention", ["--json", ROOT]),
+    ("bench_train", ["--no-doc", "--json", "/nonexistent/a.json"]), ("bench_train", ["--no-doc", "--json", ROOT]),
+    ("bench_decode", ["--no-doc", "--json", "/nonexistent/a.json"]),
+    ("profile_step", ["train", "--seq", "0"]), ("profile_step", ["decode", "--new", "0"]),
+    ("check_parity", ["--hf-dir", "x", "--tol", "-1"]), ("check_parity", ["--hf-dir", "x", "--tol", "nan"]),
+    ("check_parity", ["--hf-dir", "x", "--min-agree", "101"]), ("check_parity", ["--hf-dir", "x", "--json", ROOT]),
+    ("measure_bf16", ["--json", "/nonexistent/a.json"]), ("measure_bf16", ["--smollm2-dir", "/nonexistent/s"]),
+    ("crash_test", ["--save-every", "0"]), ("crash_test", ["--eval-every", "0"]), ("crash_test", ["--timeout", "0"]),
+    ("crash_test", ["--batch-size", "0"]),
+])
+def test_bad_tool_arguments_are_one_clear_error_before_any_work(tool, args, capsys):
+    """Checked before anything runs (was: a ZeroDivisionError, a median of nothing, a traceback after the run)."""
+    with pytest.raises(SystemExit) as e:
+        _tool(tool).main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err and "this is a bug" not in err
+
+
+def test_check_parity_refuses_an_empty_prompt(tmp_path):
+    from cancerllm_jax.errors import UserError
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"text": "a note"}\n{"text": " "}\n')
+    with pytest.raises(UserError, match=r"p.jsonl:2: .*non-empty"):
+        _tool("check_parity").read_prompts(str(path))
+
+
+def test_json_output_is_strict_and_atomic(bench_train, tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text("old")
+    bench_train.write_json(str(path), {"x": float("nan"), "y": 1})
+    assert path.read_text().replace(" ", "").replace("\n", "") == '{"x":null,"y":1}'
+    assert os.listdir(tmp_path) == ["r.json"]
+
+
+def test_decode_prompts_of_one_task_are_all_different(bench_decode):
+    """--task diagnosis --prompts n once drew n/2 patients, so every prompt was there twice."""
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(None)
+    for task in ("diagnosis", "treatment_plan", "phenotype"):
+        prompts = bench_decode.clinical_prompts(tok, 20, 512, task=task)
+        assert len(prompts) == 20 and len({tuple(p) for p in prompts}) == 20, task

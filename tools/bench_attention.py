@@ -12,7 +12,6 @@ fused call's XLA implementation.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -20,6 +19,9 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout's package, even where another copy is installed
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_train as bt  # noqa: E402  (argument checks, JSON output)
 
 
 def causal_flops(b, t, h, d, window) -> float:
@@ -105,17 +107,24 @@ def run_torch(a) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--seq", type=int, default=3000)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--window", type=int, default=4096)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--batch", type=bt.positive_int, default=1)
+    p.add_argument("--seq", type=bt.positive_int, default=3000)
+    p.add_argument("--heads", type=bt.positive_int, default=32)
+    p.add_argument("--kv-heads", type=bt.positive_int, default=8)
+    p.add_argument("--head-dim", type=bt.positive_int, default=128)
+    p.add_argument("--window", type=int, default=4096, help="sliding window (0: none)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--iters", type=bt.positive_int, default=20)
     p.add_argument("--json")
     a = p.parse_args(argv)
+    if a.heads % a.kv_heads:
+        p.error(f"--heads {a.heads} must be a multiple of --kv-heads {a.kv_heads}")
+    if a.window < 0:
+        p.error(f"--window must be >= 0 (0: no window), got {a.window}")
+    bt.check_json_out(p, a.json)
+    a.window = a.window or None  # as causal_flops counts it: 0 is no window, not an empty one
     res = run_jax(a)
     try:
         res.update(run_torch(a))
@@ -133,9 +142,8 @@ def main(argv=None) -> int:
             print(f"  {name:<36} {1e3 * t:9.2f} ms {flops / t / 1e12:8.1f} TFLOP/s")
             rows[name] = {"ms": 1e3 * t, "tflops": flops / t / 1e12}
     if a.json:
-        with open(a.json, "w", encoding="utf-8") as f:
-            json.dump({"args": vars(a), "results": rows}, f, indent=2)
-    return 0
+        bt.write_json(a.json, {"args": vars(a), "results": rows})
+    return 1 if all("error" in r for r in rows.values()) else 0
 
 
 if __name__ == "__main__":

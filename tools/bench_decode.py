@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -48,7 +49,7 @@ def clinical_prompts(tokenizer, n: int, budget: int, seed: int = 0, task: str | 
     from cancerllm_jax.data.instruct import encode_prompt
     from cancerllm_jax.data.synthetic import instruction_datasets
 
-    data = instruction_datasets(max(8, n if task is None else n // 2), seed)
+    data = instruction_datasets(max(8, n // 2 if task == "phenotype" else n), seed)  # one note a patient per task
     if task is not None and task not in data:
         raise SystemExit(f"--task {task!r}: choose from {sorted(data)}")
     records = []
@@ -416,6 +417,7 @@ def main(argv=None) -> int:
     if args.new < 2:
         p.error("--new must be >= 2")
     bt.check_smollm2_dir(p, args)
+    bt.check_json_out(p, args.json)
 
     if args.child_out:
         args.only = args.only[0]
@@ -449,7 +451,10 @@ def main(argv=None) -> int:
         cmd = _strip_only(cmd) + ["--only", side]  # the child runs exactly one side
         return bt.run_side(cmd, label, out, args.smollm2_dir, args.torch_host_malloc if side != "ours" else None)
 
-    per_round, failed = bt.run_rounds(args.rounds, sides, run_one)  # a failed side is reported, the others run
+    try:
+        per_round, failed = bt.run_rounds(args.rounds, sides, run_one)  # a failed side is reported, the others run
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)  # the prompts and the sides' results, read by now
     res = {side: combine_rounds(r, len(prompts), args.new) for side, r in per_round.items()}
     ratios = {ref: bt.round_ratios(per_round, ref) for ref in ("hf-single", "hf-batched")}
     if not res:
@@ -483,8 +488,7 @@ def main(argv=None) -> int:
     if any(ratios.values()):
         out["round_ratios"] = {ref: rs for ref, rs in ratios.items() if rs}
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(bt.json_safe(out), f, indent=2, allow_nan=False)
+        bt.write_json(args.json, out)
     if not args.no_doc:
         append_doc(args, res, agree, command, mach, load, ratios)
     return failed

@@ -118,6 +118,24 @@ def check_smollm2_dir(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--smollm2-dir {d}: no config.json there (make one: python tools/import_gguf.py --out {d})")
 
 
+def check_json_out(p: argparse.ArgumentParser, path: str | None) -> None:
+    """One clear argparse error, before any work, when ``--json`` cannot be written (a folder, no parent folder)."""
+    if path is None:
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not path.strip() or os.path.isdir(path):
+        p.error(f"--json {path!r}: name a file, not a folder")
+    if not os.path.isdir(parent):
+        p.error(f"--json {path}: the folder {parent} does not exist")
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as strict JSON (NaN / inf as null), written atomically (temp file beside it, then renamed)."""
+    from cancerllm_jax.train.run_io import write_text_atomic
+
+    write_text_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False))
+
+
 def md_cell(text: str) -> str:
     """``text`` safe inside a Markdown table cell (a ``|`` would split the cell, even inside a code span)."""
     return text.replace("|", "\\|").replace("\n", " ")
@@ -539,6 +557,7 @@ def main(argv=None) -> int:
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     check_smollm2_dir(p, args)
+    check_json_out(p, args.json)
 
     if args.child_out:  # one side, in its own process
         res = child(args)
@@ -584,8 +603,7 @@ def main(argv=None) -> int:
     if ratios:
         out["round_ratios"] = ratios
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(json_safe(out), f, indent=2, allow_nan=False)
+        write_json(args.json, out)
     if not args.no_doc:
         append_doc(args, res, command, mach, load, ratios)
     return failed

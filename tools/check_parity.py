@@ -47,14 +47,20 @@ def read_prompts(path: str | None) -> list[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{n}: invalid JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise UserError(f"{path}:{n}: a JSONL line needs a string field 'text'")
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+                raise UserError(f"{path}:{n}: a JSONL line needs a non-empty string field 'text'")
             out.append(row["text"])
         else:
             out.append(line)
     if not out:
         raise UserError(f"{path}: no prompts")
     return out
+
+
+def check_json_out(p: argparse.ArgumentParser, path: str | None) -> None:
+    """One clear argparse error, before any work, when ``--json`` names a folder or a file in a missing folder."""
+    if path is not None and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+        p.error(f"--json {path}: not a file in an existing folder")
 
 
 def compare_logits(ref: np.ndarray, ours: np.ndarray) -> dict:
@@ -135,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = p.parse_args(argv)
+    if not args.tol >= 0:
+        p.error(f"--tol must be a number >= 0 (got {args.tol})")
+    if not 0 <= args.min_agree <= 100:
+        p.error(f"--min-agree is a percentage in [0, 100] (got {args.min_agree})")
+    check_json_out(p, args.json)
     rows = check(args.hf_dir, read_prompts(args.prompts), args.dtype)
     failed = 0
     print(f"{'#':>3} {'tokens':>6} {'max|dlogit|':>12} {'mean KL':>10} {'argmax %':>9}  result")

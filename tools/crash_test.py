@@ -242,8 +242,13 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=300, help="seconds allowed for one launcher start")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
-    if args.kills < 1 or args.steps < 3:
-        raise UserError("--kills must be >= 1 and --steps >= 3")
+    for flag, value, least in (("--kills", args.kills, 1), ("--steps", args.steps, 3), ("--batch-size",
+                               args.batch_size, 1), ("--save-every", args.save_every, 1),
+                               ("--eval-every", args.eval_every, 1)):
+        if value < least:
+            raise UserError(f"{flag} must be >= {least} (got {value})")
+    if not args.timeout > 0:
+        raise UserError(f"--timeout must be > 0 seconds (got {args.timeout})")
     own_tmp = args.workdir is None
     base = args.workdir or tempfile.mkdtemp(prefix="cancerllm-crash-")
     os.makedirs(base, exist_ok=True)

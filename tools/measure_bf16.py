@@ -23,7 +23,7 @@ import numpy as np
 from cancerllm_jax.errors import cli_main
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from check_parity import DEFAULT_PROMPTS, compare_logits
+from check_parity import DEFAULT_PROMPTS, check_json_out, compare_logits
 
 
 def tiny_folder(out: str) -> str:
@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
+    check_json_out(p, args.json)
+    if args.smollm2_dir and not args.skip_smollm2 and not os.path.isfile(os.path.join(args.smollm2_dir,
+                                                                                        "config.json")):
+        p.error(f"--smollm2-dir {args.smollm2_dir}: no config.json there (make one: python tools/import_gguf.py "
+                f"--out {args.smollm2_dir})")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
@@ -105,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {dtype} | {m['max_abs_diff']:.3e} | {m['mean_kl']:.3e} | "
                   f"{m['argmax_agree_pct']:.1f}% | {m['ref_logit_absmax']:.2f} |")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        from cancerllm_jax.train.run_io import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(results, indent=2))
     return 0
 
 

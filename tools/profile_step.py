@@ -100,17 +100,18 @@ def profile_decode(a) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("what", choices=("train", "decode"))
     p.add_argument("--preset", default="mistral-7b", choices=bt.PRESETS[1:])
-    p.add_argument("--seq", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=bt.positive_int, default=3000)
+    p.add_argument("--batch", type=bt.positive_int, default=1)
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--new", type=int, default=32)
-    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--prompt-tokens", type=bt.positive_int, default=512)
+    p.add_argument("--new", type=bt.positive_int, default=32)
+    p.add_argument("--top", type=bt.positive_int, default=25)
     p.add_argument("--hlo", help="write the compiled HLO text here")
     a = p.parse_args(argv)
     if a.hlo and a.what == "decode":  # every module generate compiles (prefill, decode loop, cache join)

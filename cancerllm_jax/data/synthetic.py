@@ -274,13 +274,14 @@ MAINTENANCE = {"breast": "anastrozole", "prostate": "leuprolide", "thyroid": "le
 
 @dataclass(frozen=True)
 class RadPlan:
-    """A radiation prescription and the context cue that justifies it."""
+    """A radiation prescription, the context cue that justifies it and the chemotherapy given with it, if any."""
 
     dose: float
     fx: int
     modality: str
     target: str
     cue: str
+    chemo: str = ""
 
 
 @dataclass
@@ -580,14 +581,16 @@ def _rt_definitive(rng: random.Random, case: Case) -> RadPlan:
             why = "pN2 disease" if ni >= 2 else "positive bronchial margin"
             return RadPlan(54.0, 30, "photon", "bronchial stump and mediastinum", f"post lobectomy, {why}")
         if case.hist_abbrev == "sclc":
-            return RadPlan(45.0, 30, "photon", "chest", "limited-stage small cell, twice daily, cisplatin/etoposide")
+            return RadPlan(45.0, 30, "photon", "chest", "limited-stage small cell, twice daily, cisplatin/etoposide",
+                           "cisplatin/etoposide")
         if ni == 0 and ti <= 2:
             central = rng.random() < 0.4
             return (RadPlan(50.0, 5, "photon", site, "central tumor, medically inoperable") if central
                     else RadPlan(54.0, 3, "photon", site, "peripheral tumor, medically inoperable"))
+        chemo = concurrent_chemo(case)
         if case.comorbidity:
-            return RadPlan(60.0, 30, "proton", "chest", f"locally advanced, {case.comorbidity}")
-        return RadPlan(60.0, 30, "photon", "chest", "locally advanced, concurrent chemotherapy")
+            return RadPlan(60.0, 30, "proton", "chest", f"locally advanced, {case.comorbidity}", chemo)
+        return RadPlan(60.0, 30, "photon", "chest", "locally advanced, concurrent chemotherapy", chemo)
     if k == "prostate":
         if done:
             why = "pN1" if ni else "positive margin"
@@ -602,10 +605,12 @@ def _rt_definitive(rng: random.Random, case: Case) -> RadPlan:
     if k == "cervix":
         if done:
             why = "positive pelvic nodes, concurrent weekly cisplatin" if ni else "intermediate-risk features (Sedlis)"
-            return RadPlan(45.0, 25, "photon", "pelvis", f"post radical hysterectomy, {why}")
+            return RadPlan(45.0, 25, "photon", "pelvis", f"post radical hysterectomy, {why}",
+                           "weekly cisplatin" if ni else "")
         if case.extras.get("ebrt_done"):
             return RadPlan(28.0, 4, "brachy", "cervix", "completed 45 Gy pelvic EBRT with weekly cisplatin")
-        return RadPlan(45.0, 25, "photon", "pelvis", "intact cervix, concurrent weekly cisplatin planned")
+        return RadPlan(45.0, 25, "photon", "pelvis", "intact cervix, concurrent weekly cisplatin planned",
+                       "weekly cisplatin")
     if k == "endometrium":
         post = "post hysterectomy" if done else "hysterectomy planned"
         if ni == 0 and ti <= 2:
@@ -615,21 +620,23 @@ def _rt_definitive(rng: random.Random, case: Case) -> RadPlan:
         return RadPlan(45.0, 25, "photon", "pelvis", f"{post}, node positive")
     if k == "brain":
         if case.age >= 70:
-            return RadPlan(40.05, 15, "photon", site, "KPS 70, lives alone")
+            return RadPlan(40.05, 15, "photon", site, "KPS 70, lives alone", "temozolomide")
         if young:
-            return RadPlan(60.0, 30, "proton", site, "good performance status")
-        return RadPlan(60.0, 30, "photon", site, "concurrent temozolomide")
+            return RadPlan(60.0, 30, "proton", site, "good performance status", "temozolomide")
+        return RadPlan(60.0, 30, "photon", site, "concurrent temozolomide", "temozolomide")
     if k == "head_neck":
         if done:
-            return (RadPlan(66.0, 33, "photon", site, "post-operative, extranodal extension") if ni
-                    else RadPlan(60.0, 30, "photon", site, "post-operative, close margins"))
+            return (RadPlan(66.0, 33, "photon", site, "post-operative, extranodal extension", "weekly cisplatin")
+                    if ni else RadPlan(60.0, 30, "photon", site, "post-operative, close margins"))
         if case.extras.get("p16") == "positive" and young:
-            return RadPlan(70.0, 35, "proton", site, "p16 positive")
-        return RadPlan(70.0, 35, "photon", site, "definitive chemoradiation")
+            return RadPlan(70.0, 35, "proton", site, "p16 positive", "weekly cisplatin")
+        return RadPlan(70.0, 35, "photon", site, "definitive chemoradiation", "weekly cisplatin")
     if k == "esophagus":
         if case.comorbidity:
-            return RadPlan(50.4, 28, "proton", "esophagus", f"trimodality, {case.comorbidity}")
-        return RadPlan(41.4, 23, "photon", "esophagus", "neoadjuvant chemoradiation (CROSS)")
+            return RadPlan(50.4, 28, "proton", "esophagus", f"trimodality, {case.comorbidity}",
+                           "weekly carboplatin/paclitaxel")
+        return RadPlan(41.4, 23, "photon", "esophagus", "neoadjuvant chemoradiation (CROSS)",
+                       "weekly carboplatin/paclitaxel")
     if k == "liver":
         if case.size_cm > 5.0:
             return RadPlan(67.5, 15, "proton", "liver", f"{case.size_cm:.1f} cm tumor, not a resection candidate")
@@ -640,14 +647,15 @@ def _rt_definitive(rng: random.Random, case: Case) -> RadPlan:
         return RadPlan(30.0, 5, "electron", site, "medically inoperable, superficial target")
     if k == "colorectal":
         if ti == 4 or ni >= 2:
-            return RadPlan(50.4, 28, "photon", "pelvis", "locally advanced, long-course chemoradiation")
+            return RadPlan(50.4, 28, "photon", "pelvis", "locally advanced, long-course chemoradiation", "capecitabine")
         return RadPlan(25.0, 5, "photon", "pelvis", "short-course radiation")
     if k == "pancreas":
         if done:
-            return RadPlan(50.4, 28, "photon", "pancreatic bed", f"post {case.surgery}, positive margin")
+            return RadPlan(50.4, 28, "photon", "pancreatic bed", f"post {case.surgery}, positive margin",
+                           "capecitabine")
         if ti <= 2:
             return RadPlan(33.0, 5, "photon", "pancreas", "borderline resectable, SBRT after induction")
-        return RadPlan(50.4, 28, "photon", "pancreas", "locally advanced, concurrent capecitabine")
+        return RadPlan(50.4, 28, "photon", "pancreas", "locally advanced, concurrent capecitabine", "capecitabine")
     table = {"bladder": ((45.0, 25, "pelvis", "post cystectomy, positive margin") if done
                          else (55.0, 20, "bladder", "bladder preservation")),
              "kidney": ((45.0, 25, "nephrectomy bed", "post nephrectomy, positive margin") if done
@@ -659,7 +667,7 @@ def _rt_definitive(rng: random.Random, case: Case) -> RadPlan:
              "ovary": ((30.0, 10, "pelvis", "symptomatic pelvic recurrence after debulking") if done
                        else (30.0, 10, "pelvis", "symptomatic pelvic mass"))}
     dose, fx, target, cue = table[k]
-    return RadPlan(dose, fx, "photon", target, cue)
+    return RadPlan(dose, fx, "photon", target, cue, "capecitabine" if k == "stomach" else "")  # chemoradiation
 
 
 def draw_case(pid: str, seed: int) -> Case:
@@ -977,7 +985,9 @@ def phenotype_sentence(w: Writer, case: Case) -> tuple[str, str, dict[str, list[
     if w.chance(0.5):
         text, present = text.lower(), {t: [a.lower() for a in v] for t, v in present.items()}
     text = text[0].upper() + text[1:] if w.chance(0.3) else text
-    present = {t: sorted(v, key=lambda a: text.lower().find(a.lower())) for t, v in present.items()}
+    # each answer as the sentence spells it (a capitalised first word too), in reading order
+    present = {t: sorted((text[i:i + len(a)] for a in v for i in [text.lower().find(a.lower())]), key=text.find)
+               for t, v in present.items()}
     return text, {"path": "pathology_report", "note": "clinical_note"}[source], present, skip
 
 
@@ -1121,7 +1131,7 @@ def _phase_story(w: Writer, case: Case) -> str:
         return w.choice(("Here for cycle {c} of {r}.", "Presents prior to C{c} of {r}, tolerating treatment ok."))\
             .format(c=case.cycle, r=case.regimen)
     if case.phase == "radiation":
-        conc = f" with concurrent {case.regimen}" if concurrent_regimen(case) else ""
+        conc = f" with concurrent {chemo}" if (chemo := concurrent_regimen(case)) else ""
         return f"Receiving radiation to the {case.rt.target}{conc}; {case.rt_fraction} of {case.rt.fx} fx completed."
     if case.phase == "surveillance":
         return f"Completed treatment {w.rng.randint(4, 30)} months ago, here for surveillance."
@@ -1131,9 +1141,8 @@ def _phase_story(w: Writer, case: Case) -> str:
 
 
 def concurrent_regimen(case: Case) -> str:
-    """The chemo given with radiation, if any."""
-    return case.regimen if case.regimen in ("weekly cisplatin", "temozolomide", "weekly carboplatin/paclitaxel") \
-        and case.phase == "radiation" and not case.m else ""
+    """The chemo given with the radiation course under way, if any (as its plan and cue call for)."""
+    return case.rt.chemo if case.phase == "radiation" else ""
 
 
 ROS_ITEMS = {"pain": "Pain", "nausea": "Nausea", "fatigue": "Fatigue", "neuropathy": "Neuropathy",
@@ -1374,7 +1383,10 @@ def _surveillance_steps(case: Case) -> list[str]:
     steps = [f"{marker} rising to {case.marker_value}; obtain ct chest/abdomen/pelvis" if rising
              else "no evidence of recurrence on exam today"]
     maint = MAINTENANCE.get(case.key, "")
-    if maint and not (case.key == "breast" and case.receptors.get("ER") != "positive"):
+    if case.key == "breast" and case.age < 50:
+        maint = "tamoxifen"  # an aromatase inhibitor alone is for postmenopausal women
+    if maint and not (case.key == "breast" and case.receptors.get("ER") != "positive") and not (
+            case.key == "prostate" and _prostate_low_risk(case)):  # low risk: no androgen deprivation
         steps.append(f"continue {maint}")
     months = 3 if case.stage.startswith("III") else 6
     if not rising:
@@ -1731,6 +1743,8 @@ def write_dataset(out_dir: str, n_patients: int, seed: int = 0, n_pretrain_docs:
 
     if n_patients < 10:
         raise UserError(f"n_patients must be at least 10 for an 80/10/10 split (got {n_patients})")
+    if not str(out_dir).strip():
+        raise UserError("the output folder is empty: name a folder (an empty name would write into the current one)")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise UserError(f"{out_dir} exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
