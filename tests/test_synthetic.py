@@ -452,3 +452,14 @@ def test_surveillance_maintenance_fits_age_and_risk():
         if case.key == "prostate" and syn._prostate_low_risk(case):
             assert "leuprolide" not in plan
     assert n > 10
+
+
+def test_stage_iv_metastases_are_distant_for_ovary_and_cervix():
+    """Peritoneal spread of an ovarian cancer is FIGO III and para-aortic nodes of a cervical one IIIC2: neither is
+    drawn as the metastasis of a stage IV case."""
+    for i in range(3000):
+        case = syn.draw_case(f"S{i}", SEED)
+        if case.key == "ovary":
+            assert "peritoneal" not in case.mets
+        if case.key == "cervix":
+            assert "nodal" not in case.mets
