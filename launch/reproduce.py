@@ -5,8 +5,9 @@
     python launch/reproduce.py --scale 7b --model /models/Mistral-7B-v0.1 [--pretrain-data 'notes/*.jsonl'] \\
         [--data DIR] [--out DIR]
 
-Stages (each a launcher of its own, logged to OUT/logs/<stage>.log; a stage whose output exists is skipped, so an
-interrupted run continues where it stopped):
+Stages (each a launcher of its own, logged to OUT/logs/<stage>.log; a stage whose output exists is skipped and an
+interrupted training run is resumed, so an interrupted run continues where it stopped; an OUT made with another
+--scale, --model, --data, --pretrain-data or --skip pretrain is refused):
 
 1. data          synthetic data (``write_dataset``) unless ``--data DIR`` holds ``<task>/{train,val,test}.jsonl``
 2. pretrain      LoRA continued pretraining on notes (``launch/pretrain.py``)
@@ -98,7 +99,30 @@ class Pipeline:
         self.out = os.path.abspath(out)
         os.makedirs(os.path.join(self.out, "logs"), exist_ok=True)
         self.state_path = os.path.join(self.out, "reproduce.json")
-        self.state = json.load(open(self.state_path)) if os.path.exists(self.state_path) else {"stages": {}}
+        self.state = {"stages": {}}
+        if os.path.exists(self.state_path):
+            from cancerllm_jax.eval.runner import read_json_file
+
+            self.state = read_json_file(self.state_path, "pipeline record", "delete it or use another --out")
+            if not isinstance(self.state, dict) or not isinstance(self.state.get("stages"), dict):
+                raise UserError(f"{self.state_path}: not a record reproduce.py wrote (no 'stages' object); "
+                                "delete it or use another --out")
+
+    def check_settings(self, settings: dict) -> None:
+        """Refuse to continue a folder whose finished stages were made with other ``settings`` (those recorded)."""
+        from cancerllm_jax.eval.runner import differences
+
+        old = self.state.get("settings") or {}
+        changed = differences(old, {k: settings.get(k) for k in old})
+        if changed:
+            raise UserError(f"{self.out} was made with other settings: {'; '.join(changed)}. Its finished stages "
+                            "would be mixed with this run's: use another --out")
+        self.settings = settings
+
+    def record_settings(self, *keys: str) -> None:
+        """Record the settings ``keys`` once a stage that depends on them is finished."""
+        self.state.setdefault("settings", {}).update({k: self.settings[k] for k in keys})
+        self.save()
 
     def save(self) -> None:
         with open(self.state_path + ".tmp", "w") as f:
@@ -234,7 +258,16 @@ def main(argv=None):
         raise UserError(f"--model {args.model}: not found (give an HF folder or a converted checkpoint)")
     if model is None and args.scale == "7b":
         raise UserError("--scale 7b needs --model (a Mistral-7B-v0.1 HF folder or converted checkpoint)")
+    data = os.path.abspath(args.data) if args.data else os.path.join(out, "data")
+    if args.data:
+        for task in EVAL_TASKS:
+            for split in ("train", "val", "test"):
+                if not os.path.isfile(os.path.join(data, task, f"{split}.jsonl")):
+                    raise UserError(f"--data {data}: {task}/{split}.jsonl is missing")
     pipe = Pipeline(out)
+    pipe.check_settings({"scale": args.scale, "model": model, "data": args.data and os.path.abspath(args.data),
+                         "pretrain_data": args.pretrain_data and [os.path.abspath(p) for p in args.pretrain_data],
+                         "pretrain": "pretrain" not in skip})
     pipe.state.update({"scale": args.scale, "notes": scale.notes})
     py = sys.executable
     t_start = time.time()
@@ -251,13 +284,7 @@ def main(argv=None):
     pipe.save()
 
     # 1. data
-    data = os.path.abspath(args.data) if args.data else os.path.join(out, "data")
-    if args.data:
-        for task in EVAL_TASKS:
-            for split in ("train", "val", "test"):
-                if not os.path.isfile(os.path.join(data, task, f"{split}.jsonl")):
-                    raise UserError(f"--data {data}: {task}/{split}.jsonl is missing")
-    else:
+    if not args.data:
         def make_data():
             from cancerllm_jax.data.synthetic import write_dataset
 
@@ -267,18 +294,26 @@ def main(argv=None):
     joint = os.path.join(out, "joint")
     pipe.stage("joint_training_set", _done(os.path.join(joint, "val.jsonl")),
                fn=lambda: joint_training_set(data, joint, scale.train_limits))
+    pipe.record_settings("scale", "data")
 
     # 2. continued pretraining
-    tok = ["data.tokenizer=" + model] if os.path.isdir(model) and args.scale == "cpu-small" else []
+    from cancerllm_jax.api import _tokenizer_in
+
+    # the model's own tokenizer where its folder has one (else the default, as cancerllm_jax.load falls back to)
+    tok = ["data.tokenizer=" + model] if args.scale == "cpu-small" and os.path.isdir(model) and _tokenizer_in(model) \
+        else []
     pre_dir = os.path.join(out, "pretrain")
     if "pretrain" not in skip:
         sources = args.pretrain_data or ([os.path.join(data, "pretrain", "corpus.jsonl")]
                                          if os.path.exists(os.path.join(data, "pretrain", "corpus.jsonl")) else None)
-        cmd = [py, os.path.join(HERE, "pretrain.py"), *scale.pretrain, "--workdir", pre_dir, f"model={model}", *tok]
+        # --resume: a run an interrupt stopped continues (a new one starts at step 0; other settings are refused)
+        cmd = [py, os.path.join(HERE, "pretrain.py"), *scale.pretrain, "--workdir", pre_dir, "--resume",
+               f"model={model}", *tok]
         if sources:
             cmd[2:2] = ["--data", *sources]
         pipe.stage("pretrain", _done(os.path.join(pre_dir, "DONE")), cmd)
         open(os.path.join(pre_dir, "DONE"), "w").close()
+        pipe.record_settings("model", "pretrain_data", "pretrain")
         tuned_base = pre_dir
     else:
         tuned_base = model
@@ -286,9 +321,10 @@ def main(argv=None):
     # 3. instruction tuning (all three tasks together)
     ft_dir = os.path.join(out, "finetune")
     cmd = [py, os.path.join(HERE, "finetune.py"), "--model", tuned_base, "--data", os.path.join(joint, "train.jsonl"),
-           "--eval-data", os.path.join(joint, "val.jsonl"), "--workdir", ft_dir, *scale.finetune, *tok]
+           "--eval-data", os.path.join(joint, "val.jsonl"), "--workdir", ft_dir, "--resume", *scale.finetune, *tok]
     pipe.stage("finetune", _done(os.path.join(ft_dir, "DONE")), cmd)
     open(os.path.join(ft_dir, "DONE"), "w").close()
+    pipe.record_settings("model", "pretrain_data", "pretrain")
 
     # 4. the three tasks, vanilla vs tuned, with the efficiency table
     ev_dir = os.path.join(out, "eval")

@@ -37,6 +37,8 @@ def _rates(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"--rates: expected comma-separated fractions, got {text!r}") from None
     if not rates or any(not 0 <= r <= 1 for r in rates):
         raise argparse.ArgumentTypeError(f"--rates: each rate must be a fraction in [0, 1] (0.2 = 20%), got {text!r}")
+    if len(set(rates)) < len(rates):  # one rate twice would be computed twice and counted twice in the mean
+        raise argparse.ArgumentTypeError(f"--rates: a rate is given twice in {text!r}")
     return rates
 
 

@@ -563,3 +563,129 @@ def test_sampled_predictions_do_not_depend_on_a_resume(finished, tmp_path):
                                      "1", "--out", str(out)]) == 0
         rows[name] = {r["id"]: r["prediction"] for r in _rows(out / "predictions" / "tiny__phenotype.jsonl")}
     assert rows["whole"] == rows["resumed"] and len(rows["whole"]) == 3
+
+
+def test_resume_after_a_cut_just_before_the_newline(tmp_path):
+    """A complete last row without its newline (the interrupt fell between the two) is kept, and the rows appended
+    on resuming start on a line of their own."""
+    from cancerllm_jax.eval.runner import _append_jsonl, read_predictions
+
+    path = tmp_path / "p.jsonl"
+    row = {"id": "0", "prompt_hash": "h", "gold": "g", "prediction": "p"}
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "id": "1"}))
+    assert [r["id"] for r in read_predictions(str(path), allow_torn_tail=True)] == ["0", "1"]
+    _append_jsonl(str(path), [{**row, "id": "2"}])
+    _append_jsonl(str(path), [{**row, "id": "3"}])
+    assert [r["id"] for r in read_predictions(str(path))] == ["0", "1", "2", "3"]
+
+
+def test_a_failed_report_or_plot_leaves_no_stale_or_partial_file(finished, tmp_path, monkeypatch):
+    """report.md never describes other metrics than metrics.json's, and a PNG cut by an error is not left behind."""
+    import matplotlib.figure
+
+    from cancerllm_jax.eval import report, runner
+
+    _, done = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    old_png = (out / "efficiency.png").read_bytes()
+
+    def torn_savefig(self, path, **kw):
+        Path(path).write_bytes(b"\x89PNG\r\n\x1a\n cut")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn_savefig)
+    with pytest.raises(KeyboardInterrupt):
+        runner.rescore(str(out), "reference")
+    assert json.loads((out / "metrics.json").read_text())["protocol"] == "reference"
+    assert not (out / "report.md").exists()  # the old one described the `standard` scores
+    assert (out / "efficiency.png").read_bytes() == old_png and (out / "scores_avg_f1.png").stat().st_size > 5000
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    monkeypatch.undo()
+    report.write_report(str(out), runner.rescore(str(out), write=False))
+    assert (out / "report.md").is_file()
+
+
+def _reproduce():
+    if str(ROOT / "launch") not in sys.path:
+        sys.path.insert(0, str(ROOT / "launch"))
+    spec = importlib.util.spec_from_file_location("launch_reproduce", ROOT / "launch" / "reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reproduce_resumes_training_stages_and_refuses_other_settings(tmp_path, monkeypatch, capsys):
+    """The training stages are started with --resume (an interrupted run continues; a fresh one starts at step 0),
+    and a folder made with another model, scale, data or pretraining choice is refused, not mixed."""
+    rep = _reproduce()
+    model, other, out = tmp_path / "model", tmp_path / "other", tmp_path / "out"
+    model.mkdir()
+    other.mkdir()
+    cmds = []
+
+    def fake_run(cmd, **kw):
+        cmds.append(cmd)
+        if "--workdir" in cmd:
+            os.makedirs(cmd[cmd.index("--workdir") + 1], exist_ok=True)
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(rep.subprocess, "run", fake_run)
+    argv = ["--scale", "cpu-small", "--model", str(model), "--out", str(out), "--skip", "robustness"]
+    assert rep.main(argv) == 0
+    stages = {os.path.basename(c[1]): c for c in cmds}
+    assert "--resume" in stages["pretrain.py"] and "--resume" in stages["finetune.py"]
+    # the model folder has no tokenizer: the trainers use the default one, as cancerllm_jax.load does
+    assert not [a for a in stages["pretrain.py"] + stages["finetune.py"] if a.startswith("data.tokenizer=")]
+    state = json.loads((out / "reproduce.json").read_text())
+    for changed in (["--model", str(other)], ["--skip", "pretrain,robustness"]):
+        args = argv + changed
+        with pytest.raises(SystemExit) as e:
+            rep.main(args)
+        assert e.value.code != 0 and "was made with other settings" in capsys.readouterr().err
+    assert json.loads((out / "reproduce.json").read_text()) == state  # nothing recorded by the refused runs
+    # a setting is recorded once a stage that depends on it is finished: a run that failed in pretraining can be
+    # started again with other pretraining data
+    out2, fail = tmp_path / "out2", []
+    monkeypatch.setattr(rep.subprocess, "run", lambda cmd, **kw: fake_run(cmd) if not fail else type(
+        "Failed", (), {"returncode": 1})())
+    fail.append(1)
+    with pytest.raises(SystemExit):
+        rep.main([*argv[:-4], "--out", str(out2), "--pretrain-data", str(tmp_path / "typo.jsonl")])
+    assert "stage pretrain failed" in capsys.readouterr().err
+    fail.clear()
+    assert rep.main([*argv[:-4], "--out", str(out2), "--pretrain-data", str(tmp_path / "notes.jsonl")]) == 0
+    with pytest.raises(SystemExit):  # a wrong --data is refused before OUT is made (and before it records anything)
+        rep.main([*argv[:-4], "--out", str(tmp_path / "out3"), "--data", str(tmp_path / "nodata")])
+    assert "phenotype/train.jsonl is missing" in capsys.readouterr().err and not (tmp_path / "out3").exists()
+    (out / "reproduce.json").write_text('{"stages": {')
+    with pytest.raises(SystemExit) as e:
+        rep.main(argv)
+    assert e.value.code != 0 and "reproduce.json:1: not valid JSON" in capsys.readouterr().err
+
+
+def test_efficiency_rows_say_when_timings_do_not_cover_the_split():
+    from cancerllm_jax.eval.report import efficiency_table
+    from cancerllm_jax.eval.runner import summarize_stats
+
+    batch = {"n": 2, "time_s": 4.0, "prompt_tokens": 10, "generated_tokens": 8}
+    metrics = {"tasks": {"diagnosis": {"max_input_tokens": 1500, "max_new_tokens": 4}}, "results": {"diagnosis": {
+        "all": {"n": 2, "efficiency": summarize_stats([batch])},
+        "lost": {"n": 2, "efficiency": summarize_stats([])},  # the stats file is gone
+        "part": {"n": 3, "efficiency": summarize_stats([batch])}}}}
+    rows = {r.split("|")[2].strip(): [c.strip() for c in r.split("|")[4:8]] for r in efficiency_table(metrics)[2:]}
+    assert rows == {"all": ["2", "0:00:04", "8", "2.0"], "lost": ["2 (0 timed)", "–", "0", "–"],
+                    "part": ["3 (2 timed)", "0:00:04", "8", "2.0"]}
+
+
+def test_damaged_timing_lines_lose_only_their_timing(tmp_path, capsys):
+    from cancerllm_jax.eval.runner import read_stats, summarize_stats
+
+    path = tmp_path / "m__diagnosis.stats.jsonl"
+    good = {"n": 2, "time_s": 1.5, "prompt_tokens": 3, "generated_tokens": 6}
+    path.write_bytes(b"\n".join([json.dumps(good).encode(), b"[1]", b'{"n": 2}', b'{"n": "\xff"}',
+                                 json.dumps({**good, "n": True}).encode(), b'{"n": 2, "ti']))
+    e = summarize_stats(read_stats(str(path)))
+    assert (e["instances_decoded"], e["generation_time_s"], e["tokens_per_s"]) == (2, 1.5, 4.0)
+    assert capsys.readouterr().err.count("unreadable timing line skipped") == 5

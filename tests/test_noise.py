@@ -144,3 +144,22 @@ def test_counterfactual_labels_are_wrong_as_the_scorer_sees_them(seed):
         sentence = " ".join(_words(r["context"]))
         for item in r["response"].split(","):
             assert f" {' '.join(_words(item))} " not in f" {sentence} ", (item, r["context"])
+
+
+def test_words_with_other_letters_are_neither_edited_nor_cut():
+    text = "Ménétrier disease, café-au-lait spots, naïve cafe\u0301 patient; x-ray (straße) ok."
+    assert [m.group() for m in eligible_words(text)] == ["disease", "au", "lait", "spots", "patient", "ray", "ok"]
+    for seed in range(5):
+        new, edits = misspell_edits(text, 1.0, seed)
+        assert len(edits) == 7 and all(w in new for w in ("Ménétrier", "café", "naïve", "cafe\u0301", "straße"))
+        assert new.count(",") == 2 and new.endswith(".") and "(" in new and ";" in new
+
+
+def test_not_relevant_in_any_case_is_never_an_entity():
+    recs = [{"id": i, "task": "phenotype", "entity_type": "tumor_site", "sentence": "mass in the breast",
+             "context": "", "response": "not relevant" if i % 2 else "left breast"} for i in range(10)]
+    new, ids = corrupt_phenotype_labels(recs, 1.0, seed=0)
+    assert len(ids) == 10
+    for old, r in zip(recs, new, strict=True):
+        assert r["response"].lower() != "not relevant" and r["response"] != old["response"]
+        assert (r["counterfactual"]["kind"] == "not_relevant_swap") == (old["response"] == "not relevant")

@@ -338,3 +338,44 @@ def test_decode_hashes_the_prompt_evaluate_run_builds():
     want = [build_prompt(lm.tokenizer, r, spec) for r in recs]
     assert hashes == [p.hash for p in want] and lm.fed == [p.ids for p in want]
     assert stats["prompts_cut"] == 1 and preds == ["", ""]
+
+
+def test_a_table_is_written_last_and_never_outlives_a_failed_update(tmp_path, monkeypatch):
+    """table5/6.md marks a finished sweep (reproduce.py skips a stage that has one): it is written after the JSON
+    and the plot, and an older one is gone when either fails."""
+    scores = {f"{m}_{x}": 50.0 for m in ("em", "bleu2", "rougeL") for x in ("p", "r", "f1")}
+    res = rb.SweepResult("misspell", [{"task": "diagnosis", "rate": 0.5, "n": 1, "avg_f1": 50.0, **scores}],
+                         {"diagnosis": 50.0}, {"seed": 0})
+    paths = rb.write_outputs(tmp_path, res, "fake")
+    assert Path(paths["table"]).is_file()
+
+    def broken_plot(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rb, "plot_sweeps", broken_plot)
+    with pytest.raises(KeyboardInterrupt):
+        rb.write_outputs(tmp_path, res, "fake")
+    assert not Path(paths["table"]).exists()
+
+
+def test_cli_refuses_a_rate_given_twice(tmp_path, capsys):
+    mod = _launch_robustness()
+    with pytest.raises(SystemExit) as e:
+        mod.main.__wrapped__(["misspell", "--model", "tiny", "--out", str(tmp_path / "o"), "--rates", "0.2,0.4,0.2"])
+    assert e.value.code == 2 and "given twice" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_clean_reference_alone_has_no_mean_and_strict_json(tmp_path, monkeypatch):
+    monkeypatch.setattr(rb, "decode", lambda lm, recs, task, s: (["left"] * len(recs), {}, ["h"] * len(recs)))
+    res = rb.misspelling_sweep(object(), {"diagnosis": _recs("diagnosis", 2)}, tmp_path, rates=[0.0],
+                               log=lambda s: None)
+    assert res.mean_avg_f1 == {"diagnosis": None}
+    paths = rb.write_outputs(tmp_path, res, "fake")
+
+    def no_constants(name):
+        raise ValueError(f"{name} is not JSON")
+
+    json.loads(Path(paths["json"]).read_text(), parse_constant=no_constants)
+    table = Path(paths["table"]).read_text()
+    assert "| **mean over rates** |" in table and "nan" not in table

@@ -2,8 +2,9 @@
 
 - :func:`misspell_text` misspells an exact share of the words of a text with the four edits a typist makes
   (adjacent swap, dropped letter, inserted letter, keyboard-neighbour substitution), keeping case and the
-  punctuation around each word. A *word* is a run of at least two ASCII letters bounded by non-alphanumerics,
-  so codes such as ``ct2n2am1`` and numbers are never touched.
+  punctuation around each word. A *word* is a run of at least two ASCII letters bounded by non-alphanumerics
+  (letters and digits of any script, and combining accents, count as alphanumerics), so codes such as
+  ``ct2n2am1``, numbers and words with other letters (``café``, ``naïve``) are never touched, nor cut in two.
 - :func:`corrupt_phenotype_labels` gives an exact share of phenotype training instances a wrong label: an entity
   (of the same or another entity type) that does not occur in the instance's sentence, or, for a
   ``Not relevant`` instance, such an irrelevant entity in place of ``Not relevant``.
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 EDIT_KINDS = ("swap", "drop", "insert", "substitute")
 NOT_RELEVANT = "Not relevant"
-WORD_RE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{2,}(?![A-Za-z0-9])")
+WORD_RE = re.compile(r"(?<![^\W_])[A-Za-z]{2,}(?![^\W_]|[\u0300-\u036f])")
 
 _ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
 
@@ -106,7 +107,8 @@ def misspell_word(word: str, rng: random.Random) -> tuple[str, str]:
 
 
 def eligible_words(text: str) -> list[re.Match[str]]:
-    """The words :func:`misspell_text` may edit: runs of ≥ 2 ASCII letters not glued to digits or letters."""
+    """The words :func:`misspell_text` may edit: runs of ≥ 2 ASCII letters not glued to digits or letters (of any
+    script), nor followed by a combining accent."""
     return list(WORD_RE.finditer(text))
 
 
@@ -174,6 +176,11 @@ def scorer_words(text: str) -> tuple[str, ...]:
     return tuple(normalize(text).split())
 
 
+def _not_relevant(label: str) -> bool:
+    """True for ``Not relevant`` as the scorer sees it (``not relevant``, ``Not Relevant.``)."""
+    return scorer_words(label) == scorer_words(NOT_RELEVANT)
+
+
 def _occurs(item: tuple[str, ...], words: tuple[str, ...]) -> bool:
     return any(words[i:i + len(item)] == item for i in range(len(words) - len(item) + 1))
 
@@ -186,12 +193,13 @@ def _absent(label: str, words: tuple[str, ...]) -> bool:
 
 
 def entity_pool(records: Iterable[dict]) -> dict[str, list[str]]:
-    """Entity type → the distinct non-``Not relevant`` labels seen in ``records`` (first-seen order)."""
+    """Entity type → the distinct labels seen in ``records`` (first-seen order), ``Not relevant`` in any case
+    left out."""
     pool: dict[str, dict[str, None]] = {}
     for r in records:
         label = str(r.get("response", "")).strip()
         etype = r.get("entity_type") or r.get("answer_type")
-        if etype and label and label != NOT_RELEVANT:
+        if etype and label and not _not_relevant(label):
             pool.setdefault(etype, {})[label] = None
     return {t: list(v) for t, v in pool.items()}
 
@@ -202,7 +210,7 @@ def _wrong_label(record: dict, pool: dict[str, list[str]], rng: random.Random) -
     gold = str(record.get("response", "")).strip()
     etype = record.get("entity_type") or record.get("answer_type")
     types = sorted(set(pool) | set(FALLBACK_ENTITIES))
-    if gold == NOT_RELEVANT:
+    if _not_relevant(gold):
         order = [("not_relevant_swap", t) for t in rng.sample(types, len(types))]
     else:
         others = [t for t in types if t != etype]

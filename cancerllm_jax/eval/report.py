@@ -55,9 +55,12 @@ def efficiency_table(metrics: dict[str, Any]) -> list[str]:
     for task, by_model in metrics["results"].items():
         spec = metrics["tasks"].get(task, {})
         for model, r in by_model.items():
-            e = r.get("efficiency", {})
+            e = r.get("efficiency") or {}
+            timed = e.get("instances_decoded") or 0  # timings lost (no stats file) or for other rows: said so
+            n = f"{r['n']}" if timed == r["n"] else f"{r['n']} ({timed} timed)"
             lines.append(f"| {_title(task)} | {model} | {spec.get('max_input_tokens', '?')} / "
-                         f"{spec.get('max_new_tokens', '?')} | {r['n']} | {hms(e.get('generation_time_s'))} | "
+                         f"{spec.get('max_new_tokens', '?')} | {n} | "
+                         f"{hms(e.get('generation_time_s') if timed else None)} | "
                          f"{e.get('generated_tokens', 0):,} | {_num(e.get('tokens_per_s'), '{:.1f}')} | "
                          f"{_num(e.get('steady_tokens_per_s'), '{:.1f}')} | {_mb(e.get('peak_memory_bytes'))} |")
     return lines
@@ -165,6 +168,19 @@ def write_report(out: str, metrics: dict[str, Any], title: str | None = None) ->
 # ---------------------------------------------------------------- plots
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> str:
+    """Save ``fig`` as a PNG beside ``path`` and rename it there: the file appears complete or not at all."""
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def _plt():
     import matplotlib
 
@@ -219,7 +235,7 @@ def write_plots(out: str, metrics: dict[str, Any]) -> dict[str, str]:
     ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     files["scores"] = PLOTS["scores"]
-    fig.savefig(os.path.join(out, PLOTS["scores"]), dpi=120)
+    save_figure(fig, os.path.join(out, PLOTS["scores"]))
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks) + 1.2, 3.4), squeeze=False)
@@ -232,7 +248,7 @@ def write_plots(out: str, metrics: dict[str, Any]) -> dict[str, str]:
     axes[0][-1].legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     files["metrics"] = PLOTS["metrics"]
-    fig.savefig(os.path.join(out, PLOTS["metrics"]), dpi=120)
+    save_figure(fig, os.path.join(out, PLOTS["metrics"]))
     plt.close(fig)
 
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(max(11.0, 4.2 * len(tasks) + 2.5), 3.5))
@@ -252,7 +268,7 @@ def write_plots(out: str, metrics: dict[str, Any]) -> dict[str, str]:
     a3.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     files["efficiency"] = PLOTS["efficiency"]
-    fig.savefig(os.path.join(out, PLOTS["efficiency"]), dpi=120)
+    save_figure(fig, os.path.join(out, PLOTS["efficiency"]))
     plt.close(fig)
 
     from cancerllm_jax.eval.radonc import plot_chapter_confusion

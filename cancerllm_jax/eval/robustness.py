@@ -230,10 +230,10 @@ def rate_dir(root: Path, rate: float) -> Path:
     return root / (f"rate_{round(pct):02d}" if abs(pct - round(pct)) < 1e-9 else f"rate_{pct:.6g}")
 
 
-def mean_over_rates(rows: Sequence[dict], task: str) -> float:
-    """Mean Average F1 of ``task`` over its noisy rates (rate 0, a clean reference, excluded)."""
+def mean_over_rates(rows: Sequence[dict], task: str) -> float | None:
+    """Mean Average F1 of ``task`` over its noisy rates (rate 0, a clean reference, excluded); None without any."""
     vals = [r["avg_f1"] for r in rows if r["task"] == task and r["rate"] > 0]
-    return sum(vals) / len(vals) if vals else float("nan")
+    return sum(vals) / len(vals) if vals else None
 
 
 # ---------------------------------------------------------------- the two sweeps
@@ -435,7 +435,8 @@ def table_markdown(result: SweepResult, model_name: str) -> str:
             cells += [f"{r['avg_f1']:.2f}", str(r["n"])]
             lines.append("| " + " | ".join(cells) + " |")
             first = False
-        mean = ["", "", "**mean over rates**"] + [""] * 9 + [f"**{result.mean_avg_f1[task]:.2f}**", ""]
+        avg = result.mean_avg_f1.get(task)
+        mean = ["", "", "**mean over rates**"] + [""] * 9 + ["–" if avg is None else f"**{avg:.2f}**", ""]
         lines.append("| " + " | ".join(mean) + " |")
     s = result.settings
     dec = s.get("decode", {})
@@ -470,26 +471,23 @@ def plot_sweeps(results: Sequence[SweepResult], path: str | os.PathLike, model_n
         ax.set_title(f"{res.kind}: {task.replace('_', ' ')}\n{model_names.get(res.kind, '')}", fontsize=10)
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(str(path))}.tmp-{os.getpid()}.png")
+    from cancerllm_jax.eval.report import save_figure
+
     try:
-        fig.savefig(tmp, dpi=110)  # written elsewhere, then renamed: the PNG appears complete or not at all
-        os.replace(tmp, path)
+        save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return str(path)
 
 
 def write_outputs(out_dir: str | os.PathLike, result: SweepResult, model_name: str) -> dict[str, str]:
-    """Write this sweep's table, merge it into ``robustness.json``, and redraw ``robustness.png`` from all sweeps
-    recorded there; return the paths written."""
+    """Merge this sweep into ``robustness.json``, redraw ``robustness.png`` from all sweeps recorded there, then
+    write its table (last: a table is only there when everything it goes with is); return the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = out / ("table5.md" if result.kind == "counterfactual" else "table6.md")
-    from cancerllm_jax.train.run_io import write_text_atomic
-
-    write_text_atomic(str(table), table_markdown(result, model_name))
+    if table.is_file():  # an older table must not outlive a failure below
+        table.unlink()
     js = out / "robustness.json"
     data = read_json_file(str(js), "merged results file", "delete it and run the sweeps again (their finished rates "
                           "are reused)") if js.is_file() else {}
@@ -500,4 +498,5 @@ def write_outputs(out_dir: str | os.PathLike, result: SweepResult, model_name: s
     results = [SweepResult(v["kind"], v["rows"], v["mean_avg_f1"], v["settings"]) for k, v in sorted(data.items())]
     names = {k: v.get("model_name", "") for k, v in data.items()}
     png = plot_sweeps(results, out / "robustness.png", names)
+    write_text_atomic(str(table), table_markdown(result, model_name))
     return {"table": str(table), "json": str(js), "png": png}

@@ -317,22 +317,35 @@ def check_against_split(path: str, rows: list[dict], expected: dict[str, tuple[s
 
 
 def _append_jsonl(path: str, rows: list[dict]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    """Append ``rows`` on lines of their own (after a newline, if an interrupt cut the file just before one)."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    with open(path, "a+b") as f:
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                text = "\n" + text
+        f.write(text.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
+
+
+_STATS_FIELDS = ("n", "time_s", "prompt_tokens", "generated_tokens")
 
 
 def read_stats(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    out.append(json.loads(line))
+                    obj = json.loads(line)
                 except json.JSONDecodeError:  # a torn timing line only loses timing, never predictions
+                    obj = None
+                if isinstance(obj, dict) and all(type(obj.get(k)) in (int, float) for k in _STATS_FIELDS):
+                    out.append(obj)
+                else:
                     print(f"warning: {path}:{number}: unreadable timing line skipped", file=sys.stderr)
     return out
 
@@ -562,6 +575,17 @@ def _write_json(path: str, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
+def write_results(out: str, metrics: dict[str, Any]) -> None:
+    """``OUT/metrics.json``, then ``report.md`` and its plots; an older report is removed first, so a report never
+    describes other metrics than those beside it, even when writing it fails."""
+    from cancerllm_jax.eval.report import write_report
+
+    if os.path.isfile(os.path.join(out, "report.md")):
+        os.remove(os.path.join(out, "report.md"))
+    _write_json(os.path.join(out, "metrics.json"), metrics)
+    write_report(out, metrics)
+
+
 def run(cfg: RunConfig, log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
     """Decode (resuming), score, write ``metrics.json`` and ``report.md``; returns the metrics."""
     import cancerllm_jax as cj
@@ -637,10 +661,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = log_stderr) -> dict[str, An
     score_all(metrics, cfg.out, cfg.protocol, split)
     for (task, model), counts in runs.items():
         metrics["results"][task][model].update(counts)
-    _write_json(os.path.join(cfg.out, "metrics.json"), metrics)
-    from cancerllm_jax.eval.report import write_report
-
-    write_report(cfg.out, metrics)
+    write_results(cfg.out, metrics)
     return metrics
 
 
@@ -682,8 +703,5 @@ def rescore(out: str, protocol: str | None = None, write: bool = True) -> dict[s
                                 "the file was changed since the run")
     metrics["rescored"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     if write:
-        _write_json(path, metrics)
-        from cancerllm_jax.eval.report import write_report
-
-        write_report(out, metrics)
+        write_results(out, metrics)
     return metrics
