@@ -217,7 +217,9 @@ def plot_chapter_confusion(result: dict[str, Any], path: str, title: str = "ICD-
     ax.set_ylabel(f"gold {by}")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from cancerllm_jax.eval.report import save_figure
+
+    save_figure(fig, path)  # complete or not at all
     plt.close(fig)
     return path
 
