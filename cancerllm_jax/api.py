@@ -31,6 +31,8 @@ def model_kind(path: str) -> tuple[str, str]:
     from cancerllm_jax.checkpoint import orbax_io
     from cancerllm_jax.train import run_io
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise UserError(f"model path: expected a folder name, got {path!r}")
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
         raise UserError(f"model path not found: {path}")
@@ -148,13 +150,17 @@ class LM:
         self._logits_fn = jax.jit(self._logits_impl)
         self._decoder = None
 
-    def _logits_impl(self, state, ids):
+    def _logits_impl(self, state, ids, segments):
         model = nnx.merge(self.graphdef, state)
-        logits, _ = model(ids)
+        logits, _ = model(ids, segment_ids=segments)
         return logits.astype(jnp.float32)
 
-    def logits(self, input_ids) -> np.ndarray:
-        """``int [B, T]`` → ``float32 numpy [B, T, V]`` (a 1-D input gives ``[T, V]``)."""
+    def logits(self, input_ids, attention_mask=None) -> np.ndarray:
+        """``int [B, T]`` → ``float32 numpy [B, T, V]`` (a 1-D input gives ``[T, V]``).
+
+        ``attention_mask`` (0/1, the shape of ``input_ids``), as transformers': tokens attend only to earlier tokens
+        of mask 1 (left- or right-padded rows give each real token the logits of the row without its padding);
+        the logits at mask-0 positions mean nothing."""
         ids = np.asarray(input_ids)
         squeeze = ids.ndim == 1
         if squeeze:
@@ -165,14 +171,24 @@ class LM:
             raise UserError(f"input_ids: expected integers, got {ids.dtype}")
         if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
             raise UserError(f"input_ids: ids must be in [0, {self.cfg.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        seg = np.ones(ids.shape, np.int32)
+        if attention_mask is not None:
+            mask = np.asarray(attention_mask)
+            mask = mask[None] if squeeze and mask.ndim == 1 else mask
+            if mask.shape != ids.shape or not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool) \
+                    or not np.isin(mask, (0, 1)).all():
+                raise UserError(f"attention_mask: expected 0/1 values in the shape of input_ids {ids.shape}, got "
+                                f"{mask.dtype} {mask.shape}")
+            seg = mask.astype(np.int32)
         from cancerllm_jax import sharding
 
         d = self.mesh.shape["data"]
         b = ids.shape[0]
         pad = (-b) % d
-        x = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)]) if pad else ids
-        x = jax.device_put(jnp.asarray(x, jnp.int32), sharding.batch_sharding(self.mesh))
-        out = np.asarray(self._logits_fn(self.state, x))[:b]
+        x, seg = ((np.concatenate([a, np.full((pad, a.shape[1]), fill, a.dtype)]) if pad else a)
+                  for a, fill in ((ids, 0), (seg, 1)))
+        x, seg = (jax.device_put(jnp.asarray(a, jnp.int32), sharding.batch_sharding(self.mesh)) for a in (x, seg))
+        out = np.asarray(self._logits_fn(self.state, x, seg))[:b]
         return out[0] if squeeze else out
 
     def generate(self, prompts, max_new_tokens: int = 64, **kwargs):
@@ -205,6 +221,8 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
     from cancerllm_jax.model.mistral import ATTENTION_IMPLS
 
     resolve_dtype(dtype)
+    if not isinstance(merge_lora, (bool, np.bool_)):
+        raise UserError(f"merge_lora must be True or False, got {merge_lora!r}")
     if attention not in ATTENTION_IMPLS:
         raise UserError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
     shape = sharding.parse_mesh(mesh)
@@ -212,6 +230,8 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
     if adapter is not None:
         from cancerllm_jax.checkpoint.peft import check_adapter_folder
 
+        if not isinstance(adapter, (str, os.PathLike)) or not str(adapter).strip():
+            raise UserError(f"adapter: expected a PEFT adapter folder, got {adapter!r}")
         adapter = os.path.abspath(os.path.expanduser(adapter))
         check_adapter_folder(adapter)  # a wrong adapter fails before the base is read
     w = read_weights(path)

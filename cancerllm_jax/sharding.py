@@ -17,11 +17,13 @@ AXIS_RULES = {"vocab": "model", "heads": "model", "kv_heads": "model", "mlp": "m
               "batch": "data", "layers": None, "norm": None, "lora_rank": None}
 
 
-def parse_mesh(text: str) -> tuple[int, int]:
-    """``"10x1"`` → ``(10, 1)``; anything else is a UserError."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", str(text))
+def parse_mesh(text) -> tuple[int, int]:
+    """``"10x1"`` (or ``(10, 1)``) → ``(10, 1)``; anything else is a UserError."""
+    if isinstance(text, (tuple, list)) and len(text) == 2 and all(type(n) is int for n in text):
+        text = f"{text[0]}x{text[1]}"
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text) if isinstance(text, str) else None
     if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise UserError(f"--mesh {text!r}: expected DATAxMODEL with positive integers, e.g. 10x1 or 2x4")
+        raise UserError(f"mesh {text!r}: expected DATAxMODEL with positive integers, e.g. 10x1 or 2x4")
     return int(m.group(1)), int(m.group(2))
 
 

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cancerllm_jax as cj
+from cancerllm_jax.errors import UserError
 from cancerllm_jax.model.mistral import Fused, attention_mask, fused_attention, fused_masking, gqa_attention
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -72,14 +74,21 @@ def test_window_changes_the_fused_result():
     assert np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))[:, 4:].max() > 0.1
 
 
-def test_cudnn_is_refused_where_it_cannot_run():
+def test_cudnn_is_refused_where_it_cannot_run(tmp_path):
     from cancerllm_jax.model.mistral import resolve_attention
 
     assert resolve_attention("auto", jnp.float32, 64) == "xla"
     if not ON_GPU:
         assert resolve_attention("auto", jnp.bfloat16, 64) == "xla"
-        with pytest.raises(ValueError, match="cudnn"):
+        with pytest.raises(UserError, match="cudnn"):
             resolve_attention("cudnn", jnp.bfloat16, 64)
+        import transformers
+
+        transformers.MistralForCausalLM(transformers.MistralConfig(
+            vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1)).save_pretrained(str(tmp_path), safe_serialization=True)
+        with pytest.raises(UserError, match="cudnn"):  # at load, not at the first forward pass
+            cj.load(str(tmp_path), attention="cudnn", dtype="bfloat16")
 
 
 # ------------------------------------------------------------------------------------------------ GPU, whole model

@@ -14,11 +14,17 @@ DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
 
 
 def resolve_dtype(name) -> jnp.dtype:
-    if not isinstance(name, str):
-        return jnp.dtype(name)
-    if name not in DTYPES:
-        raise UserError(f"dtype {name!r} is not supported{suggest(name, DTYPES)}; choose from {sorted(DTYPES)}")
-    return jnp.dtype(DTYPES[name])
+    """A dtype name of ``DTYPES`` (or one of their dtypes) as a ``jnp.dtype``; anything else is a UserError."""
+    if isinstance(name, str) and name in DTYPES:
+        return jnp.dtype(DTYPES[name])
+    if not isinstance(name, str) and name is not None:
+        try:
+            if jnp.dtype(name) in {jnp.dtype(d) for d in DTYPES.values()}:
+                return jnp.dtype(name)
+        except TypeError:
+            pass
+    hint = suggest(name, DTYPES) if isinstance(name, str) else ""
+    raise UserError(f"dtype {name!r} is not supported{hint}; choose from {sorted(DTYPES)}")
 
 
 def create_model(cfg: ModelConfig, lora: LoRAConfig | None = None, dtype="float32", compute_dtype=None,

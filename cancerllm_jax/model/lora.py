@@ -6,10 +6,10 @@ The factors live in the model as ``nnx.LoRAParam`` (``Proj.lora_a [layers, in, r
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
 from cancerllm_jax.config import LoRAConfig
+from cancerllm_jax.model import resolve_dtype
 
 
 def merge_lora_params(params: dict, lora_params: dict, lora: LoRAConfig, dtype=None) -> dict:
@@ -24,7 +24,8 @@ def merge_lora_params(params: dict, lora_params: dict, lora: LoRAConfig, dtype=N
         a = np.asarray(ab["lora_a"], np.float32)
         b = np.asarray(ab["lora_b"], np.float32)
         merged = kernel.astype(np.float32) + np.einsum("lir,lro->lio", a, b) * np.float32(lora.scaling)
-        layers[name] = {**layers[name], "kernel": merged.astype(kernel.dtype if dtype is None else jnp.dtype(dtype))}
+        layers[name] = {**layers[name], "kernel": merged.astype(kernel.dtype if dtype is None
+                                                                else resolve_dtype(dtype))}
     return {**params, "layers": layers}
 
 

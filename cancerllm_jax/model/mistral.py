@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from cancerllm_jax.config import LoRAConfig, ModelConfig
+from cancerllm_jax.errors import UserError
 
 Array = jax.Array
 NEG_INF = -1e30  # finite, so a fully masked (padding) row never produces NaN
@@ -95,6 +96,7 @@ class Mistral(nnx.Module):
         rngs = rngs or nnx.Rngs(0)
         self.cfg, self.lora_cfg = cfg, lora
         self.compute_dtype, self.remat, self.attention = jnp.dtype(compute_dtype), remat, attention
+        self.attention_impl()  # cuDNN where it cannot run: refused now, not at the first forward pass
         self.embed = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size),
                                                         jnp.float32).astype(param_dtype))
         self.layers = DecoderLayers(cfg, param_dtype, rngs, lora)
@@ -239,7 +241,8 @@ class Mistral(nnx.Module):
         h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
         gate = self._proj(h, w["gate"], key, 4)
         up = self._proj(h, w["up"], key, 5)
-        x = x + self._proj(jax.nn.silu(gate) * up, w["down"], key, 6)
+        act = jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype)  # as torch's silu: fp32 inside, one rounding
+        x = x + self._proj(act * up, w["down"], key, 6)
         return x, new_kv
 
     def _proj(self, x, w: dict, key, salt: int):
@@ -247,8 +250,8 @@ class Mistral(nnx.Module):
         if "lora_a" in w:
             rate = self.lora_cfg.dropout
             xa = x if key is None else lora_dropout(x, jax.random.fold_in(key, salt), rate)
-            y = y + lora_delta(xa, w["lora_a"].astype(x.dtype), w["lora_b"].astype(x.dtype),
-                               float(self.lora_cfg.scaling))
+            # as PEFT: the branch in the factors' dtype (float32), added to the base output, then rounded once
+            y = (y + lora_delta(xa, w["lora_a"], w["lora_b"], float(self.lora_cfg.scaling))).astype(x.dtype)
         return y
 
     def init_cache(self, batch: int, length: int, dtype=None) -> dict:
@@ -280,26 +283,27 @@ def lora_dropout(x: Array, key: Array, rate: float) -> Array:
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def lora_delta(x: Array, a: Array, b: Array, scaling: float) -> Array:
-    """PEFT's LoRA branch ``((x @ A) @ B) · scaling``, with a backward that contracts over tokens with the big
-    operands (``x``, the output cotangent) as the row-major right-hand side: autodiff's order made XLA transpose
-    them (on the 2-core CPU, 2.3 s of a 12 s SmolLM2 step were such transposing copies)."""
-    return ((x @ a) @ b) * jnp.asarray(scaling, x.dtype)
+    """PEFT's LoRA branch ``((x @ A) @ B) · scaling`` in the factors' dtype (``x`` cast to it, as PEFT casts a
+    bf16 input for its float32 factors), with a backward that contracts over tokens with the big operands (``x``,
+    the output cotangent) as the row-major right-hand side: autodiff's order made XLA transpose them (on the 2-core
+    CPU, 2.3 s of a 12 s SmolLM2 step were such transposing copies)."""
+    return _lora_fwd(x, a, b, scaling)[0]
 
 
 def _lora_fwd(x, a, b, scaling):
-    u = x @ a
-    return (u @ b) * jnp.asarray(scaling, x.dtype), (x, a, b, u)
+    u = x.astype(a.dtype) @ a
+    return (u @ b) * jnp.asarray(scaling, a.dtype), (x, a, b, u)
 
 
 def _lora_bwd(scaling, res, g):
     x, a, b, u = res
     g2 = (g * jnp.asarray(scaling, g.dtype)).reshape(-1, g.shape[-1])
-    x2, u2 = x.reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
+    x2, u2 = x.astype(a.dtype).reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
     over_tokens = (((0,), (0,)), ((), ()))
     db = jax.lax.dot_general(u2, g2, over_tokens)  # [r, out]
     du = g2 @ b.T  # [N, r]
     da = jax.lax.dot_general(du, x2, over_tokens).T  # [in, r]
-    dx = (du @ a.T).reshape(x.shape)
+    dx = (du @ a.T).reshape(x.shape).astype(x.dtype)
     return dx, da.astype(a.dtype), db.astype(b.dtype)
 
 
@@ -313,9 +317,9 @@ def resolve_attention(name: str, compute_dtype, head_dim: int) -> str:
     if name == "auto":
         return "cudnn" if usable else "xla"
     if name == "cudnn" and not usable:
-        raise ValueError("attention='cudnn' needs a GPU, a bf16/fp16 compute dtype and head_dim a multiple of 8 "
-                         f"up to 128 (backend {jax.default_backend()}, dtype {jnp.dtype(compute_dtype).name}, "
-                         f"head_dim {head_dim})")
+        raise UserError("attention='cudnn' needs a GPU, a bf16/fp16 compute dtype and head_dim a multiple of 8 "
+                        f"up to 128 (backend {jax.default_backend()}, dtype {jnp.dtype(compute_dtype).name}, "
+                        f"head_dim {head_dim})")
     return name
 
 
@@ -364,8 +368,13 @@ def fused_attention(q: Array, k: Array, v: Array, masking: Fused | None, window:
 
 
 def rms_norm(x: Array, weight: Array, eps: float) -> Array:
-    """HF's RMSNorm: statistics in fp32, cast back to the input dtype, then scale."""
+    """HF's RMSNorm: statistics in fp32, cast back to the input dtype, then scale. A bf16/fp16 input is rounded to
+    its dtype first: XLA's excess precision would otherwise feed the norm a residual add's unrounded fp32 sum (bf16
+    logits of a one-token input then matched transformers' in 24 % of the entries instead of all)."""
     x32 = x.astype(jnp.float32)
+    if x.dtype != jnp.float32:
+        info = jnp.finfo(x.dtype)
+        x32 = jax.lax.reduce_precision(x32, exponent_bits=info.nexp, mantissa_bits=info.nmant)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight.astype(x.dtype) * y.astype(x.dtype)
 
