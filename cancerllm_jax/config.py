@@ -55,6 +55,8 @@ class ModelConfig:
                      "head_dim"):
             if int(getattr(self, name)) <= 0:
                 raise UserError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.head_dim % 2:  # RoPE rotates halves of each head (transformers refuses it too)
+            raise UserError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"model config: num_heads {self.num_heads} is not a multiple of "
                             f"num_kv_heads {self.num_kv_heads}")

@@ -744,7 +744,7 @@ def test_reproduce_checks_its_model_before_making_anything(tmp_path, capsys, arg
 @pytest.mark.parametrize("field, value", [("tie_word_embeddings", "false"), ("hidden_size", 1.5),
                                           ("hidden_size", "64"), ("num_hidden_layers", True),
                                           ("rope_theta", float("nan")), ("rms_norm_eps", "1e-5"),
-                                          ("sliding_window", 2.5), ("eos_token_id", "2")])
+                                          ("sliding_window", 2.5), ("eos_token_id", "2"), ("head_dim", 5)])
 def test_hf_config_values_of_the_wrong_type_are_refused(field, value):
     """bool("false") is True and int(1.5) is 1: a config.json value of the wrong type is one error naming it, never
     coerced into another model (transformers' strict configs refuse them too)."""
@@ -752,8 +752,8 @@ def test_hf_config_values_of_the_wrong_type_are_refused(field, value):
 
     hf = {"model_type": "mistral", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, field: value}
-    with pytest.raises(UserError, match=f"c.json: {field}"):
+    with pytest.raises(UserError, match=f"c.json: (model config: )?{field}"):  # an odd head_dim: RoPE needs halves
         from_hf_config(hf, source="c.json")
     assert from_hf_config({**hf, field: {"tie_word_embeddings": True, "hidden_size": 64.0, "num_hidden_layers": 2,
                                          "rope_theta": 1e6, "rms_norm_eps": 1e-5, "sliding_window": 8,
-                                         "eos_token_id": [2, 3]}[field]}, source="c.json")
+                                         "eos_token_id": [2, 3], "head_dim": 16}[field]}, source="c.json")
