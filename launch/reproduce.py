@@ -125,9 +125,9 @@ class Pipeline:
         self.save()
 
     def save(self) -> None:
-        with open(self.state_path + ".tmp", "w") as f:
-            json.dump(self.state, f, indent=2)
-        os.replace(self.state_path + ".tmp", self.state_path)
+        from cancerllm_jax.train.run_io import write_json_atomic
+
+        write_json_atomic(self.state_path, self.state)
 
     def stage(self, name: str, done: bool, cmd: list[str] | None = None, fn=None) -> None:
         """Run one stage (a subprocess ``cmd`` or a function) unless ``done``; record its wall time."""

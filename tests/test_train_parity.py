@@ -76,13 +76,18 @@ def setup(tmp_path_factory):
     pcfg = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, bias="none",
                            target_modules=[HF_NAMES[t].split(".")[1] for t in LORA_TARGETS])
     pm = peft.get_peft_model(hf, pcfg)
+    set_peft_factors(pm, lora)
+    return model_cfg, base, lora_cfg, lora, batch, pm
+
+
+def set_peft_factors(pm, lora) -> None:
+    """Copy our LoRA factors (``[layers, in, r]`` / ``[layers, r, out]``) into the peft model ``pm``."""
     with torch.no_grad():
         for i, layer in enumerate(pm.base_model.model.model.layers):
             for t, path in HF_NAMES.items():
                 mod = layer.get_submodule(path)
                 mod.lora_A["default"].weight.copy_(torch.from_numpy(lora["layers"][t]["lora_a"][i].T.copy()))
                 mod.lora_B["default"].weight.copy_(torch.from_numpy(lora["layers"][t]["lora_b"][i].T.copy()))
-    return model_cfg, base, lora_cfg, lora, batch, pm
 
 
 def torch_step(pm, batch):
@@ -204,12 +209,7 @@ def test_several_steps_with_warmup_and_grad_accum_match_hf(setup, sched):
         batches[-1] = {k: np.asarray(v, np.int32) for k, v in batches[-1].items()}
 
     ref = copy.deepcopy(pm)
-    with torch.no_grad():
-        for i, layer in enumerate(ref.base_model.model.model.layers):
-            for t, path in HF_NAMES.items():
-                mod = layer.get_submodule(path)
-                mod.lora_A["default"].weight.copy_(torch.from_numpy(lora["layers"][t]["lora_a"][i].T.copy()))
-                mod.lora_B["default"].weight.copy_(torch.from_numpy(lora["layers"][t]["lora_b"][i].T.copy()))
+    set_peft_factors(ref, lora)
     ref.train()
     named = [p for p in ref.parameters() if p.requires_grad]
     topt = torch.optim.AdamW(named, lr=opt.lr, betas=(opt.b1, opt.b2), eps=opt.eps, weight_decay=opt.weight_decay)

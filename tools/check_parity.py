@@ -15,8 +15,10 @@ import sys
 
 # this checkout's package, even where another copy is installed
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np
+from bench_train import check_json_out  # noqa: E402  (the tools' one --json check)
 
 from cancerllm_jax.errors import UserError, cli_main
 
@@ -55,12 +57,6 @@ def read_prompts(path: str | None) -> list[str]:
     if not out:
         raise UserError(f"{path}: no prompts")
     return out
-
-
-def check_json_out(p: argparse.ArgumentParser, path: str | None) -> None:
-    """One clear argparse error, before any work, when ``--json`` names a folder or a file in a missing folder."""
-    if path is not None and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
-        p.error(f"--json {path}: not a file in an existing folder")
 
 
 def compare_logits(ref: np.ndarray, ours: np.ndarray) -> dict:

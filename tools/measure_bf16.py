@@ -23,7 +23,8 @@ import numpy as np
 from cancerllm_jax.errors import cli_main
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from check_parity import DEFAULT_PROMPTS, check_json_out, compare_logits
+from bench_train import check_json_out  # noqa: E402
+from check_parity import DEFAULT_PROMPTS, compare_logits
 
 
 def tiny_folder(out: str) -> str:
