@@ -463,3 +463,108 @@ def test_stage_iv_metastases_are_distant_for_ovary_and_cervix():
             assert "peritoneal" not in case.mets
         if case.key == "cervix":
             assert "nodal" not in case.mets
+
+
+def test_colon_is_resected_not_irradiated_and_rectal_gets_neoadjuvant_therapy():
+    """Radiation is a rectal-cancer standard: a colon primary goes to colectomy, then adjuvant FOLFOX/CAPOX for N+ or
+    T4 disease; a T3-4 or N+ rectal cancer gets total neoadjuvant therapy before a low anterior resection."""
+    seen = set()
+    for i in range(6000):
+        case = syn.draw_case(f"C{i}", SEED)
+        if case.key != "colorectal":
+            continue
+        plan, rectal = syn.plan_text(case), case.sub in ("rectum", "rectosigmoid junction")
+        if not rectal:
+            assert case.phase != "radiation" and " gy " not in plan and "radiation" not in plan, (case.sub, plan)
+            assert case.rt.fx == 0 or (case.rt.target == "tumor bed" and case.t == "4" and case.surgery_done)
+            assert "pelvis" not in case.rt.target and case.surgery == "colectomy"
+            assert bool(syn.radonc_records(case, "train", SEED)) == (case.rt.fx > 0)
+            if not case.m and case.phase in ("chemo", "surveillance"):
+                assert case.surgery_done, (case.phase, plan)
+            if not case.m and case.phase == "chemo":
+                assert case.regimen in ("folfox", "capox") and (case.n != "0" or case.t == "4"), (case.t, case.n)
+            if case.phase == "consult":
+                assert "refer to surgical oncology for colectomy" in plan, plan
+            seen.add(("colon", case.phase))
+        else:
+            assert case.surgery == "low anterior resection" and "colectomy" not in plan
+            if not case.m and case.phase == "consult":
+                locally_advanced = case.t[0] in "34" or case.n != "0"
+                assert ("total neoadjuvant therapy" in plan) == locally_advanced, (case.t, case.n, plan)
+                assert ("refer to surgical oncology" in plan) != locally_advanced
+            seen.add(("rectal", case.phase))
+    assert {("colon", "consult"), ("colon", "chemo"), ("colon", "surveillance"), ("rectal", "radiation")} <= seen
+
+
+def test_colon_patients_without_radiation_have_no_radonc_records_and_the_datasheet_says_so(tmp_path):
+    data = syn.instruction_datasets(300, seed=SEED)
+    by_pid = {t: {r["patient_id"] for s in syn.SPLITS for r in data[t][s]} for t in syn.TASKS}
+    missing = by_pid["diagnosis"] - by_pid["radonc_regimen"]
+    assert missing and by_pid["radonc_regimen"] == by_pid["radonc_modality"] == by_pid["radonc_icd10"]
+    assert all(_case({"patient_id": p}).key == "colorectal" for p in missing)
+    sheet = syn.datasheet(data, [], 300, SEED)
+    assert f"({len(missing)} here:" in sheet
+
+
+def test_no_chemotherapy_for_stage_i_nor_metastatic_only_regimens_as_adjuvant():
+    """Stage I disease gets no chemotherapy phase; docetaxel (prostate) and ipilimumab (melanoma) only when M1."""
+    n = 0
+    for i in range(4000):
+        case = syn.draw_case(f"R{i}", SEED)
+        if case.m:
+            continue
+        if case.phase == "chemo":
+            n += 1
+            assert case.stage[:2] in ("II", "IV") or case.stage.startswith("III") or not case.has_tnm, case.stage
+            assert case.key not in ("kidney", "thyroid")
+        regs = case.regimen + case.next_regimen
+        assert not (case.key == "prostate" and "taxel" in regs) and not (case.key == "melanoma" and "ipi" in regs)
+    assert n > 100
+
+
+def test_metastases_are_listed_in_one_fixed_order_per_cancer_type():
+    """The diagnosis names the sites in the type's fixed order, since the imaging lines come shuffled."""
+    n_two = 0
+    for i in range(3000):
+        case = syn.draw_case(f"M{i}", SEED)
+        assert case.mets == [s for s in case.cancer.mets if s in case.mets]
+        n_two += len(case.mets) == 2
+    assert n_two > 50
+
+
+def test_interrupted_overwrite_leaves_no_old_datasheet(tmp_path, monkeypatch):
+    out = tmp_path / "d"
+    syn.write_dataset(str(out), 10, seed=0, n_pretrain_docs=5)
+    calls = []
+
+    def failing(path, text):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real(path, text)
+
+    real = syn._write_atomic
+    monkeypatch.setattr(syn, "_write_atomic", failing)
+    with pytest.raises(OSError):
+        syn.write_dataset(str(out), 10, seed=1, n_pretrain_docs=5, overwrite=True)
+    assert not (out / "DATA.md").exists()  # the folder no longer looks like a complete data set
+
+
+def test_cli_output_is_byte_identical_whatever_the_hash_seed(tmp_path):
+    outs = []
+    for hash_seed in ("1", "4242"):
+        out = tmp_path / hash_seed
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        cmd = [sys.executable, "tools/make_synthetic_data.py", "--out", str(out), "--seed", "5", "--size", "20"]
+        assert subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=60).returncode == 0
+        outs.append({str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert outs[0] == outs[1] and len(outs[0]) == 2 + 3 * len(syn.TASKS)
+
+
+def test_tiny_data_sets_have_records_in_every_task_and_split():
+    """Patients without radiation have no radonc records; a tiny val/test split of only such patients swaps one."""
+    for seed in range(40):
+        data = syn.instruction_datasets(10, seed=seed)
+        assert all(data[t][s] for t in syn.TASKS for s in syn.SPLITS), seed
+        pats = {s: {r["patient_id"] for r in data["diagnosis"][s]} for s in syn.SPLITS}
+        assert [len(pats[s]) for s in syn.SPLITS] == [8, 1, 1]

@@ -331,11 +331,13 @@ class Case:
         return self.cancer.staging != "none"
 
     @property
+    def rectal(self) -> bool:
+        return self.key == "colorectal" and self.sub in RECTAL_SITES
+
+    @property
     def dx_name(self) -> str:
         """Plain cancer name used in diagnoses ('rectal cancer' for a rectal primary)."""
-        if self.key == "colorectal" and self.sub in ("rectum", "rectosigmoid junction"):
-            return "rectal cancer"
-        return self.cancer.name
+        return "rectal cancer" if self.rectal else self.cancer.name
 
     @property
     def hist_abbrev(self) -> str:
@@ -344,9 +346,12 @@ class Case:
     @property
     def surgery(self) -> str:
         """The operation for this primary: a distal pancreatectomy for the pancreatic body or tail (a Whipple is for
-        the head), a mastectomy for a T4 breast cancer (skin or chest wall involved: no breast conservation)."""
+        the head), a mastectomy for a T4 breast cancer (skin or chest wall involved: no breast conservation), a low
+        anterior resection (total mesorectal excision) for a rectal cancer."""
         if self.key == "pancreas" and self.sub != "pancreatic head":
             return "distal pancreatectomy"
+        if self.rectal:
+            return "low anterior resection"
         if self.key == "breast" and self.t.startswith("4"):
             return "mastectomy"
         return self.cancer.surgery
@@ -474,21 +479,42 @@ def _draw_symptoms(rng: random.Random, case_phase: str, key: str) -> dict[str, i
     return out
 
 
-def _draw_phase(rng: random.Random, m: int) -> str:
-    if m:
-        return rng.choices(("chemo", "progression", "radiation"), weights=(4, 3, 3))[0]
-    return rng.choices(("consult", "chemo", "radiation", "surveillance"), weights=(2.5, 2.5, 2.5, 2.5))[0]
+RECTAL_SITES = ("rectum", "rectosigmoid junction")
+NO_ADJUVANT_SYSTEMIC = ("kidney", "thyroid")  # systemic therapy only for metastatic disease
+_STAGE_I = re.compile(r"I[AB]?\d?")
+
+
+def _draw_phase(rng: random.Random, key: str, sub: str, t: str, n: str, m: int, mets: list[str]) -> str:
+    """The treatment phase the note is written in, as the tumour allows: no chemotherapy for a stage I tumour (nor
+    without metastases for kidney and thyroid); a colon (not rectal) primary is resected, then gets adjuvant
+    chemotherapy only for N+ or T4 disease, and radiation only for brain or bone metastases."""
+    phases = {"chemo": 4, "progression": 3, "radiation": 3} if m else dict.fromkeys(
+        ("consult", "chemo", "radiation", "surveillance"), 2.5)
+    if not m and (key in NO_ADJUVANT_SYSTEMIC or t and _STAGE_I.fullmatch(stage_group(t, n, m, key))):
+        phases.pop("chemo")
+    if key == "colorectal" and sub not in RECTAL_SITES:
+        if not {"brain", "bone"} & set(mets):
+            phases.pop("radiation")
+        if not m and n == "0" and not t.startswith("4"):
+            phases.pop("chemo", None)
+    return rng.choices(list(phases), weights=list(phases.values()))[0]
+
+
+_METASTATIC_ONLY = {"prostate": "taxel", "melanoma": "ipilimumab"}
 
 
 def _regimen_fits(reg: str, key: str, hist: str, receptors: dict[str, str], m: int, first: bool) -> bool:
     """Whether a regimen suits the tumour: trastuzumab for HER2+ breast and only for it, first-line for metastatic
     HER2+ gastric cancer and only for it (perioperative FLOT otherwise), etoposide only for small cell lung,
-    pemetrexed never for squamous lung."""
+    pemetrexed never for squamous lung; taxanes for prostate cancer and ipilimumab for melanoma only when
+    metastatic (not as adjuvant therapy)."""
     her2 = receptors.get("HER2") == "positive"
     if key == "breast":
         return ("trastuzumab" in reg or reg == "tchp") == her2
     if key == "stomach":
         return ("trastuzumab" in reg) == (her2 and bool(m) and first)
+    if key in _METASTATIC_ONLY and _METASTATIC_ONLY[key] in reg:
+        return bool(m)
     if key == "lung":
         small = reg in ("cisplatin/etoposide", "lurbinectedin")
         return small if hist == "sclc" else not small and not (hist == "scc" and "pemetrexed" in reg)
@@ -508,16 +534,22 @@ NEOADJUVANT_RT = ("esophagus", "colorectal", "pancreas")  # radiation precedes t
 NO_SURGERY = ("liver",)  # radiation is offered instead of resection
 
 
-def _draw_surgery(rng: random.Random, key: str, m: int, phase: str) -> bool:
-    """Whether the primary has been resected, consistent with the phase and where radiation sits in treatment."""
+def _draw_surgery(rng: random.Random, case: Case) -> bool:
+    """Whether the primary has been resected, consistent with the phase and where radiation sits in treatment (a
+    colon cancer's chemotherapy and surveillance follow its colectomy)."""
+    key, m, phase = case.key, case.m, case.phase
     if m or phase == "consult" or key in NO_SURGERY:
         return False
+    if key == "colorectal" and not case.rectal:
+        return True
     if key in ADJUVANT_RT and phase in ("radiation", "surveillance"):
         return True
     if key in NEOADJUVANT_RT and phase == "radiation":
         return False
     return rng.random() < 0.6
 
+
+NO_RT = RadPlan(0.0, 0, "", "", "")  # no radiation indication: no radiation-oncology records
 
 BONE_SITES = ("T10 vertebral body", "L3 vertebral body", "right femur", "left iliac bone", "right humerus")
 _PRIMARY_SYMPTOM = {"lung": "hemoptysis", "bladder": "hematuria", "cervix": "vaginal bleeding",
@@ -546,6 +578,8 @@ def _rt_palliative(rng: random.Random, case: Case) -> RadPlan:
         if "vertebral" in bone and rng.random() < 0.5:
             return RadPlan(30.0, 10, "photon", bone, f"{bone} lesion with epidural extension, no cord compression")
         return RadPlan(20.0, 5, "photon", bone, f"painful {bone} lesion")
+    if case.key == "colorectal" and not case.rectal:  # a colon primary is resected or stented, not irradiated
+        return NO_RT
     site = f"{case.side} {case.sub}" if case.side else case.sub
     symptom = "rectal bleeding" if case.dx_name == "rectal cancer" else _PRIMARY_SYMPTOM.get(case.key, "pain")
     if case.ecog >= 3:
@@ -645,10 +679,19 @@ def _rt_definitive(rng: random.Random, case: Case) -> RadPlan:
         if done:
             return RadPlan(30.0, 5, "electron", site, "close deep margin, superficial target")
         return RadPlan(30.0, 5, "electron", site, "medically inoperable, superficial target")
+    if k == "colorectal" and not case.rectal:  # colon: only the bed of a resected T4 tumour fixed to a structure
+        return (RadPlan(50.4, 28, "photon", "tumor bed", "post colectomy, T4 tumor adherent to a fixed structure, "
+                        "positive margin", "capecitabine") if done and ti == 4 else NO_RT)
     if k == "colorectal":
+        if done:
+            return RadPlan(50.4, 28, "photon", "pelvis", "post low anterior resection, positive circumferential margin",
+                           "capecitabine")
         if ti == 4 or ni >= 2:
             return RadPlan(50.4, 28, "photon", "pelvis", "locally advanced, long-course chemoradiation", "capecitabine")
-        return RadPlan(25.0, 5, "photon", "pelvis", "short-course radiation")
+        if ti == 3 or ni:
+            return RadPlan(25.0, 5, "photon", "pelvis", "short-course radiation")
+        return RadPlan(50.4, 28, "photon", "pelvis", "cT1-2 N0 low rectal tumor, organ preservation chemoradiation",
+                       "capecitabine")
     if k == "pancreas":
         if done:
             return RadPlan(50.4, 28, "photon", "pancreatic bed", f"post {case.surgery}, positive margin",
@@ -683,8 +726,9 @@ def draw_case(pid: str, seed: int) -> Case:
     side = {"LR": rng.choice(("left", "right")), "R": "right"}.get(sides)
     icd = icd_t.format(lat="1" if side == "right" else "2")
     t, n, m = _draw_tnm(rng, cancer)
-    mets = rng.sample(cancer.mets, rng.choice((1, 1, 2))) if m else []
-    phase = _draw_phase(rng, m)
+    picked = rng.sample(cancer.mets, rng.choice((1, 1, 2))) if m else []
+    mets = [s for s in cancer.mets if s in picked]  # one fixed order, as the diagnosis lists them
+    phase = _draw_phase(rng, cancer.key, sub, t, n, m, mets)
     receptors = _draw_receptors(rng, cancer, histology[0])
     first, second = _draw_regimens(rng, cancer, histology[1], receptors, m)
     comorbidity = rng.choice(("history of CAD s/p stent", "prior mediastinal RT for lymphoma")) \
@@ -699,8 +743,8 @@ def draw_case(pid: str, seed: int) -> Case:
         labs=_draw_labs(rng, phase), marker_value=round(rng.uniform(*MARKER_RANGE.get(cancer.marker, (1.0, 50.0))), 1),
         marker_rising=rng.random() < 0.25, symptoms=_draw_symptoms(rng, phase, cancer.key),
         ecog=rng.choices((0, 1, 2, 3), weights=(3, 4, 2, 1))[0], surgery_done=False,
-        staging_done=rng.random() < 0.6, comorbidity=comorbidity, rt=RadPlan(0, 0, "", "", ""), rt_fraction=0)
-    case.surgery_done = _draw_surgery(rng, cancer.key, m, phase)
+        staging_done=rng.random() < 0.6, comorbidity=comorbidity, rt=NO_RT, rt_fraction=0)
+    case.surgery_done = _draw_surgery(rng, case)
     if case.prefix == "p" and not case.surgery_done:
         case.prefix = "c"
     if cancer.key == "head_neck":
@@ -713,7 +757,7 @@ def draw_case(pid: str, seed: int) -> Case:
         case.extras["brain_lesions"] = str(rng.randint(1, 8))
         case.extras["brain_largest"] = f"{rng.uniform(0.6, 3.5):.1f}"
     case.rt = _rt_palliative(rng, case) if m else _rt_definitive(rng, case)
-    case.rt_fraction = rng.randint(1, case.rt.fx)
+    case.rt_fraction = rng.randint(1, case.rt.fx) if case.rt.fx else 0
     return case
 
 
@@ -1281,7 +1325,10 @@ def _consult_steps(case: Case) -> list[str]:
         steps.append("refer to radiation oncology for definitive radiation (not a surgical candidate)")
     elif stage3 and case.key in ("lung", "head_neck", "cervix", "esophagus"):
         steps.append(f"plan concurrent chemoradiation with {concurrent_chemo(case)}")
-    elif stage3 and (case.key in NEOADJUVANT_CHEMO or case.dx_name == "rectal cancer"):
+    elif case.rectal and (case.t[0] in "34" or case.n != "0"):
+        rt = "long-course chemoradiation" if case.rt.chemo else "short-course radiation"
+        steps.append(f"plan total neoadjuvant therapy with {rt} and {case.regimen}")
+    elif stage3 and case.key in NEOADJUVANT_CHEMO:
         steps.append(f"plan neoadjuvant {case.regimen}")
     else:
         steps.append(f"refer to surgical oncology for {case.surgery}")
@@ -1581,7 +1628,10 @@ def radonc_context(w: Writer, case: Case) -> str:
 
 
 def radonc_records(case: Case, split: str, seed: int) -> dict[str, dict]:
-    """Regimen, modality and ICD-10 records sharing one rendering of the diagnosis details."""
+    """Regimen, modality and ICD-10 records sharing one rendering of the diagnosis details (none without a radiation
+    indication)."""
+    if not case.rt.fx:
+        return {}
     w = Writer(random.Random(f"{seed}:{case.pid}:radonc"), split)
     ctx = radonc_context(w, case)
     kind = "palliative" if case.m else "definitive"
@@ -1618,8 +1668,14 @@ def instruction_datasets(n_patients: int, seed: int = 0) -> dict[str, dict[str, 
     """``{task: {split: records}}`` for the six tasks; a patient's records all go to one split."""
     data: dict[str, dict[str, list[dict]]] = {t: {s: [] for s in SPLITS} for t in TASKS}
     split_of = assign_splits(n_patients, seed)
-    for pid in patient_ids(n_patients):
-        case, split = draw_case(pid, seed), split_of[pid]
+    cases = {pid: draw_case(pid, seed) for pid in patient_ids(n_patients)}
+    for split in ("val", "test"):  # a tiny split of patients without radiation would leave radonc files empty
+        pids = [p for p, s in split_of.items() if s == split]
+        donor = next((p for p, s in split_of.items() if s == "train" and cases[p].rt.fx), None)
+        if pids and donor and not any(cases[p].rt.fx for p in pids):
+            split_of[donor], split_of[pids[0]] = split, "train"
+    for pid, case in cases.items():
+        split = split_of[pid]
         data["phenotype"][split] += phenotype_records(case, split, seed)
         dx, plan = note_records(case, split, seed)
         data["diagnosis"][split].append(dx)
@@ -1683,6 +1739,7 @@ def datasheet(data: dict[str, dict[str, list[dict]]], docs: list[dict], n_patien
     """DATA.md: what the data is, how it was made, and counts per task, split, cancer type and answer type."""
     texts = [d["text"] for d in docs] + [r["context"] for t in TASKS for s in SPLITS for r in data[t][s]]
     abbrevs, typos = realism_claims(texts)
+    no_rt = sum(len(data["diagnosis"][s]) - len(data["radonc_regimen"][s]) for s in SPLITS)
     lines = [
         "# Synthetic CancerLLM data (datasheet)", "",
         f"Generated by `cancerllm_jax.data.synthetic` with seed {seed} for {n_patients} synthetic patients. "
@@ -1707,7 +1764,9 @@ def datasheet(data: dict[str, dict[str, list[dict]]], docs: list[dict], n_patien
         "platelets < 75, Hgb < 8, creatinine > 1.5; radiation is held for Hgb < 8, platelets < 50 or ANC < 1.0), "
         "symptom grades, regimen and tumor-marker trend.",
         "- Radiation oncology: short diagnosis details -> regimen (`plan 25 Gy/ 5 fx photons. primary, photon, "
-        "25.0Gy, fractions:5`), modality (photon/proton/electron/brachy) and the ICD-10 code of the primary.",
+        "25.0Gy, fractions:5`), modality (photon/proton/electron/brachy) and the ICD-10 code of the primary. "
+        f"Patients without a radiation indication have none of these records ({no_rt} here: colon, not rectal, "
+        "primaries other than a resected T4 tumour fixed to a neighbouring structure).",
         "- Pretraining corpus: clinical notes and pathology reports (about 5:1) of other synthetic patients; it may "
         "use both seen and held-out phrasings (unlabelled text), which is where domain pretraining can help.",
         f"- Notes contain abbreviations ({', '.join(abbrevs) or 'none in this sample'}), receptor shorthand and "
@@ -1737,7 +1796,8 @@ def write_dataset(out_dir: str, n_patients: int, seed: int = 0, n_pretrain_docs:
                   overwrite: bool = False) -> dict:
     """Write ``pretrain/corpus.jsonl``, ``<task>/{train,val,test}.jsonl`` and ``DATA.md``; return the counts.
 
-    Refuses a non-empty ``out_dir`` unless ``overwrite``; each file is written atomically.
+    Refuses a non-empty ``out_dir`` unless ``overwrite``; each file is written atomically and ``DATA.md`` last (an
+    old one is removed first), so a folder without it is incomplete.
     """
     from cancerllm_jax.errors import UserError
 
@@ -1752,6 +1812,8 @@ def write_dataset(out_dir: str, n_patients: int, seed: int = 0, n_pretrain_docs:
     n_docs = 5 * n_patients if n_pretrain_docs is None else n_pretrain_docs
     data = instruction_datasets(n_patients, seed)
     docs = pretrain_documents(n_docs, seed)
+    if os.path.exists(os.path.join(out_dir, "DATA.md")):  # written last: an interrupted overwrite must not look done
+        os.remove(os.path.join(out_dir, "DATA.md"))
     _write_atomic(os.path.join(out_dir, "pretrain", "corpus.jsonl"), _jsonl(docs))
     for task in TASKS:
         for split in SPLITS:
