@@ -129,6 +129,15 @@ def test_a_directory_reads_any_case_and_names_what_it_ignores(tmp_path, caplog):
     assert "ignored 1 file(s)" in caplog.text and "notes.json" in caplog.text and ".hidden" not in caplog.text
 
 
+def test_a_file_named_like_a_glob_is_read_as_that_file(tmp_path):
+    write(tmp_path, "notes[1].jsonl", json.dumps({"text": "first"}) + "\n")
+    write(tmp_path, "notes1.jsonl", json.dumps({"text": "other"}) + "\n")
+    docs, _ = read_documents(str(tmp_path / "notes[1].jsonl"))
+    assert [d["text"] for d in docs] == ["first"]
+    docs, _ = read_documents(str(tmp_path / "notes[0-9].jsonl"))  # still a glob when no such file exists
+    assert [d["text"] for d in docs] == ["other"]
+
+
 def test_read_documents_errors(tmp_path):
     with pytest.raises(UserError, match="matches no"):
         read_documents(str(tmp_path / "*.jsonl"))

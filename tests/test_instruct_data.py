@@ -331,8 +331,12 @@ def test_a_written_prompt_reads_special_token_strings_as_tokenizer_text_does(tmp
     text = "a</s>b<s>c"
     assert encode_written_prompt(tok, text, bos=True) == fast(text)["input_ids"] == [1, 2, 0, 3, 1, 4]
     assert tok.encode(text, bos=True).count(0) == 0  # data: '</s>' is four characters
-    sp = load_tokenizer(None)  # SentencePiece reads '</s>' as text either way
-    assert encode_written_prompt(sp, "a </s>", bos=True) == sp.encode("a </s>", bos=True)
+    sp = load_tokenizer(None)  # Mistral v1: as transformers' LlamaTokenizer from the same .model reads it
+    assert encode_written_prompt(sp, "a</s>b<s>c", bos=True) == [1] + sp.encode("a") + [2] + sp.encode("b") + [
+        1] + sp.encode("c") == [1, 264, 2, 287, 1, 277]
+    assert encode_written_prompt(sp, "<s>[INST] What is the stage? [/INST]", bos=True) == [
+        1, 1, 733, 16289, 28793, 1824, 349, 272, 5430, 28804, 733, 28748, 16289, 28793]
+    assert sp.encode("a</s>b<s>c", bos=True).count(2) == 0  # data: text
 
 
 def test_alpaca_input_field_is_not_silently_dropped(tmp_path):
@@ -388,6 +392,9 @@ def test_eval_truncation_is_reported(tok, caplog):
     data = build_instruct_data(InstructDataConfig(max_seq_len=64), tok, examples=[long], eval_examples=[long, long])
     assert data.stats["eval"]["truncated_examples"] == 2
     assert "instruction eval data: 2 examples, 2 contexts truncated" in caplog.text
+    caplog.clear()  # the eval batches built on their own are reported the same way
+    make_eval_batches(InstructDataConfig(max_seq_len=64), tok, 2, eval_examples=[long, long, long])
+    assert "instruction eval data: 3 examples, 3 contexts truncated" in caplog.text
 
 
 def test_sentencepiece_decode_skips_specials_and_ids_past_its_vocabulary():

@@ -359,11 +359,14 @@ def build_instruct_data(cfg: InstructDataConfig, tokenizer=None, examples: Seque
              cfg.max_seq_len, 100 * stats["padding_fraction"], stats["truncated_examples"],
              stats["context_tokens_cut"], stats["skipped_too_long"], skipped)
     if ev is not None:
-        e = stats["eval"]
-        log.info("instruction eval data: %d examples, %d contexts truncated (%d tokens), %d too long skipped, "
-                 "%d bad lines skipped", e["examples"], e["truncated_examples"], e["context_tokens_cut"],
-                 e["skipped_too_long"], eval_skipped)
+        _log_eval(stats["eval"])
     return InstructData(cfg, tokenizer.pad_id, train, ev, stats)
+
+
+def _log_eval(e: dict) -> None:
+    log.info("instruction eval data: %d examples, %d contexts truncated (%d tokens), %d too long skipped, "
+             "%d bad lines skipped", e["examples"], e["truncated_examples"], e["context_tokens_cut"],
+             e["skipped_too_long"], e["skipped_lines"])
 
 
 def make_train_iterator(cfg: InstructDataConfig, tokenizer, global_batch: int, process_index: int = 0,
@@ -385,9 +388,12 @@ def make_eval_batches(cfg: InstructDataConfig, tokenizer, global_batch: int, pro
         from cancerllm_jax.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.tokenizer)
+    skipped = 0
     if eval_examples is None:
         if not cfg.eval_path:
             raise UserError("no instruction eval data: set data.eval_path or pass eval_examples")
-        eval_examples, _ = read_instruct_jsonl(cfg.eval_path, cfg.skip_bad_lines)
-    rows, _ = _rows(tokenizer, dataclasses.replace(cfg, pack=False), eval_examples, cfg.eval_path or "eval examples")
+        eval_examples, skipped = read_instruct_jsonl(cfg.eval_path, cfg.skip_bad_lines)
+    rows, stats = _rows(tokenizer, dataclasses.replace(cfg, pack=False), eval_examples,
+                        cfg.eval_path or "eval examples")
+    _log_eval({**stats, "skipped_lines": skipped})
     return fixed_batches([rows], global_batch, cfg.max_seq_len, tokenizer.pad_id, process_index, process_count)

@@ -173,12 +173,12 @@ def expand_paths(path_or_glob: str) -> list[str]:
         if ignored:
             log.warning("%s: ignored %d file(s) that are not %s: %s%s", path_or_glob, len(ignored),
                         " or ".join(SUPPORTED_EXTENSIONS), ", ".join(ignored[:5]), ", ..." if len(ignored) > 5 else "")
+    elif os.path.isfile(path_or_glob):  # before the glob: a file may be named "notes[1].jsonl"
+        files = [path_or_glob]
     elif any(c in path_or_glob for c in "*?["):
         files = [p for p in glob.glob(path_or_glob, recursive=True) if os.path.isfile(p)]
     else:
-        if not os.path.isfile(path_or_glob):
-            raise UserError(f"{path_or_glob}: no such file")
-        files = [path_or_glob]
+        raise UserError(f"{path_or_glob}: no such file")
     if not files:
         raise UserError(f"{path_or_glob}: matches no .jsonl or .txt files")
     return sorted(files)

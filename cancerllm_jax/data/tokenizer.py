@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from cancerllm_jax.errors import UserError
@@ -45,12 +46,22 @@ class SentencePieceTokenizer:
         self.pad_id = pad if pad >= 0 else int(self.sp.unk_id())
         self.vocab_size = int(self.sp.get_piece_size())
         self.adds_bos = self.bos_id >= 0  # as Llama / Mistral's HF tokenizers frame text
+        # the control and unknown pieces (<unk>, <s>, </s>): HF's tokenizer(text) reads them as those tokens
+        self.specials = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
+                         if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        self._special_re = re.compile("(" + "|".join(map(re.escape, sorted(self.specials, key=len, reverse=True)))
+                                      + ")")
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, special: bool = False) -> list[int]:
-        """As ``HFTokenizer.encode``; SentencePiece reads special-token strings (``</s>``) as text either way."""
+        """As ``HFTokenizer.encode``: SentencePiece reads special-token strings (``</s>``) as text; with ``special``
+        they are the tokens and the text between them is encoded piece by piece, as Llama's HF tokenizer does."""
         head = [self.bos_id] if bos and self.adds_bos else []
         tail = [self.eos_id] if eos and self.eos_id >= 0 else []
-        return head + list(self.sp.encode(text)) + tail
+        if not special or not self.specials:
+            return head + list(self.sp.encode(text)) + tail
+        body = [[self.specials[part]] if part in self.specials else self.sp.encode(part)
+                for part in self._special_re.split(text) if part]
+        return head + [i for ids in body for i in ids] + tail
 
     def decode(self, ids) -> str:
         """The text of ``ids`` without special tokens, as HF's ``decode(ids, skip_special_tokens=True)``: BOS, EOS,
