@@ -155,6 +155,12 @@ def test_words_with_other_letters_are_neither_edited_nor_cut():
         assert new.count(",") == 2 and new.endswith(".") and "(" in new and ";" in new
 
 
+def test_decomposed_accents_do_not_cut_words():
+    text = "nai\u0308ve e\u0301tude re\u0301sume\u0301 ok"  # NFD: the accent is a combining mark after its letter
+    assert [m.group() for m in eligible_words(text)] == ["ok"]
+    assert misspell_text(text, 1.0, 0).startswith("nai\u0308ve e\u0301tude re\u0301sume\u0301 ")
+
+
 def test_not_relevant_in_any_case_is_never_an_entity():
     recs = [{"id": i, "task": "phenotype", "entity_type": "tumor_site", "sentence": "mass in the breast",
              "context": "", "response": "not relevant" if i % 2 else "left breast"} for i in range(10)]
@@ -163,3 +169,12 @@ def test_not_relevant_in_any_case_is_never_an_entity():
     for old, r in zip(recs, new, strict=True):
         assert r["response"].lower() != "not relevant" and r["response"] != old["response"]
         assert (r["counterfactual"]["kind"] == "not_relevant_swap") == (old["response"] == "not relevant")
+
+
+def test_counterfactual_labels_are_absent_even_inside_slashed_receptor_lists():
+    s = "Tumor is ER+/PR+/HER2- invasive ductal carcinoma, HER2/neu negative."
+    recs = [{"id": i, "task": "phenotype", "entity_type": "receptor_status", "sentence": s, "context": s,
+             "response": "er+"} for i in range(30)]
+    new, _ = corrupt_phenotype_labels(recs, 1.0, seed=0)
+    present = {"pr", "pr+", "her2", "her2-", "er, pr", "her2/neu"}
+    assert not present & {r["response"].lower() for r in new}

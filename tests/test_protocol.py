@@ -440,3 +440,13 @@ def test_cli_outputs_are_written_atomically(tmp_path, gold, monkeypatch):
     assert evaluate.main(["score", "--gold", gold, "--pred", pred, "--json", str(out / "s.json"),
                           "--per-instance", str(out / "rows.jsonl")]) == 0
     assert written == ["s.json", "rows.jsonl"] and sorted(p.name for p in out.iterdir()) == ["rows.jsonl", "s.json"]
+
+
+def test_report_bolds_only_a_best_average_that_shows_as_best():
+    from cancerllm_jax.eval.report import score_table
+
+    row = {f"{m}_{x}": 50.0 for m in ("em", "bleu2", "rougeL") for x in ("p", "r", "f1")}
+    tied = score_table("diagnosis", {"a": {**row, "avg_f1": 85.004, "n": 3}, "b": {**row, "avg_f1": 85.001, "n": 3}})
+    assert "**" not in "".join(tied[2:])  # both print 85.00: no winner to mark
+    won = score_table("diagnosis", {"a": {**row, "avg_f1": 85.004, "n": 3}, "b": {**row, "avg_f1": 84.99, "n": 3}})
+    assert "| **85.00** |" in won[2] and "**" not in won[3]

@@ -110,6 +110,10 @@ def test_regimen_rouge1():
     assert regimen_rouge1([gold], [gold])["rouge1"] == pytest.approx(1.0)
     # "30 gy in 10 fx" vs "plan 30 gy 10 fx": tokens overlap {30, gy, 10, fx} = 4 of 5 and 4 of 5 → F 0.8
     assert regimen_rouge1(["plan 30 Gy 10 fx"], ["30 Gy in 10 fx"])["rouge1"] == pytest.approx(0.8)
+    # the paper's footnote e: overlapping unigrams / unigrams of the reference (recall), not the F-measure
+    r = regimen_rouge1(["plan 30 Gy 10 fx"], ["30 Gy"])
+    assert r["rouge1"] == pytest.approx(2 / 5) and r["rouge1_precision"] == pytest.approx(1.0)
+    assert r["rouge1_f"] == pytest.approx(2 * 0.4 / 1.4) and r["per_instance"] == [pytest.approx(0.4)]
 
 
 def test_temperature_scan():

@@ -338,6 +338,7 @@ def test_decode_hashes_the_prompt_evaluate_run_builds():
     want = [build_prompt(lm.tokenizer, r, spec) for r in recs]
     assert hashes == [p.hash for p in want] and lm.fed == [p.ids for p in want]
     assert stats["prompts_cut"] == 1 and preds == ["", ""]
+    assert stats["peak_memory_bytes"] > 0 and stats["memory_kind"] and "tokens_per_s" in stats  # EVAL_PROTOCOL §7
 
 
 def test_a_table_is_written_last_and_never_outlives_a_failed_update(tmp_path, monkeypatch):

@@ -17,12 +17,14 @@ from __future__ import annotations
 import math
 import random
 import re
+import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 EDIT_KINDS = ("swap", "drop", "insert", "substitute")
 NOT_RELEVANT = "Not relevant"
-WORD_RE = re.compile(r"(?<![^\W_])[A-Za-z]{2,}(?![^\W_]|[\u0300-\u036f])")
+_PUNCT_TO_SPACE = str.maketrans(string.punctuation, " " * len(string.punctuation))
+WORD_RE = re.compile(r"(?<![^\W_]|[\u0300-\u036f])[A-Za-z]{2,}(?![^\W_]|[\u0300-\u036f])")
 
 _ROWS = ("qwertyuiop", "asdfghjkl", "zxcvbnm")
 
@@ -185,11 +187,19 @@ def _occurs(item: tuple[str, ...], words: tuple[str, ...]) -> bool:
     return any(words[i:i + len(item)] == item for i in range(len(words) - len(item) + 1))
 
 
-def _absent(label: str, words: tuple[str, ...]) -> bool:
+def _views(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``text``'s words as the scorer sees them, and with ASCII punctuation read as a space (``ER+/PR+`` holds
+    ``er`` and ``pr``, not only ``erpr``)."""
+    return scorer_words(text), scorer_words(text.translate(_PUNCT_TO_SPACE))
+
+
+def _absent(label: str, views: tuple[tuple[str, ...], ...]) -> bool:
     """True when no comma-separated item of ``label`` occurs, as the scorer normalises it (so ``er+`` is present in
-    "ER positive"), as a run of whole words in ``words``; an item that normalises to nothing is never absent."""
-    items = [scorer_words(item) for item in _split(label)]
-    return bool(items) and all(item and not _occurs(item, words) for item in items)
+    "ER positive") or with punctuation read as spaces, as a run of whole words in any of ``views`` (of the text);
+    an item that normalises to nothing is never absent."""
+    items = [_views(item) for item in _split(label)]
+    return bool(items) and all(item[0] and not any(_occurs(i, w) for i in item if i for w in views)
+                               for item in items)
 
 
 def entity_pool(records: Iterable[dict]) -> dict[str, list[str]]:
@@ -206,7 +216,7 @@ def entity_pool(records: Iterable[dict]) -> dict[str, list[str]]:
 
 def _wrong_label(record: dict, pool: dict[str, list[str]], rng: random.Random) -> tuple[str, str]:
     """(wrong label, kind) for one record; the label is absent from its sentence and context."""
-    words = scorer_words(f"{record.get('sentence', '')}\n{record.get('context', '')}")
+    words = _views(f"{record.get('sentence', '')}\n{record.get('context', '')}")
     gold = str(record.get("response", "")).strip()
     etype = record.get("entity_type") or record.get("answer_type")
     types = sorted(set(pool) | set(FALLBACK_ENTITIES))

@@ -5,7 +5,8 @@
 - ICD-10: accuracy on the main category (letter + two characters, ``C50.412`` / ``C50412`` → ``C50``, ``O9A.1`` →
   ``O9A``), *macro* precision / recall / F1 over the categories seen in gold or predictions, a confusion matrix by
   ICD-10 chapter, and one by the paper's groups (Fig. 6: neoplasms split into benign / in situ / malignant by site);
-- regimen: mean ROUGE-1 F-measure (``rouge-score``);
+- regimen: mean ROUGE-1 recall (``rouge-score``), the paper's footnote-e definition (overlapping unigrams over the
+  reference's unigrams), with precision and F-measure beside it;
 - :func:`temperature_scan` runs a generate-and-score function at T = 0.1 … 1.0 and :func:`wilcoxon_greater`
   tests "A > B" over paired scan scores with scipy's one-sided Wilcoxon signed-rank test (α = 0.05).
 
@@ -187,14 +188,18 @@ def icd10_metrics(golds: Sequence[str], preds: Sequence[str]) -> dict[str, Any]:
 
 
 def regimen_rouge1(golds: Sequence[str], preds: Sequence[str], use_stemmer: bool = False) -> dict[str, Any]:
-    """Treatment regimen: mean ROUGE-1 F-measure (rouge-score's default tokenizer) and the per-instance values."""
+    """Treatment regimen: mean ROUGE-1 as the paper defines it (footnote e: overlapping unigrams / unigrams of the
+    reference, i.e. rouge-score's ROUGE-1 *recall*, its default tokenizer) with the per-instance values; the
+    precision and F-measure means beside it."""
     from rouge_score.rouge_scorer import RougeScorer
 
     if len(golds) != len(preds) or not golds:
         raise ValueError(f"need as many predictions as golds (and at least one): {len(golds)} vs {len(preds)}")
     scorer = RougeScorer(["rouge1"], use_stemmer=use_stemmer)
-    per = [scorer.score(g, p)["rouge1"].fmeasure for g, p in zip(golds, preds, strict=True)]
-    return {"rouge1": float(np.mean(per)), "per_instance": per, "n": len(per)}
+    scores = [scorer.score(g, p)["rouge1"] for g, p in zip(golds, preds, strict=True)]
+    per = [s.recall for s in scores]
+    return {"rouge1": float(np.mean(per)), "rouge1_precision": float(np.mean([s.precision for s in scores])),
+            "rouge1_f": float(np.mean([s.fmeasure for s in scores])), "per_instance": per, "n": len(per)}
 
 
 def plot_chapter_confusion(result: dict[str, Any], path: str, title: str = "ICD-10 chapters", by: str = "chapter"

@@ -37,12 +37,12 @@ def score_table(task: str, by_model: dict[str, dict]) -> list[str]:
     head = "| Model | n | " + " | ".join(f"{lab} {x}" for lab, _ in METRIC_ROWS for x in ("P", "R", "F1")) + \
            " | **Avg F1** |"
     lines = [head, "|" + "---|" * 2 + "---:|" * 10]
-    best = max((r["avg_f1"] for r in by_model.values()), default=None)
+    shown = [f"{r['avg_f1']:.2f}" for r in by_model.values()]  # the best as printed: a tie there is no win
+    best = max(shown, key=float, default=None)
     for model, r in by_model.items():
         cells = [f"{r[f'{k}_{x}']:.2f}" for _, k in METRIC_ROWS for x in ("p", "r", "f1")]
         avg = f"{r['avg_f1']:.2f}"
-        unique_best = sum(v["avg_f1"] == best for v in by_model.values()) == 1
-        if len(by_model) > 1 and r["avg_f1"] == best and unique_best:
+        if len(by_model) > 1 and avg == best and shown.count(best) == 1:
             avg = f"**{avg}**"
         lines.append(f"| {model} | {r['n']} | " + " | ".join(cells) + f" | {avg} |")
     return lines

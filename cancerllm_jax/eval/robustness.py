@@ -37,7 +37,7 @@ from typing import Any
 from cancerllm_jax.errors import UserError
 from cancerllm_jax.eval.noise import corrupt_phenotype_labels, misspell_record
 from cancerllm_jax.eval.protocol import score
-from cancerllm_jax.eval.runner import adapter_fingerprint, differences, model_fingerprint, read_json_file
+from cancerllm_jax.eval.runner import adapter_fingerprint, differences, model_fingerprint, peak_memory, read_json_file
 from cancerllm_jax.eval.tasks import TaskSpec, get_task
 from cancerllm_jax.train.run_io import write_text_atomic
 
@@ -135,7 +135,8 @@ def load_model(path: str, dtype: str = "float32", adapter: str | None = None) ->
 def decode(lm: Any, records: Sequence[dict], task: str,
            settings: DecodeSettings) -> tuple[list[str], dict, list[str]]:
     """Greedy predictions for ``records`` (the Alpaca generation prompt, context cut to fit, as ``evaluate.py run``
-    builds it), decode stats, and each prompt's hash (``evaluate.py run``'s ``prompt_hash``)."""
+    builds it), decode stats (time, tokens, tokens/s, peak memory: EVAL_PROTOCOL §7's figures, as ``evaluate.py
+    run`` measures them), and each prompt's hash (``evaluate.py run``'s ``prompt_hash``)."""
     from cancerllm_jax.decode import generated_text
     from cancerllm_jax.eval.tasks import build_prompt
 
@@ -146,7 +147,11 @@ def decode(lm: Any, records: Sequence[dict], task: str,
                        max_prompt_tokens=spec.max_input_tokens, batch_size=settings.batch_size)
     seconds = time.perf_counter() - t0
     preds = [generated_text(lm.tokenizer, gen, lm.eos_ids, settings.stop).strip() for gen in outs]
-    stats = {"seconds": round(seconds, 2), "generated_tokens": int(sum(len(g) for g in outs)),
+    tokens = int(sum(len(g) for g in outs))
+    memory, memory_kind = peak_memory()
+    stats = {"seconds": round(seconds, 2), "generated_tokens": tokens,
+             "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
+             "peak_memory_bytes": memory, "memory_kind": memory_kind,
              "max_prompt_tokens": spec.max_input_tokens, "max_new_tokens": spec.max_new_tokens,
              "prompts_cut": sum(p.context_tokens_cut > 0 for p in prompts),
              "context_tokens_cut": sum(p.context_tokens_cut for p in prompts)}
