@@ -7,7 +7,11 @@
 
 Stages (each a launcher of its own, logged to OUT/logs/<stage>.log; a stage whose output exists is skipped and an
 interrupted training run is resumed, so an interrupted run continues where it stopped; an OUT made with another
---scale, --model, --data, --pretrain-data or --skip pretrain is refused):
+--scale, --model, --data, --pretrain-data or --skip pretrain is refused). Each stage records what it was made from
+(its arguments, the weights fingerprint and tokenizer content hash of the models it reads, a fingerprint of its
+data files): a finished stage whose inputs changed since (say a fine-tuning run deleted and trained again) is
+redone, keeping what still matches (``--overwrite`` for evaluate and robustness), and a training stage whose run
+folder was made from other inputs is refused until that folder is deleted:
 
 1. data          synthetic data (``write_dataset``) unless ``--data DIR`` holds ``<task>/{train,val,test}.jsonl``
 2. pretrain      LoRA continued pretraining on notes (``launch/pretrain.py``)
@@ -28,6 +32,7 @@ whole test sets, bf16) for a GPU host.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shlex
@@ -129,13 +134,33 @@ class Pipeline:
 
         write_json_atomic(self.state_path, self.state)
 
-    def stage(self, name: str, done: bool, cmd: list[str] | None = None, fn=None) -> None:
-        """Run one stage (a subprocess ``cmd`` or a function) unless ``done``; record its wall time."""
-        if done:
+    def stage(self, name: str, output: str, inputs: dict, cmd: list[str] | None = None, fn=None,
+              folder: str | None = None) -> None:
+        """Run one stage (a subprocess ``cmd`` or a function) unless it finished with these ``inputs`` (what it was
+        made from: settings, fingerprints of the models and files it reads) and its ``output`` exists; record its
+        wall time. A stage begun with other inputs is redone, its outputs replaced, except while its training run
+        ``folder`` exists: that is refused (its training would otherwise resume on other inputs, or be lost)."""
+        from cancerllm_jax.eval.runner import differences
+
+        entry = self.state["stages"].get(name, {})
+        old = entry.get("inputs")
+        if old is None and "wall_s" in entry:  # finished by a version that kept no inputs: taken as made from these
+            old = entry["inputs"] = inputs
+            entry["finished"] = True
+        if old is not None and old != inputs:
+            changed = "; ".join(differences(old, inputs)) or "other inputs"
+            if folder is not None and os.path.exists(folder):
+                raise UserError(f"{name}: {folder} was made from other inputs than this run's: {changed}. Delete "
+                                f"{folder} to run this stage again (later stages are then redone), or use another "
+                                "--out")
+            _log(f"{name}: made from other inputs ({changed[:300]}): redone")
+        elif entry.get("finished") and os.path.exists(output):
             _log(f"{name}: already done, skipped")
-            self.state["stages"].setdefault(name, {})["skipped_last_run"] = True
+            entry["skipped_last_run"] = True
             self.save()
             return
+        self.state["stages"][name] = {"inputs": inputs, "finished": False}  # a stage cut short is not done
+        self.save()
         _log(f"{name}: " + (" ".join(shlex.quote(c) for c in cmd) if cmd else "running"))
         t0 = time.time()
         if cmd:
@@ -148,7 +173,8 @@ class Pipeline:
         else:
             fn()
         dt = time.time() - t0
-        self.state["stages"][name] = {"wall_s": round(dt, 1), "command": cmd and " ".join(map(shlex.quote, cmd))}
+        self.state["stages"][name] = {"wall_s": round(dt, 1), "command": cmd and " ".join(map(shlex.quote, cmd)),
+                                      "inputs": inputs, "finished": True}
         self.save()
         _log(f"{name}: {dt:.0f} s")
 
@@ -182,8 +208,25 @@ def joint_training_set(data: str, out: str, limits: dict[str, int] | None) -> No
         _write_jsonl(os.path.join(out, f"{split}.jsonl"), rows)
 
 
-def _done(path: str) -> bool:
-    return os.path.exists(path)
+def _inputs(cmd: list[str] | None = None, models: tuple[str, ...] = (), files: list[str] = (), **settings) -> dict:
+    """What a stage is made from: its command's arguments, each model's weights fingerprint and tokenizer content
+    hash, and a fingerprint (sizes, modification times) of the data files it reads."""
+    from cancerllm_jax.eval.runner import _files_digest, model_fingerprint, tokenizer_sha256, tokenizer_spec
+
+    root = os.path.dirname(HERE) + os.sep
+    out = dict(settings)
+    if cmd:
+        out["arguments"] = [a.replace(root, "") for a in cmd[2:]]  # not the interpreter's or the checkout's place
+    for i, m in enumerate(models):
+        out[f"model{i}"] = {**model_fingerprint(m), "tokenizer_sha256": tokenizer_sha256(tokenizer_spec(m, None))}
+    if files:  # patterns (--pretrain-data 'notes/*.jsonl') stand for the files they match
+        out["files"] = _files_digest(os.sep, sorted({os.path.abspath(f) for pat in files
+                                                     for f in glob.glob(pat) or [pat]}))
+    return out
+
+
+def _split_files(data: str, splits: tuple[str, ...]) -> list[str]:
+    return [os.path.join(data, task, f"{split}.jsonl") for task in EVAL_TASKS for split in splits]
 
 
 def write_combined_report(out: str, state: dict, scale: str) -> str:
@@ -212,7 +255,7 @@ def write_combined_report(out: str, state: dict, scale: str) -> str:
         lines += ["## Evaluation: vanilla vs tuned", ""] + body
     for sweep, table in (("misspell", "table6.md"), ("counterfactual", "table5.md")):
         path = os.path.join(out, "robustness", sweep, table)
-        if os.path.exists(path):
+        if os.path.exists(path) and state["stages"].get(f"robustness_{sweep}", {}).get("finished"):
             lines += [f"## Robustness: {sweep} ({table[:-3].replace('table', 'Table ')}-shaped)", "",
                       open(path, encoding="utf-8").read().strip(), ""]
             png = os.path.join("robustness", sweep, "robustness.png")
@@ -290,9 +333,10 @@ def main(argv=None):
 
             write_dataset(data, scale.patients, seed=0, overwrite=True)
 
-        pipe.stage("data", _done(os.path.join(data, "DATA.md")), fn=make_data)
+        pipe.stage("data", os.path.join(data, "DATA.md"), _inputs(patients=scale.patients, seed=0), fn=make_data)
     joint = os.path.join(out, "joint")
-    pipe.stage("joint_training_set", _done(os.path.join(joint, "val.jsonl")),
+    pipe.stage("joint_training_set", os.path.join(joint, "val.jsonl"),
+               _inputs(files=_split_files(data, ("train", "val")), limits=scale.train_limits),
                fn=lambda: joint_training_set(data, joint, scale.train_limits))
     pipe.record_settings("scale", "data")
 
@@ -311,7 +355,8 @@ def main(argv=None):
                f"model={model}", *tok]
         if sources:
             cmd[2:2] = ["--data", *sources]
-        pipe.stage("pretrain", _done(os.path.join(pre_dir, "DONE")), cmd)
+        pipe.stage("pretrain", os.path.join(pre_dir, "DONE"), _inputs(cmd, (model,), sources or ()), cmd,
+                   folder=pre_dir)
         open(os.path.join(pre_dir, "DONE"), "w").close()
         pipe.record_settings("model", "pretrain_data", "pretrain")
         tuned_base = pre_dir
@@ -322,7 +367,9 @@ def main(argv=None):
     ft_dir = os.path.join(out, "finetune")
     cmd = [py, os.path.join(HERE, "finetune.py"), "--model", tuned_base, "--data", os.path.join(joint, "train.jsonl"),
            "--eval-data", os.path.join(joint, "val.jsonl"), "--workdir", ft_dir, "--resume", *scale.finetune, *tok]
-    pipe.stage("finetune", _done(os.path.join(ft_dir, "DONE")), cmd)
+    pipe.stage("finetune", os.path.join(ft_dir, "DONE"),
+               _inputs(cmd, (tuned_base,), [os.path.join(joint, "train.jsonl"), os.path.join(joint, "val.jsonl")]),
+               cmd, folder=ft_dir)
     open(os.path.join(ft_dir, "DONE"), "w").close()
     pipe.record_settings("model", "pretrain_data", "pretrain")
 
@@ -330,23 +377,28 @@ def main(argv=None):
     ev_dir = os.path.join(out, "eval")
     cmd = [py, os.path.join(HERE, "evaluate.py"), "run", "--model", model, "--name", "vanilla", "--model", ft_dir,
            "--name", "cancerllm-tuned", "--tasks", ",".join(EVAL_TASKS), "--data", data, "--out", ev_dir,
-           *scale.evaluate]
-    pipe.stage("evaluate", _done(os.path.join(ev_dir, "report.md")), cmd)
+           *scale.evaluate, "--overwrite"]  # predictions no longer made by these models and settings: decoded again
+    test_files = _split_files(data, ("test",))
+    pipe.stage("evaluate", os.path.join(ev_dir, "report.md"), _inputs(cmd, (model, ft_dir), test_files), cmd)
 
     # 5. robustness
     rb_script = os.path.join(HERE, "robustness.py")
     if "robustness" not in skip and os.path.exists(rb_script):
         ms = os.path.join(out, "robustness", "misspell")
         cmd = [py, rb_script, "misspell", "--model", ft_dir, "--name", "cancerllm-tuned", "--data", data,
-               "--tasks", "diagnosis,treatment_plan", "--out", ms, *scale.misspell]
-        pipe.stage("robustness_misspell", _done(os.path.join(ms, "table6.md")), cmd)
+               "--tasks", "diagnosis,treatment_plan", "--out", ms, *scale.misspell, "--overwrite"]
+        pipe.stage("robustness_misspell", os.path.join(ms, "table6.md"), _inputs(cmd, (ft_dir,), test_files), cmd)
         if scale.counterfactual is not None:
             cf = os.path.join(out, "robustness", "counterfactual")
             cmd = [py, rb_script, "counterfactual", "--model", tuned_base, "--data", data, "--out", cf,
-                   *scale.counterfactual]
-            pipe.stage("robustness_counterfactual", _done(os.path.join(cf, "table5.md")), cmd)
+                   *scale.counterfactual, "--overwrite"]
+            pipe.stage("robustness_counterfactual", os.path.join(cf, "table5.md"),
+                       _inputs(cmd, (tuned_base,), _split_files(data, ("train", "val", "test"))), cmd)
     elif "robustness" not in skip:
         _log("robustness: launch/robustness.py not found; TODO: run the Table 5/6 sweeps when it exists")
+    if "robustness" in skip:  # tables an earlier run made may describe other models: not in this report
+        for name in ("robustness_misspell", "robustness_counterfactual"):
+            pipe.state["stages"].pop(name, None)
 
     # 6. one report
     pipe.state["total_wall_s_this_invocation"] = round(time.time() - t_start, 1)

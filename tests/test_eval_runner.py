@@ -253,13 +253,18 @@ def test_model_fingerprint_follows_the_weights(tmp_path):
     run = tmp_path / "run"  # a training run folder, trained further
     (run / "checkpoints" / "10" / "state").mkdir(parents=True)
     (run / "checkpoints" / "10" / "state" / "a").write_text("1")
-    (run / "run.json").write_text("{}")
+    (run / "run.json").write_text(json.dumps({"format": "cancerllm-jax/run-v1", "base": {"kind": "path",
+                                                                                         "path": str(hf)}}))
     before = model_fingerprint(str(run))
     (run / "metrics.jsonl").write_text("{}\n")  # logs do not count
     assert model_fingerprint(str(run)) == before and before["checkpoint_step"] == 10
     (run / "checkpoints" / "20" / "state").mkdir(parents=True)
     after = model_fingerprint(str(run))
     assert after["checkpoint_step"] == 20 and after["weights"] != before["weights"]
+    # the run reads its base from the base's folder at every load: other base weights are other weights
+    assert after["base"] == model_fingerprint(str(hf))
+    (hf / "model.safetensors").write_bytes(b"z" * 12)
+    assert model_fingerprint(str(run))["base"]["weights"] != after["base"]["weights"]
 
 
 def test_prediction_errors_never_quote_text(finished, tmp_path):
@@ -445,9 +450,38 @@ def test_a_record_with_a_null_key_still_resumes(finished, tmp_path, monkeypatch)
     monkeypatch.setenv("CANCERLLM_DEBUG", "1")
     meta = out / "predictions" / "vanilla__phenotype.produced_by.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "adapter": None}))
+    older = out / "predictions" / "tuned__phenotype.produced_by.json"  # written before tokenizers were hashed
+    older.write_text(json.dumps({k: v for k, v in json.loads(older.read_text()).items() if k != "tokenizer_sha256"}))
     assert _evaluate().main(_run_args(model, out)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["results"]["phenotype"]["vanilla"]["resumed"] == 2
+    assert metrics["results"]["phenotype"]["tuned"]["resumed"] == 2
+
+
+def test_resume_refuses_another_tokenizer_at_the_same_path(finished, tmp_path, monkeypatch):
+    """Prompt hashes are of the prompt text: a tokenizer that splits it otherwise is seen by the content hash of
+    the tokenizer's files in the record, not by its path (the same --tokenizer path with another file in it)."""
+    from cancerllm_jax.data.tokenizer import mistral_v1_model_file
+    from cancerllm_jax.errors import UserError
+    from cancerllm_jax.eval.runner import tokenizer_sha256
+
+    model, done = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    monkeypatch.setenv("CANCERLLM_DEBUG", "1")
+    tok = tmp_path / "tok" / "tokenizer.model"
+    tok.parent.mkdir()
+    shutil.copyfile(mistral_v1_model_file(), tok)
+    made = json.loads((out / "predictions" / "vanilla__phenotype.produced_by.json").read_text())
+    assert made["tokenizer_sha256"] == tokenizer_sha256(None) == tokenizer_sha256(str(tok))  # the default one
+    assert tokenizer_sha256(str(tok.parent)) and tokenizer_sha256(str(tmp_path / "nothing")) is None
+    for meta in (out / "predictions").glob("*.produced_by.json"):  # as a run with --tokenizer tok made them
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "tokenizer": str(tok)}))
+    assert _evaluate().main(_run_args(model, out, "--tokenizer", str(tok))) == 0
+    assert json.loads((out / "metrics.json").read_text())["results"]["diagnosis"]["tuned"]["decoded"] == 0
+    tok.write_bytes(tok.read_bytes()[:-1] + b"x")  # another tokenizer file at the same path
+    with pytest.raises(UserError, match=r"__\w+\.jsonl: .*tokenizer_sha256 '[0-9a-f]{64}' \(now '[0-9a-f]{64}'\)"):
+        _evaluate().main(_run_args(model, out, "--tokenizer", str(tok)))
 
 
 def test_radonc_icd10_metrics_and_confusion_plot(finished, tmp_path):
@@ -689,3 +723,55 @@ def test_damaged_timing_lines_lose_only_their_timing(tmp_path, capsys):
     e = summarize_stats(read_stats(str(path)))
     assert (e["instances_decoded"], e["generation_time_s"], e["tokens_per_s"]) == (2, 1.5, 4.0)
     assert capsys.readouterr().err.count("unreadable timing line skipped") == 5
+
+
+def test_reproduce_stages_are_keyed_to_their_inputs(tmp_path, monkeypatch, capsys):
+    """A fine-tuning run trained again makes the finished evaluation stale: it is redone (with --overwrite, so
+    the runner keeps the vanilla predictions that still match), never reused; a finished training run whose inputs
+    changed (the pretraining redone under it) is refused until its folder is deleted."""
+    rep = _reproduce()
+    model, out = tmp_path / "model", tmp_path / "out"
+    model.mkdir()
+    ran, trained = [], [0]
+
+    def fake_run(cmd, **kw):
+        ran.append(os.path.basename(cmd[1]))
+        if "--workdir" in cmd:  # a training run: new weights every time
+            work = Path(cmd[cmd.index("--workdir") + 1])
+            work.mkdir(parents=True, exist_ok=True)
+            trained[0] += 1
+            (work / "adapter_model.safetensors").write_bytes(b"w" * trained[0])
+        if "--out" in cmd:
+            Path(cmd[cmd.index("--out") + 1]).mkdir(parents=True, exist_ok=True)
+            (Path(cmd[cmd.index("--out") + 1]) / "report.md").write_text("# r\n")
+            (Path(cmd[cmd.index("--out") + 1]) / "table6.md").write_text("TABLE 6\n")
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(rep.subprocess, "run", fake_run)
+    argv = ["--scale", "cpu-small", "--model", str(model), "--out", str(out), "--skip", "robustness"]
+    assert rep.main(argv) == 0 and ran == ["pretrain.py", "finetune.py", "evaluate.py"]
+    ran.clear()
+    assert rep.main(argv) == 0 and ran == []  # nothing changed: nothing runs
+    shutil.rmtree(out / "finetune")  # fine-tuning done again: the evaluation of the old adapter is stale
+    assert rep.main(argv) == 0 and ran == ["finetune.py", "evaluate.py"]
+    state = json.loads((out / "reproduce.json").read_text())
+    assert "--overwrite" in state["stages"]["evaluate"]["command"] and state["stages"]["evaluate"]["finished"]
+    ran.clear()
+    shutil.rmtree(out / "pretrain")  # pretraining done again under a finished fine-tuning run: refused
+    with pytest.raises(SystemExit) as e:
+        rep.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and "finetune: " in err and "Delete " in err and "model0" in err
+    assert ran == ["pretrain.py"]
+    shutil.rmtree(out / "finetune")
+    assert rep.main(argv) == 0 and ran == ["pretrain.py", "finetune.py", "evaluate.py"]
+    ran.clear()
+    (out / "data" / "diagnosis" / "test.jsonl").write_text("{}\n")  # other test data: evaluated again
+    assert rep.main(argv) == 0 and ran == ["evaluate.py"]
+    ran.clear()
+    assert rep.main(argv[:-2]) == 0 and ran == ["robustness.py"]
+    assert "TABLE 6" in (out / "report.md").read_text()
+    ran.clear()
+    shutil.rmtree(out / "finetune")  # Table 6 of the old adapter is not reported beside the new one's results
+    assert rep.main(argv) == 0 and ran == ["finetune.py", "evaluate.py"]
+    assert "TABLE 6" not in (out / "report.md").read_text()

@@ -89,3 +89,24 @@ def test_trust_cli_names_a_bad_metrics_file(tmp_path, capsys, metrics, message):
         evaluate.main(["trust", "--run", f"d={tmp_path}"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and re.search(re.escape(str(tmp_path / "metrics.json")) + ": .*" + message, err), err
+
+
+def test_trust_over_runs_refuses_mixed_models_or_protocols():
+    """One name must stand for the same weights in every run, and the runs must share a protocol: else the trust
+    metrics would average two models, or two scorers, as one."""
+    from cancerllm_jax.eval.trust import trust_from_runs
+
+    scores = {k: 50.0 for k in ("em_p", "em_r", "em_f1", "bleu2_p", "bleu2_r", "bleu2_f1", "rougeL_p", "rougeL_r",
+                                "rougeL_f1")}
+    model = {"path": "/m/tuned", "checkpoint_step": 10, "weights": "abc"}
+
+    def run(protocol="standard", **made):
+        return {"protocol": protocol, "models": {"tuned": {**model, **made}},
+                "results": {"diagnosis": {"tuned": scores}}}
+
+    legacy = run()
+    assert trust_from_runs({"a": run(tokenizer_sha256="f"), "b": legacy})["tuned"]["n_datasets"] == 2
+    for other, message in ((run(weights="def"), "other weights"), (run(adapter={"weights": "x"}), "other adapter"),
+                           (run(protocol="reference"), "a: standard, b: reference")):
+        with pytest.raises(ValueError, match=message):
+            trust_from_runs({"a": legacy, "b": other})

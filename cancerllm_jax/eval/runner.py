@@ -6,12 +6,13 @@ For every (model, task) the runner writes ``OUT/predictions/<model>__<task>.json
 interrupted and started again with the same ``--out`` resumes: instances already in the prediction file are not
 decoded again (their prompt hash must match the prompt built now, else it is an error). Beside each prediction file,
 ``<model>__<task>.produced_by.json`` records what made its rows: the model's resolved path and a weights fingerprint
-(sizes and modification times of the weight files; a training run's checkpoint step), the task and every setting that
-changes the output (token limits, stop strings, prompt format and shots, sampling settings, dtype, tokenizer). A run
-whose model or settings differ from that record is refused (``overwrite=True`` / ``--overwrite`` discards such files
-and decodes again), so one file never mixes predictions of two models or two decodings. ``OUT/metrics.json`` and
-``OUT/report.md`` (with PNG plots) are written at the end; ``rescore(OUT)`` rebuilds both from the prediction
-files alone, without a model.
+(sizes and modification times of the weight files; a training run's checkpoint step and the fingerprint of the base it
+was trained on), the task and every setting that changes the output (token limits, stop strings, prompt format and
+shots, sampling settings, dtype, tokenizer and the sha256 of its files' content: prompt hashes are of the prompt text,
+so a tokenizer that splits it otherwise is seen there). A run whose model or settings differ from that record is
+refused (``overwrite=True`` / ``--overwrite`` discards such files and decodes again), so one file never mixes
+predictions of two models or two decodings. ``OUT/metrics.json`` and ``OUT/report.md`` (with PNG plots) are written
+at the end; ``rescore(OUT)`` rebuilds both from the prediction files alone, without a model.
 
 Efficiency figures per (model, task): generation wall time for the whole test split (summed over batches,
 including any batch that compiled a new shape; ``steady_tokens_per_s`` leaves those out), generated tokens per
@@ -151,8 +152,9 @@ def _files_digest(root: str, rels: Sequence[str]) -> str:
 def model_fingerprint(path: str) -> dict[str, Any]:
     """``{path, checkpoint_step, weights}``: the model folder's resolved path and a fingerprint of its weights — sizes
     and modification times of the weight, config and tokenizer files (a training run: ``run.json``, ``base/`` and
-    its latest checkpoint). Cheap (no weight is read); a copy made without keeping modification times counts as
-    other weights. A path that does not exist (a preset name) has ``weights: None``."""
+    its latest checkpoint, plus ``base``: the fingerprint of the model it was trained on when it reads that from its
+    path). Cheap (no weight is read); a copy made without keeping modification times counts as other weights. A path
+    that does not exist (a preset name) has ``weights: None``."""
     from cancerllm_jax.train import run_io
 
     real = os.path.realpath(os.path.expanduser(path))
@@ -161,7 +163,11 @@ def model_fingerprint(path: str) -> dict[str, Any]:
     if run_io.is_run_dir(real):
         step = run_io.latest_step(os.path.join(real, "checkpoints"))
         rels = [run_io.RUN_FILE, "base"] + ([os.path.join("checkpoints", str(step))] if step is not None else [])
-        return {"path": real, "checkpoint_step": step, "weights": _files_digest(real, rels)}
+        fp = {"path": real, "checkpoint_step": step, "weights": _files_digest(real, rels)}
+        base = run_io.read_run_meta(real).get("base") or {}
+        if base.get("kind") == "path":  # the weights it was trained on, read from there at every load
+            fp["base"] = model_fingerprint(base["path"])
+        return fp
     rels = sorted(n for n in os.listdir(real) if _WEIGHT_NAMES.search(n) and not n.startswith("."))
     rels += [d for d in ("params", "lora") if os.path.isdir(os.path.join(real, d))]  # a converted checkpoint's trees
     return {"path": real, "checkpoint_step": None, "weights": _files_digest(real, rels)}
@@ -175,20 +181,66 @@ def adapter_fingerprint(path: str) -> dict[str, Any]:
     return {"path": real, "weights": _files_digest(real, [ADAPTER_CONFIG, ADAPTER_WEIGHTS])}
 
 
+_TOKENIZER_FILES = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.\w+|merges\.txt|"
+                              r"config\.json|.*\.model|.*\.tiktoken)$")
+
+
+def tokenizer_spec(path: str, tokenizer: str | None) -> str | None:
+    """The tokenizer ``cancerllm_jax.load(path, tokenizer=tokenizer)`` uses, found without reading weights."""
+    from cancerllm_jax.api import _tokenizer_in
+    from cancerllm_jax.train import run_io
+
+    real = os.path.expanduser(path)
+    if tokenizer:
+        return tokenizer
+    if run_io.is_run_dir(real):
+        meta = run_io.read_run_meta(real)
+        return ((meta.get("config") or {}).get("data") or {}).get("tokenizer") or meta.get("tokenizer") or "mistral-v1"
+    return _tokenizer_in(real) if os.path.isdir(real) else None
+
+
+def tokenizer_sha256(spec: str | None) -> str | None:
+    """sha256 of the content of a tokenizer spec's files (as ``load_tokenizer`` reads it: ``None`` is the shipped
+    Mistral v1 model, a folder its tokenizer and config files), so another tokenizer at the same path is seen;
+    ``None`` when there is no such file."""
+    from cancerllm_jax.data.tokenizer import mistral_v1_model_file
+
+    if spec in (None, "", "mistral-v1", "mistral"):
+        try:
+            spec = mistral_v1_model_file()
+        except UserError:
+            return None
+    spec = os.path.realpath(os.path.expanduser(spec))
+    if os.path.isfile(spec) and os.path.basename(spec) in ("tokenizer.json", "tokenizer_config.json"):
+        spec = os.path.dirname(spec)
+    if os.path.isdir(spec):
+        files = [n for n in sorted(os.listdir(spec)) if _TOKENIZER_FILES.match(n)
+                 and os.path.isfile(os.path.join(spec, n))]
+    else:
+        files = [""] if os.path.isfile(spec) else []
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for name in files:
+        with open(os.path.join(spec, name) if name else spec, "rb") as f:
+            h.update(f"{name}\0{hashlib.sha256(f.read()).hexdigest()}\0".encode())
+    return h.hexdigest()
+
+
 def provenance(fingerprint: dict[str, Any], spec: TaskSpec, cfg: RunConfig) -> dict[str, Any]:
     """Everything that decides the predictions of one (model, task): the model and every output-changing setting.
     Sampling settings that greedy decoding ignores are left out (the seed stays when it draws k-shot exemplars)."""
     d = cfg.decoding
     greedy = d.temperature <= 0
-    # an adapter only where there is one: records of runs without adapters stay as earlier versions wrote them
-    adapter = {"adapter": fingerprint["adapter"]} if fingerprint.get("adapter") else {}
+    # a base and an adapter only where there is one: records of models without them stay as earlier versions wrote
+    extra = {k: fingerprint[k] for k in ("base", "adapter") if fingerprint.get(k)}
     return {"format": PROVENANCE_FORMAT, "task": spec.name, "model_path": fingerprint["path"],
-            "checkpoint_step": fingerprint["checkpoint_step"], "weights": fingerprint["weights"], **adapter,
+            "checkpoint_step": fingerprint["checkpoint_step"], "weights": fingerprint["weights"], **extra,
             "prompt_format": f"alpaca, {d.shots}-shot" if d.shots else "alpaca, zero-shot",
             "max_input_tokens": spec.max_input_tokens, "max_new_tokens": spec.max_new_tokens, "stop": list(spec.stop),
             "temperature": 0.0 if greedy else d.temperature, "top_k": None if greedy else d.top_k,
             "top_p": None if greedy else d.top_p, "seed": d.seed if not greedy or d.shots else None,
-            "dtype": cfg.dtype, "tokenizer": cfg.tokenizer}
+            "dtype": cfg.dtype, "tokenizer": cfg.tokenizer, "tokenizer_sha256": fingerprint.get("tokenizer_sha256")}
 
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -223,6 +275,9 @@ def _has_rows(path: str) -> bool:
         return any(line.strip() for line in f)
 
 
+_ADDED_KEYS = ("base", "tokenizer_sha256")  # recorded since 2026-12-02; records written before lack them
+
+
 def check_provenance(out: str, model: str, task: str, want: dict[str, Any], overwrite: bool) -> bool:
     """Refuse to resume a prediction file that another model or other settings made (``UserError`` saying what
     differs); returns True when the file must be discarded first (``overwrite``, or nothing in it to keep)."""
@@ -237,6 +292,7 @@ def check_provenance(out: str, model: str, task: str, want: dict[str, Any], over
             if overwrite or not _has_rows(pred):
                 return True
             raise
+        want = {k: v for k, v in want.items() if k in have or k not in _ADDED_KEYS}  # an older record: the rest
         if have == want or (have.get("format") == want.get("format") and not differences(have, want)):
             return False  # equal, a key absent on one side being null on the other
         problem = f"its predictions were made with other settings: {'; '.join(differences(have, want))}"
@@ -610,6 +666,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = log_stderr) -> dict[str, An
         if not os.path.exists(os.path.expanduser(m.path)):
             raise UserError(f"model path not found: {os.path.abspath(os.path.expanduser(m.path))}")
         fingerprints[m.name] = model_fingerprint(m.path)
+        fingerprints[m.name]["tokenizer_sha256"] = tokenizer_sha256(tokenizer_spec(m.path, cfg.tokenizer))
         if m.adapter is not None:  # checked against its base's config now, not after other models have decoded
             from cancerllm_jax.api import check_adapter
 

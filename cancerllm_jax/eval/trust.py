@@ -89,9 +89,29 @@ def check_run(metrics: Any) -> None:
 def trust_from_runs(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each model's trust metrics over several evaluation runs, one per dataset: ``runs`` maps a dataset name to
     that run's ``metrics.json`` (as ``evaluate.py run`` writes it). A model is scored on every (task, dataset) its
-    runs hold; models or tasks missing from some runs are scored on the rest."""
+    runs hold; models or tasks missing from some runs are scored on the rest. Runs scored with other protocols, or
+    a name that stands for other weights in another run (``models[name]``: path, weights fingerprint, adapter …),
+    are refused: their scores would be mixed as one model's."""
+    from cancerllm_jax.eval.runner import _ADDED_KEYS  # absent from runs of earlier versions: not compared
+
+    protocols = {d: m.get("protocol", "standard") for d, m in runs.items()}
+    if len(set(protocols.values())) > 1:
+        listed = ", ".join(f"{d}: {p}" for d, p in protocols.items())
+        raise ValueError(f"the runs were scored with other protocols ({listed}); re-score them with one "
+                         "(`evaluate.py report --out DIR --protocol P`)")
     models = sorted({m for metrics in runs.values() for by_model in metrics.get("results", {}).values()
                      for m in by_model})
+    seen: dict[str, tuple[str, Mapping]] = {}
+    for dataset, metrics in runs.items():
+        for model, made in (metrics.get("models") or {}).items():
+            if model not in models or not isinstance(made, Mapping):
+                continue
+            first, old = seen.setdefault(model, (dataset, made))
+            keys = [k for k in ("path", "checkpoint_step", "weights", "adapter", "base", "tokenizer_sha256")
+                    if old.get(k) != made.get(k) and (k in made and k in old or k not in _ADDED_KEYS)]
+            if keys:
+                raise ValueError(f"model {model!r} is not the same model in runs {first!r} and {dataset!r} (other "
+                                 f"{', '.join(keys)}); give other models other names")
     out = {}
     for model in models:
         per: dict[str, dict[str, Any]] = {}
