@@ -176,6 +176,45 @@ def test_misspelling_cache_is_keyed_on_model_data_and_settings(tmp_path, monkeyp
     assert json.loads(scores.read_text())["settings"]["n_test"] == 3
 
 
+def test_misspelling_cache_follows_a_run_base_and_the_tokenizer(tmp_path, monkeypatch):
+    """A training run reads its base at every load and its tokenizer from a file: a retrained base or another
+    tokenizer at the same path is another model; a record from before these keys were kept still resumes."""
+    from cancerllm_jax.errors import UserError
+
+    monkeypatch.setattr(rb, "decode", lambda lm, recs, task, s: ([r["response"] for r in recs], {"seconds": 0.0},
+                                                                  ["h"] * len(recs)))
+    monkeypatch.setattr(rb, "load_model", lambda path, dtype, adapter=None: path)
+    base = _fake_model(tmp_path / "base")
+    tok = tmp_path / "tok.model"
+    tok.write_bytes(b"pieces")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "4" / "state").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"format": "cancerllm-jax/run-v1", "tokenizer": str(tok),
+                                              "base": {"kind": "path", "path": str(base)}}))
+    out = tmp_path / "O"
+
+    def sweep():
+        return rb.misspelling_sweep(str(run), {"diagnosis": _recs("diagnosis", 1)}, out, rates=[0.2],
+                                    log=lambda s: None)
+
+    sweep()
+    scores = out / "misspell" / "diagnosis" / "rate_20" / "scores.json"
+    key = json.loads(scores.read_text())["settings"]
+    assert key["model_base"]["weights"] and len(key["model_tokenizer_sha256"]) == 64
+    Path(base, "model.safetensors").write_bytes(b"retrained base")
+    with pytest.raises(UserError, match="model_base"):
+        sweep()
+    Path(base, "model.safetensors").write_bytes(b"w")
+    data = json.loads(scores.read_text())  # as an older version wrote it: neither key
+    old = {k: v for k, v in data["settings"].items() if k not in ("model_base", "model_tokenizer_sha256")}
+    scores.write_text(json.dumps({**data, "settings": old}))
+    sweep()
+    tok.write_bytes(b"other pieces")
+    scores.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="model_tokenizer_sha256"):
+        sweep()
+
+
 def test_counterfactual_cache_resume_and_atomic_writes(tmp_path, monkeypatch):
     from cancerllm_jax.errors import UserError
 

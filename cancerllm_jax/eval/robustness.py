@@ -37,7 +37,8 @@ from typing import Any
 from cancerllm_jax.errors import UserError
 from cancerllm_jax.eval.noise import corrupt_phenotype_labels, misspell_record
 from cancerllm_jax.eval.protocol import score
-from cancerllm_jax.eval.runner import adapter_fingerprint, differences, model_fingerprint, peak_memory, read_json_file
+from cancerllm_jax.eval.runner import (_ADDED_KEYS, adapter_fingerprint, differences, model_fingerprint,
+                                       peak_memory, read_json_file, tokenizer_sha256, tokenizer_spec)
 from cancerllm_jax.eval.tasks import TaskSpec, get_task
 from cancerllm_jax.train.run_io import write_text_atomic
 
@@ -186,14 +187,17 @@ def records_digest(records: Sequence[dict]) -> str:
 
 
 def model_key(model: str | Any, prefix: str = "model") -> dict[str, Any]:
-    """The model's resolved path and weights fingerprint (a loaded LM: those of its source folder, and of the PEFT
-    adapter loaded on it, if any)."""
+    """The model's resolved path and weights fingerprint (a loaded LM: those of its source folder, of the base a
+    training run reads, and of the PEFT adapter loaded on it, if any) and its tokenizer's content hash."""
     source = model if isinstance(model, str) else getattr(model, "source", None)
     if not isinstance(source, str) or not source:
         return {f"{prefix}_path": type(model).__name__, f"{prefix}_checkpoint_step": None, f"{prefix}_weights": None}
     fp = model_fingerprint(source)
     key = {f"{prefix}_path": fp["path"], f"{prefix}_checkpoint_step": fp["checkpoint_step"],
-           f"{prefix}_weights": fp["weights"]}
+           f"{prefix}_weights": fp["weights"],
+           f"{prefix}_tokenizer_sha256": tokenizer_sha256(tokenizer_spec(source, None))}
+    if fp.get("base"):
+        key[f"{prefix}_base"] = fp["base"]
     adapter = getattr(model, "adapter", None)  # a PEFT adapter loaded on top (``cj.load(..., adapter=)``)
     if isinstance(adapter, str):
         key[f"{prefix}_adapter"] = adapter_fingerprint(adapter)
@@ -219,6 +223,8 @@ def _cached(out_dir: Path, key: dict[str, Any] | None = None, overwrite: bool = 
         log(f"warning: {e}; recomputing it")
         return None
     have = data.pop("settings", None)
+    if isinstance(have, dict) and key is not None:  # keys recorded since 2026-12-02: absent from older records
+        key = {k: v for k, v in key.items() if k in have or not k.endswith(_ADDED_KEYS)}
     if key is None or have == key:
         return data
     if overwrite:
