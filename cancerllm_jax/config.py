@@ -154,6 +154,10 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise UserError(f"{source}: rope_scaling / rope_parameters must be an object, got {type(rope).__name__}")
+    nested = sorted(k for k, v in rope.items() if isinstance(v, dict))
+    if nested:  # transformers either fails on these (Ministral) or ignores them and runs the default RoPE
+        raise UserError(f"{source}: rope_scaling / rope_parameters per layer type ({nested}) are not supported; "
+                        "give one RoPE for every layer (rope_type, rope_theta, ... at its top level)")
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
     if rope_type not in ROPE_TYPES:
         raise UserError(f"{source}: rope_type {rope_type!r} is not supported (supported: {list(ROPE_TYPES)})")

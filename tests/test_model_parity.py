@@ -308,6 +308,9 @@ def test_use_sliding_window_false_keeps_the_window_like_transformers(tmp_path):
     ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
       "original_max_position_embeddings": 64}, ["rope_low_freq_factor < rope_high_freq_factor"]),
     ({"rope_type": "default", "partial_rotary_factor": 0.5}, ["partial_rotary_factor"]),
+    # per layer type (Ministral's form): transformers fails on it or silently runs the default RoPE
+    ({"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}}, ["per layer type",
+                                                                                     "full_attention"]),
 ])
 def test_unsupported_rope_parameters_are_one_clear_error(rope, words):
     """A RoPE we do not compute as transformers does is refused, never run as plain RoPE."""
@@ -338,6 +341,23 @@ def test_rope_frequencies_within_an_ulp_of_transformers():
             np.testing.assert_allclose(ours, ref, rtol=1.2e-7, atol=0)
             total, differ = total + ref.size, differ + int((ours != ref).sum())
     assert differ <= 0.03 * total, f"{differ} of {total} frequencies differ"
+
+
+@pytest.mark.parametrize("low,high,original,factor", [(0.5, 5.0, 3000, 8.0), (1.5, 3.3, 100, 3.0),
+                                                      (1.1, 4.0, 1000, 7.3), (1.0, 4.0, 8192, 8.0)])
+def test_llama3_ramp_is_bit_exact(low, high, original, factor):
+    """Where the unscaled frequencies agree exactly (theta 1e4, head_dim 64), llama3's scaled ones do too: torch
+    rounds ``2π / inv_freq`` as ``(1 / inv_freq) · 2π`` (off by an ulp in a third of such configs before)."""
+    from cancerllm_jax.config import from_hf_config
+    from cancerllm_jax.model.mistral import rope_inv_freq
+
+    conf = transformers.LlamaConfig(hidden_size=128, num_attention_heads=2, head_dim=64, num_hidden_layers=1,
+                                    intermediate_size=8, vocab_size=8, rope_parameters={
+                                        "rope_type": "llama3", "rope_theta": 1e4, "factor": factor,
+                                        "low_freq_factor": low, "high_freq_factor": high,
+                                        "original_max_position_embeddings": original})
+    ref = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(conf).inv_freq.numpy()
+    np.testing.assert_array_equal(rope_inv_freq(from_hf_config(conf.to_dict())), ref)
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}

@@ -203,6 +203,18 @@ def test_adapters_that_are_more_than_their_factors_are_refused(base, tuned, tmp_
     read_peft_adapter(out, cfg)  # a plain initialisation name is fine
 
 
+@pytest.mark.parametrize("value", [4.5, "4", True, None])
+def test_a_rank_that_is_no_whole_number_is_refused(base, tuned, tmp_path, value):
+    """``r: 4.5`` (peft cannot build it) was read as rank 4, silently: this adapter's factors have rank 4."""
+    folder, cfg, _, _ = base
+    out = str(tmp_path / "a")
+    write_peft_adapter(out, cfg, LORA, tuned[0], folder)
+    path = os.path.join(out, "adapter_config.json")
+    json.dump({**json.load(open(path)), "r": value}, open(path, "w"))
+    with pytest.raises(UserError, match="adapter_config.json: r must be a whole number"):
+        read_peft_adapter(out, cfg)
+
+
 @pytest.mark.parametrize("field, value", [("r", 0), ("lora_alpha", -2), ("lora_dropout", 1.5)])
 def test_an_out_of_range_adapter_value_names_the_adapter_config(base, tuned, tmp_path, field, value):
     folder, cfg, _, _ = base

@@ -180,8 +180,11 @@ def read_adapter_config(folder: str) -> LoRAConfig:
     targets = list(dict.fromkeys(t for t in targets if t not in absent))
     if not targets:
         raise UserError(f"{path}: target_modules {conf['target_modules']!r} name none of {sorted(names)}")
+    r = conf.get("r")
+    if isinstance(r, bool) or not (isinstance(r, int) or isinstance(r, float) and r.is_integer()):
+        raise UserError(f"{path}: r must be a whole number, got {json.dumps(r)}")  # int(8.5) would be rank 8
     try:
-        lora = LoRAConfig(rank=int(conf["r"]), alpha=float(conf["lora_alpha"]),
+        lora = LoRAConfig(rank=int(r), alpha=float(conf["lora_alpha"]),
                           dropout=float(conf.get("lora_dropout", 0.0)), targets=tuple(names.get(t, t) for t in targets))
     except KeyError as e:
         raise UserError(f"{path}: missing field {e}") from None

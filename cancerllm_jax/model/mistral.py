@@ -391,13 +391,15 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     if cfg.rope_type == "linear":
         inv = inv / np.float32(cfg.rope_factor)
     elif cfg.rope_type == "llama3":
-        factor, old = np.float32(cfg.rope_factor), np.float32(cfg.rope_original_max_position_embeddings)
-        low, high = np.float32(cfg.rope_low_freq_factor), np.float32(cfg.rope_high_freq_factor)
-        wavelen = np.float32(2 * math.pi) / inv
-        scaled = np.where(wavelen > old / low, inv / factor, inv)  # long wavelengths: interpolated
-        smooth = (old / wavelen - low) / (high - low)
+        # as torch rounds it: a Python number over a tensor is the tensor's reciprocal times the number (in fp32);
+        # Python numbers combined first are doubles, rounded once to fp32
+        old, low, high = cfg.rope_original_max_position_embeddings, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        factor, f32 = np.float32(cfg.rope_factor), np.float32
+        wavelen = (f32(1) / inv) * f32(2 * math.pi)
+        scaled = np.where(wavelen > f32(old / low), inv / factor, inv)  # long wavelengths: interpolated
+        smooth = ((f32(1) / wavelen) * f32(old) - f32(low)) / f32(high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        medium = ~(wavelen < f32(old / high)) & ~(wavelen > f32(old / low))
         inv = np.where(medium, smoothed, scaled)
     return inv.astype(np.float32)
 
