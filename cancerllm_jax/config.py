@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import types
@@ -151,6 +152,11 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     for flag in ("attention_bias", "mlp_bias"):
         if mtype == "llama" and hf.get(flag):
             raise UserError(f"{source}: {flag}=true is not supported")
+    dropout = hf.get("attention_dropout")
+    if isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and dropout > 0:
+        logging.getLogger(__name__).warning(
+            "%s: attention_dropout %s is not applied: training here never drops attention probabilities "
+            "(transformers does in train mode); inference is unaffected", source, dropout)
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if not isinstance(rope, dict):
         raise UserError(f"{source}: rope_scaling / rope_parameters must be an object, got {type(rope).__name__}")

@@ -381,3 +381,16 @@ def test_a_sentencepiece_tokenizer_keeps_its_added_tokens(tmp_path):
     for folder in (ckpt, back):
         tok = transformers.AutoTokenizer.from_pretrained(folder)
         assert len(tok) == 32002 and tok.convert_tokens_to_ids("<|im_end|>") == 32001
+
+
+def test_attention_dropout_is_read_with_a_warning(caplog):
+    """Training never drops attention probabilities: a config that asks for it is read, with a warning."""
+    from cancerllm_jax.config import from_hf_config
+
+    hf = {"model_type": "mistral", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+          "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    with caplog.at_level("WARNING"):
+        from_hf_config({**hf, "attention_dropout": 0.0})
+        assert not caplog.records
+        from_hf_config({**hf, "attention_dropout": 0.1}, "x/config.json")
+    assert "x/config.json: attention_dropout 0.1 is not applied" in caplog.text
