@@ -81,6 +81,10 @@ def make_mesh(shape: tuple[int, int] | str):
     if jax.process_count() > 1 and d * m != have:
         raise UserError(f"mesh {d}x{m} uses {d * m} of the {have} devices of {jax.process_count()} processes; a "
                         f"multi-process mesh must use every device ({have // jax.process_count()} per process)")
+    if d % jax.process_count():  # each process feeds its own rows: a data shard may not span two processes
+        raise UserError(f"mesh {d}x{m}: the data axis ({d}) must be a multiple of the {jax.process_count()} "
+                        f"processes (each process reads its own rows of the batch, so the model axis must stay "
+                        f"within one process's devices)")
     devices = jax.devices()[: d * m]
     return jax.make_mesh((d, m), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 

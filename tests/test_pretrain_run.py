@@ -106,6 +106,35 @@ def test_stop_and_resume_is_bitwise(reference, tmp_path):
     assert_trees_equal(final_lora(str(tmp_path)), final_lora(reference[1]))
 
 
+def test_resume_refuses_other_data_base_model_or_process_count(reference, tmp_path):
+    """What no config key shows but changes the run: the training data (its counts), the base model's config
+    (an HF folder edited in place) and the number of processes (the data position is saved per process). Each is
+    refused with one clear error instead of a run that quietly differs (or a "corrupt checkpoint" message)."""
+    import shutil
+
+    from cancerllm_jax.errors import UserError
+
+    wd = tmp_path / "run"
+    shutil.copytree(reference[1], wd)
+    meta_path = wd / run_io.RUN_FILE
+    meta = json.loads(meta_path.read_text())
+
+    def refused(edit, *words):
+        run_io.write_json_atomic(str(meta_path), edit(json.loads(json.dumps(meta))))
+        with pytest.raises(UserError) as e:
+            make_trainer(wd, resume=True).run()
+        assert all(w in str(e.value) for w in words), str(e.value)
+        run_io.write_json_atomic(str(meta_path), meta)
+
+    refused(lambda m: {**m, "data_counts": {**m["data_counts"], "train_tokens": m["data_counts"]["train_tokens"] + 1}},
+            "training data differs", "train_tokens")
+    refused(lambda m: {**m, "model": {**m["model"], "rope_theta": 1.0}}, "base model", "rope_theta")
+    data = wd / "checkpoints" / str(STEPS) / "data"
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")
+    shutil.copy(data / "process_0-of-2.json", data / "process_1-of-2.json")
+    refused(lambda m: m, "2 process", "--num-processes 2")
+
+
 def test_kill_9_then_resume(reference, tmp_path):
     """A launcher killed with SIGKILL after a checkpoint was written, then ``--resume``: same weights and losses."""
     wd = str(tmp_path / "run")
@@ -346,6 +375,19 @@ def test_dry_run_prints_memory_estimate_and_exits_0(tmp_path, capsys):
     assert "memory estimate per device (compiled step):" in out and "GiB" in out
     assert "layers.q.lora_a" in out and "P(" in out
     assert not os.path.exists(tmp_path / "d")  # nothing written
+
+
+def test_a_data_shard_may_not_span_processes(monkeypatch):
+    """Each process feeds its own rows, so in a multi-process run the data axis must be a multiple of the process
+    count: with 2 processes a 1x10 mesh would infer a half-size batch whose replicas differ between the processes
+    (each host trains on its own rows, silently)."""
+    from cancerllm_jax import sharding
+    from cancerllm_jax.errors import UserError
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(UserError, match="data axis"):
+        sharding.make_mesh((1, 10))
+    assert sharding.make_mesh((2, 5)).shape == {"data": 2, "model": 5}
 
 
 def test_optimizer_state_takes_each_params_sharding():

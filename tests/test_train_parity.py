@@ -253,3 +253,48 @@ def test_several_steps_with_warmup_and_grad_accum_match_hf(setup, sched):
     worst = max(float(np.abs(np.asarray(state["params"]["layers"][t][k]) - ref_new[t][k]).max())
                 for t in LORA_TARGETS for k in ("lora_a", "lora_b"))
     assert worst <= 1e-5, f"LoRA weights after {steps} steps differ from torch by {worst:.2e}"
+
+
+def test_schedules_adamw_decay_mask_and_clipping_match_torch():
+    """Every step's lr against HF's ``get_*_schedule_with_warmup`` (no warm-up, warm-up of every step, 1-step runs),
+    then AdamW + clipping on a tree with norm weights (no decay, as HF Trainer's groups) against torch."""
+    from cancerllm_jax.train.optim import warmup_steps
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    for sched, total, ratio in [(s, t, r) for s in ("cosine", "linear", "constant") for t in (1, 2, 7)
+                                for r in (0.0, 0.2, 0.99)]:
+        opt = OptimConfig(lr=3.0, schedule=sched, warmup_ratio=ratio)
+        sgd = torch.optim.SGD([p], lr=opt.lr)
+        warm = warmup_steps(opt, total)
+        make = getattr(transformers, f"get_{sched}_schedule_with_warmup")
+        ref = make(sgd, warm) if sched == "constant" else make(sgd, warm, total)
+        ours = schedule(opt, total)
+        for step in range(total):
+            assert abs(float(ours(step)) - sgd.param_groups[0]["lr"]) < 1e-6, (sched, total, ratio, step)
+            sgd.step()
+            ref.step()
+
+    rng = np.random.default_rng(0)
+    params = {"embed": rng.normal(size=(7, 4)), "final_norm": rng.normal(size=(4,)),
+              "layers": {"attn_norm": rng.normal(size=(2, 4)), "q": {"kernel": rng.normal(size=(2, 4, 6))}}}
+    params = jax.tree.map(lambda x: x.astype(np.float32), params)
+    opt = OptimConfig(lr=1e-2, weight_decay=0.5, warmup_ratio=0.3, schedule="cosine", clip_norm=0.5)
+    tx = make_optimizer(opt, 5)
+    ours, state = params, tx.init(params)
+    named = [(jax.tree_util.keystr(k), torch.nn.Parameter(torch.from_numpy(v.copy())))
+             for k, v in jax.tree_util.tree_flatten_with_path(params)[0]]
+    topt = torch.optim.AdamW([{"params": [t for n, t in named if "norm" not in n], "weight_decay": opt.weight_decay},
+                              {"params": [t for n, t in named if "norm" in n], "weight_decay": 0.0}],
+                             lr=opt.lr, betas=(opt.b1, opt.b2), eps=opt.eps)
+    lr_sched = transformers.get_cosine_schedule_with_warmup(topt, warmup_steps(opt, 5), 5)
+    for _ in range(5):
+        grads = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+        updates, state = jax.jit(tx.update)(grads, state, ours)
+        ours = jax.tree.map(lambda a, u: a + u, ours, updates)
+        for (_, t), g in zip(named, jax.tree.leaves(grads)):
+            t.grad = torch.from_numpy(g.copy())
+        torch.nn.utils.clip_grad_norm_([t for _, t in named], opt.clip_norm)
+        topt.step()
+        lr_sched.step()
+    for (name, t), a in zip(named, jax.tree.leaves(ours)):
+        np.testing.assert_allclose(np.asarray(a), t.detach().numpy(), atol=2e-6, err_msg=name)

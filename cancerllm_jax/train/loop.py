@@ -251,12 +251,18 @@ class Trainer:
                               self.state_sh)
         from cancerllm_jax.checkpoint.orbax_io import unreadable
 
+        where = f"{self.workdir}/checkpoints/{step}"
+        data_dir = os.path.join(where, "data")
+        saved = [n for n in os.listdir(data_dir) if n.startswith("process_")] if os.path.isdir(data_dir) else []
+        if saved and f"process_{jax.process_index()}-of-{jax.process_count()}.json" not in saved:
+            n = saved[0].rsplit("-of-", 1)[-1].removesuffix(".json")
+            raise UserError(f"{where} was written by {n} process(es), not {jax.process_count()}: resume with "
+                            f"--num-processes {n} (the data iterator's position is saved per process)")
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                   data=grain.checkpoint.CheckpointRestore(it)))
         except Exception as e:
-            raise unreadable(f"{self.workdir}/checkpoints/{step}", e,
-                             "; restore it, or remove it to resume from an earlier one") from None
+            raise unreadable(where, e, "; restore it, or remove it to resume from an earlier one") from None
         self.state = restored["state"]
 
     # -- the run ----------------------------------------------------------------------------------------------
@@ -274,6 +280,12 @@ class Trainer:
             raise UserError(f"tokenizer {getattr(tokenizer, 'name', tok_spec)} has {tokenizer.vocab_size} tokens but "
                             f"the model's vocabulary is {self.model_cfg.vocab_size}: they do not belong together")
         data: DataBundle = self.make_data(tokenizer, jax.process_index(), jax.process_count())
+        self.data_counts = {k: v for k, v in data.stats.items() if not isinstance(v, (list, dict))}
+        was = self.resumed_meta.get("data_counts") if start_step else None
+        if was is not None and was != self.data_counts:
+            changed = ", ".join(f"{k} {was.get(k)} -> {self.data_counts.get(k)}" for k in diff(was, self.data_counts))
+            raise UserError(f"--resume: the training data differs from the run in {self.workdir} ({changed}); resume "
+                            f"with the same data or start a new --workdir")
         if start_step == 0:
             if is_main():
                 os.makedirs(self.workdir, exist_ok=True)
@@ -281,8 +293,7 @@ class Trainer:
             self._start_fresh()
         say(self.describe(data.seq_len))
         if is_main():
-            stats = {k: v for k, v in data.stats.items() if not isinstance(v, (list, dict))}
-            say(f"data: {json.dumps(stats)}")
+            say(f"data: {json.dumps(self.data_counts)}")
             sources = data.stats.get("sources") or []
             if len(sources) > 1:  # which weight went to which source
                 say("sources: " + "; ".join(f"{s['name']}: weight {s.get('weight')}, {s['train_blocks']} train blocks"
@@ -396,6 +407,12 @@ class Trainer:
             if changed:
                 raise UserError(f"--resume: the config differs from the run in {self.workdir} in {changed}; resume "
                                 f"with the same settings or start a new --workdir")
+            model = to_dict(self.model_cfg)
+            changed = diff(old["model"], {k: model.get(k) for k in old["model"]})
+            if changed:
+                raise UserError(f"--resume: the base model {self.cfg.model} is not the one the run in {self.workdir} "
+                                f"trained on (its config differs in {changed})")
+            self.resumed_meta = old
             return latest
         if latest:
             raise UserError(f"{ckpt_dir} has checkpoints but no {run_io.RUN_FILE}; not a run this tool wrote")
@@ -421,7 +438,7 @@ class Trainer:
             return
         meta = {"format": run_io.FORMAT, "kind": self.kind, "config": to_dict(self.cfg), "base": pointer,
                 "model": to_dict(self.model_cfg), "dtype": self.dtype, "tokenizer": self.tokenizer_spec,
-                **self.extra_meta}
+                "data_counts": self.data_counts, **self.extra_meta}
         with open(os.path.join(self.workdir, "config.yaml.tmp"), "w", encoding="utf-8") as f:
             yaml.safe_dump(to_dict(self.cfg), f, sort_keys=False)
         os.replace(os.path.join(self.workdir, "config.yaml.tmp"), os.path.join(self.workdir, "config.yaml"))
