@@ -47,23 +47,41 @@ def shared_prefix_length(rows: Sequence[Sequence[int]], step: int = SHARED_PREFI
     return (n // step) * step
 
 
-def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_k: int, top_p, greedy: bool) -> jax.Array:
-    """Next token per row: argmax when ``greedy``; else temperature, then top-k, then nucleus (top-p) sampling,
-    each row drawing from its own key (``keys``: ``[B, 2]``)."""
+def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_k: int, drop_mass, greedy: bool) -> jax.Array:
+    """Next token per row: argmax when ``greedy``; else a draw from ``warp_logits``'s filtered distribution, each
+    row from its own key (``keys``: ``[B, 2]``)."""
     logits = logits.astype(jnp.float32)
     if greedy:
         return first_argmax(logits)
-    logits = logits / jnp.maximum(temperature, 1e-6)
-    if top_k and top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each candidate
-    sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)  # always keeps the top candidate
+    order, sorted_logits = _warp_sorted(logits, temperature, top_k, drop_mass)
     choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def nucleus_drop_mass(top_p: float) -> float:
+    """``1 - top_p`` (in double, as transformers' ``TopPLogitsWarper`` compares with it), or -1 for ``top_p``
+    >= 1: no filter, as transformers adds no warper then (a float32 sum reaches 1 before the tail's tokens)."""
+    return 1.0 - top_p if top_p < 1.0 else -1.0
+
+
+def warp_logits(logits: jax.Array, temperature, top_k: int, drop_mass) -> jax.Array:
+    """transformers' warpers in their order: logits / ``temperature``, then top-k (every token tied with the
+    k-th kept), then top-p (``drop_mass = nucleus_drop_mass(top_p)``); filtered tokens are -inf."""
+    order, sorted_logits = _warp_sorted(logits.astype(jnp.float32), temperature, top_k, drop_mass)
+    return jnp.zeros_like(sorted_logits).at[jnp.arange(order.shape[0])[:, None], order].set(sorted_logits)
+
+
+def _warp_sorted(logits, temperature, top_k: int, drop_mass):
+    """``(order, warped logits[order])``, ``order`` ascending (as ``TopPLogitsWarper``'s sort: it drops the
+    candidates whose cumulative probability from the least likely up is <= ``drop_mass``, never the last)."""
+    logits = logits / jnp.maximum(temperature, 1e-6)
+    if top_k and top_k > 0:  # k past the vocabulary keeps every token
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    order = jnp.argsort(logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    drop = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1) <= drop_mass
+    return order, jnp.where(drop.at[:, -1].set(False), -jnp.inf, sorted_logits)
 
 
 def first_argmax(logits: jax.Array) -> jax.Array:
@@ -100,12 +118,21 @@ def _row_keys(seed, n: int) -> np.ndarray:
 
 
 def _check_counts(**counts) -> None:
-    """``max_new_tokens`` and ``batch_size`` whole numbers >= 1; ``max_prompt_tokens`` too, or None / 0 (no limit)."""
+    """``max_new_tokens`` and ``batch_size`` whole numbers >= 1; ``top_k`` and ``max_prompt_tokens`` >= 0 (0: off;
+    ``max_prompt_tokens`` None too)."""
     for name, value in counts.items():
-        if name == "max_prompt_tokens" and (value is None or value == 0):  # no limit
+        if name == "max_prompt_tokens" and value is None:  # no limit
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
+        least = 0 if name in ("top_k", "max_prompt_tokens") else 1
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise UserError(f"{name} must be a whole number >= {least}, got {value!r}")
+
+
+def _real(name: str, value) -> float:
+    """``value`` as a float; a string, a bool or anything not a real number is an error naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise UserError(f"{name} must be a number, got {value!r}")
+    return float(value)
 
 
 class Decoder:
@@ -189,11 +216,14 @@ class Decoder:
             raise UserError("stop strings apply to string prompts; with token-id prompts, stop with eos_id")
         if any(not isinstance(x, str) or not x for x in stop):
             raise UserError("stop must be a non-empty string or a list of them")
-        _check_counts(max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
-        top_p = 1.0 if top_p is None else float(top_p)
+        top_k = 0 if top_k is None else top_k
+        _check_counts(max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+                      top_k=top_k)
+        top_p = 1.0 if top_p is None else _real("top_p", top_p)
         if not 0.0 < top_p <= 1.0:
             raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-        if temperature is not None and not np.isfinite(float(temperature)):
+        temperature = 0.0 if temperature is None else _real("temperature", temperature)
+        if not np.isfinite(temperature):
             raise UserError(f"temperature must be a finite number (<= 0: greedy), got {temperature}")
         ids = [self._encode(p, as_text, i, add_bos) for i, p in enumerate(prompts)]
         truncated = 0
@@ -209,10 +239,8 @@ class Decoder:
                                     .ravel() if e is not None and e >= 0}))
         except (TypeError, ValueError):
             raise UserError(f"eos_id must be a token id or a list of them, got {eos_id!r}") from None
-        greedy = temperature is None or float(temperature) <= 0.0
-        top_k = min(int(top_k or 0), lm.cfg.vocab_size)  # as transformers: k past the vocabulary keeps every token
-        if top_k < 0:
-            raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        greedy = temperature <= 0.0
+        top_k = min(int(top_k), lm.cfg.vocab_size)  # as transformers: k past the vocabulary keeps every token
         d = lm.mesh.shape["data"]
         rows_sh = jax.sharding.NamedSharding(lm.mesh, jax.sharding.PartitionSpec("data"))
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
@@ -236,8 +264,8 @@ class Decoder:
             decode = self._decode_fn(max_new_tokens, greedy, top_k, eos_ids, b, cache["pos"].shape[1])
             keys = np.concatenate([row_keys[chunk], np.zeros((b - len(rows), 2), np.uint32)])  # fillers: any key
             out, lengths, _ = decode(lm.state, self.layers(), last, cache, next_pos, filler,
-                                     jax.device_put(keys, rows_sh), jnp.float32(temperature or 0.0),
-                                     jnp.float32(top_p))
+                                     jax.device_put(keys, rows_sh), jnp.float32(temperature),
+                                     jnp.float32(nucleus_drop_mass(top_p)))
             out, lengths = np.asarray(out), np.asarray(lengths)
             for r, i in enumerate(chunk):
                 gen = out[r, :lengths[r]].tolist()
@@ -380,7 +408,7 @@ def _prefill(graphdef, state, prefix, tokens, positions, segs, *, cache_len: int
     return logits[:, -1], cache
 
 
-def _decode(graphdef, state, layers, last, cache, next_pos, done, keys, temperature, top_p, *, max_new: int,
+def _decode(graphdef, state, layers, last, cache, next_pos, done, keys, temperature, drop_mass, *, max_new: int,
             greedy: bool, top_k: int, eos_ids: tuple, pad_id: int, split_cache: bool = False):
     """Up to ``max_new`` tokens after the prefill, in one ``while_loop`` that ends when every row is ``done``
     (rows that only fill the batch bucket start done); returns ``(tokens [B, max_new], lengths [B], cache)``.
@@ -394,8 +422,8 @@ def _decode(graphdef, state, layers, last, cache, next_pos, done, keys, temperat
         cache = {**cache, "k": list(cache["k"]), "v": list(cache["v"])}
 
     def emit(i, logits, done, out, lengths):
-        tok = sample_logits(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, i), temperature, top_k, top_p,
-                            greedy)
+        tok = sample_logits(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, i), temperature, top_k,
+                            drop_mass, greedy)
         tok = jnp.where(done, pad_id, tok)
         return tok, done | jnp.isin(tok, eos), out.at[:, i].set(tok), lengths + (~done).astype(jnp.int32)
 

@@ -56,6 +56,8 @@ def main(argv=None):
         raise UserError(f"--out {args.out} is a folder; name the output JSONL file")
     if os.path.exists(args.out) and not args.overwrite:
         raise UserError(f"{args.out} exists; pass --overwrite to replace it")
+    if os.path.exists(args.out) and os.path.exists(args.input) and os.path.samefile(args.out, args.input):
+        raise UserError(f"--out {args.out} is the --input file; write the predictions elsewhere")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"--out {args.out}: the folder {out_dir} does not exist; create it first")

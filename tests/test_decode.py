@@ -159,7 +159,10 @@ def test_bad_decoding_arguments_are_clear_errors(tiny):
     for kwargs, needle in [({"batch_size": 0}, "batch_size"), ({"batch_size": -1}, "batch_size"),
                            ({"max_new_tokens": 2.0}, "max_new_tokens"), ({"max_prompt_tokens": -1}, "max_prompt"),
                            ({"top_p": 2.0}, "top_p"), ({"top_p": -0.1}, "top_p"),
-                           ({"temperature": float("nan")}, "temperature"), ({"stop": ["x"]}, "string prompts")]:
+                           ({"temperature": float("nan")}, "temperature"), ({"stop": ["x"]}, "string prompts"),
+                           ({"top_k": 2.5}, "top_k"), ({"top_k": True}, "top_k"), ({"top_k": "3"}, "top_k"),
+                           ({"temperature": "hot"}, "temperature"), ({"temperature": [1.0]}, "temperature"),
+                           ({"top_p": "0.9"}, "top_p")]:  # not silently k=2 / k=1, nor a bare ValueError
         with pytest.raises(err, match=needle):
             lm.generate([[1, 2]], **{"max_new_tokens": 2, **kwargs})
     base = lm.generate([[1, 2, 3]], max_new_tokens=4, eos_id=[])
@@ -283,6 +286,37 @@ def test_top_k_past_the_vocabulary_keeps_every_token(tiny):
     assert a == b
     with pytest.raises(cj_errors().UserError, match="top_k"):
         lm.generate([[1, 5, 6]], max_new_tokens=2, temperature=0.9, top_k=-1)
+
+
+def test_warped_logits_keep_the_tokens_transformers_warpers_keep():
+    """Temperature -> top-k -> top-p on random logits (ties, -inf, a peaked row, k past the vocabulary) keep exactly
+    the tokens TemperatureLogitsWarper/TopKLogitsWarper/TopPLogitsWarper keep: top_p=1 keeps every token (a
+    float32 sum reaches 1 before the tail), and ties at the nucleus boundary break as transformers' sort does."""
+    import jax.numpy as jnp
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from cancerllm_jax.decode import nucleus_drop_mass, warp_logits
+
+    def hf(x, t, k, p):
+        s = TemperatureLogitsWarper(t)(None, torch.tensor(x))
+        s = TopKLogitsWarper(min(k, x.shape[1]))(None, s) if k else s
+        return (TopPLogitsWarper(p)(None, s) if p < 1 else s).numpy()
+
+    rng = np.random.default_rng(0)
+    for trial in range(48):
+        v = (5, 16, 1000, 5000)[trial % 4]
+        x = rng.standard_normal((3, v)) * (0.5, 3, 10)[trial % 3]
+        x[0] = rng.integers(-2, 2, size=v) if v <= 16 else x[0]  # ties (transformers' sort is stable to 16)
+        x[1, rng.random(v) < 0.4] = -np.inf
+        x[2, 0] = 40  # one dominant token
+        x = x.astype(np.float32)
+        t, k, p = (0.5, 0.7, 1.0, 1.3)[trial % 4], (0, 1, 3, 50, 10**6)[trial % 5], (0.1, 0.5, 0.9, 1.0)[trial // 12]
+        want = hf(x, t, k, p)
+        got = np.asarray(warp_logits(jnp.asarray(x), jnp.float32(t), k, jnp.float32(nucleus_drop_mass(p))))
+        np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want), err_msg=f"t={t} k={k} p={p} v={v}")
+        np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-6)
+    tied = np.asarray(warp_logits(jnp.asarray([[1.0, 1.0, 1.0, 0.0]]), 1.0, 0, nucleus_drop_mass(0.3)))
+    assert np.isfinite(tied).tolist() == [[False, True, True, False]]
 
 
 def test_first_argmax_equals_argmax_with_ties():
@@ -491,3 +525,15 @@ def test_generate_cli_names_the_records_it_skips(capsys):
     assert err.count("skipping in.jsonl:") == 5 and "in.jsonl:2: bad" in err and "in.jsonl:12" not in err
     with pytest.raises(cj_errors().UserError, match="in.jsonl:2: bad"):
         cli._keep_good([{"_line": i} for i in range(1, 4)], False, make)
+
+
+def test_generate_cli_refuses_to_write_over_its_input(tmp_path, capsys):
+    """``--out`` naming the ``--input`` file (even with ``--overwrite``) is an error before anything loads, not the
+    prompts silently replaced by the predictions."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "x"}\n')
+    with pytest.raises(SystemExit) as e:
+        _generate_cli().main(["--model", str(tmp_path / "none"), "--input", str(inp), "--out", str(inp),
+                              "--overwrite"])
+    assert e.value.code == 2 and "is the --input file" in capsys.readouterr().err
+    assert inp.read_text() == '{"prompt": "x"}\n'
