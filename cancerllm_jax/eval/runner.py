@@ -194,8 +194,7 @@ def tokenizer_spec(path: str, tokenizer: str | None) -> str | None:
     if tokenizer:
         return tokenizer
     if run_io.is_run_dir(real):
-        meta = run_io.read_run_meta(real)
-        return ((meta.get("config") or {}).get("data") or {}).get("tokenizer") or meta.get("tokenizer") or "mistral-v1"
+        return run_io.run_tokenizer(run_io.read_run_meta(real))
     return _tokenizer_in(real) if os.path.isdir(real) else None
 
 

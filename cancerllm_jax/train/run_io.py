@@ -49,6 +49,11 @@ def latest_step(ckpt_dir: str) -> int | None:
     return max(steps) if steps else None
 
 
+def run_tokenizer(meta: dict) -> str:
+    """The tokenizer spec a run (its ``run.json`` dict) was trained with."""
+    return ((meta.get("config") or {}).get("data") or {}).get("tokenizer") or meta.get("tokenizer") or "mistral-v1"
+
+
 def read_run_weights(path: str):
     """``LoadedWeights`` of a run's latest checkpoint: base + LoRA factors, or all weights for ``--full``."""
     from cancerllm_jax.api import LoadedWeights, read_weights
@@ -63,8 +68,7 @@ def read_run_weights(path: str):
     state = restore_tree(os.path.join(path, "checkpoints", str(step), "state"))
     trainable = state["params"]
     run_cfg = meta["config"]
-    tok = (run_cfg.get("data") or {}).get("tokenizer") or meta.get("tokenizer")
-    tok = tok or "mistral-v1"
+    tok = run_tokenizer(meta)
     if run_cfg.get("full"):
         return LoadedWeights(cfg, trainable, tokenizer_spec=tok, source=path)
     base = meta["base"]
