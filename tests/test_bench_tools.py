@@ -153,3 +153,107 @@ def test_decode_prompts_of_one_task_are_all_different(bench_decode):
     for task in ("diagnosis", "treatment_plan", "phenotype"):
         prompts = bench_decode.clinical_prompts(tok, 20, 512, task=task)
         assert len(prompts) == 20 and len({tuple(p) for p in prompts}) == 20, task
+
+
+def test_decode_roofline_reads_only_what_a_step_needs(bench_decode):
+    """An untied embedding table is not read by a decode step (only its looked-up rows; the LM head is), and a
+    query reads at most the sliding window of the KV cache (was: all of num_params, every filled slot)."""
+    from cancerllm_jax.config import PRESETS
+
+    m = PRESETS["mistral-7b-v0.1"]  # untied, window 4096
+    per_slot = 2 * m.num_layers * m.num_kv_heads * m.head_dim * 2
+    b = bench_decode.decode_step_bytes(m, 2, 1, 600.0, 640)
+    assert b["weight_bytes"] == 2 * (m.num_params() - (m.vocab_size - 1) * m.hidden_size)
+    assert b["kv_bytes_min"] == 600 * per_slot and b["kv_bytes_read"] == 640 * per_slot
+    assert bench_decode.decode_step_bytes(m, 2, 4, 9000.0)["kv_bytes_min"] == 4 * 4096 * per_slot
+    tiny = PRESETS["tiny"]  # tied: the table is read once, as the LM head
+    assert bench_decode.decode_step_bytes(tiny, 4, 8, 10.0)["weight_bytes"] == 4 * tiny.num_params()
+
+
+def test_hf_generate_is_plain_greedy_whatever_the_folder_defaults(bench_decode, tmp_path):
+    """A checkpoint's generation_config.json (here a repetition penalty) once changed transformers' side from
+    plain greedy decoding, so the sides did different work and 'greedy agreement' compared different things."""
+    import json
+    import types
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps(dict(gen, repetition_penalty=5.0)))
+    hf, dev = bench_decode.load_hf(types.SimpleNamespace(dtype="float32"), None, str(tmp_path))
+    ids = [1, 5, 7, 9]
+    got = bench_decode.hf_generate(hf, dev, [ids], 8)[0]
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert got == ids[4:]
+
+
+def test_mfu_only_against_the_peak_of_the_run_dtype(bench_train):
+    """The peak table holds dense bf16 peaks: a float32 run's 'MFU' against it was no MFU (its peak is TF32's or
+    fp32's); the trainer's logged MFU follows the same rule."""
+    from cancerllm_jax.train.step import mfu_peak
+
+    assert mfu_peak("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+    assert mfu_peak("NVIDIA H100 80GB HBM3", "float32") is None
+    assert mfu_peak("cpu", "bfloat16") is None
+
+
+def test_torch_fp32_matmuls_match_jax_default_precision(bench_train):
+    """On a GPU, JAX's default fp32 dot is TF32 and torch's is full fp32: a float32 comparison ran different
+    arithmetic on the two sides."""
+    import torch
+
+    m = torch.backends.cuda.matmul
+    before = m.fp32_precision
+    try:
+        assert bench_train.match_jax_fp32_matmul(torch, "cpu") == "ieee" and m.fp32_precision == before
+        assert bench_train.match_jax_fp32_matmul(torch, "cuda") == "tf32" and m.fp32_precision == "tf32"
+    finally:
+        m.fp32_precision = before
+
+
+def test_a_failed_side_is_recorded_not_just_missing(bench_train, monkeypatch, tmp_path):
+    """A side that failed once left a JSON that looked like an ``--only`` run of the other side."""
+    import json
+
+    def run_side(cmd, label, out, smollm2_dir, host_malloc=None):
+        return (side([1.0, 1.0], 64), 0) if label == "ours" else (None, 3)
+
+    monkeypatch.setattr(bench_train, "run_side", run_side)
+    monkeypatch.setattr(bench_train, "machine", lambda: "test machine")
+    path = tmp_path / "r.json"
+    assert bench_train.main(["--preset", "tiny", "--no-doc", "--json", str(path)]) == 3
+    out = json.loads(path.read_text())
+    assert list(out["results"]) == ["ours"] and out["failed_sides"] == ["torch"]
+    args = type("A", (), {"note": "x"})()
+    assert bench_train.note_failed(args, ["ours", "torch"], {"ours": {}}) == ["torch"]
+    assert args.note == "x; failed: torch"
+
+
+def test_attention_bench_credits_torch_with_the_keys_it_attends(monkeypatch, tmp_path):
+    """torch's sdpa runs without the sliding window: past the window it does more work than the windowed count."""
+    import json
+
+    ba = _tool("bench_attention")
+    monkeypatch.setattr(ba, "run_jax", lambda a: {"einsum (explicit mask)": 1.0})
+    monkeypatch.setattr(ba, "run_torch", lambda a: {"torch sdpa (is_causal, no window)": 1.0})
+    path = tmp_path / "a.json"
+    assert ba.main(["--seq", "64", "--window", "16", "--heads", "2", "--kv-heads", "1", "--head-dim", "8",
+                    "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert rows["einsum (explicit mask)"]["tflops"] == pytest.approx(ba.causal_flops(1, 64, 2, 8, 16) / 1e12)
+    assert rows["torch sdpa (is_causal, no window)"]["tflops"] == pytest.approx(
+        ba.causal_flops(1, 64, 2, 8, None) / 1e12)
+
+
+def test_torch_remat_is_recorded_as_what_torch_runs(bench_train):
+    """transformers has no 'dots' policy: its side checkpoints whole layers, and says so."""
+    assert [bench_train.torch_remat(r) for r in ("none", "full", "dots")] == ["none", "full", "full"]

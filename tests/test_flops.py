@@ -51,3 +51,30 @@ def test_lora_and_full_flops_match_an_independent_count(tie, window, seq):
                                        ("NVIDIA L4", 121e12), ("NVIDIA A10G", None), ("cpu", None)])
 def test_peak_flops_matches_whole_words_of_the_device_name(name, peak):
     assert peak_flops(name) == peak
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_flops_match_torchs_own_flop_counter(lora):
+    """Against ``torch.utils.flop_counter`` over a real forward + backward (eager attention computes every score:
+    its full square is swapped for our causal count). Full fine-tuning matches exactly; LoRA matches but for the
+    first layer's q/k/v input gradients, which torch skips (nothing before them trains) and our count keeps."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = hf_model(False, None)
+    model.config._attn_implementation = "eager"
+    cfg = from_hf_config(model.config.to_dict())
+    r, b, t = 4, 2, 12
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                      "gate_proj", "up_proj", "down_proj"]))
+    ids = torch.randint(0, cfg.vocab_size, (b, t))
+    with FlopCounterMode(display=False) as counter:
+        logits = model(input_ids=ids).logits
+        torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), ids.reshape(-1)).backward()
+    attn = 3 * cfg.num_layers * 2 * 2 * cfg.q_size * b
+    measured = counter.get_total_flops() - attn * t * t + attn * t * (t + 1) / 2
+    d, qkv = cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size
+    skipped = b * t * (2 * d * qkv + 3 * 2 * r * d) if lora else 0
+    assert lora_train_flops_per_token(cfg, t, r if lora else None) * b * t == pytest.approx(measured + skipped)

@@ -108,13 +108,16 @@ def hbm_bandwidth() -> float | None:
 
 
 def decode_step_bytes(cfg, dtype_bytes: int, batch: int, kv_len: float, cache_len: int | None = None) -> dict:
-    """Bytes a decode step must read: every weight once (the tied embedding once, as the LM head) + the KV cache.
+    """Bytes a decode step must read: every weight once (the tied embedding once, as the LM head; an untied
+    embedding table only for its ``batch`` looked-up rows) + the KV cache.
 
-    ``kv_len``: filled KV slots per row (the minimum any decoder reads); ``cache_len``: slots our decoder actually
-    reads (its static cache), when different.
+    ``kv_len``: filled KV slots per row, of which a query reads at most the sliding window (the minimum any decoder
+    reads); ``cache_len``: slots our decoder actually reads (its static cache), when different.
     """
-    weights = cfg.num_params() * dtype_bytes
+    params = cfg.num_params() - (0 if cfg.tie_embeddings else (cfg.vocab_size - batch) * cfg.hidden_size)
+    weights = params * dtype_bytes
     per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_bytes
+    kv_len = min(kv_len, cfg.sliding_window or kv_len)
     out = {"weight_bytes": weights, "kv_bytes_min": batch * kv_len * per_slot}
     if cache_len is not None:
         out["kv_bytes_read"] = batch * cache_len * per_slot
@@ -199,9 +202,10 @@ def load_ours(args, cfg, folder):
 
 def load_hf(args, cfg, folder):
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    bt.match_jax_fp32_matmul(torch, dev)
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if folder:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=tdt, local_files_only=True)
@@ -209,8 +213,9 @@ def load_hf(args, cfg, folder):
         with torch.device(dev):
             model = AutoModelForCausalLM.from_config(bt.hf_config(cfg), dtype=tdt)
     model.to(dev).eval()
-    model.generation_config.eos_token_id = None  # exactly `new` tokens, like ours with eos_id=[]
-    model.generation_config.pad_token_id = 0
+    # plain greedy: none of the folder's generation defaults (a repetition penalty, suppressed tokens, ...), and no
+    # EOS: exactly `new` tokens, like ours with eos_id=[]
+    model.generation_config = GenerationConfig(pad_token_id=0)
     return model, dev
 
 
@@ -459,6 +464,7 @@ def main(argv=None) -> int:
     ratios = {ref: bt.round_ratios(per_round, ref) for ref in ("hf-single", "hf-batched")}
     if not res:
         return failed
+    failed_sides = bt.note_failed(args, sides, res)
     load = f"{load_before} → {bt.load_avg()}"
     mach = bt.machine()
     agree = None
@@ -487,6 +493,8 @@ def main(argv=None) -> int:
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "results": res, "agreement": agree}
     if any(ratios.values()):
         out["round_ratios"] = {ref: rs for ref, rs in ratios.items() if rs}
+    if failed_sides:
+        out["failed_sides"] = failed_sides
     if args.json:
         bt.write_json(args.json, out)
     if not args.no_doc:

@@ -152,6 +152,25 @@ def json_safe(obj):
     return obj
 
 
+def torch_remat(remat: str) -> str:
+    """What the torch side recomputes for our ``--remat``: transformers has one policy, gradient checkpointing of
+    whole layers, so ``dots`` (ours keeps the matmul outputs) is ``full`` there, and recorded as such."""
+    return "none" if remat == "none" else "full"
+
+
+def match_jax_fp32_matmul(torch, dev: str) -> str:
+    """Torch's fp32 matmul precision set to JAX's default on the same device, so both sides do the same work:
+    TF32 on a GPU (JAX's default dot precision there; torch's own default is full fp32), full fp32 on a CPU.
+    Returns the precision's name."""
+    if dev != "cuda":
+        return "ieee"
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    except AttributeError:  # torch before 2.9
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return "tf32"
+
+
 # ------------------------------------------------------------------------------------------------------ models
 
 def smollm2_folder(path: str | None) -> str:
@@ -265,7 +284,7 @@ def build_ours(args, cfg, folder):
 def run_ours(args, cfg, folder) -> dict:
     import jax
 
-    from cancerllm_jax.train.step import device_peak_flops, lora_train_flops_per_token
+    from cancerllm_jax.train.step import lora_train_flops_per_token, mfu_peak
 
     import cancerllm_jax
 
@@ -292,7 +311,7 @@ def run_ours(args, cfg, folder) -> dict:
     stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
     if stats:
         out["device_peak_bytes"] = int(stats.get("peak_bytes_in_use", 0))
-    peak = device_peak_flops()
+    peak = mfu_peak(jax.devices()[0].device_kind, args.dtype)
     flops = lora_train_flops_per_token(cfg, args.seq, args.rank, TARGETS)
     out["flops_per_token"] = flops
     out["gflops"] = flops * out["tokens_per_s"] / 1e9
@@ -308,9 +327,10 @@ def run_torch(args, cfg, folder) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from cancerllm_jax.train.step import lora_train_flops_per_token, peak_flops
+    from cancerllm_jax.train.step import lora_train_flops_per_token, mfu_peak
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fp32_matmul = match_jax_fp32_matmul(torch, dev)
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -321,7 +341,7 @@ def run_torch(args, cfg, folder) -> dict:
             model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=tdt)
     model.to(dev)
     model.config.use_cache = False
-    if args.remat != "none":
+    if torch_remat(args.remat) == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     pcfg = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05, target_modules=HF_TARGETS,
@@ -362,11 +382,11 @@ def run_torch(args, cfg, folder) -> dict:
     import cancerllm_jax
 
     out.update(load_s=load_s, peak_rss=rss_peak(), rss_during_steps=rss_steps, backend=dev,
-               threads=torch.get_num_threads(), host_memory_kept=cancerllm_jax.HOST_MEMORY_KEPT)
+               threads=torch.get_num_threads(), host_memory_kept=cancerllm_jax.HOST_MEMORY_KEPT,
+               fp32_matmul=fp32_matmul, remat=torch_remat(args.remat))
     if dev == "cuda":
         out["device_peak_bytes"] = int(torch.cuda.max_memory_allocated())
-        name = torch.cuda.get_device_name(0)
-        peak = peak_flops(name)
+        peak = mfu_peak(torch.cuda.get_device_name(0), args.dtype)
         if peak:
             out["mfu"] = lora_train_flops_per_token(cfg, args.seq, args.rank, TARGETS) * out["tokens_per_s"] / peak
     out["gflops"] = lora_train_flops_per_token(cfg, args.seq, args.rank, TARGETS) * out["tokens_per_s"] / 1e9
@@ -448,6 +468,16 @@ def rounds_note(ratios: list[float] | None) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- main
+
+def note_failed(args, sides: list[str], res: dict) -> list[str]:
+    """The sides that were asked for but failed (each already reported by ``run_side``), also named in the docs
+    row's note, so a missing side is never read as one not asked for."""
+    failed = [s for s in sides if s not in res]
+    if failed:
+        print(f"failed sides (no figures): {', '.join(failed)}", file=sys.stderr)
+        args.note = "; ".join(x for x in (args.note, "failed: " + ", ".join(failed)) if x)
+    return failed
+
 
 def child(args) -> dict:
     folder = smollm2_folder(args.smollm2_dir) if args.preset == "smollm2-135m" else None
@@ -587,11 +617,13 @@ def main(argv=None) -> int:
     ratios = round_ratios(per_round, "torch")
     if not res:
         return failed
+    failed_sides = note_failed(args, sides, res)
     load = f"{load_before} → {load_avg()}"
     mach = machine()
     print(f"machine: {mach}; load avg {load}")
+    remat = args.remat + (f" (torch: {torch_remat(args.remat)})" if "torch" in res and args.remat == "dots" else "")
     print(f"preset {args.preset}, batch {args.batch} x seq {args.seq}, LoRA r={args.rank} on 7 projections, "
-          f"dtype {args.dtype}, remat {args.remat}, median of {args.steps} steps after {args.warmup} warm-up")
+          f"dtype {args.dtype}, remat {remat}, median of {args.steps} steps after {args.warmup} warm-up")
     print(table(args, res))
     if ratios:
         print("ratio per round: " + ", ".join(f"{r:.2f}x" for r in ratios))
@@ -602,6 +634,8 @@ def main(argv=None) -> int:
         out["ratio"] = res["ours"]["tokens_per_s"] / res["torch"]["tokens_per_s"]
     if ratios:
         out["round_ratios"] = ratios
+    if failed_sides:
+        out["failed_sides"] = failed_sides
     if args.json:
         write_json(args.json, out)
     if not args.no_doc:

@@ -306,7 +306,7 @@ class Trainer:
         logger = _MetricsLog(self.workdir, start_step) if is_main() else None
         flops_tok = lora_train_flops_per_token(self.model_cfg, data.seq_len, None if cfg.full else cfg.lora.rank,
                                                cfg.lora.targets)
-        peak = device_peak_flops()
+        peak = device_peak_flops(self.dtype)  # no MFU for float32 (no peak in the table)
         step = start_step
         last_saved = start_step
         bar = _progress(cfg.steps, start_step)

@@ -148,6 +148,12 @@ def peak_flops(device_name: str) -> float | None:
     return PEAK_FLOPS[max(known, key=lambda k: len(k.split()))] if known else None
 
 
-def device_peak_flops() -> float | None:
-    """Peak bf16 FLOP/s of device 0 when known (GPU names), else None (CPU)."""
-    return peak_flops(jax.devices()[0].device_kind)
+def mfu_peak(device_name: str, dtype: str) -> float | None:
+    """The peak FLOP/s an MFU of a ``dtype`` run is measured against: the device's dense bf16 peak for a bfloat16
+    run; None (no MFU) for float32, whose peak (fp32 or TF32) the table does not hold."""
+    return peak_flops(device_name) if dtype == "bfloat16" else None
+
+
+def device_peak_flops(dtype: str) -> float | None:
+    """``mfu_peak`` of device 0 (None on CPU, or for a float32 run)."""
+    return mfu_peak(jax.devices()[0].device_kind, dtype)
