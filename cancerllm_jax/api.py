@@ -44,8 +44,14 @@ def model_kind(path: str) -> tuple[str, str]:
         return path, "run"
     if os.path.isfile(os.path.join(path, "config.json")):
         return path, "hf"
+    hint = ""
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        hint = "; it is a PEFT adapter: give its base model as the path and this folder as adapter="
+    elif (run := next((p for p in (os.path.dirname(path), os.path.dirname(os.path.dirname(path)))
+                       if run_io.is_run_dir(p)), None)):
+        hint = f"; it is inside the training run {run}: give the run folder (its latest checkpoint)"
     raise UserError(f"{path}: not an HF model folder (no config.json), a converted checkpoint "
-                    f"(no cancerllm.json) or a training run (no checkpoints/)")
+                    f"(no {orbax_io.META_FILE}) or a training run (no {run_io.RUN_FILE}){hint}")
 
 
 def read_model_config(path: str) -> ModelConfig:
@@ -161,24 +167,31 @@ class LM:
         ``attention_mask`` (0/1, the shape of ``input_ids``), as transformers': tokens attend only to earlier tokens
         of mask 1 (left- or right-padded rows give each real token the logits of the row without its padding);
         the logits at mask-0 positions mean nothing."""
-        ids = np.asarray(input_ids)
+        try:
+            ids = np.asarray(input_ids)
+        except ValueError:  # ragged rows
+            raise UserError("input_ids: expected a non-empty int array [B, T], got rows of different lengths "
+                            "(pad them and pass attention_mask)") from None
         squeeze = ids.ndim == 1
-        if squeeze:
-            ids = ids[None]
-        if ids.ndim != 2 or ids.size == 0:
-            raise UserError(f"input_ids: expected a non-empty int array [B, T], got shape {ids.shape}")
+        if ids.ndim not in (1, 2) or ids.size == 0:
+            raise UserError(f"input_ids: expected a non-empty int array [B, T] (or [T]), got shape {ids.shape}")
+        ids = ids[None] if squeeze else ids
         if not np.issubdtype(ids.dtype, np.integer):
             raise UserError(f"input_ids: expected integers, got {ids.dtype}")
         if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
             raise UserError(f"input_ids: ids must be in [0, {self.cfg.vocab_size}), got [{ids.min()}, {ids.max()}]")
         seg = np.ones(ids.shape, np.int32)
         if attention_mask is not None:
-            mask = np.asarray(attention_mask)
-            mask = mask[None] if squeeze and mask.ndim == 1 else mask
-            if mask.shape != ids.shape or not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool) \
-                    or not np.isin(mask, (0, 1)).all():
-                raise UserError(f"attention_mask: expected 0/1 values in the shape of input_ids {ids.shape}, got "
-                                f"{mask.dtype} {mask.shape}")
+            try:
+                mask = np.asarray(attention_mask)
+                got = f"{mask.dtype} {mask.shape}"
+            except ValueError:
+                mask, got = None, "rows of different lengths"
+            mask = mask[None] if squeeze and mask is not None and mask.ndim == 1 else mask
+            ok = mask is not None and mask.shape == ids.shape and (np.issubdtype(mask.dtype, np.integer)
+                                                                   or mask.dtype == bool)
+            if not ok or not np.isin(mask, (0, 1)).all():
+                raise UserError(f"attention_mask: expected 0/1 values in the shape of input_ids {ids.shape}, got {got}")
             seg = mask.astype(np.int32)
         from cancerllm_jax import sharding
 
@@ -192,13 +205,16 @@ class LM:
         return out[0] if squeeze else out
 
     def generate(self, prompts, max_new_tokens: int = 64, **kwargs):
-        """Strings → list of strings; token-id lists → list of generated id lists (prompt excluded).
+        """Strings → list of strings; token-id lists (or an id array ``[B, T]``) → list of generated id lists
+        (prompt excluded).
 
         See ``cancerllm_jax.decode.Decoder.generate`` for ``temperature``, ``top_k``, ``top_p``, ``seed``,
         ``stop``, ``eos_id`` and ``max_prompt_tokens``.
         """
         from cancerllm_jax.decode import Decoder
 
+        if hasattr(prompts, "__array__"):  # an id array [B, T] (numpy, jax, torch): one prompt per row
+            prompts = np.asarray(prompts).tolist()
         if self._decoder is None:
             self._decoder = Decoder(self)
         return self._decoder.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
@@ -225,6 +241,11 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
         raise UserError(f"merge_lora must be True or False, got {merge_lora!r}")
     if attention not in ATTENTION_IMPLS:
         raise UserError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
+    if tokenizer is not None:
+        if not isinstance(tokenizer, (str, os.PathLike)):
+            raise UserError(f"tokenizer: expected 'mistral-v1', a .model file or an HF tokenizer folder, "
+                            f"got {tokenizer!r}")
+        tokenizer = os.path.expanduser(os.fspath(tokenizer))
     shape = sharding.parse_mesh(mesh)
     mesh_obj = sharding.make_mesh(shape)
     if adapter is not None:

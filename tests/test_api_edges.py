@@ -136,3 +136,78 @@ def test_meshes_give_the_same_logits_and_tokens(base_and_adapter):
         if mesh in ("1x1", "2x2", "3x2"):
             tokens.append(lm.generate([ids[0].tolist(), ids[2, :4].tolist()], max_new_tokens=3, eos_id=[]))
     assert tokens[0] == tokens[1] == tokens[2]
+
+
+def test_the_package_exposes_eval_and_user_error():
+    """``cj.eval.score`` (the API's scoring entry) after a bare ``import cancerllm_jax as cj``, and ``cj.UserError``;
+    the import stays free of JAX."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cancerllm_jax as cj; assert 'jax' not in sys.modules; "
+            "assert cj.eval.score(['a b'], ['a b'], protocol='standard')['avg_f1'] == 100.0; "
+            "assert issubclass(cj.UserError, Exception)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    ({"input_ids": [[1, 2, 3], [4, 5]]}, ["input_ids", "rows of different lengths"]),
+    ({"input_ids": [[1, 2], [4, 5]], "attention_mask": [[1, 1], [1]]}, ["attention_mask", "rows of different"]),
+    ({"input_ids": []}, ["input_ids", "got shape (0,)"]),
+])
+def test_ragged_or_empty_logits_input_is_one_clear_error(base_and_adapter, kwargs, words):
+    _, base, _, _ = base_and_adapter
+    with pytest.raises(UserError) as e:
+        cj.load(base).logits(**kwargs)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_logits_and_generate_take_lists_and_arrays_alike(base_and_adapter):
+    """numpy int32/int64, jax, torch and lists give the same logits ([T] → [T, V]); ``generate`` takes an id array
+    [B, T] as its rows (it refused one)."""
+    import jax.numpy as jnp
+
+    model, base, _, _ = base_and_adapter
+    ids = np.random.default_rng(1).integers(0, VOCAB, size=(2, 7))
+    lm = cj.load(base)
+    out = lm.logits(ids.tolist())
+    with torch.no_grad():
+        ref = model(torch.from_numpy(ids)).logits.numpy()
+    assert out.dtype == np.float32 and out.shape == (2, 7, VOCAB) and float(np.abs(out - ref).max()) <= 1e-4
+    for form in (ids, ids.astype(np.int32), jnp.asarray(ids), torch.from_numpy(ids)):
+        np.testing.assert_array_equal(lm.logits(form), out)
+    np.testing.assert_array_equal(lm.logits(ids[1]), out[1])
+    expected = lm.generate(ids.tolist(), max_new_tokens=2, eos_id=[])
+    assert lm.generate(ids.astype(np.int32), max_new_tokens=2, eos_id=[]) == expected
+    assert lm.generate(jnp.asarray(ids), max_new_tokens=2, eos_id=[]) == expected
+
+
+def test_tokenizer_argument_forms(base_and_adapter, tmp_path):
+    """``tokenizer=`` a ``pathlib.Path`` (of a ``tokenizer.json``: it crashed on ``.endswith``) loads; a non-path is
+    one clear error (an int was taken for an open file descriptor)."""
+    import pathlib
+
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3, "b": 4}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                         eos_token="</s>").save_pretrained(tmp_path)
+    _, base, _, _ = base_and_adapter
+    lm = cj.load(base, tokenizer=pathlib.Path(tmp_path) / "tokenizer.json")
+    assert lm.tokenizer.encode("a b", eos=True) == [3, 4, 2] and lm.tokenizer.decode([3, 4, 2]) == "a b"
+    with pytest.raises(UserError, match="tokenizer: expected .* got 5"):
+        cj.load(base, tokenizer=5)
+
+
+def test_a_model_path_that_is_an_adapter_or_inside_a_run_says_what_to_give(base_and_adapter, tmp_path):
+    _, base, adapter, _ = base_and_adapter
+    with pytest.raises(UserError, match="it is a PEFT adapter: give its base model as the path"):
+        cj.load(adapter)
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)
+    for inner in ("checkpoints", "checkpoints/10"):
+        with pytest.raises(UserError, match=f"inside the training run {tmp_path}: give the run folder"):
+            cj.load(str(tmp_path / inner))

@@ -381,3 +381,32 @@ def test_rope_config_forms_resolve_like_transformers(name):
     ref = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(
         transformers.LlamaConfig.from_dict(json.loads(json.dumps(conf)))).inv_freq.numpy()
     np.testing.assert_allclose(rope_inv_freq(from_hf_config(json.loads(json.dumps(conf)))), ref, rtol=1.2e-7)
+
+
+def test_a_float32_model_asks_for_full_float32_products():
+    """Every matrix product of a float32 model (forward, cached decode step, LoRA backward) is 'highest': JAX's
+    default on a GPU rounds float32 operands to TF32, ~1e-3 relative off transformers' float32 (torch keeps TF32
+    off by default). The CPU computes both alike, so the jaxpr is what can tell."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from cancerllm_jax.config import LoRAConfig, ModelConfig
+    from cancerllm_jax.model import create_model
+
+    def precisions(fn, *args):
+        text = str(jax.make_jaxpr(fn)(*args))
+        return [re.search(r"precision=(\S*)", text[m.start():m.start() + 300])
+                for m in re.finditer("dot_general", text)]
+
+    cfg = ModelConfig(vocab_size=8, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2, num_kv_heads=1,
+                      head_dim=8)
+    gd, lora, rest = nnx.split(create_model(cfg, LoRAConfig(rank=2, alpha=4, targets=("q", "down"))), nnx.LoRAParam,
+                               ...)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    model = nnx.merge(gd, lora, rest)
+    found = (precisions(jax.grad(lambda lo: nnx.merge(gd, lo, rest)(ids)[0].sum()), lora)
+             + precisions(lambda t: model(t, cache=model.init_cache(1, 8))[0], ids[:, :1]))
+    assert len(found) > 30 and all(p and p.group(1) == "(Precision.HIGHEST," for p in found)

@@ -2,10 +2,12 @@
 
 Layer weights are stacked along a leading ``layers`` axis and the decoder runs them with ``jax.lax.scan``:
 compile time does not grow with depth, and one remat policy covers every layer. Kernels are stored
-``[in, out]`` (HF stores ``[out, in]``). Softmax, RMSNorm statistics and RoPE tables are computed in fp32.
+``[in, out]`` (HF stores ``[out, in]``). Softmax, RMSNorm statistics and RoPE tables are computed in fp32, and a
+float32 model's matrix products in full fp32 (not TF32) on every backend.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from typing import Any, NamedTuple
@@ -122,7 +124,15 @@ class Mistral(nnx.Module):
         ``layers``: per-layer weights (``layer_list()``) run by a Python loop instead of the scan over the stacked
         weights, whose per-layer slices XLA copies (see ``decode.Decoder``); with it, a cache whose ``k`` and ``v``
         are lists of per-layer arrays is not sliced either.
+
+        A float32 model's products are full float32 (``full_fp32_dots``), never a GPU's default TF32.
         """
+        with full_fp32_dots(self.compute_dtype):
+            return self._forward(tokens, positions, segment_ids, cache=cache, dropout_key=dropout_key,
+                                 return_hidden=return_hidden, last_only=last_only, prefill=prefill, layers=layers)
+
+    def _forward(self, tokens, positions, segment_ids, *, cache, dropout_key, return_hidden, last_only, prefill,
+                 layers):
         cfg = self.cfg
         b, t = tokens.shape
         if positions is None:
@@ -267,6 +277,12 @@ class Mistral(nnx.Module):
 
 # -- building blocks (pure functions) ----------------------------------------------------------------------------
 
+def full_fp32_dots(dtype):
+    """Float32 products computed in full float32 while ``dtype`` is float32, as torch computes them: JAX's default
+    on a GPU rounds float32 operands to TF32 (10-bit mantissa), ~1e-3 relative error per product."""
+    return jax.default_matmul_precision("highest") if jnp.dtype(dtype) == jnp.float32 else contextlib.nullcontext()
+
+
 def lora_dropout(x: Array, key: Array, rate: float) -> Array:
     """Inverted dropout of the LoRA branch's input (PEFT's ``lora_dropout``): zero with probability ``rate``, else
     ``x / (1 - rate)``. Each element takes one 16-bit half of a 32-bit threefry word (P(drop) is ``rate`` to within
@@ -297,6 +313,11 @@ def _lora_fwd(x, a, b, scaling):
 
 def _lora_bwd(scaling, res, g):
     x, a, b, u = res
+    with full_fp32_dots(x.dtype):  # traced apart from the forward (and its precision)
+        return _lora_grads(scaling, x, a, b, u, g)
+
+
+def _lora_grads(scaling, x, a, b, u, g):
     g2 = (g * jnp.asarray(scaling, g.dtype)).reshape(-1, g.shape[-1])
     x2, u2 = x.astype(a.dtype).reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
     over_tokens = (((0,), (0,)), ((), ()))
