@@ -206,20 +206,6 @@ def test_mfu_only_against_the_peak_of_the_run_dtype(bench_train):
     assert mfu_peak("cpu", "bfloat16") is None
 
 
-def test_torch_fp32_matmuls_match_jax_default_precision(bench_train):
-    """On a GPU, JAX's default fp32 dot is TF32 and torch's is full fp32: a float32 comparison ran different
-    arithmetic on the two sides."""
-    import torch
-
-    m = torch.backends.cuda.matmul
-    before = m.fp32_precision
-    try:
-        assert bench_train.match_jax_fp32_matmul(torch, "cpu") == "ieee" and m.fp32_precision == before
-        assert bench_train.match_jax_fp32_matmul(torch, "cuda") == "tf32" and m.fp32_precision == "tf32"
-    finally:
-        m.fp32_precision = before
-
-
 def test_a_failed_side_is_recorded_not_just_missing(bench_train, monkeypatch, tmp_path):
     """A side that failed once left a JSON that looked like an ``--only`` run of the other side."""
     import json

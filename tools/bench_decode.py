@@ -205,7 +205,6 @@ def load_hf(args, cfg, folder):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    bt.match_jax_fp32_matmul(torch, dev)
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if folder:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=tdt, local_files_only=True)

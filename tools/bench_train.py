@@ -158,19 +158,6 @@ def torch_remat(remat: str) -> str:
     return "none" if remat == "none" else "full"
 
 
-def match_jax_fp32_matmul(torch, dev: str) -> str:
-    """Torch's fp32 matmul precision set to JAX's default on the same device, so both sides do the same work:
-    TF32 on a GPU (JAX's default dot precision there; torch's own default is full fp32), full fp32 on a CPU.
-    Returns the precision's name."""
-    if dev != "cuda":
-        return "ieee"
-    try:
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-    except AttributeError:  # torch before 2.9
-        torch.backends.cuda.matmul.allow_tf32 = True
-    return "tf32"
-
-
 # ------------------------------------------------------------------------------------------------------ models
 
 def smollm2_folder(path: str | None) -> str:
@@ -330,7 +317,6 @@ def run_torch(args, cfg, folder) -> dict:
     from cancerllm_jax.train.step import lora_train_flops_per_token, mfu_peak
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    fp32_matmul = match_jax_fp32_matmul(torch, dev)
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -383,7 +369,7 @@ def run_torch(args, cfg, folder) -> dict:
 
     out.update(load_s=load_s, peak_rss=rss_peak(), rss_during_steps=rss_steps, backend=dev,
                threads=torch.get_num_threads(), host_memory_kept=cancerllm_jax.HOST_MEMORY_KEPT,
-               fp32_matmul=fp32_matmul, remat=torch_remat(args.remat))
+               remat=torch_remat(args.remat))
     if dev == "cuda":
         out["device_peak_bytes"] = int(torch.cuda.max_memory_allocated())
         peak = mfu_peak(torch.cuda.get_device_name(0), args.dtype)
