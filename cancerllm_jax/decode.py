@@ -107,14 +107,20 @@ def _row_keys(seed, n: int) -> np.ndarray:
     """One sampling key per prompt (``[n, 2]`` uint32): ``seed`` an int → prompt ``i`` draws from
     ``fold_in(PRNGKey(seed), i)``; a list of ints → prompt ``i`` from ``PRNGKey(seed[i] mod 2**32)``. A prompt's
     samples therefore never depend on the batch size or on the other prompts of its batch."""
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        return np.asarray(jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(int(seed)),
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):  # any size: taken mod 2**64
+        return np.asarray(jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(_int64(int(seed))),
                                                                    jnp.arange(n, dtype=jnp.uint32)))
     seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else None
     if seeds is None or len(seeds) != n or any(isinstance(x, bool) or not isinstance(x, (int, np.integer))
                                                 for x in seeds):
         raise UserError(f"seed must be an int or a list of one int per prompt ({n}), got {seed!r}")
     return np.asarray(jax.vmap(jax.random.PRNGKey)(jnp.asarray([int(x) % 2**32 for x in seeds], jnp.uint32)))
+
+
+def _int64(n: int) -> int:
+    """``n`` mod 2**64, as a signed 64-bit value (what ``PRNGKey`` takes): any Python int is a seed."""
+    n %= 2**64
+    return n - 2**64 if n >= 2**63 else n
 
 
 def _check_counts(**counts) -> None:
@@ -225,6 +231,8 @@ class Decoder:
         temperature = 0.0 if temperature is None else _real("temperature", temperature)
         if not np.isfinite(temperature):
             raise UserError(f"temperature must be a finite number (<= 0: greedy), got {temperature}")
+        if not isinstance(add_bos, (bool, np.bool_)):
+            raise UserError(f"add_bos must be True or False, got {add_bos!r}")
         ids = [self._encode(p, as_text, i, add_bos) for i, p in enumerate(prompts)]
         truncated = 0
         if max_prompt_tokens:
@@ -234,11 +242,11 @@ class Decoder:
                     keep_bos = bos is not None and p[0] == bos and max_prompt_tokens > 1
                     ids[i] = p[:1] + p[len(p) - max_prompt_tokens + 1:] if keep_bos else p[-max_prompt_tokens:]
                     truncated += 1
-        try:  # None: the model's EOS ids; [] (or only negative ids): no EOS, every row runs to max_new_tokens
-            eos_ids = tuple(sorted({int(e) for e in np.asarray(lm.eos_ids if eos_id is None else eos_id, dtype=object)
-                                    .ravel() if e is not None and e >= 0}))
-        except (TypeError, ValueError):
-            raise UserError(f"eos_id must be a token id or a list of them, got {eos_id!r}") from None
+        # None: the model's EOS ids; [] (or only negative ids): no EOS, every row runs to max_new_tokens
+        given = [e for e in np.asarray(lm.eos_ids if eos_id is None else eos_id, dtype=object).ravel() if e is not None]
+        if any(isinstance(e, (bool, np.bool_)) or not isinstance(e, (int, np.integer)) for e in given):
+            raise UserError(f"eos_id must be a token id or a list of them, got {eos_id!r}")
+        eos_ids = tuple(sorted({int(e) for e in given if e >= 0}))
         greedy = temperature <= 0.0
         top_k = min(int(top_k), lm.cfg.vocab_size)  # as transformers: k past the vocabulary keeps every token
         d = lm.mesh.shape["data"]

@@ -168,9 +168,15 @@ def test_bad_decoding_arguments_are_clear_errors(tiny):
     base = lm.generate([[1, 2, 3]], max_new_tokens=4, eos_id=[])
     assert lm.generate([[1, 2, 3]], max_new_tokens=4, eos_id=np.array([], np.int64), top_p=None) == base
     assert lm.generate([[1, 2, 3]], max_new_tokens=4, eos_id=np.int64(base[0][1])) == [base[0][:2]]
-    for bad in (["</s>"], "2", [[2], "x"]):
+    for bad in (["</s>"], "2", [[2], "x"], 2.5, [True]):  # not silently id 2 / id 1
         with pytest.raises(err, match="eos_id must be a token id"):
             lm.generate([[1, 2, 3]], max_new_tokens=4, eos_id=bad)
+    with pytest.raises(err, match="add_bos must be True or False"):
+        lm.generate([[1, 2, 3]], max_new_tokens=2, add_bos="no")
+    kw = dict(max_new_tokens=3, temperature=1.0, eos_id=[])  # any int is a seed, taken mod 2**64
+    assert lm.generate([[1, 2, 3]], seed=2**64 + 3, **kw) == lm.generate([[1, 2, 3]], seed=3, **kw)
+    assert lm.generate([[1, 2, 3]], seed=2**70, **kw) == lm.generate([[1, 2, 3]], seed=0, **kw)
+    assert lm.generate([[1, 2, 3]], seed=2**63, **kw) == lm.generate([[1, 2, 3]], seed=-2**63, **kw)
 
 
 def test_a_sampled_prompt_does_not_depend_on_its_batch(tiny):

@@ -384,6 +384,10 @@ def test_tokenizer_json_path_loads_its_folder(tmp_path):
     (tmp_path / "vocab.txt").write_text("a\n")
     with pytest.raises(UserError, match="is not a tokenizer"):
         load_tokenizer(str(tmp_path / "vocab.txt"))
+    assert load_tokenizer(tmp_path / "tok" / "tokenizer.json").encode("ab", bos=True) == [1, 2, 3]  # a Path
+    for bad in (5, ["tok"]):  # not a file descriptor, not a crash
+        with pytest.raises(UserError, match="tokenizer: expected"):
+            load_tokenizer(bad)
 
 
 def test_eval_truncation_is_reported(tok, caplog):

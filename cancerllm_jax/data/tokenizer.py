@@ -159,6 +159,9 @@ def load_tokenizer(spec: str | None):
     ``tokenizer.json``)."""
     if spec in (None, "", "mistral-v1", "mistral"):
         return SentencePieceTokenizer(mistral_v1_model_file())
+    if not isinstance(spec, (str, os.PathLike)):
+        raise UserError(f"tokenizer: expected 'mistral-v1', a .model file or an HF tokenizer folder, got {spec!r}")
+    spec = os.path.expanduser(os.fspath(spec))
     if os.path.isfile(spec) and spec.endswith(".model"):
         return SentencePieceTokenizer(spec)
     if os.path.isfile(spec) and os.path.basename(spec) in ("tokenizer.json", "tokenizer_config.json"):
