@@ -164,14 +164,12 @@ def test_kill_9_then_resume(reference, tmp_path):
     assert_trees_equal(final_lora(wd), final_lora(reference[1]))
 
 
-def test_two_processes_equal_one(reference, tmp_path):
-    """2 processes x 5 CPU devices (a 10x1 mesh over both) give the 1-process 10-device run's losses."""
+def _two_processes(args: list[str]) -> list[str]:
+    """Run the launcher as 2 processes of one run on a free local port; their outputs (both must exit 0)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    wd = str(tmp_path / "mp")
-    args = ["--mesh", "10x1", "--workdir", wd, *TINY_CLI, "--coordinator", f"127.0.0.1:{port}",
-            "--num-processes", "2"]
+    args = [*args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
     procs = [subprocess.Popen([sys.executable, LAUNCHER, *args, "--process-id", str(i)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT) for i in range(2)]
     outs = []
@@ -183,10 +181,26 @@ def test_two_processes_equal_one(reference, tmp_path):
             if p.poll() is None:
                 p.kill()
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    return outs
+
+
+def test_two_processes_equal_one(reference, tmp_path):
+    """2 processes x 5 CPU devices (a 10x1 mesh over both) give the 1-process 10-device run's losses."""
+    wd = str(tmp_path / "mp")
+    outs = _two_processes(["--mesh", "10x1", "--workdir", wd, *TINY_CLI])
     np.testing.assert_allclose(losses(wd), losses(reference[1]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(final_lora(wd)), jax.tree.leaves(final_lora(reference[1]))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert "workdir:" not in outs[1]  # only process 0 reports
+
+
+def test_two_processes_of_one_device_each(tmp_path):
+    """A 2x1 mesh over 2 processes (one device each): the weights put on the mesh from each process's own copy
+    used to come out with two shards per device buffer, and the base's save failed."""
+    wd = str(tmp_path / "mp1")
+    outs = _two_processes(["--mesh", "2x1", "--workdir", wd, "--steps=1", "--batch-size=2", "data.block_size=32",
+                           "synthetic_documents=20", "lora.rank=4"])
+    assert "done: 1 steps" in outs[0] and os.path.isdir(os.path.join(wd, "checkpoints", "1"))
 
 
 # ------------------------------------------------------------------------------------------------- bad inputs

@@ -156,6 +156,9 @@ class Trainer:
                           "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
                           "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)}
         else:
+            if jax.process_count() > 1:  # from host copies: a one-device array put on a mesh spanning processes
+                # can come out with two shards per device buffer (seen with one device per process)
+                frozen_pure, trainable_pure = jax.tree.map(np.asarray, (frozen_pure, trainable_pure))
             self.frozen = jax.device_put(frozen_pure, self.frozen_sh)
             params = jax.device_put(trainable_pure, self.trainable_sh)
             opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
