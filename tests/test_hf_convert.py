@@ -1,6 +1,7 @@
 """HF ⇄ converted checkpoint: bit-identical round trips, transformers loads our exports, bad inputs fail clearly."""
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import os
@@ -108,6 +109,9 @@ def test_export_loads_in_transformers_with_same_logits(hf_fp32, tmp_path):
     np.testing.assert_array_equal(got, ref)
     ours = cj.load(ckpt, dtype="float32").logits(ids.astype(np.int32))
     assert float(np.abs(ours - ref).max()) <= 1e-4
+    umask = os.umask(0)
+    os.umask(umask)  # the user's usual file mode (safetensors' save_file alone writes 0600)
+    assert {oct(os.stat(p).st_mode & 0o777) for p in glob.glob(f"{back}/*")} == {oct(0o666 & ~umask)}
 
 
 def test_bf16_cast_on_import(hf_fp32, tmp_path):

@@ -559,6 +559,9 @@ def test_cli_output_is_byte_identical_whatever_the_hash_seed(tmp_path):
         assert subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=60).returncode == 0
         outs.append({str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
     assert outs[0] == outs[1] and len(outs[0]) == 2 + 3 * len(syn.TASKS)
+    umask = os.umask(0)
+    os.umask(umask)  # the user's usual file mode (a mkstemp temp file was 0600)
+    assert {oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()} == {oct(0o666 & ~umask)}
 
 
 def test_tiny_data_sets_have_records_in_every_task_and_split():

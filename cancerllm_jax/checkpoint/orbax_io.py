@@ -38,6 +38,9 @@ def atomic_dir(out_dir: str, overwrite: bool = False):
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should get the user's usual mode
     try:
         yield tmp
+        for root, _, files in os.walk(tmp):  # safetensors' save_file writes 0600: the user's usual mode instead
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
         if os.path.exists(out_dir):
             old = tmp + ".old"
             os.replace(out_dir, old)

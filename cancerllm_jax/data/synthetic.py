@@ -19,7 +19,6 @@ import json
 import os
 import random
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -1704,18 +1703,11 @@ def _jsonl(records: list[dict]) -> str:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace`` it into place."""
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``run_io.write_text_atomic`` into a folder made if needed."""
+    from cancerllm_jax.train.run_io import write_text_atomic
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_text_atomic(path, text)
 
 
 def _table(title: str, rows: dict[str, Counter], cols: tuple[str, ...]) -> list[str]:
