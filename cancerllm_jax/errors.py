@@ -38,8 +38,9 @@ def describe_os_error(e: OSError) -> str:
 
 
 def cli_main(fn):
-    """Wrap a CLI ``main``: a UserError or an OSError (disk full, permission) prints one line and exits 2; any other
-    exception prints one line saying it is a bug and exits 1. ``--debug`` (or CANCERLLM_DEBUG=1) keeps tracebacks."""
+    """Wrap a CLI ``main``: a UserError, an OSError (disk full, permission) or XLA running out of memory prints one
+    line and exits 2; any other exception prints one line saying it is a bug and exits 1. ``--debug`` (or
+    CANCERLLM_DEBUG=1) keeps tracebacks."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -65,8 +66,13 @@ def cli_main(fn):
         except Exception as e:  # noqa: BLE001 - a bug, not the user's input: still one line without --debug
             if debug:
                 raise
-            print(f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (this is a "
-                  f"bug, not your input; run again with --debug for the traceback and report it)", file=sys.stderr)
+            first = str(e).splitlines()[0] if str(e) else ""
+            if first.startswith("RESOURCE_EXHAUSTED"):  # XLA: the batch, lengths or model do not fit the devices
+                print(f"error: out of memory ({first.rstrip('.')}): lower the batch size or the sequence lengths, "
+                      f"or spread the model over more devices (--mesh)", file=sys.stderr)
+                sys.exit(2)
+            print(f"error: unexpected {type(e).__name__}: {first} (this is a bug, not your input; run again with "
+                  f"--debug for the traceback and report it)", file=sys.stderr)
             sys.exit(1)
 
     return wrapper

@@ -61,7 +61,11 @@ def start_runtime(args, mesh_text: str) -> None:
     from cancerllm_jax.sharding import ensure_host_devices, parse_mesh
 
     d, m = parse_mesh(mesh_text)
-    nproc = args.num_processes or int(os.environ.get("CANCERLLM_NUM_PROCESSES", "0") or 0) or 1
+    nproc = args.num_processes if args.num_processes is not None else _env_int("CANCERLLM_NUM_PROCESSES", 1, "")
+    if nproc < 1:
+        raise UserError(f"--num-processes must be at least 1, got {nproc}")
+    if args.process_id is not None and not 0 <= args.process_id < nproc:
+        raise UserError(f"--process-id must be in 0 … {nproc - 1} (--num-processes {nproc}), got {args.process_id}")
     if args.coordinator or nproc > 1:
         if not args.coordinator or args.process_id is None or nproc < 2:
             raise UserError("multi-host runs need --coordinator HOST:PORT, --num-processes N (>= 2) and "
@@ -71,21 +75,21 @@ def start_runtime(args, mesh_text: str) -> None:
         ensure_host_devices((d * m) // nproc, quiet=args.process_id != 0)
         import jax
 
-        heartbeat = _env_seconds("CANCERLLM_HEARTBEAT_TIMEOUT", 60)
+        heartbeat = max(1, _env_int("CANCERLLM_HEARTBEAT_TIMEOUT", 60))
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=nproc,
                                    process_id=args.process_id, initialization_timeout=120,
                                    heartbeat_timeout_seconds=heartbeat,
-                                   shutdown_timeout_seconds=_env_seconds("CANCERLLM_SHUTDOWN_TIMEOUT", 60))
+                                   shutdown_timeout_seconds=max(1, _env_int("CANCERLLM_SHUTDOWN_TIMEOUT", 60)))
     else:
         ensure_host_devices(d * m)
 
 
-def _env_seconds(name: str, default: int) -> int:
-    value = os.environ.get(name, "")
+def _env_int(name: str, default: int, unit: str = " of seconds") -> int:
+    value = os.environ.get(name, "").strip()
     try:
-        return max(1, int(value)) if value else default
+        return int(value) if value else default
     except ValueError:
-        raise UserError(f"{name}={value!r}: expected a whole number of seconds") from None
+        raise UserError(f"{name}={value!r}: expected a whole number{unit}") from None
 
 
 def default_workdir(kind: str) -> str:

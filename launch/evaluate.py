@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package first
 
-from cancerllm_jax.errors import cli_main
+from cancerllm_jax.errors import UserError, cli_main
 from cancerllm_jax.eval.protocol import PROTOCOLS, score_file
 from cancerllm_jax.launch_common import check_decode_flags
 
@@ -56,8 +56,24 @@ def _write(path: str, text: str) -> None:
     write_text_atomic(path, text)
 
 
+def _refuse_overwriting(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> None:
+    """Refuse an output that names an input file or another output: one of the two would be lost."""
+    seen: dict[str, str] = {}
+    for flag, path in outputs.items():
+        if not path:
+            continue
+        for in_flag, in_path in inputs.items():
+            if in_path and os.path.isfile(path) and os.path.isfile(in_path) and os.path.samefile(path, in_path):
+                raise UserError(f"{flag} {path} is the {in_flag} file; write it elsewhere")
+        if os.path.realpath(path) in seen:
+            raise UserError(f"{flag} and {seen[os.path.realpath(path)]} name the same file {path}")
+        seen[os.path.realpath(path)] = flag
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     """Score a prediction file, print the table, optionally write the summary and per-instance rows."""
+    _refuse_overwriting({"--json": args.json, "--per-instance": args.per_instance},
+                        {"--gold": args.gold, "--pred": args.pred})
     result = score_file(args.gold, args.pred, protocol=args.protocol, gold_field=args.gold_field,
                         pred_field=args.pred_field, per_instance=args.per_instance is not None)
     rows = result.pop("rows", None)
@@ -72,8 +88,6 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def parse_limits(text: str | None, tasks: list[str], flag: str) -> dict[str, int]:
     """``"64"`` (every task) or ``"diagnosis=64,treatment_plan=128"`` → {task: N}."""
-    from cancerllm_jax.errors import UserError
-
     if not text:
         return {}
     out: dict[str, int] = {}
@@ -159,11 +173,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_trust(args: argparse.Namespace) -> int:
     """Faithfulness, comprehensiveness, generalizability and robustness (seed 004) of each model over run folders."""
-    from cancerllm_jax.errors import UserError
     from cancerllm_jax.eval.runner import read_json_file
     from cancerllm_jax.eval.trust import check_run, trust_from_runs
 
-    runs = {}
+    runs, inputs = {}, {}
     for spec in args.run:
         name, sep, folder = spec.partition("=")  # NAME=FOLDER; a folder alone may hold "=" in its path
         if not sep or not name or os.sep in name:
@@ -173,11 +186,12 @@ def cmd_trust(args: argparse.Namespace) -> int:
             raise UserError(f"--run {spec}: {path} not found (a folder written by `evaluate.py run`)")
         if name in runs:
             raise UserError(f"--run: dataset name {name!r} given twice; name them NAME=FOLDER")
-        runs[name] = read_json_file(path, "metrics file")
+        runs[name], inputs[f"--run {spec}"] = read_json_file(path, "metrics file"), path
         try:
             check_run(runs[name])
         except ValueError as e:
             raise UserError(f"{path}: {e}") from None
+    _refuse_overwriting({"--json": args.json}, inputs)
     try:
         trust = trust_from_runs(runs)
     except ValueError as e:  # NaN or partial scores in a metrics.json

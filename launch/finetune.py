@@ -11,7 +11,7 @@ import sys
 
 import _bootstrap  # noqa: F401
 
-from cancerllm_jax.errors import cli_main
+from cancerllm_jax.errors import UserError, cli_main
 from cancerllm_jax.launch_common import (add_train_flags, announce, announce_privacy, cli_values, default_workdir,
                                          start_runtime)
 
@@ -30,7 +30,7 @@ def parse(argv=None):
 @cli_main
 def main(argv=None):
     args = parse(argv)
-    from cancerllm_jax.train.config import resolve
+    from cancerllm_jax.train.config import MAX_COUNT, resolve
     from cancerllm_jax.train.finetune import FinetuneConfig
 
     overrides = list(args.overrides)
@@ -64,11 +64,14 @@ def main(argv=None):
     tok_spec = cfg.data.tokenizer or (base[2] if base else None)
     tokenizer = load_tokenizer(tok_spec)
     data = build_instruct_data(cfg.data, tokenizer, train_records, eval_records)
-    steps = cfg.steps or data.steps_for_epochs(cfg.epochs, cfg.batch_size)
     per_epoch = data.steps_per_epoch(cfg.batch_size)
+    if cfg.epochs * per_epoch > MAX_COUNT:
+        raise UserError(f"epochs {cfg.epochs:g} x {per_epoch} steps per epoch is more than 2**31 - 1 steps")
+    by_epochs = data.steps_for_epochs(cfg.epochs, cfg.batch_size)
+    steps = cfg.steps or by_epochs
     cfg = dataclasses.replace(cfg, steps=steps, eval_every=cfg.eval_every or per_epoch,
                               data=dataclasses.replace(cfg.data, tokenizer=tok_spec))
-    epochs = f"{cfg.epochs:g} epochs" if steps == data.steps_for_epochs(cfg.epochs, cfg.batch_size) else (
+    epochs = f"{cfg.epochs:g} epochs" if steps == by_epochs else (
         f"set by --steps: {steps / max(per_epoch, 1):.2f} epochs")
     say(f"data: {data.num_rows} rows, {per_epoch} steps per epoch, {steps} steps "
              f"({epochs}); {data.stats.get('truncated_examples', 0)} contexts truncated, "

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_decode_flags(args)
     for flag, value in (("--limit", args.limit), ("--train-limit", getattr(args, "train_limit", None)),
-                        ("--epochs", getattr(args, "epochs", None))):
+                        ("--epochs", getattr(args, "epochs", None)), ("--patients", args.patients)):
         if value is not None and not value > 0:  # 0 or a negative N would use all or drop examples silently
             raise UserError(f"{flag} must be positive, got {value:g}")
     import os
@@ -101,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         bad = [o for o in args.overrides if "=" not in o]
         if bad:
             raise UserError(f"overrides must be key=value, got {bad}")
+        from cancerllm_jax.config import PRESETS
+        from cancerllm_jax.train.config import resolve
+        from cancerllm_jax.train.finetune import FinetuneConfig
+
+        # what each rate's fine-tuning would refuse (a typo, --epochs inf), refused once before anything is made
+        resolve(FinetuneConfig, None, args.overrides, {"model": args.model, "epochs": args.epochs})
+        if args.model not in PRESETS and not os.path.exists(args.model):
+            raise UserError(f"--model {args.model}: not found (give an HF folder, converted checkpoint or run)")
         result = rb.counterfactual_sweep(args.model, split("phenotype", "train", args.train_limit),
                                          split("phenotype", "val", None), split("phenotype", "test", args.limit),
                                          args.out, args.rates, args.epochs, args.overrides, args.seed, settings,

@@ -170,6 +170,13 @@ PRETRAIN_ARGS = {
     "steps_zero": (["--steps", "0"], ["steps", ">= 1"]),
     "seed_too_big": (["--seed", str(2**32 + 5)], ["seed", "2**32"]),
     "batch_size_zero": (["--batch-size", "0"], ["batch_size", ">= 1"]),
+    # huge counts: one line, not an OverflowError inside XLA (or, for the batch, the process aborting in C++)
+    "steps_huge": (["--dry-run", "steps=99999999999999999999999999"], ["steps", "2**31 - 1"]),
+    "batch_size_huge": (["--dry-run", "--batch-size", str(2**31)], ["batch_size", "2**31 - 1"]),
+    "tokens_per_step_huge": (["--dry-run", "data.block_size=2000000000"], ["data.block_size", "2**31 - 1"]),
+    "synthetic_documents_zero_dry_run": (["--dry-run", "synthetic_documents=0"], ["synthetic_documents", ">= 1"]),
+    "num_processes_negative": (["--dry-run", "--num-processes", "-2"], ["--num-processes", "at least 1"]),
+    "process_id_out_of_range": (["--dry-run", "--process-id", "5"], ["--process-id", "0 … 0"]),
 }
 
 
@@ -182,6 +189,13 @@ def test_pretrain_bad_arguments(case, tmp_path, capsys):
     code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY, *extra], capsys)
     one_clear_error(code, err, *needles)
     nothing_left(wd)
+
+
+@pytest.mark.parametrize("value", ["abc", "-1"])
+def test_bad_process_count_in_the_environment_is_one_clear_error(value, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CANCERLLM_NUM_PROCESSES", value)
+    code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r", *TINY, "--dry-run"], capsys)
+    one_clear_error(code, err, "CANCERLLM_NUM_PROCESSES" if value == "abc" else "at least 1", value)
 
 
 def test_pretrain_yaml_typo_suggests_the_key(tmp_path, capsys):
@@ -335,6 +349,16 @@ def test_finetune_bad_arguments(case, tmp_path, capsys, models):
                                                "--dry-run", "data.max_seq_len=64", "lora.rank=2", *extra], capsys)
     one_clear_error(code, err, *needles)
     nothing_left(wd)
+
+
+def test_finetune_epochs_too_many_steps(tmp_path, capsys, models):
+    """--epochs 1e308 is finite, but its steps overflow: one line, not an OverflowError."""
+    train = write(tmp_path / "train.jsonl", '{"instruction": "q", "response": "a"}\n' * 4)
+    code, err = run_cli("launch/finetune.py", ["--model", models["tok"], "--data", train, "--workdir",
+                                               tmp_path / "run", "--mesh", "1x1", "--batch-size", "2", "--dry-run",
+                                               "--epochs", "1e308", "data.max_seq_len=64", "lora.rank=2"], capsys)
+    one_clear_error(code, err, "epochs", "2**31 - 1")
+    nothing_left(tmp_path / "run")
 
 
 def test_finetune_counts_what_it_skips_of_the_eval_data(tmp_path, capsys, models):
@@ -615,6 +639,19 @@ def test_robustness_unknown_task(tmp_path, capsys, models):
     one_clear_error(code, err, "--tasks", "diagnosiss")
 
 
+@pytest.mark.parametrize("extra, needles", [(["--epochs", "inf"], ["epochs", "positive"]),
+                                            (["lora.rnak=2"], ["rnak", "did you mean 'rank'"]),
+                                            (["--model", "/nonexistent/base"], ["/nonexistent/base", "not found"]),
+                                            (["--patients", "0"], ["--patients", "positive"])])
+def test_robustness_counterfactual_checks_before_making_anything(extra, needles, tmp_path, capsys, models):
+    """What every rate's fine-tuning would refuse is one line before OUT is made, not a failed first rate."""
+    out = tmp_path / "o"
+    code, err = run_cli("launch/robustness.py", ["counterfactual", "--model", models["tok"], "--out", out,
+                                                 "--limit", "1", *extra], capsys)
+    one_clear_error(code, err, *needles)
+    nothing_left(out)
+
+
 @pytest.mark.parametrize("extra,needles", [(["--top-k", "-5"], ["--top-k", ">= 0"]),
                                            (["--top-p", "0"], ["--top-p", "(0, 1]"]),
                                            (["--temperature", "-1"], ["--temperature", ">= 0"]),
@@ -651,6 +688,21 @@ def test_evaluate_prediction_file_does_not_match_gold(case, tmp_path, capsys):
                                                tmp_path / "s.json"], capsys)
     one_clear_error(code, err, *needles)
     nothing_left(tmp_path / "s.json")
+
+
+def test_evaluate_never_writes_over_its_inputs(tmp_path, capsys):
+    """``score --json gold.jsonl`` once replaced the gold file with the summary: an output naming an input (or
+    another output) is refused and every file is left as it was."""
+    gold = write(tmp_path / "gold.jsonl", '{"response": "a"}\n')
+    pred = write(tmp_path / "pred.jsonl", '{"prediction": "a"}\n')
+    for extra, needles in ((["--json", gold], ["--json", "--gold"]), (["--per-instance", pred], ["--per-instance",
+                                                                                                   "--pred"]),
+                           (["--json", tmp_path / "s", "--per-instance", tmp_path / "s"], ["--per-instance", "--json",
+                                                                                          "same file"])):
+        code, err = run_cli("launch/evaluate.py", ["score", "--gold", gold, "--pred", pred, *extra], capsys)
+        one_clear_error(code, err, *needles)
+    assert open(gold).read() == '{"response": "a"}\n' and open(pred).read() == '{"prediction": "a"}\n'
+    nothing_left(tmp_path / "s")
 
 
 # ------------------------------------------------------------------------------ the front door
@@ -728,6 +780,23 @@ def test_unexpected_exceptions_are_one_line_without_debug(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert e.value.code == 1 and "Traceback" not in err
     assert err.startswith("error: unexpected KeyError") and "--debug" in err
+
+
+def test_out_of_device_memory_is_one_line_about_the_sizes(capsys, monkeypatch):
+    """XLA's RESOURCE_EXHAUSTED (a batch, length or model too big for the devices) is the user's to fix: one line
+    saying what to lower, exit 2, not a line calling it a bug."""
+    from cancerllm_jax.errors import cli_main
+
+    @cli_main
+    def oom(argv=None):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 480000034400000000 bytes.")
+
+    monkeypatch.setattr(sys, "argv", ["x"])
+    with pytest.raises(SystemExit) as e:
+        oom()
+    line = one_clear_error(e.value.code, capsys.readouterr().err, "out of memory", "480000034400000000 bytes",
+                           "batch size")
+    assert e.value.code == 2 and "bug" not in line
 
 
 # ------------------------------------------------------------------------------ launch/reproduce.py

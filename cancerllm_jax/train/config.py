@@ -10,6 +10,9 @@ from cancerllm_jax.errors import UserError
 from cancerllm_jax.train.optim import OptimConfig
 
 
+MAX_COUNT = 2**31 - 1  # steps are counted, and arrays shaped, in int32: a larger value overflows inside XLA
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """What every training run needs. ``batch_size`` is the GLOBAL batch (rows per optimiser step)."""
@@ -34,12 +37,10 @@ class TrainConfig:
     log_examples: bool = False  # never log note text unless asked
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "keep", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_every", "eval_every", "eval_batches"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("steps", "batch_size", "keep", "log_every", "save_every", "eval_every", "eval_batches"):
+            low = 1 if name in ("steps", "batch_size", "keep", "log_every") else 0
+            if not low <= getattr(self, name) <= MAX_COUNT:
+                raise UserError(f"{name} must be >= {low} and at most 2**31 - 1, got {getattr(self, name)}")
         if not 0 <= self.seed < 2**32:  # JAX keeps a seed's low 32 bits: 2**32 + 5 would quietly be seed 5
             raise UserError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.remat not in ("none", "full", "dots"):
@@ -64,6 +65,11 @@ class PretrainConfig(TrainConfig):
     def validate(self) -> None:
         TrainConfig.validate(self)
         self.data.validate()  # here too, so that --dry-run refuses what the data pipeline would
+        if not self.data.sources and self.synthetic_documents < 1:
+            raise UserError(f"synthetic_documents must be >= 1 (no data.sources given), got {self.synthetic_documents}")
+        if self.batch_size * self.data.block_size > MAX_COUNT:
+            raise UserError(f"batch_size {self.batch_size} x data.block_size {self.data.block_size} tokens per step "
+                            f"is more than 2**31 - 1; lower one of them")
 
 
 # Fields that may change between a run and its resumption; every other field must match.
