@@ -429,9 +429,11 @@ def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
         if "=" not in item:
             raise UserError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
+        if not key.strip():
+            raise UserError(f"override {item!r}: no key before '='")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an int of over 4300 digits
             value = raw
         node, tp = data, cls
         parts = key.strip().split(".")
@@ -465,6 +467,8 @@ def load_yaml(path: str) -> dict:
         raise UserError(f"{where}: invalid YAML ({what})") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
+    except (ValueError, RecursionError) as e:  # an int of over 4300 digits; nesting deeper than Python's stack
+        raise UserError(f"{path}: invalid YAML ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping at the top level")
     return data

@@ -220,7 +220,9 @@ def test_a_yaml_section_keeps_the_defaults_it_does_not_name(tmp_path):
 
 
 @pytest.mark.parametrize("text, needle", [("lora:\n  rank: [1,\n", "c.yaml:3: invalid YAML"),
-                                          (b"lora:\n  rank: \xff\n", "not UTF-8")])
+                                          (b"lora:\n  rank: \xff\n", "not UTF-8"),
+                                          ("steps: " + "9" * 5000 + "\n", "c.yaml: invalid YAML (ValueError"),
+                                          ("steps: " + "[" * 5000 + "\n", "c.yaml: invalid YAML (RecursionError")])
 def test_pretrain_bad_yaml_is_one_line(tmp_path, capsys, text, needle):
     cfg = write(tmp_path / "c.yaml", text)
     code, err = run_cli("launch/pretrain.py", ["--config", cfg, "--workdir", tmp_path / "r", *TINY], capsys)
@@ -826,3 +828,13 @@ def test_hf_config_values_of_the_wrong_type_are_refused(field, value):
     assert from_hf_config({**hf, field: {"tie_word_embeddings": True, "hidden_size": 64.0, "num_hidden_layers": 2,
                                          "rope_theta": 1e6, "rms_norm_eps": 1e-5, "sliding_window": 8,
                                          "eos_token_id": [2, 3], "head_dim": 16}[field]}, source="c.json")
+
+
+def test_an_override_without_a_key_or_value_sign_is_one_clear_error():
+    from cancerllm_jax.config import apply_overrides
+    from cancerllm_jax.errors import UserError
+    from cancerllm_jax.train.config import PretrainConfig
+
+    for item, needle in (("=5", "no key before '='"), ("steps", "expected key=value")):
+        with pytest.raises(UserError, match=needle):
+            apply_overrides({}, [item], PretrainConfig)

@@ -347,6 +347,19 @@ def test_alpaca_input_field_is_not_silently_dropped(tmp_path):
         read_instruct_jsonl(str(p))
 
 
+def test_an_empty_response_or_instruction_is_a_bad_line(tmp_path):
+    """Trained on, an empty response teaches the model to stop at once: refused naming the line, or skipped and
+    counted with skip_bad_lines."""
+    p = tmp_path / "empty.jsonl"
+    p.write_text(json.dumps({"instruction": "Q", "response": "A"}) + "\n"
+                 + json.dumps({"instruction": "Q", "response": " "}) + "\n"
+                 + json.dumps({"instruction": "", "response": "A"}) + "\n")
+    with pytest.raises(UserError, match=r"empty\.jsonl:2:.*response"):
+        read_instruct_jsonl(str(p))
+    records, skipped = read_instruct_jsonl(str(p), skip_bad_lines=True)
+    assert len(records) == 1 and skipped == 2
+
+
 def test_no_eos_is_one_error_even_when_skipping(tmp_path):
     from cancerllm_jax.data.tokenizer import load_tokenizer
 

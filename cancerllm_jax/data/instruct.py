@@ -209,9 +209,11 @@ def refuse_alpaca_input(where: str, record: dict) -> None:
 def read_instruct_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[dict], int]:
     """``{instruction, context, response, id}`` records (``id`` defaults to ``path:line``) and skipped lines.
 
-    Alpaca's ``input`` field name is refused (naming the line) rather than its context silently not read."""
+    Alpaca's ``input`` field name is refused (naming the line) rather than its context silently not read; an empty
+    instruction or response is a bad line (an empty response would teach the model to stop at once)."""
     records, skipped = read_jsonl(path, {"instruction": str, "response": str}, skip_bad_lines,
-                                  optional={"context": str, "id": (str, int)}, line_key="_line")
+                                  optional={"context": str, "id": (str, int)}, line_key="_line",
+                                  nonempty=("instruction", "response"))
     for r in records:
         refuse_alpaca_input(f"{path}:{r['_line']}", r)
         r["id"] = f"{path}:{r['_line']}" + (f" (id {r['id']})" if r.get("id") is not None else "")
