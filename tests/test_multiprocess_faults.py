@@ -19,9 +19,9 @@ from cancerllm_jax.train import run_io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(ROOT, "launch", "pretrain.py")
-ARGS = ["--mesh", "4x1", "--steps", "30", "--batch-size", "4", "--save-every", "2", "data.block_size=32",
+ARGS = ["--mesh", "2x1", "--steps", "30", "--batch-size", "4", "--save-every", "2", "data.block_size=32",
         "synthetic_documents=40", "lora.rank=4", "data.eval_fraction=0"]
-BOUND_S = 60
+BOUND_S = 60  # one device per process (2x1): the case whose base save once failed, and whose resume restores it
 
 
 def env():

@@ -194,15 +194,6 @@ def test_two_processes_equal_one(reference, tmp_path):
     assert "workdir:" not in outs[1]  # only process 0 reports
 
 
-def test_two_processes_of_one_device_each(tmp_path):
-    """A 2x1 mesh over 2 processes (one device each): the weights put on the mesh from each process's own copy
-    used to come out with two shards per device buffer, and the base's save failed."""
-    wd = str(tmp_path / "mp1")
-    outs = _two_processes(["--mesh", "2x1", "--workdir", wd, "--steps=1", "--batch-size=2", "data.block_size=32",
-                           "synthetic_documents=20", "lora.rank=4"])
-    assert "done: 1 steps" in outs[0] and os.path.isdir(os.path.join(wd, "checkpoints", "1"))
-
-
 # ------------------------------------------------------------------------------------------------- bad inputs
 
 def _launcher_module(path=LAUNCHER):
