@@ -231,7 +231,7 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
     or ``cudnn``.
     """
     from cancerllm_jax import sharding
-    from cancerllm_jax.data.tokenizer import load_tokenizer
+    from cancerllm_jax.data.tokenizer import load_tokenizer, tokenizer_path
     from cancerllm_jax.model import model_from_params, resolve_dtype
 
     from cancerllm_jax.model.mistral import ATTENTION_IMPLS
@@ -241,11 +241,8 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
         raise UserError(f"merge_lora must be True or False, got {merge_lora!r}")
     if attention not in ATTENTION_IMPLS:
         raise UserError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
-    if tokenizer is not None:
-        if not isinstance(tokenizer, (str, os.PathLike)):
-            raise UserError(f"tokenizer: expected 'mistral-v1', a .model file or an HF tokenizer folder, "
-                            f"got {tokenizer!r}")
-        tokenizer = os.path.expanduser(os.fspath(tokenizer))
+    if tokenizer is not None:  # checked before any weight is read
+        tokenizer = tokenizer_path(tokenizer)
     shape = sharding.parse_mesh(mesh)
     mesh_obj = sharding.make_mesh(shape)
     if adapter is not None:

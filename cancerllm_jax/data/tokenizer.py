@@ -154,14 +154,19 @@ def encode_written_prompt(tokenizer, text: str, bos: bool) -> list[int]:
     return tokenizer.encode(text, bos=bos)
 
 
+def tokenizer_path(spec) -> str:
+    """A tokenizer argument (a str or ``os.PathLike``) as a path string, ``~`` expanded; anything else is an error."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise UserError(f"tokenizer: expected 'mistral-v1', a .model file or an HF tokenizer folder, got {spec!r}")
+    return os.path.expanduser(os.fspath(spec))
+
+
 def load_tokenizer(spec: str | None):
     """``None``/``"mistral-v1"`` → the shipped Mistral v1 model; a ``.model`` file; or an HF tokenizer folder (or its
     ``tokenizer.json``)."""
     if spec in (None, "", "mistral-v1", "mistral"):
         return SentencePieceTokenizer(mistral_v1_model_file())
-    if not isinstance(spec, (str, os.PathLike)):
-        raise UserError(f"tokenizer: expected 'mistral-v1', a .model file or an HF tokenizer folder, got {spec!r}")
-    spec = os.path.expanduser(os.fspath(spec))
+    spec = tokenizer_path(spec)
     if os.path.isfile(spec) and spec.endswith(".model"):
         return SentencePieceTokenizer(spec)
     if os.path.isfile(spec) and os.path.basename(spec) in ("tokenizer.json", "tokenizer_config.json"):
