@@ -301,6 +301,7 @@ class Decoder:
         groups = prefill_groups(own, lm.mesh.shape["data"])
         plen = max(t for _, _, t in groups)
         cache_len = shared + plen + max_new - 1  # the last token is sampled, never fed back
+        self._check_cache_fits(b, cache_len, max_new)
         prefix = jax.device_put(np.asarray(rows[0][:shared], np.int32), rep)
         lasts, caches = [], []
         for start, end, t in groups:
@@ -320,6 +321,21 @@ class Decoder:
         if key not in self._fns:
             self._fns[key] = jax.jit(partial(_join_caches, cache_len=cache_len, filled=shared + plen))
         return jnp.concatenate(lasts), self._fns[key](caches)
+
+    def _check_cache_fits(self, b: int, cache_len: int, max_new: int) -> None:
+        """A KV cache that cannot fit in the device's memory (or past int32 positions) is refused before it is
+        made: an over-large ``max_new_tokens`` would otherwise end in an out-of-memory kill with no message."""
+        cfg = self.lm.cfg
+        if cache_len >= 2**31:
+            raise UserError(f"max_new_tokens={max_new}: prompt + new tokens ({cache_len}) must be < 2**31")
+        slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(self.lm.model.compute_dtype).itemsize
+        copies = 2 if self.unstack and self.split_cache else 1  # the split loop holds the stacked cache too
+        need = (copies * slot * cache_len + 8 * max_new) * b / self.lm.mesh.size  # + the [B, max_new] tokens
+        limit = device_memory_bytes(self.lm)
+        if limit and need > limit:
+            raise UserError(f"max_new_tokens={max_new}: a batch of {b} rows needs a KV cache of {need / 2**30:.1f} "
+                            f"GiB per device ({cache_len} slots a row), more than the device's "
+                            f"{limit / 2**30:.1f} GiB; lower max_new_tokens or batch_size")
 
     def _encode(self, prompt, as_text: bool, index: int, add_bos: bool = True) -> list[int]:
         if as_text:
@@ -387,15 +403,20 @@ def _join_caches(caches: list[dict], *, cache_len: int, filled: int) -> dict:
             "index": jnp.asarray(filled, jnp.int32)}
 
 
-def should_unstack(lm) -> bool:
-    """True where the device's memory (a GPU's, else the host's RAM) holds the layer weights four times over."""
+def device_memory_bytes(lm) -> int:
+    """The memory one device of ``lm``'s mesh has: a GPU's limit, the host's RAM shared by a CPU mesh's devices
+    (each may hold a replica); 0 when unknown."""
     dev = jax.devices()[0]
     if dev.platform == "gpu":
-        limit = (dev.memory_stats() or {}).get("bytes_limit", 0)
-    elif dev.platform == "cpu":  # every device of a CPU mesh may hold a replica, all in the host's RAM
-        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // lm.mesh.size
-    else:
-        return False
+        return int((dev.memory_stats() or {}).get("bytes_limit", 0))
+    if dev.platform == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // lm.mesh.size
+    return 0
+
+
+def should_unstack(lm) -> bool:
+    """True where the device's memory (a GPU's, else the host's RAM) holds the layer weights four times over."""
+    limit = device_memory_bytes(lm)
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(lm.model.layers)))
     return bool(limit) and 4 * layer_bytes <= limit
 

@@ -222,7 +222,9 @@ def test_a_yaml_section_keeps_the_defaults_it_does_not_name(tmp_path):
 @pytest.mark.parametrize("text, needle", [("lora:\n  rank: [1,\n", "c.yaml:3: invalid YAML"),
                                           (b"lora:\n  rank: \xff\n", "not UTF-8"),
                                           ("steps: " + "9" * 5000 + "\n", "c.yaml: invalid YAML (ValueError"),
-                                          ("steps: " + "[" * 5000 + "\n", "c.yaml: invalid YAML (RecursionError")])
+                                          ("steps: " + "[" * 5000 + "\n", "c.yaml: invalid YAML (RecursionError"),
+                                          ("lora:\n  rank: 4\n  alpha: 8\n  rank: 2\n",
+                                           "c.yaml:4: invalid YAML (duplicate key 'rank')")])
 def test_pretrain_bad_yaml_is_one_line(tmp_path, capsys, text, needle):
     cfg = write(tmp_path / "c.yaml", text)
     code, err = run_cli("launch/pretrain.py", ["--config", cfg, "--workdir", tmp_path / "r", *TINY], capsys)
@@ -431,6 +433,8 @@ GENERATE_FLAGS = {
     "top_p_zero": (["--top-p", "0"], ["--top-p", "(0, 1]"]),
     "top_p_above_one": (["--top-p", "1.5"], ["--top-p", "(0, 1]"]),
     "empty_stop": (["--stop", ""], ["--stop", "empty"]),
+    "max_new_tokens_past_memory": (["--max-new-tokens", "2000000000"], ["max_new_tokens=2000000000", "GiB"]),
+    "max_new_tokens_past_int32": (["--max-new-tokens", str(2**31)], ["max_new_tokens=2147483648", "2**31"]),
 }
 
 

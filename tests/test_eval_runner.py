@@ -318,8 +318,16 @@ def test_argument_errors_leave_no_output_folder(finished, tmp_path):
 
     with pytest.raises(UserError, match=r"diagnosis.jsonl is one file, but 2 tasks were given \(phenotype, diagnosis"):
         run(cfg(data=str(one_file)))
+    import transformers
+
+    no_tokenizer = tmp_path / "small-vocab"  # not the Mistral vocabulary: load() has no tokenizer to fall back on
+    transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1)).save_pretrained(no_tokenizer, safe_serialization=True)
     for bad, message in (({"limit": 0}, "--limit must be at least 1"), ({"data": str(tmp_path / "nope")}, "nope"),
-                         ({"models": model_names([str(tmp_path / "no-model")])}, "model path not found")):
+                         ({"models": model_names([str(tmp_path / "no-model")])}, "model path not found"),
+                         ({"tokenizer": str(tmp_path / "no-tokenizer")}, "tokenizer not found: .*no-tokenizer"),
+                         ({"models": model_names([str(no_tokenizer)])}, "small-vocab: no tokenizer found")):
         with pytest.raises(UserError, match=message):
             run(cfg(**bad))
     assert not out.exists()

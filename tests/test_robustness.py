@@ -419,3 +419,16 @@ def test_a_clean_reference_alone_has_no_mean_and_strict_json(tmp_path, monkeypat
     json.loads(Path(paths["json"]).read_text(), parse_constant=no_constants)
     table = Path(paths["table"]).read_text()
     assert "| **mean over rates** |" in table and "nan" not in table
+
+
+def test_a_failed_finetuning_run_is_one_line_naming_its_error_and_log(tmp_path):
+    import sys
+
+    from cancerllm_jax.errors import UserError
+
+    log = tmp_path / "finetune.log"
+    cmd = [sys.executable, "-c", "import sys; print('step 1/4'); print('error: data.jsonl:3: no response'); "
+                                 "sys.exit(2)"]
+    with pytest.raises(UserError) as e:
+        rb.run_finetune(cmd, log)
+    assert str(e.value) == f"fine-tuning failed (exit 2): error: data.jsonl:3: no response (full log: {log})"

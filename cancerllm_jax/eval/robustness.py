@@ -271,12 +271,13 @@ def finetune_command(base_model: str, train: Path, val: Path, workdir: Path, epo
 def run_finetune(cmd: Sequence[str], log_path: Path) -> None:
     """Run one fine-tuning subprocess in this process's working folder (so relative paths in key=value overrides
     mean what they meant to the caller), its output appended to ``log_path``; a failure is a UserError with the
-    log's tail."""
+    log's last line (the run's own one-line error)."""
     with open(log_path, "a", encoding="utf-8") as log:
         proc = subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
-        tail = "".join(log_path.read_text(encoding="utf-8").splitlines(keepends=True)[-15:])
-        raise UserError(f"fine-tuning failed (exit {proc.returncode}); see {log_path}:\n{tail}")
+        lines = [ln.strip() for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines()]
+        last = next((ln for ln in reversed(lines) if ln), "no output")
+        raise UserError(f"fine-tuning failed (exit {proc.returncode}): {last[:300]} (full log: {log_path})")
 
 
 def _read_settings(path: Path) -> dict[str, Any] | None:

@@ -198,6 +198,26 @@ def tokenizer_spec(path: str, tokenizer: str | None) -> str | None:
     return _tokenizer_in(real) if os.path.isdir(real) else None
 
 
+def check_tokenizer(path: str, tokenizer: str | None) -> None:
+    """Load the tokenizer ``cancerllm_jax.load(path, tokenizer=tokenizer)`` would use (no weights read), so a bad
+    ``--tokenizer`` or a model without one fails before anything is written."""
+    from cancerllm_jax.api import read_model_config
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+
+    spec = tokenizer_spec(path, tokenizer)
+    if spec is not None:
+        load_tokenizer(spec)
+        return
+    mc = read_model_config(path)
+    if mc.vocab_size == 32000 and mc.model_type == "mistral":  # load() falls back to the shipped Mistral v1 one
+        try:
+            load_tokenizer(None)
+            return
+        except UserError:
+            pass
+    raise UserError(f"{path}: no tokenizer found; pass --tokenizer")
+
+
 def tokenizer_sha256(spec: str | None) -> str | None:
     """sha256 of the content of a tokenizer spec's files (as ``load_tokenizer`` reads it: ``None`` is the shipped
     Mistral v1 model, a folder its tokenizer and config files), so another tokenizer at the same path is seen;
@@ -665,6 +685,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = log_stderr) -> dict[str, An
         if not os.path.exists(os.path.expanduser(m.path)):
             raise UserError(f"model path not found: {os.path.abspath(os.path.expanduser(m.path))}")
         fingerprints[m.name] = model_fingerprint(m.path)
+        check_tokenizer(m.path, cfg.tokenizer)
         fingerprints[m.name]["tokenizer_sha256"] = tokenizer_sha256(tokenizer_spec(m.path, cfg.tokenizer))
         if m.adapter is not None:  # checked against its base's config now, not after other models have decoded
             from cancerllm_jax.api import check_adapter

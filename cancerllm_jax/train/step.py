@@ -119,7 +119,8 @@ def lora_train_flops_per_token(cfg, seq_len: int, lora_rank: int | None,
     matmul. ``lora_rank=None`` means full fine-tuning (6N). LoRA adds, per factor pair of a ``targets`` projection
     ``[in, out]``, ``2r(in + out)`` forward, as much for the input gradient and for the factors' own gradients.
     Attention's score and value products are counted over the keys each query really attends to (causal, inside
-    the sliding window), forward 1×, backward 2×. ``targets`` may be a count (the first n of q, k, v, o, gate, up,
+    the sliding window), forward 1×, backward 2×. With LoRA the first layer's q/k/v input gradients are left out
+    (nothing before them trains; torch skips them). ``targets`` may be a count (the first n of q, k, v, o, gate, up,
     down)."""
     from cancerllm_jax.model.mistral import proj_shapes
 
@@ -132,7 +133,9 @@ def lora_train_flops_per_token(cfg, seq_len: int, lora_rank: int | None,
     if lora_rank is None:
         return 6 * n + 3 * attn
     lora_forward = layers * sum(2 * lora_rank * sum(shapes[t]) for t in targets)
-    return 4 * n + 3 * attn + 3 * lora_forward
+    # nothing before the first layer trains, so its q/k/v input gradients (base and LoRA A) are never needed
+    first_inputs = sum(2 * shapes[t][0] * (shapes[t][1] + (lora_rank if t in targets else 0)) for t in ("q", "k", "v"))
+    return 4 * n + 3 * attn + 3 * lora_forward - first_inputs
 
 
 # Dense bf16 peak FLOP/s per device, by the words of the device name (the most specific match wins).
