@@ -124,8 +124,12 @@ def test_a_directory_reads_any_case_and_names_what_it_ignores(tmp_path, caplog):
     write(tmp_path, "c.TXT", "third\n")
     write(tmp_path, "notes.json", "{}")
     write(tmp_path, ".hidden", "x")
+    (tmp_path / "lung" / "2024").mkdir(parents=True)  # notes sorted into subfolders are read too
+    write(tmp_path / "lung" / "2024", "d.txt", "fourth\n")
+    (tmp_path / ".cache").mkdir()
+    write(tmp_path / ".cache", "e.txt", "hidden folder\n")
     docs, _ = read_documents(str(tmp_path))
-    assert sorted(d["text"] for d in docs) == ["first", "second", "third"]
+    assert sorted(d["text"] for d in docs) == ["first", "fourth", "second", "third"]
     assert "ignored 1 file(s)" in caplog.text and "notes.json" in caplog.text and ".hidden" not in caplog.text
 
 

@@ -381,7 +381,11 @@ def test_bad_config_is_one_error(tok, cfg, expect):
                                              "string, got integer"),
                                             ({"instruction": "q", "response": "a", "context": ["c"]}, "got array"),
                                             ({"instruction": "q"}, "'response' must be a string \\(missing\\)"),
-                                            ("q", "example 0 must be a dict")])
+                                            ("q", "example 0 must be a dict"),
+                                            ({"instruction": "q", "response": " \n"}, "'response' is empty"),
+                                            ({"instruction": "", "response": "a"}, "'instruction' is empty"),
+                                            ({"id": "x7", "instruction": "q", "input": "note", "response": "a"},
+                                             "x7: field 'input' is not read")])
 def test_in_memory_examples_are_type_checked(tok, record, expect):
     with pytest.raises(UserError, match=expect):
         build_instruct_data(InstructDataConfig(max_seq_len=64), tok, examples=[record])

@@ -248,6 +248,11 @@ def test_bad_mixture_weights_are_refused(weights):
         PretrainDataConfig(sources=["a", "b"], weights=weights).validate()
 
 
+def test_one_source_path_given_as_a_string_is_refused_not_read_per_character():
+    with pytest.raises(UserError, match=r"data.sources must be a list of paths, got one path: use \['notes.jsonl'\]"):
+        PretrainDataConfig(sources="notes.jsonl").validate()
+
+
 def test_sources_without_weights_are_one_stream(tok, tmp_path):
     """``weights: null`` concatenates the sources (each block once per epoch), not a 1:1 mixture that would show a
     small source as often as a large one."""

@@ -223,7 +223,9 @@ def read_instruct_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[d
 
 def encode_examples(tokenizer, records: Sequence[dict], max_seq_len: int, skip_too_long: bool = False
                     ) -> tuple[list[EncodedExample], dict[str, int]]:
-    """Encode records; count truncated contexts and (with ``skip_too_long``) examples that cannot fit at all."""
+    """Encode records; count truncated contexts and (with ``skip_too_long``) examples that cannot fit at all.
+    Records are checked as ``read_instruct_jsonl`` checks lines (string fields, a non-empty instruction and
+    response, no Alpaca ``input`` field), so examples given in memory are held to the same rules."""
     out: list[EncodedExample] = []
     stats = {"examples": 0, "truncated_examples": 0, "context_tokens_cut": 0, "skipped_too_long": 0,
              "loss_tokens": 0, "tokens": 0}
@@ -235,6 +237,9 @@ def encode_examples(tokenizer, records: Sequence[dict], max_seq_len: int, skip_t
             if not isinstance(r.get(key), str) and (key != "context" or r.get(key) is not None):
                 raise UserError(f"{r.get('id', f'example {i}')}: '{key}' must be a string"
                                 f"{', got ' + json_type_name(r[key]) if key in r else ' (missing)'}")
+            if key != "context" and not r[key].strip():  # as read_instruct_jsonl refuses such a line
+                raise UserError(f"{r.get('id', f'example {i}')}: '{key}' is empty")
+        refuse_alpaca_input(str(r.get("id", f"example {i}")), r)
         try:
             ex = encode_example(tokenizer, r["instruction"], r.get("context") or "", r["response"], max_seq_len,
                                 example_id=str(r.get("id", f"example {i}")))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,8 @@ class PretrainDataConfig:
     text_field: str = "text"
 
     def validate(self) -> None:
+        if isinstance(self.sources, (str, bytes, os.PathLike)):  # would be read as one path per character
+            raise UserError(f"data.sources must be a list of paths, got one path: use [{os.fspath(self.sources)!r}]")
         if self.block_size < 2:
             raise UserError(f"data.block_size must be at least 2, got {self.block_size}")
         if not 0.0 <= self.eval_fraction < 1.0:

@@ -163,11 +163,16 @@ def read_text_documents(path: str, split_on_blank_lines: bool = False) -> list[d
 
 
 def expand_paths(path_or_glob: str) -> list[str]:
-    """Sorted files named by a path, a glob, or a directory (its ``.jsonl`` and ``.txt`` files, any case; the
-    directory's other files are named in a warning, not read)."""
+    """Sorted files named by a path, a glob, or a directory (its ``.jsonl`` and ``.txt`` files, any case, in it and
+    in its subfolders; hidden files and folders are passed over; the other files are named in a warning, not read)."""
     if os.path.isdir(path_or_glob):
-        names = sorted(n for n in os.listdir(path_or_glob)
-                       if not n.startswith(".") and os.path.isfile(os.path.join(path_or_glob, n)))
+        names = []  # relative to the directory
+        for root, dirs, found in os.walk(path_or_glob):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            rel = os.path.relpath(root, path_or_glob)
+            names += [n if rel == "." else os.path.join(rel, n) for n in found
+                      if not n.startswith(".") and os.path.isfile(os.path.join(root, n))]
+        names.sort()
         files = [os.path.join(path_or_glob, n) for n in names if n.lower().endswith(SUPPORTED_EXTENSIONS)]
         ignored = [n for n in names if not n.lower().endswith(SUPPORTED_EXTENSIONS)]
         if ignored:
