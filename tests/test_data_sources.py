@@ -178,3 +178,10 @@ def test_hostile_json_is_a_bad_line_not_a_crash(tmp_path, line, expect):
     with pytest.raises(UserError, match=rf"hostile\.jsonl:2: invalid JSON \(.*{expect}"):
         read_jsonl(path, {"text": str})
     assert read_jsonl(path, {"text": str}, skip_bad_lines=True)[1] == 1
+
+
+def test_a_source_path_may_start_with_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write(tmp_path, "notes.jsonl", json.dumps({"text": "first"}) + "\n")
+    docs, _ = read_documents("~/notes.jsonl")
+    assert [d["text"] for d in docs] == ["first"]

@@ -345,6 +345,13 @@ def test_alpaca_input_field_is_not_silently_dropped(tmp_path):
                  + json.dumps({"instruction": "Q", "input": "the note", "response": "A"}) + "\n")
     with pytest.raises(UserError, match=r"alpaca\.jsonl:2: field 'input' is not read; rename it to 'context'"):
         read_instruct_jsonl(str(p))
+    records, skipped = read_instruct_jsonl(str(p), skip_bad_lines=True)  # a bad line like the others
+    assert (len(records), skipped) == (1, 1)
+    both = tmp_path / "both.jsonl"  # text in 'input' beside a 'context' would not be read either
+    both.write_text(json.dumps({"instruction": "Q", "context": "C", "input": "", "response": "A"}) + "\n"
+                    + json.dumps({"instruction": "Q", "context": "C", "input": "more", "response": "A"}) + "\n")
+    with pytest.raises(UserError, match=r"both\.jsonl:2: fields 'input' and 'context' both given"):
+        read_instruct_jsonl(str(both))
 
 
 def test_an_empty_response_or_instruction_is_a_bad_line(tmp_path):

@@ -198,24 +198,34 @@ class InstructDataConfig:
             raise UserError(f"data.seed must be in [0, 2**32), got {self.seed}")
 
 
+def alpaca_input_problem(record: dict) -> str | None:
+    """What is wrong with a record's Alpaca ``input`` field, or None: the fields are instruction, context,
+    response, so an ``input`` would not be read (alone, or holding text beside a ``context``)."""
+    if "input" not in record:
+        return None
+    if record.get("context") is None:
+        return "field 'input' is not read; rename it to 'context' (the fields are instruction, context, response)"
+    if record["input"] not in (None, ""):
+        return "fields 'input' and 'context' both given; only 'context' is read: merge 'input' into it or remove it"
+    return None
+
+
 def refuse_alpaca_input(where: str, record: dict) -> None:
-    """Alpaca's ``input`` field name is refused (naming ``where``, a file:line) rather than its context silently not
-    read: the fields are instruction, context, response."""
-    if "input" in record and "context" not in record:
-        raise UserError(f"{where}: field 'input' is not read; rename it to 'context' (the fields are instruction, "
-                        "context, response)")
+    """``alpaca_input_problem`` as a UserError naming ``where`` (a file:line), rather than text silently not read."""
+    problem = alpaca_input_problem(record)
+    if problem is not None:
+        raise UserError(f"{where}: {problem}")
 
 
 def read_instruct_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[dict], int]:
     """``{instruction, context, response, id}`` records (``id`` defaults to ``path:line``) and skipped lines.
 
-    Alpaca's ``input`` field name is refused (naming the line) rather than its context silently not read; an empty
-    instruction or response is a bad line (an empty response would teach the model to stop at once)."""
+    A line with Alpaca's ``input`` field (``alpaca_input_problem``) or an empty instruction or response is a bad line
+    (an empty response would teach the model to stop at once), refused or, with ``skip_bad_lines``, counted."""
     records, skipped = read_jsonl(path, {"instruction": str, "response": str}, skip_bad_lines,
                                   optional={"context": str, "id": (str, int)}, line_key="_line",
-                                  nonempty=("instruction", "response"))
+                                  nonempty=("instruction", "response"), check=alpaca_input_problem)
     for r in records:
-        refuse_alpaca_input(f"{path}:{r['_line']}", r)
         r["id"] = f"{path}:{r['_line']}" + (f" (id {r['id']})" if r.get("id") is not None else "")
         r["context"] = r.get("context") or ""
     return records, skipped

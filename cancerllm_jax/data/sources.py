@@ -9,6 +9,7 @@ import glob
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from cancerllm_jax.errors import UserError, suggest
@@ -67,7 +68,8 @@ def _encodable(obj: Any) -> bool:
 
 def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False, *,
                optional: dict[str, Any] | None = None, line_key: str | None = None,
-               skip_flag: str | None = "--skip-bad-lines", nonempty: tuple[str, ...] = ()) -> tuple[list[dict], int]:
+               skip_flag: str | None = "--skip-bad-lines", nonempty: tuple[str, ...] = (),
+               check: Callable[[dict], str | None] | None = None) -> tuple[list[dict], int]:
     """Records of a JSONL file and the number of bad lines skipped.
 
     ``required`` maps field → type (or tuple of types); ``optional`` fields are type-checked when present and not
@@ -76,7 +78,8 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
     ``UserError`` naming ``path:line`` unless ``skip_bad_lines``, in which case it is counted (and the first few
     are logged). A file with no valid record
     always raises. ``line_key`` stores each record's line number there. ``skip_flag``: the option an error
-    suggests for skipping bad lines (None where the command has none).
+    suggests for skipping bad lines (None where the command has none). ``check``: the caller's own rule, a
+    record's problem or None; a line it finds bad is a bad line like the others.
     """
     optional = optional or {}
     if not os.path.isfile(path):
@@ -104,6 +107,8 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
                     problem = f"invalid JSON ({str(e).split(';')[0]})"
                 else:
                     problem = _check_record(obj, required, optional, nonempty)
+                    if problem is None and check is not None:
+                        problem = check(obj)
                     if problem is None and "\\u" in line and not _encodable(obj):
                         problem = "a \\u escape that is no character (a lone UTF-16 surrogate)"
             if problem is not None:
@@ -164,7 +169,9 @@ def read_text_documents(path: str, split_on_blank_lines: bool = False) -> list[d
 
 def expand_paths(path_or_glob: str) -> list[str]:
     """Sorted files named by a path, a glob, or a directory (its ``.jsonl`` and ``.txt`` files, any case, in it and
-    in its subfolders; hidden files and folders are passed over; the other files are named in a warning, not read)."""
+    in its subfolders; hidden files and folders are passed over; the other files are named in a warning, not read).
+    A leading ``~`` is the home folder."""
+    path_or_glob = os.path.expanduser(os.fspath(path_or_glob))
     if os.path.isdir(path_or_glob):
         names = []  # relative to the directory
         for root, dirs, found in os.walk(path_or_glob):
