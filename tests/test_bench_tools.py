@@ -1,6 +1,7 @@
 """The benchmark tools' own logic (not their timings): how rounds of a side combine, argument checks, and what
 they write (strict JSON, Markdown rows)."""
 import importlib.util
+import json
 import os
 
 import pytest
@@ -118,6 +119,8 @@ def _tool(name):
     ("measure_bf16", ["--json", "/nonexistent/a.json"]), ("measure_bf16", ["--smollm2-dir", "/nonexistent/s"]),
     ("crash_test", ["--save-every", "0"]), ("crash_test", ["--eval-every", "0"]), ("crash_test", ["--timeout", "0"]),
     ("crash_test", ["--batch-size", "0"]),
+    ("bench_gemm", ["--repeats", "0"]), ("bench_gemm", ["--shapes", "8x8"]), ("bench_gemm", ["--shapes", "8x0x8"]),
+    ("bench_gemm", ["--json", "/nonexistent/a.json"]),
 ])
 def test_bad_tool_arguments_are_one_clear_error_before_any_work(tool, args, capsys):
     """Checked before anything runs (was: a ZeroDivisionError, a median of nothing, a traceback after the run)."""
@@ -243,3 +246,11 @@ def test_attention_bench_credits_torch_with_the_keys_it_attends(monkeypatch, tmp
 def test_torch_remat_is_recorded_as_what_torch_runs(bench_train):
     """transformers has no 'dots' policy: its side checkpoints whole layers, and says so."""
     assert [bench_train.torch_remat(r) for r in ("none", "full", "dots")] == ["none", "full", "full"]
+
+
+def test_gemm_bench_reports_both_libraries(tmp_path):
+    out = tmp_path / "g.json"
+    assert _tool("bench_gemm").main(["--shapes", "8x16x4,2x3x5", "--repeats", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["shape"] for r in rows] == ["8x16x4", "2x3x5"]
+    assert all(r["jax_gflops"] > 0 and r["torch_gflops"] > 0 for r in rows)

@@ -46,17 +46,24 @@ HF_TARGETS = [f"{t}_proj" for t in TARGETS]
 # --------------------------------------------------------------------------------------------------- machine info
 
 def machine() -> str:
-    """``CPU model, N cores`` (+ GPU name when JAX or torch sees one)."""
-    cpu = platform.processor() or platform.machine()
+    """``CPU model (family F model M), N cores, vector extensions`` (+ GPU name when JAX or torch sees one): the
+    model name alone does not tell two generations of a VM's CPU apart (an "AMD EPYC" may be Zen 3 or Zen 5)."""
+    cpu, info = platform.processor() or platform.machine(), {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor's block is enough
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    out = f"{cpu}, {os.cpu_count()} cores"
+    cpu = info.get("model name", cpu)
+    if "cpu family" in info and "model" in info:
+        cpu += f" (family {info['cpu family']} model {info['model']})"
+    flags = set(info.get("flags", "").split())
+    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_tile", "AMX")) if flag in flags]
+    out = ", ".join([cpu, f"{os.cpu_count()} cores", *isa])
     gpu = gpu_name()
     return f"{out}, {gpu}" if gpu else out
 
