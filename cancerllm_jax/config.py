@@ -422,6 +422,28 @@ def deep_merge(base, over):
     return {**base, **{k: deep_merge(base.get(k), v) for k, v in over.items()}}
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last one silently).
+
+    Each mapping's own keys are checked once, before PyYAML flattens it (``<<`` merges put the merged keys in
+    front of the mapping's own, which may override them; a mapping used as a merge source is flattened early)."""
+
+    def flatten_mapping(self, node):
+        checked = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            seen = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # complex keys are left to PyYAML
+                key = self.construct_scalar(key_node)
+                if (key_node.tag, key) in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                            key_node.start_mark)
+                seen.add((key_node.tag, key))
+        super().flatten_mapping(node)
+
+
 def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
     """Apply ``a.b=value`` overrides (YAML-parsed values) to a nested dict, checking keys against ``cls``."""
     data = json.loads(json.dumps(data))  # deep copy
@@ -432,7 +454,11 @@ def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
         if not key.strip():
             raise UserError(f"override {item!r}: no key before '='")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.load(raw, Loader=_StrictLoader) if raw != "" else ""  # noqa: S506 (a SafeLoader)
+        except yaml.constructor.ConstructorError as e:
+            if "duplicate key" in str(e.problem):
+                raise UserError(f"override {item!r}: {e.problem}") from None
+            value = raw
         except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an int of over 4300 digits
             value = raw
         node, tp = data, cls
@@ -452,23 +478,6 @@ def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
                     node = data[part] = {}
                 tp = hint
     return data
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key_node, _ in node.value:
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                    continue  # `<<` merges may be overridden; complex keys are left to PyYAML
-                key = self.construct_object(key_node, deep=deep)
-                if key in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
-                                                            key_node.start_mark)
-                seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def load_yaml(path: str) -> dict:

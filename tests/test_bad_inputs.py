@@ -232,6 +232,19 @@ def test_pretrain_bad_yaml_is_one_line(tmp_path, capsys, text, needle):
     assert len(err.strip().splitlines()) == 1, err
 
 
+def test_yaml_merge_keys_may_override_and_an_override_may_not_repeat_a_key(tmp_path):
+    """Keys a ``<<`` merge brings in may be overridden (also inside a mapping that is itself merged elsewhere); a key
+    written twice in one mapping, in a file or in a key=value override, is an error, not the last one kept."""
+    from cancerllm_jax.config import load_yaml
+    from cancerllm_jax.train.config import PretrainConfig, resolve
+
+    cfg = write(tmp_path / "m.yaml", "defs:\n  small: &small\n    <<: {rank: 8, alpha: 16}\n    rank: 4\n"
+                                     "lora:\n  <<: *small\n  alpha: 2\n")
+    assert load_yaml(cfg)["lora"] == {"rank": 4, "alpha": 2}
+    with pytest.raises(UserError, match=r"override 'lora=\{rank: 4, rank: 2\}': duplicate key 'rank'"):
+        resolve(PretrainConfig, None, ["lora={rank: 4, rank: 2}"])
+
+
 def _fake_run(wd, rank=2):
     """A run folder with run.json and a (fake) finished checkpoint: enough for --resume's config check."""
     from cancerllm_jax.config import to_dict
@@ -439,7 +452,8 @@ GENERATE_FLAGS = {
 
 
 @pytest.mark.parametrize("case", sorted(GENERATE_FLAGS))
-def test_generate_bad_decoding_flags(case, tmp_path, capsys, models):
+def test_generate_bad_decoding_flags(case, tmp_path, capsys, models, monkeypatch):
+    monkeypatch.setattr("cancerllm_jax.decode.device_memory_bytes", lambda lm: 2**34)  # 16 GiB, whatever the host
     extra, needles = GENERATE_FLAGS[case]
     code, err, out = _gen(models, tmp_path, capsys, '{"prompt": "pt w/ nsclc"}\n', extra=extra)
     one_clear_error(code, err, *needles)

@@ -124,13 +124,15 @@ def test_a_directory_reads_any_case_and_names_what_it_ignores(tmp_path, caplog):
     write(tmp_path, "c.TXT", "third\n")
     write(tmp_path, "notes.json", "{}")
     write(tmp_path, ".hidden", "x")
-    (tmp_path / "lung" / "2024").mkdir(parents=True)  # notes sorted into subfolders are read too
+    (tmp_path / "lung" / "2024").mkdir(parents=True)  # a subfolder is named, not read (it may be a run or a split)
     write(tmp_path / "lung" / "2024", "d.txt", "fourth\n")
     (tmp_path / ".cache").mkdir()
-    write(tmp_path / ".cache", "e.txt", "hidden folder\n")
     docs, _ = read_documents(str(tmp_path))
-    assert sorted(d["text"] for d in docs) == ["first", "fourth", "second", "third"]
+    assert sorted(d["text"] for d in docs) == ["first", "second", "third"]
     assert "ignored 1 file(s)" in caplog.text and "notes.json" in caplog.text and ".hidden" not in caplog.text
+    assert "subfolder(s) not read: lung (" in caplog.text and ".cache" not in caplog.text
+    docs, _ = read_documents(str(tmp_path / "**" / "*.txt"))  # a glob reaches into them (c.TXT: globs keep case)
+    assert [d["text"] for d in docs] == ["fourth"]
 
 
 def test_a_file_named_like_a_glob_is_read_as_that_file(tmp_path):

@@ -327,7 +327,9 @@ def test_argument_errors_leave_no_output_folder(finished, tmp_path):
     for bad, message in (({"limit": 0}, "--limit must be at least 1"), ({"data": str(tmp_path / "nope")}, "nope"),
                          ({"models": model_names([str(tmp_path / "no-model")])}, "model path not found"),
                          ({"tokenizer": str(tmp_path / "no-tokenizer")}, "tokenizer not found: .*no-tokenizer"),
-                         ({"models": model_names([str(no_tokenizer)])}, "small-vocab: no tokenizer found")):
+                         ({"models": model_names([str(no_tokenizer)])}, "small-vocab: no tokenizer found"),
+                         ({"models": model_names([str(no_tokenizer)]), "tokenizer": "mistral-v1"},
+                          "has 32000 tokens but the model's vocabulary is 64")):
         with pytest.raises(UserError, match=message):
             run(cfg(**bad))
     assert not out.exists()
@@ -487,7 +489,12 @@ def test_resume_refuses_another_tokenizer_at_the_same_path(finished, tmp_path, m
         meta.write_text(json.dumps({**json.loads(meta.read_text()), "tokenizer": str(tok)}))
     assert _evaluate().main(_run_args(model, out, "--tokenizer", str(tok))) == 0
     assert json.loads((out / "metrics.json").read_text())["results"]["diagnosis"]["tuned"]["decoded"] == 0
-    tok.write_bytes(tok.read_bytes()[:-1] + b"x")  # another tokenizer file at the same path
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.read_bytes())
+    proto.pieces[1000].score += 1.0  # another (valid) tokenizer file at the same path
+    tok.write_bytes(proto.SerializeToString())
     with pytest.raises(UserError, match=r"__\w+\.jsonl: .*tokenizer_sha256 '[0-9a-f]{64}' \(now '[0-9a-f]{64}'\)"):
         _evaluate().main(_run_args(model, out, "--tokenizer", str(tok)))
 

@@ -41,11 +41,15 @@ def test_lora_and_full_flops_match_an_independent_count(tie, window, seq):
     targets = ("k", "o", "down")
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=[f"{t}_proj" for t in targets]))
     lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    # LoRA: forward, input and factor gradients, 2 FLOPs per weight each; but the first layer's q/k/v input
-    # gradients (nothing before them trains): 2 FLOPs per base weight, and per A weight of a targeted q/k/v
+    # LoRA: forward, input and factor gradients, 2 FLOPs per weight each, less the first layer's unneeded backward
+    # (checked against torch's own counter below): with all of q, k, v targeted, just their input gradients
+    assert lora_train_flops_per_token(cfg, seq, 4, targets) <= 4 * linear + 3 * attn_fwd + 6 * lora
+    full = ("q", "k", "v", "o", "gate", "up", "down")
+    lora_all = sum(p.numel() for p in get_peft_model(hf_model(tie, window), LoraConfig(
+        r=4, target_modules=[f"{t}_proj" for t in full])).parameters() if p.requires_grad)
     d, qkv = cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size
-    want = 4 * linear + 3 * attn_fwd + 6 * lora - 2 * d * qkv - 2 * 4 * d  # "k" is the one targeted of q/k/v
-    assert lora_train_flops_per_token(cfg, seq, 4, targets) == pytest.approx(want, rel=1e-12)
+    want = 4 * linear + 3 * attn_fwd + 6 * lora_all - 2 * d * qkv - 3 * 2 * 4 * d
+    assert lora_train_flops_per_token(cfg, seq, 4, full) == pytest.approx(want, rel=1e-12)
     assert lora_train_flops_per_token(cfg, seq, 4, 2) == lora_train_flops_per_token(cfg, seq, 4, ("q", "k"))
 
 
@@ -56,11 +60,18 @@ def test_peak_flops_matches_whole_words_of_the_device_name(name, peak):
     assert peak_flops(name) == peak
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_flops_match_torchs_own_flop_counter(lora):
-    """Against ``torch.utils.flop_counter`` over a real forward + backward (eager attention computes every score:
-    its full square is swapped for our causal count). Both match exactly: with LoRA torch skips the first layer's
-    q/k/v input gradients (nothing before them trains), and so does our count."""
+ALL = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@pytest.mark.parametrize("targets,t", [(None, 12), (ALL, 12), (ALL, 1), (("k", "o", "down"), 1), (("q",), 1),
+                                       (("v", "gate"), 1), (("o", "down"), 1), (("gate", "up", "down"), 1),
+                                       (("down",), 1)])
+def test_flops_match_torchs_own_flop_counter(targets, t):
+    """Against ``torch.utils.flop_counter`` over a real forward + backward: full fine-tuning (``None``) and LoRA on
+    several target sets, where torch's autograd skips the first layer's backward products that nothing needs (which
+    ones depends on the targets). Eager attention computes every score: at 12 tokens (all of q, k, v targeted, so
+    every layer's attention backward runs) its full square is swapped for our causal count; at 1 token the two
+    are the same, so any target set is compared as measured."""
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.utils.flop_counter import FlopCounterMode
@@ -68,14 +79,14 @@ def test_flops_match_torchs_own_flop_counter(lora):
     model = hf_model(False, None)
     model.config._attn_implementation = "eager"
     cfg = from_hf_config(model.config.to_dict())
-    r, b, t = 4, 2, 12
-    if lora:
-        model = get_peft_model(model, LoraConfig(r=r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                      "gate_proj", "up_proj", "down_proj"]))
+    r, b = 4, 2
+    if targets:
+        model = get_peft_model(model, LoraConfig(r=r, target_modules=[f"{x}_proj" for x in targets]))
     ids = torch.randint(0, cfg.vocab_size, (b, t))
     with FlopCounterMode(display=False) as counter:
         logits = model(input_ids=ids).logits
         torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), ids.reshape(-1)).backward()
     attn = 3 * cfg.num_layers * 2 * 2 * cfg.q_size * b
     measured = counter.get_total_flops() - attn * t * t + attn * t * (t + 1) / 2
-    assert lora_train_flops_per_token(cfg, t, r if lora else None) * b * t == pytest.approx(measured)
+    ours = lora_train_flops_per_token(cfg, t, r if targets else None, targets or ALL) * b * t
+    assert ours == pytest.approx(measured, rel=1e-12)

@@ -352,6 +352,11 @@ def test_alpaca_input_field_is_not_silently_dropped(tmp_path):
                     + json.dumps({"instruction": "Q", "context": "C", "input": "more", "response": "A"}) + "\n")
     with pytest.raises(UserError, match=r"both\.jsonl:2: fields 'input' and 'context' both given"):
         read_instruct_jsonl(str(both))
+    empty = tmp_path / "no_input.jsonl"  # Alpaca's rows without an input lose nothing
+    empty.write_text(json.dumps({"instruction": "Q", "input": "", "response": "A"}) + "\n"
+                     + json.dumps({"instruction": "Q", "input": None, "response": "A"}) + "\n")
+    records, skipped = read_instruct_jsonl(str(empty))
+    assert [r["context"] for r in records] == ["", ""] and skipped == 0
 
 
 def test_an_empty_response_or_instruction_is_a_bad_line(tmp_path):

@@ -427,8 +427,14 @@ def test_a_failed_finetuning_run_is_one_line_naming_its_error_and_log(tmp_path):
     from cancerllm_jax.errors import UserError
 
     log = tmp_path / "finetune.log"
-    cmd = [sys.executable, "-c", "import sys; print('step 1/4'); print('error: data.jsonl:3: no response'); "
-                                 "sys.exit(2)"]
+    log.write_text("error: an earlier attempt's\n")  # the log is appended to: only this run's lines count
+    cmd = [sys.executable, "-c", "import sys; print('error: data.jsonl:3: no response'); print('bye'); sys.exit(2)"]
     with pytest.raises(UserError) as e:
         rb.run_finetune(cmd, log)
-    assert str(e.value) == f"fine-tuning failed (exit 2): error: data.jsonl:3: no response (full log: {log})"
+    assert str(e.value) == f"fine-tuning failed (exit 2: error: data.jsonl:3: no response) (full log: {log})"
+    killed = [sys.executable, "-c", "import os, signal; print('step 40/100 loss 1.2', flush=True); "
+                                    "os.kill(os.getpid(), signal.SIGKILL)"]
+    with pytest.raises(UserError) as e:
+        rb.run_finetune(killed, log)
+    assert str(e.value) == ("fine-tuning failed (killed by signal 9, no error line; last output: step 40/100 loss "
+                            f"1.2) (full log: {log})")

@@ -200,14 +200,13 @@ class InstructDataConfig:
 
 def alpaca_input_problem(record: dict) -> str | None:
     """What is wrong with a record's Alpaca ``input`` field, or None: the fields are instruction, context,
-    response, so an ``input`` would not be read (alone, or holding text beside a ``context``)."""
-    if "input" not in record:
+    response, so text in ``input`` would not be read (an empty or null ``input``, Alpaca's "no input", loses
+    nothing)."""
+    if record.get("input") in (None, ""):
         return None
     if record.get("context") is None:
         return "field 'input' is not read; rename it to 'context' (the fields are instruction, context, response)"
-    if record["input"] not in (None, ""):
-        return "fields 'input' and 'context' both given; only 'context' is read: merge 'input' into it or remove it"
-    return None
+    return "fields 'input' and 'context' both given; only 'context' is read: merge 'input' into it or remove it"
 
 
 def refuse_alpaca_input(where: str, record: dict) -> None:

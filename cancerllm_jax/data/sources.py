@@ -168,23 +168,23 @@ def read_text_documents(path: str, split_on_blank_lines: bool = False) -> list[d
 
 
 def expand_paths(path_or_glob: str) -> list[str]:
-    """Sorted files named by a path, a glob, or a directory (its ``.jsonl`` and ``.txt`` files, any case, in it and
-    in its subfolders; hidden files and folders are passed over; the other files are named in a warning, not read).
-    A leading ``~`` is the home folder."""
+    """Sorted files named by a path, a glob (``**`` reaches into subfolders), or a directory (its own ``.jsonl`` and
+    ``.txt`` files, any case; its other files and its subfolders are named in a warning, not read: a run folder or a
+    held-out split kept beside the notes is not training data). A leading ``~`` is the home folder."""
     path_or_glob = os.path.expanduser(os.fspath(path_or_glob))
     if os.path.isdir(path_or_glob):
-        names = []  # relative to the directory
-        for root, dirs, found in os.walk(path_or_glob):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            rel = os.path.relpath(root, path_or_glob)
-            names += [n if rel == "." else os.path.join(rel, n) for n in found
-                      if not n.startswith(".") and os.path.isfile(os.path.join(root, n))]
-        names.sort()
+        entries = sorted(n for n in os.listdir(path_or_glob) if not n.startswith("."))
+        names = [n for n in entries if os.path.isfile(os.path.join(path_or_glob, n))]
         files = [os.path.join(path_or_glob, n) for n in names if n.lower().endswith(SUPPORTED_EXTENSIONS)]
         ignored = [n for n in names if not n.lower().endswith(SUPPORTED_EXTENSIONS)]
         if ignored:
             log.warning("%s: ignored %d file(s) that are not %s: %s%s", path_or_glob, len(ignored),
                         " or ".join(SUPPORTED_EXTENSIONS), ", ".join(ignored[:5]), ", ..." if len(ignored) > 5 else "")
+        folders = [n for n in entries if os.path.isdir(os.path.join(path_or_glob, n))]
+        if folders:
+            log.warning("%s: subfolder(s) not read: %s%s (name them, or use a glob such as %s)", path_or_glob,
+                        ", ".join(folders[:5]), ", ..." if len(folders) > 5 else "",
+                        os.path.join(path_or_glob, "**", "*.jsonl"))
     elif os.path.isfile(path_or_glob):  # before the glob: a file may be named "notes[1].jsonl"
         files = [path_or_glob]
     elif any(c in path_or_glob for c in "*?["):

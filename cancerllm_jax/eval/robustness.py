@@ -271,13 +271,21 @@ def finetune_command(base_model: str, train: Path, val: Path, workdir: Path, epo
 def run_finetune(cmd: Sequence[str], log_path: Path) -> None:
     """Run one fine-tuning subprocess in this process's working folder (so relative paths in key=value overrides
     mean what they meant to the caller), its output appended to ``log_path``; a failure is a UserError with the
-    log's last line (the run's own one-line error)."""
+    run's own one-line ``error:`` (or, without one, how it ended and its last line)."""
+    start = log_path.stat().st_size if log_path.exists() else 0  # earlier attempts' output stays in the log
     with open(log_path, "a", encoding="utf-8") as log:
         proc = subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
-        lines = [ln.strip() for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines()]
-        last = next((ln for ln in reversed(lines) if ln), "no output")
-        raise UserError(f"fine-tuning failed (exit {proc.returncode}): {last[:300]} (full log: {log_path})")
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            lines = [ln.strip() for ln in f.read().decode("utf-8", errors="replace").splitlines() if ln.strip()]
+        error = next((ln for ln in reversed(lines) if ln.startswith("error:")), None)
+        if error is None:
+            how = (f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}")
+            error = f"{how}, no error line; last output: {lines[-1][:200] if lines else 'none'}"
+        else:
+            error = f"exit {proc.returncode}: {error[:300]}"
+        raise UserError(f"fine-tuning failed ({error}) (full log: {log_path})")
 
 
 def _read_settings(path: Path) -> dict[str, Any] | None:

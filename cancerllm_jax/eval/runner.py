@@ -204,11 +204,13 @@ def check_tokenizer(path: str, tokenizer: str | None) -> None:
     from cancerllm_jax.api import read_model_config
     from cancerllm_jax.data.tokenizer import load_tokenizer
 
-    spec = tokenizer_spec(path, tokenizer)
+    spec, mc = tokenizer_spec(path, tokenizer), read_model_config(path)
     if spec is not None:
-        load_tokenizer(spec)
+        tok = load_tokenizer(spec)
+        if tok.vocab_size > mc.vocab_size:  # as load() refuses it
+            raise UserError(f"tokenizer {getattr(tok, 'name', spec)} has {tok.vocab_size} tokens but the model's "
+                            f"vocabulary is {mc.vocab_size}")
         return
-    mc = read_model_config(path)
     if mc.vocab_size == 32000 and mc.model_type == "mistral":  # load() falls back to the shipped Mistral v1 one
         try:
             load_tokenizer(None)

@@ -119,9 +119,10 @@ def lora_train_flops_per_token(cfg, seq_len: int, lora_rank: int | None,
     matmul. ``lora_rank=None`` means full fine-tuning (6N). LoRA adds, per factor pair of a ``targets`` projection
     ``[in, out]``, ``2r(in + out)`` forward, as much for the input gradient and for the factors' own gradients.
     Attention's score and value products are counted over the keys each query really attends to (causal, inside
-    the sliding window), forward 1×, backward 2×. With LoRA the first layer's q/k/v input gradients are left out
-    (nothing before them trains; torch skips them). ``targets`` may be a count (the first n of q, k, v, o, gate, up,
-    down)."""
+    the sliding window), forward 1×, backward 2×. With LoRA the first layer's backward products that nothing needs
+    are left out (``_first_layer_unneeded``: its q/k/v input gradients, and more when q, k or v are not targeted),
+    as torch skips them; the count then equals torch's own FLOP counter. ``targets`` may be a count (the first n
+    of q, k, v, o, gate, up, down)."""
     from cancerllm_jax.model.mistral import proj_shapes
 
     shapes = proj_shapes(cfg)
@@ -133,9 +134,31 @@ def lora_train_flops_per_token(cfg, seq_len: int, lora_rank: int | None,
     if lora_rank is None:
         return 6 * n + 3 * attn
     lora_forward = layers * sum(2 * lora_rank * sum(shapes[t]) for t in targets)
-    # nothing before the first layer trains, so its q/k/v input gradients (base and LoRA A) are never needed
-    first_inputs = sum(2 * shapes[t][0] * (shapes[t][1] + (lora_rank if t in targets else 0)) for t in ("q", "k", "v"))
-    return 4 * n + 3 * attn + 3 * lora_forward - first_inputs
+    keys = mean_keys_per_query(seq_len, cfg.sliding_window)
+    return 4 * n + 3 * attn + 3 * lora_forward - _first_layer_unneeded(cfg, lora_rank, targets, keys)
+
+
+def _first_layer_unneeded(cfg, rank: int, targets: Sequence[str], keys: float) -> float:
+    """Per-token FLOPs of the first layer's backward that a LoRA step never needs (torch's autograd skips them): the
+    embedding is frozen, so an input gradient there is needed only behind something trainable in that layer."""
+    from cancerllm_jax.model.mistral import proj_shapes
+
+    shapes, t = proj_shapes(cfg), set(targets)
+
+    def inputs(name: str, needed: bool) -> float:  # a projection's input gradient, base and LoRA A, if not needed
+        d_in, d_out = shapes[name]
+        return 0 if needed else 2 * d_in * d_out + (2 * rank * d_in if name in t else 0)
+
+    q, k, v = "q" in t, "k" in t, "v" in t
+    product = 2 * cfg.q_size * keys  # one of attention's four backward products: dP, dV, dQ, dK
+    unneeded = inputs("q", False) + inputs("k", False) + inputs("v", False)
+    unneeded += product * ((not (q or k)) + (not v) + (not q) + (not k))
+    attention_out = q or k or v  # what needs a gradient from here on
+    unneeded += inputs("o", attention_out)
+    residual = attention_out or "o" in t
+    unneeded += inputs("gate", residual) + inputs("up", residual)
+    unneeded += inputs("down", residual or "gate" in t or "up" in t)
+    return unneeded
 
 
 # Dense bf16 peak FLOP/s per device, by the words of the device name (the most specific match wins).
