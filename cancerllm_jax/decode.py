@@ -217,6 +217,8 @@ class Decoder:
         as_text = isinstance(prompts[0], str)
         if as_text and lm.tokenizer is None:
             raise UserError(f"{lm.source}: no tokenizer found; pass token-id lists or load(..., tokenizer=...)")
+        if stop is not None and not isinstance(stop, (str, list, tuple)):
+            raise UserError(f"stop must be a non-empty string or a list of them, got {type(stop).__name__}")
         stop = [stop] if isinstance(stop, str) else list(stop or ())
         if stop and not as_text:
             raise UserError("stop strings apply to string prompts; with token-id prompts, stop with eos_id")

@@ -12,6 +12,14 @@ class UserError(Exception):
     """Bad input, config or environment: the message names the file, line or field and what to do."""
 
 
+class UserValueError(UserError, ValueError):
+    """A UserError that is also a ValueError (an API's argument of the right type but a wrong value)."""
+
+
+class UserTypeError(UserError, TypeError):
+    """A UserError that is also a TypeError (an API's argument of the wrong type)."""
+
+
 class PeerLost(UserError):
     """Another process of a multi-process run died or became unreachable. The CLI prints one line and leaves at once
     (``os._exit``), without JAX's distributed shutdown barrier, which would wait for the dead peer and then abort."""

@@ -364,6 +364,9 @@ def test_string_prompts_get_bos_unless_asked_not_to(tiny):
         assert lm.generate([text], max_new_tokens=3, eos_id=[], stop=out[0] + "z") == [out]
         stop = out.split(" ")[1]
         assert lm.generate([text], max_new_tokens=3, eos_id=[], stop=stop) == [out[:out.find(stop)]]
+        for bad in (5, {"x"}, ["ok", 3], [""]):
+            with pytest.raises(cj_errors().UserError, match="stop must be a non-empty string or a list of them"):
+                lm.generate([text], max_new_tokens=2, stop=bad)
     finally:
         lm.tokenizer = None
 

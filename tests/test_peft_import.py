@@ -202,6 +202,19 @@ def test_target_modules_as_peft_matches_them(tmp_path, targets):
     assert max_diff(ref, base_only) > 1e-2
 
 
+@pytest.mark.parametrize("targets", [["model.layers.1.self_attn.o_proj"], r"model\.layers\.1\.self_attn\.q_proj",
+                                     r".*\.0\.mlp\.down_proj"])
+def test_an_adapter_of_some_layers_only_is_refused_as_such(tmp_path, targets):
+    """peft adapts only the layers such target_modules name; that is refused as what it is, not as "a tensor is
+    missing (an adapter for another base model?)" nor as "matches none"."""
+    from cancerllm_jax.errors import UserError
+
+    base, adapter, _, _ = make_adapter(str(tmp_path), seed=3, targets=targets, r=2, num_attention_heads=4,
+                                       num_key_value_heads=2)
+    with pytest.raises(UserError, match="some layers only.*leave some layers out|leaves the last layers out"):
+        cj.load(base, adapter=adapter)
+
+
 def test_rslora_and_fan_in_fan_out_load_as_peft_and_export_back(mha, tmp_path):
     """``use_rslora`` (peft scales by alpha / sqrt(r)) is read exactly; ``fan_in_fan_out`` is what peft makes it on
     nn.Linear (False); the exported adapter loads in peft with the same logits."""

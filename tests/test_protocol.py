@@ -188,16 +188,18 @@ def test_contract_example_and_means():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="standard, reference"):
-        score(["a"], ["a"], protocol="coco")
-    with pytest.raises(ValueError, match="1 golds, 2 predictions"):
-        score(["a"], ["a", "b"])
-    with pytest.raises(ValueError, match="empty"):
-        score([], [])
-    with pytest.raises(TypeError):
-        score("a", "a")
-    with pytest.raises(TypeError, match="instance 0"):
-        score([None], ["a"])
+    """Each is a ``UserError`` (as the README promises of every user-fixable problem) and still the built-in
+    ValueError / TypeError a caller may catch."""
+    from cancerllm_jax.errors import UserError
+
+    for kind, call, match in ((ValueError, lambda: score(["a"], ["a"], protocol="coco"), "standard, reference"),
+                              (ValueError, lambda: score(["a"], ["a", "b"]), "1 golds, 2 predictions"),
+                              (ValueError, lambda: score([], []), "empty"),
+                              (TypeError, lambda: score("a", "a"), "not a string"),
+                              (TypeError, lambda: score([None], ["a"]), "instance 0")):
+        with pytest.raises(kind, match=match) as e:
+            call()
+        assert isinstance(e.value, UserError)
 
 
 # ---------------------------------------------------------------- independent re-computation on varied pairs

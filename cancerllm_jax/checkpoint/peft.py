@@ -130,6 +130,10 @@ def adapter_base_name(folder: str) -> str | None:
     return _adapter_json(folder)[1].get("base_model_name_or_path")
 
 
+_SOME_LAYERS = ("adapters that leave some layers out (layer-specific target_modules, layers_to_transform) are not "
+                "supported: every layer must carry the adapted projections")
+
+
 def read_adapter_config(folder: str) -> LoRAConfig:
     """LoRAConfig from a PEFT ``adapter_config.json``; features we do not implement are errors."""
     path, conf = _adapter_json(folder)
@@ -161,6 +165,11 @@ def read_adapter_config(folder: str) -> LoRAConfig:
         except re.error as e:
             raise UserError(f"{path}: target_modules {targets!r} is not a valid regular expression ({e})") from None
         targets = [t for t, m in HF_MODULES.items() if pattern.fullmatch(f"model.layers.0.{m}")]
+        some = [t for t, m in HF_MODULES.items() if any(pattern.fullmatch(f"model.layers.{i}.{m}")
+                                                        for i in range(1, 1024))]
+        if set(some) - set(targets):
+            raise UserError(f"{path}: target_modules {conf['target_modules']!r} adapts some layers only; "
+                            f"{_SOME_LAYERS}")
         if not targets:
             raise UserError(f"{path}: target_modules {conf['target_modules']!r} matches none of "
                             f"{sorted(names)} (in model.layers.N.*)")
@@ -239,7 +248,11 @@ def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
             for factor, dst, want in (("A", a, (r, d_in)), ("B", b, (d_out, r))):
                 key = peft_key(i, t, factor)
                 if key not in keys:
-                    raise UserError(f"{path}: tensor {key} is missing{other}")
+                    if any(peft_key(j, t, factor) in keys for j in range(i + 1, n)):  # a gap, not fewer layers
+                        raise UserError(f"{path}: adapts {HF_MODULES[t]} in some layers only (not in layer {i}); "
+                                        f"{_SOME_LAYERS}")
+                    raise UserError(f"{path}: tensor {key} is missing{other[:-1]}; or one that leaves the last "
+                                    "layers out, which is not supported)")
                 arr = handle.get_tensor(keys[key])
                 if tuple(arr.shape) != want:
                     raise UserError(f"{path}: tensor {key} has shape {tuple(arr.shape)}, expected {want}{other}")

@@ -17,6 +17,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cancerllm_jax.errors import UserTypeError, UserValueError
+
 PROTOCOLS = ("standard", "reference")
 METRICS = ("em", "bleu2", "rougeL")
 KEYS = tuple(f"{m}_{x}" for m in METRICS for x in ("p", "r", "f1")) + ("avg_f1",)
@@ -169,7 +171,7 @@ def soft_prf(golds: Sequence[str], preds: Sequence[str], metric: PairFn) -> tupl
 
 def _check_protocol(protocol: str) -> dict[str, PairFn]:
     if protocol not in _PAIR_METRICS:
-        raise ValueError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
+        raise UserValueError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
     return _PAIR_METRICS[protocol]
 
 
@@ -192,15 +194,15 @@ def score(
     """Score a test set: each of ``KEYS`` is the mean over instances in percent, plus ``n`` (and ``rows``)."""
     _check_protocol(protocol)
     if isinstance(golds, str) or isinstance(preds, str):
-        raise TypeError("score() takes lists of strings, one gold and one prediction per instance, not a string")
+        raise UserTypeError("score() takes lists of strings, one gold and one prediction per instance, not a string")
     if len(golds) != len(preds):
-        raise ValueError(f"golds and preds differ in length: {len(golds)} golds, {len(preds)} predictions")
+        raise UserValueError(f"golds and preds differ in length: {len(golds)} golds, {len(preds)} predictions")
     if not golds:
-        raise ValueError("nothing to score: golds and preds are empty")
+        raise UserValueError("nothing to score: golds and preds are empty")
     rows: list[dict[str, Any]] = []
     for i, (g, p) in enumerate(zip(golds, preds, strict=True)):
         if not isinstance(g, str) or not isinstance(p, str):
-            raise TypeError(f"instance {i}: gold and prediction must be strings, got {type(g).__name__}, "
+            raise UserTypeError(f"instance {i}: gold and prediction must be strings, got {type(g).__name__}, "
                             f"{type(p).__name__}")
         rows.append({"index": i, "gold": g, "prediction": p, **score_instance(g, p, protocol)})
     result: dict[str, Any] = {k: sum(row[k] for row in rows) / len(rows) for k in KEYS}
