@@ -231,7 +231,7 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
     or ``cudnn``.
     """
     from cancerllm_jax import sharding
-    from cancerllm_jax.data.tokenizer import load_tokenizer, tokenizer_path
+    from cancerllm_jax.data.tokenizer import tokenizer_path
     from cancerllm_jax.model import model_from_params, resolve_dtype
 
     from cancerllm_jax.model.mistral import ATTENTION_IMPLS
@@ -263,24 +263,33 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
     else:
         model = model_from_params(w.cfg, w.params, lora=w.lora if w.lora_params is not None else None,
                                   lora_params=w.lora_params, dtype=dtype, attention=attention)
-    spec = tokenizer or w.tokenizer_spec
-    tok = None
-    if spec is not None:
-        tok = load_tokenizer(spec)
-    elif w.cfg.vocab_size == 32000 and w.cfg.model_type == "mistral":
-        try:
-            tok = load_tokenizer(None)
-        except UserError:
-            tok = None
-    if tok is not None and tok.vocab_size > w.cfg.vocab_size:
-        raise UserError(f"tokenizer {getattr(tok, 'name', spec)} has {tok.vocab_size} tokens but the model's "
-                        f"vocabulary is {w.cfg.vocab_size}")
+    tok = tokenizer_for(w.cfg, tokenizer or w.tokenizer_spec)
     # the config's EOS ids (an HF folder's files, a run's base) and those a converted checkpoint's copied
     # generation_config.json names (checkpoints converted before the config recorded them all)
     eos = {own_eos_id(tok, w.cfg), *w.cfg.eos_token_ids} | hf_eos_ids(path)
     return LM(model, w.cfg, tok, mesh_obj, source=w.source,
               eos_ids=tuple(sorted(e for e in eos if e is not None and 0 <= e < w.cfg.vocab_size)),
               adapter=adapter)
+
+
+def tokenizer_for(cfg: ModelConfig, spec: str | None):
+    """The tokenizer a model of ``cfg`` is used with: ``spec`` (given, or found beside the weights), else the shipped
+    Mistral v1 one for a 32,000-token Mistral; None when there is none. One larger than the model's vocabulary is
+    refused."""
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+
+    tok = None
+    if spec is not None:
+        tok = load_tokenizer(spec)
+    elif cfg.vocab_size == 32000 and cfg.model_type == "mistral":
+        try:
+            tok = load_tokenizer(None)
+        except UserError:
+            tok = None
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"tokenizer {getattr(tok, 'name', spec)} has {tok.vocab_size} tokens but the model's "
+                        f"vocabulary is {cfg.vocab_size}")
+    return tok
 
 
 def own_eos_id(tokenizer, cfg: ModelConfig) -> int | None:

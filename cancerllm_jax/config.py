@@ -428,10 +428,13 @@ class _StrictLoader(yaml.SafeLoader):
     Each mapping's own keys are checked once, before PyYAML flattens it (``<<`` merges put the merged keys in
     front of the mapping's own, which may override them; a mapping used as a merge source is flattened early)."""
 
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._checked: set[int] = set()  # ids of the mapping nodes whose own keys were checked
+
     def flatten_mapping(self, node):
-        checked = self.__dict__.setdefault("_checked", set())
-        if id(node) not in checked:
-            checked.add(id(node))
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
             seen = set()
             for key_node, _ in node.value:
                 if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":

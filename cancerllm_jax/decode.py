@@ -332,7 +332,7 @@ class Decoder:
             raise UserError(f"max_new_tokens={max_new}: prompt + new tokens ({cache_len}) must be < 2**31")
         slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(self.lm.model.compute_dtype).itemsize
         copies = 2 if self.unstack and self.split_cache else 1  # the split loop holds the stacked cache too
-        need = (copies * slot * cache_len + 8 * max_new) * b / self.lm.mesh.size  # + the [B, max_new] tokens
+        need = (copies * slot * cache_len + 8 * max_new) * b / self.lm.mesh.size  # + the int32 tokens, twice
         limit = device_memory_bytes(self.lm)
         if limit and need > limit:
             raise UserError(f"max_new_tokens={max_new}: a batch of {b} rows needs a KV cache of {need / 2**30:.1f} "

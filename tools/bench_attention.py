@@ -12,9 +12,7 @@ fused call's XLA implementation.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,14 +31,7 @@ def causal_flops(b, t, h, d, window) -> float:
 def time_it(fn, args, iters) -> float:
     import jax
 
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return bt.median_seconds(lambda: jax.block_until_ready(fn(*args)), iters, warmup=2)
 
 
 def run_jax(a) -> dict:
@@ -94,16 +85,11 @@ def run_torch(a) -> dict:
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         o.float().pow(2).sum().backward()
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(a.iters):
-        t0 = time.perf_counter()
+    def synced_step():
         step()
         torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t0)
-    return {"torch sdpa (is_causal, no window)": statistics.median(ts)}
+
+    return {"torch sdpa (is_causal, no window)": bt.median_seconds(synced_step, a.iters, warmup=3)}
 
 
 def main(argv=None) -> int:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train as bt  # noqa: E402  (machine(), JSON helpers; puts this checkout's package first on sys.path)
@@ -34,16 +32,6 @@ def parse_shapes(p: argparse.ArgumentParser, text: str) -> list[tuple[int, int, 
     return shapes
 
 
-def median_s(fn, repeats: int) -> float:
-    fn()  # warm-up (and compilation)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def measure(shapes, dtype: str, repeats: int) -> list[dict]:
     import jax
     import jax.numpy as jnp
@@ -58,8 +46,8 @@ def measure(shapes, dtype: str, repeats: int) -> list[dict]:
         ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
         ta, tb = (torch.from_numpy(x).to(getattr(torch, dtype)) for x in (a, b))
         flops = 2 * m * k * n
-        jax_s = median_s(lambda: matmul(ja, jb).block_until_ready(), repeats)
-        torch_s = median_s(lambda: torch.matmul(ta, tb), repeats)
+        jax_s = bt.median_seconds(lambda: matmul(ja, jb).block_until_ready(), repeats)  # warm-up compiles
+        torch_s = bt.median_seconds(lambda: torch.matmul(ta, tb), repeats)
         rows.append({"shape": f"{m}x{k}x{n}", "jax_gflops": flops / jax_s / 1e9, "torch_gflops": flops / torch_s / 1e9})
     return rows
 

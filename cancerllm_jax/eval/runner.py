@@ -201,23 +201,10 @@ def tokenizer_spec(path: str, tokenizer: str | None) -> str | None:
 def check_tokenizer(path: str, tokenizer: str | None) -> None:
     """Load the tokenizer ``cancerllm_jax.load(path, tokenizer=tokenizer)`` would use (no weights read), so a bad
     ``--tokenizer`` or a model without one fails before anything is written."""
-    from cancerllm_jax.api import read_model_config
-    from cancerllm_jax.data.tokenizer import load_tokenizer
+    from cancerllm_jax.api import read_model_config, tokenizer_for
 
-    spec, mc = tokenizer_spec(path, tokenizer), read_model_config(path)
-    if spec is not None:
-        tok = load_tokenizer(spec)
-        if tok.vocab_size > mc.vocab_size:  # as load() refuses it
-            raise UserError(f"tokenizer {getattr(tok, 'name', spec)} has {tok.vocab_size} tokens but the model's "
-                            f"vocabulary is {mc.vocab_size}")
-        return
-    if mc.vocab_size == 32000 and mc.model_type == "mistral":  # load() falls back to the shipped Mistral v1 one
-        try:
-            load_tokenizer(None)
-            return
-        except UserError:
-            pass
-    raise UserError(f"{path}: no tokenizer found; pass --tokenizer")
+    if tokenizer_for(read_model_config(path), tokenizer_spec(path, tokenizer)) is None:
+        raise UserError(f"{path}: no tokenizer found; pass --tokenizer")
 
 
 def tokenizer_sha256(spec: str | None) -> str | None:
