@@ -182,14 +182,13 @@ def test_adapter_missing_or_unexpected_keys_are_errors(base, tuned, tmp_path):
 
 @pytest.mark.parametrize("field, value", [("alora_invocation_tokens", [10, 11]), ("init_lora_weights", "pissa"),
                                           ("init_lora_weights", "pissa_niter_4"), ("init_lora_weights", "olora"),
-                                          ("init_lora_weights", "loftq"), ("exclude_modules", ["q_proj"]),
-                                          ("arrow_config", {"top_k": 3}), ("use_qalora", True),
-                                          ("layers_to_transform", 0),
+                                          ("init_lora_weights", "loftq"), ("arrow_config", {"top_k": 3}),
+                                          ("use_qalora", True), ("rank_pattern", {"q_proj": 2}),
                                           ("some_future_variant", {"on": True})])
 def test_adapters_that_are_more_than_their_factors_are_refused(base, tuned, tmp_path, field, value):
     """aLoRA acts only after its invocation tokens; PiSSA / OLoRA / LoftQ rewrite the base weights when peft loads
-    them; Arrow routes between adapters; exclude_modules leaves modules out: read as plain factors they would give
-    other logits than peft, so they are errors, and so is any field this reader does not know that is set."""
+    them; Arrow routes between adapters; a rank pattern gives modules other ranks: read as plain factors they would
+    give other logits than peft, so they are errors, and so is any field this reader does not know that is set."""
     folder, cfg, _, _ = base
     lp, _ = tuned
     out = str(tmp_path / "a")

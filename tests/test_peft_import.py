@@ -17,7 +17,8 @@ from safetensors.numpy import load_file
 import cancerllm_jax as cj
 from cancerllm_jax import api
 from cancerllm_jax.checkpoint.hf import read_hf, write_hf
-from cancerllm_jax.config import LoRAConfig
+from cancerllm_jax.checkpoint.peft import HF_MODULES, read_peft_adapter
+from cancerllm_jax.config import LoRAConfig, read_hf_config
 from cancerllm_jax.errors import UserError
 from cancerllm_jax.model.lora import merge_lora_params
 from helpers import one_clear_error
@@ -34,17 +35,18 @@ IDS = np.random.default_rng(1).integers(0, VOCAB, size=(2, 15))  # longer than t
 
 
 def make_adapter(folder, layers: int = 2, hidden: int = 32, seed: int = 0, targets=TARGETS, r: int = 4,
-                 std: float = 0.2, base_dtype=torch.float32, **kw):
-    """Save a tiny random HF Mistral (``base_dtype``) to ``folder/base`` and a peft adapter with random (non-zero)
-    factors on it to ``folder/adapter``; returns ``(base, adapter, peft logits of IDS, base logits of IDS)``, both
-    computed in fp32."""
+                 std: float = 0.2, base_dtype=torch.float32, peft_kw: dict | None = None, **kw):
+    """Save a tiny random HF Mistral (``base_dtype``) to ``folder/base`` and a peft adapter (``peft_kw``: more
+    LoraConfig fields) with random (non-zero) factors on it to ``folder/adapter``; returns ``(base, adapter, peft
+    logits of IDS, base logits of IDS)``, both computed in fp32."""
     torch.manual_seed(seed)
     hf_cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=48,
                                         num_hidden_layers=layers, sliding_window=6, max_position_embeddings=128,
                                         initializer_range=0.1, **kw)
     base, adapter = os.path.join(folder, "base"), os.path.join(folder, "adapter")
     transformers.MistralForCausalLM(hf_cfg).to(base_dtype).save_pretrained(base, safe_serialization=True)
-    pconf = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM")
+    pconf = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM",
+                            **(peft_kw or {}))
     pmodel = peft.get_peft_model(hf_base(base), pconf).eval()
     with torch.no_grad():
         for name, p in pmodel.named_parameters():
@@ -202,16 +204,78 @@ def test_target_modules_as_peft_matches_them(tmp_path, targets):
     assert max_diff(ref, base_only) > 1e-2
 
 
-@pytest.mark.parametrize("targets", [["model.layers.1.self_attn.o_proj"], r"model\.layers\.1\.self_attn\.q_proj",
-                                     r".*\.0\.mlp\.down_proj"])
-def test_an_adapter_of_some_layers_only_is_refused_as_such(tmp_path, targets):
-    """peft adapts only the layers such target_modules name; that is refused as what it is, not as "a tensor is
-    missing (an adapter for another base model?)" nor as "matches none"."""
-    from cancerllm_jax.errors import UserError
+SOME_LAYERS = {  # peft configs that adapt some layers (of 3) only
+    "names": dict(targets=["model.layers.1.self_attn.o_proj", "model.layers.2.mlp.up_proj", "q_proj"]),
+    "regex": dict(targets=r"model\.layers\.[02]\.(self_attn\.v_proj|mlp\.down_proj)"),
+    "layers_to_transform": dict(targets=["q_proj", "down_proj"], peft_kw=dict(layers_to_transform=[0, 2])),
+    "one_layer_with_pattern": dict(targets=["v_proj", "gate_proj", "o_proj"],
+                                   peft_kw=dict(layers_to_transform=1, layers_pattern="layers")),
+    "exclude_regex": dict(targets=["k_proj", "gate_proj"], peft_kw=dict(exclude_modules=r".*\.1\.self_attn\..*")),
+    "exclude_names": dict(targets="all-linear", peft_kw=dict(exclude_modules=["model.layers.0.mlp.up_proj",
+                                                                              "o_proj"])),
+}
 
-    base, adapter, _, _ = make_adapter(str(tmp_path), seed=3, targets=targets, r=2, num_attention_heads=4,
-                                       num_key_value_heads=2)
-    with pytest.raises(UserError, match="some layers only.*leave some layers out|leaves the last layers out"):
+
+@pytest.mark.parametrize("case", sorted(SOME_LAYERS))
+def test_an_adapter_of_some_layers_gives_peft_logits_and_exports_back(tmp_path, case):
+    """Adapters that leave some layers or projections out (names of some layers, a pattern, ``layers_to_transform``
+    with or without ``layers_pattern``, ``exclude_modules``) adapt exactly the modules peft adapts: the others keep
+    zero factors. Merged or kept apart, the logits are peft's; exported back as a PEFT adapter (every layer, zero
+    factors where peft had none), peft gives the same logits."""
+    base, adapter, ref, base_only = make_adapter(str(tmp_path), layers=3, seed=3, r=2, std=0.3, num_attention_heads=4,
+                                                 num_key_value_heads=2, **SOME_LAYERS[case])
+    assert max_diff(ref, base_only) > 1e-2
+    pmodel = peft.PeftModel.from_pretrained(hf_base(base), adapter)
+    adapted = {n.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight")
+               for n, _ in pmodel.named_parameters() if n.endswith("lora_A.default.weight")}
+    _, lora_params = read_peft_adapter(adapter, read_hf_config(base))
+    ours = {f"model.layers.{i}.{HF_MODULES[t]}" for t, f in lora_params["layers"].items() for i in range(3)
+            if np.abs(f["lora_b"][i]).max() > 0}
+    assert ours == adapted
+    assert max_diff(cj.load(base, adapter=adapter, merge_lora=False).logits(IDS), ref) <= 1e-4
+    assert max_diff(cj.load(base, adapter=adapter).logits(IDS), ref) <= 1e-4
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    assert convert.main(["from-hf", base, ckpt, "--peft-adapter", adapter]) == 0
+    assert convert.main(["to-hf", ckpt, back, "--peft-adapter"]) == 0
+    assert max_diff(torch_logits(peft.PeftModel.from_pretrained(hf_base(base), back).eval(), IDS), ref) <= 1e-4
+
+
+def test_an_adapter_of_some_layers_is_checked_against_its_config(tmp_path):
+    """The tensors must be those of the modules the config adapts: one missing, or one for a module it leaves out,
+    is an error naming the tensor; malformed layer fields are errors naming the field."""
+    from safetensors.numpy import save_file
+
+    base, adapter, _, _ = make_adapter(str(tmp_path), layers=3, seed=4, r=2, targets=["q_proj"], num_attention_heads=4,
+                                       num_key_value_heads=2,
+                                       peft_kw=dict(layers_to_transform=[0, 2]))
+    conf_path = os.path.join(adapter, "adapter_config.json")
+    conf = json.load(open(conf_path))
+    weights = os.path.join(adapter, "adapter_model.safetensors")
+    tensors = load_file(weights)
+    for layers, match in (([0], "unexpected tensor.*layers.2.self_attn.q_proj.lora_A"),
+                          ([0, 1, 2], "tensor .*layers.1.self_attn.q_proj.lora_A.weight is missing"),
+                          ("1", "layers_to_transform must be a layer index or a list of them"),
+                          ([0, True], "layers_to_transform must be")):
+        json.dump({**conf, "layers_to_transform": layers}, open(conf_path, "w"))
+        with pytest.raises(UserError, match=match):
+            cj.load(base, adapter=adapter)
+    for field, value, match in (("exclude_modules", 5, "exclude_modules must be a string or a list of strings"),
+                                ("exclude_modules", "q_proj(", "exclude_modules 'q_proj\\(' is not a valid regular"),
+                                ("target_modules", r"model\.layers\.7\.self_attn\.q_proj", "adapt none of"),
+                                ("target_modules", r".*layers\.0", "matches model.layers.0, which is not supported"),
+                                ("target_modules", "lm_head|.*q_proj", "matches lm_head")):
+        json.dump({**conf, "layers_to_transform": None, field: value}, open(conf_path, "w"))
+        with pytest.raises(UserError, match=match):
+            cj.load(base, adapter=adapter)
+    json.dump({**conf, "layers_pattern": ["h", "blocks"]}, open(conf_path, "w"))  # GPT-2's, another model's
+    with pytest.raises(UserError, match="adapt none of"):
+        cj.load(base, adapter=adapter)
+    json.dump({**conf, "target_modules": ".*q_proj"}, open(conf_path, "w"))
+    with pytest.raises(UserError, match="layers_to_transform cannot be used when target_modules is a regular"):
+        cj.load(base, adapter=adapter)
+    json.dump({**conf, "layers_to_transform": None}, open(conf_path, "w"))
+    save_file({k: v for k, v in tensors.items() if ".2." not in k}, weights)
+    with pytest.raises(UserError, match="layers.1.self_attn.q_proj.lora_A.weight is missing"):
         cj.load(base, adapter=adapter)
 
 
@@ -267,5 +331,5 @@ def test_target_modules_naming_a_module_that_is_no_projection_is_refused(mha, tm
     with pytest.raises(UserError, match=f"target module\\(s\\) \\['{name}'\\] are not supported"):
         read_adapter_config(edited)
     json.dump({**json.load(open(path)), "target_modules": ["c_attn"]}, open(path, "w"))
-    with pytest.raises(UserError, match="name none of"):
+    with pytest.raises(UserError, match=r"target_modules \['c_attn'\] adapt none of .* in any layer"):
         read_adapter_config(edited)

@@ -26,20 +26,24 @@ HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.
               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "use_qalora": False}
 # set, these change which weights get factors or what the layer computes (LoRA variants of peft 0.21)
-_EMPTY = ("layers_to_transform", "rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication",
-          "target_parameters", "trainable_token_indices", "alora_invocation_tokens", "exclude_modules",
+_EMPTY = ("rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication",
+          "target_parameters", "trainable_token_indices", "alora_invocation_tokens",
           "velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")
 # fields that do not change a plain LoRA's forward (bookkeeping, training-time or initialisation-only settings,
-# and settings for features refused above; peft sets fan_in_fan_out to False on nn.Linear, every target here, and
-# use_rslora is read below); any other field that is set is an error: a newer peft's variant
+# and settings for features refused above; peft sets fan_in_fan_out to False on nn.Linear, every target here) and
+# fields read below (use_rslora, layers_to_transform, layers_pattern, exclude_modules); any other field that is set
+# is an error: a newer peft's variant
 _HARMLESS = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
              "inference_mode", "r", "lora_alpha", "lora_dropout", "target_modules", "init_lora_weights",
-             "fan_in_fan_out", "use_rslora",
-             "layers_pattern", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
-             "lora_ga_config", "qalora_group_size", "runtime_config", "ensure_weight_tying")
+             "fan_in_fan_out", "use_rslora", "layers_to_transform", "layers_pattern", "exclude_modules",
+             "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+             "qalora_group_size", "runtime_config", "ensure_weight_tying")
 # the model's modules that are not LoRA projections (names peft's target_modules could match)
 _OTHER_MODULES = ("model", "layers", "embed_tokens", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm",
                   "norm", "rotary_emb", "lm_head", "act_fn")
+_OTHER_NAMES = ("model", "model.embed_tokens", "model.layers", "model.layers.0", "model.layers.0.self_attn",
+                "model.layers.0.mlp", "model.layers.0.mlp.act_fn", "model.layers.0.input_layernorm",
+                "model.layers.0.post_attention_layernorm", "model.norm", "model.rotary_emb", "lm_head")
 # initialisations after which peft rewrites the base weights when it loads the adapter: the factors alone are not
 # the model (such adapters load here only after peft's conversion to a plain LoRA, path_initial_model_for_...)
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -130,12 +134,75 @@ def adapter_base_name(folder: str) -> str | None:
     return _adapter_json(folder)[1].get("base_model_name_or_path")
 
 
-_SOME_LAYERS = ("adapters that leave some layers out (layer-specific target_modules, layers_to_transform) are not "
-                "supported: every layer must carry the adapted projections")
+def _module_name(layer: int, target: str) -> str:
+    """The base model's name of a projection, as peft matches ``target_modules`` against it."""
+    return f"model.layers.{layer}.{HF_MODULES[target]}"
 
 
-def read_adapter_config(folder: str) -> LoRAConfig:
-    """LoRAConfig from a PEFT ``adapter_config.json``; features we do not implement are errors."""
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_field(path: str, conf: dict, key: str, item) -> None:
+    """``conf[key]`` is null, one ``item`` or a list of them (a string: a valid regular expression)."""
+    value = conf.get(key)
+    one = _is_int if item is int else (lambda v: isinstance(v, str))
+    if not (value is None or one(value) or isinstance(value, list) and all(one(v) for v in value)):
+        what = "a layer index or a list of them" if item is int else "a string or a list of strings"
+        raise UserError(f"{path}: {key} must be {what}, got {json.dumps(value)}")
+    for pattern in ([value] if isinstance(value, str) else []):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UserError(f"{path}: {key} {pattern!r} is not a valid regular expression ({e})") from None
+
+
+def _peft_matcher(path: str, conf: dict):
+    """``adapts(name) -> bool``: whether peft (0.21, ``check_target_module_exists``) puts LoRA on the base model's
+    module ``name`` under this config: ``exclude_modules``, then ``target_modules`` (a regular expression that must
+    match the whole name; or names, whole or as the name's last parts), then ``layers_to_transform`` with
+    ``layers_pattern`` (list targets only, as in peft)."""
+    for key, item in (("target_modules", str), ("exclude_modules", str), ("layers_pattern", str),
+                      ("layers_to_transform", int)):
+        _check_field(path, conf, key, item)
+    targets, exclude = conf.get("target_modules"), conf.get("exclude_modules")
+    indexes, layers_pattern = conf.get("layers_to_transform"), conf.get("layers_pattern")
+    use_indexes = indexes is not None and (len(indexes) != 0 if isinstance(indexes, list) else True)
+    if isinstance(targets, str) and indexes is not None:  # peft's LoraConfig refuses it
+        raise UserError(f"{path}: layers_to_transform cannot be used when target_modules is a regular expression "
+                        f"(a string), as in peft")
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+
+    def layer_of(name: str) -> int | None:
+        if not patterns:  # peft: an empty layers_pattern takes the first numbered part
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+        else:
+            match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))), None)
+        return int(match.group("idx")) if match else None
+
+    def adapts(name: str) -> bool:
+        if exclude:
+            if isinstance(exclude, str):
+                if re.fullmatch(exclude, name):
+                    return False
+            elif name in exclude or any(name.endswith(f".{e}") for e in exclude):
+                return False
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        if name in targets:
+            return True
+        found = any(name.endswith(f".{t}") for t in targets)
+        if found and use_indexes:
+            layer = layer_of(name)
+            return layer is not None and (layer == indexes if isinstance(indexes, int) else layer in indexes)
+        return found
+
+    return adapts
+
+
+def _read_config(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[str, list[int]]]:
+    """``(LoRAConfig, {target: the layers peft adapts})`` from a PEFT ``adapter_config.json`` for a model of
+    ``num_layers`` layers (None: not known yet); features we do not implement are errors."""
     path, conf = _adapter_json(folder)
     if str(conf.get("peft_type", "")).upper() != "LORA":
         raise UserError(f"{path}: peft_type {conf.get('peft_type')!r} is not supported (only LORA)")
@@ -148,7 +215,7 @@ def read_adapter_config(folder: str) -> LoRAConfig:
                         "convert it to a plain LoRA adapter with peft first (path_initial_model_for_weight_conversion)")
     if conf.get("bias", "none") != "none":
         raise UserError(f"{path}: bias={conf['bias']!r} is not supported (only 'none')")
-    for key in _EMPTY:  # set: not null, false or empty (layers_to_transform=0 is layer 0 alone)
+    for key in _EMPTY:  # set: not null, false or empty
         if conf.get(key) is not None and conf[key] is not False and conf[key] not in ("", [], {}):
             raise UserError(f"{path}: {key}={conf[key]!r} is not supported")
     unknown = [k for k, v in conf.items() if v and k not in (*_HARMLESS, *_UNSUPPORTED, *_EMPTY, "bias")]
@@ -156,45 +223,48 @@ def read_adapter_config(folder: str) -> LoRAConfig:
         raise UserError(f"{path}: field {unknown[0]}={conf[unknown[0]]!r} is not known here (a LoRA variant of a "
                         "newer peft?); only plain LoRA adapters are supported")
     targets = conf.get("target_modules")
-    names = {v.split(".")[-1]: k for k, v in HF_MODULES.items()}
-    if targets == "all-linear":
-        targets = list(LORA_TARGETS)
-    elif isinstance(targets, str):  # peft: a regular expression that must match a module's whole name
-        try:
-            pattern = re.compile(targets)
-        except re.error as e:
-            raise UserError(f"{path}: target_modules {targets!r} is not a valid regular expression ({e})") from None
-        targets = [t for t, m in HF_MODULES.items() if pattern.fullmatch(f"model.layers.0.{m}")]
-        some = [t for t, m in HF_MODULES.items() if any(pattern.fullmatch(f"model.layers.{i}.{m}")
-                                                        for i in range(1, 1024))]
-        if set(some) - set(targets):
-            raise UserError(f"{path}: target_modules {conf['target_modules']!r} adapts some layers only; "
-                            f"{_SOME_LAYERS}")
-        if not targets:
-            raise UserError(f"{path}: target_modules {conf['target_modules']!r} matches none of "
-                            f"{sorted(names)} (in model.layers.N.*)")
-    if not isinstance(targets, list) or not targets:
-        raise UserError(f"{path}: target_modules must be a list of module names, got {targets!r}")
-    # peft also matches a module by a name it ends with: full names (model.layers.0.mlp.down_proj, as peft saves
-    # "all-linear" for small models) name their projection by the last part; layers an adapter leaves out are
-    # found missing when its tensors are read
-    targets = [t.split(".")[-1] if isinstance(t, str) else t for t in targets]
-    bad = [t for t in targets if not isinstance(t, str) or t in _OTHER_MODULES or t.isdigit()]
-    if bad:  # peft would adapt (lm_head, embed_tokens) or refuse (a block, a norm) a module other than a projection
-        raise UserError(f"{path}: target module(s) {bad} are not supported (choose from {sorted(names)})")
-    absent = [t for t in targets if t not in names and t not in LORA_TARGETS]
-    if absent:  # peft ignores a name no module of the model ends with (another architecture's)
-        log.warning("%s: target_modules %s name no module of a Mistral/Llama model; ignored, as peft ignores them",
-                    path, absent)
-    targets = list(dict.fromkeys(t for t in targets if t not in absent))
-    if not targets:
-        raise UserError(f"{path}: target_modules {conf['target_modules']!r} name none of {sorted(names)}")
+    peft_names = {k: v.split(".")[-1] for k, v in HF_MODULES.items()}  # q -> q_proj
+    names = {v: k for k, v in peft_names.items()}
+    if targets == "all-linear":  # peft: every linear layer but the output layer
+        conf = {**conf, "target_modules": list(names)}
+        order = list(LORA_TARGETS)
+    elif isinstance(targets, str):  # a regular expression that must match a module's whole name
+        order = list(HF_MODULES)
+        adapts = _peft_matcher(path, conf)
+        other = [m for m in _OTHER_NAMES if adapts(m)]
+        if other:  # peft would adapt (lm_head, embed_tokens) or refuse (a block, a norm) a module other than these
+            raise UserError(f"{path}: target_modules {targets!r} matches {other[0]}, which is not supported "
+                            f"(only projections: {sorted(names)})")
+    else:
+        if not isinstance(targets, list) or not targets:
+            raise UserError(f"{path}: target_modules must be a list of module names, got {targets!r}")
+        # a name peft matches by the module name's last parts (full names: model.layers.0.mlp.down_proj, as peft
+        # saves "all-linear" for small models) names its projection by its last part
+        last = [t.split(".")[-1] if isinstance(t, str) else t for t in targets]
+        bad = [t for t in last if not isinstance(t, str) or t in _OTHER_MODULES or t.isdigit()]
+        if bad:  # peft would adapt (lm_head, embed_tokens) or refuse (a block, a norm) a module other than a projection
+            raise UserError(f"{path}: target module(s) {bad} are not supported (choose from {sorted(names)})")
+        absent = [t for t in last if t not in names and t not in LORA_TARGETS]
+        if absent:  # peft ignores a name no module of the model ends with (another architecture's)
+            log.warning("%s: target_modules %s name no module of a Mistral/Llama model; ignored, as peft ignores "
+                        "them", path, absent)
+        order = list(dict.fromkeys(names.get(t, t) for t in last if t not in absent))
+        conf = {**conf, "target_modules": [peft_names.get(t, t) for t in targets]}  # ours (q, down) as peft's
+    adapts = _peft_matcher(path, conf)
+    layers = {t: [i for i in range(num_layers or 1024) if adapts(_module_name(i, t))] for t in order}
+    layers = {t: ids for t, ids in layers.items() if ids}
+    if not layers:
+        settings = "".join(f", {k} {conf[k]!r}" for k in ("layers_to_transform", "layers_pattern", "exclude_modules")
+                           if conf.get(k) not in (None, "", []))
+        where = f"its {num_layers} layers" if num_layers is not None else "any layer"
+        raise UserError(f"{path}: target_modules {targets!r}{settings} adapt none of {sorted(names)} in {where} "
+                        "(model.layers.N.*)")
     r = conf.get("r")
     if isinstance(r, bool) or not (isinstance(r, int) or isinstance(r, float) and r.is_integer()):
         raise UserError(f"{path}: r must be a whole number, got {json.dumps(r)}")  # int(8.5) would be rank 8
     try:
         lora = LoRAConfig(rank=int(r), alpha=float(conf["lora_alpha"]),
-                          dropout=float(conf.get("lora_dropout", 0.0)), targets=tuple(names.get(t, t) for t in targets))
+                          dropout=float(conf.get("lora_dropout", 0.0)), targets=tuple(layers))
     except KeyError as e:
         raise UserError(f"{path}: missing field {e}") from None
     except (TypeError, ValueError) as e:
@@ -202,7 +272,14 @@ def read_adapter_config(folder: str) -> LoRAConfig:
     except UserError as e:
         raise UserError(f"{path}: {e} (from r / lora_alpha / lora_dropout)") from None
     # use_rslora: peft scales by alpha / sqrt(r), the same as alpha * sqrt(r) / r
-    return dataclasses.replace(lora, alpha=lora.alpha * math.sqrt(lora.rank)) if conf.get("use_rslora") else lora
+    lora = dataclasses.replace(lora, alpha=lora.alpha * math.sqrt(lora.rank)) if conf.get("use_rslora") else lora
+    return lora, layers
+
+
+def read_adapter_config(folder: str, num_layers: int | None = None) -> LoRAConfig:
+    """LoRAConfig from a PEFT ``adapter_config.json`` (its targets: the projections peft adapts in at least one
+    of ``num_layers`` layers, None: of any model); features we do not implement are errors."""
+    return _read_config(folder, num_layers)[0]
 
 
 def check_adapter_folder(folder: str) -> LoRAConfig:
@@ -225,7 +302,9 @@ def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
 
     from cancerllm_jax.model.mistral import proj_shapes
 
-    lora_cfg = check_adapter_folder(folder)
+    check_adapter_folder(folder)
+    n = cfg.num_layers
+    lora_cfg, adapted = _read_config(folder, n)
     path = os.path.join(folder, ADAPTER_WEIGHTS)
     try:
         handle = safe_open(path, framework="numpy")
@@ -236,23 +315,21 @@ def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
     # Some writers keep the adapter name ("...q_proj.lora_A.default.weight"): accept it.
     keys = {k.replace(".default.weight", ".weight"): v for k, v in keys.items()}
     shapes = proj_shapes(cfg)
-    n, r = cfg.num_layers, lora_cfg.rank
+    r = lora_cfg.rank
     other = f" (an adapter for another base model? this one has {n} layers, hidden size {cfg.hidden_size})"
     out: dict = {}
     used = set()
     for t in lora_cfg.targets:
         d_in, d_out = shapes[t]
-        a = np.empty((n, d_in, r), np.float32)
-        b = np.empty((n, r, d_out), np.float32)
-        for i in range(n):
+        # a layer the adapter leaves out (layers_to_transform, names or a pattern of some layers) keeps zero factors:
+        # its product is exactly zero, the base layer as in peft
+        a = np.zeros((n, d_in, r), np.float32)
+        b = np.zeros((n, r, d_out), np.float32)
+        for i in adapted[t]:
             for factor, dst, want in (("A", a, (r, d_in)), ("B", b, (d_out, r))):
                 key = peft_key(i, t, factor)
                 if key not in keys:
-                    if any(peft_key(j, t, factor) in keys for j in range(i + 1, n)):  # a gap, not fewer layers
-                        raise UserError(f"{path}: adapts {HF_MODULES[t]} in some layers only (not in layer {i}); "
-                                        f"{_SOME_LAYERS}")
-                    raise UserError(f"{path}: tensor {key} is missing{other[:-1]}; or one that leaves the last "
-                                    "layers out, which is not supported)")
+                    raise UserError(f"{path}: tensor {key} is missing{other}")
                 arr = handle.get_tensor(keys[key])
                 if tuple(arr.shape) != want:
                     raise UserError(f"{path}: tensor {key} has shape {tuple(arr.shape)}, expected {want}{other}")
@@ -262,7 +339,7 @@ def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
     extra = sorted(set(keys) - used)
     if extra:
         raise UserError(f"{path}: unexpected tensor(s) {extra[:5]}{'…' if len(extra) > 5 else ''} "
-                        f"(not LoRA factors of {list(lora_cfg.targets)} in a {n}-layer model)")
+                        f"(not LoRA factors of the projections its adapter_config.json adapts in a {n}-layer model)")
     return lora_cfg, {"layers": out}
 
 
