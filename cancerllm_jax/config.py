@@ -129,9 +129,14 @@ HF_COMMON_DEFAULTS = {"head_dim": None, "rms_norm_eps": 1e-6, "tie_word_embeddin
                       "eos_token_id": 2, "pad_token_id": None, "hidden_act": "silu"}
 
 
-def eos_list(value) -> list[int]:
-    """An HF ``eos_token_id`` (an int, a list of ints or null) as a list."""
-    return [int(v) for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
+def eos_list(value, source: str = "config.json") -> list[int]:
+    """An HF ``eos_token_id`` (an int, a list of ints or null) as a list; anything else is an error naming
+    ``source`` (a string or a float id was ignored: generation did not stop where transformers' does)."""
+    items = [] if value is None else value if isinstance(value, list) else [value]
+    bad = [v for v in items if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v != int(v)]
+    if bad:
+        raise UserError(f"{source}: eos_token_id must be a token id or a list of them, got {json.dumps(value)}")
+    return [int(v) for v in items]
 
 
 def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
@@ -227,7 +232,7 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
         tie_embeddings=_bool("tie_word_embeddings", hf["tie_word_embeddings"]),
         max_position_embeddings=_int("max_position_embeddings", hf["max_position_embeddings"]),
         bos_token_id=_tok("bos_token_id"), eos_token_id=_tok("eos_token_id"), pad_token_id=_tok("pad_token_id"),
-        model_type=mtype, eos_token_ids=tuple(eos_list(hf["eos_token_id"])), rope_type=rope_type,
+        model_type=mtype, eos_token_ids=tuple(eos_list(hf["eos_token_id"], source)), rope_type=rope_type,
         **{f: (_int(k, rope[k]) if f.endswith("embeddings") else _float(k, rope[k]))
            for k, f in ROPE_KEYS[rope_type].items()})
     try:
@@ -266,7 +271,9 @@ def hf_eos_ids(folder: str) -> set[int]:
         if not os.path.isfile(path):
             continue
         data = read_json_file(path)
-        out.update(eos_list(data.get("eos_token_id") if isinstance(data, dict) else None))
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a JSON object")
+        out.update(eos_list(data.get("eos_token_id"), path))
     return out
 
 

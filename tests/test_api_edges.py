@@ -202,6 +202,36 @@ def test_tokenizer_argument_forms(base_and_adapter, tmp_path):
         cj.load(base, tokenizer=5)
 
 
+def test_tokenizer_encode_and_decode_check_their_arguments(tmp_path):
+    """``encode`` takes a str; ``decode`` one sequence of integer ids (list, tuple, numpy or jax array, or one id),
+    dropping ids outside the vocabulary as it drops special tokens; a string, floats, booleans or a batch are one
+    clear ``TypeError`` (they leaked sentencepiece's or transformers' own errors, or decoded int(1.5) as BOS)."""
+    import jax.numpy as jnp
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+
+    tk = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3, "b": 4}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                         eos_token="</s>").save_pretrained(tmp_path)
+    for tok in (load_tokenizer(str(tmp_path)), load_tokenizer("mistral-v1")):
+        ids = tok.encode("a b")
+        text = tok.decode(ids)
+        assert text.strip() == "a b"
+        for same in (tuple(ids), np.array(ids, np.int64), jnp.array(ids, jnp.int32), [-1, *ids, 10 ** 6]):
+            assert tok.decode(same) == text
+        assert tok.decode(ids[0]) == tok.decode(ids[:1]) and tok.decode([]) == ""
+        for bad, words in (("abc", "got str"), ([[3, 4]], "2-D"), ([[3, 4], [3]], "got list"), ([1.5], "float64"),
+                           ([True], "bool"), (None, "NoneType")):
+            with pytest.raises(TypeError, match=f"tokenizer.decode: ids must be one sequence.*{words}"):
+                tok.decode(bad)
+        for bad in (5, None, b"a b"):
+            with pytest.raises(UserError, match="tokenizer.encode: text must be a str"):
+                tok.encode(bad)
+
+
 def test_a_model_path_that_is_an_adapter_or_inside_a_run_says_what_to_give(base_and_adapter, tmp_path):
     _, base, adapter, _ = base_and_adapter
     with pytest.raises(UserError, match="it is a PEFT adapter: give its base model as the path"):

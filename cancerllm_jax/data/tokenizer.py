@@ -11,7 +11,9 @@ import os
 import re
 from pathlib import Path
 
-from cancerllm_jax.errors import UserError
+import numpy as np
+
+from cancerllm_jax.errors import UserError, UserTypeError
 
 
 def mistral_v1_model_file() -> str:
@@ -24,6 +26,27 @@ def mistral_v1_model_file() -> str:
     if not path.exists():
         raise UserError(f"{path} is missing from the installed mistral-common; reinstall mistral-common==1.13.1")
     return str(path)
+
+
+def _check_text(text) -> str:
+    if not isinstance(text, str):
+        raise UserTypeError(f"tokenizer.encode: text must be a str, got {type(text).__name__}")
+    return text
+
+
+def _token_ids(ids) -> list[int]:
+    """``ids`` (a list, a tuple or a 1-D integer array; one id) as a list of ints; anything else is a UserTypeError (a
+    string, floats, booleans, a batch)."""
+    try:
+        arr = None if isinstance(ids, (str, bytes)) or ids is None else np.asarray(ids)
+    except ValueError:  # rows of different lengths
+        arr = None
+    if arr is not None and arr.dtype.kind in "iu" and arr.ndim <= 1 or arr is not None and arr.shape == (0,):
+        return arr.reshape(-1).astype(np.int64).tolist()
+    what = type(ids).__name__ if arr is None or arr.dtype.kind == "O" else (
+        f"a {arr.ndim}-D array" if arr.ndim > 1 else f"{arr.dtype} values")
+    raise UserTypeError(f"tokenizer.decode: ids must be one sequence of integer token ids, got {what} (decode a "
+                        "batch row by row)")
 
 
 class SentencePieceTokenizer:
@@ -55,6 +78,7 @@ class SentencePieceTokenizer:
     def encode(self, text: str, bos: bool = False, eos: bool = False, special: bool = False) -> list[int]:
         """As ``HFTokenizer.encode``: SentencePiece reads special-token strings (``</s>``) as text; with ``special``
         they are the tokens and the text between them is encoded piece by piece, as Llama's HF tokenizer does."""
+        _check_text(text)
         head = [self.bos_id] if bos and self.adds_bos else []
         tail = [self.eos_id] if eos and self.eos_id >= 0 else []
         if not special or not self.specials:
@@ -68,7 +92,7 @@ class SentencePieceTokenizer:
         ``<unk>`` and ids past this vocabulary (a model may have more rows than its tokenizer has pieces) are
         dropped, never a crash."""
         n = self.vocab_size
-        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < n and not self.sp.is_unknown(int(i))])
+        return self.sp.decode([i for i in _token_ids(ids) if 0 <= i < n and not self.sp.is_unknown(i)])
 
 
 class HFTokenizer:
@@ -117,7 +141,7 @@ class HFTokenizer:
         are encoded as plain text, as SentencePiece does, never as the special tokens themselves (notes and
         examples are data), unless ``special``: then they are the special tokens, as ``tokenizer(text)`` reads
         them (a prompt someone wrote with a chat template)."""
-        ids = list(self.tok.encode(text, add_special_tokens=False, split_special_tokens=not special))
+        ids = list(self.tok.encode(_check_text(text), add_special_tokens=False, split_special_tokens=not special))
         if bos and self.adds_bos:
             ids = [self.bos_id] + ids
         if eos and self.eos_id >= 0:
@@ -125,7 +149,9 @@ class HFTokenizer:
         return ids
 
     def decode(self, ids) -> str:
-        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        """As ``SentencePieceTokenizer.decode``: special tokens and ids past this vocabulary are dropped."""
+        n = len(self.tok)
+        return self.tok.decode([i for i in _token_ids(ids) if 0 <= i < n], skip_special_tokens=True)
 
 
 def bos_ids(tokenizer) -> list[int]:
