@@ -270,9 +270,13 @@ def test_an_adapter_of_some_layers_is_checked_against_its_config(tmp_path):
     json.dump({**conf, "layers_pattern": ["h", "blocks"]}, open(conf_path, "w"))  # GPT-2's, another model's
     with pytest.raises(UserError, match="adapt none of"):
         cj.load(base, adapter=adapter)
-    json.dump({**conf, "target_modules": ".*q_proj"}, open(conf_path, "w"))
-    with pytest.raises(UserError, match="layers_to_transform cannot be used when target_modules is a regular"):
-        cj.load(base, adapter=adapter)
+    for edit, words in (({"target_modules": ".*q_proj"}, "layers_to_transform cannot be used when target_modules is a "
+                                                         "string"),  # peft's LoraConfig refuses these three
+                        ({"target_modules": "all-linear", "layers_pattern": None}, "layers_to_transform cannot"),
+                        ({"layers_to_transform": None, "layers_pattern": "layers"}, "layers_pattern 'layers' needs")):
+        json.dump({**conf, **edit}, open(conf_path, "w"))
+        with pytest.raises(UserError, match=words):
+            cj.load(base, adapter=adapter)
     json.dump({**conf, "layers_to_transform": None}, open(conf_path, "w"))
     save_file({k: v for k, v in tensors.items() if ".2." not in k}, weights)
     with pytest.raises(UserError, match="layers.1.self_attn.q_proj.lora_A.weight is missing"):

@@ -168,9 +168,6 @@ def _peft_matcher(path: str, conf: dict):
     targets, exclude = conf.get("target_modules"), conf.get("exclude_modules")
     indexes, layers_pattern = conf.get("layers_to_transform"), conf.get("layers_pattern")
     use_indexes = indexes is not None and (len(indexes) != 0 if isinstance(indexes, list) else True)
-    if isinstance(targets, str) and indexes is not None:  # peft's LoraConfig refuses it
-        raise UserError(f"{path}: layers_to_transform cannot be used when target_modules is a regular expression "
-                        f"(a string), as in peft")
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
 
     def layer_of(name: str) -> int | None:
@@ -223,6 +220,11 @@ def _read_config(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[
         raise UserError(f"{path}: field {unknown[0]}={conf[unknown[0]]!r} is not known here (a LoRA variant of a "
                         "newer peft?); only plain LoRA adapters are supported")
     targets = conf.get("target_modules")
+    for key in ("layers_to_transform", "layers_pattern"):  # as peft's LoraConfig refuses them
+        if isinstance(targets, str) and conf.get(key) is not None:
+            raise UserError(f"{path}: {key} cannot be used when target_modules is a string ({targets!r}), as in peft")
+    if conf.get("layers_pattern") and conf.get("layers_to_transform") is None:
+        raise UserError(f"{path}: layers_pattern {conf['layers_pattern']!r} needs layers_to_transform, as in peft")
     peft_names = {k: v.split(".")[-1] for k, v in HF_MODULES.items()}  # q -> q_proj
     names = {v: k for k, v in peft_names.items()}
     if targets == "all-linear":  # peft: every linear layer but the output layer
