@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -213,6 +214,9 @@ SOME_LAYERS = {  # peft configs that adapt some layers (of 3) only
     "exclude_regex": dict(targets=["k_proj", "gate_proj"], peft_kw=dict(exclude_modules=r".*\.1\.self_attn\..*")),
     "exclude_names": dict(targets="all-linear", peft_kw=dict(exclude_modules=["model.layers.0.mlp.up_proj",
                                                                               "o_proj"])),
+    "empty_layers_pattern": dict(targets=["q_proj"], peft_kw=dict(layers_to_transform=1, layers_pattern="")),
+    "excluded_lm_head": dict(targets=["lm_head", "q_proj", "mlp"], peft_kw=dict(exclude_modules=["lm_head", "mlp"])),
+    "embeddings_have_no_layer": dict(targets=["embed_tokens", "up_proj"], peft_kw=dict(layers_to_transform=[1, 2])),
 }
 
 
@@ -262,8 +266,8 @@ def test_an_adapter_of_some_layers_is_checked_against_its_config(tmp_path):
     for field, value, match in (("exclude_modules", 5, "exclude_modules must be a string or a list of strings"),
                                 ("exclude_modules", "q_proj(", "exclude_modules 'q_proj\\(' is not a valid regular"),
                                 ("target_modules", r"model\.layers\.7\.self_attn\.q_proj", "adapt none of"),
-                                ("target_modules", r".*layers\.0", "matches model.layers.0, which is not supported"),
-                                ("target_modules", "lm_head|.*q_proj", "matches lm_head")):
+                                ("target_modules", r".*layers\.0", "adapt model.layers.0, which is not a LoRA"),
+                                ("target_modules", "lm_head|.*q_proj", "adapt lm_head")):
         json.dump({**conf, "layers_to_transform": None, field: value}, open(conf_path, "w"))
         with pytest.raises(UserError, match=match):
             cj.load(base, adapter=adapter)
@@ -323,17 +327,46 @@ def test_merges_in_the_converter_round_once_as_peft_does(tmp_path):
     assert max_diff(torch_logits(hf_base(back), IDS), ref) <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["lm_head", "embed_tokens", "mlp", "self_attn", "input_layernorm"])
-def test_target_modules_naming_a_module_that_is_no_projection_is_refused(mha, tmp_path, name):
-    """peft would adapt the LM head / embeddings, or refuse a block or a norm: not silently ignored here."""
+@pytest.mark.parametrize("targets, module", [(["q_proj", "lm_head"], "lm_head"),
+                                            (["embed_tokens"], "model.embed_tokens"), (["mlp"], "model.layers.0.mlp"),
+                                            (["q_proj", "self_attn"], "model.layers.0.self_attn"),
+                                            (["layers.1"], "model.layers.1"),
+                                            (["input_layernorm"], "model.layers.0.input_layernorm"),
+                                            (r".*\.1\..*", "model.layers.1.self_attn"),  # peft refuses: a block
+                                            (r".*\.1\.mlp|.*q_proj", "model.layers.1.mlp"),
+                                            ("lm_head|.*v_proj", "lm_head")])
+def test_target_modules_naming_a_module_that_is_no_projection_is_refused(mha, tmp_path, targets, module):
+    """peft would adapt the LM head / embeddings, or refuse a block or a norm (in any layer): not silently ignored
+    here."""
     from cancerllm_jax.checkpoint.peft import read_adapter_config
 
     edited = str(tmp_path / "a")
     shutil.copytree(mha[1], edited)
     path = os.path.join(edited, "adapter_config.json")
-    json.dump({**json.load(open(path)), "target_modules": ["q_proj", name]}, open(path, "w"))
-    with pytest.raises(UserError, match=f"target module\\(s\\) \\['{name}'\\] are not supported"):
+    json.dump({**json.load(open(path)), "target_modules": targets}, open(path, "w"))
+    with pytest.raises(UserError, match=f"adapt {re.escape(module)}, which is not a LoRA projection"):
         read_adapter_config(edited)
-    json.dump({**json.load(open(path)), "target_modules": ["c_attn"]}, open(path, "w"))
-    with pytest.raises(UserError, match=r"target_modules \['c_attn'\] adapt none of .* in any layer"):
-        read_adapter_config(edited)
+
+
+@pytest.mark.parametrize("edit, adapted, words", [
+    ({"target_modules": ["c_attn"]}, None, r"target_modules \['c_attn'\] adapt none of .* in any layer"),
+    ({"target_modules": ["q", "k"]}, None, "adapt none of"),  # our own short names are not peft's
+    ({"target_modules": ["q_proj", "down"]}, ("q",), None),  # ... and are ignored as peft ignores them
+    ({"target_modules": "ALL-LINEAR"}, ("q", "k", "v", "o", "gate", "up", "down"), None),  # peft reads any case
+    ({"layers_to_transform": [0], "layers_pattern": ["layers", "[lay"]}, None, "layers_pattern '\\[lay' is not"),
+    ({"layers_to_transform": [0], "layers_pattern": "(?P<idx>l)ayers"}, None, "layers_pattern .* is not a valid"),
+    ({"target_modules": [1]}, None, "target_modules must be a string or a list of strings"),
+    ({"target_modules": []}, None, "target_modules must be a list of module names or a regular expression"),
+])
+def test_adapter_target_fields_read_as_peft_reads_them(mha, tmp_path, edit, adapted, words):
+    from cancerllm_jax.checkpoint.peft import read_adapter_config
+
+    edited = str(tmp_path / "a")
+    shutil.copytree(mha[1], edited)
+    path = os.path.join(edited, "adapter_config.json")
+    json.dump({**json.load(open(path)), **edit}, open(path, "w"))
+    if words is not None:
+        with pytest.raises(UserError, match=words):
+            read_adapter_config(edited)
+    else:
+        assert read_adapter_config(edited, 2).targets == adapted

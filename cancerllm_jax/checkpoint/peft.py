@@ -38,12 +38,6 @@ _HARMLESS = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_mod
              "fan_in_fan_out", "use_rslora", "layers_to_transform", "layers_pattern", "exclude_modules",
              "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
              "qalora_group_size", "runtime_config", "ensure_weight_tying")
-# the model's modules that are not LoRA projections (names peft's target_modules could match)
-_OTHER_MODULES = ("model", "layers", "embed_tokens", "self_attn", "mlp", "input_layernorm", "post_attention_layernorm",
-                  "norm", "rotary_emb", "lm_head", "act_fn")
-_OTHER_NAMES = ("model", "model.embed_tokens", "model.layers", "model.layers.0", "model.layers.0.self_attn",
-                "model.layers.0.mlp", "model.layers.0.mlp.act_fn", "model.layers.0.input_layernorm",
-                "model.layers.0.post_attention_layernorm", "model.norm", "model.rotary_emb", "lm_head")
 # initialisations after which peft rewrites the base weights when it loads the adapter: the factors alone are not
 # the model (such adapters load here only after peft's conversion to a plain LoRA, path_initial_model_for_...)
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -139,6 +133,14 @@ def _module_name(layer: int, target: str) -> str:
     return f"model.layers.{layer}.{HF_MODULES[target]}"
 
 
+def _other_module_names(num_layers: int) -> list[str]:
+    """The names of the base model's modules that are not LoRA projections (peft's target_modules could match them:
+    it would adapt the LM head or the embeddings, and refuse a block or a norm)."""
+    per_layer = ("", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layernorm", ".post_attention_layernorm")
+    return ["model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head",
+            *(f"model.layers.{i}{m}" for i in range(num_layers) for m in per_layer)]
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -168,13 +170,18 @@ def _peft_matcher(path: str, conf: dict):
     targets, exclude = conf.get("target_modules"), conf.get("exclude_modules")
     indexes, layers_pattern = conf.get("layers_to_transform"), conf.get("layers_pattern")
     use_indexes = indexes is not None and (len(indexes) != 0 if isinstance(indexes, list) else True)
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    if not layers_pattern:  # peft: no (or an empty) layers_pattern takes the name's first numbered part
+        layer_res = [re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")]
+    else:
+        layer_res = []
+        for p in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            try:
+                layer_res.append(re.compile(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\."))
+            except re.error as e:
+                raise UserError(f"{path}: layers_pattern {p!r} is not a valid regular expression ({e})") from None
 
     def layer_of(name: str) -> int | None:
-        if not patterns:  # peft: an empty layers_pattern takes the first numbered part
-            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-        else:
-            match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))), None)
+        match = next((m for r in layer_res if (m := r.match(name))), None)
         return int(match.group("idx")) if match else None
 
     def adapts(name: str) -> bool:
@@ -225,35 +232,25 @@ def _read_config(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[
             raise UserError(f"{path}: {key} cannot be used when target_modules is a string ({targets!r}), as in peft")
     if conf.get("layers_pattern") and conf.get("layers_to_transform") is None:
         raise UserError(f"{path}: layers_pattern {conf['layers_pattern']!r} needs layers_to_transform, as in peft")
-    peft_names = {k: v.split(".")[-1] for k, v in HF_MODULES.items()}  # q -> q_proj
-    names = {v: k for k, v in peft_names.items()}
-    if targets == "all-linear":  # peft: every linear layer but the output layer
-        conf = {**conf, "target_modules": list(names)}
-        order = list(LORA_TARGETS)
-    elif isinstance(targets, str):  # a regular expression that must match a module's whole name
-        order = list(HF_MODULES)
-        adapts = _peft_matcher(path, conf)
-        other = [m for m in _OTHER_NAMES if adapts(m)]
-        if other:  # peft would adapt (lm_head, embed_tokens) or refuse (a block, a norm) a module other than these
-            raise UserError(f"{path}: target_modules {targets!r} matches {other[0]}, which is not supported "
-                            f"(only projections: {sorted(names)})")
-    else:
-        if not isinstance(targets, list) or not targets:
-            raise UserError(f"{path}: target_modules must be a list of module names, got {targets!r}")
-        # a name peft matches by the module name's last parts (full names: model.layers.0.mlp.down_proj, as peft
-        # saves "all-linear" for small models) names its projection by its last part
-        last = [t.split(".")[-1] if isinstance(t, str) else t for t in targets]
-        bad = [t for t in last if not isinstance(t, str) or t in _OTHER_MODULES or t.isdigit()]
-        if bad:  # peft would adapt (lm_head, embed_tokens) or refuse (a block, a norm) a module other than a projection
-            raise UserError(f"{path}: target module(s) {bad} are not supported (choose from {sorted(names)})")
-        absent = [t for t in last if t not in names and t not in LORA_TARGETS]
-        if absent:  # peft ignores a name no module of the model ends with (another architecture's)
+    names = sorted(HF_MODULES[t].split(".")[-1] for t in LORA_TARGETS)
+    if isinstance(targets, str) and targets.lower() == "all-linear":  # peft: every linear layer but the output layer
+        conf = {**conf, "target_modules": names}
+    elif not isinstance(targets, str) and not (isinstance(targets, list) and targets):
+        raise UserError(f"{path}: target_modules must be a list of module names or a regular expression, got "
+                        f"{json.dumps(targets)}")
+    adapts = _peft_matcher(path, conf)
+    n = num_layers or 1024
+    other = [m for m in _other_module_names(n) if adapts(m)]
+    if other:  # peft would adapt (lm_head, embed_tokens) or refuse (a block, a norm) a module other than these
+        raise UserError(f"{path}: target_modules {targets!r} adapt {other[0]}, which is not a LoRA projection here "
+                        f"(choose from {names})")
+    if isinstance(targets, list):  # peft ignores a name no module of the model is or ends with (another model's)
+        known = [*_other_module_names(n), *(_module_name(i, t) for i in range(n) for t in LORA_TARGETS)]
+        absent = [t for t in targets if not any(m == t or m.endswith(f".{t}") for m in known)]
+        if absent:
             log.warning("%s: target_modules %s name no module of a Mistral/Llama model; ignored, as peft ignores "
                         "them", path, absent)
-        order = list(dict.fromkeys(names.get(t, t) for t in last if t not in absent))
-        conf = {**conf, "target_modules": [peft_names.get(t, t) for t in targets]}  # ours (q, down) as peft's
-    adapts = _peft_matcher(path, conf)
-    layers = {t: [i for i in range(num_layers or 1024) if adapts(_module_name(i, t))] for t in order}
+    layers = {t: [i for i in range(n) if adapts(_module_name(i, t))] for t in LORA_TARGETS}
     layers = {t: ids for t, ids in layers.items() if ids}
     if not layers:
         settings = "".join(f", {k} {conf[k]!r}" for k in ("layers_to_transform", "layers_pattern", "exclude_modules")
