@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 
 import jax
 
+import cancerllm_jax as cj
 from cancerllm_jax.train import run_io
 from cancerllm_jax.train.config import PretrainConfig, resolve
 from cancerllm_jax.train.loop import NonFiniteLoss, Trainer
@@ -247,13 +249,28 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     wd = str(tmp_path / "nan")
     code, err = run_main(["--workdir", wd, "--mesh", "1x1", *TINY_CLI, "optim.lr=1e30", "optim.clip_norm=0"],
                          capsys)
-    line = one_clear_error(code, err, "loss is", "last good checkpoint")
+    line = one_clear_error(code, err, "stopped without saving", "last checkpoint", "new --workdir")
     ckpts = os.path.join(wd, "checkpoints")
-    bad_step = int(line.split(" at step ")[1].split(";")[0])
+    bad_step = int(re.search(r"(?:at|update of) step (\d+)", line).group(1))
     good = run_io.latest_step(ckpts)
     assert good is not None and good < bad_step
     assert all(int(n) < bad_step for n in os.listdir(ckpts) if n.isdigit())
     assert all(np.isfinite(losses(wd)))
+    assert np.isfinite(cj.load(wd).logits(np.arange(1, 9))).all()  # the checkpoint kept is a working model
+
+
+@pytest.mark.parametrize("eval_fraction", [0, 0.2])
+def test_a_last_update_that_diverges_is_never_saved_as_a_finished_run(tmp_path, capsys, eval_fraction):
+    """The step's loss is computed before its update: a last update that makes the model diverge was saved as a
+    finished run (exit 0, "done") whose logits are NaN; with eval data its eval loss was logged as nan. Now the
+    weights are checked before every save, and a non-finite eval loss stops the run."""
+    wd = str(tmp_path / "run")
+    code, err = run_main(["--workdir", wd, "--mesh", "1x1", *TINY_CLI, "--steps=1",
+                          f"data.eval_fraction={eval_fraction}", "optim.lr=1e30", "optim.clip_norm=0",
+                          "optim.warmup_ratio=0"], capsys)
+    one_clear_error(code, err, "step 1" if eval_fraction else "the update of step 1 made the loss non-finite",
+                    "No checkpoint was saved")
+    assert run_io.latest_step(os.path.join(wd, "checkpoints")) is None
 
 
 def test_non_finite_gradient_with_a_finite_loss_is_never_saved(tmp_path):

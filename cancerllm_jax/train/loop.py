@@ -37,7 +37,8 @@ from cancerllm_jax.train.step import (BATCH_KEYS, ModelParts, device_peak_flops,
 
 
 class NonFiniteLoss(UserError):
-    """The loss became NaN or inf; the run stopped and kept its last good checkpoint."""
+    """The loss (train or eval, or the loss of the weights about to be saved) became NaN or inf; the run stopped
+    without saving, and its checkpoints are those whose weights gave a finite loss."""
 
 
 @dataclass
@@ -316,7 +317,7 @@ class Trainer:
         eval_every = cfg.eval_every
         peer_lost = False
         if start_step == 0 and eval_every and data.eval_batches:
-            self._evaluate(data.eval_batches, 0, logger)  # the baseline that periodic evals are read against
+            self._evaluate(data.eval_batches, 0, logger, mngr)  # the baseline that periodic evals are read against
         try:
             while step < end:
                 local = next(it)
@@ -329,12 +330,8 @@ class Trainer:
                 step += 1
                 if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                     # a non-finite gradient with a finite loss has already made the new weights NaN: never saved
-                    good = mngr.latest_step()
-                    kept = (f"The last good checkpoint is step {good} in {self.workdir}/checkpoints." if good else
-                            "No checkpoint was saved before it.")
                     raise NonFiniteLoss(f"loss is {metrics['loss']} (gradient norm {metrics['grad_norm']}) at step "
-                                        f"{step}; stopped without saving. {kept} "
-                                        f"Lower optim.lr, check the data, or use dtype=float32.")
+                                        f"{step}; {self._stopped(mngr)}")
                 tokens = cfg.batch_size * data.seq_len
                 row = {"step": step, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],
                        "target_tokens": int(metrics["tokens"]), "tokens_per_s": tokens / dt, "step_s": dt}
@@ -344,13 +341,16 @@ class Trainer:
                     logger.write(row)
                 bar(step, row)
                 if eval_every and step % eval_every == 0 and step < cfg.steps:
-                    self._evaluate(data.eval_batches, step, logger)
+                    self._evaluate(data.eval_batches, step, logger, mngr)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    self._check_new_weights(batch, step, mngr)
                     self._save(mngr, step, it)
                     last_saved = step
             if data.eval_batches and step == cfg.steps > start_step:  # a finished run resumed: evaluated already
-                self._evaluate(data.eval_batches, step, logger)
+                self._evaluate(data.eval_batches, step, logger, mngr)
             if last_saved != step or mngr.latest_step() != step:
+                if step > start_step:
+                    self._check_new_weights(batch, step, mngr)
                 self._save(mngr, step, it)
             mngr.wait_until_finished()
         except Exception as e:
@@ -371,7 +371,24 @@ class Trainer:
                 logger.close()
         return {"steps": step, "workdir": self.workdir}
 
-    def _evaluate(self, batches, step, logger) -> None:
+    def _stopped(self, mngr) -> str:
+        """What a NonFiniteLoss error says after its cause: nothing saved, the last checkpoint, what to do."""
+        good = mngr.latest_step()
+        kept = (f"The last checkpoint (its weights gave a finite loss) is step {good} in {self.workdir}/checkpoints."
+                if good else "No checkpoint was saved before it.")
+        return (f"stopped without saving. {kept} Lower optim.lr (in a new --workdir: --resume keeps the run's "
+                f"settings), check the data, or use dtype=float32.")
+
+    def _check_new_weights(self, batch, step: int, mngr) -> None:
+        """Before a checkpoint is saved: its weights (after step ``step``'s update) give a finite loss on that step's
+        batch. The step's own loss is computed before its update, so a last update that made the model diverge (a
+        far too large learning rate) would otherwise be saved as a run that looks complete."""
+        total, _ = self.eval_fn(self.state["params"], self.frozen, batch)
+        if not math.isfinite(float(total)):
+            raise NonFiniteLoss(f"the update of step {step} made the loss non-finite ({float(total)} on that step's "
+                                f"batch); {self._stopped(mngr)}")
+
+    def _evaluate(self, batches, step, logger, mngr) -> None:
         limit = self.cfg.eval_batches or len(batches)
         total = count = 0.0
         for local in batches[:limit]:
@@ -380,6 +397,8 @@ class Trainer:
             s, c = self.eval_fn(self.state["params"], self.frozen, b)
             total += float(s)
             count += float(c)
+        if count and not math.isfinite(total):
+            raise NonFiniteLoss(f"eval loss is {total / count} at step {step}; {self._stopped(mngr)}")
         if count and logger:
             loss = total / count
             logger.write({"step": step, "eval_loss": loss, "eval_tokens": int(count)})
