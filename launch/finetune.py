@@ -75,7 +75,8 @@ def main(argv=None):
         f"set by --steps: {steps / max(per_epoch, 1):.2f} epochs")
     say(f"data: {data.num_rows} rows, {per_epoch} steps per epoch, {steps} steps "
              f"({epochs}); {data.stats.get('truncated_examples', 0)} contexts truncated, "
-             f"{data.stats.get('skipped_lines', 0)} lines skipped")
+             f"{data.stats.get('skipped_too_long', 0)} too long skipped, {data.stats.get('skipped_lines', 0)} "
+             "lines skipped")
     ev = data.stats.get("eval")
     if ev:
         say(f"eval data: {ev['examples']} examples; {ev['truncated_examples']} contexts truncated, "

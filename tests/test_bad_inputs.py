@@ -378,8 +378,11 @@ def test_finetune_epochs_too_many_steps(tmp_path, capsys, models):
     nothing_left(tmp_path / "run")
 
 
-def test_finetune_counts_what_it_skips_of_the_eval_data(tmp_path, capsys, models):
-    train = write(tmp_path / "train.jsonl", '{"instruction": "q", "response": "a"}\n' * 4)
+def test_finetune_counts_what_it_skips_of_the_eval_data(tmp_path, capsys, caplog, models):
+    """Skipped lines and examples too long for data.max_seq_len are counted for the training and the eval data, and
+    the first too-long ones are named by file and line (the training count was only in the JSON stats)."""
+    train = write(tmp_path / "train.jsonl", '{"instruction": "q", "response": "a"}\n' * 4
+                  + '{"instruction": "Summarise.", "response": "' + "metastatic disease " * 60 + '"}\n')
     ev = write(tmp_path / "ev.jsonl", '{"instruction": "q", "response": "a"}\n{broken\n'
                '{"instruction": "Summarise.", "response": "' + "metastatic disease " * 60 + '"}\n')
     code, err = run_cli("launch/finetune.py", ["--model", models["tok"], "--data", train, "--eval-data", ev,
@@ -388,6 +391,8 @@ def test_finetune_counts_what_it_skips_of_the_eval_data(tmp_path, capsys, models
                                                "lora.rank=2"], capsys)
     assert code in (0, None), err
     assert "eval data: 1 examples" in err and "1 too long skipped" in err and "1 lines skipped" in err, err
+    assert "data: 4 rows" in err and "; 0 contexts truncated, 1 too long skipped, 0 lines skipped" in err, err
+    assert "train.jsonl:5: the response alone is" in caplog.text + err
 
 
 def test_finetune_reads_the_base_weights_once(tmp_path, capsys, models, monkeypatch):

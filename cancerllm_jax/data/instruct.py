@@ -252,10 +252,12 @@ def encode_examples(tokenizer, records: Sequence[dict], max_seq_len: int, skip_t
         try:
             ex = encode_example(tokenizer, r["instruction"], r.get("context") or "", r["response"], max_seq_len,
                                 example_id=str(r.get("id", f"example {i}")))
-        except UserError:
+        except UserError as e:
             if not skip_too_long:
                 raise
             stats["skipped_too_long"] += 1
+            if stats["skipped_too_long"] <= 5:  # named, as skipped bad lines are (the message holds no note text)
+                log.warning("skipping %s%s", e, "" if stats["skipped_too_long"] < 5 else " (further ones: counted)")
             continue
         out.append(ex)
         stats["examples"] += 1
