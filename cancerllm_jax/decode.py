@@ -9,6 +9,7 @@ outgrow it stay exact.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from functools import cache, partial
@@ -21,6 +22,7 @@ from flax import nnx
 
 from cancerllm_jax.data.tokenizer import encode_written_prompt
 from cancerllm_jax.errors import UserError
+from cancerllm_jax.sharding import device_memory_bytes
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -31,6 +33,7 @@ def bucket_length(n: int, minimum: int = 16) -> int:
     return -(-n // step) * step
 
 
+log = logging.getLogger(__name__)
 SHARED_PREFIX_STEP = 16
 PREFILL_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # Eigen dots for the prompt block on XLA:CPU
 
@@ -163,6 +166,7 @@ class Decoder:
         # step's small ones (M = batch) slower; the two are compiled apart (measured in docs/benchmarks.md).
         self.prefill_options = cpu_prefill_options() if jax.default_backend() == "cpu" else {}
         self._fns: dict = {}
+        self._warned_positions = False
         self.last_stats: dict = {}
 
     def layers(self):
@@ -304,6 +308,7 @@ class Decoder:
         plen = max(t for _, _, t in groups)
         cache_len = shared + plen + max_new - 1  # the last token is sampled, never fed back
         self._check_cache_fits(b, cache_len, max_new)
+        self._warn_past_max_positions(max(len(r) for r in rows) + max_new - 1)
         prefix = jax.device_put(np.asarray(rows[0][:shared], np.int32), rep)
         lasts, caches = [], []
         for start, end, t in groups:
@@ -324,6 +329,16 @@ class Decoder:
             self._fns[key] = jax.jit(partial(_join_caches, cache_len=cache_len, filled=shared + plen))
         return jnp.concatenate(lasts), self._fns[key](caches)
 
+    def _warn_past_max_positions(self, positions: int) -> None:
+        """Once per decoder: rows that feed more positions than the model's ``max_position_embeddings`` (RoPE goes
+        on, as in transformers, which is silent about it)."""
+        limit = self.lm.cfg.max_position_embeddings
+        if positions > limit and not self._warned_positions:
+            self._warned_positions = True
+            log.warning("prompt + new tokens use %d positions, past the model's max_position_embeddings (%d): "
+                        "positions it was not trained for (lower --max-prompt-tokens or --max-new-tokens)",
+                        positions, limit)
+
     def _check_cache_fits(self, b: int, cache_len: int, max_new: int) -> None:
         """A KV cache that cannot fit in the device's memory (or past int32 positions) is refused before it is
         made: an over-large ``max_new_tokens`` would otherwise end in an out-of-memory kill with no message."""
@@ -333,7 +348,7 @@ class Decoder:
         slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(self.lm.model.compute_dtype).itemsize
         copies = 2 if self.unstack and self.split_cache else 1  # the split loop holds the stacked cache too
         need = (copies * slot * cache_len + 8 * max_new) * b / self.lm.mesh.size  # + the int32 tokens, twice
-        limit = device_memory_bytes(self.lm)
+        limit = device_memory_bytes(self.lm.mesh)
         if limit and need > limit:
             raise UserError(f"max_new_tokens={max_new}: a batch of {b} rows needs a KV cache of {need / 2**30:.1f} "
                             f"GiB per device ({cache_len} slots a row), more than the device's "
@@ -405,20 +420,9 @@ def _join_caches(caches: list[dict], *, cache_len: int, filled: int) -> dict:
             "index": jnp.asarray(filled, jnp.int32)}
 
 
-def device_memory_bytes(lm) -> int:
-    """The memory one device of ``lm``'s mesh has: a GPU's limit, the host's RAM shared by a CPU mesh's devices
-    (each may hold a replica); 0 when unknown."""
-    dev = jax.devices()[0]
-    if dev.platform == "gpu":
-        return int((dev.memory_stats() or {}).get("bytes_limit", 0))
-    if dev.platform == "cpu":
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // lm.mesh.size
-    return 0
-
-
 def should_unstack(lm) -> bool:
     """True where the device's memory (a GPU's, else the host's RAM) holds the layer weights four times over."""
-    limit = device_memory_bytes(lm)
+    limit = device_memory_bytes(lm.mesh)
     layer_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(lm.model.layers)))
     return bool(limit) and 4 * layer_bytes <= limit
 

@@ -75,7 +75,9 @@ def cli_main(fn):
             if debug:
                 raise
             first = str(e).splitlines()[0] if str(e) else ""
-            if first.startswith("RESOURCE_EXHAUSTED"):  # XLA: the batch, lengths or model do not fit the devices
+            if first.startswith("RESOURCE_EXHAUSTED") or "Out of memory allocating" in first:
+                # XLA (the GPU's RESOURCE_EXHAUSTED; XLA:CPU's INTERNAL ... Out of memory allocating N bytes): the
+                # batch, lengths or model do not fit the devices
                 print(f"error: out of memory ({first.rstrip('.')}): lower the batch size or the sequence lengths, "
                       f"or spread the model over more devices (--mesh)", file=sys.stderr)
                 sys.exit(2)

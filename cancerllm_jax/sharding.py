@@ -156,3 +156,16 @@ def replicated(mesh):
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     return NamedSharding(mesh, P())
+
+
+def device_memory_bytes(mesh) -> int:
+    """The memory one device of ``mesh`` has: a GPU's limit, the host's RAM shared by a CPU mesh's devices (each
+    may hold a replica); 0 when unknown."""
+    import jax
+
+    dev = jax.devices()[0]
+    if dev.platform == "gpu":
+        return int((dev.memory_stats() or {}).get("bytes_limit", 0))
+    if dev.platform == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // mesh.size
+    return 0

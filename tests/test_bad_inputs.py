@@ -429,6 +429,10 @@ GENERATE = {
     "missing_model": ('{"prompt": "x"}\n', "/nonexistent/model", ["/nonexistent/model", "not found"]),
     "missing_tokenizer": ('{"prompt": "x"}\n', "small", ["no tokenizer"]),
     "null_prompt": ('{"prompt": null}\n', "tok", ["in.jsonl:1", "'prompt' or an 'instruction'"]),
+    "duplicate_id": ('{"id": "a", "prompt": "x"}\n{"id": "b", "prompt": "y"}\n{"id": "a", "prompt": "z"}\n', "tok",
+                     ["in.jsonl:3", "duplicate id 'a' (first on line 1)"]),
+    "same_id_as_int_and_str": ('{"id": 7, "prompt": "x"}\n{"id": "7", "prompt": "y"}\n', "tok",
+                               ["in.jsonl:2", "duplicate id '7'"]),
 }
 
 
@@ -807,14 +811,17 @@ def test_unexpected_exceptions_are_one_line_without_debug(capsys, monkeypatch):
     assert err.startswith("error: unexpected KeyError") and "--debug" in err
 
 
-def test_out_of_device_memory_is_one_line_about_the_sizes(capsys, monkeypatch):
+@pytest.mark.parametrize("message", ["RESOURCE_EXHAUSTED: Out of memory allocating 480000034400000000 bytes.",
+                                     "INTERNAL: Error dispatching computation: Out of memory allocating "
+                                     "480000034400000000 bytes."])  # XLA:CPU, a 20k-token prefill
+def test_out_of_device_memory_is_one_line_about_the_sizes(capsys, monkeypatch, message):
     """XLA's RESOURCE_EXHAUSTED (a batch, length or model too big for the devices) is the user's to fix: one line
     saying what to lower, exit 2, not a line calling it a bug."""
     from cancerllm_jax.errors import cli_main
 
     @cli_main
     def oom(argv=None):
-        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 480000034400000000 bytes.")
+        raise jax.errors.JaxRuntimeError(message)
 
     monkeypatch.setattr(sys, "argv", ["x"])
     with pytest.raises(SystemExit) as e:

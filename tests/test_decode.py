@@ -553,3 +553,19 @@ def test_generate_cli_refuses_to_write_over_its_input(tmp_path, capsys):
                               "--overwrite"])
     assert e.value.code == 2 and "is the --input file" in capsys.readouterr().err
     assert inp.read_text() == '{"prompt": "x"}\n'
+
+
+def test_positions_past_max_position_embeddings_warn_once_and_decode_as_transformers(tiny, caplog):
+    """Prompt + new tokens past the model's max_position_embeddings (256 here) run as in transformers (RoPE goes on),
+    with one warning that the model was not trained for those positions (it was silent)."""
+    import logging
+
+    model, lm = tiny
+    prompt = [1] + [int(t) for t in np.random.default_rng(5).integers(3, 96, size=249)]
+    with caplog.at_level(logging.WARNING, logger="cancerllm_jax.decode"):
+        assert lm.generate([prompt], max_new_tokens=3, eos_id=[])[0] == hf_greedy(model, prompt, 3, eos=None)
+        assert "max_position_embeddings" not in caplog.text  # 252 positions
+        got = lm.generate([prompt], max_new_tokens=12, eos_id=[])[0]
+        lm.generate([prompt], max_new_tokens=12, eos_id=[])
+    assert got == hf_greedy(model, prompt, 12, eos=None)
+    assert caplog.text.count("past the model's max_position_embeddings (256)") == 1, caplog.text

@@ -477,3 +477,18 @@ def test_7b_dry_run_compiles_with_a_memory_estimate(tmp_path, capsys):
                                     "model=mistral-7b-v0.1", "--dry-run", "--workdir", str(tmp_path / "d")])
     out = capsys.readouterr().out
     assert code == 0 and "7241.7M params" in out and "memory estimate per device (compiled step):" in out
+
+
+def test_describe_warns_of_positions_past_the_model_and_of_memory_past_the_device(tmp_path, monkeypatch):
+    """Sequences longer than the model's max_position_embeddings, and a compiled step estimated larger than the
+    device's memory, are said before the run starts (both were silent, the second until the host ran out)."""
+    import dataclasses
+
+    trainer = make_trainer(tmp_path, "1x1")
+    quiet = trainer.describe(32)
+    assert "warning" not in quiet
+    trainer.model_cfg = dataclasses.replace(trainer.model_cfg, max_position_embeddings=16)
+    monkeypatch.setattr("cancerllm_jax.sharding.device_memory_bytes", lambda mesh: 1024)
+    text = trainer.describe(32)
+    assert "warning: sequences of 32 tokens are longer than the model's max_position_embeddings (16)" in text
+    assert "more than the device's 0.00 GiB: the run may run out of memory" in text

@@ -225,6 +225,13 @@ class Trainer:
             lines.append(f"memory estimate per device (compiled step): {gib(mem['total_bytes'])} "
                          f"(arguments {gib(mem['argument_bytes'])}, temporaries {gib(mem['temp_bytes'])}, "
                          f"outputs {gib(mem['output_bytes'])}); compile {mem['compile_s']} s")
+            limit = sharding.device_memory_bytes(self.mesh)
+            if limit and mem["total_bytes"] > limit:
+                lines.append(f"warning: that is more than the device's {gib(limit)}: the run may run out of memory "
+                             f"(lower the batch size or the sequence length, use remat, or a larger --mesh)")
+        if seq_len > self.model_cfg.max_position_embeddings:
+            lines.append(f"warning: sequences of {seq_len} tokens are longer than the model's max_position_embeddings "
+                         f"({self.model_cfg.max_position_embeddings}): positions it was not trained for")
         if shardings:
             lines += ["parameters (kind, path, shape, dtype, PartitionSpec over ('data', 'model')):",
                       *self.sharding_lines()]
