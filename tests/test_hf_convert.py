@@ -348,6 +348,32 @@ def test_an_eos_only_in_the_generation_config_is_exported(tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == 7
 
 
+def test_to_hf_keeps_the_generation_settings_of_a_folder_without_tokenizer_files(tmp_path):
+    """``generation_config.json``'s sampling settings survive ``to-hf`` (directly and through ``from-hf``) when the
+    source has no tokenizer files (they were copied only with those: do_sample, temperature and top_p were lost)."""
+    src = str(tmp_path / "src")
+    _tiny_llama(src)
+    gen = {"bos_token_id": 1, "do_sample": True, "eos_token_id": [2, 5], "temperature": 0.6, "top_p": 0.9}
+    (tmp_path / "src" / "generation_config.json").write_text(json.dumps(gen))
+    assert convert.main(["from-hf", src, str(tmp_path / "ckpt")]) == 0
+    for source, out in ((src, "direct"), (str(tmp_path / "ckpt"), "through_ckpt")):
+        assert convert.main(["to-hf", source, str(tmp_path / out)]) == 0
+        got = json.loads((tmp_path / out / "generation_config.json").read_text())
+        assert {k: got[k] for k in gen} == gen, got
+
+
+def test_an_output_folder_that_holds_the_source_is_refused_even_with_overwrite(tmp_path, capsys):
+    """``--overwrite`` replaces OUT: an OUT that holds the source (or a run's base) would delete it."""
+    src = str(tmp_path / "models" / "src")
+    _tiny_llama(src)
+    for argv in (["from-hf", src, str(tmp_path / "models"), "--overwrite"],
+                 ["to-hf", src, str(tmp_path / "models"), "--overwrite"], ["to-hf", src, src, "--overwrite"]):
+        with pytest.raises(SystemExit) as e:
+            convert.main(argv)
+        assert e.value.code == 2 and "the output folder must not be" in capsys.readouterr().err
+    assert os.path.isfile(os.path.join(src, "config.json"))
+
+
 def test_a_stale_index_beside_model_safetensors_is_ignored_as_transformers_does(tmp_path):
     """transformers' ``save_pretrained`` of a small model into a folder that held a sharded one removes the shards
     but leaves ``model.safetensors.index.json``; transformers reads ``model.safetensors`` first, and so do we."""

@@ -84,6 +84,8 @@ def to_hf(ckpt_dir: str, out_dir: str, mode: str | None = None, overwrite: bool 
     from cancerllm_jax.checkpoint.hf import SHARD_BYTES, write_hf
 
     _check_out(out_dir, overwrite, src=ckpt_dir)
+    for base in _source_dirs(ckpt_dir)[1:]:  # a run reads its base when exported: never replace it
+        _check_out(out_dir, overwrite, src=base)
     w = api.read_weights(ckpt_dir)
     has_lora = w.lora is not None and w.lora_params is not None
     tok_dir = w.tokenizer_spec
@@ -101,8 +103,21 @@ def to_hf(ckpt_dir: str, out_dir: str, mode: str | None = None, overwrite: bool 
         from cancerllm_jax.model.lora import merge_lora_params
 
         params = merge_lora_params(params, w.lora_params, w.lora, dtype)  # the float32 sum, rounded once
+    gen = next((f for d in _source_dirs(ckpt_dir) if os.path.isfile(f := os.path.join(d, "generation_config.json"))),
+               None)  # its sampling settings, where no tokenizer folder brings them
     return write_hf(out_dir, w.cfg, _cast(params, dtype), overwrite=overwrite, tokenizer_dir=tok_dir,
-                    shard_bytes=shard_bytes or SHARD_BYTES)
+                    shard_bytes=shard_bytes or SHARD_BYTES, generation_config=gen)
+
+
+def _source_dirs(ckpt_dir: str) -> list[str]:
+    """The folder ``to-hf`` reads, then (a run whose base is a folder) the base it reads too."""
+    from cancerllm_jax.train import run_io
+
+    path = os.path.abspath(os.path.expanduser(ckpt_dir))
+    if not run_io.is_run_dir(path):
+        return [path]
+    base = run_io.read_run_meta(path).get("base") or {}
+    return [path] + ([os.path.abspath(base["path"])] if base.get("kind") == "path" and base.get("path") else [])
 
 
 def _base_of(ckpt_dir: str, w) -> str | None:
@@ -122,10 +137,12 @@ def _base_of(ckpt_dir: str, w) -> str | None:
 
 
 def _check_out(out_dir: str, overwrite: bool, src: str) -> None:
-    """Fail before any work when ``out_dir`` is non-empty (without --overwrite) or is the source itself."""
+    """Fail before any work when ``out_dir`` is non-empty (without --overwrite), or is the source or holds it."""
     out = os.path.abspath(os.path.expanduser(out_dir))
-    if os.path.exists(out) and os.path.abspath(os.path.expanduser(src)) == out:
-        raise UserError(f"{out_dir}: the output folder must differ from the input folder")
+    src = os.path.abspath(os.path.expanduser(src))
+    if os.path.exists(out) and os.path.commonpath([out, src]) == out:  # --overwrite would delete the source
+        what = "the input folder" if src == out else f"a folder that holds the input {src}"
+        raise UserError(f"{out_dir}: the output folder must not be {what}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"{out_dir} exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 
@@ -188,8 +189,11 @@ def iter_hf_tensors(cfg: ModelConfig, params: dict):
 
 
 def write_hf(out_dir: str, cfg: ModelConfig, params: dict, overwrite: bool = False,
-             tokenizer_dir: str | None = None, shard_bytes: int = SHARD_BYTES) -> list[str]:
-    """Write ``config.json`` + safetensors (sharded at ``shard_bytes`` with an index) atomically."""
+             tokenizer_dir: str | None = None, shard_bytes: int = SHARD_BYTES,
+             generation_config: str | None = None) -> list[str]:
+    """Write ``config.json`` + safetensors (sharded at ``shard_bytes`` with an index) atomically, with the tokenizer
+    files of ``tokenizer_dir`` and a ``generation_config.json`` naming every EOS id (the source's settings kept:
+    the one among the tokenizer files, else the file ``generation_config``)."""
     from safetensors.numpy import save_file
 
     from cancerllm_jax.checkpoint.orbax_io import atomic_dir, copy_tokenizer_files
@@ -236,6 +240,8 @@ def write_hf(out_dir: str, cfg: ModelConfig, params: dict, overwrite: bool = Fal
             json.dump(to_hf_config(cfg, hf_dtype), f, indent=2)
         if tokenizer_dir:
             copy_tokenizer_files(tokenizer_dir, tmp)
+        if generation_config and not os.path.isfile(os.path.join(tmp, "generation_config.json")):
+            shutil.copy2(generation_config, os.path.join(tmp, "generation_config.json"))
         write_generation_config(tmp, cfg)
     return files
 
