@@ -284,8 +284,14 @@ def hf_eos_value(cfg: ModelConfig):
     return cfg.eos_token_ids[0] if cfg.eos_token_ids else cfg.eos_token_id
 
 
-def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
-    """A transformers-5 ``config.json`` dict for MistralForCausalLM / LlamaForCausalLM."""
+# config.json keys the model does not read, kept from the source's config.json on export (training settings and
+# bookkeeping: a user who fine-tunes the export with transformers gets the source's attention dropout back)
+CARRIED_HF_KEYS = ("attention_dropout", "initializer_range", "use_cache", "pretraining_tp")
+
+
+def to_hf_config(cfg: ModelConfig, dtype: str = "float32", source: dict | None = None) -> dict:
+    """A transformers-5 ``config.json`` dict for MistralForCausalLM / LlamaForCausalLM; ``source``: the config.json
+    the weights came from, whose ``CARRIED_HF_KEYS`` are kept."""
     out = {
         "architectures": [SUPPORTED_HF_TYPES[cfg.model_type]], "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
@@ -305,6 +311,9 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
         out["sliding_window"] = cfg.sliding_window
     else:
         out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    for key in CARRIED_HF_KEYS:
+        if isinstance(source, dict) and key in source and (key in out or cfg.model_type == "llama"):
+            out[key] = source[key]
     return out
 
 

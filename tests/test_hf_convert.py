@@ -362,6 +362,24 @@ def test_to_hf_keeps_the_generation_settings_of_a_folder_without_tokenizer_files
         assert {k: got[k] for k in gen} == gen, got
 
 
+def test_to_hf_keeps_the_config_keys_the_model_does_not_read(tmp_path):
+    """attention_dropout, initializer_range, use_cache and Llama's pretraining_tp come back from the source's
+    config.json (directly, through from-hf, and from a run on it): they were reset to constants (0.0, 0.02, True,
+    1), and a user fine-tuning the export with transformers lost the attention dropout."""
+    src = str(tmp_path / "src")
+    _tiny_llama(src, attention_dropout=0.1, use_cache=False, pretraining_tp=2)
+    conf = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**conf, "initializer_range": 0.05}))
+    keys = ("attention_dropout", "initializer_range", "use_cache", "pretraining_tp")
+    want = {k: transformers.AutoConfig.from_pretrained(src).to_dict()[k] for k in keys}
+    assert want == {"attention_dropout": 0.1, "initializer_range": 0.05, "use_cache": False, "pretraining_tp": 2}
+    assert convert.main(["from-hf", src, str(tmp_path / "ckpt")]) == 0
+    for source, out in ((src, "direct"), (str(tmp_path / "ckpt"), "through_ckpt")):
+        assert convert.main(["to-hf", source, str(tmp_path / out)]) == 0
+        got = transformers.AutoConfig.from_pretrained(str(tmp_path / out)).to_dict()
+        assert {k: got[k] for k in keys} == want, out
+
+
 def test_an_output_folder_that_holds_the_source_is_refused_even_with_overwrite(tmp_path, capsys):
     """``--overwrite`` replaces OUT: an OUT that holds the source (or a run's base) would delete it."""
     src = str(tmp_path / "models" / "src")

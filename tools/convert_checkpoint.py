@@ -57,7 +57,11 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str | None = None, overwrite: bool
     _check_out(out_dir, overwrite, src=hf_dir)
     if merge_lora and adapter is None:
         raise UserError("--merge-lora needs --peft-adapter (an HF folder has no LoRA to merge)")
+    from cancerllm_jax.config import read_json_file
+
     extra: dict = {"source": os.path.abspath(hf_dir)}
+    if os.path.isfile(os.path.join(hf_dir, "config.json")):  # its keys the model does not read, for to-hf
+        extra["hf_config"] = read_json_file(os.path.join(hf_dir, "config.json"))
     if adapter is not None:
         adapter = os.path.abspath(os.path.expanduser(adapter))
         check_adapter_folder(adapter)  # a wrong adapter fails before the base is read
@@ -106,7 +110,22 @@ def to_hf(ckpt_dir: str, out_dir: str, mode: str | None = None, overwrite: bool 
     gen = next((f for d in _source_dirs(ckpt_dir) if os.path.isfile(f := os.path.join(d, "generation_config.json"))),
                None)  # its sampling settings, where no tokenizer folder brings them
     return write_hf(out_dir, w.cfg, _cast(params, dtype), overwrite=overwrite, tokenizer_dir=tok_dir,
-                    shard_bytes=shard_bytes or SHARD_BYTES, generation_config=gen)
+                    shard_bytes=shard_bytes or SHARD_BYTES, generation_config=gen,
+                    source_config=_source_hf_config(ckpt_dir))
+
+
+def _source_hf_config(ckpt_dir: str) -> dict | None:
+    """The config.json the weights came from: an HF folder's own, the one a converted checkpoint recorded, or a
+    run's base's (None when there is none: a preset)."""
+    from cancerllm_jax.checkpoint import orbax_io
+    from cancerllm_jax.config import read_json_file
+
+    for d in _source_dirs(ckpt_dir):
+        if orbax_io.is_params_checkpoint(d):
+            return orbax_io.read_meta(d).get("hf_config")
+        if os.path.isfile(os.path.join(d, "config.json")):
+            return read_json_file(os.path.join(d, "config.json"))
+    return None
 
 
 def _source_dirs(ckpt_dir: str) -> list[str]:

@@ -190,10 +190,11 @@ def iter_hf_tensors(cfg: ModelConfig, params: dict):
 
 def write_hf(out_dir: str, cfg: ModelConfig, params: dict, overwrite: bool = False,
              tokenizer_dir: str | None = None, shard_bytes: int = SHARD_BYTES,
-             generation_config: str | None = None) -> list[str]:
+             generation_config: str | None = None, source_config: dict | None = None) -> list[str]:
     """Write ``config.json`` + safetensors (sharded at ``shard_bytes`` with an index) atomically, with the tokenizer
     files of ``tokenizer_dir`` and a ``generation_config.json`` naming every EOS id (the source's settings kept:
-    the one among the tokenizer files, else the file ``generation_config``)."""
+    the one among the tokenizer files, else the file ``generation_config``); ``source_config``: the source's
+    config.json, whose keys the model does not read are kept (``CARRIED_HF_KEYS``)."""
     from safetensors.numpy import save_file
 
     from cancerllm_jax.checkpoint.orbax_io import atomic_dir, copy_tokenizer_files
@@ -237,7 +238,7 @@ def write_hf(out_dir: str, cfg: ModelConfig, params: dict, overwrite: bool = Fal
                 json.dump(index, f, indent=2)
         hf_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(dtype, "float32")
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(to_hf_config(cfg, hf_dtype), f, indent=2)
+            json.dump(to_hf_config(cfg, hf_dtype, source_config), f, indent=2)
         if tokenizer_dir:
             copy_tokenizer_files(tokenizer_dir, tmp)
         if generation_config and not os.path.isfile(os.path.join(tmp, "generation_config.json")):
