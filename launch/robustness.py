@@ -8,9 +8,14 @@
 
 ``counterfactual`` fine-tunes one LoRA model per rate (launch/finetune.py) on phenotype training data whose labels
 are corrupted at that rate and scores each on the clean test set; ``misspell`` scores one model on test sets whose
-contexts are misspelled at each rate. Both write OUT/table5.md or OUT/table6.md, OUT/robustness.json and
-OUT/robustness.png; each rate's predictions and scores stay under OUT/<sweep>/rate_NN/.
-Add 0 to --rates for a clean reference row (left out of the mean over rates). DIR holds <task>/<split>.jsonl.
+contexts are misspelled at each rate (a rate counts the words of two or more letters; codes and numbers are left
+alone). The paper (section 2.5) sets the misspelling rates "when constructing the training dataset" and then feeds
+"the input sentence along with the instruction" to the model; we read this as noisy inputs to a model fine-tuned on
+clean data, the deployment case of misspelled notes, and do not retrain per rate.
+
+Both write OUT/table5.md or OUT/table6.md, OUT/robustness.json and OUT/robustness.png; each rate's predictions and
+scores stay under OUT/<sweep>/rate_NN/. Add 0 to --rates for a clean reference row (left out of the mean over
+rates). DIR holds <task>/<split>.jsonl.
 
 Re-running with the same --out reuses a finished rate only if it was computed with the same settings: the model
 (resolved path and a fingerprint of its weight files), the rate and --seed, the records used (--data, --limit,

@@ -441,8 +441,9 @@ def table_markdown(result: SweepResult, model_name: str) -> str:
     number = "5" if result.kind == "counterfactual" else "6"
     title = ("Counterfactual robustness on phenotype extraction (rate = share of wrongly labelled training "
              "instances; evaluated on the clean test set)" if number == "5" else
-             "Misspelling robustness on diagnosis and treatment-plan generation (rate = share of misspelled "
-             "words per test instance)")
+             "Misspelling robustness on diagnosis and treatment-plan generation (rate = share of the words of "
+             "each test instance's context misspelled, counting words of two or more letters; the fine-tuned model "
+             "is scored on the misspelled inputs, not retrained)")
     head = ["Task", "Model", "rate"] + [f"{lab} {x}" for _, lab in METRIC_LABELS for x in ("P", "R", "F1")]
     head += ["Avg F1", "n"]
     lines = [f"**Table {number}.** {title}", "", "| " + " | ".join(head) + " |",
