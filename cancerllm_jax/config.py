@@ -133,7 +133,8 @@ def eos_list(value, source: str = "config.json") -> list[int]:
     """An HF ``eos_token_id`` (an int, a list of ints or null) as a list; anything else is an error naming
     ``source`` (a string or a float id was ignored: generation did not stop where transformers' does)."""
     items = [] if value is None else value if isinstance(value, list) else [value]
-    bad = [v for v in items if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v != int(v)]
+    bad = [v for v in items if isinstance(v, bool) or not isinstance(v, (int, float))
+           or isinstance(v, float) and not v.is_integer()]  # 2.5, NaN, Infinity
     if bad:
         raise UserError(f"{source}: eos_token_id must be a token id or a list of them, got {json.dumps(value)}")
     return [int(v) for v in items]

@@ -69,11 +69,9 @@ def main(argv=None):
     skipped += n_bad
     if not records:
         raise UserError(f"{args.input}: no usable records ({skipped} bad lines skipped)")
-    first: dict[str, int] = {}
-    for r in records:  # as evaluate.py reads ids: 7 and "7" are one id; scoring would refuse the predictions
-        key = str(r.get("id"))
-        if "id" in r and first.setdefault(key, r["_line"]) != r["_line"]:
-            raise UserError(f"{args.input}:{r['_line']}: duplicate id {r['id']!r} (first on line {first[key]})")
+    from cancerllm_jax.eval.protocol import rows_by_id
+
+    rows_by_id(args.input, [(r["_line"], r) for r in records])  # ids as scoring reads them: unique, all or none
     start_runtime(argparse.Namespace(coordinator=None, num_processes=None, process_id=None), args.mesh)
     import cancerllm_jax as cj
 

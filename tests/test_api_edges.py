@@ -224,7 +224,8 @@ def test_tokenizer_encode_and_decode_check_their_arguments(tmp_path):
             assert tok.decode(same) == text
         assert tok.decode(ids[0]) == tok.decode(ids[:1]) and tok.decode([]) == ""
         for bad, words in (("abc", "got str"), ([[3, 4]], "2-D"), ([[3, 4], [3]], "got list"), ([1.5], "float64"),
-                           ([True], "bool"), (None, "NoneType")):
+                           ([True], "booleans"), ([3, True], "booleans"), (None, "NoneType"),
+                           ([3, 2**70], "not int64 ids")):
             with pytest.raises(TypeError, match=f"tokenizer.decode: ids must be one sequence.*{words}"):
                 tok.decode(bad)
         for bad in (5, None, b"a b"):

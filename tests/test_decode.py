@@ -251,7 +251,8 @@ def test_every_eos_id_of_the_generation_config_stops(tiny, tmp_path):
     (folder / "generation_config.json").write_text("{not json")
     with pytest.raises(cj_errors().UserError, match="generation_config.json"):
         cj.load(str(folder), dtype="float32")
-    for bad in ('"2"', '[2, "32000"]', "[2, 3.5]", "true", '{"id": 2}'):  # were ignored: no stop where HF stops
+    # these were ignored (no stop where HF stops); Infinity crashed as a bug
+    for bad in ('"2"', '[2, "32000"]', "[2, 3.5]", "true", '{"id": 2}', "[2, Infinity]", "NaN"):
         (folder / "generation_config.json").write_text(f'{{"eos_token_id": {bad}}}')
         with pytest.raises(cj_errors().UserError, match="generation_config.json: eos_token_id must be a token id"):
             cj.load(str(folder), dtype="float32")

@@ -384,12 +384,15 @@ def test_an_output_folder_that_holds_the_source_is_refused_even_with_overwrite(t
     """``--overwrite`` replaces OUT: an OUT that holds the source (or a run's base) would delete it."""
     src = str(tmp_path / "models" / "src")
     _tiny_llama(src)
+    adapter = str(tmp_path / "adapters" / "a")
+    os.makedirs(adapter)
     for argv in (["from-hf", src, str(tmp_path / "models"), "--overwrite"],
+                 ["from-hf", src, str(tmp_path / "adapters"), "--peft-adapter", adapter, "--overwrite"],
                  ["to-hf", src, str(tmp_path / "models"), "--overwrite"], ["to-hf", src, src, "--overwrite"]):
         with pytest.raises(SystemExit) as e:
             convert.main(argv)
         assert e.value.code == 2 and "the output folder must not be" in capsys.readouterr().err
-    assert os.path.isfile(os.path.join(src, "config.json"))
+    assert os.path.isfile(os.path.join(src, "config.json")) and os.path.isdir(adapter)
 
 
 def test_a_stale_index_beside_model_safetensors_is_ignored_as_transformers_does(tmp_path):

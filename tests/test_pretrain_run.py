@@ -490,5 +490,5 @@ def test_describe_warns_of_positions_past_the_model_and_of_memory_past_the_devic
     trainer.model_cfg = dataclasses.replace(trainer.model_cfg, max_position_embeddings=16)
     monkeypatch.setattr("cancerllm_jax.sharding.device_memory_bytes", lambda mesh: 1024)
     text = trainer.describe(32)
-    assert "warning: sequences of 32 tokens are longer than the model's max_position_embeddings (16)" in text
+    assert "warning: sequences of 32 tokens go past the model's max_position_embeddings (16)" in text
     assert "more than the device's 0.00 GiB: the run may run out of memory" in text

@@ -64,6 +64,7 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str | None = None, overwrite: bool
         extra["hf_config"] = read_json_file(os.path.join(hf_dir, "config.json"))
     if adapter is not None:
         adapter = os.path.abspath(os.path.expanduser(adapter))
+        _check_out(out_dir, overwrite, src=adapter)
         check_adapter_folder(adapter)  # a wrong adapter fails before the base is read
         extra["adapter"] = {"source": adapter, "base_model_name_or_path": adapter_base_name(adapter)}
     # a merge sums the file's weights and the factors in float32 and rounds once, to ``dtype`` (as peft's merge in
@@ -93,6 +94,8 @@ def to_hf(ckpt_dir: str, out_dir: str, mode: str | None = None, overwrite: bool 
     w = api.read_weights(ckpt_dir)
     has_lora = w.lora is not None and w.lora_params is not None
     tok_dir = w.tokenizer_spec
+    if tok_dir and os.path.exists(tok_dir):  # a run's own --tokenizer is read at export too
+        _check_out(out_dir, overwrite, src=tok_dir)
     if mode == "peft":
         from cancerllm_jax.checkpoint.peft import write_peft_adapter
 

@@ -244,12 +244,12 @@ def _read_config(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[
     if other:  # peft would adapt (lm_head, embed_tokens) or refuse (a block, a norm) a module other than these
         raise UserError(f"{path}: target_modules {targets!r} adapt {other[0]}, which is not a LoRA projection here "
                         f"(choose from {names})")
-    if isinstance(targets, list):  # peft ignores a name no module of the model is or ends with (another model's)
+    if isinstance(targets, list) and num_layers is not None:  # peft ignores a name no module is or ends with
         known = [*_other_module_names(n), *(_module_name(i, t) for i in range(n) for t in LORA_TARGETS)]
         absent = [t for t in targets if not any(m == t or m.endswith(f".{t}") for m in known)]
         if absent:
-            log.warning("%s: target_modules %s name no module of a Mistral/Llama model; ignored, as peft ignores "
-                        "them", path, absent)
+            log.warning("%s: target_modules %s name no module of this %d-layer model; ignored, as peft ignores "
+                        "them", path, absent, num_layers)
     layers = {t: [i for i in range(n) if adapts(_module_name(i, t))] for t in LORA_TARGETS}
     layers = {t: ids for t, ids in layers.items() if ids}
     if not layers:

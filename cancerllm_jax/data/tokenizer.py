@@ -37,14 +37,22 @@ def _check_text(text) -> str:
 def _token_ids(ids) -> list[int]:
     """``ids`` (a list, a tuple or a 1-D integer array; one id) as a list of ints; anything else is a UserTypeError (a
     string, floats, booleans, a batch)."""
-    try:
-        arr = None if isinstance(ids, (str, bytes)) or ids is None else np.asarray(ids)
-    except ValueError:  # rows of different lengths
-        arr = None
-    if arr is not None and arr.dtype.kind in "iu" and arr.ndim <= 1 or arr is not None and arr.shape == (0,):
+    arr = None
+    if not isinstance(ids, (str, bytes)) and ids is not None:
+        try:
+            arr = np.asarray(ids)
+        except ValueError:  # rows of different lengths
+            pass
+    if isinstance(ids, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in ids):
+        what = "booleans"  # numpy would read [5, True] as the ids 5 and 1
+    elif arr is None or arr.dtype.kind == "O":
+        what = "values that are not int64 ids" if arr is not None and arr.ndim == 1 else type(ids).__name__
+    elif arr.ndim > 1:
+        what = f"a {arr.ndim}-D array"
+    elif arr.dtype.kind in "iu" or arr.size == 0:
         return arr.reshape(-1).astype(np.int64).tolist()
-    what = type(ids).__name__ if arr is None or arr.dtype.kind == "O" else (
-        f"a {arr.ndim}-D array" if arr.ndim > 1 else f"{arr.dtype} values")
+    else:
+        what = f"{arr.dtype} values"
     raise UserTypeError(f"tokenizer.decode: ids must be one sequence of integer token ids, got {what} (decode a "
                         "batch row by row)")
 

@@ -259,7 +259,7 @@ def _text_field(path: str, row: Row, name: str) -> str:
     return value
 
 
-def _ids(path: str, rows: list[Row], implicit: bool = False) -> dict[str, Row] | None:
+def rows_by_id(path: str, rows: list[Row], implicit: bool = False) -> dict[str, Row] | None:
     """Rows keyed by ``id`` when every row has one, None when none has; mixed or duplicate ids are errors.
     ``implicit``: a row without an id is keyed ``line<N>``, as ``evaluate.py run`` names such test records."""
     from cancerllm_jax.data.sources import json_type_name
@@ -289,15 +289,15 @@ def _pairs(gold_path: str | None, pred_path: str, gold_field: str | None, pred_f
     from cancerllm_jax.errors import UserError
 
     preds = _read_jsonl(pred_path)
-    pred_ids = _ids(pred_path, preds)
+    pred_ids = rows_by_id(pred_path, preds)
     if gold_path is None:  # a runner's output file: {id, prompt_hash, gold, prediction}
         return [(obj.get("id"), _text_field(pred_path, row, gold_field or "gold"),
                  _text_field(pred_path, row, pred_field)) for row in preds for obj in [row[1]]]
     gold_field = gold_field or "response"
     golds = _read_jsonl(gold_path)
-    gold_ids = _ids(gold_path, golds)
+    gold_ids = rows_by_id(gold_path, golds)
     if gold_ids is None and pred_ids is not None:  # a gold line without an id is line<N>, as `run` names it;
-        named = _ids(gold_path, golds, implicit=True)  # predictions named otherwise (generate.py) pair by line
+        named = rows_by_id(gold_path, golds, implicit=True)  # predictions named otherwise (generate.py) pair by line
         gold_ids = named if set(named) & set(pred_ids) else None
     if gold_ids is not None and pred_ids is not None:
         for key, (number, obj) in gold_ids.items():

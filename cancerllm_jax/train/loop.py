@@ -230,7 +230,7 @@ class Trainer:
                 lines.append(f"warning: that is more than the device's {gib(limit)}: the run may run out of memory "
                              f"(lower the batch size or the sequence length, use remat, or a larger --mesh)")
         if seq_len > self.model_cfg.max_position_embeddings:
-            lines.append(f"warning: sequences of {seq_len} tokens are longer than the model's max_position_embeddings "
+            lines.append(f"warning: sequences of {seq_len} tokens go past the model's max_position_embeddings "
                          f"({self.model_cfg.max_position_embeddings}): positions it was not trained for")
         if shardings:
             lines += ["parameters (kind, path, shape, dtype, PartitionSpec over ('data', 'model')):",
@@ -405,6 +405,9 @@ class Trainer:
             total += float(s)
             count += float(c)
         if count and not math.isfinite(total):
+            if step == 0:  # before any update: not the learning rate
+                raise NonFiniteLoss(f"the base model's eval loss is {total / count} before training; check the data "
+                                    f"and the base weights, or use dtype=float32")
             raise NonFiniteLoss(f"eval loss is {total / count} at step {step}; {self._stopped(mngr)}")
         if count and logger:
             loss = total / count
