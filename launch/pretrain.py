@@ -5,7 +5,9 @@
     python launch/pretrain.py --config configs/pretrain/cancerllm_7b.yaml model=/path/to/Mistral-7B-v0.1
 """
 import argparse
+import json
 import os
+import re
 import sys
 
 import _bootstrap  # noqa: F401
@@ -30,10 +32,11 @@ def main(argv=None):
 
     overrides = list(args.overrides)
     # `--data a.jsonl lora.rank=4`: a key=value that is not a file is an override, not a data source
-    data = [d for d in args.data or [] if os.path.exists(d) or "=" not in d or any(c in d for c in "*?[")]
+    # (`data.weights=[3,1]` too: a dotted name before the '=' is a key, whatever follows)
+    data = [d for d in args.data or [] if os.path.exists(d) or not re.match(r"[A-Za-z_][\w.]*=", d)]
     overrides += [d for d in args.data or [] if d not in data]
-    if data:
-        overrides.append("data.sources=" + ",".join(data))
+    if data:  # as a YAML flow list: a path with a comma stays one path
+        overrides.append("data.sources=" + json.dumps(data))
     if args.skip_bad_lines:
         overrides.append("data.skip_bad_lines=true")
     if args.no_segment_mask:

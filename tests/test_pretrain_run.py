@@ -219,6 +219,19 @@ def run_main(argv, capsys) -> tuple[int, str]:
 
 
 
+def test_data_paths_with_commas_and_list_overrides_after_data(tmp_path, capsys):
+    """``--data a.jsonl "b,2024.jsonl" data.weights=[3,1]``: a comma in a file name does not split it, and a
+    key=value with a list after --data is an override (both were read as data paths: "no such file")."""
+    for n, name in enumerate(("a.jsonl", "b,2024.jsonl")):
+        (tmp_path / name).write_text("".join(json.dumps({"text": f"Patient {i}: stage {n} NSCLC, adenocarcinoma of "
+                                                                 "the right upper lobe."}) + "\n" for i in range(30)))
+    code, err = run_main(["--mesh", "1x1", "--workdir", str(tmp_path / "run"), *TINY_CLI, "--steps=1",
+                          "--data", str(tmp_path / "a.jsonl"), str(tmp_path / "b,2024.jsonl"), "data.weights=[3,1]"],
+                         capsys)
+    assert code in (0, None), err
+    assert "a.jsonl: weight 3.0" in err and "b,2024.jsonl: weight 1.0" in err, err
+
+
 def test_bad_inputs_each_give_one_clear_error(reference, tmp_path, capsys):
     wd = str(tmp_path / "w")
     bad = tmp_path / "bad.jsonl"
