@@ -54,17 +54,17 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str | None = None, overwrite: bool
     from cancerllm_jax.checkpoint.orbax_io import save_params
     from cancerllm_jax.checkpoint.peft import adapter_base_name, check_adapter_folder
 
-    _check_out(out_dir, overwrite, src=hf_dir)
-    if merge_lora and adapter is None:
-        raise UserError("--merge-lora needs --peft-adapter (an HF folder has no LoRA to merge)")
     from cancerllm_jax.config import read_json_file
 
+    if adapter is not None:
+        adapter = os.path.abspath(os.path.expanduser(adapter))
+    _check_out(out_dir, overwrite, hf_dir, *([adapter] if adapter else []))
+    if merge_lora and adapter is None:
+        raise UserError("--merge-lora needs --peft-adapter (an HF folder has no LoRA to merge)")
     extra: dict = {"source": os.path.abspath(hf_dir)}
     if os.path.isfile(os.path.join(hf_dir, "config.json")):  # its keys the model does not read, for to-hf
         extra["hf_config"] = read_json_file(os.path.join(hf_dir, "config.json"))
     if adapter is not None:
-        adapter = os.path.abspath(os.path.expanduser(adapter))
-        _check_out(out_dir, overwrite, src=adapter)
         check_adapter_folder(adapter)  # a wrong adapter fails before the base is read
         extra["adapter"] = {"source": adapter, "base_model_name_or_path": adapter_base_name(adapter)}
     # a merge sums the file's weights and the factors in float32 and rounds once, to ``dtype`` (as peft's merge in
@@ -88,14 +88,13 @@ def to_hf(ckpt_dir: str, out_dir: str, mode: str | None = None, overwrite: bool 
     """Our checkpoint / HF folder / run → HF folder (``mode`` None or "merge") or PEFT adapter (``mode="peft"``)."""
     from cancerllm_jax.checkpoint.hf import SHARD_BYTES, write_hf
 
-    _check_out(out_dir, overwrite, src=ckpt_dir)
-    for base in _source_dirs(ckpt_dir)[1:]:  # a run reads its base when exported: never replace it
-        _check_out(out_dir, overwrite, src=base)
+    sources = _source_dirs(ckpt_dir)  # a run reads its base when exported: never replace it either
+    _check_out(out_dir, overwrite, *sources)
     w = api.read_weights(ckpt_dir)
     has_lora = w.lora is not None and w.lora_params is not None
     tok_dir = w.tokenizer_spec
     if tok_dir and os.path.exists(tok_dir):  # a run's own --tokenizer is read at export too
-        _check_out(out_dir, overwrite, src=tok_dir)
+        _check_out(out_dir, overwrite, tok_dir)
     if mode == "peft":
         from cancerllm_jax.checkpoint.peft import write_peft_adapter
 
@@ -110,20 +109,20 @@ def to_hf(ckpt_dir: str, out_dir: str, mode: str | None = None, overwrite: bool 
         from cancerllm_jax.model.lora import merge_lora_params
 
         params = merge_lora_params(params, w.lora_params, w.lora, dtype)  # the float32 sum, rounded once
-    gen = next((f for d in _source_dirs(ckpt_dir) if os.path.isfile(f := os.path.join(d, "generation_config.json"))),
+    gen = next((f for d in sources if os.path.isfile(f := os.path.join(d, "generation_config.json"))),
                None)  # its sampling settings, where no tokenizer folder brings them
     return write_hf(out_dir, w.cfg, _cast(params, dtype), overwrite=overwrite, tokenizer_dir=tok_dir,
                     shard_bytes=shard_bytes or SHARD_BYTES, generation_config=gen,
-                    source_config=_source_hf_config(ckpt_dir))
+                    source_config=_source_hf_config(sources))
 
 
-def _source_hf_config(ckpt_dir: str) -> dict | None:
-    """The config.json the weights came from: an HF folder's own, the one a converted checkpoint recorded, or a
-    run's base's (None when there is none: a preset)."""
+def _source_hf_config(sources: list[str]) -> dict | None:
+    """The config.json the weights came from (``sources`` as ``_source_dirs`` gives them): an HF folder's own, the
+    one a converted checkpoint recorded, or a run's base's (None when there is none: a preset)."""
     from cancerllm_jax.checkpoint import orbax_io
     from cancerllm_jax.config import read_json_file
 
-    for d in _source_dirs(ckpt_dir):
+    for d in sources:
         if orbax_io.is_params_checkpoint(d):
             return orbax_io.read_meta(d).get("hf_config")
         if os.path.isfile(os.path.join(d, "config.json")):
@@ -158,13 +157,14 @@ def _base_of(ckpt_dir: str, w) -> str | None:
     return base.get("path") if base.get("kind") == "path" else base.get("name")
 
 
-def _check_out(out_dir: str, overwrite: bool, src: str) -> None:
-    """Fail before any work when ``out_dir`` is non-empty (without --overwrite), or is the source or holds it."""
+def _check_out(out_dir: str, overwrite: bool, *sources: str) -> None:
+    """Fail before any work when ``out_dir`` is non-empty (without --overwrite), or is one of the ``sources`` the
+    command reads or holds one."""
     out = os.path.abspath(os.path.expanduser(out_dir))
-    src = os.path.abspath(os.path.expanduser(src))
-    if os.path.exists(out) and os.path.commonpath([out, src]) == out:  # --overwrite would delete the source
-        what = "the input folder" if src == out else f"a folder that holds the input {src}"
-        raise UserError(f"{out_dir}: the output folder must not be {what}")
+    for src in (os.path.abspath(os.path.expanduser(s)) for s in sources):
+        if os.path.exists(out) and os.path.commonpath([out, src]) == out:  # --overwrite would delete the source
+            what = "the input folder" if src == out else f"a folder that holds the input {src}"
+            raise UserError(f"{out_dir}: the output folder must not be {what}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"{out_dir} exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:

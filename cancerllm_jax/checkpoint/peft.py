@@ -283,16 +283,21 @@ def read_adapter_config(folder: str, num_layers: int | None = None) -> LoRAConfi
 
 def check_adapter_folder(folder: str) -> LoRAConfig:
     """The checks that need no base model: a folder with a supported config and safetensors weights."""
+    return _checked_folder(folder, None)[0]
+
+
+def _checked_folder(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[str, list[int]]]:
+    """``_read_config`` of a folder that exists and holds safetensors weights."""
     if not os.path.isdir(folder):
         what = "is not a folder (expected a PEFT adapter folder)" if os.path.exists(folder) else "not found"
         raise UserError(f"adapter {folder}: {what}")
-    lora_cfg = read_adapter_config(folder)
+    config = _read_config(folder, num_layers)
     if not os.path.isfile(os.path.join(folder, ADAPTER_WEIGHTS)):
         if os.path.isfile(os.path.join(folder, "adapter_model.bin")):
             raise UserError(f"{folder}: only a pickle adapter_model.bin found; pickle files are never loaded "
                             "(save the adapter with safetensors)")
         raise UserError(f"{folder}: no {ADAPTER_WEIGHTS}")
-    return lora_cfg
+    return config
 
 
 def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
@@ -301,9 +306,8 @@ def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
 
     from cancerllm_jax.model.mistral import proj_shapes
 
-    check_adapter_folder(folder)
     n = cfg.num_layers
-    lora_cfg, adapted = _read_config(folder, n)
+    lora_cfg, adapted = _checked_folder(folder, n)
     path = os.path.join(folder, ADAPTER_WEIGHTS)
     try:
         handle = safe_open(path, framework="numpy")

@@ -247,10 +247,14 @@ class Trainer:
         return ocp.CheckpointManager(os.path.join(self.workdir, "checkpoints"), options=opts,
                                      item_names=("state", "data"))
 
-    def _save(self, mngr, step: int, it) -> None:
+    def _save(self, mngr, step: int, it, batch) -> None:
+        """Checkpoint the state and the data iterator at ``step``, once the new weights are checked on ``batch``
+        (the step's own; None: no step ran in this process, nothing new to check)."""
         import grain
         import orbax.checkpoint as ocp
 
+        if batch is not None:
+            self._check_new_weights(batch, step, mngr)
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.state),
                                                 data=grain.checkpoint.CheckpointSave(it)), force=True)
 
@@ -323,6 +327,7 @@ class Trainer:
         bar = _progress(cfg.steps, start_step)
         eval_every = cfg.eval_every
         peer_lost = False
+        batch = None  # the last step's batch, on which the weights are checked before a save
         if start_step == 0 and eval_every and data.eval_batches:
             self._evaluate(data.eval_batches, 0, logger, mngr)  # the baseline that periodic evals are read against
         try:
@@ -350,15 +355,12 @@ class Trainer:
                 if eval_every and step % eval_every == 0 and step < cfg.steps:
                     self._evaluate(data.eval_batches, step, logger, mngr)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    self._check_new_weights(batch, step, mngr)
-                    self._save(mngr, step, it)
+                    self._save(mngr, step, it, batch)
                     last_saved = step
             if data.eval_batches and step == cfg.steps > start_step:  # a finished run resumed: evaluated already
                 self._evaluate(data.eval_batches, step, logger, mngr)
             if last_saved != step or mngr.latest_step() != step:
-                if step > start_step:
-                    self._check_new_weights(batch, step, mngr)
-                self._save(mngr, step, it)
+                self._save(mngr, step, it, batch)
             mngr.wait_until_finished()
         except Exception as e:
             if jax.process_count() > 1 and not isinstance(e, UserError):
