@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -11,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cancerllm_jax.config import LoRAConfig, ModelConfig, hf_eos_ids
-from cancerllm_jax.errors import UserError
+from cancerllm_jax.config import LoRAConfig, ModelConfig, generation_settings_not_applied, hf_eos_ids
+from cancerllm_jax.errors import UserError, UserTypeError, suggest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -213,6 +217,11 @@ class LM:
         """
         from cancerllm_jax.decode import Decoder
 
+        known = [p for p in inspect.signature(Decoder.generate).parameters if p != "self"]
+        for name in kwargs:
+            if name not in known:
+                hint = " (temperature=0.0 is greedy, > 0 samples)" if name == "do_sample" else suggest(name, known)
+                raise UserTypeError(f"generate() got an unexpected argument {name!r}{hint}; it takes {known}")
         if hasattr(prompts, "__array__"):  # an id array [B, T] (numpy, jax, torch): one prompt per row
             prompts = np.asarray(prompts).tolist()
         if self._decoder is None:
@@ -221,7 +230,7 @@ class LM:
 
 
 def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool = True, tokenizer: str | None = None,
-         attention: str = "auto", adapter: str | None = None) -> LM:
+         attention: str = "auto", adapter: str | None = None, **unknown) -> LM:
     """Load weights from ``path`` in ``dtype`` onto a ``mesh`` ("DxM"); a run's LoRA is merged by default.
 
     ``adapter``: a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) to put on the
@@ -236,6 +245,10 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
 
     from cancerllm_jax.model.mistral import ATTENTION_IMPLS
 
+    for name in unknown:  # transformers habits (torch_dtype=, device_map=) get the argument's name, not a TypeError
+        known = list(inspect.signature(load).parameters)[:-1]
+        hint = " (use dtype=)" if name == "torch_dtype" else suggest(name, known)
+        raise UserTypeError(f"load() got an unexpected argument {name!r}{hint}; it takes {known}")
     resolve_dtype(dtype)
     if not isinstance(merge_lora, (bool, np.bool_)):
         raise UserError(f"merge_lora must be True or False, got {merge_lora!r}")
@@ -267,6 +280,11 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
     # the config's EOS ids (an HF folder's files, a run's base) and those a converted checkpoint's copied
     # generation_config.json names (checkpoints converted before the config recorded them all)
     eos = {own_eos_id(tok, w.cfg), *w.cfg.eos_token_ids} | hf_eos_ids(path)
+    ignored = generation_settings_not_applied(path)
+    if ignored:
+        log.warning("%s: generation_config.json sets %s, which generate here does not apply (it decodes greedily "
+                    "unless given temperature > 0, with top_k / top_p as given): its outputs can differ from "
+                    "transformers' generate on this folder", path, ", ".join(ignored))
     return LM(model, w.cfg, tok, mesh_obj, source=w.source,
               eos_ids=tuple(sorted(e for e in eos if e is not None and 0 <= e < w.cfg.vocab_size)),
               adapter=adapter)

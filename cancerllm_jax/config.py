@@ -278,6 +278,31 @@ def hf_eos_ids(folder: str) -> set[int]:
     return out
 
 
+# generation_config.json settings that change which tokens transformers' generate picks, with their neutral values.
+# generate here applies none of them (its sampling comes from its own arguments, greedy by default): a folder that
+# sets one is named in a warning at load, since its outputs will differ from transformers' generate(ids)
+GENERATION_SETTINGS_NOT_APPLIED = {
+    "do_sample": False, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
+    "min_new_tokens": 0, "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "sequence_bias": None, "num_beams": 1, "penalty_alpha": None,
+    "exponential_decay_length_penalty": None, "guidance_scale": 1.0, "dola_layers": None, "stop_strings": None,
+    "token_healing": False, "watermarking_config": None, "force_words_ids": None, "constraints": None,
+}
+
+
+def generation_settings_not_applied(folder: str) -> list[str]:
+    """``key=value`` for each setting of ``folder``'s ``generation_config.json`` that changes transformers'
+    generate and that generate here does not apply (``GENERATION_SETTINGS_NOT_APPLIED``); [] without the file."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.isfile(path):
+        return []
+    data = read_json_file(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return [f"{k}={json.dumps(data[k])}" for k, neutral in GENERATION_SETTINGS_NOT_APPLIED.items()
+            if data.get(k) is not None and data[k] != neutral and data[k] not in ([], {})]
+
+
 def hf_eos_value(cfg: ModelConfig):
     """``eos_token_id`` as transformers writes it: the id, or the list when there are several."""
     if len(cfg.eos_token_ids) > 1:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -61,6 +63,51 @@ def test_bad_load_arguments_are_one_clear_error(base_and_adapter, kwargs, words)
         cj.load(base, **kwargs)
     for w in words:
         assert w in str(e.value)
+
+
+def test_unknown_arguments_of_load_and_generate_are_user_errors(base_and_adapter):
+    """transformers habits (``torch_dtype=``, ``do_sample=``) name the argument and the right one (a bare TypeError
+    before); the check runs before any weight is read or anything compiles."""
+    _, base, _, _ = base_and_adapter
+    with pytest.raises(cj.UserError, match="unexpected argument 'torch_dtype' \\(use dtype=\\)") as e:
+        cj.load(base, torch_dtype="float32")
+    assert isinstance(e.value, TypeError)
+    with pytest.raises(cj.UserError, match="'mergelora' \\(did you mean 'merge_lora'\\?\\)"):
+        cj.load(base, mergelora=False)
+    lm = cj.load(base)
+    with pytest.raises(cj.UserError, match="'do_sample' \\(temperature=0.0 is greedy") as e:
+        lm.generate([[5, 6]], max_new_tokens=2, do_sample=False)
+    assert isinstance(e.value, TypeError) and lm._decoder is None
+    with pytest.raises(cj.UserError, match="'temprature' \\(did you mean 'temperature'\\?\\)"):
+        lm.generate([[5, 6]], max_new_tokens=2, temprature=0.5)
+
+
+def test_generation_config_settings_not_applied_are_named_at_load(base_and_adapter, tmp_path, caplog):
+    """A generation_config.json that sets a logits processor (repetition_penalty, ...) or sampling makes
+    transformers' generate(ids) differ from ours: the load names each such setting; EOS / BOS / pad ids and neutral
+    values (repetition_penalty 1.0, do_sample false) are not named."""
+    import json
+    import logging
+    import shutil
+
+    _, base, _, _ = base_and_adapter
+    folder = str(tmp_path / "m")
+    shutil.copytree(base, folder)
+    path = os.path.join(folder, "generation_config.json")
+    with open(path, "w") as f:
+        json.dump({"bos_token_id": 1, "eos_token_id": [2, 7], "pad_token_id": 0, "do_sample": False,
+                   "repetition_penalty": 1.0, "temperature": 0.6}, f)
+    with caplog.at_level(logging.WARNING, logger="cancerllm_jax.api"):
+        cj.load(folder)
+    assert "generation_config.json sets" not in caplog.text
+    with open(path, "w") as f:
+        json.dump({"eos_token_id": 2, "repetition_penalty": 1.5, "no_repeat_ngram_size": 3, "do_sample": True,
+                   "suppress_tokens": []}, f)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cancerllm_jax.api"):
+        cj.load(folder)
+    assert "sets do_sample=true, repetition_penalty=1.5, no_repeat_ngram_size=3, which generate here does not " \
+           "apply" in caplog.text
 
 
 def test_model_path_of_the_wrong_type_is_one_clear_error():

@@ -98,6 +98,26 @@ def test_greedy_matches_transformers_past_the_window(tiny):
         assert g == hf_greedy(model, p, 12)
 
 
+def test_a_window_of_one_decodes_as_transformers_without_a_cache(tmp_path):
+    """At ``sliding_window=1`` each token attends to itself alone. transformers 5.24's cached ``generate`` is the
+    wrong reference there (its sliding cache keeps ``[-window + 1:]``, i.e. every key at window 1); its
+    cache-free ``generate(use_cache=False)`` is the right one, and ours equals it."""
+    torch.manual_seed(3)
+    cfg = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=1,
+                                     initializer_range=0.3, eos_token_id=2, bos_token_id=1)
+    model = transformers.MistralForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    prompts = [[5], [7, 8, 9, 10]]
+    got = cj.load(str(tmp_path)).generate(prompts, max_new_tokens=8, eos_id=[])
+    for p, g in zip(prompts, got):
+        with torch.no_grad():
+            want = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, use_cache=False,
+                                  attention_mask=torch.ones(1, len(p), dtype=torch.long), eos_token_id=None,
+                                  pad_token_id=0)[0, len(p):].tolist()
+        assert g == want
+
+
 def test_ragged_batch_equals_each_prompt_alone(tiny):
     _, lm = tiny
     rng = np.random.default_rng(3)
