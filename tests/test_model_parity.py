@@ -242,6 +242,29 @@ def test_check_parity_cli(saved_models, tmp_path, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
+def test_check_parity_cli_on_a_mistral_folder_with_its_sentencepiece_tokenizer(tmp_path, capsys):
+    """A Mistral folder with the v0.1 ``tokenizer.model`` (as a fine-tune exported by ``to-hf`` has): transformers 5
+    sends it to a tokenizer backend not installed here, so the tool encodes with ours (it stopped as "a bug")."""
+    import importlib.util
+    import shutil
+
+    import transformers
+
+    from cancerllm_jax.data.tokenizer import mistral_v1_model_file
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("tool_check_parity", os.path.join(root, "tools", "check_parity.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=32000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    transformers.MistralForCausalLM(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    shutil.copy(mistral_v1_model_file(), tmp_path / "tokenizer.model")
+    assert tool.main(["--hf-dir", str(tmp_path), "--tol", "1e-4"]) == 0
+    assert "FAIL" not in capsys.readouterr().out
+
+
 SHAPE = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
          "num_attention_heads": 16}
 # config.json dicts that leave keys out or set them oddly; ours must resolve each as transformers' config class does
