@@ -488,9 +488,40 @@ class _StrictLoader(yaml.SafeLoader):
                 seen.add((key_node.tag, key))
         super().flatten_mapping(node)
 
+    def construct_yaml_int(self, node):
+        """Integers as people write them (YAML 1.2): ``010`` is ten, not YAML 1.1's octal eight; ``1:30`` stays text
+        (YAML 1.1 reads it as base 60, 90), so an integer field refuses it by name. ``0x``/``0o``/``0b`` keep their
+        bases."""
+        text = self.construct_scalar(node)
+        digits = text.replace("_", "").lstrip("+-")
+        if ":" in digits:
+            return text
+        if len(digits) > 1 and digits[0] == "0" and digits.isdigit():
+            return int(text.replace("_", ""), 10)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node):
+        """YAML 1.1's base-60 floats (``1:30.5``) stay text."""
+        text = self.construct_scalar(node)
+        return text if ":" in text else super().construct_yaml_float(node)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_yaml_float)
+
+
+def _is_text_field(hint) -> bool:
+    """``str`` or ``str | None``: an override's raw text is its value when YAML reads a scalar of another type from it
+    (``mesh=0x1`` stays "0x1", not YAML's 1; ``model=yes`` stays "yes")."""
+    if hint is str:
+        return True
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    return union and set(typing.get_args(hint)) == {str, type(None)}
+
 
 def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
-    """Apply ``a.b=value`` overrides (YAML-parsed values) to a nested dict, checking keys against ``cls``."""
+    """Apply ``a.b=value`` overrides (YAML-parsed values; the raw text for a text field) to a nested dict, checking
+    keys against ``cls``."""
     data = json.loads(json.dumps(data))  # deep copy
     for item in overrides:
         if "=" not in item:
@@ -513,6 +544,9 @@ def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
             if part not in fields_:
                 raise UserError(f"override {key!r}: unknown key {part!r}{suggest(part, fields_)}")
             if i == len(parts) - 1:
+                if not isinstance(value, (str, list, dict, type(None))) and _is_text_field(
+                        typing.get_type_hints(tp)[part]):  # a number, boolean or date YAML read from the text
+                    value = raw
                 node[part] = deep_merge(node.get(part), value)
             else:
                 hint = typing.get_type_hints(tp)[part]

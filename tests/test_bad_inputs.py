@@ -245,6 +245,23 @@ def test_yaml_merge_keys_may_override_and_an_override_may_not_repeat_a_key(tmp_p
         resolve(PretrainConfig, None, ["lora={rank: 4, rank: 2}"])
 
 
+def test_numbers_read_as_written_and_text_fields_take_the_raw_text(tmp_path):
+    """YAML 1.1 read ``seed=010`` as octal 8 and ``steps=1:30`` as base-60 90 (``--seed 010`` gives 10); a text field
+    got YAML's reading of its value (``mesh=0x1`` became "1", and the error named '1'). The same numbers in a config
+    file read the same."""
+    from cancerllm_jax.config import load_yaml
+    from cancerllm_jax.train.config import PretrainConfig, resolve
+
+    cfg = resolve(PretrainConfig, None, ["seed=010", "steps=0100", "data.block_size=0_64", "batch_size=0x10",
+                                         "optim.lr=1e-4", "mesh=0x1", "model=yes"])
+    assert (cfg.seed, cfg.steps, cfg.data.block_size, cfg.batch_size, cfg.optim.lr) == (10, 100, 64, 16, 1e-4)
+    assert (cfg.mesh, cfg.model) == ("0x1", "yes")
+    with pytest.raises(UserError, match="steps: expected int, got '1:30'"):
+        resolve(PretrainConfig, None, ["steps=1:30"])
+    assert load_yaml(write(tmp_path / "n.yaml", "seed: 010\nsteps: -0100\nlr: 1:30.5\n")) == \
+        {"seed": 10, "steps": -100, "lr": "1:30.5"}
+
+
 def _fake_run(wd, rank=2):
     """A run folder with run.json and a (fake) finished checkpoint: enough for --resume's config check."""
     from cancerllm_jax.config import to_dict
