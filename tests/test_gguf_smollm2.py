@@ -90,6 +90,29 @@ def test_import_reuses_a_complete_folder(smollm2_dir, tmp_path):
         import_gguf(out_dir=str(tmp_path / "busy"))
 
 
+def test_a_finished_import_is_reused_only_for_the_gguf_it_was_made_from(tmp_path, monkeypatch):
+    """``import_gguf(OTHER.gguf, out_dir=DIR)`` on a finished import of another GGUF returned DIR (the user got the
+    other model, exit 0); the import records its source (``gguf_source.json``) and is reused only for it."""
+    import json
+
+    from cancerllm_jax.checkpoint import gguf
+
+    monkeypatch.setattr(gguf, "_load_gguf", lambda path: pytest.fail("a reusable import was redone"))
+    mine, other = tmp_path / "mine.gguf", tmp_path / "other.gguf"
+    mine.write_bytes(b"GGUF mine")
+    other.write_bytes(b"GGUF other")
+    done = tmp_path / "done"
+    done.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
+        (done / name).write_text("{}")
+    with pytest.raises(UserError, match="does not record its GGUF; pass --overwrite"):
+        import_gguf(str(mine), out_dir=str(done))
+    (done / gguf.SOURCE_FILE).write_text(json.dumps(gguf.gguf_fingerprint(str(mine))))
+    assert import_gguf(str(mine), out_dir=str(done)) == str(done)
+    with pytest.raises(UserError, match=r"holds an import of another GGUF \(mine.gguf\), not .*other.gguf"):
+        import_gguf(str(other), out_dir=str(done))
+
+
 def test_an_out_path_that_is_a_file_fails_before_the_import(tmp_path, monkeypatch):
     from cancerllm_jax.checkpoint import gguf
 

@@ -6,7 +6,9 @@ package itself is never imported (its import fails), only its folder is located.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
+import json
 import os
 
 from cancerllm_jax.errors import UserError
@@ -14,6 +16,7 @@ from cancerllm_jax.errors import UserError
 DEFAULT_OUT = os.path.join("~", ".cache", "cancerllm_jax", "smollm2-135m-instruct")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer_config.json")
+SOURCE_FILE = "gguf_source.json"  # the GGUF an import was made from (file name, size, sha256)
 
 
 def default_gguf_path() -> str:
@@ -32,10 +35,40 @@ def is_complete(folder: str) -> bool:
     return all(os.path.isfile(os.path.join(folder, f)) for f in _REQUIRED)
 
 
+def gguf_fingerprint(path: str) -> dict:
+    """``{"file", "bytes", "sha256"}`` of a GGUF file: what an import records of its source."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 23), b""):
+            digest.update(chunk)
+    return {"file": os.path.basename(path), "bytes": os.path.getsize(path), "sha256": digest.hexdigest()}
+
+
+def _reusable(out_dir: str, gguf_path: str) -> bool:
+    """True when the finished import at ``out_dir`` was made from ``gguf_path``'s contents; an import of another
+    GGUF is an error (it was reused silently). Imports made before sources were recorded count as the default's."""
+    record = os.path.join(out_dir, SOURCE_FILE)
+    if not os.path.isfile(record):
+        with contextlib.suppress(UserError):
+            if gguf_path == default_gguf_path():
+                return True
+        raise UserError(f"{out_dir} holds an import that does not record its GGUF; pass --overwrite to import "
+                        f"{gguf_path} over it, or give another --out")
+    from cancerllm_jax.config import read_json_file
+
+    made_from = read_json_file(record)
+    if isinstance(made_from, dict) and made_from.get("sha256") == gguf_fingerprint(gguf_path)["sha256"]:
+        return True
+    name = made_from.get("file") if isinstance(made_from, dict) else None
+    raise UserError(f"{out_dir} holds an import of another GGUF ({name or 'unknown'}), not {gguf_path}; pass "
+                    "--overwrite to replace it, or give another --out")
+
+
 def import_gguf(gguf_path: str | None = None, out_dir: str | None = None, overwrite: bool = False) -> str:
     """Dequantise ``gguf_path`` (default SmolLM2) into an fp32 HF folder at ``out_dir``; returns the folder.
 
-    A complete folder already at ``out_dir`` is reused unless ``overwrite``.
+    A complete folder already at ``out_dir`` made from the same GGUF (``gguf_source.json``) is reused unless
+    ``overwrite``; one made from another GGUF is an error.
     """
     from cancerllm_jax.checkpoint.orbax_io import atomic_dir
 
@@ -43,7 +76,7 @@ def import_gguf(gguf_path: str | None = None, out_dir: str | None = None, overwr
     out_dir = os.path.abspath(os.path.expanduser(out_dir or DEFAULT_OUT))
     if not os.path.isfile(gguf_path):
         raise UserError(f"GGUF file not found: {gguf_path}")
-    if is_complete(out_dir) and not overwrite:
+    if is_complete(out_dir) and not overwrite and _reusable(out_dir, gguf_path):
         return out_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"{out_dir} exists and is not a folder")
@@ -53,6 +86,8 @@ def import_gguf(gguf_path: str | None = None, out_dir: str | None = None, overwr
     with atomic_dir(out_dir, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        with open(os.path.join(tmp, SOURCE_FILE), "w", encoding="utf-8") as f:
+            json.dump(gguf_fingerprint(gguf_path), f, indent=1)
     return out_dir
 
 
