@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -56,30 +57,119 @@ def cli_values(args) -> dict:
             "save_every": args.save_every, "full": args.full, "log_examples": args.log_examples}
 
 
-def start_runtime(args, mesh_text: str) -> None:
-    """Before JAX starts: multi-host initialisation and, on CPU hosts, enough host devices for the mesh."""
+# the usual launchers' (count, rank) variables, read when the flags are not given: JAX's own names, Slurm's srun
+# step, Open MPI's mpirun, and PMI (MPICH / Intel MPI)
+CLUSTER_VARIABLES = (("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"), ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID"),
+                     ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PMI_RANK"))
+
+
+def multi_host_settings(args, cluster_env: bool = True) -> tuple[str | None, int, int | None]:
+    """``(coordinator, processes, process id)`` from the flags, else the environment: ``CANCERLLM_NUM_PROCESSES``,
+    then (``cluster_env``) the first of ``CLUSTER_VARIABLES`` that is set for the count and rank, and
+    ``JAX_COORDINATOR_ADDRESS`` for the coordinator. Errors name the flag or variable a value came from."""
+    count_name, rank_name = "--num-processes", "--process-id"
+    nproc, pid = args.num_processes, args.process_id
+    if nproc is None and os.environ.get("CANCERLLM_NUM_PROCESSES", "").strip():
+        nproc, count_name = _env_int("CANCERLLM_NUM_PROCESSES", 1, ""), "CANCERLLM_NUM_PROCESSES"
+    for count_var, rank_var in CLUSTER_VARIABLES if cluster_env else ():
+        if nproc is None and os.environ.get(count_var, "").strip():
+            nproc, count_name = _env_int(count_var, 1, ""), count_var
+            if pid is None and os.environ.get(rank_var, "").strip():
+                pid, rank_name = _env_int(rank_var, 0, ""), rank_var
+    nproc = 1 if nproc is None else nproc
+    if nproc < 1:
+        raise UserError(f"{count_name} must be at least 1, got {nproc}")
+    if pid is not None and not 0 <= pid < nproc:
+        raise UserError(f"{rank_name} must be in 0 … {nproc - 1} ({count_name} {nproc}), got {pid}")
+    coordinator = args.coordinator
+    if coordinator is None and nproc > 1:
+        coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS", "").strip() or None
+    if args.coordinator or nproc > 1:
+        if not coordinator or pid is None or nproc < 2:
+            seen = f" ({count_name}={nproc})" if count_name != "--num-processes" else ""
+            raise UserError(f"multi-host runs need --coordinator HOST:PORT, --num-processes N (>= 2) and "
+                            f"--process-id I{seen}; under a cluster launcher, JAX_COORDINATOR_ADDRESS=HOST:PORT "
+                            "with its task count and rank variables")
+    return coordinator, nproc, pid
+
+
+def coordinator_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) → ``(host, port)``; anything else is one error (JAX crashed on it)."""
+    host, sep, port = str(text).strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UserError(f"coordinator {text!r}: expected HOST:PORT with a port in 1 … 65535 (e.g. 10.0.0.1:12355)")
+    return host, int(port)
+
+
+def wait_for_coordinator(host: str, port: int, timeout_s: float) -> None:
+    """Until process 0's coordinator accepts connections; a UserError after ``timeout_s`` (JAX would abort the
+    process with a C++ stack trace instead)."""
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                why = e.strerror or e
+                raise UserError(f"cannot reach the coordinator {host}:{port} after {timeout_s:.0f} s ({why}): start "
+                                "process 0 (it runs the coordinator), and check the address and that the port is "
+                                "open") from None
+            time.sleep(0.5)
+
+
+def check_coordinator_port_free(port: int) -> None:
+    """Process 0 binds ``[::]:PORT`` for the coordinator; a port in use crashed JAX there (a segfault, no message)."""
+    import socket
+
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this host
+            continue
+        with sock:
+            try:
+                sock.bind((host, port))
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise UserError(f"the coordinator's port {port} is in use on this machine (process 0 runs the "
+                                    "coordinator there): pick a free port for --coordinator") from None
+                continue
+            return
+
+
+def start_runtime(args, mesh_text: str, cluster_env: bool = True) -> None:
+    """Before JAX starts: multi-host initialisation and, on CPU hosts, enough host devices for the mesh
+    (``cluster_env``: a cluster launcher's variables may start a multi-host run, see ``multi_host_settings``)."""
     from cancerllm_jax.sharding import ensure_host_devices, parse_mesh
 
     d, m = parse_mesh(mesh_text)
-    nproc = args.num_processes if args.num_processes is not None else _env_int("CANCERLLM_NUM_PROCESSES", 1, "")
-    if nproc < 1:
-        raise UserError(f"--num-processes must be at least 1, got {nproc}")
-    if args.process_id is not None and not 0 <= args.process_id < nproc:
-        raise UserError(f"--process-id must be in 0 … {nproc - 1} (--num-processes {nproc}), got {args.process_id}")
-    if args.coordinator or nproc > 1:
-        if not args.coordinator or args.process_id is None or nproc < 2:
-            raise UserError("multi-host runs need --coordinator HOST:PORT, --num-processes N (>= 2) and "
-                            "--process-id I")
+    coordinator, nproc, pid = multi_host_settings(args, cluster_env)
+    if nproc > 1:
+        host, port = coordinator_host_port(coordinator)
         if (d * m) % nproc:
             raise UserError(f"mesh {d}x{m} ({d * m} devices) does not split over {nproc} processes")
-        ensure_host_devices((d * m) // nproc, quiet=args.process_id != 0)
+        ensure_host_devices((d * m) // nproc, quiet=pid != 0)
+        timeout = max(1, _env_int("CANCERLLM_INIT_TIMEOUT", 120))
+        if pid == 0:
+            check_coordinator_port_free(port)
+        else:
+            wait_for_coordinator(host, port, timeout)
         import jax
 
         heartbeat = max(1, _env_int("CANCERLLM_HEARTBEAT_TIMEOUT", 60))
-        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=nproc,
-                                   process_id=args.process_id, initialization_timeout=120,
-                                   heartbeat_timeout_seconds=heartbeat,
-                                   shutdown_timeout_seconds=max(1, _env_int("CANCERLLM_SHUTDOWN_TIMEOUT", 60)))
+        try:
+            jax.distributed.initialize(coordinator_address=coordinator, num_processes=nproc, process_id=pid,
+                                       initialization_timeout=timeout, heartbeat_timeout_seconds=heartbeat,
+                                       shutdown_timeout_seconds=max(1, _env_int("CANCERLLM_SHUTDOWN_TIMEOUT", 60)))
+        except (RuntimeError, ValueError) as e:  # JaxRuntimeError is a RuntimeError
+            what = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            role = "start the coordinator on" if pid == 0 else "join the coordinator at"
+            raise UserError(f"process {pid} could not {role} {coordinator} ({what}); on process 0, HOST must be "
+                            "this machine and PORT free") from None
     else:
         ensure_host_devices(d * m)
 

@@ -72,7 +72,8 @@ def main(argv=None):
     from cancerllm_jax.eval.protocol import rows_by_id
 
     rows_by_id(args.input, [(r["_line"], r) for r in records])  # ids as scoring reads them: unique, all or none
-    start_runtime(argparse.Namespace(coordinator=None, num_processes=None, process_id=None), args.mesh)
+    start_runtime(argparse.Namespace(coordinator=None, num_processes=None, process_id=None), args.mesh,
+                  cluster_env=False)  # one process; a launcher's task variables are for the training launchers
     import cancerllm_jax as cj
 
     from cancerllm_jax.api import adapter_or_none

@@ -177,6 +177,11 @@ PRETRAIN_ARGS = {
     "synthetic_documents_zero_dry_run": (["--dry-run", "synthetic_documents=0"], ["synthetic_documents", ">= 1"]),
     "num_processes_negative": (["--dry-run", "--num-processes", "-2"], ["--num-processes", "at least 1"]),
     "process_id_out_of_range": (["--dry-run", "--process-id", "5"], ["--process-id", "0 … 0"]),
+    # a malformed coordinator crashed inside JAX (IndexError, a segfault)
+    **{f"coordinator_{name}": (["--dry-run", "--coordinator", value, "--num-processes", "2", "--process-id", "0"],
+                               [f"coordinator {value!r}: expected HOST:PORT"])
+       for name, value in (("no_port", "localhost"), ("port_text", "localhost:abc"), ("port_zero", "h:0"),
+                           ("no_host", ":1234"), ("port_too_big", "h:70000"))},
 }
 
 
@@ -196,6 +201,42 @@ def test_bad_process_count_in_the_environment_is_one_clear_error(value, tmp_path
     monkeypatch.setenv("CANCERLLM_NUM_PROCESSES", value)
     code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r", *TINY, "--dry-run"], capsys)
     one_clear_error(code, err, "CANCERLLM_NUM_PROCESSES" if value == "abc" else "at least 1", value)
+
+
+def test_cluster_launcher_variables_start_a_multi_host_run_or_say_what_is_missing(tmp_path, capsys, monkeypatch):
+    """Under srun / mpirun each task used to train alone into the same workdir. The task count and rank come from
+    the launcher's variables and the coordinator from JAX_COORDINATOR_ADDRESS; without it, one error. A process whose
+    coordinator never answers stops with one error naming it (JAX aborted it with a C++ stack trace)."""
+    import socket
+
+    for count, rank in (("SLURM_STEP_NUM_TASKS", "SLURM_PROCID"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")):
+        with monkeypatch.context() as m:
+            m.setenv(count, "2")
+            m.setenv(rank, "1")
+            code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r", *TINY, "--dry-run"], capsys)
+            one_clear_error(code, err, f"({count}=2)", "JAX_COORDINATOR_ADDRESS")
+    with socket.socket() as s:  # a free port: nobody listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", f"127.0.0.1:{port}")
+    monkeypatch.setenv("CANCERLLM_INIT_TIMEOUT", "1")
+    code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r", *TINY, "--mesh", "2x1", "--dry-run"],
+                        capsys)
+    one_clear_error(code, err, f"cannot reach the coordinator 127.0.0.1:{port} after 1 s", "start process 0")
+    with socket.socket() as busy:  # process 0 on a port in use: JAX segfaulted
+        busy.bind(("0.0.0.0", 0))
+        busy.listen()
+        monkeypatch.setenv("SLURM_PROCID", "0")
+        monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", f"127.0.0.1:{busy.getsockname()[1]}")
+        code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r", *TINY, "--mesh", "2x1", "--dry-run"],
+                            capsys)
+        one_clear_error(code, err, f"port {busy.getsockname()[1]} is in use")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r", *TINY, "--dry-run"], capsys)
+    one_clear_error(code, err, "SLURM_PROCID must be in 0 … 1 (SLURM_STEP_NUM_TASKS 2), got 2")
+    nothing_left(tmp_path / "r")
 
 
 def test_pretrain_yaml_typo_suggests_the_key(tmp_path, capsys):

@@ -167,13 +167,17 @@ def test_kill_9_then_resume(reference, tmp_path):
 
 
 def _two_processes(args: list[str]) -> list[str]:
-    """Run the launcher as 2 processes of one run on a free local port; their outputs (both must exit 0)."""
+    """Run the launcher as 2 processes of one run on a free local port; their outputs (both must exit 0).
+    Process 0 gets the flags; process 1 the variables a cluster launcher sets (Slurm's srun task count and rank,
+    JAX's coordinator address)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = [*args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-    procs = [subprocess.Popen([sys.executable, LAUNCHER, *args, "--process-id", str(i)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, env=child_env(), cwd=ROOT) for i in range(2)]
+    flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0"]
+    cluster = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}
+    procs = [subprocess.Popen([sys.executable, LAUNCHER, *args, *extra], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env=child_env(**env), cwd=ROOT)
+             for extra, env in ((flags, {}), ([], cluster))]
     outs = []
     try:
         for p in procs:
