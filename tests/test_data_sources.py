@@ -62,6 +62,11 @@ def test_empty_file_is_an_error(tmp_path):
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         read_jsonl(str(tmp_path / "nope.jsonl"), REQ)
+    (tmp_path / "a_folder").mkdir()  # a folder where a file is wanted said "no such file" although it exists
+    with pytest.raises(UserError, match="a_folder: is a folder; give a file"):
+        read_jsonl(str(tmp_path / "a_folder"), REQ)
+    with pytest.raises(UserError, match="a_folder: is a folder; give a file"):
+        read_text_documents(str(tmp_path / "a_folder"))
 
 
 def test_missing_field_suggests_a_near_name(tmp_path):

@@ -329,7 +329,9 @@ def test_argument_errors_leave_no_output_folder(finished, tmp_path):
                          ({"tokenizer": str(tmp_path / "no-tokenizer")}, "tokenizer not found: .*no-tokenizer"),
                          ({"models": model_names([str(no_tokenizer)])}, "small-vocab: no tokenizer found"),
                          ({"models": model_names([str(no_tokenizer)]), "tokenizer": "mistral-v1"},
-                          "has 32000 tokens but the model's vocabulary is 64")):
+                          "has 32000 tokens but the model's vocabulary is 64"),
+                         # these left OUT/predictions/*.produced_by.json naming the bad value
+                         ({"dtype": "fp33"}, "dtype 'fp33' is not supported"), ({"mesh": "2y1"}, "mesh '2y1'")):
         with pytest.raises(UserError, match=message):
             run(cfg(**bad))
     assert not out.exists()
@@ -375,7 +377,7 @@ def test_cli_errors():
     from cancerllm_jax.eval.scan import parse_temperatures
 
     assert parse_temperatures("0.5, 1") == [0.5, 1.0] and parse_temperatures(None)[0] == 0.1
-    for bad in ("0,1", "0.1,abc", "1e-7,0.5", "0.1234561,0.1234564", "0.3,0.30000000000000004", "nan"):
+    for bad in ("0,1", "0.1,abc", "1e-7,0.5", "0.1234561,0.1234564", "0.3,0.30000000000000004", "nan", "", " ,"):
         with pytest.raises(UserError, match="--temperatures"):  # 1e-7 was greedy (rounded to 0) in folder T0
             parse_temperatures(bad)
 

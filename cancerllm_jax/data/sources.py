@@ -20,6 +20,13 @@ TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", l
 SUPPORTED_EXTENSIONS = (".jsonl", ".txt")
 
 
+def require_file(path: str) -> None:
+    """A missing path, or a folder where a file is wanted, is one error saying which."""
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder; give a file")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+
 def _type_name(t: type | tuple[type, ...]) -> str:
     if isinstance(t, tuple):
         return " or ".join(_type_name(x) for x in t)
@@ -82,8 +89,7 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
     record's problem or None; a line it finds bad is a bad line like the others.
     """
     optional = optional or {}
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
+    require_file(path)
     records: list[dict] = []
     skipped = 0
     first_problem = ""
@@ -152,8 +158,7 @@ def read_text_documents(path: str, split_on_blank_lines: bool = False) -> list[d
     pass ``split_on_blank_lines=True`` for files that hold one short document per paragraph.
     An empty (whitespace-only) file raises ``UserError``; bytes that are not UTF-8 raise naming the line.
     """
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
+    require_file(path)
     with open(path, "rb") as f:
         text = decode_utf8(path, f.read())
     text = text.replace("\r\n", "\n")

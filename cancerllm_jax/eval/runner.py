@@ -660,6 +660,11 @@ def run(cfg: RunConfig, log: Callable[[str], None] = log_stderr) -> dict[str, An
         raise UserError(f"--batch-size must be at least 1, got {cfg.decoding.batch_size}")
     if not cfg.models:
         raise UserError("give at least one --model")
+    from cancerllm_jax.model import resolve_dtype
+    from cancerllm_jax.sharding import parse_mesh
+
+    resolve_dtype(cfg.dtype)  # before OUT holds a provenance record naming it
+    parse_mesh(cfg.mesh)
     if len(cfg.tasks) > 1 and _parse_synthetic(cfg.data) is None and os.path.isfile(cfg.data):
         raise UserError(f"--data {cfg.data} is one file, but {len(cfg.tasks)} tasks were given "
                         f"({', '.join(s.name for s in cfg.tasks)}): one file is one task's test split; give one "

@@ -51,10 +51,10 @@ def score_name(task: str) -> str:
 
 def parse_temperatures(text: str | None) -> list[float]:
     """``"0.1,0.5,1.0"`` → [0.1, 0.5, 1.0]; None → 0.1 … 1.0 in steps of 0.1 (the paper's scan)."""
-    if not text:
+    if text is None:
         return list(TEMPERATURES)
     try:
-        temps = [float(t) for t in text.split(",") if t.strip()]
+        temps = [float(t) for t in text.split(",") if t.strip()]  # "" (an empty shell variable): none, refused
     except ValueError:
         raise UserError(f"--temperatures {text!r}: expected comma-separated numbers") from None
     # the scan rounds them to 6 decimals: each must stay > 0 (0 is greedy) and have a folder name of its own
