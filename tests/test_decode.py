@@ -437,8 +437,7 @@ def test_grouped_prefill_of_spread_prompts_decodes_like_each_alone(tiny):
     dec = Decoder(lm)
     got = dec.generate(prompts, max_new_tokens=6)
     assert any(k[0] == "join" for k in dec._fns)
-    assert got == [lm.generate([p], max_new_tokens=6)[0] for p in prompts]
-    for p, g in list(zip(prompts, got))[::5]:
+    for p, g in zip(prompts, got):  # each alone in transformers (ours alone compiled 16 more shapes for nothing)
         assert g == hf_greedy(model, p, 6)
 
 
