@@ -183,7 +183,7 @@ def test_adapter_missing_or_unexpected_keys_are_errors(base, tuned, tmp_path):
 @pytest.mark.parametrize("field, value", [("alora_invocation_tokens", [10, 11]), ("init_lora_weights", "pissa"),
                                           ("init_lora_weights", "pissa_niter_4"), ("init_lora_weights", "olora"),
                                           ("init_lora_weights", "loftq"), ("arrow_config", {"top_k": 3}),
-                                          ("use_qalora", True), ("rank_pattern", {"q_proj": 2}),
+                                          ("use_qalora", True),
                                           ("some_future_variant", {"on": True})])
 def test_adapters_that_are_more_than_their_factors_are_refused(base, tuned, tmp_path, field, value):
     """aLoRA acts only after its invocation tokens; PiSSA / OLoRA / LoftQ rewrite the base weights when peft loads

@@ -306,6 +306,52 @@ def test_rslora_and_fan_in_fan_out_load_as_peft_and_export_back(mha, tmp_path):
     assert max_diff(torch_logits(peft.PeftModel.from_pretrained(hf_base(base), back).eval(), IDS), ref) <= 1e-4
 
 
+PATTERNS = {  # peft configs with per-module ranks and alphas (peft's get_pattern_key: a regex matching the name's end)
+    "rank": dict(r=4, peft_kw=dict(rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6})),
+    "alpha": dict(r=4, peft_kw=dict(alpha_pattern={"v_proj": 3.0, "model.layers.0.self_attn.o_proj": 20})),
+    "both_rslora": dict(r=3, peft_kw=dict(rank_pattern={"o_proj": 5}, alpha_pattern={"down_proj": 1.5},
+                                          use_rslora=True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PATTERNS))
+def test_rank_and_alpha_patterns_give_peft_logits_and_export_back(tmp_path, case):
+    """``rank_pattern`` / ``alpha_pattern`` (refused before): each module gets peft's rank and scale (a smaller rank
+    is zero-padded to the largest, the module's own scale is a factor on its B); merged or kept apart the logits are
+    peft's, and the exported plain adapter (one rank, one alpha) gives peft the same logits."""
+    base, adapter, ref, _ = make_adapter(str(tmp_path), seed=5, std=0.3, num_attention_heads=4, num_key_value_heads=2,
+                                         **PATTERNS[case])
+    plain = str(tmp_path / "plain")  # the same factors read without the patterns: must differ
+    shutil.copytree(adapter, plain)
+    conf = json.load(open(os.path.join(plain, "adapter_config.json")))
+    json.dump({**conf, "alpha_pattern": {}}, open(os.path.join(plain, "adapter_config.json"), "w"))
+    if not conf["rank_pattern"]:
+        assert max_diff(cj.load(base, adapter=plain).logits(IDS), ref) > 1e-3, "alpha_pattern must matter"
+    for merge in (True, False):
+        assert max_diff(cj.load(base, adapter=adapter, merge_lora=merge).logits(IDS), ref) <= 1e-4
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    assert convert.main(["from-hf", base, ckpt, "--peft-adapter", adapter]) == 0
+    assert convert.main(["to-hf", ckpt, back, "--peft-adapter"]) == 0
+    assert max_diff(torch_logits(peft.PeftModel.from_pretrained(hf_base(base), back).eval(), IDS), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("rank_pattern", {"q_proj": 0}, "rank_pattern['q_proj'] must be a whole number >= 1, got 0"),
+    ("rank_pattern", {"q_proj": 2.5}, "must be a whole number >= 1, got 2.5"),
+    ("alpha_pattern", {"q_proj": "big"}, "alpha_pattern['q_proj'] must be a finite number"),
+    ("rank_pattern", {"q_proj(": 2}, "rank_pattern key 'q_proj(' is not a valid regular expression"),
+    ("alpha_pattern", [1], "alpha_pattern must be an object"),
+])
+def test_bad_rank_or_alpha_patterns_are_one_clear_error(mha, tmp_path, field, value, words):
+    base, adapter, _, _ = mha
+    edited = str(tmp_path / "bad")
+    shutil.copytree(adapter, edited)
+    conf = json.load(open(os.path.join(edited, "adapter_config.json")))
+    json.dump({**conf, field: value}, open(os.path.join(edited, "adapter_config.json"), "w"))
+    with pytest.raises(UserError, match=re.escape(words)):
+        cj.load(base, adapter=edited)
+
+
 def test_merges_in_the_converter_round_once_as_peft_does(tmp_path):
     """``from-hf --merge-lora --dtype bfloat16`` of an fp32 base is peft's fp32 merge cast to bf16, bit for bit
     (casting the base first rounded twice: ~1/4 of the entries were 1 ulp off); ``to-hf --dtype float32`` of a bf16

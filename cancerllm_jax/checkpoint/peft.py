@@ -26,16 +26,18 @@ HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.
               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "use_qalora": False}
 # set, these change which weights get factors or what the layer computes (LoRA variants of peft 0.21)
-_EMPTY = ("rank_pattern", "alpha_pattern", "modules_to_save", "layer_replication",
+_EMPTY = ("modules_to_save", "layer_replication",
           "target_parameters", "trainable_token_indices", "alora_invocation_tokens",
           "velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config")
 # fields that do not change a plain LoRA's forward (bookkeeping, training-time or initialisation-only settings,
 # and settings for features refused above; peft sets fan_in_fan_out to False on nn.Linear, every target here) and
-# fields read below (use_rslora, layers_to_transform, layers_pattern, exclude_modules); any other field that is set
+# fields read below (use_rslora, layers_to_transform, layers_pattern, exclude_modules, rank_pattern, alpha_pattern);
+# any other field that is set
 # is an error: a newer peft's variant
 _HARMLESS = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
              "inference_mode", "r", "lora_alpha", "lora_dropout", "target_modules", "init_lora_weights",
              "fan_in_fan_out", "use_rslora", "layers_to_transform", "layers_pattern", "exclude_modules",
+             "rank_pattern", "alpha_pattern",
              "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
              "qalora_group_size", "runtime_config", "ensure_weight_tying")
 # initialisations after which peft rewrites the base weights when it loads the adapter: the factors alone are not
@@ -204,9 +206,42 @@ def _peft_matcher(path: str, conf: dict):
     return adapts
 
 
-def _read_config(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[str, list[int]]]:
-    """``(LoRAConfig, {target: the layers peft adapts})`` from a PEFT ``adapter_config.json`` for a model of
-    ``num_layers`` layers (None: not known yet); features we do not implement are errors."""
+def _pattern(path: str, conf: dict, key: str) -> dict:
+    """``rank_pattern`` / ``alpha_pattern``: ``{regular expression: rank (a whole number >= 1) / alpha (a number)}``."""
+    value = conf.get(key) or {}
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: {key} must be an object {{module pattern: value}}, got {json.dumps(value)}")
+    for pattern, v in value.items():
+        ok = _is_int(v) and v >= 1 if key == "rank_pattern" else (
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+        if not ok:
+            what = "a whole number >= 1" if key == "rank_pattern" else "a finite number"
+            raise UserError(f"{path}: {key}[{pattern!r}] must be {what}, got {json.dumps(v)}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UserError(f"{path}: {key} key {pattern!r} is not a valid regular expression ({e})") from None
+    return value
+
+
+def _pattern_value(pattern: dict, name: str, default):
+    """peft's ``get_pattern_key``: the value of the first key (a regular expression) that matches the end of the
+    module ``name`` at a dot, else ``default``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+ModuleFactors = dict[tuple[str, int], tuple[int, float]]  # (target, layer) -> (its rank, its scale / the config's)
+
+
+def _read_config(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[str, list[int]], ModuleFactors]:
+    """``(LoRAConfig, {target: the layers peft adapts}, per-module ranks and scales)`` from a PEFT
+    ``adapter_config.json`` for a model of ``num_layers`` layers (None: not known yet); features we do not implement
+    are errors. With ``rank_pattern`` / ``alpha_pattern`` the config's rank is the largest module rank (smaller
+    modules are zero-padded: the same product) and each module's own scale is a factor on its B; without them the
+    per-module map is empty."""
     path, conf = _adapter_json(folder)
     if str(conf.get("peft_type", "")).upper() != "LORA":
         raise UserError(f"{path}: peft_type {conf.get('peft_type')!r} is not supported (only LORA)")
@@ -270,9 +305,21 @@ def _read_config(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[
         raise UserError(f"{path}: r / lora_alpha / lora_dropout must be numbers ({e})") from None
     except UserError as e:
         raise UserError(f"{path}: {e} (from r / lora_alpha / lora_dropout)") from None
+    rank_pattern, alpha_pattern = _pattern(path, conf, "rank_pattern"), _pattern(path, conf, "alpha_pattern")
+    rslora = bool(conf.get("use_rslora"))
+    if rank_pattern or alpha_pattern:  # each module's rank and alpha as peft's _create_and_replace picks them
+        def scale(rank: int, alpha: float) -> float:
+            return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+        own = {(t, i): (_pattern_value(rank_pattern, _module_name(i, t), lora.rank),
+                        float(_pattern_value(alpha_pattern, _module_name(i, t), lora.alpha)))
+               for t, ids in layers.items() for i in ids}
+        widest = max(r_ for r_, _ in own.values())
+        lora = dataclasses.replace(lora, rank=widest, alpha=scale(lora.rank, lora.alpha) * widest)
+        return lora, layers, {k: (r_, scale(r_, a_) / lora.scaling) for k, (r_, a_) in own.items()}
     # use_rslora: peft scales by alpha / sqrt(r), the same as alpha * sqrt(r) / r
-    lora = dataclasses.replace(lora, alpha=lora.alpha * math.sqrt(lora.rank)) if conf.get("use_rslora") else lora
-    return lora, layers
+    lora = dataclasses.replace(lora, alpha=lora.alpha * math.sqrt(lora.rank)) if rslora else lora
+    return lora, layers, {}
 
 
 def read_adapter_config(folder: str, num_layers: int | None = None) -> LoRAConfig:
@@ -286,7 +333,7 @@ def check_adapter_folder(folder: str) -> LoRAConfig:
     return _checked_folder(folder, None)[0]
 
 
-def _checked_folder(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[str, list[int]]]:
+def _checked_folder(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[str, list[int]], ModuleFactors]:
     """``_read_config`` of a folder that exists and holds safetensors weights."""
     if not os.path.isdir(folder):
         what = "is not a folder (expected a PEFT adapter folder)" if os.path.exists(folder) else "not found"
@@ -307,7 +354,7 @@ def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
     from cancerllm_jax.model.mistral import proj_shapes
 
     n = cfg.num_layers
-    lora_cfg, adapted = _checked_folder(folder, n)
+    lora_cfg, adapted, own = _checked_folder(folder, n)
     path = os.path.join(folder, ADAPTER_WEIGHTS)
     try:
         handle = safe_open(path, framework="numpy")
@@ -329,14 +376,19 @@ def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
         a = np.zeros((n, d_in, r), np.float32)
         b = np.zeros((n, r, d_out), np.float32)
         for i in adapted[t]:
-            for factor, dst, want in (("A", a, (r, d_in)), ("B", b, (d_out, r))):
+            rank, factor_b = own.get((t, i), (r, 1.0))  # rank_pattern / alpha_pattern: its own rank and scale
+            for factor, dst, want in (("A", a, (rank, d_in)), ("B", b, (d_out, rank))):
                 key = peft_key(i, t, factor)
                 if key not in keys:
                     raise UserError(f"{path}: tensor {key} is missing{other}")
                 arr = handle.get_tensor(keys[key])
                 if tuple(arr.shape) != want:
                     raise UserError(f"{path}: tensor {key} has shape {tuple(arr.shape)}, expected {want}{other}")
-                dst[i] = arr.astype(np.float32).T
+                if factor == "A":  # rows past the module's rank stay zero: the same product
+                    dst[i, :, :rank] = arr.astype(np.float32).T
+                else:
+                    dst[i, :rank, :] = arr.astype(np.float32).T * np.float32(factor_b) if factor_b != 1.0 \
+                        else arr.astype(np.float32).T
                 used.add(key)
         out[t] = {"lora_a": a, "lora_b": b}
     extra = sorted(set(keys) - used)
