@@ -234,6 +234,21 @@ def test_data_paths_with_commas_and_list_overrides_after_data(tmp_path, capsys):
                          capsys)
     assert code in (0, None), err
     assert "a.jsonl: weight 3.0" in err and "b,2024.jsonl: weight 1.0" in err, err
+    assert err.count("passes over the run") == 2, err
+
+
+def test_a_source_its_weight_repeats_while_another_is_unread_is_named():
+    """How often the run reads each source (rows split by weight), and a warning when a small source is read twice
+    or more while another is not read through once (the mixture silently repeated it)."""
+    from cancerllm_jax.train.loop import oversampling_warning, source_passes
+
+    sources = [{"name": "big", "weight": 1.0, "train_blocks": 1000}, {"name": "small", "weight": 1.0,
+                                                                       "train_blocks": 10}]
+    passes = source_passes(sources, 200)
+    assert passes == [0.1, 10.0]
+    assert "source small is read ≈10 times over the run" in oversampling_warning(sources, passes)
+    assert oversampling_warning(sources, source_passes(sources, 10)) is None  # nothing read twice
+    assert oversampling_warning(sources, source_passes(sources, 4000)) is None  # every source read through
 
 
 def test_bad_inputs_each_give_one_clear_error(reference, tmp_path, capsys):

@@ -63,6 +63,23 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def source_passes(sources: list[dict], rows: int) -> list[float]:
+    """How many times a run of ``rows`` training rows reads each weighted source's blocks (rows split by weight)."""
+    total = sum(float(s["weight"]) for s in sources)
+    return [rows * float(s["weight"]) / total / max(1, s["train_blocks"]) for s in sources]
+
+
+def oversampling_warning(sources: list[dict], passes: list[float]) -> str | None:
+    """A warning when the weights make the run read one source twice or more while another is not read through
+    once (a small source repeated many times: meant in a mixture such as 15:1:4, a slip otherwise); else None."""
+    if max(passes) < 2 or min(passes) >= 1:
+        return None
+    i = passes.index(max(passes))
+    return (f"warning: source {sources[i]['name']} is read ≈{passes[i]:.2g} times over the run while another "
+            "source is not read through once: its weight oversamples it (as a mixture such as 15:1:4 means to); if "
+            "that is not meant, lower its weight or give it more text")
+
+
 def say(msg: str) -> None:
     if is_main():
         print(msg, file=sys.stderr, flush=True)
@@ -310,9 +327,13 @@ class Trainer:
         if is_main():
             say(f"data: {json.dumps(self.data_counts)}")
             sources = data.stats.get("sources") or []
-            if len(sources) > 1:  # which weight went to which source
-                say("sources: " + "; ".join(f"{s['name']}: weight {s.get('weight')}, {s['train_blocks']} train blocks"
-                                            for s in sources))
+            if len(sources) > 1:  # which weight went to which source, and how often the run reads each
+                passes = source_passes(sources, cfg.steps * cfg.batch_size)
+                say("sources: " + "; ".join(f"{s['name']}: weight {s.get('weight')}, {s['train_blocks']} train blocks, "
+                                            f"≈{p:.2g} passes over the run" for s, p in zip(sources, passes)))
+                warning = oversampling_warning(sources, passes)
+                if warning:
+                    say(warning)
         mngr = self._manager()
         it = data.train_iter
         if start_step > 0:
