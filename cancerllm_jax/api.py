@@ -217,9 +217,11 @@ class LM:
         """
         from cancerllm_jax.decode import Decoder
 
-        known = [p for p in inspect.signature(Decoder.generate).parameters if p != "self"]
+        params = inspect.signature(Decoder.generate).parameters
+        known = [n for n, p in params.items() if n != "self" and p.kind is not p.VAR_POSITIONAL]
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())  # a wrapped or patched decoder
         for name in kwargs:
-            if name not in known:
+            if name not in known and not takes_any:
                 hint = " (temperature=0.0 is greedy, > 0 samples)" if name == "do_sample" else suggest(name, known)
                 raise UserTypeError(f"generate() got an unexpected argument {name!r}{hint}; it takes {known}")
         if hasattr(prompts, "__array__"):  # an id array [B, T] (numpy, jax, torch): one prompt per row

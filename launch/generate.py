@@ -122,6 +122,8 @@ def _check_fields(path: str, r: dict) -> None:
         raise UserError(f"{path}:{r['_line']}: has a 'prompt' and an 'instruction'/'context'; give one or the other")
     if r.get("prompt") == "":  # with a tokenizer that adds a BOS it would encode to the BOS alone
         raise UserError(f"{path}:{r['_line']}: the prompt is empty")
+    if "instruction" in r and not (r["instruction"] or "").strip():  # as training refuses it
+        raise UserError(f"{path}:{r['_line']}: field 'instruction' is empty")
 
 
 def _prompt(tokenizer, r: dict, budget: int, where: str) -> tuple[list[int], str, int]:
@@ -136,6 +138,10 @@ def _prompt(tokenizer, r: dict, budget: int, where: str) -> tuple[list[int], str
         return ids, r["prompt"], 0
     ids, n_cut = encode_prompt(tokenizer, r["instruction"], r.get("context") or "", budget, for_generation=True,
                                example_id=where)
+    if n_cut:  # the text the model sees (its prompt_hash is then evaluate.py run's for the same cut)
+        from cancerllm_jax.data.pretrain import strip_special
+
+        return ids, tokenizer.decode(strip_special(ids, tokenizer)), n_cut
     return ids, render_prompt(r["instruction"], r.get("context") or "", for_generation=True), n_cut
 
 
@@ -158,11 +164,13 @@ def _keep_good(records: list, skip_bad: bool, make) -> tuple[list, list, int]:
 
 def _write_predictions(tmp, args, records, texts, outs, lm) -> None:
     from cancerllm_jax.decode import generated_text
+    from cancerllm_jax.eval.tasks import line_id
 
     with open(tmp, "w", encoding="utf-8") as f:
         for r, text, gen in zip(records, texts, outs):
             pred = generated_text(lm.tokenizer, gen, lm.eos_ids, args.stop or ()).strip()
-            row = {"id": r.get("id", f"{os.path.basename(args.input)}:{r['_line']}"),
+            # a line without an id is line<N>, as evaluate.py names it: `score` pairs it with its gold line by id
+            row = {"id": r.get("id", line_id(r["_line"])),
                    "prompt_hash": hashlib.sha256(text.encode("utf-8")).hexdigest()[:16], "prediction": pred}
             if "response" in r:
                 row["gold"] = r["response"]

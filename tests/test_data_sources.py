@@ -69,6 +69,21 @@ def test_missing_file_is_an_error(tmp_path):
         read_text_documents(str(tmp_path / "a_folder"))
 
 
+def test_a_key_given_twice_in_one_line_is_an_error(tmp_path):
+    """``{"context": "note A", "context": "note B"}`` was read as note B, silently (as the YAML reader refuses it)."""
+    from cancerllm_jax.eval.protocol import score_file
+
+    path = write(tmp_path, "dup.jsonl", '{"instruction": "q", "response": "a"}\n'
+                                        '{"instruction": "q", "context": "A", "context": "B", "response": "a"}\n')
+    with pytest.raises(UserError, match=r"dup\.jsonl:2: key 'context' given twice"):
+        read_jsonl(path, REQ)
+    records, skipped = read_jsonl(path, REQ, skip_bad_lines=True)
+    assert len(records) == 1 and skipped == 1
+    pred = write(tmp_path, "p.jsonl", '{"prediction": "a", "prediction": "b"}\n{"prediction": "a"}\n')
+    with pytest.raises(UserError, match=r"p\.jsonl:1: key 'prediction' given twice"):
+        score_file(path, pred)
+
+
 def test_missing_field_suggests_a_near_name(tmp_path):
     path = write(tmp_path, "typo.jsonl", '{"instruction": "q", "responce": "a"}\n')
     with pytest.raises(UserError, match="did you mean 'responce'"):

@@ -563,6 +563,37 @@ def test_generate_cli_names_the_records_it_skips(capsys):
         cli._keep_good([{"_line": i} for i in range(1, 4)], False, make)
 
 
+def test_generate_cli_names_lines_as_evaluate_does_and_hashes_the_prompt_it_feeds(tmp_path, capsys):
+    """A line without an id is ``line<N>`` (it was ``in.jsonl:N``, which `score` cannot pair with an id-less gold
+    file except by line order); a prompt whose context is cut is hashed as the text the model sees (it hashed the
+    uncut text, unlike `evaluate.py run`); an empty instruction is refused as training refuses it."""
+    import json
+
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+    from cancerllm_jax.eval.tasks import build_prompt, get_task
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "m"
+    transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=32000, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1)).save_pretrained(model_dir, safe_serialization=True)
+    long_note = "Patient with stage IV adenocarcinoma of the lung. " * 40
+    rows = [{"instruction": "Give the diagnosis.", "context": long_note, "response": "lung cancer"},
+            {"instruction": "Give the diagnosis.", "context": "pt w/ nsclc", "response": "nsclc"}]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cli = _generate_cli()
+    assert cli.main(["--model", str(model_dir), "--input", str(inp), "--out", str(out), "--max-new-tokens", "1",
+                     "--max-prompt-tokens", "100"]) == 0
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in got] == ["line1", "line2"]
+    spec = get_task("diagnosis").with_limits(max_input_tokens=100)
+    want = build_prompt(load_tokenizer(None), {**rows[0], "id": "line1"}, spec)
+    assert want.context_tokens_cut > 0 and got[0]["prompt_hash"] == want.hash
+    with pytest.raises(cj_errors().UserError, match="in.jsonl:3: field 'instruction' is empty"):
+        cli._check_fields("in.jsonl", {"instruction": " ", "_line": 3})
+
+
 def test_generate_cli_refuses_to_write_over_its_input(tmp_path, capsys):
     """``--out`` naming the ``--input`` file (even with ``--overwrite``) is an error before anything loads, not the
     prompts silently replaced by the predictions."""

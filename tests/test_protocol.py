@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import re
 import string
@@ -335,7 +336,7 @@ def gold(tmp_path):
     return _jsonl(tmp_path / "gold.jsonl", [{"id": "a", "response": "lung cancer"}, {"id": "b", "response": "pr, er"}])
 
 
-def test_score_file_by_id_and_by_order(tmp_path, gold):
+def test_score_file_by_id_and_by_order(tmp_path, gold, caplog):
     pred = _jsonl(tmp_path / "p.jsonl", [{"id": "b", "prediction": "er"}, {"id": "a", "prediction": "Lung cancer."}])
     res = score_file(gold, pred, per_instance=True)
     assert (res["em_p"], res["em_r"]) == (100.0, 75.0)
@@ -351,9 +352,11 @@ def test_score_file_by_id_and_by_order(tmp_path, gold):
     assert score_file(plain, run_out)["em_r"] == 75.0
     with pytest.raises(UserError, match=r"g\.jsonl:2: id 'line2' has no prediction.*named line<N>"):
         score_file(plain, _jsonl(tmp_path / "x.jsonl", [{"id": "line1", "prediction": "er"}, {"id": "b"}]))
-    generated = _jsonl(tmp_path / "gen.jsonl", [{"id": "in.jsonl:1", "prediction": "Lung cancer."},
-                                                {"id": "in.jsonl:2", "prediction": "er"}])
-    assert score_file(plain, generated)["em_r"] == 75.0  # generate.py's own ids: paired by line, as before
+    other = _jsonl(tmp_path / "gen.jsonl", [{"id": "in.jsonl:1", "prediction": "Lung cancer."},
+                                            {"id": "in.jsonl:2", "prediction": "er"}])
+    with caplog.at_level(logging.WARNING, logger="cancerllm_jax.eval.protocol"):
+        assert score_file(plain, other)["em_r"] == 75.0  # ids that name no gold line: paired by line, said
+    assert "gen.jsonl has ids but" in caplog.text and "paired by line order" in caplog.text
     both = _jsonl(tmp_path / "b.jsonl", [{"answer": "pr, er", "prediction": "er"}])  # the gold field is named
     assert score_file(None, both, gold_field="answer")["em_r"] == 50.0
     # a null id is no id, as `evaluate.py run` reads the same test file (its records are line<N>)

@@ -1,5 +1,6 @@
 """The sweep plumbing without a model: a fake trainer and decoder, then the tables, JSON and PNG."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -93,9 +94,18 @@ def test_load_split_reads_user_jsonl_with_clear_errors(tmp_path):
     (folder / "test.jsonl").write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "context": None}) + "\n")
     with pytest.raises(UserError, match=r"test\.jsonl:3: duplicate id '7'"):  # read as evaluate.py reads them
         rb.load_split(str(tmp_path), "phenotype", "test")
-    (folder / "test.jsonl").write_text(json.dumps(good) + "\n\n" + json.dumps({"response": "lung cancer"}) + "\n")
+    (folder / "test.jsonl").write_text(json.dumps(good) + "\n\n" + json.dumps({"context": "nsclc",
+                                                                                "response": "lung cancer"}) + "\n")
     records = rb.load_split(str(tmp_path), "phenotype", "test")
     assert [r["response"] for r in records] == ["lung cancer"] * 2 and records[1]["instruction"]  # the default
+    # a line with no instruction and no context asked the model the default instruction alone; generate.py's
+    # 'prompt' and other names (note, question) were dropped silently
+    for line, words in (({"response": "x"}, "neither 'instruction' nor 'context'"),
+                        ({"note": "pt w/ nsclc", "question": "dx?", "response": "x"}, "this line has note, question"),
+                        ({"prompt": "List ...", "response": "x"}, "field 'prompt' is not read here")):
+        (folder / "test.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
+        with pytest.raises(UserError, match=re.escape(words)):
+            rb.load_split(str(tmp_path), "phenotype", "test")
 
 
 def test_rates_that_differ_never_share_a_folder(tmp_path):

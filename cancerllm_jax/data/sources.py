@@ -20,6 +20,27 @@ TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", l
 SUPPORTED_EXTENSIONS = (".jsonl", ".txt")
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that names one key twice (``json.loads`` would keep the last value silently)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"key {key!r} given twice in one object (only one value can be read)")
+
+
+def _unique_keys(pairs: list) -> dict:
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+def loads_json_line(text: str):
+    """``json.loads`` that refuses a key given twice in one object (``DuplicateKey``)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def require_file(path: str) -> None:
     """A missing path, or a folder where a file is wanted, is one error saying which."""
     if os.path.isdir(path):
@@ -104,9 +125,11 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line.rstrip("\r\n"))
+                    obj = loads_json_line(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
                     problem = f"invalid JSON ({e.msg} at column {e.colno})"
+                except DuplicateKey as e:
+                    problem = str(e)
                 except RecursionError:
                     problem = "invalid JSON (nested too deeply)"
                 except ValueError as e:  # an integer of more than 4300 digits

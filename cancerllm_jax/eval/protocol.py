@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import string
 from collections import Counter
@@ -219,7 +220,7 @@ Row = tuple[int, dict[str, Any]]  # (1-based line number, the JSON object)
 
 def _read_jsonl(path: str) -> list[Row]:
     """The JSON objects of a JSONL file with their line numbers; blank lines are skipped."""
-    from cancerllm_jax.data.sources import decode_utf8, json_type_name
+    from cancerllm_jax.data.sources import DuplicateKey, decode_utf8, json_type_name, loads_json_line
     from cancerllm_jax.errors import UserError
 
     try:
@@ -233,9 +234,11 @@ def _read_jsonl(path: str) -> list[Row]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = loads_json_line(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+        except DuplicateKey as e:
+            raise UserError(f"{path}:{number}: {e}") from None
         if not isinstance(obj, dict):
             raise UserError(f"{path}:{number}: expected a JSON object, got {json_type_name(obj)}")
         if "id" in obj and obj["id"] is None:  # a null id is no id, as the task runner reads test records
@@ -296,9 +299,13 @@ def _pairs(gold_path: str | None, pred_path: str, gold_field: str | None, pred_f
     gold_field = gold_field or "response"
     golds = _read_jsonl(gold_path)
     gold_ids = rows_by_id(gold_path, golds)
-    if gold_ids is None and pred_ids is not None:  # a gold line without an id is line<N>, as `run` names it;
-        named = rows_by_id(gold_path, golds, implicit=True)  # predictions named otherwise (generate.py) pair by line
+    if gold_ids is None and pred_ids is not None:  # a gold line without an id is line<N>, as `run` and generate.py
+        named = rows_by_id(gold_path, golds, implicit=True)  # name it; predictions named otherwise pair by line
         gold_ids = named if set(named) & set(pred_ids) else None
+        if gold_ids is None:
+            logging.getLogger(__name__).warning(
+                "%s has ids but %s has none, and no id is line<N> (a gold line's name): paired by line order",
+                pred_path, gold_path)
     if gold_ids is not None and pred_ids is not None:
         for key, (number, obj) in gold_ids.items():
             if key not in pred_ids:

@@ -11,8 +11,8 @@ A test split comes from ``data``:
 - a folder: ``DIR/<task>/test.jsonl`` (the layout ``tools/make_synthetic_data.py`` writes) or ``DIR/<task>.jsonl``;
 - a ``.jsonl`` file: used for every requested task (so give one task).
 
-Records are ``{id?, instruction, context?, response}``; a missing ``instruction`` takes the task's default; a
-missing ``id`` becomes ``line<N>``. Nothing here imports jax.
+Records are ``{id?, instruction?, context?, response}`` with an instruction or a context (or both); a missing
+``instruction`` takes the task's default; a missing ``id`` becomes ``line<N>``. Nothing here imports jax.
 """
 from __future__ import annotations
 
@@ -184,6 +184,15 @@ def read_jsonl_records(path: str, task: str, unnamed: str = "line") -> list[dict
     for obj in rows:
         number = obj.pop("_line")
         refuse_alpaca_input(f"{path}:{number}", obj)
+        if "prompt" in obj:  # generate.py's field: each prompt here is built from instruction + context
+            raise UserError(f"{path}:{number}: field 'prompt' is not read here (the prompt is built from "
+                            "'instruction' and 'context'); rename it to 'context', or decode ready-made prompts with "
+                            "launch/generate.py and score them with `evaluate.py score`")
+        if not obj.get("instruction") and not obj.get("context"):  # the task's default instruction alone
+            others = sorted(k for k in obj if k not in ("id", "response", "instruction", "context"))
+            raise UserError(f"{path}:{number}: neither 'instruction' nor 'context' (the fields read are "
+                            f"instruction, context, response{'; this line has ' + ', '.join(others) if others else ''}"
+                            ")")
         if isinstance(obj.get("id"), bool):
             raise UserError(f"{path}:{number}: 'id' must be a string or an integer")
         rid = str(obj.get("id", line_id(number, unnamed)))
