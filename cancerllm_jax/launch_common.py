@@ -64,12 +64,13 @@ CLUSTER_VARIABLES = (("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"), ("SLURM_STEP_NUM_T
 
 
 def multi_host_settings(args, cluster_env: bool = True) -> tuple[str | None, int, int | None]:
-    """``(coordinator, processes, process id)`` from the flags, else the environment: ``CANCERLLM_NUM_PROCESSES``,
-    then (``cluster_env``) the first of ``CLUSTER_VARIABLES`` that is set for the count and rank, and
-    ``JAX_COORDINATOR_ADDRESS`` for the coordinator. Errors name the flag or variable a value came from."""
+    """``(coordinator, processes, process id)`` from the flags, else (``cluster_env``) the environment:
+    ``CANCERLLM_NUM_PROCESSES``, then the first of ``CLUSTER_VARIABLES`` that is set for the count and its rank, and
+    ``JAX_COORDINATOR_ADDRESS`` for the coordinator. Errors name the flag or variable a value came from, and what
+    is missing."""
     count_name, rank_name = "--num-processes", "--process-id"
     nproc, pid = args.num_processes, args.process_id
-    if nproc is None and os.environ.get("CANCERLLM_NUM_PROCESSES", "").strip():
+    if nproc is None and cluster_env and os.environ.get("CANCERLLM_NUM_PROCESSES", "").strip():
         nproc, count_name = _env_int("CANCERLLM_NUM_PROCESSES", 1, ""), "CANCERLLM_NUM_PROCESSES"
     for count_var, rank_var in CLUSTER_VARIABLES if cluster_env else ():
         if nproc is None and os.environ.get(count_var, "").strip():
@@ -85,18 +86,28 @@ def multi_host_settings(args, cluster_env: bool = True) -> tuple[str | None, int
     if coordinator is None and nproc > 1:
         coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS", "").strip() or None
     if args.coordinator or nproc > 1:
-        if not coordinator or pid is None or nproc < 2:
-            seen = f" ({count_name}={nproc})" if count_name != "--num-processes" else ""
-            raise UserError(f"multi-host runs need --coordinator HOST:PORT, --num-processes N (>= 2) and "
-                            f"--process-id I{seen}; under a cluster launcher, JAX_COORDINATOR_ADDRESS=HOST:PORT "
-                            "with its task count and rank variables")
+        missing = []
+        if nproc < 2:
+            missing.append("--num-processes N (>= 2)")
+        if not coordinator:
+            missing.append("a coordinator (--coordinator HOST:PORT, or JAX_COORDINATOR_ADDRESS)")
+        if pid is None:
+            missing.append("a process id (--process-id I, or the rank variable of the launcher that gives "
+                           f"{count_name})" if count_name != "--num-processes" else "a process id (--process-id I)")
+        if missing:
+            seen = f" ({count_name}={nproc})" if count_name != "--num-processes" and nproc > 1 else ""
+            raise UserError(f"a multi-host run{seen} needs {' and '.join(missing)}; --num-processes 1 runs this "
+                            "process alone")
     return coordinator, nproc, pid
 
 
 def coordinator_host_port(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` too) → ``(host, port)``; anything else is one error (JAX crashed on it)."""
     host, sep, port = str(text).strip().rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if ":" in host and not bracketed:
+        raise UserError(f"coordinator {text!r}: an IPv6 address goes in brackets, [ADDRESS]:PORT")
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise UserError(f"coordinator {text!r}: expected HOST:PORT with a port in 1 … 65535 (e.g. 10.0.0.1:12355)")
     return host, int(port)
@@ -122,7 +133,8 @@ def wait_for_coordinator(host: str, port: int, timeout_s: float) -> None:
 
 
 def check_coordinator_port_free(port: int) -> None:
-    """Process 0 binds ``[::]:PORT`` for the coordinator; a port in use crashed JAX there (a segfault, no message)."""
+    """Process 0 binds ``[::]:PORT`` for the coordinator; a port in use crashed JAX there (a segfault, no message).
+    Bound as gRPC binds it (``SO_REUSEADDR``): a port left in TIME_WAIT by a run that just died is free."""
     import socket
 
     for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
@@ -131,6 +143,7 @@ def check_coordinator_port_free(port: int) -> None:
         except OSError:  # no IPv6 on this host
             continue
         with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
             except OSError as e:

@@ -182,6 +182,8 @@ PRETRAIN_ARGS = {
                                [f"coordinator {value!r}: expected HOST:PORT"])
        for name, value in (("no_port", "localhost"), ("port_text", "localhost:abc"), ("port_zero", "h:0"),
                            ("no_host", ":1234"), ("port_too_big", "h:70000"))},
+    "coordinator_ipv6_without_brackets": (["--dry-run", "--coordinator", "::1", "--num-processes", "2",
+                                           "--process-id", "0"], ["coordinator '::1'", "[ADDRESS]:PORT"]),
 }
 
 
@@ -214,7 +216,15 @@ def test_cluster_launcher_variables_start_a_multi_host_run_or_say_what_is_missin
             m.setenv(count, "2")
             m.setenv(rank, "1")
             code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r", *TINY, "--dry-run"], capsys)
-            one_clear_error(code, err, f"({count}=2)", "JAX_COORDINATOR_ADDRESS")
+            one_clear_error(code, err, f"({count}=2) needs a coordinator", "JAX_COORDINATOR_ADDRESS",
+                            "--num-processes 1 runs this process alone")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")  # a count without its rank: the rank is what is missing
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r", *TINY, "--dry-run"], capsys)
+    one_clear_error(code, err, "(JAX_NUM_PROCESSES=2) needs a process id")
+    assert "needs a coordinator" not in err
+    monkeypatch.delenv("JAX_NUM_PROCESSES")
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")
     with socket.socket() as s:  # a free port: nobody listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -237,6 +247,30 @@ def test_cluster_launcher_variables_start_a_multi_host_run_or_say_what_is_missin
     code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r", *TINY, "--dry-run"], capsys)
     one_clear_error(code, err, "SLURM_PROCID must be in 0 … 1 (SLURM_STEP_NUM_TASKS 2), got 2")
     nothing_left(tmp_path / "r")
+
+
+def test_a_coordinator_port_left_in_time_wait_by_a_dead_run_is_free():
+    """The port check binds as gRPC does (SO_REUSEADDR): a port whose last coordinator just died (its connections in
+    TIME_WAIT) is free for the restarted run, and a listening one is not."""
+    import socket
+    import time
+
+    from cancerllm_jax.launch_common import check_coordinator_port_free
+
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    with pytest.raises(UserError, match=f"port {port} is in use"):
+        check_coordinator_port_free(port)
+    cli = socket.create_connection(("127.0.0.1", port))
+    conn, _ = srv.accept()
+    conn.close()  # the server's end closes first: it stays in TIME_WAIT on the port
+    time.sleep(0.1)
+    cli.close()
+    srv.close()
+    check_coordinator_port_free(port)
 
 
 def test_pretrain_yaml_typo_suggests_the_key(tmp_path, capsys):
