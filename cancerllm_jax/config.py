@@ -489,9 +489,9 @@ class _StrictLoader(yaml.SafeLoader):
         super().flatten_mapping(node)
 
     def construct_yaml_int(self, node):
-        """Integers as people write them (YAML 1.2): ``010`` is ten, not YAML 1.1's octal eight; ``1:30`` stays text
-        (YAML 1.1 reads it as base 60, 90), so an integer field refuses it by name. ``0x``/``0o``/``0b`` keep their
-        bases."""
+        """Integers as people write them: ``010`` is ten, not YAML 1.1's octal eight; ``1:30`` stays text (YAML 1.1
+        reads it as base 60, 90), so an integer field refuses it by name. ``0x``/``0b`` keep their bases (``0o17``
+        is no YAML 1.1 integer: text, refused by an integer field)."""
         text = self.construct_scalar(node)
         digits = text.replace("_", "").lstrip("+-")
         if ":" in digits:
@@ -546,7 +546,7 @@ def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
             if i == len(parts) - 1:
                 if not isinstance(value, (str, list, dict, type(None))) and _is_text_field(
                         typing.get_type_hints(tp)[part]):  # a number, boolean or date YAML read from the text
-                    value = raw
+                    value = raw.strip()
                 node[part] = deep_merge(node.get(part), value)
             else:
                 hint = typing.get_type_hints(tp)[part]
