@@ -357,6 +357,10 @@ def test_alpaca_input_field_is_not_silently_dropped(tmp_path):
                      + json.dumps({"instruction": "Q", "input": None, "response": "A"}) + "\n")
     records, skipped = read_instruct_jsonl(str(empty))
     assert [r["context"] for r in records] == ["", ""] and skipped == 0
+    prompt = tmp_path / "prompt.jsonl"  # generate.py's field beside an instruction was dropped silently
+    prompt.write_text(json.dumps({"instruction": "Q", "prompt": "the note", "response": "A"}) + "\n")
+    with pytest.raises(UserError, match=r"prompt\.jsonl:1: field 'prompt' is not read here"):
+        read_instruct_jsonl(str(prompt))
 
 
 def test_an_empty_response_or_instruction_is_a_bad_line(tmp_path):

@@ -102,7 +102,8 @@ def test_load_split_reads_user_jsonl_with_clear_errors(tmp_path):
     # 'prompt' and other names (note, question) were dropped silently
     for line, words in (({"response": "x"}, "neither 'instruction' nor 'context'"),
                         ({"note": "pt w/ nsclc", "question": "dx?", "response": "x"}, "this line has note, question"),
-                        ({"prompt": "List ...", "response": "x"}, "field 'prompt' is not read here")):
+                        ({"prompt": "List ...", "response": "x"}, "field 'prompt' is not read here"),
+                        ({"instruction": " ", "context": "c", "response": "x"}, "field 'instruction' is empty")):
         (folder / "test.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
         with pytest.raises(UserError, match=re.escape(words)):
             rb.load_split(str(tmp_path), "phenotype", "test")

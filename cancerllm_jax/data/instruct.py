@@ -209,6 +209,20 @@ def alpaca_input_problem(record: dict) -> str | None:
     return "fields 'input' and 'context' both given; only 'context' is read: merge 'input' into it or remove it"
 
 
+def prompt_field_problem(record: dict) -> str | None:
+    """A record's ``prompt`` field where prompts are built from instruction and context (training, the task
+    runner), or None: its text would not be read."""
+    if "prompt" not in record:
+        return None
+    return ("field 'prompt' is not read here (the prompt is built from 'instruction' and 'context'); rename it to "
+            "'context', or give ready-made prompts to launch/generate.py")
+
+
+def unread_fields_problem(record: dict) -> str | None:
+    """``alpaca_input_problem`` or ``prompt_field_problem``: text in a field the instruction format does not read."""
+    return alpaca_input_problem(record) or prompt_field_problem(record)
+
+
 def refuse_alpaca_input(where: str, record: dict) -> None:
     """``alpaca_input_problem`` as a UserError naming ``where`` (a file:line), rather than text silently not read."""
     problem = alpaca_input_problem(record)
@@ -219,11 +233,12 @@ def refuse_alpaca_input(where: str, record: dict) -> None:
 def read_instruct_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[dict], int]:
     """``{instruction, context, response, id}`` records (``id`` defaults to ``path:line``) and skipped lines.
 
-    A line with Alpaca's ``input`` field (``alpaca_input_problem``) or an empty instruction or response is a bad line
+    A line with text in a field that is not read (Alpaca's ``input``, generate.py's ``prompt``) or an empty
+    instruction or response is a bad line
     (an empty response would teach the model to stop at once), refused or, with ``skip_bad_lines``, counted."""
     records, skipped = read_jsonl(path, {"instruction": str, "response": str}, skip_bad_lines,
                                   optional={"context": str, "id": (str, int)}, line_key="_line",
-                                  nonempty=("instruction", "response"), check=alpaca_input_problem)
+                                  nonempty=("instruction", "response"), check=unread_fields_problem)
     for r in records:
         r["id"] = f"{path}:{r['_line']}" + (f" (id {r['id']})" if r.get("id") is not None else "")
         r["context"] = r.get("context") or ""
@@ -248,7 +263,9 @@ def encode_examples(tokenizer, records: Sequence[dict], max_seq_len: int, skip_t
                                 f"{', got ' + json_type_name(r[key]) if key in r else ' (missing)'}")
             if key != "context" and not r[key].strip():  # as read_instruct_jsonl refuses such a line
                 raise UserError(f"{r.get('id', f'example {i}')}: '{key}' is empty")
-        refuse_alpaca_input(str(r.get("id", f"example {i}")), r)
+        problem = unread_fields_problem(r)
+        if problem:
+            raise UserError(f"{r.get('id', f'example {i}')}: {problem}")
         try:
             ex = encode_example(tokenizer, r["instruction"], r.get("context") or "", r["response"], max_seq_len,
                                 example_id=str(r.get("id", f"example {i}")))

@@ -174,7 +174,7 @@ def line_id(number: int, unnamed: str = "line") -> str:
 def read_jsonl_records(path: str, task: str, unnamed: str = "line") -> list[dict]:
     """``{id, instruction, context, response}`` records of a user JSONL (a line without an id is ``<unnamed><N>``);
     clear errors name the file and line."""
-    from cancerllm_jax.data.instruct import refuse_alpaca_input
+    from cancerllm_jax.data.instruct import unread_fields_problem
     from cancerllm_jax.data.sources import read_jsonl
 
     default_instruction = _default_instruction(task)
@@ -183,11 +183,11 @@ def read_jsonl_records(path: str, task: str, unnamed: str = "line") -> list[dict
     records, seen = [], {}
     for obj in rows:
         number = obj.pop("_line")
-        refuse_alpaca_input(f"{path}:{number}", obj)
-        if "prompt" in obj:  # generate.py's field: each prompt here is built from instruction + context
-            raise UserError(f"{path}:{number}: field 'prompt' is not read here (the prompt is built from "
-                            "'instruction' and 'context'); rename it to 'context', or decode ready-made prompts with "
-                            "launch/generate.py and score them with `evaluate.py score`")
+        problem = unread_fields_problem(obj)  # Alpaca's input, generate.py's prompt: text that would not be read
+        if problem:
+            raise UserError(f"{path}:{number}: {problem}")
+        if obj.get("instruction") is not None and not obj["instruction"].strip():
+            raise UserError(f"{path}:{number}: field 'instruction' is empty (leave it out for the task's default)")
         if not obj.get("instruction") and not obj.get("context"):  # the task's default instruction alone
             others = sorted(k for k in obj if k not in ("id", "response", "instruction", "context"))
             raise UserError(f"{path}:{number}: neither 'instruction' nor 'context' (the fields read are "
