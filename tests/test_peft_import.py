@@ -335,6 +335,40 @@ def test_rank_and_alpha_patterns_give_peft_logits_and_export_back(tmp_path, case
     assert max_diff(torch_logits(peft.PeftModel.from_pretrained(hf_base(base), back).eval(), IDS), ref) <= 1e-4
 
 
+def test_patterns_need_no_usable_config_level_rank_or_alpha(tmp_path):
+    """peft reads the config's r / lora_alpha only for modules no pattern key matches: with keys for every adapted
+    module, r 0 and lora_alpha 0 load (they were refused), and a tiny lora_alpha for the others gives finite logits
+    (the ratio of scales overflowed to inf, then NaN)."""
+    patterns = dict(rank_pattern={"q_proj": 2, "v_proj": 3}, alpha_pattern={"q_proj": 8, "v_proj": 3})
+    base, adapter, _, _ = make_adapter(str(tmp_path), seed=6, std=0.3, targets=["q_proj", "v_proj"], r=4,
+                                       peft_kw=patterns, num_attention_heads=4, num_key_value_heads=2)
+    path = os.path.join(adapter, "adapter_config.json")
+    conf = json.load(open(path))
+    for edit in ({"r": 0, "lora_alpha": 0}, {"lora_alpha": 1e-40, "alpha_pattern": {"q_proj": 8}}):
+        json.dump({**conf, **edit}, open(path, "w"))
+        ref = torch_logits(peft.PeftModel.from_pretrained(hf_base(base), adapter).eval(), IDS)
+        for merge in (True, False):
+            got = cj.load(base, adapter=adapter, merge_lora=merge).logits(IDS)
+            assert np.isfinite(got).all() and max_diff(got, ref) <= 1e-4, edit
+    json.dump({**conf, "r": 0, "rank_pattern": {"q_proj": 2}}, open(path, "w"))  # v_proj takes r 0
+    with pytest.raises(UserError, match=r"r 0 must be positive: it is the rank of model\.layers\.0\.self_attn\.v_proj"):
+        cj.load(base, adapter=adapter)
+
+
+def test_a_rank_that_a_reordered_pattern_key_picks_is_named(tmp_path):
+    """peft saves pattern keys sorted: keys that match one module can then pick another rank than at creation. The
+    error says so (it said "an adapter for another base model?")."""
+    base, adapter, _, _ = make_adapter(str(tmp_path), seed=7, targets=["q_proj"], r=2,
+                                       peft_kw=dict(rank_pattern={"layers.1.self_attn.q_proj": 6}),
+                                       num_attention_heads=4, num_key_value_heads=2)
+    path = os.path.join(adapter, "adapter_config.json")
+    conf = json.load(open(path))
+    json.dump({**conf, "rank_pattern": {"q_proj": 2, "layers.1.self_attn.q_proj": 6}}, open(path, "w"))
+    with pytest.raises(UserError, match="has rank 6, but rank_pattern / r give model.layers.1.self_attn.q_proj rank 2. "
+                                        "peft saves the pattern keys sorted"):
+        cj.load(base, adapter=adapter)
+
+
 @pytest.mark.parametrize("field, value, words", [
     ("rank_pattern", {"q_proj": 0}, "rank_pattern['q_proj'] must be a whole number >= 1, got 0"),
     ("rank_pattern", {"q_proj": 2.5}, "must be a whole number >= 1, got 2.5"),

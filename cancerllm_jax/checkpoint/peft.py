@@ -296,30 +296,44 @@ def _read_config(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[
     r = conf.get("r")
     if isinstance(r, bool) or not (isinstance(r, int) or isinstance(r, float) and r.is_integer()):
         raise UserError(f"{path}: r must be a whole number, got {json.dumps(r)}")  # int(8.5) would be rank 8
+    rank_pattern, alpha_pattern = _pattern(path, conf, "rank_pattern"), _pattern(path, conf, "alpha_pattern")
+    rslora = bool(conf.get("use_rslora"))
+    if rank_pattern or alpha_pattern:  # peft: each module's own rank and alpha, the config's r / alpha as defaults
+        alpha = conf.get("lora_alpha")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise UserError(f"{path}: lora_alpha must be a number, got {json.dumps(alpha)}")
+
+        def scale(rank: int, alpha_: float) -> float:
+            return alpha_ / math.sqrt(rank) if rslora else alpha_ / rank
+
+        own = {(t, i): (int(_pattern_value(rank_pattern, _module_name(i, t), int(r))),
+                        float(_pattern_value(alpha_pattern, _module_name(i, t), alpha)))
+               for t, ids in layers.items() for i in ids}
+        unranked = [k for k, (r_, _) in own.items() if r_ < 1]
+        if unranked:
+            t, i = unranked[0]
+            raise UserError(f"{path}: r {int(r)} must be positive: it is the rank of {_module_name(i, t)}, which no "
+                            "rank_pattern key matches")
+        widest = max(r_ for r_, _ in own.values())
+        lora = _lora_config(path, conf, widest, float(widest), layers)  # scaling 1: each B carries its own scale
+        return lora, layers, {k: (r_, scale(r_, a_)) for k, (r_, a_) in own.items()}
+    if "lora_alpha" not in conf:
+        raise UserError(f"{path}: missing field 'lora_alpha'")
+    lora = _lora_config(path, conf, r, conf["lora_alpha"], layers)
+    # use_rslora: peft scales by alpha / sqrt(r), the same as alpha * sqrt(r) / r
+    lora = dataclasses.replace(lora, alpha=lora.alpha * math.sqrt(lora.rank)) if rslora else lora
+    return lora, layers, {}
+
+
+def _lora_config(path: str, conf: dict, rank, alpha, layers: dict) -> LoRAConfig:
+    """``LoRAConfig`` of an adapter's rank, alpha, dropout and adapted targets; bad values name the config."""
     try:
-        lora = LoRAConfig(rank=int(r), alpha=float(conf["lora_alpha"]),
-                          dropout=float(conf.get("lora_dropout", 0.0)), targets=tuple(layers))
-    except KeyError as e:
-        raise UserError(f"{path}: missing field {e}") from None
+        return LoRAConfig(rank=int(rank), alpha=float(alpha), dropout=float(conf.get("lora_dropout", 0.0)),
+                          targets=tuple(layers))
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: r / lora_alpha / lora_dropout must be numbers ({e})") from None
     except UserError as e:
         raise UserError(f"{path}: {e} (from r / lora_alpha / lora_dropout)") from None
-    rank_pattern, alpha_pattern = _pattern(path, conf, "rank_pattern"), _pattern(path, conf, "alpha_pattern")
-    rslora = bool(conf.get("use_rslora"))
-    if rank_pattern or alpha_pattern:  # each module's rank and alpha as peft's _create_and_replace picks them
-        def scale(rank: int, alpha: float) -> float:
-            return alpha / math.sqrt(rank) if rslora else alpha / rank
-
-        own = {(t, i): (_pattern_value(rank_pattern, _module_name(i, t), lora.rank),
-                        float(_pattern_value(alpha_pattern, _module_name(i, t), lora.alpha)))
-               for t, ids in layers.items() for i in ids}
-        widest = max(r_ for r_, _ in own.values())
-        lora = dataclasses.replace(lora, rank=widest, alpha=scale(lora.rank, lora.alpha) * widest)
-        return lora, layers, {k: (r_, scale(r_, a_) / lora.scaling) for k, (r_, a_) in own.items()}
-    # use_rslora: peft scales by alpha / sqrt(r), the same as alpha * sqrt(r) / r
-    lora = dataclasses.replace(lora, alpha=lora.alpha * math.sqrt(lora.rank)) if rslora else lora
-    return lora, layers, {}
 
 
 def read_adapter_config(folder: str, num_layers: int | None = None) -> LoRAConfig:
@@ -383,6 +397,13 @@ def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
                     raise UserError(f"{path}: tensor {key} is missing{other}")
                 arr = handle.get_tensor(keys[key])
                 if tuple(arr.shape) != want:
+                    fits = len(arr.shape) == 2 and (arr.shape[1] == d_in if factor == "A" else arr.shape[0] == d_out)
+                    if own and fits:  # only the rank differs: which rank_pattern key picked it
+                        raise UserError(
+                            f"{path}: tensor {key} has rank {arr.shape[0] if factor == 'A' else arr.shape[1]}, but "
+                            f"rank_pattern / r give {_module_name(i, t)} rank {rank}. peft saves the pattern keys "
+                            "sorted, so keys that match the same module can pick another rank than when the adapter "
+                            "was made (peft cannot load this adapter either): make each module match one key")
                     raise UserError(f"{path}: tensor {key} has shape {tuple(arr.shape)}, expected {want}{other}")
                 if factor == "A":  # rows past the module's rank stay zero: the same product
                     dst[i, :, :rank] = arr.astype(np.float32).T
