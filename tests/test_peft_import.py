@@ -287,6 +287,17 @@ def test_an_adapter_of_some_layers_is_checked_against_its_config(tmp_path):
         cj.load(base, adapter=adapter)
 
 
+def assert_peft_logits_and_export(base: str, adapter: str, ref: np.ndarray, tmp_path) -> None:
+    """Ours with ``adapter``, merged and kept apart, gives peft's logits ``ref``; ``from-hf --peft-adapter`` then
+    ``to-hf --peft-adapter`` writes an adapter that gives peft the same logits."""
+    for merge in (True, False):
+        assert max_diff(cj.load(base, adapter=adapter, merge_lora=merge).logits(IDS), ref) <= 1e-4
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    assert convert.main(["from-hf", base, ckpt, "--peft-adapter", adapter]) == 0
+    assert convert.main(["to-hf", ckpt, back, "--peft-adapter"]) == 0
+    assert max_diff(torch_logits(peft.PeftModel.from_pretrained(hf_base(base), back).eval(), IDS), ref) <= 1e-4
+
+
 def test_rslora_and_fan_in_fan_out_load_as_peft_and_export_back(mha, tmp_path):
     """``use_rslora`` (peft scales by alpha / sqrt(r)) is read exactly; ``fan_in_fan_out`` is what peft makes it on
     nn.Linear (False); the exported adapter loads in peft with the same logits."""
@@ -298,12 +309,7 @@ def test_rslora_and_fan_in_fan_out_load_as_peft_and_export_back(mha, tmp_path):
     json.dump({**conf, "use_rslora": True, "fan_in_fan_out": True}, open(path, "w"))
     ref = torch_logits(peft.PeftModel.from_pretrained(hf_base(base), edited).eval(), IDS)
     assert max_diff(ref, mha[2]) > 1e-2, "rsLoRA must change the scaling"
-    for merge in (True, False):
-        assert max_diff(cj.load(base, adapter=edited, merge_lora=merge).logits(IDS), ref) <= 1e-4
-    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
-    assert convert.main(["from-hf", base, ckpt, "--peft-adapter", edited]) == 0
-    assert convert.main(["to-hf", ckpt, back, "--peft-adapter"]) == 0
-    assert max_diff(torch_logits(peft.PeftModel.from_pretrained(hf_base(base), back).eval(), IDS), ref) <= 1e-4
+    assert_peft_logits_and_export(base, edited, ref, tmp_path)
 
 
 PATTERNS = {  # peft configs with per-module ranks and alphas (peft's get_pattern_key: a regex matching the name's end)
@@ -327,12 +333,7 @@ def test_rank_and_alpha_patterns_give_peft_logits_and_export_back(tmp_path, case
     json.dump({**conf, "alpha_pattern": {}}, open(os.path.join(plain, "adapter_config.json"), "w"))
     if not conf["rank_pattern"]:
         assert max_diff(cj.load(base, adapter=plain).logits(IDS), ref) > 1e-3, "alpha_pattern must matter"
-    for merge in (True, False):
-        assert max_diff(cj.load(base, adapter=adapter, merge_lora=merge).logits(IDS), ref) <= 1e-4
-    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
-    assert convert.main(["from-hf", base, ckpt, "--peft-adapter", adapter]) == 0
-    assert convert.main(["to-hf", ckpt, back, "--peft-adapter"]) == 0
-    assert max_diff(torch_logits(peft.PeftModel.from_pretrained(hf_base(base), back).eval(), IDS), ref) <= 1e-4
+    assert_peft_logits_and_export(base, adapter, ref, tmp_path)
 
 
 def test_patterns_need_no_usable_config_level_rank_or_alpha(tmp_path):
