@@ -70,11 +70,12 @@ def multi_host_settings(args, cluster_env: bool = True) -> tuple[str | None, int
     is missing."""
     count_name, rank_name = "--num-processes", "--process-id"
     nproc, pid = args.num_processes, args.process_id
+    rank_source = "--process-id I"  # what gives the rank with this count
     if nproc is None and cluster_env and os.environ.get("CANCERLLM_NUM_PROCESSES", "").strip():
         nproc, count_name = _env_int("CANCERLLM_NUM_PROCESSES", 1, ""), "CANCERLLM_NUM_PROCESSES"
     for count_var, rank_var in CLUSTER_VARIABLES if cluster_env else ():
         if nproc is None and os.environ.get(count_var, "").strip():
-            nproc, count_name = _env_int(count_var, 1, ""), count_var
+            nproc, count_name, rank_source = _env_int(count_var, 1, ""), count_var, f"--process-id I or {rank_var}"
             if pid is None and os.environ.get(rank_var, "").strip():
                 pid, rank_name = _env_int(rank_var, 0, ""), rank_var
     nproc = 1 if nproc is None else nproc
@@ -86,16 +87,16 @@ def multi_host_settings(args, cluster_env: bool = True) -> tuple[str | None, int
     if coordinator is None and nproc > 1:
         coordinator = os.environ.get("JAX_COORDINATOR_ADDRESS", "").strip() or None
     if args.coordinator or nproc > 1:
+        if nproc < 2:  # --coordinator given for one process
+            raise UserError(f"--coordinator {args.coordinator} is for a multi-host run, which needs --num-processes N "
+                            "(>= 2) and --process-id I; leave --coordinator out to run this process alone")
         missing = []
-        if nproc < 2:
-            missing.append("--num-processes N (>= 2)")
         if not coordinator:
             missing.append("a coordinator (--coordinator HOST:PORT, or JAX_COORDINATOR_ADDRESS)")
         if pid is None:
-            missing.append("a process id (--process-id I, or the rank variable of the launcher that gives "
-                           f"{count_name})" if count_name != "--num-processes" else "a process id (--process-id I)")
+            missing.append(f"a process id ({rank_source})")
         if missing:
-            seen = f" ({count_name}={nproc})" if count_name != "--num-processes" and nproc > 1 else ""
+            seen = f" ({count_name}={nproc})" if count_name != "--num-processes" else ""
             raise UserError(f"a multi-host run{seen} needs {' and '.join(missing)}; --num-processes 1 runs this "
                             "process alone")
     return coordinator, nproc, pid
@@ -106,7 +107,7 @@ def coordinator_host_port(text: str) -> tuple[str, int]:
     host, sep, port = str(text).strip().rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     host = host[1:-1] if bracketed else host
-    if ":" in host and not bracketed:
+    if ":" in host and not str(text).strip().startswith("["):
         raise UserError(f"coordinator {text!r}: an IPv6 address goes in brackets, [ADDRESS]:PORT")
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise UserError(f"coordinator {text!r}: expected HOST:PORT with a port in 1 … 65535 (e.g. 10.0.0.1:12355)")

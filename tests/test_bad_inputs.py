@@ -184,6 +184,10 @@ PRETRAIN_ARGS = {
                            ("no_host", ":1234"), ("port_too_big", "h:70000"))},
     "coordinator_ipv6_without_brackets": (["--dry-run", "--coordinator", "::1", "--num-processes", "2",
                                            "--process-id", "0"], ["coordinator '::1'", "[ADDRESS]:PORT"]),
+    "coordinator_ipv6_without_port": (["--dry-run", "--coordinator", "[::1]", "--num-processes", "2",
+                                       "--process-id", "0"], ["coordinator '[::1]': expected HOST:PORT"]),
+    "coordinator_for_one_process": (["--dry-run", "--coordinator", "h:1234", "--num-processes", "1"],
+                                    ["leave --coordinator out to run this process alone"]),
 }
 
 
@@ -221,7 +225,7 @@ def test_cluster_launcher_variables_start_a_multi_host_run_or_say_what_is_missin
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")  # a count without its rank: the rank is what is missing
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
     code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r", *TINY, "--dry-run"], capsys)
-    one_clear_error(code, err, "(JAX_NUM_PROCESSES=2) needs a process id")
+    one_clear_error(code, err, "(JAX_NUM_PROCESSES=2) needs a process id (--process-id I or JAX_PROCESS_ID)")
     assert "needs a coordinator" not in err
     monkeypatch.delenv("JAX_NUM_PROCESSES")
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS")

@@ -365,8 +365,13 @@ def test_a_rank_that_a_reordered_pattern_key_picks_is_named(tmp_path):
     path = os.path.join(adapter, "adapter_config.json")
     conf = json.load(open(path))
     json.dump({**conf, "rank_pattern": {"q_proj": 2, "layers.1.self_attn.q_proj": 6}}, open(path, "w"))
-    with pytest.raises(UserError, match="has rank 6, but rank_pattern / r give model.layers.1.self_attn.q_proj rank 2. "
-                                        "peft saves the pattern keys sorted"):
+    with pytest.raises(UserError, match=re.escape("has rank 6, but rank_pattern key 'q_proj' (the first of 2 keys "
+                                                  "that match it) gives model.layers.1.self_attn.q_proj rank 2: peft "
+                                                  "saves the keys sorted")):
+        cj.load(base, adapter=adapter)
+    json.dump({**conf, "r": 3, "rank_pattern": {}, "alpha_pattern": {"q_proj": 4}}, open(path, "w"))
+    with pytest.raises(UserError, match=re.escape("has rank 2, but the config's r gives model.layers.0.self_attn."
+                                                  "q_proj rank 3 (an adapter for another base model?")):
         cj.load(base, adapter=adapter)
 
 

@@ -100,10 +100,13 @@ def test_load_split_reads_user_jsonl_with_clear_errors(tmp_path):
     assert [r["response"] for r in records] == ["lung cancer"] * 2 and records[1]["instruction"]  # the default
     # a line with no instruction and no context asked the model the default instruction alone; generate.py's
     # 'prompt' and other names (note, question) were dropped silently
+    for blank in ("", " \n"):  # an empty or blank instruction is the task's default, as a missing one
+        (folder / "test.jsonl").write_text(json.dumps({"instruction": blank, "context": "c", "response": "x"}) + "\n")
+        assert rb.load_split(str(tmp_path), "phenotype", "test")[0]["instruction"] == records[1]["instruction"]
     for line, words in (({"response": "x"}, "neither 'instruction' nor 'context'"),
                         ({"note": "pt w/ nsclc", "question": "dx?", "response": "x"}, "this line has note, question"),
                         ({"prompt": "List ...", "response": "x"}, "field 'prompt' is not read here"),
-                        ({"instruction": " ", "context": "c", "response": "x"}, "field 'instruction' is empty")):
+                        ({"instruction": " ", "response": "x"}, "neither 'instruction' nor 'context'")):
         (folder / "test.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(line) + "\n")
         with pytest.raises(UserError, match=re.escape(words)):
             rb.load_split(str(tmp_path), "phenotype", "test")

@@ -233,7 +233,7 @@ def _pattern_value(pattern: dict, name: str, default):
     return default
 
 
-ModuleFactors = dict[tuple[str, int], tuple[int, float]]  # (target, layer) -> (its rank, its scale / the config's)
+ModuleFactors = dict[tuple[str, int], tuple[int, float]]  # (target, layer) -> (its rank, its scale); config scale 1
 
 
 def _read_config(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[str, list[int]], ModuleFactors]:
@@ -325,6 +325,19 @@ def _read_config(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[
     return lora, layers, {}
 
 
+def _rank_source(folder: str, name: str) -> tuple[str, str]:
+    """``(the setting that gives module name its rank, why it may be wrong or "")`` for an error: the config's
+    ``r``, one ``rank_pattern`` key, or the first of several keys that match it (peft saves the keys sorted, so
+    overlapping keys may pick another rank than when the adapter was made)."""
+    pattern = _adapter_json(folder)[1].get("rank_pattern") or {}
+    keys = [k for k in pattern if re.match(rf"(.*\.)?({k})$", name)]
+    if len(keys) < 2:
+        return (f"rank_pattern key {keys[0]!r}" if keys else "the config's r"), ""
+    return (f"rank_pattern key {keys[0]!r} (the first of {len(keys)} keys that match it)",
+            ": peft saves the keys sorted, so overlapping keys can pick another rank than when the adapter was made "
+            "(peft cannot load it either); make each module match one key")
+
+
 def _lora_config(path: str, conf: dict, rank, alpha, layers: dict) -> LoRAConfig:
     """``LoRAConfig`` of an adapter's rank, alpha, dropout and adapted targets; bad values name the config."""
     try:
@@ -398,12 +411,11 @@ def read_peft_adapter(folder: str, cfg: ModelConfig) -> tuple[LoRAConfig, dict]:
                 arr = handle.get_tensor(keys[key])
                 if tuple(arr.shape) != want:
                     fits = len(arr.shape) == 2 and (arr.shape[1] == d_in if factor == "A" else arr.shape[0] == d_out)
-                    if own and fits:  # only the rank differs: which rank_pattern key picked it
-                        raise UserError(
-                            f"{path}: tensor {key} has rank {arr.shape[0] if factor == 'A' else arr.shape[1]}, but "
-                            f"rank_pattern / r give {_module_name(i, t)} rank {rank}. peft saves the pattern keys "
-                            "sorted, so keys that match the same module can pick another rank than when the adapter "
-                            "was made (peft cannot load this adapter either): make each module match one key")
+                    if own and fits:  # only the rank differs: say where the rank came from
+                        source, why = _rank_source(folder, _module_name(i, t))
+                        raise UserError(f"{path}: tensor {key} has rank "
+                                        f"{arr.shape[0] if factor == 'A' else arr.shape[1]}, but {source} gives "
+                                        f"{_module_name(i, t)} rank {rank}{why or other}")
                     raise UserError(f"{path}: tensor {key} has shape {tuple(arr.shape)}, expected {want}{other}")
                 if factor == "A":  # rows past the module's rank stay zero: the same product
                     dst[i, :, :rank] = arr.astype(np.float32).T

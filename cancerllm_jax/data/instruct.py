@@ -209,18 +209,18 @@ def alpaca_input_problem(record: dict) -> str | None:
     return "fields 'input' and 'context' both given; only 'context' is read: merge 'input' into it or remove it"
 
 
-def prompt_field_problem(record: dict) -> str | None:
-    """A record's ``prompt`` field where prompts are built from instruction and context (training, the task
-    runner), or None: its text would not be read."""
+def prompt_field_problem(record: dict, test: bool = False) -> str | None:
+    """A record's ``prompt`` field where prompts are built from instruction and context (training; ``test``: the
+    task runner's test records), or None: its text would not be read."""
     if "prompt" not in record:
         return None
     return ("field 'prompt' is not read here (the prompt is built from 'instruction' and 'context'); rename it to "
-            "'context', or give ready-made prompts to launch/generate.py")
+            "'context'" + (", or decode ready-made prompts with launch/generate.py" if test else ""))
 
 
-def unread_fields_problem(record: dict) -> str | None:
+def unread_fields_problem(record: dict, test: bool = False) -> str | None:
     """``alpaca_input_problem`` or ``prompt_field_problem``: text in a field the instruction format does not read."""
-    return alpaca_input_problem(record) or prompt_field_problem(record)
+    return alpaca_input_problem(record) or prompt_field_problem(record, test)
 
 
 def refuse_alpaca_input(where: str, record: dict) -> None:

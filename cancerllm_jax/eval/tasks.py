@@ -11,8 +11,8 @@ A test split comes from ``data``:
 - a folder: ``DIR/<task>/test.jsonl`` (the layout ``tools/make_synthetic_data.py`` writes) or ``DIR/<task>.jsonl``;
 - a ``.jsonl`` file: used for every requested task (so give one task).
 
-Records are ``{id?, instruction?, context?, response}`` with an instruction or a context (or both); a missing
-``instruction`` takes the task's default; a missing ``id`` becomes ``line<N>``. Nothing here imports jax.
+Records are ``{id?, instruction?, context?, response}`` with an instruction or a context (or both); a missing,
+empty or blank ``instruction`` takes the task's default; a missing ``id`` becomes ``line<N>``. Nothing here imports jax.
 """
 from __future__ import annotations
 
@@ -183,12 +183,11 @@ def read_jsonl_records(path: str, task: str, unnamed: str = "line") -> list[dict
     records, seen = [], {}
     for obj in rows:
         number = obj.pop("_line")
-        problem = unread_fields_problem(obj)  # Alpaca's input, generate.py's prompt: text that would not be read
+        problem = unread_fields_problem(obj, test=True)  # Alpaca's input, generate.py's prompt: text not read
         if problem:
             raise UserError(f"{path}:{number}: {problem}")
-        if obj.get("instruction") is not None and not obj["instruction"].strip():
-            raise UserError(f"{path}:{number}: field 'instruction' is empty (leave it out for the task's default)")
-        if not obj.get("instruction") and not obj.get("context"):  # the task's default instruction alone
+        instruction = (obj.get("instruction") or "").strip()  # empty or blank: the task's default
+        if not instruction and not obj.get("context"):  # the task's default instruction alone
             others = sorted(k for k in obj if k not in ("id", "response", "instruction", "context"))
             raise UserError(f"{path}:{number}: neither 'instruction' nor 'context' (the fields read are "
                             f"instruction, context, response{'; this line has ' + ', '.join(others) if others else ''}"
@@ -199,7 +198,7 @@ def read_jsonl_records(path: str, task: str, unnamed: str = "line") -> list[dict
         if rid in seen:
             raise UserError(f"{path}:{number}: duplicate id {rid!r} (first on line {seen[rid]})")
         seen[rid] = number
-        records.append({"id": rid, "instruction": obj.get("instruction") or default_instruction,
+        records.append({"id": rid, "instruction": obj["instruction"] if instruction else default_instruction,
                         "context": obj.get("context") or "", "response": obj["response"],
                         **{k: v for k, v in obj.items() if k not in ("id", "instruction", "context", "response")}})
     return records
