@@ -52,12 +52,15 @@ def shared_prefix_length(rows: Sequence[Sequence[int]], step: int = SHARED_PREFI
 
 def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_k: int, drop_mass, greedy: bool) -> jax.Array:
     """Next token per row: argmax when ``greedy``; else a draw from ``warp_logits``'s filtered distribution, each
-    row from its own key (``keys``: ``[B, 2]``)."""
+    row from its own key (``keys``: ``[B, 2]``), by Gumbel-max with the noise drawn in vocabulary order: a token's
+    noise never depends on where the sort puts it, so logits that differ in the last bits (another batch shape)
+    pick the same token unless two tokens really tie (noise tied to sort positions swapped between near-ties)."""
     logits = logits.astype(jnp.float32)
     if greedy:
         return first_argmax(logits)
     order, sorted_logits = _warp_sorted(logits, temperature, top_k, drop_mass)
-    choice = jax.vmap(jax.random.categorical)(keys, sorted_logits)
+    noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(keys)
+    choice = jnp.argmax(sorted_logits + jnp.take_along_axis(noise, order, axis=-1), axis=-1)
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 

@@ -34,8 +34,10 @@ def parse(argv=None):
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0,
-                   help="sampling seed; each input line draws its own stream from it and its line number, so a "
-                        "line's sample does not depend on the other lines, the batch size or skipped lines")
+                   help="sampling seed; each input line draws its own stream from it and its line number (noise "
+                        "per token id), so a line's sample does not depend on the other lines, the batch size or "
+                        "skipped lines (logits that differ in the last bits between batch shapes can still tip an "
+                        "exact near-tie)")
     p.add_argument("--stop", action="append", help="stop string (repeatable, not empty)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32")

@@ -1,4 +1,6 @@
 """Decoding: KV-cache logits == full forward; greedy == transformers generate; ragged batches == one at a time."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -215,6 +217,24 @@ def test_a_sampled_prompt_does_not_depend_on_its_batch(tiny):
     assert lm.generate(prompts[::-1], seed=seeds[::-1], batch_size=2, **kw) == alone[::-1]
     with pytest.raises(cj_errors().UserError, match="one int per prompt"):
         lm.generate(prompts, seed=[1, 2], **kw)
+
+
+def test_a_sample_does_not_depend_on_how_near_ties_sort():
+    """The sampling noise belongs to token ids, not to sort positions: logits that differ in the last bits (as
+    between batch shapes) reorder near-tied tokens in the sort, and used to hand them each other's noise (a line's
+    sample changed with --batch-size). The draws still follow the distribution."""
+    from cancerllm_jax.decode import nucleus_drop_mass, sample_logits
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 256)
+    tied = jnp.zeros((256, 1000), jnp.float32)  # every token tied: the sort order is arbitrary
+    nudged = tied + 1e-6 * jax.random.normal(jax.random.PRNGKey(1), tied.shape)  # reorders the sort completely
+    a = sample_logits(tied, keys, 1.0, 0, nucleus_drop_mass(1.0), False)
+    b = sample_logits(nudged, keys, 1.0, 0, nucleus_drop_mass(1.0), False)
+    assert (np.asarray(a) == np.asarray(b)).all()
+    probs = np.array([0.5, 0.2, 0.15, 0.1, 0.05])
+    many = jax.random.split(jax.random.PRNGKey(2), 20000)
+    drawn = sample_logits(jnp.log(jnp.asarray(np.tile(probs, (20000, 1)), jnp.float32)), many, 1.0, 0, -1.0, False)
+    np.testing.assert_allclose(np.bincount(np.asarray(drawn), minlength=5) / 20000, probs, atol=0.012)
 
 
 def test_a_stop_string_is_one_string():

@@ -53,7 +53,7 @@ def measure(shapes, dtype: str, repeats: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--shapes", help="comma-separated MxKxN (default: the SmolLM2 train / decode shapes)")
