@@ -130,6 +130,20 @@ def with_adapter(w: LoadedWeights, adapter: str, dtype=None) -> LoadedWeights:
     return dataclasses.replace(w, params=params, lora=lora, lora_params=lora_params)
 
 
+def refuse_unknown_arguments(name: str, given, function, hints: dict[str, str]) -> None:
+    """A keyword in ``given`` that ``function`` does not name is a ``UserTypeError`` naming the nearest one (or the
+    ``hints`` text for transformers habits such as ``torch_dtype``), not a bare TypeError. ``function``'s own
+    ``**unknown`` collects these; any other ``**kwargs`` (a wrapped or patched decoder) takes anything."""
+    params = inspect.signature(function).parameters
+    if any(p.kind is p.VAR_KEYWORD and p.name != "unknown" for p in params.values()):
+        return
+    known = [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for key in given:
+        if key not in known:
+            raise UserTypeError(f"{name}() got an unexpected argument {key!r}{hints.get(key) or suggest(key, known)}; "
+                                f"it takes {known}")
+
+
 def _tokenizer_in(folder: str) -> str | None:
     for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
         if os.path.isfile(os.path.join(folder, name)):
@@ -217,13 +231,8 @@ class LM:
         """
         from cancerllm_jax.decode import Decoder
 
-        params = inspect.signature(Decoder.generate).parameters
-        known = [n for n, p in params.items() if n != "self" and p.kind is not p.VAR_POSITIONAL]
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())  # a wrapped or patched decoder
-        for name in kwargs:
-            if name not in known and not takes_any:
-                hint = " (temperature=0.0 is greedy, > 0 samples)" if name == "do_sample" else suggest(name, known)
-                raise UserTypeError(f"generate() got an unexpected argument {name!r}{hint}; it takes {known}")
+        refuse_unknown_arguments("generate", kwargs, Decoder.generate,
+                                 {"do_sample": " (temperature=0.0 is greedy, > 0 samples)"})
         if hasattr(prompts, "__array__"):  # an id array [B, T] (numpy, jax, torch): one prompt per row
             prompts = np.asarray(prompts).tolist()
         if self._decoder is None:
@@ -247,10 +256,7 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
 
     from cancerllm_jax.model.mistral import ATTENTION_IMPLS
 
-    for name in unknown:  # transformers habits (torch_dtype=, device_map=) get the argument's name, not a TypeError
-        known = list(inspect.signature(load).parameters)[:-1]
-        hint = " (use dtype=)" if name == "torch_dtype" else suggest(name, known)
-        raise UserTypeError(f"load() got an unexpected argument {name!r}{hint}; it takes {known}")
+    refuse_unknown_arguments("load", unknown, load, {"torch_dtype": " (use dtype=)"})
     resolve_dtype(dtype)
     if not isinstance(merge_lora, (bool, np.bool_)):
         raise UserError(f"merge_lora must be True or False, got {merge_lora!r}")

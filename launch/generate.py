@@ -9,7 +9,6 @@ authors' Alpaca template). Each output line: ``id``, ``prompt_hash`` and ``predi
 ``gold`` when the input has one). The output file appears complete or not at all.
 """
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -130,7 +129,7 @@ def _check_fields(path: str, r: dict) -> None:
 
 def _prompt(tokenizer, r: dict, budget: int, where: str) -> tuple[list[int], str, int]:
     """(prompt ids, the prompt's text, context tokens cut) for one record."""
-    from cancerllm_jax.data.instruct import encode_prompt, render_prompt
+    from cancerllm_jax.data.instruct import generation_prompt
     from cancerllm_jax.data.tokenizer import encode_written_prompt
 
     if "prompt" in r:
@@ -138,13 +137,7 @@ def _prompt(tokenizer, r: dict, budget: int, where: str) -> tuple[list[int], str
         if not ids:
             raise UserError(f"{where}: the prompt is empty")
         return ids, r["prompt"], 0
-    ids, n_cut = encode_prompt(tokenizer, r["instruction"], r.get("context") or "", budget, for_generation=True,
-                               example_id=where)
-    if n_cut:  # the text the model sees (its prompt_hash is then evaluate.py run's for the same cut)
-        from cancerllm_jax.data.pretrain import strip_special
-
-        return ids, tokenizer.decode(strip_special(ids, tokenizer)), n_cut
-    return ids, render_prompt(r["instruction"], r.get("context") or "", for_generation=True), n_cut
+    return generation_prompt(tokenizer, r["instruction"], r.get("context") or "", budget, example_id=where)
 
 
 def _keep_good(records: list, skip_bad: bool, make) -> tuple[list, list, int]:
@@ -166,14 +159,14 @@ def _keep_good(records: list, skip_bad: bool, make) -> tuple[list, list, int]:
 
 def _write_predictions(tmp, args, records, texts, outs, lm) -> None:
     from cancerllm_jax.decode import generated_text
-    from cancerllm_jax.eval.tasks import line_id
+    from cancerllm_jax.eval.tasks import line_id, prompt_hash
 
     with open(tmp, "w", encoding="utf-8") as f:
         for r, text, gen in zip(records, texts, outs):
             pred = generated_text(lm.tokenizer, gen, lm.eos_ids, args.stop or ()).strip()
             # a line without an id is line<N>, as evaluate.py names it: `score` pairs it with its gold line by id
             row = {"id": r.get("id", line_id(r["_line"])),
-                   "prompt_hash": hashlib.sha256(text.encode("utf-8")).hexdigest()[:16], "prediction": pred}
+                   "prompt_hash": prompt_hash(text), "prediction": pred}
             if "response" in r:
                 row["gold"] = r["response"]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

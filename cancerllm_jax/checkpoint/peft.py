@@ -224,13 +224,16 @@ def _pattern(path: str, conf: dict, key: str) -> dict:
     return value
 
 
+def _matching_keys(pattern: dict, name: str) -> list[str]:
+    """The keys (regular expressions) of a ``rank_pattern`` / ``alpha_pattern`` that match the end of the module
+    ``name`` at a dot, in file order, as peft's ``get_pattern_key`` tries them."""
+    return [key for key in pattern if re.match(rf"(.*\.)?({key})$", name)]
+
+
 def _pattern_value(pattern: dict, name: str, default):
-    """peft's ``get_pattern_key``: the value of the first key (a regular expression) that matches the end of the
-    module ``name`` at a dot, else ``default``."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+    """peft's ``get_pattern_key``: the value of the first key that matches module ``name``, else ``default``."""
+    keys = _matching_keys(pattern, name)
+    return pattern[keys[0]] if keys else default
 
 
 ModuleFactors = dict[tuple[str, int], tuple[int, float]]  # (target, layer) -> (its rank, its scale); config scale 1
@@ -330,7 +333,7 @@ def _rank_source(folder: str, name: str) -> tuple[str, str]:
     ``r``, one ``rank_pattern`` key, or the first of several keys that match it (peft saves the keys sorted, so
     overlapping keys may pick another rank than when the adapter was made)."""
     pattern = _adapter_json(folder)[1].get("rank_pattern") or {}
-    keys = [k for k in pattern if re.match(rf"(.*\.)?({k})$", name)]
+    keys = _matching_keys(pattern, name)
     if len(keys) < 2:
         return (f"rank_pattern key {keys[0]!r}" if keys else "the config's r"), ""
     return (f"rank_pattern key {keys[0]!r} (the first of {len(keys)} keys that match it)",

@@ -66,6 +66,15 @@ def _response_ids(tokenizer, prompt: str, prompt_ids: list[int], response: str) 
     return strip_special(tokenizer.encode(response), tokenizer)
 
 
+def generation_prompt(tokenizer, instruction: str, context: str | None, max_tokens: int,
+                      example_id: str = "example") -> tuple[list[int], str, int]:
+    """``(ids, text, context tokens cut)`` of the Alpaca generation prompt within ``max_tokens``: ``text`` is what the
+    model sees (the rendered prompt, or the decoded ids when the context was cut), the text a prompt hash is of."""
+    ids, cut = encode_prompt(tokenizer, instruction, context, max_tokens, for_generation=True, example_id=example_id)
+    text = tokenizer.decode(strip_special(ids, tokenizer)) if cut else render_prompt(instruction, context, True)
+    return ids, text, cut
+
+
 def encode_prompt(tokenizer, instruction: str, context: str | None, max_tokens: int, for_generation: bool = False,
                   example_id: str = "example") -> tuple[list[int], int]:
     """``[bos] + prompt`` ids within ``max_tokens``, cutting the END of the context if needed; and the number of

@@ -48,6 +48,7 @@ def require_file(path: str) -> None:
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
 
+
 def _type_name(t: type | tuple[type, ...]) -> str:
     if isinstance(t, tuple):
         return " or ".join(_type_name(x) for x in t)

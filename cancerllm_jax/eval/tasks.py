@@ -105,15 +105,10 @@ class Prompt:
 
 def build_prompt(tokenizer, record: dict, spec: TaskSpec) -> Prompt:
     """The Alpaca generation prompt of one record within ``spec.max_input_tokens`` (cutting the context's end)."""
-    from cancerllm_jax.data.instruct import encode_prompt, render_prompt
-    from cancerllm_jax.data.pretrain import strip_special
+    from cancerllm_jax.data.instruct import generation_prompt
 
-    ids, cut = encode_prompt(tokenizer, record["instruction"], record.get("context") or "", spec.max_input_tokens,
-                             for_generation=True, example_id=f"{spec.name} record {record['id']}")
-    if cut == 0:
-        text = render_prompt(record["instruction"], record.get("context") or "", for_generation=True)
-    else:  # the text the model actually sees
-        text = tokenizer.decode(strip_special(ids, tokenizer))
+    ids, text, cut = generation_prompt(tokenizer, record["instruction"], record.get("context") or "",
+                                       spec.max_input_tokens, example_id=f"{spec.name} record {record['id']}")
     return Prompt(str(record["id"]), ids, text, prompt_hash(text), cut, record["response"])
 
 
