@@ -445,3 +445,43 @@ def test_attention_dropout_is_read_with_a_warning(caplog):
         assert not caplog.records
         from_hf_config({**hf, "attention_dropout": 0.1}, "x/config.json")
     assert "x/config.json: attention_dropout 0.1 is not applied" in caplog.text
+
+
+def test_an_output_folder_that_holds_the_working_directory_is_refused(hf_fp32, tmp_path, capsys, monkeypatch):
+    """``to-hf SRC . --overwrite`` replaced the working directory whole (the user's files in it were deleted),
+    then failed on the vanished directory with exit 2."""
+    work = tmp_path / "work"
+    (work / "src").mkdir(parents=True)
+    (work / "notes.txt").write_text("user data")
+    monkeypatch.chdir(work / "src")
+    for out in (".", ".."):
+        with pytest.raises(SystemExit) as e:
+            convert.main(["to-hf", hf_fp32[1], out, "--overwrite"])
+        assert e.value.code == 2 and "the output folder must not be" in capsys.readouterr().err
+    assert (work / "notes.txt").read_text() == "user data" and (work / "src").is_dir()
+
+
+def test_layers_stored_in_different_dtypes_are_read_without_rounding(hf_fp32, tmp_path):
+    """One tensor kind stored float16 in layer 0 and float32 in layer 1 was stacked as float16 (layer 1 rounded)."""
+    d = _copy(hf_fp32[1], str(tmp_path / "m"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    _edit_tensors(d, lambda t: t.__setitem__(key, t[key].astype(np.float16)))
+    src = tensors(d)
+    _, params = read_hf(d)
+    q = params["layers"]["q"]["kernel"]
+    assert q.dtype == np.float32
+    assert np.array_equal(q[1].T, src["model.layers.1.self_attn.q_proj.weight"])
+    assert np.array_equal(q[0].T, src[key].astype(np.float32))
+
+
+def test_an_index_that_names_a_file_outside_the_folder_is_refused(hf_fp32, tmp_path):
+    d = str(tmp_path / "m")
+    os.makedirs(d)
+    import shutil
+
+    shutil.copy(os.path.join(hf_fp32[1], "config.json"), d)
+    shutil.copy(os.path.join(hf_fp32[1], "model.safetensors"), str(tmp_path / "outside.safetensors"))
+    with open(os.path.join(d, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+        json.dump({"weight_map": {k: "../outside.safetensors" for k in tensors(hf_fp32[1])}}, f)
+    with pytest.raises(UserError, match="outside"):
+        read_hf(d)

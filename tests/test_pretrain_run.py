@@ -420,6 +420,40 @@ def test_every_eos_id_of_an_hf_base_is_kept_by_its_run_and_exports(tmp_path):
     del meta["model"]["eos_token_ids"]
     run_io.write_json_atomic(str(old / run_io.RUN_FILE), meta)
     assert cj.load(str(old)).eos_ids == (2, 13)
+    os.rename(base, tmp_path / "moved")  # the run reads its base from there: the error says so, not just "not found"
+    with pytest.raises(cj.UserError, match=r"the base model it was trained on, .*base \(run.json: base.path\)"):
+        cj.load(str(wd))
+
+
+def test_exports_of_a_run_on_the_built_in_tokenizer_carry_it(reference, tmp_path, capsys):
+    """A run on ``mistral-v1`` (the default tokenizer, the 7B config's) was exported without any tokenizer file:
+    the shipped file is named tokenizer.model.v1, which the copy skipped. A preset's adapter names the run's saved
+    base (not the preset name, which nothing loads) and says how to export it for peft."""
+    convert = _launcher_module(os.path.join(ROOT, "tools", "convert_checkpoint.py"))
+    convert.to_hf(reference[1], str(tmp_path / "hf"))
+    assert "tokenizer.model" in os.listdir(tmp_path / "hf")
+    assert cj.load(str(tmp_path / "hf")).tokenizer.encode("pt w/ nsclc", bos=True) == \
+        cj.load(reference[1]).tokenizer.encode("pt w/ nsclc", bos=True)
+    convert.to_hf(reference[1], str(tmp_path / "peft"), mode="peft")
+    assert "tokenizer.model" in os.listdir(tmp_path / "peft")
+    conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert conf["base_model_name_or_path"] == os.path.join(os.path.abspath(reference[1]), "base")
+    assert "to-hf " + conf["base_model_name_or_path"] in capsys.readouterr().err
+
+
+def test_a_step_folder_without_its_state_is_named_not_skipped(reference, tmp_path):
+    """A step folder left without state/ (a user who removed only the folder an error named) was skipped silently by
+    load, and --resume then collided with it in Orbax ("this is a bug")."""
+    import shutil
+
+    wd = tmp_path / "run"
+    shutil.copytree(reference[1], wd)
+    shutil.rmtree(wd / "checkpoints" / str(STEPS) / "state")
+    for call in (lambda: cj.load(str(wd)), lambda: make_trainer(wd, resume=True).run()):
+        with pytest.raises(cj.UserError, match=f"checkpoints/{STEPS}: incomplete checkpoint .*remove the whole folder"):
+            call()
+    shutil.rmtree(wd / "checkpoints" / str(STEPS))
+    assert run_io.latest_step(str(wd / "checkpoints")) == STEPS - 1
 
 
 def test_dry_run_prints_memory_estimate_and_exits_0(tmp_path, capsys):

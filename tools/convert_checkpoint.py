@@ -102,6 +102,12 @@ def to_hf(ckpt_dir: str, out_dir: str, mode: str | None = None, overwrite: bool 
             raise UserError(f"{ckpt_dir}: has no LoRA factors, so there is no adapter to export "
                             "(use to-hf without --peft-adapter)")
         base = base_name or _base_of(ckpt_dir, w)
+        from cancerllm_jax.checkpoint import orbax_io
+
+        if base and orbax_io.is_params_checkpoint(base):  # peft reads HF folders only
+            print(f"note: the adapter's base is the converted checkpoint {base}; for peft, export it with "
+                  f"`python tools/convert_checkpoint.py to-hf {base} BASE_OUT` and load the adapter on BASE_OUT "
+                  "(or pass --base-name)", file=sys.stderr)
         return write_peft_adapter(out_dir, w.cfg, w.lora, w.lora_params, base_name_or_path=base,
                                   overwrite=overwrite, dtype=dtype, tokenizer_dir=tok_dir)
     params = w.params
@@ -154,12 +160,17 @@ def _base_of(ckpt_dir: str, w) -> str | None:
     if not run_io.is_run_dir(path):
         return getattr(w, "base", None)
     base = run_io.read_run_meta(path).get("base") or {}
+    if base.get("kind") == "saved":  # a preset's random weights, saved in the run (a converted checkpoint)
+        return os.path.join(path, base.get("path") or "base")
     return base.get("path") if base.get("kind") == "path" else base.get("name")
 
 
 def _check_out(out_dir: str, overwrite: bool, *sources: str) -> None:
     """Fail before any work when ``out_dir`` is non-empty (without --overwrite), or is one of the ``sources`` the
     command reads or holds one."""
+    from cancerllm_jax.checkpoint.orbax_io import refuse_enclosing_folder
+
+    refuse_enclosing_folder(out_dir)
     out = os.path.abspath(os.path.expanduser(out_dir))
     for src in (os.path.abspath(os.path.expanduser(s)) for s in sources):
         if os.path.exists(out) and os.path.commonpath([out, src]) == out:  # --overwrite would delete the source

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 
+import ml_dtypes  # also registers bfloat16 with numpy: safetensors reads BF16 tensors through it
 import numpy as np
 
 from cancerllm_jax.config import ModelConfig, hf_eos_value, read_hf_config, read_json_file, to_hf_config
@@ -59,7 +60,10 @@ def safetensors_files(folder: str) -> dict[str, str]:
         if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
             raise UserError(f"{index}: 'weight_map' must map tensor names to file names")
+        root = os.path.realpath(folder)
         for fname in set(weight_map.values()):
+            if os.path.commonpath([root, os.path.realpath(os.path.join(folder, fname))]) != root:
+                raise UserError(f"{index} names {fname}, which is outside {folder}")
             if not os.path.isfile(os.path.join(folder, fname)):
                 raise UserError(f"{index} names {fname}, which is missing from {folder}")
         return {k: os.path.join(folder, v) for k, v in weight_map.items()}
@@ -97,6 +101,13 @@ def _check(where: str, arr: np.ndarray, shape: tuple) -> np.ndarray:
         raise UserError(f"{where}: dtype {arr.dtype.name}, expected floating-point weights (quantised "
                         f"checkpoints are not supported; dequantise to float16/bfloat16/float32 first)")
     return arr
+
+
+def _wider_dtype(a: np.dtype, b: np.dtype) -> np.dtype:
+    """The float dtype that holds both ``a`` and ``b`` exactly (float16 and bfloat16: float32)."""
+    if a.itemsize != b.itemsize:
+        return a if a.itemsize > b.itemsize else b
+    return np.dtype(np.float32)
 
 
 def read_hf(folder: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
@@ -138,8 +149,10 @@ def read_hf(folder: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
         shape = (n,) + (first.shape[::-1] if is_kernel else first.shape)
         stacked = np.empty(shape, dtype=cast(first[:1]).dtype)
         for i in range(n):
-            t = first if i == 0 else take(f"model.layers.{i}.{suffix}")
-            stacked[i] = cast(t.T if is_kernel else t)
+            t = cast(first if i == 0 else take(f"model.layers.{i}.{suffix}"))
+            if t.dtype != stacked.dtype and _wider_dtype(stacked.dtype, t.dtype) != stacked.dtype:
+                stacked = stacked.astype(_wider_dtype(stacked.dtype, t.dtype))  # layers in several dtypes: no rounding
+            stacked[i] = t.T if is_kernel else t
         node = params["layers"]
         for k in ours[:-1]:
             node = node.setdefault(k, {})
@@ -168,8 +181,6 @@ def _hf_shapes(cfg: ModelConfig) -> dict[str, tuple]:
 
 
 def _np_dtype(name: str):
-    import ml_dtypes
-
     return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[name]
 
 

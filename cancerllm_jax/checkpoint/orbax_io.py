@@ -22,10 +22,32 @@ FORMAT = "cancerllm-jax/params-v1"
 FORMAT_LORA = "cancerllm-jax/params-lora-v1"
 
 
+def refuse_enclosing_folder(out_dir: str) -> None:
+    """An output folder that is or holds the working directory (``.``, ``..``), or is the home folder or ``/``, is
+    an error: replacing it (``--overwrite``) would delete the user's files."""
+    out = os.path.realpath(os.path.expanduser(out_dir))
+    if not os.path.exists(out):
+        return
+    cwd = os.path.realpath(os.getcwd())
+    if out == os.sep:
+        where = "the filesystem root"
+    elif out == cwd:
+        where = "the current folder"
+    elif os.path.commonpath([out, cwd]) == out:
+        where = "a folder that holds the current folder"
+    elif out == os.path.realpath(os.path.expanduser("~")):
+        where = "the home folder"
+    else:
+        return
+    raise UserError(f"{out_dir}: the output folder must not be {where} (it is replaced whole); "
+                    "give a new folder for the output")
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str, overwrite: bool = False):
     """Yield a temp folder beside ``out_dir``; on success it replaces ``out_dir`` in one rename."""
     out_dir = os.path.abspath(out_dir)
+    refuse_enclosing_folder(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"{out_dir} exists and is not a folder")
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -83,14 +105,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:
-    """Copy the tokenizer files of folder ``src`` (or a SentencePiece ``.model`` file, as ``tokenizer.model``)."""
-    if src in ("mistral-v1", "mistral"):
-        from cancerllm_jax.data.tokenizer import mistral_v1_model_file
+    """Copy the tokenizer that ``src`` names, as :func:`~cancerllm_jax.data.tokenizer.load_tokenizer` reads it:
+    ``mistral-v1`` or a SentencePiece ``.model`` file (as ``tokenizer.model``), an HF tokenizer folder or its
+    ``tokenizer.json``. Returns the names written."""
+    from cancerllm_jax.data.tokenizer import mistral_v1_model_file, tokenizer_path
 
-        src = mistral_v1_model_file()
+    if src in ("mistral-v1", "mistral"):  # the shipped file is named tokenizer.model.v1
+        shutil.copy2(mistral_v1_model_file(), os.path.join(dst, "tokenizer.model"))
+        return ["tokenizer.model"]
+    src = tokenizer_path(src)
     if os.path.isfile(src) and src.endswith(".model"):
         shutil.copy2(src, os.path.join(dst, "tokenizer.model"))
         return ["tokenizer.model"]
+    if os.path.isfile(src) and os.path.basename(src) in ("tokenizer.json", "tokenizer_config.json"):
+        src = os.path.dirname(os.path.abspath(src))  # the folder that holds it
     if not os.path.isdir(src):
         return []
     copied = []

@@ -44,9 +44,15 @@ def latest_step(ckpt_dir: str) -> int | None:
     """The newest COMPLETE checkpoint step (Orbax finalises a step by renaming its temp folder)."""
     if not os.path.isdir(ckpt_dir):
         return None
-    steps = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit()
-             and os.path.isdir(os.path.join(ckpt_dir, n, "state"))]
-    return max(steps) if steps else None
+    numbered = [int(n) for n in os.listdir(ckpt_dir) if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n))]
+    steps = [n for n in numbered if os.path.isdir(os.path.join(ckpt_dir, str(n), "state"))]
+    latest = max(steps) if steps else None
+    broken = sorted(n for n in numbered if n not in steps and (latest is None or n > latest))
+    if broken:  # Orbax counts the folder as a saved step: a resume would collide with it, a load skip it silently
+        back = f"go back to step {latest}" if latest is not None else "start the run again"
+        raise UserError(f"{ckpt_dir}/{broken[-1]}: incomplete checkpoint (no state/ folder); remove the whole folder "
+                        f"{ckpt_dir}/{broken[-1]} to {back}")
+    return latest
 
 
 def run_tokenizer(meta: dict) -> str:
@@ -65,7 +71,11 @@ def read_run_weights(path: str):
     if step is None:
         raise UserError(f"{path}: the run has no finished checkpoint yet")
     cfg = build(ModelConfig, meta["model"], f"{path}/{RUN_FILE}:model")
-    state = restore_tree(os.path.join(path, "checkpoints", str(step), "state"))
+    try:
+        state = restore_tree(os.path.join(path, "checkpoints", str(step), "state"))
+    except UserError as e:
+        raise UserError(f"{e}; restore it, or remove the whole folder {path}/checkpoints/{step} to load the "
+                        "checkpoint before it") from None
     trainable = state["params"]
     run_cfg = meta["config"]
     tok = run_tokenizer(meta)
@@ -75,6 +85,9 @@ def read_run_weights(path: str):
     if base["kind"] == "saved":
         params = load_params(os.path.join(path, base["path"]))
     elif base["kind"] == "path":
+        if not os.path.exists(base["path"]):  # the run keeps only what it trained; the base is read from there
+            raise UserError(f"{path}: the base model it was trained on, {base['path']} ({RUN_FILE}: base.path), is "
+                            "not found; put that model back there (the run holds only the weights it trained)")
         w = read_weights(base["path"])
         params = w.params
         if "eos_token_ids" not in meta["model"]:  # a run of an older version recorded only the first EOS id
