@@ -105,8 +105,8 @@ def _check(where: str, arr: np.ndarray, shape: tuple) -> np.ndarray:
 
 def _wider_dtype(a: np.dtype, b: np.dtype) -> np.dtype:
     """The float dtype that holds both ``a`` and ``b`` exactly (float16 and bfloat16: float32)."""
-    if a.itemsize != b.itemsize:
-        return a if a.itemsize > b.itemsize else b
+    if a == b or a.itemsize != b.itemsize:
+        return a if a.itemsize >= b.itemsize else b
     return np.dtype(np.float32)
 
 
@@ -150,8 +150,8 @@ def read_hf(folder: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
         stacked = np.empty(shape, dtype=cast(first[:1]).dtype)
         for i in range(n):
             t = cast(first if i == 0 else take(f"model.layers.{i}.{suffix}"))
-            if t.dtype != stacked.dtype and _wider_dtype(stacked.dtype, t.dtype) != stacked.dtype:
-                stacked = stacked.astype(_wider_dtype(stacked.dtype, t.dtype))  # layers in several dtypes: no rounding
+            if (wider := _wider_dtype(stacked.dtype, t.dtype)) != stacked.dtype:
+                stacked = stacked.astype(wider)  # layers stored in several dtypes: all in the wider one, no rounding
             stacked[i] = t.T if is_kernel else t
         node = params["layers"]
         for k in ours[:-1]:
