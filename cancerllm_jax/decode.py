@@ -114,8 +114,7 @@ def _row_keys(seed, n: int) -> np.ndarray:
     ``fold_in(PRNGKey(seed), i)``; a list of ints → prompt ``i`` from ``PRNGKey(seed[i] mod 2**32)``. A prompt's
     samples therefore never depend on the batch size or on the other prompts of its batch."""
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):  # any size: taken mod 2**64
-        return np.asarray(jax.vmap(jax.random.fold_in, (None, 0))(jax.random.PRNGKey(_int64(int(seed))),
-                                                                   jnp.arange(n, dtype=jnp.uint32)))
+        return np.asarray(jax.vmap(jax.random.fold_in, (None, 0))(_key64(int(seed)), jnp.arange(n, dtype=jnp.uint32)))
     seeds = list(seed) if isinstance(seed, (list, tuple, np.ndarray)) else None
     if seeds is None or len(seeds) != n or any(isinstance(x, bool) or not isinstance(x, (int, np.integer))
                                                 for x in seeds):
@@ -123,10 +122,11 @@ def _row_keys(seed, n: int) -> np.ndarray:
     return np.asarray(jax.vmap(jax.random.PRNGKey)(jnp.asarray([int(x) % 2**32 for x in seeds], jnp.uint32)))
 
 
-def _int64(n: int) -> int:
-    """``n`` mod 2**64, as a signed 64-bit value (what ``PRNGKey`` takes): any Python int is a seed."""
+def _key64(n: int) -> jax.Array:
+    """The raw threefry key of ``n`` mod 2**64 (``[high, low]`` uint32 words): what ``PRNGKey(n)`` gives with x64
+    on. With x64 off ``PRNGKey`` drops the high word, so seeds 0 and 2**32 would sample alike."""
     n %= 2**64
-    return n - 2**64 if n >= 2**63 else n
+    return jnp.asarray([n >> 32, n & 0xFFFFFFFF], jnp.uint32)
 
 
 def _check_counts(**counts) -> None:
@@ -212,7 +212,8 @@ class Decoder:
         prompts are counted in ``last_stats["truncated_prompts"]``.
         ``stop`` (a string or a list; string prompts only) cuts each decoded text before the stop string that is
         complete first (``generated_text``); the rows still decode to EOS or ``max_new_tokens``. Sampling
-        (``temperature`` > 0, then ``top_k``, then ``top_p``, as transformers' warpers) gives each prompt its own
+        (``temperature`` > 0, then ``top_k``, then ``top_p``, as transformers' warpers; ``top_k`` 0 is off, where
+        transformers' sampling default is 50: pass ``top_k=50`` to match it) gives each prompt its own
         random stream: ``seed`` an int → from the seed and the prompt's index in ``prompts``; a list of ints → one
         seed per prompt. A prompt's random numbers never depend on ``batch_size`` or on which prompts share its batch
         (its logits may still differ in the last bits between batch shapes, which can tip a near-tie)."""
@@ -238,8 +239,8 @@ class Decoder:
         if not 0.0 < top_p <= 1.0:
             raise UserError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
         temperature = 0.0 if temperature is None else _real("temperature", temperature)
-        if not np.isfinite(temperature):
-            raise UserError(f"temperature must be a finite number (<= 0: greedy), got {temperature}")
+        if not (np.isfinite(temperature) and temperature >= 0.0):  # as the CLI: a negative one is not "greedy"
+            raise UserError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
         if not isinstance(add_bos, (bool, np.bool_)):
             raise UserError(f"add_bos must be True or False, got {add_bos!r}")
         ids = [self._encode(p, as_text, i, add_bos) for i, p in enumerate(prompts)]

@@ -39,7 +39,7 @@ DECODE_FLAG_RULES = {  # argparse dest -> (test, what a valid value is)
     "batch_size": (lambda v: v >= 1, "at least 1"),
     "decode_batch": (lambda v: v >= 1, "at least 1"),
     "top_k": (lambda v: v >= 0, ">= 0 (0: no top-k)"),
-    "temperature": (lambda v: 0 <= v < float("inf"), ">= 0 (0: greedy)"),
+    "temperature": (lambda v: 0 <= v < float("inf"), "a finite number >= 0 (0: greedy)"),
     "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
 }
 

@@ -268,7 +268,8 @@ def _run_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--limit", type=int, help="only the first N test instances of each task")
     r.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     r.add_argument("--protocol", choices=PROTOCOLS, default="standard", help="metric choices (default: standard)")
-    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-k", type=int, default=0,
+                   help="sample among the k most likely tokens (default 0: off; transformers' sampling default is 50)")
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=0, help="sampling seed; also seeds the k-shot exemplar draw")
     r.add_argument("--shots", type=int, default=0, choices=(0, 1, 3, 5),

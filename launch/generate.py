@@ -30,7 +30,8 @@ def parse(argv=None):
     p.add_argument("--max-prompt-tokens", type=int, default=1500,
                    help="contexts are cut to fit; raw prompts keep their BOS and last tokens (both counted)")
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample among the k most likely tokens (default 0: off; transformers' sampling default is 50)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0,
                    help="sampling seed; each input line draws its own stream from it and its line number (noise "

@@ -548,6 +548,7 @@ GENERATE_FLAGS = {
     "top_k_negative": (["--top-k", "-1"], ["--top-k", ">= 0"]),
     "temperature_negative": (["--temperature", "-0.5"], ["--temperature", ">= 0"]),
     "temperature_nan": (["--temperature", "nan"], ["--temperature", ">= 0"]),
+    "temperature_inf": (["--temperature", "inf"], ["--temperature", "a finite number >= 0"]),
     "top_p_zero": (["--top-p", "0"], ["--top-p", "(0, 1]"]),
     "top_p_above_one": (["--top-p", "1.5"], ["--top-p", "(0, 1]"]),
     "empty_stop": (["--stop", ""], ["--stop", "empty"]),

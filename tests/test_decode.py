@@ -182,6 +182,7 @@ def test_bad_decoding_arguments_are_clear_errors(tiny):
                            ({"max_new_tokens": 2.0}, "max_new_tokens"), ({"max_prompt_tokens": -1}, "max_prompt"),
                            ({"top_p": 2.0}, "top_p"), ({"top_p": -0.1}, "top_p"),
                            ({"temperature": float("nan")}, "temperature"), ({"stop": ["x"]}, "string prompts"),
+                           ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
                            ({"top_k": 2.5}, "top_k"), ({"top_k": True}, "top_k"), ({"top_k": "3"}, "top_k"),
                            ({"temperature": "hot"}, "temperature"), ({"temperature": [1.0]}, "temperature"),
                            ({"top_p": "0.9"}, "top_p")]:  # not silently k=2 / k=1, nor a bare ValueError
@@ -199,6 +200,10 @@ def test_bad_decoding_arguments_are_clear_errors(tiny):
     assert lm.generate([[1, 2, 3]], seed=2**64 + 3, **kw) == lm.generate([[1, 2, 3]], seed=3, **kw)
     assert lm.generate([[1, 2, 3]], seed=2**70, **kw) == lm.generate([[1, 2, 3]], seed=0, **kw)
     assert lm.generate([[1, 2, 3]], seed=2**63, **kw) == lm.generate([[1, 2, 3]], seed=-2**63, **kw)
+    assert lm.generate([[1, 2, 3]], seed=2**32, **kw) != lm.generate([[1, 2, 3]], seed=0, **kw)  # all 64 bits
+    from cancerllm_jax.decode import _row_keys
+
+    assert (_row_keys(7, 2)[1] == np.asarray(jax.random.fold_in(jax.random.PRNGKey(7), 1))).all()  # as before
 
 
 def test_a_sampled_prompt_does_not_depend_on_its_batch(tiny):
