@@ -15,7 +15,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 10x1 or 2x5 (default from the config: 1x1)")
     p.add_argument("--steps", type=int, help="optimiser steps")
     p.add_argument("--batch-size", type=int, help="GLOBAL batch size (rows per optimiser step, all devices)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seeds the LoRA (or preset) initialisation and dropout; the data's "
+                                            "shuffle, eval split and synthetic data use data.seed (default 0): "
+                                            "pass data.seed=N too for another draw of the data")
     p.add_argument("--workdir", help="run folder (default: runs/<kind>-<date>-<time>)")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (async); 0 = only at the end")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")

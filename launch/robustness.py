@@ -14,8 +14,8 @@ alone). The paper (section 2.5) sets the misspelling rates "when constructing th
 clean data, the deployment case of misspelled notes, and do not retrain per rate.
 
 Both write OUT/table5.md or OUT/table6.md, OUT/robustness.json and OUT/robustness.png; each rate's predictions and
-scores stay under OUT/<sweep>/rate_NN/. Add 0 to --rates for a clean reference row (left out of the mean over
-rates). DIR holds <task>/<split>.jsonl.
+scores stay under OUT/counterfactual/rate_NN/ or OUT/misspell/<task>/rate_NN/. Add 0 to --rates for a clean
+reference row (left out of the mean over rates). DIR holds <task>/<split>.jsonl.
 
 Re-running with the same --out reuses a finished rate only if it was computed with the same settings: the model
 (resolved path and a fingerprint of its weight files), the rate and --seed, the records used (--data, --limit,

@@ -738,6 +738,21 @@ def test_check_parity_unsupported_architecture(tmp_path, capsys, models):
     nothing_left(tmp_path / "p.json")
 
 
+def test_check_parity_refuses_a_run_or_converted_checkpoint_before_loading(tmp_path, capsys):
+    """transformers reads HF folders only: a run or a converted checkpoint is told to export first (it was loaded
+    whole, then failed in transformers with a bare "could not load")."""
+    from cancerllm_jax.checkpoint.orbax_io import META_FILE
+    from cancerllm_jax.train.run_io import RUN_FILE
+
+    for name, marker, kind in (("run", RUN_FILE, "training run"), ("ckpt", META_FILE, "converted checkpoint")):
+        folder = tmp_path / name
+        folder.mkdir()
+        write(folder / marker, "{}")
+        code, err = run_cli("tools/check_parity.py", ["--hf-dir", folder, "--json", tmp_path / "p.json"], capsys)
+        one_clear_error(code, err, kind, "convert_checkpoint.py to-hf")
+        nothing_left(tmp_path / "p.json")
+
+
 def test_make_synthetic_data_bad_size_and_non_empty_out(tmp_path, capsys):
     code, err = run_cli("tools/make_synthetic_data.py", ["--out", tmp_path / "d", "--size", "3"], capsys)
     one_clear_error(code, err, "--size")

@@ -113,7 +113,7 @@ def test_too_long_without_context_names_the_example(tok, tmp_path):
     p = tmp_path / "long.jsonl"
     p.write_text(json.dumps({"instruction": "Q?", "context": CTX, "response": RESP}) + "\n"
                  + json.dumps({"instruction": INSTR * 20, "response": RESP}) + "\n")
-    with pytest.raises(UserError, match=r"long\.jsonl:2"):
+    with pytest.raises(UserError, match=r"long\.jsonl:2.*--skip-bad-lines, data\.skip_bad_lines=true"):
         build_instruct_data(InstructDataConfig(path=str(p), max_seq_len=64), tok)
     data = build_instruct_data(InstructDataConfig(path=str(p), max_seq_len=64, skip_bad_lines=True), tok)
     assert data.stats["skipped_too_long"] == 1 and data.stats["examples"] == 1
@@ -357,6 +357,10 @@ def test_alpaca_input_field_is_not_silently_dropped(tmp_path):
                      + json.dumps({"instruction": "Q", "input": None, "response": "A"}) + "\n")
     records, skipped = read_instruct_jsonl(str(empty))
     assert [r["context"] for r in records] == ["", ""] and skipped == 0
+    output = tmp_path / "output.jsonl"  # Alpaca's name for the response
+    output.write_text(json.dumps({"instruction": "Q", "output": "A"}) + "\n")
+    with pytest.raises(UserError, match=r"output\.jsonl:1: missing field 'response' \(rename 'output' to 'response'"):
+        read_instruct_jsonl(str(output))
     prompt = tmp_path / "prompt.jsonl"  # generate.py's field beside an instruction was dropped silently
     prompt.write_text(json.dumps({"instruction": "Q", "prompt": "the note", "response": "A"}) + "\n")
     with pytest.raises(UserError, match=r"prompt\.jsonl:1: field 'prompt' is not read here"):
@@ -443,3 +447,22 @@ def test_sentencepiece_decode_skips_specials_and_ids_past_its_vocabulary():
     ids = tok.encode("pt w/ nsclc", bos=True)
     assert tok.decode(ids) == "pt w/ nsclc"
     assert tok.decode([0, *ids, 32005, 40000, -1, tok.eos_id]) == "pt w/ nsclc"
+
+
+def test_the_data_digest_sees_content_and_order_that_counts_miss(tok):
+    """``--resume`` compares the data's counts and digest: lines in another order (or a word swapped for one of
+    the same length in tokens) keep every count but not the digest, in the training and in the eval set."""
+    records = [{"instruction": "Q?", "context": f"finding {i}", "response": f"r{i}"} for i in range(4)]
+    cfg = InstructDataConfig(max_seq_len=64)
+
+    def stats(train, evals):
+        return build_instruct_data(cfg, tok, examples=train, eval_examples=evals).stats
+
+    base = stats(records, records[:2])
+    moved = stats(records[::-1], records[:2])
+    moved_eval = stats(records, records[1::-1])
+    count_keys = [k for k in base if not k.endswith("digest") and not isinstance(base[k], dict)]
+    assert [base[k] for k in count_keys] == [moved[k] for k in count_keys] == [moved_eval[k] for k in count_keys]
+    assert moved["digest"] != base["digest"] and moved["eval_digest"] == base["eval_digest"]
+    assert moved_eval["eval_digest"] != base["eval_digest"] and moved_eval["digest"] == base["digest"]
+    assert stats(records, records[:2]) == base  # and it is deterministic

@@ -238,6 +238,7 @@ def test_check_parity_cli(saved_models, tmp_path, capsys):
     result = json.loads(out.read_text(encoding="utf-8"))
     assert result["failed"] == 0 and len(result["prompts"]) == 2
     assert all(r["argmax_agree_pct"] == 100.0 and r["max_abs_diff"] <= 1e-4 for r in result["prompts"])
+    assert "breast" not in out.read_text(encoding="utf-8") and len(result["prompts"][0]["prompt_sha256"]) == 16
     assert tool.main(["--hf-dir", folder, "--prompts", str(prompts), "--tol", "0"]) == 1
     assert "FAIL" in capsys.readouterr().out
 

@@ -135,6 +135,10 @@ def test_stats_count_everything(tok):
     assert s["documents"] == 40 and s["eval_documents"] == 4 and s["train_documents"] == 36
     assert s["train_blocks"] * 32 + s["dropped_tail_tokens"] == s["train_tokens"]
     assert 0 <= s["dropped_tail_tokens"] < 32 and s["eval_blocks"] == -(-s["eval_tokens"] // 32)
+    whole = PretrainDataConfig(block_size=32, eval_fraction=0.0)  # --resume's digest: content and order
+    a, b = (build_pretrain_data(whole, tok, documents=d).stats for d in (notes(40), notes(40)[::-1]))
+    assert a["train_tokens"] == b["train_tokens"] and a["digest"] != b["digest"]
+    assert build_pretrain_data(whole, tok, documents=notes(40)).stats["digest"] == a["digest"]
 
 
 def test_iterator_state_restores_exactly(tok):

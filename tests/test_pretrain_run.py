@@ -130,6 +130,13 @@ def test_resume_refuses_other_data_base_model_or_process_count(reference, tmp_pa
 
     refused(lambda m: {**m, "data_counts": {**m["data_counts"], "train_tokens": m["data_counts"]["train_tokens"] + 1}},
             "training data differs", "train_tokens")
+    refused(lambda m: {**m, "data_counts": {**m["data_counts"], "digest": "0" * 16}},  # same counts, other text
+            "training data differs", "other text or the lines in another order")
+    old_run = json.loads(json.dumps(meta))
+    del old_run["data_counts"]["digest"]  # a run saved before digests: its counts are still checked, and enough
+    run_io.write_json_atomic(str(meta_path), old_run)
+    make_trainer(wd, resume=True).run()
+    run_io.write_json_atomic(str(meta_path), meta)
     refused(lambda m: {**m, "model": {**m["model"], "rope_theta": 1.0}}, "base model", "rope_theta")
     data = wd / "checkpoints" / str(STEPS) / "data"
     (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")

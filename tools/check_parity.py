@@ -112,18 +112,25 @@ def reference_logits(hf_dir: str, ids_list: list[list[int]]) -> list[np.ndarray]
 
 
 def check(hf_dir: str, prompts: list[str], dtype: str = "float32") -> list[dict]:
-    """One result row per prompt: tokens, max |Δlogit|, mean KL and argmax agreement."""
+    """One result row per prompt: its text's hash (never the text), tokens, max |Δlogit|, mean KL and argmax
+    agreement."""
     import cancerllm_jax as cj
+    from cancerllm_jax.api import model_kind
+    from cancerllm_jax.eval.tasks import prompt_hash
 
-    if not os.path.isdir(hf_dir):
-        raise UserError(f"model folder not found: {hf_dir}")
+    path, kind = model_kind(hf_dir)
+    if kind != "hf":  # transformers reads HF folders only: say so before any model is loaded
+        raise UserError(f"{path} is a {'training run' if kind == 'run' else 'converted checkpoint'}, which "
+                        f"transformers cannot read: export it with tools/convert_checkpoint.py to-hf first and "
+                        f"check that folder")
     lm = cj.load(hf_dir, dtype=dtype)
     ids_list, how = encode_prompts(hf_dir, prompts, lm.cfg.vocab_size)
     refs = reference_logits(hf_dir, ids_list)
     rows = []
     for text, ids, ref in zip(prompts, ids_list, refs):
         ours = lm.logits(np.asarray([ids], np.int32))[0]
-        rows.append({"prompt": text, "tokens": len(ids), "encoding": how, **compare_logits(ref, ours)})
+        rows.append({"prompt_sha256": prompt_hash(text), "tokens": len(ids), "encoding": how,  # no prompt text
+                     **compare_logits(ref, ours)})
     return rows
 
 

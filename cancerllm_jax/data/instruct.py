@@ -27,7 +27,7 @@ import numpy as np
 
 from cancerllm_jax.data.pretrain import (FIELDS, Batch, check_process_split, fixed_batches, pad_rows, strip_special,
                                          take_rows)
-from cancerllm_jax.data.sources import json_type_name, read_jsonl
+from cancerllm_jax.data.sources import content_digest, json_type_name, read_jsonl, renamed_field_hint
 from cancerllm_jax.data.tokenizer import bos_ids, training_eos_id
 from cancerllm_jax.errors import UserError
 
@@ -269,7 +269,8 @@ def encode_examples(tokenizer, records: Sequence[dict], max_seq_len: int, skip_t
         for key in ("instruction", "response", "context"):
             if not isinstance(r.get(key), str) and (key != "context" or r.get(key) is not None):
                 raise UserError(f"{r.get('id', f'example {i}')}: '{key}' must be a string"
-                                f"{', got ' + json_type_name(r[key]) if key in r else ' (missing)'}")
+                                f"{', got ' + json_type_name(r[key]) if key in r else ' (missing)'}"
+                                f"{renamed_field_hint(key, r) if key not in r else ''}")
             if key != "context" and not r[key].strip():  # as read_instruct_jsonl refuses such a line
                 raise UserError(f"{r.get('id', f'example {i}')}: '{key}' is empty")
         problem = unread_fields_problem(r)
@@ -280,7 +281,8 @@ def encode_examples(tokenizer, records: Sequence[dict], max_seq_len: int, skip_t
                                 example_id=str(r.get("id", f"example {i}")))
         except UserError as e:
             if not skip_too_long:
-                raise
+                raise UserError(f"{e} (or skip such examples, counted: --skip-bad-lines, data.skip_bad_lines=true)"
+                                ) from None
             stats["skipped_too_long"] += 1
             if stats["skipped_too_long"] <= 5:  # named, as skipped bad lines are (the message holds no note text)
                 log.warning("skipping %s%s", e, "" if stats["skipped_too_long"] < 5 else " (further ones: counted)")
@@ -291,6 +293,7 @@ def encode_examples(tokenizer, records: Sequence[dict], max_seq_len: int, skip_t
         stats["context_tokens_cut"] += ex.context_tokens_cut
         stats["loss_tokens"] += len(ex.tokens) - ex.prompt_len
         stats["tokens"] += len(ex.tokens)
+    stats["digest"] = content_digest(a for ex in out for a in (ex.tokens, [ex.prompt_len]))
     return out, stats
 
 
@@ -398,6 +401,7 @@ def build_instruct_data(cfg: InstructDataConfig, tokenizer=None, examples: Seque
         ev, ev_stats = _rows(tokenizer, dataclasses.replace(cfg, pack=False), eval_examples,
                              cfg.eval_path or "eval examples")
         stats["eval"] = {**ev_stats, "skipped_lines": eval_skipped}
+        stats["eval_digest"] = ev_stats["digest"]  # data_counts holds no nested dict: the eval set is checked by this
     log.info("instruction data: %d examples in %d rows of %d (%.0f%% padding), %d contexts truncated "
              "(%d tokens), %d too long skipped, %d bad lines skipped", stats["examples"], stats["rows"],
              cfg.max_seq_len, 100 * stats["padding_fraction"], stats["truncated_examples"],

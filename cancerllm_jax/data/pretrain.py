@@ -33,7 +33,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from cancerllm_jax.data.sources import read_documents
+from cancerllm_jax.data.sources import content_digest, read_documents
 from cancerllm_jax.data.tokenizer import bos_ids, training_eos_id
 from cancerllm_jax.errors import UserError
 
@@ -327,7 +327,8 @@ def build_pretrain_data(cfg: PretrainDataConfig, tokenizer=None, documents: Sequ
                            "eval_documents": len(ev_docs), "train_tokens": len(tr.tokens),
                            "train_blocks": len(tr), "dropped_tail_tokens": tr.dropped_tokens,
                            "eval_tokens": len(ev.tokens), "eval_blocks": len(ev)})
-    stats: dict[str, Any] = {"skipped_lines": skipped, "sources": per_source}
+    stats: dict[str, Any] = {"skipped_lines": skipped, "sources": per_source,
+                             "digest": content_digest(a for b in (*train, *evals) for a in (b.tokens, b.doc_starts))}
     for key in ("documents", "train_documents", "eval_documents", "train_tokens", "train_blocks",
                 "dropped_tail_tokens", "eval_tokens", "eval_blocks"):
         stats[key] = sum(s[key] for s in per_source)

@@ -6,11 +6,14 @@ with ``skip_bad_lines=True`` bad lines are counted and the count is returned bes
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from cancerllm_jax.errors import UserError, suggest
 
@@ -68,6 +71,28 @@ def _type_ok(value: Any, expected: type | tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
+def content_digest(arrays) -> str:
+    """A short sha256 of int arrays in order (each with its length): ``data_counts``' check that a resumed run reads
+    the very data it started on, not only data of the same size."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a, dtype=np.int64)
+        h.update(np.int64(a.size).tobytes() + a.tobytes())
+    return h.hexdigest()[:16]
+
+
+ALPACA_FIELDS = {"response": "output"}  # our field -> the Alpaca name a user's file may hold it under
+
+
+def renamed_field_hint(name: str, record: dict) -> str:
+    """For a missing field: " (rename 'output' to 'response')" when the record holds its Alpaca name, else the
+    nearest key (" (did you mean X?)") or ''."""
+    alpaca = ALPACA_FIELDS.get(name)
+    if alpaca is not None and alpaca in record:
+        return f" (rename '{alpaca}' to '{name}': Alpaca's '{alpaca}' is our '{name}')"
+    return suggest(name, record.keys())
+
+
 def _check_record(obj: Any, required: dict[str, Any], optional: dict[str, Any], nonempty: tuple[str, ...] = ()
                   ) -> str | None:
     """The problem with one parsed line, or None; ``nonempty`` string fields must hold more than whitespace."""
@@ -75,7 +100,7 @@ def _check_record(obj: Any, required: dict[str, Any], optional: dict[str, Any], 
         return f"expected a JSON object, got {json_type_name(obj)}"
     for name, expected in required.items():
         if name not in obj:
-            return f"missing field '{name}'{suggest(name, obj.keys())}"
+            return f"missing field '{name}'{renamed_field_hint(name, obj)}"
         if not _type_ok(obj[name], expected):
             return f"field '{name}' should be a {_type_name(expected)}, got {json_type_name(obj[name])}"
         if name in nonempty and not obj[name].strip():

@@ -314,8 +314,13 @@ class Trainer:
         data: DataBundle = self.make_data(tokenizer, jax.process_index(), jax.process_count())
         self.data_counts = {k: v for k, v in data.stats.items() if not isinstance(v, (list, dict))}
         was = self.resumed_meta.get("data_counts") if start_step else None
-        if was is not None and was != self.data_counts:
-            changed = ", ".join(f"{k} {was.get(k)} -> {self.data_counts.get(k)}" for k in diff(was, self.data_counts))
+        now = self.data_counts if was is None or "digest" in was else {  # a run saved before digests: counts alone
+            k: v for k, v in self.data_counts.items() if not k.endswith("digest")}
+        if was is not None and was != now:
+            keys = diff(was, now)
+            changed = ", ".join(f"{k} {was.get(k)} -> {now.get(k)}" for k in keys)
+            if all(k.endswith("digest") for k in keys):
+                changed = f"the same counts, but other text or the lines in another order: {changed}"
             raise UserError(f"--resume: the training data differs from the run in {self.workdir} ({changed}); resume "
                             f"with the same data or start a new --workdir")
         if start_step == 0:
