@@ -474,6 +474,23 @@ def test_layers_stored_in_different_dtypes_are_read_without_rounding(hf_fp32, tm
     assert np.array_equal(q[0].T, src[key].astype(np.float32))
 
 
+def _leaves(tree: dict) -> list:
+    return [x for v in tree.values() for x in (_leaves(v) if isinstance(v, dict) else [v])]
+
+
+def test_float64_weights_are_read_as_float32_and_said(hf_fp32, tmp_path, caplog):
+    """JAX computes in at most 32 bits: float64 files are read as float32 with a warning (a converted checkpoint
+    said float64 and its to-hf export came back float32 without a word)."""
+    d = _copy(hf_fp32[1], str(tmp_path / "m"))
+    _edit_tensors(d, lambda t: t.update({k: v.astype(np.float64) for k, v in t.items()}))
+    with caplog.at_level("WARNING"):
+        _, params = read_hf(d)
+    assert {a.dtype for a in _leaves(params)} == {np.dtype(np.float32)}
+    assert "float64 tensor(s) read as float32" in caplog.text
+    src = tensors(d)
+    assert np.array_equal(params["embed"], src["model.embed_tokens.weight"].astype(np.float32))
+
+
 def test_an_index_that_names_a_file_outside_the_folder_is_refused(hf_fp32, tmp_path):
     d = str(tmp_path / "m")
     os.makedirs(d)

@@ -110,6 +110,16 @@ def _wider_dtype(a: np.dtype, b: np.dtype) -> np.dtype:
     return np.dtype(np.float32)
 
 
+def _narrow_float64(seen: list):
+    """A cast that keeps a tensor's dtype, except float64 → float32 (counted in ``seen``)."""
+    def cast(a: np.ndarray) -> np.ndarray:
+        if a.dtype != np.float64:
+            return a
+        seen.append(a.shape)  # one entry per tensor (a layer stack's tensors are cast one by one)
+        return a.astype(np.float32)
+    return cast
+
+
 def read_hf(folder: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
     """``(config, params)`` from an HF folder; ``dtype`` None keeps the file's dtype (bit-exact)."""
     if not os.path.isdir(folder):
@@ -119,7 +129,8 @@ def read_hf(folder: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
     reader = _Reader(files)
     names = set(files)
     used = set()
-    cast = (lambda a: a) if dtype is None else (lambda a: a.astype(_np_dtype(dtype)))
+    wide = []  # float64 tensors: JAX (x64 off) computes in at most 32 bits, so they are read as float32, said once
+    cast = _narrow_float64(wide) if dtype is None else (lambda a: a.astype(_np_dtype(dtype)))
     n = cfg.num_layers
     shapes = _hf_shapes(cfg)
 
@@ -157,6 +168,9 @@ def read_hf(folder: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
         for k in ours[:-1]:
             node = node.setdefault(k, {})
         node[ours[-1]] = stacked
+    if wide:
+        log.warning("%s: %d float64 tensor(s) read as float32: JAX computes in at most 32 bits here", folder,
+                    len(wide))
     extra = sorted(k for k in names - used if not k.endswith(IGNORED_SUFFIXES))
     if extra:
         raise UserError(f"{folder}: unexpected tensor(s) {extra[:5]}{'…' if len(extra) > 5 else ''} "
