@@ -138,6 +138,29 @@ def test_read_documents_dispatches_on_extension(tmp_path):
         read_documents(str(tmp_path / "a.jsonl"))
 
 
+def test_with_skip_bad_lines_a_bad_or_empty_file_of_several_is_counted_and_skipped(tmp_path, caplog):
+    """A Latin-1 .txt or an export with no valid line in a folder stopped the run even with --skip-bad-lines."""
+    write(tmp_path, "a.jsonl", json.dumps({"text": "first note"}) + "\n")
+    write(tmp_path, "b.txt", b"caf\xe9 note\n")  # Latin-1: one bad file, counted as one bad line
+    write(tmp_path, "c.jsonl", "{bad\n{worse\n")  # nothing but bad lines: both counted
+    write(tmp_path, "d.jsonl", "")
+    with caplog.at_level("WARNING"):
+        docs, skipped = read_documents(str(tmp_path), skip_bad_lines=True)
+    assert [d["text"] for d in docs] == ["first note"] and skipped == 3
+    assert "b.txt:1: not valid UTF-8" in caplog.text and "c.jsonl: no records" in caplog.text
+    with pytest.raises(UserError, match=r"b\.txt:1: not valid UTF-8.*--skip-bad-lines"):
+        read_documents(str(tmp_path))
+    with pytest.raises(UserError, match="no documents"):
+        read_documents(str(tmp_path / "[bcd].*"), skip_bad_lines=True)
+
+
+def test_error_columns_read_as_an_editor_shows_them(tmp_path):
+    with pytest.raises(UserError, match=r"col\.jsonl:1: not valid UTF-8 \(byte 0xff at column 13\)"):
+        read_jsonl(write(tmp_path, "col.jsonl", '{"text": "éé'.encode() + b"\xff" + b'"}\n'), REQ)
+    with pytest.raises(UserError, match=r"invalid JSON \(Unterminated string starting at column 10\)"):
+        read_jsonl(write(tmp_path, "open.jsonl", '{"text": "never closed\n'), REQ)
+
+
 def test_a_directory_reads_any_case_and_names_what_it_ignores(tmp_path, caplog):
     write(tmp_path, "a.jsonl", json.dumps({"text": "first"}) + "\n")
     write(tmp_path, "B.JSONL", json.dumps({"text": "second"}) + "\n")

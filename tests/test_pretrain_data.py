@@ -219,6 +219,10 @@ def test_reads_sources_from_files_and_counts_bad_lines(tok, tmp_path):
         build_pretrain_data(PretrainDataConfig(sources=[str(a)], block_size=16), tok)
     with pytest.raises(UserError, match="one weight per source"):
         build_pretrain_data(PretrainDataConfig(sources=[str(a)], weights=[1, 2]), tok)
+    one = tmp_path / "reports" / "r0.txt"  # a file named twice (a folder and a file in it, two spellings)
+    for sources in ([str(tmp_path / "reports"), str(one)], [str(one), str(tmp_path / "reports" / "." / "r0.txt")]):
+        with pytest.raises(UserError, match=r"r0\.txt is named twice in the data sources"):
+            build_pretrain_data(PretrainDataConfig(sources=sources, block_size=16), tok)
 
 
 def test_too_little_text_is_an_error(tok):

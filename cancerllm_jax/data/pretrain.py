@@ -290,9 +290,9 @@ def _group_documents(cfg: PretrainDataConfig, documents: Sequence[dict] | None) 
         return list(groups), list(groups.values()), 0
     if not cfg.sources:
         raise UserError("no pretraining data: set data.sources (files or globs) or pass documents")
-    names, groups, skipped = [], [], 0
+    names, groups, skipped, seen = [], [], 0, {}
     for spec in cfg.sources:
-        docs, n_bad = read_documents(spec, cfg.skip_bad_lines, text_field=cfg.text_field)
+        docs, n_bad = read_documents(spec, cfg.skip_bad_lines, text_field=cfg.text_field, seen=seen)
         names.append(spec)
         groups.append(docs)
         skipped += n_bad

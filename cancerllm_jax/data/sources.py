@@ -123,7 +123,8 @@ def _encodable(obj: Any) -> bool:
 def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False, *,
                optional: dict[str, Any] | None = None, line_key: str | None = None,
                skip_flag: str | None = "--skip-bad-lines", nonempty: tuple[str, ...] = (),
-               check: Callable[[dict], str | None] | None = None) -> tuple[list[dict], int]:
+               check: Callable[[dict], str | None] | None = None, allow_empty: bool = False
+               ) -> tuple[list[dict], int]:
     """Records of a JSONL file and the number of bad lines skipped.
 
     ``required`` maps field → type (or tuple of types); ``optional`` fields are type-checked when present and not
@@ -133,7 +134,8 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
     are logged). A file with no valid record
     always raises. ``line_key`` stores each record's line number there. ``skip_flag``: the option an error
     suggests for skipping bad lines (None where the command has none). ``check``: the caller's own rule, a
-    record's problem or None; a line it finds bad is a bad line like the others.
+    record's problem or None; a line it finds bad is a bad line like the others. ``allow_empty`` (one file of
+    several, skipping bad lines): a file with no valid record is a warning, not an error.
     """
     optional = optional or {}
     require_file(path)
@@ -146,14 +148,15 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                problem = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                column = len(raw[:e.start].decode("utf-8", "replace")) + 1  # characters, as an editor counts
+                problem = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column})"
             else:
                 if not line.strip():
                     continue
                 try:
                     obj = loads_json_line(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
-                    problem = f"invalid JSON ({e.msg} at column {e.colno})"
+                    problem = f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"  # no "at at"
                 except DuplicateKey as e:
                     problem = str(e)
                 except RecursionError:
@@ -183,7 +186,9 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
             records.append(obj)
     if not records:
         detail = f"; {skipped} bad line(s) skipped, first: {first_problem}" if skipped else ""
-        raise UserError(f"{path}: no records{detail}")
+        if not allow_empty:
+            raise UserError(f"{path}: no records{detail}")
+        log.warning("%s: no records%s", path, detail)
     if skipped:
         log.warning("%s: skipped %d bad line(s) of %d", path, skipped, skipped + len(records))
     return records, skipped
@@ -251,23 +256,41 @@ def expand_paths(path_or_glob: str) -> list[str]:
 
 
 def read_documents(path_or_glob: str, skip_bad_lines: bool = False, *, text_field: str = "text",
-                   split_on_blank_lines: bool = False) -> tuple[list[dict], int]:
+                   split_on_blank_lines: bool = False, seen: dict[str, str] | None = None) -> tuple[list[dict], int]:
     """``{"text", "source"}`` documents from ``.jsonl`` (field ``text_field``) and ``.txt`` files, and skipped lines.
 
     ``path_or_glob`` may be a file, a glob (``notes/*.jsonl``) or a directory. ``source`` is the file path. A JSONL
-    line whose text is empty (or only whitespace) is a bad line: a document of nothing would train BOS → EOS.
+    line whose text is empty (or only whitespace) is a bad line: a document of nothing would train BOS → EOS. With
+    ``skip_bad_lines`` a file of nothing but bad lines is counted and skipped too. ``seen`` (real path → the spec
+    that named it, shared by the calls for one corpus): a file named twice is an error, not read twice.
     """
     docs: list[dict] = []
     skipped = 0
     for path in expand_paths(path_or_glob):
+        if seen is not None:
+            real = os.path.realpath(path)
+            if real in seen:
+                raise UserError(f"{path} is named twice in the data sources ({seen[real]!r} and {path_or_glob!r}): "
+                                f"it would be read twice (its documents counted twice, and the same document could "
+                                f"be both trained on and held out); name each file once")
+            seen[real] = path_or_glob
         ext = os.path.splitext(path)[1].lower()
         if ext == ".jsonl":
-            records, n_bad = read_jsonl(path, {text_field: str}, skip_bad_lines, nonempty=(text_field,))
+            records, n_bad = read_jsonl(path, {text_field: str}, skip_bad_lines, nonempty=(text_field,),
+                                        allow_empty=skip_bad_lines)
             docs.extend({"text": r[text_field], "source": path} for r in records)
             skipped += n_bad
-        elif ext == ".txt":
-            docs.extend(read_text_documents(path, split_on_blank_lines))
+        elif ext == ".txt":  # one document per file: a bad file is skipped whole, counted as one bad line
+            try:
+                docs.extend(read_text_documents(path, split_on_blank_lines))
+            except UserError as e:
+                if not skip_bad_lines:
+                    raise UserError(f"{e} (use --skip-bad-lines to count and skip such files)") from None
+                log.warning("skipping %s (the whole file)", e)
+                skipped += 1
         else:
             raise UserError(f"{path}: unsupported file type '{ext}'{suggest(ext, SUPPORTED_EXTENSIONS)}; "
                             f"use one of {', '.join(SUPPORTED_EXTENSIONS)}")
+    if not docs:
+        raise UserError(f"{path_or_glob}: no documents ({skipped} bad line(s) skipped)")
     return docs, skipped
