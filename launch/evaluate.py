@@ -87,12 +87,14 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def parse_limits(text: str | None, tasks: list[str], flag: str) -> dict[str, int]:
-    """``"64"`` (every task) or ``"diagnosis=64,treatment_plan=128"`` → {task: N}."""
+    """``"64"`` (every task) or ``"diagnosis=64,treatment_plan=128"`` → {task: N}; ``"64,diagnosis=8"``: 8 for
+    diagnosis, 64 for the others."""
     if not text:
         return {}
-    out: dict[str, int] = {}
+    every, named = None, {}
     for part in text.split(","):
         name, _, value = part.strip().rpartition("=")
+        name = name.strip()
         try:
             n = int(value)
         except ValueError:
@@ -101,9 +103,13 @@ def parse_limits(text: str | None, tasks: list[str], flag: str) -> dict[str, int
             raise UserError(f"{flag}: limits must be at least 1, got {n}")
         if name and name not in tasks:
             raise UserError(f"{flag}: {name!r} is not one of the tasks being run ({', '.join(tasks)})")
-        for t in ([name] if name else tasks):
-            out[t] = n
-    return out
+        if (name in named) if name else every is not None:
+            raise UserError(f"{flag} {text!r}: {name or 'the limit for every task'} is given twice")
+        if name:
+            named[name] = n
+        else:
+            every = n
+    return {**({t: every for t in tasks} if every is not None else {}), **named}  # task=N wins, in any order
 
 
 def _run_config(args: argparse.Namespace):
@@ -274,8 +280,9 @@ def _run_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--seed", type=int, default=0, help="sampling seed; also seeds the k-shot exemplar draw")
     r.add_argument("--shots", type=int, default=0, choices=(0, 1, 3, 5),
                    help="k-shot prompting with k exemplars from the training split (default 0: zero-shot)")
-    r.add_argument("--max-new-tokens", help="override the paper's limits: N for every task or task=N,...")
-    r.add_argument("--max-input-tokens", help="override the prompt budgets: N or task=N,...")
+    r.add_argument("--max-new-tokens", help="override the paper's limits: N for every task, task=N for one "
+                                            "(task=N wins over N: 64,diagnosis=8)")
+    r.add_argument("--max-input-tokens", help="override the prompt budgets: N or task=N,... (as --max-new-tokens)")
     r.add_argument("--dtype", default="float32", help="weight/compute dtype (float32, bfloat16)")
     r.add_argument("--mesh", help="DATAxMODEL device mesh (default 1x1)")
     r.add_argument("--tokenizer", help="tokenizer spec when the model folder has none")

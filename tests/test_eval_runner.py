@@ -198,6 +198,47 @@ def test_resume_refuses_changed_prompts(finished, tmp_path, monkeypatch):
         _evaluate().main(_run_args(model, out))
 
 
+def test_an_edited_split_updates_golds_and_overwrite_decodes_changed_prompts_again(finished, tmp_path, monkeypatch):
+    """A corrected gold label keeps its prediction (same prompt) with the new gold; a changed prompt is refused,
+    and with --overwrite only that row is decoded again (it was refused either way: the whole file re-decoded)."""
+    from cancerllm_jax.decode import Decoder
+    from cancerllm_jax.errors import UserError
+
+    model, done = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    pred = out / "predictions" / "vanilla__phenotype.jsonl"
+    rows = _rows(pred)
+    calls = []
+    real = Decoder.generate
+    monkeypatch.setattr(Decoder, "generate", lambda self, prompts, *a, **k: calls.append(len(prompts))
+                        or real(self, prompts, *a, **k))
+    pred.write_text("".join(json.dumps(r) + "\n" for r in [dict(rows[0], gold="an old label"), rows[1]]))
+    assert _evaluate().main(_run_args(model, out)) == 0
+    assert calls == [] and _rows(pred) == rows
+    pred.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], dict(rows[1], prompt_hash="0" * 16)]))
+    monkeypatch.setenv("CANCERLLM_DEBUG", "1")  # raise the UserError instead of printing it and exiting
+    with pytest.raises(UserError, match="pass --overwrite to decode such rows again"):
+        _evaluate().main(_run_args(model, out))
+    assert _evaluate().main(_run_args(model, out, "--overwrite")) == 0
+    assert calls == [1] and sorted(_rows(pred), key=lambda r: r["id"]) == sorted(rows, key=lambda r: r["id"])
+
+
+def test_a_second_run_on_the_same_out_is_refused(finished, tmp_path, monkeypatch):
+    """Two runs on one --out appended the same rows twice (a duplicate-id error on every later run)."""
+    from cancerllm_jax.errors import UserError
+    from cancerllm_jax.train.run_io import FolderLock
+
+    model, done = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    monkeypatch.setenv("CANCERLLM_DEBUG", "1")
+    with FolderLock(str(out), "--out"):  # another process's run, as far as flock is concerned
+        with pytest.raises(UserError, match=r"--out .* is in use by another command \(process \d+"):
+            _evaluate().main(_run_args(model, out))
+    assert _evaluate().main(_run_args(model, out)) == 0  # released
+
+
 def test_resume_refuses_other_model_or_settings(finished, tmp_path, monkeypatch):
     """Predictions made by other weights (even with the same folder name) or other decoding settings are never
     resumed: one error names what differs, before any model is loaded; --overwrite decodes them again."""
@@ -368,8 +409,12 @@ def test_cli_errors():
     ev = _evaluate()
     with pytest.raises(UserError, match="--max-new-tokens"):
         ev.parse_limits("diagnosis=abc", ["diagnosis"], "--max-new-tokens")
-    assert ev.parse_limits("diagnosis=64,8", ["diagnosis", "phenotype"], "--max-new-tokens") == {
-        "diagnosis": 8, "phenotype": 8}
+    for text in ("diagnosis=64,8", "8, diagnosis =64"):  # a task's own limit wins over N, in either order
+        assert ev.parse_limits(text, ["diagnosis", "phenotype"], "--max-new-tokens") == {
+            "diagnosis": 64, "phenotype": 8}
+    for text in ("diagnosis=3,diagnosis=7", "3,7"):
+        with pytest.raises(UserError, match="given twice"):
+            ev.parse_limits(text, ["diagnosis", "phenotype"], "--max-new-tokens")
     with pytest.raises(UserError, match="rescore needs"):
         from cancerllm_jax.eval.runner import rescore
 

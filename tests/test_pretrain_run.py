@@ -144,6 +144,21 @@ def test_resume_refuses_other_data_base_model_or_process_count(reference, tmp_pa
     refused(lambda m: m, "2 process", "--num-processes 2")
 
 
+def test_a_second_run_in_a_busy_workdir_is_refused(reference, tmp_path):
+    """A relaunch while the run still trains (both would write checkpoints and metrics.jsonl) is refused at once."""
+    import shutil
+
+    from cancerllm_jax.errors import UserError
+
+    wd = tmp_path / "run"
+    shutil.copytree(reference[1], wd)
+    with run_io.FolderLock(str(wd), "--workdir"):  # the first run, as flock sees it
+        with pytest.raises(UserError, match=r"--workdir .*run is in use by another command \(process \d+"):
+            make_trainer(wd, resume=True).run()
+    make_trainer(wd, resume=True).run()  # released: a finished run resumes to nothing
+    assert not (wd / run_io.LOCK_FILE).exists()
+
+
 def test_kill_9_then_resume(reference, tmp_path):
     """A launcher killed with SIGKILL after a checkpoint was written, then ``--resume``: same weights and losses."""
     wd = str(tmp_path / "run")

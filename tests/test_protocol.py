@@ -197,10 +197,13 @@ def test_bad_arguments():
                               (ValueError, lambda: score(["a"], ["a", "b"]), "1 golds, 2 predictions"),
                               (ValueError, lambda: score([], []), "empty"),
                               (TypeError, lambda: score("a", "a"), "not a string"),
+                              (TypeError, lambda: score({"a": 1}, ["a"]), "not a dict"),  # was scored by its keys
+                              (TypeError, lambda: score(["a"], 3), "not a int"),
                               (TypeError, lambda: score([None], ["a"]), "instance 0")):
         with pytest.raises(kind, match=match) as e:
             call()
         assert isinstance(e.value, UserError)
+    assert score((g for g in ["er", "pr"]), iter(["er", "pr"]))["avg_f1"] == 100.0  # any iterable, read once
 
 
 # ---------------------------------------------------------------- independent re-computation on varied pairs
@@ -342,7 +345,13 @@ def test_score_file_by_id_and_by_order(tmp_path, gold, caplog):
     assert (res["em_p"], res["em_r"]) == (100.0, 75.0)
     assert [row["id"] for row in res["rows"]] == ["a", "b"]
     ordered = _jsonl(tmp_path / "o.jsonl", [{"prediction": "Lung cancer."}, {"prediction": "er"}])
-    assert score_file(gold, ordered)["em_r"] == 75.0
+    with caplog.at_level(logging.WARNING, logger="cancerllm_jax.eval.protocol"):
+        assert score_file(gold, ordered)["em_r"] == 75.0
+    assert "gold.jsonl has ids but" in caplog.text and "o.jsonl has none: paired by line order" in caplog.text
+    caplog.clear()
+    mixed = _jsonl(tmp_path / "m.jsonl", [{"id": "a", "response": "lung cancer"}, {"response": "pr, er"}])
+    named = _jsonl(tmp_path / "mp.jsonl", [{"id": "line2", "prediction": "er"}, {"id": "a", "prediction": "lung"}])
+    assert score_file(mixed, named, per_instance=True)["em_r"] == 25.0  # as `evaluate.py run` names the ids
     runner = _jsonl(tmp_path / "r.jsonl", [{"id": 1, "prompt_hash": "x", "gold": "pr, er", "prediction": "er"}])
     assert score_file(None, runner, protocol="reference")["em_r"] == 50.0
     # gold lines without ids are line<N> (as `evaluate.py run` names them), whatever order the predictions are in

@@ -15,7 +15,7 @@ import logging
 import math
 import string
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from cancerllm_jax.errors import UserTypeError, UserValueError
@@ -194,8 +194,12 @@ def score(
 ) -> dict[str, Any]:
     """Score a test set: each of ``KEYS`` is the mean over instances in percent, plus ``n`` (and ``rows``)."""
     _check_protocol(protocol)
-    if isinstance(golds, str) or isinstance(preds, str):
-        raise UserTypeError("score() takes lists of strings, one gold and one prediction per instance, not a string")
+    for name, value in (("golds", golds), ("preds", preds)):  # a dict would be scored by its keys
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+            what = "string" if isinstance(value, str) else type(value).__name__
+            raise UserTypeError(f"score() takes lists of strings, one gold and one prediction per instance, not a "
+                                f"{what} ({name})")
+    golds, preds = list(golds), list(preds)  # a generator is read once
     if len(golds) != len(preds):
         raise UserValueError(f"golds and preds differ in length: {len(golds)} golds, {len(preds)} predictions")
     if not golds:
@@ -298,7 +302,8 @@ def _pairs(gold_path: str | None, pred_path: str, gold_field: str | None, pred_f
                  _text_field(pred_path, row, pred_field)) for row in preds for obj in [row[1]]]
     gold_field = gold_field or "response"
     golds = _read_jsonl(gold_path)
-    gold_ids = rows_by_id(gold_path, golds)
+    some_ids = pred_ids is not None and any("id" in obj for _, obj in golds)  # a line without one is line<N>,
+    gold_ids = rows_by_id(gold_path, golds, implicit=some_ids)  # as `evaluate.py run` names it
     if gold_ids is None and pred_ids is not None:  # a gold line without an id is line<N>, as `run` and generate.py
         named = rows_by_id(gold_path, golds, implicit=True)  # name it; predictions named otherwise pair by line
         gold_ids = named if set(named) & set(pred_ids) else None
@@ -319,6 +324,8 @@ def _pairs(gold_path: str | None, pred_path: str, gold_field: str | None, pred_f
     if len(golds) != len(preds):
         raise UserError(f"{gold_path} has {len(golds)} lines but {pred_path} has {len(preds)}; without ids on both "
                         "sides they are matched by line order and must have equal counts")
+    if gold_ids is not None:
+        logging.getLogger(__name__).warning("%s has ids but %s has none: paired by line order", gold_path, pred_path)
     return [(g[1].get("id"), _text_field(gold_path, g, gold_field), _text_field(pred_path, p, pred_field))
             for g, p in zip(golds, preds, strict=True)]
 

@@ -350,7 +350,8 @@ def read_predictions(path: str, allow_torn_tail: bool = False) -> list[dict]:
             if not isinstance(obj[k], str):
                 raise UserError(f"{path}:{number}: field '{k}' must be a string, got {json_type_name(obj[k])}")
         if obj["id"] in seen:
-            raise UserError(f"{path}:{number}: duplicate id {obj['id']!r} (first on line {seen[obj['id']]})")
+            raise UserError(f"{path}:{number}: duplicate id {obj['id']!r} (first on line {seen[obj['id']]}); delete "
+                            "one of the two lines (were two runs writing to this --out at once?)")
         seen[obj["id"]] = number
         obj["_line"] = number
         rows.append(obj)
@@ -364,12 +365,13 @@ def check_against_split(path: str, rows: list[dict], expected: dict[str, tuple[s
         where = f"{path}:{row['_line']}"
         if row["id"] not in expected:
             raise UserError(f"{where}: id {row['id']!r} is not in this run's test split ({len(expected)} instances); "
-                            "was the file written for other data or another --limit? Use another --out or delete it")
+                            "was the file written for other data or another --limit? Use another --out, or pass "
+                            "--overwrite to drop such rows")
         want_hash, want_gold = expected[row["id"]]
         if want_hash is not None and row["prompt_hash"] != want_hash:
             raise UserError(f"{where}: id {row['id']!r} has prompt_hash {row['prompt_hash']} but the prompt built now "
                             f"hashes to {want_hash} (other data, template, tokenizer or --max-input-tokens); "
-                            "use another --out or delete the file to decode again")
+                            "use another --out, or pass --overwrite to decode such rows again")
         if want_gold is not None and row["gold"] != want_gold:
             raise UserError(f"{where}: id {row['id']!r}: its gold answer differs from the test split's")
     if complete:
@@ -378,6 +380,34 @@ def check_against_split(path: str, rows: list[dict], expected: dict[str, tuple[s
         if missing:
             raise UserError(f"{path}: {len(rows)} predictions for {len(expected)} test instances; missing ids: "
                             f"{', '.join(map(repr, missing[:5]))}{' …' if len(missing) > 5 else ''}")
+
+
+def refresh_rows(path: str, rows: list[dict], expected: dict[str, tuple[str, str]], overwrite: bool,
+                 log: Callable[[str], None]) -> list[dict]:
+    """Bring a prediction file in line with an edited test split, where that is sound: a row whose gold answer
+    changed but whose prompt did not keeps its prediction with the new gold; with ``overwrite`` a row whose prompt
+    changed, or whose id left the split, is dropped (decoded again). The file is rewritten atomically."""
+    kept, regold, dropped = [], 0, 0
+    for row in rows:
+        want_hash, want_gold = expected.get(row["id"], (None, None))
+        stale = row["id"] not in expected or (want_hash is not None and row["prompt_hash"] != want_hash)
+        if stale and overwrite:
+            dropped += 1
+            continue
+        if not stale and want_gold is not None and row["gold"] != want_gold:
+            row = {**row, "gold": want_gold}
+            regold += 1
+        kept.append(row)
+    if regold or dropped:
+        from cancerllm_jax.train.run_io import write_text_atomic
+
+        write_text_atomic(path, "".join(json.dumps({k: v for k, v in r.items() if k != "_line"}, ensure_ascii=False)
+                                        + "\n" for r in kept))
+        log(f"{path}: {regold} gold answer(s) updated from the test split (same prompts: predictions kept)"
+            + (f"; --overwrite: {dropped} row(s) whose prompt changed or that left the split dropped, to be "
+               f"decoded again" if dropped else ""))
+        kept = [{**r, "_line": n} for n, r in enumerate(kept, 1)]
+    return kept
 
 
 def _append_jsonl(path: str, rows: list[dict]) -> None:
@@ -528,7 +558,7 @@ def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg:
     else:
         prompts = [build_prompt(lm.tokenizer, r, spec) for r in records]
     expected = {p.id: (p.hash, p.gold) for p in prompts}
-    done_rows = read_predictions(path, allow_torn_tail=True)
+    done_rows = refresh_rows(path, read_predictions(path, allow_torn_tail=True), expected, cfg.overwrite, log)
     check_against_split(path, done_rows, expected, complete=False)
     done = {r["id"] for r in done_rows}
     todo = [p for p in prompts if p.id not in done]
@@ -651,8 +681,9 @@ def write_results(out: str, metrics: dict[str, Any]) -> None:
 
 
 def run(cfg: RunConfig, log: Callable[[str], None] = log_stderr) -> dict[str, Any]:
-    """Decode (resuming), score, write ``metrics.json`` and ``report.md``; returns the metrics."""
-    import cancerllm_jax as cj
+    """Decode (resuming), score, write ``metrics.json`` and ``report.md``; returns the metrics. One run at a time
+    holds ``cfg.out`` (a second is refused)."""
+    from cancerllm_jax.train.run_io import FolderLock
 
     if cfg.protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {cfg.protocol!r}; choose from {', '.join(PROTOCOLS)}")
@@ -686,6 +717,16 @@ def run(cfg: RunConfig, log: Callable[[str], None] = log_stderr) -> dict[str, An
 
             fingerprints[m.name]["adapter"] = adapter_fingerprint(check_adapter(m.adapter, m.path))
     wanted = {(m.name, s.name): provenance(fingerprints[m.name], s, cfg) for m in cfg.models for s in cfg.tasks}
+    os.makedirs(cfg.out, exist_ok=True)
+    with FolderLock(cfg.out, "--out"):  # two runs on one --out would append the same rows twice
+        return _run_locked(cfg, log, records, fingerprints, wanted)
+
+
+def _run_locked(cfg: RunConfig, log: Callable[[str], None], records: dict[str, list[dict]],
+                fingerprints: dict[str, dict], wanted: dict[tuple[str, str], dict]) -> dict[str, Any]:
+    """``run`` once ``cfg.out`` is this process's: discard what ``--overwrite`` replaces, decode, score, write."""
+    import cancerllm_jax as cj
+
     fresh = [key for key, want in wanted.items() if check_provenance(cfg.out, *key, want, cfg.overwrite)]
     os.makedirs(os.path.join(cfg.out, "predictions"), exist_ok=True)
     discarded = [key for key in fresh if _has_rows(pred_path(cfg.out, *key))]

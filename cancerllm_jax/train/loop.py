@@ -299,9 +299,26 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self, stop_after: int | None = None) -> dict:
-        """Train to ``cfg.steps`` (or stop, with a checkpoint, after step ``stop_after``: a resumable pause)."""
+        """Train to ``cfg.steps`` (or stop, with a checkpoint, after step ``stop_after``: a resumable pause). A
+        single-process run holds its workdir: a second run there (a relaunch while it trains) is refused."""
+        self._workdir_lock = None
+        try:
+            return self._run(stop_after)
+        finally:
+            if self._workdir_lock is not None:
+                self._workdir_lock.__exit__(None, None, None)
+                self._workdir_lock = None
+
+    def _hold_workdir(self) -> None:
+        """Lock the existing workdir (single-process runs: a lock file on a shared filesystem would not bind the
+        other hosts of a multi-host run, and one host refused alone would leave the others at a barrier)."""
+        if jax.process_count() == 1 and self._workdir_lock is None and os.path.isdir(self.workdir):
+            self._workdir_lock = run_io.FolderLock(self.workdir, "--workdir").__enter__()
+
+    def _run(self, stop_after: int | None) -> dict:
         cfg = self.cfg
         end = cfg.steps if stop_after is None else min(max(stop_after, 0), cfg.steps)
+        self._hold_workdir()  # before reading what is there (a new workdir: once made, below)
         start_step = self._prepare_workdir()
         tokenizer = None
         from cancerllm_jax.data.tokenizer import load_tokenizer
@@ -327,6 +344,7 @@ class Trainer:
             if is_main():
                 os.makedirs(self.workdir, exist_ok=True)
             sync("cancerllm:workdir-made")
+            self._hold_workdir()
             self._start_fresh()
         say(self.describe(data.seq_len))
         if is_main():

@@ -30,6 +30,57 @@ def write_text_atomic(path: str, text: str) -> None:
         raise
 
 
+LOCK_FILE = ".lock"
+
+
+class FolderLock:
+    """An exclusive lock on ``folder`` (``flock`` on ``folder/.lock``, released when the process ends, even by a
+    kill) so that two commands never write one output folder at once; a second one is refused at once, naming
+    the process that holds it. ``what`` names the folder in that error (``--out``, ``--workdir``). The lock file
+    is removed on exit."""
+
+    def __init__(self, folder: str, what: str):
+        self.path, self.what, self.file = os.path.join(folder, LOCK_FILE), what, None
+
+    def __enter__(self) -> FolderLock:
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): no lock
+            return self
+        while True:
+            f = open(self.path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip()
+                f.close()
+                raise UserError(f"{self.what} {os.path.dirname(self.path)} is in use by another command"
+                                f"{f' (process {holder})' if holder else ''}: wait for it to end, or use another "
+                                f"{self.what}") from None
+            try:  # the holder before us may have removed the file between our open and our lock: lock the new one
+                same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            f.close()
+        f.truncate(0)
+        f.write(f"{os.getpid()} on {os.uname().nodename}\n")
+        f.flush()
+        self.file = f
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            try:
+                os.remove(self.path)  # while still held: a waiting locker then sees another file and retries
+            except OSError:
+                pass
+            self.file.close()
+            self.file = None
+
+
 def write_json_atomic(path: str, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2))
 
