@@ -403,9 +403,10 @@ def refresh_rows(path: str, rows: list[dict], expected: dict[str, tuple[str, str
 
         write_text_atomic(path, "".join(json.dumps({k: v for k, v in r.items() if k != "_line"}, ensure_ascii=False)
                                         + "\n" for r in kept))
-        log(f"{path}: {regold} gold answer(s) updated from the test split (same prompts: predictions kept)"
-            + (f"; --overwrite: {dropped} row(s) whose prompt changed or that left the split dropped, to be "
-               f"decoded again" if dropped else ""))
+        said = ([f"{regold} gold answer(s) updated from the test split (same prompts: predictions kept)"] * bool(regold)
+                + [f"--overwrite: {dropped} row(s) whose prompt changed or that left the split dropped, to be "
+                   "decoded again"] * bool(dropped))
+        log(f"{path}: {'; '.join(said)}")
         kept = [{**r, "_line": n} for n, r in enumerate(kept, 1)]
     return kept
 
