@@ -2,6 +2,7 @@
 they write (strict JSON, Markdown rows)."""
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -254,3 +255,28 @@ def test_gemm_bench_reports_both_libraries(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["shape"] for r in rows] == ["8x16x4", "2x3x5"]
     assert all(r["jax_gflops"] > 0 and r["torch_gflops"] > 0 for r in rows)
+
+
+def test_other_processes_cpu_use_is_measured_and_flags_the_row(bench_train, monkeypatch):
+    """On a shared CPU another process's load slows torch's spinning threads 4-20x where XLA's barely move: each
+    side records the share of the machine others used while it ran, and a row above 10 % says so."""
+    monkeypatch.setattr(bench_train.os, "cpu_count", lambda: 2)
+    # 10 s wall on 2 cores = 20 core-seconds; the machine was busy 13, the child used 9: others 4 -> 20 %
+    assert bench_train.others_cpu_share(100.0, 113.0, 9.0, 10.0) == pytest.approx(0.2)
+    assert bench_train.others_cpu_share(100.0, 108.0, 9.0, 10.0) == 0.0  # clock granularity: never negative
+    assert bench_train.others_cpu_share(None, 108.0, 9.0, 10.0) is None
+    note = bench_train.contention_note({"ours": {"others_cpu": 0.02}, "torch": {"others_cpu": 0.2}})
+    assert "20% during torch" in note and "ours" not in note and "unreliable" in note
+    assert bench_train.contention_note({"ours": {"others_cpu": None}, "torch": {}}) == ""
+    merged = bench_train.merge_round_costs({"others_cpu": 0.0}, [{"others_cpu": 0.05}, {"others_cpu": 0.3}])
+    assert merged["others_cpu"] == 0.3  # the busiest round
+    assert bench_train.cpu_busy_s() is None or bench_train.cpu_busy_s() > 0
+
+
+def test_a_step_time_that_noise_makes_negative_is_not_reported(bench_decode, capsys):
+    assert bench_decode.step_time(3.0, 1.0, 11, 2, "ours") == pytest.approx(0.1)
+    assert math.isnan(bench_decode.step_time(1.0, 1.2, 11, 2, "transformers"))
+    assert "was not slower than the 1-token run" in capsys.readouterr().err
+    r = generation([1.0], [1.2])
+    r["ms_per_step"] = bench_decode.step_time(1.0, 1.2, 11, 2, "ours")
+    assert bench_decode._ms_step(r) == "-"

@@ -55,7 +55,9 @@ def test_lora_and_full_flops_match_an_independent_count(tie, window, seq):
 
 @pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
-                                       ("NVIDIA L4", 121e12), ("NVIDIA A10G", None), ("cpu", None)])
+                                       ("NVIDIA L4", 121e12), ("NVIDIA A10G", None), ("cpu", None),
+                                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200 NVL", 835e12),
+                                       ("NVIDIA H200", 989e12), ("Tesla V100-SXM2-16GB", None)])
 def test_peak_flops_matches_whole_words_of_the_device_name(name, peak):
     assert peak_flops(name) == peak
 

@@ -135,6 +135,17 @@ def roofline(cfg, dtype_bytes: int, batch: int, prompt_len: float, new: int, cac
     return out
 
 
+def step_time(full: float, one: float, new: int, batches: int, side: str) -> float:
+    """Seconds per decode step: (the ``new``-token run - the 1-token run) / (new - 1) / batches; NaN, said on
+    stderr, when the longer run was not slower (noise swamped the steps: a busy machine, or too few tokens)."""
+    if not full > one:  # also NaN when the 1-token runs were skipped (--no-ttft)
+        if one == one:
+            print(f"warning: {side}: the {new}-token run ({full:.3f} s) was not slower than the 1-token run "
+                  f"({one:.3f} s); no ms/step (a busy machine, or too few new tokens)", file=sys.stderr)
+        return float("nan")
+    return (full - one) / max(new - 1, 1) / batches
+
+
 def run_ours(args, cfg, folder, prompts) -> dict:
     import jax
     import numpy as np
@@ -167,7 +178,7 @@ def run_ours(args, cfg, folder, prompts) -> dict:
     full = statistics.median(t_full)
     one = statistics.median(t_one) if t_one else float("nan")
     n_batches = -(-len(prompts) // args.batch)
-    step_s = (full - one) / max(args.new - 1, 1) / n_batches
+    step_s = step_time(full, one, args.new, n_batches, "ours")
     res = {"tokens_per_s": len(prompts) * args.new / full, "total_s": full, "ttft_s": one / n_batches,
            "ms_per_step": 1e3 * step_s, "compile_s": compile_s - full, "compile_1tok_s": compile1_s - one,
            "batches": n_batches, "load_s": load_s, "peak_rss": bt.rss_peak(), "backend": jax.default_backend(),
@@ -263,7 +274,7 @@ def run_hf(args, cfg, folder, prompts, batched: bool) -> dict:
             t_one.append(timed(1)[0])
     full = statistics.median(t_full)
     one = statistics.median(t_one) if t_one else float("nan")
-    step_s = (full - one) / max(args.new - 1, 1) / len(chunks)
+    step_s = step_time(full, one, args.new, len(chunks), "transformers")
     res = {"tokens_per_s": len(prompts) * args.new / full, "total_s": full, "ttft_s": one / len(chunks),
            "ms_per_step": 1e3 * step_s, "batches": len(chunks), "load_s": load_s, "peak_rss": bt.rss_peak(),
            "backend": dev,
@@ -314,6 +325,10 @@ def fmt_mem(r):
     return bt.fmt_mem(r)
 
 
+def _ms_step(r: dict) -> str:
+    return f"{r['ms_per_step']:.1f}" if r["ms_per_step"] == r["ms_per_step"] else "-"  # NaN: not measurable
+
+
 def table(res: dict) -> str:
     lines = [f"{'side':<14}{'tok/s':>9}{'total s':>9}{'TTFT ms':>10}{'ms/step':>10}{'memory':>18}{'compile s':>11}"
              f"{'roofline':>10}"]
@@ -322,7 +337,7 @@ def table(res: dict) -> str:
         roof = r.get("roofline", {}).get("roofline_fraction")
         roof = f"{100 * roof:.1f}%" if roof and roof == roof else "-"
         lines.append(f"{side:<14}{r['tokens_per_s']:>9.1f}{r['total_s']:>9.2f}{1e3 * r['ttft_s']:>10.1f}"
-                     f"{r['ms_per_step']:>10.1f}{fmt_mem(r):>18}{comp:>11}{roof:>10}")
+                     f"{_ms_step(r):>10}{fmt_mem(r):>18}{comp:>11}{roof:>10}")
     return "\n".join(lines)
 
 
@@ -331,7 +346,7 @@ def append_doc(args, res, agree, command, mach, load, ratios: dict | None = None
         if not r:
             return "-"
         if r["ttft_s"] == r["ttft_s"]:  # not NaN (--no-ttft skips the 1-token runs)
-            s = f"{r['tokens_per_s']:.1f} tok/s, TTFT {1e3 * r['ttft_s']:.0f} ms, {r['ms_per_step']:.1f} ms/step"
+            s = f"{r['tokens_per_s']:.1f} tok/s, TTFT {1e3 * r['ttft_s']:.0f} ms, {_ms_step(r)} ms/step"
         else:
             s = f"{r['tokens_per_s']:.1f} tok/s, total {r['total_s']:.1f} s"
         if "compile_s" in r:
@@ -348,8 +363,9 @@ def append_doc(args, res, agree, command, mach, load, ratios: dict | None = None
     r2 += bt.rounds_note((ratios or {}).get("hf-batched"))
     ag = (f"{agree['prompts_identical']}/{agree['prompts']} prompts, {100 * agree['token_agreement']:.1f}% tokens"
           if agree else "-")
-    row = (f"| {datetime.date.today().isoformat()} | {mach} (load {load}) | `{bt.md_cell(command)}` | {cell(o)} | "
-           f"{cell(s)} | {cell(b)} | {r1} | {r2} | {ag} | {bt.md_cell(args.note or '')} |\n")
+    busy = bt.contention_note(res)
+    row = (f"| {datetime.date.today().isoformat()} | {mach} (load {load}{busy}) | `{bt.md_cell(command)}` | "
+           f"{cell(o)} | {cell(s)} | {cell(b)} | {r1} | {r2} | {ag} | {bt.md_cell(args.note or '')} |\n")
     header = "## Greedy generation (tools/bench_decode.py)"
     cols = ("| date | machine | command | ours (JAX, batched) | HF generate, one at a time | HF generate, batched | "
             "ours / one-at-a-time | ours / batched | greedy agreement | note |\n"
@@ -368,7 +384,7 @@ def combine_rounds(rounds: list[dict], n_prompts: int, new: int) -> dict:
     full = statistics.median(full_s)
     one = statistics.median(one_s) if one_s else float("nan")
     batches = rounds[0]["batches"]
-    step_s = (full - one) / max(new - 1, 1) / batches
+    step_s = step_time(full, one, new, batches, "the rounds")
     out = dict(rounds[0])
     out.update(total_s=full, tokens_per_s=n_prompts * new / full, ttft_s=one / batches, ms_per_step=1e3 * step_s,
                runs={"full_s": full_s, "one_s": one_s}, rounds=len(rounds),
@@ -470,7 +486,7 @@ def main(argv=None) -> int:
     if "ours" in res and "hf-single" in res and args.preset == "smollm2-135m":
         agree = agreement(res["ours"]["tokens"], res["hf-single"]["tokens"])
     lens = [len(p) for p in prompts]
-    print(f"machine: {mach}; load avg {load}")
+    print(f"machine: {mach}; load avg {load}{bt.contention_note(res)}")
     print(f"preset {args.preset}, {len(prompts)} prompts ({min(lens)}..{max(lens)} tokens, budget "
           f"{args.prompt_tokens}), {args.new} new tokens each (EOS ignored), batch {args.batch}, dtype {args.dtype}")
     print(table(res))

@@ -119,6 +119,37 @@ def warn_if_busy() -> None:
               "the ratios (torch's threads suffer most)", file=sys.stderr)
 
 
+def cpu_busy_s() -> float | None:
+    """Seconds of CPU every process on the machine has used since boot (``/proc/stat``: all but idle and iowait),
+    or None where there is no such file."""
+    try:
+        with open("/proc/stat", encoding="utf-8") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+OTHERS_CPU_LIMIT = 0.10  # others' share of the machine's CPU during a side above which its timing is flagged
+
+
+def others_cpu_share(busy0: float | None, busy1: float | None, child_cpu_s: float, wall_s: float) -> float | None:
+    """The share of the machine's CPU time that processes other than the benchmarked child used while it ran: on
+    a shared CPU, torch's spinning thread pool slows far more than XLA's under such load, so a ratio measured then
+    says little."""
+    if busy0 is None or busy1 is None or wall_s <= 0:
+        return None
+    return max(0.0, (busy1 - busy0 - child_cpu_s) / (wall_s * (os.cpu_count() or 1)))
+
+
+def contention_note(res: dict) -> str:
+    """``; others used 23% of the CPU during hf-single`` for the sides measured above ``OTHERS_CPU_LIMIT``."""
+    busy = [f"{100 * r['others_cpu']:.0f}% during {side}" for side, r in res.items()
+            if (r.get("others_cpu") or 0) > OTHERS_CPU_LIMIT]
+    return f"; other processes used {', '.join(busy)} of the CPU: ratios unreliable" if busy else ""
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:
@@ -439,6 +470,9 @@ def merge_round_costs(out: dict, rounds: list[dict]) -> dict:
     for key in ("compile_s", "compile_1tok_s"):
         if key in out:
             out[key] = statistics.median(r[key] for r in rounds)
+    shares = [r["others_cpu"] for r in rounds if r.get("others_cpu") is not None]
+    if shares:
+        out["others_cpu"] = max(shares)  # the busiest round
     return out
 
 
@@ -523,8 +557,9 @@ def append_doc(args, res: dict, command: str, mach: str, load: str, ratios: list
             s += f", compile {r['compile_s']:.1f} s"
         return s
 
-    row = (f"| {datetime.date.today().isoformat()} | {mach} (load {load}) | `{md_cell(command)}` | {cell(ours)} | "
-           f"{cell(ref)} | {ratio} | {md_cell(args.note or '')} |\n")
+    busy = contention_note(res)
+    row = (f"| {datetime.date.today().isoformat()} | {mach} (load {load}{busy}) | `{md_cell(command)}` | "
+           f"{cell(ours)} | {cell(ref)} | {ratio} | {md_cell(args.note or '')} |\n")
     header = "## LoRA train step (tools/bench_train.py)"
     cols = ("| date | machine | command | ours (JAX) | transformers + peft | ratio | note |\n"
             "|---|---|---|---|---|---|---|\n")
@@ -541,12 +576,21 @@ def run_side(cmd: list[str], side: str, out: str, smollm2_dir: str | None,
         cmd = cmd + ["--smollm2-dir", smollm2_dir]
     print(f"[{side}] running ...", file=sys.stderr, flush=True)
     env = dict(os.environ, CANCERLLM_HOST_MALLOC=host_malloc) if host_malloc else None
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0, t0 = cpu_busy_s(), time.perf_counter()
     r = subprocess.run(cmd, env=env)
+    wall, busy1, after = time.perf_counter() - t0, cpu_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         print(f"[{side}] failed with exit code {r.returncode}", file=sys.stderr)
         return None, r.returncode
     with open(out, encoding="utf-8") as f:
-        return json.load(f), 0
+        result = json.load(f)
+    child_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    result["others_cpu"] = others_cpu_share(busy0, busy1, child_s, wall)
+    if (result["others_cpu"] or 0) > OTHERS_CPU_LIMIT:
+        print(f"warning: [{side}] other processes used {100 * result['others_cpu']:.0f}% of the machine's CPU while "
+              "it ran: its timing (torch's above all) is unreliable; run again on a quiet machine", file=sys.stderr)
+    return result, 0
 
 
 def append_row(header: str, cols: str, row: str, doc: str = DOC) -> None:
@@ -625,7 +669,7 @@ def main(argv=None) -> int:
     failed_sides = note_failed(args, sides, res)
     load = f"{load_before} → {load_avg()}"
     mach = machine()
-    print(f"machine: {mach}; load avg {load}")
+    print(f"machine: {mach}; load avg {load}{contention_note(res)}")
     remat = args.remat + (f" (torch: {torch_remat(args.remat)})" if "torch" in res and args.remat == "dots" else "")
     print(f"preset {args.preset}, batch {args.batch} x seq {args.seq}, LoRA r={args.rank} on 7 projections, "
           f"dtype {args.dtype}, remat {remat}, median of {args.steps} steps after {args.warmup} warm-up")

@@ -11,6 +11,11 @@
 # --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl NAME==VERSION`); never carry flax or jax (they
 # must match the machine's jaxlib).
 set -u
+KNOWN=" lease env check attn train train-ours train-xla mem decode q1000 q1000-natural profile-train profile-decode profile-decode64 "
+for stage in "$@"; do  # a misspelt stage would cost a device start for nothing: refuse it before any work
+  case $KNOWN in *" $stage "*) ;; *) echo "unknown stage '$stage'; stages:$KNOWN" >&2; exit 2 ;; esac
+done
+[ $# -gt 0 ] || { echo "usage: bash tools/gpu_suite.sh STAGE... (stages:$KNOWN)" >&2; exit 2; }
 OUT=${OUT:-gpu_results}
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
@@ -30,7 +35,9 @@ step() {  # step NAME SECONDS CMD...
   local rc=$?
   tail -n 25 "$WORK/$name.log"
   echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+  [ $rc -eq 0 ] || failed=$((failed + 1))
 }
+failed=0
 
 stages=()
 for stage in "$@"; do
@@ -79,9 +86,9 @@ flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'trans
       step q1000_natural 300 $PY tools/bench_decode.py --preset mistral-7b --dtype bfloat16 --task phenotype \
         --prompts 1000 --prompt-tokens 1500 --new 50 --batch 128 --repeats 1 --only ours \
         --json "$WORK/q1000_natural.json" --note "1000 phenotype questions at their own length" ;;
-    *) echo "unknown stage $stage" ;;
   esac
 done
 cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null
 tar czf "$OUT/results.tgz" -C "$WORK" . 2>/dev/null
-true
+[ $failed -eq 0 ] || echo "$failed step(s) failed (see their logs in $OUT/results.tgz)" >&2
+exit $((failed > 0))

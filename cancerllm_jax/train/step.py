@@ -162,8 +162,10 @@ def _first_layer_unneeded(cfg, rank: int, targets: Sequence[str], keys: float) -
 
 
 # Dense bf16 peak FLOP/s per device, by the words of the device name (the most specific match wins).
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12,
-              "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12, "V100": 125e12}
+# dense bf16 tensor-core peaks (the datasheets' sparse figures halved); NVL cards run at lower clocks. No V100: it has
+# no bf16 tensor cores (its 125 TFLOPS are fp16)
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200 NVL": 835e12, "H200": 989e12,
+              "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12}
 
 
 def peak_flops(device_name: str) -> float | None:
