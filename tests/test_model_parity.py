@@ -286,6 +286,18 @@ HF_DICTS = {
 }
 
 
+@pytest.mark.parametrize("extra,needle", [({"attention_bias": True}, "attention_bias=true is not supported"),
+                                          ({"mlp_bias": True}, "mlp_bias=true is not supported"),
+                                          ({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act 'gelu_pytorch_tanh'")])
+def test_llama_features_we_do_not_compute_are_refused_not_ignored(extra, needle):
+    """transformers' Llama adds these biases / this activation: a model loaded without them would be another model."""
+    from cancerllm_jax.config import from_hf_config
+    from cancerllm_jax.errors import UserError
+
+    with pytest.raises(UserError, match=needle):
+        from_hf_config({"model_type": "llama", **SHAPE, **extra})
+
+
 @pytest.mark.parametrize("name", list(HF_DICTS))
 def test_hf_config_keys_resolve_like_transformers(name):
     """Defaults, nulls, ``use_sliding_window`` and the rope-theta forms: ``from_hf_config`` == transformers."""
