@@ -159,6 +159,20 @@ def test_a_second_run_in_a_busy_workdir_is_refused(reference, tmp_path):
     assert not (wd / run_io.LOCK_FILE).exists()
 
 
+def test_a_filesystem_without_locks_runs_unguarded(tmp_path, monkeypatch):
+    """flock failing for another reason than a holder (ENOLCK on some network mounts) is not "in use"."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with run_io.FolderLock(str(tmp_path), "--workdir"):
+        pass
+    assert not (tmp_path / run_io.LOCK_FILE).exists()
+
+
 def test_kill_9_then_resume(reference, tmp_path):
     """A launcher killed with SIGKILL after a checkpoint was written, then ``--resume``: same weights and losses."""
     wd = str(tmp_path / "run")

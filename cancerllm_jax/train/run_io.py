@@ -51,13 +51,20 @@ class FolderLock:
             f = open(self.path, "a+", encoding="utf-8")
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except BlockingIOError:  # held by another process
                 f.seek(0)
                 holder = f.read().strip()
                 f.close()
                 raise UserError(f"{self.what} {os.path.dirname(self.path)} is in use by another command"
                                 f"{f' (process {holder})' if holder else ''}: wait for it to end, or use another "
                                 f"{self.what}") from None
+            except OSError:  # a filesystem without locks (some network or FUSE mounts): run unguarded, as before
+                f.close()
+                try:
+                    os.remove(self.path)
+                except OSError:
+                    pass
+                return self
             try:  # the holder before us may have removed the file between our open and our lock: lock the new one
                 same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
             except FileNotFoundError:
