@@ -110,12 +110,13 @@ def _wider_dtype(a: np.dtype, b: np.dtype) -> np.dtype:
     return np.dtype(np.float32)
 
 
-def _narrow_float64(seen: list):
-    """A cast that keeps a tensor's dtype, except float64 → float32 (counted in ``seen``)."""
+def _narrow_float64(narrowed: list):
+    """A cast that keeps a tensor's dtype, except float64 → float32 (each such tensor's shape appended to
+    ``narrowed``: not the tensor, which would be kept in memory)."""
     def cast(a: np.ndarray) -> np.ndarray:
         if a.dtype != np.float64:
             return a
-        seen.append(a.shape)  # one entry per tensor (a layer stack's tensors are cast one by one)
+        narrowed.append(a.shape)
         return a.astype(np.float32)
     return cast
 

@@ -268,9 +268,8 @@ def encode_examples(tokenizer, records: Sequence[dict], max_seq_len: int, skip_t
             raise UserError(f"example {i} must be a dict, got {type(r).__name__}")
         for key in ("instruction", "response", "context"):
             if not isinstance(r.get(key), str) and (key != "context" or r.get(key) is not None):
-                raise UserError(f"{r.get('id', f'example {i}')}: '{key}' must be a string"
-                                f"{', got ' + json_type_name(r[key]) if key in r else ' (missing)'}"
-                                f"{renamed_field_hint(key, r) if key not in r else ''}")
+                got = f", got {json_type_name(r[key])}" if key in r else f" (missing){renamed_field_hint(key, r)}"
+                raise UserError(f"{r.get('id', f'example {i}')}: '{key}' must be a string{got}")
             if key != "context" and not r[key].strip():  # as read_instruct_jsonl refuses such a line
                 raise UserError(f"{r.get('id', f'example {i}')}: '{key}' is empty")
         problem = unread_fields_problem(r)

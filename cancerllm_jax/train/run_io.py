@@ -1,4 +1,5 @@
-"""Reading a training run's folder (``WORKDIR``) back: its resolved config and latest checkpoint."""
+"""A training run's folder (``WORKDIR``): reading back its resolved config and latest checkpoint, atomic writes, and
+the lock that keeps a second command out of a folder in use."""
 from __future__ import annotations
 
 import dataclasses
