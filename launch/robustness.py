@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """CancerLLM's robustness testbeds: Table 5 (counterfactual labels) and Table 6 (misspellings).
 
-    python launch/robustness.py counterfactual --model BASE --data DIR|synthetic --out OUT \\
+    python launch/robustness.py counterfactual --model BASE --data DIR|synthetic[:PATIENTS[:SEED]] --out OUT \\
         [--rates 0.2,0.4,0.6,0.8] [--epochs 1] [--limit N] [--train-limit N] [key=value overrides for finetune.py]
-    python launch/robustness.py misspell --model PATH [--adapter PEFT_DIR] --data DIR|synthetic \\
+    python launch/robustness.py misspell --model PATH [--adapter PEFT_DIR] --data DIR|FILE|synthetic[:PATIENTS] \\
         --tasks diagnosis,treatment_plan --out OUT [--rates 0.02,0.04,0.06,0.08,0.2,0.4,0.6,0.8] [--limit N]
 
 ``counterfactual`` fine-tunes one LoRA model per rate (launch/finetune.py) on phenotype training data whose labels
@@ -15,7 +15,8 @@ clean data, the deployment case of misspelled notes, and do not retrain per rate
 
 Both write OUT/table5.md or OUT/table6.md, OUT/robustness.json and OUT/robustness.png; each rate's predictions and
 scores stay under OUT/counterfactual/rate_NN/ or OUT/misspell/<task>/rate_NN/. Add 0 to --rates for a clean
-reference row (left out of the mean over rates). DIR holds <task>/<split>.jsonl.
+reference row (left out of the mean over rates). DIR holds <task>/<split>.jsonl (a test split may also be
+DIR/<task>.jsonl); misspell of one task also reads one JSONL FILE, its test records, as evaluate.py run does.
 
 Re-running with the same --out reuses a finished rate only if it was computed with the same settings: the model
 (resolved path and a fingerprint of its weight files), the rate and --seed, the records used (--data, --limit,
@@ -50,7 +51,9 @@ def _rates(text: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="preset, HF folder, converted checkpoint or training run")
-    common.add_argument("--data", default="synthetic", help="folder with <task>/<split>.jsonl, or 'synthetic'")
+    common.add_argument("--data", default="synthetic",
+                        help="a folder with <task>/<split>.jsonl, synthetic[:PATIENTS[:SEED]] (default: synthetic, "
+                             "--patients and --seed) or, for misspell of one task, one JSONL file")
     common.add_argument("--out", required=True, help="output folder")
     common.add_argument("--limit", type=int, help="score only the first N test examples per task")
     common.add_argument("--patients", type=int, default=60, help="synthetic patients (with --data synthetic)")
@@ -123,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [t for t in tasks if t not in CANCERLLM_TASKS]
         if not tasks or unknown:
             raise UserError(f"--tasks: choose from {', '.join(CANCERLLM_TASKS)}, got {args.tasks!r}")
+        if len(tasks) > 1 and os.path.isfile(args.data):
+            raise UserError(f"--data {args.data} is one file, but {len(tasks)} tasks were given ({', '.join(tasks)}): "
+                            "one file is one task's test split; give --tasks one task, or a folder with "
+                            "<task>/test.jsonl for each")
         if not os.path.exists(args.model):
             raise UserError(f"--model {args.model}: not found (give an HF folder, converted checkpoint or run)")
         if adapter is not None:  # checked against the model's config before any rate is computed

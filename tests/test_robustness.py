@@ -112,6 +112,37 @@ def test_load_split_reads_user_jsonl_with_clear_errors(tmp_path):
             rb.load_split(str(tmp_path), "phenotype", "test")
 
 
+def test_load_split_reads_data_as_evaluate_does(tmp_path):
+    """synthetic:PATIENTS[:SEED], DIR/<task>.jsonl and one JSONL file, as evaluate.py run reads --data."""
+    from cancerllm_jax.data.synthetic import instruction_datasets
+    from cancerllm_jax.errors import UserError
+
+    assert rb.load_split("synthetic:12", "diagnosis", "test", seed=3) == instruction_datasets(12, seed=3)[
+        "diagnosis"]["test"]  # --seed when the spec names no seed
+    assert rb.load_split("synthetic:12:5", "diagnosis", "train", seed=3) == instruction_datasets(12, seed=5)[
+        "diagnosis"]["train"]
+    with pytest.raises(UserError, match="PATIENTS >= 10"):
+        rb.load_split("synthetic:4", "diagnosis", "test")
+    good = {"instruction": "Diagnose.", "context": "pt w/ nsclc", "response": "lung cancer"}
+    (tmp_path / "diagnosis.jsonl").write_text(json.dumps(good) + "\n")
+    assert rb.load_split(str(tmp_path), "diagnosis", "test")[0]["response"] == "lung cancer"
+    assert rb.load_split(str(tmp_path / "diagnosis.jsonl"), "diagnosis", "test")[0]["id"] == "line1"
+    with pytest.raises(UserError, match=r"train\.jsonl not found \(--data .* is not a folder"):
+        rb.load_split(str(tmp_path / "diagnosis.jsonl"), "phenotype", "train")
+
+
+def test_cli_misspell_refuses_one_file_for_several_tasks(tmp_path):
+    from cancerllm_jax.errors import UserError
+
+    mod = _launch_robustness()
+    model = _fake_model(tmp_path / "m")
+    (tmp_path / "t.jsonl").write_text(json.dumps({"context": "c", "response": "r"}) + "\n")
+    with pytest.raises(UserError, match="is one file, but 2 tasks were given"):
+        mod.main.__wrapped__(["misspell", "--model", model, "--data", str(tmp_path / "t.jsonl"), "--out",
+                              str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
 def test_rates_that_differ_never_share_a_folder(tmp_path):
     assert rb.rate_dir(tmp_path, 0.2).name == "rate_20" and rb.rate_dir(tmp_path, 0.02).name == "rate_02"
     assert rb.rate_dir(tmp_path, 0.204).name == "rate_20.4" and rb.rate_dir(tmp_path, 0.3).name == "rate_30"

@@ -102,19 +102,27 @@ def write_jsonl(path: str | os.PathLike, records: Sequence[dict]) -> None:
 
 def load_split(data: str, task: str, split: str, limit: int | None = None, patients: int = 60,
                seed: int = 0) -> list[dict]:
-    """``DIR/<task>/<split>.jsonl`` or, for ``data="synthetic"``, the built-in synthetic records; first ``limit``."""
-    if data == "synthetic":
+    """The first ``limit`` records of ``task``'s ``split``, as ``evaluate.py run`` reads ``--data``: ``synthetic``
+    (``patients`` patients, ``seed``) or ``synthetic:PATIENTS[:SEED]``, ``DIR/<task>/<split>.jsonl`` (a test split
+    may also be ``DIR/<task>.jsonl``, or one JSONL file for one task)."""
+    from cancerllm_jax.eval.tasks import _parse_synthetic, read_jsonl_records, test_split_path
+
+    if data == "synthetic" or _parse_synthetic(data) is not None:
         from cancerllm_jax.data.synthetic import instruction_datasets
 
+        if data != "synthetic":  # synthetic:PATIENTS[:SEED] names its own patients (and seed, else --seed)
+            patients, named_seed = _parse_synthetic(data)
+            seed = named_seed if data.count(":") == 2 else seed
         records = instruction_datasets(patients, seed=seed)[task][split]
+    elif split == "test":
+        records = read_jsonl_records(test_split_path(task, data), task)  # as evaluate.py reads them
     else:
         path = Path(data) / task / f"{split}.jsonl"
         if not path.is_file():
-            raise UserError(f"{path} not found (expected DIR/<task>/<split>.jsonl, e.g. from "
-                            "tools/make_synthetic_data.py)")
-        from cancerllm_jax.eval.tasks import read_jsonl_records
-
-        records = read_jsonl_records(str(path), task)  # as evaluate.py reads them
+            what = "a folder" if Path(data).is_dir() else "not a folder"
+            raise UserError(f"{path} not found (--data {data} is {what}; the {split} split is read from "
+                            "DIR/<task>/<split>.jsonl, e.g. from tools/make_synthetic_data.py)")
+        records = read_jsonl_records(str(path), task)
     if not records:
         raise UserError(f"no {task} {split} records in {data}")
     return records[:limit] if limit else records
