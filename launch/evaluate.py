@@ -177,11 +177,37 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_run_against_predictions(folder: str, metrics: dict[str, Any]) -> None:
+    """Refuse a ``metrics.json`` whose scores differ from its prediction files (edited or re-decoded since it was
+    written); a folder without its prediction files is used as it is, with a warning."""
+    import logging
+
+    from cancerllm_jax.eval.runner import rescore
+
+    try:
+        fresh = rescore(folder, write=False)["results"]
+    except UserError as e:
+        logging.getLogger(__name__).warning("%s: scores not checked against the prediction files (%s)", folder, e)
+        return
+    for task, by_model in metrics["results"].items():
+        for model, old in by_model.items():
+            new = fresh.get(task, {}).get(model, {})
+            for key in ("em_f1", "bleu2_f1", "rougeL_f1", "em_p", "em_r", "bleu2_p", "bleu2_r", "rougeL_p",
+                        "rougeL_r"):
+                if not abs(float(old[key]) - float(new.get(key, float("nan")))) <= 1e-9:
+                    raise UserError(f"{folder}/metrics.json: {task} / {model} {key} is {old[key]:.4f} but its "
+                                    f"prediction file scores {new.get(key, float('nan')):.4f}: the predictions "
+                                    f"changed since; re-score with `evaluate.py report --out {folder}`")
+
+
 def cmd_trust(args: argparse.Namespace) -> int:
     """Faithfulness, comprehensiveness, generalizability and robustness (seed 004) of each model over run folders."""
+    import logging
+
     from cancerllm_jax.eval.runner import read_json_file
     from cancerllm_jax.eval.trust import check_run, trust_from_runs
 
+    log = logging.getLogger(__name__)
     runs, inputs = {}, {}
     for spec in args.run:
         name, sep, folder = spec.partition("=")  # NAME=FOLDER; a folder alone may hold "=" in its path
@@ -197,15 +223,35 @@ def cmd_trust(args: argparse.Namespace) -> int:
             check_run(runs[name])
         except ValueError as e:
             raise UserError(f"{path}: {e}") from None
+        if isinstance(runs[name].get("models"), dict) and isinstance(runs[name].get("tasks"), dict):
+            _check_run_against_predictions(folder, runs[name])
     _refuse_overwriting({"--json": args.json}, inputs)
+    seen: dict[str, str] = {}
+    for name, metrics in runs.items():  # one test set twice (two temperatures of one data) is no second dataset
+        tasks = metrics.get("tasks")
+        same = json.dumps([metrics.get("data"), {t: v.get("ids") for t, v in tasks.items() if isinstance(v, dict)}
+                           if isinstance(tasks, dict) else None], sort_keys=True)
+        if same in seen and metrics.get("data") is not None:
+            log.warning("--run %s and %s hold the same test data (%s): robustness compares them as two datasets",
+                        seen[same], name, metrics.get("data"))
+        seen.setdefault(same, name)
     try:
         trust = trust_from_runs(runs)
     except ValueError as e:  # NaN or partial scores in a metrics.json
         raise UserError(f"--run: {e}") from None
+    coverage = {model: json.dumps(m["coverage"], sort_keys=True) for model, m in trust.items()}
+    if len(set(coverage.values())) > 1:  # sums over tasks compare only models scored on the same tasks
+        log.warning("the models were scored on different tasks or datasets (%s): faithfulness and comprehensiveness "
+                    "sum over tasks and compare only models with the same coverage",
+                    "; ".join(f"{model}: {m['n_tasks']} tasks, {m['n_datasets']} task datasets"
+                              for model, m in trust.items()))
     keys = ("faithfulness", "comprehensiveness", "generalizability", "robustness")
-    print(f"{'model':<24}" + "".join(f"{k:>20}" for k in keys))
+    print(f"{'model':<24}" + "".join(f"{k:>20}" for k in keys) + f"{'tasks':>7}{'datasets':>10}")
     for model, m in trust.items():
-        print(f"{model[:24]:<24}" + "".join(f"{m[k]:>20.2f}" for k in keys))
+        print(f"{model[:24]:<24}" + "".join("{:>20}".format("-" if m[k] is None else f"{m[k]:.2f}") for k in keys)
+              + f"{m['n_tasks']:>7}{m['n_datasets']:>10}")
+    if any(m["robustness"] is None for m in trust.values()):
+        print("robustness '-': no task of the model was scored on two or more datasets")
     if args.json:
         _write(args.json, json.dumps({"datasets": list(runs), "models": trust}, indent=2) + "\n")
     return 0

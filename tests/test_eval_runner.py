@@ -600,19 +600,27 @@ def test_temperature_scan_runs_each_temperature_and_tests_the_first_model(finish
         _evaluate().main(args[:-4] + ["--temperatures", "0,1", "--out", str(out)])
 
 
-def test_trust_metrics_over_run_folders(finished, tmp_path, capsys):
-    """``evaluate.py trust``: seed 004's metrics of each model over runs on several datasets, from metrics.json."""
+def test_trust_metrics_over_run_folders(finished, tmp_path, capsys, caplog):
+    """``evaluate.py trust``: seed 004's metrics of each model over runs on several datasets, from metrics.json
+    (refused when its prediction files were changed since)."""
+    from cancerllm_jax.errors import UserError
     from cancerllm_jax.eval.trust import entry_from_score, trust_metrics
 
     _, done = finished
     other = tmp_path / "other"
     shutil.copytree(done, other)
-    metrics = json.loads((other / "metrics.json").read_text())
-    metrics["results"]["diagnosis"]["tuned"].update(em_p=50.0, em_f1=40.0)  # a second dataset that differs
-    (other / "metrics.json").write_text(json.dumps(metrics))
+    preds = other / "predictions" / "tuned__diagnosis.jsonl"
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    edited = [{**r, "prediction": r["gold"]} for r in rows]  # a second dataset that differs: all right
+    preds.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    with pytest.raises(UserError, match="tuned em_f1 is .* but its prediction file scores 100.0000: the predictions "
+                                        "changed since; re-score with `evaluate.py report"):
+        _evaluate().main.__wrapped__(["trust", "--run", f"a={done}", "--run", f"b={other}"])
+    assert _evaluate().main(["report", "--out", str(other)]) == 0
     assert _evaluate().main(["trust", "--run", f"a={done}", "--run", f"b={other}", "--json",
                              str(tmp_path / "t.json")]) == 0
     got = json.loads((tmp_path / "t.json").read_text())
+    assert "--run a and b hold the same test data" in caplog.text  # a copy, here: no second dataset
     assert got["datasets"] == ["a", "b"] and set(got["models"]) == {"vanilla", "tuned"}
     runs = [json.loads((d / "metrics.json").read_text())["results"] for d in (done, other)]
     want = trust_metrics({task: {name: entry_from_score(r[task]["tuned"]) for name, r in zip("ab", runs)}

@@ -1,4 +1,5 @@
 """Radiation-oncology scores against hand-computed values, and the one-sided Wilcoxon test against exact values."""
+import json
 import numpy as np
 import pytest
 
@@ -66,9 +67,11 @@ def test_icd10_category_and_chapter():
                  "EGFR T790M, C34.1": "C34", "PIK3CA H1047R, C50.9": "C50", "IDH1 R132H glioma C71.9": "C71"}
     for text, code in {**mutations, "o9a.1": "O9A"}.items():  # mutation names are no codes
         assert icd10_category(text) == code, text
-    # TNM categories (T1a, N2a, M1a) are no codes; an upper-case A or a lower-case one before a subcategory is
+    # TNM categories (T1a, T1A, N2a, M1a, M1A) are no codes; a letter in third place is one only in the categories
+    # that have one (C4A, C7A, C7B, D3A, M1A, O9A, Z3A), in lower case or for M1A only with a subcategory
     tnm = {"Stage T1a N0 M0, C50.911": "C50", "M1a disease. C34.90": "C34", "ypT2 N2a, C18.9": "C18",
-           "stage T1a. C50.9": "C50", "M1A": "M1A", "c4a.9": "C4A"}
+           "stage T1a. C50.9": "C50", "Stage T1A N0 M0, C50.9": "C50", "T2 N1 M1A, C34.90": "C34",
+           "M1A.0": "M1A", "c4a.9": "C4A", "C7B.01": "C7B", "c7b": UNPARSED, "D3A": "D3A", "Z3A.2": "Z3A"}
     for text, code in tnm.items():
         assert icd10_category(text) == code, text
     assert icd10_chapter("E90") == "IV endocrine" and icd10_chapter("F00") == "V mental"
@@ -77,6 +80,9 @@ def test_icd10_category_and_chapter():
     assert icd10_group("C50") == "malignant: breast" and icd10_group("C34") == "malignant: respiratory, intrathoracic"
     assert icd10_group("D05") == "in situ neoplasms" and icd10_group("D24") == "benign neoplasms"
     assert icd10_group("D61") == "III blood/immune" and icd10_group(UNPARSED) == "other"
+    # the letter categories by ICD-10-CM's blocks, not by string order (D3A sorts among D37-D49)
+    assert [icd10_group(x) for x in ("D3A", "C4A", "C7A", "C7B")] == [
+        "benign neoplasms", "malignant: skin", "II neoplasms", "malignant: ill-defined, secondary, unspecified"]
 
 
 def test_icd10_macro_and_chapter_confusion_by_hand():
@@ -94,7 +100,7 @@ def test_icd10_macro_and_chapter_confusion_by_hand():
                            "IX circulatory"]
     assert m["group_confusion"] == [[0, 0, 0, 1], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
     assert icd10_metrics(["C50.9"], ["C509"])["accuracy"] == 1
-    m = icd10_metrics(["C4A.1", "O9A.1"], ["C44.9", "o9a.1"])  # a chapter-II code outside the paper's groups
+    m = icd10_metrics(["C7A.1", "O9A.1"], ["C44.9", "o9a.1"])  # a chapter-II code outside the paper's groups
     assert m["accuracy"] == 0.5 and "II neoplasms" in m["groups"] and sum(map(sum, m["group_confusion"])) == 2
 
 
@@ -137,6 +143,15 @@ def test_wilcoxon_greater_known_values():
     assert wilcoxon_greater([1, 2, 3], [0, 2, 1])["n_nonzero"] == 2  # scipy drops the tied pair
     with pytest.raises(ValueError, match="NaN"):
         wilcoxon_greater([1, float("nan")], [0, 0])
+    # accuracies k/403: differences equal in exact arithmetic tie (midranks) although their floats differ; on the
+    # floats scipy ranked them apart (here W+ 16.5, p 0.383; exactly W+ 16, p 0.422)
+    a = np.array([300, 302, 301, 299, 305, 300, 303, 298, 304, 301]) / 403
+    b = np.array([302, 303, 301, 297, 305, 299, 302, 300, 304, 298]) / 403
+    exact = wilcoxon_greater(np.array([300, 302, 301, 299, 305, 300, 303, 298, 304, 301.]),
+                             np.array([302, 303, 301, 297, 305, 299, 302, 300, 304, 298.]))
+    r = wilcoxon_greater(a, b)
+    assert (r["statistic"], r["p_value"], r["n_nonzero"]) == (exact["statistic"], exact["p_value"], 7)
+    assert r["statistic"] == 16
 
 
 def test_scan_pools_tasks_on_one_scale():
@@ -150,3 +165,17 @@ def test_scan_pools_tasks_on_one_scale():
     tests = wilcoxon_tests(by_task, ["A", "B"])["A > B"]
     assert tests["radonc_modality"]["significant"] and not tests["phenotype"]["significant"]
     assert tests["overall"]["n"] == 20 and tests["overall"]["significant"]
+
+
+def test_radonc_per_instance_values_follow_the_split_order(tmp_path):
+    """metrics.json's radonc per_instance lines up with tasks[task].ids (the split's order); it followed the
+    prediction file's (decode, longest-first) order."""
+    from cancerllm_jax.eval.runner import score_predictions
+
+    golds = {"a": "cisplatin weekly", "b": "carboplatin paclitaxel weekly", "c": "FOLFOX"}
+    preds = {"a": "weekly", "b": "carboplatin paclitaxel weekly", "c": "none"}
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prompt_hash": "h", "gold": golds[i], "prediction": preds[i]}) + "\n"
+                            for i in ("b", "c", "a")))
+    res = score_predictions(str(path), "standard", order=["a", "b", "c"], task="radonc_regimen")
+    assert res["radonc"]["per_instance"] == [0.5, 1.0, 0.0]

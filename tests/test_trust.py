@@ -91,6 +91,42 @@ def test_trust_cli_names_a_bad_metrics_file(tmp_path, capsys, metrics, message):
     assert exit_.value.code == 2 and re.search(re.escape(str(tmp_path / "metrics.json")) + ": .*" + message, err), err
 
 
+def test_trust_never_reports_an_unmeasured_robustness_and_scores_radonc_tasks_by_their_metrics():
+    """No task on two datasets: robustness None (was 0.00, the best score); a radiation-oncology task's entry is its
+    own accuracy / P / R / F1 (was the EM / BLEU-2 / ROUGE-L of free text, 0 for 'IMRT 50 Gy' against 'photon')."""
+    scores = {k: 10.0 for k in ("em_p", "em_r", "em_f1", "bleu2_p", "bleu2_r", "bleu2_f1", "rougeL_p", "rougeL_r",
+                                "rougeL_f1")}
+    assert trust_metrics({"diagnosis": {"a": entry_from_score(scores)}})["robustness"] is None
+    modality = {**scores, "radonc": {"accuracy": 1.0, "precision": 0.9, "recall": 0.8, "f1": 0.85}}
+    assert entry_from_score(modality) == {"precision": pytest.approx(90), "recall": pytest.approx(80),
+                                          "matching": {"accuracy": 100.0, "f1": pytest.approx(85)}}
+    regimen = {**scores, "radonc": {"rouge1": 0.5, "rouge1_precision": 0.25, "rouge1_f": 0.3, "per_instance": []}}
+    assert entry_from_score(regimen) == {"precision": 25.0, "recall": 50.0, "matching": {"rouge1": 50.0}}
+    broken = {**scores, "radonc": {"error": "ValueError: ..."}}
+    assert entry_from_score(broken) == entry_from_score(scores)
+
+
+def test_trust_cli_shows_coverage_and_no_made_up_robustness(tmp_path, capsys, caplog):
+    scores = {k: 10.0 for k in ("em_p", "em_r", "em_f1", "bleu2_p", "bleu2_r", "bleu2_f1", "rougeL_p", "rougeL_r",
+                                "rougeL_f1")}
+    runs = {"d1": {"a": ["diagnosis", "phenotype"], "c": ["phenotype"]}, "d2": {"a": ["diagnosis"]}}
+    for name, models in runs.items():
+        results = {}
+        for model, tasks in models.items():
+            for task in tasks:
+                results.setdefault(task, {})[model] = scores
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"results": results}))
+    spec = importlib.util.spec_from_file_location("evaluate", Path(__file__).parents[1] / "launch" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    assert evaluate.main(["trust", "--run", f"d1={tmp_path / 'd1'}", "--run", f"d2={tmp_path / 'd2'}"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\nc +10\.00 +10\.00 +10\.00 +- +1 +1\n", out), out
+    assert re.search(r"\na +20\.00 +20\.00 +10\.00 +0\.00 +2 +3\n", out), out
+    assert "scored on different tasks or datasets (a: 2 tasks, 3 task datasets; c: 1 tasks" in caplog.text
+
+
 def test_trust_over_runs_refuses_mixed_models_or_protocols():
     """One name must stand for the same weights in every run, and the runs must share a protocol: else the trust
     metrics would average two models, or two scorers, as one."""

@@ -32,10 +32,13 @@ OTHER_CHAPTER = "other"
 _PHOTON_WORDS = ("imrt", "vmat", "sbrt", "sabr", "srs", "3d-crt", "3dcrt", "tomotherapy")
 _MODALITY_RE = re.compile(r"\b(photons?|protons?|electrons?|brachy\w*|hdr|ldr|impt|"
                           + "|".join(re.escape(w) for w in _PHOTON_WORDS) + r")\b", re.IGNORECASE)
-# a code: letter, digit, digit or A (O9A, C4A; a lower-case a only before .<sub>, o9a.1, so that TNM categories such
-# as T1a, N2a, M1a are no codes), then an optional subcategory after a dot (C50.912, T36.0X1A) or, without the dot,
-# digits and the placeholder X only (C50912), so that mutation names (KRAS G12C, BRAF V600E, EGFR L858R) are no codes
-_ICD_RE = re.compile(r"\b([A-Z])(\d(?:\d|(?-i:A)|a(?=\.[0-9A-Z])))(?:\.[0-9A-Z]{1,4}|[0-9X]{1,4})?\b", re.IGNORECASE)
+# a code: letter, digit, digit or letter, then an optional subcategory after a dot (C50.912, T36.0X1A) or, without
+# the dot, digits and the placeholder X only (C50912), so that mutation names (KRAS G12C, BRAF V600E, EGFR L858R) are
+# no codes. A letter in third place is a code only in the categories that have one (_LETTER_CATEGORIES), and in
+# lower case (c7b.01) or for M1A (chronic gout) only with a subcategory, so that TNM categories (T1a, T1A, M1a, M1A)
+# are no codes.
+_ICD_RE = re.compile(r"\b([A-Z])(\d[0-9A-Z])(\.[0-9A-Z]{1,4}|[0-9X]{1,4})?\b", re.IGNORECASE)
+_LETTER_CATEGORIES = ("C4A", "C7A", "C7B", "D3A", "M1A", "O9A", "Z3A")
 
 # ICD-10 chapters (WHO numbering; each range the union of WHO's and ICD-10-CM's blocks, so chapter II ends at D49,
 # IV at E90, XIX at T98): (first, last, name).
@@ -65,8 +68,13 @@ NEOPLASM_GROUPS: tuple[tuple[str, str, str], ...] = (
     ("D00", "D09", "in situ neoplasms"), ("D10", "D36", "benign neoplasms"),
     ("D37", "D49", "neoplasms of uncertain behaviour"),
 )
-GROUP_ORDER = (tuple(name for _, _, name in NEOPLASM_GROUPS)  # other chapter-II codes (C4A, C7A, D3A) stay
-               + CHAPTER_ORDER)  # "II neoplasms"
+# the neoplasm categories with a letter, by ICD-10-CM's blocks (a string comparison would put D3A among D37-D49):
+# Merkel cell carcinoma (skin), benign and secondary neuroendocrine tumours; malignant neuroendocrine tumours of any
+# site (C7A) stay "II neoplasms"
+_LETTER_GROUPS = {"C4A": "malignant: skin", "C7A": "II neoplasms",
+                  "C7B": "malignant: ill-defined, secondary, unspecified",
+                  "D3A": "benign neoplasms"}
+GROUP_ORDER = tuple(name for _, _, name in NEOPLASM_GROUPS) + CHAPTER_ORDER
 
 
 # ---------------------------------------------------------------- parsing
@@ -88,8 +96,11 @@ def parse_modality(text: str) -> str:
 
 def icd10_category(text: str) -> str:
     """The main category of the first ICD-10 code in ``text``: ``"C50.412"`` → ``"C50"``; none → ``UNPARSED``."""
-    m = _ICD_RE.search(text.strip())
-    return f"{m.group(1)}{m.group(2)}".upper() if m else UNPARSED
+    for m in _ICD_RE.finditer(text):
+        category, third, sub = f"{m.group(1)}{m.group(2)}".upper(), m.group(2)[1], m.group(3)
+        if third.isdigit() or category in _LETTER_CATEGORIES and (sub or third.isupper() and category != "M1A"):
+            return category
+    return UNPARSED
 
 
 def _in_ranges(category: str, ranges: tuple[tuple[str, str, str], ...]) -> str | None:
@@ -107,7 +118,8 @@ def icd10_chapter(category: str) -> str:
 def icd10_group(category: str) -> str:
     """The paper's confusion-matrix group: a neoplasm's behaviour (malignant ones by site, ``C50`` → ``malignant:
     breast``, ``D05`` → ``in situ neoplasms``), else the chapter (``D61`` → ``III blood/immune``)."""
-    return _in_ranges(category, NEOPLASM_GROUPS) or icd10_chapter(category)
+    cat = category.strip().upper()[:3]
+    return _LETTER_GROUPS.get(cat) or _in_ranges(cat, NEOPLASM_GROUPS) or icd10_chapter(cat)
 
 
 # ---------------------------------------------------------------- classification metrics
@@ -250,6 +262,8 @@ def wilcoxon_greater(a_scores: Sequence[float], b_scores: Sequence[float], alpha
 
     Returns the statistic (sum of positive ranks), the p-value, ``significant`` (p < ``alpha``), n (pairs),
     n_nonzero (pairs that differ: scipy's default drops the others) and alpha. All-equal pairs cannot favour A: p = 1.
+    The differences are rounded to 10 decimals first, so that differences equal but for floating-point noise
+    (2/403 - 1/403 and 3/403 - 2/403) tie, as they do in exact arithmetic, and take midranks.
     """
     from scipy.stats import wilcoxon
 
@@ -258,9 +272,10 @@ def wilcoxon_greater(a_scores: Sequence[float], b_scores: Sequence[float], alpha
         raise ValueError(f"need two equally long, non-empty score lists: {a.shape} vs {b.shape}")
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         raise ValueError("a score is NaN or infinite; the test needs finite paired scores")
-    out = {"n": int(a.size), "n_nonzero": int(np.sum(a != b)), "alpha": alpha}
-    if np.all(a == b):
+    d = np.round(a - b, 10)
+    out = {"n": int(a.size), "n_nonzero": int(np.sum(d != 0)), "alpha": alpha}
+    if np.all(d == 0):
         return {"statistic": 0.0, "p_value": 1.0, "significant": False} | out
-    res = wilcoxon(a, b, alternative="greater")
+    res = wilcoxon(d, alternative="greater")
     p = float(res.pvalue)
     return {"statistic": float(res.statistic), "p_value": p, "significant": bool(p < alpha)} | out

@@ -601,9 +601,10 @@ def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg:
 
 
 def score_predictions(path: str, protocol: str, expected: dict[str, tuple[str, str]] | None = None,
-                      order: Sequence[str] | None = None) -> dict[str, Any]:
+                      order: Sequence[str] | None = None, task: str | None = None) -> dict[str, Any]:
     """Score one prediction file (re-scoring needs no model). With ``expected`` (id → (hash, gold)) the file must
-    cover exactly the test split."""
+    cover exactly the test split. Instances are taken in ``order`` (the split's ids) where given, so per-instance
+    values line up with it; a radiation-oncology ``task`` also gets its ``radonc`` metrics."""
     if not os.path.exists(path):
         raise UserError(f"{path}: prediction file not found")
     rows = read_predictions(path)
@@ -615,6 +616,10 @@ def score_predictions(path: str, protocol: str, expected: dict[str, tuple[str, s
     ids = [i for i in (order or by_id) if i in by_id]
     result = score([by_id[i]["gold"] for i in ids], [by_id[i]["prediction"] for i in ids], protocol)
     result["empty_predictions"] = sum(1 for i in ids if not by_id[i]["prediction"].strip())
+    if task is not None and get_task(task).kind == "radonc":
+        extra = _radonc_metrics(task, [by_id[i]["gold"] for i in ids], [by_id[i]["prediction"] for i in ids])
+        if extra:
+            result["radonc"] = extra
     return result
 
 
@@ -644,18 +649,13 @@ def score_all(metrics: dict[str, Any], out: str, protocol: str, split: dict[str,
             path = pred_path(out, model, task)
             expected = (split.get(task) or {}).get(model) if split else None
             order = list(expected) if expected else None
-            res = score_predictions(path, protocol, expected, order)
+            res = score_predictions(path, protocol, expected, order, task)
             res["efficiency"] = summarize_stats(read_stats(stats_path(out, model, task)))
             res["predictions"] = os.path.relpath(path, out)
             meta = provenance_path(out, model, task)
             if os.path.isfile(meta):  # what made the file's predictions (model, weights, decoding settings)
                 res["produced_by"] = read_json_file(meta, "record of what made the predictions",
                                                     "delete it to re-score without it")
-            if get_task(task).kind == "radonc":
-                rows = read_predictions(path)
-                extra = _radonc_metrics(task, [r["gold"] for r in rows], [r["prediction"] for r in rows])
-                if extra:
-                    res["radonc"] = extra
             prev = results.get(task, {}).get(model, {})
             res.update({k: v for k, v in prev.items() if k in ("load_time_s", "resumed", "decoded")})
             results.setdefault(task, {})[model] = res

@@ -11,7 +11,12 @@
 - **generalizability** = the plain mean of *all* matching scores, over every metric, dataset and task;
 - **robustness** = per task with at least two datasets, the (population, ``ddof=0``) variance of the model's
   score across those datasets, and their sum over tasks (lower is better). A dataset's score is the mean of its
-  matching scores. Tasks with a single dataset have no variance and are left out.
+  matching scores. Tasks with a single dataset have no variance and are left out; a model with no task on two
+  datasets has no robustness (``None``), never a perfect 0.
+
+A radiation-oncology task (seed 003) is scored with its own metrics: precision and recall are the modality's
+weighted / the ICD-10 category's macro ones, matching its accuracy and F1; the regimen's are ROUGE-1 precision,
+recall and (matching) the paper's ROUGE-1 recall.
 
 Use one scale throughout (CancerLLM's scorer gives percent). No jax.
 """
@@ -33,7 +38,15 @@ def _matching(entry: Mapping[str, Any]) -> list[float]:
 
 def entry_from_score(result: Mapping[str, Any]) -> dict[str, Any]:
     """A trust entry from a CancerLLM score dict: precision / recall = mean of the EM, BLEU-2 and ROUGE-L
-    precisions / recalls; matching = the three F1s."""
+    precisions / recalls; matching = the three F1s. A result with ``radonc`` metrics (``evaluate.py run`` on a
+    radiation-oncology task) is scored with those instead (see the module doc), in percent."""
+    extra = result.get("radonc")
+    if isinstance(extra, Mapping) and "error" not in extra:
+        if "rouge1" in extra:  # the regimen: the paper's ROUGE-1 is the recall
+            return {"precision": 100 * float(extra["rouge1_precision"]), "recall": 100 * float(extra["rouge1"]),
+                    "matching": {"rouge1": 100 * float(extra["rouge1"])}}
+        return {"precision": 100 * float(extra["precision"]), "recall": 100 * float(extra["recall"]),
+                "matching": {"accuracy": 100 * float(extra["accuracy"]), "f1": 100 * float(extra["f1"])}}
     metrics = ("em", "bleu2", "rougeL")
     return {"precision": float(np.mean([result[f"{m}_p"] for m in metrics])),
             "recall": float(np.mean([result[f"{m}_r"] for m in metrics])),
@@ -66,7 +79,7 @@ def trust_metrics(per_dataset_results: Mapping[str, Mapping[str, Mapping[str, An
         if len(entries) >= 2:
             variances[task] = float(np.var([np.mean(_matching(e)) for e in entries]))
     return {"faithfulness": faith, "comprehensiveness": comp, "generalizability": float(np.mean(matching)),
-            "robustness": float(sum(variances.values())), "robustness_per_task": variances,
+            "robustness": float(sum(variances.values())) if variances else None, "robustness_per_task": variances,
             "n_tasks": len(per_dataset_results), "n_datasets": sum(len(d) for d in per_dataset_results.values())}
 
 
@@ -119,7 +132,7 @@ def trust_from_runs(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str
             for task, by_model in metrics.get("results", {}).items():
                 if model in by_model:
                     per.setdefault(task, {})[dataset] = entry_from_score(by_model[model])
-        out[model] = trust_metrics(per)
+        out[model] = trust_metrics(per) | {"coverage": {task: sorted(d) for task, d in per.items()}}
     return out
 
 
