@@ -265,6 +265,7 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
     if tokenizer is not None:  # checked before any weight is read
         tokenizer = tokenizer_path(tokenizer)
     shape = sharding.parse_mesh(mesh)
+    sharding.provide_host_devices(shape[0] * shape[1])  # a mesh on a CPU host, while JAX has not started
     mesh_obj = sharding.make_mesh(shape)
     if adapter is not None:
         from cancerllm_jax.checkpoint.peft import check_adapter_folder

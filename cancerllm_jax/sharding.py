@@ -63,6 +63,14 @@ def ensure_host_devices(n: int, quiet: bool = False) -> None:
               file=sys.stderr)
 
 
+def provide_host_devices(n: int) -> None:
+    """``ensure_host_devices(n)`` for a library call (``cj.load(mesh=...)``): only when more devices than a CPU host
+    has by default (or than ``XLA_FLAGS`` asks for) are needed, so a user's own device count is never lowered."""
+    forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    if n > (int(forced.group(1)) if forced else 1):
+        ensure_host_devices(n, quiet=True)
+
+
 def make_mesh(shape: tuple[int, int] | str):
     """A ``('data', 'model')`` mesh with Auto axis types over the available devices."""
     import jax
@@ -76,6 +84,10 @@ def make_mesh(shape: tuple[int, int] | str):
         if jax.default_backend() == "cpu" and forced:
             hint = (f" (XLA_FLAGS sets --xla_force_host_platform_device_count={forced.group(1)} per process: "
                     f"raise it or unset XLA_FLAGS and the launcher provides the devices)")
+        elif jax.default_backend() == "cpu":
+            hint = (f" (JAX had started before the mesh was asked for; on a CPU host, run "
+                    f"jax.config.update('jax_num_cpu_devices', {d * m}) before any JAX computation, or set "
+                    f"XLA_FLAGS=--xla_force_host_platform_device_count={d * m})")
         raise UserError(f"mesh {d}x{m} needs {d * m} devices but {have} {jax.default_backend()} device(s) exist"
                         f"{hint}")
     if jax.process_count() > 1 and d * m != have:

@@ -185,6 +185,26 @@ def test_meshes_give_the_same_logits_and_tokens(base_and_adapter):
     assert tokens[0] == tokens[1] == tokens[2]
 
 
+def test_a_mesh_on_a_cpu_host_gets_its_devices_or_says_how(base_and_adapter):
+    """``cj.load(mesh="2x2")`` in a fresh process without XLA_FLAGS provides the CPU host devices, as the launchers
+    do (it said "needs 4 devices but 1 exist"); once JAX has started it names how to provide them."""
+    import subprocess
+    import sys
+
+    _, base, _, _ = base_and_adapter
+    code = ("import numpy as np, jax, cancerllm_jax as cj\n{pre}"
+            f"out = cj.load({base!r}, mesh='2x2').logits(np.array([[1, 2, 3]]))\n"
+            "print(jax.device_count(), out.shape)\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    done = subprocess.run([sys.executable, "-c", code.format(pre="")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.split()[0] == "4", done.stderr[-2000:]
+    started = subprocess.run([sys.executable, "-c", code.format(pre="jax.numpy.ones(1).block_until_ready()\n")],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert started.returncode != 0 and "jax.config.update('jax_num_cpu_devices', 4)" in started.stderr
+
+
 def test_the_package_exposes_eval_and_user_error():
     """``cj.eval.score`` (the API's scoring entry) after a bare ``import cancerllm_jax as cj``, and ``cj.UserError``;
     the import stays free of JAX."""

@@ -298,3 +298,61 @@ def test_schedules_adamw_decay_mask_and_clipping_match_torch():
         lr_sched.step()
     for (name, t), a in zip(named, jax.tree.leaves(ours)):
         np.testing.assert_allclose(np.asarray(a), t.detach().numpy(), atol=2e-6, err_msg=name)
+
+
+def test_full_fine_tuning_step_matches_transformers_adamw(tmp_path):
+    """``--full``: one step of every weight against transformers + torch AdamW (norms undecayed, as HF Trainer),
+    on a tied Llama with one KV head whose pad id is an input: nn.Embedding(padding_idx) gives the pad row no
+    gradient from the lookup (it used to get one: that row was 0.08 off after the step)."""
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, head_dim=12, pad_token_id=3,
+                                   tie_word_embeddings=True, max_position_embeddings=64, initializer_range=0.1)
+    torch.manual_seed(1)
+    hf = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight[3].normal_(0, 0.1)  # padding_idx zeroed it at init; a real model's is not
+    hf.save_pretrained(str(tmp_path), safe_serialization=True)
+    model_cfg, base = read_hf(str(tmp_path))
+    rng = np.random.default_rng(2)
+    stream = rng.integers(0, VOCAB, size=(BATCH, SEQ + 1))
+    stream[:, 4] = 3  # the pad id as an input (a packed document's end)
+    batch = {"inputs": stream[:, :-1], "targets": stream[:, 1:], "loss_mask": np.ones((BATCH, SEQ)),
+             "segment_ids": np.ones((BATCH, SEQ)), "positions": np.broadcast_to(np.arange(SEQ), (BATCH, SEQ))}
+    batch = {k: np.asarray(v, np.int32) for k, v in batch.items()}
+
+    hf.config._attn_implementation = "eager"
+    hf.train()
+    decay = [p for n, p in hf.named_parameters() if "norm" not in n]
+    no_decay = [p for n, p in hf.named_parameters() if "norm" in n]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": OPT.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=OPT.lr, betas=(OPT.b1, OPT.b2),
+                            eps=OPT.eps)
+    logits = hf(input_ids=torch.from_numpy(batch["inputs"].astype(np.int64))).logits
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB),
+                                             torch.from_numpy(batch["targets"].astype(np.int64)).reshape(-1))
+    loss.backward()
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(list(hf.parameters()), OPT.clip_norm))
+    opt.step()
+    ref = {n: p.detach().numpy() for n, p in hf.named_parameters()}
+
+    model = model_from_params(model_cfg, base, None, "float32", "float32", "none")
+    graphdef, trainable, frozen = nnx.split(model, nnx.Param, ...)
+    parts = ModelParts(graphdef, trainable, frozen)
+    params, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+    tx = make_optimizer(OPT, total_steps=10)
+    step = jax.jit(make_train_step(parts, tx, schedule(OPT, 10), grad_accum=1, use_dropout=False))
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.PRNGKey(0)}
+    new_state, metrics = step(state, frozen_pure, {k: jnp.asarray(v) for k, v in batch.items()})
+    assert abs(float(metrics["loss"]) - loss.item()) <= 1e-5 * loss.item()
+    assert abs(float(metrics["grad_norm"]) - ref_norm) <= 1e-4 * ref_norm and ref_norm > OPT.clip_norm
+    new = new_state["params"]
+    embed = np.asarray(new["embed"])
+    assert np.abs(embed - ref["model.embed_tokens.weight"]).max() <= 1e-5  # the pad row included
+    q = np.asarray(new["layers"]["q"]["kernel"])  # [layers, in, out] = torch's weight transposed
+    # Adam's first step is lr * g / (|g| + eps): entries whose gradient is near eps move by fp32 noise, ~1e-3 lr
+    assert np.abs(q[1] - ref["model.layers.1.self_attn.q_proj.weight"].T).max() <= 1e-2 * OPT.lr
+    # norms are not decayed (HF Trainer's rule)
+    assert np.abs(np.asarray(new["layers"]["attn_norm"])[0] - ref["model.layers.0.input_layernorm.weight"]).max() \
+        <= 1e-2 * OPT.lr
+    assert np.abs(np.asarray(new["final_norm"]) - ref["model.norm.weight"]).max() <= 1e-2 * OPT.lr

@@ -139,7 +139,13 @@ class Mistral(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.compute_dtype)
+        x = jnp.take(self.embed[...], tokens, axis=0)
+        pad = cfg.pad_token_id
+        if pad is not None and -cfg.vocab_size <= pad < cfg.vocab_size:
+            # transformers' nn.Embedding(padding_idx=pad): the pad row gets no gradient from the lookup (full
+            # fine-tuning; SmolLM2's pad id is its end-of-text, an input of every packed document)
+            x = jnp.where((tokens == pad % cfg.vocab_size)[..., None], jax.lax.stop_gradient(x), x)
+        x = x.astype(self.compute_dtype)
         cos, sin = rope_tables(positions, rope_inv_freq(cfg))
 
         if cache is None or prefill:
