@@ -25,9 +25,28 @@ class PeerLost(UserError):
     (``os._exit``), without JAX's distributed shutdown barrier, which would wait for the dead peer and then abort."""
 
 
+_SEQ_LEN = ("max_seq_len", "block_size")
+# names of the same settings in HF TrainingArguments, peft's LoraConfig and other trainers, which difflib misses
+ALIASES = {
+    "learning_rate": ("lr",), "num_train_epochs": ("epochs",), "num_epochs": ("epochs",), "r": ("rank",),
+    "lora_r": ("rank",), "lora_rank": ("rank",), "lora_alpha": ("alpha",), "lora_dropout": ("dropout",),
+    "target_modules": ("targets",), "max_grad_norm": ("clip_norm",), "grad_clip": ("clip_norm",),
+    "adam_beta1": ("b1",), "adam_beta2": ("b2",), "adam_epsilon": ("eps",), "lr_scheduler_type": ("schedule",),
+    "gradient_accumulation_steps": ("grad_accum",), "per_device_train_batch_size": ("batch_size",),
+    "train_batch_size": ("batch_size",), "max_steps": ("steps",), "save_steps": ("save_every",),
+    "eval_steps": ("eval_every",), "logging_steps": ("log_every",), "save_total_limit": ("keep",),
+    "gradient_checkpointing": ("remat",), "torch_dtype": ("dtype",),
+    **{k: _SEQ_LEN for k in ("max_seq_len", "max_seq_length", "seq_len", "seq_length", "block_size",
+                             "model_max_length", "max_length", "context_length", "cutoff_len")},
+}
+
+
 def suggest(name: str, choices) -> str:
-    """' (did you mean X?)' for the nearest valid key, or ''."""
-    close = difflib.get_close_matches(name, list(choices), n=1)
+    """' (did you mean X?)' for the valid key another trainer calls ``name`` (HF's ``learning_rate`` → ``lr``) or
+    the nearest one by spelling, or ''."""
+    choices = list(choices)
+    alias = next((c for c in ALIASES.get(name, ()) if c in choices), None)
+    close = [alias] if alias else difflib.get_close_matches(name, choices, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

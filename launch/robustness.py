@@ -16,7 +16,8 @@ clean data, the deployment case of misspelled notes, and do not retrain per rate
 Both write OUT/table5.md or OUT/table6.md, OUT/robustness.json and OUT/robustness.png; each rate's predictions and
 scores stay under OUT/counterfactual/rate_NN/ or OUT/misspell/<task>/rate_NN/. Add 0 to --rates for a clean
 reference row (left out of the mean over rates). DIR holds <task>/<split>.jsonl (a test split may also be
-DIR/<task>.jsonl); misspell of one task also reads one JSONL FILE, its test records, as evaluate.py run does.
+DIR/<task>.jsonl; counterfactual's phenotype/val.jsonl is optional: without it the fine-tuning runs report no
+held-out loss); misspell of one task also reads one JSONL FILE, its test records, as evaluate.py run does.
 
 Re-running with the same --out reuses a finished rate only if it was computed with the same settings: the model
 (resolved path and a fingerprint of its weight files), the rate and --seed, the records used (--data, --limit,
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     adapter = adapter_or_none(getattr(args, "adapter", None))  # 'none': the bare model, as evaluate.py reads it
     name = args.name or os.path.basename(os.path.normpath(adapter or args.model))
 
-    def split(task: str, which: str, limit: int | None) -> list[dict]:
-        return rb.load_split(args.data, task, which, limit, args.patients, args.seed)
+    def split(task: str, which: str, limit: int | None, required: bool = True) -> list[dict]:
+        return rb.load_split(args.data, task, which, limit, args.patients, args.seed, required)
 
     if args.command == "counterfactual":
         bad = [o for o in args.overrides if "=" not in o]
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.model not in PRESETS and not os.path.exists(args.model):
             raise UserError(f"--model {args.model}: not found (give an HF folder, converted checkpoint or run)")
         result = rb.counterfactual_sweep(args.model, split("phenotype", "train", args.train_limit),
-                                         split("phenotype", "val", None), split("phenotype", "test", args.limit),
+                                         split("phenotype", "val", None, required=False),
+                                         split("phenotype", "test", args.limit),
                                          args.out, args.rates, args.epochs, args.overrides, args.seed, settings,
                                          overwrite=args.overwrite)
     else:

@@ -142,6 +142,11 @@ def test_pretrain_bad_data(case, tmp_path, capsys):
 PRETRAIN_ARGS = {
     "typo_override": (["lora.rnak=4"], ["rnak", "did you mean 'rank'"]),
     "unknown_section": (["optimm.lr=1"], ["optimm", "did you mean 'optim'"]),
+    # HF TrainingArguments / peft names of our keys (difflib found none of these)
+    "hf_learning_rate": (["optim.learning_rate=1e-4"], ["learning_rate", "did you mean 'lr'"]),
+    "peft_r": (["lora.r=8"], ["'r'", "did you mean 'rank'"]),
+    "hf_max_grad_norm": (["optim.max_grad_norm=1"], ["max_grad_norm", "did you mean 'clip_norm'"]),
+    "seq_len_of_finetune": (["data.max_seq_len=64"], ["max_seq_len", "did you mean 'block_size'"]),
     "bad_value_type": (["optim.lr=fast"], ["optim.lr", "'fast'"]),
     "mesh_string": (["--mesh", "10by1"], ["10by1"]),
     "mesh_too_big": (["--mesh", "4x5"], ["4x5", "20 devices"]),

@@ -78,6 +78,8 @@ def test_outputs(finished):
             assert e["tokens_per_s"] > 0 and e["peak_memory_bytes"] > 0
         rows = _rows(out / "predictions" / f"vanilla__{task}.jsonl")
         assert len(rows) == 2 and all(set(r) == {"id", "prompt_hash", "gold", "prediction"} for r in rows)
+        # in the test split's order (decoded longest prompt first), so its lines pair with the test file's
+        assert [r["id"] for r in rows] == metrics["tasks"][task]["ids"]
         assert all(len(r["prompt_hash"]) == 16 for r in rows)
     report = (out / "report.md").read_text()
     for section in ("## Summary", "## Setup", "## Cancer phenotype extraction (Table 2-shaped)",
@@ -845,3 +847,10 @@ def test_reproduce_stages_are_keyed_to_their_inputs(tmp_path, monkeypatch, capsy
     shutil.rmtree(out / "finetune")  # Table 6 of the old adapter is not reported beside the new one's results
     assert rep.main(argv) == 0 and ran == ["finetune.py", "evaluate.py"]
     assert "TABLE 6" not in (out / "report.md").read_text()
+
+
+def test_model_names_make_no_hidden_files():
+    """``--name ..`` or ``.x`` wrote predictions/..__task.jsonl, hidden from ``ls``."""
+    from cancerllm_jax.eval.runner import model_names
+
+    assert [m.name for m in model_names(["a", "b", "c"], ["..", ".x", "v1.2"])] == ["model0", "x", "v1.2"]

@@ -52,6 +52,14 @@ def test_counterfactual_sweep_with_fake_trainer(tmp_path, monkeypatch):
     assert "Table 5" in table and "| 20% |" in table and "**50.00**" in table
     assert json.loads(Path(paths["json"]).read_text())["counterfactual"]["mean_avg_f1"] == {"phenotype": 50.0}
     assert Path(paths["png"]).read_bytes()[:4] == b"\x89PNG"
+    # user data without a validation split: fine-tuning without --eval-data (it was refused: val.jsonl not found)
+    calls.clear()
+    rb.counterfactual_sweep("base", _recs("phenotype", 10), [], _recs("phenotype", 4), tmp_path / "cf-noval",
+                            rates=[0.2], settings=rb.DecodeSettings(), trainer=fake_trainer, log=lambda s: None)
+    assert len(calls) == 1 and "--eval-data" not in calls[0] and not (tmp_path / "cf-noval" / "counterfactual"
+                                                                         / "val.jsonl").exists()
+    (tmp_path / "data" / "phenotype").mkdir(parents=True)
+    assert rb.load_split(str(tmp_path / "data"), "phenotype", "val", required=False) == []
 
 
 def test_misspelling_sweep_and_clean_reference(tmp_path, monkeypatch):

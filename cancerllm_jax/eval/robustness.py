@@ -101,10 +101,11 @@ def write_jsonl(path: str | os.PathLike, records: Sequence[dict]) -> None:
 
 
 def load_split(data: str, task: str, split: str, limit: int | None = None, patients: int = 60,
-               seed: int = 0) -> list[dict]:
+               seed: int = 0, required: bool = True) -> list[dict]:
     """The first ``limit`` records of ``task``'s ``split``, as ``evaluate.py run`` reads ``--data``: ``synthetic``
     (``patients`` patients, ``seed``) or ``synthetic:PATIENTS[:SEED]``, ``DIR/<task>/<split>.jsonl`` (a test split
-    may also be ``DIR/<task>.jsonl``, or one JSONL file for one task)."""
+    may also be ``DIR/<task>.jsonl``, or one JSONL file for one task). A split not ``required`` that the folder
+    lacks is ``[]``."""
     from cancerllm_jax.eval.tasks import _parse_synthetic, read_jsonl_records, test_split_path
 
     if data == "synthetic" or _parse_synthetic(data) is not None:
@@ -118,6 +119,8 @@ def load_split(data: str, task: str, split: str, limit: int | None = None, patie
         records = read_jsonl_records(test_split_path(task, data), task)  # as evaluate.py reads them
     else:
         path = Path(data) / task / f"{split}.jsonl"
+        if not path.is_file() and not required and Path(data).is_dir():
+            return []
         if not path.is_file():
             what = "a folder" if Path(data).is_dir() else "not a folder"
             raise UserError(f"{path} not found (--data {data} is {what}; the {split} split is read from "
@@ -264,15 +267,16 @@ def _absolute(path: str | os.PathLike) -> str:
     return os.path.abspath(path) if os.path.exists(path) or os.sep in path else path
 
 
-def finetune_command(base_model: str, train: Path, val: Path, workdir: Path, epochs: float,
+def finetune_command(base_model: str, train: Path, val: Path | None, workdir: Path, epochs: float,
                      overrides: Sequence[str] = (), resume: bool = False) -> list[str]:
     """The ``launch/finetune.py`` command line of one counterfactual run, with absolute paths (the subprocess may
-    run in another folder); ``resume`` continues the run in ``workdir``."""
+    run in another folder); ``resume`` continues the run in ``workdir``; no ``val`` split: no held-out loss."""
     script = ROOT / "launch" / "finetune.py"
     if not script.is_file():
         raise UserError(f"{script} not found: the counterfactual sweep runs launch/finetune.py from a checkout")
     return [sys.executable, str(script), "--model", _absolute(base_model), "--data", _absolute(train),
-            "--eval-data", _absolute(val), "--epochs", f"{epochs:g}", "--workdir", _absolute(workdir),
+            *(["--eval-data", _absolute(val)] if val is not None else []), "--epochs", f"{epochs:g}",
+            "--workdir", _absolute(workdir),
             *(["--resume"] if resume else []), *overrides]
 
 
@@ -357,7 +361,10 @@ def counterfactual_sweep(base_model: str, train: Sequence[dict], val: Sequence[d
         result = _cached(d, key, overwrite, log)
         plans.append((rate, d, train_key, key, result, None if result is not None else
                       _training_state(d, train_key, overwrite)))
-    write_jsonl(root / "val.jsonl", val)
+    if val:
+        write_jsonl(root / "val.jsonl", val)
+    else:
+        log("[counterfactual] no validation split: the fine-tuning runs report no held-out loss")
     write_jsonl(root / "test.jsonl", test)
     rows = []
     for rate, d, train_key, key, result, state in plans:
@@ -377,8 +384,8 @@ def counterfactual_sweep(base_model: str, train: Sequence[dict], val: Sequence[d
             if state == "done":
                 log(f"[counterfactual {rate:.0%}] reusing the finished fine-tuning run {d / 'run'}")
             else:
-                cmd = finetune_command(base_model, d / "train.jsonl", root / "val.jsonl", d / "run", epochs,
-                                       overrides, resume=state == "resume")
+                cmd = finetune_command(base_model, d / "train.jsonl", root / "val.jsonl" if val else None, d / "run",
+                                       epochs, overrides, resume=state == "resume")
                 log(f"[counterfactual {rate:.0%}] {len(ids)}/{len(train)} labels corrupted; "
                     + ("resuming the interrupted fine-tuning run ..." if state == "resume" else "fine-tuning ..."))
                 t0 = time.perf_counter()

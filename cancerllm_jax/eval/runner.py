@@ -102,7 +102,7 @@ def model_names(paths: Sequence[str], names: Sequence[str] | None = None,
     for i, (path, adapter) in enumerate(zip(paths, adapters)):
         default = os.path.basename(os.path.normpath(adapter or path))
         name = names[i] if names else (default or f"model{i}")
-        name = _NAME_RE.sub("-", name).strip("-") or f"model{i}"
+        name = _NAME_RE.sub("-", name).strip("-.") or f"model{i}"  # no hidden files (.., .x)
         if name in used:
             if names:
                 raise UserError(f"--name {name!r} given twice; model names must be unique")
@@ -594,7 +594,21 @@ def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg:
                                "fewer_shots": sum(p.shots < cfg.decoding.shots for p in batch)}])
         log(f"[{model.name} / {spec.name}] batch {b + 1}/{len(batches)}: {len(batch)} in {elapsed:.1f}s"
             f"{' (compiled)' if compiled else ''}, {stats.get('generated_tokens', 0)} tokens")
+    _in_split_order(path, list(expected))
     return {"resumed": len(done), "decoded": len(todo)}, expected
+
+
+def _in_split_order(path: str, ids: list[str]) -> None:
+    """Rewrite a complete prediction file in the test split's order (it is written longest prompt first), so that
+    its lines pair with the test file's; a file already in order is left alone."""
+    from cancerllm_jax.train.run_io import write_text_atomic
+
+    rows = read_predictions(path)
+    position = {i: n for n, i in enumerate(ids)}
+    ordered = sorted(rows, key=lambda r: position.get(r["id"], len(ids)))
+    if [r["id"] for r in ordered] != [r["id"] for r in rows]:
+        write_text_atomic(path, "".join(json.dumps({k: v for k, v in r.items() if k != "_line"}, ensure_ascii=False)
+                                        + "\n" for r in ordered))
 
 
 # ---------------------------------------------------------------- scoring
