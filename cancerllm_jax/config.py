@@ -519,6 +519,22 @@ def _is_text_field(hint) -> bool:
     return union and set(typing.get_args(hint)) == {str, type(None)}
 
 
+def _nested_key(cls, name: str, prefix: str = "") -> str | None:
+    """The dotted key of a field named ``name`` (or what other trainers call ``name``: ``learning_rate`` → ``lr``)
+    inside ``cls``'s nested config sections, e.g. ``optim.lr`` for ``lr``; None when there is none."""
+    from cancerllm_jax.errors import ALIASES
+
+    wanted = (name, *ALIASES.get(name, ()))
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            found = next((f"{prefix}{f.name}.{g.name}" for w in wanted for g in dataclasses.fields(hint)
+                          if g.name == w), None) or _nested_key(hint, name, f"{prefix}{f.name}.")
+            if found:
+                return found
+    return None
+
+
 def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
     """Apply ``a.b=value`` overrides (YAML-parsed values; the raw text for a text field) to a nested dict, checking
     keys against ``cls``."""
@@ -542,7 +558,9 @@ def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
         for i, part in enumerate(parts):
             fields_ = {f.name: f for f in dataclasses.fields(tp)}
             if part not in fields_:
-                raise UserError(f"override {key!r}: unknown key {part!r}{suggest(part, fields_)}")
+                nested = _nested_key(tp, part) if i == len(parts) - 1 else None
+                hint = f" (did you mean '{'.'.join(parts[:i] + [nested])}'?)" if nested else suggest(part, fields_)
+                raise UserError(f"override {key!r}: unknown key {part!r}{hint}")
             if i == len(parts) - 1:
                 if not isinstance(value, (str, list, dict, type(None))) and _is_text_field(
                         typing.get_type_hints(tp)[part]):  # a number, boolean or date YAML read from the text

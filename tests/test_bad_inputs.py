@@ -147,6 +147,8 @@ PRETRAIN_ARGS = {
     "peft_r": (["lora.r=8"], ["'r'", "did you mean 'rank'"]),
     "hf_max_grad_norm": (["optim.max_grad_norm=1"], ["max_grad_norm", "did you mean 'clip_norm'"]),
     "seq_len_of_finetune": (["data.max_seq_len=64"], ["max_seq_len", "did you mean 'block_size'"]),
+    "key_of_a_section": (["lr=1e-4"], ["'lr'", "did you mean 'optim.lr'"]),  # was "did you mean 'lora'"
+    "hf_key_of_a_section": (["learning_rate=1e-4"], ["did you mean 'optim.lr'"]),
     "bad_value_type": (["optim.lr=fast"], ["optim.lr", "'fast'"]),
     "mesh_string": (["--mesh", "10by1"], ["10by1"]),
     "mesh_too_big": (["--mesh", "4x5"], ["4x5", "20 devices"]),
