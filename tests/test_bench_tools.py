@@ -41,7 +41,10 @@ def test_rounds_combine_into_the_median_of_every_step(bench_train):
 
 
 @pytest.mark.parametrize("args", [["--rounds", "0"], ["--batch", "0"], ["--seq", "-1"], ["--rank", "0"],
-                                  ["--steps", "x"], ["--smollm2-dir", "/nonexistent/smollm2"], ["--onl", "ours"]])
+                                  ["--steps", "x"], ["--smollm2-dir", "/nonexistent/smollm2"], ["--onl", "ours"],
+                                  # no GPU here: was a traceback in our child, then a one-sided docs row
+                                  ["--preset", "tiny", "--attention", "cudnn"],
+                                  ["--preset", "tiny", "--json", "/proc/x.json"]])  # lost after the whole run
 def test_bad_train_arguments_are_one_clear_error(bench_train, args, capsys):
     with pytest.raises(SystemExit) as e:
         bench_train.main(args + ["--no-doc"])
@@ -93,7 +96,8 @@ def test_generation_rounds_combine_every_run(bench_decode):
 
 @pytest.mark.parametrize("args", [["--prompts", "0"], ["--batch", "0"], ["--repeats", "0"], ["--hf-repeats", "0"],
                                   ["--rounds", "0"], ["--new", "1"], ["--prompt-tokens", "0"], ["--onl", "ours"],
-                                  ["--preset", "mistral-7b", "--prompt-tokens", "4"]])
+                                  ["--preset", "mistral-7b", "--prompt-tokens", "4"],
+                                  ["--preset", "tiny", "--attention", "cudnn", "--dtype", "bfloat16"]])
 def test_bad_generation_arguments_are_one_clear_error(bench_decode, args, capsys):
     with pytest.raises(SystemExit) as e:
         bench_decode.main(args + ["--no-doc"])
@@ -280,3 +284,13 @@ def test_a_step_time_that_noise_makes_negative_is_not_reported(bench_decode, cap
     r = generation([1.0], [1.2])
     r["ms_per_step"] = bench_decode.step_time(1.0, 1.2, 11, 2, "ours")
     assert bench_decode._ms_step(r) == "-"
+
+
+def test_dtype_defaults_to_bf16_only_for_the_7b_preset(bench_train):
+    """``--preset mistral-7b`` timed fp32 weights (29 GB) unless --dtype was given; its docs say bf16."""
+    import argparse
+
+    for preset, dtype in (("mistral-7b", "bfloat16"), ("tiny", "float32"), ("smollm2-135m", "float32")):
+        args = argparse.Namespace(preset=preset, dtype=None, attention="auto")
+        bench_train.resolve_dtype_and_attention(argparse.ArgumentParser(), args)
+        assert args.dtype == dtype

@@ -12,8 +12,10 @@ token (a 1-token run), ms per decode step ((T(new) − T(1)) / (new − 1)) and,
 of the HBM roofline: (weight bytes + KV-cache bytes read per step) / measured copy bandwidth / measured step time.
 Greedy agreement: our tokens vs transformers' one-at-a-time tokens, per prompt (exact match) and per token (up to
 the first divergence). Presets: ``smollm2-135m`` (real weights, CPU); ``mistral-7b`` (random weights of the real
-shape, bf16, GPU: ours only; for the batch-1 roofline). ``--rounds N`` runs the sides N times, reversing their
-order every other round, and reports medians over every round's runs plus each round's ratios.
+shape, bf16 by default, GPU: ours only unless ``--only`` names more sides; for the batch-1 roofline); ``tiny``
+(the tiny preset's shape, random weights: a quick check of the tool, no greedy agreement). ``--rounds N`` runs the
+sides N times, reversing their order every other round, and reports medians over every round's runs plus each
+round's ratios.
 """
 from __future__ import annotations
 
@@ -336,7 +338,8 @@ def table(res: dict) -> str:
         comp = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
         roof = r.get("roofline", {}).get("roofline_fraction")
         roof = f"{100 * roof:.1f}%" if roof and roof == roof else "-"
-        lines.append(f"{side:<14}{r['tokens_per_s']:>9.1f}{r['total_s']:>9.2f}{1e3 * r['ttft_s']:>10.1f}"
+        ttft = f"{1e3 * r['ttft_s']:.1f}" if r["ttft_s"] == r["ttft_s"] else "-"  # NaN: --no-ttft
+        lines.append(f"{side:<14}{r['tokens_per_s']:>9.1f}{r['total_s']:>9.2f}{ttft:>10}"
                      f"{_ms_step(r):>10}{fmt_mem(r):>18}{comp:>11}{roof:>10}")
     return "\n".join(lines)
 
@@ -400,7 +403,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--preset", choices=("smollm2-135m", "mistral-7b"), default="smollm2-135m")
+    p.add_argument("--preset", choices=("smollm2-135m", "mistral-7b", "tiny"), default="smollm2-135m")
     p.add_argument("--prompts", type=bt.positive_int, default=16)
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--batch", type=bt.positive_int, default=16)
@@ -410,7 +413,8 @@ def main(argv=None) -> int:
                    help="only this task's questions (default: all tasks, round-robin)")
     p.add_argument("--fill", action="store_true",
                    help="lengthen every context with further notes so each prompt is --prompt-tokens long")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="weights and compute (default: bfloat16 for mistral-7b, float32 otherwise)")
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                    help="our attention in the prompt block: auto = cuDNN on a GPU in bf16, else the einsum")
     p.add_argument("--unstack", choices=("auto", "yes", "no"), default="auto",
@@ -438,6 +442,7 @@ def main(argv=None) -> int:
         p.error("--new must be >= 2")
     bt.check_smollm2_dir(p, args)
     bt.check_json_out(p, args.json)
+    bt.resolve_dtype_and_attention(p, args)
 
     if args.child_out:
         args.only = args.only[0]

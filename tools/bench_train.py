@@ -177,6 +177,20 @@ def check_json_out(p: argparse.ArgumentParser, path: str | None) -> None:
         p.error(f"--json {path!r}: name a file, not a folder")
     if not os.path.isdir(parent):
         p.error(f"--json {path}: the folder {parent} does not exist")
+    try:  # a folder that exists but cannot be written would lose the results after the whole run
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".bench-json-check-"):
+            pass
+    except OSError as e:
+        p.error(f"--json {path}: cannot write in {parent} ({e.strerror or e})")
+
+
+def resolve_dtype_and_attention(p: argparse.ArgumentParser, args) -> None:
+    """``--dtype`` defaults to bfloat16 for ``mistral-7b`` (its GPU benchmark) and float32 otherwise; ``--attention
+    cudnn`` without a GPU and a bf16 dtype is one error before any side runs (it was a traceback in one child)."""
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.preset == "mistral-7b" else "float32"
+    if args.attention == "cudnn" and (args.dtype != "bfloat16" or gpu_name() is None):
+        p.error("--attention cudnn (cuDNN flash attention) needs an NVIDIA GPU and --dtype bfloat16; use auto or xla")
 
 
 def write_json(path: str, obj) -> None:
@@ -619,7 +633,8 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=positive_int, default=8)
     p.add_argument("--steps", type=positive_int, default=10)
     p.add_argument("--warmup", type=positive_int, default=3)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="base weights and compute (default: bfloat16 for mistral-7b, float32 otherwise)")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none")
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                    help="our attention: auto = cuDNN flash attention on a GPU in bf16, else the explicit-mask einsum")
@@ -637,6 +652,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     check_smollm2_dir(p, args)
     check_json_out(p, args.json)
+    resolve_dtype_and_attention(p, args)
 
     if args.child_out:  # one side, in its own process
         res = child(args)
