@@ -115,6 +115,23 @@ def test_peft_adapter_loads_in_peft_with_our_logits(base, tuned, tmp_path, monke
     assert float(np.abs(ours - ref).max()) <= 1e-4
 
 
+def test_adapter_on_a_run_base_says_how_to_export_the_base_for_peft(base, tuned, tmp_path, monkeypatch, capsys):
+    """A LoRA run tuned from a training run (a --full pretraining run): peft cannot read that base; the export says
+    how to make one it can (it said nothing, and peft failed with 'Unrecognized model')."""
+    from cancerllm_jax.train.run_io import RUN_FILE
+
+    lp, _ = tuned
+    fake_run(base, lp, monkeypatch)
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    (stage1 / RUN_FILE).write_text("{}")
+    monkeypatch.setattr(convert, "_base_of", lambda ckpt_dir, w: str(stage1))
+    assert convert.main(["to-hf", "run", str(tmp_path / "a"), "--peft-adapter"]) == 0
+    assert f"the adapter's base is the training run {stage1}" in capsys.readouterr().err
+    assert convert.main(["to-hf", "run", str(tmp_path / "b"), "--peft-adapter", "--base-name", base[0]]) == 0
+    assert "peft cannot read" not in capsys.readouterr().err
+
+
 def test_merged_export_loads_in_transformers(base, tuned, tmp_path, monkeypatch):
     ids = base[3]
     lp, ours = tuned

@@ -104,10 +104,13 @@ def to_hf(ckpt_dir: str, out_dir: str, mode: str | None = None, overwrite: bool 
         base = base_name or _base_of(ckpt_dir, w)
         from cancerllm_jax.checkpoint import orbax_io
 
-        if base and orbax_io.is_params_checkpoint(base):  # peft reads HF folders only
-            print(f"note: the adapter's base is the converted checkpoint {base}; for peft, export it with "
-                  f"`python tools/convert_checkpoint.py to-hf {base} BASE_OUT` and load the adapter on BASE_OUT "
-                  "(or pass --base-name)", file=sys.stderr)
+        from cancerllm_jax.train.run_io import is_run_dir
+
+        if base and not base_name and (orbax_io.is_params_checkpoint(base) or is_run_dir(base)):
+            what = "converted checkpoint" if orbax_io.is_params_checkpoint(base) else "training run"
+            print(f"note: the adapter's base is the {what} {base}, which peft cannot read (it reads HF folders "
+                  f"only); for peft, export it with `python tools/convert_checkpoint.py to-hf {base} BASE_OUT` and "
+                  "load the adapter on BASE_OUT (or pass --base-name BASE_OUT)", file=sys.stderr)
         return write_peft_adapter(out_dir, w.cfg, w.lora, w.lora_params, base_name_or_path=base,
                                   overwrite=overwrite, dtype=dtype, tokenizer_dir=tok_dir)
     params = w.params
