@@ -446,8 +446,10 @@ def build(cls, data: dict, where: str = "config"):
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
-        if key not in names:
-            raise UserError(f"{where}: unknown key {key!r}{suggest(key, names)}")
+        if key not in names:  # a section's field (lr: → optim.lr), else the nearest key of this level
+            nested = _nested_key(cls, key)
+            raise UserError(f"{where}: unknown key {key!r}"
+                            + (f" (did you mean '{nested}'?)" if nested else suggest(key, names)))
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     return cls(**kwargs)
 
@@ -525,8 +527,9 @@ def _nested_key(cls, name: str, prefix: str = "") -> str | None:
     from cancerllm_jax.errors import ALIASES
 
     wanted = (name, *ALIASES.get(name, ()))
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
+        hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
             found = next((f"{prefix}{f.name}.{g.name}" for w in wanted for g in dataclasses.fields(hint)
                           if g.name == w), None) or _nested_key(hint, name, f"{prefix}{f.name}.")

@@ -67,7 +67,12 @@ def provide_host_devices(n: int) -> None:
     """``ensure_host_devices(n)`` for a library call (``cj.load(mesh=...)``): only when more devices than a CPU host
     has by default (or than ``XLA_FLAGS`` asks for) are needed, so a user's own device count is never lowered."""
     forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
-    if n > (int(forced.group(1)) if forced else 1):
+    have = int(forced.group(1)) if forced else 1
+    if "jax" in sys.modules:  # a count set with jax.config.update("jax_num_cpu_devices", N)
+        import jax
+
+        have = max(have, int(getattr(jax.config, "jax_num_cpu_devices", -1) or -1))
+    if n > have:
         ensure_host_devices(n, quiet=True)
 
 
@@ -81,13 +86,12 @@ def make_mesh(shape: tuple[int, int] | str):
     if d * m > have:
         hint = ""
         forced = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
-        if jax.default_backend() == "cpu" and forced:
-            hint = (f" (XLA_FLAGS sets --xla_force_host_platform_device_count={forced.group(1)} per process: "
-                    f"raise it or unset XLA_FLAGS and the launcher provides the devices)")
-        elif jax.default_backend() == "cpu":
-            hint = (f" (JAX had started before the mesh was asked for; on a CPU host, run "
-                    f"jax.config.update('jax_num_cpu_devices', {d * m}) before any JAX computation, or set "
-                    f"XLA_FLAGS=--xla_force_host_platform_device_count={d * m})")
+        if jax.default_backend() == "cpu":
+            flag = (f"XLA_FLAGS sets --xla_force_host_platform_device_count={forced.group(1)} per process; "
+                    if forced else "")
+            hint = (f" ({flag}the host devices are fixed when JAX starts: before any JAX computation, run "
+                    f"jax.config.update('jax_num_cpu_devices', {d * m}) or set XLA_FLAGS="
+                    f"--xla_force_host_platform_device_count={d * m}; the launch/ scripts do this themselves)")
         raise UserError(f"mesh {d}x{m} needs {d * m} devices but {have} {jax.default_backend()} device(s) exist"
                         f"{hint}")
     if jax.process_count() > 1 and d * m != have:

@@ -178,26 +178,33 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _check_run_against_predictions(folder: str, metrics: dict[str, Any]) -> None:
-    """Refuse a ``metrics.json`` whose scores differ from its prediction files (edited or re-decoded since it was
-    written); a folder without its prediction files is used as it is, with a warning."""
+    """Refuse a ``metrics.json`` whose scores its prediction files no longer give (the files edited, re-decoded or
+    cut, or the scorer changed since); a folder without its prediction files is used as it is, with a warning."""
     import logging
 
-    from cancerllm_jax.eval.runner import rescore
+    from cancerllm_jax.eval.runner import pred_path, rescore
+    from cancerllm_jax.eval.trust import SCORE_KEYS
 
+    absent = [pred_path(folder, model, task) for task, by_model in metrics["results"].items() for model in by_model
+              if not os.path.isfile(pred_path(folder, model, task))]
+    if absent:
+        logging.getLogger(__name__).warning("%s: scores not checked against the prediction files (%d absent, e.g. "
+                                            "%s)", folder, len(absent), absent[0])
+        return
     try:
         fresh = rescore(folder, write=False)["results"]
     except UserError as e:
-        logging.getLogger(__name__).warning("%s: scores not checked against the prediction files (%s)", folder, e)
-        return
+        raise UserError(f"--run {folder}: its prediction files no longer match the run ({e}); run `evaluate.py run` "
+                        "again with the same --out to decode what is missing") from None
     for task, by_model in metrics["results"].items():
         for model, old in by_model.items():
             new = fresh.get(task, {}).get(model, {})
-            for key in ("em_f1", "bleu2_f1", "rougeL_f1", "em_p", "em_r", "bleu2_p", "bleu2_r", "rougeL_p",
-                        "rougeL_r"):
+            for key in SCORE_KEYS:
                 if not abs(float(old[key]) - float(new.get(key, float("nan")))) <= 1e-9:
-                    raise UserError(f"{folder}/metrics.json: {task} / {model} {key} is {old[key]:.4f} but its "
-                                    f"prediction file scores {new.get(key, float('nan')):.4f}: the predictions "
-                                    f"changed since; re-score with `evaluate.py report --out {folder}`")
+                    raise UserError(f"{folder}/metrics.json and its prediction files disagree: {task} / {model} "
+                                    f"{key} is {old[key]:.4f} in metrics.json, {new.get(key, float('nan')):.4f} from "
+                                    "the predictions (the files, or the scorer, changed since the run); re-score "
+                                    f"with `evaluate.py report --out {folder}`")
 
 
 def cmd_trust(args: argparse.Namespace) -> int:
@@ -228,13 +235,15 @@ def cmd_trust(args: argparse.Namespace) -> int:
     _refuse_overwriting({"--json": args.json}, inputs)
     seen: dict[str, str] = {}
     for name, metrics in runs.items():  # one test set twice (two temperatures of one data) is no second dataset
-        tasks = metrics.get("tasks")
-        same = json.dumps([metrics.get("data"), {t: v.get("ids") for t, v in tasks.items() if isinstance(v, dict)}
-                           if isinstance(tasks, dict) else None], sort_keys=True)
-        if same in seen and metrics.get("data") is not None:
-            log.warning("--run %s and %s hold the same test data (%s): robustness compares them as two datasets",
-                        seen[same], name, metrics.get("data"))
-        seen.setdefault(same, name)
+        tasks = metrics.get("tasks") if isinstance(metrics.get("tasks"), dict) else {}
+        for task, spec in tasks.items():
+            if metrics.get("data") is None or not isinstance(spec, dict) or not spec.get("ids"):
+                continue
+            same = json.dumps([metrics["data"], task, spec["ids"]])
+            if same in seen:
+                log.warning("--run %s and %s hold the same %s test data (%s): robustness compares them as two "
+                            "datasets", seen[same], name, task, metrics["data"])
+            seen.setdefault(same, name)
     try:
         trust = trust_from_runs(runs)
     except ValueError as e:  # NaN or partial scores in a metrics.json

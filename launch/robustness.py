@@ -3,7 +3,7 @@
 
     python launch/robustness.py counterfactual --model BASE --data DIR|synthetic[:PATIENTS[:SEED]] --out OUT \\
         [--rates 0.2,0.4,0.6,0.8] [--epochs 1] [--limit N] [--train-limit N] [key=value overrides for finetune.py]
-    python launch/robustness.py misspell --model PATH [--adapter PEFT_DIR] --data DIR|FILE|synthetic[:PATIENTS] \\
+    python launch/robustness.py misspell --model PATH [--adapter PEFT_DIR] --data DIR|FILE|synthetic[:P[:S]] \\
         --tasks diagnosis,treatment_plan --out OUT [--rates 0.02,0.04,0.06,0.08,0.2,0.4,0.6,0.8] [--limit N]
 
 ``counterfactual`` fine-tunes one LoRA model per rate (launch/finetune.py) on phenotype training data whose labels

@@ -203,6 +203,9 @@ def test_a_mesh_on_a_cpu_host_gets_its_devices_or_says_how(base_and_adapter):
     started = subprocess.run([sys.executable, "-c", code.format(pre="jax.numpy.ones(1).block_until_ready()\n")],
                              env=env, capture_output=True, text=True, timeout=300)
     assert started.returncode != 0 and "jax.config.update('jax_num_cpu_devices', 4)" in started.stderr
+    own = subprocess.run([sys.executable, "-c", code.format(pre="jax.config.update('jax_num_cpu_devices', 8)\n")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert own.returncode == 0 and own.stdout.split()[0] == "8", own.stderr[-2000:]  # a user's count is not lowered
 
 
 def test_the_package_exposes_eval_and_user_error():

@@ -288,6 +288,9 @@ def test_pretrain_yaml_typo_suggests_the_key(tmp_path, capsys):
     cfg = write(tmp_path / "c.yaml", "lora:\n  rank: 4\n  alpah: 8\n")
     code, err = run_cli("launch/pretrain.py", ["--config", cfg, "--workdir", tmp_path / "r", *TINY], capsys)
     one_clear_error(code, err, "alpah", "did you mean 'alpha'")
+    cfg = write(tmp_path / "c.yaml", "lr: 0.001\n")  # a section's key at the top: was "did you mean 'lora'"
+    code, err = run_cli("launch/pretrain.py", ["--config", cfg, "--workdir", tmp_path / "r", *TINY], capsys)
+    one_clear_error(code, err, "'lr'", "did you mean 'optim.lr'")
 
 
 def test_a_yaml_section_keeps_the_defaults_it_does_not_name(tmp_path):

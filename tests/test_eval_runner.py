@@ -615,14 +615,21 @@ def test_trust_metrics_over_run_folders(finished, tmp_path, capsys, caplog):
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     edited = [{**r, "prediction": r["gold"]} for r in rows]  # a second dataset that differs: all right
     preds.write_text("".join(json.dumps(r) + "\n" for r in edited))
-    with pytest.raises(UserError, match="tuned em_f1 is .* but its prediction file scores 100.0000: the predictions "
-                                        "changed since; re-score with `evaluate.py report"):
+    with pytest.raises(UserError, match="prediction files disagree: diagnosis / tuned em_p is 0.0000 in metrics.json, "
+                                        r"100.0000 from the predictions \(the files, or the scorer, changed since the "
+                                        r"run\); re-score with `evaluate.py report"):
         _evaluate().main.__wrapped__(["trust", "--run", f"a={done}", "--run", f"b={other}"])
+    cut = tmp_path / "cut"  # a file that lost a row is refused too (it was only a warning)
+    shutil.copytree(other, cut)
+    pred = cut / "predictions" / "vanilla__phenotype.jsonl"
+    pred.write_text(pred.read_text().splitlines(keepends=True)[0])
+    with pytest.raises(UserError, match=f"--run {cut}: its prediction files no longer match the run"):
+        _evaluate().main.__wrapped__(["trust", "--run", f"a={done}", "--run", f"b={cut}"])
     assert _evaluate().main(["report", "--out", str(other)]) == 0
     assert _evaluate().main(["trust", "--run", f"a={done}", "--run", f"b={other}", "--json",
                              str(tmp_path / "t.json")]) == 0
     got = json.loads((tmp_path / "t.json").read_text())
-    assert "--run a and b hold the same test data" in caplog.text  # a copy, here: no second dataset
+    assert "--run a and b hold the same diagnosis test data" in caplog.text  # a copy: no second dataset
     assert got["datasets"] == ["a", "b"] and set(got["models"]) == {"vanilla", "tuned"}
     runs = [json.loads((d / "metrics.json").read_text())["results"] for d in (done, other)]
     want = trust_metrics({task: {name: entry_from_score(r[task]["tuned"]) for name, r in zip("ab", runs)}

@@ -104,6 +104,9 @@ def test_trust_never_reports_an_unmeasured_robustness_and_scores_radonc_tasks_by
     assert entry_from_score(regimen) == {"precision": 25.0, "recall": 50.0, "matching": {"rouge1": 50.0}}
     broken = {**scores, "radonc": {"error": "ValueError: ..."}}
     assert entry_from_score(broken) == entry_from_score(scores)
+    legacy = {**scores, "radonc": {"rouge1": 0.5, "per_instance": []}}  # before rouge1_precision was recorded
+    with pytest.raises(ValueError, match="no numeric rouge1_precision; re-score the run with `evaluate.py report"):
+        entry_from_score(legacy)
 
 
 def test_trust_cli_shows_coverage_and_no_made_up_robustness(tmp_path, capsys, caplog):

@@ -103,7 +103,6 @@ def to_hf(ckpt_dir: str, out_dir: str, mode: str | None = None, overwrite: bool 
                             "(use to-hf without --peft-adapter)")
         base = base_name or _base_of(ckpt_dir, w)
         from cancerllm_jax.checkpoint import orbax_io
-
         from cancerllm_jax.train.run_io import is_run_dir
 
         if base and not base_name and (orbax_io.is_params_checkpoint(base) or is_run_dir(base)):

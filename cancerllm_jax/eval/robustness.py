@@ -106,14 +106,14 @@ def load_split(data: str, task: str, split: str, limit: int | None = None, patie
     (``patients`` patients, ``seed``) or ``synthetic:PATIENTS[:SEED]``, ``DIR/<task>/<split>.jsonl`` (a test split
     may also be ``DIR/<task>.jsonl``, or one JSONL file for one task). A split not ``required`` that the folder
     lacks is ``[]``."""
-    from cancerllm_jax.eval.tasks import _parse_synthetic, read_jsonl_records, test_split_path
+    from cancerllm_jax.eval.tasks import parse_synthetic, read_jsonl_records, test_split_path
 
-    if data == "synthetic" or _parse_synthetic(data) is not None:
+    spec = parse_synthetic(data)
+    if spec is not None:
         from cancerllm_jax.data.synthetic import instruction_datasets
 
         if data != "synthetic":  # synthetic:PATIENTS[:SEED] names its own patients (and seed, else --seed)
-            patients, named_seed = _parse_synthetic(data)
-            seed = named_seed if data.count(":") == 2 else seed
+            patients, seed = spec[0], spec[1] if data.count(":") == 2 else seed
         records = instruction_datasets(patients, seed=seed)[task][split]
     elif split == "test":
         records = read_jsonl_records(test_split_path(task, data), task)  # as evaluate.py reads them

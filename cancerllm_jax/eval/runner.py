@@ -37,8 +37,8 @@ from typing import Any
 from cancerllm_jax.data.sources import json_type_name
 from cancerllm_jax.errors import UserError
 from cancerllm_jax.eval.protocol import PROTOCOLS, score
-from cancerllm_jax.eval.tasks import (TaskSpec, _parse_synthetic, build_few_shot_prompt, build_prompt, describe_data,
-                                     get_task, read_test_split, read_train_split)
+from cancerllm_jax.eval.tasks import (TaskSpec, build_few_shot_prompt, build_prompt, describe_data, get_task,
+                                     parse_synthetic, read_test_split, read_train_split)
 
 PRED_FIELDS = ("id", "prompt_hash", "gold", "prediction")
 PROVENANCE_FORMAT = "cancerllm-jax/eval-provenance-v1"
@@ -399,16 +399,21 @@ def refresh_rows(path: str, rows: list[dict], expected: dict[str, tuple[str, str
             regold += 1
         kept.append(row)
     if regold or dropped:
-        from cancerllm_jax.train.run_io import write_text_atomic
-
-        write_text_atomic(path, "".join(json.dumps({k: v for k, v in r.items() if k != "_line"}, ensure_ascii=False)
-                                        + "\n" for r in kept))
+        _rewrite_rows(path, kept)
         said = ([f"{regold} gold answer(s) updated from the test split (same prompts: predictions kept)"] * bool(regold)
                 + [f"--overwrite: {dropped} row(s) whose prompt changed or that left the split dropped, to be "
                    "decoded again"] * bool(dropped))
         log(f"{path}: {'; '.join(said)}")
         kept = [{**r, "_line": n} for n, r in enumerate(kept, 1)]
     return kept
+
+
+def _rewrite_rows(path: str, rows: list[dict]) -> None:
+    """Replace a prediction file by ``rows`` (read by :func:`read_predictions`), atomically."""
+    from cancerllm_jax.train.run_io import write_text_atomic
+
+    write_text_atomic(path, "".join(json.dumps({k: v for k, v in r.items() if k != "_line"}, ensure_ascii=False)
+                                    + "\n" for r in rows))
 
 
 def _append_jsonl(path: str, rows: list[dict]) -> None:
@@ -601,14 +606,11 @@ def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg:
 def _in_split_order(path: str, ids: list[str]) -> None:
     """Rewrite a complete prediction file in the test split's order (it is written longest prompt first), so that
     its lines pair with the test file's; a file already in order is left alone."""
-    from cancerllm_jax.train.run_io import write_text_atomic
-
     rows = read_predictions(path)
     position = {i: n for n, i in enumerate(ids)}
     ordered = sorted(rows, key=lambda r: position.get(r["id"], len(ids)))
     if [r["id"] for r in ordered] != [r["id"] for r in rows]:
-        write_text_atomic(path, "".join(json.dumps({k: v for k, v in r.items() if k != "_line"}, ensure_ascii=False)
-                                        + "\n" for r in ordered))
+        _rewrite_rows(path, ordered)
 
 
 # ---------------------------------------------------------------- scoring
@@ -711,7 +713,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = log_stderr) -> dict[str, An
 
     resolve_dtype(cfg.dtype)  # before OUT holds a provenance record naming it
     parse_mesh(cfg.mesh)
-    if len(cfg.tasks) > 1 and _parse_synthetic(cfg.data) is None and os.path.isfile(cfg.data):
+    if len(cfg.tasks) > 1 and parse_synthetic(cfg.data) is None and os.path.isfile(cfg.data):
         raise UserError(f"--data {cfg.data} is one file, but {len(cfg.tasks)} tasks were given "
                         f"({', '.join(s.name for s in cfg.tasks)}): one file is one task's test split; give one "
                         "task, or a folder with <task>/test.jsonl for each")

@@ -132,7 +132,7 @@ def build_few_shot_prompt(tokenizer, record: dict, spec: TaskSpec, exemplars: li
 # ---------------------------------------------------------------- test splits
 
 
-def _parse_synthetic(data: str) -> tuple[int, int] | None:
+def parse_synthetic(data: str) -> tuple[int, int] | None:
     if data != "synthetic" and not data.startswith("synthetic:"):
         return None
     parts = data.split(":")[1:]
@@ -208,7 +208,7 @@ def _default_instruction(task: str) -> str:
 def read_test_split(task: str, data: str = "synthetic", limit: int | None = None) -> list[dict]:
     """The test records of ``task`` from ``data`` (see the module doc), the first ``limit`` of them if given."""
     get_task(task)
-    synthetic = _parse_synthetic(data)
+    synthetic = parse_synthetic(data)
     if synthetic is not None:
         records = [dict(r) for r in _synthetic(synthetic)[task]["test"]]
     else:
@@ -231,7 +231,7 @@ def _synthetic(key: tuple[int, int]) -> dict:
 
 def read_train_split(task: str, data: str = "synthetic") -> list[dict]:
     """The training records of ``task`` (k-shot exemplars): synthetic, or ``DIR/<task>/train.jsonl``."""
-    synthetic = _parse_synthetic(data)
+    synthetic = parse_synthetic(data)
     if synthetic is not None:
         return [dict(r) for r in _synthetic(synthetic)[task]["train"]]
     path = os.path.join(data, task, "train.jsonl") if os.path.isdir(data) else ""
@@ -241,7 +241,7 @@ def read_train_split(task: str, data: str = "synthetic") -> list[dict]:
 
 
 def describe_data(data: str) -> str:
-    synthetic = _parse_synthetic(data)
+    synthetic = parse_synthetic(data)
     if synthetic is not None:
         return f"synthetic ({synthetic[0]} patients, seed {synthetic[1]}, test split)"
     return os.path.abspath(data)

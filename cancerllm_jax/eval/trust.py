@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 SHOTS = (0, 1, 3, 5)
+SCORE_KEYS = tuple(f"{m}_{x}" for m in ("em", "bleu2", "rougeL") for x in ("p", "r", "f1"))  # what a run must hold
+_RADONC_KEYS = {True: ("rouge1", "rouge1_precision"), False: ("accuracy", "precision", "recall", "f1")}
 
 
 def _matching(entry: Mapping[str, Any]) -> list[float]:
@@ -42,6 +44,11 @@ def entry_from_score(result: Mapping[str, Any]) -> dict[str, Any]:
     radiation-oncology task) is scored with those instead (see the module doc), in percent."""
     extra = result.get("radonc")
     if isinstance(extra, Mapping) and "error" not in extra:
+        missing = [k for k in _RADONC_KEYS["rouge1" in extra] if isinstance(extra.get(k), bool)
+                   or not isinstance(extra.get(k), (int, float))]
+        if missing:  # written by an earlier version
+            raise ValueError(f"its radiation-oncology scores have no numeric {', '.join(missing)}; re-score the run "
+                             "with `evaluate.py report --out DIR`")
         if "rouge1" in extra:  # the regimen: the paper's ROUGE-1 is the recall
             return {"precision": 100 * float(extra["rouge1_precision"]), "recall": 100 * float(extra["rouge1"]),
                     "matching": {"rouge1": 100 * float(extra["rouge1"])}}
@@ -89,10 +96,9 @@ def check_run(metrics: Any) -> None:
     results = metrics.get("results") if isinstance(metrics, Mapping) else None
     if not isinstance(results, Mapping) or not any(isinstance(v, Mapping) and v for v in results.values()):
         raise ValueError("no scores under 'results' (not a finished `evaluate.py run` folder?)")
-    keys = [f"{m}_{x}" for m in ("em", "bleu2", "rougeL") for x in ("p", "r", "f1")]
     for task, by_model in results.items():
         for model, r in (by_model.items() if isinstance(by_model, Mapping) else [("", None)]):
-            bad = [k for k in keys if not isinstance(r, Mapping) or isinstance(r.get(k), bool)
+            bad = [k for k in SCORE_KEYS if not isinstance(r, Mapping) or isinstance(r.get(k), bool)
                    or not isinstance(r.get(k), (int, float))]
             if bad:
                 raise ValueError(f"results[{task!r}]{f'[{model!r}]' if model else ''}: missing or non-numeric "
@@ -131,7 +137,10 @@ def trust_from_runs(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str
         for dataset, metrics in runs.items():
             for task, by_model in metrics.get("results", {}).items():
                 if model in by_model:
-                    per.setdefault(task, {})[dataset] = entry_from_score(by_model[model])
+                    try:
+                        per.setdefault(task, {})[dataset] = entry_from_score(by_model[model])
+                    except ValueError as e:
+                        raise ValueError(f"run {dataset!r}, {task} / {model}: {e}") from None
         out[model] = trust_metrics(per) | {"coverage": {task: sorted(d) for task, d in per.items()}}
     return out
 
