@@ -50,7 +50,8 @@ def model_kind(path: str) -> tuple[str, str]:
         return path, "hf"
     hint = ""
     if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        hint = "; it is a PEFT adapter: give its base model as the path and this folder as adapter="
+        hint = ("; it is a PEFT adapter: give its base model as the path and this folder as adapter= (on the "
+                "command line: --model BASE --adapter DIR)")
     elif (run := next((p for p in (os.path.dirname(path), os.path.dirname(os.path.dirname(path)))
                        if run_io.is_run_dir(p)), None)):
         hint = f"; it is inside the training run {run}: give the run folder (its latest checkpoint)"

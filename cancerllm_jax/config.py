@@ -187,6 +187,11 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     heads = hf["num_attention_heads"]
     window = hf["sliding_window"] if mtype == "mistral" else None
+    if mtype == "llama" and hf.get("sliding_window") is not None:  # LlamaModel ignores it; generate() does not
+        logging.getLogger(__name__).warning(
+            "%s: a llama config with sliding_window %s: ignored, as transformers' Llama model ignores it (full "
+            "attention; transformers' generate() then builds a sliding cache and can differ from its own forward)",
+            source, hf.get("sliding_window"))
     layer_types = hf.get("layer_types")
     if mtype == "mistral" and layer_types is not None:  # transformers loads such a config as Ministral
         kinds = set(layer_types) if isinstance(layer_types, list) else {None}

@@ -990,3 +990,17 @@ def test_an_override_without_a_key_or_value_sign_is_one_clear_error():
     for item, needle in (("=5", "no key before '='"), ("steps", "expected key=value")):
         with pytest.raises(UserError, match=needle):
             apply_overrides({}, [item], PretrainConfig)
+
+
+def test_a_llama_sliding_window_is_ignored_with_a_warning(caplog):
+    """transformers' LlamaModel ignores a stray sliding_window (full attention) while its generate() builds a sliding
+    cache; we follow the model, and say so (it was silent)."""
+    from cancerllm_jax.config import from_hf_config
+
+    hf = {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    assert from_hf_config({**hf, "sliding_window": 4}, source="c.json").sliding_window is None
+    assert "c.json: a llama config with sliding_window 4: ignored" in caplog.text
+    caplog.clear()
+    from_hf_config({**hf, "sliding_window": None}, source="c.json")
+    assert "sliding_window" not in caplog.text
