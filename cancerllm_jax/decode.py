@@ -147,6 +147,14 @@ def _real(name: str, value) -> float:
     return float(value)
 
 
+def cut_prompt(ids: list[int], max_prompt_tokens: int, bos: int | None) -> list[int]:
+    """A prompt longer than ``max_prompt_tokens``: its last tokens, after the BOS it starts with (if any)."""
+    if len(ids) <= max_prompt_tokens:
+        return list(ids)
+    keep_bos = bos is not None and ids[0] == bos and max_prompt_tokens > 1
+    return list(ids[:1]) + list(ids[len(ids) - max_prompt_tokens + 1:]) if keep_bos else list(ids[-max_prompt_tokens:])
+
+
 class Decoder:
     """Compiles and caches the prefill, decode-loop and cache-join functions per shape and sampling mode."""
 
@@ -246,11 +254,9 @@ class Decoder:
         ids = [self._encode(p, as_text, i, add_bos) for i, p in enumerate(prompts)]
         truncated = 0
         if max_prompt_tokens:
-            bos = lm.cfg.bos_token_id
             for i, p in enumerate(ids):
-                if len(p) > max_prompt_tokens:  # the last tokens, after the BOS the prompt starts with
-                    keep_bos = bos is not None and p[0] == bos and max_prompt_tokens > 1
-                    ids[i] = p[:1] + p[len(p) - max_prompt_tokens + 1:] if keep_bos else p[-max_prompt_tokens:]
+                if len(p) > max_prompt_tokens:
+                    ids[i] = cut_prompt(p, max_prompt_tokens, lm.cfg.bos_token_id)
                     truncated += 1
         # None: the model's EOS ids; [] (or only negative ids): no EOS, every row runs to max_new_tokens
         given = [e for e in np.asarray(lm.eos_ids if eos_id is None else eos_id, dtype=object).ravel() if e is not None]

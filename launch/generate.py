@@ -85,7 +85,7 @@ def main(argv=None):
     if lm.tokenizer is None:
         raise UserError(f"{args.model}: no tokenizer found beside the weights")
     records, encoded, n_bad = _keep_good(records, args.skip_bad_lines, lambda r: _prompt(
-        lm.tokenizer, r, args.max_prompt_tokens, f"{args.input}:{r['_line']}"))
+        lm.tokenizer, r, args.max_prompt_tokens, f"{args.input}:{r['_line']}", lm.cfg.bos_token_id))
     skipped += n_bad
     if not records:
         raise UserError(f"{args.input}: no usable records ({skipped} bad lines skipped)")
@@ -128,15 +128,19 @@ def _check_fields(path: str, r: dict) -> None:
         raise UserError(f"{path}:{r['_line']}: field 'instruction' is empty")
 
 
-def _prompt(tokenizer, r: dict, budget: int, where: str) -> tuple[list[int], str, int]:
-    """(prompt ids, the prompt's text, context tokens cut) for one record."""
+def _prompt(tokenizer, r: dict, budget: int, where: str, bos: int | None = None) -> tuple[list[int], str, int]:
+    """(prompt ids, the text the model sees (hashed into ``prompt_hash``), context tokens cut) for one record; a
+    raw ``prompt`` longer than ``budget`` is cut as ``generate`` cuts it (BOS + its last tokens)."""
     from cancerllm_jax.data.instruct import generation_prompt
     from cancerllm_jax.data.tokenizer import encode_written_prompt
+    from cancerllm_jax.decode import cut_prompt
 
     if "prompt" in r:
         ids = encode_written_prompt(tokenizer, r["prompt"], bos=True)  # as tokenizer(text): a chat template's tokens
         if not ids:
             raise UserError(f"{where}: the prompt is empty")
+        if budget and len(ids) > budget:  # hashed as what the model sees, as a cut instruction prompt is
+            return ids, tokenizer.decode(cut_prompt(ids, budget, bos)), 0
         return ids, r["prompt"], 0
     return generation_prompt(tokenizer, r["instruction"], r.get("context") or "", budget, example_id=where)
 

@@ -615,6 +615,15 @@ def test_generate_cli_names_lines_as_evaluate_does_and_hashes_the_prompt_it_feed
     spec = get_task("diagnosis").with_limits(max_input_tokens=100)
     want = build_prompt(load_tokenizer(None), {**rows[0], "id": "line1"}, spec)
     assert want.context_tokens_cut > 0 and got[0]["prompt_hash"] == want.hash
+    # a raw prompt cut to --max-prompt-tokens is hashed as what the model sees too (it hashed the whole text, so two
+    # cuts that fed the model different tokens had one hash)
+    inp.write_text(json.dumps({"prompt": long_note}) + "\n")
+    hashes = []
+    for budget in ("50", "5", "5"):
+        assert cli.main(["--model", str(model_dir), "--input", str(inp), "--out", str(out), "--max-new-tokens", "1",
+                         "--max-prompt-tokens", budget, "--overwrite"]) == 0
+        hashes.append(json.loads(out.read_text())["prompt_hash"])
+    assert hashes[0] != hashes[1] == hashes[2]
     with pytest.raises(cj_errors().UserError, match="in.jsonl:3: field 'instruction' is empty"):
         cli._check_fields("in.jsonl", {"instruction": " ", "_line": 3})
 
