@@ -212,9 +212,8 @@ def cmd_trust(args: argparse.Namespace) -> int:
     import logging
 
     from cancerllm_jax.eval.runner import read_json_file
-    from cancerllm_jax.eval.trust import check_run, trust_from_runs
+    from cancerllm_jax.eval.trust import check_run, trust_from_runs, trust_warnings
 
-    log = logging.getLogger(__name__)
     runs, inputs = {}, {}
     for spec in args.run:
         name, sep, folder = spec.partition("=")  # NAME=FOLDER; a folder alone may hold "=" in its path
@@ -233,27 +232,12 @@ def cmd_trust(args: argparse.Namespace) -> int:
         if isinstance(runs[name].get("models"), dict) and isinstance(runs[name].get("tasks"), dict):
             _check_run_against_predictions(folder, runs[name])
     _refuse_overwriting({"--json": args.json}, inputs)
-    seen: dict[str, str] = {}
-    for name, metrics in runs.items():  # one test set twice (two temperatures of one data) is no second dataset
-        tasks = metrics.get("tasks") if isinstance(metrics.get("tasks"), dict) else {}
-        for task, spec in tasks.items():
-            if metrics.get("data") is None or not isinstance(spec, dict) or not spec.get("ids"):
-                continue
-            same = json.dumps([metrics["data"], task, spec["ids"]])
-            if same in seen:
-                log.warning("--run %s and %s hold the same %s test data (%s): robustness compares them as two "
-                            "datasets", seen[same], name, task, metrics["data"])
-            seen.setdefault(same, name)
     try:
         trust = trust_from_runs(runs)
     except ValueError as e:  # NaN or partial scores in a metrics.json
         raise UserError(f"--run: {e}") from None
-    coverage = {model: json.dumps(m["coverage"], sort_keys=True) for model, m in trust.items()}
-    if len(set(coverage.values())) > 1:  # sums over tasks compare only models scored on the same tasks
-        log.warning("the models were scored on different tasks or datasets (%s): faithfulness and comprehensiveness "
-                    "sum over tasks and compare only models with the same coverage",
-                    "; ".join(f"{model}: {m['n_tasks']} tasks, {m['n_datasets']} task datasets"
-                              for model, m in trust.items()))
+    for warning in trust_warnings(runs, trust):
+        logging.getLogger(__name__).warning("%s", warning)
     keys = ("faithfulness", "comprehensiveness", "generalizability", "robustness")
     print(f"{'model':<24}" + "".join(f"{k:>20}" for k in keys) + f"{'tasks':>7}{'datasets':>10}")
     for model, m in trust.items():

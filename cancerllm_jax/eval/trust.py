@@ -22,6 +22,7 @@ Use one scale throughout (CancerLLM's scorer gives percent). No jax.
 """
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,7 +31,7 @@ import numpy as np
 
 SHOTS = (0, 1, 3, 5)
 SCORE_KEYS = tuple(f"{m}_{x}" for m in ("em", "bleu2", "rougeL") for x in ("p", "r", "f1"))  # what a run must hold
-_RADONC_KEYS = {True: ("rouge1", "rouge1_precision"), False: ("accuracy", "precision", "recall", "f1")}
+_REGIMEN_KEYS, _CLASSIFICATION_KEYS = ("rouge1", "rouge1_precision"), ("accuracy", "precision", "recall", "f1")
 
 
 def _matching(entry: Mapping[str, Any]) -> list[float]:
@@ -44,7 +45,8 @@ def entry_from_score(result: Mapping[str, Any]) -> dict[str, Any]:
     radiation-oncology task) is scored with those instead (see the module doc), in percent."""
     extra = result.get("radonc")
     if isinstance(extra, Mapping) and "error" not in extra:
-        missing = [k for k in _RADONC_KEYS["rouge1" in extra] if isinstance(extra.get(k), bool)
+        needed = _REGIMEN_KEYS if "rouge1" in extra else _CLASSIFICATION_KEYS
+        missing = [k for k in needed if isinstance(extra.get(k), bool)
                    or not isinstance(extra.get(k), (int, float))]
         if missing:  # written by an earlier version
             raise ValueError(f"its radiation-oncology scores have no numeric {', '.join(missing)}; re-score the run "
@@ -143,6 +145,28 @@ def trust_from_runs(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str
                         raise ValueError(f"run {dataset!r}, {task} / {model}: {e}") from None
         out[model] = trust_metrics(per) | {"coverage": {task: sorted(d) for task, d in per.items()}}
     return out
+
+
+def trust_warnings(runs: Mapping[str, Mapping[str, Any]], trust: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What makes :func:`trust_from_runs`' figures compare less than they seem: one test set given as two datasets
+    (two temperatures of one data), and models scored on other tasks or datasets (the sums run over tasks)."""
+    warnings, seen = [], {}
+    for name, metrics in runs.items():
+        tasks = metrics.get("tasks") if isinstance(metrics.get("tasks"), Mapping) else {}
+        for task, spec in tasks.items():
+            if metrics.get("data") is None or not isinstance(spec, Mapping) or not spec.get("ids"):
+                continue
+            same = json.dumps([metrics["data"], task, spec["ids"]])
+            if same in seen:
+                warnings.append(f"--run {seen[same]} and {name} hold the same {task} test data ({metrics['data']}): "
+                                "robustness compares them as two datasets")
+            seen.setdefault(same, name)
+    if len({json.dumps(m["coverage"], sort_keys=True) for m in trust.values()}) > 1:
+        covered = "; ".join(f"{model}: {m['n_tasks']} tasks, {m['n_datasets']} task datasets"
+                            for model, m in trust.items())
+        warnings.append(f"the models were scored on different tasks or datasets ({covered}): faithfulness and "
+                        "comprehensiveness sum over tasks and compare only models with the same coverage")
+    return warnings
 
 
 def _key(record: Mapping[str, Any]) -> tuple:
