@@ -84,7 +84,7 @@ def test_outputs(finished):
     report = (out / "report.md").read_text()
     for section in ("## Summary", "## Setup", "## Cancer phenotype extraction (Table 2-shaped)",
                     "## Cancer diagnosis generation (Table 3-shaped)", "## Efficiency (Table 7-shaped)",
-                    "| Model | n | Exact Match P", "Tokens/s", "Peak memory (MB)", "jax ", "greedy"):
+                    "| Model | n | Exact Match P", "Tokens/s", "Peak memory (MiB)", "jax ", "greedy"):
         assert section in report, section
     for png in ("scores_avg_f1.png", "scores_by_metric.png", "efficiency.png"):
         data = (out / png).read_bytes()
@@ -220,7 +220,7 @@ def test_an_edited_split_updates_golds_and_overwrite_decodes_changed_prompts_aga
     assert calls == [] and _rows(pred) == rows
     pred.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], dict(rows[1], prompt_hash="0" * 16)]))
     monkeypatch.setenv("CANCERLLM_DEBUG", "1")  # raise the UserError instead of printing it and exiting
-    with pytest.raises(UserError, match="pass --overwrite to decode such rows again"):
+    with pytest.raises(UserError, match="plus --overwrite to decode such rows again"):
         _evaluate().main(_run_args(model, out))
     assert _evaluate().main(_run_args(model, out, "--overwrite")) == 0
     assert calls == [1] and sorted(_rows(pred), key=lambda r: r["id"]) == sorted(rows, key=lambda r: r["id"])

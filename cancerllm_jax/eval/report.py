@@ -51,7 +51,7 @@ def score_table(task: str, by_model: dict[str, dict]) -> list[str]:
 def efficiency_table(metrics: dict[str, Any]) -> list[str]:
     """Table 7: per task and model, limits, generation time, tokens, tokens/s, peak memory."""
     lines = ["| Task | Model | max in / new | n | Generation time | Generated tokens | Tokens/s | "
-             "Tokens/s (no compile) | Peak memory (MB) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "Tokens/s (no compile) | Peak memory (MiB) |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for task, by_model in metrics["results"].items():
         spec = metrics["tasks"].get(task, {})
         for model, r in by_model.items():
@@ -151,7 +151,7 @@ def write_report(out: str, metrics: dict[str, Any], title: str | None = None) ->
               "least the other's peak: for each model's own, run one `evaluate.py run` per model into the same "
               "`--out`, which resumes). For scale: the paper's Table 7 (4-bit 7B model, "
               "batch 1, one A100) reports 1:14:12 for phenotypes, 1:26:33 for diagnosis and 11:40:14 for treatment "
-              "plans, and 5,550 MB.", ""]
+              "plans, and 5,550 MB (the table gives MiB, 2^20 bytes).", ""]
     lines += efficiency_table(metrics) + [""]
     if "efficiency" in plots:
         lines += [f"![Generation time and throughput]({plots['efficiency']})", ""]
@@ -264,7 +264,7 @@ def write_plots(out: str, metrics: dict[str, Any]) -> dict[str, str]:
     _grouped(a2, titles, {m: [e.get("tokens_per_s") for e in es] for m, es in eff.items()}, "generated tokens / s")
     a2.set_title("Throughput", fontsize=10)
     _grouped(a3, titles, {m: [None if not e.get("peak_memory_bytes") else e["peak_memory_bytes"] / 2**20 for e in es]
-                          for m, es in eff.items()}, "peak memory (MB)", fmt="{:,.0f}")
+                          for m, es in eff.items()}, "peak memory (MiB)", fmt="{:,.0f}")
     kind = next((e.get("memory_kind") for es in eff.values() for e in es if e.get("memory_kind")), "")
     a3.set_title("Peak memory" + (" (host RSS)" if "RSS" in (kind or "") else " (device)"), fontsize=10)
     a3.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))

@@ -365,13 +365,14 @@ def check_against_split(path: str, rows: list[dict], expected: dict[str, tuple[s
         where = f"{path}:{row['_line']}"
         if row["id"] not in expected:
             raise UserError(f"{where}: id {row['id']!r} is not in this run's test split ({len(expected)} instances); "
-                            "was the file written for other data or another --limit? Use another --out, or pass "
-                            "--overwrite to drop such rows")
+                            "was the file written for other data or another --limit? Use another --out, or run "
+                            "`evaluate.py run` with the same flags plus --overwrite to drop such rows")
         want_hash, want_gold = expected[row["id"]]
         if want_hash is not None and row["prompt_hash"] != want_hash:
             raise UserError(f"{where}: id {row['id']!r} has prompt_hash {row['prompt_hash']} but the prompt built now "
                             f"hashes to {want_hash} (other data, template, tokenizer or --max-input-tokens); "
-                            "use another --out, or pass --overwrite to decode such rows again")
+                            "use another --out, or run `evaluate.py run` with the same flags plus --overwrite to decode "
+                            "such rows again")
         if want_gold is not None and row["gold"] != want_gold:
             raise UserError(f"{where}: id {row['id']!r}: its gold answer differs from the test split's")
     if complete:
