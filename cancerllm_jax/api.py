@@ -73,6 +73,14 @@ def read_model_config(path: str) -> ModelConfig:
     return build(ModelConfig, meta["model"], f"{path}/{name}:model")
 
 
+def read_tokenizer_spec(path: str) -> str | None:
+    """The tokenizer spec ``read_weights(path)`` gives, without reading the weights."""
+    from cancerllm_jax.train import run_io
+
+    path, kind = model_kind(path)
+    return run_io.run_tokenizer(run_io.read_run_meta(path)) if kind == "run" else _tokenizer_in(path)
+
+
 NO_ADAPTER = "none"  # the CLI value for "this model has no adapter"
 
 

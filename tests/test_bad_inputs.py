@@ -516,6 +516,33 @@ def test_finetune_reads_the_base_weights_once(tmp_path, capsys, models, monkeypa
     assert len(calls) == 1, calls
 
 
+def test_finetune_dry_run_counts_the_data_with_the_model_tokenizer(tmp_path, capsys, models):
+    """--dry-run reads the data with the model folder's own tokenizer, as the run does (it fell back to Mistral
+    v1's: other row, truncation and step counts, and a pass where the run fails)."""
+    import transformers
+    from tokenizers import Regex, Tokenizer, decoders, models as tk_models, pre_tokenizers
+
+    folder = tmp_path / "chars"
+    shutil.copytree(models["small"], folder)
+    vocab = {"</s>": 0, "<s>": 1, **{c: i + 2 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz #:.,\n")}}
+    tk = Tokenizer(tk_models.WordLevel(vocab=vocab, unk_token="#"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>").save_pretrained(folder)
+    context = "long context text " * 20
+    train = write(tmp_path / "train.jsonl", f'{{"instruction": "q", "context": "{context}", "response": "a"}}\n' * 3)
+    lines = {}
+    for mode in ("--dry-run", "--steps"):
+        argv = ["--model", folder, "--data", train, "--workdir", tmp_path / mode.strip("-"), "--mesh", "1x1",
+                "--batch-size", "1", "data.max_seq_len=320", "lora.rank=2", mode] + (["1"] if mode == "--steps" else [])
+        code, err = run_cli("launch/finetune.py", argv, capsys)
+        assert code in (0, None), err
+        lines[mode] = next(line for line in err.splitlines() if line.startswith("data: "))
+    assert "3 contexts truncated" in lines["--steps"], lines
+    same = [(line.split(", ")[:2], line.split("; ")[1]) for line in lines.values()]  # rows, steps/epoch, counts
+    assert same[0] == same[1], lines
+
+
 # ------------------------------------------------------------------------------ launch/generate.py
 
 def _gen(models, tmp_path, capsys, lines, model="tok", extra=()):

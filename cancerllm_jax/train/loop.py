@@ -145,8 +145,7 @@ class Trainer:
                             f"divisible by the data axis ({d})")
         self.dtype = resolve_dtype_name(cfg)
         self.model_cfg, base_params, tok_spec, self.base_pointer = (
-            (PRESETS[cfg.model], None, None, {}) if dry_run and cfg.model in PRESETS else
-            _dry_base(cfg) if dry_run else base or load_base(cfg))
+            base or (dry_base(cfg) if dry_run else load_base(cfg)))
         self.tokenizer_spec = tok_spec
         self.extra_meta = extra_meta or {}
         model = build_model(cfg, self.model_cfg, base_params, self.dtype, abstract=dry_run)
@@ -546,13 +545,17 @@ class Trainer:
             run_io.write_json_atomic(os.path.join(base_dir, META_FILE), meta)
 
 
-def _dry_base(cfg: TrainConfig):
-    from cancerllm_jax.config import read_hf_config
+def dry_base(cfg: TrainConfig) -> tuple[ModelConfig, None, str | None, dict]:
+    """``load_base``'s answer without the weights (``--dry-run``): the model config and the tokenizer spec of a
+    preset, an HF folder, a converted checkpoint or a training run."""
+    if cfg.model in PRESETS:
+        return PRESETS[cfg.model], None, None, {}
+    from cancerllm_jax.api import read_model_config, read_tokenizer_spec
 
-    if os.path.isdir(cfg.model) and os.path.isfile(os.path.join(cfg.model, "config.json")):
-        return read_hf_config(cfg.model), None, None, {}
-    raise UserError(f"--dry-run: model {cfg.model!r} is neither a preset ({sorted(PRESETS)}) nor an HF folder; "
-                    f"pass model=mistral-7b-v0.1 to validate the shapes without the weights")
+    if not os.path.exists(cfg.model):
+        raise UserError(f"--dry-run: model {cfg.model!r} is neither a preset ({sorted(PRESETS)}) nor a folder; "
+                        f"pass model=mistral-7b-v0.1 to validate the shapes without the weights")
+    return read_model_config(cfg.model), None, read_tokenizer_spec(cfg.model), {}
 
 
 def _abstract(tree, shardings):
