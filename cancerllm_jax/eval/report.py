@@ -132,7 +132,7 @@ def write_report(out: str, metrics: dict[str, Any], title: str | None = None) ->
         radonc = {m: r["radonc"] for m, r in by_model.items() if r.get("radonc")}
         if radonc:
             keys = sorted({k for v in radonc.values() for k, x in v.items() if isinstance(x, (int, float, str))})
-            lines += ["Task-specific metrics (`eval/radonc.py`):", "", "| Model | " + " | ".join(keys) + " |",
+            lines += ["Task-specific metrics (`eval/radonc.py`; fractions from 0 to 1, not percent):", "", "| Model | " + " | ".join(keys) + " |",
                       "|---|" + "---:|" * len(keys)]
             for m, v in radonc.items():
                 lines.append(f"| {m} | " + " | ".join(
@@ -247,6 +247,7 @@ def write_plots(out: str, metrics: dict[str, Any]) -> dict[str, str]:
         _grouped(ax, ["EM", "BLEU-2", "ROUGE-L"], series, "F1 (%)" if ax is axes[0][0] else "",
                  ylim=min(100.0, top * 1.2))
         ax.set_title(title, fontsize=10)
+    fig.suptitle(f"F1 per metric, protocol {metrics.get('protocol', 'standard')}", fontsize=10)
     axes[0][-1].legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     files["metrics"] = PLOTS["metrics"]
