@@ -4,7 +4,9 @@ from __future__ import annotations
 import difflib
 import errno
 import functools
+import logging
 import os
+import re
 import sys
 
 
@@ -64,6 +66,39 @@ def describe_os_error(e: OSError) -> str:
     return f"{e.strerror or e}{where}"
 
 
+# what a full disk or a refused write looks like where a library reports it as text, not as an OSError (Orbax's
+# TensorStore layer: RESOURCE_EXHAUSTED ... [os_error_code='28']; safetensors' Rust: "(os error 28)")
+_OS_ERROR_TEXT = ((errno.ENOSPC, ("No space left on device", "os error 28", "os_error_code='28'",
+                                  "Disk quota exceeded")),
+                  (errno.EROFS, ("Read-only file system", "os error 30", "os_error_code='30'")),
+                  (errno.EACCES, ("Permission denied", "os error 13", "os_error_code='13'")))
+
+
+def os_error_in_text(e: BaseException) -> OSError | None:
+    """The ``OSError`` a library's exception reports in its text (a full disk, a read-only or forbidden folder), with
+    the first quoted path as its file name; None when it names none."""
+    text = str(e)
+    for code, needles in _OS_ERROR_TEXT:
+        if any(n in text for n in needles):
+            path = re.search(r'"(/[^"]+)"', text)
+            return OSError(code, os.strerror(code), path.group(1) if path else None)
+    return None
+
+
+class _OneLineRecords(logging.Filter):
+    """Library log records (Orbax's background threads log through absl) keep their first line, without the
+    traceback: the failure also reaches the CLI, which prints it as one line (``--debug`` keeps everything)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info or record.exc_text or "\n" in record.getMessage():
+            record.msg, record.args = record.getMessage().splitlines()[0][:300], None
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+_ONE_LINE = _OneLineRecords()
+
+
 def cli_main(fn):
     """Wrap a CLI ``main``: a UserError, an OSError (disk full, permission) or XLA running out of memory prints one
     line and exits 2; any other exception prints one line saying it is a bug and exits 1. ``--debug`` (or
@@ -72,6 +107,8 @@ def cli_main(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = "--debug" in sys.argv or os.environ.get("CANCERLLM_DEBUG") == "1"
+        if not debug:
+            logging.getLogger("absl").addFilter(_ONE_LINE)
         try:
             return fn(*args, **kwargs)
         except UserError as e:
@@ -94,6 +131,9 @@ def cli_main(fn):
             if debug:
                 raise
             first = str(e).splitlines()[0] if str(e) else ""
+            if (os_error := os_error_in_text(e)) is not None:
+                print(f"error: {describe_os_error(os_error)}", file=sys.stderr)
+                sys.exit(2)
             if first.startswith("RESOURCE_EXHAUSTED") or "Out of memory allocating" in first:
                 # XLA (the GPU's RESOURCE_EXHAUSTED; XLA:CPU's INTERNAL ... Out of memory allocating N bytes): the
                 # batch, lengths or model do not fit the devices

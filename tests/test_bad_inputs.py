@@ -980,6 +980,40 @@ def test_out_of_device_memory_is_one_line_about_the_sizes(capsys, monkeypatch, m
     assert e.value.code == 2 and "bug" not in line
 
 
+@pytest.mark.parametrize("message, needles", [
+    ('RESOURCE_EXHAUSTED: Error writing local file "/runs/r/checkpoints/3.orbax-checkpoint-tmp/state/_sharding": '
+     "Failed to write 4093 bytes to file 9: No space left on device [os_error_code='28']",
+     ["disk full", "/runs/r/checkpoints/3.orbax-checkpoint-tmp/state/_sharding", "--resume"]),  # Orbax
+    ("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" }) "
+     "(os error 28)", ["disk full"]),  # safetensors
+    ('PERMISSION_DENIED: Error opening "/ro/x": Read-only file system [os_error_code=\'30\']',
+     ["permission denied", "/ro/x"])])
+def test_a_full_disk_reported_as_text_is_one_line_and_library_tracebacks_are_cut(capsys, caplog, monkeypatch,
+                                                                                 message, needles):
+    """A full disk that a library reports in its text (Orbax's RESOURCE_EXHAUSTED with os_error_code 28,
+    safetensors' "os error 28") is "disk full", not "out of memory" or a bug; the tracebacks Orbax's background
+    threads log through absl are cut to their first line."""
+    import logging
+
+    from cancerllm_jax.errors import cli_main
+
+    @cli_main
+    def save(argv=None):
+        try:
+            raise ValueError(message)
+        except ValueError:
+            logging.getLogger("absl").exception("[thread=save_finalize] failed.\nmore")
+        raise ValueError(message)
+
+    monkeypatch.setattr(sys, "argv", ["x"])
+    with pytest.raises(SystemExit) as e:
+        save()
+    line = one_clear_error(e.value.code, capsys.readouterr().err, *needles)
+    assert e.value.code == 2 and "bug" not in line and "out of memory" not in line
+    logged = caplog.text
+    assert "[thread=save_finalize] failed." in logged and "Traceback" not in logged and "more" not in logged
+
+
 # ------------------------------------------------------------------------------ launch/reproduce.py
 
 @pytest.mark.parametrize("argv, needle", [(["--scale", "7b"], "needs --model"),
