@@ -384,6 +384,38 @@ def test_cpu_device_count_from_xla_flags_is_replaced_and_said(tmp_path):
     assert "mesh 10x1 on 10 cpu device(s)" in res.stdout
 
 
+def test_tensorboard_shows_what_metrics_jsonl_keeps_after_a_resume(tmp_path):
+    """After a kill and a resume from step k, TensorBoard's events are metrics.jsonl's rows up to k (written anew:
+    tensorboardX flushes in the background, so a kill lost up to 120 s of them) and then the new ones, each once."""
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    from cancerllm_jax.train.loop import _MetricsLog
+
+    def scalars(folder):
+        out = []
+        for path in sorted(glob.glob(os.path.join(folder, "tb", "*"))):
+            data, i = open(path, "rb").read(), 0
+            while i + 12 <= len(data):
+                n = struct.unpack("<Q", data[i:i + 8])[0]
+                ev = event_pb2.Event()
+                ev.ParseFromString(data[i + 12:i + 12 + n])
+                i += 12 + n + 4
+                out += [(ev.step, v.tag, round(v.simple_value, 4)) for v in ev.summary.value]
+        return sorted(out)
+
+    log = _MetricsLog(str(tmp_path), 0)
+    for step in (1, 2, 3, 4):
+        log.write({"step": step, "loss": 10.0 - step, **({"eval_loss": 9.5} if step == 2 else {})})
+    log.f.close()  # killed: the TensorBoard writer is never closed
+    log = _MetricsLog(str(tmp_path), 2)  # resumed from the checkpoint of step 2
+    log.write({"step": 3, "loss": 6.5})
+    log.close()
+    assert scalars(tmp_path) == [(1, "loss", 9.0), (2, "eval_loss", 9.5), (2, "loss", 8.0), (3, "loss", 6.5)]
+
+
 def test_unknown_key_from_the_command_line_exits_2_without_traceback():
     res = launch(["lora.rnak=4"], timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr

@@ -586,13 +586,24 @@ class _MetricsLog:
         try:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+            # TensorBoard shows what metrics.jsonl keeps: its events are written anew from the kept rows (the
+            # writer flushes in the background, so a kill could lose some, and redone steps would show twice)
+            tb_dir = os.path.join(workdir, "tb")
+            for name in os.listdir(tb_dir) if os.path.isdir(tb_dir) else ():
+                if name.startswith("events.out.tfevents"):
+                    os.remove(os.path.join(tb_dir, name))
+            self.tb = SummaryWriter(tb_dir, flush_secs=10)
+            for line in kept:
+                self._scalars(json.loads(line))
         except ImportError:
             pass
 
     def write(self, row: dict) -> None:
         self.f.write(json.dumps(row) + "\n")
         self.f.flush()
+        self._scalars(row)
+
+    def _scalars(self, row: dict) -> None:
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
