@@ -501,6 +501,35 @@ def test_finetune_counts_what_it_skips_of_the_eval_data(tmp_path, capsys, caplog
     assert "train.jsonl:5: the response alone is" in caplog.text + err
 
 
+def test_resume_refuses_a_base_whose_weights_changed(tmp_path, capsys, models):
+    """A run resumed on a base whose weights changed in place (same config, same path) is refused, as changed data
+    is: the adapter would continue on another model. A copy of the same weights (new file dates) resumes."""
+    from safetensors.numpy import load_file, save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(models["tok"], base)
+    train = write(tmp_path / "train.jsonl", '{"instruction": "q", "response": "a"}\n' * 4)
+    wd = tmp_path / "run"
+    argv = ["--model", base, "--data", train, "--workdir", wd, "--mesh", "1x1", "--batch-size", "2", "--steps", "2",
+            "data.max_seq_len=64", "lora.rank=2"]
+    code, err = run_cli("launch/finetune.py", argv + ["--save-every", "1"], capsys)
+    assert code in (0, None), err
+    shutil.rmtree(wd / "checkpoints" / "2")  # as if killed before the last save
+    moved = tmp_path / "moved"
+    shutil.copytree(base, moved, copy_function=shutil.copyfile)  # same weights, new dates
+    shutil.rmtree(base)
+    moved.rename(base)
+    code, err = run_cli("launch/finetune.py", argv + ["--resume"], capsys)
+    assert code in (0, None) and "resumed from step 1" in err, err
+    shutil.rmtree(wd / "checkpoints" / "2")
+    (name,) = [n for n in os.listdir(base) if n.endswith(".safetensors")]
+    tensors = load_file(base / name)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 3
+    save_file(tensors, base / name, metadata={"format": "pt"})
+    code, err = run_cli("launch/finetune.py", argv + ["--resume"], capsys)
+    one_clear_error(code, err, "--resume", "other weights", "new --workdir")
+
+
 def test_finetune_reads_the_base_weights_once(tmp_path, capsys, models, monkeypatch):
     """The launcher needs the base's tokenizer before the Trainer exists; the weights it read then are the ones
     trained on (not read a second time: minutes and a second copy in host memory for a 7B base)."""

@@ -106,7 +106,22 @@ def load_base(cfg: TrainConfig) -> tuple[ModelConfig, dict | None, str | None, d
         say(f"base {cfg.model}: merging its LoRA (r={w.lora.rank}) into the base weights")
         params = merge_lora_params(params, w.lora_params, w.lora)
     return w.cfg, params, w.tokenizer_spec, {"kind": "path", "path": os.path.abspath(cfg.model),
-                                             "model": to_dict(w.cfg)}
+                                             "model": to_dict(w.cfg), "weights_digest": weights_digest(params)}
+
+
+def weights_digest(params: dict, samples: int = 4096) -> str:
+    """A content fingerprint of base weights, cheap at 7B: every tensor's path, shape, dtype and ``samples`` values
+    spread evenly over it (all of a small tensor). ``--resume`` compares it, so a base whose weights changed in place
+    is refused however the files were copied (their dates are not looked at)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path, x in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda kv: jax.tree_util.keystr(kv[0])):
+        flat = np.asarray(x).reshape(-1)
+        picked = flat if flat.size <= samples else flat[np.linspace(0, flat.size - 1, samples).astype(np.int64)]
+        h.update(f"{jax.tree_util.keystr(path)}|{x.shape}|{x.dtype}|".encode())
+        h.update(np.ascontiguousarray(picked).tobytes())
+    return h.hexdigest()[:16]
 
 
 def build_model(cfg: TrainConfig, model_cfg: ModelConfig, params: dict | None, dtype: str, abstract: bool = False):
@@ -489,6 +504,11 @@ class Trainer:
             if changed:
                 raise UserError(f"--resume: the base model {self.cfg.model} is not the one the run in {self.workdir} "
                                 f"trained on (its config differs in {changed})")
+            was, now = (old.get("base") or {}).get("weights_digest"), self.base_pointer.get("weights_digest")
+            if was and now and was != now:
+                raise UserError(f"--resume: the base model {self.cfg.model} has other weights than when the run in "
+                                f"{self.workdir} started (weights digest {now}, was {was}): the adapter would "
+                                f"continue on another model; put the original weights back, or start a new --workdir")
             self.resumed_meta = old
             return latest
         if latest:
