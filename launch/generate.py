@@ -12,10 +12,11 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 import _bootstrap  # noqa: F401
 
-from cancerllm_jax.errors import UserError, cli_main
+from cancerllm_jax.errors import UserError, cli_main, describe_os_error
 from cancerllm_jax.launch_common import check_decode_flags, start_runtime
 
 
@@ -63,6 +64,11 @@ def main(argv=None):
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"--out {args.out}: the folder {out_dir} does not exist; create it first")
+    try:  # before any decoding: a folder that cannot be written would lose all of it at the end
+        probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=f".{os.path.basename(args.out)}.probe-")
+    except OSError as e:
+        raise UserError(f"--out {args.out}: {describe_os_error(e)}") from None
+    probe.close()
     from cancerllm_jax.data.sources import read_jsonl
 
     records, skipped = read_jsonl(args.input, {}, args.skip_bad_lines, optional={

@@ -687,6 +687,22 @@ def test_generate_disk_full_leaves_no_partial_predictions(tmp_path, capsys, mode
     no_temp_files(tmp_path)
 
 
+def test_generate_refuses_an_unwritable_out_folder_before_loading_the_model(tmp_path, capsys, models, monkeypatch):
+    """--out in a folder that cannot be written is refused before the model is read (it failed after decoding
+    every prompt, losing all of it)."""
+    import tempfile
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path))
+
+    loads = []
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    monkeypatch.setattr(cj, "load", lambda *a, **k: loads.append(a))
+    code, err, out = _gen(models, tmp_path, capsys, '{"prompt": "pt w/ nsclc"}\n')
+    one_clear_error(code, err, "--out", "permission denied")
+    assert not loads and not os.path.exists(out)
+
+
 # ------------------------------------------------------------------------------ tools/convert_checkpoint.py
 
 def _bad_model(tmp_path, models, what) -> str:
