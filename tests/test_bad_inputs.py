@@ -415,6 +415,22 @@ def test_disk_full_writing_the_run_leaves_no_run(tmp_path, capsys, monkeypatch):
     no_temp_files(wd)
 
 
+def test_log_examples_shows_the_first_example_and_its_scored_part(tmp_path, capsys, models):
+    """With ``--log-examples`` the run prints its first example as the model reads it and the part the loss is taken
+    on (the response + EOS for instruction tuning); without it, that text appears nowhere in the output."""
+    train = write(tmp_path / "train.jsonl", '{"instruction": "Name the zebracarcinoma stage.", "response": '
+                  '"stage quokka"}\n' * 2)
+    argv = ["--model", models["tok"], "--data", train, "--mesh", "1x1", "--batch-size", "1", "--steps", "1",
+            "data.max_seq_len=64", "lora.rank=2"]
+    code, err = run_cli("launch/finetune.py", [*argv, "--workdir", tmp_path / "a", "--log-examples"], capsys)
+    assert code in (0, None), err
+    shown = err[err.index("--- input ---"):err.index("--- end ---")]
+    assert "zebracarcinoma" in shown and "stage quokka" in shown
+    assert shown.split("--- loss on ---")[1].strip() == "stage quokka", shown
+    code, err = run_cli("launch/finetune.py", [*argv, "--workdir", tmp_path / "b"], capsys)
+    assert code in (0, None) and "zebracarcinoma" not in err and "quokka" not in err, err
+
+
 def test_log_examples_is_announced_at_start(tmp_path, capsys):
     """``--log-examples`` says so before anything else happens (here the bad mesh stops the run right after)."""
     code, err = run_cli("launch/pretrain.py", ["--log-examples", "--workdir", tmp_path / "r", *TINY,

@@ -109,6 +109,20 @@ def load_base(cfg: TrainConfig) -> tuple[ModelConfig, dict | None, str | None, d
                                              "model": to_dict(w.cfg), "weights_digest": weights_digest(params)}
 
 
+def example_text(tokenizer, batch: dict, limit: int = 4000) -> str:
+    """The first row of a batch as the model reads it, and the tokens its loss is taken on (``--log-examples``
+    only: it is note text)."""
+    inputs, targets = np.asarray(batch["inputs"][0]), np.asarray(batch["targets"][0])
+    seen, scored = np.asarray(batch["segment_ids"][0]) > 0, np.asarray(batch["loss_mask"][0]) > 0
+
+    def cut(text: str) -> str:
+        return text if len(text) <= limit else f"{text[:limit]} … ({len(text) - limit} more characters)"
+
+    return (f"--log-examples: row 0 of the first batch, {int(seen.sum())} tokens, the loss on {int(scored.sum())} of "
+            f"them\n--- input ---\n{cut(tokenizer.decode(inputs[seen].tolist()))}\n--- loss on ---\n"
+            f"{cut(tokenizer.decode(targets[scored].tolist()))}\n--- end ---")
+
+
 def weights_digest(params: dict, samples: int = 4096) -> str:
     """A content fingerprint of base weights, cheap at 7B: every tensor's path, shape, dtype and ``samples`` values
     spread evenly over it (all of a small tensor). ``--resume`` compares it, so a base whose weights changed in place
@@ -391,6 +405,8 @@ class Trainer:
         try:
             while step < end:
                 local = next(it)
+                if cfg.log_examples and step == start_step and is_main():
+                    say(example_text(tokenizer, local))
                 batch = {k: jax.make_array_from_process_local_data(self.batch_sh, np.asarray(local[k], np.int32))
                          for k in BATCH_KEYS}
                 t0 = time.perf_counter()
