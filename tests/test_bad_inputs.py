@@ -870,6 +870,13 @@ def test_make_synthetic_data_disk_full(tmp_path, capsys, monkeypatch):
     code, err = run_cli("tools/make_synthetic_data.py", ["--out", out, "--size", "10"], capsys)
     one_clear_error(code, err, "disk full")
     assert not [str(p) for p in out.rglob("*") if p.is_file()]  # no file at all, complete or partial
+    monkeypatch.undo()  # space freed: the same command completes the folder (it asked for --overwrite, which
+    code, err = run_cli("tools/make_synthetic_data.py", ["--out", out, "--size", "10"], capsys)  # replaces more)
+    assert code in (0, None) and (out / "DATA.md").is_file(), err
+    (out / "DATA.md").unlink()
+    (out / "mine.txt").write_text("x")  # not only this tool's folders: still refused
+    code, err = run_cli("tools/make_synthetic_data.py", ["--out", out, "--size", "10"], capsys)
+    one_clear_error(code, err, "not empty", "--overwrite")
 
 
 def test_robustness_unknown_task(tmp_path, capsys, models):

@@ -1788,8 +1788,9 @@ def write_dataset(out_dir: str, n_patients: int, seed: int = 0, n_pretrain_docs:
                   overwrite: bool = False) -> dict:
     """Write ``pretrain/corpus.jsonl``, ``<task>/{train,val,test}.jsonl`` and ``DATA.md``; return the counts.
 
-    Refuses a non-empty ``out_dir`` unless ``overwrite``; each file is written atomically and ``DATA.md`` last (an
-    old one is removed first), so a folder without it is incomplete.
+    Refuses a non-empty ``out_dir`` unless ``overwrite``, or unless it holds only this function's folders without
+    ``DATA.md`` (a write that stopped part-way: disk full, a kill); each file is written atomically and ``DATA.md``
+    last (an old one is removed first), so a folder without it is incomplete.
     """
     from cancerllm_jax.errors import UserError
 
@@ -1797,7 +1798,9 @@ def write_dataset(out_dir: str, n_patients: int, seed: int = 0, n_pretrain_docs:
         raise UserError(f"n_patients must be at least 10 for an 80/10/10 split (got {n_patients})")
     if not str(out_dir).strip():
         raise UserError("the output folder is empty: name a folder (an empty name would write into the current one)")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    unfinished = (os.path.isdir(out_dir) and "DATA.md" not in os.listdir(out_dir)
+                  and set(os.listdir(out_dir)) <= {"pretrain", *TASKS})  # an earlier write that stopped part-way
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite and not unfinished:
         raise UserError(f"{out_dir} exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"{out_dir} exists and is not a folder")
