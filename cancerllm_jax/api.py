@@ -295,6 +295,9 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
         model = model_from_params(w.cfg, w.params, lora=w.lora if w.lora_params is not None else None,
                                   lora_params=w.lora_params, dtype=dtype, attention=attention)
     tok = tokenizer_for(w.cfg, tokenizer or w.tokenizer_spec)
+    if tok is not None and not (tokenizer or w.tokenizer_spec):
+        log.warning("%s: no tokenizer file beside the weights; using the Mistral-7B v0.1 tokenizer shipped in "
+                    "mistral-common (this is a 32,000-token Mistral); pass tokenizer= to use another", path)
     # the config's EOS ids (an HF folder's files, a run's base) and those a converted checkpoint's copied
     # generation_config.json names (checkpoints converted before the config recorded them all)
     eos = {own_eos_id(tok, w.cfg), *w.cfg.eos_token_ids} | hf_eos_ids(path)

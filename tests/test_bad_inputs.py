@@ -546,6 +546,22 @@ def test_resume_refuses_a_base_whose_weights_changed(tmp_path, capsys, models):
     one_clear_error(code, err, "--resume", "other weights", "new --workdir")
 
 
+def test_a_mistral_folder_without_tokenizer_says_which_one_it_uses(tmp_path, models, caplog):
+    """A 32,000-token Mistral folder without a tokenizer file gets the shipped Mistral v1 tokenizer, with a warning
+    naming it (it was silent); a folder with its own tokenizer gets no such warning."""
+    import logging
+
+    bare = tmp_path / "bare"
+    shutil.copytree(models["tok"], bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    with caplog.at_level(logging.WARNING):
+        assert cj.load(bare).tokenizer.vocab_size == 32000
+    assert "no tokenizer file beside the weights" in caplog.text and "Mistral-7B v0.1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        cj.load(models["tok"])
+    assert "no tokenizer file" not in caplog.text
+
+
 def test_finetune_reads_the_base_weights_once(tmp_path, capsys, models, monkeypatch):
     """The launcher needs the base's tokenizer before the Trainer exists; the weights it read then are the ones
     trained on (not read a second time: minutes and a second copy in host memory for a 7B base)."""
