@@ -27,6 +27,11 @@ class PeerLost(UserError):
     (``os._exit``), without JAX's distributed shutdown barrier, which would wait for the dead peer and then abort."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception by a training run once it has saved the step it finished; the CLI exits
+    143, as a process killed by SIGTERM does."""
+
+
 _SEQ_LEN = ("max_seq_len", "block_size")
 # names of the same settings in HF TrainingArguments, peft's LoraConfig and other trainers, which difflib misses
 ALIASES = {
@@ -124,6 +129,10 @@ def cli_main(fn):
                 raise
             print(f"error: {describe_os_error(e)}", file=sys.stderr)
             sys.exit(2)
+        except Terminated:
+            print("terminated (SIGTERM): the run saved the last step it finished; run the same command with --resume "
+                  "to continue from it", file=sys.stderr)
+            sys.exit(143)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)

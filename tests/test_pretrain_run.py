@@ -416,6 +416,32 @@ def test_tensorboard_shows_what_metrics_jsonl_keeps_after_a_resume(tmp_path):
     assert scalars(tmp_path) == [(1, "loss", 9.0), (2, "eval_loss", 9.5), (2, "loss", 8.0), (3, "loss", 6.5)]
 
 
+def test_sigterm_stops_the_run_as_ctrl_c_does(tmp_path):
+    """SIGTERM (a pre-empting scheduler) stops a training run after the step under way, which it saves: exit 143
+    with one line, no unfinished checkpoint folder, the latest checkpoint is the last logged step and restores (the
+    process died at once, often mid-save, losing the steps since the last save)."""
+    import signal
+
+    wd = tmp_path / "run"
+    args = ["--workdir", str(wd), "--mesh", "1x1", "--steps", "100000", "--batch-size", "2", "data.block_size=32",
+            "synthetic_documents=40", "lora.rank=4", "data.eval_fraction=0", "--save-every", "7", "log_every=1"]
+    proc = subprocess.Popen([sys.executable, LAUNCHER, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=child_env(), cwd=ROOT)
+    for line in proc.stdout:
+        if line.startswith("step 1/"):
+            break
+    time.sleep(1.0)  # a few steps, and their checkpoints, in flight
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-3000:]
+    assert "terminated (SIGTERM)" in out and "Traceback" not in out, out[-3000:]
+    left = os.listdir(wd / "checkpoints")
+    assert left and all(n.isdigit() for n in left), left  # no *.orbax-checkpoint-tmp folder
+    with open(wd / "metrics.jsonl", encoding="utf-8") as f:
+        assert max(map(int, left)) == [json.loads(line) for line in f][-1]["step"]
+    assert run_io.read_run_weights(str(wd)).lora_params  # the latest checkpoint restores: what --resume reads
+
+
 def test_unknown_key_from_the_command_line_exits_2_without_traceback():
     res = launch(["lora.rnak=4"], timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from flax import nnx
 
 from cancerllm_jax import sharding
 from cancerllm_jax.config import ModelConfig, PRESETS, to_dict
-from cancerllm_jax.errors import PeerLost, UserError
+from cancerllm_jax.errors import PeerLost, Terminated, UserError
 from cancerllm_jax.train import run_io
 from cancerllm_jax.train.config import RESUMABLE_CHANGES, TrainConfig, diff
 from cancerllm_jax.train.optim import make_optimizer, schedule
@@ -107,6 +108,32 @@ def load_base(cfg: TrainConfig) -> tuple[ModelConfig, dict | None, str | None, d
         params = merge_lora_params(params, w.lora_params, w.lora)
     return w.cfg, params, w.tokenizer_spec, {"kind": "path", "path": os.path.abspath(cfg.model),
                                              "model": to_dict(w.cfg), "weights_digest": weights_digest(params)}
+
+
+class _SigtermStop:
+    """SIGTERM (a pre-empting scheduler, ``kill``) stops a run cleanly instead of killing it mid-save: inside the
+    step loop it is noted, and the loop saves the step it has finished and raises ``Terminated``; before the loop
+    it raises at once (nothing to save yet)."""
+
+    def __init__(self):
+        self.in_loop, self.asked = False, False
+
+    def install(self):
+        """Set the handler; returns the one it replaced. None, and no handler, off the main thread (where none can be
+        set) and in a multi-process run (a save is collective: a process saving alone on its own signal would wait
+        for the others forever)."""
+        if jax.process_count() > 1:
+            return None
+        try:
+            return signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:
+            return None
+
+    def _handle(self, signum, frame) -> None:
+        self.asked = True
+        if not self.in_loop:
+            raise Terminated()
+
 
 
 def example_text(tokenizer, batch: dict, limit: int = 4000) -> str:
@@ -223,6 +250,7 @@ class Trainer:
                                out_shardings=(rep, rep))
         self.make_data = make_data
         self.resume = resume
+        self._sigterm = _SigtermStop()
 
     # -- memory ----------------------------------------------------------------------------------------------
     def memory_estimate(self, seq_len: int) -> dict:
@@ -330,9 +358,12 @@ class Trainer:
         """Train to ``cfg.steps`` (or stop, with a checkpoint, after step ``stop_after``: a resumable pause). A
         single-process run holds its workdir: a second run there (a relaunch while it trains) is refused."""
         self._workdir_lock = None
+        previous = self._sigterm.install()
         try:
             return self._run(stop_after)
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             if self._workdir_lock is not None:
                 self._workdir_lock.__exit__(None, None, None)
                 self._workdir_lock = None
@@ -403,7 +434,12 @@ class Trainer:
         if start_step == 0 and eval_every and data.eval_batches:
             self._evaluate(data.eval_batches, 0, logger, mngr)  # the baseline that periodic evals are read against
         try:
+            self._sigterm.in_loop = True
             while step < end:
+                if self._sigterm.asked:  # pre-empted: keep this step's progress, then stop
+                    if step > last_saved:
+                        self._save(mngr, step, it, batch)
+                    raise Terminated()
                 local = next(it)
                 if cfg.log_examples and step == start_step and is_main():
                     say(example_text(tokenizer, local))
