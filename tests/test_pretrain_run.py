@@ -615,7 +615,7 @@ def test_7b_config_resolves_with_paper_settings_and_shardings():
     cfg = resolve(PretrainConfig, os.path.join(ROOT, "configs/pretrain/cancerllm_7b.yaml"), ["model=mistral-7b-v0.1"])
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, len(cfg.lora.targets)) == (8, 16.0, 0.05, 7)
     assert (cfg.optim.lr, cfg.optim.warmup_ratio, cfg.optim.weight_decay, cfg.optim.schedule) == (
-        2e-4, 0.05, 0.01, "cosine")
+        2e-4, 0.05, 0.01, "linear")
     assert (cfg.data.block_size, cfg.batch_size, cfg.dtype, cfg.remat, cfg.mesh) == (3000, 40, "bfloat16", "full",
                                                                                      "10x1")
     assert cfg.data.tokenizer == "mistral-v1"
