@@ -132,7 +132,8 @@ def write_report(out: str, metrics: dict[str, Any], title: str | None = None) ->
         radonc = {m: r["radonc"] for m, r in by_model.items() if r.get("radonc")}
         if radonc:
             keys = sorted({k for v in radonc.values() for k, x in v.items() if isinstance(x, (int, float, str))})
-            lines += ["Task-specific metrics (`eval/radonc.py`; fractions from 0 to 1, not percent):", "", "| Model | " + " | ".join(keys) + " |",
+            lines += ["Task-specific metrics (`eval/radonc.py`; fractions from 0 to 1, not percent):", "",
+                      "| Model | " + " | ".join(keys) + " |",
                       "|---|" + "---:|" * len(keys)]
             for m, v in radonc.items():
                 lines.append(f"| {m} | " + " | ".join(

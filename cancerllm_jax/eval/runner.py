@@ -371,8 +371,8 @@ def check_against_split(path: str, rows: list[dict], expected: dict[str, tuple[s
         if want_hash is not None and row["prompt_hash"] != want_hash:
             raise UserError(f"{where}: id {row['id']!r} has prompt_hash {row['prompt_hash']} but the prompt built now "
                             f"hashes to {want_hash} (other data, template, tokenizer or --max-input-tokens); "
-                            "use another --out, or run `evaluate.py run` with the same flags plus --overwrite to decode "
-                            "such rows again")
+                            "use another --out, or run `evaluate.py run` with the same flags plus --overwrite to "
+                            "decode such rows again")
         if want_gold is not None and row["gold"] != want_gold:
             raise UserError(f"{where}: id {row['id']!r}: its gold answer differs from the test split's")
     if complete:
