@@ -81,6 +81,16 @@ def read_tokenizer_spec(path: str) -> str | None:
     return run_io.run_tokenizer(run_io.read_run_meta(path)) if kind == "run" else _tokenizer_in(path)
 
 
+def check_readable(path: str) -> None:
+    """What ``read_weights(path)`` would refuse before reading any weight: a training run without a finished
+    checkpoint (for ``--dry-run``, which reads none)."""
+    from cancerllm_jax.train import run_io
+
+    path, kind = model_kind(path)
+    if kind == "run" and run_io.latest_step(os.path.join(path, "checkpoints")) is None:
+        raise UserError(f"{path}: the run has no finished checkpoint yet")
+
+
 NO_ADAPTER = "none"  # the CLI value for "this model has no adapter"
 
 

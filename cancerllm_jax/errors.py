@@ -28,8 +28,8 @@ class PeerLost(UserError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception by a training run once it has saved the step it finished; the CLI exits
-    143, as a process killed by SIGTERM does."""
+    """SIGTERM, turned into an exception by a training run once it has saved the step it finished (``args[0]``: that
+    step, or None when none ran); the CLI exits 143, as a process killed by SIGTERM does."""
 
 
 _SEQ_LEN = ("max_seq_len", "block_size")
@@ -72,19 +72,21 @@ def describe_os_error(e: OSError) -> str:
 
 
 # what a full disk or a refused write looks like where a library reports it as text, not as an OSError (Orbax's
-# TensorStore layer: RESOURCE_EXHAUSTED ... [os_error_code='28']; safetensors' Rust: "(os error 28)")
-_OS_ERROR_TEXT = ((errno.ENOSPC, ("No space left on device", "os error 28", "os_error_code='28'",
-                                  "Disk quota exceeded")),
-                  (errno.EROFS, ("Read-only file system", "os error 30", "os_error_code='30'")),
-                  (errno.EACCES, ("Permission denied", "os error 13", "os_error_code='13'")))
+# TensorStore layer: RESOURCE_EXHAUSTED ... [os_error_code='28']; safetensors' Rust: "(os error 28)"): the error
+# codes, or the system's own words outside any quoted text (a path may hold any words)
+_OS_ERROR_TEXT = ((errno.ENOSPC, ("No space left on device", "Disk quota exceeded")),
+                  (errno.EROFS, ("Read-only file system",)),
+                  (errno.EACCES, ("Permission denied",)))
 
 
 def os_error_in_text(e: BaseException) -> OSError | None:
     """The ``OSError`` a library's exception reports in its text (a full disk, a read-only or forbidden folder), with
     the first quoted path as its file name; None when it names none."""
     text = str(e)
-    for code, needles in _OS_ERROR_TEXT:
-        if any(n in text for n in needles):
+    unquoted = re.sub(r'"[^"]*"|\'[^\']*\'', "", text)
+    for code, words in _OS_ERROR_TEXT:
+        if (re.search(rf"\bos error {code}\b|\bos_error_code='{code}'", text)
+                or any(w in unquoted for w in words)):
             path = re.search(r'"(/[^"]+)"', text)
             return OSError(code, os.strerror(code), path.group(1) if path else None)
     return None
@@ -95,9 +97,16 @@ class _OneLineRecords(logging.Filter):
     traceback: the failure also reaches the CLI, which prints it as one line (``--debug`` keeps everything)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info or record.exc_text or "\n" in record.getMessage():
-            record.msg, record.args = record.getMessage().splitlines()[0][:300], None
-            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            message = record.getMessage()
+            if record.exc_info or record.exc_text or "\n" in message:
+                first = (message.splitlines() or [""])[0]
+                if not first.strip() and record.exc_info and record.exc_info[1] is not None:
+                    first = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}".splitlines()[0]
+                record.msg, record.args = first[:300], None
+                record.exc_info, record.exc_text, record.stack_info = None, None, None
+        except Exception:  # noqa: BLE001 - a log filter must never make the logging call fail
+            pass
         return True
 
 
@@ -129,9 +138,10 @@ def cli_main(fn):
                 raise
             print(f"error: {describe_os_error(e)}", file=sys.stderr)
             sys.exit(2)
-        except Terminated:
-            print("terminated (SIGTERM): the run saved the last step it finished; run the same command with --resume "
-                  "to continue from it", file=sys.stderr)
+        except Terminated as e:
+            saved = (f"the run saved step {e.args[0]}, the last it finished" if e.args and e.args[0] is not None
+                     else "no step had run in this start, so nothing new was saved")
+            print(f"terminated (SIGTERM): {saved}; run the same command with --resume to continue", file=sys.stderr)
             sys.exit(143)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

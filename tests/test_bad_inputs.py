@@ -885,12 +885,12 @@ def test_make_synthetic_data_disk_full(tmp_path, capsys, monkeypatch):
     out = tmp_path / "d"
     code, err = run_cli("tools/make_synthetic_data.py", ["--out", out, "--size", "10"], capsys)
     one_clear_error(code, err, "disk full")
-    assert not [str(p) for p in out.rglob("*") if p.is_file()]  # no file at all, complete or partial
+    # no data file, complete or partial: only the marker saying the folder is unfinished
+    assert [p.name for p in out.rglob("*") if p.is_file()] == [".incomplete"]
     monkeypatch.undo()  # space freed: the same command completes the folder (it asked for --overwrite, which
     code, err = run_cli("tools/make_synthetic_data.py", ["--out", out, "--size", "10"], capsys)  # replaces more)
-    assert code in (0, None) and (out / "DATA.md").is_file(), err
-    (out / "DATA.md").unlink()
-    (out / "mine.txt").write_text("x")  # not only this tool's folders: still refused
+    assert code in (0, None) and (out / "DATA.md").is_file() and not (out / ".incomplete").exists(), err
+    (out / "DATA.md").unlink()  # a finished folder, or a user's own data in the same layout: still refused
     code, err = run_cli("tools/make_synthetic_data.py", ["--out", out, "--size", "10"], capsys)
     one_clear_error(code, err, "not empty", "--overwrite")
 
@@ -1096,6 +1096,76 @@ def test_a_full_disk_reported_as_text_is_one_line_and_library_tracebacks_are_cut
     assert e.value.code == 2 and "bug" not in line and "out of memory" not in line
     logged = caplog.text
     assert "[thread=save_finalize] failed." in logged and "Traceback" not in logged and "more" not in logged
+
+
+@pytest.mark.parametrize("message", ['could not parse "/data/notes/Permission denied letters.jsonl"',
+                                     "tokenizer returned an error (os error 130)", 'KeyError: "model.layers.13"'])
+def test_text_that_only_looks_like_an_os_error_stays_a_bug_report(capsys, monkeypatch, message):
+    """Words inside a quoted path, or 'os error 130', are not a full disk or a refused write."""
+    from cancerllm_jax.errors import cli_main, os_error_in_text
+
+    assert os_error_in_text(ValueError(message)) is None
+
+    @cli_main
+    def boom(argv=None):
+        raise ValueError(message)
+
+    monkeypatch.setattr(sys, "argv", ["x"])
+    with pytest.raises(SystemExit) as e:
+        boom()
+    assert e.value.code == 1 and "unexpected ValueError" in capsys.readouterr().err
+
+
+def test_the_log_filter_never_breaks_a_logging_call(capsys, caplog, monkeypatch):
+    """An empty message with a traceback (``logging.exception("")``) is logged as the exception's first line; the
+    filter raised IndexError into the caller."""
+    import logging
+
+    from cancerllm_jax.errors import cli_main
+
+    @cli_main
+    def main(argv=None):
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("absl").exception("")
+        return 0
+
+    monkeypatch.setattr(sys, "argv", ["x"])
+    assert main() == 0
+    assert "ValueError: boom" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_sigterm_before_the_first_step_exits_143_without_saving(tmp_path, capsys, monkeypatch):
+    """SIGTERM while the step compiles (``describe``) stops the run at its first step, with one line and exit 143;
+    raising from the signal handler in the middle of an XLA compile crashed the process (exit 139)."""
+    import signal
+
+    from cancerllm_jax.train.loop import Trainer
+
+    describe = Trainer.describe
+
+    def term_then_describe(self, *a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return describe(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "describe", term_then_describe)
+    previous = signal.getsignal(signal.SIGTERM)
+    code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r", *TINY], capsys)
+    assert signal.getsignal(signal.SIGTERM) is previous  # the run's handler is removed again
+    assert code == 143 and "Traceback" not in err and "terminated (SIGTERM): no step had run" in err, err
+    assert not os.path.isdir(tmp_path / "r" / "checkpoints") or not os.listdir(tmp_path / "r" / "checkpoints")
+
+
+def test_dry_run_refuses_a_training_run_without_a_checkpoint(tmp_path, capsys):
+    """--dry-run model=RUN refuses a run that has no finished checkpoint, as the run itself does."""
+    from cancerllm_jax.train.run_io import RUN_FILE
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write(run / RUN_FILE, json.dumps({"format": 1, "model": {}, "config": {}}))
+    code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "w", f"model={run}", "--dry-run"], capsys)
+    one_clear_error(code, err, "no finished checkpoint")
 
 
 # ------------------------------------------------------------------------------ launch/reproduce.py

@@ -1784,13 +1784,16 @@ def datasheet(data: dict[str, dict[str, list[dict]]], docs: list[dict], n_patien
     return "\n".join(lines)
 
 
+INCOMPLETE = ".incomplete"  # in a folder write_dataset is writing, or stopped writing
+
+
 def write_dataset(out_dir: str, n_patients: int, seed: int = 0, n_pretrain_docs: int | None = None,
                   overwrite: bool = False) -> dict:
     """Write ``pretrain/corpus.jsonl``, ``<task>/{train,val,test}.jsonl`` and ``DATA.md``; return the counts.
 
-    Refuses a non-empty ``out_dir`` unless ``overwrite``, or unless it holds only this function's folders without
-    ``DATA.md`` (a write that stopped part-way: disk full, a kill); each file is written atomically and ``DATA.md``
-    last (an old one is removed first), so a folder without it is incomplete.
+    Refuses a non-empty ``out_dir`` unless ``overwrite``, or unless it holds the ``INCOMPLETE`` marker a write of
+    this function that stopped part-way (disk full, a kill) left; each file is written atomically and ``DATA.md``
+    last (an old one is removed first, the marker after it), so a folder without it is incomplete.
     """
     from cancerllm_jax.errors import UserError
 
@@ -1798,8 +1801,7 @@ def write_dataset(out_dir: str, n_patients: int, seed: int = 0, n_pretrain_docs:
         raise UserError(f"n_patients must be at least 10 for an 80/10/10 split (got {n_patients})")
     if not str(out_dir).strip():
         raise UserError("the output folder is empty: name a folder (an empty name would write into the current one)")
-    unfinished = (os.path.isdir(out_dir) and "DATA.md" not in os.listdir(out_dir)
-                  and set(os.listdir(out_dir)) <= {"pretrain", *TASKS})  # an earlier write that stopped part-way
+    unfinished = os.path.isfile(os.path.join(out_dir, INCOMPLETE))  # an earlier write of ours that stopped part-way
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite and not unfinished:
         raise UserError(f"{out_dir} exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -1809,11 +1811,15 @@ def write_dataset(out_dir: str, n_patients: int, seed: int = 0, n_pretrain_docs:
     docs = pretrain_documents(n_docs, seed)
     if os.path.exists(os.path.join(out_dir, "DATA.md")):  # written last: an interrupted overwrite must not look done
         os.remove(os.path.join(out_dir, "DATA.md"))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, INCOMPLETE), "w", encoding="utf-8") as f:
+        f.write("make_synthetic_data.py is writing (or stopped part-way): running it again completes this folder\n")
     _write_atomic(os.path.join(out_dir, "pretrain", "corpus.jsonl"), _jsonl(docs))
     for task in TASKS:
         for split in SPLITS:
             _write_atomic(os.path.join(out_dir, task, f"{split}.jsonl"), _jsonl(data[task][split]))
     _write_atomic(os.path.join(out_dir, "DATA.md"), datasheet(data, docs, n_patients, seed))
+    os.remove(os.path.join(out_dir, INCOMPLETE))
     counts: dict = {"pretrain": len(docs), "n_patients": n_patients, "seed": seed}
     counts.update({t: {s: len(data[t][s]) for s in SPLITS} for t in TASKS})
     return counts

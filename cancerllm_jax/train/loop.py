@@ -111,12 +111,12 @@ def load_base(cfg: TrainConfig) -> tuple[ModelConfig, dict | None, str | None, d
 
 
 class _SigtermStop:
-    """SIGTERM (a pre-empting scheduler, ``kill``) stops a run cleanly instead of killing it mid-save: inside the
-    step loop it is noted, and the loop saves the step it has finished and raises ``Terminated``; before the loop
-    it raises at once (nothing to save yet)."""
+    """SIGTERM (a pre-empting scheduler, ``kill``) stops a run cleanly instead of killing it mid-save: the handler
+    only notes it (an exception raised from it in the middle of an XLA compile crashed the process), and the loop,
+    at its next step, saves the step it has finished and raises ``Terminated``."""
 
     def __init__(self):
-        self.in_loop, self.asked = False, False
+        self.asked = False
 
     def install(self):
         """Set the handler; returns the one it replaced. None, and no handler, off the main thread (where none can be
@@ -131,8 +131,6 @@ class _SigtermStop:
 
     def _handle(self, signum, frame) -> None:
         self.asked = True
-        if not self.in_loop:
-            raise Terminated()
 
 
 
@@ -431,15 +429,14 @@ class Trainer:
         eval_every = cfg.eval_every
         peer_lost = False
         batch = None  # the last step's batch, on which the weights are checked before a save
-        if start_step == 0 and eval_every and data.eval_batches:
+        if start_step == 0 and eval_every and data.eval_batches and not self._sigterm.asked:
             self._evaluate(data.eval_batches, 0, logger, mngr)  # the baseline that periodic evals are read against
         try:
-            self._sigterm.in_loop = True
             while step < end:
                 if self._sigterm.asked:  # pre-empted: keep this step's progress, then stop
                     if step > last_saved:
                         self._save(mngr, step, it, batch)
-                    raise Terminated()
+                    raise Terminated(step if step > start_step else None)
                 local = next(it)
                 if cfg.log_examples and step == start_step and is_main():
                     say(example_text(tokenizer, local))
@@ -622,11 +619,12 @@ def dry_base(cfg: TrainConfig) -> tuple[ModelConfig, None, str | None, dict]:
     preset, an HF folder, a converted checkpoint or a training run."""
     if cfg.model in PRESETS:
         return PRESETS[cfg.model], None, None, {}
-    from cancerllm_jax.api import read_model_config, read_tokenizer_spec
+    from cancerllm_jax.api import check_readable, read_model_config, read_tokenizer_spec
 
     if not os.path.exists(cfg.model):
         raise UserError(f"--dry-run: model {cfg.model!r} is neither a preset ({sorted(PRESETS)}) nor a folder; "
                         f"pass model=mistral-7b-v0.1 to validate the shapes without the weights")
+    check_readable(cfg.model)
     return read_model_config(cfg.model), None, read_tokenizer_spec(cfg.model), {}
 
 
