@@ -22,6 +22,8 @@ def parse(argv=None):
     add_train_flags(p)
     p.add_argument("--data", nargs="+", help="pretraining files/globs (.jsonl with 'text', or .txt); "
                                              "default: the built-in synthetic clinical corpus")
+    p.add_argument("--epochs", type=float, help="passes over the corpus' train blocks; sets the steps (read first: "
+                                                "the corpus is tokenized before the trainer is built)")
     return p.parse_intermixed_args(argv)  # key=value overrides may come between flags
 
 
@@ -41,16 +43,21 @@ def main(argv=None):
         overrides.append("data.skip_bad_lines=true")
     if args.no_segment_mask:
         overrides.append("data.segment_mask=false")
-    cfg = resolve(PretrainConfig, args.config, overrides, cli_values(args))
+    cfg = resolve(PretrainConfig, args.config, overrides, {**cli_values(args), "epochs": args.epochs})
     announce_privacy(cfg.log_examples)
     start_runtime(args, cfg.mesh)
 
     from cancerllm_jax.train.loop import Trainer
-    from cancerllm_jax.train.pretrain import pretrain_data_factory
+    from cancerllm_jax.train.pretrain import pretrain_data_factory, steps_from_epochs
 
-    make_data = pretrain_data_factory(cfg, announce)
+    make_data, base = pretrain_data_factory(cfg, announce), None
+    if cfg.epochs is not None and args.dry_run:
+        announce(f"note: --dry-run reads no data, so the steps of {cfg.epochs:g} epochs are not known; the plan "
+                 f"below shows steps={cfg.steps}")
+    elif cfg.epochs is not None:
+        cfg, make_data, base = steps_from_epochs(cfg, announce)
     workdir = args.workdir or default_workdir("pretrain")
-    trainer = Trainer(cfg, workdir, "pretrain", make_data, resume=args.resume, dry_run=args.dry_run)
+    trainer = Trainer(cfg, workdir, "pretrain", make_data, resume=args.resume, dry_run=args.dry_run, base=base)
     if args.dry_run:
         print(trainer.describe(cfg.data.block_size, shardings=True))
         return 0

@@ -1157,6 +1157,24 @@ def test_sigterm_before_the_first_step_exits_143_without_saving(tmp_path, capsys
     assert not os.path.isdir(tmp_path / "r" / "checkpoints") or not os.listdir(tmp_path / "r" / "checkpoints")
 
 
+def test_pretrain_epochs_set_the_steps_as_hf_counts_them(tmp_path, capsys):
+    """``--epochs E`` reads the corpus first and trains ceil(E x ceil(train blocks / batch)) steps (the paper's
+    "1 epoch"); the run records both; a bad value is one clear error."""
+    from cancerllm_jax.train.run_io import read_run_meta
+
+    argv = ["--workdir", tmp_path / "r", "--mesh", "1x1", "--batch-size", "8", "data.block_size=32",
+            "synthetic_documents=6", "lora.rank=2", "data.eval_fraction=0"]
+    code, err = run_cli("launch/pretrain.py", [*argv, "--epochs", "1.5"], capsys)
+    assert code in (0, None), err
+    meta = read_run_meta(str(tmp_path / "r"))
+    blocks = meta["data_counts"]["train_blocks"]
+    assert meta["config"]["epochs"] == 1.5 and meta["config"]["steps"] == -(-3 * -(-blocks // 8) // 2), meta
+    assert f"{meta['config']['steps']} steps" in err
+    for bad in ("0", "nan", "-1"):
+        code, err = run_cli("launch/pretrain.py", [*argv, "--epochs", bad, "--dry-run"], capsys)
+        one_clear_error(code, err, "epochs", "positive")
+
+
 def test_dry_run_refuses_a_training_run_without_a_checkpoint(tmp_path, capsys):
     """--dry-run model=RUN refuses a run that has no finished checkpoint, as the run itself does."""
     from cancerllm_jax.train.run_io import RUN_FILE

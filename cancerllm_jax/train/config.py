@@ -61,9 +61,12 @@ class PretrainConfig(TrainConfig):
     data: PretrainDataConfig = field(
         default_factory=lambda: PretrainDataConfig(block_size=128, eval_fraction=0.05))
     synthetic_documents: int = 400
+    epochs: float | None = None  # set: steps = epochs passes over the train blocks (read first), as HF counts them
 
     def validate(self) -> None:
         TrainConfig.validate(self)
+        if self.epochs is not None and not 0 < self.epochs < float("inf"):
+            raise UserError(f"epochs must be positive, got {self.epochs}")
         self.data.validate()  # here too, so that --dry-run refuses what the data pipeline would
         if not self.data.sources and self.synthetic_documents < 1:
             raise UserError(f"synthetic_documents must be >= 1 (no data.sources given), got {self.synthetic_documents}")
