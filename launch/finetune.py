@@ -51,7 +51,7 @@ def main(argv=None):
     from cancerllm_jax.data.instruct import build_instruct_data
     from cancerllm_jax.data.tokenizer import load_tokenizer
     from cancerllm_jax.train.finetune import load_records
-    from cancerllm_jax.train.loop import DataBundle, Trainer, dry_base, load_base
+    from cancerllm_jax.train.loop import DataBundle, Trainer, base_for_data
 
     say = announce if jax.process_index() == 0 else (lambda _msg: None)  # one process speaks for the run
     train_records, eval_records = load_records(cfg)
@@ -60,8 +60,7 @@ def main(argv=None):
                  f"({len(train_records)} train, {len(eval_records)} eval examples)")
     # Steps come from epochs, so the data is read (and counted) before the trainer is built; the base is read
     # once, here, when its tokenizer is needed for that.
-    base = None if cfg.data.tokenizer else dry_base(cfg) if args.dry_run else load_base(cfg)
-    tok_spec = cfg.data.tokenizer or (base[2] if base else None)
+    base, tok_spec = base_for_data(cfg, args.dry_run)
     tokenizer = load_tokenizer(tok_spec)
     data = build_instruct_data(cfg.data, tokenizer, train_records, eval_records)
     per_epoch = data.steps_per_epoch(cfg.batch_size)

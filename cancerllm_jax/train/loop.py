@@ -133,7 +133,6 @@ class _SigtermStop:
         self.asked = True
 
 
-
 def example_text(tokenizer, batch: dict, limit: int = 4000) -> str:
     """The first row of a batch as the model reads it, and the tokens its loss is taken on (``--log-examples``
     only: it is note text)."""
@@ -155,12 +154,22 @@ def weights_digest(params: dict, samples: int = 4096) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for path, x in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda kv: jax.tree_util.keystr(kv[0])):
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:  # dict keys in sorted order
         flat = np.asarray(x).reshape(-1)
         picked = flat if flat.size <= samples else flat[np.linspace(0, flat.size - 1, samples).astype(np.int64)]
         h.update(f"{jax.tree_util.keystr(path)}|{x.shape}|{x.dtype}|".encode())
         h.update(np.ascontiguousarray(picked).tobytes())
     return h.hexdigest()[:16]
+
+
+def base_for_data(cfg: TrainConfig, dry_run: bool = False) -> tuple[tuple | None, str | None]:
+    """``(base, tokenizer spec)`` for a launcher that reads its data before the ``Trainer`` exists (steps from
+    epochs): the tokenizer the config names, else the base's, read here once (``base``, None when not read; pass
+    it on to the ``Trainer``); with ``dry_run`` without its weights."""
+    if cfg.data.tokenizer:
+        return None, cfg.data.tokenizer
+    base = dry_base(cfg) if dry_run else load_base(cfg)
+    return base, base[2]
 
 
 def build_model(cfg: TrainConfig, model_cfg: ModelConfig, params: dict | None, dtype: str, abstract: bool = False):

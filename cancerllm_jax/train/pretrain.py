@@ -61,10 +61,10 @@ def steps_from_epochs(cfg: PretrainConfig, announce: Callable[[str], None] = _st
 
     from cancerllm_jax.data.instruct import steps_for_epochs
     from cancerllm_jax.data.tokenizer import load_tokenizer
-    from cancerllm_jax.train.loop import load_base
+    from cancerllm_jax.train.loop import base_for_data
 
-    base = None if cfg.data.tokenizer else load_base(cfg)
-    tokenizer = load_tokenizer(cfg.data.tokenizer or base[2])
+    base, tok_spec = base_for_data(cfg)
+    tokenizer = load_tokenizer(tok_spec)
     data = read_pretrain_data(cfg, tokenizer, jax.process_index(), announce)
     blocks = data.stats["train_blocks"]
     steps = steps_for_epochs(blocks, cfg.batch_size, cfg.epochs)
