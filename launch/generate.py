@@ -6,9 +6,12 @@
 
 Each input line has either ``prompt`` (used as is) or ``instruction`` [+ ``context``] (rendered with the
 authors' Alpaca template). Each output line: ``id``, ``prompt_hash`` and ``prediction`` (plus ``response`` as
-``gold`` when the input has one). The output file appears complete or not at all.
+``gold`` when the input has one). The output file appears complete or not at all: until then each finished batch
+is appended to a hidden ``.OUT.partial.jsonl`` beside it, and a run started again with the same flags on the same
+input and model resumes from it (``--overwrite`` starts over).
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -43,7 +46,8 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--mesh", default="1x1")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out, and discard what an interrupted run left to resume from")
     p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)
@@ -80,6 +84,20 @@ def main(argv=None):
     from cancerllm_jax.eval.protocol import rows_by_id
 
     rows_by_id(args.input, [(r["_line"], r) for r in records])  # ids as scoring reads them: unique, all or none
+    partial = _Partial(out_dir, args)
+    from cancerllm_jax.train.run_io import FolderLock
+
+    with FolderLock(out_dir, "--out", name=f".{os.path.basename(args.out)}.lock", target=args.out):
+        try:
+            return _generate(args, records, skipped, partial)
+        except BaseException:
+            if not partial.has_rows():  # nothing to resume from: leave no hidden files behind
+                partial.remove()
+            raise
+
+
+def _generate(args, records: list, skipped: int, partial) -> int:
+    partial.check_settings()  # before the model is read: other settings are refused at once
     start_runtime(argparse.Namespace(coordinator=None, num_processes=None, process_id=None), args.mesh,
                   cluster_env=False)  # one process; a launcher's task variables are for the training launchers
     import cancerllm_jax as cj
@@ -98,26 +116,140 @@ def main(argv=None):
     prompts, texts, cuts = zip(*encoded, strict=True)
     cut = sum(n > 0 for n in cuts)
     from cancerllm_jax.eval.runner import instance_seed
-    from cancerllm_jax.eval.tasks import line_id
+    from cancerllm_jax.eval.tasks import line_id, prompt_hash
 
-    seeds = [instance_seed(args.seed, line_id(r["_line"])) for r in records]  # a skipped line moves no other's
-    outs = lm.generate(list(prompts), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=seeds, max_prompt_tokens=args.max_prompt_tokens,
-                       batch_size=args.batch_size, progress=True)
+    keys = [str(r.get("id", line_id(r["_line"]))) for r in records]
+    hashes = [prompt_hash(t) for t in texts]
+    done = partial.resume(dict(zip(keys, hashes, strict=True)))
+    # longest first (as the prompt is fed: cut to --max-prompt-tokens), as one generate call over all of them
+    # batches them, so a resumed run decodes the rest in the batches it would have
+    fed = [min(len(p), args.max_prompt_tokens) if args.max_prompt_tokens else len(p) for p in prompts]
+    todo = sorted((i for i in range(len(records)) if keys[i] not in done), key=lambda i: -fed[i])
+    batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
+    if done:
+        print(f"resuming: {len(done)} of {len(records)} predictions already made ({partial.rows})", file=sys.stderr)
+    from tqdm import tqdm
+
+    from cancerllm_jax.decode import generated_text
+
+    totals = {"generated_tokens": 0, "time_s": 0.0, "truncated_prompts": 0}
+    for batch in tqdm(batches, unit="batch", desc="generate", disable=not batches):
+        # seeds per input line: a line's sample does not depend on the others, the batch or a resume
+        outs = lm.generate([prompts[i] for i in batch], max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                           seed=[instance_seed(args.seed, line_id(records[i]["_line"])) for i in batch],
+                           max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size)
+        for k in totals:
+            totals[k] += lm._decoder.last_stats[k]
+        rows = [{"id": keys[i], "prompt_hash": hashes[i], "gold": "",
+                 "prediction": generated_text(lm.tokenizer, gen, lm.eos_ids, args.stop or ()).strip()}
+                for i, gen in zip(batch, outs, strict=True)]
+        partial.append(rows)
+        done.update((r["id"], r["prediction"]) for r in rows)
+    _write_output(args, records, keys, hashes, done)
+    partial.remove()
+    speed = totals["generated_tokens"] / max(totals["time_s"], 1e-9)
+    print(f"wrote {len(records)} predictions to {args.out}"
+          f"{f' ({len(records) - len(todo)} from the interrupted run)' if len(todo) < len(records) else ''}: "
+          f"{totals['generated_tokens']} tokens in {totals['time_s']:.1f} s ({speed:.1f} tok/s); {cut} contexts "
+          f"truncated, {totals['truncated_prompts']} raw prompts cut to their last {args.max_prompt_tokens} tokens, "
+          f"{skipped} bad lines skipped", file=sys.stderr)
+    return 0
+
+
+class _Partial:
+    """The hidden, resumable state of one ``--out``: ``.OUT.partial.jsonl`` (a row per finished prompt, appended and
+    fsynced batch by batch) and ``.OUT.partial.json`` (what decides the predictions: input, model, settings)."""
+
+    FORMAT = 1
+
+    def __init__(self, out_dir: str, args):
+        base = os.path.basename(args.out)
+        self.rows = os.path.join(out_dir, f".{base}.partial.jsonl")
+        self.meta = os.path.join(out_dir, f".{base}.partial.json")
+        self.args = args
+
+    def settings(self) -> dict:
+        from cancerllm_jax.eval.runner import adapter_fingerprint, model_fingerprint
+
+        a = self.args
+        with open(a.input, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        greedy = a.temperature <= 0
+        adapter = a.adapter if a.adapter not in (None, "", "none") else None
+        return {"format": self.FORMAT, "input": os.path.realpath(a.input), "input_sha256": digest,
+                "model": model_fingerprint(a.model), "adapter": adapter_fingerprint(adapter) if adapter else None,
+                "dtype": a.dtype, "max_new_tokens": a.max_new_tokens, "max_prompt_tokens": a.max_prompt_tokens,
+                "temperature": 0.0 if greedy else a.temperature, "top_k": None if greedy else a.top_k,
+                "top_p": None if greedy else a.top_p, "seed": None if greedy else a.seed,
+                "stop": list(a.stop or ()), "skip_bad_lines": a.skip_bad_lines}
+
+    def check_settings(self) -> None:
+        """Keep what an interrupted run made with these settings; other settings are refused unless --overwrite,
+        which discards it. Records the settings for the rows to come."""
+        from cancerllm_jax.eval.runner import differences, read_json_file
+        from cancerllm_jax.train.run_io import write_json_atomic
+
+        want = self.settings()
+        if self.has_rows() and not self.args.overwrite:
+            fix = "pass --overwrite to discard it and start over"
+            if not os.path.isfile(self.meta):
+                raise UserError(f"{self.rows}: an interrupted run's predictions without the record of what made them "
+                                f"({self.meta} is missing); {fix}")
+            have = read_json_file(self.meta, "record of what made the predictions", fix)
+            if have != want:
+                what = "; ".join(differences(have, want)) if isinstance(have, dict) else "an unreadable record"
+                raise UserError(f"{self.rows}: an interrupted run left predictions made with other input, model or "
+                                f"settings ({what}); run it again as it was to finish it, or {fix}")
+            return
+        self.remove()
+        write_json_atomic(self.meta, want)
+
+    def has_rows(self) -> bool:
+        return os.path.isfile(self.rows) and os.path.getsize(self.rows) > 0
+
+    def resume(self, expected: dict[str, str]) -> dict[str, str]:
+        """``{id: prediction}`` of the rows already made (an interrupted last line is cut off and made again)."""
+        from cancerllm_jax.eval.runner import read_predictions
+
+        done = {}
+        for row in read_predictions(self.rows, allow_torn_tail=True):
+            if expected.get(row["id"]) != row["prompt_hash"]:
+                raise UserError(f"{self.rows}:{row['_line']}: id {row['id']!r} is not a prompt of {self.args.input} "
+                                "as it reads now; pass --overwrite to discard the interrupted run and start over")
+            done[row["id"]] = row["prediction"]
+        return done
+
+    def append(self, rows: list[dict]) -> None:
+        from cancerllm_jax.eval.runner import _append_jsonl
+
+        _append_jsonl(self.rows, rows)
+
+    def remove(self) -> None:
+        for path in (self.rows, self.meta):
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def _write_output(args, records: list, keys: list, hashes: list, predictions: dict) -> None:
+    """The predictions in input order, written beside ``--out`` and renamed onto it (complete or not at all)."""
+    out_dir = os.path.dirname(os.path.abspath(args.out))
     tmp = os.path.join(out_dir, f".{os.path.basename(args.out)}.tmp-{os.getpid()}")
     try:
-        _write_predictions(tmp, args, records, texts, outs, lm)
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r, key, h in zip(records, keys, hashes, strict=True):
+                # a line without an id is line<N>, as evaluate.py names it: `score` pairs it with its gold by id
+                row = {"id": r.get("id", key), "prompt_hash": h, "prediction": predictions[key]}
+                if "response" in r:
+                    row["gold"] = r["response"]
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, args.out)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)  # disk full, interrupted: no partial file is left behind
         raise
-    st = lm._decoder.last_stats
-    print(f"wrote {len(records)} predictions to {args.out}: {st['generated_tokens']} tokens in {st['time_s']:.1f} s "
-          f"({st['generated_tokens'] / max(st['time_s'], 1e-9):.1f} tok/s); {cut} contexts truncated, "
-          f"{st['truncated_prompts']} raw prompts cut to their last {args.max_prompt_tokens} tokens, "
-          f"{skipped} bad lines skipped", file=sys.stderr)
-    return 0
 
 
 def _check_fields(path: str, r: dict) -> None:
@@ -166,23 +298,6 @@ def _keep_good(records: list, skip_bad: bool, make) -> tuple[list, list, int]:
             continue
         kept.append(r)
     return kept, made, len(records) - len(kept)
-
-
-def _write_predictions(tmp, args, records, texts, outs, lm) -> None:
-    from cancerllm_jax.decode import generated_text
-    from cancerllm_jax.eval.tasks import line_id, prompt_hash
-
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r, text, gen in zip(records, texts, outs):
-            pred = generated_text(lm.tokenizer, gen, lm.eos_ids, args.stop or ()).strip()
-            # a line without an id is line<N>, as evaluate.py names it: `score` pairs it with its gold line by id
-            row = {"id": r.get("id", line_id(r["_line"])),
-                   "prompt_hash": prompt_hash(text), "prediction": pred}
-            if "response" in r:
-                row["gold"] = r["response"]
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 if __name__ == "__main__":

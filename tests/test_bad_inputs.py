@@ -735,6 +735,67 @@ def test_generate_refuses_an_unwritable_out_folder_before_loading_the_model(tmp_
     assert not loads and not os.path.exists(out)
 
 
+def _interrupt_after(monkeypatch, batches: int) -> None:
+    """Make launch/generate.py stop (as Ctrl-C does) once ``batches`` batches are saved to its partial file."""
+    cls = _module("launch/generate.py")._Partial
+    append, seen = cls.append, []
+
+    def append_then_stop(self, rows):
+        append(self, rows)
+        seen.append(len(rows))
+        if len(seen) == batches:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cls, "append", append_then_stop)
+
+
+RESUME_LINES = "".join(json.dumps({"id": f"n{i}", "prompt": "pt w/ nsclc " + "stage iv " * i,
+                                   "response": f"gold {i}"}) + "\n" for i in range(5))
+
+
+def test_generate_interrupted_resumes_where_it_stopped(tmp_path, capsys, models, monkeypatch):
+    """An interrupted generate.py keeps the batches it finished (hidden beside --out, which does not appear); the
+    same command again decodes only the rest, and the output equals an uninterrupted run's, byte for byte."""
+    extra = ["--batch-size", "2", "--max-new-tokens", "4"]
+    code, err, out = _gen(models, tmp_path, capsys, RESUME_LINES, extra=extra)
+    assert code in (0, None), err
+    want = out.read_bytes()
+    out.unlink()
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 2)
+        code, err, out = _gen(models, tmp_path, capsys, RESUME_LINES, extra=extra)
+    assert code == 130 and not out.exists()
+    assert len((tmp_path / ".pred.jsonl.partial.jsonl").read_text().splitlines()) == 4
+    with open(tmp_path / ".pred.jsonl.partial.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"id": "n0", "prompt_ha')  # a row cut by a kill mid-write: dropped and made again
+    code, err, out = _gen(models, tmp_path, capsys, RESUME_LINES, extra=extra)
+    assert code in (0, None), err
+    assert "resuming: 4 of 5" in err and "(4 from the interrupted run)" in err
+    assert out.read_bytes() == want
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "pred.jsonl"]  # nothing hidden left
+
+
+@pytest.mark.parametrize("change", ["flags", "input"])
+def test_generate_refuses_to_resume_with_other_settings_or_input(change, tmp_path, capsys, models, monkeypatch):
+    """What an interrupted run left is never mixed with predictions made otherwise: other decoding flags or an
+    edited input are refused, naming what changed; --overwrite discards it and starts over."""
+    extra = ["--batch-size", "2"]
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 1)
+        code, err, out = _gen(models, tmp_path, capsys, RESUME_LINES, extra=extra)
+    assert code == 130
+    lines, again = RESUME_LINES, extra + ["--max-new-tokens", "3"] * (change == "flags")
+    if change == "input":
+        lines = RESUME_LINES.replace("gold 4", "gold four")
+    code, err, out = _gen(models, tmp_path, capsys, lines, extra=again)
+    one_clear_error(code, err, ".pred.jsonl.partial.jsonl", "other input, model or settings",
+                    "max_new_tokens 2 (now 3)" if change == "flags" else "input_sha256", "--overwrite")
+    assert not out.exists()
+    code, err, out = _gen(models, tmp_path, capsys, lines, extra=again + ["--overwrite"])
+    assert code in (0, None), err
+    assert "resuming" not in err and len(out.read_text().splitlines()) == 5
+
+
 # ------------------------------------------------------------------------------ tools/convert_checkpoint.py
 
 def _bad_model(tmp_path, models, what) -> str:

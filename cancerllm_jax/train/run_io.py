@@ -38,10 +38,12 @@ class FolderLock:
     """An exclusive lock on ``folder`` (``flock`` on ``folder/.lock``, released when the process ends, even by a
     kill) so that two commands never write one output folder at once; a second one is refused at once, naming
     the process that holds it. ``what`` names the folder in that error (``--out``, ``--workdir``). The lock file
-    is removed on exit."""
+    is removed on exit. ``name``: the lock file's name and the path the error names (one output file of a folder
+    that others share), instead of the folder's ``.lock``."""
 
-    def __init__(self, folder: str, what: str):
-        self.path, self.what, self.file = os.path.join(folder, LOCK_FILE), what, None
+    def __init__(self, folder: str, what: str, name: str = LOCK_FILE, target: str | None = None):
+        self.path, self.what, self.file = os.path.join(folder, name), what, None
+        self.target = target or folder
 
     def __enter__(self) -> FolderLock:
         try:
@@ -56,7 +58,7 @@ class FolderLock:
                 f.seek(0)
                 holder = f.read().strip()
                 f.close()
-                raise UserError(f"{self.what} {os.path.dirname(self.path)} is in use by another command"
+                raise UserError(f"{self.what} {self.target} is in use by another command"
                                 f"{f' (process {holder})' if holder else ''}: wait for it to end, or use another "
                                 f"{self.what}") from None
             except OSError:  # a filesystem without locks (some network or FUSE mounts): run unguarded, as before
