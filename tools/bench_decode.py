@@ -50,6 +50,7 @@ def clinical_prompts(tokenizer, n: int, budget: int, seed: int = 0, task: str | 
     """
     from cancerllm_jax.data.instruct import encode_prompt
     from cancerllm_jax.data.synthetic import instruction_datasets
+    from cancerllm_jax.errors import UserError
 
     data = instruction_datasets(max(8, n // 2 if task == "phenotype" else n), seed)  # one note a patient per task
     if task is not None and task not in data:
@@ -79,8 +80,12 @@ def clinical_prompts(tokenizer, n: int, budget: int, seed: int = 0, task: str | 
             while len(tokenizer.encode(context)) < budget:
                 context += "\n\n" + contexts[k % len(contexts)]
                 k += 7
-        ids, _ = encode_prompt(tokenizer, r["instruction"], context, budget, for_generation=True,
-                               example_id=r["id"])
+        try:
+            ids, _ = encode_prompt(tokenizer, r["instruction"], context, budget, for_generation=True,
+                                   example_id=r["id"])
+        except UserError:  # its fix names generate.py's and evaluate.py's flags
+            raise UserError(f"{r['id']}: its prompt needs more than --prompt-tokens {budget} even without a context; "
+                            "raise --prompt-tokens") from None
         out.append([t for t in ids if t >= 0])
     return out
 

@@ -18,6 +18,7 @@ done
 [ $# -gt 0 ] || { echo "usage: bash tools/gpu_suite.sh STAGE... (stages:$KNOWN)" >&2; exit 2; }
 OUT=${OUT:-gpu_results}
 WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT  # its logs and JSON are in $OUT/results.tgz by then
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
@@ -46,10 +47,10 @@ done
 for stage in "${stages[@]}"; do
   case $stage in
     env)
-      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-      $PY -c "import jax, jaxlib, flax, optax, torch, transformers, peft; print('jax', jax.__version__, 'flax', \
-flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, \
-'peft', peft.__version__); print(jax.devices())" ;;
+      step env_gpu 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+      step env_python 90 $PY -c "import jax, jaxlib, flax, optax, torch, transformers, peft; print('jax', \
+jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', \
+transformers.__version__, 'peft', peft.__version__); print(jax.devices())" ;;
     check)
       step check 100 $PY -m pytest -q -p no:cacheprovider tests/test_fused_attention.py ;;
     attn)
