@@ -316,13 +316,22 @@ def hf_eos_value(cfg: ModelConfig):
 
 
 # config.json keys the model does not read, kept from the source's config.json on export (training settings and
-# bookkeeping: a user who fine-tunes the export with transformers gets the source's attention dropout back)
+# bookkeeping: a user who fine-tunes the export with transformers gets the source's attention dropout back); any
+# other key of the source that the export does not write itself is kept too, as save_pretrained keeps it
 CARRIED_HF_KEYS = ("attention_dropout", "initializer_range", "use_cache", "pretraining_tp")
+# ... except these: bookkeeping of the source's save, code to run (never carried: no remote code), a quantisation
+# the exported float weights no longer have, and attention/RoPE keys the export states in its own form (a stray
+# sliding_window on a llama model would make transformers' generate slide a window its forward does not)
+NOT_CARRIED_HF_KEYS = frozenset({
+    "transformers_version", "_name_or_path", "_commit_hash", "auto_map", "quantization_config",
+    "_attn_implementation", "attn_implementation", "sliding_window", "use_sliding_window", "max_window_layers",
+    "layer_types", "rope_scaling", "rope_parameters", "rope_theta"})
 
 
 def to_hf_config(cfg: ModelConfig, dtype: str = "float32", source: dict | None = None) -> dict:
     """A transformers-5 ``config.json`` dict for MistralForCausalLM / LlamaForCausalLM; ``source``: the config.json
-    the weights came from, whose ``CARRIED_HF_KEYS`` are kept."""
+    the weights came from, whose ``CARRIED_HF_KEYS`` and keys the export does not write (``NOT_CARRIED_HF_KEYS``
+    aside) are kept."""
     out = {
         "architectures": [SUPPORTED_HF_TYPES[cfg.model_type]], "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
@@ -345,6 +354,9 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32", source: dict | None =
     for key in CARRIED_HF_KEYS:
         if isinstance(source, dict) and key in source and (key in out or cfg.model_type == "llama"):
             out[key] = source[key]
+    for key, value in (source.items() if isinstance(source, dict) else ()):
+        if key not in out and key not in NOT_CARRIED_HF_KEYS and key not in CARRIED_HF_KEYS:
+            out[key] = value
     return out
 
 

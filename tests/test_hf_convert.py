@@ -380,6 +380,26 @@ def test_to_hf_keeps_the_config_keys_the_model_does_not_read(tmp_path):
         assert {k: got[k] for k in keys} == want, out
 
 
+def test_to_hf_keeps_the_sources_other_config_keys_as_save_pretrained_does(tmp_path):
+    """A key of the source's config.json that the export does not write (a user's note, id2label) came back
+    dropped; it is kept, directly and through from-hf. Code to run (auto_map), a quantisation the float export no
+    longer has and a llama's stray sliding_window are not carried."""
+    src = str(tmp_path / "src")
+    _tiny_llama(src)
+    conf = json.loads((tmp_path / "src" / "config.json").read_text())
+    extra = {"my_custom_note": "keep me", "id2label": {"0": "A", "1": "B"}}
+    dropped = {"auto_map": {"AutoModelForCausalLM": "x.Y"}, "quantization_config": {"quant_method": "gguf"},
+               "sliding_window": 4}
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**conf, **extra, **dropped}))
+    assert convert.main(["from-hf", src, str(tmp_path / "ckpt")]) == 0
+    for source, out in ((src, "direct"), (str(tmp_path / "ckpt"), "through_ckpt")):
+        assert convert.main(["to-hf", source, str(tmp_path / out)]) == 0
+        got = json.loads((tmp_path / out / "config.json").read_text())
+        assert {k: got.get(k) for k in extra} == extra, out
+        assert not set(dropped) & set(got), out
+        assert transformers.AutoConfig.from_pretrained(str(tmp_path / out)).my_custom_note == "keep me"
+
+
 def test_an_output_folder_that_holds_the_source_is_refused_even_with_overwrite(tmp_path, capsys):
     """``--overwrite`` replaces OUT: an OUT that holds the source (or a run's base) would delete it."""
     src = str(tmp_path / "models" / "src")
@@ -393,6 +413,24 @@ def test_an_output_folder_that_holds_the_source_is_refused_even_with_overwrite(t
             convert.main(argv)
         assert e.value.code == 2 and "the output folder must not be" in capsys.readouterr().err
     assert os.path.isfile(os.path.join(src, "config.json")) and os.path.isdir(adapter)
+
+
+def test_overwriting_a_folder_inside_the_source_is_refused(tmp_path, capsys):
+    """``to-hf CKPT CKPT/params --overwrite`` replaced the checkpoint's own weights with the export (the checkpoint
+    no longer loaded); a folder inside the input is never replaced. A new folder inside it is fine."""
+    src, ckpt = str(tmp_path / "src"), str(tmp_path / "ckpt")
+    _tiny_llama(src)
+    os.makedirs(os.path.join(src, "old"))
+    open(os.path.join(src, "old", "keep.txt"), "w").close()
+    assert convert.main(["from-hf", src, ckpt]) == 0
+    for argv in (["to-hf", ckpt, os.path.join(ckpt, "params"), "--overwrite"],
+                 ["from-hf", src, os.path.join(src, "old"), "--overwrite"]):
+        with pytest.raises(SystemExit) as e:
+            convert.main(argv)
+        assert e.value.code == 2 and "would replace a folder inside the input" in capsys.readouterr().err
+    assert os.path.isfile(os.path.join(src, "old", "keep.txt"))
+    cj.load(ckpt)  # its params are intact
+    assert convert.main(["to-hf", ckpt, os.path.join(ckpt, "export")]) == 0
 
 
 def test_a_stale_index_beside_model_safetensors_is_ignored_as_transformers_does(tmp_path):

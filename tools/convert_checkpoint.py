@@ -178,6 +178,10 @@ def _check_out(out_dir: str, overwrite: bool, *sources: str) -> None:
         if os.path.exists(out) and os.path.commonpath([out, src]) == out:  # --overwrite would delete the source
             what = "the input folder" if src == out else f"a folder that holds the input {src}"
             raise UserError(f"{out_dir}: the output folder must not be {what}")
+        if overwrite and os.path.isdir(out) and os.listdir(out) and os.path.commonpath([out, src]) == src:
+            # replacing a folder inside the input (a checkpoint's params/, a run's checkpoints/) would damage it
+            raise UserError(f"{out_dir}: --overwrite would replace a folder inside the input {src}; write to a new "
+                            "folder, or delete this one first if it is an earlier export")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"{out_dir} exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:

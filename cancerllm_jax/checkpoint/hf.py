@@ -220,7 +220,8 @@ def write_hf(out_dir: str, cfg: ModelConfig, params: dict, overwrite: bool = Fal
     """Write ``config.json`` + safetensors (sharded at ``shard_bytes`` with an index) atomically, with the tokenizer
     files of ``tokenizer_dir`` and a ``generation_config.json`` naming every EOS id (the source's settings kept:
     the one among the tokenizer files, else the file ``generation_config``); ``source_config``: the source's
-    config.json, whose keys the model does not read are kept (``CARRIED_HF_KEYS``)."""
+    config.json, whose keys the model does not read are kept (``to_hf_config``); without it such keys take
+    transformers' defaults."""
     from safetensors.numpy import save_file
 
     from cancerllm_jax.checkpoint.orbax_io import atomic_dir, copy_tokenizer_files
