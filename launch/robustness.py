@@ -71,12 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("counterfactual", parents=[common], help="Table 5: corrupted phenotype training labels")
-    c.add_argument("--rates", type=_rates, default=[0.2, 0.4, 0.6, 0.8])
+    c.add_argument("--rates", type=_rates, default=[0.2, 0.4, 0.6, 0.8],
+                   help="comma-separated fractions of training labels to corrupt (0.2 = 20%%; default 0.2,0.4,0.6,0.8)")
     c.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs per rate")
     c.add_argument("--train-limit", type=int, help="use only the first N training examples")
     c.add_argument("overrides", nargs="*", help="key=value overrides passed to launch/finetune.py")
     m = sub.add_parser("misspell", parents=[common], help="Table 6: misspelled test contexts")
-    m.add_argument("--rates", type=_rates, default=[0.02, 0.04, 0.06, 0.08, 0.2, 0.4, 0.6, 0.8])
+    m.add_argument("--rates", type=_rates, default=[0.02, 0.04, 0.06, 0.08, 0.2, 0.4, 0.6, 0.8],
+                   help="comma-separated fractions of words to misspell (0.02 = 2%%; default "
+                        "0.02,0.04,0.06,0.08,0.2,0.4,0.6,0.8)")
     m.add_argument("--tasks", default="diagnosis,treatment_plan", help="comma-separated tasks")
     m.add_argument("--adapter", help="a PEFT LoRA adapter folder for --model (merged; 'none' for the bare model); "
                    "part of each rate's settings")

@@ -339,6 +339,26 @@ def gold(tmp_path):
     return _jsonl(tmp_path / "gold.jsonl", [{"id": "a", "response": "lung cancer"}, {"id": "b", "response": "pr, er"}])
 
 
+def test_score_file_takes_the_clis_names_and_says_which_file_is_wrong(tmp_path, gold):
+    """``gold=`` / ``pred=`` (as --gold / --pred) and a prediction file alone by keyword were TypeErrors; a folder
+    or a missing file said "cannot read (Is a directory)" where every other reader says what to give."""
+    from cancerllm_jax.errors import UserTypeError
+
+    pred = _jsonl(tmp_path / "p.jsonl", [{"id": "a", "prediction": "lung cancer", "gold": "lung cancer"},
+                                         {"id": "b", "prediction": "er", "gold": "pr, er"}])
+    assert score_file(gold=gold, pred=pred) == score_file(gold, pred)
+    assert score_file(pred=pred) == score_file(pred_path=pred) == score_file(None, pred)
+    for kwargs, needle in (({"gold": gold, "gold_path": gold, "pred": pred}, "both gold= and gold_path="),
+                           ({"gold": gold}, "needs the prediction file"),
+                           ({"pred": pred, "prtocol": "x"}, "'protocol'")):
+        with pytest.raises(UserTypeError, match=needle):
+            score_file(**kwargs)
+    with pytest.raises(UserError, match="is a folder; give a file"):
+        score_file(gold, str(tmp_path))
+    with pytest.raises(UserError, match="missing.jsonl: no such file"):
+        score_file(str(tmp_path / "missing.jsonl"), pred)
+
+
 def test_score_file_by_id_and_by_order(tmp_path, gold, caplog):
     pred = _jsonl(tmp_path / "p.jsonl", [{"id": "b", "prediction": "er"}, {"id": "a", "prediction": "Lung cancer."}])
     res = score_file(gold, pred, per_instance=True)
@@ -403,7 +423,7 @@ def test_score_file_errors(tmp_path, gold, rows, message):
 
 
 def test_score_file_other_errors(tmp_path, gold):
-    with pytest.raises(UserError, match="missing.jsonl: cannot read"):
+    with pytest.raises(UserError, match="missing.jsonl: no such file"):
         score_file(gold, str(tmp_path / "missing.jsonl"))
     with pytest.raises(UserError, match=r"gold\.jsonl:1: missing field 'gold'"):
         score_file(None, gold)

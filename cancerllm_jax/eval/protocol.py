@@ -224,9 +224,10 @@ Row = tuple[int, dict[str, Any]]  # (1-based line number, the JSON object)
 
 def _read_jsonl(path: str) -> list[Row]:
     """The JSON objects of a JSONL file with their line numbers; blank lines are skipped."""
-    from cancerllm_jax.data.sources import DuplicateKey, decode_utf8, json_type_name, loads_json_line
+    from cancerllm_jax.data.sources import DuplicateKey, decode_utf8, json_type_name, loads_json_line, require_file
     from cancerllm_jax.errors import UserError
 
+    require_file(path)  # "is a folder; give a file" / "no such file", as every reader says it
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -331,12 +332,13 @@ def _pairs(gold_path: str | None, pred_path: str, gold_field: str | None, pred_f
 
 
 def score_file(
-    gold_path: str | None,
-    pred_path: str,
+    gold_path: str | None = None,
+    pred_path: str | None = None,
     protocol: str = "standard",
     gold_field: str | None = None,
     pred_field: str = "prediction",
     per_instance: bool = False,
+    **unknown,
 ) -> dict[str, Any]:
     """Score a JSONL prediction file against a JSONL gold file, matched by ``id`` when both have ids (or the gold
     has none and the predictions are named ``line<N>``, as ``evaluate.py run`` names such records), else by line.
@@ -344,9 +346,25 @@ def score_file(
     ``gold_field`` defaults to ``response`` in a gold file. With ``gold_path=None`` the prediction file carries its
     own gold answers next to ``pred_field``, in ``gold_field`` (default ``gold``, as ``evaluate.py run`` writes).
     Bad files raise ``UserError`` naming the file and line; rows (when asked for) carry the instance ``id``.
+    ``gold=`` and ``pred=`` (the CLI's ``--gold`` / ``--pred``) name the same files.
     """
-    from cancerllm_jax.errors import UserError
+    from cancerllm_jax.errors import UserError, UserTypeError
 
+    for alias, name in (("gold", "gold_path"), ("pred", "pred_path")):
+        if alias in unknown:
+            if (gold_path if name == "gold_path" else pred_path) is not None:
+                raise UserTypeError(f"score_file() got both {alias}= and {name}=; give one")
+            if name == "gold_path":
+                gold_path = unknown.pop(alias)
+            else:
+                pred_path = unknown.pop(alias)
+    if unknown:  # the nearest known name, as load() and generate() say it (api imports jax: only when needed)
+        from cancerllm_jax.api import refuse_unknown_arguments
+
+        refuse_unknown_arguments("score_file", unknown, score_file, {})
+    if pred_path is None:
+        raise UserTypeError("score_file() needs the prediction file: score_file(gold_path, pred_path) or "
+                            "score_file(pred_path=...) for a file that carries its own gold answers")
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
     pairs = _pairs(gold_path, pred_path, gold_field, pred_field)
