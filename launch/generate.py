@@ -5,8 +5,9 @@
                               [--max-new-tokens 64]
 
 Each input line has either ``prompt`` (used as is) or ``instruction`` [+ ``context``] (rendered with the
-authors' Alpaca template). Each output line: ``id``, ``prompt_hash`` and ``prediction`` (plus ``response`` as
-``gold`` when the input has one). The output file appears complete or not at all: until then each finished batch
+authors' Alpaca template). Each output line: ``id``, ``prompt_hash`` and ``prediction`` (the generated text up to
+EOS or a --stop string, without leading and trailing whitespace, as evaluate.py writes it), plus ``response`` as
+``gold`` when the input has one. The output file appears complete or not at all: until then each finished batch
 is appended to a hidden ``.OUT.partial.jsonl`` beside it, and a run started again with the same flags on the same
 input and model resumes from it (``--overwrite`` starts over).
 """
