@@ -9,7 +9,7 @@ authors' Alpaca template). Each output line: ``id``, ``prompt_hash`` and ``predi
 EOS or a --stop string, without leading and trailing whitespace, as evaluate.py writes it), plus ``response`` as
 ``gold`` when the input has one. The output file appears complete or not at all: until then each finished batch
 is appended to a hidden ``.OUT.partial.jsonl`` beside it, and a run started again with the same flags on the same
-input and model resumes from it (``--overwrite`` starts over).
+input and model resumes from it (rows made with other settings are discarded with ``--overwrite``, else refused).
 """
 import argparse
 import hashlib
@@ -70,7 +70,8 @@ def main(argv=None):
     if not os.path.isdir(out_dir):
         raise UserError(f"--out {args.out}: the folder {out_dir} does not exist; create it first")
     try:  # before any decoding: a folder that cannot be written would lose all of it at the end
-        probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=f".{os.path.basename(args.out)}.probe-")
+        # named as long as the longest hidden file beside --out will be (the settings record's temp file)
+        probe = tempfile.NamedTemporaryFile(dir=out_dir, prefix=f"..{os.path.basename(args.out)}.partial.json.tmp-")
     except OSError as e:
         raise UserError(f"--out {args.out}: {describe_os_error(e)}") from None
     probe.close()
@@ -89,6 +90,9 @@ def main(argv=None):
     from cancerllm_jax.train.run_io import FolderLock
 
     with FolderLock(out_dir, "--out", name=f".{os.path.basename(args.out)}.lock", target=args.out):
+        if os.path.exists(args.out) and not args.overwrite:  # another command may have finished it meanwhile
+            raise UserError(f"{args.out} exists; pass --overwrite to replace it")
+        partial.remove_stale_temp_files()  # a killed command's; none is being written: we hold the lock
         try:
             return _generate(args, records, skipped, partial)
         except BaseException:
@@ -98,9 +102,9 @@ def main(argv=None):
 
 
 def _generate(args, records: list, skipped: int, partial) -> int:
-    partial.check_settings()  # before the model is read: other settings are refused at once
     start_runtime(argparse.Namespace(coordinator=None, num_processes=None, process_id=None), args.mesh,
                   cluster_env=False)  # one process; a launcher's task variables are for the training launchers
+    partial.check_settings()  # before the model is read: other settings are refused at once
     import cancerllm_jax as cj
 
     from cancerllm_jax.api import adapter_or_none
@@ -147,8 +151,7 @@ def _generate(args, records: list, skipped: int, partial) -> int:
                 for i, gen in zip(batch, outs, strict=True)]
         partial.append(rows)
         done.update((r["id"], r["prediction"]) for r in rows)
-    _write_output(args, records, keys, hashes, done)
-    partial.remove()
+    _write_output(args, records, keys, hashes, done, before_rename=partial.remove)
     speed = totals["generated_tokens"] / max(totals["time_s"], 1e-9)
     print(f"wrote {len(records)} predictions to {args.out}"
           f"{f' ({len(records) - len(todo)} from the interrupted run)' if len(todo) < len(records) else ''}: "
@@ -172,6 +175,7 @@ class _Partial:
 
     def settings(self) -> dict:
         from cancerllm_jax.eval.runner import adapter_fingerprint, model_fingerprint
+        from cancerllm_jax.model import resolve_dtype
 
         a = self.args
         with open(a.input, "rb") as f:
@@ -180,29 +184,40 @@ class _Partial:
         adapter = a.adapter if a.adapter not in (None, "", "none") else None
         return {"format": self.FORMAT, "input": os.path.realpath(a.input), "input_sha256": digest,
                 "model": model_fingerprint(a.model), "adapter": adapter_fingerprint(adapter) if adapter else None,
-                "dtype": a.dtype, "max_new_tokens": a.max_new_tokens, "max_prompt_tokens": a.max_prompt_tokens,
+                "dtype": resolve_dtype(a.dtype).name, "max_new_tokens": a.max_new_tokens,
+                "max_prompt_tokens": a.max_prompt_tokens,
                 "temperature": 0.0 if greedy else a.temperature, "top_k": None if greedy else a.top_k,
                 "top_p": None if greedy else a.top_p, "seed": None if greedy else a.seed,
                 "stop": list(a.stop or ()), "skip_bad_lines": a.skip_bad_lines}
 
     def check_settings(self) -> None:
-        """Keep what an interrupted run made with these settings; other settings are refused unless --overwrite,
-        which discards it. Records the settings for the rows to come."""
+        """Keep what an interrupted run made with these settings (with or without --overwrite, which replaces
+        --out); rows made otherwise are refused, or discarded with --overwrite. Records the settings for the rows
+        to come."""
         from cancerllm_jax.eval.runner import differences, read_json_file
         from cancerllm_jax.train.run_io import write_json_atomic
 
         want = self.settings()
-        if self.has_rows() and not self.args.overwrite:
+        if self.has_rows():
             fix = "pass --overwrite to discard it and start over"
+            problem = None
             if not os.path.isfile(self.meta):
-                raise UserError(f"{self.rows}: an interrupted run's predictions without the record of what made them "
-                                f"({self.meta} is missing); {fix}")
-            have = read_json_file(self.meta, "record of what made the predictions", fix)
-            if have != want:
-                what = "; ".join(differences(have, want)) if isinstance(have, dict) else "an unreadable record"
-                raise UserError(f"{self.rows}: an interrupted run left predictions made with other input, model or "
-                                f"settings ({what}); run it again as it was to finish it, or {fix}")
-            return
+                problem = (f"{self.rows}: an interrupted run's predictions without the record of what made them "
+                           f"({self.meta} is missing)")
+            else:
+                try:
+                    have = read_json_file(self.meta, "record of what made the predictions", fix)
+                except (UserError, OSError) as e:
+                    have = e
+                if have != want:
+                    what = ("; ".join(differences(have, want)) if isinstance(have, dict)
+                            else f"its record is unreadable: {have}")
+                    problem = (f"{self.rows}: an interrupted run left predictions made with other input, model or "
+                               f"settings ({what}); run it again as it was to finish it")
+            if problem is None:
+                return
+            if not self.args.overwrite:
+                raise UserError(f"{problem}; or {fix}")
         self.remove()
         write_json_atomic(self.meta, want)
 
@@ -231,9 +246,22 @@ class _Partial:
             if os.path.exists(path):
                 os.remove(path)
 
+    def remove_stale_temp_files(self) -> None:
+        """The temp files a killed command left for this ``--out`` (the output's and the settings record's)."""
+        folder = os.path.dirname(self.rows)
+        base = os.path.basename(self.args.out)
+        for name in os.listdir(folder):
+            if name.startswith((f".{base}.tmp-", f"..{base}.partial.json.tmp-")):
+                try:
+                    os.remove(os.path.join(folder, name))
+                except OSError:
+                    pass
 
-def _write_output(args, records: list, keys: list, hashes: list, predictions: dict) -> None:
-    """The predictions in input order, written beside ``--out`` and renamed onto it (complete or not at all)."""
+
+def _write_output(args, records: list, keys: list, hashes: list, predictions: dict, before_rename=None) -> None:
+    """The predictions in input order, written beside ``--out`` and renamed onto it (complete or not at all);
+    ``before_rename`` runs once the file is complete and synced (removing the partial: a kill then leaves a temp
+    file, never a complete output beside the rows it was made from)."""
     out_dir = os.path.dirname(os.path.abspath(args.out))
     tmp = os.path.join(out_dir, f".{os.path.basename(args.out)}.tmp-{os.getpid()}")
     try:
@@ -246,6 +274,8 @@ def _write_output(args, records: list, keys: list, hashes: list, predictions: di
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, args.out)
     except BaseException:
         if os.path.exists(tmp):

@@ -796,6 +796,45 @@ def test_generate_refuses_to_resume_with_other_settings_or_input(change, tmp_pat
     assert "resuming" not in err and len(out.read_text().splitlines()) == 5
 
 
+def test_generate_resumes_with_overwrite_and_leaves_nothing_hidden(tmp_path, capsys, models, monkeypatch):
+    """Regenerating over an existing --out needs --overwrite: an interrupted such run resumes too (--overwrite
+    discarded its rows even when the settings were the same); the same dtype spelt fp32 is the same setting; a
+    killed command's temp files are removed by the next; a finished --out never sits beside its partial rows."""
+    extra = ["--batch-size", "2", "--overwrite"]
+    write(tmp_path / "pred.jsonl", "an earlier output\n")
+    for name in (".pred.jsonl.tmp-99999", "..pred.jsonl.partial.json.tmp-99999"):
+        write(tmp_path / name, "left by a kill")
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 1)
+        code, err, out = _gen(models, tmp_path, capsys, RESUME_LINES, extra=extra)
+    assert code == 130 and out.read_text() == "an earlier output\n"
+    code, err, out = _gen(models, tmp_path, capsys, RESUME_LINES, extra=extra + ["--dtype", "fp32"])
+    assert code in (0, None), err
+    assert "resuming: 2 of 5" in err and len(out.read_text().splitlines()) == 5
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "pred.jsonl"]
+
+
+def test_generate_rechecks_out_once_it_holds_the_lock(tmp_path, capsys, models, monkeypatch):
+    """--out was checked before the lock was taken: a command that finished the same --out meanwhile had its
+    output replaced without --overwrite."""
+    mod = _module("launch/generate.py")
+    lock = mod.__dict__.get("FolderLock")
+    from cancerllm_jax.train import run_io
+
+    real = run_io.FolderLock
+
+    class FinishedMeanwhile(real):
+        def __enter__(self):
+            write(tmp_path / "pred.jsonl", "another command's output\n")
+            return super().__enter__()
+
+    monkeypatch.setattr(run_io, "FolderLock", FinishedMeanwhile)
+    assert lock is None  # imported at call time, from run_io
+    code, err, out = _gen(models, tmp_path, capsys, RESUME_LINES)
+    one_clear_error(code, err, "pred.jsonl exists", "--overwrite")
+    assert out.read_text() == "another command's output\n"
+
+
 # ------------------------------------------------------------------------------ tools/convert_checkpoint.py
 
 def _bad_model(tmp_path, models, what) -> str:
