@@ -13,9 +13,12 @@ alone). The paper (section 2.5) sets the misspelling rates "when constructing th
 "the input sentence along with the instruction" to the model; we read this as noisy inputs to a model fine-tuned on
 clean data, the deployment case of misspelled notes, and do not retrain per rate.
 
-Both write OUT/table5.md or OUT/table6.md, OUT/robustness.json and OUT/robustness.png; each rate's predictions and
-scores stay under OUT/counterfactual/rate_NN/ or OUT/misspell/<task>/rate_NN/. Add 0 to --rates for a clean
-reference row (left out of the mean over rates). DIR holds <task>/<split>.jsonl (a test split may also be
+Both write OUT/table5.md or OUT/table6.md (with each rate's generation time, tokens/s and peak memory below the
+scores), OUT/robustness.json and OUT/robustness.png; each rate's predictions and scores stay under
+OUT/counterfactual/rate_NN/ or OUT/misspell/<task>/rate_NN/. Add 0 to --rates for a clean reference row (left out
+of the mean over rates). Each rate is drawn on its own: the labels or words noised at 20 % are not necessarily
+among those noised at 40 %. One --out holds one model's sweeps: the paper's tables set two models side by side, so
+run each model with its own --out and compare their tables. DIR holds <task>/<split>.jsonl (a test split may also be
 DIR/<task>.jsonl; counterfactual's phenotype/val.jsonl is optional: without it the fine-tuning runs report no
 held-out loss); misspell of one task also reads one JSONL FILE, its test records, as evaluate.py run does.
 
@@ -37,6 +40,13 @@ from cancerllm_jax.errors import UserError, cli_main
 from cancerllm_jax.launch_common import check_decode_flags
 
 
+# finetune.py keys each counterfactual run gets from the sweep: an override would train something other than what
+# its settings, cache key and table say
+SWEEP_KEYS = {"model": "use --model", "epochs": "use --epochs", "steps": "use --epochs (the steps follow from it)",
+              "data.path": "each rate trains on its own corrupted file (give the clean data with --data)",
+              "data.eval_path": "the held-out loss uses the val split of --data", "task": "it is always phenotype"}
+
+
 def _rates(text: str) -> list[float]:
     try:
         rates = [float(x) for x in text.split(",") if x.strip()]
@@ -51,7 +61,6 @@ def _rates(text: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", required=True, help="preset, HF folder, converted checkpoint or training run")
     common.add_argument("--data", default="synthetic",
                         help="a folder with <task>/<split>.jsonl, synthetic[:PATIENTS[:SEED]] (default: synthetic, "
                              "--patients and --seed) or, for misspell of one task, one JSONL file")
@@ -71,12 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("counterfactual", parents=[common], help="Table 5: corrupted phenotype training labels")
+    c.add_argument("--model", required=True, help="the base to fine-tune: preset, HF folder, converted checkpoint "
+                                                  "or training run")
     c.add_argument("--rates", type=_rates, default=[0.2, 0.4, 0.6, 0.8],
                    help="comma-separated fractions of training labels to corrupt (0.2 = 20%%; default 0.2,0.4,0.6,0.8)")
     c.add_argument("--epochs", type=float, default=1.0, help="fine-tuning epochs per rate")
     c.add_argument("--train-limit", type=int, help="use only the first N training examples")
     c.add_argument("overrides", nargs="*", help="key=value overrides passed to launch/finetune.py")
     m = sub.add_parser("misspell", parents=[common], help="Table 6: misspelled test contexts")
+    m.add_argument("--model", required=True, help="the fine-tuned model: HF folder, converted checkpoint or "
+                                                  "training run")
     m.add_argument("--rates", type=_rates, default=[0.02, 0.04, 0.06, 0.08, 0.2, 0.4, 0.6, 0.8],
                    help="comma-separated fractions of words to misspell (0.02 = 2%%; default "
                         "0.02,0.04,0.06,0.08,0.2,0.4,0.6,0.8)")
@@ -90,6 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_decode_flags(args)
+    from pathlib import Path
+
+    from cancerllm_jax.eval.robustness import rate_dir
+
+    names = {}
+    for rate in args.rates:  # two rates closer than a folder name tells apart would write one folder
+        name = rate_dir(Path(), rate).name
+        if name in names:
+            raise UserError(f"--rates: {names[name]!r} and {rate!r} are too close to tell apart (both {name})")
+        names[name] = rate
     for flag, value in (("--limit", args.limit), ("--train-limit", getattr(args, "train_limit", None)),
                         ("--epochs", getattr(args, "epochs", None)), ("--patients", args.patients)):
         if value is not None and not value > 0:  # 0 or a negative N would use all or drop examples silently
@@ -113,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         bad = [o for o in args.overrides if "=" not in o]
         if bad:
             raise UserError(f"overrides must be key=value, got {bad}")
+        for o in args.overrides:  # the sweep sets these itself, and records them as its flags say
+            key = o.split("=", 1)[0].strip()
+            if key in SWEEP_KEYS:
+                raise UserError(f"override {key}=…: the sweep sets {key} itself; {SWEEP_KEYS[key]}")
         from cancerllm_jax.config import PRESETS
         from cancerllm_jax.train.config import resolve
         from cancerllm_jax.train.finetune import FinetuneConfig

@@ -79,7 +79,11 @@ def test_misspelling_sweep_and_clean_reference(tmp_path, monkeypatch):
     assert res.mean_avg_f1 == {"diagnosis": 0.0, "treatment_plan": 0.0}  # rate 0 is not in the mean
     assert seen[("diagnosis", 0.0)] == "the left breast mass 0 cm" != seen[("diagnosis", 0.5)]
     paths = rb.write_outputs(tmp_path, res, "fake")
-    assert "0% (clean)" in Path(paths["table"]).read_text()
+    table = Path(paths["table"]).read_text()
+    assert "0% (clean)" in table
+    # EVAL_PROTOCOL §7: time, tokens/s and memory per rate (absent figures as a dash)
+    assert "| Task | rate | Generation time (s) | Tokens/s | Peak memory (MiB) |" in table
+    assert "| treatment plan | 50% | 0.00 | – | – |" in table
     Path(paths["json"]).write_text('{"misspell": ')  # damaged: one clear error, not a JSONDecodeError
     from cancerllm_jax.errors import UserError
 
@@ -491,3 +495,41 @@ def test_a_failed_finetuning_run_is_one_line_naming_its_error_and_log(tmp_path):
         rb.run_finetune(killed, log)
     assert str(e.value) == ("fine-tuning failed (killed by signal 9, no error line; last output: step 40/100 loss "
                             f"1.2) (full log: {log})")
+
+
+def test_misspelling_refuses_test_records_without_a_context(tmp_path, monkeypatch):
+    """Notes in 'instruction' (no 'context') were "misspelled" with 0 words at every rate and tabled as noisy; a
+    set with none is refused, a set with some is warned about."""
+    from cancerllm_jax.errors import UserError
+
+    monkeypatch.setattr(rb, "decode", lambda lm, records, task, settings: (["x"] * len(records), {},
+                                                                           ["h"] * len(records)))
+    bare = [{k: v for k, v in r.items() if k != "context"} for r in _recs("diagnosis", 2)]
+    with pytest.raises(UserError, match="none of the 2 test records has a 'context'"):
+        rb.misspelling_sweep(object(), {"diagnosis": bare}, tmp_path, rates=[0.5], log=lambda s: None)
+    assert not (tmp_path / "misspell").exists()
+    logs = []
+    rb.misspelling_sweep(object(), {"diagnosis": bare + _recs("diagnosis", 1)}, tmp_path, rates=[0.5],
+                         log=logs.append)
+    assert any("2 of 3 test records have no 'context'" in line for line in logs)
+
+
+@pytest.mark.parametrize("override", ["model=other", "epochs=3", "steps=1", "data.path=x.jsonl", "task=diagnosis"])
+def test_cli_counterfactual_refuses_overrides_of_what_the_sweep_sets(tmp_path, override):
+    """model=, epochs=, steps= ... overrides trained something else than --model / --epochs, while the settings,
+    the cache key and the table still said --model / --epochs (a changed model= was even reused as cached)."""
+    from cancerllm_jax.errors import UserError
+
+    with pytest.raises(UserError, match=f"the sweep sets {override.split('=')[0]} itself"):
+        _launch_robustness().main.__wrapped__(["counterfactual", "--model", "tiny", "--out", str(tmp_path / "o"),
+                                               override])
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_rates_that_would_share_a_folder(tmp_path):
+    from cancerllm_jax.errors import UserError
+
+    assert rb.rate_dir(tmp_path, 0.20000001).name == "rate_20.000001"
+    with pytest.raises(UserError, match="too close to tell apart"):
+        _launch_robustness().main.__wrapped__(["misspell", "--model", "m", "--out", str(tmp_path / "o"),
+                                               "--rates", "0.2,0.2000000000001"])

@@ -10,7 +10,8 @@
   ``Not relevant`` instance, such an irrelevant entity in place of ``Not relevant``.
 
 Counts are ``round(rate × n)`` rounded half up; every choice comes from a ``random.Random`` seeded with a string,
-so results are identical across runs and processes. Pure Python: no jax, no numpy.
+so results are identical across runs and processes. Each rate is drawn on its own: the words or instances noised
+at a lower rate are not necessarily among those noised at a higher one. Pure Python: no jax, no numpy.
 """
 from __future__ import annotations
 

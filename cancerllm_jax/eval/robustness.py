@@ -247,9 +247,10 @@ def _cached(out_dir: Path, key: dict[str, Any] | None = None, overwrite: bool = 
 
 
 def rate_dir(root: Path, rate: float) -> Path:
-    """``rate_20`` for 20 %, ``rate_20.4`` for 20.4 %: rates that differ never share a folder."""
+    """``rate_20`` for 20 %, ``rate_20.4`` for 20.4 % (to 12 significant digits, past which rates that differ
+    would share a folder: ``launch/robustness.py`` refuses such a pair)."""
     pct = rate * 100
-    return root / (f"rate_{round(pct):02d}" if abs(pct - round(pct)) < 1e-9 else f"rate_{pct:.6g}")
+    return root / (f"rate_{round(pct):02d}" if abs(pct - round(pct)) < 1e-9 else f"rate_{pct:.12g}")
 
 
 def mean_over_rates(rows: Sequence[dict], task: str) -> float | None:
@@ -413,6 +414,15 @@ def misspelling_sweep(model: str | Any, tests: dict[str, Sequence[dict]], out_di
     if given, or a loaded LM). A rate is reused only when its settings match (see the module doc); every rate is
     checked before any is computed."""
     settings = settings or DecodeSettings()
+    for task, records in tests.items():  # a record without a context has nothing to misspell: its rows are clean
+        bare = sum(not (isinstance(r.get("context"), str) and r["context"].strip()) for r in records)
+        if bare == len(records) and any(rate > 0 for rate in rates):
+            raise UserError(f"misspell {task}: none of the {len(records)} test records has a 'context', the only "
+                            "field misspelled, so every rate would score the clean inputs (put the note in "
+                            "'context')")
+        if bare:
+            log(f"warning: misspell {task}: {bare} of {len(records)} test records have no 'context'; they are "
+                "scored unmisspelled at every rate")
     root = Path(out_dir) / "misspell"
     base = {"format": SETTINGS_FORMAT, "sweep": "misspell", **model_key(model), "seed": seed}
     if adapter is not None:
@@ -445,6 +455,10 @@ def misspelling_sweep(model: str | Any, tests: dict[str, Sequence[dict]], out_di
 
 
 # ---------------------------------------------------------------- tables, JSON and the plot
+
+
+def _num(value, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
 
 
 def _pct(rate: float) -> str:
@@ -480,6 +494,14 @@ def table_markdown(result: SweepResult, model_name: str) -> str:
             f"{dec.get('max_prompt_tokens') or 'paper'} in / {dec.get('max_new_tokens') or 'paper'} new tokens; "
             f"seed {s.get('seed')}. Scores in percent; rate 0 is a clean reference, not part of the mean.")
     lines += ["", note]
+    head = ["Task", "rate", "Generation time (s)", "Tokens/s", "Peak memory (MiB)"]
+    lines += ["", "Per rate (EVAL_PROTOCOL §7): decoding the whole test set, compile included.", "",
+              "| " + " | ".join(head) + " |", "|---|---|---:|---:|---:|"]
+    for r in result.rows:
+        mem = r.get("peak_memory_bytes")
+        cells = [r["task"].replace("_", " "), _pct(r["rate"]), _num(r.get("seconds"), "{:.2f}"),
+                 _num(r.get("tokens_per_s"), "{:.1f}"), _num(None if mem is None else mem / 2**20, "{:,.0f}")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
