@@ -27,6 +27,18 @@ class PeerLost(UserError):
     (``os._exit``), without JAX's distributed shutdown barrier, which would wait for the dead peer and then abort."""
 
 
+def import_reference(name: str, purpose: str):
+    """Import ``name``, a package of the ``reference`` extra (torch, peft, gguf: the PyTorch side), or raise a
+    UserError saying how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"{purpose} needs the Python package '{name}', which `pip install -e .` does not install: "
+                        "pip install -e '.[reference]' (the tests' '.[test]' includes it)") from None
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, turned into an exception by a training run once it has saved the step it finished (``args[0]``: that
     step, or None when none ran); the CLI exits 143, as a process killed by SIGTERM does."""

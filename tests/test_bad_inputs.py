@@ -945,6 +945,16 @@ def test_import_gguf_missing_and_corrupt(tmp_path, capsys):
     nothing_left(out)
 
 
+@pytest.mark.parametrize("package", ["torch", "gguf"])
+def test_tools_without_the_reference_extra_say_what_to_install(package, tmp_path, capsys, monkeypatch):
+    """`pip install -e .` has no torch or gguf: the quickstart's import_gguf.py failed with "unexpected
+    ModuleNotFoundError ... this is a bug"; it names the extra to install."""
+    bad = write(tmp_path / "m.gguf", b"GGUF" + b"\x00" * 64)
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed: importing it raises ImportError
+    code, err = run_cli("tools/import_gguf.py", [bad, "--out", tmp_path / "out"], capsys)
+    one_clear_error(code, err, f"needs the Python package '{package}'", "pip install -e '.[reference]'")
+
+
 def test_check_parity_unsupported_architecture(tmp_path, capsys, models):
     src = _bad_model(tmp_path, models, "unsupported_architecture")
     code, err = run_cli("tools/check_parity.py", ["--hf-dir", src, "--json", tmp_path / "p.json"], capsys)

@@ -96,7 +96,9 @@ def encode_prompts(hf_dir: str, prompts: list[str], vocab_size: int) -> tuple[li
 
 def reference_logits(hf_dir: str, ids_list: list[list[int]]) -> list[np.ndarray]:
     """transformers fp32 logits (eager attention) for each prompt."""
-    import torch
+    from cancerllm_jax.errors import import_reference
+
+    torch = import_reference("torch", "the transformers reference of check_parity.py")
     from transformers import AutoModelForCausalLM
 
     try:

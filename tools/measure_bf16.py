@@ -29,7 +29,9 @@ from check_parity import DEFAULT_PROMPTS, compare_logits
 
 def tiny_folder(out: str) -> str:
     """The ``tiny`` preset's shape as a random HF Mistral (HF's N(0, 0.02) init, random norm weights)."""
-    import torch
+    from cancerllm_jax.errors import import_reference
+
+    torch = import_reference("torch", "measure_bf16.py's transformers reference")
     import transformers
 
     from cancerllm_jax.config import preset
@@ -52,7 +54,9 @@ def tiny_folder(out: str) -> str:
 
 def measure(folder: str, batches: list[np.ndarray]) -> dict:
     """``{dtype: metrics}``: worst max |Δlogit|, mean KL and argmax agreement over ``batches`` vs transformers."""
-    import torch
+    from cancerllm_jax.errors import import_reference
+
+    torch = import_reference("torch", "measure_bf16.py's transformers reference")
     from transformers import AutoModelForCausalLM
 
     import cancerllm_jax as cj

@@ -93,7 +93,10 @@ def import_gguf(gguf_path: str | None = None, out_dir: str | None = None, overwr
 
 def _load_gguf(gguf_path: str):
     """``(clean fp32 model, tokenizer)``: the GGUF model without its ``quantization_config``, so it can be saved."""
-    import torch
+    from cancerllm_jax.errors import import_reference
+
+    torch = import_reference("torch", "reading a GGUF file (transformers' GGUF loader)")
+    import_reference("gguf", "reading a GGUF file")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.dirname(gguf_path), os.path.basename(gguf_path)
@@ -126,7 +129,9 @@ def _parse_once():
     """
     import functools
 
-    import gguf
+    from cancerllm_jax.errors import import_reference
+
+    gguf = import_reference("gguf", "reading a GGUF file")
 
     saved = {"GGUFReader": gguf.GGUFReader, "get_tensor_name_map": gguf.get_tensor_name_map}
     readers = {}
