@@ -81,3 +81,37 @@ def test_killing_one_process_stops_the_other_clearly_and_the_run_resumes(tmp_pat
     assert f"resumed from step {last}" in res.stderr
     assert run_io.latest_step(os.path.join(wd, "checkpoints")) == 30
     print(f"\nsurvivor exited {rc} after {took:.1f} s; resumed from step {last}")
+
+
+@pytest.mark.slow  # one 2-process start
+def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path):
+    """A scheduler's SIGTERM to a multi-process run: JAX's preemption service (its handler, set when the processes
+    connect) took the signal and the run trained on, ignoring it. Now the notice reaches every process, all stop
+    at the same step, save it together and exit 143, as a single-process run does."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    wd = str(tmp_path / "run")
+    args = [*ARGS, "--save-every", "1000", "--workdir", wd, "--coordinator", f"127.0.0.1:{port}",
+            "--num-processes", "2"]
+    procs = [subprocess.Popen([sys.executable, LAUNCHER, *args, "--process-id", str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT) for i in range(2)]
+    try:
+        deadline = time.time() + 300
+        while not os.path.isfile(os.path.join(wd, "metrics.jsonl")) or \
+                not open(os.path.join(wd, "metrics.jsonl")).read().count('"step": 2,'):
+            assert time.time() < deadline and all(p.poll() is None for p in procs)
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=BOUND_S + 30)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [143, 143], outs[1][-3000:]
+    stopped = {line.split("saved step ")[1].split(",")[0] for out in outs for line in out.splitlines()
+               if line.startswith("terminated (SIGTERM): the run saved step ")}
+    assert len(stopped) == 1, outs
+    step = int(stopped.pop())
+    assert 2 <= step < 30 and run_io.latest_step(os.path.join(wd, "checkpoints")) == step
+    assert all("Traceback" not in out for out in outs)

@@ -113,15 +113,17 @@ def load_base(cfg: TrainConfig) -> tuple[ModelConfig, dict | None, str | None, d
 class _SigtermStop:
     """SIGTERM (a pre-empting scheduler, ``kill``) stops a run cleanly instead of killing it mid-save: the handler
     only notes it (an exception raised from it in the middle of an XLA compile crashed the process), and the loop,
-    at its next step, saves the step it has finished and raises ``Terminated``."""
+    at its next step, saves the step it has finished and raises ``Terminated``. A multi-process run uses JAX's
+    preemption service instead (its own SIGTERM handler, set when the processes connect): the notice reaches every
+    process, and all of them stop at the same step (``reached_preemption_sync_point``), as the collective save
+    needs."""
 
     def __init__(self):
         self.asked = False
 
     def install(self):
         """Set the handler; returns the one it replaced. None, and no handler, off the main thread (where none can be
-        set) and in a multi-process run (a save is collective: a process saving alone on its own signal would wait
-        for the others forever)."""
+        set) and in a multi-process run (JAX's handler is in place)."""
         if jax.process_count() > 1:
             return None
         try:
@@ -131,6 +133,18 @@ class _SigtermStop:
 
     def _handle(self, signum, frame) -> None:
         self.asked = True
+
+    def stop_before(self, step: int) -> bool:
+        """Whether to save and stop before running step ``step + 1``; every process of a run calls it at every step
+        with the same ``step``."""
+        if jax.process_count() > 1 and not self.asked:
+            from jax.experimental import multihost_utils
+
+            try:
+                self.asked = multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # the preemption service is off (jax_enable_preemption_service): SIGTERM kills
+                pass
+        return self.asked
 
 
 def example_text(tokenizer, batch: dict, limit: int = 4000) -> str:
@@ -442,7 +456,7 @@ class Trainer:
             self._evaluate(data.eval_batches, 0, logger, mngr)  # the baseline that periodic evals are read against
         try:
             while step < end:
-                if self._sigterm.asked:  # pre-empted: keep this step's progress, then stop
+                if self._sigterm.stop_before(step):  # pre-empted: keep this step's progress, then stop
                     if step > last_saved:
                         self._save(mngr, step, it, batch)
                     raise Terminated(step if step > start_step else None)
