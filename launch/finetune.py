@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-import _bootstrap  # noqa: F401
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package first
 
 from cancerllm_jax.errors import UserError, cli_main
 from cancerllm_jax.launch_common import (add_train_flags, announce, announce_privacy, cli_values, default_workdir,

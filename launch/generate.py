@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 
-import _bootstrap  # noqa: F401
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package first
 
 from cancerllm_jax.errors import UserError, cli_main, describe_os_error
 from cancerllm_jax.launch_common import check_decode_flags, start_runtime

@@ -41,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import _bootstrap  # noqa: F401
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package first
 
 from cancerllm_jax.errors import UserError, cli_main
 
@@ -309,7 +309,8 @@ def main(argv=None):
                     raise UserError(f"--data {data}: {task}/{split}.jsonl is missing")
     pipe = Pipeline(out)
     pipe.check_settings({"scale": args.scale, "model": model, "data": args.data and os.path.abspath(args.data),
-                         "pretrain_data": args.pretrain_data and [os.path.abspath(p) for p in args.pretrain_data],
+                         "pretrain_data": args.pretrain_data and [os.path.abspath(os.path.expanduser(p))
+                                                                  for p in args.pretrain_data],
                          "pretrain": "pretrain" not in skip})
     pipe.state.update({"scale": args.scale, "notes": scale.notes})
     py = sys.executable
@@ -348,8 +349,10 @@ def main(argv=None):
         else []
     pre_dir = os.path.join(out, "pretrain")
     if "pretrain" not in skip:
-        sources = args.pretrain_data or ([os.path.join(data, "pretrain", "corpus.jsonl")]
-                                         if os.path.exists(os.path.join(data, "pretrain", "corpus.jsonl")) else None)
+        # read from the caller's folder, as recorded: the pretraining subprocess runs in the checkout
+        corpus = os.path.join(data, "pretrain", "corpus.jsonl")
+        sources = [os.path.abspath(os.path.expanduser(p)) for p in args.pretrain_data or ()] or (
+            [corpus] if os.path.exists(corpus) else None)
         # --resume: a run an interrupt stopped continues (a new one starts at step 0; other settings are refused)
         cmd = [py, os.path.join(HERE, "pretrain.py"), *scale.pretrain, "--workdir", pre_dir, "--resume",
                f"model={model}", *tok]

@@ -32,9 +32,10 @@ fine-tuning run is reused when only the decoding settings changed. A damaged sco
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-import _bootstrap  # noqa: F401
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package first
 
 from cancerllm_jax.errors import UserError, cli_main
 from cancerllm_jax.launch_common import check_decode_flags
@@ -117,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
                         ("--epochs", getattr(args, "epochs", None)), ("--patients", args.patients)):
         if value is not None and not value > 0:  # 0 or a negative N would use all or drop examples silently
             raise UserError(f"{flag} must be positive, got {value:g}")
-    import os
 
     from cancerllm_jax.eval import robustness as rb
     from cancerllm_jax.eval.tasks import CANCERLLM_TASKS

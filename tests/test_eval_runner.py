@@ -769,6 +769,12 @@ def test_reproduce_resumes_training_stages_and_refuses_other_settings(tmp_path, 
     assert "stage pretrain failed" in capsys.readouterr().err
     fail.clear()
     assert rep.main([*argv[:-4], "--out", str(out2), "--pretrain-data", str(tmp_path / "notes.jsonl")]) == 0
+    # a relative --pretrain-data is read from the caller's folder (the subprocess runs in the checkout)
+    monkeypatch.chdir(tmp_path)
+    cmds.clear()
+    assert rep.main([*argv[:-4], "--out", str(tmp_path / "out4"), "--pretrain-data", "notes.jsonl"]) == 0
+    pretrain = next(c for c in cmds if os.path.basename(c[1]) == "pretrain.py")
+    assert pretrain[pretrain.index("--data") + 1] == str(tmp_path / "notes.jsonl"), pretrain
     with pytest.raises(SystemExit):  # a wrong --data is refused before OUT is made (and before it records anything)
         rep.main([*argv[:-4], "--out", str(tmp_path / "out3"), "--data", str(tmp_path / "nodata")])
     assert "phenotype/train.jsonl is missing" in capsys.readouterr().err and not (tmp_path / "out3").exists()

@@ -108,6 +108,29 @@ def test_stop_and_resume_is_bitwise(reference, tmp_path):
     assert_trees_equal(final_lora(str(tmp_path)), final_lora(reference[1]))
 
 
+def test_resume_from_another_folder_reads_the_same_files(tmp_path, monkeypatch):
+    """Paths were recorded as typed, relative to the folder the run started in: --resume from another folder (a job
+    script) was refused as "config differs in data.sources". They are recorded absolute; a run recorded before,
+    with relative paths, still resumes from the folder it started in."""
+    docs = tmp_path / "a" / "notes.jsonl"
+    docs.parent.mkdir()
+    docs.write_text("".join(json.dumps({"text": f"pt {i} w/ nsclc, ecog {i % 3}. " * 8}) + "\n" for i in range(30)))
+    wd = tmp_path / "run"
+    monkeypatch.chdir(tmp_path / "a")
+    make_trainer(wd, "1x1", ["data.sources=[notes.jsonl]"]).run(stop_after=2)
+    meta = json.loads((wd / run_io.RUN_FILE).read_text())
+    assert meta["config"]["data"]["sources"] == [str(docs)]
+    monkeypatch.chdir(tmp_path)
+    make_trainer(wd, "1x1", ["data.sources=[a/notes.jsonl]"], resume=True).run(stop_after=3)
+    assert run_io.latest_step(str(wd / "checkpoints")) == 3
+    meta = json.loads((wd / run_io.RUN_FILE).read_text())
+    meta["config"]["data"]["sources"] = ["notes.jsonl"]  # as a run recorded it before
+    run_io.write_json_atomic(str(wd / run_io.RUN_FILE), meta)
+    monkeypatch.chdir(tmp_path / "a")
+    make_trainer(wd, "1x1", [f"data.sources=[{docs}]"], resume=True).run(stop_after=4)
+    assert run_io.latest_step(str(wd / "checkpoints")) == 4
+
+
 def test_resume_refuses_other_data_base_model_or_process_count(reference, tmp_path):
     """What no config key shows but changes the run: the training data (its counts), the base model's config
     (an HF folder edited in place) and the number of processes (the data position is saved per process). Each is

@@ -1,7 +1,7 @@
 """Typed training configs shared by continued pretraining and instruction tuning."""
 from __future__ import annotations
 
-
+import os
 from dataclasses import dataclass, field
 
 from cancerllm_jax.config import LoRAConfig, apply_overrides, build, deep_merge, load_yaml, to_dict
@@ -90,9 +90,36 @@ def resolve(cls, config_path: str | None, overrides: list[str], cli: dict | None
         if value is not None:
             data[key] = value
     data = apply_overrides(data, overrides, cls)
-    cfg = build(cls, data, "config")
+    cfg = build(cls, absolute_paths(data), "config")
     cfg.validate()
     return cfg
+
+
+_NAMED_TOKENIZERS = (None, "", "mistral-v1", "mistral")
+
+
+def absolute_paths(data: dict) -> dict:
+    """A config dict whose file and folder settings (``model`` unless a preset, ``data.path``, ``data.eval_path``,
+    ``data.sources``, ``data.tokenizer`` unless a name) are absolute, read from the current folder: the run records
+    what it read, and ``--resume`` from another folder compares the same files."""
+    from cancerllm_jax.config import PRESETS
+
+    def absolute(p):
+        return os.path.abspath(os.path.expanduser(p)) if isinstance(p, str) and p else p
+
+    data = dict(data)
+    if isinstance(data.get("model"), str) and data["model"] not in PRESETS:
+        data["model"] = absolute(data["model"])
+    if isinstance(data.get("data"), dict):
+        d = data["data"] = dict(data["data"])
+        for key in ("path", "eval_path"):
+            if key in d:
+                d[key] = absolute(d[key])
+        if isinstance(d.get("sources"), (list, tuple)):
+            d["sources"] = [absolute(s) for s in d["sources"]]
+        if d.get("tokenizer") not in _NAMED_TOKENIZERS:
+            d["tokenizer"] = absolute(d["tokenizer"])
+    return data
 
 
 def diff(a, b, prefix: str = "") -> list[str]:

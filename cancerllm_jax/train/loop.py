@@ -31,7 +31,7 @@ from cancerllm_jax import sharding
 from cancerllm_jax.config import ModelConfig, PRESETS, to_dict
 from cancerllm_jax.errors import PeerLost, Terminated, UserError
 from cancerllm_jax.train import run_io
-from cancerllm_jax.train.config import RESUMABLE_CHANGES, TrainConfig, diff
+from cancerllm_jax.train.config import RESUMABLE_CHANGES, TrainConfig, absolute_paths, diff
 from cancerllm_jax.train.optim import make_optimizer, schedule
 from cancerllm_jax.train.step import (BATCH_KEYS, ModelParts, device_peak_flops, lora_train_flops_per_token,
                                       make_eval_step, make_train_step)
@@ -567,7 +567,9 @@ class Trainer:
             if not self.resume:
                 raise UserError(f"{self.workdir} already holds a run; pass --resume to continue it or choose "
                                 f"another --workdir")
-            changed = [k for k in diff(old["config"], to_dict(self.cfg)) if k.split(".")[0] not in RESUMABLE_CHANGES]
+            # a run recorded before its paths were absolute: read from here, where it was resumed before
+            recorded = absolute_paths(old["config"])
+            changed = [k for k in diff(recorded, to_dict(self.cfg)) if k.split(".")[0] not in RESUMABLE_CHANGES]
             if changed:
                 raise UserError(f"--resume: the config differs from the run in {self.workdir} in {changed}; resume "
                                 f"with the same settings or start a new --workdir")
