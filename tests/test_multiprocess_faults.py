@@ -83,35 +83,48 @@ def test_killing_one_process_stops_the_other_clearly_and_the_run_resumes(tmp_pat
     print(f"\nsurvivor exited {rc} after {took:.1f} s; resumed from step {last}")
 
 
-@pytest.mark.slow  # one 2-process start
+@pytest.mark.slow  # two 2-process starts
 def test_sigterm_to_one_process_stops_both_at_one_saved_step(tmp_path):
     """A scheduler's SIGTERM to a multi-process run: JAX's preemption service (its handler, set when the processes
     connect) took the signal and the run trained on, ignoring it. Now the notice reaches every process, all stop
-    at the same step, save it together and exit 143, as a single-process run does."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    at the same step, save it together and exit 143, as a single-process run does; also when a resumed run is
+    signalled before its first step (the service was told no step yet, and named step 1 as the one to stop at)."""
     wd = str(tmp_path / "run")
-    args = [*ARGS, "--save-every", "1000", "--workdir", wd, "--coordinator", f"127.0.0.1:{port}",
-            "--num-processes", "2"]
-    procs = [subprocess.Popen([sys.executable, LAUNCHER, *args, "--process-id", str(i)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=env(), cwd=ROOT) for i in range(2)]
-    try:
-        deadline = time.time() + 300
-        while not os.path.isfile(os.path.join(wd, "metrics.jsonl")) or \
-                not open(os.path.join(wd, "metrics.jsonl")).read().count('"step": 2,'):
-            assert time.time() < deadline and all(p.poll() is None for p in procs)
-            time.sleep(0.05)
-        procs[1].send_signal(signal.SIGTERM)
-        outs = [p.communicate(timeout=BOUND_S + 30)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert [p.returncode for p in procs] == [143, 143], outs[1][-3000:]
-    stopped = {line.split("saved step ")[1].split(",")[0] for out in outs for line in out.splitlines()
-               if line.startswith("terminated (SIGTERM): the run saved step ")}
-    assert len(stopped) == 1, outs
-    step = int(stopped.pop())
-    assert 2 <= step < 30 and run_io.latest_step(os.path.join(wd, "checkpoints")) == step
-    assert all("Traceback" not in out for out in outs)
+
+    def start(tag, *extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = [*ARGS, "--save-every", "1000", "--workdir", wd, "--coordinator", f"127.0.0.1:{port}",
+                "--num-processes", "2", *extra]
+        logs = [tmp_path / f"{tag}{i}.log" for i in range(2)]
+        return [subprocess.Popen([sys.executable, LAUNCHER, *args, "--process-id", str(i)], stdout=open(logs[i], "w"),
+                                 stderr=subprocess.STDOUT, env=env(), cwd=ROOT) for i in range(2)], logs
+
+    def signal_when(procs, logs, ready, who):
+        try:
+            deadline = time.time() + 300
+            while not ready():
+                assert time.time() < deadline and all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+                time.sleep(0.02)
+            procs[who].send_signal(signal.SIGTERM)
+            codes = [p.wait(BOUND_S + 30) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        outs = [log.read_text(errors="replace") for log in logs]
+        assert codes == [143, 143], outs[who][-3000:]
+        stopped = {line.split("saved step ")[1].split(",")[0] for out in outs for line in out.splitlines()
+                   if line.startswith("terminated (SIGTERM): the run saved step ")}
+        assert len(stopped) == 1 and all("Traceback" not in out for out in outs), outs
+        step = int(stopped.pop())
+        assert run_io.latest_step(os.path.join(wd, "checkpoints")) == step
+        return step
+
+    metrics = os.path.join(wd, "metrics.jsonl")
+    procs, logs = start("a")
+    first = signal_when(procs, logs, lambda: os.path.isfile(metrics) and '"step": 2,' in open(metrics).read(), 1)
+    assert 2 <= first < 30
+    procs, logs = start("b", "--resume")  # signalled once connected, while it restores and compiles
+    assert signal_when(procs, logs, lambda: "data:" in logs[0].read_text(errors="replace"), 0) == first + 1

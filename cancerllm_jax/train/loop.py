@@ -136,7 +136,7 @@ class _SigtermStop:
 
     def stop_before(self, step: int) -> bool:
         """Whether to save and stop before running step ``step + 1``; every process of a run calls it at every step
-        with the same ``step``."""
+        with the same ``step`` (the run's real step, which Orbax's checkpoint manager reports to the service too)."""
         if jax.process_count() > 1 and not self.asked:
             from jax.experimental import multihost_utils
 
@@ -400,6 +400,10 @@ class Trainer:
         end = cfg.steps if stop_after is None else min(max(stop_after, 0), cfg.steps)
         self._hold_workdir()  # before reading what is there (a new workdir: once made, below)
         start_step = self._prepare_workdir()
+        # JAX's preemption service agrees on the step after the highest one the processes last reported: report the
+        # run's first step now, before restoring and compiling (a notice then stops the run after its first step;
+        # reported only from the loop, a resumed run would be told to stop at step 1, which it never reaches)
+        self._sigterm.stop_before(start_step)
         tokenizer = None
         from cancerllm_jax.data.tokenizer import load_tokenizer
 
