@@ -192,6 +192,11 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
             "%s: a llama config with sliding_window %s: ignored, as transformers' Llama model ignores it (full "
             "attention; transformers' generate() then builds a sliding cache and can differ from its own forward)",
             source, hf.get("sliding_window"))
+    if hf.get("is_causal") is False:  # transformers then attends both ways
+        raise UserError(f"{source}: is_causal=false (bidirectional attention) is not supported")
+    if hf.get("attention_chunk_size") is not None:  # transformers then attends within chunks only
+        raise UserError(f"{source}: attention_chunk_size {json.dumps(hf['attention_chunk_size'])} (chunked "
+                        "attention) is not supported")
     layer_types = hf.get("layer_types")
     if mtype == "mistral" and layer_types is not None:  # transformers loads such a config as Ministral
         kinds = set(layer_types) if isinstance(layer_types, list) else {None}
@@ -316,22 +321,24 @@ def hf_eos_value(cfg: ModelConfig):
 
 
 # config.json keys the model does not read, kept from the source's config.json on export (training settings and
-# bookkeeping: a user who fine-tunes the export with transformers gets the source's attention dropout back); any
-# other key of the source that the export does not write itself is kept too, as save_pretrained keeps it
-CARRIED_HF_KEYS = ("attention_dropout", "initializer_range", "use_cache", "pretraining_tp")
-# ... except these: bookkeeping of the source's save, code to run (never carried: no remote code), a quantisation
-# the exported float weights no longer have, and attention/RoPE keys the export states in its own form (a stray
-# sliding_window on a llama model would make transformers' generate slide a window its forward does not)
-NOT_CARRIED_HF_KEYS = frozenset({
-    "transformers_version", "_name_or_path", "_commit_hash", "auto_map", "quantization_config",
+# bookkeeping: a user who fine-tunes the export with transformers gets the source's attention dropout back; label
+# names). Any other key is dropped, with a note naming it: transformers reads many keys generically (is_causal,
+# attention_chunk_size, ...) that would make the export compute something other than the model here.
+CARRIED_HF_KEYS = ("attention_dropout", "initializer_range", "use_cache", "pretraining_tp", "id2label", "label2id",
+                   "problem_type", "task_specific_params", "unk_token_id", "sep_token_id")
+# keys the export writes in its own form, or must not carry (save bookkeeping, code to run, a quantisation the float
+# weights no longer have): dropped without a note
+REWRITTEN_HF_KEYS = frozenset({
+    "transformers_version", "_name_or_path", "_model_name_or_path", "_commit_hash", "auto_map", "quantization_config",
     "_attn_implementation", "attn_implementation", "sliding_window", "use_sliding_window", "max_window_layers",
-    "layer_types", "rope_scaling", "rope_parameters", "rope_theta"})
+    "layer_types", "rope_scaling", "rope_parameters", "rope_theta", "torch_dtype", "dtype", "architectures",
+    "model_type", "attention_bias", "mlp_bias", "head_dim", "hidden_act", "num_labels"})
 
 
 def to_hf_config(cfg: ModelConfig, dtype: str = "float32", source: dict | None = None) -> dict:
     """A transformers-5 ``config.json`` dict for MistralForCausalLM / LlamaForCausalLM; ``source``: the config.json
-    the weights came from, whose ``CARRIED_HF_KEYS`` and keys the export does not write (``NOT_CARRIED_HF_KEYS``
-    aside) are kept."""
+    the weights came from, whose ``CARRIED_HF_KEYS`` are kept (any other key it has and the export does not write
+    is named in a logged note)."""
     out = {
         "architectures": [SUPPORTED_HF_TYPES[cfg.model_type]], "model_type": cfg.model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
@@ -352,11 +359,14 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32", source: dict | None =
     else:
         out.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
     for key in CARRIED_HF_KEYS:
-        if isinstance(source, dict) and key in source and (key in out or cfg.model_type == "llama"):
+        if isinstance(source, dict) and key in source and (key != "pretraining_tp" or cfg.model_type == "llama"):
             out[key] = source[key]
-    for key, value in (source.items() if isinstance(source, dict) else ()):
-        if key not in out and key not in NOT_CARRIED_HF_KEYS and key not in CARRIED_HF_KEYS:
-            out[key] = value
+    dropped = sorted(k for k in (source if isinstance(source, dict) else ()) if k not in out
+                     and k not in REWRITTEN_HF_KEYS and k not in CARRIED_HF_KEYS)
+    if dropped:
+        logging.getLogger(__name__).warning(
+            "config.json keys of the source not carried to the export (the model here does not read them, and "
+            "transformers might, computing something else): %s", ", ".join(dropped))
     return out
 
 

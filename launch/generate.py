@@ -248,10 +248,12 @@ class _Partial:
 
     def remove_stale_temp_files(self) -> None:
         """The temp files a killed command left for this ``--out`` (the output's and the settings record's)."""
+        import re
+
         folder = os.path.dirname(self.rows)
-        base = os.path.basename(self.args.out)
-        for name in os.listdir(folder):
-            if name.startswith((f".{base}.tmp-", f"..{base}.partial.json.tmp-")):
+        base = re.escape(os.path.basename(self.args.out))
+        for name in os.listdir(folder):  # exactly this --out's (another's name may start with this one's)
+            if re.fullmatch(rf"\.{base}\.tmp-\d+|\.\.{base}\.partial\.json\.tmp-\d+", name):
                 try:
                     os.remove(os.path.join(folder, name))
                 except OSError:

@@ -48,6 +48,17 @@ SWEEP_KEYS = {"model": "use --model", "epochs": "use --epochs", "steps": "use --
               "data.eval_path": "the held-out loss uses the val split of --data", "task": "it is always phenotype"}
 
 
+def _mapping_keys(value: str) -> list[str]:
+    """The keys of a YAML mapping given as an override's value (``data={path: x}``), else none."""
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return []
+    return [str(k).strip() for k in parsed] if isinstance(parsed, dict) else []
+
+
 def _rates(text: str) -> list[float]:
     try:
         rates = [float(x) for x in text.split(",") if x.strip()]
@@ -138,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"overrides must be key=value, got {bad}")
         for o in args.overrides:  # the sweep sets these itself, and records them as its flags say
             key = o.split("=", 1)[0].strip()
-            if key in SWEEP_KEYS:
-                raise UserError(f"override {key}=…: the sweep sets {key} itself; {SWEEP_KEYS[key]}")
+            named = [key] + [f"{key}.{k}" for k in _mapping_keys(o.split("=", 1)[1])]  # data={eval_path: ...}
+            for name in named:
+                if name in SWEEP_KEYS:
+                    raise UserError(f"override {name}=…: the sweep sets {name} itself; {SWEEP_KEYS[name]}")
         from cancerllm_jax.config import PRESETS
         from cancerllm_jax.train.config import resolve
         from cancerllm_jax.train.finetune import FinetuneConfig

@@ -804,6 +804,8 @@ def test_generate_resumes_with_overwrite_and_leaves_nothing_hidden(tmp_path, cap
     write(tmp_path / "pred.jsonl", "an earlier output\n")
     for name in (".pred.jsonl.tmp-99999", "..pred.jsonl.partial.json.tmp-99999"):
         write(tmp_path / name, "left by a kill")
+    other = ".pred.jsonl.tmp-b.jsonl.partial.jsonl"  # --out pred.jsonl.tmp-b.jsonl's rows: not this one's
+    write(tmp_path / other, "")
     with monkeypatch.context() as m:
         _interrupt_after(m, 1)
         code, err, out = _gen(models, tmp_path, capsys, RESUME_LINES, extra=extra)
@@ -811,7 +813,7 @@ def test_generate_resumes_with_overwrite_and_leaves_nothing_hidden(tmp_path, cap
     code, err, out = _gen(models, tmp_path, capsys, RESUME_LINES, extra=extra + ["--dtype", "fp32"])
     assert code in (0, None), err
     assert "resuming: 2 of 5" in err and len(out.read_text().splitlines()) == 5
-    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "pred.jsonl"]
+    assert sorted(os.listdir(tmp_path)) == [other, "in.jsonl", "pred.jsonl"]
 
 
 def test_generate_rechecks_out_once_it_holds_the_lock(tmp_path, capsys, models, monkeypatch):

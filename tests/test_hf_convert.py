@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -380,25 +381,29 @@ def test_to_hf_keeps_the_config_keys_the_model_does_not_read(tmp_path):
         assert {k: got[k] for k in keys} == want, out
 
 
-def test_to_hf_keeps_the_sources_other_config_keys_as_save_pretrained_does(tmp_path):
-    """A key of the source's config.json that the export does not write (a user's note, id2label) came back
-    dropped; it is kept, directly and through from-hf. Code to run (auto_map), a quantisation the float export no
-    longer has and a llama's stray sliding_window are not carried."""
+def test_to_hf_names_the_source_config_keys_it_does_not_carry(tmp_path, caplog, capsys):
+    """Label names come back; any other key the model here does not read is dropped and named (carried, keys such
+    as attention_chunk_size made transformers' generate on the export differ); non-causal or chunked attention
+    is refused on import."""
     src = str(tmp_path / "src")
     _tiny_llama(src)
     conf = json.loads((tmp_path / "src" / "config.json").read_text())
-    extra = {"my_custom_note": "keep me", "id2label": {"0": "A", "1": "B"}}
-    dropped = {"auto_map": {"AutoModelForCausalLM": "x.Y"}, "quantization_config": {"quant_method": "gguf"},
-               "sliding_window": 4}
-    (tmp_path / "src" / "config.json").write_text(json.dumps({**conf, **extra, **dropped}))
+    kept = {"id2label": {"0": "A", "1": "B"}, "label2id": {"A": 0, "B": 1}}
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**conf, **kept, "my_note": "x", "kv_sharing_modes": [1],
+                                                              "auto_map": {"AutoModel": "x.Y"}}))
     assert convert.main(["from-hf", src, str(tmp_path / "ckpt")]) == 0
     for source, out in ((src, "direct"), (str(tmp_path / "ckpt"), "through_ckpt")):
-        assert convert.main(["to-hf", source, str(tmp_path / out)]) == 0
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert convert.main(["to-hf", source, str(tmp_path / out)]) == 0
         got = json.loads((tmp_path / out / "config.json").read_text())
-        assert {k: got.get(k) for k in extra} == extra, out
-        assert not set(dropped) & set(got), out
-        assert transformers.AutoConfig.from_pretrained(str(tmp_path / out)).my_custom_note == "keep me"
-
+        assert {k: got.get(k) for k in kept} == kept and not {"my_note", "kv_sharing_modes", "auto_map"} & set(got)
+        assert "not carried to the export" in caplog.text and "kv_sharing_modes, my_note" in caplog.text, out
+    for key, value, needle in (("is_causal", False, "is_causal=false"), ("attention_chunk_size", 4, "chunked")):
+        (tmp_path / "src" / "config.json").write_text(json.dumps({**conf, key: value}))
+        with pytest.raises(SystemExit) as e:
+            convert.main(["to-hf", src, str(tmp_path / f"bad_{key}")])
+        assert e.value.code == 2 and needle in capsys.readouterr().err
 
 def test_an_output_folder_that_holds_the_source_is_refused_even_with_overwrite(tmp_path, capsys):
     """``--overwrite`` replaces OUT: an OUT that holds the source (or a run's base) would delete it."""
@@ -423,7 +428,9 @@ def test_overwriting_a_folder_inside_the_source_is_refused(tmp_path, capsys):
     os.makedirs(os.path.join(src, "old"))
     open(os.path.join(src, "old", "keep.txt"), "w").close()
     assert convert.main(["from-hf", src, ckpt]) == 0
+    os.symlink(ckpt, str(tmp_path / "link"))  # the same folder through a link
     for argv in (["to-hf", ckpt, os.path.join(ckpt, "params"), "--overwrite"],
+                 ["to-hf", ckpt, str(tmp_path / "link" / "params"), "--overwrite"],
                  ["from-hf", src, os.path.join(src, "old"), "--overwrite"]):
         with pytest.raises(SystemExit) as e:
             convert.main(argv)

@@ -514,13 +514,15 @@ def test_misspelling_refuses_test_records_without_a_context(tmp_path, monkeypatc
     assert any("2 of 3 test records have no 'context'" in line for line in logs)
 
 
-@pytest.mark.parametrize("override", ["model=other", "epochs=3", "steps=1", "data.path=x.jsonl", "task=diagnosis"])
+@pytest.mark.parametrize("override", ["model=other", "epochs=3", "steps=1", "data.path=x.jsonl", "task=diagnosis",
+                                      "data={eval_path: x.jsonl}"])
 def test_cli_counterfactual_refuses_overrides_of_what_the_sweep_sets(tmp_path, override):
     """model=, epochs=, steps= ... overrides trained something else than --model / --epochs, while the settings,
     the cache key and the table still said --model / --epochs (a changed model= was even reused as cached)."""
     from cancerllm_jax.errors import UserError
 
-    with pytest.raises(UserError, match=f"the sweep sets {override.split('=')[0]} itself"):
+    key = "data.eval_path" if override.startswith("data=") else override.split("=")[0]
+    with pytest.raises(UserError, match=f"the sweep sets {key} itself"):
         _launch_robustness().main.__wrapped__(["counterfactual", "--model", "tiny", "--out", str(tmp_path / "o"),
                                                override])
     assert not (tmp_path / "o").exists()

@@ -173,8 +173,8 @@ def _check_out(out_dir: str, overwrite: bool, *sources: str) -> None:
     from cancerllm_jax.checkpoint.orbax_io import refuse_enclosing_folder
 
     refuse_enclosing_folder(out_dir)
-    out = os.path.abspath(os.path.expanduser(out_dir))
-    for src in (os.path.abspath(os.path.expanduser(s)) for s in sources):
+    out = os.path.realpath(os.path.expanduser(out_dir))  # real paths: a link must not reach into the input
+    for src in (os.path.realpath(os.path.expanduser(s)) for s in sources):
         if os.path.exists(out) and os.path.commonpath([out, src]) == out:  # --overwrite would delete the source
             what = "the input folder" if src == out else f"a folder that holds the input {src}"
             raise UserError(f"{out_dir}: the output folder must not be {what}")
