@@ -195,7 +195,6 @@ class _Partial:
         --out); rows made otherwise are refused, or discarded with --overwrite. Records the settings for the rows
         to come."""
         from cancerllm_jax.eval.runner import differences, read_json_file
-        from cancerllm_jax.train.run_io import write_json_atomic
 
         want = self.settings()
         if self.has_rows():
@@ -218,8 +217,14 @@ class _Partial:
                 return
             if not self.args.overwrite:
                 raise UserError(f"{problem}; or {fix}")
+        self._restart(want)
+
+    def _restart(self, settings: dict | None = None) -> None:
+        """No rows, and the record of the settings the rows to come are made with."""
+        from cancerllm_jax.train.run_io import write_json_atomic
+
         self.remove()
-        write_json_atomic(self.meta, want)
+        write_json_atomic(self.meta, settings or self.settings())
 
     def has_rows(self) -> bool:
         return os.path.isfile(self.rows) and os.path.getsize(self.rows) > 0
@@ -231,8 +236,13 @@ class _Partial:
         done = {}
         for row in read_predictions(self.rows, allow_torn_tail=True):
             if expected.get(row["id"]) != row["prompt_hash"]:
-                raise UserError(f"{self.rows}:{row['_line']}: id {row['id']!r} is not a prompt of {self.args.input} "
-                                "as it reads now; pass --overwrite to discard the interrupted run and start over")
+                where = (f"{self.rows}:{row['_line']}: id {row['id']!r} is not a prompt of {self.args.input} as it "
+                         "reads now")
+                if not self.args.overwrite:
+                    raise UserError(f"{where}; pass --overwrite to discard the interrupted run and start over")
+                print(f"warning: {where}: --overwrite: the interrupted run's rows are discarded", file=sys.stderr)
+                self._restart()
+                return {}
             done[row["id"]] = row["prediction"]
         return done
 

@@ -796,6 +796,22 @@ def test_generate_refuses_to_resume_with_other_settings_or_input(change, tmp_pat
     assert "resuming" not in err and len(out.read_text().splitlines()) == 5
 
 
+def test_generate_overwrite_discards_rows_edited_by_hand(tmp_path, capsys, models, monkeypatch):
+    """Same settings, but a row that is no prompt of the input (edited by hand): refused, and --overwrite, which
+    the refusal names, starts over (it named --overwrite, which then refused the same way)."""
+    extra = ["--batch-size", "2"]
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 1)
+        code, err, out = _gen(models, tmp_path, capsys, RESUME_LINES, extra=extra)
+    rows = tmp_path / ".pred.jsonl.partial.jsonl"
+    rows.write_text(rows.read_text().replace('"id": "n4"', '"id": "n9"'))
+    code, err, out = _gen(models, tmp_path, capsys, RESUME_LINES, extra=extra)
+    one_clear_error(code, err, "id 'n9' is not a prompt", "--overwrite")
+    code, err, out = _gen(models, tmp_path, capsys, RESUME_LINES, extra=extra + ["--overwrite"])
+    assert code in (0, None), err
+    assert "rows are discarded" in err and "resuming" not in err and len(out.read_text().splitlines()) == 5
+
+
 def test_generate_resumes_with_overwrite_and_leaves_nothing_hidden(tmp_path, capsys, models, monkeypatch):
     """Regenerating over an existing --out needs --overwrite: an interrupted such run resumes too (--overwrite
     discarded its rows even when the settings were the same); the same dtype spelt fp32 is the same setting; a
