@@ -361,8 +361,10 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32", source: dict | None =
     for key in CARRIED_HF_KEYS:
         if isinstance(source, dict) and key in source and (key != "pretraining_tp" or cfg.model_type == "llama"):
             out[key] = source[key]
-    dropped = sorted(k for k in (source if isinstance(source, dict) else ()) if k not in out
-                     and k not in REWRITTEN_HF_KEYS and k not in CARRIED_HF_KEYS)
+    neutral = {"is_causal": True, "attention_chunk_size": None}  # what the model here computes: nothing is lost
+    dropped = sorted(k for k, v in (source.items() if isinstance(source, dict) else ()) if k not in out
+                     and k not in REWRITTEN_HF_KEYS and k not in CARRIED_HF_KEYS
+                     and not (k in neutral and v == neutral[k]))
     if dropped:
         logging.getLogger(__name__).warning(
             "config.json keys of the source not carried to the export (the model here does not read them, and "

@@ -547,3 +547,41 @@ def test_an_index_that_names_a_file_outside_the_folder_is_refused(hf_fp32, tmp_p
         json.dump({"weight_map": {k: "../outside.safetensors" for k in tensors(hf_fp32[1])}}, f)
     with pytest.raises(UserError, match="outside"):
         read_hf(d)
+
+
+def test_a_run_tuned_on_a_run_exports_its_models_config_keys(tmp_path):
+    """Only a run's direct base was looked at: a run tuned on a run found no config.json and its export lost the
+    model's carried keys and generation settings (and --overwrite's guard did not cover the model's folder)."""
+    from cancerllm_jax.train import run_io
+
+    src = str(tmp_path / "hf")
+    _tiny_llama(src, attention_dropout=0.1)
+    first, second = str(tmp_path / "run1"), str(tmp_path / "run2")
+    for run, base in ((first, src), (second, first)):
+        os.makedirs(run)
+        run_io.write_json_atomic(os.path.join(run, run_io.RUN_FILE),
+                                 {"format": run_io.FORMAT, "base": {"kind": "path", "path": base}})
+    assert convert._source_dirs(second) == [second, first, src]
+    assert convert._source_hf_config(convert._source_dirs(second))["attention_dropout"] == 0.1
+
+
+def test_config_paths_are_made_absolute_as_the_os_opens_them(tmp_path, monkeypatch):
+    """Run paths are recorded absolute, joined to the current folder without normalising ("link/../x" is the file
+    the OS opens through the link); presets and tokenizer names stay names; a neutral is_causal / chunk size
+    dropped on export is not reported."""
+    from cancerllm_jax.config import to_hf_config
+    from cancerllm_jax.train.config import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    got = absolute_paths({"model": "tiny", "data": {"path": "lnk/../x.jsonl", "sources": ["n/*.jsonl", "~/y"],
+                                                    "tokenizer": "mistral-v1", "eval_path": None}})
+    assert got == {"model": "tiny", "data": {"path": str(tmp_path / "lnk/../x.jsonl"),
+                                             "sources": [str(tmp_path / "n/*.jsonl"), os.path.expanduser("~/y")],
+                                             "tokenizer": "mistral-v1", "eval_path": None}}
+    cfg = cj.config.PRESETS["tiny"]
+    logs = []
+    monkeypatch.setattr(logging.getLogger("cancerllm_jax.config"), "warning", lambda *a: logs.append(a))
+    to_hf_config(cfg, source={"is_causal": True, "attention_chunk_size": None})
+    assert not logs
+    to_hf_config(cfg, source={"is_causal": True, "my_key": 1})
+    assert logs and "my_key" in logs[0]

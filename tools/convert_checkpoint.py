@@ -138,15 +138,18 @@ def _source_hf_config(sources: list[str]) -> dict | None:
     return None
 
 
-def _source_dirs(ckpt_dir: str) -> list[str]:
-    """The folder ``to-hf`` reads, then (a run whose base is a folder) the base it reads too."""
+def _source_dirs(ckpt_dir: str, seen: tuple[str, ...] = ()) -> list[str]:
+    """The folder ``to-hf`` reads, then (a run whose base is a folder) the base it reads too, and so on down a run
+    tuned on a run: the last one is the model whose config.json and generation settings the export keeps."""
     from cancerllm_jax.train import run_io
 
     path = os.path.abspath(os.path.expanduser(ckpt_dir))
-    if not run_io.is_run_dir(path):
+    if not run_io.is_run_dir(path) or path in seen:
         return [path]
     base = run_io.read_run_meta(path).get("base") or {}
-    return [path] + ([os.path.abspath(base["path"])] if base.get("kind") == "path" and base.get("path") else [])
+    if base.get("kind") != "path" or not base.get("path"):
+        return [path]
+    return [path] + _source_dirs(base["path"], (*seen, path))
 
 
 def _base_of(ckpt_dir: str, w) -> str | None:

@@ -250,7 +250,9 @@ def main(argv=None) -> int:
     if not args.timeout > 0:
         raise UserError(f"--timeout must be > 0 seconds (got {args.timeout})")
     own_tmp = args.workdir is None
-    base = args.workdir or tempfile.mkdtemp(prefix="cancerllm-crash-")
+    # absolute: the runs start in the checkout, the checks read from here
+    base = os.path.abspath(os.path.expanduser(args.workdir)) if args.workdir else tempfile.mkdtemp(
+        prefix="cancerllm-crash-")
     os.makedirs(base, exist_ok=True)
     # a compile cache shared by all the launcher starts (warm starts take seconds, not half a minute)
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(base, "jax-cache"))

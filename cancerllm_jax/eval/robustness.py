@@ -265,7 +265,9 @@ def mean_over_rates(rows: Sequence[dict], task: str) -> float | None:
 def _absolute(path: str | os.PathLike) -> str:
     """``path`` made absolute against this process's working folder (a name that is not a path is kept: a preset)."""
     path = os.path.expanduser(str(path))
-    return os.path.abspath(path) if os.path.exists(path) or os.sep in path else path
+    if os.path.isabs(path) or not (os.path.exists(path) or os.sep in path):
+        return path
+    return os.path.join(os.getcwd(), path)  # not normalised: "link/../x" stays the file the OS opens
 
 
 def finetune_command(base_model: str, train: Path, val: Path | None, workdir: Path, epochs: float,

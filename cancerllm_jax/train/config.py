@@ -104,8 +104,11 @@ def absolute_paths(data: dict) -> dict:
     what it read, and ``--resume`` from another folder compares the same files."""
     from cancerllm_jax.config import PRESETS
 
-    def absolute(p):
-        return os.path.abspath(os.path.expanduser(p)) if isinstance(p, str) and p else p
+    def absolute(p):  # joined, not normalised: "link/../x" stays the file the OS opens
+        if not isinstance(p, str) or not p:
+            return p
+        p = os.path.expanduser(p)
+        return p if os.path.isabs(p) else os.path.join(os.getcwd(), p)
 
     data = dict(data)
     if isinstance(data.get("model"), str) and data["model"] not in PRESETS:
