@@ -48,7 +48,8 @@ def parse(argv=None):
     p.add_argument("--dtype", default="float32")
     p.add_argument("--mesh", default="1x1")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out, and discard what an interrupted run left to resume from")
+                   help="replace an existing --out; rows an interrupted run made with other settings, or that are "
+                        "no prompt of --input, are discarded (its rows made as now are resumed)")
     p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)

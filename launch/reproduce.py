@@ -307,10 +307,11 @@ def main(argv=None):
             for split in ("train", "val", "test"):
                 if not os.path.isfile(os.path.join(data, task, f"{split}.jsonl")):
                     raise UserError(f"--data {data}: {task}/{split}.jsonl is missing")
+    # read from the caller's folder, as recorded: the pretraining subprocess runs in the checkout
+    pretrain_data = [os.path.abspath(os.path.expanduser(p)) for p in args.pretrain_data or ()]
     pipe = Pipeline(out)
     pipe.check_settings({"scale": args.scale, "model": model, "data": args.data and os.path.abspath(args.data),
-                         "pretrain_data": args.pretrain_data and [os.path.abspath(os.path.expanduser(p))
-                                                                  for p in args.pretrain_data],
+                         "pretrain_data": pretrain_data or args.pretrain_data,
                          "pretrain": "pretrain" not in skip})
     pipe.state.update({"scale": args.scale, "notes": scale.notes})
     py = sys.executable
@@ -349,10 +350,8 @@ def main(argv=None):
         else []
     pre_dir = os.path.join(out, "pretrain")
     if "pretrain" not in skip:
-        # read from the caller's folder, as recorded: the pretraining subprocess runs in the checkout
         corpus = os.path.join(data, "pretrain", "corpus.jsonl")
-        sources = [os.path.abspath(os.path.expanduser(p)) for p in args.pretrain_data or ()] or (
-            [corpus] if os.path.exists(corpus) else None)
+        sources = pretrain_data or ([corpus] if os.path.exists(corpus) else None)
         # --resume: a run an interrupt stopped continues (a new one starts at step 0; other settings are refused)
         cmd = [py, os.path.join(HERE, "pretrain.py"), *scale.pretrain, "--workdir", pre_dir, "--resume",
                f"model={model}", *tok]

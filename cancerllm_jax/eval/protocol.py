@@ -350,14 +350,12 @@ def score_file(
     """
     from cancerllm_jax.errors import UserError, UserTypeError
 
-    for alias, name in (("gold", "gold_path"), ("pred", "pred_path")):
-        if alias in unknown:
-            if (gold_path if name == "gold_path" else pred_path) is not None:
-                raise UserTypeError(f"score_file() got both {alias}= and {name}=; give one")
-            if name == "gold_path":
-                gold_path = unknown.pop(alias)
-            else:
-                pred_path = unknown.pop(alias)
+    def alias(short: str, name: str, value):
+        if short in unknown and value is not None:
+            raise UserTypeError(f"score_file() got both {short}= and {name}=; give one")
+        return unknown.pop(short, value)
+
+    gold_path, pred_path = alias("gold", "gold_path", gold_path), alias("pred", "pred_path", pred_path)
     if unknown:  # the nearest known name, as load() and generate() say it (api imports jax: only when needed)
         from cancerllm_jax.api import refuse_unknown_arguments
 

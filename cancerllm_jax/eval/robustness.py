@@ -264,10 +264,10 @@ def mean_over_rates(rows: Sequence[dict], task: str) -> float | None:
 
 def _absolute(path: str | os.PathLike) -> str:
     """``path`` made absolute against this process's working folder (a name that is not a path is kept: a preset)."""
+    from cancerllm_jax.train.config import absolute_path
+
     path = os.path.expanduser(str(path))
-    if os.path.isabs(path) or not (os.path.exists(path) or os.sep in path):
-        return path
-    return os.path.join(os.getcwd(), path)  # not normalised: "link/../x" stays the file the OS opens
+    return absolute_path(path) if os.path.exists(path) or os.sep in path else path
 
 
 def finetune_command(base_model: str, train: Path, val: Path | None, workdir: Path, epochs: float,

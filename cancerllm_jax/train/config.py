@@ -98,30 +98,33 @@ def resolve(cls, config_path: str | None, overrides: list[str], cli: dict | None
 _NAMED_TOKENIZERS = (None, "", "mistral-v1", "mistral")
 
 
+def absolute_path(p):
+    """``p`` (``~`` expanded) joined to the current folder, not normalised: ``link/../x`` stays the file the OS opens
+    through the link. Anything but a non-empty string is returned as it is."""
+    if not isinstance(p, str) or not p:
+        return p
+    p = os.path.expanduser(p)
+    return p if os.path.isabs(p) else os.path.join(os.getcwd(), p)
+
+
 def absolute_paths(data: dict) -> dict:
     """A config dict whose file and folder settings (``model`` unless a preset, ``data.path``, ``data.eval_path``,
     ``data.sources``, ``data.tokenizer`` unless a name) are absolute, read from the current folder: the run records
     what it read, and ``--resume`` from another folder compares the same files."""
     from cancerllm_jax.config import PRESETS
 
-    def absolute(p):  # joined, not normalised: "link/../x" stays the file the OS opens
-        if not isinstance(p, str) or not p:
-            return p
-        p = os.path.expanduser(p)
-        return p if os.path.isabs(p) else os.path.join(os.getcwd(), p)
-
     data = dict(data)
     if isinstance(data.get("model"), str) and data["model"] not in PRESETS:
-        data["model"] = absolute(data["model"])
+        data["model"] = absolute_path(data["model"])
     if isinstance(data.get("data"), dict):
         d = data["data"] = dict(data["data"])
         for key in ("path", "eval_path"):
             if key in d:
-                d[key] = absolute(d[key])
+                d[key] = absolute_path(d[key])
         if isinstance(d.get("sources"), (list, tuple)):
-            d["sources"] = [absolute(s) for s in d["sources"]]
+            d["sources"] = [absolute_path(s) for s in d["sources"]]
         if d.get("tokenizer") not in _NAMED_TOKENIZERS:
-            d["tokenizer"] = absolute(d["tokenizer"])
+            d["tokenizer"] = absolute_path(d["tokenizer"])
     return data
 
 
