@@ -170,7 +170,7 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     if nested:  # transformers either fails on these (Ministral) or ignores them and runs the default RoPE
         raise UserError(f"{source}: rope_scaling / rope_parameters per layer type ({nested}) are not supported; "
                         "give one RoPE for every layer (rope_type, rope_theta, ... at its top level)")
-    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
     if rope_type not in ROPE_TYPES:
         raise UserError(f"{source}: rope_type {rope_type!r} is not supported (supported: {list(ROPE_TYPES)})")
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
@@ -489,7 +489,10 @@ def to_dict(cfg) -> dict:
 
 def deep_merge(base, over):
     """``over`` on ``base``: a mapping updates a mapping key by key (``optim: {lr: 1e-4}`` keeps the other optim
-    settings of the defaults below it); any other value replaces."""
+    settings of the defaults below it); an empty section (``lora:`` with its keys commented out, or
+    ``optim=null``) keeps the defaults' section; any other value replaces."""
+    if isinstance(base, dict) and over is None:
+        return base
     if not isinstance(base, dict) or not isinstance(over, dict):
         return over
     return {**base, **{k: deep_merge(base.get(k), v) for k, v in over.items()}}

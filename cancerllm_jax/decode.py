@@ -262,6 +262,10 @@ class Decoder:
         given = [e for e in np.asarray(lm.eos_ids if eos_id is None else eos_id, dtype=object).ravel() if e is not None]
         if any(isinstance(e, (bool, np.bool_)) or not isinstance(e, (int, np.integer)) for e in given):
             raise UserError(f"eos_id must be a token id or a list of them, got {eos_id!r}")
+        past = [int(e) for e in given if e >= lm.cfg.vocab_size]
+        if past:  # no row could ever stop on it (and past int32 it would not fit the decode loop's array)
+            raise UserError(f"eos_id {past[0]} is not a token id of this model (vocabulary {lm.cfg.vocab_size}); "
+                            "negative ids mean no EOS")
         eos_ids = tuple(sorted({int(e) for e in given if e >= 0}))
         greedy = temperature <= 0.0
         top_k = min(int(top_k), lm.cfg.vocab_size)  # as transformers: k past the vocabulary keeps every token

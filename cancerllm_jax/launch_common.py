@@ -26,8 +26,6 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-examples", action="store_true", default=None,
                    help="allow note text in logs (off by default: notes are PHI)")
     p.add_argument("--skip-bad-lines", action="store_true", help="count and skip malformed input lines")
-    p.add_argument("--no-segment-mask", action="store_true",
-                   help="let packed documents attend to each other, as HF group_texts in the authors' script does")
     p.add_argument("--coordinator", help="HOST:PORT of process 0 for multi-host runs")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)

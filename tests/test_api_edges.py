@@ -312,3 +312,22 @@ def test_a_model_path_that_is_an_adapter_or_inside_a_run_says_what_to_give(base_
     for inner in ("checkpoints", "checkpoints/10"):
         with pytest.raises(UserError, match=f"inside the training run {tmp_path}: give the run folder"):
             cj.load(str(tmp_path / inner))
+
+
+def test_a_sentencepiece_folder_without_tokenizer_json_is_read_as_trained(tmp_path):
+    """A slow tokenizer's save (``tokenizer.model`` + ``tokenizer_config.json``, no ``tokenizer.json``): the .model's
+    own ids (transformers 5 converts it and drops the space of " hello world", as ids of "hello world"), unless the
+    folder adds tokens the .model lacks (then transformers reads it, as the converted checkpoint test shows)."""
+    import json
+    import shutil
+
+    from cancerllm_jax.data.tokenizer import HFTokenizer, load_tokenizer, mistral_v1_model_file
+
+    shutil.copy(mistral_v1_model_file(), tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "legacy": True}))
+    want = load_tokenizer("mistral-v1")
+    tok = load_tokenizer(str(tmp_path))
+    for text in (" hello world", "Patient:  ER+  PR-", " ", "a\n\nb"):
+        assert tok.encode(text, bos=True) == want.encode(text, bos=True), text
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 32000}))
+    assert isinstance(load_tokenizer(str(tmp_path)), HFTokenizer)

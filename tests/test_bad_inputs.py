@@ -168,6 +168,8 @@ PRETRAIN_ARGS = {
     "weight_decay_negative": (["optim.weight_decay=-0.01"], ["optim.weight_decay", ">= 0"]),
     "clip_norm_negative": (["optim.clip_norm=-1"], ["optim.clip_norm", ">= 0"]),
     "beta_one": (["optim.b2=1"], ["optim.b2", "[0, 1)"]),
+    "eps_zero": (["optim.eps=0"], ["optim.eps", "positive"]),  # was a NaN at step 2 blaming the lr
+    "steps_and_epochs_on_the_command_line": (["--epochs", "1"], ["steps (2)", "epochs (1)", "pass one of the two"]),
     "lora_rank_zero": (["lora.rank=0"], ["lora.rank", "positive"]),
     "lora_targets_empty": (["lora.targets="], ["lora.targets", "empty"]),
     "lora_section_zero": (["lora=0"], ["config.lora", "mapping"]),
@@ -306,6 +308,41 @@ def test_a_yaml_section_keeps_the_defaults_it_does_not_name(tmp_path):
         assert cfg.optim == dataclasses.replace(default.optim, lr=1e-4)
         assert cfg.lora == dataclasses.replace(default.lora, rank=16)
         assert cfg.data.max_seq_len == default.data.max_seq_len
+
+
+def test_an_empty_yaml_section_keeps_the_defaults_section(tmp_path):
+    """``lora:`` with its keys commented out (YAML null), or ``optim=null``, keeps the config type's own section (the
+    fine-tuning LoRA r 64 / clip 0.3, the pretraining block 128), not the generic class defaults it silently got."""
+    from cancerllm_jax.train.config import PretrainConfig, resolve
+    from cancerllm_jax.train.finetune import FinetuneConfig
+
+    cfg_file = write(tmp_path / "c.yaml", "lora:\n  # rank: 32\noptim:\n  # lr: 1.0e-4\ndata:\n")
+    for cls in (FinetuneConfig, PretrainConfig):
+        default = cls()
+        for cfg in (resolve(cls, cfg_file, []), resolve(cls, None, ["optim=null", "lora=null", "data=null"])):
+            assert (cfg.lora, cfg.optim, cfg.data) == (default.lora, default.optim, default.data)
+
+
+def test_steps_on_the_command_line_win_over_the_configs_epochs(tmp_path, capsys):
+    """The 7B YAML sets ``epochs: 1`` (and ``steps`` for --dry-run) and its usage says ``steps=N``: a command-line
+    ``steps`` sets the run's length, with a note, and the run records no epochs (it was silently ignored)."""
+    from cancerllm_jax.train.run_io import read_run_meta
+
+    cfg_file = write(tmp_path / "c.yaml", "epochs: 1\nsteps: 500\n")
+    argv = ["--config", cfg_file, "--workdir", tmp_path / "r", *TINY[2:]]  # TINY less its --mesh: 1x1 is default
+    code, err = run_cli("launch/pretrain.py", argv, capsys)
+    assert code in (0, None), err
+    assert "note: steps=2 on the command line sets the run's length; the config's epochs=1 is ignored" in err
+    meta = read_run_meta(str(tmp_path / "r"))
+    assert (meta["config"]["steps"], meta["config"]["epochs"]) == (2, None), meta["config"]
+    code, err = run_cli("launch/pretrain.py", [*argv[:4], "--dry-run"], capsys)  # the file alone: epochs win
+    assert code in (0, None) and "steps of 1 epochs are not known" in err, err
+
+
+def test_finetune_has_no_segment_mask_flag(tmp_path, capsys):
+    """``--no-segment-mask`` is pretraining's (packed documents); finetune.py offered it and ignored it."""
+    code, err = run_cli("launch/finetune.py", ["--model", "tiny", "--no-segment-mask", "--dry-run"], capsys)
+    assert code == 2 and "unrecognized arguments: --no-segment-mask" in err, err
 
 
 @pytest.mark.parametrize("text, needle", [("lora:\n  rank: [1,\n", "c.yaml:3: invalid YAML"),

@@ -1,4 +1,6 @@
 """Decoding: KV-cache logits == full forward; greedy == transformers generate; ragged batches == one at a time."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -194,6 +196,9 @@ def test_bad_decoding_arguments_are_clear_errors(tiny):
     for bad in (["</s>"], "2", [[2], "x"], 2.5, [True]):  # not silently id 2 / id 1
         with pytest.raises(err, match="eos_id must be a token id"):
             lm.generate([[1, 2, 3]], max_new_tokens=4, eos_id=bad)
+    for bad in (2**40, [2, lm.cfg.vocab_size], 2**63):  # never a stop (nor an OverflowError traceback)
+        with pytest.raises(err, match="is not a token id of this model"):
+            lm.generate([[1, 2, 3]], max_new_tokens=2, eos_id=bad)
     with pytest.raises(err, match="add_bos must be True or False"):
         lm.generate([[1, 2, 3]], max_new_tokens=2, add_bos="no")
     kw = dict(max_new_tokens=3, temperature=1.0, eos_id=[])  # any int is a seed, taken mod 2**64
@@ -568,6 +573,30 @@ def test_generate_cli_refuses_a_prompt_beside_an_instruction_or_context():
             cli._check_fields("in.jsonl", {"prompt": "x", "_line": 4, **extra})
     with pytest.raises(cj_errors().UserError, match="in.jsonl:5: field 'input' is not read"):  # Alpaca's name
         cli._check_fields("in.jsonl", {"instruction": "x", "input": "the note", "_line": 5})
+
+
+def test_generate_cli_refuses_a_field_spelled_another_way(tmp_path, capsys):
+    """A misspelled optional field (``contxt``, ``Response``, Alpaca's ``output``) would be dropped silently (a
+    prompt without its note, a row without its gold): one error naming the line, the field and the right name,
+    before the model loads. Other keys (a user's metadata) are left alone."""
+    from helpers import one_clear_error
+
+    cli = _generate_cli()
+    for i, (record, stray, right) in enumerate([({"instruction": "Dx?", "contxt": "note"}, "contxt", "context"),
+                                                ({"prompt": "p", "Response": "g"}, "Response", "response"),
+                                                ({"prompt": "p", "output": "g"}, "output", "response"),
+                                                ({"prompt": "p", "ID": 3}, "ID", "id")]):
+        path = tmp_path / f"in{i}.jsonl"
+        path.write_text(json.dumps({"id": "a", "prompt": "fine", "note_source": "path"}) + "\n"
+                        + json.dumps(record) + "\n")
+        capsys.readouterr()
+        try:
+            code = cli.main(["--model", "tiny", "--input", str(path), "--out", str(tmp_path / f"o{i}.jsonl")])
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        one_clear_error(code, err, f"in{i}.jsonl:2", f"'{stray}' is not read", f"rename it to '{right}'")
+        assert not (tmp_path / f"o{i}.jsonl").exists()
 
 
 def test_generate_cli_names_the_records_it_skips(capsys):

@@ -365,6 +365,13 @@ def test_alpaca_input_field_is_not_silently_dropped(tmp_path):
     prompt.write_text(json.dumps({"instruction": "Q", "prompt": "the note", "response": "A"}) + "\n")
     with pytest.raises(UserError, match=r"prompt\.jsonl:1: field 'prompt' is not read here"):
         read_instruct_jsonl(str(prompt))
+    typo = tmp_path / "typo.jsonl"  # the note under another spelling trained without it, silently
+    for i, stray in enumerate(("contxt", "Context", "contexts")):
+        typo.write_text(json.dumps({"instruction": "Q", "response": "A", "source": "x"}) + "\n"
+                        + json.dumps({"instruction": "Q", stray: "the note", "response": "A"}) + "\n")
+        with pytest.raises(UserError, match=fr"typo\.jsonl:2: field '{stray}' is not read \(did you mean "
+                                            fr"'context'\?\): rename it to 'context'"):
+            read_instruct_jsonl(str(typo))
 
 
 def test_an_empty_response_or_instruction_is_a_bad_line(tmp_path):

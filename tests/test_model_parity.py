@@ -319,6 +319,15 @@ def test_hf_config_keys_resolve_like_transformers(name):
     assert list(ours.eos_token_ids) == eos
 
 
+def test_a_null_rope_type_reads_the_legacy_type():
+    """``{"rope_type": null, "type": "linear", ...}``: the legacy key is read (it was unscaled RoPE, silently)."""
+    from cancerllm_jax.config import from_hf_config
+
+    cfg = from_hf_config({"model_type": "llama", **SHAPE,
+                          "rope_scaling": {"rope_type": None, "type": "linear", "factor": 4.0}})
+    assert (cfg.rope_type, cfg.rope_factor) == ("linear", 4.0)
+
+
 def test_use_sliding_window_false_keeps_the_window_like_transformers(tmp_path):
     """transformers' Mistral ignores ``use_sliding_window``: the window (5) still applies to a sequence of 17."""
     model = make_hf_model("mistral", {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,

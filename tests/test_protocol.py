@@ -359,6 +359,17 @@ def test_score_file_takes_the_clis_names_and_says_which_file_is_wrong(tmp_path, 
         score_file(str(tmp_path / "missing.jsonl"), pred)
 
 
+def test_score_file_warns_of_predictions_that_hold_their_prompt(tmp_path, gold, caplog):
+    """Another generator's whole decoded text (the prompt, then the answer) is scored as it stands, quietly low:
+    a warning counts such predictions. A model's own made-up '### Response:' after its answer is not counted."""
+    prompt = "Below is an instruction that describes a task.\n\n### Response:\nlung cancer"
+    pred = _jsonl(tmp_path / "p.jsonl", [{"id": "a", "prediction": prompt},
+                                         {"id": "b", "prediction": "er\n\n### Response: pr"}])
+    with caplog.at_level(logging.WARNING):
+        score_file(gold, pred)
+    assert "1 of 2 predictions in" in caplog.text and "start with the prompt" in caplog.text, caplog.text
+
+
 def test_score_file_by_id_and_by_order(tmp_path, gold, caplog):
     pred = _jsonl(tmp_path / "p.jsonl", [{"id": "b", "prediction": "er"}, {"id": "a", "prediction": "Lung cancer."}])
     res = score_file(gold, pred, per_instance=True)

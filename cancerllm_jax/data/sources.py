@@ -5,6 +5,7 @@ with ``skip_bad_lines=True`` bad lines are counted and the count is returned bes
 """
 from __future__ import annotations
 
+import difflib
 import glob
 import hashlib
 import json
@@ -108,6 +109,26 @@ def _check_record(obj: Any, required: dict[str, Any], optional: dict[str, Any], 
     for name, expected in optional.items():
         if obj.get(name) is not None and not _type_ok(obj[name], expected):
             return f"field '{name}' should be a {_type_name(expected)} (or absent), got {json_type_name(obj[name])}"
+    known = {*required, *optional}
+    for name in optional:  # a missing optional field whose text sits under another spelling would be lost silently
+        stray = None if name in obj else _other_spelling(name, obj, known)
+        if stray is not None:
+            why = (f"Alpaca's '{stray}' is our '{name}'" if stray == ALPACA_FIELDS.get(name)
+                   else f"did you mean '{name}'?")
+            return f"field '{stray}' is not read ({why}): rename it to '{name}'"
+    return None
+
+
+def _other_spelling(name: str, obj: dict, known: set) -> str | None:
+    """A key of ``obj`` that is not one of the ``known`` fields but spells ``name`` another way (another case, a
+    typo of a name of 4+ letters, the Alpaca name), or None; other keys (a user's own metadata) are left alone."""
+    for key in obj:
+        if not isinstance(key, str) or key in known:
+            continue
+        low = key.lower()
+        if low == name or key == ALPACA_FIELDS.get(name) or (
+                len(name) >= 4 and difflib.SequenceMatcher(None, low, name).ratio() >= 0.8):
+            return key
     return None
 
 
@@ -210,7 +231,8 @@ def read_text_documents(path: str, split_on_blank_lines: bool = False) -> list[d
 
     Clinical notes have blank lines between their sections, so splitting on blank lines would cut notes apart;
     pass ``split_on_blank_lines=True`` for files that hold one short document per paragraph.
-    An empty (whitespace-only) file raises ``UserError``; bytes that are not UTF-8 raise naming the line.
+    An empty (whitespace-only) file raises ``UserError``; bytes that are not UTF-8 raise naming the line. Windows
+    line ends (CRLF) become ``\\n``: they are the file's, not the note's (a JSONL value's text is kept as written).
     """
     require_file(path)
     with open(path, "rb") as f:

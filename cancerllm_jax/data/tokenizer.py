@@ -7,6 +7,7 @@ Both expose the same small interface: ``encode(text, bos=..., eos=...) -> list[i
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -195,6 +196,20 @@ def tokenizer_path(spec) -> str:
     return os.path.expanduser(os.fspath(spec))
 
 
+def _adds_tokens_past(folder: str, vocab_size: int) -> bool:
+    """Whether the folder adds tokens (tokenizer_config.json's ``added_tokens_decoder``, older transformers'
+    added_tokens.json) that a SentencePiece model of ``vocab_size`` lacks."""
+    ids = []
+    for name, read in (("tokenizer_config.json", lambda d: d.get("added_tokens_decoder") or {}),
+                       ("added_tokens.json", lambda d: d.values())):
+        try:
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                ids += [str(i) for i in read(json.load(f))]
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue
+    return any(i.isdigit() and int(i) >= vocab_size for i in ids)
+
+
 def load_tokenizer(spec: str | None):
     """``None``/``"mistral-v1"`` → the shipped Mistral v1 model; a ``.model`` file; or an HF tokenizer folder (or its
     ``tokenizer.json``)."""
@@ -206,11 +221,15 @@ def load_tokenizer(spec: str | None):
     if os.path.isfile(spec) and os.path.basename(spec) in ("tokenizer.json", "tokenizer_config.json"):
         spec = os.path.dirname(os.path.abspath(spec))  # the folder that holds it
     if os.path.isdir(spec):
-        if os.path.isfile(os.path.join(spec, "tokenizer.json")) or os.path.isfile(
-                os.path.join(spec, "tokenizer_config.json")):
+        model_file = os.path.join(spec, "tokenizer.model")
+        if os.path.isfile(os.path.join(spec, "tokenizer.json")):
             return HFTokenizer(spec)
-        if os.path.isfile(os.path.join(spec, "tokenizer.model")):
-            return SentencePieceTokenizer(os.path.join(spec, "tokenizer.model"))
+        if os.path.isfile(model_file):  # (a slow tokenizer's save): the .model itself, as it was trained; transformers
+            sp = SentencePieceTokenizer(model_file)  # 5 would convert it, and its ids differ around spaces
+            if not _adds_tokens_past(spec, sp.vocab_size):
+                return sp
+        if os.path.isfile(os.path.join(spec, "tokenizer_config.json")):
+            return HFTokenizer(spec)
         raise UserError(f"{spec}: no tokenizer.json, tokenizer_config.json or tokenizer.model in this folder")
     what = "is not a tokenizer" if os.path.exists(spec) else "not found"
     raise UserError(f"tokenizer {what}: {spec} (give 'mistral-v1', a .model file or an HF tokenizer folder)")

@@ -331,6 +331,9 @@ def _pairs(gold_path: str | None, pred_path: str, gold_field: str | None, pred_f
             for g, p in zip(golds, preds, strict=True)]
 
 
+PROMPT_OPENINGS = ("Below is an instruction", "### Instruction:", "### Input:", "### Response:")
+
+
 def score_file(
     gold_path: str | None = None,
     pred_path: str | None = None,
@@ -366,6 +369,12 @@ def score_file(
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
     pairs = _pairs(gold_path, pred_path, gold_field, pred_field)
+    framed = sum(p.lstrip().startswith(PROMPT_OPENINGS) for _, _, p in pairs)
+    if framed:  # another generator's whole decoded text (prompt and all): scored as it stands, quietly low
+        logging.getLogger(__name__).warning(
+            "%d of %d predictions in %s start with the prompt ('Below is an instruction' or a '### ' header): the "
+            "protocol scores the text after '### Response:' (up to EOS); give the answers alone (launch/generate.py "
+            "writes them so)", framed, len(pairs), pred_path)
     result = score([g for _, g, _ in pairs], [p for _, _, p in pairs], protocol, per_instance)
     for row, (key, _, _) in zip(result.get("rows", []), pairs, strict=False):
         row["id"] = key

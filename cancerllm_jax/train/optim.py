@@ -33,7 +33,9 @@ class OptimConfig:
             raise UserError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if not 0.0 < self.lr < math.inf:
             raise UserError(f"optim.lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "clip_norm", "eps"):
+        if not 0.0 < self.eps < math.inf:  # eps=0 divides 0 by 0 where a gradient is 0 (LoRA A at step 1)
+            raise UserError(f"optim.eps must be positive, got {self.eps}")
+        for name in ("weight_decay", "clip_norm"):
             if not 0.0 <= getattr(self, name) < math.inf:
                 raise UserError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("b1", "b2"):

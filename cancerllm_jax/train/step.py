@@ -74,7 +74,7 @@ def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, schedul
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state["step"]), "tokens": count}
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
         return new_state, metrics
