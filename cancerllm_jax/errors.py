@@ -40,8 +40,9 @@ def import_reference(name: str, purpose: str):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, turned into an exception by a training run once it has saved the step it finished (``args[0]``: that
-    step, or None when none ran); the CLI exits 143, as a process killed by SIGTERM does."""
+    """SIGTERM (or a first Ctrl-C), turned into an exception by a training run once it has saved the step it finished
+    (``args``: that step, or None when none ran; the signal's name); the CLI exits 143 (130 for Ctrl-C), as a process
+    killed by that signal does."""
 
 
 _SEQ_LEN = ("max_seq_len", "block_size")
@@ -153,8 +154,10 @@ def cli_main(fn):
         except Terminated as e:
             saved = (f"the run saved step {e.args[0]}, the last it finished" if e.args and e.args[0] is not None
                      else "no step had run in this start, so nothing new was saved")
-            print(f"terminated (SIGTERM): {saved}; run the same command with --resume to continue", file=sys.stderr)
-            sys.exit(143)
+            sigint = e.args[1:] == ("SIGINT",)
+            print(f"{'interrupted (Ctrl-C)' if sigint else 'terminated (SIGTERM)'}: {saved}; run the same command "
+                  "with --resume to continue", file=sys.stderr)
+            sys.exit(130 if sigint else 143)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)

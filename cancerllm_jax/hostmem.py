@@ -6,6 +6,13 @@ them in again: ~725,000 faults and ~3.5 s of kernel time per 10 s step on the 2-
 large blocks from the heap and never trimming it makes the steps reuse the same pages (0 faults; 9.7 → 8.1 s per
 step). The price is the usual one of a caching allocator: the process keeps its peak host memory.
 
+One heap that is never trimmed can also grow: when a small block is placed inside the hole a step's temporaries
+left (a data thread's batch, while the step ran), the next step's block no longer fits there and goes on top, and
+on a busy host this repeated every step (+6.6 GB per SmolLM2 step at 4 x 512 tokens: 21 GB after three steps).
+``release_stranded_memory``, called by the training loop before each step, gives such holes' pages back
+(``malloc_trim``) once they pass half a step's temporaries, so the step that then goes on top does not add to them;
+a heap whose free memory sits at its top, as in the steady state, is left alone (and not faulted in again).
+
 Applied once, at ``import cancerllm_jax``, before JAX starts its threads; only where the CPU is the JAX backend
 (``JAX_PLATFORMS=cpu``, or no GPU/TPU plugin installed). ``CANCERLLM_HOST_MALLOC=system`` turns it off; a value
 other than ``keep`` / ``system`` is reported on stderr and treated as ``system``.
@@ -39,6 +46,33 @@ def cpu_is_the_backend() -> bool:
     return not any(acc in name and ("jax" in name or "xla" in name) for name in names for acc in ACCELERATOR_PLUGINS)
 
 
+_KEPT = False  # whether keep_freed_memory applied the setting to this process
+
+
+class _MallInfo2(ctypes.Structure):  # glibc >= 2.33 <malloc.h>
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def stranded_bytes() -> int:
+    """Free heap bytes below the heap's top (holes), or 0 where glibc cannot say (``mallinfo2``)."""
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return 0
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return int(info.fordblks - info.keepcost)
+
+
+def release_stranded_memory(limit: int) -> bool:
+    """Where ``keep_freed_memory`` applied: give the pages of free heap blocks back to the kernel (``malloc_trim``)
+    when more than ``limit`` bytes are free below the heap's top; returns whether it did."""
+    if not _KEPT or stranded_bytes() <= limit:
+        return False
+    return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+
+
 def keep_freed_memory() -> bool:
     """Make glibc serve large blocks from one never-trimmed heap; returns whether it was applied."""
     choice = os.environ.get("CANCERLLM_HOST_MALLOC", "keep").strip().lower() or "keep"
@@ -55,5 +89,7 @@ def keep_freed_memory() -> bool:
         return False
     # one arena: XLA's worker threads allocate the step's temporaries, and a thread arena would mmap a block
     # this large whatever the settings; no mmap for large blocks; -1 = never give the heap's top back
-    return all(mallopt(param, value) == 1 for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0),
-                                                               (M_TRIM_THRESHOLD, -1)))
+    global _KEPT
+    _KEPT = all(mallopt(param, value) == 1 for param, value in ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0),
+                                                                (M_TRIM_THRESHOLD, -1)))
+    return _KEPT

@@ -75,10 +75,10 @@ SCALES = {
                   "phenotype=24,diagnosis=40,treatment_plan=96"],
         misspell=["--rates", "0.08,0.4,0.8", "--limit", "4", "--max-new-tokens", "96", "--decode-batch", "4"],
         counterfactual=None,  # one fine-tuning per rate does not fit the CPU hour; run launch/robustness.py alone
-        notes=["cpu-small: 12 pretraining steps of 2 x 256 tokens and one fine-tuning epoch over 64 examples "
-               "(40 phenotype, 12 diagnosis, 12 treatment plan; sequences of at most 512 tokens) on a 2-core CPU; "
-               "shortened generation budgets (phenotype 24, diagnosis 40, treatment plan 96 new tokens instead of "
-               "50 / 500 / 500) and at most 12 test instances per task (the synthetic test split of 60 patients "
+        notes=["cpu-small: 12 pretraining steps of 2 x 256 tokens and one fine-tuning epoch over at most 40 "
+               "phenotype, 12 diagnosis and 12 treatment-plan examples (sequences of at most 512 tokens) on a 2-core "
+               "CPU; shortened generation budgets (phenotype 24, diagnosis 40, treatment plan 96 new tokens instead "
+               "of 50 / 500 / 500) and at most 12 test instances per task (the synthetic test split of 60 patients "
                "has 6 diagnosis and 6 treatment-plan notes). The numbers show the pipeline working end to end, "
                "not the paper's results."],
     ),
@@ -229,6 +229,22 @@ def _split_files(data: str, splits: tuple[str, ...]) -> list[str]:
     return [os.path.join(data, task, f"{split}.jsonl") for task in EVAL_TASKS for split in splits]
 
 
+def _data_note(out: str, state: dict) -> str:
+    """What this run actually trained on: the joint training set's examples per task, and whether it pretrained."""
+    counts = {task: 0 for task in EVAL_TASKS}
+    path = os.path.join(out, "joint", "train.jsonl")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                task = json.loads(line)["id"].split(":", 1)[0] if line.strip() else None
+                if task in counts:
+                    counts[task] += 1
+    per_task = ", ".join(f"{n} {task.replace('_', ' ')}" for task, n in counts.items())
+    pretrained = "continued pretraining, then " if "pretrain" in state.get("stages", {}) else \
+        "no continued pretraining (skipped); "
+    return f"This run: {pretrained}instruction tuning on {sum(counts.values())} examples ({per_task})."
+
+
 def write_combined_report(out: str, state: dict, scale: str) -> str:
     """OUT/report.md: the pipeline's stages and times, then the evaluation report, then the robustness tables."""
     lines = [f"# CancerLLM reproduction ({scale})", "",
@@ -244,7 +260,7 @@ def write_combined_report(out: str, state: dict, scale: str) -> str:
         cmd = cmd.replace(os.path.dirname(HERE) + os.sep, "").replace("|", "\\|")
         lines.append(f"| {name} | {hms(st.get('wall_s'))} | `{cmd[:160]}{'…' if len(cmd) > 160 else ''}` |")
     lines += [f"| **total** | **{hms(total)}** | |", ""]
-    for note in state.get("notes", []):
+    for note in [*state.get("notes", []), _data_note(out, state)]:
         lines += [f"> {note}", ""]
     ev = os.path.join(out, "eval", "report.md")
     if os.path.exists(ev):

@@ -150,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         for o in args.overrides:  # the sweep sets these itself, and records them as its flags say
             key = o.split("=", 1)[0].strip()
             named = [key] + [f"{key}.{k}" for k in _mapping_keys(o.split("=", 1)[1])]  # data={eval_path: ...}
-            for name in named:
-                if name in SWEEP_KEYS:
-                    raise UserError(f"override {name}=…: the sweep sets {name} itself; {SWEEP_KEYS[name]}")
+            for setting in named:
+                if setting in SWEEP_KEYS:
+                    raise UserError(f"override {setting}=…: the sweep sets {setting} itself; {SWEEP_KEYS[setting]}")
         from cancerllm_jax.config import PRESETS
         from cancerllm_jax.train.config import resolve
         from cancerllm_jax.train.finetune import FinetuneConfig

@@ -339,6 +339,25 @@ def test_steps_on_the_command_line_win_over_the_configs_epochs(tmp_path, capsys)
     assert code in (0, None) and "steps of 1 epochs are not known" in err, err
 
 
+def test_a_workdir_with_someone_elses_files_is_refused(tmp_path, capsys):
+    """A folder that holds no run but other files (a project folder, an HF model folder) is refused, naming them:
+    the run overwrote its config.yaml / metrics.jsonl and deleted its base/ and tb/ (and cj.load then read the run
+    instead of the model). What a run stopped before its run.json leaves is not in the way."""
+    wd = tmp_path / "mine"
+    (wd / "base").mkdir(parents=True)
+    write(wd / "base" / "notes.txt", "precious")
+    write(wd / "config.yaml", "mine: 1\n")
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY], capsys)
+    one_clear_error(code, err, f"--workdir {wd} holds files that are not a run's (base, config.yaml)",
+                    "give a new or empty folder")
+    assert (wd / "base" / "notes.txt").read_text() == "precious" and (wd / "config.yaml").read_text() == "mine: 1\n"
+    left = tmp_path / "left"  # a run killed while writing base/: its lock, an Orbax temp folder
+    (left / "base" / "params.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    write(left / ".lock", "")
+    code, err = run_cli("launch/pretrain.py", ["--workdir", left, *TINY], capsys)
+    assert code in (0, None), err
+
+
 def test_finetune_has_no_segment_mask_flag(tmp_path, capsys):
     """``--no-segment-mask`` is pretraining's (packed documents); finetune.py offered it and ignored it."""
     code, err = run_cli("launch/finetune.py", ["--model", "tiny", "--no-segment-mask", "--dry-run"], capsys)
@@ -1320,6 +1339,39 @@ def test_sigterm_before_the_first_step_exits_143_without_saving(tmp_path, capsys
     assert signal.getsignal(signal.SIGTERM) is previous  # the run's handler is removed again
     assert code == 143 and "Traceback" not in err and "terminated (SIGTERM): no step had run" in err, err
     assert not os.path.isdir(tmp_path / "r" / "checkpoints") or not os.listdir(tmp_path / "r" / "checkpoints")
+
+
+def test_ctrl_c_saves_the_step_it_is_on_and_a_second_stops_at_once(tmp_path, capsys, monkeypatch):
+    """A first Ctrl-C (SIGINT) in a single-process run stops as SIGTERM does: the step it is on is saved, one line
+    says so and how to go on, exit 130 (it printed "interrupted" and lost every step since the last checkpoint);
+    a second Ctrl-C stops at once."""
+    import signal
+
+    from cancerllm_jax.train import loop
+    from cancerllm_jax.train.run_io import latest_step
+
+    write_row = loop._MetricsLog.write
+
+    def interrupt_after_step_1(self, row):
+        write_row(self, row)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop._MetricsLog, "write", interrupt_after_step_1)
+    code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r", *TINY, "--steps", "3"], capsys)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is removed again
+    assert code == 130 and "Traceback" not in err, err
+    assert "interrupted (Ctrl-C): the run saved step 1, the last it finished; run the same command with --resume" in err
+    assert latest_step(str(tmp_path / "r" / "checkpoints")) == 1
+
+    def interrupt_twice(self, row):
+        write_row(self, row)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop._MetricsLog, "write", interrupt_twice)
+    code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r2", *TINY, "--steps", "3"], capsys)
+    assert code == 130 and err.rstrip().endswith("interrupted"), err
+    assert latest_step(str(tmp_path / "r2" / "checkpoints")) in (None, 0)
 
 
 def test_pretrain_epochs_set_the_steps_as_hf_counts_them(tmp_path, capsys):

@@ -835,6 +835,8 @@ def test_reproduce_stages_are_keyed_to_their_inputs(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(rep.subprocess, "run", fake_run)
     argv = ["--scale", "cpu-small", "--model", str(model), "--out", str(out), "--skip", "robustness"]
     assert rep.main(argv) == 0 and ran == ["pretrain.py", "finetune.py", "evaluate.py"]
+    assert ("This run: continued pretraining, then instruction tuning on 64 examples (40 phenotype, 12 diagnosis, "
+            "12 treatment plan)") in (out / "report.md").read_text()  # counted, as trained (it was a fixed text)
     ran.clear()
     assert rep.main(argv) == 0 and ran == []  # nothing changed: nothing runs
     shutil.rmtree(out / "finetune")  # fine-tuning done again: the evaluation of the old adapter is stale

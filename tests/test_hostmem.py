@@ -63,3 +63,35 @@ def test_unknown_setting_is_reported(monkeypatch, capsys):
     monkeypatch.setenv("CANCERLLM_HOST_MALLOC", "system")
     assert not keep_freed_memory()
     assert capsys.readouterr().err == ""
+
+
+# A step's 256 MB block freed below a small block allocated while it was live (a hole the next, larger block
+# cannot use): the hole's pages stay resident until release_stranded_memory gives them back; a block freed at the
+# heap's top (the steady state) is left alone.
+STRANDED = r"""
+import ctypes, json
+import cancerllm_jax
+from cancerllm_jax.hostmem import release_stranded_memory, stranded_bytes
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+big = libc.malloc(256 * 2**20); ctypes.memset(big, 1, 256 * 2**20)
+at_top = release_stranded_memory(64 * 2**20)  # nothing stranded yet
+pin = libc.malloc(2**20)  # larger than any free block: placed on the top, above the big one
+libc.free(big)
+before, held = rss(), stranded_bytes()
+released = release_stranded_memory(64 * 2**20)
+print(json.dumps({"at_top": at_top, "held": held, "released": released, "freed": before - rss()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="the setting is glibc's")
+def test_a_stranded_hole_is_given_back():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", CANCERLLM_HOST_MALLOC="keep", PYTHONPATH=ROOT)
+    out = subprocess.run([sys.executable, "-c", STRANDED], env=env, capture_output=True, text=True, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not got["at_top"] and got["held"] >= 256 * 2**20 and got["released"], got
+    assert got["freed"] > 200 * 2**20, got  # its pages went back to the kernel

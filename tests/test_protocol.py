@@ -436,8 +436,12 @@ def test_score_file_errors(tmp_path, gold, rows, message):
 def test_score_file_other_errors(tmp_path, gold):
     with pytest.raises(UserError, match="missing.jsonl: no such file"):
         score_file(gold, str(tmp_path / "missing.jsonl"))
-    with pytest.raises(UserError, match=r"gold\.jsonl:1: missing field 'gold'"):
+    with pytest.raises(UserError, match=r"gold\.jsonl:1: missing field 'gold'.*the gold file: --gold"):
         score_file(None, gold)
+    from cancerllm_jax.eval.protocol import rows_by_id
+
+    with pytest.raises(UserError, match=r"g\.jsonl:2: duplicate id 'line1' \(first on line 1, a line without an id"):
+        rows_by_id("g.jsonl", [(1, {"response": "a"}), (2, {"id": "line1", "response": "b"})], implicit=True)
     with pytest.raises(UserError, match="valid protocols"):
         score_file(gold, gold, protocol="rouge")
 

@@ -295,9 +295,9 @@ def test_counterfactual_cache_resume_and_atomic_writes(tmp_path, monkeypatch):
     monkeypatch.setattr(rb, "write_text_atomic", spy_atomic)
     base = _fake_model(tmp_path / "base")
 
-    def sweep(epochs=1.0, overwrite=False, **settings):
+    def sweep(epochs=1.0, overwrite=False, overrides=("lora.rank=4", "lora.alpha=8"), **settings):
         return rb.counterfactual_sweep(base, _recs("phenotype", 10), _recs("phenotype", 2), _recs("phenotype", 4),
-                                       tmp_path / "cf", rates=[0.2], epochs=epochs, overrides=["lora.rank=4"],
+                                       tmp_path / "cf", rates=[0.2], epochs=epochs, overrides=overrides,
                                        settings=rb.DecodeSettings(**settings), trainer=fake_trainer,
                                        log=lambda s: None, overwrite=overwrite)
 
@@ -308,7 +308,7 @@ def test_counterfactual_cache_resume_and_atomic_writes(tmp_path, monkeypatch):
     assert json.loads((d / "corrupted_ids.json").read_text()) and not list(d.glob("*.tmp*"))
     # interrupted after training started: scores.json missing, run/ there -> the run is resumed, not refused
     (d / "scores.json").unlink()
-    sweep()
+    sweep(overrides=("lora.alpha=8", "lora.rank=2", "lora.rank=4"))  # the same settings in another order
     assert len(calls) == 2 and "--resume" in calls[1]
     with pytest.raises(UserError, match=r"epochs 1.0 \(now 2.0\).*--overwrite"):
         sweep(epochs=2.0)
@@ -526,6 +526,18 @@ def test_cli_counterfactual_refuses_overrides_of_what_the_sweep_sets(tmp_path, o
         _launch_robustness().main.__wrapped__(["counterfactual", "--model", "tiny", "--out", str(tmp_path / "o"),
                                                override])
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_counterfactual_names_the_model_whatever_the_overrides(tmp_path, monkeypatch):
+    """The override check's loop variable replaced the model's name: the table and JSON named the model after the
+    last override's key (``dtype``)."""
+    names = []
+    monkeypatch.setattr(rb, "load_split", lambda *a, **k: [])
+    monkeypatch.setattr(rb, "counterfactual_sweep", lambda *a, **k: "result")
+    monkeypatch.setattr(rb, "write_outputs", lambda out, result, name: names.append(name) or {"table": __file__})
+    _launch_robustness().main.__wrapped__(["counterfactual", "--model", "tiny", "--out", str(tmp_path / "o"),
+                                           "lora.rank=4", "dtype=float32"])
+    assert names == ["tiny"]
 
 
 def test_cli_refuses_rates_that_would_share_a_folder(tmp_path):

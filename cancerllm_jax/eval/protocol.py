@@ -254,13 +254,13 @@ def _read_jsonl(path: str) -> list[Row]:
     return rows
 
 
-def _text_field(path: str, row: Row, name: str) -> str:
+def _text_field(path: str, row: Row, name: str, hint: str = "") -> str:
     from cancerllm_jax.data.sources import json_type_name
     from cancerllm_jax.errors import UserError
 
     number, obj = row
     if name not in obj:
-        raise UserError(f"{path}:{number}: missing field '{name}' (fields: {', '.join(obj) or 'none'})")
+        raise UserError(f"{path}:{number}: missing field '{name}' (fields: {', '.join(obj) or 'none'}){hint}")
     value = obj[name]
     if not isinstance(value, str):
         raise UserError(f"{path}:{number}: field '{name}' must be a string, got {json_type_name(value)}")
@@ -286,7 +286,9 @@ def rows_by_id(path: str, rows: list[Row], implicit: bool = False) -> dict[str, 
         if not isinstance(key, (str, int)) or isinstance(key, bool):
             raise UserError(f"{path}:{number}: 'id' must be a string or an integer, got {json_type_name(key)}")
         if str(key) in keyed:
-            raise UserError(f"{path}:{number}: duplicate id {key!r} (first on line {keyed[str(key)][0]})")
+            first, first_obj = keyed[str(key)]
+            named = "" if "id" in first_obj else ", a line without an id, named so by its number"
+            raise UserError(f"{path}:{number}: duplicate id {key!r} (first on line {first}{named})")
         keyed[str(key)] = (number, obj)
     return keyed
 
@@ -299,7 +301,8 @@ def _pairs(gold_path: str | None, pred_path: str, gold_field: str | None, pred_f
     preds = _read_jsonl(pred_path)
     pred_ids = rows_by_id(pred_path, preds)
     if gold_path is None:  # a runner's output file: {id, prompt_hash, gold, prediction}
-        return [(obj.get("id"), _text_field(pred_path, row, gold_field or "gold"),
+        hint = "" if gold_field else "; predictions without their gold answers are scored against the gold file: --gold"
+        return [(obj.get("id"), _text_field(pred_path, row, gold_field or "gold", hint),
                  _text_field(pred_path, row, pred_field)) for row in preds for obj in [row[1]]]
     gold_field = gold_field or "response"
     golds = _read_jsonl(gold_path)

@@ -233,7 +233,7 @@ def _cached(out_dir: Path, key: dict[str, Any] | None = None, overwrite: bool = 
     except UserError as e:
         log(f"warning: {e}; recomputing it")
         return None
-    have = data.pop("settings", None)
+    have = _canonical(data.pop("settings", None))
     if isinstance(have, dict) and key is not None:  # keys recorded since 2026-12-02: absent from older records
         key = {k: v for k, v in key.items() if k in have or not k.endswith(_ADDED_KEYS)}
     if key is None or have == key:
@@ -303,6 +303,23 @@ def run_finetune(cmd: Sequence[str], log_path: Path) -> None:
         raise UserError(f"fine-tuning failed ({error}) (full log: {log_path})")
 
 
+def canonical_overrides(overrides: Sequence[str]) -> list[str]:
+    """``key=value`` overrides as a record compares them: the last one of each key, sorted by key (the same settings
+    given in another order are the same run)."""
+    last = {}
+    for o in overrides:
+        key, _, value = str(o).partition("=")
+        last[key.strip()] = f"{key.strip()}={value}"
+    return [last[k] for k in sorted(last)]
+
+
+def _canonical(settings):
+    """A recorded settings dict with its overrides in ``canonical_overrides`` form (records written before it)."""
+    if isinstance(settings, dict) and isinstance(settings.get("overrides"), list):
+        return {**settings, "overrides": canonical_overrides(settings["overrides"])}
+    return settings
+
+
 def _read_settings(path: Path) -> dict[str, Any] | None:
     """A rate's ``settings.json`` (what its fine-tuning run was started with), or None when absent or damaged."""
     if not path.is_file():
@@ -332,7 +349,7 @@ def _training_state(d: Path, train_key: dict[str, Any], overwrite: bool) -> str:
     run = d / "run"
     if not run.exists():
         return "fresh"
-    have = _read_settings(d / "settings.json")
+    have = _canonical(_read_settings(d / "settings.json"))
     if have == train_key:
         return "done" if _run_finished(run) else "resume"
     if overwrite:
@@ -353,7 +370,8 @@ def counterfactual_sweep(base_model: str, train: Sequence[dict], val: Sequence[d
     settings = settings or DecodeSettings()
     root = Path(out_dir) / "counterfactual"
     base = {"format": SETTINGS_FORMAT, "sweep": "counterfactual", **model_key(base_model, "base_model"),
-            "seed": seed, "epochs": epochs, "overrides": list(overrides), "train_set": records_digest(train),
+            "seed": seed, "epochs": epochs, "overrides": canonical_overrides(overrides),
+            "train_set": records_digest(train),
             "n_train": len(train), "val_set": records_digest(val), "n_val": len(val)}
     eval_key = {"test_set": records_digest(test), "n_test": len(test), **settings.key("phenotype")}
     plans = []

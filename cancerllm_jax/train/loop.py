@@ -30,6 +30,7 @@ from flax import nnx
 from cancerllm_jax import sharding
 from cancerllm_jax.config import ModelConfig, PRESETS, to_dict
 from cancerllm_jax.errors import PeerLost, Terminated, UserError
+from cancerllm_jax.hostmem import release_stranded_memory
 from cancerllm_jax.train import run_io
 from cancerllm_jax.train.config import RESUMABLE_CHANGES, TrainConfig, absolute_paths, diff
 from cancerllm_jax.train.optim import make_optimizer, schedule
@@ -113,25 +114,38 @@ def load_base(cfg: TrainConfig) -> tuple[ModelConfig, dict | None, str | None, d
 class _SigtermStop:
     """SIGTERM (a pre-empting scheduler, ``kill``) stops a run cleanly instead of killing it mid-save: the handler
     only notes it (an exception raised from it in the middle of an XLA compile crashed the process), and the loop,
-    at its next step, saves the step it has finished and raises ``Terminated``. A multi-process run uses JAX's
-    preemption service instead (its own SIGTERM handler, set when the processes connect): the notice reaches every
-    process, and all of them stop at the same step (``reached_preemption_sync_point``), as the collective save
-    needs."""
+    at its next step, saves the step it has finished and raises ``Terminated``. A single-process run treats a first
+    Ctrl-C (SIGINT) alike; a second one stops at once, as Python does. A multi-process run uses JAX's preemption
+    service instead (its own SIGTERM handler, set when the processes connect): the notice reaches every process,
+    and all of them stop at the same step (``reached_preemption_sync_point``), as the collective save needs."""
 
     def __init__(self):
         self.asked = False
+        self.signal = "SIGTERM"
 
-    def install(self):
-        """Set the handler; returns the one it replaced. None, and no handler, off the main thread (where none can be
-        set) and in a multi-process run (JAX's handler is in place)."""
+    def install(self) -> dict:
+        """Set the handlers; returns ``{signal: the handler it replaced}``. None set off the main thread (where none
+        can be) and in a multi-process run (JAX's handler is in place); SIGINT's only where Python's own is set (not
+        where the shell made the run ignore it)."""
         if jax.process_count() > 1:
-            return None
+            return {}
+        previous = {}
         try:
-            return signal.signal(signal.SIGTERM, self._handle)
+            previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
         except ValueError:
-            return None
+            pass
+        return previous
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.asked:
+                raise KeyboardInterrupt
+            print("\nCtrl-C: the run saves the step it is on, then stops (Ctrl-C again stops at once, without "
+                  "saving)", file=sys.stderr, flush=True)
+        if not self.asked:
+            self.signal = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
         self.asked = True
 
     def stop_before(self, step: int) -> bool:
@@ -383,8 +397,8 @@ class Trainer:
         try:
             return self._run(stop_after)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             if self._workdir_lock is not None:
                 self._workdir_lock.__exit__(None, None, None)
                 self._workdir_lock = None
@@ -452,6 +466,8 @@ class Trainer:
         peak = device_peak_flops(self.dtype)  # no MFU for float32 (no peak in the table)
         step = start_step
         last_saved = start_step
+        # holes of more than half a step's temporaries (those of every device of this process) are given back
+        stranded_limit = (getattr(self, "memory", {}).get("temp_bytes") or 2**30) * len(self.mesh.local_devices) // 2
         bar = _progress(cfg.steps, start_step)
         eval_every = cfg.eval_every
         peer_lost = False
@@ -463,12 +479,13 @@ class Trainer:
                 if self._sigterm.stop_before(step):  # pre-empted: keep this step's progress, then stop
                     if step > last_saved:
                         self._save(mngr, step, it, batch)
-                    raise Terminated(step if step > start_step else None)
+                    raise Terminated(step if step > start_step else None, self._sigterm.signal)
                 local = next(it)
                 if cfg.log_examples and step == start_step and is_main():
                     say(example_text(tokenizer, local))
                 batch = {k: jax.make_array_from_process_local_data(self.batch_sh, np.asarray(local[k], np.int32))
                          for k in BATCH_KEYS}
+                release_stranded_memory(stranded_limit)  # CPU only, before the step allocates: see hostmem.py
                 t0 = time.perf_counter()
                 self.state, metrics = self.step_fn(self.state, self.frozen, batch)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -562,6 +579,8 @@ class Trainer:
         ckpt_dir = os.path.join(self.workdir, "checkpoints")
         latest = run_io.latest_step(ckpt_dir)
         has_meta = os.path.isfile(meta_path)
+        if not has_meta and not latest:
+            _refuse_foreign_files(self.workdir)
         old = run_io.read_run_meta(self.workdir) if has_meta and latest else None
         sync("cancerllm:workdir-inspected")  # nobody writes before every process has looked
         if has_meta and not latest and not self.resume:
@@ -641,6 +660,32 @@ class Trainer:
         if is_main():
             meta = {"format": FORMAT, "model": to_dict(self.model_cfg), "dtype": self.dtype}
             run_io.write_json_atomic(os.path.join(base_dir, META_FILE), meta)
+
+
+def _refuse_foreign_files(workdir: str) -> None:
+    """A --workdir that holds no run may be new, empty, or hold what a run stopped before its run.json leaves (its
+    lock, ``base/`` of the saved preset, ``config.yaml.tmp``); anything else is someone's folder, whose files the run
+    would overwrite (config.yaml, metrics.jsonl) or delete (base/, tb/): refused, naming them."""
+    from cancerllm_jax.checkpoint.orbax_io import META_FILE
+
+    def temporary(name: str) -> bool:  # Orbax's unfinished saves, write_json_atomic's temp files
+        return ".orbax-checkpoint-tmp" in name or (name.startswith(".") and ".tmp-" in name)
+
+    def ours(name: str) -> bool:
+        path = os.path.join(workdir, name)
+        if name == "base" and os.path.isdir(path):
+            return all(n in ("params", META_FILE) or temporary(n) for n in os.listdir(path))
+        if name == "checkpoints" and os.path.isdir(path):
+            return all(temporary(n) for n in os.listdir(path))
+        return name in (run_io.LOCK_FILE, "config.yaml.tmp", ".DS_Store") or temporary(name)
+
+    if not os.path.isdir(workdir):
+        return
+    foreign = sorted(n for n in os.listdir(workdir) if not ours(n))
+    if foreign:
+        raise UserError(f"--workdir {workdir} holds files that are not a run's ({', '.join(foreign[:5])}"
+                        f"{', ...' if len(foreign) > 5 else ''}): a run would overwrite or delete them; give a new "
+                        f"or empty folder")
 
 
 def dry_base(cfg: TrainConfig) -> tuple[ModelConfig, None, str | None, dict]:
