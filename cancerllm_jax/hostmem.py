@@ -65,12 +65,23 @@ def stranded_bytes() -> int:
     return int(info.fordblks - info.keepcost)
 
 
+_stranded_after_trim = 0  # stranded bytes right after the last trim (their pages given back, still counted free)
+
+
 def release_stranded_memory(limit: int) -> bool:
     """Where ``keep_freed_memory`` applied: give the pages of free heap blocks back to the kernel (``malloc_trim``)
-    when more than ``limit`` bytes are free below the heap's top; returns whether it did."""
-    if not _KEPT or stranded_bytes() <= limit:
+    when the free bytes below the heap's top have grown by more than ``limit`` since the last trim (blocks already
+    given back still count as free); returns whether it did."""
+    global _stranded_after_trim
+    if not _KEPT:
         return False
-    return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    stranded = stranded_bytes()
+    _stranded_after_trim = min(_stranded_after_trim, stranded)  # holes reused since: count from what is left
+    if stranded - _stranded_after_trim <= limit:
+        return False
+    trimmed = bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    _stranded_after_trim = stranded_bytes()
+    return trimmed
 
 
 def keep_freed_memory() -> bool:

@@ -240,8 +240,8 @@ def _data_note(out: str, state: dict) -> str:
                 if task in counts:
                     counts[task] += 1
     per_task = ", ".join(f"{n} {task.replace('_', ' ')}" for task, n in counts.items())
-    pretrained = "continued pretraining, then " if "pretrain" in state.get("stages", {}) else \
-        "no continued pretraining (skipped); "
+    pretrained = "continued pretraining, then " if (state.get("stages", {}).get("pretrain") or {}).get("finished") \
+        and state.get("settings", {}).get("pretrain", True) else "no continued pretraining (skipped); "
     return f"This run: {pretrained}instruction tuning on {sum(counts.values())} examples ({per_task})."
 
 

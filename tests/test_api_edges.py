@@ -329,5 +329,9 @@ def test_a_sentencepiece_folder_without_tokenizer_json_is_read_as_trained(tmp_pa
     tok = load_tokenizer(str(tmp_path))
     for text in (" hello world", "Patient:  ER+  PR-", " ", "a\n\nb"):
         assert tok.encode(text, bos=True) == want.encode(text, bos=True), text
-    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 32000}))
-    assert isinstance(load_tokenizer(str(tmp_path)), HFTokenizer)
+    for name, extra in (("added_tokens.json", {"<|im_end|>": 32000}),
+                        ("special_tokens_map.json", {"eos_token": {"content": "<|im_end|>"}}),
+                        ("tokenizer_config.json", {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False})):
+        (tmp_path / name).write_text(json.dumps(extra))  # the folder asks for more than the .model: transformers
+        assert isinstance(load_tokenizer(str(tmp_path)), HFTokenizer), name
+        (tmp_path / name).unlink()

@@ -348,12 +348,17 @@ def test_a_workdir_with_someone_elses_files_is_refused(tmp_path, capsys):
     write(wd / "base" / "notes.txt", "precious")
     write(wd / "config.yaml", "mine: 1\n")
     code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY], capsys)
-    one_clear_error(code, err, f"--workdir {wd} holds files that are not a run's (base, config.yaml)",
-                    "give a new or empty folder")
+    one_clear_error(code, err, f"--workdir {wd} holds no run but files a run would overwrite or delete, or a model "
+                    "(base, config.yaml)", "give a new or empty folder")
     assert (wd / "base" / "notes.txt").read_text() == "precious" and (wd / "config.yaml").read_text() == "mine: 1\n"
-    left = tmp_path / "left"  # a run killed while writing base/: its lock, an Orbax temp folder
+    model = tmp_path / "model"
+    write(model.mkdir() or model / "config.json", "{}")
+    code, err = run_cli("launch/pretrain.py", ["--workdir", model, *TINY], capsys)
+    one_clear_error(code, err, "or a model (config.json)")
+    left = tmp_path / "left"  # a run killed while writing base/ (its lock, an Orbax temp folder), a shell's log
     (left / "base" / "params.orbax-checkpoint-tmp-1").mkdir(parents=True)
     write(left / ".lock", "")
+    write(left / "train.log", "the shell's redirect")
     code, err = run_cli("launch/pretrain.py", ["--workdir", left, *TINY], capsys)
     assert code in (0, None), err
 

@@ -83,7 +83,9 @@ pin = libc.malloc(2**20)  # larger than any free block: placed on the top, above
 libc.free(big)
 before, held = rss(), stranded_bytes()
 released = release_stranded_memory(64 * 2**20)
-print(json.dumps({"at_top": at_top, "held": held, "released": released, "freed": before - rss()}))
+freed = before - rss()
+again = release_stranded_memory(64 * 2**20)  # its pages are back already: no trim (and no faults) every step
+print(json.dumps({"at_top": at_top, "held": held, "released": released, "freed": freed, "again": again}))
 """
 
 
@@ -94,4 +96,4 @@ def test_a_stranded_hole_is_given_back():
     out = subprocess.run([sys.executable, "-c", STRANDED], env=env, capture_output=True, text=True, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert not got["at_top"] and got["held"] >= 256 * 2**20 and got["released"], got
-    assert got["freed"] > 200 * 2**20, got  # its pages went back to the kernel
+    assert got["freed"] > 200 * 2**20 and not got["again"], got  # its pages went back to the kernel, once

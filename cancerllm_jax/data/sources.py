@@ -109,27 +109,27 @@ def _check_record(obj: Any, required: dict[str, Any], optional: dict[str, Any], 
     for name, expected in optional.items():
         if obj.get(name) is not None and not _type_ok(obj[name], expected):
             return f"field '{name}' should be a {_type_name(expected)} (or absent), got {json_type_name(obj[name])}"
-    known = {*required, *optional}
-    for name in optional:  # a missing optional field whose text sits under another spelling would be lost silently
-        stray = None if name in obj else _other_spelling(name, obj, known)
-        if stray is not None:
-            why = (f"Alpaca's '{stray}' is our '{name}'" if stray == ALPACA_FIELDS.get(name)
-                   else f"did you mean '{name}'?")
-            return f"field '{stray}' is not read ({why}): rename it to '{name}'"
     return None
 
 
-def _other_spelling(name: str, obj: dict, known: set) -> str | None:
-    """A key of ``obj`` that is not one of the ``known`` fields but spells ``name`` another way (another case, a
-    typo of a name of 4+ letters, the Alpaca name), or None; other keys (a user's own metadata) are left alone."""
-    for key in obj:
-        if not isinstance(key, str) or key in known:
+def other_spellings(obj: dict, required: dict[str, Any], optional: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(key, field)`` for each optional ``field`` missing from ``obj`` whose value may sit under another spelling:
+    a key of the field's type that is another case of its name, a typo of a name of 4+ letters (not a name plus a
+    suffix, such as ``context_id``), or its Alpaca name. Such text would not be read: a caller warns."""
+    known, found = {*required, *optional}, []
+    for name, expected in optional.items():
+        if name in obj:
             continue
-        low = key.lower()
-        if low == name or key == ALPACA_FIELDS.get(name) or (
-                len(name) >= 4 and difflib.SequenceMatcher(None, low, name).ratio() >= 0.8):
-            return key
-    return None
+        for key, value in obj.items():
+            if key in known or value is None or not _type_ok(value, expected):
+                continue
+            low = key.lower()
+            if low == name or key == ALPACA_FIELDS.get(name) or (
+                    len(name) >= 4 and not low.startswith((name + "_", name + "-"))
+                    and difflib.SequenceMatcher(None, low, name).ratio() >= 0.8):
+                found.append((key, name))
+                break
+    return found
 
 
 def _encodable(obj: Any) -> bool:
@@ -163,6 +163,7 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
     records: list[dict] = []
     skipped = 0
     first_problem = ""
+    strays: dict[tuple[str, str], list[int]] = {}  # (key, the field it may mean) -> [first line, lines]
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             problem = None
@@ -199,6 +200,8 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
                 if skipped <= 5:
                     log.warning("skipping %s", where)
                 continue
+            for stray in other_spellings(obj, required, optional):
+                strays.setdefault(stray, [lineno, 0])[1] += 1
             for name in optional:  # an optional field given as null is absent
                 if name in obj and obj[name] is None:
                     del obj[name]
@@ -212,6 +215,10 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
         log.warning("%s: no records%s", path, detail)
     if skipped:
         log.warning("%s: skipped %d bad line(s) of %d", path, skipped, skipped + len(records))
+    for (key, name), (first, lines) in strays.items():
+        why = f"Alpaca's '{key}' is our '{name}'" if key == ALPACA_FIELDS.get(name) else f"did you mean '{name}'?"
+        log.warning("%s:%d: field '%s' is not read (%s; %d line(s) have it and no '%s'): rename it to '%s' if it "
+                    "holds that text", path, first, key, why, lines, name, name)
     return records, skipped
 
 

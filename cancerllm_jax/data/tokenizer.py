@@ -196,18 +196,33 @@ def tokenizer_path(spec) -> str:
     return os.path.expanduser(os.fspath(spec))
 
 
-def _adds_tokens_past(folder: str, vocab_size: int) -> bool:
-    """Whether the folder adds tokens (tokenizer_config.json's ``added_tokens_decoder``, older transformers'
-    added_tokens.json) that a SentencePiece model of ``vocab_size`` lacks."""
-    ids = []
-    for name, read in (("tokenizer_config.json", lambda d: d.get("added_tokens_decoder") or {}),
-                       ("added_tokens.json", lambda d: d.values())):
+def _config_changes_the_model(folder: str, sp: SentencePieceTokenizer) -> bool:
+    """Whether the folder's tokenizer_config.json / special_tokens_map.json / added_tokens.json ask for more than the
+    SentencePiece model itself does: added tokens past its vocabulary, another BOS or EOS, no BOS or an EOS added to
+    every text (then transformers reads the folder, as it would)."""
+    def read(name: str) -> dict:
         try:
             with open(os.path.join(folder, name), encoding="utf-8") as f:
-                ids += [str(i) for i in read(json.load(f))]
-        except (OSError, ValueError, AttributeError, TypeError):
-            continue
-    return any(i.isdigit() and int(i) >= vocab_size for i in ids)
+                data = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    config, special, added = read("tokenizer_config.json"), read("special_tokens_map.json"), read("added_tokens.json")
+    ids = [*(config.get("added_tokens_decoder") or {}), *added.values()]
+    if any(str(i).isdigit() and int(i) >= sp.vocab_size for i in ids):
+        return True
+    if config.get("add_bos_token") is False or config.get("add_eos_token") is True:
+        return True
+    pieces = {"bos_token": sp.sp.id_to_piece(sp.bos_id) if sp.bos_id >= 0 else None,
+              "eos_token": sp.sp.id_to_piece(sp.eos_id) if sp.eos_id >= 0 else None}
+    for source in (config, special):
+        for key, piece in pieces.items():
+            token = source.get(key)
+            token = token.get("content") if isinstance(token, dict) else token
+            if token is not None and token != piece:
+                return True
+    return False
 
 
 def load_tokenizer(spec: str | None):
@@ -226,7 +241,7 @@ def load_tokenizer(spec: str | None):
             return HFTokenizer(spec)
         if os.path.isfile(model_file):  # (a slow tokenizer's save): the .model itself, as it was trained; transformers
             sp = SentencePieceTokenizer(model_file)  # 5 would convert it, and its ids differ around spaces
-            if not _adds_tokens_past(spec, sp.vocab_size):
+            if not _config_changes_the_model(spec, sp):
                 return sp
         if os.path.isfile(os.path.join(spec, "tokenizer_config.json")):
             return HFTokenizer(spec)

@@ -305,11 +305,14 @@ def run_finetune(cmd: Sequence[str], log_path: Path) -> None:
 
 def canonical_overrides(overrides: Sequence[str]) -> list[str]:
     """``key=value`` overrides as a record compares them: the last one of each key, sorted by key (the same settings
-    given in another order are the same run)."""
+    given in another order are the same run); as given where one key holds another (``lora={rank: 4}`` and
+    ``lora.rank=8``: their order decides the rank)."""
     last = {}
     for o in overrides:
         key, _, value = str(o).partition("=")
         last[key.strip()] = f"{key.strip()}={value}"
+    if any(a != b and b.startswith(a + ".") for a in last for b in last):
+        return [str(o) for o in overrides]
     return [last[k] for k in sorted(last)]
 
 

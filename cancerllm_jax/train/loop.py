@@ -635,8 +635,9 @@ class Trainer:
                 "data_counts": self.data_counts, **self.extra_meta}
         with open(os.path.join(self.workdir, "config.yaml.tmp"), "w", encoding="utf-8") as f:
             yaml.safe_dump(to_dict(self.cfg), f, sort_keys=False)
+        run_io.write_json_atomic(os.path.join(self.workdir, run_io.RUN_FILE), meta)  # the run now exists
+        # config.yaml after run.json: a folder with a config.yaml and no run.json is someone else's
         os.replace(os.path.join(self.workdir, "config.yaml.tmp"), os.path.join(self.workdir, "config.yaml"))
-        run_io.write_json_atomic(os.path.join(self.workdir, run_io.RUN_FILE), meta)  # last: the run now exists
 
     def _save_base(self, base_dir: str) -> None:
         """The frozen base in ``checkpoint.orbax_io``'s params format (``cancerllm.json`` + Orbax ``params/``).
@@ -663,29 +664,30 @@ class Trainer:
 
 
 def _refuse_foreign_files(workdir: str) -> None:
-    """A --workdir that holds no run may be new, empty, or hold what a run stopped before its run.json leaves (its
-    lock, ``base/`` of the saved preset, ``config.yaml.tmp``); anything else is someone's folder, whose files the run
-    would overwrite (config.yaml, metrics.jsonl) or delete (base/, tb/): refused, naming them."""
+    """A --workdir that holds no run may hold anything a run does not write over (a shell's log, notes), and what a
+    run stopped before its run.json leaves (its lock, ``base/`` of the saved preset, ``config.yaml.tmp``). A file the
+    run would overwrite or delete (``config.yaml``, written after run.json, ``metrics.jsonl``, ``tb/``, a ``base/`` or
+    ``checkpoints/`` of other content) or a model folder (which ``cancerllm_jax.load`` would then read as the run)
+    is refused, naming them."""
     from cancerllm_jax.checkpoint.orbax_io import META_FILE
 
     def temporary(name: str) -> bool:  # Orbax's unfinished saves, write_json_atomic's temp files
         return ".orbax-checkpoint-tmp" in name or (name.startswith(".") and ".tmp-" in name)
 
-    def ours(name: str) -> bool:
-        path = os.path.join(workdir, name)
-        if name == "base" and os.path.isdir(path):
-            return all(n in ("params", META_FILE) or temporary(n) for n in os.listdir(path))
-        if name == "checkpoints" and os.path.isdir(path):
-            return all(temporary(n) for n in os.listdir(path))
-        return name in (run_io.LOCK_FILE, "config.yaml.tmp", ".DS_Store") or temporary(name)
+    def only(path: str, allowed: tuple[str, ...]) -> bool:
+        return os.path.isdir(path) and all(n in allowed or temporary(n) for n in os.listdir(path))
 
     if not os.path.isdir(workdir):
         return
-    foreign = sorted(n for n in os.listdir(workdir) if not ours(n))
+    names = set(os.listdir(workdir))
+    ours_base = "base" in names and only(os.path.join(workdir, "base"), ("params", META_FILE))
+    taken = {"base": not ours_base, "checkpoints": not only(os.path.join(workdir, "checkpoints"), ()),
+             "config.yaml": True, "metrics.jsonl": True, "tb": True}
+    model = ("config.json", "adapter_config.json", META_FILE, "params")
+    foreign = sorted(n for n in names if taken.get(n) or n in model or n.endswith(".safetensors"))
     if foreign:
-        raise UserError(f"--workdir {workdir} holds files that are not a run's ({', '.join(foreign[:5])}"
-                        f"{', ...' if len(foreign) > 5 else ''}): a run would overwrite or delete them; give a new "
-                        f"or empty folder")
+        raise UserError(f"--workdir {workdir} holds no run but files a run would overwrite or delete, or a model "
+                        f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); give a new or empty folder")
 
 
 def dry_base(cfg: TrainConfig) -> tuple[ModelConfig, None, str | None, dict]:
