@@ -10,8 +10,9 @@ One heap that is never trimmed can also grow: when a small block is placed insid
 left (a data thread's batch, while the step ran), the next step's block no longer fits there and goes on top, and
 on a busy host this repeated every step (+6.6 GB per SmolLM2 step at 4 x 512 tokens: 21 GB after three steps).
 ``release_stranded_memory``, called by the training loop before each step, gives such holes' pages back
-(``malloc_trim``) once they pass half a step's temporaries, so the step that then goes on top does not add to them;
-a heap whose free memory sits at its top, as in the steady state, is left alone (and not faulted in again).
+(``malloc_trim``) when they have grown by half a step's temporaries since the last time, so the step that then goes
+on top does not add to them; a heap whose free memory sits at its top, as in the steady state, is left alone (and not
+faulted in again).
 
 Applied once, at ``import cancerllm_jax``, before JAX starts its threads; only where the CPU is the JAX backend
 (``JAX_PLATFORMS=cpu``, or no GPU/TPU plugin installed). ``CANCERLLM_HOST_MALLOC=system`` turns it off; a value
