@@ -1362,6 +1362,17 @@ def test_ctrl_c_saves_the_step_it_is_on_and_a_second_stops_at_once(tmp_path, cap
         os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(loop._MetricsLog, "write", interrupt_after_step_1)
+    # Python's own handler, as in a terminal (a shell's background job starts with SIGINT ignored: no handler is set)
+    outside = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_runs(tmp_path, capsys, monkeypatch, write_row, loop, latest_step)
+    finally:
+        signal.signal(signal.SIGINT, outside)
+
+
+def _ctrl_c_runs(tmp_path, capsys, monkeypatch, write_row, loop, latest_step):
+    import signal
+
     code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r", *TINY, "--steps", "3"], capsys)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is removed again
     assert code == 130 and "Traceback" not in err, err

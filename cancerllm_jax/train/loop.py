@@ -633,11 +633,17 @@ class Trainer:
         meta = {"format": run_io.FORMAT, "kind": self.kind, "config": to_dict(self.cfg), "base": pointer,
                 "model": to_dict(self.model_cfg), "dtype": self.dtype, "tokenizer": self.tokenizer_spec,
                 "data_counts": self.data_counts, **self.extra_meta}
-        with open(os.path.join(self.workdir, "config.yaml.tmp"), "w", encoding="utf-8") as f:
-            yaml.safe_dump(to_dict(self.cfg), f, sort_keys=False)
-        run_io.write_json_atomic(os.path.join(self.workdir, run_io.RUN_FILE), meta)  # the run now exists
+        config_tmp = os.path.join(self.workdir, "config.yaml.tmp")
+        try:
+            with open(config_tmp, "w", encoding="utf-8") as f:
+                yaml.safe_dump(to_dict(self.cfg), f, sort_keys=False)
+            run_io.write_json_atomic(os.path.join(self.workdir, run_io.RUN_FILE), meta)  # the run now exists
+        except BaseException:
+            if os.path.exists(config_tmp):
+                os.remove(config_tmp)
+            raise
         # config.yaml after run.json: a folder with a config.yaml and no run.json is someone else's
-        os.replace(os.path.join(self.workdir, "config.yaml.tmp"), os.path.join(self.workdir, "config.yaml"))
+        os.replace(config_tmp, os.path.join(self.workdir, "config.yaml"))
 
     def _save_base(self, base_dir: str) -> None:
         """The frozen base in ``checkpoint.orbax_io``'s params format (``cancerllm.json`` + Orbax ``params/``).
