@@ -363,6 +363,30 @@ def test_a_workdir_with_someone_elses_files_is_refused(tmp_path, capsys):
     assert code in (0, None), err
 
 
+def test_a_run_killed_while_starting_again_is_still_a_run(tmp_path, capsys, monkeypatch):
+    """A run that never saved a checkpoint starts again; killed while it re-saves its base, it removed its run.json
+    first and left config.yaml, metrics.jsonl and tb/: the next start took the folder for someone else's (the crash
+    test found it). run.json now stays until the new one replaces it."""
+    import shutil
+
+    from cancerllm_jax.train import loop
+
+    wd = tmp_path / "r"
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY], capsys)
+    assert code in (0, None), err
+    shutil.rmtree(wd / "checkpoints")  # as if killed before its first checkpoint
+
+    def killed(self, base_dir):
+        raise RuntimeError("killed while saving the base")
+
+    monkeypatch.setattr(loop.Trainer, "_save_base", killed)
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY, "--resume"], capsys)
+    assert code not in (0, None) and "killed while saving the base" in err, err
+    monkeypatch.undo()
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY, "--resume"], capsys)
+    assert code in (0, None), err
+
+
 def test_finetune_has_no_segment_mask_flag(tmp_path, capsys):
     """``--no-segment-mask`` is pretraining's (packed documents); finetune.py offered it and ignored it."""
     code, err = run_cli("launch/finetune.py", ["--model", "tiny", "--no-segment-mask", "--dry-run"], capsys)

@@ -615,10 +615,9 @@ class Trainer:
         return 0
 
     def _start_fresh(self) -> None:
-        """A new run's run.json, config.yaml and base/ (after the data was read, so bad data leaves no run)."""
-        meta_path = os.path.join(self.workdir, run_io.RUN_FILE)
-        if is_main() and os.path.isfile(meta_path):
-            os.remove(meta_path)
+        """A new run's run.json, config.yaml and base/ (after the data was read, so bad data leaves no run). A run
+        started again (it never saved a checkpoint) keeps its run.json until the new one replaces it: a kill in
+        between leaves a folder that is still a run without checkpoints (started again), not someone's files."""
         self._write_meta()
         sync("cancerllm:meta-written")
 
