@@ -21,6 +21,7 @@ other than ``keep`` / ``system`` is reported on stderr and treated as ``system``
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
 import platform
@@ -50,6 +51,12 @@ def cpu_is_the_backend() -> bool:
 _KEPT = False  # whether keep_freed_memory applied the setting to this process
 
 
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """glibc, loaded once (an OSError where there is none)."""
+    return ctypes.CDLL("libc.so.6")
+
+
 class _MallInfo2(ctypes.Structure):  # glibc >= 2.33 <malloc.h>
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -58,7 +65,7 @@ class _MallInfo2(ctypes.Structure):  # glibc >= 2.33 <malloc.h>
 def stranded_bytes() -> int:
     """Free heap bytes below the heap's top (holes), or 0 where glibc cannot say (``mallinfo2``)."""
     try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+        mallinfo2 = _libc().mallinfo2
     except (OSError, AttributeError):
         return 0
     mallinfo2.restype = _MallInfo2
@@ -80,7 +87,7 @@ def release_stranded_memory(limit: int) -> bool:
     _stranded_after_trim = min(_stranded_after_trim, stranded)  # holes reused since: count from what is left
     if stranded - _stranded_after_trim <= limit:
         return False
-    trimmed = bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    trimmed = bool(_libc().malloc_trim(0))
     _stranded_after_trim = stranded_bytes()
     return trimmed
 
@@ -96,7 +103,7 @@ def keep_freed_memory() -> bool:
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc" or not cpu_is_the_backend():
         return False
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):
         return False
     # one arena: XLA's worker threads allocate the step's temporaries, and a thread arena would mmap a block
