@@ -439,6 +439,19 @@ def test_tensorboard_shows_what_metrics_jsonl_keeps_after_a_resume(tmp_path):
     assert scalars(tmp_path) == [(1, "loss", 9.0), (2, "eval_loss", 9.5), (2, "loss", 8.0), (3, "loss", 6.5)]
 
 
+def test_the_metrics_log_does_not_import_torch(tmp_path):
+    """tensorboardX imports torch when it is installed (the tests' extra installs it): ~2-4 s of every launcher's
+    start on a 2-core host, for torch tensors this loop never logs. The writer is imported without it, still writes
+    its events, and torch imports normally afterwards."""
+    code = ("import sys; from cancerllm_jax.train.loop import _MetricsLog\n"
+            f"log = _MetricsLog({str(tmp_path)!r}, 0); log.write({{'step': 1, 'loss': 2.0}}); log.close()\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "import torch; print(torch.ones(1).item())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "1.0", out.stderr[-3000:]
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "tb"))
+
+
 def test_sigterm_stops_the_run_as_ctrl_c_does(tmp_path):
     """SIGTERM (a pre-empting scheduler) stops a training run after the step under way, which it saves: exit 143
     with one line, no unfinished checkpoint folder, the latest checkpoint is the last logged step and restores (the

@@ -735,8 +735,7 @@ class _MetricsLog:
         self.f = open(self.path, "a", encoding="utf-8")
         self.tb = None
         try:
-            from tensorboardX import SummaryWriter
-
+            SummaryWriter = _summary_writer_class()
             # TensorBoard shows what metrics.jsonl keeps: its events are written anew from the kept rows (the
             # writer flushes in the background, so a kill could lose some, and redone steps would show twice)
             tb_dir = os.path.join(workdir, "tb")
@@ -764,6 +763,22 @@ class _MetricsLog:
         self.f.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's ``SummaryWriter``, imported without torch: tensorboardX imports torch when it can (only to
+    accept torch tensors, which this loop never logs), ~2-4 s of every launcher's start on the CPU hosts."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # Python's documented way to make `import torch` raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _progress(total: int, start: int):
