@@ -100,7 +100,7 @@ ROPE_KEYS = {"default": {}, "linear": {"factor": "rope_factor"},
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # Mistral-7B v0.1, as in PAPERS.md.
+    # Mistral-7B v0.1, the base the CancerLLM paper starts from.
     "mistral-7b-v0.1": ModelConfig(),
     # A few-hundred-thousand-parameter model with the Mistral v1 vocabulary: CPU smoke runs and tests.
     "tiny": ModelConfig(vocab_size=32000, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,

@@ -251,6 +251,9 @@ class Decoder:
             raise UserError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
         if not isinstance(add_bos, (bool, np.bool_)):
             raise UserError(f"add_bos must be True or False, got {add_bos!r}")
+        unused = [f"{k}={v:g}" for k, v, off in (("top_k", top_k, 0), ("top_p", top_p, 1.0)) if v != off]
+        if temperature == 0.0 and unused:  # as transformers warns when do_sample is off
+            log.warning("%s apply only when sampling (temperature > 0): decoding greedily", ", ".join(unused))
         ids = [self._encode(p, as_text, i, add_bos) for i, p in enumerate(prompts)]
         truncated = 0
         if max_prompt_tokens:
@@ -350,7 +353,8 @@ class Decoder:
         if positions > limit and not self._warned_positions:
             self._warned_positions = True
             log.warning("prompt + new tokens use %d positions, past the model's max_position_embeddings (%d): "
-                        "positions it was not trained for (lower --max-prompt-tokens or --max-new-tokens)",
+                        "positions it was not trained for (lower the prompt-token limit: generate.py "
+                        "--max-prompt-tokens, evaluate.py --max-input-tokens, max_prompt_tokens=; or the new tokens)",
                         positions, limit)
 
     def _check_cache_fits(self, b: int, cache_len: int, max_new: int) -> None:
@@ -372,10 +376,17 @@ class Decoder:
         if as_text:
             if not isinstance(prompt, str):
                 raise UserError(f"prompt {index}: expected a string like the first prompt, got {type(prompt).__name__}")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise UserError(f"prompt {index}: a lone UTF-16 surrogate ({prompt[e.start]!a}) at character "
+                                f"{e.start}, which is no character; fix the text") from None
             row = encode_written_prompt(self.lm.tokenizer, prompt, add_bos)  # as tokenizer(text)
             if not prompt or not row:  # a BOS alone is no prompt either
                 raise UserError(f"prompt {index} is empty (no tokens)")
             return row
+        if isinstance(prompt, (bytes, bytearray, memoryview)):  # its items are ints: read as ids, silently
+            raise UserError(f"prompt {index}: {type(prompt).__name__}, not a string or token ids; decode it to str")
         try:
             row = [int(t) for t in prompt]
             if any(isinstance(t, (bool, np.bool_)) or t != r for t, r in zip(prompt, row)):  # 1.5, "7", True

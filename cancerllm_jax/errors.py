@@ -126,6 +126,23 @@ class _OneLineRecords(logging.Filter):
 _ONE_LINE = _OneLineRecords()
 
 
+class _LevelPrefix(logging.Formatter):
+    """``warning: message``, as the CLI's own notes and errors read."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {super().format(record)}"
+
+
+def _log_to_stderr_as_the_cli_speaks() -> None:
+    """Log records as ``warning: ...`` lines on stderr. Without a handler, Python printed the bare message until a
+    library (grain, on import) installed the default ``WARNING:name:message`` one: one command's warnings came out
+    in both forms. Set before any library does; a handler already there (pytest's) is left alone."""
+    if not logging.root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(_LevelPrefix("%(message)s"))
+        logging.root.addHandler(handler)
+
+
 def cli_main(fn):
     """Wrap a CLI ``main``: a UserError, an OSError (disk full, permission) or XLA running out of memory prints one
     line and exits 2; any other exception prints one line saying it is a bug and exits 1. ``--debug`` (or
@@ -134,6 +151,7 @@ def cli_main(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = "--debug" in sys.argv or os.environ.get("CANCERLLM_DEBUG") == "1"
+        _log_to_stderr_as_the_cli_speaks()
         if not debug:
             logging.getLogger("absl").addFilter(_ONE_LINE)
         try:

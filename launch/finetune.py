@@ -6,6 +6,7 @@
 PATH: an HF folder, a converted checkpoint, or a pretraining run (its LoRA is merged first).
 """
 import argparse
+import json
 import os
 import sys
 
@@ -36,7 +37,7 @@ def main(argv=None):
     overrides = list(args.overrides)
     for flag, key in ((args.data, "data.path"), (args.eval_data, "data.eval_path")):
         if flag:
-            overrides.append(f"{key}={flag}")
+            overrides.append(f"{key}=" + json.dumps(flag))  # a JSON string: the path taken literally (` #`, `: `)
     if args.skip_bad_lines:
         overrides.append("data.skip_bad_lines=true")
     cli = {**cli_values(args), "model": args.model, "task": args.task, "epochs": args.epochs}

@@ -39,10 +39,10 @@ def parse(argv=None):
                    help="sample among the k most likely tokens (default 0: off; transformers' sampling default is 50)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0,
-                   help="sampling seed; each input line draws its own stream from it and its line number (noise "
-                        "per token id), so a line's sample does not depend on the other lines, the batch size or "
-                        "skipped lines (logits that differ in the last bits between batch shapes can still tip an "
-                        "exact near-tie)")
+                   help="sampling seed; each input line draws its own stream from it and the line's id (its line "
+                        "number where it has none; as evaluate.py run), so a line's sample does not depend on the "
+                        "other lines, their order, the batch size or skipped lines (logits that differ in the last "
+                        "bits between batch shapes can still tip an exact near-tie)")
     p.add_argument("--stop", action="append", help="stop string (repeatable, not empty)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", default="float32")
@@ -121,6 +121,8 @@ def _generate(args, records: list, skipped: int, partial) -> int:
         raise UserError(f"{args.input}: no usable records ({skipped} bad lines skipped)")
     prompts, texts, cuts = zip(*encoded, strict=True)
     cut = sum(n > 0 for n in cuts)
+    # raw prompts the decoder cuts (contexts were cut to fit already), counted over every line, as `cut` is
+    raw_cut = sum(len(p) > args.max_prompt_tokens for p in prompts) if args.max_prompt_tokens else 0
     from cancerllm_jax.eval.runner import instance_seed
     from cancerllm_jax.eval.tasks import line_id, prompt_hash
 
@@ -138,12 +140,13 @@ def _generate(args, records: list, skipped: int, partial) -> int:
 
     from cancerllm_jax.decode import generated_text
 
-    totals = {"generated_tokens": 0, "time_s": 0.0, "truncated_prompts": 0}
+    totals = {"generated_tokens": 0, "time_s": 0.0}
     for batch in tqdm(batches, unit="batch", desc="generate", disable=not batches):
-        # seeds per input line: a line's sample does not depend on the others, the batch or a resume
+        # seeds per input line, from its id: a line's sample does not depend on the others, their order, the batch
+        # or a resume
         outs = lm.generate([prompts[i] for i in batch], max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                           seed=[instance_seed(args.seed, line_id(records[i]["_line"])) for i in batch],
+                           seed=[instance_seed(args.seed, keys[i]) for i in batch],
                            max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size)
         for k in totals:
             totals[k] += lm._decoder.last_stats[k]
@@ -157,7 +160,7 @@ def _generate(args, records: list, skipped: int, partial) -> int:
     print(f"wrote {len(records)} predictions to {args.out}"
           f"{f' ({len(records) - len(todo)} from the interrupted run)' if len(todo) < len(records) else ''}: "
           f"{totals['generated_tokens']} tokens in {totals['time_s']:.1f} s ({speed:.1f} tok/s); {cut} contexts "
-          f"truncated, {totals['truncated_prompts']} raw prompts cut to their last {args.max_prompt_tokens} tokens, "
+          f"truncated, {raw_cut} raw prompts cut to their last {args.max_prompt_tokens} tokens, "
           f"{skipped} bad lines skipped", file=sys.stderr)
     return 0
 

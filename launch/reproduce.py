@@ -362,15 +362,15 @@ def main(argv=None):
     from cancerllm_jax.api import _tokenizer_in
 
     # the model's own tokenizer where its folder has one (else the default, as cancerllm_jax.load falls back to)
-    tok = ["data.tokenizer=" + model] if args.scale == "cpu-small" and os.path.isdir(model) and _tokenizer_in(model) \
-        else []
+    tok = ["data.tokenizer=" + json.dumps(model)] \
+        if args.scale == "cpu-small" and os.path.isdir(model) and _tokenizer_in(model) else []
     pre_dir = os.path.join(out, "pretrain")
     if "pretrain" not in skip:
         corpus = os.path.join(data, "pretrain", "corpus.jsonl")
         sources = pretrain_data or ([corpus] if os.path.exists(corpus) else None)
         # --resume: a run an interrupt stopped continues (a new one starts at step 0; other settings are refused)
         cmd = [py, os.path.join(HERE, "pretrain.py"), *scale.pretrain, "--workdir", pre_dir, "--resume",
-               f"model={model}", *tok]
+               "model=" + json.dumps(model), *tok]  # JSON strings: paths taken literally (` #`, `: `)
         if sources:
             cmd[2:2] = ["--data", *sources]
         pipe.stage("pretrain", os.path.join(pre_dir, "DONE"), _inputs(cmd, (model,), sources or ()), cmd,

@@ -662,6 +662,18 @@ def test_finetune_reads_the_base_weights_once(tmp_path, capsys, models, monkeypa
     assert len(calls) == 1, calls
 
 
+def test_finetune_data_paths_are_taken_literally(tmp_path, capsys):
+    """--data / --eval-data became YAML overrides: a path with ` #` was cut at the comment (another file, or "no
+    such file"), one with `: ` became a mapping. They are read as written."""
+    row = '{"instruction": "q", "context": "c", "response": "a"}\n'
+    train, held = write(tmp_path / "diag #1.jsonl", row * 3), write(tmp_path / "a: b.jsonl", row * 2)
+    write(tmp_path / "diag", "not the file\n")  # where the cut path pointed
+    code, err = run_cli("launch/finetune.py", ["--data", train, "--eval-data", held, "--workdir", tmp_path / "r",
+                                               "--mesh", "1x1", "--batch-size", "1", "--dry-run"], capsys)
+    assert code in (0, None), err
+    assert "data: 3 rows" in err and "eval data: 2 examples" in err, err
+
+
 def test_finetune_dry_run_counts_the_data_with_the_model_tokenizer(tmp_path, capsys, models):
     """--dry-run reads the data with the model folder's own tokenizer, as the run does (it fell back to Mistral
     v1's: other row, truncation and step counts, and a pass where the run fails)."""
@@ -761,6 +773,16 @@ def test_generate_samples_of_a_line_do_not_depend_on_other_lines(tmp_path, capsy
         assert code in (0, None), err
         runs.append([json.loads(x)["prediction"] for x in out.read_text().splitlines()][-2:])
     assert runs[0] == runs[1]
+    # lines with ids draw from their id (as evaluate.py run does): the same file in another order, the same samples
+    rows = [json.dumps({"id": f"n{i}", "prompt": p}) + "\n" for i, p in enumerate(("pt w/ nsclc", "ecog 1", "er+"))]
+    by_id = []
+    for lines in (rows, rows[::-1]):
+        (tmp_path / "pred.jsonl").unlink(missing_ok=True)
+        code, err, out = _gen(models, tmp_path, capsys, "".join(lines),
+                              extra=["--temperature", "1.0", "--seed", "7", "--max-new-tokens", "6"])
+        assert code in (0, None), err
+        by_id.append({r["id"]: r["prediction"] for r in map(json.loads, out.read_text().splitlines())})
+    assert by_id[0] == by_id[1] and len(set(by_id[0].values())) > 1, by_id
 
 
 def test_generate_top_k_above_the_vocabulary_is_fine(tmp_path, capsys, models):
@@ -1347,6 +1369,16 @@ def test_the_log_filter_never_breaks_a_logging_call(capsys, caplog, monkeypatch)
     monkeypatch.setattr(sys, "argv", ["x"])
     assert main() == 0
     assert "ValueError: boom" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_a_commands_warnings_all_read_warning_colon():
+    """Without a logging handler Python printed a warning's bare message until grain, on import, installed the
+    default `WARNING:name:message` one: one command's warnings came out in both forms."""
+    code = ("import logging, sys\nfrom cancerllm_jax.errors import cli_main\n@cli_main\ndef main():\n"
+            "    logging.getLogger('cancerllm_jax.a').warning('before')\n    import grain  # noqa: F401\n"
+            "    logging.getLogger('cancerllm_jax.b').warning('after')\n    return 0\nsys.exit(main())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0 and out.stderr.splitlines() == ["warning: before", "warning: after"], out.stderr
 
 
 def test_sigterm_before_the_first_step_exits_143_without_saving(tmp_path, capsys, monkeypatch):

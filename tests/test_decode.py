@@ -174,6 +174,32 @@ def test_bad_prompts_are_clear_errors(tiny):
         lm.generate([[1, 5]] * 2, max_new_tokens=2, eos_id=[])
     with pytest.raises(cj_errors().UserError, match="no tokenizer"):
         lm.generate(["hello"], max_new_tokens=2)
+    for bad in (b"\x01\x05", bytearray(b"\x01")):  # a bytes' items are ints: the prompt was read as ids, silently
+        with pytest.raises(cj_errors().UserError, match="prompt 0: .*decode it to str"):
+            lm.generate([bad], max_new_tokens=2)
+
+
+def test_a_lone_surrogate_in_a_string_prompt_is_a_clear_error(tiny, monkeypatch):
+    """The tokenizer raised a bare TypeError for "abc\\ud800" (generate.py's JSONL reader refuses such escapes)."""
+    _, lm = tiny
+    monkeypatch.setattr(lm, "tokenizer", object())  # refused before the tokenizer is asked
+    with pytest.raises(cj_errors().UserError, match=r"prompt 0: a lone UTF-16 surrogate \('\\ud800'\) at character 3"):
+        lm.generate(["abc\ud800", "fine"], max_new_tokens=2)
+
+
+def test_sampling_settings_without_a_temperature_are_named(tiny, caplog):
+    """top_k / top_p with temperature 0 decode greedily, as documented; a transformers user (who thinks in
+    do_sample) is told, as transformers tells them."""
+    _, lm = tiny
+    greedy = lm.generate([[1, 2, 3]], max_new_tokens=3)
+    with caplog.at_level("WARNING"):
+        assert lm.generate([[1, 2, 3]], max_new_tokens=3, top_k=5, top_p=0.5) == greedy
+    assert "top_k=5, top_p=0.5 apply only when sampling (temperature > 0): decoding greedily" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        lm.generate([[1, 2, 3]], max_new_tokens=3, top_k=0, top_p=1.0)
+        lm.generate([[1, 2, 3]], max_new_tokens=3, top_k=5, temperature=0.7)
+    assert "apply only when sampling" not in caplog.text
 
 
 def test_bad_decoding_arguments_are_clear_errors(tiny):

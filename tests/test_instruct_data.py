@@ -365,6 +365,9 @@ def test_alpaca_input_field_is_not_silently_dropped(tmp_path):
     prompt.write_text(json.dumps({"instruction": "Q", "prompt": "the note", "response": "A"}) + "\n")
     with pytest.raises(UserError, match=r"prompt\.jsonl:1: field 'prompt' is not read here"):
         read_instruct_jsonl(str(prompt))
+    prompt.write_text(json.dumps({"prompt": "the note", "response": "A"}) + "\n")  # generate.py's input file
+    with pytest.raises(UserError, match=r"prompt\.jsonl:1: field 'prompt' is not read here"):  # not "missing field"
+        read_instruct_jsonl(str(prompt))
 
 def test_a_field_spelled_another_way_is_named(tmp_path, caplog):
     """The note under another spelling (``contxt``, ``Context``) trained without it, silently: a warning names the

@@ -512,6 +512,25 @@ def test_load_equals_the_trainers_model(reference):
     assert np.abs(np.asarray(trainer.state["params"]["layers"]["q"]["lora_b"])).max() > 0  # LoRA did train
 
 
+def test_a_saved_preset_base_exports_with_the_runs_tokenizer(reference, tmp_path):
+    """The adapter export tells users to `to-hf` the run's base/ for peft: that folder had weights and no tokenizer
+    (its export a model without one). base/ now holds the run's tokenizer files, and its export the same ones the
+    run's own export has."""
+    import cancerllm_jax as cj
+
+    convert = _launcher_module(os.path.join(ROOT, "tools", "convert_checkpoint.py"))
+    _, wd = reference
+    assert os.path.isfile(os.path.join(wd, "base", "tokenizer.model"))
+    assert convert.main(["to-hf", os.path.join(wd, "base"), str(tmp_path / "base_hf")]) == 0
+    assert convert.main(["to-hf", wd, str(tmp_path / "run_hf")]) == 0
+    tokenizer_files = [sorted(n for n in os.listdir(tmp_path / d) if n.startswith("tokenizer")) for d in
+                       ("base_hf", "run_hf")]
+    assert tokenizer_files[0] == tokenizer_files[1] == ["tokenizer.model"], tokenizer_files
+    text = "pt w/ nsclc, ecog 1"
+    assert (cj.load(str(tmp_path / "base_hf")).tokenizer.encode(text, bos=True)
+            == cj.load(wd).tokenizer.encode(text, bos=True))
+
+
 def test_every_eos_id_of_an_hf_base_is_kept_by_its_run_and_exports(tmp_path):
     """A base whose generation_config.json lists EOS ids [2, 13]: its run and the run's to-hf export name both, as the
     base folder does (and as transformers' generate stops at both); so does a from-hf checkpoint without the copied

@@ -155,7 +155,8 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
     are logged). A file with no valid record
     always raises. ``line_key`` stores each record's line number there. ``skip_flag``: the option an error
     suggests for skipping bad lines (None where the command has none). ``check``: the caller's own rule, a
-    record's problem or None; a line it finds bad is a bad line like the others. ``allow_empty`` (one file of
+    JSON object's problem or None, applied before the field checks; a line it finds bad is a bad line like the
+    others. ``allow_empty`` (one file of
     several, skipping bad lines): a file with no valid record is a warning, not an error.
     """
     optional = optional or {}
@@ -186,9 +187,10 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
                 except ValueError as e:  # an integer of more than 4300 digits
                     problem = f"invalid JSON ({str(e).split(';')[0]})"
                 else:
-                    problem = _check_record(obj, required, optional, nonempty)
-                    if problem is None and check is not None:
-                        problem = check(obj)
+                    # the caller's rule first: a record in another format (generate.py's `prompt`) is named as
+                    # such, not as one missing a field
+                    problem = check(obj) if check is not None and isinstance(obj, dict) else None
+                    problem = problem or _check_record(obj, required, optional, nonempty)
                     if problem is None and "\\u" in line and not _encodable(obj):
                         problem = "a \\u escape that is no character (a lone UTF-16 surrogate)"
             if problem is not None:

@@ -1,4 +1,4 @@
-"""CancerLLM's scoring protocol (``/work/shared/reference/EVAL_PROTOCOL.md``): EM, BLEU-2, ROUGE-L by soft set matching.
+"""CancerLLM's scoring protocol (``docs/eval_protocol.md``): EM, BLEU-2, ROUGE-L by soft set matching.
 
 Two protocols share the answer splitting, normalisation and soft set matching, and differ in the pair metrics:
 

@@ -75,8 +75,8 @@ def _setup_lines(metrics: dict[str, Any]) -> list[str]:
     lines = [
         f"- **Created:** {metrics.get('created', '?')}" + (f" (re-scored {metrics['rescored']})"
                                                            if metrics.get("rescored") else ""),
-        f"- **Protocol:** `{metrics.get('protocol')}` (see `EVAL_PROTOCOL.md`: comma-split answers, normalised and "
-        "Porter-stemmed, soft set matching; scores are percentages"
+        f"- **Protocol:** `{metrics.get('protocol')}` (see `docs/eval_protocol.md`: comma-split answers, normalised "
+        "and Porter-stemmed, soft set matching; scores are percentages"
         + ("; as the published evaluator, the ROUGE-L columns hold its unigram-set F-measure (β = 1.2) and BLEU-2 "
            "is COCO-style)" if metrics.get("protocol") == "reference" else ")"),
         f"- **Data:** {metrics.get('data')}" + (f", first {metrics['limit']} test instances per task"

@@ -58,7 +58,7 @@ class DecodeSettings:
     batch_size: int = 8
     protocol: str = "standard"
     dtype: str = "float32"
-    stop: tuple[str, ...] = ()  # EVAL_PROTOCOL: the output runs to EOS or the token limit, as evaluate.py run
+    stop: tuple[str, ...] = ()  # the protocol: the output runs to EOS or the token limit, as evaluate.py run
 
     def spec(self, task: str) -> TaskSpec:
         """``task``'s evaluation spec (``evaluate.py run``'s) with these limits where they are set."""
@@ -147,8 +147,8 @@ def load_model(path: str, dtype: str = "float32", adapter: str | None = None) ->
 def decode(lm: Any, records: Sequence[dict], task: str,
            settings: DecodeSettings) -> tuple[list[str], dict, list[str]]:
     """Greedy predictions for ``records`` (the Alpaca generation prompt, context cut to fit, as ``evaluate.py run``
-    builds it), decode stats (time, tokens, tokens/s, peak memory: EVAL_PROTOCOL §7's figures, as ``evaluate.py
-    run`` measures them), and each prompt's hash (``evaluate.py run``'s ``prompt_hash``)."""
+    builds it), decode stats (time, tokens, tokens/s, peak memory: the figures docs/eval_protocol.md's report
+    holds, as ``evaluate.py run`` measures them), and each prompt's hash (``evaluate.py run``'s ``prompt_hash``)."""
     from cancerllm_jax.decode import generated_text
     from cancerllm_jax.eval.tasks import build_prompt
 
@@ -518,7 +518,8 @@ def table_markdown(result: SweepResult, model_name: str) -> str:
             f"seed {s.get('seed')}. Scores in percent; rate 0 is a clean reference, not part of the mean.")
     lines += ["", note]
     head = ["Task", "rate", "Generation time (s)", "Tokens/s", "Peak memory (MiB)"]
-    lines += ["", "Per rate (EVAL_PROTOCOL §7): decoding the whole test set, compile included.", "",
+    lines += ["", "Per rate (docs/eval_protocol.md, \"What a report holds\"): decoding the whole test set, compile "
+              "included.", "",
               "| " + " | ".join(head) + " |", "|---|---|---:|---:|---:|"]
     for r in result.rows:
         mem = r.get("peak_memory_bytes")

@@ -645,7 +645,8 @@ class Trainer:
         os.replace(config_tmp, os.path.join(self.workdir, "config.yaml"))
 
     def _save_base(self, base_dir: str) -> None:
-        """The frozen base in ``checkpoint.orbax_io``'s params format (``cancerllm.json`` + Orbax ``params/``).
+        """The frozen base in ``checkpoint.orbax_io``'s params format (``cancerllm.json`` + Orbax ``params/``), with
+        the run's tokenizer files: ``to-hf`` of ``base/`` (the base of a PEFT adapter export) gives a whole HF folder.
 
         Written with a collective Orbax save of the (possibly FSDP-sharded, multi-process) arrays rather than
         ``orbax_io.save_params``, whose single-process save would wait forever for the other processes.
@@ -654,7 +655,7 @@ class Trainer:
 
         import orbax.checkpoint as ocp
 
-        from cancerllm_jax.checkpoint.orbax_io import FORMAT, META_FILE
+        from cancerllm_jax.checkpoint.orbax_io import FORMAT, META_FILE, copy_tokenizer_files
 
         if is_main() and os.path.exists(base_dir):
             shutil.rmtree(base_dir)  # left by a run that stopped before its run.json was written
@@ -664,6 +665,8 @@ class Trainer:
         ckptr.wait_until_finished()
         ckptr.close()
         if is_main():
+            copy_tokenizer_files(run_io.run_tokenizer({"config": to_dict(self.cfg), "tokenizer": self.tokenizer_spec}),
+                                 base_dir)
             meta = {"format": FORMAT, "model": to_dict(self.model_cfg), "dtype": self.dtype}
             run_io.write_json_atomic(os.path.join(base_dir, META_FILE), meta)
 
@@ -674,7 +677,7 @@ def _refuse_foreign_files(workdir: str) -> None:
     run would overwrite or delete (``config.yaml``, written after run.json, ``metrics.jsonl``, ``tb/``, a ``base/`` or
     ``checkpoints/`` of other content) or a model folder (which ``cancerllm_jax.load`` would then read as the run)
     is refused, naming them."""
-    from cancerllm_jax.checkpoint.orbax_io import META_FILE
+    from cancerllm_jax.checkpoint.orbax_io import META_FILE, TOKENIZER_FILES
 
     def temporary(name: str) -> bool:  # Orbax's unfinished saves, write_json_atomic's temp files
         return ".orbax-checkpoint-tmp" in name or (name.startswith(".") and ".tmp-" in name)
@@ -685,7 +688,7 @@ def _refuse_foreign_files(workdir: str) -> None:
     if not os.path.isdir(workdir):
         return
     names = set(os.listdir(workdir))
-    ours_base = "base" in names and only(os.path.join(workdir, "base"), ("params", META_FILE))
+    ours_base = "base" in names and only(os.path.join(workdir, "base"), ("params", META_FILE, *TOKENIZER_FILES))
     taken = {"base": not ours_base, "checkpoints": not only(os.path.join(workdir, "checkpoints"), ()),
              "config.yaml": True, "metrics.jsonl": True, "tb": True}
     model = ("config.json", "adapter_config.json", META_FILE, "params")
