@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import re
+import shlex
 import sys
 
 
@@ -41,8 +42,8 @@ def import_reference(name: str, purpose: str):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (or a first Ctrl-C), turned into an exception by a training run once it has saved the step it finished
-    (``args``: that step, or None when none ran; the signal's name); the CLI exits 143 (130 for Ctrl-C), as a process
-    killed by that signal does."""
+    (``args``: that step, or None when none ran; the signal's name; the run folder); the CLI exits 143 (130 for
+    Ctrl-C), as a process killed by that signal does."""
 
 
 _SEQ_LEN = ("max_seq_len", "block_size")
@@ -172,9 +173,11 @@ def cli_main(fn):
         except Terminated as e:
             saved = (f"the run saved step {e.args[0]}, the last it finished" if e.args and e.args[0] is not None
                      else "no step had run in this start, so nothing new was saved")
-            sigint = e.args[1:] == ("SIGINT",)
+            sigint = e.args[1:2] == ("SIGINT",)
+            # the folder named: a command without --workdir would start a new run in a new folder
+            folder = f" --workdir {shlex.quote(e.args[2])}" if len(e.args) > 2 and e.args[2] else ""
             print(f"{'interrupted (Ctrl-C)' if sigint else 'terminated (SIGTERM)'}: {saved}; run the same command "
-                  "with --resume to continue", file=sys.stderr)
+                  f"with --resume{folder} to continue", file=sys.stderr)
             sys.exit(130 if sigint else 143)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

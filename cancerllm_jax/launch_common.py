@@ -200,6 +200,17 @@ def default_workdir(kind: str) -> str:
     return os.path.join("runs", f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def run_folder(args, kind: str) -> str:
+    """``--workdir``, else a new ``runs/<kind>-<date>-<time>``; ``--resume`` without ``--workdir`` is refused (it
+    would start a new run in a new folder, the saved one never found)."""
+    if args.workdir:
+        return args.workdir
+    if args.resume:
+        raise UserError(f"--resume continues the run in --workdir: name its folder (a run started without --workdir "
+                        f"is in runs/{kind}-<date>-<time>)")
+    return default_workdir(kind)
+
+
 def announce(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 

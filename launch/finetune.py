@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package first
 
 from cancerllm_jax.errors import UserError, cli_main
-from cancerllm_jax.launch_common import (add_train_flags, announce, announce_privacy, cli_values, default_workdir,
+from cancerllm_jax.launch_common import (add_train_flags, announce, announce_privacy, cli_values, run_folder,
                                          start_runtime)
 
 
@@ -31,6 +31,7 @@ def parse(argv=None):
 @cli_main
 def main(argv=None):
     args = parse(argv)
+    workdir = run_folder(args, "finetune")  # before any data is read: --resume without --workdir is refused
     from cancerllm_jax.train.config import MAX_COUNT, resolve
     from cancerllm_jax.train.finetune import FinetuneConfig
 
@@ -87,7 +88,6 @@ def main(argv=None):
                           data.eval_batches(cfg.batch_size, process_index, process_count), data.stats,
                           cfg.data.max_seq_len)
 
-    workdir = args.workdir or default_workdir("finetune")
     trainer = Trainer(cfg, workdir, "finetune", make_data, resume=args.resume, dry_run=args.dry_run, base=base)
     del base
     if args.dry_run:

@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package first
 
 from cancerllm_jax.errors import UserError, cli_main
-from cancerllm_jax.launch_common import (add_train_flags, announce, announce_privacy, cli_values, default_workdir,
+from cancerllm_jax.launch_common import (add_train_flags, announce, announce_privacy, cli_values, run_folder,
                                          start_runtime)
 
 
@@ -62,6 +62,7 @@ def _steps_or_epochs(cfg, args, overrides: list[str]):
 @cli_main
 def main(argv=None):
     args = parse(argv)
+    workdir = run_folder(args, "pretrain")  # before any data is read: --resume without --workdir is refused
     from cancerllm_jax.train.config import PretrainConfig, resolve
 
     overrides = list(args.overrides)
@@ -89,7 +90,6 @@ def main(argv=None):
                  f"below shows steps={cfg.steps}")
     elif cfg.epochs is not None:
         cfg, make_data, base = steps_from_epochs(cfg, announce)
-    workdir = args.workdir or default_workdir("pretrain")
     trainer = Trainer(cfg, workdir, "pretrain", make_data, resume=args.resume, dry_run=args.dry_run, base=base)
     if args.dry_run:
         print(trainer.describe(cfg.data.block_size, shardings=True))

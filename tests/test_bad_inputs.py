@@ -1402,6 +1402,38 @@ def test_sigterm_before_the_first_step_exits_143_without_saving(tmp_path, capsys
     assert not os.path.isdir(tmp_path / "r" / "checkpoints") or not os.listdir(tmp_path / "r" / "checkpoints")
 
 
+def test_resume_needs_the_run_folder(tmp_path, capsys, monkeypatch):
+    """`--resume` without --workdir started a new run in a new runs/<kind>-<time> folder (the saved one never found,
+    a scheduler's every retry another fresh run): it is refused before any data is read."""
+    monkeypatch.chdir(tmp_path)
+    for launcher in ("launch/pretrain.py", "launch/finetune.py"):
+        code, err = run_cli(launcher, [*TINY[:2], "--resume"], capsys)
+        one_clear_error(code, err, "--resume continues the run in --workdir: name its folder")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_keeps_the_dtype_auto_chose(tmp_path, capsys):
+    """dtype auto is float32 on a CPU and bfloat16 on an accelerator: a run resumed on another kind of host changed
+    precision without a word. It is refused unless the run's dtype is named, which is then the same setting."""
+    import json as json_
+
+    from cancerllm_jax.train.run_io import RUN_FILE
+
+    wd = tmp_path / "r"
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY, "--steps", "1"], capsys)
+    assert code in (0, None), err
+    meta = json_.loads((wd / RUN_FILE).read_text())
+    assert (meta["config"]["dtype"], meta["dtype"]) == ("auto", "float32")
+    (wd / RUN_FILE).write_text(json_.dumps({**meta, "dtype": "bfloat16"}))  # as if started on a GPU host
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY, "--steps", "1", "--resume"], capsys)
+    one_clear_error(code, err, "trained in bfloat16, but dtype auto is float32 on this host's cpu",
+                    "resume with dtype=bfloat16")
+    (wd / RUN_FILE).write_text(json_.dumps(meta))
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY, "--steps", "1", "--resume", "dtype=float32"],
+                        capsys)
+    assert code in (0, None), err
+
+
 def test_ctrl_c_saves_the_step_it_is_on_and_a_second_stops_at_once(tmp_path, capsys, monkeypatch):
     """A first Ctrl-C (SIGINT) in a single-process run stops as SIGTERM does: the step it is on is saved, one line
     says so and how to go on, exit 130 (it printed "interrupted" and lost every step since the last checkpoint);
@@ -1432,7 +1464,8 @@ def _ctrl_c_runs(tmp_path, capsys, monkeypatch, write_row, loop, latest_step):
     code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r", *TINY, "--steps", "3"], capsys)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is removed again
     assert code == 130 and "Traceback" not in err, err
-    assert "interrupted (Ctrl-C): the run saved step 1, the last it finished; run the same command with --resume" in err
+    assert ("interrupted (Ctrl-C): the run saved step 1, the last it finished; run the same command with --resume "
+            f"--workdir {tmp_path / 'r'} to continue") in err  # the folder named: a default one is new each start
     assert latest_step(str(tmp_path / "r" / "checkpoints")) == 1
 
     def interrupt_twice(self, row):
@@ -1459,6 +1492,9 @@ def test_pretrain_epochs_set_the_steps_as_hf_counts_them(tmp_path, capsys):
     blocks = meta["data_counts"]["train_blocks"]
     assert meta["config"]["epochs"] == 1.5 and meta["config"]["steps"] == -(-3 * -(-blocks // 8) // 2), meta
     assert f"{meta['config']['steps']} steps" in err
+    read, steps = meta["config"]["steps"] * 8, meta["config"]["steps"]  # whole batches: the overflow is named
+    extra = read - round(1.5 * blocks)
+    assert extra <= 0 or f"{steps} steps; {read} blocks read, {extra} past 1.5 epochs" in err, err
     for bad in ("0", "nan", "-1"):
         code, err = run_cli("launch/pretrain.py", [*argv, "--epochs", bad, "--dry-run"], capsys)
         one_clear_error(code, err, "epochs", "positive")

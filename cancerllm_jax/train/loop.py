@@ -479,7 +479,7 @@ class Trainer:
                 if self._sigterm.stop_before(step):  # pre-empted: keep this step's progress, then stop
                     if step > last_saved:
                         self._save(mngr, step, it, batch)
-                    raise Terminated(step if step > start_step else None, self._sigterm.signal)
+                    raise Terminated(step if step > start_step else None, self._sigterm.signal, self.workdir)
                 local = next(it)
                 if cfg.log_examples and step == start_step and is_main():
                     say(example_text(tokenizer, local))
@@ -593,9 +593,16 @@ class Trainer:
             # a run recorded before its paths were absolute: read from here, where it was resumed before
             recorded = absolute_paths(old["config"])
             changed = [k for k in diff(recorded, to_dict(self.cfg)) if k.split(".")[0] not in RESUMABLE_CHANGES]
+            was_dtype = old.get("dtype")
+            if recorded.get("dtype") == "auto" and self.cfg.dtype == was_dtype:
+                changed.remove("dtype")  # dtype=float32 naming what `auto` chose for the run is the same setting
             if changed:
                 raise UserError(f"--resume: the config differs from the run in {self.workdir} in {changed}; resume "
                                 f"with the same settings or start a new --workdir")
+            if was_dtype and was_dtype != self.dtype:  # `auto` chooses by device: a CPU-started run on a GPU host
+                raise UserError(f"--resume: the run in {self.workdir} trained in {was_dtype}, but dtype "
+                                f"{self.cfg.dtype} is {self.dtype} on this host's {jax.default_backend()}; resume "
+                                f"with dtype={was_dtype} to continue it as it trained")
             model = to_dict(self.model_cfg)
             changed = diff(old["model"], {k: model.get(k) for k in old["model"]})
             if changed:

@@ -72,8 +72,12 @@ def steps_from_epochs(cfg: PretrainConfig, announce: Callable[[str], None] = _st
         raise UserError(f"epochs {cfg.epochs:g} of {blocks} blocks in batches of {cfg.batch_size} is more than "
                         "2**31 - 1 steps")
     if jax.process_index() == 0:
+        extra = steps * cfg.batch_size - round(cfg.epochs * blocks)  # counted, not dropped: batches are whole
         announce(f"data: {blocks} train blocks of {cfg.data.block_size} tokens; {cfg.epochs:g} epochs in batches of "
-                 f"{cfg.batch_size} = {steps} steps")
+                 f"{cfg.batch_size} = {steps} steps" + (
+                     f"; {steps * cfg.batch_size} blocks read, {extra} past {cfg.epochs:g} epochs (the stream "
+                     "repeats: the last batch fills up from the next pass, where HF's would be short)"
+                     if extra > 0 else ""))
 
     def make_data(_tokenizer, process_index: int, process_count: int) -> DataBundle:
         return bundle(data, cfg, process_index, process_count)
