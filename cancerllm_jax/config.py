@@ -570,6 +570,22 @@ def _nested_key(cls, name: str, prefix: str = "") -> str | None:
     return None
 
 
+def literal_override(key: str, value: str | list[str]) -> str:
+    """``key=value`` that ``apply_overrides`` reads back as exactly ``value`` (a path, or a list of paths): the text
+    itself where YAML reads it unchanged (command lines that reproduce.py records stay as they were), else the value
+    as a JSON string or list (YAML flow syntax: ` #` and `: ` taken literally), non-ASCII kept as it is (a ``\\u``
+    escape of a character past U+FFFF would come back as two lone surrogates)."""
+    def reads_back(text: str) -> bool:
+        try:
+            return yaml.load(text, Loader=_StrictLoader) == value  # noqa: S506 (a SafeLoader)
+        except (yaml.YAMLError, ValueError, RecursionError):
+            return False
+
+    candidates = ([value] if isinstance(value, str) and value else []) + [
+        json.dumps(value, ensure_ascii=False), json.dumps(value)]
+    return f"{key}=" + next((c for c in candidates if reads_back(c)), candidates[-1])
+
+
 def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
     """Apply ``a.b=value`` overrides (YAML-parsed values; the raw text for a text field) to a nested dict, checking
     keys against ``cls``."""

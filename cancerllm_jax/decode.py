@@ -178,6 +178,7 @@ class Decoder:
         self.prefill_options = cpu_prefill_options() if jax.default_backend() == "cpu" else {}
         self._fns: dict = {}
         self._warned_positions = False
+        self._warned_greedy = False
         self.last_stats: dict = {}
 
     def layers(self):
@@ -252,7 +253,8 @@ class Decoder:
         if not isinstance(add_bos, (bool, np.bool_)):
             raise UserError(f"add_bos must be True or False, got {add_bos!r}")
         unused = [f"{k}={v:g}" for k, v, off in (("top_k", top_k, 0), ("top_p", top_p, 1.0)) if v != off]
-        if temperature == 0.0 and unused:  # as transformers warns when do_sample is off
+        if temperature == 0.0 and unused and not self._warned_greedy:  # as transformers, when do_sample is off
+            self._warned_greedy = True  # once per decoder: generate.py and evaluate.py call it batch by batch
             log.warning("%s apply only when sampling (temperature > 0): decoding greedily", ", ".join(unused))
         ids = [self._encode(p, as_text, i, add_bos) for i, p in enumerate(prompts)]
         truncated = 0

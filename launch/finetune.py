@@ -6,7 +6,6 @@
 PATH: an HF folder, a converted checkpoint, or a pretraining run (its LoRA is merged first).
 """
 import argparse
-import json
 import os
 import sys
 
@@ -35,10 +34,12 @@ def main(argv=None):
     from cancerllm_jax.train.config import MAX_COUNT, resolve
     from cancerllm_jax.train.finetune import FinetuneConfig
 
+    from cancerllm_jax.config import literal_override
+
     overrides = list(args.overrides)
     for flag, key in ((args.data, "data.path"), (args.eval_data, "data.eval_path")):
         if flag:
-            overrides.append(f"{key}=" + json.dumps(flag))  # a JSON string: the path taken literally (` #`, `: `)
+            overrides.append(literal_override(key, flag))  # the path taken literally (` #`, `: `)
     if args.skip_bad_lines:
         overrides.append("data.skip_bad_lines=true")
     cli = {**cli_values(args), "model": args.model, "task": args.task, "epochs": args.epochs}

@@ -5,7 +5,6 @@
     python launch/pretrain.py --config configs/pretrain/cancerllm_7b.yaml model=/path/to/Mistral-7B-v0.1
 """
 import argparse
-import json
 import os
 import re
 import sys
@@ -63,6 +62,7 @@ def _steps_or_epochs(cfg, args, overrides: list[str]):
 def main(argv=None):
     args = parse(argv)
     workdir = run_folder(args, "pretrain")  # before any data is read: --resume without --workdir is refused
+    from cancerllm_jax.config import literal_override
     from cancerllm_jax.train.config import PretrainConfig, resolve
 
     overrides = list(args.overrides)
@@ -71,7 +71,7 @@ def main(argv=None):
     data = [d for d in args.data or [] if os.path.exists(d) or not re.match(r"[A-Za-z_][\w.]*=", d)]
     overrides += [d for d in args.data or [] if d not in data]
     if data:  # as a YAML flow list: a path with a comma stays one path
-        overrides.append("data.sources=" + json.dumps(data))
+        overrides.append(literal_override("data.sources", data))
     if args.skip_bad_lines:
         overrides.append("data.skip_bad_lines=true")
     if args.no_segment_mask:

@@ -360,9 +360,10 @@ def main(argv=None):
 
     # 2. continued pretraining
     from cancerllm_jax.api import _tokenizer_in
+    from cancerllm_jax.config import literal_override
 
     # the model's own tokenizer where its folder has one (else the default, as cancerllm_jax.load falls back to)
-    tok = ["data.tokenizer=" + json.dumps(model)] \
+    tok = [literal_override("data.tokenizer", model)] \
         if args.scale == "cpu-small" and os.path.isdir(model) and _tokenizer_in(model) else []
     pre_dir = os.path.join(out, "pretrain")
     if "pretrain" not in skip:
@@ -370,7 +371,7 @@ def main(argv=None):
         sources = pretrain_data or ([corpus] if os.path.exists(corpus) else None)
         # --resume: a run an interrupt stopped continues (a new one starts at step 0; other settings are refused)
         cmd = [py, os.path.join(HERE, "pretrain.py"), *scale.pretrain, "--workdir", pre_dir, "--resume",
-               "model=" + json.dumps(model), *tok]  # JSON strings: paths taken literally (` #`, `: `)
+               literal_override("model", model), *tok]  # paths taken literally (` #`, `: `)
         if sources:
             cmd[2:2] = ["--data", *sources]
         pipe.stage("pretrain", os.path.join(pre_dir, "DONE"), _inputs(cmd, (model,), sources or ()), cmd,

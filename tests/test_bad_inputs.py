@@ -355,6 +355,11 @@ def test_a_workdir_with_someone_elses_files_is_refused(tmp_path, capsys):
     write(model.mkdir() or model / "config.json", "{}")
     code, err = run_cli("launch/pretrain.py", ["--workdir", model, *TINY], capsys)
     one_clear_error(code, err, "or a model (config.json)")
+    tokenizer_only = tmp_path / "tok"  # a run's base/ holds tokenizer files beside its params, never alone
+    write((tokenizer_only / "base").mkdir(parents=True) or tokenizer_only / "base" / "tokenizer.json", "{}")
+    code, err = run_cli("launch/pretrain.py", ["--workdir", tokenizer_only, *TINY], capsys)
+    one_clear_error(code, err, "(base)")
+    assert (tokenizer_only / "base" / "tokenizer.json").read_text() == "{}"
     left = tmp_path / "left"  # a run killed while writing base/ (its lock, an Orbax temp folder), a shell's log
     (left / "base" / "params.orbax-checkpoint-tmp-1").mkdir(parents=True)
     write(left / ".lock", "")
@@ -666,12 +671,17 @@ def test_finetune_data_paths_are_taken_literally(tmp_path, capsys):
     """--data / --eval-data became YAML overrides: a path with ` #` was cut at the comment (another file, or "no
     such file"), one with `: ` became a mapping. They are read as written."""
     row = '{"instruction": "q", "context": "c", "response": "a"}\n'
-    train, held = write(tmp_path / "diag #1.jsonl", row * 3), write(tmp_path / "a: b.jsonl", row * 2)
+    train, held = write(tmp_path / "diag #1.jsonl", row * 3), write(tmp_path / "a: b😀.jsonl", row * 2)
     write(tmp_path / "diag", "not the file\n")  # where the cut path pointed
     code, err = run_cli("launch/finetune.py", ["--data", train, "--eval-data", held, "--workdir", tmp_path / "r",
                                                "--mesh", "1x1", "--batch-size", "1", "--dry-run"], capsys)
     assert code in (0, None), err
     assert "data: 3 rows" in err and "eval data: 2 examples" in err, err
+    from cancerllm_jax.config import literal_override
+
+    # a path YAML reads unchanged is passed as it is: reproduce.py's recorded stage commands stay the same
+    assert literal_override("model", "/data/models/smollm2") == "model=/data/models/smollm2"
+    assert literal_override("data.sources", ["/a #1", "b😀"]) == 'data.sources=["/a #1", "b😀"]'
 
 
 def test_finetune_dry_run_counts_the_data_with_the_model_tokenizer(tmp_path, capsys, models):

@@ -196,6 +196,9 @@ def test_sampling_settings_without_a_temperature_are_named(tiny, caplog):
         assert lm.generate([[1, 2, 3]], max_new_tokens=3, top_k=5, top_p=0.5) == greedy
     assert "top_k=5, top_p=0.5 apply only when sampling (temperature > 0): decoding greedily" in caplog.text
     caplog.clear()
+    with caplog.at_level("WARNING"):  # once per decoder: the CLIs call it batch by batch
+        lm.generate([[1, 2, 3]], max_new_tokens=3, top_k=5)
+    assert "apply only when sampling" not in caplog.text
     with caplog.at_level("WARNING"):
         lm.generate([[1, 2, 3]], max_new_tokens=3, top_k=0, top_p=1.0)
         lm.generate([[1, 2, 3]], max_new_tokens=3, top_k=5, temperature=0.7)

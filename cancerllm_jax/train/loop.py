@@ -602,7 +602,8 @@ class Trainer:
             if was_dtype and was_dtype != self.dtype:  # `auto` chooses by device: a CPU-started run on a GPU host
                 raise UserError(f"--resume: the run in {self.workdir} trained in {was_dtype}, but dtype "
                                 f"{self.cfg.dtype} is {self.dtype} on this host's {jax.default_backend()}; resume "
-                                f"with dtype={was_dtype} to continue it as it trained")
+                                f"with dtype={was_dtype} (or on the kind of host it started on) to continue it as it "
+                                "trained")
             model = to_dict(self.model_cfg)
             changed = diff(old["model"], {k: model.get(k) for k in old["model"]})
             if changed:
@@ -695,7 +696,9 @@ def _refuse_foreign_files(workdir: str) -> None:
     if not os.path.isdir(workdir):
         return
     names = set(os.listdir(workdir))
-    ours_base = "base" in names and only(os.path.join(workdir, "base"), ("params", META_FILE, *TOKENIZER_FILES))
+    base = os.path.join(workdir, "base")  # its tokenizer files only beside the params a run writes first
+    ours_base = "base" in names and (only(base, ("params", META_FILE)) or (
+        os.path.isdir(os.path.join(base, "params")) and only(base, ("params", META_FILE, *TOKENIZER_FILES))))
     taken = {"base": not ours_base, "checkpoints": not only(os.path.join(workdir, "checkpoints"), ()),
              "config.yaml": True, "metrics.jsonl": True, "tb": True}
     model = ("config.json", "adapter_config.json", META_FILE, "params")
