@@ -872,11 +872,15 @@ RESUME_LINES = "".join(json.dumps({"id": f"n{i}", "prompt": "pt w/ nsclc " + "st
 
 def test_generate_interrupted_resumes_where_it_stopped(tmp_path, capsys, models, monkeypatch):
     """An interrupted generate.py keeps the batches it finished (hidden beside --out, which does not appear); the
-    same command again decodes only the rest, and the output equals an uninterrupted run's, byte for byte."""
-    extra = ["--batch-size", "2", "--max-new-tokens", "4"]
+    same command again decodes only the rest, and the output equals an uninterrupted run's, byte for byte; its
+    summary counts the raw prompts cut over every line, as the uninterrupted run's does."""
+    import re
+
+    extra = ["--batch-size", "2", "--max-new-tokens", "4", "--max-prompt-tokens", "12"]
     code, err, out = _gen(models, tmp_path, capsys, RESUME_LINES, extra=extra)
     assert code in (0, None), err
-    want = out.read_bytes()
+    want, cut = out.read_bytes(), re.search(r"(\d+) raw prompts cut", err).group(1)
+    assert int(cut) >= 2, err
     out.unlink()
     with monkeypatch.context() as m:
         _interrupt_after(m, 2)
@@ -888,6 +892,7 @@ def test_generate_interrupted_resumes_where_it_stopped(tmp_path, capsys, models,
     code, err, out = _gen(models, tmp_path, capsys, RESUME_LINES, extra=extra)
     assert code in (0, None), err
     assert "resuming: 4 of 5" in err and "(4 from the interrupted run)" in err
+    assert f"{cut} raw prompts cut" in err, err
     assert out.read_bytes() == want
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "pred.jsonl"]  # nothing hidden left
 
