@@ -1447,6 +1447,12 @@ def test_resume_keeps_the_dtype_auto_chose(tmp_path, capsys):
     code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY, "--steps", "1", "--resume", "dtype=float32"],
                         capsys)
     assert code in (0, None), err
+    (wd / RUN_FILE).write_text(json_.dumps({**meta, "config": {**meta["config"], "dtype": "float32"}}))
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY, "--steps", "1", "--resume"], capsys)
+    assert code in (0, None), err  # started with dtype=float32, resumed with auto on a CPU: the same
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY, "--steps", "1", "--resume", "dtype=bfloat16"],
+                        capsys)
+    one_clear_error(code, err, "config differs", "dtype")
 
 
 def test_ctrl_c_saves_the_step_it_is_on_and_a_second_stops_at_once(tmp_path, capsys, monkeypatch):

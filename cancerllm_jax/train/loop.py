@@ -594,8 +594,8 @@ class Trainer:
             recorded = absolute_paths(old["config"])
             changed = [k for k in diff(recorded, to_dict(self.cfg)) if k.split(".")[0] not in RESUMABLE_CHANGES]
             was_dtype = old.get("dtype")
-            if recorded.get("dtype") == "auto" and self.cfg.dtype == was_dtype:
-                changed.remove("dtype")  # dtype=float32 naming what `auto` chose for the run is the same setting
+            if "dtype" in changed and self.dtype == was_dtype and "auto" in (recorded.get("dtype"), self.cfg.dtype):
+                changed.remove("dtype")  # `auto` and the dtype it chose (or chooses here) are the same setting
             if changed:
                 raise UserError(f"--resume: the config differs from the run in {self.workdir} in {changed}; resume "
                                 f"with the same settings or start a new --workdir")
