@@ -196,10 +196,6 @@ def _env_int(name: str, default: int, unit: str = " of seconds") -> int:
         raise UserError(f"{name}={value!r}: expected a whole number{unit}") from None
 
 
-def default_workdir(kind: str) -> str:
-    return os.path.join("runs", f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
 def run_folder(args, kind: str) -> str:
     """``--workdir``, else a new ``runs/<kind>-<date>-<time>``; ``--resume`` without ``--workdir`` is refused (it
     would start a new run in a new folder, the saved one never found)."""
@@ -208,7 +204,7 @@ def run_folder(args, kind: str) -> str:
     if args.resume:
         raise UserError(f"--resume continues the run in --workdir: name its folder (a run started without --workdir "
                         f"is in runs/{kind}-<date>-<time>)")
-    return default_workdir(kind)
+    return os.path.join("runs", f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def announce(msg: str) -> None:

@@ -31,10 +31,9 @@ def parse(argv=None):
 def main(argv=None):
     args = parse(argv)
     workdir = run_folder(args, "finetune")  # before any data is read: --resume without --workdir is refused
+    from cancerllm_jax.config import literal_override
     from cancerllm_jax.train.config import MAX_COUNT, resolve
     from cancerllm_jax.train.finetune import FinetuneConfig
-
-    from cancerllm_jax.config import literal_override
 
     overrides = list(args.overrides)
     for flag, key in ((args.data, "data.path"), (args.eval_data, "data.eval_path")):

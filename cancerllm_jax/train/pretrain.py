@@ -72,10 +72,11 @@ def steps_from_epochs(cfg: PretrainConfig, announce: Callable[[str], None] = _st
         raise UserError(f"epochs {cfg.epochs:g} of {blocks} blocks in batches of {cfg.batch_size} is more than "
                         "2**31 - 1 steps")
     if jax.process_index() == 0:
-        extra = steps * cfg.batch_size - round(cfg.epochs * blocks)  # counted, not dropped: batches are whole
+        read = steps * cfg.batch_size  # whole batches: what they read past the epochs is counted, not dropped
+        extra = read - round(cfg.epochs * blocks)
         announce(f"data: {blocks} train blocks of {cfg.data.block_size} tokens; {cfg.epochs:g} epochs in batches of "
                  f"{cfg.batch_size} = {steps} steps" + (
-                     f"; {steps * cfg.batch_size} blocks read, {extra} past {cfg.epochs:g} epochs (the stream "
+                     f"; {read} blocks read, {extra} past {cfg.epochs:g} epochs (the stream "
                      "repeats: the last batch fills up from the next pass, where HF's would be short)"
                      if extra > 0 else ""))
 
