@@ -108,7 +108,7 @@ def test_diagnosis_plan_and_radonc_content(data):
 def test_pretrain_documents_mix_length_and_speed():
     t0 = time.perf_counter()
     docs = syn.pretrain_documents(1000, seed=1)
-    assert time.perf_counter() - t0 < 2.0  # generous for slow CI; typically ~0.4 s
+    assert time.perf_counter() - t0 < 4.0  # generous for a slow, shared CI host; typically ~0.4 s
     sources = [d["source"] for d in docs]
     n_path = sources.count("pathology_report")
     assert sources.count("clinical_note") + n_path == 1000 and 100 < n_path < 250
