@@ -226,7 +226,8 @@ class LM:
                 mask, got = None, "rows of different lengths"
             mask = mask[None] if squeeze and mask is not None and mask.ndim == 1 else mask
             ok = mask is not None and mask.shape == ids.shape and (np.issubdtype(mask.dtype, np.integer)
-                                                                   or mask.dtype == bool)
+                                                                   or np.issubdtype(mask.dtype, np.floating)
+                                                                   or mask.dtype == bool)  # as transformers
             if not ok or not np.isin(mask, (0, 1)).all():
                 raise UserError(f"attention_mask: expected 0/1 values in the shape of input_ids {ids.shape}, got {got}")
             seg = mask.astype(np.int32)

@@ -377,7 +377,8 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    """PEFT-equivalent LoRA: ``y = W x + B(A(dropout(x))) * alpha / r`` on the target projections."""
+    """PEFT-equivalent LoRA: ``y = W x + B(A(dropout(x))) * alpha / r`` on the target projections (``targets``: names
+    such as ``q`` or ``q_proj``, a comma-separated string, or ``all`` / peft's ``all-linear`` for all seven)."""
 
     rank: int = 8
     alpha: float = 16.0
@@ -387,11 +388,13 @@ class LoRAConfig:
     def __post_init__(self):
         targets = self.targets
         if isinstance(targets, str):
-            targets = LORA_TARGETS if targets == "all" else tuple(t.strip() for t in targets.split(","))
+            # "all-linear": peft's name for every linear layer but the LM head, the same seven projections
+            targets = LORA_TARGETS if targets in ("all", "all-linear") else tuple(
+                t.strip() for t in targets.split(","))
         targets = tuple(t[:-5] if t.endswith("_proj") else t for t in targets)
         bad = [t for t in targets if t not in LORA_TARGETS]
         if bad:
-            raise UserError(f"lora.targets: unknown module {bad[0]!r}{suggest(bad[0], LORA_TARGETS)}; "
+            raise UserError(f"lora.targets: unknown module {bad[0]!r}{suggest(bad[0].lower(), LORA_TARGETS)}; "
                             f"choose from {list(LORA_TARGETS)} or 'all'")
         if not targets:
             raise UserError(f"lora.targets is empty: LoRA would train nothing; name at least one of "

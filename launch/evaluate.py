@@ -48,20 +48,34 @@ def format_table(result: dict[str, Any], protocol: str) -> str:
     return "\n".join(lines)
 
 
-def _write(path: str, text: str) -> None:
+def _write(flag: str, path: str, text: str) -> None:
     """``path`` complete or not at all (a stopped run leaves no truncated summary)."""
+    from cancerllm_jax.errors import describe_os_error
     from cancerllm_jax.train.run_io import write_text_atomic
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, text)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, text)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: {describe_os_error(e)}") from None
 
 
-def _refuse_overwriting(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> None:
-    """Refuse an output that names an input file or another output: one of the two would be lost."""
+def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> None:
+    """Before any work: each output can be written where it is named (a file, under a folder that exists or can be
+    made and takes files), and names no input file or other output (one of the two would be lost)."""
     seen: dict[str, str] = {}
     for flag, path in outputs.items():
         if not path:
             continue
+        if os.path.isdir(path):
+            raise UserError(f"{flag} {path} is a folder; name a file")
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):  # made when written: the nearest folder that exists must take it
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {path}: the folder {parent} cannot be written")
         for in_flag, in_path in inputs.items():
             if in_path and os.path.isfile(path) and os.path.isfile(in_path) and os.path.samefile(path, in_path):
                 raise UserError(f"{flag} {path} is the {in_flag} file; write it elsewhere")
@@ -72,17 +86,24 @@ def _refuse_overwriting(outputs: dict[str, str | None], inputs: dict[str, str | 
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score a prediction file, print the table, optionally write the summary and per-instance rows."""
-    _refuse_overwriting({"--json": args.json, "--per-instance": args.per_instance},
-                        {"--gold": args.gold, "--pred": args.pred})
+    _check_outputs({"--json": args.json, "--per-instance": args.per_instance},
+                   {"--gold": args.gold, "--pred": args.pred})
     result = score_file(args.gold, args.pred, protocol=args.protocol, gold_field=args.gold_field,
                         pred_field=args.pred_field, per_instance=args.per_instance is not None)
     rows = result.pop("rows", None)
     print(format_table(result, args.protocol))
-    if args.json:
-        summary = {"protocol": args.protocol, "gold": args.gold, "pred": args.pred, **result}
-        _write(args.json, json.dumps(summary, indent=2) + "\n")
-    if args.per_instance:
-        _write(args.per_instance, "".join(json.dumps(row) + "\n" for row in rows or []))
+    written = []
+    try:
+        if args.json:
+            summary = {"protocol": args.protocol, "gold": args.gold, "pred": args.pred, **result}
+            _write("--json", args.json, json.dumps(summary, indent=2) + "\n")
+            written.append(args.json)
+        if args.per_instance:
+            _write("--per-instance", args.per_instance, "".join(json.dumps(row) + "\n" for row in rows or []))
+    except BaseException:
+        for path in written:  # a failed command leaves neither output, not one of the two
+            os.remove(path)
+        raise
     return 0
 
 
@@ -231,7 +252,7 @@ def cmd_trust(args: argparse.Namespace) -> int:
             raise UserError(f"{path}: {e}") from None
         if isinstance(runs[name].get("models"), dict) and isinstance(runs[name].get("tasks"), dict):
             _check_run_against_predictions(folder, runs[name])
-    _refuse_overwriting({"--json": args.json}, inputs)
+    _check_outputs({"--json": args.json}, inputs)
     try:
         trust = trust_from_runs(runs)
     except ValueError as e:  # NaN or partial scores in a metrics.json
@@ -246,7 +267,7 @@ def cmd_trust(args: argparse.Namespace) -> int:
     if any(m["robustness"] is None for m in trust.values()):
         print("robustness '-': no task of the model was scored on two or more datasets")
     if args.json:
-        _write(args.json, json.dumps({"datasets": list(runs), "models": trust}, indent=2) + "\n")
+        _write("--json", args.json, json.dumps({"datasets": list(runs), "models": trust}, indent=2) + "\n")
     return 0
 
 

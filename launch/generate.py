@@ -86,7 +86,8 @@ def main(argv=None):
         raise UserError(f"{args.input}: no usable records ({skipped} bad lines skipped)")
     from cancerllm_jax.eval.protocol import rows_by_id
 
-    rows_by_id(args.input, [(r["_line"], r) for r in records])  # ids as scoring reads them: unique, all or none
+    # ids as scoring reads them: unique; a line without one is line<N>, as `evaluate.py run` names it
+    rows_by_id(args.input, [(r["_line"], r) for r in records], implicit=True)
     partial = _Partial(out_dir, args)
     from cancerllm_jax.train.run_io import FolderLock
 

@@ -141,7 +141,8 @@ def test_unmerged_bf16_lora_is_peft_exact_per_projection(base_and_adapter):
 
 
 @pytest.mark.parametrize("mask,words", [
-    (np.ones((1, 5)), ["attention_mask", "0/1"]),  # floats
+    (np.ones((1, 5)), ["attention_mask", "0/1"]),
+    (np.full((1, 6), 0.5), ["attention_mask", "0/1"]),  # floats are taken when 0 or 1, as transformers takes them
     (np.full((1, 6), 2), ["0/1"]),
     (np.ones((2, 6), np.int32), ["shape of input_ids (1, 6)"]),
 ])
@@ -152,6 +153,18 @@ def test_bad_attention_mask_is_one_clear_error(base_and_adapter, mask, words):
         lm.logits(np.arange(6)[None], attention_mask=mask)
     for w in words:
         assert w in str(e.value)
+
+
+def test_a_float_attention_mask_of_zeros_and_ones_is_the_integer_mask(base_and_adapter):
+    """transformers takes a float 0/1 mask (``torch.ones(...)``); it was refused."""
+    _, base, _, _ = base_and_adapter
+    lm = cj.load(base)
+    ids = np.arange(12).reshape(2, 6)
+    mask = np.ones((2, 6), np.int64)
+    mask[1, :2] = 0
+    want = lm.logits(ids, attention_mask=mask)
+    np.testing.assert_array_equal(lm.logits(ids, attention_mask=mask.astype(np.float32)), want)
+    np.testing.assert_array_equal(lm.logits(ids, attention_mask=torch.from_numpy(mask).double()), want)
 
 
 def test_mesh_forms():

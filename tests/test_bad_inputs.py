@@ -172,6 +172,7 @@ PRETRAIN_ARGS = {
     "steps_and_epochs_on_the_command_line": (["--epochs", "1"], ["steps (2)", "epochs (1)", "pass one of the two"]),
     "lora_rank_zero": (["lora.rank=0"], ["lora.rank", "positive"]),
     "lora_targets_empty": (["lora.targets="], ["lora.targets", "empty"]),
+    "lora_targets_capital": (["lora.targets=Q,v"], ["lora.targets", "'Q'", "did you mean 'q'"]),
     "lora_section_zero": (["lora=0"], ["config.lora", "mapping"]),
     "lora_alpha_zero": (["lora.alpha=0"], ["lora.alpha", "positive"]),
     "lora_alpha_negative": (["lora.alpha=-16"], ["lora.alpha", "positive"]),
@@ -734,6 +735,8 @@ GENERATE = {
                      ["in.jsonl:3", "duplicate id 'a' (first on line 1)"]),
     "same_id_as_int_and_str": ('{"id": 7, "prompt": "x"}\n{"id": "7", "prompt": "y"}\n', "tok",
                                ["in.jsonl:2", "duplicate id '7'"]),
+    "id_as_another_lines_name": ('{"id": "line2", "prompt": "x"}\n{"prompt": "y"}\n', "tok",
+                                 ["in.jsonl:2", "duplicate id 'line2'", "this line has no id"]),
 }
 
 
@@ -1215,6 +1218,25 @@ def test_evaluate_never_writes_over_its_inputs(tmp_path, capsys):
         one_clear_error(code, err, *needles)
     assert open(gold).read() == '{"response": "a"}\n' and open(pred).read() == '{"prediction": "a"}\n'
     nothing_left(tmp_path / "s")
+
+
+def test_evaluate_outputs_that_cannot_be_written_are_refused_before_scoring(tmp_path, capsys):
+    """``--per-instance DIR`` scored, wrote --json, then failed naming a hidden temp file: the summary was left
+    behind by a command that exited 2. Each output is checked first, and the error names its flag and path."""
+    gold = write(tmp_path / "gold.jsonl", '{"id": 1, "response": "a"}\n')
+    pred = write(tmp_path / "pred.jsonl", '{"id": 1, "prediction": "a"}\n')
+    (tmp_path / "adir").mkdir()
+    for extra, needles in ((["--json", tmp_path / "s.json", "--per-instance", tmp_path / "adir"],
+                            ["--per-instance", "adir is a folder"]),
+                           (["--json", tmp_path / "adir"], ["--json", "adir is a folder"]),
+                           (["--json", tmp_path / "pred.jsonl" / "s.json"], ["--json", "pred.jsonl is a file"])):
+        code, err = run_cli("launch/evaluate.py", ["score", "--gold", gold, "--pred", pred, *extra], capsys)
+        one_clear_error(code, err, *needles)
+        assert "tmp-" not in err and "EM" not in capsys.readouterr().out  # refused before it scored
+        nothing_left(tmp_path / "s.json")
+    code, err = run_cli("launch/evaluate.py", ["score", "--gold", gold, "--pred", pred, "--json",
+                                               tmp_path / "new" / "deeper" / "s.json"], capsys)
+    assert code in (0, None) and json.load(open(tmp_path / "new" / "deeper" / "s.json"))["n"] == 1, err
 
 
 # ------------------------------------------------------------------------------ the front door

@@ -680,6 +680,12 @@ def test_generate_cli_names_lines_as_evaluate_does_and_hashes_the_prompt_it_feed
                          "--max-prompt-tokens", budget, "--overwrite"]) == 0
         hashes.append(json.loads(out.read_text())["prompt_hash"])
     assert hashes[0] != hashes[1] == hashes[2]
+    # some lines with an id, some without (was refused: "give every line an id, or none"; `evaluate.py run` and
+    # `score` take such a file, naming the id-less line line<N>)
+    inp.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"id": 7, "prompt": "b"}) + "\n")
+    assert cli.main(["--model", str(model_dir), "--input", str(inp), "--out", str(out), "--max-new-tokens", "1",
+                     "--overwrite"]) == 0
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["line1", 7]
     with pytest.raises(cj_errors().UserError, match="in.jsonl:3: field 'instruction' is empty"):
         cli._check_fields("in.jsonl", {"instruction": " ", "_line": 3})
 

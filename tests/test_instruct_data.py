@@ -385,6 +385,16 @@ def test_a_field_spelled_another_way_is_named(tmp_path, caplog):
         assert len(records) == 3 and "context_id" not in caplog.text, caplog.text
         assert (f"typo.jsonl:2: field '{stray}' is not read (did you mean 'context'?; 2 line(s) have it and no "
                 f"'context'): rename it to 'context'") in caplog.text, caplog.text
+    # Alpaca's 'output' beside a 'response' with other text was ignored without a word (the same text: nothing lost)
+    both = tmp_path / "both.jsonl"
+    both.write_text(json.dumps({"instruction": "Q", "response": "A", "output": "A"}) + "\n"
+                    + json.dumps({"instruction": "Q", "response": "see output", "output": "lung cancer"}) + "\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        records, _ = read_instruct_jsonl(str(both))
+    assert [r["response"] for r in records] == ["A", "see output"]
+    assert ("both.jsonl:2: field 'output' is not read (Alpaca's 'output' is our 'response'; 1 line(s) have both, "
+            "with other text): only 'response' is read") in caplog.text, caplog.text
 
 
 def test_an_empty_response_or_instruction_is_a_bad_line(tmp_path):

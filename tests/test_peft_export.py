@@ -240,3 +240,10 @@ def test_an_out_of_range_adapter_value_names_the_adapter_config(base, tuned, tmp
     json.dump({**json.load(open(path)), field: value}, open(path, "w"))
     with pytest.raises(UserError, match="adapter_config.json: lora"):
         read_peft_adapter(out, cfg)
+
+
+def test_peft_all_linear_is_every_projection():
+    """``lora.targets=all-linear`` (peft's name: every linear layer but the LM head) was refused as an unknown module;
+    it is our ``all``."""
+    assert LoRAConfig(targets="all-linear").targets == LoRAConfig(targets="all").targets == LORA.targets
+    assert len(LORA.targets) == 7

@@ -381,6 +381,10 @@ def test_a_rank_that_a_reordered_pattern_key_picks_is_named(tmp_path):
     ("alpha_pattern", {"q_proj": "big"}, "alpha_pattern['q_proj'] must be a finite number"),
     ("rank_pattern", {"q_proj(": 2}, "rank_pattern key 'q_proj(' is not a valid regular expression"),
     ("alpha_pattern", [1], "alpha_pattern must be an object"),
+    ("lora_alpha", "8", 'lora_alpha must be a number, got "8"'),  # float("8") took it; peft fails on it
+    ("lora_alpha", None, "lora_alpha must be a number, got null"),
+    ("lora_dropout", "0.1", 'lora_dropout must be a number, got "0.1"'),
+    ("use_rslora", "false", 'use_rslora must be true or false, got "false"'),  # was truthy: alpha / sqrt(r)
 ])
 def test_bad_rank_or_alpha_patterns_are_one_clear_error(mha, tmp_path, field, value, words):
     base, adapter, _, _ = mha

@@ -300,11 +300,14 @@ def _read_config(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[
     if isinstance(r, bool) or not (isinstance(r, int) or isinstance(r, float) and r.is_integer()):
         raise UserError(f"{path}: r must be a whole number, got {json.dumps(r)}")  # int(8.5) would be rank 8
     rank_pattern, alpha_pattern = _pattern(path, conf, "rank_pattern"), _pattern(path, conf, "alpha_pattern")
-    rslora = bool(conf.get("use_rslora"))
+    rslora = conf.get("use_rslora")
+    if rslora not in (None, True, False):  # "false" would be truthy
+        raise UserError(f"{path}: use_rslora must be true or false, got {json.dumps(rslora)}")
+    if "lora_alpha" not in conf:
+        raise UserError(f"{path}: missing field 'lora_alpha'")
+    alpha = _json_number(path, conf, "lora_alpha")
+    _json_number(path, conf, "lora_dropout", 0.0)
     if rank_pattern or alpha_pattern:  # peft: each module's own rank and alpha, the config's r / alpha as defaults
-        alpha = conf.get("lora_alpha")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise UserError(f"{path}: lora_alpha must be a number, got {json.dumps(alpha)}")
 
         def scale(rank: int, alpha_: float) -> float:
             return alpha_ / math.sqrt(rank) if rslora else alpha_ / rank
@@ -320,9 +323,7 @@ def _read_config(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[
         widest = max(r_ for r_, _ in own.values())
         lora = _lora_config(path, conf, widest, float(widest), layers)  # scaling 1: each B carries its own scale
         return lora, layers, {k: (r_, scale(r_, a_)) for k, (r_, a_) in own.items()}
-    if "lora_alpha" not in conf:
-        raise UserError(f"{path}: missing field 'lora_alpha'")
-    lora = _lora_config(path, conf, r, conf["lora_alpha"], layers)
+    lora = _lora_config(path, conf, r, alpha, layers)
     # use_rslora: peft scales by alpha / sqrt(r), the same as alpha * sqrt(r) / r
     lora = dataclasses.replace(lora, alpha=lora.alpha * math.sqrt(lora.rank)) if rslora else lora
     return lora, layers, {}
@@ -339,6 +340,15 @@ def _rank_source(folder: str, name: str) -> tuple[str, str]:
     return (f"rank_pattern key {keys[0]!r} (the first of {len(keys)} keys that match it)",
             ": peft saves the keys sorted, so overlapping keys can pick another rank than when the adapter was made "
             "(peft cannot load it either); make each module match one key")
+
+
+def _json_number(path: str, conf: dict, key: str, default=None):
+    """``conf[key]`` (``default`` when absent) if it is a finite JSON number; a string such as "8" is refused, as
+    peft fails on it."""
+    value = conf.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{path}: {key} must be a number, got {json.dumps(value)}")
+    return value
 
 
 def _lora_config(path: str, conf: dict, rank, alpha, layers: dict) -> LoRAConfig:

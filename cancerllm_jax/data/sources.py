@@ -165,6 +165,7 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
     skipped = 0
     first_problem = ""
     strays: dict[tuple[str, str], list[int]] = {}  # (key, the field it may mean) -> [first line, lines]
+    shadowed: dict[tuple[str, str], list[int]] = {}  # (Alpaca name, our field, both given) -> [first line, lines]
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             problem = None
@@ -204,6 +205,10 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
                 continue
             for stray in other_spellings(obj, required, optional):
                 strays.setdefault(stray, [lineno, 0])[1] += 1
+            for name, alpaca in ALPACA_FIELDS.items():  # both names given: the Alpaca one is not read
+                if name in {*required, *optional} and obj.get(name) is not None and obj.get(alpaca) not in (
+                        None, "", obj[name]):
+                    shadowed.setdefault((alpaca, name), [lineno, 0])[1] += 1
             for name in optional:  # an optional field given as null is absent
                 if name in obj and obj[name] is None:
                     del obj[name]
@@ -221,6 +226,9 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
         why = f"Alpaca's '{key}' is our '{name}'" if key == ALPACA_FIELDS.get(name) else f"did you mean '{name}'?"
         log.warning("%s:%d: field '%s' is not read (%s; %d line(s) have it and no '%s'): rename it to '%s' if it "
                     "holds that text", path, first, key, why, lines, name, name)
+    for (key, name), (first, lines) in shadowed.items():
+        log.warning("%s:%d: field '%s' is not read (Alpaca's '%s' is our '%s'; %d line(s) have both, with other "
+                    "text): only '%s' is read", path, first, key, key, name, lines, name)
     return records, skipped
 
 

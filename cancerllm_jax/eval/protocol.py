@@ -288,6 +288,7 @@ def rows_by_id(path: str, rows: list[Row], implicit: bool = False) -> dict[str, 
         if str(key) in keyed:
             first, first_obj = keyed[str(key)]
             named = "" if "id" in first_obj else ", a line without an id, named so by its number"
+            named += "" if "id" in obj else "; this line has no id and is named so by its number"
             raise UserError(f"{path}:{number}: duplicate id {key!r} (first on line {first}{named})")
         keyed[str(key)] = (number, obj)
     return keyed
