@@ -585,3 +585,33 @@ def test_config_paths_are_made_absolute_as_the_os_opens_them(tmp_path, monkeypat
     assert not logs
     to_hf_config(cfg, source={"is_causal": True, "my_key": 1})
     assert logs and "my_key" in logs[0]
+
+
+def test_a_sharded_folder_of_the_hugging_face_cache_loads(tmp_path):
+    """The hub cache's ``snapshots/<rev>/`` holds links to ``../../blobs/<sha>``: each shard was refused as "outside"
+    the folder (the link was followed before the check). A name in the index that leaves the folder still is."""
+    import json
+    import shutil
+
+    src = str(tmp_path / "src")
+    _tiny_llama(str(tmp_path / "single")).save_pretrained(src, max_shard_size="20KB")
+    assert "model.safetensors" not in os.listdir(src)
+    snap, blobs = tmp_path / "hub" / "snapshots" / "abc", tmp_path / "hub" / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for i, name in enumerate(sorted(os.listdir(src))):
+        shutil.copy(os.path.join(src, name), blobs / f"blob{i}")
+        os.symlink(os.path.join("..", "..", "blobs", f"blob{i}"), snap / name)
+    assert sum(n.endswith(".safetensors") for n in os.listdir(snap)) > 1
+    ids = (np.arange(12, dtype=np.int32)[None] * 5) % 97
+    assert _same_logits_as_transformers(str(snap), ids) <= 1e-4
+    index = snap / "model.safetensors.index.json"
+    conf = json.loads(index.read_text())
+    first = next(iter(conf["weight_map"]))
+    conf["weight_map"][first] = "../../blobs/blob0"
+    index.unlink()
+    index.write_text(json.dumps(conf))
+    from cancerllm_jax.checkpoint.hf import safetensors_files
+
+    with pytest.raises(UserError, match=r"names \.\./\.\./blobs/blob0, which is outside"):
+        safetensors_files(str(snap))

@@ -60,9 +60,11 @@ def safetensors_files(folder: str) -> dict[str, str]:
         if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
             raise UserError(f"{index}: 'weight_map' must map tensor names to file names")
-        root = os.path.realpath(folder)
+        # the names must stay inside the folder; a shard may be a link elsewhere (the Hugging Face cache links each
+        # snapshots/<rev>/ file to ../../blobs/<sha>)
+        root = os.path.abspath(folder)
         for fname in set(weight_map.values()):
-            if os.path.commonpath([root, os.path.realpath(os.path.join(folder, fname))]) != root:
+            if os.path.commonpath([root, os.path.normpath(os.path.join(root, fname))]) != root:
                 raise UserError(f"{index} names {fname}, which is outside {folder}")
             if not os.path.isfile(os.path.join(folder, fname)):
                 raise UserError(f"{index} names {fname}, which is missing from {folder}")
