@@ -48,7 +48,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
 # The README's test command runs the suite on pytest-xdist workers (`-n auto`): 2 on the 2-core CI host, where it
 # took 11.6 min instead of 19 min one test at a time. Each worker is a process of its own (10 host devices, its
 # own compiled functions); they share the compilation cache above.
-GIB_PER_WORKER = 4  # a worker with its launcher subprocesses peaked near 3 GiB of host memory
+GIB_PER_WORKER = 4  # two workers with their launcher subprocesses held about 5 GiB together (`free`, sampled)
 
 
 def pytest_xdist_auto_num_workers(config):

@@ -147,6 +147,11 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value) -> bool:
+    """A finite JSON number (not a boolean, not a string such as "8", which peft fails on)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_field(path: str, conf: dict, key: str, item) -> None:
     """``conf[key]`` is null, one ``item`` or a list of them (a string: a valid regular expression)."""
     value = conf.get(key)
@@ -212,8 +217,7 @@ def _pattern(path: str, conf: dict, key: str) -> dict:
     if not isinstance(value, dict):
         raise UserError(f"{path}: {key} must be an object {{module pattern: value}}, got {json.dumps(value)}")
     for pattern, v in value.items():
-        ok = _is_int(v) and v >= 1 if key == "rank_pattern" else (
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+        ok = _is_int(v) and v >= 1 if key == "rank_pattern" else _is_number(v)
         if not ok:
             what = "a whole number >= 1" if key == "rank_pattern" else "a finite number"
             raise UserError(f"{path}: {key}[{pattern!r}] must be {what}, got {json.dumps(v)}")
@@ -343,10 +347,9 @@ def _rank_source(folder: str, name: str) -> tuple[str, str]:
 
 
 def _json_number(path: str, conf: dict, key: str, default=None):
-    """``conf[key]`` (``default`` when absent) if it is a finite JSON number; a string such as "8" is refused, as
-    peft fails on it."""
+    """``conf[key]`` (``default`` when absent) if it is a finite JSON number, else one error naming it."""
     value = conf.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not _is_number(value):
         raise UserError(f"{path}: {key} must be a number, got {json.dumps(value)}")
     return value
 

@@ -166,6 +166,7 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
     first_problem = ""
     strays: dict[tuple[str, str], list[int]] = {}  # (key, the field it may mean) -> [first line, lines]
     shadowed: dict[tuple[str, str], list[int]] = {}  # (Alpaca name, our field, both given) -> [first line, lines]
+    alpaca_read = {name: alpaca for name, alpaca in ALPACA_FIELDS.items() if name in {*required, *optional}}
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             problem = None
@@ -205,9 +206,8 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
                 continue
             for stray in other_spellings(obj, required, optional):
                 strays.setdefault(stray, [lineno, 0])[1] += 1
-            for name, alpaca in ALPACA_FIELDS.items():  # both names given: the Alpaca one is not read
-                if name in {*required, *optional} and obj.get(name) is not None and obj.get(alpaca) not in (
-                        None, "", obj[name]):
+            for name, alpaca in alpaca_read.items():  # both names given: the Alpaca one is not read
+                if obj.get(name) is not None and obj.get(alpaca) not in (None, "", obj[name]):
                     shadowed.setdefault((alpaca, name), [lineno, 0])[1] += 1
             for name in optional:  # an optional field given as null is absent
                 if name in obj and obj[name] is None:
