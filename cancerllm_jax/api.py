@@ -120,10 +120,14 @@ def read_weights(path: str, dtype: str | None = None) -> LoadedWeights:
         meta = orbax_io.read_meta(path)
         from cancerllm_jax.config import build
 
-        cfg = build(ModelConfig, meta["model"], f"{path}/{orbax_io.META_FILE}:model")
-        lora = build(LoRAConfig, meta["lora"], f"{path}/{orbax_io.META_FILE}:lora") if "lora" in meta else None
-        return LoadedWeights(cfg, orbax_io.load_params(path), lora=lora,
-                             lora_params=orbax_io.load_lora(path) if lora else None,
+        from cancerllm_jax.model import param_shapes
+
+        where = f"{path}/{orbax_io.META_FILE}"
+        cfg = build(ModelConfig, meta["model"], f"{where}:model")
+        lora = build(LoRAConfig, meta["lora"], f"{where}:lora") if "lora" in meta else None
+        base_shapes, lora_shapes = param_shapes(cfg, lora)
+        return LoadedWeights(cfg, orbax_io.load_params(path, None, base_shapes, f"{where}:model"), lora=lora,
+                             lora_params=orbax_io.load_lora(path, lora_shapes, f"{where}:lora") if lora else None,
                              tokenizer_spec=_tokenizer_in(path), source=path)
     if kind == "run":
         from cancerllm_jax.train import run_io

@@ -1050,6 +1050,50 @@ def test_a_damaged_converted_checkpoint_is_one_clear_error(tmp_path, capsys, mod
     one_clear_error(code, err, "params", "corrupt or unreadable checkpoint")
 
 
+def _edit_json(path, edit) -> None:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    edit(data)
+    write(path, json.dumps(data))
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda m: m["model"].update(num_layers=2), ["cancerllm.json:model", "layers/", "shape (1,"]),
+    (lambda m: m["model"].update(tie_embeddings=True), ["cancerllm.json:model", "lm_head is not in the model"]),
+    (lambda m: m["model"].update(hidden_size=32), ["cancerllm.json:model", "embed has shape (96, 16)"]),
+    (lambda m: m.pop("model"), ["cancerllm.json", "no 'model' field"]),
+])
+def test_a_converted_checkpoint_whose_config_was_edited_is_refused(edit, needles, tmp_path, capsys, models):
+    """The weights are checked against cancerllm.json's model before use: an edited config must not export or load
+    the wrong layers (or drop lm_head) with exit 0."""
+    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+    code, err = run_cli("tools/convert_checkpoint.py", ["from-hf", models["small"], ckpt], capsys)
+    assert code in (0, None), err
+    _edit_json(ckpt / "cancerllm.json", edit)
+    code, err = run_cli("tools/convert_checkpoint.py", ["to-hf", ckpt, out], capsys)
+    one_clear_error(code, err, str(ckpt), *needles)
+    nothing_left(out)
+    with pytest.raises(UserError, match="cancerllm.json"):
+        cj.load(str(ckpt))
+
+
+def test_a_run_whose_run_json_was_edited_is_refused(tmp_path, capsys):
+    """A run's trained weights (and its saved random base) are checked against run.json's model and LoRA config."""
+    wd = tmp_path / "run"
+    code, err = run_cli("launch/pretrain.py", ["--workdir", wd, *TINY], capsys)
+    assert code in (0, None), err
+    for name, edit, needles in (
+            ("layers", lambda m: m["model"].update(num_layers=m["model"]["num_layers"] + 1),
+             ["run.json:", "shape ("]),
+            ("rank", lambda m: m["config"]["lora"].update(rank=4), ["run.json:config.lora", "lora_a has shape"])):
+        copy = tmp_path / name
+        shutil.copytree(wd, copy)
+        _edit_json(copy / "run.json", edit)
+        code, err = run_cli("tools/convert_checkpoint.py", ["to-hf", copy, tmp_path / f"{name}-hf"], capsys)
+        one_clear_error(code, err, str(copy), *needles)
+        nothing_left(tmp_path / f"{name}-hf")
+
+
 def test_export_onto_a_non_empty_folder_needs_overwrite(tmp_path, capsys, models):
     out = tmp_path / "out"
     out.mkdir()

@@ -144,11 +144,41 @@ def read_format_json(path: str, name: str, fmt: str | tuple[str, ...]) -> dict:
 
 
 def read_meta(path: str) -> dict:
-    return read_format_json(path, META_FILE, (FORMAT, FORMAT_LORA))
+    """``cancerllm.json`` of a converted checkpoint; its ``model`` field (the model config) must be there."""
+    meta = read_format_json(path, META_FILE, (FORMAT, FORMAT_LORA))
+    if not isinstance(meta.get("model"), dict):
+        raise UserError(f"{path}/{META_FILE}: no 'model' field (the model config); restore the file, or convert the "
+                        "model again")
+    if meta["format"] == FORMAT_LORA and not isinstance(meta.get("lora"), dict):
+        raise UserError(f"{path}/{META_FILE}: format {FORMAT_LORA} but no 'lora' field (the LoRA config); restore "
+                        "the file, or convert the model again")
+    return meta
 
 
-def restore_tree(path: str, target=None):
-    """Restore an Orbax tree saved on any mesh; without ``target`` it lands on this host's first device."""
+def _flat_shapes(tree, prefix: str = "") -> dict[str, tuple]:
+    if not hasattr(tree, "items"):  # a leaf: an array, a ShapeDtypeStruct or Orbax's array metadata
+        return {prefix: tuple(tree.shape)}
+    return {k: v for name, sub in tree.items() for k, v in _flat_shapes(sub, f"{prefix}/{name}" if prefix else
+                                                                          str(name)).items()}
+
+
+def check_shapes(where: str, found, expected, config_where: str) -> None:
+    """Refuse a stored tree (``found``: arrays or Orbax metadata) whose names or shapes differ from ``expected`` (the
+    shapes ``config_where`` gives): an edited config would otherwise read or export the wrong weights."""
+    have, want = _flat_shapes(found), _flat_shapes(expected)
+    problems = [f"{k} is missing" for k in want if k not in have]
+    problems += [f"{k} is not in the model it describes" for k in have if k not in want]
+    problems += [f"{k} has shape {have[k]}, the config gives {want[k]}" for k in want if k in have
+                 and have[k] != want[k]]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"{where}: the stored weights do not match {config_where}: {'; '.join(problems[:3])}{more}; "
+                        "was the config edited? restore it, or convert the model again")
+
+
+def restore_tree(path: str, target=None, expected=None, config_where: str = ""):
+    """Restore an Orbax tree saved on any mesh; without ``target`` it lands on this host's first device. With
+    ``expected`` (a tree of shapes) a stored tree of other names or shapes is refused before it is read."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -162,6 +192,8 @@ def restore_tree(path: str, target=None):
         if target is None:
             meta = ckptr.metadata(path)
             meta = getattr(meta, "item_metadata", meta)
+            if expected is not None:
+                check_shapes(path, meta, expected, config_where)
             local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), meta)
         return ckptr.restore(path, target)
@@ -184,11 +216,12 @@ def unreadable(where: str, e: Exception, hint: str = "") -> UserError:
     return UserError(f"{where}: corrupt or unreadable checkpoint ({reason}){hint}")
 
 
-def load_params(path: str, target: dict | None = None) -> dict:
-    """Restore the params tree; ``target`` (abstract arrays with shardings) places it on a mesh."""
-    return restore_tree(os.path.join(path, "params"), target)
+def load_params(path: str, target: dict | None = None, expected=None, config_where: str = "") -> dict:
+    """Restore the params tree; ``target`` (abstract arrays with shardings) places it on a mesh; ``expected`` (shapes)
+    is checked first (see ``restore_tree``)."""
+    return restore_tree(os.path.join(path, "params"), target, expected, config_where)
 
 
-def load_lora(path: str) -> dict:
+def load_lora(path: str, expected=None, config_where: str = "") -> dict:
     """Restore the ``lora/`` tree of a checkpoint whose ``cancerllm.json`` has ``lora``."""
-    return restore_tree(os.path.join(path, "lora"))
+    return restore_tree(os.path.join(path, "lora"), None, expected, config_where)

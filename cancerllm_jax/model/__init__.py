@@ -114,3 +114,9 @@ def base_params(model: Mistral) -> dict:
 
 def lora_params(model: Mistral) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+
+
+def param_shapes(cfg: ModelConfig, lora: LoRAConfig | None = None) -> tuple[dict, dict]:
+    """``(base, lora)`` pure dicts of the shapes ``cfg`` (and ``lora``) give, as ``jax.ShapeDtypeStruct`` leaves."""
+    model = nnx.eval_shape(lambda: create_model(cfg, lora))
+    return base_params(model), lora_params(model)

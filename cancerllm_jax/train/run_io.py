@@ -125,7 +125,8 @@ def read_run_weights(path: str):
     """``LoadedWeights`` of a run's latest checkpoint: base + LoRA factors, or all weights for ``--full``."""
     from cancerllm_jax.api import LoadedWeights, read_weights
     from cancerllm_jax.config import LoRAConfig, ModelConfig, build
-    from cancerllm_jax.checkpoint.orbax_io import load_params, restore_tree
+    from cancerllm_jax.checkpoint.orbax_io import check_shapes, load_params, restore_tree
+    from cancerllm_jax.model import param_shapes
 
     meta = read_run_meta(path)
     step = latest_step(os.path.join(path, "checkpoints"))
@@ -140,17 +141,23 @@ def read_run_weights(path: str):
     trainable = state["params"]
     run_cfg = meta["config"]
     tok = run_tokenizer(meta)
-    if run_cfg.get("full"):
+    where = f"{path}/{RUN_FILE}"
+    lora = None if run_cfg.get("full") else build(LoRAConfig, run_cfg["lora"], f"{where}:config.lora")
+    base_shapes, lora_shapes = param_shapes(cfg, lora)
+    check_shapes(f"{path}/checkpoints/{step}/state", trainable, lora_shapes if lora else base_shapes,
+                 f"{where}:config.lora" if lora else f"{where}:model")
+    if lora is None:
         return LoadedWeights(cfg, trainable, tokenizer_spec=tok, source=path)
     base = meta["base"]
     if base["kind"] == "saved":
-        params = load_params(os.path.join(path, base["path"]))
+        params = load_params(os.path.join(path, base["path"]), None, base_shapes, f"{where}:model")
     elif base["kind"] == "path":
         if not os.path.exists(base["path"]):  # the run keeps only what it trained; the base is read from there
             raise UserError(f"{path}: the base model it was trained on, {base['path']} ({RUN_FILE}: base.path), is "
                             "not found; put that model back there (the run holds only the weights it trained)")
         w = read_weights(base["path"])
         params = w.params
+        check_shapes(base["path"], params, base_shapes, f"{where}:model")
         if "eos_token_ids" not in meta["model"]:  # a run of an older version recorded only the first EOS id
             cfg = dataclasses.replace(cfg, eos_token_ids=cfg.eos_token_ids + w.cfg.eos_token_ids)
         if w.lora is not None and w.lora_params is not None:
@@ -161,5 +168,4 @@ def read_run_weights(path: str):
         from cancerllm_jax.model import base_params, create_model
 
         params = base_params(create_model(cfg, None, meta.get("dtype", "float32"), seed=base.get("seed", 0)))
-    lora = build(LoRAConfig, run_cfg["lora"], f"{path}/{RUN_FILE}:config.lora")
     return LoadedWeights(cfg, params, lora=lora, lora_params=trainable, tokenizer_spec=tok, source=path)
