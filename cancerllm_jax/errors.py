@@ -71,6 +71,18 @@ def suggest(name: str, choices) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def check_can_write(path: str, what: str) -> None:
+    """Before any work: the file or folder ``path`` can be made where it is named (the nearest folder above it that
+    exists takes files); else a ``UserError`` starting with ``what`` (the flag or path the user gave)."""
+    parent = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+    while not os.path.exists(parent):  # made when written: the nearest folder that exists must take it
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{what}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: the folder {parent} cannot be written")
+
+
 def describe_os_error(e: OSError) -> str:
     """One line for an operating-system error (disk full, permission, missing file) and what to do."""
     where = f" ({e.filename})" if getattr(e, "filename", None) else ""

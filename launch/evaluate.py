@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package first
 
-from cancerllm_jax.errors import UserError, cli_main
+from cancerllm_jax.errors import UserError, check_can_write, cli_main
 from cancerllm_jax.eval.protocol import PROTOCOLS, score_file
 from cancerllm_jax.launch_common import check_decode_flags
 
@@ -69,13 +69,7 @@ def _check_outputs(outputs: dict[str, str | None], inputs: dict[str, str | None]
             continue
         if os.path.isdir(path):
             raise UserError(f"{flag} {path} is a folder; name a file")
-        parent = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(parent):  # made when written: the nearest folder that exists must take it
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent):
-            raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise UserError(f"{flag} {path}: the folder {parent} cannot be written")
+        check_can_write(path, f"{flag} {path}")
         for in_flag, in_path in inputs.items():
             if in_path and os.path.isfile(path) and os.path.isfile(in_path) and os.path.samefile(path, in_path):
                 raise UserError(f"{flag} {path} is the {in_flag} file; write it elsewhere")

@@ -1106,6 +1106,14 @@ def test_export_onto_a_non_empty_folder_needs_overwrite(tmp_path, capsys, models
     assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
 
 
+@pytest.mark.parametrize("command", ["to-hf", "from-hf"])
+def test_an_output_folder_under_a_file_is_one_clear_error(command, tmp_path, capsys, models):
+    write(tmp_path / "afile", "mine")
+    code, err = run_cli("tools/convert_checkpoint.py", [command, models["small"], tmp_path / "afile" / "out"], capsys)
+    one_clear_error(code, err, "afile/out", "is a file, not a folder")
+    assert os.listdir(tmp_path) == ["afile"]
+
+
 def test_export_disk_full_leaves_nothing(tmp_path, capsys, models, monkeypatch):
     import safetensors.numpy
 

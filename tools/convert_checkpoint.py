@@ -174,6 +174,7 @@ def _check_out(out_dir: str, overwrite: bool, *sources: str) -> None:
     """Fail before any work when ``out_dir`` is non-empty (without --overwrite), or is one of the ``sources`` the
     command reads or holds one."""
     from cancerllm_jax.checkpoint.orbax_io import refuse_enclosing_folder
+    from cancerllm_jax.errors import check_can_write
 
     refuse_enclosing_folder(out_dir)
     out = os.path.realpath(os.path.expanduser(out_dir))  # real paths: a link must not reach into the input
@@ -189,6 +190,7 @@ def _check_out(out_dir: str, overwrite: bool, *sources: str) -> None:
         raise UserError(f"{out_dir} exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    check_can_write(out_dir, out_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:

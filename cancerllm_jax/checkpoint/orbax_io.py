@@ -15,7 +15,7 @@ import shutil
 import tempfile
 
 from cancerllm_jax.config import LoRAConfig, ModelConfig, to_dict
-from cancerllm_jax.errors import UserError
+from cancerllm_jax.errors import UserError, check_can_write
 
 META_FILE = "cancerllm.json"
 FORMAT = "cancerllm-jax/params-v1"
@@ -52,6 +52,7 @@ def atomic_dir(out_dir: str, overwrite: bool = False):
         raise UserError(f"{out_dir} exists and is not a folder")
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise UserError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    check_can_write(out_dir, out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
