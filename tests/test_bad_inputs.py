@@ -1106,6 +1106,34 @@ def test_export_onto_a_non_empty_folder_needs_overwrite(tmp_path, capsys, models
     assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
 
 
+def test_float16_that_would_overflow_is_refused(tmp_path, capsys):
+    """Weights past float16's range would become inf (and every logit NaN): --dtype float16 and
+    cj.load(dtype="float16") refuse them, naming the tensor; bfloat16 takes them."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = transformers.MistralForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 4] = 1e5
+    folder, ckpt = str(tmp_path / "hf"), tmp_path / "ckpt"
+    model.save_pretrained(folder, safe_serialization=True)
+    code, err = run_cli("tools/convert_checkpoint.py", ["from-hf", folder, tmp_path / "fp16", "--dtype", "float16"],
+                        capsys)
+    one_clear_error(code, err, "model.layers.1.mlp.up_proj.weight", "do not fit float16", "bfloat16")
+    nothing_left(tmp_path / "fp16")
+    code, err = run_cli("tools/convert_checkpoint.py", ["from-hf", folder, ckpt], capsys)
+    assert code in (0, None), err
+    code, err = run_cli("tools/convert_checkpoint.py", ["to-hf", ckpt, tmp_path / "out", "--dtype", "float16"], capsys)
+    one_clear_error(code, err, "--dtype float16", "layers.up.kernel", "do not fit float16")
+    nothing_left(tmp_path / "out")
+    with pytest.raises(UserError, match="layers.up.kernel: values up to 1e.05 do not fit float16"):
+        cj.load(str(ckpt), dtype="float16")
+    assert np.isfinite(cj.load(str(ckpt), dtype="bfloat16").logits([[1, 2, 3]])).all()
+
+
 @pytest.mark.parametrize("command", ["to-hf", "from-hf"])
 def test_an_output_folder_under_a_file_is_one_clear_error(command, tmp_path, capsys, models):
     write(tmp_path / "afile", "mine")

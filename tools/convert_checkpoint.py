@@ -36,8 +36,13 @@ def _cast(params: dict, dtype: str | None) -> dict:
     import numpy as np
 
     from cancerllm_jax.checkpoint.hf import _np_dtype
+    from cancerllm_jax.model import check_fits
 
-    return jax.tree_util.tree_map(lambda a: np.asarray(a).astype(_np_dtype(dtype)), params)
+    def cast(path, a):
+        check_fits(f"--dtype {dtype}: weight {jax.tree_util.keystr(path, simple=True, separator='.')}", a, dtype)
+        return np.asarray(a).astype(_np_dtype(dtype))
+
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def _dtype_name(params: dict) -> str:

@@ -125,6 +125,8 @@ def _narrow_float64(narrowed: list):
 
 def read_hf(folder: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
     """``(config, params)`` from an HF folder; ``dtype`` None keeps the file's dtype (bit-exact)."""
+    from cancerllm_jax.model import check_fits
+
     if not os.path.isdir(folder):
         raise UserError(f"model folder not found: {folder}")
     cfg = read_hf_config(folder)
@@ -141,8 +143,11 @@ def read_hf(folder: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
         if name not in names:
             raise UserError(f"{folder}: tensor {name} is missing")
         used.add(name)
-        return _check(f"{files[name]}: tensor {name}", reader.get(name),
-                      shapes[name] if name in shapes else shapes[_layer_generic(name)])
+        where = f"{files[name]}: tensor {name}"
+        t = _check(where, reader.get(name), shapes[name] if name in shapes else shapes[_layer_generic(name)])
+        if dtype is not None:
+            check_fits(where, t, _np_dtype(dtype))
+        return t
 
     embed_name, head_name = "model.embed_tokens.weight", "lm_head.weight"
     tied_head_only = cfg.tie_embeddings and embed_name not in names and head_name in names

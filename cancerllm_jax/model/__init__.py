@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from cancerllm_jax.config import LoRAConfig, ModelConfig
@@ -25,6 +26,22 @@ def resolve_dtype(name) -> jnp.dtype:
             pass
     hint = suggest(name, DTYPES) if isinstance(name, str) else ""
     raise UserError(f"dtype {name!r} is not supported{hint}; choose from {sorted(DTYPES)}")
+
+
+FLOAT16_MAX = 65504.0
+
+
+def check_fits(where: str, arr, dtype) -> None:
+    """Refuse casting ``arr`` to float16 when its finite values reach past float16's range (they would become inf
+    and every logit NaN); other dtypes hold float32's range."""
+    if jnp.dtype(dtype) != jnp.float16 or jnp.dtype(arr.dtype) == jnp.float16:
+        return
+    xp = np if isinstance(arr, np.ndarray) else jnp  # a host array is checked on the host
+    a = xp.abs(arr.astype(xp.float32))
+    biggest = float(xp.max(xp.where(xp.isfinite(a), a, 0.0))) if a.size else 0.0
+    if biggest > FLOAT16_MAX:
+        raise UserError(f"{where}: values up to {biggest:.4g} do not fit float16 (largest {FLOAT16_MAX:g}): they "
+                        "would become inf; use bfloat16 or float32")
 
 
 def create_model(cfg: ModelConfig, lora: LoRAConfig | None = None, dtype="float32", compute_dtype=None,
@@ -74,6 +91,7 @@ def model_from_params(cfg: ModelConfig, params: dict, lora: LoRAConfig | None = 
                 arr = src[k]
                 if tuple(arr.shape) != tuple(v.shape):
                     raise UserError(f"parameter {p}: shape {tuple(arr.shape)} != expected {tuple(v.shape)}")
+                check_fits(f"parameter {p}", arr, v.dtype)
                 out[k] = jnp.asarray(arr, dtype=v.dtype)
         return out
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from cancerllm_jax.config import LoRAConfig
-from cancerllm_jax.model import resolve_dtype
+from cancerllm_jax.model import check_fits, resolve_dtype
 
 
 def merge_lora_params(params: dict, lora_params: dict, lora: LoRAConfig, dtype=None) -> dict:
@@ -24,8 +24,9 @@ def merge_lora_params(params: dict, lora_params: dict, lora: LoRAConfig, dtype=N
         a = np.asarray(ab["lora_a"], np.float32)
         b = np.asarray(ab["lora_b"], np.float32)
         merged = kernel.astype(np.float32) + np.einsum("lir,lro->lio", a, b) * np.float32(lora.scaling)
-        layers[name] = {**layers[name], "kernel": merged.astype(kernel.dtype if dtype is None
-                                                                else resolve_dtype(dtype))}
+        target = kernel.dtype if dtype is None else resolve_dtype(dtype)
+        check_fits(f"layers.{name}.kernel with its LoRA merged in", merged, target)
+        layers[name] = {**layers[name], "kernel": merged.astype(target)}
     return {**params, "layers": layers}
 
 
