@@ -158,6 +158,11 @@ def from_hf_config(hf: dict, source: str = "config.json") -> ModelConfig:
     for flag in ("attention_bias", "mlp_bias"):
         if mtype == "llama" and hf.get(flag):
             raise UserError(f"{source}: {flag}=true is not supported")
+    if hf.get("auto_map"):  # transformers without trust_remote_code does the same: the library's own class
+        logging.getLogger(__name__).warning(
+            "%s: auto_map names custom model code; it is never run here: the weights are read as a standard %s "
+            "model (as transformers reads them without trust_remote_code), and an export does not name that code",
+            source, mtype)
     dropout = hf.get("attention_dropout")
     if isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and dropout > 0:
         logging.getLogger(__name__).warning(

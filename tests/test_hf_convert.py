@@ -492,6 +492,21 @@ def test_attention_dropout_is_read_with_a_warning(caplog):
     assert "x/config.json: attention_dropout 0.1 is not applied" in caplog.text
 
 
+def test_custom_code_in_auto_map_is_not_run_and_says_so(caplog):
+    """A config.json naming custom code (auto_map) is read as the standard model, as transformers reads it without
+    trust_remote_code, and the warning says the code is not run."""
+    from cancerllm_jax.config import from_hf_config
+
+    hf = {"model_type": "mistral", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+          "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
+    with caplog.at_level("WARNING"):
+        plain = from_hf_config(hf)
+        assert not caplog.records
+        custom = from_hf_config({**hf, "auto_map": {"AutoModelForCausalLM": "modeling_x.X"}}, "x/config.json")
+    assert custom == plain
+    assert "x/config.json: auto_map names custom model code; it is never run here" in caplog.text
+
+
 def test_an_output_folder_that_holds_the_working_directory_is_refused(hf_fp32, tmp_path, capsys, monkeypatch):
     """``to-hf SRC . --overwrite`` replaced the working directory whole (the user's files in it were deleted),
     then failed on the vanished directory with exit 2."""
