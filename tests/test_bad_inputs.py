@@ -543,6 +543,8 @@ FINETUNE = {
     "non_utf8": (b'{"instruction": "q", "response": "\xe9"}\n', ["non_utf8.jsonl:1", "UTF-8"]),
     "overlong_response": ('{"instruction": "Summarise.", "context": "", "response": "'
                           + "metastatic disease " * 400 + '"}\n', ["response", "max_seq_len"]),
+    "cr_line_ends": ('{"instruction": "q", "response": "a"}\r{"instruction": "q", "response": "b"}\r',
+                     ["cr_line_ends.jsonl:1", "lone CR", "LF"]),
 }
 
 
@@ -556,6 +558,29 @@ def test_finetune_bad_instruction_data(case, tmp_path, capsys, models):
                                                "data.max_seq_len=64", "lora.rank=2"], capsys)
     one_clear_error(code, err, *needles)
     nothing_left(wd)
+
+
+def test_finetune_refuses_its_training_file_as_held_out_data(tmp_path, capsys, models):
+    train = write(tmp_path / "train.jsonl", '{"instruction": "q", "response": "a"}\n' * 4)
+    os.symlink(train, tmp_path / "same.jsonl")
+    wd = tmp_path / "run"
+    code, err = run_cli("launch/finetune.py", ["--model", models["tok"], "--data", train, "--eval-data",
+                                               tmp_path / "same.jsonl", "--workdir", wd, "--mesh", "1x1",
+                                               "--dry-run", "data.max_seq_len=64", "lora.rank=2"], capsys)
+    one_clear_error(code, err, "same.jsonl", "held-out data is the training data")
+    nothing_left(wd)
+
+
+def test_repeated_training_examples_are_named_in_a_warning(tmp_path, caplog):
+    from cancerllm_jax.data.instruct import read_instruct_jsonl
+
+    lines = ['{"instruction": "q", "response": "a", "id": 1}', '{"instruction": "q", "response": "b"}',
+             '{"instruction": "q", "response": "a", "id": 2}', '{"instruction": "q", "context": "", "response": "a"}']
+    path = write(tmp_path / "t.jsonl", "\n".join(lines) + "\n")
+    with caplog.at_level("WARNING"):
+        records, _ = read_instruct_jsonl(path)
+    assert len(records) == 4  # kept: each is trained as often as it appears
+    assert "t.jsonl: 2 line(s) repeat an earlier example word for word (first: line 3 repeats line 1)" in caplog.text
 
 
 FINETUNE_ARGS = {

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -248,9 +249,18 @@ def read_instruct_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[d
     records, skipped = read_jsonl(path, {"instruction": str, "response": str}, skip_bad_lines,
                                   optional={"context": str, "id": (str, int)}, line_key="_line",
                                   nonempty=("instruction", "response"), check=unread_fields_problem)
+    first: dict[tuple[str, str, str], int] = {}
+    repeats = []
     for r in records:
         r["id"] = f"{path}:{r['_line']}" + (f" (id {r['id']})" if r.get("id") is not None else "")
         r["context"] = r.get("context") or ""
+        key = (r["instruction"], r["context"], r["response"])
+        if key in first:
+            repeats.append((r["_line"], first[key]))
+        first.setdefault(key, r["_line"])
+    if repeats:  # kept (a user may weight examples so), but a file concatenated twice should not pass unseen
+        log.warning("%s: %d line(s) repeat an earlier example word for word (first: line %d repeats line %d); each "
+                    "is trained as often as it appears", path, len(repeats), *repeats[0])
     return records, skipped
 
 
@@ -391,6 +401,10 @@ def build_instruct_data(cfg: InstructDataConfig, tokenizer=None, examples: Seque
             raise UserError("no instruction data: set data.path (a JSONL file) or pass examples")
         examples, skipped = read_instruct_jsonl(cfg.path, cfg.skip_bad_lines)
     eval_skipped = 0
+    if cfg.path and cfg.eval_path and os.path.exists(cfg.eval_path) and os.path.exists(cfg.path) \
+            and os.path.samefile(cfg.path, cfg.eval_path):
+        raise UserError(f"{cfg.eval_path}: the held-out data is the training data ({cfg.path}): its loss would be a "
+                        "training loss; hold out other examples")
     if eval_examples is None and cfg.eval_path:
         eval_examples, eval_skipped = read_instruct_jsonl(cfg.eval_path, cfg.skip_bad_lines)
     train, stats = _rows(tokenizer, cfg, examples, cfg.path or "examples")
