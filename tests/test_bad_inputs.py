@@ -1544,6 +1544,39 @@ def test_sigterm_before_the_first_step_exits_143_without_saving(tmp_path, capsys
     assert not os.path.isdir(tmp_path / "r" / "checkpoints") or not os.listdir(tmp_path / "r" / "checkpoints")
 
 
+def test_sigterm_during_the_final_evaluation_keeps_the_trained_steps(tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM during the final evaluation (long on a big model) stops it at once with exit 143, the
+    last step already saved; --resume evaluates that step and finishes (the signal used to wait for the whole
+    evaluation, and the step was saved only after it: a kill after the grace period lost every step)."""
+    import signal
+
+    from cancerllm_jax.train.loop import Trainer
+
+    evaluate = Trainer._evaluate
+
+    def term_at_the_final_eval(self, batches, step, logger, mngr):
+        if step == 2 and not self._sigterm.asked:
+            assert os.listdir(tmp_path / "r" / "checkpoints") == ["2"]  # saved before the evaluation
+            os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(self, batches, step, logger, mngr)
+
+    args = ["--workdir", tmp_path / "r", *TINY[:-1], "data.eval_fraction=0.3"]
+    monkeypatch.setattr(Trainer, "_evaluate", term_at_the_final_eval)
+    code, err = run_cli("launch/pretrain.py", args, capsys)
+    assert code == 143 and "Traceback" not in err and "terminated (SIGTERM)" in err, err
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl", encoding="utf-8")]
+    assert [r["step"] for r in rows] == [1, 2] and not any("eval_loss" in r for r in rows)
+    monkeypatch.setattr(Trainer, "_evaluate", evaluate)
+    code, err = run_cli("launch/pretrain.py", [*args, "--resume"], capsys)
+    assert code in (0, None), err
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl", encoding="utf-8")]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2]
+    code, err = run_cli("launch/pretrain.py", [*args, "--resume"], capsys)  # finished and evaluated: nothing more
+    assert code in (0, None), err
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl", encoding="utf-8")]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2]
+
+
 def test_resume_needs_the_run_folder(tmp_path, capsys, monkeypatch):
     """`--resume` without --workdir started a new run in a new runs/<kind>-<time> folder (the saved one never found,
     a scheduler's every retry another fresh run): it is refused before any data is read."""

@@ -508,11 +508,15 @@ class Trainer:
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     self._save(mngr, step, it, batch)
                     last_saved = step
-            if data.eval_batches and step == cfg.steps > start_step:  # a finished run resumed: evaluated already
-                self._evaluate(data.eval_batches, step, logger, mngr)
+            # saved before the final evaluation (a long one on a big model): a scheduler's kill during it, or an
+            # out-of-memory, loses no step; SIGTERM abandons it, and --resume then evaluates the saved step
             if last_saved != step or mngr.latest_step() != step:
                 self._save(mngr, step, it, batch)
             mngr.wait_until_finished()
+            if data.eval_batches and step == cfg.steps and (
+                    step > start_step or self._final_eval_missing(logger, step)):
+                if not self._evaluate(data.eval_batches, step, logger, mngr):
+                    raise Terminated(step if step > start_step else None, self._sigterm.signal, self.workdir)
         except Exception as e:
             if jax.process_count() > 1 and not isinstance(e, UserError):
                 peer_lost = True  # the checkpoint manager's barriers would wait for the dead peer (and log tracebacks)
@@ -548,10 +552,25 @@ class Trainer:
             raise NonFiniteLoss(f"the update of step {step} made the loss non-finite ({float(total)} on that step's "
                                 f"batch); {self._stopped(mngr)}")
 
-    def _evaluate(self, batches, step, logger, mngr) -> None:
+    def _final_eval_missing(self, logger, step: int) -> bool:
+        """A finished run resumed: whether its final evaluation (of ``step``) was cut short (SIGTERM, a kill); every
+        process gets the main process's answer (it alone writes the log)."""
+        missing = logger is not None and step not in logger.eval_steps
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            missing = bool(multihost_utils.broadcast_one_to_all(np.asarray(missing)))
+        return missing
+
+    def _evaluate(self, batches, step, logger, mngr) -> bool:
+        """The held-out loss at ``step``, logged; False (nothing logged) when SIGTERM or a first Ctrl-C cut it short
+        (a multi-process run learns of one only between steps, on every process at once)."""
         limit = self.cfg.eval_batches or len(batches)
         total = count = 0.0
         for local in batches[:limit]:
+            if self._sigterm.asked:
+                say(f"step {step}: evaluation abandoned ({self._sigterm.signal})")
+                return False
             b = {k: jax.make_array_from_process_local_data(self.batch_sh, np.asarray(local[k], np.int32))
                  for k in BATCH_KEYS}
             s, c = self.eval_fn(self.state["params"], self.frozen, b)
@@ -566,6 +585,7 @@ class Trainer:
             loss = total / count
             logger.write({"step": step, "eval_loss": loss, "eval_tokens": int(count)})
             say(f"step {step}: eval loss {loss:.4f} over {int(count)} tokens")
+        return True
 
     def _prepare_workdir(self) -> int:
         """Write run.json on a fresh run; on ``resume`` check the config and return the latest checkpoint step.
@@ -731,6 +751,7 @@ class _MetricsLog:
 
     def __init__(self, workdir: str, start_step: int):
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.eval_steps: set[int] = set()  # the steps whose held-out loss the kept rows hold
         kept = []
         if os.path.isfile(self.path):
             with open(self.path, encoding="utf-8") as f:
@@ -741,6 +762,8 @@ class _MetricsLog:
                         continue  # a line cut by a kill
                     if start_step > 0 and int(row.get("step", 0)) <= start_step:  # a fresh start keeps none
                         kept.append(line if line.endswith("\n") else line + "\n")
+                        if "eval_loss" in row:
+                            self.eval_steps.add(int(row["step"]))
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)
