@@ -254,10 +254,10 @@ def cmd_trust(args: argparse.Namespace) -> int:
     for warning in trust_warnings(runs, trust):
         logging.getLogger(__name__).warning("%s", warning)
     keys = ("faithfulness", "comprehensiveness", "generalizability", "robustness")
-    print(f"{'model':<24}" + "".join(f"{k:>20}" for k in keys) + f"{'tasks':>7}{'datasets':>10}")
+    print(f"{'model':<24}" + "".join(f"{k:>20}" for k in keys) + f"{'tasks':>7}{'task datasets':>15}")
     for model, m in trust.items():
         print(f"{model[:24]:<24}" + "".join("{:>20}".format("-" if m[k] is None else f"{m[k]:.2f}") for k in keys)
-              + f"{m['n_tasks']:>7}{m['n_datasets']:>10}")
+              + f"{m['n_tasks']:>7}{m['n_datasets']:>15}")
     if any(m["robustness"] is None for m in trust.values()):
         print("robustness '-': no task of the model was scored on two or more datasets")
     if args.json:

@@ -289,7 +289,7 @@ def write_combined_report(out: str, state: dict, scale: str) -> str:
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), required=True)
     p.add_argument("--out", help="output folder (default: runs/reproduce-<scale>); an existing one is continued")
