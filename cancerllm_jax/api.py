@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cancerllm_jax.config import LoRAConfig, ModelConfig, generation_settings_not_applied, hf_eos_ids
+from cancerllm_jax.config import (LoRAConfig, ModelConfig, generation_sampling_settings,
+                                  generation_settings_not_applied, hf_eos_ids)
 from cancerllm_jax.errors import UserError, UserTypeError, suggest
 
 log = logging.getLogger(__name__)
@@ -321,6 +322,11 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
         log.warning("%s: generation_config.json sets %s, which generate here does not apply (it decodes greedily "
                     "unless given temperature > 0, with top_k / top_p as given): its outputs can differ from "
                     "transformers' generate on this folder", path, ", ".join(ignored))
+    sampling = generation_sampling_settings(path)
+    if sampling:
+        log.warning("%s: generation_config.json sets %s, which transformers' generate uses when it samples; "
+                    "generate here uses only the values it is given: pass them to sample alike", path,
+                    ", ".join(sampling))
     return LM(model, w.cfg, tok, mesh_obj, source=w.source,
               eos_ids=tuple(sorted(e for e in eos if e is not None and 0 <= e < w.cfg.vocab_size)),
               adapter=adapter)

@@ -302,7 +302,11 @@ GENERATION_SETTINGS_NOT_APPLIED = {
     "forced_eos_token_id": None, "sequence_bias": None, "num_beams": 1, "penalty_alpha": None,
     "exponential_decay_length_penalty": None, "guidance_scale": 1.0, "dola_layers": None, "stop_strings": None,
     "token_healing": False, "watermarking_config": None, "force_words_ids": None, "constraints": None,
+    "min_p": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None,
 }
+# sampling settings transformers' generate takes from generation_config.json when it samples (its defaults here);
+# generate here takes only the values it is given
+GENERATION_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 
 def generation_settings_not_applied(folder: str) -> list[str]:
@@ -316,6 +320,15 @@ def generation_settings_not_applied(folder: str) -> list[str]:
         raise UserError(f"{path}: expected a JSON object")
     return [f"{k}={json.dumps(data[k])}" for k, neutral in GENERATION_SETTINGS_NOT_APPLIED.items()
             if data.get(k) is not None and data[k] != neutral and data[k] not in ([], {})]
+
+
+def generation_sampling_settings(folder: str) -> list[str]:
+    """``key=value`` for each sampling setting (``GENERATION_SAMPLING_DEFAULTS``) ``folder``'s
+    ``generation_config.json`` sets to other than transformers' default; [] without the file."""
+    path = os.path.join(folder, "generation_config.json")
+    data = read_json_file(path) if os.path.isfile(path) else {}
+    return [f"{k}={json.dumps(data[k])}" for k, default in GENERATION_SAMPLING_DEFAULTS.items()
+            if isinstance(data, dict) and data.get(k) is not None and data[k] != default]
 
 
 def hf_eos_value(cfg: ModelConfig):

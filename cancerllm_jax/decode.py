@@ -104,9 +104,27 @@ def generated_text(tokenizer, ids: Sequence[int], eos_ids: Sequence[int], stop: 
     """Generated ids as text: EOS ids dropped, then cut before the ``stop`` string that is complete first (where
     a stopper reading the text as it grows would stop), whatever order ``stop`` lists them in."""
     eos = set(eos_ids)
-    text = tokenizer.decode([t for t in ids if t not in eos])
+    ids = [t for t in ids if t not in eos]
+    special = _special_stop_ids(tokenizer, tuple(stop))
+    cut = next((j for j, t in enumerate(ids) if t in special), None)  # a special token's text never decodes
+    text = tokenizer.decode(ids if cut is None else ids[:cut])
     found = [(i + len(s), i) for s in stop if (i := text.find(s)) >= 0]  # (end, start) of each one's first match
     return text[:min(found)[1]] if found else text
+
+
+def _special_stop_ids(tokenizer, stop: tuple[str, ...]) -> set[int]:
+    """The ids of the ``stop`` strings that are one special token's text (``<|im_end|>``): decoded text drops special
+    tokens, so these are found among the ids (transformers' stop_strings finds them in its token strings)."""
+    from cancerllm_jax.data.tokenizer import encode_written_prompt
+
+    out: set[int] = set()
+    if not stop or not hasattr(tokenizer, "encode"):
+        return out
+    for s in stop:
+        ids = encode_written_prompt(tokenizer, s, bos=False)
+        if len(ids) == 1 and not tokenizer.decode(ids):
+            out.add(ids[0])
+    return out
 
 
 def _row_keys(seed, n: int) -> np.ndarray:

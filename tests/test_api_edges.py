@@ -99,7 +99,17 @@ def test_generation_config_settings_not_applied_are_named_at_load(base_and_adapt
                    "repetition_penalty": 1.0, "temperature": 0.6}, f)
     with caplog.at_level(logging.WARNING, logger="cancerllm_jax.api"):
         cj.load(folder)
-    assert "generation_config.json sets" not in caplog.text
+    assert "which generate here does not apply" not in caplog.text
+    # greedy as the file says; but sampling, transformers would take the file's temperature (and top_k / top_p)
+    assert "generation_config.json sets temperature=0.6, which transformers' generate uses when it samples" \
+        in caplog.text
+    with open(path, "w") as f:
+        json.dump({"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.1, "typical_p": 0.5}, f)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cancerllm_jax.api"):
+        cj.load(folder)
+    assert "when it samples" not in caplog.text  # transformers' own defaults
+    assert "sets min_p=0.1, typical_p=0.5, which generate here does not apply" in caplog.text
     with open(path, "w") as f:
         json.dump({"eos_token_id": 2, "repetition_penalty": 1.5, "no_repeat_ngram_size": 3, "do_sample": True,
                    "suppress_tokens": []}, f)

@@ -292,6 +292,21 @@ def test_a_stop_string_is_one_string():
     assert generated_text(Chars(), abcd, [], ["bc", "abc"]) == ""  # complete together: the longer one's start
 
 
+def test_a_stop_string_that_is_a_special_token_stops_there():
+    """A chat turn's end (``<|im_end|>``, here Mistral's ``</s>``) given as a stop string while the EOS is another
+    id: decoded text drops special tokens, so it was never found and the next turn's text came through."""
+    pytest.importorskip("mistral_common")
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+    from cancerllm_jax.decode import generated_text
+
+    tok = load_tokenizer("mistral-v1")
+    ids = tok.encode("The answer is 42.") + [2] + tok.encode("user: more")
+    assert generated_text(tok, ids, [], ["</s>"]) == "The answer is 42."
+    assert generated_text(tok, ids, [], ["</s>", "answer"]) == "The "  # a text stop complete first still wins
+    assert generated_text(tok, ids, [], ["more"]) == tok.decode(ids)[:-4]  # the special token has no text
+    assert generated_text(tok, ids, [], ["<s>"]) == tok.decode(ids)  # not in the ids
+
+
 def cj_errors():
     from cancerllm_jax import errors
 
