@@ -6,6 +6,7 @@
 PATH: an HF folder, a converted checkpoint, or a pretraining run (its LoRA is merged first).
 """
 import argparse
+import logging
 import os
 import sys
 
@@ -43,6 +44,12 @@ def main(argv=None):
         overrides.append("data.skip_bad_lines=true")
     cli = {**cli_values(args), "model": args.model, "task": args.task, "epochs": args.epochs}
     cfg = resolve(FinetuneConfig, args.config, overrides, cli)
+    train, held_out = cfg.data.path, cfg.data.eval_path
+    if train and held_out and os.path.exists(train) and os.path.exists(held_out) and os.path.samefile(train, held_out):
+        if not args.resume:  # a run started so by an earlier version still resumes, with the warning
+            raise UserError(f"--eval-data {held_out} is the --data file: its loss would be a training loss; hold "
+                            "out other examples")
+        logging.getLogger(__name__).warning("--eval-data %s is the --data file: its loss is a training loss", held_out)
     announce_privacy(cfg.log_examples)
     start_runtime(args, cfg.mesh)
 

@@ -567,7 +567,7 @@ def test_finetune_refuses_its_training_file_as_held_out_data(tmp_path, capsys, m
     code, err = run_cli("launch/finetune.py", ["--model", models["tok"], "--data", train, "--eval-data",
                                                tmp_path / "same.jsonl", "--workdir", wd, "--mesh", "1x1",
                                                "--dry-run", "data.max_seq_len=64", "lora.rank=2"], capsys)
-    one_clear_error(code, err, "same.jsonl", "held-out data is the training data")
+    one_clear_error(code, err, "--eval-data", "same.jsonl", "is the --data file")
     nothing_left(wd)
 
 
@@ -578,7 +578,7 @@ def test_repeated_training_examples_are_named_in_a_warning(tmp_path, caplog):
              '{"instruction": "q", "response": "a", "id": 2}', '{"instruction": "q", "context": "", "response": "a"}']
     path = write(tmp_path / "t.jsonl", "\n".join(lines) + "\n")
     with caplog.at_level("WARNING"):
-        records, _ = read_instruct_jsonl(path)
+        records, _ = read_instruct_jsonl(path, training=True)
     assert len(records) == 4  # kept: each is trained as often as it appears
     assert "t.jsonl: 2 line(s) repeat an earlier example word for word (first: line 3 repeats line 1)" in caplog.text
 
@@ -1575,6 +1575,25 @@ def test_sigterm_during_the_final_evaluation_keeps_the_trained_steps(tmp_path, c
     assert code in (0, None), err
     rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl", encoding="utf-8")]
     assert [r["step"] for r in rows if "eval_loss" in r] == [2]
+
+
+def test_a_non_finite_final_evaluation_keeps_no_checkpoint_of_those_weights(tmp_path, capsys, monkeypatch):
+    """The last step is saved before the final evaluation; when that evaluation's loss is NaN the step is not kept
+    (as before the reorder), so the error's 'no checkpoint was saved' is true and a load cannot pick those weights."""
+    from cancerllm_jax.train.loop import Trainer
+
+    evaluate = Trainer._evaluate
+
+    def nan_at_the_final_eval(self, batches, step, logger, mngr):
+        if step == 2:
+            self.eval_fn = lambda params, frozen, b: (float("nan"), 1.0)
+        return evaluate(self, batches, step, logger, mngr)
+
+    monkeypatch.setattr(Trainer, "_evaluate", nan_at_the_final_eval)
+    code, err = run_cli("launch/pretrain.py", ["--workdir", tmp_path / "r", *TINY[:-1], "data.eval_fraction=0.3"],
+                        capsys)
+    one_clear_error(code, err, "eval loss is nan at step 2", "No checkpoint was saved")
+    assert os.listdir(tmp_path / "r" / "checkpoints") == []
 
 
 def test_resume_needs_the_run_folder(tmp_path, capsys, monkeypatch):

@@ -230,3 +230,33 @@ def test_a_source_path_may_start_with_the_home_folder(tmp_path, monkeypatch):
     write(tmp_path, "notes.jsonl", json.dumps({"text": "first"}) + "\n")
     docs, _ = read_documents("~/notes.jsonl")
     assert [d["text"] for d in docs] == ["first"]
+
+
+def test_the_lone_cr_hint_is_given_only_for_lone_cr_line_ends(tmp_path):
+    from cancerllm_jax.data.sources import read_jsonl
+
+    (tmp_path / "cr.jsonl").write_bytes(b'{"text": "a"}\r{"text": "b"}\r')
+    with pytest.raises(UserError, match="cr.jsonl:1: .*lone CR"):
+        read_jsonl(str(tmp_path / "cr.jsonl"), {"text": str})
+    (tmp_path / "lf.jsonl").write_bytes(b'{"text": "a\rb"}\n')  # a raw CR inside a value: no advice on line ends
+    with pytest.raises(UserError, match="lf.jsonl:1: invalid JSON") as e:
+        read_jsonl(str(tmp_path / "lf.jsonl"), {"text": str})
+    assert "lone CR" not in str(e.value)
+
+
+def test_the_float16_range_check_reads_a_host_array_in_slices():
+    import numpy as np
+
+    from cancerllm_jax.model import check_fits
+
+    big = np.zeros((5 << 20,), np.float32)  # more than one 4M-value slice
+    big[0] = np.inf  # already infinite: float16 keeps it so, nothing is lost
+    check_fits("w", big, np.float16)
+    big[-1] = -7e4
+    with pytest.raises(UserError, match="w: values up to 7e.04 do not fit float16"):
+        check_fits("w", big, np.float16)
+    import jax.numpy as jnp
+
+    with pytest.raises(UserError, match=r"values up to 7\.0\d*e\+04"):  # 7e4 in bfloat16: 70144
+        check_fits("w", jnp.asarray(big, jnp.bfloat16), jnp.float16)
+    check_fits("w", big, np.float32)  # other dtypes hold it

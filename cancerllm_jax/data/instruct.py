@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import logging
 import math
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -240,7 +239,7 @@ def refuse_alpaca_input(where: str, record: dict) -> None:
         raise UserError(f"{where}: {problem}")
 
 
-def read_instruct_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[dict], int]:
+def read_instruct_jsonl(path: str, skip_bad_lines: bool = False, training: bool = False) -> tuple[list[dict], int]:
     """``{instruction, context, response, id}`` records (``id`` defaults to ``path:line``) and skipped lines.
 
     A line with text in a field that is not read (Alpaca's ``input``, generate.py's ``prompt``) or an empty
@@ -258,7 +257,7 @@ def read_instruct_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[d
         if key in first:
             repeats.append((r["_line"], first[key]))
         first.setdefault(key, r["_line"])
-    if repeats:  # kept (a user may weight examples so), but a file concatenated twice should not pass unseen
+    if repeats and training:  # kept (a user may weight examples so); a file concatenated twice should not pass unseen
         log.warning("%s: %d line(s) repeat an earlier example word for word (first: line %d repeats line %d); each "
                     "is trained as often as it appears", path, len(repeats), *repeats[0])
     return records, skipped
@@ -399,12 +398,8 @@ def build_instruct_data(cfg: InstructDataConfig, tokenizer=None, examples: Seque
     if examples is None:
         if not cfg.path:
             raise UserError("no instruction data: set data.path (a JSONL file) or pass examples")
-        examples, skipped = read_instruct_jsonl(cfg.path, cfg.skip_bad_lines)
+        examples, skipped = read_instruct_jsonl(cfg.path, cfg.skip_bad_lines, training=True)
     eval_skipped = 0
-    if cfg.path and cfg.eval_path and os.path.exists(cfg.eval_path) and os.path.exists(cfg.path) \
-            and os.path.samefile(cfg.path, cfg.eval_path):
-        raise UserError(f"{cfg.eval_path}: the held-out data is the training data ({cfg.path}): its loss would be a "
-                        "training loss; hold out other examples")
     if eval_examples is None and cfg.eval_path:
         eval_examples, eval_skipped = read_instruct_jsonl(cfg.eval_path, cfg.skip_bad_lines)
     train, stats = _rows(tokenizer, cfg, examples, cfg.path or "examples")

@@ -182,7 +182,8 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
                     obj = loads_json_line(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
                     problem = f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"  # no "at at"
-                    if "\r" in line.rstrip("\r\n"):  # old Mac line ends: the whole file reads as one line
+                    if e.msg == "Extra data" and line[:e.pos].rstrip(" \t").endswith("\r"):  # old Mac line ends:
+                        # the whole file reads as one line, its records run together after a CR
                         problem += "; its lines end in a lone CR: convert the file to LF (or CRLF) line ends"
                 except DuplicateKey as e:
                     problem = str(e)

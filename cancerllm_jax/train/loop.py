@@ -580,6 +580,8 @@ class Trainer:
             if step == 0:  # before any update: not the learning rate
                 raise NonFiniteLoss(f"the base model's eval loss is {total / count} before training; check the data "
                                     f"and the base weights, or use dtype=float32")
+            if mngr.latest_step() == step:  # the final step, saved before its evaluation: not kept as a good run
+                mngr.delete(step)
             raise NonFiniteLoss(f"eval loss is {total / count} at step {step}; {self._stopped(mngr)}")
         if count and logger:
             loss = total / count
