@@ -122,7 +122,8 @@ def _special_stop_ids(tokenizer, stop: tuple[str, ...]) -> set[int]:
         return out
     for s in stop:
         ids = encode_written_prompt(tokenizer, s, bos=False)
-        if len(ids) == 1 and not tokenizer.decode(ids):
+        # one token read as a special token only (as plain text it is other tokens), and it has no decoded text
+        if len(ids) == 1 and tokenizer.encode(s) != ids and not tokenizer.decode(ids):
             out.add(ids[0])
     return out
 

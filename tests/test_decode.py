@@ -305,6 +305,8 @@ def test_a_stop_string_that_is_a_special_token_stops_there():
     assert generated_text(tok, ids, [], ["</s>", "answer"]) == "The "  # a text stop complete first still wins
     assert generated_text(tok, ids, [], ["more"]) == tok.decode(ids)[:-4]  # the special token has no text
     assert generated_text(tok, ids, [], ["<s>"]) == tok.decode(ids)  # not in the ids
+    spaced = tok.encode("stage 4")  # '▁' alone before the digit: a plain token that decodes to nothing here
+    assert 28705 in spaced and generated_text(tok, spaced, [], ["\u2581"]) == "stage 4"  # its text: not found
 
 
 def cj_errors():
