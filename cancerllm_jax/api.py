@@ -13,8 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cancerllm_jax.config import (LoRAConfig, ModelConfig, generation_sampling_settings,
-                                  generation_settings_not_applied, hf_eos_ids)
+from cancerllm_jax.config import LoRAConfig, ModelConfig, generation_settings_to_name, hf_eos_ids
 from cancerllm_jax.errors import UserError, UserTypeError, suggest
 
 log = logging.getLogger(__name__)
@@ -317,12 +316,11 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
     # the config's EOS ids (an HF folder's files, a run's base) and those a converted checkpoint's copied
     # generation_config.json names (checkpoints converted before the config recorded them all)
     eos = {own_eos_id(tok, w.cfg), *w.cfg.eos_token_ids} | hf_eos_ids(path)
-    ignored = generation_settings_not_applied(path)
+    ignored, sampling = generation_settings_to_name(path)
     if ignored:
         log.warning("%s: generation_config.json sets %s, which generate here does not apply (it decodes greedily "
                     "unless given temperature > 0, with top_k / top_p as given): its outputs can differ from "
                     "transformers' generate on this folder", path, ", ".join(ignored))
-    sampling = generation_sampling_settings(path)
     if sampling:
         log.warning("%s: generation_config.json sets %s, which transformers' generate uses when it samples; "
                     "generate here uses only the values it is given: pass them to sample alike", path,

@@ -309,26 +309,21 @@ GENERATION_SETTINGS_NOT_APPLIED = {
 GENERATION_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 
 
-def generation_settings_not_applied(folder: str) -> list[str]:
-    """``key=value`` for each setting of ``folder``'s ``generation_config.json`` that changes transformers'
-    generate and that generate here does not apply (``GENERATION_SETTINGS_NOT_APPLIED``); [] without the file."""
+def generation_settings_to_name(folder: str) -> tuple[list[str], list[str]]:
+    """``key=value`` lists of ``folder``'s ``generation_config.json`` ([] and [] without the file): the settings that
+    change transformers' generate and that generate here does not apply (``GENERATION_SETTINGS_NOT_APPLIED``), and
+    the sampling settings it sets to other than transformers' defaults (``GENERATION_SAMPLING_DEFAULTS``)."""
     path = os.path.join(folder, "generation_config.json")
     if not os.path.isfile(path):
-        return []
+        return [], []
     data = read_json_file(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object")
-    return [f"{k}={json.dumps(data[k])}" for k, neutral in GENERATION_SETTINGS_NOT_APPLIED.items()
-            if data.get(k) is not None and data[k] != neutral and data[k] not in ([], {})]
-
-
-def generation_sampling_settings(folder: str) -> list[str]:
-    """``key=value`` for each sampling setting (``GENERATION_SAMPLING_DEFAULTS``) ``folder``'s
-    ``generation_config.json`` sets to other than transformers' default; [] without the file."""
-    path = os.path.join(folder, "generation_config.json")
-    data = read_json_file(path) if os.path.isfile(path) else {}
-    return [f"{k}={json.dumps(data[k])}" for k, default in GENERATION_SAMPLING_DEFAULTS.items()
-            if isinstance(data, dict) and data.get(k) is not None and data[k] != default]
+    not_applied = [f"{k}={json.dumps(data[k])}" for k, neutral in GENERATION_SETTINGS_NOT_APPLIED.items()
+                   if data.get(k) is not None and data[k] != neutral and data[k] not in ([], {})]
+    sampling = [f"{k}={json.dumps(data[k])}" for k, default in GENERATION_SAMPLING_DEFAULTS.items()
+                if data.get(k) is not None and data[k] != default]
+    return not_applied, sampling
 
 
 def hf_eos_value(cfg: ModelConfig):

@@ -9,6 +9,7 @@ outgrow it stay exact.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -112,20 +113,21 @@ def generated_text(tokenizer, ids: Sequence[int], eos_ids: Sequence[int], stop: 
     return text[:min(found)[1]] if found else text
 
 
-def _special_stop_ids(tokenizer, stop: tuple[str, ...]) -> set[int]:
+@functools.lru_cache(maxsize=32)  # called for every generated row with the same tokenizer and stop strings
+def _special_stop_ids(tokenizer, stop: tuple[str, ...]) -> frozenset[int]:
     """The ids of the ``stop`` strings that are one special token's text (``<|im_end|>``): decoded text drops special
     tokens, so these are found among the ids (transformers' stop_strings finds them in its token strings)."""
     from cancerllm_jax.data.tokenizer import encode_written_prompt
 
     out: set[int] = set()
     if not stop or not hasattr(tokenizer, "encode"):
-        return out
+        return frozenset()
     for s in stop:
         ids = encode_written_prompt(tokenizer, s, bos=False)
         # one token read as a special token only (as plain text it is other tokens), and it has no decoded text
         if len(ids) == 1 and tokenizer.encode(s) != ids and not tokenizer.decode(ids):
             out.add(ids[0])
-    return out
+    return frozenset(out)
 
 
 def _row_keys(seed, n: int) -> np.ndarray:
