@@ -211,15 +211,22 @@ def _check_run_against_predictions(folder: str, metrics: dict[str, Any]) -> None
     except UserError as e:
         raise UserError(f"--run {folder}: its prediction files no longer match the run ({e}); run `evaluate.py run` "
                         "again with the same --out to decode what is missing") from None
+    def numbers(result: Any) -> dict[str, float]:  # the scores trust reads: the protocol's and the radonc ones
+        extra = result.get("radonc") if isinstance(result.get("radonc"), dict) else {}
+        return {**{k: float(result.get(k, float("nan"))) for k in SCORE_KEYS},
+                **{f"radonc {k}": float(v) for k, v in extra.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+
     for task, by_model in metrics["results"].items():
         for model, old in by_model.items():
-            new = fresh.get(task, {}).get(model, {})
-            for key in SCORE_KEYS:
-                if not abs(float(old[key]) - float(new.get(key, float("nan")))) <= 1e-9:
+            was, now = numbers(old), numbers(fresh.get(task, {}).get(model, {}))
+            for key in dict.fromkeys([*was, *now]):
+                a, b = was.get(key, float("nan")), now.get(key, float("nan"))
+                if not (abs(a - b) <= 1e-9 or a != a and b != b):  # NaN in both: the same
                     raise UserError(f"{folder}/metrics.json and its prediction files disagree: {task} / {model} "
-                                    f"{key} is {old[key]:.4f} in metrics.json, {new.get(key, float('nan')):.4f} from "
-                                    "the predictions (the files, or the scorer, changed since the run); re-score "
-                                    f"with `evaluate.py report --out {folder}`")
+                                    f"{key} is {a:.4f} in metrics.json, {b:.4f} from the predictions (the files, or "
+                                    "the scorer, changed since the run); re-score with "
+                                    f"`evaluate.py report --out {folder}`")
 
 
 def cmd_trust(args: argparse.Namespace) -> int:

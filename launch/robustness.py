@@ -11,7 +11,14 @@ are corrupted at that rate and scores each on the clean test set; ``misspell`` s
 contexts are misspelled at each rate (a rate counts the words of two or more letters; codes and numbers are left
 alone). The paper (section 2.5) sets the misspelling rates "when constructing the training dataset" and then feeds
 "the input sentence along with the instruction" to the model; we read this as noisy inputs to a model fine-tuned on
-clean data, the deployment case of misspelled notes, and do not retrain per rate.
+clean data, the deployment case of misspelled notes, and do not retrain per rate. A rate is rounded per record
+(2 % of a 20-word context misspells no word): Table 6's 'misspelled' column gives the share of words actually
+misspelled, and the log warns when a rate leaves records untouched or repeats a lower rate's inputs. A phenotype
+record's question stays as written when the record names its 'sentence' (as the synthetic data does).
+
+Counterfactual wrong labels are drawn from the training data's own labels (and a small built-in list): of the
+record's entity type or another when records name it in an optional 'entity_type' (or 'answer_type') field,
+from all the data's labels otherwise (a warning says so).
 
 Both write OUT/table5.md or OUT/table6.md (with each rate's generation time, tokens/s and peak memory below the
 scores), OUT/robustness.json and OUT/robustness.png; each rate's predictions and scores stay under

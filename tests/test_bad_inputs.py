@@ -1566,6 +1566,9 @@ def test_sigterm_during_the_final_evaluation_keeps_the_trained_steps(tmp_path, c
     assert code == 143 and "Traceback" not in err and "terminated (SIGTERM)" in err, err
     rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl", encoding="utf-8")]
     assert [r["step"] for r in rows] == [1, 2] and not any("eval_loss" in r for r in rows)
+    # tokens_per_s counts padding too; target_tokens_per_s only what the loss is taken on
+    assert all(r["target_tokens_per_s"] == pytest.approx(r["target_tokens"] / r["step_s"]) for r in rows)
+    assert " tok/s (" in err and " trained on)" in err
     monkeypatch.setattr(Trainer, "_evaluate", evaluate)
     code, err = run_cli("launch/pretrain.py", [*args, "--resume"], capsys)
     assert code in (0, None), err

@@ -567,6 +567,14 @@ def test_radonc_icd10_metrics_and_confusion_plot(finished, tmp_path):
     report = (out / "report.md").read_text()
     assert "](icd10_groups_tiny.png)" in report and "group_confusion" not in report
     assert (out / "icd10_groups_tiny.png").read_bytes()[:4] == b"\x89PNG"
+    # trust checks the task's own scores against the predictions too (it compared only EM / BLEU / ROUGE)
+    from cancerllm_jax.errors import UserError
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["results"]["radonc_icd10"]["tiny"]["radonc"]["accuracy"] = 0.9
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(UserError, match=r"radonc_icd10 / tiny radonc accuracy is 0.9000 in metrics.json, 0.5000 from"):
+        _evaluate().main.__wrapped__(["trust", "--run", f"a={out}"])
 
 
 def test_temperature_scan_runs_each_temperature_and_tests_the_first_model(finished, tmp_path, capsys):

@@ -361,6 +361,12 @@ def test_alpaca_input_field_is_not_silently_dropped(tmp_path):
     output.write_text(json.dumps({"instruction": "Q", "output": "A"}) + "\n")
     with pytest.raises(UserError, match=r"output\.jsonl:1: missing field 'response' \(rename 'output' to 'response'"):
         read_instruct_jsonl(str(output))
+    chat = tmp_path / "chat.jsonl"  # a chat record: named as such (it was a bare "missing field")
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "Q"}, {"role": "assistant",
+                                                                             "content": "A"}]}) + "\n")
+    with pytest.raises(UserError, match=r"chat\.jsonl:1: missing field 'instruction' \(this is a chat record, "
+                                        r"'messages': a list of turns; write each example as 'instruction'"):
+        read_instruct_jsonl(str(chat))
     prompt = tmp_path / "prompt.jsonl"  # generate.py's field beside an instruction was dropped silently
     prompt.write_text(json.dumps({"instruction": "Q", "prompt": "the note", "response": "A"}) + "\n")
     with pytest.raises(UserError, match=r"prompt\.jsonl:1: field 'prompt' is not read here"):

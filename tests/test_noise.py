@@ -79,7 +79,8 @@ def test_misspell_record_touches_only_fields():
     out = misspell_record(rec, 0.5, seed=1)
     assert out["instruction"] == rec["instruction"] and out["response"] == rec["response"]
     assert out["context"] != TEXT and rec["context"] == TEXT
-    assert out["noise"] == {"kind": "misspell", "rate": 0.5, "words": round_half_up(0.5 * len(eligible_words(TEXT)))}
+    n = len(eligible_words(TEXT))
+    assert out["noise"] == {"kind": "misspell", "rate": 0.5, "words": round_half_up(0.5 * n), "eligible": n}
 
 
 def _records():
@@ -178,3 +179,35 @@ def test_counterfactual_labels_are_absent_even_inside_slashed_receptor_lists():
     new, _ = corrupt_phenotype_labels(recs, 1.0, seed=0)
     present = {"pr", "pr+", "her2", "her2-", "er, pr", "her2/neu"}
     assert not present & {r["response"].lower() for r in new}
+
+
+def test_a_phenotype_question_is_never_misspelled():
+    """A phenotype context holds the question: only the record's sentence inside it is misspelled (the question
+    used to be misspelled with it); without a sentence in the context the whole context is, as for other tasks."""
+    sentence = "Invasive ductal carcinoma of the left breast, nottingham grade two."
+    question = "Which histological type does this passage mention?"
+    rec = {"id": 1, "sentence": sentence, "context": f'Given the text "{sentence}" - {question}', "response": "x"}
+    out = misspell_record(rec, 1.0, seed=3)
+    n = len(eligible_words(sentence))
+    assert out["noise"] == {"kind": "misspell", "rate": 1.0, "words": n, "eligible": n}
+    assert out["context"].startswith('Given the text "') and out["context"].endswith(f'" - {question}')
+    assert sentence not in out["context"]
+    whole = misspell_record({**rec, "sentence": "not in the context"}, 1.0, seed=3)
+    assert question not in whole["context"] and whole["noise"]["eligible"] == len(eligible_words(rec["context"]))
+
+
+def test_counterfactual_without_entity_types_draws_from_the_data_labels():
+    """Records in the documented format (no entity_type) get wrong labels from the data's own labels (they were all
+    drawn from the 24 built-in strings)."""
+    from cancerllm_jax.eval.noise import FALLBACK_ENTITIES
+
+    recs = [{k: v for k, v in r.items() if k != "entity_type"} for r in _records()]
+    new, ids = corrupt_phenotype_labels(recs, 1.0, seed=0)
+    own = {r["response"] for r in recs} - {NOT_RELEVANT}
+    built_in = {e for es in FALLBACK_ENTITIES.values() for e in es}
+    wrong = [r["response"] for r in new]
+    assert len(ids) == len(recs) and all(w in own for w in wrong) and not set(wrong) & (built_in - own)
+    assert {r["counterfactual"]["kind"] for r in new} <= {"other_label", "not_relevant_swap"}
+    for old, r in zip(recs, new):
+        assert r["response"] != old["response"]
+        assert r["response"].lower() not in old["sentence"].lower()

@@ -547,3 +547,53 @@ def test_cli_refuses_rates_that_would_share_a_folder(tmp_path):
     with pytest.raises(UserError, match="too close to tell apart"):
         _launch_robustness().main.__wrapped__(["misspell", "--model", "m", "--out", str(tmp_path / "o"),
                                                "--rates", "0.2,0.2000000000001"])
+
+
+def test_misspelling_reports_the_share_actually_misspelled(tmp_path, monkeypatch):
+    """Rates round per text: on short texts 2 % misspells nothing and 4 % and 6 % the same words. The rows and
+    Table 6 give the share actually misspelled, and the log says so (Table 6 showed only the requested rate)."""
+    monkeypatch.setattr(rb, "decode", lambda lm, records, task, settings: (
+        [r["response"] for r in records], {"seconds": 0.0}, ["h"] * len(records)))
+    text = " ".join(["tumour"] * 20)  # 20 words: 2 % → 0 words, 4 % and 6 % → 1 word
+    recs = [{"id": i, "instruction": "Answer.", "context": text, "response": "x"} for i in range(3)]
+    logs = []
+    res = rb.misspelling_sweep(object(), {"diagnosis": recs}, tmp_path, rates=[0.02, 0.04, 0.06, 0.5],
+                               log=logs.append)
+    got = [(r["rate"], r["misspelled_words"], r["eligible_words"], r["misspelled_share"]) for r in res.rows]
+    assert got == [(0.02, 0, 60, 0.0), (0.04, 3, 60, 0.05), (0.06, 3, 60, 0.05), (0.5, 30, 60, 0.5)]
+    assert any("rate 0.06 misspells the very words of rate 0.04" in m for m in logs)
+    assert any("3 of 3 test texts have too few words" in m and "0.02" in m for m in logs)
+    assert not any("too few words" in m and " 0.5:" in m for m in logs)
+    table = Path(rb.write_outputs(tmp_path, res, "m")["table"]).read_text()
+    assert "| Task | Model | rate | misspelled | EM P |" in table
+    assert "Misspelling robustness on diagnosis generation (" in table
+    assert "| diagnosis | m | 2% | 0.00% |" in table and "|  |  | 6% | 5.00% |" in table
+    key = json.loads((tmp_path / "misspell" / "diagnosis" / "rate_04" / "scores.json").read_text())["settings"]
+    assert key["noisy_set"] != json.loads((tmp_path / "misspell" / "diagnosis" / "rate_50" / "scores.json")
+                                          .read_text())["settings"]["noisy_set"]
+
+
+def test_misspelling_a_phenotype_question_is_warned_only_without_a_sentence(tmp_path, monkeypatch):
+    monkeypatch.setattr(rb, "decode", lambda lm, records, task, settings: (
+        [r["response"] for r in records], {"seconds": 0.0}, ["h"] * len(records)))
+    recs = _recs("phenotype", 2)
+    logs = []
+    rb.misspelling_sweep(object(), {"phenotype": recs}, tmp_path / "a", rates=[0.5], log=logs.append)
+    assert not any("question" in m for m in logs)
+    bare = [{k: v for k, v in r.items() if k != "sentence"} for r in recs]
+    rb.misspelling_sweep(object(), {"phenotype": bare}, tmp_path / "b", rates=[0.5], log=logs.append)
+    assert any("2 of 2 test records name no 'sentence'" in m and "the question too" in m for m in logs)
+
+
+def test_counterfactual_warns_when_records_name_no_entity_type(tmp_path):
+    logs = []
+
+    def trainer(cmd, log_path):
+        raise SystemExit("stop here")  # the warning comes before any training
+
+    recs = [{k: v for k, v in r.items() if k != "entity_type"} for r in _recs("phenotype", 4)]
+    with pytest.raises(SystemExit):
+        rb.counterfactual_sweep("base", recs, [], recs, tmp_path, rates=[0.5], trainer=trainer, log=logs.append)
+    assert any("4 of 4 training records name no 'entity_type'" in m for m in logs)
+    settings = json.loads((tmp_path / "counterfactual" / "rate_50" / "settings.json").read_text())
+    assert len(settings["corrupted_set"]) == 16  # the corrupted labels' digest is part of a rate's settings

@@ -103,7 +103,12 @@ def test_trust_never_reports_an_unmeasured_robustness_and_scores_radonc_tasks_by
     regimen = {**scores, "radonc": {"rouge1": 0.5, "rouge1_precision": 0.25, "rouge1_f": 0.3, "per_instance": []}}
     assert entry_from_score(regimen) == {"precision": 25.0, "recall": 50.0, "matching": {"rouge1": 50.0}}
     broken = {**scores, "radonc": {"error": "ValueError: ..."}}
-    assert entry_from_score(broken) == entry_from_score(scores)
+    assert entry_from_score(broken) == entry_from_score(scores)  # not known to be a radiation-oncology task
+    for task, result in (("radonc_modality", broken), ("radonc_icd10", scores)):  # never EM / BLEU / ROUGE instead
+        with pytest.raises(ValueError, match=r"(scorer failed \(ValueError: ...\)|holds no radiation-oncology "
+                                             r"scores); a radiation-oncology task counts only with its own metrics"):
+            entry_from_score(result, task)
+    assert entry_from_score(modality, "radonc_modality")["matching"] == {"accuracy": 100.0, "f1": pytest.approx(85)}
     legacy = {**scores, "radonc": {"rouge1": 0.5, "per_instance": []}}  # before rouge1_precision was recorded
     with pytest.raises(ValueError, match="no numeric rouge1_precision; re-score the run with `evaluate.py report"):
         entry_from_score(legacy)

@@ -85,12 +85,20 @@ def content_digest(arrays) -> str:
 ALPACA_FIELDS = {"response": "output"}  # our field -> the Alpaca name a user's file may hold it under
 
 
+CHAT_FIELDS = ("messages", "conversations", "conversation")  # chat-format records (OpenAI / ShareGPT style)
+
+
 def renamed_field_hint(name: str, record: dict) -> str:
     """For a missing field: " (rename 'output' to 'response')" when the record holds its Alpaca name, else the
     nearest key (" (did you mean X?)") or ''."""
     alpaca = ALPACA_FIELDS.get(name)
     if alpaca is not None and alpaca in record:
         return f" (rename '{alpaca}' to '{name}': Alpaca's '{alpaca}' is our '{name}')"
+    chat = next((k for k in CHAT_FIELDS if isinstance(record.get(k), list)), None)
+    if chat is not None and name in ("instruction", "response"):
+        return (f" (this is a chat record, '{chat}': a list of turns; write each example as 'instruction', "
+                "optional 'context' and 'response' text fields, e.g. the user turn as the instruction and the "
+                "assistant turn as the response)")
     return suggest(name, record.keys())
 
 

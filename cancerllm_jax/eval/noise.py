@@ -7,11 +7,15 @@
   ``ct2n2am1``, numbers and words with other letters (``café``, ``naïve``) are never touched, nor cut in two.
 - :func:`corrupt_phenotype_labels` gives an exact share of phenotype training instances a wrong label: an entity
   (of the same or another entity type) that does not occur in the instance's sentence, or, for a
-  ``Not relevant`` instance, such an irrelevant entity in place of ``Not relevant``.
+  ``Not relevant`` instance, such an irrelevant entity in place of ``Not relevant``. Wrong labels are drawn from
+  the data's own labels of the chosen type together with a small built-in list per type; a record that names no
+  ``entity_type`` / ``answer_type`` draws from all of the data's labels (the built-in ones only when none fits).
 
-Counts are ``round(rate × n)`` rounded half up; every choice comes from a ``random.Random`` seeded with a string,
-so results are identical across runs and processes. Each rate is drawn on its own: the words or instances noised
-at a lower rate are not necessarily among those noised at a higher one. Pure Python: no jax, no numpy.
+Counts are ``round(rate × n)`` rounded half up, per text for misspellings (so on short texts the share misspelled
+differs from the rate: 2 % of 20 words is no word; the sweep reports the share actually misspelled); every choice
+comes from a ``random.Random`` seeded with a string, so results are identical across runs and processes. Each rate
+is drawn on its own: the words or instances noised at a lower rate are not necessarily among those noised at a
+higher one. Pure Python: no jax, no numpy.
 """
 from __future__ import annotations
 
@@ -141,15 +145,29 @@ def misspell_text(text: str, rate: float, seed: int | str) -> str:
 def misspell_record(record: dict, rate: float, seed: int | str, fields: Sequence[str] = ("context",)) -> dict:
     """A copy of ``record`` with ``fields`` misspelled (per field seed: seed, record id, field name).
 
-    The copy gains ``noise = {"kind": "misspell", "rate", "words"}`` (words actually misspelled).
+    A phenotype record's context also holds its question; when the record names its ``sentence`` and that sentence
+    occurs in the context, only the sentence is misspelled there (the question and the framing stay as written).
+    The copy gains ``noise = {"kind": "misspell", "rate", "words", "eligible"}``: words actually misspelled, and the
+    eligible words of the text they were drawn from.
     """
     out = dict(record)
-    n = 0
+    n = eligible = 0
+    sentence = record.get("sentence")
     for name in fields:
-        if isinstance(record.get(name), str):
-            out[name], edits = misspell_edits(record[name], rate, f"{seed}:{record.get('id', '')}:{name}")
-            n += len(edits)
-    out["noise"] = {"kind": "misspell", "rate": rate, "words": n}
+        text = record.get(name)
+        if not isinstance(text, str):
+            continue
+        field_seed = f"{seed}:{record.get('id', '')}:{name}"
+        if name == "context" and isinstance(sentence, str) and sentence.strip() and sentence in text:
+            at = text.index(sentence)
+            noisy, edits = misspell_edits(sentence, rate, field_seed)
+            out[name] = text[:at] + noisy + text[at + len(sentence):]
+            eligible += len(eligible_words(sentence))
+        else:
+            out[name], edits = misspell_edits(text, rate, field_seed)
+            eligible += len(eligible_words(text))
+        n += len(edits)
+    out["noise"] = {"kind": "misspell", "rate": rate, "words": n, "eligible": eligible}
     return out
 
 
@@ -203,33 +221,54 @@ def _absent(label: str, views: tuple[tuple[str, ...], ...]) -> bool:
                                for item in items)
 
 
+def entity_type(record: dict) -> str | None:
+    """A phenotype record's entity type (``entity_type``, else ``answer_type``), or None when it names none."""
+    etype = record.get("entity_type") or record.get("answer_type")
+    return str(etype) if etype else None
+
+
+UNTYPED = ""  # the pool key of labels whose records name no entity type
+
+
 def entity_pool(records: Iterable[dict]) -> dict[str, list[str]]:
     """Entity type → the distinct labels seen in ``records`` (first-seen order), ``Not relevant`` in any case
-    left out."""
+    left out; labels of records that name no type are pooled under ``UNTYPED`` (``""``)."""
     pool: dict[str, dict[str, None]] = {}
     for r in records:
         label = str(r.get("response", "")).strip()
-        etype = r.get("entity_type") or r.get("answer_type")
-        if etype and label and not _not_relevant(label):
-            pool.setdefault(etype, {})[label] = None
+        if label and not _not_relevant(label):
+            pool.setdefault(entity_type(r) or UNTYPED, {})[label] = None
     return {t: list(v) for t, v in pool.items()}
 
 
 def _wrong_label(record: dict, pool: dict[str, list[str]], rng: random.Random) -> tuple[str, str]:
-    """(wrong label, kind) for one record; the label is absent from its sentence and context."""
+    """(wrong label, kind) for one record; the label is absent from its sentence and context.
+
+    A record of a known type gets, with equal odds, a label of its own type or of another; a ``Not relevant``
+    record gets a label of any type. A record that names no type gets one of the data's own labels of any type
+    (kind ``other_label``, or ``not_relevant_swap``; the built-in ``FALLBACK_ENTITIES`` only when none of them is
+    absent from its sentence).
+    """
     words = _views(f"{record.get('sentence', '')}\n{record.get('context', '')}")
     gold = str(record.get("response", "")).strip()
-    etype = record.get("entity_type") or record.get("answer_type")
+    etype = entity_type(record)
     types = sorted(set(pool) | set(FALLBACK_ENTITIES))
+    typed = [t for t in types if t != UNTYPED]
     if _not_relevant(gold):
         order = [("not_relevant_swap", t) for t in rng.sample(types, len(types))]
+        if etype is None:  # its type unknown: the data's own labels first
+            order = [("not_relevant_swap", None)] + order
+    elif etype is None:  # its type unknown: any of the data's labels, then the built-in ones
+        order = [("other_label", None)] + [("other_type", t) for t in rng.sample(typed, len(typed))]
     else:
         others = [t for t in types if t != etype]
         first = ("same_type", etype) if rng.random() < 0.5 else ("other_type", rng.choice(others))
         order = [first] + [("same_type", etype)] + [("other_type", t) for t in rng.sample(others, len(others))]
     gold_items = {scorer_words(a) for a in _split(gold)}  # a candidate sharing a normalised item would score as right
+    own = list(dict.fromkeys(c for labels in pool.values() for c in labels))
     for kind, t in order:
-        candidates = [c for c in pool.get(t, []) + list(FALLBACK_ENTITIES.get(t, ()))
+        offered = own if t is None else pool.get(t, []) + list(FALLBACK_ENTITIES.get(t, ()))
+        candidates = [c for c in offered
                       if _absent(c, words) and not gold_items & {scorer_words(a) for a in _split(c)}]
         if candidates:
             return rng.choice(candidates), kind
@@ -240,8 +279,8 @@ def corrupt_phenotype_labels(records: Sequence[dict], rate: float, seed: int | s
     """Give ``round(rate × n)`` phenotype records (seeded choice) a wrong label absent from their sentence.
 
     Returns ``(new_records, corrupted ids)``; other records are copied unchanged. A corrupted record keeps its
-    original label under ``counterfactual = {"original", "kind"}`` with kind ``same_type``, ``other_type`` or
-    ``not_relevant_swap``.
+    original label under ``counterfactual = {"original", "kind"}`` with kind ``same_type``, ``other_type``,
+    ``not_relevant_swap`` or, for a record that names no entity type, ``other_label``.
     """
     _check_rate(rate)
     idx = [i for i, r in enumerate(records) if r.get("task", "phenotype") == "phenotype"]

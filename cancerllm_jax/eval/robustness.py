@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from cancerllm_jax.errors import UserError
-from cancerllm_jax.eval.noise import corrupt_phenotype_labels, misspell_record
+from cancerllm_jax.eval.noise import corrupt_phenotype_labels, entity_type, misspell_record
 from cancerllm_jax.eval.protocol import score
 from cancerllm_jax.eval.runner import (_ADDED_KEYS, adapter_fingerprint, differences, model_fingerprint,
                                        peak_memory, read_json_file, tokenizer_sha256, tokenizer_spec)
@@ -371,6 +371,11 @@ def counterfactual_sweep(base_model: str, train: Sequence[dict], val: Sequence[d
     """Per rate: corrupt the training labels, fine-tune ``base_model``, score on the clean ``test`` set. A rate is
     reused, resumed or refused as the module doc says; every rate is checked before any is computed."""
     settings = settings or DecodeSettings()
+    untyped = sum(entity_type(r) is None for r in train)
+    if untyped and any(rate > 0 for rate in rates):
+        log(f"warning: counterfactual: {untyped} of {len(train)} training records name no 'entity_type' (or "
+            "'answer_type'): their wrong labels are drawn from all of the data's labels, whatever their type, and "
+            "none is a same-type swap (add the field to choose within a type)")
     root = Path(out_dir) / "counterfactual"
     base = {"format": SETTINGS_FORMAT, "sweep": "counterfactual", **model_key(base_model, "base_model"),
             "seed": seed, "epochs": epochs, "overrides": canonical_overrides(overrides),
@@ -380,10 +385,11 @@ def counterfactual_sweep(base_model: str, train: Sequence[dict], val: Sequence[d
     plans = []
     for rate in rates:  # check every rate's cache and run first: a refusal comes before any work
         d = rate_dir(root, rate)
-        train_key = {**base, "rate": rate}
+        corrupted = corrupt_phenotype_labels(train, rate, seed)
+        train_key = {**base, "rate": rate, "corrupted_set": records_digest(corrupted[0])}
         key = {**train_key, **eval_key}
         result = _cached(d, key, overwrite, log)
-        plans.append((rate, d, train_key, key, result, None if result is not None else
+        plans.append((rate, d, train_key, key, result, corrupted, None if result is not None else
                       _training_state(d, train_key, overwrite)))
     if val:
         write_jsonl(root / "val.jsonl", val)
@@ -391,9 +397,8 @@ def counterfactual_sweep(base_model: str, train: Sequence[dict], val: Sequence[d
         log("[counterfactual] no validation split: the fine-tuning runs report no held-out loss")
     write_jsonl(root / "test.jsonl", test)
     rows = []
-    for rate, d, train_key, key, result, state in plans:
+    for rate, d, train_key, key, result, (corrupted_records, ids), state in plans:
         d.mkdir(parents=True, exist_ok=True)
-        corrupted_records, ids = corrupt_phenotype_labels(train, rate, seed)
         if result is None:
             if state == "fresh":
                 for stale in ("run", "scores.json", "settings.json"):
@@ -429,6 +434,36 @@ def counterfactual_sweep(base_model: str, train: Sequence[dict], val: Sequence[d
                         "n_train": len(train), "n_val": len(val), "n_test": len(test)})
 
 
+def _warn_question_misspelled(task: str, records: Sequence[dict], rates: Sequence[float],
+                              log: Callable[[str], None]) -> None:
+    """Warn when phenotype records do not name their ``sentence`` inside their context: their whole context, the
+    question too, is misspelled (a record that does has only its sentence misspelled)."""
+    if task != "phenotype" or not any(rate > 0 for rate in rates):
+        return
+    whole = sum(not (isinstance(r.get("sentence"), str) and r["sentence"].strip()
+                     and r["sentence"] in str(r.get("context", ""))) for r in records)
+    if whole:
+        log(f"warning: misspell phenotype: {whole} of {len(records)} test records name no 'sentence' found in their "
+            "context, so their whole context is misspelled, the question too (give each record its 'sentence' to "
+            "misspell only that)")
+
+
+def _warn_short_texts(task: str, rate: float, noisy: Sequence[dict], same_as: float | None,
+                      log: Callable[[str], None]) -> None:
+    """Warn when ``rate`` leaves texts with words unmisspelled (round(rate × words) = 0: short texts), or gives the
+    very inputs of a lower rate ``same_as``: the table's rate then says more than was done."""
+    if rate <= 0:
+        return
+    if same_as is not None:
+        log(f"warning: misspell {task}: rate {rate:.4g} misspells the very words of rate {same_as:.4g} (the texts "
+            "are too short for the two rates to differ); its row repeats that rate's inputs")
+    untouched = sum(r["noise"]["eligible"] > 0 and r["noise"]["words"] == 0 for r in noisy)
+    if untouched:
+        log(f"warning: misspell {task} {rate:.4g}: {untouched} of {len(noisy)} test texts have too few words for "
+            f"one misspelling at this rate (round(rate x words) = 0); they are scored clean, and the share actually "
+            "misspelled is in robustness.json and table6.md")
+
+
 def misspelling_sweep(model: str | Any, tests: dict[str, Sequence[dict]], out_dir: str | os.PathLike,
                       rates: Sequence[float] = MISSPELLING_RATES, seed: int = 0,
                       settings: DecodeSettings | None = None, log: Callable[[str], None] = print,
@@ -452,24 +487,33 @@ def misspelling_sweep(model: str | Any, tests: dict[str, Sequence[dict]], out_di
         base["model_adapter"] = adapter_fingerprint(adapter)
     plans = []
     for task, records in tests.items():
+        _warn_question_misspelled(task, records, rates, log)
+        seen: dict[str, float] = {}
         for rate in rates:
             d = rate_dir(root / task, rate)
+            noisy = [misspell_record(r, rate, seed) for r in records]
+            noisy_set = records_digest([{k: v for k, v in r.items() if k != "noise"} for r in noisy])  # the inputs
+            _warn_short_texts(task, rate, noisy, seen.get(noisy_set), log)
+            seen.setdefault(noisy_set, rate)
             key = {**base, "task": task, "rate": rate, "test_set": records_digest(records), "n_test": len(records),
-                   **settings.key(task)}
-            plans.append((task, records, rate, d, key, _cached(d, key, overwrite, log)))
+                   "noisy_set": noisy_set, **settings.key(task)}
+            plans.append((task, noisy, rate, d, key, _cached(d, key, overwrite, log)))
     lm = None
     rows = []
-    for task, records, rate, d, key, result in plans:
+    for task, noisy, rate, d, key, result in plans:
         d.mkdir(parents=True, exist_ok=True)
-        noisy = [misspell_record(r, rate, seed) for r in records]
         if result is None:
             write_jsonl(d / "test.jsonl", noisy)
             if lm is None:
                 lm = load_model(model, settings.dtype, adapter) if isinstance(model, str) else model
             result = evaluate_records(lm, noisy, task, settings, d, key)
         words = sum(r["noise"]["words"] for r in noisy)
-        rows.append({"task": task, "rate": rate, "misspelled_words": words, **result})
-        log(f"[misspell {task} {rate:.0%}] {words} words misspelled; Avg F1 {result['avg_f1']:.2f}")
+        eligible = sum(r["noise"]["eligible"] for r in noisy)
+        share = words / eligible if eligible else 0.0
+        rows.append({"task": task, "rate": rate, "misspelled_words": words, "eligible_words": eligible,
+                     "misspelled_share": share, **result})
+        log(f"[misspell {task} {rate:.0%}] {words} of {eligible} words misspelled ({share:.2%}); "
+            f"Avg F1 {result['avg_f1']:.2f}")
     return SweepResult("misspell", rows, {t: mean_over_rates(rows, t) for t in tests},
                        {"model": model if isinstance(model, str) else getattr(model, "source", "LM"),
                         **({"adapter": adapter} if adapter else {}), "seed": seed,
@@ -488,28 +532,40 @@ def _pct(rate: float) -> str:
     return f"{rate * 100:g}%" + (" (clean)" if rate == 0 else "")
 
 
+TASK_WORDS = {"phenotype": "phenotype extraction", "diagnosis": "diagnosis generation",
+              "treatment_plan": "treatment-plan generation"}
+
+
 def table_markdown(result: SweepResult, model_name: str) -> str:
     """Table 5 (counterfactual) or Table 6 (misspellings) in the paper's layout, plus the mean Average F1."""
     number = "5" if result.kind == "counterfactual" else "6"
+    tasks = list(dict.fromkeys(r["task"] for r in result.rows))
+    named = " and ".join(TASK_WORDS.get(t, t.replace("_", " ")) for t in tasks)
     title = ("Counterfactual robustness on phenotype extraction (rate = share of wrongly labelled training "
              "instances; evaluated on the clean test set)" if number == "5" else
-             "Misspelling robustness on diagnosis and treatment-plan generation (rate = share of the words of "
-             "each test instance's context misspelled, counting words of two or more letters; the fine-tuned model "
-             "is scored on the misspelled inputs, not retrained)")
-    head = ["Task", "Model", "rate"] + [f"{lab} {x}" for _, lab in METRIC_LABELS for x in ("P", "R", "F1")]
-    head += ["Avg F1", "n"]
+             f"Misspelling robustness on {named} (rate = share of the words of each test instance's context "
+             "misspelled, counting words of two or more letters, rounded per instance: the column 'misspelled' "
+             "gives the share of all words actually misspelled; a phenotype context's question is left as written "
+             "when the record names its sentence; the fine-tuned model is scored on the misspelled inputs, not "
+             "retrained)")
+    misspell = number == "6"
+    head = ["Task", "Model", "rate"] + (["misspelled"] if misspell else [])
+    head += [f"{lab} {x}" for _, lab in METRIC_LABELS for x in ("P", "R", "F1")] + ["Avg F1", "n"]
     lines = [f"**Table {number}.** {title}", "", "| " + " | ".join(head) + " |",
              "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
-    for task in dict.fromkeys(r["task"] for r in result.rows):
+    for task in tasks:
         first = True
         for r in (r for r in result.rows if r["task"] == task):
             cells = [task.replace("_", " ") if first else "", model_name if first else "", _pct(r["rate"])]
+            if misspell:
+                share = r.get("misspelled_share")  # absent from rows of earlier versions
+                cells.append("–" if share is None else f"{share * 100:.2f}%")
             cells += [f"{r[f'{m}_{x}']:.2f}" for m, _ in METRIC_LABELS for x in ("p", "r", "f1")]
             cells += [f"{r['avg_f1']:.2f}", str(r["n"])]
             lines.append("| " + " | ".join(cells) + " |")
             first = False
         avg = result.mean_avg_f1.get(task)
-        mean = ["", "", "**mean over rates**"] + [""] * 9 + ["–" if avg is None else f"**{avg:.2f}**", ""]
+        mean = ["", "", "**mean over rates**"] + [""] * (9 + misspell) + ["–" if avg is None else f"**{avg:.2f}**", ""]
         lines.append("| " + " | ".join(mean) + " |")
     s = result.settings
     dec = s.get("decode", {})

@@ -39,11 +39,20 @@ def _matching(entry: Mapping[str, Any]) -> list[float]:
     return [float(v) for v in m.values()] if isinstance(m, Mapping) else [float(m)]
 
 
-def entry_from_score(result: Mapping[str, Any]) -> dict[str, Any]:
+def entry_from_score(result: Mapping[str, Any], task: str | None = None) -> dict[str, Any]:
     """A trust entry from a CancerLLM score dict: precision / recall = mean of the EM, BLEU-2 and ROUGE-L
     precisions / recalls; matching = the three F1s. A result with ``radonc`` metrics (``evaluate.py run`` on a
-    radiation-oncology task) is scored with those instead (see the module doc), in percent."""
+    radiation-oncology task) is scored with those instead (see the module doc), in percent; a radiation-oncology
+    ``task`` without them (its scorer failed, or an older version wrote the run) is a ``ValueError``, never scored
+    with the EM / BLEU / ROUGE figures in their place."""
+    from cancerllm_jax.eval.tasks import TASKS
+
     extra = result.get("radonc")
+    if task in TASKS and TASKS[task].kind == "radonc" and not (isinstance(extra, Mapping) and "error" not in extra):
+        why = (f"its radiation-oncology scorer failed ({extra['error']})" if isinstance(extra, Mapping) else
+               "it holds no radiation-oncology scores")
+        raise ValueError(f"{why}; a radiation-oncology task counts only with its own metrics: re-score the run with "
+                         "`evaluate.py report --out DIR`")
     if isinstance(extra, Mapping) and "error" not in extra:
         needed = _REGIMEN_KEYS if "rouge1" in extra else _CLASSIFICATION_KEYS
         missing = [k for k in needed if isinstance(extra.get(k), bool)
@@ -140,7 +149,7 @@ def trust_from_runs(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str
             for task, by_model in metrics.get("results", {}).items():
                 if model in by_model:
                     try:
-                        per.setdefault(task, {})[dataset] = entry_from_score(by_model[model])
+                        per.setdefault(task, {})[dataset] = entry_from_score(by_model[model], task)
                     except ValueError as e:
                         raise ValueError(f"run {dataset!r}, {task} / {model}: {e}") from None
         out[model] = trust_metrics(per) | {"coverage": {task: sorted(d) for task, d in per.items()}}

@@ -495,9 +495,10 @@ class Trainer:
                     # a non-finite gradient with a finite loss has already made the new weights NaN: never saved
                     raise NonFiniteLoss(f"loss is {metrics['loss']} (gradient norm {metrics['grad_norm']}) at step "
                                         f"{step}; {self._stopped(mngr)}")
-                tokens = cfg.batch_size * data.seq_len
+                tokens = cfg.batch_size * data.seq_len  # positions computed, padding included (what MFU counts)
                 row = {"step": step, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "lr": metrics["lr"],
-                       "target_tokens": int(metrics["tokens"]), "tokens_per_s": tokens / dt, "step_s": dt}
+                       "target_tokens": int(metrics["tokens"]), "tokens_per_s": tokens / dt,
+                       "target_tokens_per_s": metrics["tokens"] / dt, "step_s": dt}
                 if peak:
                     row["mfu"] = flops_tok * tokens / dt / (peak * jax.device_count())
                 if logger and (step % cfg.log_every == 0 or step == end):
@@ -830,7 +831,8 @@ def _progress(total: int, start: int):
 
         def update(step, row):
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            trained_tok_s=f"{row['target_tokens_per_s']:.0f}")
             if step == total:
                 bar.close()
 
@@ -840,6 +842,7 @@ def _progress(total: int, start: int):
     def update(step, row):
         if step % every == 0 or step == total or step == start + 1:
             print(f"step {step}/{total} loss {row['loss']:.4f} grad_norm {row['grad_norm']:.3f} lr {row['lr']:.2e} "
-                  f"{row['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
+                  f"{row['tokens_per_s']:.0f} tok/s ({row['target_tokens_per_s']:.0f} trained on)", file=sys.stderr,
+                  flush=True)
 
     return update
