@@ -175,7 +175,8 @@ def _tokenizer_in(folder: str) -> str | None:
 
 
 class LM:
-    """A loaded model on a mesh. ``logits`` and ``generate`` compile once per input shape bucket."""
+    """A loaded model on a mesh. ``logits`` compiles once per batch size and sequence-length bucket; ``generate``
+    once per prompt-length bucket, batch and decoding budget (see ``cancerllm_jax.decode``)."""
 
     def __init__(self, model, cfg: ModelConfig, tokenizer: Any, mesh, source: str = "",
                  eos_ids: tuple[int, ...] | None = None, adapter: str | None = None):
@@ -237,13 +238,18 @@ class LM:
             seg = mask.astype(np.int32)
         from cancerllm_jax import sharding
 
+        from cancerllm_jax.decode import bucket_length
+
         d = self.mesh.shape["data"]
-        b = ids.shape[0]
+        b, t = ids.shape
         pad = (-b) % d
         x, seg = ((np.concatenate([a, np.full((pad, a.shape[1]), fill, a.dtype)]) if pad else a)
                   for a, fill in ((ids, 0), (seg, 1)))
+        # right-padded to the length bucket (one compile per bucket, not per length): causal attention keeps the
+        # padding, at the end and of mask 0, out of every real position's logits
+        x, seg = (np.pad(a, ((0, 0), (0, bucket_length(t, minimum=1) - t))) for a in (x, seg))
         x, seg = (jax.device_put(jnp.asarray(a, jnp.int32), sharding.batch_sharding(self.mesh)) for a in (x, seg))
-        out = np.asarray(self._logits_fn(self.state, x, seg))[:b]
+        out = np.asarray(self._logits_fn(self.state, x, seg))[:b, :t]
         return out[0] if squeeze else out
 
     def generate(self, prompts, max_new_tokens: int = 64, **kwargs):
@@ -256,9 +262,16 @@ class LM:
         from cancerllm_jax.decode import Decoder
 
         refuse_unknown_arguments("generate", kwargs, Decoder.generate,
-                                 {"do_sample": " (temperature=0.0 is greedy, > 0 samples)"})
+                                 {"do_sample": " (temperature=0.0 is greedy, > 0 samples)",
+                                  "max_length": " (use max_new_tokens=: the tokens generated after the prompt)",
+                                  "num_beams": " (beam search is not supported: decoding is greedy or sampled)"})
         if hasattr(prompts, "__array__"):  # an id array [B, T] (numpy, jax, torch): one prompt per row
-            prompts = np.asarray(prompts).tolist()
+            prompts = np.asarray(prompts)
+            if prompts.ndim != 2:
+                raise UserError(f"prompts: an id array must be 2-D [B, T], one prompt per row, got shape "
+                                f"{prompts.shape}" + (" (one prompt: pass [ids] or ids[None])" if prompts.ndim == 1
+                                                      else ""))
+            prompts = prompts.tolist()
         if self._decoder is None:
             self._decoder = Decoder(self)
         return self._decoder.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)

@@ -1,12 +1,12 @@
 """Batched generation: a jitted prefill, then a jitted ``lax.while_loop`` decode over a static-shape KV cache.
 
-Prompts are left-padded into a bucketed length (so a run compiles a handful of times, not once per prompt);
-each row keeps its own positions (0 at its first real token), so a batch of ragged prompts gives the same tokens
-as each prompt alone. A prefix every prompt of a batch shares is prefilled once; rows of spread lengths are
-prefilled in length groups. Rows stop independently at EOS; the loop ends when every row is done or the budget is
-spent, without returning to the host. The sliding window is applied by the attention mask, so sequences that
-outgrow it stay exact.
-"""
+Prompts are left-padded into a bucketed length (so a run compiles a handful of times, not once per prompt: the
+compiled shapes are keyed on the prompt-length bucket, the batch rows, ``max_new_tokens``, ``top_k``, the EOS ids
+and greedy vs sampling; ``temperature``, ``top_p`` and ``seed`` are traced, so changing them compiles nothing); each
+row keeps its own positions (0 at its first real token), so a batch of ragged prompts gives the same tokens as each
+prompt alone. A prefix every prompt of a batch shares is prefilled once; rows of spread lengths are prefilled in
+length groups. Rows stop independently at EOS; the loop ends when every row is done or the budget is spent, without
+returning to the host. The sliding window is applied by the attention mask, so sequences that outgrow it stay exact."""
 from __future__ import annotations
 
 import functools

@@ -80,6 +80,25 @@ def test_unknown_arguments_of_load_and_generate_are_user_errors(base_and_adapter
     assert isinstance(e.value, TypeError) and lm._decoder is None
     with pytest.raises(cj.UserError, match="'temprature' \\(did you mean 'temperature'\\?\\)"):
         lm.generate([[5, 6]], max_new_tokens=2, temprature=0.5)
+    with pytest.raises(cj.UserError, match="'max_length' \\(use max_new_tokens=: the tokens generated after"):
+        lm.generate([[5, 6]], max_length=5)
+    with pytest.raises(cj.UserError, match="'num_beams' \\(beam search is not supported"):
+        lm.generate([[5, 6]], num_beams=2)
+    with pytest.raises(cj.UserError, match=r"2-D \[B, T\], one prompt per row, got shape \(3,\) \(one prompt: pass"):
+        lm.generate(np.array([5, 6, 7]), max_new_tokens=2)  # was "prompt 0: expected a list of token ids"
+
+
+def test_dtype_names_and_torch_dtypes():
+    """A torch dtype is taken by its name (np / jnp dtypes were, torch's were refused); a name with other digits gets
+    no misleading suggestion (float64 was 'did you mean float16?')."""
+    from cancerllm_jax.model import resolve_dtype
+
+    assert resolve_dtype(torch.bfloat16) == resolve_dtype("bfloat16") and resolve_dtype(torch.float16).itemsize == 2
+    for name, words in (("float64", "not supported; choose"), ("flaot32", "did you mean 'float32'"),
+                        ("torch.float16", "(write 'float16')"), (torch.float64, "not supported; choose")):
+        with pytest.raises(cj.UserError) as e:
+            resolve_dtype(name)
+        assert words in str(e.value), (name, str(e.value))
 
 
 def test_generation_config_settings_not_applied_are_named_at_load(base_and_adapter, tmp_path, caplog):
@@ -271,6 +290,14 @@ def test_logits_and_generate_take_lists_and_arrays_alike(base_and_adapter):
     for form in (ids, ids.astype(np.int32), jnp.asarray(ids), torch.from_numpy(ids)):
         np.testing.assert_array_equal(lm.logits(form), out)
     np.testing.assert_array_equal(lm.logits(ids[1]), out[1])
+    # right-padded to a length bucket: lengths 9-16 share one compiled shape (each compiled apart) and stay exact
+    compiled = lm._logits_fn._cache_size()
+    long = np.random.default_rng(2).integers(0, VOCAB, size=(2, 16))
+    with torch.no_grad():
+        ref = model(torch.from_numpy(long)).logits.numpy()
+    for t in (9, 13, 16):
+        assert float(np.abs(lm.logits(long[:, :t]) - ref[:, :t]).max()) <= 1e-4
+    assert lm._logits_fn._cache_size() == compiled
     expected = lm.generate(ids.tolist(), max_new_tokens=2, eos_id=[])
     assert lm.generate(ids.astype(np.int32), max_new_tokens=2, eos_id=[]) == expected
     assert lm.generate(jnp.asarray(ids), max_new_tokens=2, eos_id=[]) == expected

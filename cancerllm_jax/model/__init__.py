@@ -18,13 +18,21 @@ def resolve_dtype(name) -> jnp.dtype:
     """A dtype name of ``DTYPES`` (or one of their dtypes) as a ``jnp.dtype``; anything else is a UserError."""
     if isinstance(name, str) and name in DTYPES:
         return jnp.dtype(DTYPES[name])
+    torch_name = str(name).removeprefix("torch.") if type(name).__module__ == "torch" else None
+    if torch_name in DTYPES:  # a torch dtype (torch.bfloat16), as transformers users write it
+        return jnp.dtype(DTYPES[torch_name])
     if not isinstance(name, str) and name is not None:
         try:
             if jnp.dtype(name) in {jnp.dtype(d) for d in DTYPES.values()}:
                 return jnp.dtype(name)
         except TypeError:
             pass
-    hint = suggest(name, DTYPES) if isinstance(name, str) else ""
+    hint = ""
+    if isinstance(name, str) and name.removeprefix("torch.") in DTYPES:
+        hint = f" (write {name.removeprefix('torch.')!r})"
+    elif isinstance(name, str):  # a name with other digits is no misspelling (float64 is not float16)
+        digits = "".join(filter(str.isdigit, name))
+        hint = suggest(name, [k for k in DTYPES if not digits or "".join(filter(str.isdigit, k)) == digits])
     raise UserError(f"dtype {name!r} is not supported{hint}; choose from {sorted(DTYPES)}")
 
 
