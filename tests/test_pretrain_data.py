@@ -123,6 +123,43 @@ def test_split_is_by_document_and_seeded():
     assert split_documents(docs[:3], 0.01, seed=0)[1] != []  # at least one eval document
 
 
+def test_repeated_texts_never_straddle_the_split():
+    """Copied-forward notes, or a file copied under another name: every copy of a text is on one side (the eval set
+    held texts that were also trained on); without repeats the split is the plain permutation's, as before."""
+    plain = [{"text": f"d{i}"} for i in range(40)]
+    want = np.random.default_rng(3).permutation(40)[:4]
+    assert sorted(int(d["text"][1:]) for d in split_documents(plain, 0.1, seed=3)[1]) == sorted(want.tolist())
+    twice = [{"text": f"d{i % 20}"} for i in range(40)]  # every note twice
+    for seed in range(5):
+        tr, ev = split_documents(twice, 0.1, seed=seed)
+        assert ev and tr and not {d["text"] for d in tr} & {d["text"] for d in ev}
+    same = [{"text": "x"}] * 3  # one text: nothing can be held out without being trained on
+    assert split_documents(same, 0.5, seed=0) == (same, [])
+    sides: dict = {}  # two sources sharing texts (one file copied under another name) follow one choice
+    a = split_documents(plain, 0.1, seed=1, sides=sides)
+    b = split_documents(list(reversed(plain)), 0.1, seed=2, sides=sides)
+    assert {d["text"] for d in a[1]} == {d["text"] for d in b[1]}
+
+
+def test_eval_rows_mix_sources_and_duplicates_are_counted(tok, caplog):
+    """A capped evaluation (``eval_batches``) reads the first batches: they mix both sources (all came from the
+    first); repeated documents are named in a warning and counted."""
+    import logging
+
+    docs = notes(60, "a") + notes(60, "b") + notes(3, "a")[:2]
+    cfg = PretrainDataConfig(block_size=16, eval_fraction=0.3, seed=0, weights=[1, 1])
+    with caplog.at_level(logging.WARNING):
+        data = build_pretrain_data(cfg, tok, documents=docs)
+    assert data.stats["repeated_documents"] == 2 and "2 documents repeat another word for word" in caplog.text
+    first = make_eval_batches(cfg, tok, 8, data=data)[0]
+    a_ids = {int(t) for blk in data.eval[0].tokens.reshape(1, -1) for t in blk}
+    b_ids = {int(t) for blk in data.eval[1].tokens.reshape(1, -1) for t in blk}
+    rows = [set(r.tolist()) for r in first["inputs"]]
+    assert any(r <= a_ids and r - b_ids for r in rows) and any(r <= b_ids and r - a_ids for r in rows)
+    full = make_eval_batches(cfg, tok, 8, data=data)  # still every held-out block exactly once
+    assert sum(int(b["loss_mask"].sum()) for b in full) == data.stats["eval_tokens"] - data.stats["eval_documents"]
+
+
 def notes(n: int, source: str = "notes") -> list[dict]:
     return [{"text": f"Patient {i} ({source}): stage {i % 4} breast cancer, ER {'+' if i % 2 else '-'}. " * (1 + i % 4),
              "source": source} for i in range(n)]
@@ -228,6 +265,27 @@ def test_reads_sources_from_files_and_counts_bad_lines(tok, tmp_path):
 def test_too_little_text_is_an_error(tok):
     with pytest.raises(UserError, match="fewer than one block"):
         build_pretrain_data(PretrainDataConfig(block_size=4096, eval_fraction=0.0), tok, documents=notes(2))
+    docs = [{"text": f"note {i}."} for i in range(3)] + [{"text": "long " * 400}]
+    for seed in range(20):  # the held-out documents are named when they took the text (the error said only "add")
+        cfg = PretrainDataConfig(block_size=64, eval_fraction=0.05, seed=seed)
+        try:
+            build_pretrain_data(cfg, tok, documents=docs)
+        except UserError as e:
+            assert "of its 4 documents" in str(e) and "held out for evaluation: data.eval_fraction=0" in str(e)
+            break
+    else:
+        pytest.fail("no seed held out the long document")
+
+
+def test_a_missing_text_field_names_the_config_key(tmp_path):
+    from cancerllm_jax.data.sources import read_documents
+
+    path = tmp_path / "notes.jsonl"
+    path.write_text(json.dumps({"id": 1, "note_text": "Pt with stage II breast cancer.", "kind": "note"}) + "\n")
+    with pytest.raises(UserError, match=r"notes\.jsonl:1: missing field 'text' \(the text field is set by "
+                                        r"data\.text_field: data\.text_field=note_text reads 'note_text'"):
+        read_documents(str(path))
+    assert read_documents(str(path), text_field="note_text")[0][0]["text"].startswith("Pt with")
 
 
 def test_builtin_corpus_weights_pair_with_sorted_sources_whatever_the_seed(tok):

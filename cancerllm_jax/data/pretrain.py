@@ -158,10 +158,14 @@ class PackedBlocks:
                 f"segment_mask={self.segment_mask}, dropped_tokens={self.dropped_tokens})")
 
 
-def split_documents(docs: Sequence[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def split_documents(docs: Sequence[dict], eval_fraction: float, seed: int,
+                    sides: dict[str, bool] | None = None) -> tuple[list[dict], list[dict]]:
     """A seeded split by DOCUMENT: ``(train, eval)``, each keeping the input order.
 
-    With ``eval_fraction > 0`` and at least two documents, at least one document goes to each side.
+    With ``eval_fraction > 0`` and at least two different documents, at least one document goes to each side.
+    Documents of the same text (copied-forward notes, a file copied under another name) always go to the same side,
+    so no held-out text is also trained on: ``sides`` (text → held out), shared by the calls for one corpus, carries
+    that choice across sources. Without repeated texts the split is the plain seeded permutation's.
     """
     n = len(docs)
     n_eval = round(eval_fraction * n)
@@ -169,10 +173,27 @@ def split_documents(docs: Sequence[dict], eval_fraction: float, seed: int) -> tu
         n_eval = min(max(n_eval, 1), n - 1)
     if n_eval <= 0:
         return list(docs), []
-    perm = np.random.default_rng(seed).permutation(n)
-    is_eval = np.zeros(n, bool)
-    is_eval[perm[:n_eval]] = True
+    sides = {} if sides is None else sides
+    size: dict[str, int] = {}
+    for d in docs:
+        size[d["text"]] = size.get(d["text"], 0) + 1
+    held, mine = 0, []
+    for i in np.random.default_rng(seed).permutation(n):  # each text's side: where its first drawn copy falls
+        text = docs[i]["text"]
+        if text not in sides:
+            sides[text] = held < n_eval
+            held += size[text] if sides[text] else 0
+            mine.append(text)
+    is_eval = [sides[d["text"]] for d in docs]
+    if all(is_eval) and mine:  # too few different texts: the last one drawn here trains
+        sides[mine[-1]] = False
+        is_eval = [sides[d["text"]] for d in docs]
     return [d for d, e in zip(docs, is_eval) if not e], [d for d, e in zip(docs, is_eval) if e]
+
+
+def repeated_documents(docs: Sequence[dict]) -> int:
+    """How many documents repeat an earlier one's text word for word (each kept and trained on)."""
+    return len(docs) - len({d["text"] for d in docs})
 
 
 # ------------------------------------------------------------------------------------------- batches & iterators
@@ -241,6 +262,22 @@ def fixed_batches(sources: Sequence[Any], global_batch: int, block_size: int, pa
             for s in range(0, len(rows), global_batch)]
 
 
+class ShuffledRows:
+    """The rows of several ``PackedBlocks`` as one sequence, in a seeded order."""
+
+    def __init__(self, sources: Sequence[Any], seed: int):
+        self.at = [(s, i) for s, src in enumerate(sources) for i in range(len(src))]
+        self.order = np.random.default_rng(_source_seed(seed, 20_000)).permutation(len(self.at))
+        self.sources = sources
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def __getitem__(self, k: int):
+        s, i = self.at[self.order[k]]
+        return self.sources[s][i]
+
+
 # ----------------------------------------------------------------------------------------------- the whole corpus
 
 @dataclass
@@ -265,8 +302,10 @@ class PretrainData:
         return iter(self.train_dataset(global_batch, process_index, process_count, read_options))
 
     def eval_batches(self, global_batch: int, process_index: int = 0, process_count: int = 1) -> list[Batch]:
-        return fixed_batches(self.eval, global_batch, self.cfg.block_size, self.pad_id, process_index,
-                             process_count)
+        """Every held-out block once, in a seeded order mixing the sources and files (so that the first batches,
+        all an ``eval_batches`` cap reads, are a sample of the whole split, not its first source or file)."""
+        return fixed_batches([ShuffledRows(self.eval, self.cfg.seed)], global_batch, self.cfg.block_size,
+                             self.pad_id, process_index, process_count)
 
 
 def _group_documents(cfg: PretrainDataConfig, documents: Sequence[dict] | None) -> tuple[list[str], list[list[dict]],
@@ -310,16 +349,18 @@ def build_pretrain_data(cfg: PretrainDataConfig, tokenizer=None, documents: Sequ
 
         tokenizer = load_tokenizer(cfg.tokenizer)
     names, groups, skipped = _group_documents(cfg, documents)
-    train, evals, per_source = [], [], []
+    train, evals, per_source, sides = [], [], [], {}
     for i, (name, docs) in enumerate(zip(names, groups)):
-        tr_docs, ev_docs = split_documents(docs, cfg.eval_fraction, _source_seed(cfg.seed, 10_000 + i))
+        tr_docs, ev_docs = split_documents(docs, cfg.eval_fraction, _source_seed(cfg.seed, 10_000 + i), sides)
         tr = PackedBlocks(*tokenize_documents(tokenizer, [d["text"] for d in tr_docs]), cfg.block_size,
                           segment_mask=cfg.segment_mask, pad_id=tokenizer.pad_id)
         ev = PackedBlocks(*tokenize_documents(tokenizer, [d["text"] for d in ev_docs]), cfg.block_size,
                           segment_mask=cfg.segment_mask, pad_id=tokenizer.pad_id, pad_tail=True)
         if len(tr) == 0:
-            raise UserError(f"{name}: {len(tr.tokens)} training tokens, fewer than one block of {cfg.block_size}; "
-                            f"add text or lower data.block_size")
+            held = (f" ({len(ev_docs)} of its {len(docs)} documents, {len(ev.tokens)} tokens, are held out for "
+                    f"evaluation: data.eval_fraction=0 trains on all)" if ev_docs else "")
+            raise UserError(f"{name}: {len(tr.tokens)} training tokens, fewer than one block of {cfg.block_size}"
+                            f"{held}; add text or lower data.block_size")
         train.append(tr)
         evals.append(ev)
         per_source.append({"name": name, "weight": None if cfg.weights is None else cfg.weights[i],
@@ -327,7 +368,11 @@ def build_pretrain_data(cfg: PretrainDataConfig, tokenizer=None, documents: Sequ
                            "eval_documents": len(ev_docs), "train_tokens": len(tr.tokens),
                            "train_blocks": len(tr), "dropped_tail_tokens": tr.dropped_tokens,
                            "eval_tokens": len(ev.tokens), "eval_blocks": len(ev)})
-    stats: dict[str, Any] = {"skipped_lines": skipped, "sources": per_source,
+    repeats = repeated_documents([d for g in groups for d in g])
+    if repeats:
+        log.warning("%d documents repeat another word for word (across all sources); each is kept, and all copies "
+                    "of a text are on one side of the train / eval split", repeats)
+    stats: dict[str, Any] = {"skipped_lines": skipped, "sources": per_source, "repeated_documents": repeats,
                              "digest": content_digest(a for b in (*train, *evals) for a in (b.tokens, b.doc_starts))}
     for key in ("documents", "train_documents", "eval_documents", "train_tokens", "train_blocks",
                 "dropped_tail_tokens", "eval_tokens", "eval_blocks"):

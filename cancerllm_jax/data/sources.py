@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -77,8 +78,10 @@ def content_digest(arrays) -> str:
     the very data it started on, not only data of the same size."""
     h = hashlib.sha256()
     for a in arrays:
-        a = np.ascontiguousarray(a, dtype=np.int64)
-        h.update(np.int64(a.size).tobytes() + a.tobytes())
+        a = np.asarray(a).reshape(-1)
+        h.update(np.int64(a.size).tobytes())
+        for i in range(0, a.size, 1 << 22):  # as int64 in 4M-value slices, not a whole int64 copy of the corpus
+            h.update(np.ascontiguousarray(a[i:i + (1 << 22)], dtype=np.int64).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -305,6 +308,18 @@ def expand_paths(path_or_glob: str) -> list[str]:
     return sorted(files)
 
 
+def _text_field_problem(text_field: str, record: Any) -> str | None:
+    """A record without ``text_field``: the config key that would read its text (``data.text_field``)."""
+    if not isinstance(record, dict) or text_field in record:
+        return None
+    texts = [k for k, v in record.items() if isinstance(v, str) and v.strip()]
+    if not texts:
+        return None  # the usual "missing field" message
+    best = max(texts, key=lambda k: len(record[k]))
+    return (f"missing field '{text_field}' (the text field is set by data.text_field: data.text_field={best} "
+            f"reads '{best}'; this record's text fields: {', '.join(texts)})")
+
+
 def read_documents(path_or_glob: str, skip_bad_lines: bool = False, *, text_field: str = "text",
                    split_on_blank_lines: bool = False, seen: dict[str, str] | None = None) -> tuple[list[dict], int]:
     """``{"text", "source"}`` documents from ``.jsonl`` (field ``text_field``) and ``.txt`` files, and skipped lines.
@@ -327,7 +342,7 @@ def read_documents(path_or_glob: str, skip_bad_lines: bool = False, *, text_fiel
         ext = os.path.splitext(path)[1].lower()
         if ext == ".jsonl":
             records, n_bad = read_jsonl(path, {text_field: str}, skip_bad_lines, nonempty=(text_field,),
-                                        allow_empty=skip_bad_lines)
+                                        allow_empty=skip_bad_lines, check=partial(_text_field_problem, text_field))
             docs.extend({"text": r[text_field], "source": path} for r in records)
             skipped += n_bad
         elif ext == ".txt":  # one document per file: a bad file is skipped whole, counted as one bad line

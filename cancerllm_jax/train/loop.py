@@ -431,6 +431,8 @@ class Trainer:
         was = self.resumed_meta.get("data_counts") if start_step else None
         now = self.data_counts if was is None or "digest" in was else {  # a run saved before digests: counts alone
             k: v for k, v in self.data_counts.items() if not k.endswith("digest")}
+        if was is not None:  # a count this version adds (repeated_documents) is absent from a run saved before it
+            now = {k: v for k, v in now.items() if k in was}
         if was is not None and was != now:
             keys = diff(was, now)
             changed = ", ".join(f"{k} {was.get(k)} -> {now.get(k)}" for k in keys)
