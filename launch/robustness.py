@@ -24,8 +24,9 @@ Both write OUT/table5.md or OUT/table6.md (with each rate's generation time, tok
 scores), OUT/robustness.json and OUT/robustness.png; each rate's predictions and scores stay under
 OUT/counterfactual/rate_NN/ or OUT/misspell/<task>/rate_NN/. Add 0 to --rates for a clean reference row (left out
 of the mean over rates). Each rate is drawn on its own: the labels or words noised at 20 % are not necessarily
-among those noised at 40 %. One --out holds one model's sweeps: the paper's tables set two models side by side, so
-run each model with its own --out and compare their tables. DIR holds <task>/<split>.jsonl (a test split may also be
+among those noised at 40 %. One --out holds one counterfactual and one misspell sweep (each table names its model;
+the two may be different models); the paper's tables set two models side by side, so run each model's sweep with
+its own --out and compare their tables. DIR holds <task>/<split>.jsonl (a test split may also be
 DIR/<task>.jsonl; counterfactual's phenotype/val.jsonl is optional: without it the fine-tuning runs report no
 held-out loss); misspell of one task also reads one JSONL FILE, its test records, as evaluate.py run does.
 
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     p = argparse.ArgumentParser(prog="robustness.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--debug", action="store_true", help="show tracebacks (also after the subcommand)")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("counterfactual", parents=[common], help="Table 5: corrupted phenotype training labels")
     c.add_argument("--model", required=True, help="the base to fine-tune: preset, HF folder, converted checkpoint "

@@ -1569,6 +1569,9 @@ def test_sigterm_during_the_final_evaluation_keeps_the_trained_steps(tmp_path, c
     # tokens_per_s counts padding too; target_tokens_per_s only what the loss is taken on
     assert all(r["target_tokens_per_s"] == pytest.approx(r["target_tokens"] / r["step_s"]) for r in rows)
     assert " tok/s (" in err and " trained on)" in err
+    from cancerllm_jax.train.loop import _rate
+
+    assert (_rate(0.4), _rate(9.96), _rate(123.4)) == ("0.4", "10.0", "123")  # a slow step is not "0 trained on"
     monkeypatch.setattr(Trainer, "_evaluate", evaluate)
     code, err = run_cli("launch/pretrain.py", [*args, "--resume"], capsys)
     assert code in (0, None), err

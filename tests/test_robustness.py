@@ -461,6 +461,8 @@ def test_cli_refuses_a_rate_given_twice(tmp_path, capsys):
         mod.main.__wrapped__(["misspell", "--model", "tiny", "--out", str(tmp_path / "o"), "--rates", "0.2,0.4,0.2"])
     assert e.value.code == 2 and "given twice" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    args = mod.build_parser().parse_args(["--debug", "misspell", "--model", "tiny", "--out", "o"])  # as evaluate.py
+    assert args.command == "misspell"
 
 
 def test_a_clean_reference_alone_has_no_mean_and_strict_json(tmp_path, monkeypatch):

@@ -822,6 +822,11 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+def _rate(per_s: float) -> str:
+    """A tokens-per-second figure: whole numbers, one decimal below 10 (a slow fine-tuning step is not 0 tok/s)."""
+    return f"{per_s:.1f}" if per_s < 10 else f"{per_s:.0f}"
+
+
 def _progress(total: int, start: int):
     """A tqdm bar on a terminal; otherwise a line every ~10 % of the run (process 0 only)."""
     if not is_main():
@@ -833,8 +838,8 @@ def _progress(total: int, start: int):
 
         def update(step, row):
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                            trained_tok_s=f"{row['target_tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=_rate(row["tokens_per_s"]),
+                            trained_tok_s=_rate(row["target_tokens_per_s"]))
             if step == total:
                 bar.close()
 
@@ -844,7 +849,7 @@ def _progress(total: int, start: int):
     def update(step, row):
         if step % every == 0 or step == total or step == start + 1:
             print(f"step {step}/{total} loss {row['loss']:.4f} grad_norm {row['grad_norm']:.3f} lr {row['lr']:.2e} "
-                  f"{row['tokens_per_s']:.0f} tok/s ({row['target_tokens_per_s']:.0f} trained on)", file=sys.stderr,
-                  flush=True)
+                  f"{_rate(row['tokens_per_s'])} tok/s ({_rate(row['target_tokens_per_s'])} trained on)",
+                  file=sys.stderr, flush=True)
 
     return update
