@@ -10,6 +10,21 @@ import time
 from cancerllm_jax.errors import UserError
 
 
+def mesh_value_joined(argv=None) -> list[str]:
+    """``argv`` (default ``sys.argv[1:]``) with ``--mesh -1x2`` as ``--mesh=-1x2``: argparse takes a value that starts
+    with '-' for an option ("expected one argument"), where the mesh check names what is wrong."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--mesh" and i + 1 < len(argv) and str(argv[i + 1]).startswith("-") and argv[i + 1] != "--":
+            out.append(f"--mesh={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 10x1 or 2x5 (default from the config: 1x1)")

@@ -56,11 +56,11 @@ def ensure_host_devices(n: int, quiet: bool = False) -> None:
             flags = flags.replace(old.group(0), "").strip()
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
     if old and int(old.group(1)) != n and not quiet:
-        print(f"note: CPU host: providing {n} host devices for the mesh instead of the {old.group(1)} that XLA_FLAGS "
-              f"asks for (ignored when a GPU is present)", file=sys.stderr)
+        print(f"note: providing {n} host devices for the mesh instead of the {old.group(1)} that XLA_FLAGS asks for "
+              f"(CPU devices: used when JAX runs on the CPU; a GPU host uses its GPUs)", file=sys.stderr)
     elif n > 1 and not quiet:
-        print(f"note: CPU host: providing {n} host devices for the mesh (ignored when a GPU is present)",
-              file=sys.stderr)
+        print(f"note: providing {n} host devices for the mesh (CPU devices: used when JAX runs on the CPU; a GPU "
+              f"host uses its GPUs)", file=sys.stderr)
 
 
 def provide_host_devices(n: int) -> None:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from cancerllm_jax.errors import UserError, check_can_write, cli_main
 from cancerllm_jax.eval.protocol import PROTOCOLS, score_file
-from cancerllm_jax.launch_common import check_decode_flags
+from cancerllm_jax.launch_common import check_decode_flags, mesh_value_joined
 
 ROWS = (("EM", "em"), ("BLEU-2", "bleu2"), ("ROUGE-L", "rougeL"))
 
@@ -354,7 +354,7 @@ def _run_arguments(r: argparse.ArgumentParser) -> None:
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(mesh_value_joined(argv))
     return args.func(args)
 
 

@@ -13,8 +13,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package first
 
 from cancerllm_jax.errors import UserError, cli_main
-from cancerllm_jax.launch_common import (add_train_flags, announce, announce_privacy, cli_values, run_folder,
-                                         start_runtime)
+from cancerllm_jax.launch_common import (add_train_flags, announce, announce_privacy, cli_values,
+                                         mesh_value_joined, run_folder, start_runtime)
 
 
 def parse(argv=None):
@@ -25,7 +25,7 @@ def parse(argv=None):
     p.add_argument("--data", help="training JSONL ({instruction, context, response})")
     p.add_argument("--eval-data", help="held-out JSONL for the per-epoch eval loss")
     p.add_argument("--epochs", type=float)
-    return p.parse_intermixed_args(argv)  # key=value overrides may come between flags
+    return p.parse_intermixed_args(mesh_value_joined(argv))  # key=value overrides may come between flags
 
 
 @cli_main

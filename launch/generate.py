@@ -21,7 +21,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package first
 
 from cancerllm_jax.errors import UserError, cli_main, describe_os_error
-from cancerllm_jax.launch_common import check_decode_flags, start_runtime
+from cancerllm_jax.launch_common import check_decode_flags, mesh_value_joined, start_runtime
 
 
 def parse(argv=None):
@@ -52,7 +52,7 @@ def parse(argv=None):
                         "no prompt of --input, are discarded (its rows made as now are resumed)")
     p.add_argument("--skip-bad-lines", action="store_true")
     p.add_argument("--debug", action="store_true")
-    return p.parse_args(argv)
+    return p.parse_args(mesh_value_joined(argv))
 
 
 @cli_main

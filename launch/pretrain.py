@@ -12,8 +12,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package first
 
 from cancerllm_jax.errors import UserError, cli_main
-from cancerllm_jax.launch_common import (add_train_flags, announce, announce_privacy, cli_values, run_folder,
-                                         start_runtime)
+from cancerllm_jax.launch_common import (add_train_flags, announce, announce_privacy, cli_values,
+                                         mesh_value_joined, run_folder, start_runtime)
 
 
 def parse(argv=None):
@@ -25,7 +25,7 @@ def parse(argv=None):
                    help="let packed documents attend to each other, as HF group_texts in the authors' script does")
     p.add_argument("--epochs", type=float, help="passes over the corpus' train blocks; sets the steps (read first: "
                                                 "the corpus is tokenized before the trainer is built)")
-    return p.parse_intermixed_args(argv)  # key=value overrides may come between flags
+    return p.parse_intermixed_args(mesh_value_joined(argv))  # key=value overrides may come between flags
 
 
 def _given_at(name: str, flag_value, overrides: list[str], config_path: str | None) -> int:

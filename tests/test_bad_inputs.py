@@ -151,6 +151,7 @@ PRETRAIN_ARGS = {
     "hf_key_of_a_section": (["learning_rate=1e-4"], ["did you mean 'optim.lr'"]),
     "bad_value_type": (["optim.lr=fast"], ["optim.lr", "'fast'"]),
     "mesh_string": (["--mesh", "10by1"], ["10by1"]),
+    "mesh_negative": (["--mesh", "-1x2"], ["mesh '-1x2'", "positive integers"]),  # was argparse's "expected one"
     "mesh_too_big": (["--mesh", "4x5"], ["4x5", "20 devices"]),
     "mesh_absurd": (["--mesh", "100000x1"], ["100000 devices", "at most"]),
     "workdir_is_a_file": (["--workdir", "__FILE__"], ["is a file"]),
