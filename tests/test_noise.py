@@ -211,3 +211,29 @@ def test_counterfactual_without_entity_types_draws_from_the_data_labels():
     for old, r in zip(recs, new):
         assert r["response"] != old["response"]
         assert r["response"].lower() not in old["sentence"].lower()
+
+
+def test_the_sentence_is_found_as_quoted_and_as_whole_words():
+    """Templates quote a sentence without its full stop (177 of 515 synthetic training records were misspelled
+    whole); 'pain' is not the start of the question's 'painful'."""
+    from cancerllm_jax.eval.noise import sentence_span
+
+    rec = {"sentence": "Tumour size 2 cm.", "context": "In the text Tumour size 2 cm, what is the size?"}
+    at, end = sentence_span(rec, rec["context"])
+    assert rec["context"][at:end] == "Tumour size 2 cm"
+    rec = {"id": 1, "sentence": "pain", "context": "Is the patient painful? Sentence: pain"}
+    assert sentence_span(rec, rec["context"]) == (34, 38)
+    assert misspell_record(rec, 1.0, 0)["context"].startswith("Is the patient painful? Sentence: ")
+    assert sentence_span({"sentence": "absent"}, "no such words") is None
+
+
+def test_a_typed_record_never_draws_other_types_from_untyped_labels():
+    """Mixed data: untyped labels may be of any type, so a typed record's 'other_type' label is a typed one."""
+    typed = _records()
+    untyped = [{"id": f"u{i}", "task": "phenotype", "sentence": "Nothing here.", "context": "Nothing here.",
+                "response": label} for i, label in enumerate(("stage iv", "left breast", "12 mm"))]
+    for seed in range(10):
+        new, _ = corrupt_phenotype_labels(typed + untyped, 1.0, seed=seed)
+        for r in new[:len(typed)]:
+            if r["counterfactual"]["kind"] == "other_type":
+                assert r["response"] not in {"stage iv", "left breast", "12 mm"}

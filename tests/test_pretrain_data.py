@@ -133,6 +133,10 @@ def test_repeated_texts_never_straddle_the_split():
     for seed in range(5):
         tr, ev = split_documents(twice, 0.1, seed=seed)
         assert ev and tr and not {d["text"] for d in tr} & {d["text"] for d in ev}
+    boiler = [{"text": f"u{i}"} for i in range(400)] + [{"text": "Patient did not attend."}] * 100  # boilerplate
+    for seed in range(5):
+        tr, ev = split_documents(boiler, 0.05, seed=seed)
+        assert len(ev) == 25 and all(d["text"] != "Patient did not attend." for d in ev)
     same = [{"text": "x"}] * 3  # one text: nothing can be held out without being trained on
     assert split_documents(same, 0.5, seed=0) == (same, [])
     sides: dict = {}  # two sources sharing texts (one file copied under another name) follow one choice

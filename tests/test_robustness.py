@@ -599,3 +599,59 @@ def test_counterfactual_warns_when_records_name_no_entity_type(tmp_path):
     assert any("4 of 4 training records name no 'entity_type'" in m for m in logs)
     settings = json.loads((tmp_path / "counterfactual" / "rate_50" / "settings.json").read_text())
     assert len(settings["corrupted_set"]) == 16  # the corrupted labels' digest is part of a rate's settings
+
+
+def test_results_of_an_earlier_version_are_reused_when_their_saved_inputs_match(tmp_path, monkeypatch):
+    """Rates computed before the noisy / corrupted inputs' digests were recorded are reused when the inputs saved
+    beside them have those digests (they were refused, and --overwrite re-trained every counterfactual rate), and
+    refused when the saved inputs differ."""
+    from cancerllm_jax.errors import UserError
+
+    decoded, trained = [], []
+
+    def fake_decode(lm, records, task, settings):
+        decoded.append(task)
+        return [r["response"] for r in records], {"seconds": 0.0}, ["h"] * len(records)
+
+    def fake_trainer(cmd, log_path):
+        trained.append(cmd)
+        (Path(cmd[cmd.index("--workdir") + 1]) / "checkpoints").mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(rb, "decode", fake_decode)
+    monkeypatch.setattr(rb, "load_model", lambda path, dtype, adapter=None: path)
+    model = _fake_model(tmp_path / "m")
+
+    def forget(path, name):  # as the previous version wrote it: no such digest
+        data = json.loads(path.read_text())
+        (data["settings"] if path.name == "scores.json" else data).pop(name)
+        path.write_text(json.dumps(data))
+
+    def misspell():
+        rb.misspelling_sweep(model, {"diagnosis": _recs("diagnosis", 3)}, tmp_path / "o", rates=[0.5],
+                             log=lambda s: None)
+
+    misspell()
+    d = tmp_path / "o" / "misspell" / "diagnosis" / "rate_50"
+    forget(d / "scores.json", "noisy_set")
+    misspell()
+    assert decoded == ["diagnosis"]  # reused
+    rows = [json.loads(x) for x in (d / "test.jsonl").read_text().splitlines()]
+    rows[0]["context"] += " edited"
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match="noisy_set"):
+        misspell()
+
+    def counterfactual():
+        rb.counterfactual_sweep(model, _recs("phenotype", 10), [], _recs("phenotype", 2), tmp_path / "c",
+                                rates=[0.5], trainer=fake_trainer, log=lambda s: None)
+
+    counterfactual()
+    d = tmp_path / "c" / "counterfactual" / "rate_50"
+    forget(d / "scores.json", "corrupted_set")
+    forget(d / "settings.json", "corrupted_set")
+    counterfactual()
+    assert len(trained) == 1 and decoded.count("phenotype") == 1  # reused: neither trained nor scored again
+    (d / "scores.json").unlink()  # cut short: the run is continued (the fake one never finishes), not refused
+    counterfactual()
+    assert len(trained) == 2 and "--resume" in trained[1] and decoded.count("phenotype") == 2
+    assert "corrupted_set" in json.loads((d / "settings.json").read_text())  # recorded from now on

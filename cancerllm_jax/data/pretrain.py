@@ -165,7 +165,8 @@ def split_documents(docs: Sequence[dict], eval_fraction: float, seed: int,
     With ``eval_fraction > 0`` and at least two different documents, at least one document goes to each side.
     Documents of the same text (copied-forward notes, a file copied under another name) always go to the same side,
     so no held-out text is also trained on: ``sides`` (text → held out), shared by the calls for one corpus, carries
-    that choice across sources. Without repeated texts the split is the plain seeded permutation's.
+    that choice across sources. A text is held out only when all its copies fit in the eval share (boilerplate
+    repeated thousands of times trains). Without repeated texts the split is the plain seeded permutation's.
     """
     n = len(docs)
     n_eval = round(eval_fraction * n)
@@ -178,10 +179,10 @@ def split_documents(docs: Sequence[dict], eval_fraction: float, seed: int,
     for d in docs:
         size[d["text"]] = size.get(d["text"], 0) + 1
     held, mine = 0, []
-    for i in np.random.default_rng(seed).permutation(n):  # each text's side: where its first drawn copy falls
-        text = docs[i]["text"]
+    for i in np.random.default_rng(seed).permutation(n):  # each text's side: where its first drawn copy falls,
+        text = docs[i]["text"]  # held out only while all its copies fit (a note repeated 5,000 times trains)
         if text not in sides:
-            sides[text] = held < n_eval
+            sides[text] = held + size[text] <= n_eval
             held += size[text] if sides[text] else 0
             mine.append(text)
     is_eval = [sides[d["text"]] for d in docs]

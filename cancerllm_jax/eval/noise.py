@@ -142,6 +142,21 @@ def misspell_text(text: str, rate: float, seed: int | str) -> str:
     return misspell_edits(text, rate, seed)[0]
 
 
+def sentence_span(record: dict, context: str) -> tuple[int, int] | None:
+    """Where the record's ``sentence`` stands in its ``context`` (its first occurrence as whole words, with or
+    without its final full stop, as templates quote it), or None when the record names none or it is not there."""
+    sentence = record.get("sentence")
+    if not isinstance(sentence, str) or not sentence.strip():
+        return None
+    for candidate in dict.fromkeys((sentence.strip(), sentence.strip().rstrip(".").rstrip())):
+        if not candidate:
+            continue
+        m = re.search(r"(?<![^\W_])" + re.escape(candidate) + r"(?![^\W_])", context)
+        if m:
+            return m.span()
+    return None
+
+
 def misspell_record(record: dict, rate: float, seed: int | str, fields: Sequence[str] = ("context",)) -> dict:
     """A copy of ``record`` with ``fields`` misspelled (per field seed: seed, record id, field name).
 
@@ -152,17 +167,17 @@ def misspell_record(record: dict, rate: float, seed: int | str, fields: Sequence
     """
     out = dict(record)
     n = eligible = 0
-    sentence = record.get("sentence")
     for name in fields:
         text = record.get(name)
         if not isinstance(text, str):
             continue
         field_seed = f"{seed}:{record.get('id', '')}:{name}"
-        if name == "context" and isinstance(sentence, str) and sentence.strip() and sentence in text:
-            at = text.index(sentence)
-            noisy, edits = misspell_edits(sentence, rate, field_seed)
-            out[name] = text[:at] + noisy + text[at + len(sentence):]
-            eligible += len(eligible_words(sentence))
+        span = sentence_span(record, text) if name == "context" else None
+        if span is not None:
+            at, end = span
+            noisy, edits = misspell_edits(text[at:end], rate, field_seed)
+            out[name] = text[:at] + noisy + text[end:]
+            eligible += len(eligible_words(text[at:end]))
         else:
             out[name], edits = misspell_edits(text, rate, field_seed)
             eligible += len(eligible_words(text))
@@ -260,8 +275,8 @@ def _wrong_label(record: dict, pool: dict[str, list[str]], rng: random.Random) -
             order = [("not_relevant_swap", None)] + order
     elif etype is None:  # its type unknown: any of the data's labels, then the built-in ones
         order = [("other_label", None)] + [("other_type", t) for t in rng.sample(typed, len(typed))]
-    else:
-        others = [t for t in types if t != etype]
+    else:  # other types: known ones (an untyped label may be of this very type)
+        others = [t for t in typed if t != etype]
         first = ("same_type", etype) if rng.random() < 0.5 else ("other_type", rng.choice(others))
         order = [first] + [("same_type", etype)] + [("other_type", t) for t in rng.sample(others, len(others))]
     gold_items = {scorer_words(a) for a in _split(gold)}  # a candidate sharing a normalised item would score as right

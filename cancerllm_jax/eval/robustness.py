@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from cancerllm_jax.errors import UserError
-from cancerllm_jax.eval.noise import corrupt_phenotype_labels, entity_type, misspell_record
+from cancerllm_jax.eval.noise import corrupt_phenotype_labels, entity_type, misspell_record, sentence_span
 from cancerllm_jax.eval.protocol import score
 from cancerllm_jax.eval.runner import (_ADDED_KEYS, adapter_fingerprint, differences, model_fingerprint,
                                        peak_memory, read_json_file, tokenizer_sha256, tokenizer_spec)
@@ -218,6 +218,23 @@ def model_key(model: str | Any, prefix: str = "model") -> dict[str, Any]:
 _REDO = "use another --out, or pass --overwrite to recompute such rates (their old results are replaced)"
 
 
+def _unrecorded_digest_matches(key: dict[str, Any], record: Path, name: str, saved: Path,
+                               drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``key`` without its digest ``name`` when ``record`` (a ``scores.json`` or ``settings.json`` an earlier
+    version wrote) does not hold that digest and the inputs saved beside it (``saved``, a JSONL file, its ``drop``
+    fields aside) have it: results of the very inputs are reused, not refused for a key they predate."""
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        data = data.get("settings", data) if record.name == "scores.json" else data
+        if not isinstance(data, dict) or name in data or name not in key:
+            return key
+        rows = [json.loads(line) for line in saved.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = [{k: v for k, v in r.items() if k not in drop} for r in rows]
+    except (OSError, ValueError, AttributeError):
+        return key
+    return {k: v for k, v in key.items() if k != name} if records_digest(rows) == key[name] else key
+
+
 def _cached(out_dir: Path, key: dict[str, Any] | None = None, overwrite: bool = False,
             log: Callable[[str], None] = print) -> dict[str, Any] | None:
     """The scores in ``out_dir/scores.json`` when they were computed with the settings ``key``; ``None`` when there
@@ -388,9 +405,10 @@ def counterfactual_sweep(base_model: str, train: Sequence[dict], val: Sequence[d
         corrupted = corrupt_phenotype_labels(train, rate, seed)
         train_key = {**base, "rate": rate, "corrupted_set": records_digest(corrupted[0])}
         key = {**train_key, **eval_key}
-        result = _cached(d, key, overwrite, log)
-        plans.append((rate, d, train_key, key, result, corrupted, None if result is not None else
-                      _training_state(d, train_key, overwrite)))
+        saved = d / "train.jsonl"  # an earlier version's rate: its labels compared as saved
+        result = _cached(d, _unrecorded_digest_matches(key, d / "scores.json", "corrupted_set", saved), overwrite, log)
+        plans.append((rate, d, train_key, key, result, corrupted, None if result is not None else _training_state(
+            d, _unrecorded_digest_matches(train_key, d / "settings.json", "corrupted_set", saved), overwrite)))
     if val:
         write_jsonl(root / "val.jsonl", val)
     else:
@@ -440,8 +458,7 @@ def _warn_question_misspelled(task: str, records: Sequence[dict], rates: Sequenc
     question too, is misspelled (a record that does has only its sentence misspelled)."""
     if task != "phenotype" or not any(rate > 0 for rate in rates):
         return
-    whole = sum(not (isinstance(r.get("sentence"), str) and r["sentence"].strip()
-                     and r["sentence"] in str(r.get("context", ""))) for r in records)
+    whole = sum(sentence_span(r, str(r.get("context", ""))) is None for r in records)
     if whole:
         log(f"warning: misspell phenotype: {whole} of {len(records)} test records name no 'sentence' found in their "
             "context, so their whole context is misspelled, the question too (give each record its 'sentence' to "
@@ -497,7 +514,8 @@ def misspelling_sweep(model: str | Any, tests: dict[str, Sequence[dict]], out_di
             seen.setdefault(noisy_set, rate)
             key = {**base, "task": task, "rate": rate, "test_set": records_digest(records), "n_test": len(records),
                    "noisy_set": noisy_set, **settings.key(task)}
-            plans.append((task, noisy, rate, d, key, _cached(d, key, overwrite, log)))
+            seen_key = _unrecorded_digest_matches(key, d / "scores.json", "noisy_set", d / "test.jsonl", ("noise",))
+            plans.append((task, noisy, rate, d, key, _cached(d, seen_key, overwrite, log)))
     lm = None
     rows = []
     for task, noisy, rate, d, key, result in plans:

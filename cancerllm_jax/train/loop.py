@@ -438,6 +438,12 @@ class Trainer:
             changed = ", ".join(f"{k} {was.get(k)} -> {now.get(k)}" for k in keys)
             if all(k.endswith("digest") for k in keys):
                 changed = f"the same counts, but other text or the lines in another order: {changed}"
+            if "repeated_documents" not in was and self.data_counts.get("repeated_documents"):
+                raise UserError(f"--resume: the run in {self.workdir} was started by an earlier version, which could "
+                                f"split copies of one text between training and evaluation; this corpus repeats "
+                                f"{self.data_counts['repeated_documents']} documents, and this version keeps every "
+                                f"copy on one side, so its split differs ({changed}). Start a new --workdir, or "
+                                f"resume with the version that started the run")
             raise UserError(f"--resume: the training data differs from the run in {self.workdir} ({changed}); resume "
                             f"with the same data or start a new --workdir")
         if start_step == 0:
