@@ -178,6 +178,26 @@ def test_decode_roofline_reads_only_what_a_step_needs(bench_decode):
     assert bench_decode.decode_step_bytes(tiny, 4, 8, 10.0)["weight_bytes"] == 4 * tiny.num_params()
 
 
+def test_roofline_against_the_spec_and_for_every_side(bench_decode):
+    """The datasheet bandwidth is matched by the device name's words and gives a second fraction; another step time
+    (transformers' sides: the same bytes) rescales both; the loop-timed bandwidth runs (here on the CPU)."""
+    import jax.numpy as jnp
+
+    from cancerllm_jax.config import PRESETS
+
+    assert bench_decode.hbm_spec("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert bench_decode.hbm_spec("NVIDIA H100 PCIe") == 2.0e12 and bench_decode.hbm_spec("NVIDIA A10G") is None
+    m = PRESETS["mistral-7b-v0.1"]
+    r = bench_decode.roofline(m, 2, 1, 512, 128, 640, 6.67e-3, 2.72e12, 3.35e12)
+    bytes_ = r["weight_bytes"] + r["kv_bytes_min"]
+    assert r["roofline_fraction"] == pytest.approx(bytes_ / 2.72e12 / 6.67e-3)
+    assert r["roofline_fraction_of_spec"] == pytest.approx(bytes_ / 3.35e12 / 6.67e-3)
+    theirs = bench_decode.with_step_time(r, 40.1e-3)
+    assert theirs["roofline_fraction"] == pytest.approx(bytes_ / 2.72e12 / 40.1e-3)
+    assert theirs["roofline_fraction_of_spec"] == pytest.approx(bytes_ / 3.35e12 / 40.1e-3)
+    assert bench_decode.measured_bandwidth(jnp.ones((1 << 16,), jnp.float32), runs=2, passes=3) > 0
+
+
 def test_hf_generate_is_plain_greedy_whatever_the_folder_defaults(bench_decode, tmp_path):
     """A checkpoint's generation_config.json (here a repetition penalty) once changed transformers' side from
     plain greedy decoding, so the sides did different work and 'greedy agreement' compared different things."""

@@ -12,7 +12,10 @@ the same batch of random token ids, AdamW (lr 2e-4, wd 0.01) with global-norm cl
 its own child process (one after the other), so its peak memory is its own; the reported time is the median of
 ``--steps`` steps after ``--warmup`` steps (ours is compiled ahead of time; its compile time is reported apart).
 ``--rounds N`` repeats the pair N times, alternating which side goes first, and reports the median over all
-rounds' steps and each round's ratio (a shared machine's drift then hits both sides alike).
+rounds' steps and each round's ratio (a shared machine's drift then hits both sides alike). MFU counts model
+FLOPs (``lora_train_flops_per_token``: the forward, the input gradients, the LoRA factors' weight gradients; no
+weight gradient of a frozen weight) against the device's dense bf16 peak; recomputation under ``--remat`` is not
+counted (full remat makes the hardware do about 1.5× the counted work), as MFU conventionally is.
 
 Prints a table, writes ``--json OUT``, and appends a row to ``docs/benchmarks.md`` (unless ``--no-doc``).
 """
