@@ -132,6 +132,12 @@ def test_sharded_export_loads_and_reads_back(hf_fp32, tmp_path):
     out = str(tmp_path / "sharded")
     files = write_hf(out, cfg, params, shard_bytes=20_000)
     assert len(files) > 2 and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    for name in files:  # streamed shards read as safetensors' own: metadata, and every byte accounted for
+        with safe_open(os.path.join(out, name), framework="numpy") as f:
+            assert f.metadata() == {"format": "pt"}
+        from safetensors.numpy import load_file
+
+        assert load_file(os.path.join(out, name))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.arange(10).unsqueeze(0) % VOCAB
     with torch.no_grad():
@@ -630,3 +636,84 @@ def test_a_sharded_folder_of_the_hugging_face_cache_loads(tmp_path):
 
     with pytest.raises(UserError, match=r"names \.\./\.\./blobs/blob0, which is outside"):
         safetensors_files(str(snap))
+
+
+def test_a_big_checkpoint_is_restored_leaf_by_leaf_to_the_same_weights(hf_fp32, tmp_path, monkeypatch):
+    from cancerllm_jax.api import read_weights
+    from cancerllm_jax.checkpoint import orbax_io
+
+    _, folder = hf_fp32
+    ckpt = str(tmp_path / "ckpt")
+    assert run_cli("from-hf", folder, ckpt) == 0
+    whole = read_weights(ckpt).params
+    calls = []
+    leafwise = orbax_io._restore_leafwise
+    monkeypatch.setattr(orbax_io, "_restore_leafwise", lambda *a: calls.append(1) or leafwise(*a))
+    monkeypatch.setattr(orbax_io, "LEAFWISE_BYTES", 0)  # as a 7B model is read
+    parts = read_weights(ckpt).params
+    assert calls
+    import jax
+
+    assert jax.tree.structure(parts) == jax.tree.structure(whole)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(parts)):
+        assert a.dtype == b.dtype and np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+MEMORY_PROBE = """
+import sys, threading, time
+sys.path.insert(0, "tools")
+def anon():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon"))
+import convert_checkpoint as convert
+from cancerllm_jax.checkpoint import orbax_io
+orbax_io.SAVE_WINDOW_GB, orbax_io.LEAFWISE_BYTES = 0.05, 0  # the limits a 7B model meets, scaled to this one
+import jax
+jax.numpy.zeros(1)
+base = peak = anon()
+def watch():
+    global peak
+    while True:
+        peak = max(peak, anon())
+        time.sleep(0.002)
+threading.Thread(target=watch, daemon=True).start()
+code = convert.main(sys.argv[1:])
+time.sleep(0.05)
+print("GROWTH", peak - base)
+sys.exit(code)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssAnon from /proc")
+def test_a_conversion_never_holds_two_copies_of_the_model(tmp_path):
+    """from-hf and to-hf grow the process's anonymous memory by well under two copies of the model (they held
+    ~2.8 copies before they streamed: a whole-tree Orbax save or restore, then every shard's tensors as bytes)."""
+    d, f, v, layers = 512, 2048, 32000, 8
+    rng = np.random.default_rng(0)
+    t = {"model.embed_tokens.weight": rng.standard_normal((v, d), np.float32),
+         "model.norm.weight": np.ones(d, np.float32), "lm_head.weight": rng.standard_normal((v, d), np.float32)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t.update({p + "input_layernorm.weight": np.ones(d, np.float32),
+                  p + "post_attention_layernorm.weight": np.ones(d, np.float32),
+                  p + "self_attn.q_proj.weight": rng.standard_normal((512, d), np.float32),
+                  p + "self_attn.k_proj.weight": rng.standard_normal((128, d), np.float32),
+                  p + "self_attn.v_proj.weight": rng.standard_normal((128, d), np.float32),
+                  p + "self_attn.o_proj.weight": rng.standard_normal((d, 512), np.float32),
+                  p + "mlp.gate_proj.weight": rng.standard_normal((f, d), np.float32),
+                  p + "mlp.up_proj.weight": rng.standard_normal((f, d), np.float32),
+                  p + "mlp.down_proj.weight": rng.standard_normal((d, f), np.float32)})
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file(t, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    size = sum(a.nbytes for a in t.values())  # 241 MiB
+    del t
+    (hf / "config.json").write_text(json.dumps(dict(
+        model_type="mistral", vocab_size=v, hidden_size=d, intermediate_size=f, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False, torch_dtype="float32")))
+    for args in (["from-hf", hf, tmp_path / "ckpt"], ["to-hf", tmp_path / "ckpt", tmp_path / "back"]):
+        p = subprocess.run([sys.executable, "-c", MEMORY_PROBE, *map(str, args)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-2000:]
+        growth = int(p.stdout.split("GROWTH")[-1]) / size
+        assert growth < 1.8, f"{args[0]}: grew by {growth:.2f} copies of the model"

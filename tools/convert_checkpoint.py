@@ -21,6 +21,10 @@ import sys
 
 # this checkout's package, even where another copy is installed
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if sys.argv[1:2] == ["to-hf"]:
+    # glibc's own malloc: the package keeps freed host memory for training steps (cancerllm_jax/hostmem.py), which
+    # here would keep each restored leaf's and written tensor's temporaries (from-hf reuses the freed host leaves)
+    os.environ.setdefault("CANCERLLM_HOST_MALLOC", "system")
 
 from cancerllm_jax import api
 from cancerllm_jax.errors import UserError, cli_main
@@ -28,21 +32,26 @@ from cancerllm_jax.errors import UserError, cli_main
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
-def _cast(params: dict, dtype: str | None) -> dict:
-    """Cast every array in a params tree to ``dtype`` (None keeps it: bit-exact)."""
+def _cast_in_place(params: dict, dtype: str | None, where: str = "") -> None:
+    """Cast every array of a params tree to ``dtype`` (None keeps it: bit-exact), one leaf at a time."""
     if dtype is None:
-        return params
-    import jax
+        return
     import numpy as np
 
     from cancerllm_jax.checkpoint.hf import _np_dtype
     from cancerllm_jax.model import check_fits
 
-    def cast(path, a):
-        check_fits(f"--dtype {dtype}: weight {jax.tree_util.keystr(path, simple=True, separator='.')}", a, dtype)
-        return np.asarray(a).astype(_np_dtype(dtype))
+    for key, value in params.items():
+        if isinstance(value, dict):
+            _cast_in_place(value, dtype, f"{where}{key}.")
+        else:
+            check_fits(f"--dtype {dtype}: weight {where}{key}", value, dtype)
+            params[key] = np.asarray(value).astype(_np_dtype(dtype), copy=False)
 
-    return jax.tree_util.tree_map_with_path(cast, params)
+
+def _dicts_copied(tree: dict) -> dict:
+    """``tree``'s nested dicts copied, its arrays shared."""
+    return {k: _dicts_copied(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
 def _dtype_name(params: dict) -> str:
@@ -82,7 +91,9 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str | None = None, overwrite: bool
     if merge_lora:
         from cancerllm_jax.model.lora import merge_lora_params
 
-        params, lora, lora_params = _cast(merge_lora_params(params, lora_params, lora, dtype), dtype), None, None
+        merge_lora_params(params, lora_params, lora, dtype, in_place=True)
+        _cast_in_place(params, dtype)
+        lora = lora_params = None
     save_params(out_dir, cfg, params, dtype=_dtype_name(params), extra=extra, overwrite=overwrite,
                 tokenizer_dir=hf_dir, lora=lora, lora_params=lora_params)
     return out_dir
@@ -117,16 +128,18 @@ def to_hf(ckpt_dir: str, out_dir: str, mode: str | None = None, overwrite: bool 
                   "load the adapter on BASE_OUT (or pass --base-name BASE_OUT)", file=sys.stderr)
         return write_peft_adapter(out_dir, w.cfg, w.lora, w.lora_params, base_name_or_path=base,
                                   overwrite=overwrite, dtype=dtype, tokenizer_dir=tok_dir)
-    params = w.params
+    # dicts of our own: the merged kernels replace the read ones in them one by one, so the read ones are freed
+    params, cfg, lora, lora_params = _dicts_copied(w.params), w.cfg, w.lora, w.lora_params
+    del w
     if has_lora:
         from cancerllm_jax.model.lora import merge_lora_params
 
-        params = merge_lora_params(params, w.lora_params, w.lora, dtype)  # the float32 sum, rounded once
+        merge_lora_params(params, lora_params, lora, dtype, in_place=True)  # the float32 sum, rounded once
     gen = next((f for d in sources if os.path.isfile(f := os.path.join(d, "generation_config.json"))),
                None)  # its sampling settings, where no tokenizer folder brings them
-    return write_hf(out_dir, w.cfg, _cast(params, dtype), overwrite=overwrite, tokenizer_dir=tok_dir,
+    return write_hf(out_dir, cfg, params, overwrite=overwrite, tokenizer_dir=tok_dir,
                     shard_bytes=shard_bytes or SHARD_BYTES, generation_config=gen,
-                    source_config=_source_hf_config(sources))
+                    source_config=_source_hf_config(sources), dtype=dtype)
 
 
 def _source_hf_config(sources: list[str]) -> dict | None:

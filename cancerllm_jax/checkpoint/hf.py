@@ -1,8 +1,8 @@
 """Hugging Face safetensors ⇄ our parameter tree, tensor by tensor.
 
 HF keeps one ``[out, in]`` tensor per layer; we keep ``[layers, in, out]``. Import fills preallocated stacked
-arrays one HF tensor at a time (memory-mapped reads), export writes ~5 GB shards one layer slice at a time, so a
-7B conversion never holds two copies of the model.
+arrays one HF tensor at a time (memory-mapped reads); export streams ~5 GB shards one tensor at a time (a layer
+slice, transposed and cast), so a 7B conversion never holds two copies of the model.
 """
 from __future__ import annotations
 
@@ -206,71 +206,106 @@ def _np_dtype(name: str):
     return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[name]
 
 
-def iter_hf_tensors(cfg: ModelConfig, params: dict):
-    """Yield ``(hf_name, numpy array)`` one tensor at a time, in HF's order."""
-    yield "model.embed_tokens.weight", np.asarray(params["embed"])
+def _hf_tensor_plan(cfg: ModelConfig, params: dict, dtype: str | None = None):
+    """``(hf_name, shape, dtype, load)`` per tensor in HF's order, without reading any; ``load()`` gives the tensor
+    (``[out, in]``, contiguous, cast to ``dtype``: float16 refused where values would not fit)."""
+    from cancerllm_jax.model import check_fits
+
+    target = None if dtype is None else np.dtype(_np_dtype(dtype))
+
+    def entry(name, leaf, index=None, transpose=False):
+        shape = tuple(leaf.shape[1:] if index is not None else leaf.shape)
+        shape = shape[::-1] if transpose else shape
+
+        def load():
+            t = np.asarray(leaf[index] if index is not None else leaf)
+            t = np.ascontiguousarray(t.T if transpose else t)
+            if target is not None and t.dtype != target:
+                check_fits(f"--dtype {dtype}: tensor {name}", t, target)
+                t = t.astype(target)
+            return t
+
+        return name, shape, target or np.dtype(leaf.dtype), load
+
+    yield entry("model.embed_tokens.weight", params["embed"])
     for i in range(cfg.num_layers):
         for ours, suffix in LAYER_KEYS.items():
             node = params["layers"]
             for k in ours:
                 node = node[k]
-            t = np.asarray(node[i])
-            yield f"model.layers.{i}.{suffix}", np.ascontiguousarray(t.T if ours[-1] == "kernel" else t)
-    yield "model.norm.weight", np.asarray(params["final_norm"])
+            yield entry(f"model.layers.{i}.{suffix}", node, i, transpose=ours[-1] == "kernel")
+    yield entry("model.norm.weight", params["final_norm"])
     if not cfg.tie_embeddings:
-        yield "lm_head.weight", np.ascontiguousarray(np.asarray(params["lm_head"]).T)
+        yield entry("lm_head.weight", params["lm_head"], transpose=True)
+
+
+def iter_hf_tensors(cfg: ModelConfig, params: dict, dtype: str | None = None):
+    """Yield ``(hf_name, numpy array)`` one tensor at a time, in HF's order (cast to ``dtype``, if given)."""
+    for name, _, _, load in _hf_tensor_plan(cfg, params, dtype):
+        yield name, load()
+
+
+SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                      np.dtype(ml_dtypes.bfloat16): "BF16"}
+
+
+def _write_safetensors(path: str, entries: list, metadata: dict[str, str]) -> None:
+    """One safetensors file from ``(name, shape, dtype, load)`` entries, streamed: the header is written from the
+    shapes, then each tensor as it is loaded, so only one tensor is in memory at a time (``safetensors``'
+    ``save_file`` takes a dict of every tensor of the shard and copies them all to bytes)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, shape, dt, _ in entries:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors pads its header
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, shape, dt, load in entries:
+            t = load()
+            if t.shape != tuple(shape) or t.dtype != dt:
+                raise AssertionError(f"{name}: planned {shape} {dt}, got {t.shape} {t.dtype}")
+            f.write(t.reshape(-1).view(np.uint8).data)
+            del t
 
 
 def write_hf(out_dir: str, cfg: ModelConfig, params: dict, overwrite: bool = False,
              tokenizer_dir: str | None = None, shard_bytes: int = SHARD_BYTES,
-             generation_config: str | None = None, source_config: dict | None = None) -> list[str]:
-    """Write ``config.json`` + safetensors (sharded at ``shard_bytes`` with an index) atomically, with the tokenizer
-    files of ``tokenizer_dir`` and a ``generation_config.json`` naming every EOS id (the source's settings kept:
-    the one among the tokenizer files, else the file ``generation_config``); ``source_config``: the source's
-    config.json, whose keys the model does not read are kept (``to_hf_config``); without it such keys take
-    transformers' defaults."""
-    from safetensors.numpy import save_file
-
+             generation_config: str | None = None, source_config: dict | None = None,
+             dtype: str | None = None) -> list[str]:
+    """Write ``config.json`` + safetensors (sharded at ``shard_bytes`` with an index) atomically, one tensor in
+    memory at a time (cast to ``dtype``, if given), with the tokenizer files of ``tokenizer_dir`` and a
+    ``generation_config.json`` naming every EOS id (the source's settings kept: the one among the tokenizer files,
+    else the file ``generation_config``); ``source_config``: the source's config.json, whose keys the model does not
+    read are kept (``to_hf_config``); without it such keys take transformers' defaults."""
     from cancerllm_jax.checkpoint.orbax_io import atomic_dir, copy_tokenizer_files
 
+    plan = list(_hf_tensor_plan(cfg, params, dtype))
+    shards, size = [[]], 0
+    for entry in plan:
+        nbytes = int(np.prod(entry[1], dtype=np.int64)) * entry[2].itemsize
+        if size and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    total_size = sum(int(np.prod(e[1], dtype=np.int64)) * e[2].itemsize for e in plan)
+    total = len(shards)
+    names = (["model.safetensors"] if total == 1 else
+             [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)])
     with atomic_dir(out_dir, overwrite) as tmp:
-        current, size, weight_map, dtype = {}, 0, {}, None
-        count, total_size = 0, 0
-
-        def flush():
-            nonlocal current, size, count
-            if current:
-                count += 1
-                fname = f"model-{count:05d}.safetensors.part"
-                save_file(current, os.path.join(tmp, fname), metadata={"format": "pt"})
-                for k in current:
-                    weight_map[k] = fname
-            current, size = {}, 0
-
-        for name, arr in iter_hf_tensors(cfg, params):
-            dtype = dtype or str(arr.dtype)
-            if size and size + arr.nbytes > shard_bytes:
-                flush()
-            current[name] = arr
-            size += arr.nbytes
-            total_size += arr.nbytes
-        flush()
-        total = count
-        files = []
-        if total == 1:
-            os.replace(os.path.join(tmp, "model-00001.safetensors.part"), os.path.join(tmp, "model.safetensors"))
-            files.append("model.safetensors")
-        else:
-            rename = {f"model-{i:05d}.safetensors.part": f"model-{i:05d}-of-{total:05d}.safetensors"
-                      for i in range(1, total + 1)}
-            for old, new in rename.items():
-                os.replace(os.path.join(tmp, old), os.path.join(tmp, new))
-            files.extend(rename.values())
+        for fname, entries in zip(names, shards):
+            _write_safetensors(os.path.join(tmp, fname), entries, {"format": "pt"})
+        if total > 1:
             index = {"metadata": {"total_size": int(total_size)},
-                     "weight_map": {k: rename[v] for k, v in weight_map.items()}}
+                     "weight_map": {e[0]: fname for fname, entries in zip(names, shards) for e in entries}}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2)
-        hf_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(dtype, "float32")
+        hf_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(str(plan[0][2]),
+                                                                                           "float32")
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump(to_hf_config(cfg, hf_dtype, source_config), f, indent=2)
         if tokenizer_dir:
@@ -278,7 +313,7 @@ def write_hf(out_dir: str, cfg: ModelConfig, params: dict, overwrite: bool = Fal
         if generation_config and not os.path.isfile(os.path.join(tmp, "generation_config.json")):
             shutil.copy2(generation_config, os.path.join(tmp, "generation_config.json"))
         write_generation_config(tmp, cfg)
-    return files
+    return names
 
 
 def write_generation_config(folder: str, cfg: ModelConfig) -> None:

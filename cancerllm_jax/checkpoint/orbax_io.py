@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -20,6 +21,8 @@ from cancerllm_jax.errors import UserError, check_can_write
 META_FILE = "cancerllm.json"
 FORMAT = "cancerllm-jax/params-v1"
 FORMAT_LORA = "cancerllm-jax/params-lora-v1"
+LEAFWISE_BYTES = 2**30  # a bigger tree is restored one leaf at a time (host memory; see _restore_leafwise)
+SAVE_WINDOW_GB = 1  # at most this much of a tree is copied for writing at once (save_params)
 
 
 def refuse_enclosing_folder(out_dir: str) -> None:
@@ -83,15 +86,20 @@ def is_params_checkpoint(path: str) -> bool:
 def save_params(out_dir: str, cfg: ModelConfig, params: dict, dtype: str, extra: dict | None = None,
                 overwrite: bool = False, tokenizer_dir: str | None = None, lora: LoRAConfig | None = None,
                 lora_params: dict | None = None) -> None:
-    """Write a params checkpoint (pure dict of arrays, optionally with unmerged LoRA factors) atomically."""
+    """Write a params checkpoint (pure dict of arrays, optionally with unmerged LoRA factors) atomically.
+
+    Host (numpy) leaves of ``params`` are replaced in place by CPU ``jax.Array``s, one at a time, and Orbax copies
+    at most 1 GB of them at once for writing: the model is never held twice (Orbax copies a whole tree of numpy
+    arrays before writing it)."""
     import orbax.checkpoint as ocp
 
+    _cpu_arrays_in_place(params)
     with atomic_dir(out_dir, overwrite) as tmp:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(tmp, "params"), params)
+        ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=SAVE_WINDOW_GB, use_compression=False,
+                                                             save_concurrent_gb=1))
+        ckptr.save(os.path.join(tmp, "params"), args=ocp.args.PyTreeSave(params))
         if lora is not None:
-            ckptr.save(os.path.join(tmp, "lora"), lora_params)
-        ckptr.wait_until_finished()
+            ckptr.save(os.path.join(tmp, "lora"), args=ocp.args.PyTreeSave(lora_params))
         ckptr.close()
         meta = {"format": FORMAT if lora is None else FORMAT_LORA, "model": to_dict(cfg), "dtype": dtype,
                 **({} if lora is None else {"lora": to_dict(lora)}), **(extra or {})}
@@ -99,6 +107,18 @@ def save_params(out_dir: str, cfg: ModelConfig, params: dict, dtype: str, extra:
             json.dump(meta, f, indent=2)
         if tokenizer_dir:
             copy_tokenizer_files(tokenizer_dir, tmp)
+
+
+def _cpu_arrays_in_place(tree: dict) -> None:
+    """Replace the non-JAX array leaves of a nested dict by arrays on the CPU device, one leaf at a time."""
+    import jax
+
+    cpu = jax.devices("cpu")[0]
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _cpu_arrays_in_place(value)
+        elif not isinstance(value, jax.Array):
+            tree[key] = jax.device_put(value, cpu).block_until_ready()  # the host leaf is freed before the next
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -197,6 +217,11 @@ def restore_tree(path: str, target=None, expected=None, config_where: str = ""):
                 check_shapes(path, meta, expected, config_where)
             local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), meta)
+            nbytes = sum(math.prod(m.shape) * jax.numpy.dtype(m.dtype).itemsize for m in jax.tree.leaves(target))
+            if nbytes > LEAFWISE_BYTES:
+                plain = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local),
+                                     getattr(meta, "tree", meta))
+                return _restore_leafwise(path, plain)
         return ckptr.restore(path, target)
     except FileNotFoundError as e:
         raise UserError(f"{path}: checkpoint missing or incomplete ({e})") from None
@@ -204,6 +229,27 @@ def restore_tree(path: str, target=None, expected=None, config_where: str = ""):
         raise unreadable(path, e) from None
     finally:
         absl_logging.set_verbosity(verbosity)
+        ckptr.close()
+
+
+def _restore_leafwise(path: str, target: dict) -> dict:
+    """Restore a tree of abstract arrays one leaf at a time (the others Orbax placeholders): Orbax's whole-tree
+    restore holds ~1.6 copies of a big model at its peak, one leaf at a time ~1 copy and one leaf."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    leaves, treedef = jax.tree.flatten(target)
+    ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    try:
+        out = []
+        for i, leaf in enumerate(leaves):
+            item = treedef.unflatten([leaf if j == i else ocp.PLACEHOLDER for j in range(len(leaves))])
+            args = jax.tree.map(lambda x: x if x is ocp.PLACEHOLDER else ocp.ArrayRestoreArgs(sharding=x.sharding),
+                                item)
+            restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=args))
+            out.append(next(x for x in jax.tree.leaves(restored) if x is not ocp.PLACEHOLDER))
+        return treedef.unflatten(out)
+    finally:
         ckptr.close()
 
 
