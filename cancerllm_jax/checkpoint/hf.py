@@ -257,7 +257,8 @@ def _write_safetensors(path: str, entries: list, metadata: dict[str, str]) -> No
     offset = 0
     for name, shape, dt, _ in entries:
         nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dt], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors pads its header

@@ -89,14 +89,16 @@ def save_params(out_dir: str, cfg: ModelConfig, params: dict, dtype: str, extra:
     """Write a params checkpoint (pure dict of arrays, optionally with unmerged LoRA factors) atomically.
 
     Host (numpy) leaves of ``params`` are replaced in place by CPU ``jax.Array``s, one at a time, and Orbax copies
-    at most 1 GB of them at once for writing: the model is never held twice (Orbax copies a whole tree of numpy
-    arrays before writing it)."""
+    at most ``SAVE_WINDOW_GB`` of them at once for writing, uncompressed (float weights barely compress, and the
+    compressed copies were one more copy of the model): the model is never held twice (Orbax copies a whole tree of
+    numpy arrays before writing it)."""
     import orbax.checkpoint as ocp
 
     _cpu_arrays_in_place(params)
     with atomic_dir(out_dir, overwrite) as tmp:
-        ckptr = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=SAVE_WINDOW_GB, use_compression=False,
-                                                             save_concurrent_gb=1))
+        handler = ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=SAVE_WINDOW_GB, save_concurrent_gb=1,
+                                              use_compression=False)
+        ckptr = ocp.Checkpointer(handler)
         ckptr.save(os.path.join(tmp, "params"), args=ocp.args.PyTreeSave(params))
         if lora is not None:
             ckptr.save(os.path.join(tmp, "lora"), args=ocp.args.PyTreeSave(lora_params))
