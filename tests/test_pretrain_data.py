@@ -137,6 +137,10 @@ def test_repeated_texts_never_straddle_the_split():
     for seed in range(5):
         tr, ev = split_documents(boiler, 0.05, seed=seed)
         assert len(ev) == 25 and all(d["text"] != "Patient did not attend." for d in ev)
+    for docs, fraction in (([{"text": f"n{i % 10}"} for i in range(20)], 0.05),  # each of 10 notes twice, 1 held out
+                           ([{"text": t} for t in "AABB"], 0.25)):
+        tr, ev = split_documents(docs, fraction, seed=0)  # no text fits the eval share: one is held out all the same
+        assert ev and tr and len({d["text"] for d in ev}) == 1 and not {d["text"] for d in tr} & {ev[0]["text"]}
     same = [{"text": "x"}] * 3  # one text: nothing can be held out without being trained on
     assert split_documents(same, 0.5, seed=0) == (same, [])
     sides: dict = {}  # two sources sharing texts (one file copied under another name) follow one choice

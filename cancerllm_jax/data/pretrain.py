@@ -189,6 +189,9 @@ def split_documents(docs: Sequence[dict], eval_fraction: float, seed: int,
     if all(is_eval) and mine:  # too few different texts: the last one drawn here trains
         sides[mine[-1]] = False
         is_eval = [sides[d["text"]] for d in docs]
+    elif not any(is_eval) and len(mine) >= 2:  # every text has more copies than the eval share: the drawn text
+        sides[min(mine, key=lambda t: size[t])] = True  # with the fewest copies is held out (the others train)
+        is_eval = [sides[d["text"]] for d in docs]
     return [d for d, e in zip(docs, is_eval) if not e], [d for d, e in zip(docs, is_eval) if e]
 
 
@@ -382,7 +385,7 @@ def build_pretrain_data(cfg: PretrainDataConfig, tokenizer=None, documents: Sequ
              "%d bad lines skipped", stats["documents"], stats["eval_documents"], stats["train_tokens"],
              stats["train_blocks"], cfg.block_size, stats["dropped_tail_tokens"], skipped)
     if cfg.eval_fraction > 0 and stats["eval_blocks"] == 0:
-        log.warning("eval_fraction=%s but no document was held out (too few documents)", cfg.eval_fraction)
+        log.warning("eval_fraction=%s but no document was held out (too few different documents)", cfg.eval_fraction)
     weights = list(cfg.weights) if cfg.weights is not None and len(train) > 1 else None
     return PretrainData(dataclasses.replace(cfg), tokenizer.pad_id, names, train, evals, weights, stats)
 

@@ -431,8 +431,8 @@ class Trainer:
         was = self.resumed_meta.get("data_counts") if start_step else None
         now = self.data_counts if was is None or "digest" in was else {  # a run saved before digests: counts alone
             k: v for k, v in self.data_counts.items() if not k.endswith("digest")}
-        if was is not None:  # a count this version adds (repeated_documents) is absent from a run saved before it
-            now = {k: v for k, v in now.items() if k in was}
+        if was is not None:  # a count this version adds is absent from a run saved before it: only that one is let go
+            now = {k: v for k, v in now.items() if k in was or k not in COUNTS_ADDED_LATER}
         if was is not None and was != now:
             keys = diff(was, now)
             changed = ", ".join(f"{k} {was.get(k)} -> {now.get(k)}" for k in keys)
@@ -755,6 +755,9 @@ def dry_base(cfg: TrainConfig) -> tuple[ModelConfig, None, str | None, dict]:
 
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+COUNTS_ADDED_LATER = frozenset({"repeated_documents"})  # data counts a run saved by an earlier version lacks
 
 
 class _MetricsLog:
