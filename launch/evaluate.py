@@ -283,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gold", help="gold JSONL (field --gold-field); omit when --pred carries a `gold` field")
     s.add_argument("--pred", required=True, help="prediction JSONL (field --pred-field)")
     s.add_argument("--protocol", choices=PROTOCOLS, default="standard", help="metric choices (default: standard)")
-    s.add_argument("--gold-field", help="gold text field: default `response` in --gold, `gold` in --pred when "
-                                        "there is no --gold")
-    s.add_argument("--pred-field", default="prediction", help="prediction field in --pred (default: prediction)")
+    s.add_argument("--gold-field", help="gold text field: default `response` in --gold (else the first of gold, "
+                                        "answer, output, reference, target), `gold` in --pred when there is no --gold")
+    s.add_argument("--pred-field", help="prediction field in --pred: default `prediction` (else the first of pred, "
+                                        "output, generation, generated, response)")
     s.add_argument("--json", metavar="OUT", help="write the summary as JSON")
     s.add_argument("--per-instance", metavar="OUT.jsonl", help="write one JSON line of scores per instance")
     s.set_defaults(func=cmd_score)

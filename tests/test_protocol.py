@@ -405,6 +405,25 @@ def test_score_file_by_id_and_by_order(tmp_path, gold, caplog):
     assert score_file(nulls, ordered)["em_r"] == 100.0
 
 
+def test_score_file_finds_the_usual_field_names_and_says_so(tmp_path, gold, caplog):
+    """A gold file of ``gold`` / ``answer`` lines and predictions in ``output`` / ``response`` are scored as named
+    (``response`` and ``prediction`` were the only names, and --gold-field / --pred-field a must), with a warning."""
+    canonical = score_file(gold, _jsonl(tmp_path / "p.jsonl", [{"id": "a", "prediction": "lung cancer"},
+                                                               {"id": "b", "prediction": "er"}]))
+    for gold_name, pred_name in (("gold", "output"), ("answer", "response"), ("target", "generation")):
+        golds = _jsonl(tmp_path / f"{gold_name}.jsonl", [{"id": "a", gold_name: "lung cancer"},
+                                                         {"id": "b", gold_name: "pr, er"}])
+        preds = _jsonl(tmp_path / f"{pred_name}.jsonl", [{"id": "a", pred_name: "lung cancer"},
+                                                         {"id": "b", pred_name: "er"}])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cancerllm_jax.eval.protocol"):
+            assert score_file(golds, preds) == canonical
+        assert f"no 'response' field; scoring its '{gold_name}' field as the gold" in caplog.text
+        assert f"no 'prediction' field; scoring its '{pred_name}' field as the prediction" in caplog.text
+    with pytest.raises(UserError, match=r"gold\.jsonl:1: missing field 'response' \(fields: id, text\)"):
+        score_file(_jsonl(tmp_path / "gold.jsonl", [{"id": "a", "text": "x"}]), gold)
+
+
 @pytest.mark.parametrize(
     "rows, message",
     [
