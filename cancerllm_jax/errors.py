@@ -140,10 +140,15 @@ _ONE_LINE = _OneLineRecords()
 
 
 class _LevelPrefix(logging.Formatter):
-    """``warning: message``, as the CLI's own notes and errors read."""
+    """``warning: message``, as the CLI's own notes and errors read. A library's error record (Orbax's background
+    save thread on a full disk) is a ``note: <logger>:`` line: the failure reaches the CLI too, and its one
+    ``error:`` line says what to do."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {super().format(record)}"
+        text = super().format(record)
+        if record.levelno >= logging.ERROR and not record.name.startswith(("cancerllm_jax", "__main__")):
+            return f"note: {record.name}: {text}"
+        return f"{record.levelname.lower()}: {text}"
 
 
 def _log_to_stderr_as_the_cli_speaks() -> None:

@@ -1478,6 +1478,24 @@ def test_a_full_disk_reported_as_text_is_one_line_and_library_tracebacks_are_cut
     assert "[thread=save_finalize] failed." in logged and "Traceback" not in logged and "more" not in logged
 
 
+def test_a_librarys_error_records_are_notes_beside_the_one_error_line():
+    """On a real full disk Orbax's save threads log two ERROR records through absl before the failure reaches the
+    CLI: they printed as two more `error:` lines. They are `note: absl:` lines now; the CLI's line is the one error."""
+    script = (
+        "import errno, logging, sys\n"
+        "from cancerllm_jax.errors import cli_main\n"
+        "@cli_main\n"
+        "def main(argv=None):\n"
+        "    logging.getLogger('absl').error('[process=0] Failed to run 3 Handler Commit operations, directory: /w')\n"
+        "    logging.getLogger('absl').warning('a library warning')\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device', '/w/checkpoints/1')\n"
+        "main()\n")
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    one_clear_error(p.returncode, p.stderr, "disk full")
+    assert "note: absl: [process=0] Failed to run 3 Handler Commit operations" in p.stderr, p.stderr
+    assert "warning: a library warning" in p.stderr, p.stderr
+
+
 @pytest.mark.parametrize("message", ['could not parse "/data/notes/Permission denied letters.jsonl"',
                                      "tokenizer returned an error (os error 130)", 'KeyError: "model.layers.13"'])
 def test_text_that_only_looks_like_an_os_error_stays_a_bug_report(capsys, monkeypatch, message):

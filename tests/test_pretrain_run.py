@@ -712,3 +712,24 @@ def test_describe_warns_of_positions_past_the_model_and_of_memory_past_the_devic
     text = trainer.describe(32)
     assert "warning: sequences of 32 tokens go past the model's max_position_embeddings (16)" in text
     assert "more than the device's 0.00 GiB: the run may run out of memory" in text
+
+
+def test_a_dry_run_of_the_7b_config_as_shipped_validates_the_preset_of_its_folders_name(capsys):
+    """configs/pretrain/cancerllm_7b.yaml names a placeholder folder (/models/Mistral-7B-v0.1): a dry run without
+    it validates the preset of that name (it was an error asking for model=mistral-7b-v0.1); another missing path
+    stays an error."""
+    from types import SimpleNamespace
+
+    from cancerllm_jax.config import PRESETS
+    from cancerllm_jax.errors import UserError
+    from cancerllm_jax.train.loop import dry_base
+
+    import yaml
+
+    with open(os.path.join(ROOT, "configs", "pretrain", "cancerllm_7b.yaml"), encoding="utf-8") as f:
+        shipped = yaml.safe_load(f)["model"]
+    assert not os.path.exists(shipped)
+    assert dry_base(SimpleNamespace(model=shipped))[0] == PRESETS["mistral-7b-v0.1"]
+    assert "validating with the preset of its name, mistral-7b-v0.1" in capsys.readouterr().err
+    with pytest.raises(UserError, match="neither a preset"):
+        dry_base(SimpleNamespace(model="/models/my-own-model"))

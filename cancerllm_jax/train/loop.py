@@ -746,6 +746,11 @@ def dry_base(cfg: TrainConfig) -> tuple[ModelConfig, None, str | None, dict]:
         return PRESETS[cfg.model], None, None, {}
     from cancerllm_jax.api import check_readable, read_model_config, read_tokenizer_spec
 
+    named = os.path.basename(os.path.normpath(cfg.model)).lower()
+    if not os.path.exists(cfg.model) and named in PRESETS:  # the 7B config's placeholder folder, not yet there
+        say(f"note: --dry-run: {cfg.model} does not exist; validating with the preset of its name, {named} "
+            f"(the same shapes; a real run reads the folder)")
+        return PRESETS[named], None, None, {}
     if not os.path.exists(cfg.model):
         raise UserError(f"--dry-run: model {cfg.model!r} is neither a preset ({sorted(PRESETS)}) nor a folder; "
                         f"pass model=mistral-7b-v0.1 to validate the shapes without the weights")
