@@ -225,6 +225,9 @@ def test_the_sentence_is_found_as_quoted_and_as_whole_words():
     assert sentence_span(rec, rec["context"]) == (34, 38)
     assert misspell_record(rec, 1.0, 0)["context"].startswith("Is the patient painful? Sentence: ")
     assert sentence_span({"sentence": "absent"}, "no such words") is None
+    spaced = {"sentence": "ER positive, PR negative.", "context": "Report:\nER  positive,\nPR negative. Which?"}
+    at, end = sentence_span(spaced, spaced["context"])  # the same words with other whitespace: found
+    assert spaced["context"][at:end] == "ER  positive,\nPR negative."
 
 
 def test_a_typed_record_never_draws_other_types_from_untyped_labels():
@@ -235,5 +238,5 @@ def test_a_typed_record_never_draws_other_types_from_untyped_labels():
     for seed in range(10):
         new, _ = corrupt_phenotype_labels(typed + untyped, 1.0, seed=seed)
         for r in new[:len(typed)]:
-            if r["counterfactual"]["kind"] == "other_type":
+            if r["counterfactual"]["kind"] in ("other_type", "not_relevant_swap"):  # a typed Not relevant too
                 assert r["response"] not in {"stage iv", "left breast", "12 mm"}

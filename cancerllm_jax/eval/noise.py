@@ -144,14 +144,15 @@ def misspell_text(text: str, rate: float, seed: int | str) -> str:
 
 def sentence_span(record: dict, context: str) -> tuple[int, int] | None:
     """Where the record's ``sentence`` stands in its ``context`` (its first occurrence as whole words, with or
-    without its final full stop, as templates quote it), or None when the record names none or it is not there."""
+    without its final full stop, as templates quote it, with any whitespace between its words), or None when the
+    record names none or it is not there."""
     sentence = record.get("sentence")
     if not isinstance(sentence, str) or not sentence.strip():
         return None
     for candidate in dict.fromkeys((sentence.strip(), sentence.strip().rstrip(".").rstrip())):
         if not candidate:
-            continue
-        m = re.search(r"(?<![^\W_])" + re.escape(candidate) + r"(?![^\W_])", context)
+            continue  # its words in order, any whitespace between them (a line break, a doubled space)
+        m = re.search(r"(?<![^\W_])" + r"\s+".join(map(re.escape, candidate.split())) + r"(?![^\W_])", context)
         if m:
             return m.span()
     return None
@@ -269,8 +270,9 @@ def _wrong_label(record: dict, pool: dict[str, list[str]], rng: random.Random) -
     etype = entity_type(record)
     types = sorted(set(pool) | set(FALLBACK_ENTITIES))
     typed = [t for t in types if t != UNTYPED]
-    if _not_relevant(gold):
-        order = [("not_relevant_swap", t) for t in rng.sample(types, len(types))]
+    if _not_relevant(gold):  # a typed record's labels are typed ones (an untyped label may be of any type)
+        kinds = types if etype is None else typed
+        order = [("not_relevant_swap", t) for t in rng.sample(kinds, len(kinds))]
         if etype is None:  # its type unknown: the data's own labels first
             order = [("not_relevant_swap", None)] + order
     elif etype is None:  # its type unknown: any of the data's labels, then the built-in ones
