@@ -68,6 +68,9 @@ def suggest(name: str, choices) -> str:
     choices = list(choices)
     alias = next((c for c in ALIASES.get(name, ()) if c in choices), None)
     close = [alias] if alias else difflib.get_close_matches(name, choices, n=1)
+    if not close:  # a misspelt other trainer's name (learning_rat): its alias
+        known = [a for a in difflib.get_close_matches(name, list(ALIASES), n=3) if set(ALIASES[a]) & set(choices)]
+        close = [next(c for c in ALIASES[known[0]] if c in choices)] if known else []
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

@@ -146,6 +146,7 @@ PRETRAIN_ARGS = {
     "hf_learning_rate": (["optim.learning_rate=1e-4"], ["learning_rate", "did you mean 'lr'"]),
     "peft_r": (["lora.r=8"], ["'r'", "did you mean 'rank'"]),
     "hf_max_grad_norm": (["optim.max_grad_norm=1"], ["max_grad_norm", "did you mean 'clip_norm'"]),
+    "hf_name_misspelt": (["optim.learning_rat=1e-4"], ["learning_rat", "did you mean 'lr'"]),  # was no hint
     "seq_len_of_finetune": (["data.max_seq_len=64"], ["max_seq_len", "did you mean 'block_size'"]),
     "key_of_a_section": (["lr=1e-4"], ["'lr'", "did you mean 'optim.lr'"]),  # was "did you mean 'lora'"
     "hf_key_of_a_section": (["learning_rate=1e-4"], ["did you mean 'optim.lr'"]),
