@@ -48,7 +48,8 @@ class PretrainDataConfig:
     """Where the pretraining text comes from and how it is cut into blocks."""
 
     sources: list[str] | None = None  # paths / globs / folders of .jsonl ({"text": ...}) or .txt; None: documents=
-    weights: list[float] | None = None  # mixture weights, one per source (e.g. 15:1:4); None: one stream
+    weights: list[float] | None = None  # mixture weights, one per sources entry (e.g. 15:1:4); None: one stream
+    # (a JSONL line's own "source" field does not pick its component: give each kind of text its own entry)
     tokenizer: str | None = None  # see data.tokenizer.load_tokenizer; None: Mistral v1
     block_size: int = 3000
     segment_mask: bool = True
