@@ -385,3 +385,27 @@ def test_a_sentencepiece_folder_without_tokenizer_json_is_read_as_trained(tmp_pa
         (tmp_path / name).write_text(json.dumps(extra))  # the folder asks for more than the .model: transformers
         assert isinstance(load_tokenizer(str(tmp_path)), HFTokenizer), name
         (tmp_path / name).unlink()
+
+
+def test_the_tokenizer_called_on_text_answers_as_transformers(tmp_path):
+    """``lm.tokenizer(text)`` (the habit from transformers; the object was not callable) gives transformers' own
+    ``input_ids`` and ``attention_mask``: the BOS where the tokenizer adds one, special-token strings as tokens."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+
+    tk = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3, "b": 4}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                              eos_token="</s>")
+    hf.save_pretrained(tmp_path)
+    ours = load_tokenizer(str(tmp_path))
+    texts = ["a b", "a </s> b", "c"]
+    for text in texts:
+        assert ours(text) == {k: list(v) for k, v in hf(text).items() if k in ("input_ids", "attention_mask")}
+        assert ours(text, add_special_tokens=False)["input_ids"] == hf(text, add_special_tokens=False)["input_ids"]
+    assert ours(texts)["input_ids"] == hf(texts)["input_ids"] and ours("a b")["input_ids"][0] == 1
+    mistral = load_tokenizer("mistral-v1")
+    assert mistral("hello")["input_ids"] == mistral.encode("hello", bos=True) == [1, *mistral.encode("hello")]

@@ -58,7 +58,20 @@ def _token_ids(ids) -> list[int]:
                         "batch row by row)")
 
 
-class SentencePieceTokenizer:
+class _CalledAsTransformers:
+    """``tokenizer(text)`` as transformers' tokenizers answer it: ``{"input_ids", "attention_mask"}`` with the BOS
+    where the tokenizer frames text with one and special-token strings read as those tokens (a list of texts: a
+    list per text, unpadded). ``encode`` is the explicit form (no BOS unless ``bos=True``)."""
+
+    def __call__(self, text, add_special_tokens: bool = True) -> dict:
+        if isinstance(text, (list, tuple)):
+            rows = [self(t, add_special_tokens) for t in text]
+            return {k: [r[k] for r in rows] for k in ("input_ids", "attention_mask")}
+        ids = self.encode(text, bos=add_special_tokens, special=True)
+        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+
+
+class SentencePieceTokenizer(_CalledAsTransformers):
     """A SentencePiece ``.model`` file used directly (Mistral v1: vocab 32000, unk 0, bos 1, eos 2)."""
 
     def __init__(self, model_file: str):
@@ -104,7 +117,7 @@ class SentencePieceTokenizer:
         return self.sp.decode([i for i in _token_ids(ids) if 0 <= i < n and not self.sp.is_unknown(i)])
 
 
-class HFTokenizer:
+class HFTokenizer(_CalledAsTransformers):
     """Any tokenizer folder transformers can read (``tokenizer.json`` / ``tokenizer_config.json``), offline."""
 
     def __init__(self, folder: str):
