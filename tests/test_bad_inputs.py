@@ -1298,7 +1298,7 @@ def test_evaluate_run_and_robustness_bad_decoding_flags(extra, needles, tmp_path
 EVALUATE = {
     "count_mismatch": ('{"response": "a"}\n{"response": "b"}\n', '{"prediction": "a"}\n', ["gold", "pred"]),
     "pred_not_json": ('{"response": "a"}\n', '{"prediction": \n', ["pred.jsonl:1"]),
-    "pred_missing_field": ('{"response": "a"}\n', '{"pred": "a"}\n', ["pred.jsonl:1", "'prediction'"]),
+    "pred_missing_field": ('{"response": "a"}\n', '{"text": "a"}\n', ["pred.jsonl:1", "'prediction'"]),
     "gold_empty": ("", '{"prediction": "a"}\n', ["gold.jsonl"]),
     "ids_do_not_match": ('{"id": "1", "response": "a"}\n', '{"id": "2", "prediction": "a"}\n', ["id"]),
 }
