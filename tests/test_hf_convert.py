@@ -717,3 +717,23 @@ def test_a_conversion_never_holds_two_copies_of_the_model(tmp_path):
         assert p.returncode == 0, p.stderr[-2000:]
         growth = int(p.stdout.split("GROWTH")[-1]) / size
         assert growth < 1.8, f"{args[0]}: grew by {growth:.2f} copies of the model"
+
+
+def test_a_tied_folder_that_stores_its_head_too_round_trips_bit_identically(tmp_path):
+    """Some saves store ``lm_head.weight`` beside tied embeddings (equal to them): HF → ours → HF gives it back (the
+    export left it out; transformers' own saves do not store it, and neither does our export of those)."""
+    src = str(tmp_path / "src")
+    make_model(tied=True, seed=2).save_pretrained(src, safe_serialization=True)
+    t = tensors(src)
+    assert "lm_head.weight" not in t
+    plain = str(tmp_path / "plain")
+    assert run_cli("from-hf", src, str(tmp_path / "c0")) == 0 and run_cli("to-hf", str(tmp_path / "c0"), plain) == 0
+    assert set(tensors(plain)) == set(t)  # transformers' form stays without the head
+    t["lm_head.weight"] = t["model.embed_tokens.weight"].copy()
+    save_file(t, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    ckpt, back, direct = str(tmp_path / "c"), str(tmp_path / "back"), str(tmp_path / "direct")
+    assert run_cli("from-hf", src, ckpt) == 0 and run_cli("to-hf", ckpt, back) == 0
+    assert run_cli("to-hf", src, direct) == 0  # an HF folder exported as it is
+    for out in (tensors(back), tensors(direct)):
+        assert set(out) == set(t)
+        assert all(out[k].tobytes() == v.tobytes() for k, v in t.items())

@@ -84,6 +84,8 @@ def from_hf(hf_dir: str, out_dir: str, dtype: str | None = None, overwrite: bool
     # a merge sums the file's weights and the factors in float32 and rounds once, to ``dtype`` (as peft's merge in
     # float32, then a cast): weights cast before the merge were rounded twice
     cfg, params = read_hf(hf_dir, dtype=None if merge_lora else dtype)
+    if cfg.tie_embeddings and _source_stores_tied_head([hf_dir]):  # equal to the embeddings (else read untied)
+        extra["hf_stores_tied_head"] = True
     lora = lora_params = None
     if adapter is not None:
         w = api.with_adapter(api.LoadedWeights(cfg, params), adapter)
@@ -139,7 +141,8 @@ def to_hf(ckpt_dir: str, out_dir: str, mode: str | None = None, overwrite: bool 
                None)  # its sampling settings, where no tokenizer folder brings them
     return write_hf(out_dir, cfg, params, overwrite=overwrite, tokenizer_dir=tok_dir,
                     shard_bytes=shard_bytes or SHARD_BYTES, generation_config=gen,
-                    source_config=_source_hf_config(sources), dtype=dtype)
+                    source_config=_source_hf_config(sources), dtype=dtype,
+                    tied_head=_source_stores_tied_head(sources))
 
 
 def _source_hf_config(sources: list[str]) -> dict | None:
@@ -154,6 +157,23 @@ def _source_hf_config(sources: list[str]) -> dict | None:
         if os.path.isfile(os.path.join(d, "config.json")):
             return read_json_file(os.path.join(d, "config.json"))
     return None
+
+
+def _source_stores_tied_head(sources: list[str]) -> bool:
+    """Whether the HF folder the weights came from stored ``lm_head.weight`` beside tied embeddings (some saves do;
+    transformers' own leaves it out): the export then stores it too, so HF → ours → HF gives its tensors back."""
+    from cancerllm_jax.checkpoint import orbax_io
+    from cancerllm_jax.checkpoint.hf import safetensors_files
+
+    for d in sources:
+        if orbax_io.is_params_checkpoint(d):
+            return bool(orbax_io.read_meta(d).get("hf_stores_tied_head"))
+        if os.path.isfile(os.path.join(d, "config.json")):
+            try:
+                return "lm_head.weight" in safetensors_files(d)
+            except UserError:
+                return False
+    return False
 
 
 def _source_dirs(ckpt_dir: str, seen: tuple[str, ...] = ()) -> list[str]:

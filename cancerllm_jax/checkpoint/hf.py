@@ -206,9 +206,10 @@ def _np_dtype(name: str):
     return {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[name]
 
 
-def _hf_tensor_plan(cfg: ModelConfig, params: dict, dtype: str | None = None):
+def _hf_tensor_plan(cfg: ModelConfig, params: dict, dtype: str | None = None, tied_head: bool = False):
     """``(hf_name, shape, dtype, load)`` per tensor in HF's order, without reading any; ``load()`` gives the tensor
-    (``[out, in]``, contiguous, cast to ``dtype``: float16 refused where values would not fit)."""
+    (``[out, in]``, contiguous, cast to ``dtype``: float16 refused where values would not fit). ``tied_head``: tied
+    embeddings are stored as ``lm_head.weight`` too (as the source folder did)."""
     from cancerllm_jax.model import check_fits
 
     target = None if dtype is None else np.dtype(_np_dtype(dtype))
@@ -237,6 +238,8 @@ def _hf_tensor_plan(cfg: ModelConfig, params: dict, dtype: str | None = None):
     yield entry("model.norm.weight", params["final_norm"])
     if not cfg.tie_embeddings:
         yield entry("lm_head.weight", params["lm_head"], transpose=True)
+    elif tied_head:
+        yield entry("lm_head.weight", params["embed"])
 
 
 def iter_hf_tensors(cfg: ModelConfig, params: dict, dtype: str | None = None):
@@ -276,15 +279,16 @@ def _write_safetensors(path: str, entries: list, metadata: dict[str, str]) -> No
 def write_hf(out_dir: str, cfg: ModelConfig, params: dict, overwrite: bool = False,
              tokenizer_dir: str | None = None, shard_bytes: int = SHARD_BYTES,
              generation_config: str | None = None, source_config: dict | None = None,
-             dtype: str | None = None) -> list[str]:
+             dtype: str | None = None, tied_head: bool = False) -> list[str]:
     """Write ``config.json`` + safetensors (sharded at ``shard_bytes`` with an index) atomically, one tensor in
     memory at a time (cast to ``dtype``, if given), with the tokenizer files of ``tokenizer_dir`` and a
     ``generation_config.json`` naming every EOS id (the source's settings kept: the one among the tokenizer files,
     else the file ``generation_config``); ``source_config``: the source's config.json, whose keys the model does not
-    read are kept (``to_hf_config``); without it such keys take transformers' defaults."""
+    read are kept (``to_hf_config``); without it such keys take transformers' defaults. ``tied_head``: tied
+    embeddings are also stored as ``lm_head.weight``."""
     from cancerllm_jax.checkpoint.orbax_io import atomic_dir, copy_tokenizer_files
 
-    plan = list(_hf_tensor_plan(cfg, params, dtype))
+    plan = list(_hf_tensor_plan(cfg, params, dtype, tied_head))
     shards, size = [[]], 0
     for entry in plan:
         nbytes = int(np.prod(entry[1], dtype=np.int64)) * entry[2].itemsize
