@@ -208,7 +208,8 @@ class LM:
 
         ``attention_mask`` (0/1, the shape of ``input_ids``), as transformers': tokens attend only to earlier tokens
         of mask 1 (left- or right-padded rows give each real token the logits of the row without its padding);
-        the logits at mask-0 positions mean nothing."""
+        the logits at mask-0 positions mean nothing. Rows are right-padded to a length bucket (one compile per
+        bucket): float32 logits then agree with an exact-length call to the last bits (~1e-6), not bit for bit."""
         try:
             ids = np.asarray(input_ids)
         except ValueError:  # ragged rows
