@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gold-field", help="gold text field: default `response` in --gold (else the first of gold, "
                                         "answer, output, reference, target), `gold` in --pred when there is no --gold")
     s.add_argument("--pred-field", help="prediction field in --pred: default `prediction` (else the first of pred, "
-                                        "output, generation, generated, response)")
+                                        "generation, generated, output, response; not --gold's field)")
     s.add_argument("--json", metavar="OUT", help="write the summary as JSON")
     s.add_argument("--per-instance", metavar="OUT.jsonl", help="write one JSON line of scores per instance")
     s.set_defaults(func=cmd_score)

@@ -409,3 +409,6 @@ def test_the_tokenizer_called_on_text_answers_as_transformers(tmp_path):
     assert ours(texts)["input_ids"] == hf(texts)["input_ids"] and ours("a b")["input_ids"][0] == 1
     mistral = load_tokenizer("mistral-v1")
     assert mistral("hello")["input_ids"] == mistral.encode("hello", bos=True) == [1, *mistral.encode("hello")]
+    assert mistral("hello").input_ids == mistral("hello")["input_ids"]  # as BatchEncoding reads
+    with pytest.raises(TypeError, match="takes add_special_tokens only, not padding, return_tensors"):
+        mistral(["a", "b c"], padding=True, return_tensors="np")

@@ -141,6 +141,8 @@ def test_repeated_texts_never_straddle_the_split():
                            ([{"text": t} for t in "AABB"], 0.25)):
         tr, ev = split_documents(docs, fraction, seed=0)  # no text fits the eval share: one is held out all the same
         assert ev and tr and len({d["text"] for d in ev}) == 1 and not {d["text"] for d in tr} & {ev[0]["text"]}
+    two = [{"text": "A"}] * 5000 + [{"text": "B"}] * 3000  # holding either out is far more than 5 %: neither is
+    assert split_documents(two, 0.05, seed=0) == (two, [])
     same = [{"text": "x"}] * 3  # one text: nothing can be held out without being trained on
     assert split_documents(same, 0.5, seed=0) == (same, [])
     sides: dict = {}  # two sources sharing texts (one file copied under another name) follow one choice

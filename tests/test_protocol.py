@@ -420,6 +420,13 @@ def test_score_file_finds_the_usual_field_names_and_says_so(tmp_path, gold, capl
             assert score_file(golds, preds) == canonical
         assert f"no 'response' field; scoring its '{gold_name}' field as the gold" in caplog.text
         assert f"no 'prediction' field; scoring its '{pred_name}' field as the prediction" in caplog.text
+    # an Alpaca-style gold file's 'output', and a prediction file that kept that record and added its text: the
+    # model's text is scored, never the gold copy (it scored 100)
+    alpaca = _jsonl(tmp_path / "alpaca.jsonl", [{"id": "a", "instruction": "i", "output": "lung cancer"},
+                                                {"id": "b", "instruction": "i", "output": "pr, er"}])
+    kept = _jsonl(tmp_path / "kept.jsonl", [{"id": "a", "output": "lung cancer", "generated": "lung cancer"},
+                                            {"id": "b", "output": "pr, er", "generated": "er"}])
+    assert score_file(alpaca, kept) == canonical
     with pytest.raises(UserError, match=r"gold\.jsonl:1: missing field 'response' \(fields: id, text\)"):
         score_file(_jsonl(tmp_path / "gold.jsonl", [{"id": "a", "text": "x"}]), gold)
 

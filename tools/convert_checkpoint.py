@@ -21,7 +21,7 @@ import sys
 
 # this checkout's package, even where another copy is installed
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if sys.argv[1:2] == ["to-hf"]:
+if next((a for a in sys.argv[1:] if not a.startswith("-")), None) == "to-hf":  # the command, after any --debug
     # glibc's own malloc: the package keeps freed host memory for training steps (cancerllm_jax/hostmem.py), which
     # here would keep each restored leaf's and written tensor's temporaries (from-hf reuses the freed host leaves)
     os.environ.setdefault("CANCERLLM_HOST_MALLOC", "system")

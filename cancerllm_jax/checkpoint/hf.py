@@ -208,10 +208,8 @@ def _np_dtype(name: str):
 
 def _hf_tensor_plan(cfg: ModelConfig, params: dict, dtype: str | None = None, tied_head: bool = False):
     """``(hf_name, shape, dtype, load)`` per tensor in HF's order, without reading any; ``load()`` gives the tensor
-    (``[out, in]``, contiguous, cast to ``dtype``: float16 refused where values would not fit). ``tied_head``: tied
-    embeddings are stored as ``lm_head.weight`` too (as the source folder did)."""
-    from cancerllm_jax.model import check_fits
-
+    (``[out, in]``, contiguous, cast to ``dtype``). ``tied_head``: tied embeddings are stored as ``lm_head.weight``
+    too (as the source folder did)."""
     target = None if dtype is None else np.dtype(_np_dtype(dtype))
 
     def entry(name, leaf, index=None, transpose=False):
@@ -222,7 +220,6 @@ def _hf_tensor_plan(cfg: ModelConfig, params: dict, dtype: str | None = None, ti
             t = np.asarray(leaf[index] if index is not None else leaf)
             t = np.ascontiguousarray(t.T if transpose else t)
             if target is not None and t.dtype != target:
-                check_fits(f"--dtype {dtype}: tensor {name}", t, target)
                 t = t.astype(target)
             return t
 
@@ -242,10 +239,12 @@ def _hf_tensor_plan(cfg: ModelConfig, params: dict, dtype: str | None = None, ti
         yield entry("lm_head.weight", params["embed"])
 
 
-def iter_hf_tensors(cfg: ModelConfig, params: dict, dtype: str | None = None):
-    """Yield ``(hf_name, numpy array)`` one tensor at a time, in HF's order (cast to ``dtype``, if given)."""
-    for name, _, _, load in _hf_tensor_plan(cfg, params, dtype):
-        yield name, load()
+def _named_leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _named_leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
@@ -288,6 +287,11 @@ def write_hf(out_dir: str, cfg: ModelConfig, params: dict, overwrite: bool = Fal
     embeddings are also stored as ``lm_head.weight``."""
     from cancerllm_jax.checkpoint.orbax_io import atomic_dir, copy_tokenizer_files
 
+    if dtype is not None:  # every weight checked before anything is written (float16 refuses what would be inf)
+        from cancerllm_jax.model import check_fits
+
+        for where, leaf in _named_leaves(params):
+            check_fits(f"--dtype {dtype}: weight {where}", leaf, _np_dtype(dtype))
     plan = list(_hf_tensor_plan(cfg, params, dtype, tied_head))
     shards, size = [[]], 0
     for entry in plan:

@@ -115,7 +115,10 @@ def _cpu_arrays_in_place(tree: dict) -> None:
     """Replace the non-JAX array leaves of a nested dict by arrays on the CPU device, one leaf at a time."""
     import jax
 
-    cpu = jax.devices("cpu")[0]
+    try:
+        cpu = jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS names no cpu: Orbax takes the host arrays as they are (and copies them)
+        return
     for key, value in tree.items():
         if isinstance(value, dict):
             _cpu_arrays_in_place(value)

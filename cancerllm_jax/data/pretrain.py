@@ -191,8 +191,10 @@ def split_documents(docs: Sequence[dict], eval_fraction: float, seed: int,
         sides[mine[-1]] = False
         is_eval = [sides[d["text"]] for d in docs]
     elif not any(is_eval) and len(mine) >= 2:  # every text has more copies than the eval share: the drawn text
-        sides[min(mine, key=lambda t: size[t])] = True  # with the fewest copies is held out (the others train)
-        is_eval = [sides[d["text"]] for d in docs]
+        fewest = min(mine, key=lambda t: size[t])  # with the fewest copies is held out (the others train), unless
+        if size[fewest] <= 2 * n_eval:  # that is far more than the share (5,000 copies of one text, 3,000 of another)
+            sides[fewest] = True
+            is_eval = [sides[d["text"]] for d in docs]
     return [d for d, e in zip(docs, is_eval) if not e], [d for d, e in zip(docs, is_eval) if e]
 
 

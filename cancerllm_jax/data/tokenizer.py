@@ -63,12 +63,29 @@ class _CalledAsTransformers:
     where the tokenizer frames text with one and special-token strings read as those tokens (a list of texts: a
     list per text, unpadded). ``encode`` is the explicit form (no BOS unless ``bos=True``)."""
 
-    def __call__(self, text, add_special_tokens: bool = True) -> dict:
+    def __call__(self, text, add_special_tokens: bool = True, **options) -> "Encoding":
+        if options:
+            from cancerllm_jax.errors import UserTypeError
+
+            raise UserTypeError(f"tokenizer(text) takes add_special_tokens only, not {', '.join(sorted(options))}: "
+                                "it gives unpadded lists; pad rows with tokenizer.pad_id (attention_mask 0 there), or "
+                                "give lm.generate / lm.logits the texts or id lists as they are")
         if isinstance(text, (list, tuple)):
             rows = [self(t, add_special_tokens) for t in text]
-            return {k: [r[k] for r in rows] for k in ("input_ids", "attention_mask")}
+            return Encoding({k: [r[k] for r in rows] for k in ("input_ids", "attention_mask")})
         ids = self.encode(text, bos=add_special_tokens, special=True)
-        return {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        return Encoding({"input_ids": ids, "attention_mask": [1] * len(ids)})
+
+
+class Encoding(dict):
+    """``tokenizer(text)``'s answer: a dict whose keys read as attributes too (``enc.input_ids``), as
+    transformers' ``BatchEncoding``."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class SentencePieceTokenizer(_CalledAsTransformers):

@@ -295,15 +295,19 @@ def rows_by_id(path: str, rows: list[Row], implicit: bool = False) -> dict[str, 
 
 
 GOLD_FIELDS = ("response", "gold", "answer", "output", "reference", "target")  # a gold file's, in this order
-PRED_FIELDS = ("prediction", "pred", "output", "generation", "generated", "response")  # a prediction file's
+PRED_FIELDS = ("prediction", "pred", "generation", "generated", "output", "response")  # a prediction file's
 
 
-def _field(path: str, rows: list[Row], given: str | None, candidates: tuple[str, ...], what: str) -> str:
-    """``given``, else the first of ``candidates`` the file's first line has (said, when not the first candidate);
-    with none there, the first candidate (its missing-field error lists the line's fields)."""
+def _field(path: str, rows: list[Row], given: str | None, candidates: tuple[str, ...], what: str,
+           not_this: str | None = None) -> str:
+    """``given``, else the first of ``candidates`` the file's first line has (said, when not the first candidate),
+    passing over ``not_this`` (the gold file's field: a prediction file that kept its input record holds the gold
+    under that name) while another is there; with none there, the first candidate (its missing-field error lists the
+    line's fields)."""
     if given:
         return given
-    found = next((c for c in candidates if c in rows[0][1]), candidates[0])
+    present = [c for c in candidates if c in rows[0][1]]
+    found = next((c for c in present if c != not_this), present[0] if present else candidates[0])
     if found != candidates[0]:
         logging.getLogger(__name__).warning("%s: no '%s' field; scoring its '%s' field as the %s (--%s-field to "
                                             "choose)", path, candidates[0], found, what, what[:4])
@@ -319,12 +323,13 @@ def _pairs(gold_path: str | None, pred_path: str, gold_field: str | None, pred_f
     pred_ids = rows_by_id(pred_path, preds)
     if gold_path is None:  # a runner's output file: {id, prompt_hash, gold, prediction}
         hint = "" if gold_field else "; predictions without their gold answers are scored against the gold file: --gold"
-        pred_field = _field(pred_path, preds, pred_field, PRED_FIELDS[:-1], "prediction")  # 'response' may be gold
+        pred_field = _field(pred_path, preds, pred_field, PRED_FIELDS[:-1], "prediction",  # 'response' may be gold
+                            not_this=gold_field or "gold")
         return [(obj.get("id"), _text_field(pred_path, row, gold_field or "gold", hint),
                  _text_field(pred_path, row, pred_field)) for row in preds for obj in [row[1]]]
     golds = _read_jsonl(gold_path)
     gold_field = _field(gold_path, golds, gold_field, GOLD_FIELDS, "gold")
-    pred_field = _field(pred_path, preds, pred_field, PRED_FIELDS, "prediction")
+    pred_field = _field(pred_path, preds, pred_field, PRED_FIELDS, "prediction", not_this=gold_field)
     some_ids = pred_ids is not None and any("id" in obj for _, obj in golds)  # a line without one is line<N>,
     gold_ids = rows_by_id(gold_path, golds, implicit=some_ids)  # as `evaluate.py run` names it
     if gold_ids is None and pred_ids is not None:  # a gold line without an id is line<N>, as `run` and generate.py
@@ -370,7 +375,8 @@ def score_file(
 
     ``gold_field`` defaults to ``response`` in a gold file (else the first of ``gold``, ``answer``, ``output``,
     ``reference``, ``target`` its first line has, said in a warning), ``pred_field`` to ``prediction`` (else
-    ``pred``, ``output``, ``generation``, ``generated``, ``response``). With ``gold_path=None`` the prediction file
+    ``pred``, ``generation``, ``generated``, ``output``, ``response``, never the gold file's field while another is
+    there). With ``gold_path=None`` the prediction file
     carries its own gold answers in ``gold_field`` (default ``gold``, as ``evaluate.py run`` writes).
     Bad files raise ``UserError`` naming the file and line; rows (when asked for) carry the instance ``id``.
     ``gold=`` and ``pred=`` (the CLI's ``--gold`` / ``--pred``) name the same files.
