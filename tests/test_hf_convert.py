@@ -662,9 +662,9 @@ def test_a_big_checkpoint_is_restored_leaf_by_leaf_to_the_same_weights(hf_fp32, 
 MEMORY_PROBE = """
 import sys, threading, time
 sys.path.insert(0, "tools")
-def anon():
+def anon():  # resident memory, mapped file pages included (a read shard kept mapped is counted)
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
 import convert_checkpoint as convert
 from cancerllm_jax.checkpoint import orbax_io
 orbax_io.SAVE_WINDOW_GB, orbax_io.LEAFWISE_BYTES = 0.05, 0  # the limits a 7B model meets, scaled to this one
@@ -684,10 +684,11 @@ sys.exit(code)
 """
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssAnon from /proc")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmRSS from /proc")
 def test_a_conversion_never_holds_two_copies_of_the_model(tmp_path):
-    """from-hf and to-hf grow the process's anonymous memory by well under two copies of the model (they held
-    ~2.8 copies before they streamed: a whole-tree Orbax save or restore, then every shard's tensors as bytes)."""
+    """from-hf and to-hf grow the process's resident memory by under two copies of the model (1.6 here) (they held
+    ~2.8 copies before they streamed: a whole-tree Orbax save or restore, then every shard's tensors as bytes, and
+    the source shards stayed mapped)."""
     d, f, v, layers = 512, 2048, 32000, 8
     rng = np.random.default_rng(0)
     t = {"model.embed_tokens.weight": rng.standard_normal((v, d), np.float32),
@@ -716,7 +717,7 @@ def test_a_conversion_never_holds_two_copies_of_the_model(tmp_path):
                            text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-2000:]
         growth = int(p.stdout.split("GROWTH")[-1]) / size
-        assert growth < 1.8, f"{args[0]}: grew by {growth:.2f} copies of the model"
+        assert growth < 1.9, f"{args[0]}: grew by {growth:.2f} copies of the model"
 
 
 def test_a_tied_folder_that_stores_its_head_too_round_trips_bit_identically(tmp_path):

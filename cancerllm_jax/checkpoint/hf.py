@@ -76,22 +76,23 @@ def safetensors_files(folder: str) -> dict[str, str]:
 
 
 class _Reader:
-    """Lazily opened safetensors files; one tensor at a time."""
+    """Safetensors files read one tensor at a time, each file mapped only while a tensor is copied out of it: pages
+    of a mapping kept open stay in the process's resident memory, so the read shards counted as a second copy."""
 
     def __init__(self, files: dict[str, str]):
-        self.files, self.handles = files, {}
+        self.files = files
 
     def get(self, name: str) -> np.ndarray:
         from safetensors import safe_open
 
         path = self.files[name]
-        if path not in self.handles:
-            try:
-                self.handles[path] = safe_open(path, framework="numpy")
-            except Exception as e:
-                raise UserError(f"{path}: corrupt or not a safetensors file ({e})") from None
         try:
-            return self.handles[path].get_tensor(name)
+            handle = safe_open(path, framework="numpy")
+        except Exception as e:
+            raise UserError(f"{path}: corrupt or not a safetensors file ({e})") from None
+        try:
+            with handle as f:
+                return f.get_tensor(name)
         except Exception as e:
             raise UserError(f"{path}: cannot read tensor {name} ({e})") from None
 
