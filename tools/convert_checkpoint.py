@@ -32,21 +32,21 @@ from cancerllm_jax.errors import UserError, cli_main
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
-def _cast_in_place(params: dict, dtype: str | None, where: str = "") -> None:
+def _cast_in_place(params: dict, dtype: str | None) -> None:
     """Cast every array of a params tree to ``dtype`` (None keeps it: bit-exact), one leaf at a time."""
     if dtype is None:
         return
     import numpy as np
 
     from cancerllm_jax.checkpoint.hf import _np_dtype
+    from cancerllm_jax.checkpoint.orbax_io import replace_leaves_in_place
     from cancerllm_jax.model import check_fits
 
-    for key, value in params.items():
-        if isinstance(value, dict):
-            _cast_in_place(value, dtype, f"{where}{key}.")
-        else:
-            check_fits(f"--dtype {dtype}: weight {where}{key}", value, dtype)
-            params[key] = np.asarray(value).astype(_np_dtype(dtype), copy=False)
+    def cast(where, a):
+        check_fits(f"--dtype {dtype}: weight {where}", a, dtype)
+        return np.asarray(a).astype(_np_dtype(dtype), copy=False)
+
+    replace_leaves_in_place(params, cast)
 
 
 def _dicts_copied(tree: dict) -> dict:

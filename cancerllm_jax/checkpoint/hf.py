@@ -75,26 +75,20 @@ def safetensors_files(folder: str) -> dict[str, str]:
     raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
-class _Reader:
-    """Safetensors files read one tensor at a time, each file mapped only while a tensor is copied out of it: pages
-    of a mapping kept open stay in the process's resident memory, so the read shards counted as a second copy."""
+def _read_tensor(path: str, name: str) -> np.ndarray:
+    """One tensor of a safetensors file, the file mapped only while it is copied out: pages of a mapping kept open
+    stay in the process's resident memory, so read shards kept open counted as a second copy of the model."""
+    from safetensors import safe_open
 
-    def __init__(self, files: dict[str, str]):
-        self.files = files
-
-    def get(self, name: str) -> np.ndarray:
-        from safetensors import safe_open
-
-        path = self.files[name]
-        try:
-            handle = safe_open(path, framework="numpy")
-        except Exception as e:
-            raise UserError(f"{path}: corrupt or not a safetensors file ({e})") from None
-        try:
-            with handle as f:
-                return f.get_tensor(name)
-        except Exception as e:
-            raise UserError(f"{path}: cannot read tensor {name} ({e})") from None
+    try:
+        handle = safe_open(path, framework="numpy")
+    except Exception as e:
+        raise UserError(f"{path}: corrupt or not a safetensors file ({e})") from None
+    try:
+        with handle as f:
+            return f.get_tensor(name)
+    except Exception as e:
+        raise UserError(f"{path}: cannot read tensor {name} ({e})") from None
 
 
 def _check(where: str, arr: np.ndarray, shape: tuple) -> np.ndarray:
@@ -132,7 +126,6 @@ def read_hf(folder: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
         raise UserError(f"model folder not found: {folder}")
     cfg = read_hf_config(folder)
     files = safetensors_files(folder)
-    reader = _Reader(files)
     names = set(files)
     used = set()
     wide = []  # float64 tensors: JAX (x64 off) computes in at most 32 bits, so they are read as float32, said once
@@ -145,7 +138,8 @@ def read_hf(folder: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
             raise UserError(f"{folder}: tensor {name} is missing")
         used.add(name)
         where = f"{files[name]}: tensor {name}"
-        t = _check(where, reader.get(name), shapes[name] if name in shapes else shapes[_layer_generic(name)])
+        shape = shapes[name] if name in shapes else shapes[_layer_generic(name)]
+        t = _check(where, _read_tensor(files[name], name), shape)
         if dtype is not None:
             check_fits(where, t, _np_dtype(dtype))
         return t
@@ -240,12 +234,9 @@ def _hf_tensor_plan(cfg: ModelConfig, params: dict, dtype: str | None = None, ti
         yield entry("lm_head.weight", params["embed"])
 
 
-def _named_leaves(tree: dict, prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _named_leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
+def _nbytes(entry) -> int:
+    """The bytes of a planned tensor (``_hf_tensor_plan``'s ``(name, shape, dtype, load)``)."""
+    return int(np.prod(entry[1], dtype=np.int64)) * entry[2].itemsize
 
 
 SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
@@ -258,11 +249,11 @@ def _write_safetensors(path: str, entries: list, metadata: dict[str, str]) -> No
     ``save_file`` takes a dict of every tensor of the shard and copies them all to bytes)."""
     header: dict = {"__metadata__": metadata}
     offset = 0
-    for name, shape, dt, _ in entries:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    for entry in entries:
+        name, shape, dt, _ = entry
         header[name] = {"dtype": SAFETENSORS_DTYPES[dt], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+                        "data_offsets": [offset, offset + _nbytes(entry)]}
+        offset += _nbytes(entry)
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors pads its header
     with open(path, "wb") as f:
@@ -289,20 +280,22 @@ def write_hf(out_dir: str, cfg: ModelConfig, params: dict, overwrite: bool = Fal
     from cancerllm_jax.checkpoint.orbax_io import atomic_dir, copy_tokenizer_files
 
     if dtype is not None:  # every weight checked before anything is written (float16 refuses what would be inf)
+        import jax
+
         from cancerllm_jax.model import check_fits
 
-        for where, leaf in _named_leaves(params):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+            where = jax.tree_util.keystr(path, simple=True, separator=".")
             check_fits(f"--dtype {dtype}: weight {where}", leaf, _np_dtype(dtype))
     plan = list(_hf_tensor_plan(cfg, params, dtype, tied_head))
     shards, size = [[]], 0
     for entry in plan:
-        nbytes = int(np.prod(entry[1], dtype=np.int64)) * entry[2].itemsize
-        if size and size + nbytes > shard_bytes:
+        if size and size + _nbytes(entry) > shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(entry)
-        size += nbytes
-    total_size = sum(int(np.prod(e[1], dtype=np.int64)) * e[2].itemsize for e in plan)
+        size += _nbytes(entry)
+    total_size = sum(map(_nbytes, plan))
     total = len(shards)
     names = (["model.safetensors"] if total == 1 else
              [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)])

@@ -111,6 +111,16 @@ def save_params(out_dir: str, cfg: ModelConfig, params: dict, dtype: str, extra:
             copy_tokenizer_files(tokenizer_dir, tmp)
 
 
+def replace_leaves_in_place(tree: dict, fn, prefix: str = "") -> None:
+    """Replace each leaf of nested dicts by ``fn(dotted path, leaf)``, one leaf at a time (the old one is freed
+    before the next is made: a tree converted so is never held twice)."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            replace_leaves_in_place(value, fn, f"{prefix}{key}.")
+        else:
+            tree[key] = fn(f"{prefix}{key}", value)
+
+
 def _cpu_arrays_in_place(tree: dict) -> None:
     """Replace the non-JAX array leaves of a nested dict by arrays on the CPU device, one leaf at a time."""
     import jax
@@ -119,11 +129,8 @@ def _cpu_arrays_in_place(tree: dict) -> None:
         cpu = jax.devices("cpu")[0]
     except RuntimeError:  # JAX_PLATFORMS names no cpu: Orbax takes the host arrays as they are (and copies them)
         return
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            _cpu_arrays_in_place(value)
-        elif not isinstance(value, jax.Array):
-            tree[key] = jax.device_put(value, cpu).block_until_ready()  # the host leaf is freed before the next
+    replace_leaves_in_place(tree, lambda _, v: v if isinstance(v, jax.Array) else  # copied before the next leaf
+                            jax.device_put(v, cpu).block_until_ready())
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
