@@ -25,7 +25,7 @@ from cancerllm_jax.checkpoint.hf import read_hf  # noqa: E402
 from cancerllm_jax.config import LORA_TARGETS, LoRAConfig  # noqa: E402
 from cancerllm_jax.model import model_from_params  # noqa: E402
 from cancerllm_jax.train.optim import OptimConfig, make_optimizer, schedule  # noqa: E402
-from cancerllm_jax.train.step import ModelParts, loss_sums, make_train_step  # noqa: E402
+from cancerllm_jax.train.step import ModelParts, loss_sums, make_train_step, unstack_layers  # noqa: E402
 
 VOCAB, BATCH, SEQ, RANK, ALPHA = 97, 3, 14, 4, 8.0
 HF_KW = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -161,6 +161,42 @@ def test_one_step_matches_transformers_peft_adamw(setup):
     assert worst_new <= 1e-5, f"updated LoRA weights differ from torch by {worst_new:.2e}"
     print(f"\nloss rel diff {loss_rel:.2e}, grad rel diff {worst_grad:.2e}, grad-norm rel diff {norm_rel:.2e}, "
           f"updated-weight max abs diff {worst_new:.2e}")
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_per_layer_frozen_weights_give_the_stacked_step(setup, remat):
+    """The step over per-layer frozen arrays (``unstack_layers``: a Python loop, no per-layer weight slices) is the
+    scan's step: the same loss, gradient norm and updated factors, with dropout on, gradient accumulation and
+    remat."""
+    model_cfg, base, _, lora, batch, _ = setup
+    lora_cfg = LoRAConfig(rank=RANK, alpha=ALPHA, dropout=0.3, targets=LORA_TARGETS)
+    model = model_from_params(model_cfg, base, lora_cfg, "float32", "float32", remat, lora_params=lora)
+    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    parts = ModelParts(graphdef, trainable, frozen)
+    params, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+    per_layer = unstack_layers(jax.tree.map(jnp.copy, frozen_pure))
+    assert isinstance(per_layer["layers"], list) and len(per_layer["layers"]) == model_cfg.num_layers
+    assert np.array_equal(per_layer["layers"][1]["q"]["kernel"], frozen_pure["layers"]["q"]["kernel"][1])
+    tx = make_optimizer(OPT, total_steps=10)
+    step = jax.jit(make_train_step(parts, tx, schedule(OPT, 10), grad_accum=BATCH, use_dropout=True))
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+    key = jax.random.PRNGKey(7)
+    grads = [jax.jit(jax.grad(lambda p, f: loss_sums(parts, p, f, jbatch, key)[0]))(params, fz)
+             for fz in (frozen_pure, per_layer)]
+    for g0, g1 in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        scale = np.abs(np.asarray(g0)).max()
+        assert scale > 0
+        np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), rtol=1e-5, atol=1e-5 * scale)
+    metrics = []
+    for fz in (frozen_pure, per_layer):
+        state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+                 "rng": jax.random.PRNGKey(0)}
+        for _ in range(2):
+            state, m = step(state, fz, jbatch)
+        metrics.append(m)
+    m0, m1 = metrics
+    assert abs(float(m0["loss"]) - float(m1["loss"])) <= 1e-6 * abs(float(m0["loss"]))
+    assert abs(float(m0["grad_norm"]) - float(m1["grad_norm"])) <= 1e-5 * float(m0["grad_norm"])
 
 
 def test_lora_dropout_rate_scale_and_independence():

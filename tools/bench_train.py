@@ -301,7 +301,7 @@ def build_ours(args, cfg, folder):
     from cancerllm_jax.config import LoRAConfig
     from cancerllm_jax.model import model_from_params
     from cancerllm_jax.train.optim import OptimConfig, make_optimizer, schedule
-    from cancerllm_jax.train.step import ModelParts, make_train_step
+    from cancerllm_jax.train.step import ModelParts, make_train_step, unstack_layers
 
     lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, dropout=0.05, targets=TARGETS)
     t0 = time.perf_counter()
@@ -320,6 +320,8 @@ def build_ours(args, cfg, folder):
     parts = ModelParts(graphdef, trainable, frozen)
     params, frozen = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
     del model, trainable
+    if args.unstack == "yes":
+        frozen = unstack_layers(frozen)
     ocfg = OptimConfig(lr=2e-4, weight_decay=0.01, warmup_ratio=0.0, schedule="constant", clip_norm=1.0)
     total = args.warmup + args.steps
     tx = make_optimizer(ocfg, total)
@@ -642,6 +644,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="base weights and compute (default: bfloat16 for mistral-7b, float32 otherwise)")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none")
+    p.add_argument("--unstack", choices=("no", "yes"), default="no",
+                   help="ours: yes = the frozen layer weights as one array per layer and the layers as a Python loop "
+                        "(train.step.unstack_layers; no per-layer weight-slice copies), no = the scan over stacked "
+                        "weights, as the Trainer runs")
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                    help="our attention: auto = cuDNN flash attention on a GPU in bf16, else the explicit-mask einsum")
     p.add_argument("--only", choices=("ours", "torch"))
@@ -699,7 +705,8 @@ def main(argv=None) -> int:
     if ratios:
         print("ratio per round: " + ", ".join(f"{r:.2f}x" for r in ratios))
     out = {"preset": args.preset, "seq": args.seq, "batch": args.batch, "rank": args.rank, "dtype": args.dtype,
-           "remat": args.remat, "steps": args.steps, "warmup": args.warmup, "machine": mach, "load": load,
+           "remat": args.remat, "unstack": args.unstack, "steps": args.steps, "warmup": args.warmup, "machine": mach,
+           "load": load,
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command, "results": res}
     if "ours" in res and "torch" in res:
         out["ratio"] = res["ours"]["tokens_per_s"] / res["torch"]["tokens_per_s"]

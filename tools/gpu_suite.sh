@@ -3,15 +3,18 @@
 # does not cost the rest. Results: JSON + logs under $OUT (default ./gpu_results), and rows appended to
 # docs/benchmarks.md; at the end $OUT holds results.tgz (every JSON and log) and a copy of docs/benchmarks.md.
 # Usage: bash tools/gpu_suite.sh STAGE...   (stages: env check attn train train-ours train-xla mem decode q1000
-# q1000-natural profile-train profile-decode profile-decode64). Keep the sum of the chosen stages' limits under the
-# time you have. `lease` = `env train-ours decode` (limits ≈ 560 s): the targets' MFU and roofline figures in one
-# device call, for a lease of 15 minutes in all (as lent in 2026-12); then `q1000` if 8 minutes remain. A machine
+# q1000-natural profile-train profile-decode profile-decode64 train-unstack decode-cmdbuf). BUDGET_S (default 570)
+# caps the whole run: each step's limit is cut to what is left, a step with under 30 s left is skipped, and the
+# results are packed after every step, so a run stopped from outside still returns what it measured. `lease` = `env
+# train-ours decode train-unstack decode-cmdbuf`: the targets' MFU and roofline figures and the two A/Bs in one
+# device call of ≈ 10 minutes, for a lease of 15 minutes in all (as lent in 2026-12). A machine
 # without a package index gets the missing wheels from .whl/ (Python 3.12 wheels of grain, array-record,
 # portpicker, mistral-common and, if its optax is older, optax: `pip download --no-deps --only-binary=:all:
 # --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl NAME==VERSION`); never carry flax or jax (they
 # must match the machine's jaxlib).
 set -u
-KNOWN=" lease env check attn train train-ours train-xla mem decode q1000 q1000-natural profile-train profile-decode profile-decode64 "
+KNOWN=" lease env check attn train train-ours train-xla train-unstack mem decode decode-cmdbuf q1000 q1000-natural \
+profile-train profile-decode profile-decode64 "
 for stage in "$@"; do  # a misspelt stage would cost a device start for nothing: refuse it before any work
   case $KNOWN in *" $stage "*) ;; *) echo "unknown stage '$stage'; stages:$KNOWN" >&2; exit 2 ;; esac
 done
@@ -28,8 +31,16 @@ if [ -d .whl ]; then  # wheels carried to a machine without a package index (see
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 
+BUDGET_S=${BUDGET_S:-570}
+pack() {  # what has been measured so far, in $OUT (a run stopped from outside keeps it)
+  cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null
+  tar czf "$OUT/results.tgz" -C "$WORK" . 2>/dev/null
+}
 step() {  # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
+  local left=$((BUDGET_S - SECONDS - 10))
+  if [ $left -lt 30 ]; then echo "=== $name: skipped, ${left}s of BUDGET_S left"; failed=$((failed + 1)); return; fi
+  [ $limit -le $left ] || limit=$left
   echo "=== $name ($(date +%T), limit ${limit}s): $*"
   local t0=$SECONDS
   timeout --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
@@ -37,12 +48,13 @@ step() {  # step NAME SECONDS CMD...
   tail -n 25 "$WORK/$name.log"
   echo "=== $name: exit $rc after $((SECONDS - t0)) s"
   [ $rc -eq 0 ] || failed=$((failed + 1))
+  pack
 }
 failed=0
 
 stages=()
 for stage in "$@"; do
-  if [ "$stage" = lease ]; then stages+=(env train-ours decode); else stages+=("$stage"); fi
+  if [ "$stage" = lease ]; then stages+=(env train-ours decode train-unstack decode-cmdbuf); else stages+=("$stage"); fi
 done
 for stage in "${stages[@]}"; do
   case $stage in
@@ -60,7 +72,17 @@ transformers.__version__, 'peft', peft.__version__); print(jax.devices())" ;;
         --remat none --steps 10 --warmup 3 --json "$WORK/train.json" --note "cuDNN attention (auto), no remat" ;;
     train-ours)
       step train_ours 240 $PY tools/bench_train.py --preset mistral-7b --seq 3000 --batch 1 --dtype bfloat16 \
-        --remat none --steps 10 --warmup 3 --only ours --json "$WORK/train_ours.json" --no-doc ;;
+        --remat none --steps 10 --warmup 3 --only ours --json "$WORK/train_ours.json" \
+        --note "ours only: stacked weights, layer scan, as the Trainer runs" ;;
+    train-unstack)
+      step train_unstack 200 $PY tools/bench_train.py --preset mistral-7b --seq 3000 --batch 1 --dtype bfloat16 \
+        --remat none --unstack yes --steps 10 --warmup 3 --only ours --json "$WORK/train_unstack.json" \
+        --note "A/B: per-layer frozen weights, layers as a Python loop (no weight-slice copies)" ;;
+    decode-cmdbuf)
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,\
+CONDITIONAL" step decode_cmdbuf 150 $PY tools/bench_decode.py --preset mistral-7b --dtype bfloat16 --batch 1 \
+        --prompts 4 --new 128 --prompt-tokens 512 --fill --only ours --json "$WORK/decode_cmdbuf.json" \
+        --note "A/B: XLA command buffers (CUDA graphs) for while loops and conditionals too" ;;
     profile-train)
       step profile_train 200 $PY tools/profile_step.py train --seq 3000 --batch 1 --hlo "$WORK/hlo" ;;
     profile-decode)
@@ -89,7 +111,6 @@ transformers.__version__, 'peft', peft.__version__); print(jax.devices())" ;;
         --json "$WORK/q1000_natural.json" --note "1000 phenotype questions at their own length" ;;
   esac
 done
-cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null
-tar czf "$OUT/results.tgz" -C "$WORK" . 2>/dev/null
+pack
 [ $failed -eq 0 ] || echo "$failed step(s) failed (see their logs in $OUT/results.tgz)" >&2
 exit $((failed > 0))
