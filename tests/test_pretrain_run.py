@@ -108,6 +108,29 @@ def test_stop_and_resume_is_bitwise(reference, tmp_path):
     assert_trees_equal(final_lora(str(tmp_path)), final_lora(reference[1]))
 
 
+def test_per_layer_weights_train_as_the_stacked_scan(reference, tmp_path):
+    """``layer_weights=per_layer`` (the default on a GPU): the frozen layer weights one array per layer, sharded as
+    the stacked ones without the layer axis (mesh 2x5), the layers a Python loop.
+    Stopped after 3 steps and resumed with the stacked scan (a resumable change): the reference's losses; the base
+    it saved (restacked) is the reference's; a dry run compiles it."""
+    from cancerllm_jax.checkpoint.orbax_io import restore_tree
+
+    trainer = make_trainer(tmp_path, "2x5", ["layer_weights=per_layer"])
+    layers = trainer.frozen["layers"]
+    assert trainer.per_layer and isinstance(layers, list) and len(layers) == trainer.model_cfg.num_layers
+    # embed over data (FSDP); the tiny model's 4 heads do not divide the model axis (5): replicated there
+    assert tuple(layers[1]["q"]["kernel"].sharding.spec) == ("data", None)
+    assert layers[1]["q"]["kernel"].shape == reference[0].frozen["layers"]["q"]["kernel"].shape[1:]
+    trainer.run(stop_after=3)
+    make_trainer(tmp_path, "2x5", resume=True).run()
+    np.testing.assert_allclose(losses(tmp_path), losses(reference[1]), rtol=1e-5)
+    assert_trees_equal(restore_tree(str(tmp_path / "base" / "params")),
+                       restore_tree(os.path.join(reference[1], "base", "params")))
+    cfg = resolve(PretrainConfig, None, [*TINY, "mesh=2x5", "layer_weights=per_layer"])
+    dry = Trainer(cfg, str(tmp_path / "dry"), "pretrain", None, dry_run=True)
+    assert isinstance(dry.frozen["layers"], list) and "frozen    layers.*.q.kernel" in dry.describe(32, True)
+
+
 def test_resume_from_another_folder_reads_the_same_files(tmp_path, monkeypatch):
     """Paths were recorded as typed, relative to the folder the run started in: --resume from another folder (a job
     script) was refused as "config differs in data.sources". They are recorded absolute; a run recorded before,

@@ -301,7 +301,7 @@ def build_ours(args, cfg, folder):
     from cancerllm_jax.config import LoRAConfig
     from cancerllm_jax.model import model_from_params
     from cancerllm_jax.train.optim import OptimConfig, make_optimizer, schedule
-    from cancerllm_jax.train.step import ModelParts, make_train_step, unstack_layers
+    from cancerllm_jax.train.step import ModelParts, make_train_step, unstack_layers, use_per_layer_weights
 
     lora = LoRAConfig(rank=args.rank, alpha=2.0 * args.rank, dropout=0.05, targets=TARGETS)
     t0 = time.perf_counter()
@@ -320,8 +320,9 @@ def build_ours(args, cfg, folder):
     parts = ModelParts(graphdef, trainable, frozen)
     params, frozen = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
     del model, trainable
-    if args.unstack == "yes":
-        frozen = unstack_layers(frozen)
+    choice = {"auto": "auto", "yes": "per_layer", "no": "stacked"}[args.unstack]
+    if use_per_layer_weights(choice, args.remat):
+        frozen = unstack_layers(frozen, consume=True)
     ocfg = OptimConfig(lr=2e-4, weight_decay=0.01, warmup_ratio=0.0, schedule="constant", clip_norm=1.0)
     total = args.warmup + args.steps
     tx = make_optimizer(ocfg, total)
@@ -644,10 +645,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16"),
                    help="base weights and compute (default: bfloat16 for mistral-7b, float32 otherwise)")
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none")
-    p.add_argument("--unstack", choices=("no", "yes"), default="no",
+    p.add_argument("--unstack", choices=("auto", "no", "yes"), default="auto",
                    help="ours: yes = the frozen layer weights as one array per layer and the layers as a Python loop "
                         "(train.step.unstack_layers; no per-layer weight-slice copies), no = the scan over stacked "
-                        "weights, as the Trainer runs")
+                        "weights; auto = as the Trainer's layer_weights=auto (yes on a GPU without remat)")
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                    help="our attention: auto = cuDNN flash attention on a GPU in bf16, else the explicit-mask einsum")
     p.add_argument("--only", choices=("ours", "torch"))

@@ -3,18 +3,19 @@
 # does not cost the rest. Results: JSON + logs under $OUT (default ./gpu_results), and rows appended to
 # docs/benchmarks.md; at the end $OUT holds results.tgz (every JSON and log) and a copy of docs/benchmarks.md.
 # Usage: bash tools/gpu_suite.sh STAGE...   (stages: env check attn train train-ours train-xla mem decode q1000
-# q1000-natural profile-train profile-decode profile-decode64 train-unstack decode-cmdbuf). BUDGET_S (default 570)
-# caps the whole run: each step's limit is cut to what is left, a step with under 30 s left is skipped, and the
-# results are packed after every step, so a run stopped from outside still returns what it measured. `lease` = `env
-# train-ours decode train-unstack decode-cmdbuf`: the targets' MFU and roofline figures and the two A/Bs in one
+# q1000-natural profile-train profile-decode profile-decode64 train-unstack mem-unstack decode-cmdbuf). BUDGET_S
+# (default 570) caps the whole run: each step's limit is cut to what is left, a step with under 30 s left is skipped,
+# and the results are packed after every step, so a run stopped from outside still returns what it measured.
+# `lease` = `env train mem-unstack decode`: the side-by-side MFU with the GPU default (per-layer weights), the
+# memory of per-layer weights under remat (what `layer_weights=auto` waits for) and the decode roofline in one
 # device call of ≈ 10 minutes, for a lease of 15 minutes in all (as lent in 2026-12). A machine
 # without a package index gets the missing wheels from .whl/ (Python 3.12 wheels of grain, array-record,
 # portpicker, mistral-common and, if its optax is older, optax: `pip download --no-deps --only-binary=:all:
 # --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl NAME==VERSION`); never carry flax or jax (they
 # must match the machine's jaxlib).
 set -u
-KNOWN=" lease env check attn train train-ours train-xla train-unstack mem decode decode-cmdbuf q1000 q1000-natural \
-profile-train profile-decode profile-decode64 "
+KNOWN=" lease env check attn train train-ours train-xla train-unstack mem mem-unstack decode decode-cmdbuf q1000 \
+q1000-natural profile-train profile-decode profile-decode64 "
 for stage in "$@"; do  # a misspelt stage would cost a device start for nothing: refuse it before any work
   case $KNOWN in *" $stage "*) ;; *) echo "unknown stage '$stage'; stages:$KNOWN" >&2; exit 2 ;; esac
 done
@@ -54,7 +55,7 @@ failed=0
 
 stages=()
 for stage in "$@"; do
-  if [ "$stage" = lease ]; then stages+=(env train-ours decode train-unstack decode-cmdbuf); else stages+=("$stage"); fi
+  if [ "$stage" = lease ]; then stages+=(env train mem-unstack decode); else stages+=("$stage"); fi
 done
 for stage in "${stages[@]}"; do
   case $stage in
@@ -69,15 +70,20 @@ transformers.__version__, 'peft', peft.__version__); print(jax.devices())" ;;
       step attn 90 $PY tools/bench_attention.py --json "$WORK/attn.json" ;;
     train)
       step train 360 $PY tools/bench_train.py --preset mistral-7b --seq 3000 --batch 1 --dtype bfloat16 \
-        --remat none --steps 10 --warmup 3 --json "$WORK/train.json" --note "cuDNN attention (auto), no remat" ;;
+        --remat none --steps 10 --warmup 3 --json "$WORK/train.json" \
+        --note "cuDNN attention (auto), no remat, per-layer weights (auto)" ;;
     train-ours)
       step train_ours 240 $PY tools/bench_train.py --preset mistral-7b --seq 3000 --batch 1 --dtype bfloat16 \
-        --remat none --steps 10 --warmup 3 --only ours --json "$WORK/train_ours.json" \
-        --note "ours only: stacked weights, layer scan, as the Trainer runs" ;;
+        --remat none --unstack no --steps 10 --warmup 3 --only ours --json "$WORK/train_ours.json" \
+        --note "ours only: stacked weights, layer scan" ;;
     train-unstack)
       step train_unstack 200 $PY tools/bench_train.py --preset mistral-7b --seq 3000 --batch 1 --dtype bfloat16 \
         --remat none --unstack yes --steps 10 --warmup 3 --only ours --json "$WORK/train_unstack.json" \
         --note "A/B: per-layer frozen weights, layers as a Python loop (no weight-slice copies)" ;;
+    mem-unstack)
+      step mem_unstack 240 $PY tools/bench_train.py --preset mistral-7b --seq 3000 --batch 1 --dtype bfloat16 \
+        --remat full --unstack yes --steps 5 --warmup 2 --only ours --json "$WORK/mem_unstack.json" \
+        --note "A/B: memory of per-layer weights under remat full" ;;
     decode-cmdbuf)
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,\
 CONDITIONAL" step decode_cmdbuf 150 $PY tools/bench_decode.py --preset mistral-7b --dtype bfloat16 --batch 1 \

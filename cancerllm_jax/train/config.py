@@ -28,6 +28,10 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bfloat16 base on accelerators, float32 on CPU
     remat: str = "none"  # none | full | dots
     attention: str = "auto"  # auto (cuDNN flash attention on a GPU in bf16, else xla) | xla | cudnn
+    # auto (per_layer on a GPU without remat) | stacked (one scan over the stacked weights: quick to compile) |
+    # per_layer (the frozen weights one array per layer, the layers a Python loop: no per-layer weight copies on a
+    # GPU, a longer compile)
+    layer_weights: str = "auto"
     fsdp: bool = True  # shard frozen weights over the data axis where a dimension divides
     save_every: int = 0  # 0: only at the end
     keep: int = 3
@@ -47,6 +51,8 @@ class TrainConfig:
             raise UserError(f"remat must be none, full or dots, got {self.remat!r}")
         if self.attention not in ("auto", "xla", "cudnn"):
             raise UserError(f"attention must be auto, xla or cudnn, got {self.attention!r}")
+        if self.layer_weights not in ("auto", "stacked", "per_layer"):
+            raise UserError(f"layer_weights must be auto, stacked or per_layer, got {self.layer_weights!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if self.batch_size % self.optim.grad_accum:
@@ -76,7 +82,8 @@ class PretrainConfig(TrainConfig):
 
 
 # Fields that may change between a run and its resumption; every other field must match.
-RESUMABLE_CHANGES = {"mesh", "save_every", "eval_every", "eval_batches", "log_every", "keep", "log_examples"}
+RESUMABLE_CHANGES = {"mesh", "layer_weights", "save_every", "eval_every", "eval_batches", "log_every", "keep",
+                     "log_examples"}
 
 
 def resolve(cls, config_path: str | None, overrides: list[str], cli: dict | None = None):

@@ -35,7 +35,8 @@ from cancerllm_jax.train import run_io
 from cancerllm_jax.train.config import RESUMABLE_CHANGES, TrainConfig, absolute_paths, diff
 from cancerllm_jax.train.optim import make_optimizer, schedule
 from cancerllm_jax.train.step import (BATCH_KEYS, ModelParts, device_peak_flops, lora_train_flops_per_token,
-                                      make_eval_step, make_train_step)
+                                      make_eval_step, make_train_step, per_layer_shardings, unstack_layers,
+                                      use_per_layer_weights)
 
 
 class NonFiniteLoss(UserError):
@@ -240,6 +241,7 @@ class Trainer:
         self.tokenizer_spec = tok_spec
         self.extra_meta = extra_meta or {}
         model = build_model(cfg, self.model_cfg, base_params, self.dtype, abstract=dry_run)
+        base_ids = {id(x) for x in jax.tree.leaves(base_params)}  # the caller's arrays: never deleted here
         del base_params, base
         trainable_filter = nnx.Param if cfg.full else nnx.LoRAParam
         graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
@@ -247,6 +249,10 @@ class Trainer:
         trainable_pure, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
         notice = say
         self.frozen_sh = sharding.param_shardings(frozen_pure, self.mesh, self.model_cfg, cfg.fsdp, notice)
+        stacked_sh = self.frozen_sh
+        self.per_layer = per_layer_weights(cfg, frozen_pure)
+        if self.per_layer:
+            self.frozen_sh = per_layer_shardings(stacked_sh, self.model_cfg.num_layers)
         self.trainable_sh = (sharding.param_shardings(trainable_pure, self.mesh, self.model_cfg, cfg.fsdp, notice)
                              if cfg.full else jax.tree.map(lambda _: sharding.replicated(self.mesh), trainable_pure))
         self.tx = make_optimizer(cfg.optim, cfg.steps)
@@ -259,6 +265,10 @@ class Trainer:
         self.opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, opt_abs, self.trainable_sh,
                                             transform_non_params=lambda _: rep)
         if dry_run:
+            if self.per_layer:
+                frozen_pure = {**frozen_pure, "layers": [jax.tree.map(
+                    lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), frozen_pure["layers"])]
+                    * self.model_cfg.num_layers}
             self.frozen = _abstract(frozen_pure, self.frozen_sh)
             self.state = {"params": trainable_abs, "opt_state": _abstract(opt_abs, self.opt_sh),
                           "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
@@ -267,7 +277,10 @@ class Trainer:
             if jax.process_count() > 1:  # from host copies: a one-device array put on a mesh spanning processes
                 # can come out with two shards per device buffer (seen with one device per process)
                 frozen_pure, trainable_pure = jax.tree.map(np.asarray, (frozen_pure, trainable_pure))
-            self.frozen = jax.device_put(frozen_pure, self.frozen_sh)
+            self.frozen = jax.device_put(frozen_pure, stacked_sh)
+            if self.per_layer:
+                owned = not any(id(x) in base_ids for x in jax.tree.leaves(self.frozen["layers"]))
+                self.frozen = unstack_layers(self.frozen, self.frozen_sh["layers"], consume=owned)
             params = jax.device_put(trainable_pure, self.trainable_sh)
             opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
             self.state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
@@ -309,9 +322,13 @@ class Trainer:
         return out
 
     def sharding_lines(self) -> list[str]:
-        """One line per parameter: kind, path, shape, dtype and PartitionSpec on the mesh."""
+        """One line per parameter: kind, path, shape, dtype and PartitionSpec on the mesh (per-layer frozen weights:
+        one line for every layer's, as ``layers.*``)."""
+        frozen = self.frozen
+        if self.per_layer:
+            frozen = {**frozen, "layers": {"*": frozen["layers"][0]}}
         lines = []
-        for kind, tree in (("trainable", self.state["params"]), ("frozen", self.frozen)):
+        for kind, tree in (("trainable", self.state["params"]), ("frozen", frozen)):
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
                 name = ".".join(str(getattr(p, "key", p)) for p in path)
                 spec = getattr(getattr(x, "sharding", None), "spec", None)
@@ -326,7 +343,8 @@ class Trainer:
         lora_text = f"LoRA r={self.cfg.lora.rank} on {list(self.cfg.lora.targets)}"
         lines = [f"model: {self.cfg.model} ({n_base / 1e6:.1f}M params, {self.model_cfg.num_layers} layers), "
                  f"{'full fine-tuning' if self.cfg.full else lora_text}"
-                 f", trainable {n_train / 1e6:.3f}M, dtype {self.dtype}, remat {self.cfg.remat}",
+                 f", trainable {n_train / 1e6:.3f}M, dtype {self.dtype}, remat {self.cfg.remat}, layer weights "
+                 f"{'per layer (a Python loop)' if self.per_layer else 'stacked (a scan)'}",
                  f"mesh {self.cfg.mesh} on {jax.device_count()} {jax.default_backend()} device(s); global batch "
                  f"{self.cfg.batch_size} x {seq_len} tokens; grad_accum {self.cfg.optim.grad_accum}"]
         if "total_bytes" in mem:
@@ -699,8 +717,11 @@ class Trainer:
         if is_main() and os.path.exists(base_dir):
             shutil.rmtree(base_dir)  # left by a run that stopped before its run.json was written
         sync("cancerllm:base-cleared")
+        frozen = self.frozen
+        if self.per_layer:  # the params format stacks the layers (a model under 2B parameters: a brief copy)
+            frozen = {**frozen, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *frozen["layers"])}
         ckptr = ocp.StandardCheckpointer()
-        ckptr.save(os.path.join(base_dir, "params"), self.frozen)
+        ckptr.save(os.path.join(base_dir, "params"), frozen)
         ckptr.wait_until_finished()
         ckptr.close()
         if is_main():
@@ -756,6 +777,14 @@ def dry_base(cfg: TrainConfig) -> tuple[ModelConfig, None, str | None, dict]:
                         f"pass model=mistral-7b-v0.1 to validate the shapes without the weights")
     check_readable(cfg.model)
     return read_model_config(cfg.model), None, read_tokenizer_spec(cfg.model), {}
+
+
+def per_layer_weights(cfg: TrainConfig, frozen: dict) -> bool:
+    """Whether the frozen layer weights are held one array per layer (``layer_weights``, see
+    ``use_per_layer_weights``); only where the frozen part has stacked layers (not under ``full``)."""
+    if not jax.tree.leaves(frozen.get("layers", {})):
+        return False
+    return use_per_layer_weights(cfg.layer_weights, cfg.remat)
 
 
 def _abstract(tree, shardings):
