@@ -109,6 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
+    p.add_argument("--unstack", default="auto", choices=("auto", "no", "yes"),
+                   help="train: the frozen layer weights per layer (yes) or stacked (no); auto as the Trainer")
     p.add_argument("--prompt-tokens", type=bt.positive_int, default=512)
     p.add_argument("--new", type=bt.positive_int, default=32)
     p.add_argument("--top", type=bt.positive_int, default=25)
