@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import jax
+from flax import nnx
 
 import cancerllm_jax as cj
 from cancerllm_jax.train import run_io
@@ -129,6 +130,24 @@ def test_per_layer_weights_train_as_the_stacked_scan(reference, tmp_path):
     cfg = resolve(PretrainConfig, None, [*TINY, "mesh=2x5", "layer_weights=per_layer"])
     dry = Trainer(cfg, str(tmp_path / "dry"), "pretrain", None, dry_run=True)
     assert isinstance(dry.frozen["layers"], list) and "frozen    layers.*.q.kernel" in dry.describe(32, True)
+
+
+def test_per_layer_weights_never_delete_the_callers_base(tmp_path):
+    """Base params handed to the Trainer as JAX arrays in the train dtype become the model's own arrays, and
+    ``device_put`` onto the mesh can return new Arrays over the same buffers: splitting them per layer must not
+    delete what the caller still holds (a second Trainer from one loaded base, an lr sweep)."""
+    from cancerllm_jax.config import PRESETS
+    from cancerllm_jax.model import create_model
+
+    model_cfg = PRESETS["tiny"]
+    params = nnx.to_pure_dict(nnx.state(create_model(model_cfg, None, "float32", "float32", "none", seed=0)))
+    cfg = resolve(PretrainConfig, None, [*TINY, "mesh=1x1", "layer_weights=per_layer"])
+    base = (model_cfg, params, None, {"kind": "preset", "name": "tiny", "seed": 0})
+    for i in range(2):
+        trainer = Trainer(cfg, str(tmp_path / str(i)), "pretrain", pretrain_data_factory(cfg, lambda _: None),
+                          base=base)
+        assert trainer.per_layer and not any(x.is_deleted() for x in jax.tree.leaves(params))
+    trainer.run(stop_after=1)
 
 
 def test_resume_from_another_folder_reads_the_same_files(tmp_path, monkeypatch):

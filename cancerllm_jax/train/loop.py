@@ -241,7 +241,7 @@ class Trainer:
         self.tokenizer_spec = tok_spec
         self.extra_meta = extra_meta or {}
         model = build_model(cfg, self.model_cfg, base_params, self.dtype, abstract=dry_run)
-        base_ids = {id(x) for x in jax.tree.leaves(base_params)}  # the caller's arrays: never deleted here
+        base_buffers = _device_buffers(base_params)  # the caller's arrays: never deleted here
         del base_params, base
         trainable_filter = nnx.Param if cfg.full else nnx.LoRAParam
         graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
@@ -279,7 +279,8 @@ class Trainer:
                 frozen_pure, trainable_pure = jax.tree.map(np.asarray, (frozen_pure, trainable_pure))
             self.frozen = jax.device_put(frozen_pure, stacked_sh)
             if self.per_layer:
-                owned = not any(id(x) in base_ids for x in jax.tree.leaves(self.frozen["layers"]))
+                # device_put may hand back the caller's buffers (same dtype, an equivalent sharding) in a new Array
+                owned = not _device_buffers(self.frozen["layers"]) & base_buffers
                 self.frozen = unstack_layers(self.frozen, self.frozen_sh["layers"], consume=owned)
             params = jax.device_put(trainable_pure, self.trainable_sh)
             opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
@@ -785,6 +786,12 @@ def per_layer_weights(cfg: TrainConfig, frozen: dict) -> bool:
     if not jax.tree.leaves(frozen.get("layers", {})):
         return False
     return use_per_layer_weights(cfg.layer_weights, cfg.remat)
+
+
+def _device_buffers(tree) -> set[int]:
+    """The addresses of the device buffers behind ``tree``'s JAX arrays (two Arrays may share one buffer)."""
+    return {shard.data.unsafe_buffer_pointer() for x in jax.tree.leaves(tree)
+            if isinstance(x, jax.Array) and not x.is_deleted() for shard in x.addressable_shards}
 
 
 def _abstract(tree, shardings):
