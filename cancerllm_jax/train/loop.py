@@ -241,7 +241,8 @@ class Trainer:
         self.tokenizer_spec = tok_spec
         self.extra_meta = extra_meta or {}
         model = build_model(cfg, self.model_cfg, base_params, self.dtype, abstract=dry_run)
-        base_buffers = _device_buffers(base_params)  # the caller's arrays: never deleted here
+        # the caller's arrays, never deleted here (looked at only where the layers may be split per layer)
+        base_buffers = _device_buffers(base_params) if use_per_layer_weights(cfg.layer_weights, cfg.remat) else set()
         del base_params, base
         trainable_filter = nnx.Param if cfg.full else nnx.LoRAParam
         graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)

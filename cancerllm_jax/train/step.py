@@ -72,9 +72,9 @@ def _merged(a: dict, b: dict) -> dict:
 def unstack_layers(frozen: dict, shardings: list | None = None, consume: bool = False) -> dict:
     """``frozen`` with its stacked ``layers`` weights as one dict of arrays per layer (``shardings``: one tree of
     shardings per layer), for a train step that runs the layers as a Python loop: the scan over stacked weights
-    makes XLA copy each layer's slice before its GEMM, forward and backward (a 7B LoRA step on an H200: 263 ms
-    with the scan, 217 ms per layer). Split one stacked array at a time; with ``consume`` each is deleted once
-    split, so the device holds the base plus one array at most (the caller's ``frozen`` is then used up)."""
+    makes XLA copy each layer's slice before its GEMM, forward and backward (see ``use_per_layer_weights``). Split
+    one stacked array at a time; with ``consume`` each is deleted once split, so the device holds the base plus one
+    array at most (the caller's ``frozen`` is then used up)."""
     leaves, treedef = jax.tree.flatten(frozen["layers"])
     n = leaves[0].shape[0]
     shard_leaves = [treedef.flatten_up_to(s) for s in shardings] if shardings is not None else None
