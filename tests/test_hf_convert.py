@@ -456,6 +456,16 @@ def test_a_stale_index_beside_model_safetensors_is_ignored_as_transformers_does(
     assert {"model.safetensors", "model.safetensors.index.json"} <= set(os.listdir(folder))
     ids = (np.arange(12, dtype=np.int32)[None] * 5) % 97
     assert _same_logits_as_transformers(folder, ids) <= 1e-4
+    # said once, though the conversion of a tied model lists the folder's tensors twice (to read them, and to see
+    # whether it stores the tied head)
+    folder = str(tmp_path / "tied")
+    _tiny_llama(folder, tie_word_embeddings=True).save_pretrained(folder, max_shard_size="20KB")
+    transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(folder)).save_pretrained(folder)
+    assert {"model.safetensors", "model.safetensors.index.json"} <= set(os.listdir(folder))
+    p = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "from-hf", folder, str(tmp_path / "c")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stderr.count("has both model.safetensors and model.safetensors.index.json") == 1, p.stderr
 
 
 def test_an_output_path_that_is_a_file_is_one_clear_error(hf_fp32, tmp_path):

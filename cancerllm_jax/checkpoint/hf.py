@@ -35,6 +35,9 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 SHARD_BYTES = 5 * 1024**3
 
 
+_WARNED_STALE_INDEX: set[str] = set()
+
+
 def safetensors_files(folder: str) -> dict[str, str]:
     """Map tensor name → file, from ``model.safetensors`` or else a sharded ``model.safetensors.index.json`` (the
     order transformers looks in: its ``save_pretrained`` leaves a stale index beside a new single file)."""
@@ -43,7 +46,8 @@ def safetensors_files(folder: str) -> dict[str, str]:
     if os.path.isfile(single):
         from safetensors import safe_open
 
-        if os.path.isfile(index):
+        if os.path.isfile(index) and os.path.abspath(folder) not in _WARNED_STALE_INDEX:  # once per folder
+            _WARNED_STALE_INDEX.add(os.path.abspath(folder))
             log.warning("%s: has both model.safetensors and model.safetensors.index.json; reading model.safetensors "
                         "(as transformers does)", folder)
         try:
