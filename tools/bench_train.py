@@ -707,8 +707,8 @@ def main(argv=None) -> int:
         print("ratio per round: " + ", ".join(f"{r:.2f}x" for r in ratios))
     out = {"preset": args.preset, "seq": args.seq, "batch": args.batch, "rank": args.rank, "dtype": args.dtype,
            "remat": args.remat, "unstack": args.unstack, "steps": args.steps, "warmup": args.warmup, "machine": mach,
-           "load": load,
-           "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command, "results": res}
+           "load": load, "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
+           "results": res}
     if "ours" in res and "torch" in res:
         out["ratio"] = res["ours"]["tokens_per_s"] / res["torch"]["tokens_per_s"]
     if ratios:
