@@ -3,9 +3,9 @@
 # does not cost the rest. Results: JSON + logs under $OUT (default ./gpu_results), and rows appended to
 # docs/benchmarks.md; at the end $OUT holds results.tgz (every JSON and log) and a copy of docs/benchmarks.md.
 # Usage: bash tools/gpu_suite.sh STAGE...   (stages: env check attn train train-ours train-xla mem decode q1000
-# q1000-natural profile-train profile-decode profile-decode64 train-unstack mem-unstack decode-cmdbuf). BUDGET_S
-# (default 570) caps the whole run: each step's limit is cut to what is left, a step with under 30 s left is skipped,
-# and the results are packed after every step, so a run stopped from outside still returns what it measured.
+# q1000-natural profile-train profile-decode profile-decode64 train-unstack train-b2 mem-unstack decode-cmdbuf).
+# BUDGET_S (default 570) caps the whole run: each step's limit is cut to what is left, a step with under 30 s left
+# is skipped, and the results are packed after every step, so a run stopped from outside keeps what it measured.
 # `lease` = `env train mem-unstack decode`: the side-by-side MFU with the GPU default (per-layer weights), the
 # memory of per-layer weights under remat (what `layer_weights=auto` waits for) and the decode roofline in one
 # device call of ≈ 10 minutes, for a lease of 15 minutes in all (as lent in 2026-12). A machine
@@ -14,8 +14,8 @@
 # --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl NAME==VERSION`); never carry flax or jax (they
 # must match the machine's jaxlib).
 set -u
-KNOWN=" lease env check attn train train-ours train-xla train-unstack mem mem-unstack decode decode-cmdbuf q1000 \
-q1000-natural profile-train profile-decode profile-decode64 "
+KNOWN=" lease env check attn train train-ours train-xla train-unstack train-b2 mem mem-unstack decode decode-cmdbuf \
+q1000 q1000-natural profile-train profile-decode profile-decode64 "
 for stage in "$@"; do  # a misspelt stage would cost a device start for nothing: refuse it before any work
   case $KNOWN in *" $stage "*) ;; *) echo "unknown stage '$stage'; stages:$KNOWN" >&2; exit 2 ;; esac
 done
@@ -80,6 +80,10 @@ transformers.__version__, 'peft', peft.__version__); print(jax.devices())" ;;
       step train_unstack 200 $PY tools/bench_train.py --preset mistral-7b --seq 3000 --batch 1 --dtype bfloat16 \
         --remat none --unstack yes --steps 10 --warmup 3 --only ours --json "$WORK/train_unstack.json" \
         --note "A/B: per-layer frozen weights, layers as a Python loop (no weight-slice copies)" ;;
+    train-b2)
+      step train_b2 240 $PY tools/bench_train.py --preset mistral-7b --seq 3000 --batch 2 --dtype bfloat16 \
+        --remat none --steps 6 --warmup 2 --only ours --json "$WORK/train_b2.json" \
+        --note "A/B: 2 x 3000 tokens per step (per-step costs amortised), per-layer weights (auto)" ;;
     mem-unstack)
       step mem_unstack 240 $PY tools/bench_train.py --preset mistral-7b --seq 3000 --batch 1 --dtype bfloat16 \
         --remat full --unstack yes --steps 5 --warmup 2 --only ours --json "$WORK/mem_unstack.json" \
