@@ -166,8 +166,7 @@ def test_one_step_matches_transformers_peft_adamw(setup):
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_per_layer_frozen_weights_give_the_stacked_step(setup, remat):
     """The step over per-layer frozen arrays (``unstack_layers``: a Python loop, no per-layer weight slices) is the
-    scan's step: the same loss, gradient norm and updated factors, with dropout on, gradient accumulation and
-    remat."""
+    scan's step: the same gradients, loss and gradient norm, with dropout on, gradient accumulation and remat."""
     model_cfg, base, _, lora, batch, _ = setup
     lora_cfg = LoRAConfig(rank=RANK, alpha=ALPHA, dropout=0.3, targets=LORA_TARGETS)
     model = model_from_params(model_cfg, base, lora_cfg, "float32", "float32", remat, lora_params=lora)

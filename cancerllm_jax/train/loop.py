@@ -241,8 +241,9 @@ class Trainer:
         self.tokenizer_spec = tok_spec
         self.extra_meta = extra_meta or {}
         model = build_model(cfg, self.model_cfg, base_params, self.dtype, abstract=dry_run)
-        # the caller's arrays, never deleted here (looked at only where the layers may be split per layer)
-        base_buffers = _device_buffers(base_params) if use_per_layer_weights(cfg.layer_weights, cfg.remat) else set()
+        # frozen layer weights one array per layer (only LoRA freezes layers); the caller's arrays are never deleted
+        self.per_layer = not cfg.full and use_per_layer_weights(cfg.layer_weights, cfg.remat)
+        base_buffers = _device_buffers(base_params) if self.per_layer else set()
         del base_params, base
         trainable_filter = nnx.Param if cfg.full else nnx.LoRAParam
         graphdef, trainable, frozen = nnx.split(model, trainable_filter, ...)
@@ -251,7 +252,6 @@ class Trainer:
         notice = say
         self.frozen_sh = sharding.param_shardings(frozen_pure, self.mesh, self.model_cfg, cfg.fsdp, notice)
         stacked_sh = self.frozen_sh
-        self.per_layer = per_layer_weights(cfg, frozen_pure)
         if self.per_layer:
             self.frozen_sh = per_layer_shardings(stacked_sh, self.model_cfg.num_layers)
         self.trainable_sh = (sharding.param_shardings(trainable_pure, self.mesh, self.model_cfg, cfg.fsdp, notice)
@@ -779,14 +779,6 @@ def dry_base(cfg: TrainConfig) -> tuple[ModelConfig, None, str | None, dict]:
                         f"pass model=mistral-7b-v0.1 to validate the shapes without the weights")
     check_readable(cfg.model)
     return read_model_config(cfg.model), None, read_tokenizer_spec(cfg.model), {}
-
-
-def per_layer_weights(cfg: TrainConfig, frozen: dict) -> bool:
-    """Whether the frozen layer weights are held one array per layer (``layer_weights``, see
-    ``use_per_layer_weights``); only where the frozen part has stacked layers (not under ``full``)."""
-    if not jax.tree.leaves(frozen.get("layers", {})):
-        return False
-    return use_per_layer_weights(cfg.layer_weights, cfg.remat)
 
 
 def _device_buffers(tree) -> set[int]:
