@@ -161,6 +161,13 @@ def test_one_step_matches_transformers_peft_adamw(setup):
     assert worst_new <= 1e-5, f"updated LoRA weights differ from torch by {worst_new:.2e}"
     print(f"\nloss rel diff {loss_rel:.2e}, grad rel diff {worst_grad:.2e}, grad-norm rel diff {norm_rel:.2e}, "
           f"updated-weight max abs diff {worst_new:.2e}")
+    # the same step over per-layer frozen weights (layer_weights=per_layer, the GPU default) against torch too
+    new_pl, metrics_pl = step(state, unstack_layers(jax.tree.map(jnp.copy, frozen_pure)), jbatch)
+    assert abs(float(metrics_pl["loss"]) - ref_loss) <= 1e-5 * abs(ref_loss)
+    assert abs(float(metrics_pl["grad_norm"]) - ref_norm) <= 1e-4 * ref_norm
+    worst_pl = max(float(np.abs(np.asarray(new_pl["params"]["layers"][t][k]) - ref_new[t][k]).max())
+                   for t in LORA_TARGETS for k in ("lora_a", "lora_b"))
+    assert worst_pl <= 1e-5, f"per-layer step: updated LoRA weights differ from torch by {worst_pl:.2e}"
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
