@@ -14,7 +14,8 @@ import pytest
 
 import cancerllm_jax as cj
 from cancerllm_jax.errors import UserError
-from cancerllm_jax.model.mistral import Fused, attention_mask, fused_attention, fused_masking, gqa_attention
+from cancerllm_jax.model.mistral import (Fused, attention_mask, causal_attention, causal_block_size, fused_attention,
+                                         fused_masking, gqa_attention, self_attention_mask)
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -31,6 +32,36 @@ def packed_rows(t: int) -> tuple[np.ndarray, np.ndarray]:
     seg[2, :t - 6], pos[2, :t - 6] = 1, np.arange(t - 6)  # right padding (a training row)
     seg[3, 4:], pos[3, 4:] = 1, np.arange(t - 4)  # left padding (a decode prompt)
     return seg, pos
+
+
+@pytest.mark.parametrize("window", [None, 50, 1])
+@pytest.mark.parametrize("heads,kv_heads,t", [(6, 2, 200), (4, 1, 300)])
+def test_blocked_causal_attention_equals_the_whole_block(window, heads, kv_heads, t):
+    """``causal_attention`` (query blocks that skip the keys after the block and before its window) gives
+    ``gqa_attention``'s outputs and gradients on packed, right- and left-padded rows past the window; the mask by
+    position equals the mask by position and index on such rows; the check can fail (a mask that is not causal)."""
+    assert causal_block_size(t) < t  # really blocked: 2 / 3 blocks of 128 (the last shorter)
+    d = 8
+    rng = np.random.default_rng(t)
+    q, k, v = (jnp.asarray(rng.standard_normal((4, t, h, d)), jnp.float32) for h in (heads, kv_heads, kv_heads))
+    seg, pos = packed_rows(t)
+    mask = self_attention_mask(jnp.asarray(pos), jnp.asarray(seg), window)
+    assert np.array_equal(np.asarray(mask), np.asarray(attention_mask(pos, seg, pos, seg, window)))
+    real = jnp.asarray(seg > 0)[..., None, None]  # padding queries' outputs are never used
+    g = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.where(real, fn(q, k, v) * g, 0.0))
+
+    whole = jax.value_and_grad(lambda *a: loss(lambda q, k, v: gqa_attention(q, k, v, mask), *a), (0, 1, 2))(q, k, v)
+    blocked = jax.jit(jax.value_and_grad(lambda *a: loss(lambda q, k, v: causal_attention(q, k, v, mask, window), *a),
+                                         (0, 1, 2)))(q, k, v)
+    for ours, ref in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=2e-5, rtol=1e-5)
+    out = causal_attention(q, k, v, mask, window)
+    assert np.isfinite(np.asarray(out)).all()  # fully masked (padding) queries too
+    anti = jnp.swapaxes(mask, 1, 2)  # keys after the query: the blocks skip them, the whole block does not
+    assert np.abs(np.asarray(causal_attention(q, k, v, anti, window) - gqa_attention(q, k, v, anti))).max() > 1e-2
 
 
 @pytest.mark.parametrize("window", [None, 7, 1])

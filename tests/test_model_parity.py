@@ -41,6 +41,10 @@ CONFIGS = {
     "mistral_rope_linear": ("mistral", {
         "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "sliding_window": 30, "rope": {"rope_type": "linear", "factor": 3.0}}, 36),
+    # past 128 tokens the attention runs in query blocks (causal_attention): 2 blocks, the second past the window
+    "mistral_blocks_window": ("mistral", {
+        "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "sliding_window": 100}, 250),
 }
 VOCAB = 97
 

@@ -170,6 +170,46 @@ def test_one_step_matches_transformers_peft_adamw(setup):
     assert worst_pl <= 1e-5, f"per-layer step: updated LoRA weights differ from torch by {worst_pl:.2e}"
 
 
+def test_lora_gradients_match_torch_past_the_attention_blocks(setup):
+    """At 200 tokens the attention runs in query blocks that skip keys (``causal_attention``: after the block, and
+    before the window of 5): the loss and every LoRA gradient still equal transformers + peft's."""
+    from cancerllm_jax.model.mistral import causal_block_size
+
+    model_cfg, base, lora_cfg, lora, _, pm = setup
+    seq = 200
+    assert causal_block_size(seq) < seq
+    set_peft_factors(pm, lora)  # the factors of the fixture (another test's optimiser step may have moved them)
+    rng = np.random.default_rng(11)
+    stream = rng.integers(0, VOCAB, size=(2, seq + 1))
+    mask = (rng.random((2, seq)) > 0.2).astype(np.int32)
+    pm.train()
+    pm.zero_grad()
+    logits = pm(input_ids=torch.from_numpy(stream[:, :-1].astype(np.int64))).logits
+    labels = torch.from_numpy(np.where(mask > 0, stream[:, 1:], -100).astype(np.int64))
+    ref_loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, VOCAB), labels.reshape(-1))
+    ref_loss.backward()
+    ref_grads = gather(pm, lambda p: p.grad)
+    pm.zero_grad()
+
+    model = model_from_params(model_cfg, base, lora_cfg, "float32", "float32", "none", lora_params=lora)
+    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    parts = ModelParts(graphdef, trainable, frozen)
+    params, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+    batch = {"inputs": stream[:, :-1], "targets": stream[:, 1:], "loss_mask": mask,
+             "segment_ids": np.ones((2, seq)), "positions": np.broadcast_to(np.arange(seq), (2, seq))}
+    jbatch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+
+    def mean_loss(p):
+        total, count = loss_sums(parts, p, frozen_pure, jbatch, None)
+        return total / count
+
+    loss, grads = jax.jit(jax.value_and_grad(mean_loss))(params)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
+    worst = max(rel(np.asarray(grads["layers"][t][k]), ref_grads[t][k]) for t in LORA_TARGETS
+                for k in ("lora_a", "lora_b"))
+    assert worst <= 1e-4, f"LoRA gradients differ from torch by {worst:.2e} (relative)"
+
+
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_per_layer_frozen_weights_give_the_stacked_step(setup, remat):
     """The step over per-layer frozen arrays (``unstack_layers``: a Python loop, no per-layer weight slices) is the

@@ -153,7 +153,7 @@ class Mistral(nnx.Module):
             if self.attention_impl() == "cudnn":
                 mask = fused_masking(segment_ids, positions)
             else:
-                mask = attention_mask(positions, segment_ids, positions, segment_ids, cfg.sliding_window)
+                mask = self_attention_mask(positions, segment_ids, cfg.sliding_window)
         else:
             mask = None
         if cache is not None:
@@ -251,7 +251,7 @@ class Mistral(nnx.Module):
         elif isinstance(mask, Fused):
             attn = fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.sliding_window)
         else:
-            attn = gqa_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+            attn = causal_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.sliding_window)
         attn = attn.reshape(b, t, cfg.q_size)
         x = x + self._proj(attn, w["o"], key, 3)
         h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
@@ -383,7 +383,7 @@ def fused_attention(q: Array, k: Array, v: Array, masking: Fused | None, window:
         # cuDNN's training kernels need even lengths: the explicit-mask path, same semantics
         idx, one = jnp.arange(t)[None], jnp.ones((1, t), jnp.int32)
         allowed = attention_mask(idx, one, idx, one, window)  # causal + window by index, [1, T, T]
-        return gqa_attention(q, k, v, allowed if masking is None else masking.segments[:, 0] & allowed)
+        return causal_attention(q, k, v, allowed if masking is None else masking.segments[:, 0] & allowed, window)
 
     def attend(mask):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=local,
@@ -453,6 +453,43 @@ def attention_mask(q_pos: Array, q_seg: Array, k_pos: Array, k_seg: Array, windo
     if window is not None:
         mask &= (qp - kp) < window
     return mask
+
+
+def self_attention_mask(positions: Array, segment_ids: Array, window: int | None) -> Array:
+    """``attention_mask`` of a block of tokens over itself, also causal (and windowed) by index, as the fused
+    kernel is: the same mask whenever positions count up by one inside each segment (every batch our pipelines and
+    decoder build), and what lets ``causal_attention`` skip the keys after a query block."""
+    t = positions.shape[1]
+    idx, one = jnp.arange(t, dtype=jnp.int32)[None], jnp.ones((1, t), jnp.int32)
+    by_index = attention_mask(idx, one, idx, one, window)
+    return attention_mask(positions, segment_ids, positions, segment_ids, window) & by_index
+
+
+def causal_block_size(t: int) -> int:
+    """Queries per block of ``causal_attention``: the whole block up to 128 tokens, then 128, or more to keep to 16
+    blocks (SmolLM2's attention, forward + backward, on the 2-core CPU: blocks of 64 and 128 equal at 256 tokens,
+    128 fastest at 512 and 1024; fewer blocks compile faster)."""
+    return t if t <= 128 else max(128, -(-t // 16))
+
+
+def causal_attention(q: Array, k: Array, v: Array, mask: Array, window: int | None) -> Array:
+    """``gqa_attention`` of a block over itself (``k``/``v`` the same tokens as ``q``) under a mask that is causal by
+    index (``self_attention_mask``), in blocks of queries that each read only the keys they may see: none after the
+    block's last query, none before its first query's window. The result is ``gqa_attention``'s (the skipped scores
+    are masked there: exact zeros after the softmax), but for fully masked (padding) queries, which average their
+    block's keys instead of all keys. Two blocks do 3/4 of a causal block's products and softmax, 16 blocks 17/32:
+    SmolLM2's attention (30 layers, forward + backward) on the 2-core CPU, 4 x 256 tokens: 0.95 -> 0.68 s; 2 x 512:
+    2.12 -> 1.17 s."""
+    t = q.shape[1]
+    size = causal_block_size(t)
+    if size >= t:
+        return gqa_attention(q, k, v, mask)
+    outs = []
+    for q0 in range(0, t, size):
+        q1 = min(q0 + size, t)
+        k0 = 0 if window is None else max(0, q0 - window + 1)
+        outs.append(gqa_attention(q[:, q0:q1], k[:, k0:q1], v[:, k0:q1], mask[:, q0:q1, k0:q1]))
+    return jnp.concatenate(outs, axis=1)
 
 
 def mask_bias(mask: Array) -> Array:
