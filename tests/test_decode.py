@@ -102,6 +102,20 @@ def test_greedy_matches_transformers_past_the_window(tiny):
         assert g == hf_greedy(model, p, 12)
 
 
+def test_long_left_padded_prompts_prefill_in_query_blocks_as_transformers(tiny):
+    """Prompts past 128 tokens are prefilled in query blocks (``causal_attention``), the shorter one left-padded in
+    the same bucket: greedy tokens equal transformers' for each prompt alone."""
+    from cancerllm_jax.model.mistral import causal_block_size
+
+    model, lm = tiny
+    rng = np.random.default_rng(8)
+    prompts = [[1] + rng.integers(3, 96, size=n).tolist() for n in (150, 137)]
+    assert causal_block_size(len(prompts[0])) < len(prompts[0])
+    got = lm.generate(prompts, max_new_tokens=10, temperature=0.0)
+    for p, g in zip(prompts, got):
+        assert g == hf_greedy(model, p, 10)
+
+
 def test_a_window_of_one_decodes_as_transformers_without_a_cache(tmp_path):
     """At ``sliding_window=1`` each token attends to itself alone. transformers 5.24's cached ``generate`` is the
     wrong reference there (its sliding cache keeps ``[-window + 1:]``, i.e. every key at window 1); its

@@ -183,13 +183,16 @@ def test_packed_documents_are_independent(saved_models):
     assert float(np.abs(packed[0, :9] - first[0]).max()) <= 1e-5
 
 
-def test_attention_mask_matches_transformers(saved_models):
+@pytest.mark.parametrize("seq", [17, 200])
+def test_attention_mask_matches_transformers(saved_models, seq):
     """``lm.logits(ids, attention_mask)`` on left-padded, right-padded and holed rows (past the window of 5) equals
-    transformers' forward with the same mask at every real token, and a padded row equals the row alone."""
+    transformers' forward with the same mask at every real token, and a padded row equals the row alone; at 200
+    tokens the attention runs in query blocks (``causal_attention``), holes and padding in both blocks."""
     model, folder = saved_models["mistral_window_gqa2_tied"]
-    ids = np.random.default_rng(5).integers(0, VOCAB, size=(4, 17), dtype=np.int32)
-    mask = np.ones((4, 17), np.int32)
-    mask[1, :6], mask[2, 11:], mask[3, [2, 3, 9]] = 0, 0, 0
+    ids = np.random.default_rng(5).integers(0, VOCAB, size=(4, seq), dtype=np.int32)
+    mask = np.ones((4, seq), np.int32)
+    holes = [2, 3, 9] + ([seq - 60, seq - 59] if seq > 128 else [])
+    mask[1, :6], mask[2, seq - 6:], mask[3, holes] = 0, 0, 0
     with torch.no_grad():
         ref = model(torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask)).logits.numpy()
     lm = cj.load(folder, dtype="float32")
