@@ -62,6 +62,8 @@ def test_blocked_causal_attention_equals_the_whole_block(window, heads, kv_heads
     assert np.isfinite(np.asarray(out)).all()  # fully masked (padding) queries too
     anti = jnp.swapaxes(mask, 1, 2)  # keys after the query: the blocks skip them, the whole block does not
     assert np.abs(np.asarray(causal_attention(q, k, v, anti, window) - gqa_attention(q, k, v, anti))).max() > 1e-2
+    with pytest.raises(ValueError, match="self-attention"):  # keys that are not the queries' own tokens
+        causal_attention(q, k[:, 1:], v[:, 1:], mask[:, :, 1:], window)
 
 
 @pytest.mark.parametrize("window", [None, 7, 1])

@@ -116,7 +116,9 @@ class Mistral(nnx.Module):
         ``last_only``: logits of the last position only (``[B, 1, V]``), as a prefill needs: the LM head is a
         large share of a prefill's FLOPs (SmolLM2: vocab 49152 × hidden 576 per token).
 
-        ``positions`` restart at 0 per packed document; attention stays within equal ``segment_ids``. With a
+        ``positions`` restart at 0 per packed document; attention stays within equal ``segment_ids``. A block's
+        attention over itself is causal and windowed by token index as well as by position (the two agree when
+        positions count up by one inside each segment, as in every batch this package builds). With a
         ``cache`` (see ``init_cache``) the new tokens' keys/values are written at ``cache["index"]`` and queries
         attend to every filled slot whose position is not in their future and within the sliding window.
         ``prefill=True`` promises the cache is empty (``index`` 0): the block then attends over its own keys only,
@@ -475,12 +477,15 @@ def causal_block_size(t: int) -> int:
 def causal_attention(q: Array, k: Array, v: Array, mask: Array, window: int | None) -> Array:
     """``gqa_attention`` of a block over itself (``k``/``v`` the same tokens as ``q``) under a mask that is causal by
     index (``self_attention_mask``), in blocks of queries that each read only the keys they may see: none after the
-    block's last query, none before its first query's window. The result is ``gqa_attention``'s (the skipped scores
-    are masked there: exact zeros after the softmax), but for fully masked (padding) queries, which average their
-    block's keys instead of all keys. Two blocks do 3/4 of a causal block's products and softmax, 16 blocks 17/32:
-    SmolLM2's attention (30 layers, forward + backward) on the 2-core CPU, 4 x 256 tokens: 0.95 -> 0.68 s; 2 x 512:
-    2.12 -> 1.17 s."""
+    block's last query, none before its first query's window. The result is ``gqa_attention``'s to float rounding
+    (the skipped scores are masked there: exact zeros after the softmax; the sums run over fewer terms), but for fully
+    masked (padding) queries, which average their block's keys instead of all keys. A mask that is not causal by
+    index would be cut silently: only a block's self-attention under ``self_attention_mask`` may come here. Two
+    blocks do 3/4 of a causal block's products and softmax, 16 blocks 17/32: SmolLM2's attention (30 layers,
+    forward + backward) on the 2-core CPU, 4 x 256 tokens: 0.95 -> 0.68 s; 2 x 512: 2.12 -> 1.17 s."""
     t = q.shape[1]
+    if k.shape[1] != t:
+        raise ValueError(f"causal_attention is self-attention: {t} queries, {k.shape[1]} keys")
     size = causal_block_size(t)
     if size >= t:
         return gqa_attention(q, k, v, mask)
