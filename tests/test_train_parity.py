@@ -80,6 +80,14 @@ def setup(tmp_path_factory):
     return model_cfg, base, lora_cfg, lora, batch, pm
 
 
+def lora_parts(model_cfg, base, lora_cfg, lora, remat: str = "none"):
+    """``(ModelParts, trainable params, frozen base)`` as pure dicts, assembled as ``Trainer.__init__`` does (LoRA
+    factors trainable, the rest frozen), fp32."""
+    model = model_from_params(model_cfg, base, lora_cfg, "float32", "float32", remat, lora_params=lora)
+    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    return ModelParts(graphdef, trainable, frozen), nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+
+
 def set_peft_factors(pm, lora) -> None:
     """Copy our LoRA factors (``[layers, in, r]`` / ``[layers, r, out]``) into the peft model ``pm``."""
     with torch.no_grad():
@@ -124,10 +132,7 @@ def test_one_step_matches_transformers_peft_adamw(setup):
     ref_loss, ref_grads, ref_norm, ref_new = torch_step(pm, batch)
 
     # ours, assembled exactly as Trainer.__init__ does (LoRAParam trainable, the rest frozen)
-    model = model_from_params(model_cfg, base, lora_cfg, "float32", "float32", "none", lora_params=lora)
-    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    parts = ModelParts(graphdef, trainable, frozen)
-    params, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+    parts, params, frozen_pure = lora_parts(model_cfg, base, lora_cfg, lora)
     tx = make_optimizer(OPT, total_steps=10)
     step = jax.jit(make_train_step(parts, tx, schedule(OPT, 10), grad_accum=1, use_dropout=False))
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -181,30 +186,20 @@ def test_lora_gradients_match_torch_past_the_attention_blocks(setup):
     set_peft_factors(pm, lora)  # the factors of the fixture (another test's optimiser step may have moved them)
     rng = np.random.default_rng(11)
     stream = rng.integers(0, VOCAB, size=(2, seq + 1))
-    mask = (rng.random((2, seq)) > 0.2).astype(np.int32)
-    pm.train()
-    pm.zero_grad()
-    logits = pm(input_ids=torch.from_numpy(stream[:, :-1].astype(np.int64))).logits
-    labels = torch.from_numpy(np.where(mask > 0, stream[:, 1:], -100).astype(np.int64))
-    ref_loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, VOCAB), labels.reshape(-1))
-    ref_loss.backward()
-    ref_grads = gather(pm, lambda p: p.grad)
-    pm.zero_grad()
-
-    model = model_from_params(model_cfg, base, lora_cfg, "float32", "float32", "none", lora_params=lora)
-    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    parts = ModelParts(graphdef, trainable, frozen)
-    params, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
-    batch = {"inputs": stream[:, :-1], "targets": stream[:, 1:], "loss_mask": mask,
+    batch = {"inputs": stream[:, :-1], "targets": stream[:, 1:], "loss_mask": rng.random((2, seq)) > 0.2,
              "segment_ids": np.ones((2, seq)), "positions": np.broadcast_to(np.arange(seq), (2, seq))}
-    jbatch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+    batch = {k: np.asarray(v, np.int32) for k, v in batch.items()}
+    ref_loss, ref_grads, _, _ = torch_step(pm, batch)  # its optimiser step moves pm's factors (reset above)
+
+    parts, params, frozen_pure = lora_parts(model_cfg, base, lora_cfg, lora)
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
 
     def mean_loss(p):
         total, count = loss_sums(parts, p, frozen_pure, jbatch, None)
         return total / count
 
     loss, grads = jax.jit(jax.value_and_grad(mean_loss))(params)
-    assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
+    assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss)
     worst = max(rel(np.asarray(grads["layers"][t][k]), ref_grads[t][k]) for t in LORA_TARGETS
                 for k in ("lora_a", "lora_b"))
     assert worst <= 1e-4, f"LoRA gradients differ from torch by {worst:.2e} (relative)"
@@ -216,10 +211,7 @@ def test_per_layer_frozen_weights_give_the_stacked_step(setup, remat):
     scan's step: the same gradients, loss and gradient norm, with dropout on, gradient accumulation and remat."""
     model_cfg, base, _, lora, batch, _ = setup
     lora_cfg = LoRAConfig(rank=RANK, alpha=ALPHA, dropout=0.3, targets=LORA_TARGETS)
-    model = model_from_params(model_cfg, base, lora_cfg, "float32", "float32", remat, lora_params=lora)
-    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    parts = ModelParts(graphdef, trainable, frozen)
-    params, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+    parts, params, frozen_pure = lora_parts(model_cfg, base, lora_cfg, lora, remat)
     per_layer = unstack_layers(jax.tree.map(jnp.copy, frozen_pure))
     assert isinstance(per_layer["layers"], list) and len(per_layer["layers"]) == model_cfg.num_layers
     assert np.array_equal(per_layer["layers"][1]["q"]["kernel"], frozen_pure["layers"]["q"]["kernel"][1])
@@ -318,10 +310,7 @@ def test_several_steps_with_warmup_and_grad_accum_match_hf(setup, sched):
         ref_rows.append((loss_sum, norm, lr))
     ref_new = gather(ref, lambda p: p)
 
-    model = model_from_params(model_cfg, base, lora_cfg, "float32", "float32", "none", lora_params=lora)
-    graphdef, trainable, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    parts = ModelParts(graphdef, trainable, frozen)
-    params, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+    parts, params, frozen_pure = lora_parts(model_cfg, base, lora_cfg, lora)
     tx = make_optimizer(opt, total_steps=steps)
     step = jax.jit(make_train_step(parts, tx, schedule(opt, steps), grad_accum=accum, use_dropout=False))
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),

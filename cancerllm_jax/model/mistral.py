@@ -383,8 +383,7 @@ def fused_attention(q: Array, k: Array, v: Array, masking: Fused | None, window:
     t = q.shape[1]
     if implementation == "cudnn" and (t % 2 or k.shape[1] % 2):
         # cuDNN's training kernels need even lengths: the explicit-mask path, same semantics
-        idx, one = jnp.arange(t)[None], jnp.ones((1, t), jnp.int32)
-        allowed = attention_mask(idx, one, idx, one, window)  # causal + window by index, [1, T, T]
+        allowed = index_mask(t, window)
         return causal_attention(q, k, v, allowed if masking is None else masking.segments[:, 0] & allowed, window)
 
     def attend(mask):
@@ -461,10 +460,14 @@ def self_attention_mask(positions: Array, segment_ids: Array, window: int | None
     """``attention_mask`` of a block of tokens over itself, also causal (and windowed) by index, as the fused
     kernel is: the same mask whenever positions count up by one inside each segment (every batch our pipelines and
     decoder build), and what lets ``causal_attention`` skip the keys after a query block."""
-    t = positions.shape[1]
-    idx, one = jnp.arange(t, dtype=jnp.int32)[None], jnp.ones((1, t), jnp.int32)
-    by_index = attention_mask(idx, one, idx, one, window)
+    by_index = index_mask(positions.shape[1], window)
     return attention_mask(positions, segment_ids, positions, segment_ids, window) & by_index
+
+
+def index_mask(t: int, window: int | None) -> Array:
+    """Boolean ``[1, T, T]``: causal and inside the sliding window by token index (the fused kernel's own mask)."""
+    idx, one = jnp.arange(t, dtype=jnp.int32)[None], jnp.ones((1, t), jnp.int32)
+    return attention_mask(idx, one, idx, one, window)
 
 
 def causal_block_size(t: int) -> int:
