@@ -205,6 +205,60 @@ def test_lora_gradients_match_torch_past_the_attention_blocks(setup):
     assert worst <= 1e-4, f"LoRA gradients differ from torch by {worst:.2e} (relative)"
 
 
+def test_lora_dropout_gradients_match_peft_with_the_same_masks(setup):
+    """LoRA dropout 0.3 on all seven projections: our loss and LoRA gradients equal transformers + peft's when peft's
+    dropout modules draw our masks (the dropout's backward sits inside ``lora_delta``'s custom VJP)."""
+    from cancerllm_jax.model.mistral import dropout_keep
+
+    model_cfg, base, _, lora, batch, pm = setup
+    rate, key = 0.3, jax.random.PRNGKey(5)
+    set_peft_factors(pm, lora)
+    salts = {"q": 0, "k": 1, "v": 2, "o": 3, "gate": 4, "up": 5, "down": 6}  # the model's per-projection fold-ins
+    layer_keys = jax.random.split(key, model_cfg.num_layers)
+
+    class SameMask(torch.nn.Module):  # nn.Dropout's arithmetic (input × mask / (1 − p)) with a given mask
+        def __init__(self, keep):
+            super().__init__()
+            self.noise = torch.from_numpy(np.asarray(keep).astype(np.float32)) / (1 - rate)
+
+        def forward(self, x):
+            return x * self.noise
+
+    dropped = 0.0
+    saved = {}
+    for i, layer in enumerate(pm.base_model.model.model.layers):
+        for t, path in HF_NAMES.items():
+            mod = layer.get_submodule(path)
+            keep = dropout_keep((BATCH, SEQ, mod.in_features), jax.random.fold_in(layer_keys[i], salts[t]), rate)
+            dropped += float(1 - np.asarray(keep).mean()) / (len(HF_NAMES) * model_cfg.num_layers)
+            saved[(i, t)] = mod.lora_dropout["default"]
+            mod.lora_dropout["default"] = SameMask(keep)
+    try:
+        ref_loss, ref_grads, _, _ = torch_step(pm, batch)
+    finally:
+        for (i, t), m in saved.items():
+            pm.base_model.model.model.layers[i].get_submodule(HF_NAMES[t]).lora_dropout["default"] = m
+        set_peft_factors(pm, lora)
+    assert 0.2 < dropped < 0.4
+
+    parts, params, frozen_pure = lora_parts(model_cfg, base, LoRAConfig(RANK, ALPHA, rate, LORA_TARGETS), lora)
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    def mean_loss(p):
+        total, count = loss_sums(parts, p, frozen_pure, jbatch, key)
+        return total / count
+
+    loss, grads = jax.jit(jax.value_and_grad(mean_loss))(params)
+    assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss)
+    worst = max(rel(np.asarray(grads["layers"][t][k]), ref_grads[t][k]) for t in LORA_TARGETS
+                for k in ("lora_a", "lora_b"))
+    assert worst <= 1e-4, f"LoRA gradients differ from torch by {worst:.2e} (relative)"
+    # and the masks matter: without dropout the loss differs
+    plain, _, _ = lora_parts(model_cfg, base, LoRAConfig(RANK, ALPHA, 0.0, LORA_TARGETS), lora)
+    total, count = loss_sums(plain, params, frozen_pure, jbatch, None)
+    assert abs(float(total / count) - ref_loss) > 1e-4 * abs(ref_loss)
+
+
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_per_layer_frozen_weights_give_the_stacked_step(setup, remat):
     """The step over per-layer frozen arrays (``unstack_layers``: a Python loop, no per-layer weight slices) is the
@@ -238,25 +292,51 @@ def test_per_layer_frozen_weights_give_the_stacked_step(setup, remat):
 
 
 def test_lora_dropout_rate_scale_and_independence():
-    """PEFT's dropout on the LoRA input: drop rate within sampling error, kept values scaled by 1/(1-p)."""
-    from cancerllm_jax.model.mistral import lora_dropout
+    """PEFT's dropout on the LoRA input: drop rate within sampling error, the two 16-bit halves of a threefry word
+    independent; kept values scaled by 1/(1-p) inside ``lora_delta``."""
+    from cancerllm_jax.model.mistral import dropout_keep, lora_delta
 
-    x = jnp.ones((1000, 1000), jnp.float32)
     for rate in (0.05, 0.1, 0.5):
-        y = np.asarray(lora_dropout(x, jax.random.PRNGKey(3), rate))
-        dropped = float((y == 0).mean())
-        assert abs(dropped - rate) < 5 * np.sqrt(rate * (1 - rate) / y.size), (rate, dropped)
-        assert np.allclose(y[y != 0], 1.0 / (1.0 - rate))
+        keep = np.asarray(dropout_keep((1000, 1000), jax.random.PRNGKey(3), rate))
+        dropped = float((~keep).mean())
+        assert abs(dropped - rate) < 5 * np.sqrt(rate * (1 - rate) / keep.size), (rate, dropped)
     # the two 16-bit halves of one 32-bit word (neighbours on the last axis) are dropped independently
-    y = np.asarray(lora_dropout(x, jax.random.PRNGKey(4), 0.5)).reshape(-1, 2) == 0
+    y = ~np.asarray(dropout_keep((1000, 1000), jax.random.PRNGKey(4), 0.5)).reshape(-1, 2)
     both = float((y[:, 0] & y[:, 1]).mean())
     assert abs(both - 0.25) < 5 * np.sqrt(0.25 * 0.75 / len(y)), both
-    odd = np.asarray(lora_dropout(jnp.ones((3, 7, 999)), jax.random.PRNGKey(5), 0.3))  # odd last axis
-    assert odd.shape == (3, 7, 999) and abs(float((odd == 0).mean()) - 0.3) < 0.01
-    a = np.asarray(lora_dropout(x, jax.random.PRNGKey(1), 0.1))
-    b = np.asarray(lora_dropout(x, jax.random.PRNGKey(2), 0.1))
+    odd = np.asarray(dropout_keep((3, 7, 999), jax.random.PRNGKey(5), 0.3))  # odd last axis
+    assert odd.shape == (3, 7, 999) and abs(float((~odd).mean()) - 0.3) < 0.01
+    a = np.asarray(dropout_keep((1000, 1000), jax.random.PRNGKey(1), 0.1))
+    b = np.asarray(dropout_keep((1000, 1000), jax.random.PRNGKey(2), 0.1))
     assert (a != b).mean() > 0.1  # different keys, different masks
-    assert lora_dropout(x, jax.random.PRNGKey(1), 0.0) is x
+    # the branch sees x / (1 - p) where kept and 0 where dropped: with A = I and B = I, the output is that input
+    x = jax.random.normal(jax.random.PRNGKey(6), (2, 5, 4))
+    keep = dropout_keep(x.shape, jax.random.PRNGKey(7), 0.5)
+    eye = jnp.eye(4)
+    out = np.asarray(lora_delta(x, eye, eye, 1.0, keep, 0.5))
+    np.testing.assert_allclose(out, np.where(np.asarray(keep), np.asarray(x) / 0.5, 0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_swiglu_matches_torch(dtype):
+    """``swiglu`` (a custom VJP that recomputes the sigmoid) vs torch's ``silu(gate) * up``: output and both input
+    gradients, fp32 to 1e-6 relative, bf16 to one rounding of a value (torch's CPU bf16 silu runs in fp32 too)."""
+    from cancerllm_jax.model.mistral import swiglu
+
+    rng = np.random.default_rng(0)
+    gate, up, ct = (rng.normal(0, s, (64, 257)).astype(np.float32) for s in (3.0, 1.0, 1.0))
+    jd, td = getattr(jnp, dtype), getattr(torch, dtype)
+    out, vjp = jax.vjp(swiglu, *(jnp.asarray(a).astype(jd) for a in (gate, up)))
+    ours = (out, *vjp(jnp.asarray(ct).astype(jd)))
+    tg, tu = (torch.tensor(a).to(td).requires_grad_() for a in (gate, up))
+    ref_out = torch.nn.functional.silu(tg) * tu
+    ref_out.backward(torch.tensor(ct).to(td))
+    for name, a, b in zip(("output", "d_gate", "d_up"), ours, (ref_out, tg.grad, tu.grad)):
+        a, b = np.asarray(a.astype(jnp.float32)), b.detach().float().numpy()
+        if dtype == "float32":
+            assert rel(a, b) <= 1e-6, (name, rel(a, b))
+        else:
+            np.testing.assert_allclose(a, b, rtol=2 ** -7, atol=1e-30, err_msg=name)
 
 
 @pytest.mark.parametrize("sched", ["cosine", "linear"])

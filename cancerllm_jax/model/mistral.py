@@ -259,17 +259,17 @@ class Mistral(nnx.Module):
         h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
         gate = self._proj(h, w["gate"], key, 4)
         up = self._proj(h, w["up"], key, 5)
-        act = jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype)  # as torch's silu: fp32 inside, one rounding
-        x = x + self._proj(act * up, w["down"], key, 6)
+        x = x + self._proj(swiglu(gate, up), w["down"], key, 6)
         return x, new_kv
 
     def _proj(self, x, w: dict, key, salt: int):
         y = x @ w["kernel"].astype(x.dtype)
         if "lora_a" in w:
-            rate = self.lora_cfg.dropout
-            xa = x if key is None else lora_dropout(x, jax.random.fold_in(key, salt), rate)
+            rate = float(self.lora_cfg.dropout)
+            keep = None if key is None or rate <= 0 else dropout_keep(x.shape, jax.random.fold_in(key, salt), rate)
             # as PEFT: the branch in the factors' dtype (float32), added to the base output, then rounded once
-            y = (y + lora_delta(xa, w["lora_a"], w["lora_b"], float(self.lora_cfg.scaling))).astype(x.dtype)
+            y = (y + lora_delta(x, w["lora_a"], w["lora_b"], float(self.lora_cfg.scaling), keep, rate)
+                 ).astype(x.dtype)
         return y
 
     def init_cache(self, batch: int, length: int, dtype=None) -> dict:
@@ -291,49 +291,85 @@ def full_fp32_dots(dtype):
     return jax.default_matmul_precision("highest") if jnp.dtype(dtype) == jnp.float32 else contextlib.nullcontext()
 
 
-def lora_dropout(x: Array, key: Array, rate: float) -> Array:
-    """Inverted dropout of the LoRA branch's input (PEFT's ``lora_dropout``): zero with probability ``rate``, else
-    ``x / (1 - rate)``. Each element takes one 16-bit half of a 32-bit threefry word (P(drop) is ``rate`` to within
-    1e-5): on the 2-core CPU a [4, 256, 576] mask takes 2.1 ms this way, 7.5 ms with ``bits(..., uint16)`` (which
-    runs threefry per 16-bit draw) and 7.3 ms in torch's dropout."""
-    if rate <= 0.0:
-        return x
-    last = x.shape[-1]
-    words = jax.random.bits(key, (*x.shape[:-1], (last + 1) // 2), jnp.uint32)
-    bits = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*x.shape[:-1], -1)[..., :last]
-    keep = bits >= jnp.uint16(min(round(rate * 65536), 65535))
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+def dropout_keep(shape: tuple[int, ...], key: Array, rate: float) -> Array:
+    """PEFT's ``lora_dropout`` mask: boolean ``shape``, False (dropped) with probability ``rate``. Each element takes
+    one 16-bit half of a 32-bit threefry word (P(drop) is ``rate`` to within 1e-5): on the 2-core CPU a
+    [4, 256, 576] mask and its use take 2.1 ms this way, 7.5 ms with ``bits(..., uint16)`` (which runs threefry per
+    16-bit draw) and 7.3 ms in torch's dropout."""
+    last = shape[-1]
+    words = jax.random.bits(key, (*shape[:-1], (last + 1) // 2), jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*shape[:-1], -1)[..., :last]
+    return bits >= jnp.uint16(min(round(rate * 65536), 65535))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def lora_delta(x: Array, a: Array, b: Array, scaling: float) -> Array:
-    """PEFT's LoRA branch ``((x @ A) @ B) · scaling`` in the factors' dtype (``x`` cast to it, as PEFT casts a
-    bf16 input for its float32 factors), with a backward that contracts over tokens with the big operands (``x``,
-    the output cotangent) as the row-major right-hand side: autodiff's order made XLA transpose them (on the 2-core
-    CPU, 2.3 s of a 12 s SmolLM2 step were such transposing copies)."""
-    return _lora_fwd(x, a, b, scaling)[0]
+def swiglu(gate: Array, up: Array) -> Array:
+    """``silu(gate) · up``, the silu in float32 and rounded once (as torch's), with a backward that keeps only
+    ``gate`` and ``up`` and recomputes the sigmoid: autodiff kept three more ``[tokens, intermediate]`` arrays per
+    layer (SmolLM2's step: the layer scan's saved activations 81 -> 55 MB per layer with ``lora_delta``'s)."""
+    return _swiglu(gate, up)
 
 
-def _lora_fwd(x, a, b, scaling):
-    u = x.astype(a.dtype) @ a
-    return (u @ b) * jnp.asarray(scaling, a.dtype), (x, a, b, u)
+@jax.custom_vjp
+def _swiglu(gate, up):
+    return jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype) * up
 
 
-def _lora_bwd(scaling, res, g):
-    x, a, b, u = res
+def _swiglu_fwd(gate, up):
+    return _swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, g):
+    gate, up = res
+    x = gate.astype(jnp.float32)
+    s = jax.nn.sigmoid(x)
+    d_up = g * (x * s).astype(gate.dtype)
+    d_act = (g * up).astype(jnp.float32)
+    return (d_act * (s * (1 + x * (1 - s)))).astype(gate.dtype), d_up  # torch's silu_backward
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 5))
+def lora_delta(x: Array, a: Array, b: Array, scaling: float, keep: Array | None, rate: float) -> Array:
+    """PEFT's LoRA branch ``((dropout(x) @ A) @ B) · scaling`` in the factors' dtype (``x`` cast to it before the
+    dropout, as PEFT casts a bf16 input for its float32 factors). ``keep``: the dropout mask (``dropout_keep``;
+    None: no dropout), kept values scaled by ``1 / (1 - rate)``.
+
+    The backward keeps ``x`` and the mask, not the dropped input: the q/k/v (and gate/up) branches share one saved
+    input. It contracts over tokens with the big operands (``x``, the output cotangent) as the row-major right-hand
+    side: autodiff's order made XLA transpose them (on the 2-core CPU, 2.3 s of a 12 s SmolLM2 step were such
+    transposing copies)."""
+    return _lora_fwd(x, a, b, scaling, keep, rate)[0]
+
+
+def _dropped(x, keep, rate, dtype):
+    x = x.astype(dtype)
+    return x if keep is None else jnp.where(keep, x / (1.0 - rate), 0).astype(dtype)
+
+
+def _lora_fwd(x, a, b, scaling, keep, rate):
+    u = _dropped(x, keep, rate, a.dtype) @ a
+    return (u @ b) * jnp.asarray(scaling, a.dtype), (x, keep, a, b, u)
+
+
+def _lora_bwd(scaling, rate, res, g):
+    x, keep, a, b, u = res
     with full_fp32_dots(x.dtype):  # traced apart from the forward (and its precision)
-        return _lora_grads(scaling, x, a, b, u, g)
+        return _lora_grads(scaling, rate, x, keep, a, b, u, g)
 
 
-def _lora_grads(scaling, x, a, b, u, g):
+def _lora_grads(scaling, rate, x, keep, a, b, u, g):
     g2 = (g * jnp.asarray(scaling, g.dtype)).reshape(-1, g.shape[-1])
-    x2, u2 = x.astype(a.dtype).reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
+    x2, u2 = _dropped(x, keep, rate, a.dtype).reshape(-1, x.shape[-1]), u.reshape(-1, u.shape[-1])
     over_tokens = (((0,), (0,)), ((), ()))
     db = jax.lax.dot_general(u2, g2, over_tokens)  # [r, out]
     du = g2 @ b.T  # [N, r]
     da = jax.lax.dot_general(du, x2, over_tokens).T  # [in, r]
-    dx = (du @ a.T).reshape(x.shape).astype(x.dtype)
-    return dx, da.astype(a.dtype), db.astype(b.dtype)
+    dx = (du @ a.T).reshape(x.shape)
+    if keep is not None:
+        dx = jnp.where(keep, dx / (1.0 - rate), 0)
+    return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), None
 
 
 lora_delta.defvjp(_lora_fwd, _lora_bwd)
