@@ -302,20 +302,16 @@ def dropout_keep(shape: tuple[int, ...], key: Array, rate: float) -> Array:
     return bits >= jnp.uint16(min(round(rate * 65536), 65535))
 
 
+@jax.custom_vjp
 def swiglu(gate: Array, up: Array) -> Array:
     """``silu(gate) · up``, the silu in float32 and rounded once (as torch's), with a backward that keeps only
     ``gate`` and ``up`` and recomputes the sigmoid: autodiff kept three more ``[tokens, intermediate]`` arrays per
     layer (SmolLM2's step: the layer scan's saved activations 81 -> 55 MB per layer with ``lora_delta``'s)."""
-    return _swiglu(gate, up)
-
-
-@jax.custom_vjp
-def _swiglu(gate, up):
-    return jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype) * up
+    return _swiglu_fwd(gate, up)[0]
 
 
 def _swiglu_fwd(gate, up):
-    return _swiglu(gate, up), (gate, up)
+    return jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype) * up, (gate, up)
 
 
 def _swiglu_bwd(res, g):
@@ -327,7 +323,7 @@ def _swiglu_bwd(res, g):
     return (d_act * (s * (1 + x * (1 - s)))).astype(gate.dtype), d_up  # torch's silu_backward
 
 
-_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 5))
