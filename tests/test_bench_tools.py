@@ -38,6 +38,10 @@ def test_rounds_combine_into_the_median_of_every_step(bench_train):
     assert out["round_ms_per_step"] == [pytest.approx(1500.0), pytest.approx(5000.0)] and out["rounds"] == 2
     assert out["first_loss"] == 3.0 and out["last_loss"] == 1.5
     assert bench_train.combine_rounds([a], 100) is a
+    # the compiled step's temporaries (ours) ride along into the row's cell; absent (torch), no words for them
+    a["compiled_temp_bytes"], b["compiled_temp_bytes"] = 2 ** 30, 3 * 2 ** 30
+    out = bench_train.combine_rounds([a, b], 100)
+    assert bench_train.fmt_temp(out) == ", temporaries 3.00 GiB" and bench_train.fmt_temp(side([1.0], 1)) == ""
 
 
 @pytest.mark.parametrize("args", [["--rounds", "0"], ["--batch", "0"], ["--seq", "-1"], ["--rank", "0"],

@@ -349,6 +349,8 @@ def run_ours(args, cfg, folder) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
+    analysis = compiled.memory_analysis()  # what the step's buffers need, as XLA assigned them: no run-to-run noise
+    temp_bytes = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
     times, losses, rss_steps = [], [], 0
     total = args.warmup + args.steps
     for i in range(total):
@@ -365,6 +367,8 @@ def run_ours(args, cfg, folder) -> dict:
     out.update(compile_s=compile_s, load_s=load_s, peak_rss=rss_peak(), rss_during_steps=rss_steps,
                backend=jax.default_backend(), device=jax.devices()[0].device_kind,
                attention=model_attention(cfg, args))
+    if temp_bytes is not None:
+        out["compiled_temp_bytes"] = int(temp_bytes)
     stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
     if stats:
         out["device_peak_bytes"] = int(stats.get("peak_bytes_in_use", 0))
@@ -487,7 +491,7 @@ def combine_rounds(rounds: list[dict], tokens_per_step: int) -> dict:
 
 def merge_round_costs(out: dict, rounds: list[dict]) -> dict:
     """``out`` with the rounds' peak memory (their worst) and compile times (their median)."""
-    for key in ("peak_rss", "rss_during_steps", "device_peak_bytes"):
+    for key in ("peak_rss", "rss_during_steps", "device_peak_bytes", "compiled_temp_bytes"):
         if key in out:
             out[key] = max(r[key] for r in rounds)
     for key in ("compile_s", "compile_1tok_s"):
@@ -553,6 +557,11 @@ def fmt_mem(r: dict) -> str:
     return f"{r['peak_rss'] / 2**30:.2f} GiB RSS"
 
 
+def fmt_temp(r: dict) -> str:
+    """The compiled step's temporaries (ours), for the table's notes: deterministic where RSS and times are not."""
+    return f", temporaries {r['compiled_temp_bytes'] / 2**30:.2f} GiB" if "compiled_temp_bytes" in r else ""
+
+
 def table(args, res: dict) -> str:
     lines = [f"{'side':<22}{'tok/s':>10}{'ms/step':>10}{'min..max ms':>18}{'memory':>18}{'GFLOP/s':>10}{'MFU':>8}"
              f"{'compile s':>11}"]
@@ -563,6 +572,8 @@ def table(args, res: dict) -> str:
                      f"{r['ms_min']:>9.0f}..{r['ms_max']:<7.0f}{fmt_mem(r):>18}{r['gflops']:>10.1f}{mfu:>8}{comp:>11}")
     if "ours" in res and "torch" in res:
         lines.append(f"ratio ours/torch tokens/s: {res['ours']['tokens_per_s'] / res['torch']['tokens_per_s']:.2f}x")
+    if "compiled_temp_bytes" in (res.get("ours") or {}):
+        lines.append(f"ours: the compiled step's temporaries {res['ours']['compiled_temp_bytes'] / 2**30:.2f} GiB")
     return "\n".join(lines)
 
 
@@ -578,7 +589,7 @@ def append_doc(args, res: dict, command: str, mach: str, load: str, ratios: list
             s += f", MFU {100 * r['mfu']:.1f}%"
         if "compile_s" in r:
             s += f", compile {r['compile_s']:.1f} s"
-        return s
+        return s + fmt_temp(r)
 
     busy = contention_note(res)
     row = (f"| {datetime.date.today().isoformat()} | {mach} (load {load}{busy}) | `{md_cell(command)}` | "
