@@ -318,7 +318,7 @@ def _swiglu_bwd(res, g):
     gate, up = res
     x = gate.astype(jnp.float32)
     s = jax.nn.sigmoid(x)
-    d_up = g * (x * s).astype(gate.dtype)
+    d_up = (g * (x * s).astype(gate.dtype)).astype(up.dtype)
     d_act = (g * up).astype(jnp.float32)
     return (d_act * (s * (1 + x * (1 - s)))).astype(gate.dtype), d_up  # torch's silu_backward
 
@@ -330,7 +330,7 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 def lora_delta(x: Array, a: Array, b: Array, scaling: float, keep: Array | None, rate: float) -> Array:
     """PEFT's LoRA branch ``((dropout(x) @ A) @ B) · scaling`` in the factors' dtype (``x`` cast to it before the
     dropout, as PEFT casts a bf16 input for its float32 factors). ``keep``: the dropout mask (``dropout_keep``;
-    None: no dropout), kept values scaled by ``1 / (1 - rate)``.
+    None: no dropout), kept values scaled by ``1 / (1 - rate)`` as torch's dropout scales them.
 
     The backward keeps ``x`` and the mask, not the dropped input: the q/k/v (and gate/up) branches share one saved
     input. It contracts over tokens with the big operands (``x``, the output cotangent) as the row-major right-hand
@@ -339,9 +339,14 @@ def lora_delta(x: Array, a: Array, b: Array, scaling: float, keep: Array | None,
     return _lora_fwd(x, a, b, scaling, keep, rate)[0]
 
 
+def _keep_scale(rate: float, dtype) -> np.ndarray:
+    """``1 / (1 - rate)`` as torch's dropout makes it: one division in the tensor's dtype, then a multiply."""
+    return np.asarray(1.0, dtype) / np.asarray(1.0 - rate, dtype)
+
+
 def _dropped(x, keep, rate, dtype):
     x = x.astype(dtype)
-    return x if keep is None else jnp.where(keep, x / (1.0 - rate), 0).astype(dtype)
+    return x if keep is None else jnp.where(keep, x * _keep_scale(rate, dtype), 0).astype(dtype)
 
 
 def _lora_fwd(x, a, b, scaling, keep, rate):
@@ -364,7 +369,7 @@ def _lora_grads(scaling, rate, x, keep, a, b, u, g):
     da = jax.lax.dot_general(du, x2, over_tokens).T  # [in, r]
     dx = (du @ a.T).reshape(x.shape)
     if keep is not None:
-        dx = jnp.where(keep, dx / (1.0 - rate), 0)
+        dx = jnp.where(keep, dx * _keep_scale(rate, dx.dtype), 0)
     return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype), None
 
 
