@@ -306,7 +306,8 @@ def dropout_keep(shape: tuple[int, ...], key: Array, rate: float) -> Array:
 def swiglu(gate: Array, up: Array) -> Array:
     """``silu(gate) · up``, the silu in float32 and rounded once (as torch's), with a backward that keeps only
     ``gate`` and ``up`` and recomputes the sigmoid: autodiff kept three more ``[tokens, intermediate]`` arrays per
-    layer (SmolLM2's step: the layer scan's saved activations 81 -> 55 MB per layer with ``lora_delta``'s)."""
+    layer (SmolLM2's step: the layer scan's saved activations 81 -> 55 MB per layer with ``lora_delta``'s). Like
+    ``lora_delta``, it has no forward-mode rule (``jax.jvp`` through the model raises; ``jax.grad`` is the path)."""
     return _swiglu_fwd(gate, up)[0]
 
 
