@@ -117,6 +117,22 @@ def torch_step(pm, batch):
     return float(loss), grads, norm, gather(pm, lambda p: p)
 
 
+def assert_matches_torch(parts, params, frozen, batch, dropout_key, ref_loss, ref_grads) -> None:
+    """Our mean loss and LoRA gradients on ``batch`` (LoRA dropout from ``dropout_key``, None: off) equal torch's:
+    loss to 1e-5, every factor's gradient to 1e-4 (relative)."""
+    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+    def mean_loss(p):
+        total, count = loss_sums(parts, p, frozen, jbatch, dropout_key)
+        return total / count
+
+    loss, grads = jax.jit(jax.value_and_grad(mean_loss))(params)
+    assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss)
+    worst = max(rel(np.asarray(grads["layers"][t][k]), ref_grads[t][k]) for t in LORA_TARGETS
+                for k in ("lora_a", "lora_b"))
+    assert worst <= 1e-4, f"LoRA gradients differ from torch by {worst:.2e} (relative)"
+
+
 def gather(pm, get):
     out = {t: {"lora_a": [], "lora_b": []} for t in HF_NAMES}
     for layer in pm.base_model.model.model.layers:
@@ -192,17 +208,7 @@ def test_lora_gradients_match_torch_past_the_attention_blocks(setup):
     ref_loss, ref_grads, _, _ = torch_step(pm, batch)  # its optimiser step moves pm's factors (reset above)
 
     parts, params, frozen_pure = lora_parts(model_cfg, base, lora_cfg, lora)
-    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
-
-    def mean_loss(p):
-        total, count = loss_sums(parts, p, frozen_pure, jbatch, None)
-        return total / count
-
-    loss, grads = jax.jit(jax.value_and_grad(mean_loss))(params)
-    assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss)
-    worst = max(rel(np.asarray(grads["layers"][t][k]), ref_grads[t][k]) for t in LORA_TARGETS
-                for k in ("lora_a", "lora_b"))
-    assert worst <= 1e-4, f"LoRA gradients differ from torch by {worst:.2e} (relative)"
+    assert_matches_torch(parts, params, frozen_pure, batch, None, ref_loss, ref_grads)
 
 
 def test_lora_dropout_gradients_match_peft_with_the_same_masks(setup):
@@ -242,20 +248,10 @@ def test_lora_dropout_gradients_match_peft_with_the_same_masks(setup):
     assert 0.2 < dropped < 0.4
 
     parts, params, frozen_pure = lora_parts(model_cfg, base, LoRAConfig(RANK, ALPHA, rate, LORA_TARGETS), lora)
-    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
-
-    def mean_loss(p):
-        total, count = loss_sums(parts, p, frozen_pure, jbatch, key)
-        return total / count
-
-    loss, grads = jax.jit(jax.value_and_grad(mean_loss))(params)
-    assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss)
-    worst = max(rel(np.asarray(grads["layers"][t][k]), ref_grads[t][k]) for t in LORA_TARGETS
-                for k in ("lora_a", "lora_b"))
-    assert worst <= 1e-4, f"LoRA gradients differ from torch by {worst:.2e} (relative)"
+    assert_matches_torch(parts, params, frozen_pure, batch, key, ref_loss, ref_grads)
     # and the masks matter: without dropout the loss differs
     plain, _, _ = lora_parts(model_cfg, base, LoRAConfig(RANK, ALPHA, 0.0, LORA_TARGETS), lora)
-    total, count = loss_sums(plain, params, frozen_pure, jbatch, None)
+    total, count = loss_sums(plain, params, frozen_pure, {k: jnp.asarray(v) for k, v in batch.items()}, None)
     assert abs(float(total / count) - ref_loss) > 1e-4 * abs(ref_loss)
 
 
