@@ -349,8 +349,6 @@ def run_ours(args, cfg, folder) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
-    analysis = compiled.memory_analysis()  # what the step's buffers need, as XLA assigned them: no run-to-run noise
-    temp_bytes = getattr(analysis, "temp_size_in_bytes", None) if analysis is not None else None
     times, losses, rss_steps = [], [], 0
     total = args.warmup + args.steps
     for i in range(total):
@@ -367,8 +365,9 @@ def run_ours(args, cfg, folder) -> dict:
     out.update(compile_s=compile_s, load_s=load_s, peak_rss=rss_peak(), rss_during_steps=rss_steps,
                backend=jax.default_backend(), device=jax.devices()[0].device_kind,
                attention=model_attention(cfg, args))
-    if temp_bytes is not None:
-        out["compiled_temp_bytes"] = int(temp_bytes)
+    analysis = compiled.memory_analysis()  # the step's buffers as XLA assigned them: free of run-to-run noise
+    if analysis is not None:
+        out["compiled_temp_bytes"] = int(analysis.temp_size_in_bytes)
     stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
     if stats:
         out["device_peak_bytes"] = int(stats.get("peak_bytes_in_use", 0))
@@ -558,7 +557,7 @@ def fmt_mem(r: dict) -> str:
 
 
 def fmt_temp(r: dict) -> str:
-    """The compiled step's temporaries (ours), for the table's notes: deterministic where RSS and times are not."""
+    """The compiled step's temporaries (ours) for a docs row's cell: deterministic where RSS and times are not."""
     return f", temporaries {r['compiled_temp_bytes'] / 2**30:.2f} GiB" if "compiled_temp_bytes" in r else ""
 
 
