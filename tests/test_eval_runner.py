@@ -877,3 +877,21 @@ def test_model_names_make_no_hidden_files():
     from cancerllm_jax.eval.runner import model_names
 
     assert [m.name for m in model_names(["a", "b", "c"], ["..", ".x", "v1.2"])] == ["model0", "x", "v1.2"]
+
+
+def test_host_peak_memory_is_each_tasks_own():
+    """The host's peak RSS starts afresh per task (and per noise rate): a small task decoded after a big one read
+    the big one's peak (``ru_maxrss`` is the process's high-water mark)."""
+    import mmap
+
+    from cancerllm_jax.eval.runner import peak_memory, reset_peak_memory
+
+    if peak_memory()[1] != "host peak RSS (VmHWM)":
+        pytest.skip("no /proc/self/status VmHWM here")
+    big = mmap.mmap(-1, 256 * 2**20)  # 256 MiB, touched, then unmapped (malloc would keep it: hostmem.py)
+    big.write(b"x" * len(big))
+    high, _ = peak_memory()
+    big.close()
+    reset_peak_memory()
+    after, kind = peak_memory()
+    assert kind == "host peak RSS (VmHWM)" and after < high - 128 * 2**20, (high, after)

@@ -359,15 +359,28 @@ def test_score_file_takes_the_clis_names_and_says_which_file_is_wrong(tmp_path, 
         score_file(str(tmp_path / "missing.jsonl"), pred)
 
 
-def test_score_file_warns_of_predictions_that_hold_their_prompt(tmp_path, gold, caplog):
-    """Another generator's whole decoded text (the prompt, then the answer) is scored as it stands, quietly low:
-    a warning counts such predictions. A model's own made-up '### Response:' after its answer is not counted."""
-    prompt = "Below is an instruction that describes a task.\n\n### Response:\nlung cancer"
-    pred = _jsonl(tmp_path / "p.jsonl", [{"id": "a", "prediction": prompt},
-                                         {"id": "b", "prediction": "er\n\n### Response: pr"}])
+def test_predictions_that_hold_their_prompt_are_scored_on_their_response(tmp_path, gold, caplog):
+    """Another generator's whole decoded text (the prompt, then the answer) is scored on the text after its first
+    '### Response:', as the protocol takes a generation (it was scored as it stood: avg F1 9 instead of 100), and a
+    warning counts them; a model's own made-up '### Response:' after its answer is kept, and a prompt with no
+    response header is scored as it stands, with a warning."""
+    from cancerllm_jax.eval.protocol import score
+
+    prompt = "Below is an instruction that describes a task.\n\n### Input:\nnote\n\n### Response:\n Lung cancer. "
+    made_up = "er\n\n### Response: pr"
     with caplog.at_level(logging.WARNING):
-        score_file(gold, pred)
-    assert "1 of 2 predictions in" in caplog.text and "start with the prompt" in caplog.text, caplog.text
+        res = score(["lung cancer", "pr, er"], [prompt, made_up], per_instance=True)
+    assert res["rows"][0]["avg_f1"] == 100.0 and res["rows"][0]["prediction"] == prompt
+    assert res["rows"][1]["em_r"] == 0.0  # kept whole, one answer: cut at its header, "pr" would match a gold
+    assert "1 of 2 predictions hold their prompt" in caplog.text, caplog.text
+    caplog.clear()
+    pred = _jsonl(tmp_path / "p.jsonl", [{"id": "a", "prediction": prompt},
+                                         {"id": "b", "prediction": "### Instruction:\nName the receptors."}])
+    with caplog.at_level(logging.WARNING):
+        res = score_file(gold, pred, per_instance=True)
+    assert res["rows"][0]["avg_f1"] == 100.0 and res["rows"][1]["avg_f1"] == 0.0
+    assert "1 of 2 predictions in" in caplog.text and "has no '### Response:'" in caplog.text, caplog.text
+    assert "1 of 2 predictions hold their prompt" in caplog.text
 
 
 def test_score_file_by_id_and_by_order(tmp_path, gold, caplog):

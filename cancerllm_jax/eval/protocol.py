@@ -189,6 +189,19 @@ def score_instance(gold: str, pred: str, protocol: str = "standard") -> dict[str
     return row
 
 
+PROMPT_OPENINGS = ("Below is an instruction", "### Instruction:", "### Input:", "### Response:")
+RESPONSE_HEADER = "### Response:"
+
+
+def generated_text(prediction: str) -> str:
+    """What the protocol scores of a prediction: a whole decoded text that starts with its prompt (another
+    generator's output, prompt and all) gives the text after its first ``### Response:``; any other prediction is
+    the generation itself, returned as it is (the same object), a made-up ``### Response:`` in it included."""
+    if prediction.lstrip().startswith(PROMPT_OPENINGS) and RESPONSE_HEADER in prediction:
+        return prediction.partition(RESPONSE_HEADER)[2]
+    return prediction
+
+
 def score(
     golds: Sequence[str], preds: Sequence[str], protocol: str = "standard", per_instance: bool = False
 ) -> dict[str, Any]:
@@ -205,11 +218,19 @@ def score(
     if not golds:
         raise UserValueError("nothing to score: golds and preds are empty")
     rows: list[dict[str, Any]] = []
+    cut = 0
     for i, (g, p) in enumerate(zip(golds, preds, strict=True)):
         if not isinstance(g, str) or not isinstance(p, str):
             raise UserTypeError(f"instance {i}: gold and prediction must be strings, got {type(g).__name__}, "
                             f"{type(p).__name__}")
-        rows.append({"index": i, "gold": g, "prediction": p, **score_instance(g, p, protocol)})
+        answer = generated_text(p)
+        cut += answer is not p
+        rows.append({"index": i, "gold": g, "prediction": p, **score_instance(g, answer, protocol)})
+    if cut:
+        logging.getLogger(__name__).warning(
+            "%d of %d predictions hold their prompt (they start with 'Below is an instruction' or a '### ' header): "
+            "each is scored on the text after its first '### Response:', as the protocol takes a generation", cut,
+            len(rows))
     result: dict[str, Any] = {k: sum(row[k] for row in rows) / len(rows) for k in KEYS}
     result["n"] = len(rows)
     if per_instance:
@@ -358,9 +379,6 @@ def _pairs(gold_path: str | None, pred_path: str, gold_field: str | None, pred_f
             for g, p in zip(golds, preds, strict=True)]
 
 
-PROMPT_OPENINGS = ("Below is an instruction", "### Instruction:", "### Input:", "### Response:")
-
-
 def score_file(
     gold_path: str | None = None,
     pred_path: str | None = None,
@@ -399,12 +417,12 @@ def score_file(
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
     pairs = _pairs(gold_path, pred_path, gold_field, pred_field)
-    framed = sum(p.lstrip().startswith(PROMPT_OPENINGS) for _, _, p in pairs)
-    if framed:  # another generator's whole decoded text (prompt and all): scored as it stands, quietly low
+    framed = sum(p.lstrip().startswith(PROMPT_OPENINGS) and RESPONSE_HEADER not in p for _, _, p in pairs)
+    if framed:  # a prompt without its response header: nothing to cut at, scored as it stands, quietly low
         logging.getLogger(__name__).warning(
-            "%d of %d predictions in %s start with the prompt ('Below is an instruction' or a '### ' header): the "
-            "protocol scores the text after '### Response:' (up to EOS); give the answers alone (launch/generate.py "
-            "writes them so)", framed, len(pairs), pred_path)
+            "%d of %d predictions in %s start with a prompt ('Below is an instruction' or a '### ' header) that "
+            "has no '### Response:': scored as they stand; give the answers alone (launch/generate.py writes them "
+            "so)", framed, len(pairs), pred_path)
     result = score([g for _, g, _ in pairs], [p for _, _, p in pairs], protocol, per_instance)
     for row, (key, _, _) in zip(result.get("rows", []), pairs, strict=False):
         row["id"] = key

@@ -147,10 +147,10 @@ def write_report(out: str, metrics: dict[str, Any], title: str | None = None) ->
     lines += ["## Efficiency (Table 7-shaped)", "",
               "Generation time is the wall time of all decoding batches of the test split (prompt encoding, prefill "
               "and decoding; batches that compiled a new shape included — the last tokens/s column leaves them out). "
-              "Peak memory is the JAX device's `peak_bytes_in_use` on an accelerator, the process's peak RSS on a "
-              "CPU host; both are process-wide high-water marks (a model decoded after another in one run reads at "
-              "least the other's peak: for each model's own, run one `evaluate.py run` per model into the same "
-              "`--out`, which resumes). For scale: the paper's Table 7 (4-bit 7B model, "
+              "Peak memory is the JAX device's `peak_bytes_in_use` on an accelerator, a process-wide high-water "
+              "mark (a task or model decoded after another in one run reads at least the other's peak: for each "
+              "one's own, run one `evaluate.py run` per model and task into the same `--out`, which resumes), and "
+              "on a CPU host the peak RSS during that task's decoding. For scale: the paper's Table 7 (4-bit 7B model, "
               "batch 1, one A100) reports 1:14:12 for phenotypes, 1:26:33 for diagnosis and 11:40:14 for treatment "
               "plans, and 5,550 MB (the table gives MiB, 2^20 bytes).", ""]
     lines += efficiency_table(metrics) + [""]

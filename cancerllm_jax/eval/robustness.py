@@ -38,7 +38,8 @@ from cancerllm_jax.errors import UserError
 from cancerllm_jax.eval.noise import corrupt_phenotype_labels, entity_type, misspell_record, sentence_span
 from cancerllm_jax.eval.protocol import score
 from cancerllm_jax.eval.runner import (_ADDED_KEYS, adapter_fingerprint, differences, model_fingerprint,
-                                       peak_memory, read_json_file, tokenizer_sha256, tokenizer_spec)
+                                       peak_memory, read_json_file, reset_peak_memory, tokenizer_sha256,
+                                       tokenizer_spec)
 from cancerllm_jax.eval.tasks import TaskSpec, get_task
 from cancerllm_jax.train.run_io import write_text_atomic
 
@@ -154,6 +155,7 @@ def decode(lm: Any, records: Sequence[dict], task: str,
 
     spec = settings.spec(task)
     prompts = [build_prompt(lm.tokenizer, {**r, "id": r.get("id", i)}, spec) for i, r in enumerate(records)]
+    reset_peak_memory()  # this rate's own host peak (an accelerator's stays the process's)
     t0 = time.perf_counter()
     outs = lm.generate([p.ids for p in prompts], max_new_tokens=spec.max_new_tokens,
                        max_prompt_tokens=spec.max_input_tokens, batch_size=settings.batch_size)

@@ -16,9 +16,9 @@ at the end; ``rescore(OUT)`` rebuilds both from the prediction files alone, with
 
 Efficiency figures per (model, task): generation wall time for the whole test split (summed over batches,
 including any batch that compiled a new shape; ``steady_tokens_per_s`` leaves those out), generated tokens per
-second, and peak memory — JAX ``peak_bytes_in_use`` of the device on GPU/TPU, the process's peak RSS on CPU. Both
-peaks are process-wide high-water marks, so with several models in one process a later model's figure is at
-least the earlier one's.
+second, and peak memory — JAX ``peak_bytes_in_use`` of the device on GPU/TPU, the host's peak RSS on CPU. The
+host's peak starts afresh for each task (``reset_peak_memory``); the device's is the process's high-water mark
+(JAX cannot reset it), so there a later task's or model's figure is at least the earlier one's.
 """
 from __future__ import annotations
 
@@ -477,7 +477,9 @@ def summarize_stats(batches: list[dict]) -> dict[str, Any]:
 
 
 def peak_memory() -> tuple[int | None, str]:
-    """``(bytes, kind)``: the first JAX device's ``peak_bytes_in_use`` on an accelerator, else the peak RSS."""
+    """``(bytes, kind)``: the first JAX device's ``peak_bytes_in_use`` on an accelerator (the process's high-water
+    mark: JAX cannot reset it), else the host's peak RSS since the last ``reset_peak_memory`` (Linux ``VmHWM``; the
+    process's ``ru_maxrss`` where that cannot be read)."""
     import jax
 
     dev = jax.devices()[0]
@@ -488,10 +490,27 @@ def peak_memory() -> tuple[int | None, str]:
                 return int(stats["peak_bytes_in_use"]), f"{dev.platform} peak_bytes_in_use ({dev.device_kind})"
         except Exception:  # noqa: BLE001 - some backends have no memory stats
             pass
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "host peak RSS (VmHWM)"
+    except OSError:
+        pass
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "host peak RSS (ru_maxrss)"
+
+
+def reset_peak_memory() -> None:
+    """Start the host's peak RSS afresh (Linux: ``VmHWM`` reset through ``/proc/self/clear_refs``), so a task or a
+    noise rate reports its own peak, not an earlier one's; a no-op where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def versions() -> dict[str, str]:
@@ -574,6 +593,7 @@ def decode_task(lm, model: ModelEntry, spec: TaskSpec, records: list[dict], cfg:
     # longest first: batches of similar length pad less and compile fewer prompt buckets
     todo.sort(key=lambda p: -len(p.ids))
     bs = cfg.decoding.batch_size
+    reset_peak_memory()  # this task's own host peak (an accelerator's stays the process's)
     batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
     for b, batch in enumerate(batches):
         n_fns = len(lm._decoder._fns) if lm._decoder is not None else 0
