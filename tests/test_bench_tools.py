@@ -45,7 +45,8 @@ def test_rounds_combine_into_the_median_of_every_step(bench_train):
 
 
 @pytest.mark.parametrize("args", [["--rounds", "0"], ["--batch", "0"], ["--seq", "-1"], ["--rank", "0"],
-                                  ["--steps", "x"], ["--smollm2-dir", "/nonexistent/smollm2"], ["--onl", "ours"],
+                                  ["--steps", "x"], ["--response-fraction", "0"], ["--response-fraction", "1.5"],
+                                  ["--smollm2-dir", "/nonexistent/smollm2"], ["--onl", "ours"],
                                   # no GPU here: was a traceback in our child, then a one-sided docs row
                                   ["--preset", "tiny", "--attention", "cudnn"],
                                   ["--preset", "tiny", "--json", "/proc/x.json"]])  # lost after the whole run
@@ -318,3 +319,12 @@ def test_dtype_defaults_to_bf16_only_for_the_7b_preset(bench_train):
         args = argparse.Namespace(preset=preset, dtype=None, attention="auto")
         bench_train.resolve_dtype_and_attention(argparse.ArgumentParser(), args)
         assert args.dtype == dtype
+
+
+def test_fine_tuning_batches_put_the_loss_on_each_rows_response(bench_train):
+    """``--response-fraction``: the loss on each row's last tokens (its response), torch's prompt labels -100."""
+    from cancerllm_jax.config import PRESETS
+
+    raw = bench_train.make_batch(PRESETS["tiny"], 2, 10, response=0.3)
+    assert raw["loss_mask"].tolist() == [[0] * 7 + [1] * 3] * 2
+    assert bench_train.make_batch(PRESETS["tiny"], 1, 4)["loss_mask"].tolist() == [[1] * 4]

@@ -445,6 +445,22 @@ def test_resuming_a_finished_run_adds_no_rows(tmp_path):
         assert f.read() == before
 
 
+def test_resume_drops_unreadable_metrics_lines_with_a_warning(tmp_path, capsys):
+    """Stray bytes, a JSON list or a row without a step in metrics.jsonl stopped a resume after "resumed from step"
+    with "unexpected UnicodeDecodeError ... this is a bug": they are dropped, counted and named; the rows stay."""
+    extra = ["steps=2", "save_every=0"]
+    make_trainer(tmp_path, "1x1", extra).run()
+    path = tmp_path / "metrics.jsonl"
+    before = path.read_text(encoding="utf-8")
+    with open(path, "ab") as f:
+        f.write(b'\xff\xfe garbage\n[1, 2]\n{"loss": 1.0}\n{"step": 1, "lo')  # the last one cut by a kill
+    capsys.readouterr()
+    make_trainer(tmp_path, "1x1", extra, resume=True).run()
+    assert path.read_text(encoding="utf-8") == before
+    first = before.count("\n") + 1
+    assert f"3 unreadable line(s) dropped (first: line {first})" in capsys.readouterr().err
+
+
 def test_cpu_device_count_from_xla_flags_is_replaced_and_said(tmp_path):
     """XLA_FLAGS forcing 2 host devices and ``--mesh 10x1``: the launcher provides 10 and says so (CPU only)."""
     res = launch(["--mesh", "10x1", "--dry-run", "--workdir", str(tmp_path), *TINY_CLI],

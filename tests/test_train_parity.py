@@ -117,13 +117,14 @@ def torch_step(pm, batch):
     return float(loss), grads, norm, gather(pm, lambda p: p)
 
 
-def assert_matches_torch(parts, params, frozen, batch, dropout_key, ref_loss, ref_grads) -> None:
+def assert_matches_torch(parts, params, frozen, batch, dropout_key, ref_loss, ref_grads,
+                         loss_tokens_only: bool = False) -> None:
     """Our mean loss and LoRA gradients on ``batch`` (LoRA dropout from ``dropout_key``, None: off) equal torch's:
     loss to 1e-5, every factor's gradient to 1e-4 (relative)."""
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
 
     def mean_loss(p):
-        total, count = loss_sums(parts, p, frozen, jbatch, dropout_key)
+        total, count = loss_sums(parts, p, frozen, jbatch, dropout_key, loss_tokens_only)
         return total / count
 
     loss, grads = jax.jit(jax.value_and_grad(mean_loss))(params)
@@ -209,6 +210,36 @@ def test_lora_gradients_match_torch_past_the_attention_blocks(setup):
 
     parts, params, frozen_pure = lora_parts(model_cfg, base, lora_cfg, lora)
     assert_matches_torch(parts, params, frozen_pure, batch, None, ref_loss, ref_grads)
+
+
+def test_head_on_the_loss_tokens_alone_matches_torch(setup, monkeypatch):
+    """Fine-tuning's loss (``loss_tokens_only``: each row's loss tokens moved to its front, the LM head run per chunk
+    of 4 tokens, chunks without a loss token skipped) equals transformers + peft's full-head loss, with its LoRA
+    gradients, on a row with a 9-token prompt, a row with scattered loss tokens and a row with none; so does the
+    train step's, micro-batch by micro-batch."""
+    import cancerllm_jax.train.step as step_mod
+
+    model_cfg, base, lora_cfg, lora, batch, pm = setup
+    monkeypatch.setattr(step_mod, "LOSS_CHUNK", 4)  # 14 tokens: chunks 0-1 run, 2-3 (the last one padded) skipped
+    mask = np.zeros((BATCH, SEQ), np.int32)
+    mask[0, 9:] = 1
+    mask[1, [2, 6, 13]] = 1
+    batch = {**batch, "loss_mask": mask}
+    set_peft_factors(pm, lora)
+    ref_loss, ref_grads, ref_norm, _ = torch_step(pm, batch)
+    set_peft_factors(pm, lora)
+
+    parts, params, frozen_pure = lora_parts(model_cfg, base, lora_cfg, lora)
+    assert_matches_torch(parts, params, frozen_pure, batch, None, ref_loss, ref_grads, loss_tokens_only=True)
+    tx = make_optimizer(OPT, total_steps=10)
+    step = jax.jit(make_train_step(parts, tx, schedule(OPT, 10), grad_accum=BATCH, use_dropout=False,
+                                   loss_tokens_only=True))
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.PRNGKey(0)}
+    _, metrics = step(state, frozen_pure, {k: jnp.asarray(v) for k, v in batch.items()})
+    assert abs(float(metrics["loss"]) - ref_loss) <= 1e-5 * abs(ref_loss)
+    assert abs(float(metrics["grad_norm"]) - ref_norm) <= 1e-4 * ref_norm
+    assert float(metrics["tokens"]) == mask.sum()
 
 
 def test_lora_dropout_gradients_match_peft_with_the_same_masks(setup):
@@ -453,10 +484,16 @@ def test_schedules_adamw_decay_mask_and_clipping_match_torch():
         np.testing.assert_allclose(np.asarray(a), t.detach().numpy(), atol=2e-6, err_msg=name)
 
 
-def test_full_fine_tuning_step_matches_transformers_adamw(tmp_path):
+@pytest.mark.parametrize("loss_tokens_only", [False, True])
+def test_full_fine_tuning_step_matches_transformers_adamw(tmp_path, monkeypatch, loss_tokens_only):
     """``--full``: one step of every weight against transformers + torch AdamW (norms undecayed, as HF Trainer),
     on a tied Llama with one KV head whose pad id is an input: nn.Embedding(padding_idx) gives the pad row no
-    gradient from the lookup (it used to get one: that row was 0.08 off after the step)."""
+    gradient from the lookup (it used to get one: that row was 0.08 off after the step). ``loss_tokens_only`` (as
+    fine-tuning runs, the head in chunks of 4 tokens): the tied head's own gradient is taken too, on a loss mask
+    with prompts (labels -100 on torch's side)."""
+    import cancerllm_jax.train.step as step_mod
+
+    monkeypatch.setattr(step_mod, "LOSS_CHUNK", 4)
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=1, head_dim=12, pad_token_id=3,
                                    tie_word_embeddings=True, max_position_embeddings=64, initializer_range=0.1)
@@ -469,7 +506,11 @@ def test_full_fine_tuning_step_matches_transformers_adamw(tmp_path):
     rng = np.random.default_rng(2)
     stream = rng.integers(0, VOCAB, size=(BATCH, SEQ + 1))
     stream[:, 4] = 3  # the pad id as an input (a packed document's end)
-    batch = {"inputs": stream[:, :-1], "targets": stream[:, 1:], "loss_mask": np.ones((BATCH, SEQ)),
+    mask = np.ones((BATCH, SEQ))
+    if loss_tokens_only:
+        mask[:, :5] = 0
+        mask[1, 7:11] = 0
+    batch = {"inputs": stream[:, :-1], "targets": stream[:, 1:], "loss_mask": mask,
              "segment_ids": np.ones((BATCH, SEQ)), "positions": np.broadcast_to(np.arange(SEQ), (BATCH, SEQ))}
     batch = {k: np.asarray(v, np.int32) for k, v in batch.items()}
 
@@ -481,8 +522,8 @@ def test_full_fine_tuning_step_matches_transformers_adamw(tmp_path):
                              {"params": no_decay, "weight_decay": 0.0}], lr=OPT.lr, betas=(OPT.b1, OPT.b2),
                             eps=OPT.eps)
     logits = hf(input_ids=torch.from_numpy(batch["inputs"].astype(np.int64))).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB),
-                                             torch.from_numpy(batch["targets"].astype(np.int64)).reshape(-1))
+    labels = np.where(mask > 0, batch["targets"], -100).astype(np.int64)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), torch.from_numpy(labels).reshape(-1))
     loss.backward()
     ref_norm = float(torch.nn.utils.clip_grad_norm_(list(hf.parameters()), OPT.clip_norm))
     opt.step()
@@ -493,7 +534,8 @@ def test_full_fine_tuning_step_matches_transformers_adamw(tmp_path):
     parts = ModelParts(graphdef, trainable, frozen)
     params, frozen_pure = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
     tx = make_optimizer(OPT, total_steps=10)
-    step = jax.jit(make_train_step(parts, tx, schedule(OPT, 10), grad_accum=1, use_dropout=False))
+    step = jax.jit(make_train_step(parts, tx, schedule(OPT, 10), grad_accum=1, use_dropout=False,
+                                   loss_tokens_only=loss_tokens_only))
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.PRNGKey(0)}
     new_state, metrics = step(state, frozen_pure, {k: jnp.asarray(v) for k, v in batch.items()})

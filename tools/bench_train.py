@@ -3,19 +3,23 @@
 
     python tools/bench_train.py --preset smollm2-135m [--seq 256 --batch 4 --rank 8 --steps 10 --warmup 3]
         [--dtype float32|bfloat16] [--remat none|full|dots] [--attention auto|xla|cudnn] [--json OUT]
-        [--only ours|torch] [--rounds N] [--no-doc]
+        [--response-fraction F] [--only ours|torch] [--rounds N] [--no-doc]
 
 Both sides train the same model (``smollm2-135m``: SmolLM2-135M-Instruct real weights imported from its GGUF;
 ``mistral-7b``: random weights of Mistral-7B's shape, meant for a GPU; ``tiny``: the tiny preset's shape, random),
 the same LoRA (rank r, alpha 2r, dropout 0.05, all 7 projections, fp32 factors on a frozen base in ``--dtype``),
-the same batch of random token ids, AdamW (lr 2e-4, wd 0.01) with global-norm clipping 1.0. Each side runs in
+the same batch of random token ids, AdamW (lr 2e-4, wd 0.01) with global-norm clipping 1.0. Every token is in the
+loss (pretraining), unless ``--response-fraction F`` puts only each row's last F of its tokens there (a fine-tuning
+batch: ours runs the Trainer's fine-tuning step, whose LM head runs on the loss tokens alone; torch labels the
+prompt -100, as the authors' HF Trainer does). Each side runs in
 its own child process (one after the other), so its peak memory is its own; the reported time is the median of
 ``--steps`` steps after ``--warmup`` steps (ours is compiled ahead of time; its compile time is reported apart).
 ``--rounds N`` repeats the pair N times, alternating which side goes first, and reports the median over all
 rounds' steps and each round's ratio (a shared machine's drift then hits both sides alike). MFU counts model
 FLOPs (``lora_train_flops_per_token``: the forward, the input gradients, the LoRA factors' weight gradients; no
 weight gradient of a frozen weight) against the device's dense bf16 peak; recomputation under ``--remat`` is not
-counted (full remat makes the hardware do about 1.5× the counted work), as MFU conventionally is.
+counted (full remat makes the hardware do about 1.5× the counted work), as MFU conventionally is; nor is the LM
+head that ``--response-fraction`` lets ours skip (the count is the whole batch's, as torch runs it).
 
 Prints a table, writes ``--json OUT``, and appends a row to ``docs/benchmarks.md`` (unless ``--no-doc``).
 """
@@ -257,12 +261,16 @@ def hf_config(cfg):
     return cls(**d)
 
 
-def make_batch(cfg, batch: int, seq: int, seed: int = 0) -> dict:
+def make_batch(cfg, batch: int, seq: int, seed: int = 0, response: float = 1.0) -> dict:
+    """Random token ids; ``loss_mask`` 1 on each row's last ``round(response × seq)`` targets (a response after its
+    prompt, as instruction tuning trains; 1.0: every token, as pretraining)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, min(cfg.vocab_size, 32000), size=(batch, seq + 1), dtype=np.int64)
-    return {"inputs": ids[:, :-1], "targets": ids[:, 1:]}
+    mask = np.zeros((batch, seq), np.int64)
+    mask[:, seq - round(response * seq):] = 1
+    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask}
 
 
 # -------------------------------------------------------------------------------------------------------- ours
@@ -326,14 +334,17 @@ def build_ours(args, cfg, folder):
     ocfg = OptimConfig(lr=2e-4, weight_decay=0.01, warmup_ratio=0.0, schedule="constant", clip_norm=1.0)
     total = args.warmup + args.steps
     tx = make_optimizer(ocfg, total)
-    step_fn = make_train_step(parts, tx, schedule(ocfg, total), 1, use_dropout=True)
+    # a fine-tuning batch (--response-fraction < 1) gets the Trainer's fine-tuning step: the LM head on the loss
+    # tokens alone
+    step_fn = make_train_step(parts, tx, schedule(ocfg, total), 1, use_dropout=True,
+                              loss_tokens_only=args.response_fraction < 1)
     step = jax.jit(step_fn, donate_argnums=(0,))
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
              "rng": jax.random.PRNGKey(0)}
-    raw = make_batch(cfg, args.batch, args.seq)
+    raw = make_batch(cfg, args.batch, args.seq, response=args.response_fraction)
     b, t = raw["inputs"].shape
     batch = {"inputs": jnp.asarray(raw["inputs"], jnp.int32), "targets": jnp.asarray(raw["targets"], jnp.int32),
-             "loss_mask": jnp.ones((b, t), jnp.int32), "segment_ids": jnp.ones((b, t), jnp.int32),
+             "loss_mask": jnp.asarray(raw["loss_mask"], jnp.int32), "segment_ids": jnp.ones((b, t), jnp.int32),
              "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))}
     return step, state, frozen, batch, load_s
 
@@ -415,9 +426,10 @@ def run_torch(args, cfg, folder) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8)
-    raw = make_batch(cfg, args.batch, args.seq)
+    raw = make_batch(cfg, args.batch, args.seq, response=args.response_fraction)
     inputs = torch.as_tensor(raw["inputs"], device=dev)
-    labels = torch.as_tensor(raw["targets"], device=dev)
+    # the prompt's targets -100, as the authors' HF Trainer labels them (cross_entropy's default ignore_index)
+    labels = torch.as_tensor(raw["targets"] * raw["loss_mask"] - 100 * (1 - raw["loss_mask"]), device=dev)
     total = args.warmup + args.steps
     times, losses, rss_steps = [], [], 0
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
@@ -661,6 +673,11 @@ def main(argv=None) -> int:
                         "weights; auto = as the Trainer's layer_weights=auto (yes on a GPU without remat)")
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                    help="our attention: auto = cuDNN flash attention on a GPU in bf16, else the explicit-mask einsum")
+    p.add_argument("--response-fraction", type=float, default=1.0,
+                   help="the loss on each row's last fraction of tokens (a response after its prompt), as instruction "
+                        "tuning trains: ours then runs the Trainer's fine-tuning step (the LM head on the loss "
+                        "tokens alone), torch the authors' (labels -100 on the prompt); 1.0 (default): every token, "
+                        "as pretraining")
     p.add_argument("--only", choices=("ours", "torch"))
     p.add_argument("--rounds", type=positive_int, default=1,
                    help="run the two sides this many times, alternating which goes first, and report the median "
@@ -673,6 +690,9 @@ def main(argv=None) -> int:
     p.add_argument("--note", help="a note for the docs row")
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not 0 < args.response_fraction <= 1 or round(args.response_fraction * args.seq) < 1:
+        p.error(f"--response-fraction must be in (0, 1] and leave at least one loss token per row, got "
+                f"{args.response_fraction}")
     check_smollm2_dir(p, args)
     check_json_out(p, args.json)
     resolve_dtype_and_attention(p, args)

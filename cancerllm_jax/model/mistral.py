@@ -208,12 +208,16 @@ class Mistral(nnx.Module):
             return x
         if last_only:
             x = x[:, -1:]
-        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = x @ head.astype(x.dtype)
+        logits = x @ self.head_weight()
         new_cache = None
         if cache is not None:
             new_cache = {"k": ck, "v": cv, "pos": k_pos, "index": cache["index"] + t}
         return logits, new_cache
+
+    def head_weight(self) -> Array:
+        """The LM head ``[hidden, vocab]`` in the compute dtype (the embedding's transpose when tied)."""
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return head.astype(self.compute_dtype)
 
     def layer_list(self) -> list[dict]:
         """Each layer's weights as separate arrays (a copy of the stacked weights)."""

@@ -292,10 +292,11 @@ class Trainer:
         del model, frozen, trainable
         self.state_sh = {"params": self.trainable_sh, "opt_state": self.opt_sh, "step": rep, "rng": rep}
         use_dropout = (not cfg.full) and cfg.lora.dropout > 0
-        step_fn = make_train_step(self.parts, self.tx, self.schedule, cfg.optim.grad_accum, use_dropout)
+        sparse = kind == "finetune"  # responses only: the LM head runs on the loss tokens alone
+        step_fn = make_train_step(self.parts, self.tx, self.schedule, cfg.optim.grad_accum, use_dropout, sparse)
         self.step_fn = jax.jit(step_fn, in_shardings=(self.state_sh, self.frozen_sh, self.batch_sh),
                                out_shardings=(self.state_sh, rep), donate_argnums=(0,))
-        self.eval_fn = jax.jit(make_eval_step(self.parts, cfg.optim.grad_accum),
+        self.eval_fn = jax.jit(make_eval_step(self.parts, cfg.optim.grad_accum, sparse),
                                in_shardings=(self.trainable_sh, self.frozen_sh, self.batch_sh),
                                out_shardings=(rep, rep))
         self.make_data = make_data
@@ -802,16 +803,25 @@ class _MetricsLog:
         self.eval_steps: set[int] = set()  # the steps whose held-out loss the kept rows hold
         kept = []
         if os.path.isfile(self.path):
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by a kill
-                    if start_step > 0 and int(row.get("step", 0)) <= start_step:  # a fresh start keeps none
-                        kept.append(line if line.endswith("\n") else line + "\n")
-                        if "eval_loss" in row:
-                            self.eval_steps.add(int(row["step"]))
+            with open(self.path, "rb") as f:
+                lines = f.read().split(b"\n")
+            bad = []
+            for number, raw in enumerate(lines, 1):
+                try:
+                    line = raw.decode("utf-8")
+                    row = json.loads(line) if line.strip() else None
+                    step = int(row["step"]) if row is not None else None
+                except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+                    if number < len(lines):  # the last piece, after the last newline, is a line a kill cut
+                        bad.append(number)
+                    continue
+                if step is not None and 0 < start_step and step <= start_step:  # a fresh start keeps none
+                    kept.append(line + "\n")
+                    if "eval_loss" in row:
+                        self.eval_steps.add(step)
+            if bad:
+                say(f"warning: {self.path}: {len(bad)} unreadable line(s) dropped (first: line {bad[0]}); "
+                    "the metrics log keeps the readable rows")
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)

@@ -6,6 +6,7 @@ a separate, undonated argument. Loss = mean token cross-entropy over unmasked ta
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable, Sequence
 
@@ -15,8 +16,10 @@ import optax
 from flax import nnx
 
 from cancerllm_jax.config import LORA_TARGETS
+from cancerllm_jax.model.mistral import full_fp32_dots
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+LOSS_CHUNK = 64  # tokens per row in each LM-head chunk of ``masked_head_loss`` (SmolLM2 on 2 CPU cores: 64 ≈ 32 < 128)
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -108,23 +111,92 @@ def per_layer_shardings(shardings: dict, num_layers: int) -> dict:
     return {**shardings, "layers": [one] * num_layers}
 
 
-def loss_sums(parts: ModelParts, trainable, frozen, batch: dict, dropout_key) -> tuple[jax.Array, jax.Array]:
-    """``(sum of masked token losses, number of masked tokens)`` for one (micro)batch."""
+def loss_sums(parts: ModelParts, trainable, frozen, batch: dict, dropout_key, loss_tokens_only: bool = False
+              ) -> tuple[jax.Array, jax.Array]:
+    """``(sum of masked token losses, number of masked tokens)`` for one (micro)batch. ``loss_tokens_only``: the LM
+    head and cross-entropy run on the loss-masked tokens alone (``masked_head_loss``), as fine-tuning wants."""
     model, layers = parts.model_and_layers(trainable, frozen)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    if loss_tokens_only:
+        hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key,
+                       layers=layers, return_hidden=True)
+        head_grad = ("embed" if model.cfg.tie_embeddings else "lm_head") in trainable  # full fine-tuning
+        with full_fp32_dots(model.compute_dtype):
+            total = masked_head_loss(hidden, model.head_weight(), batch["targets"], mask, LOSS_CHUNK, head_grad)
+        return total, jnp.sum(mask)
     logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key,
                       layers=layers)
-    mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(token_losses(logits, batch["targets"]) * mask), jnp.sum(mask)
 
 
+def masked_head_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int,
+                     head_grad: bool = True) -> jax.Array:
+    """``sum(token_losses(hidden @ head, targets) * mask)``, with the LM head computed only where it counts.
+
+    Each row's loss tokens are moved to its front (a stable sort: their order kept), the rows are cut into chunks
+    of ``chunk`` tokens, and a chunk runs the head and cross-entropy only if some row has a loss token in it. A
+    fine-tuning batch whose responses are 1/5 of its tokens then runs 1/5 of the head's GEMMs, forward and backward
+    (SmolLM2's head is vocab 49152 × 576: a fifth of the model's FLOPs per token), and no chunk's logits outlive it
+    (``head_chunk_loss``). Rows stay where they were, so a batch sharded over the data axis stays so.
+    ``head_grad=False`` (a frozen head) skips the head's own gradient."""
+    b, t = mask.shape
+    c = min(chunk, t)
+    n = -(-t // c)
+    order = jnp.argsort((mask <= 0).astype(jnp.int32), axis=1, stable=True)
+    hidden = jnp.take_along_axis(hidden, order[..., None], axis=1)
+    targets, mask = (jnp.take_along_axis(a, order, axis=1) for a in (targets, mask))
+
+    def chunks(a):  # [B, T, ...] -> [n, B, c, ...], the tail padded with masked-out tokens
+        a = jnp.pad(a, [(0, 0), (0, n * c - t)] + [(0, 0)] * (a.ndim - 2))
+        return a.reshape(b, n, c, *a.shape[2:]).swapaxes(0, 1)
+
+    def body(total, xs):
+        h, y, m = xs
+        part = jax.lax.cond(jnp.any(m > 0), lambda: head_chunk_loss(h, head, y, m, head_grad),
+                            lambda: jnp.zeros((), jnp.float32))
+        return total + part, None
+
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (chunks(hidden), chunks(targets), chunks(mask)))[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def head_chunk_loss(h: jax.Array, head: jax.Array, y: jax.Array, m: jax.Array, head_grad: bool) -> jax.Array:
+    """``sum(token_losses(h @ head, y) * m)`` whose forward also takes the gradients (the cross-entropy's
+    ``(softmax − onehot) · m`` in fp32, cast to the logits' dtype as autodiff casts it, through the head's two
+    products), so the backward only scales them: the ``[tokens, vocab]`` logits are never kept for the backward."""
+    return _head_chunk_fwd(h, head, y, m, head_grad)[0]
+
+
+def _head_chunk_fwd(h, head, y, m, head_grad):
+    logits = h @ head
+    z = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(z, axis=-1)
+    loss = jnp.sum((logz - jnp.take_along_axis(z, y[..., None], axis=-1)[..., 0]) * m)
+    dz = ((jnp.exp(z - logz[..., None]) - jax.nn.one_hot(y, z.shape[-1], dtype=jnp.float32)) * m[..., None]
+          ).astype(logits.dtype)
+    dh = dz @ head.T
+    dhead = jnp.einsum("...h,...v->hv", h, dz) if head_grad else None
+    return loss, (dh, dhead)
+
+
+def _head_chunk_bwd(head_grad, res, g):
+    dh, dhead = res
+    return ((dh * g).astype(dh.dtype), None if dhead is None else (dhead * g).astype(dhead.dtype), None, None)
+
+
+head_chunk_loss.defvjp(_head_chunk_fwd, _head_chunk_bwd)
+
+
 def make_train_step(parts: ModelParts, tx: optax.GradientTransformation, schedule: Callable, grad_accum: int = 1,
-                    use_dropout: bool = True) -> Callable:
-    """Build the pure step. ``state = {"params", "opt_state", "step", "rng"}``."""
+                    use_dropout: bool = True, loss_tokens_only: bool = False) -> Callable:
+    """Build the pure step. ``state = {"params", "opt_state", "step", "rng"}``. ``loss_tokens_only``: see
+    ``loss_sums``."""
 
     def step(state: dict[str, Any], frozen, batch: dict) -> tuple[dict, dict]:
         key = jax.random.fold_in(state["rng"], state["step"])
         grad_fn = jax.value_and_grad(
-            lambda p, b, k: loss_sums(parts, p, frozen, b, k if use_dropout else None), has_aux=True)
+            lambda p, b, k: loss_sums(parts, p, frozen, b, k if use_dropout else None, loss_tokens_only),
+            has_aux=True)
 
         if grad_accum == 1:
             (loss_sum, count), grads = grad_fn(state["params"], batch, key)
@@ -156,15 +228,15 @@ def micro_batches(batch: dict, grad_accum: int) -> dict:
                         batch)
 
 
-def make_eval_step(parts: ModelParts, grad_accum: int = 1) -> Callable:
+def make_eval_step(parts: ModelParts, grad_accum: int = 1, loss_tokens_only: bool = False) -> Callable:
     """``(params, frozen, batch) -> (loss sum, token count)``, in the train step's micro-batches (the logits of a
     whole global batch at once may not fit where its micro-batches do)."""
     def eval_step(params, frozen, batch):
         if grad_accum == 1:
-            return loss_sums(parts, params, frozen, batch, None)
+            return loss_sums(parts, params, frozen, batch, None, loss_tokens_only)
 
         def acc(carry, mb):
-            return jax.tree.map(jnp.add, carry, loss_sums(parts, params, frozen, mb, None)), None
+            return jax.tree.map(jnp.add, carry, loss_sums(parts, params, frozen, mb, None, loss_tokens_only)), None
 
         return jax.lax.scan(acc, (jnp.zeros(()), jnp.zeros(())), micro_batches(batch, grad_accum))[0]
 
