@@ -19,7 +19,7 @@ from cancerllm_jax.config import LORA_TARGETS
 from cancerllm_jax.model.mistral import full_fp32_dots
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
-LOSS_CHUNK = 64  # tokens per row in each LM-head chunk of ``masked_head_loss`` (SmolLM2 on 2 CPU cores: 64 ≈ 32 < 128)
+LOSS_CHUNK = 64  # tokens per row in each LM-head chunk of ``masked_head_loss`` (2-core CPU: 32 as fast, 128 slower)
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -135,9 +135,9 @@ def masked_head_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, mas
 
     Each row's loss tokens are moved to its front (a stable sort: their order kept), the rows are cut into chunks
     of ``chunk`` tokens, and a chunk runs the head and cross-entropy only if some row has a loss token in it. A
-    fine-tuning batch whose responses are 1/5 of its tokens then runs 1/5 of the head's GEMMs, forward and backward
-    (SmolLM2's head is vocab 49152 × 576: a fifth of the model's FLOPs per token), and no chunk's logits outlive it
-    (``head_chunk_loss``). Rows stay where they were, so a batch sharded over the data axis stays so.
+    fine-tuning batch whose responses are 1/5 of its tokens then runs about 1/5 of the head's GEMMs, forward and
+    backward (SmolLM2's head is vocab 49152 × 576: a fifth of the model's FLOPs per token), and no chunk's logits
+    outlive it (``head_chunk_loss``). Rows stay where they were, so a batch sharded over the data axis stays so.
     ``head_grad=False`` (a frozen head) skips the head's own gradient."""
     b, t = mask.shape
     c = min(chunk, t)
