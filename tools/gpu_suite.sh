@@ -3,7 +3,8 @@
 # does not cost the rest. Results: JSON + logs under $OUT (default ./gpu_results), and rows appended to
 # docs/benchmarks.md; at the end $OUT holds results.tgz (every JSON and log) and a copy of docs/benchmarks.md.
 # Usage: bash tools/gpu_suite.sh STAGE...   (stages: env check attn train train-ours train-xla mem decode q1000
-# q1000-natural profile-train profile-decode profile-decode64 train-unstack train-b2 mem-unstack decode-cmdbuf).
+# q1000-natural profile-train profile-decode profile-decode64 train-unstack train-b2 train-ft mem-unstack
+# decode-cmdbuf).
 # BUDGET_S (default 570) caps the whole run: each step's limit is cut to what is left, a step with under 30 s left
 # is skipped, and the results are packed after every step, so a run stopped from outside keeps what it measured.
 # `lease` = `env train mem-unstack decode`: the side-by-side MFU with the GPU default (per-layer weights), the
@@ -14,8 +15,8 @@
 # --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl NAME==VERSION`); never carry flax or jax (they
 # must match the machine's jaxlib).
 set -u
-KNOWN=" lease env check attn train train-ours train-xla train-unstack train-b2 mem mem-unstack decode decode-cmdbuf \
-q1000 q1000-natural profile-train profile-decode profile-decode64 "
+KNOWN=" lease env check attn train train-ours train-xla train-unstack train-b2 train-ft mem mem-unstack decode \
+decode-cmdbuf q1000 q1000-natural profile-train profile-decode profile-decode64 "
 for stage in "$@"; do  # a misspelt stage would cost a device start for nothing: refuse it before any work
   case $KNOWN in *" $stage "*) ;; *) echo "unknown stage '$stage'; stages:$KNOWN" >&2; exit 2 ;; esac
 done
@@ -72,6 +73,10 @@ transformers.__version__, 'peft', peft.__version__); print(jax.devices())" ;;
       step train 360 $PY tools/bench_train.py --preset mistral-7b --seq 3000 --batch 1 --dtype bfloat16 \
         --remat none --steps 10 --warmup 3 --json "$WORK/train.json" \
         --note "cuDNN attention (auto), no remat, per-layer weights (auto)" ;;
+    train-ft)  # a phenotype-shaped fine-tuning batch: ~50 answer tokens of ~1550 in the loss (ours: head on those)
+      step train_ft 360 $PY tools/bench_train.py --preset mistral-7b --seq 3000 --batch 1 --dtype bfloat16 \
+        --remat none --response-fraction 0.03 --steps 10 --warmup 3 --json "$WORK/train_ft.json" \
+        --note "fine-tuning batch: loss on each row's last 3 %" ;;
     train-ours)
       step train_ours 240 $PY tools/bench_train.py --preset mistral-7b --seq 3000 --batch 1 --dtype bfloat16 \
         --remat none --unstack no --steps 10 --warmup 3 --only ours --json "$WORK/train_ours.json" \
