@@ -164,12 +164,17 @@ def copy_tokenizer_files(src: str, dst: str) -> list[str]:
 
 def read_format_json(path: str, name: str, fmt: str | tuple[str, ...]) -> dict:
     """``path/name`` as JSON whose ``format`` field must be ``fmt`` (or one of them); errors name the file."""
+    from cancerllm_jax.data.sources import load_json_file
+
     fmts = (fmt,) if isinstance(fmt, str) else fmt
-    try:
-        with open(os.path.join(path, name), encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}/{name}: unreadable ({e})") from None
+    if not os.path.isfile(os.path.join(path, name)):
+        why = "a folder, not a file" if os.path.isdir(os.path.join(path, name)) else "no such file"
+        raise UserError(f"{path}/{name}: unreadable ({why})")
+    try:  # not UTF-8, invalid JSON, nested too deeply: path/name:line
+        meta = load_json_file(os.path.join(path, name))
+    except UserError as e:
+        redo = "convert the model again" if name == META_FILE else "start the run again in a new --workdir"
+        raise UserError(f"{e}: the file is damaged or unreadable; restore it from a copy, or {redo}") from None
     if not isinstance(meta, dict) or meta.get("format") not in fmts:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise UserError(f"{path}/{name}: unknown format {found!r} (expected {' or '.join(fmts)})")

@@ -115,13 +115,11 @@ def _adapter_json(folder: str) -> tuple[str, dict]:
     path = os.path.join(folder, ADAPTER_CONFIG)
     if not os.path.isfile(path):
         raise UserError(f"{folder}: no {ADAPTER_CONFIG} (expected a PEFT LoRA adapter folder)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            conf = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    from cancerllm_jax.data.sources import json_type_name, load_json_file
+
+    conf = load_json_file(path, "not valid JSON")  # bad UTF-8, nested too deeply: path:line
     if not isinstance(conf, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(conf).__name__}")
+        raise UserError(f"{path}: expected a JSON object, got {json_type_name(conf)}")
     return path, conf
 
 

@@ -46,6 +46,35 @@ def loads_json_line(text: str):
     return json.loads(text, object_pairs_hook=_unique_keys)
 
 
+def json_problem(e: ValueError | RecursionError, what: str = "invalid JSON") -> str:
+    """What ``loads_json_line`` refused, in one phrase: ``what`` and the parser's message (its column), a key given
+    twice, nesting too deep (``RecursionError``) or an integer of more than 4300 digits (``ValueError``)."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"{what} ({e.msg.removesuffix(' at')} at column {e.colno})"  # no "at at"
+    if isinstance(e, DuplicateKey):
+        return str(e)
+    if isinstance(e, RecursionError):
+        return f"{what} (nested too deeply)"
+    return f"{what} ({str(e).split(';')[0]})"  # an integer of more than 4300 digits
+
+
+def load_json_file(path: str, what: str = "invalid JSON"):
+    """A whole JSON file's value (a leading BOM dropped; a key given twice refused). Bytes that are not UTF-8 or a
+    value ``loads_json_line`` refuses is one ``UserError`` naming ``path:line`` (the line where known); a file that
+    cannot be read is one naming ``path``."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    text = decode_utf8(path, data)
+    try:
+        return loads_json_line(text)
+    except (ValueError, RecursionError) as e:
+        line = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise UserError(f"{path}{line}: {json_problem(e, what)}") from None
+
+
 def require_file(path: str) -> None:
     """A missing path, or a folder where a file is wanted, is one error saying which."""
     if os.path.isdir(path):
@@ -191,17 +220,12 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
                     continue
                 try:
                     obj = loads_json_line(line.rstrip("\r\n"))
-                except json.JSONDecodeError as e:
-                    problem = f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"  # no "at at"
-                    if e.msg == "Extra data" and line[:e.pos].rstrip(" \t").endswith("\r"):  # old Mac line ends:
+                except (ValueError, RecursionError) as e:  # also a key given twice, an integer of 4300+ digits
+                    problem = json_problem(e)
+                    if (isinstance(e, json.JSONDecodeError) and e.msg == "Extra data"
+                            and line[:e.pos].rstrip(" \t").endswith("\r")):  # old Mac line ends:
                         # the whole file reads as one line, its records run together after a CR
                         problem += "; its lines end in a lone CR: convert the file to LF (or CRLF) line ends"
-                except DuplicateKey as e:
-                    problem = str(e)
-                except RecursionError:
-                    problem = "invalid JSON (nested too deeply)"
-                except ValueError as e:  # an integer of more than 4300 digits
-                    problem = f"invalid JSON ({str(e).split(';')[0]})"
                 else:
                     # the caller's rule first: a record in another format (generate.py's `prompt`) is named as
                     # such, not as one missing a field

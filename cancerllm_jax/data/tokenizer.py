@@ -7,7 +7,6 @@ Both expose the same small interface: ``encode(text, bos=..., eos=...) -> list[i
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 from pathlib import Path
@@ -230,13 +229,16 @@ def _config_changes_the_model(folder: str, sp: SentencePieceTokenizer) -> bool:
     """Whether the folder's tokenizer_config.json / special_tokens_map.json / added_tokens.json ask for more than the
     SentencePiece model itself does: added tokens past its vocabulary, another BOS or EOS, no BOS or an EOS added to
     every text (then transformers reads the folder, as it would)."""
-    def read(name: str) -> dict:
-        try:
-            with open(os.path.join(folder, name), encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError):
+    def read(name: str) -> dict:  # absent: {}; present but not a JSON object: one error naming the file (and line)
+        from cancerllm_jax.data.sources import json_type_name, load_json_file
+
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
             return {}
-        return data if isinstance(data, dict) else {}
+        data = load_json_file(path)
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a JSON object, got {json_type_name(data)}")
+        return data
 
     config, special, added = read("tokenizer_config.json"), read("special_tokens_map.json"), read("added_tokens.json")
     ids = [*(config.get("added_tokens_decoder") or {}), *added.values()]

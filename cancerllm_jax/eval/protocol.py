@@ -10,7 +10,6 @@ Heavy libraries (nltk, rouge-score, sacrebleu) are imported on first use; nothin
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import string
@@ -245,7 +244,8 @@ Row = tuple[int, dict[str, Any]]  # (1-based line number, the JSON object)
 
 def _read_jsonl(path: str) -> list[Row]:
     """The JSON objects of a JSONL file with their line numbers; blank lines are skipped."""
-    from cancerllm_jax.data.sources import DuplicateKey, decode_utf8, json_type_name, loads_json_line, require_file
+    from cancerllm_jax.data.sources import (decode_utf8, json_problem, json_type_name, loads_json_line,
+                                            require_file)
     from cancerllm_jax.errors import UserError
 
     require_file(path)  # "is a folder; give a file" / "no such file", as every reader says it
@@ -261,10 +261,8 @@ def _read_jsonl(path: str) -> list[Row]:
             continue
         try:
             obj = loads_json_line(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from e
-        except DuplicateKey as e:
-            raise UserError(f"{path}:{number}: {e}") from None
+        except (ValueError, RecursionError) as e:  # a key given twice, nested too deeply, a 4300+ digit integer
+            raise UserError(f"{path}:{number}: {json_problem(e, 'not valid JSON')}") from None
         if not isinstance(obj, dict):
             raise UserError(f"{path}:{number}: expected a JSON object, got {json_type_name(obj)}")
         if "id" in obj and obj["id"] is None:  # a null id is no id, as the task runner reads test records
@@ -368,15 +366,41 @@ def _pairs(gold_path: str | None, pred_path: str, gold_field: str | None, pred_f
         for key, (number, _) in pred_ids.items():
             if key not in gold_ids:
                 raise UserError(f"{pred_path}:{number}: id {key!r} is not in {gold_path}")
-        return [(row[1].get("id", key), _text_field(gold_path, row, gold_field),
-                 _text_field(pred_path, pred_ids[key], pred_field)) for key, row in gold_ids.items()]
+        pairs = [(row[1].get("id", key), _text_field(gold_path, row, gold_field),
+                  _text_field(pred_path, pred_ids[key], pred_field)) for key, row in gold_ids.items()]
+        _warn_other_gold(gold_path, pred_path, [(row, pred_ids[key]) for key, row in gold_ids.items()], gold_field,
+                         pred_field)
+        return pairs
     if len(golds) != len(preds):
         raise UserError(f"{gold_path} has {len(golds)} lines but {pred_path} has {len(preds)}; without ids on both "
                         "sides they are matched by line order and must have equal counts")
     if gold_ids is not None:
         logging.getLogger(__name__).warning("%s has ids but %s has none: paired by line order", gold_path, pred_path)
-    return [(g[1].get("id"), _text_field(gold_path, g, gold_field), _text_field(pred_path, p, pred_field))
-            for g, p in zip(golds, preds, strict=True)]
+    pairs = [(g[1].get("id"), _text_field(gold_path, g, gold_field), _text_field(pred_path, p, pred_field))
+             for g, p in zip(golds, preds, strict=True)]
+    _warn_other_gold(gold_path, pred_path, list(zip(golds, preds, strict=True)), gold_field, pred_field)
+    return pairs
+
+
+def _warn_other_gold(gold_path: str, pred_path: str, matched: list[tuple[Row, Row]], gold_field: str,
+                     pred_field: str) -> None:
+    """Prediction lines that carry a gold answer of their own (``gold``, or the gold file's field, as a runner's
+    output or a kept input record holds it) other than the gold file's answer for the same instance: scored against
+    the gold file, as asked, but counted in a warning naming the first (file, line, id; never the text, which may be
+    a patient's)."""
+    names = [name for name in dict.fromkeys(("gold", gold_field)) if name != pred_field]
+    other = [(p, name) for (_, g), p in matched for name in names
+             if p[1].get(name) is not None and (not isinstance(p[1][name], str)
+                                                or p[1][name].strip() != g[gold_field].strip())]
+    if not other:
+        return
+    (number, obj), name = other[0]
+    instances = len({p[0] for p, _ in other})
+    named = f", id {obj['id']!r}" if "id" in obj else ""
+    logging.getLogger(__name__).warning(
+        "%s: %d of %d prediction lines carry a '%s' answer other than %s's for the same instance (first: line %d%s): "
+        "scored against %s; check that the two files belong together", pred_path, instances, len(matched), name,
+        gold_path, number, named, gold_path)
 
 
 def score_file(
