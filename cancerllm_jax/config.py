@@ -270,12 +270,11 @@ def read_hf_config(folder: str) -> ModelConfig:
 
 
 def read_json_file(path: str):
-    """A JSON file's value; unreadable or invalid JSON is one error naming the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:  # ValueError covers JSONDecodeError and UnicodeDecodeError
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    """A JSON file's value; unreadable or invalid JSON (bad UTF-8, nested too deeply, a key given twice) is one
+    error naming the file and line."""
+    from cancerllm_jax.data.sources import load_json_file
+
+    return load_json_file(path, "not valid JSON")
 
 
 def hf_eos_ids(folder: str) -> set[int]:
@@ -642,6 +641,40 @@ def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
                     node = data[part] = {}
                 tp = hint
     return data
+
+
+def _leaves(values: dict, prefix: str = ""):
+    """``(dotted key, value)`` of each setting in a nested dict (a non-empty mapping stands for its keys)."""
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _same_setting(a, b) -> bool:
+    """Two command-line values of one setting are the same (``--data a.jsonl`` and ``data.sources=[a.jsonl]`` too)."""
+    def norm(v):
+        return [norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    a, b = norm(a), norm(b)
+    if isinstance(a, list) != isinstance(b, list):  # one path, or a list of that one path
+        a, b = (a if isinstance(a, list) else [a]), (b if isinstance(b, list) else [b])
+    if isinstance(a, bool) != isinstance(b, bool):  # True == 1 in Python, not as settings
+        return False
+    return a == b
+
+
+def check_given_once(cls, overrides: list[str], given=()) -> None:
+    """Refuse a setting given twice on the command line with different values: by a flag (``given``: pairs of the
+    flag as typed and a dict of the settings it sets, e.g. ``("--steps 1", {"steps": 1})``) and a ``key=value``
+    override, or by two overrides (``lora.rank=8 lora.rank=9``). The same value twice is accepted."""
+    seen: dict[str, tuple[str, object]] = {}
+    for spelling, values in [*given, *((o, apply_overrides({}, [o], cls)) for o in overrides)]:
+        for key, value in _leaves(values):
+            if key in seen and not _same_setting(seen[key][1], value):
+                raise UserError(f"{key} is given twice ({seen[key][0]} and {spelling}); give it once")
+            seen.setdefault(key, (spelling, value))
 
 
 def load_yaml(path: str) -> dict:

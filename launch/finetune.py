@@ -37,13 +37,14 @@ def main(argv=None):
     from cancerllm_jax.train.finetune import FinetuneConfig
 
     overrides = list(args.overrides)
-    for flag, key in ((args.data, "data.path"), (args.eval_data, "data.eval_path")):
-        if flag:
-            overrides.append(literal_override(key, flag))  # the path taken literally (` #`, `: `)
+    flags = []  # (the flag as typed, the setting it makes): a key=value giving it another value is refused
+    for flag, value, key in (("--data", args.data, "data.path"), ("--eval-data", args.eval_data, "data.eval_path")):
+        if value:
+            flags.append((f"{flag} {value}", literal_override(key, value)))  # the path taken literally (` #`, `: `)
     if args.skip_bad_lines:
-        overrides.append("data.skip_bad_lines=true")
+        flags.append(("--skip-bad-lines", "data.skip_bad_lines=true"))
     cli = {**cli_values(args), "model": args.model, "task": args.task, "epochs": args.epochs}
-    cfg = resolve(FinetuneConfig, args.config, overrides, cli)
+    cfg = resolve(FinetuneConfig, args.config, overrides, cli, flags)
     train, held_out = cfg.data.path, cfg.data.eval_path
     if train and held_out and os.path.exists(train) and os.path.exists(held_out) and os.path.samefile(train, held_out):
         if not args.resume:  # a run started so by an earlier version still resumes, with the warning

@@ -70,13 +70,14 @@ def main(argv=None):
     # (`data.weights=[3,1]` too: a dotted name before the '=' is a key, whatever follows)
     data = [d for d in args.data or [] if os.path.exists(d) or not re.match(r"[A-Za-z_][\w.]*=", d)]
     overrides += [d for d in args.data or [] if d not in data]
+    flags = []  # (the flag as typed, the setting it makes): a key=value giving it another value is refused
     if data:  # as a YAML flow list: a path with a comma stays one path
-        overrides.append(literal_override("data.sources", data))
+        flags.append((" ".join(["--data", *data]), literal_override("data.sources", data)))
     if args.skip_bad_lines:
-        overrides.append("data.skip_bad_lines=true")
+        flags.append(("--skip-bad-lines", "data.skip_bad_lines=true"))
     if args.no_segment_mask:
-        overrides.append("data.segment_mask=false")
-    cfg = resolve(PretrainConfig, args.config, overrides, {**cli_values(args), "epochs": args.epochs})
+        flags.append(("--no-segment-mask", "data.segment_mask=false"))
+    cfg = resolve(PretrainConfig, args.config, overrides, {**cli_values(args), "epochs": args.epochs}, flags)
     cfg = _steps_or_epochs(cfg, args, overrides)
     announce_privacy(cfg.log_examples)
     start_runtime(args, cfg.mesh)

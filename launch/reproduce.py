@@ -167,9 +167,11 @@ class Pipeline:
             logf = os.path.join(self.out, "logs", f"{name}.log")
             with open(logf, "w") as f:
                 p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=os.path.dirname(HERE))
-            if p.returncode != 0:
-                tail = open(logf).read()[-2000:]
-                raise UserError(f"stage {name} failed (exit {p.returncode}); log {logf}:\n{tail}")
+            if p.returncode != 0:  # one line: the stage's own error (its whole output is in the log)
+                lines = [ln.strip() for ln in open(logf, errors="replace").read().splitlines() if ln.strip()]
+                why = next((ln[len("error: "):] for ln in reversed(lines) if ln.startswith("error: ")),
+                           lines[-1] if lines else "no output")
+                raise UserError(f"stage {name} failed (exit {p.returncode}): {why[:1000]} (log: {logf})")
         else:
             fn()
         dt = time.time() - t0
@@ -177,6 +179,19 @@ class Pipeline:
                                       "inputs": inputs, "finished": True}
         self.save()
         _log(f"{name}: {dt:.0f} s")
+
+
+def check_model(model: str) -> None:
+    """What the stages would refuse about the base ``model``, found before OUT is made: its config, a training run
+    without a finished checkpoint, and an HF folder's tensors (``check_hf_tensors``: no weight is read)."""
+    from cancerllm_jax.api import check_readable, model_kind, read_model_config
+    from cancerllm_jax.checkpoint.hf import check_hf_tensors
+
+    path, kind = model_kind(model)
+    read_model_config(path)
+    check_readable(path)
+    if kind == "hf":
+        check_hf_tensors(path)
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
@@ -317,6 +332,8 @@ def main(argv=None):
         raise UserError(f"--model {args.model}: not found (give an HF folder or a converted checkpoint)")
     if model is None and args.scale == "7b":
         raise UserError("--scale 7b needs --model (a Mistral-7B-v0.1 HF folder or converted checkpoint)")
+    if model is not None:
+        check_model(model)
     data = os.path.abspath(args.data) if args.data else os.path.join(out, "data")
     if args.data:
         for task in EVAL_TASKS:

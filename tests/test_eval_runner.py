@@ -741,6 +741,7 @@ def test_reproduce_resumes_training_stages_and_refuses_other_settings(tmp_path, 
     """The training stages are started with --resume (an interrupted run continues; a fresh one starts at step 0),
     and a folder made with another model, scale, data or pretraining choice is refused, not mixed."""
     rep = _reproduce()
+    monkeypatch.setattr(rep, "check_model", lambda m: None)  # the model folders here are empty stand-ins
     model, other, out = tmp_path / "model", tmp_path / "other", tmp_path / "out"
     model.mkdir()
     other.mkdir()
@@ -823,6 +824,7 @@ def test_reproduce_stages_are_keyed_to_their_inputs(tmp_path, monkeypatch, capsy
     the runner keeps the vanilla predictions that still match), never reused; a finished training run whose inputs
     changed (the pretraining redone under it) is refused until its folder is deleted."""
     rep = _reproduce()
+    monkeypatch.setattr(rep, "check_model", lambda m: None)  # the model folders here are empty stand-ins
     model, out = tmp_path / "model", tmp_path / "out"
     model.mkdir()
     ran, trained = [], [0]

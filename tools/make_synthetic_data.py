@@ -20,7 +20,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (must be empty or absent unless --overwrite)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives byte-identical files")
     p.add_argument("--size", type=int, default=1000, help="number of synthetic patients (>= 10)")
-    p.add_argument("--pretrain-docs", type=int, default=None, help="pretraining documents (default 5 x size)")
+    p.add_argument("--pretrain-docs", type=int, default=None, help="pretraining documents, >= 1 (default 5 x size)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty output folder")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.size < 10:
         raise UserError(f"--size must be at least 10 (got {args.size})")
-    if args.pretrain_docs is not None and args.pretrain_docs < 0:
-        raise UserError(f"--pretrain-docs must be >= 0 (got {args.pretrain_docs})")
+    if args.pretrain_docs is not None and args.pretrain_docs < 1:  # 0: an empty corpus pretrain.py refuses later
+        raise UserError(f"--pretrain-docs must be at least 1 (got {args.pretrain_docs}); leave it out for 5 x --size")
     from cancerllm_jax.data.synthetic import write_dataset
 
     counts = write_dataset(args.out, args.size, seed=args.seed, n_pretrain_docs=args.pretrain_docs,

@@ -185,6 +185,47 @@ def read_hf(folder: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
     return cfg, params
 
 
+def check_hf_tensors(folder: str) -> None:
+    """What ``read_hf`` would refuse about ``folder``'s tensors, from the safetensors headers alone (no weight is
+    read): a truncated or corrupt file, a tensor missing, of another shape than config.json gives, not floating
+    point, or not part of the model."""
+    from safetensors import safe_open
+
+    cfg = read_hf_config(folder)
+    files = safetensors_files(folder)  # names the files; a sharded folder's shards are opened below
+    shapes = _hf_shapes(cfg)
+    layer_names = [n for n in shapes if ".*." in n]
+    wanted = {n for n in shapes if ".*." not in n} | {n.replace(".*.", f".{i}.") for n in layer_names
+                                                      for i in range(cfg.num_layers)}
+    embed, head = "model.embed_tokens.weight", "lm_head.weight"
+    if cfg.tie_embeddings:  # one of the two is enough (transformers fills one from the other)
+        wanted -= {head} if embed in files else {embed}
+    for fname in sorted(set(files.values())):
+        try:
+            handle = safe_open(fname, framework="numpy")  # refuses a truncated file ("not fully covered")
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+            raise UserError(f"{fname}: corrupt or not a safetensors file ({e})") from None
+        with handle as f:
+            for name in [n for n, where in files.items() if where == fname and (n in shapes or
+                                                                               _layer_generic(n) in shapes)]:
+                t = f.get_slice(name)
+                expected = shapes[name] if name in shapes else shapes[_layer_generic(name)]
+                if tuple(t.get_shape()) != tuple(expected):
+                    raise UserError(f"{fname}: tensor {name}: shape {tuple(t.get_shape())}, expected "
+                                    f"{tuple(expected)} from config.json")
+                if not t.get_dtype().startswith(("F", "BF")):
+                    raise UserError(f"{fname}: tensor {name}: dtype {t.get_dtype()}, expected floating-point "
+                                    "weights (quantised checkpoints are not supported)")
+    missing = sorted(wanted - set(files))
+    if missing:
+        raise UserError(f"{folder}: tensor {missing[0]} is missing" + (f" (and {len(missing) - 1} more)"
+                                                                      if len(missing) > 1 else ""))
+    extra = sorted(n for n in files if n not in wanted and n not in (embed, head) and not n.endswith(IGNORED_SUFFIXES))
+    if extra:
+        raise UserError(f"{folder}: unexpected tensor(s) {extra[:5]}{'…' if len(extra) > 5 else ''} "
+                        f"(not part of a {cfg.model_type} model with this config)")
+
+
 def _layer_generic(name: str) -> str:
     parts = name.split(".")
     return ".".join(parts[:2] + ["*"] + parts[3:])

@@ -410,6 +410,7 @@ def build_instruct_data(cfg: InstructDataConfig, tokenizer=None, examples: Seque
                              cfg.eval_path or "eval examples")
         stats["eval"] = {**ev_stats, "skipped_lines": eval_skipped}
         stats["eval_digest"] = ev_stats["digest"]  # data_counts holds no nested dict: the eval set is checked by this
+        _warn_held_out_in_training(cfg, examples, eval_examples)
     log.info("instruction data: %d examples in %d rows of %d (%.0f%% padding), %d contexts truncated "
              "(%d tokens), %d too long skipped, %d bad lines skipped", stats["examples"], stats["rows"],
              cfg.max_seq_len, 100 * stats["padding_fraction"], stats["truncated_examples"],
@@ -417,6 +418,29 @@ def build_instruct_data(cfg: InstructDataConfig, tokenizer=None, examples: Seque
     if ev is not None:
         _log_eval(stats["eval"])
     return InstructData(cfg, tokenizer.pad_id, train, ev, stats)
+
+
+def _warn_held_out_in_training(cfg: InstructDataConfig, examples: Sequence[dict], eval_examples: Sequence[dict]
+                               ) -> None:
+    """One warning (counts and file names, no note text) when held-out examples are also training examples (same
+    instruction, context and response): a copy of the training file given as the eval file, or an overlap."""
+    import os
+
+    if cfg.path and cfg.eval_path and os.path.exists(cfg.path) and os.path.exists(cfg.eval_path) \
+            and os.path.samefile(cfg.path, cfg.eval_path):
+        return  # the same file: finetune.py refuses it (or warns once when resuming)
+
+    def key(r):
+        return (r.get("instruction"), r.get("context") or "", r.get("response"))
+
+    trained = {key(r) for r in examples}
+    shared = sum(key(r) in trained for r in eval_examples)
+    if shared:
+        files = cfg.path and cfg.eval_path
+        log.warning("%s%d of %d held-out examples are also training examples%s (same instruction, context and "
+                    "response): their eval loss is partly a training loss; hold out other examples",
+                    f"{cfg.eval_path}: " if files else "", shared, len(eval_examples),
+                    f" in {cfg.path}" if files else "")
 
 
 def _log_eval(e: dict) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from cancerllm_jax.config import LoRAConfig, apply_overrides, build, deep_merge, load_yaml, to_dict
+from cancerllm_jax.config import (LoRAConfig, apply_overrides, build, check_given_once, deep_merge, load_yaml,
+                                   to_dict)
 from cancerllm_jax.data.pretrain import PretrainDataConfig
 from cancerllm_jax.errors import UserError
 from cancerllm_jax.train.optim import OptimConfig
@@ -86,20 +87,35 @@ RESUMABLE_CHANGES = {"mesh", "layer_weights", "save_every", "eval_every", "eval_
                      "log_examples"}
 
 
-def resolve(cls, config_path: str | None, overrides: list[str], cli: dict | None = None):
-    """Defaults ← YAML file ← ``--flag`` values ← ``key=value`` overrides, section by section (a YAML ``optim``
-    with only ``lr`` keeps the other optim defaults of ``cls``); unknown keys are errors."""
+def resolve(cls, config_path: str | None, overrides: list[str], cli: dict | None = None,
+            flags: list[tuple[str, str]] = ()):
+    """Defaults ← YAML file ← the command line: ``--flag`` values (``cli``: top-level fields by name; ``flags``:
+    ``(flag as typed, key=value)`` for flags that set other fields, e.g. ``("--data a.jsonl", "data.path=a.jsonl")``)
+    and ``key=value`` overrides, section by section (a YAML ``optim`` with only ``lr`` keeps the other optim defaults
+    of ``cls``); unknown keys are errors. From a command line (``cli`` or ``flags`` given, as the launchers give
+    them) a setting given twice with different values is an error too (``--steps 1 steps=2``, ``lora.rank=8
+    lora.rank=9``); called with ``overrides`` alone, a later override of a key replaces an earlier one."""
+    if cli is not None or flags:
+        given = [(_flag_spelling(k, v), {k: v}) for k, v in (cli or {}).items() if v is not None]
+        check_given_once(cls, overrides, given + [(spelling, apply_overrides({}, [o], cls)) for spelling, o in flags])
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
     data = to_dict(cls()) if config_path is None else deep_merge(to_dict(cls()), load_yaml(config_path))
     where = config_path or "config"
     base = build(cls, data, where)  # validates the YAML's keys and types
     data = to_dict(base)
-    for key, value in (cli or {}).items():
-        if value is not None:
-            data[key] = value
-    data = apply_overrides(data, overrides, cls)
+    data.update(cli)
+    data = apply_overrides(data, [o for _, o in flags] + list(overrides), cls)
     cfg = build(cls, absolute_paths(data), "config")
     cfg.validate()
     return cfg
+
+
+def _flag_spelling(name: str, value) -> str:
+    """The flag that gave the field ``name`` as typed: ``--batch-size 4``, ``--full``, ``--epochs 2``."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
 
 
 _NAMED_TOKENIZERS = (None, "", "mistral-v1", "mistral")

@@ -1,0 +1,193 @@
+"""Command-line bad input: a setting given twice, a broken --model for reproduce.py, a count of 0 for the synthetic
+data tool, and held-out examples that are also training examples. Every case fails before any model is built."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from cancerllm_jax.errors import UserError
+from helpers import one_clear_error
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_MODULES: dict[str, object] = {}
+
+
+def _module(rel: str):
+    if rel not in _MODULES:
+        folder = os.path.join(ROOT, os.path.dirname(rel))
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        spec = importlib.util.spec_from_file_location("cli_" + rel.replace("/", "_")[:-3], os.path.join(ROOT, rel))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses defined in the script look their module up
+        spec.loader.exec_module(mod)
+        _MODULES[rel] = mod
+    return _MODULES[rel]
+
+
+def run_cli(rel: str, argv: list, capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    try:
+        code = _module(rel).main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- a setting given twice
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("pretrain", ["--steps", "1", "steps=2"], "steps is given twice (--steps 1 and steps=2); give it once"),
+    ("pretrain", ["--mesh", "2x1", "mesh=1x1"], "mesh is given twice (--mesh 2x1 and mesh=1x1)"),
+    ("pretrain", ["--batch-size", "4", "batch_size=2"], "batch_size is given twice (--batch-size 4 and batch_size=2)"),
+    ("pretrain", ["--data", "a.jsonl", "data.sources=b.jsonl"],
+     "data.sources is given twice (--data a.jsonl and data.sources=b.jsonl)"),
+    ("pretrain", ["lora.rank=8", "lora.rank=9"], "lora.rank is given twice (lora.rank=8 and lora.rank=9)"),
+    ("pretrain", ["lora.rank=8", "lora={rank: 9}"], "lora.rank is given twice (lora.rank=8 and lora={rank: 9})"),
+    ("pretrain", ["--skip-bad-lines", "data.skip_bad_lines=false"], "data.skip_bad_lines is given twice"),
+    ("pretrain", ["--full", "full=false"], "full is given twice (--full and full=false)"),
+    ("finetune", ["--data", "a.jsonl", "data.path=b.jsonl"], "data.path is given twice (--data a.jsonl and "),
+    ("finetune", ["--eval-data", "a.jsonl", "data.eval_path=b.jsonl"], "data.eval_path is given twice"),
+    ("finetune", ["--model", "tiny", "model=other"], "model is given twice (--model tiny and model=other)"),
+    ("finetune", ["--epochs", "2", "epochs=3"], "epochs is given twice (--epochs 2 and epochs=3)"),
+])
+def test_a_setting_given_twice_with_other_values_is_one_error(tmp_path, capsys, script, argv, message):
+    code, err = run_cli(f"launch/{script}.py", [*argv, "--workdir", tmp_path / "w", "--dry-run"], capsys)
+    assert code == 2
+    one_clear_error(code, err, message)
+    assert not (tmp_path / "w").exists()
+
+
+def test_the_same_value_given_twice_is_accepted():
+    from cancerllm_jax.train.config import PretrainConfig, resolve
+
+    cfg = resolve(PretrainConfig, None, ["steps=3", "lora.rank=4", "lora={rank: 4}", "data.sources=[a.jsonl]"],
+                  {"steps": 3, "mesh": None}, [("--data a.jsonl", "data.sources=a.jsonl")])
+    assert cfg.steps == 3 and cfg.lora.rank == 4 and [os.path.basename(s) for s in cfg.data.sources] == ["a.jsonl"]
+    with pytest.raises(UserError, match=r"^steps is given twice \(--steps 3 and steps=4\)"):
+        resolve(PretrainConfig, None, ["steps=4"], {"steps": 3})
+    assert resolve(PretrainConfig, None, ["steps=3", "steps=4"]).steps == 4  # a program's list: the last one
+
+
+# ------------------------------------------------------------------------------ reproduce.py --model checked first
+
+def _tiny_hf(folder) -> None:
+    """An HF folder of the tiny preset (zeros), without torch."""
+    from safetensors.numpy import save_file
+
+    from cancerllm_jax.checkpoint.hf import _hf_shapes
+    from cancerllm_jax.config import PRESETS, to_hf_config
+
+    cfg = PRESETS["tiny"]
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(to_hf_config(cfg), f)
+    tensors = {}
+    for name, shape in _hf_shapes(cfg).items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        for i in range(cfg.num_layers) if ".*." in name else [None]:
+            tensors[name.replace(".*.", f".{i}.")] = np.zeros(shape, np.float32)
+    save_file(tensors, os.path.join(folder, "model.safetensors"))
+
+
+def _truncate(folder) -> None:
+    path = os.path.join(folder, "model.safetensors")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:-100])
+
+
+def _wrong_config(folder) -> None:
+    path = os.path.join(folder, "config.json")
+    hf = json.load(open(path))
+    hf["intermediate_size"] += 8
+    json.dump(hf, open(path, "w"))
+
+
+@pytest.mark.parametrize("damage, needle", [(_truncate, "corrupt or not a safetensors file"),
+                                            (_wrong_config, "expected")])
+def test_reproduce_refuses_a_broken_model_before_making_anything(tmp_path, capsys, damage, needle):
+    model = tmp_path / "model"
+    _tiny_hf(model)
+    _module("launch/reproduce.py").check_model(str(model))  # whole: accepted
+    damage(model)
+    out = tmp_path / "rep"
+    code, err = run_cli("launch/reproduce.py", ["--scale", "cpu-small", "--model", model, "--out", out], capsys)
+    assert code == 2
+    one_clear_error(code, err, needle)
+    assert not out.exists()
+
+
+def test_a_failing_stage_is_one_error_line(tmp_path):
+    rep = _module("launch/reproduce.py")
+    pipe = rep.Pipeline(str(tmp_path / "rep"))
+    cmd = [sys.executable, "-c", "import sys; print('note: working'); print('error: the child failed', "
+                                 "file=sys.stderr); sys.exit(2)"]
+    with pytest.raises(UserError) as e:
+        pipe.stage("pretrain", str(tmp_path / "DONE"), {}, cmd)
+    assert "\n" not in str(e.value) and "error:" not in str(e.value)
+    assert str(e.value).startswith("stage pretrain failed (exit 2): the child failed (log: ")
+
+
+# ------------------------------------------------------------------------------ make_synthetic_data.py counts
+
+def test_make_synthetic_data_refuses_zero_pretraining_documents(tmp_path, capsys):
+    out = tmp_path / "d"
+    code, err = run_cli("tools/make_synthetic_data.py", ["--out", out, "--size", "10", "--pretrain-docs", "0"],
+                        capsys)
+    assert code == 2
+    one_clear_error(code, err, "--pretrain-docs must be at least 1 (got 0)")
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ held-out examples in training
+
+class _CharTok:
+    """Just enough of a tokenizer for the data pipeline: one id per character."""
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        return [1] * add_bos + [3 + ord(c) % 200 for c in text] + [2] * add_eos
+
+
+def test_held_out_examples_that_are_training_examples_are_one_warning(tmp_path, caplog):
+    from cancerllm_jax.data.instruct import InstructDataConfig, _warn_held_out_in_training
+
+    rows = [{"instruction": f"Q{i}", "context": f"secret note {i}", "response": f"A{i}"} for i in range(6)]
+    train, copy = tmp_path / "train.jsonl", tmp_path / "copy.jsonl"
+    for path in (train, copy):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = InstructDataConfig(path=str(train), eval_path=str(copy))
+    with caplog.at_level(logging.WARNING):
+        _warn_held_out_in_training(cfg, rows, [dict(r) for r in rows])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "secret note" not in warnings[0]
+    assert warnings[0].startswith(f"{copy}: 6 of 6 held-out examples are also training examples in {train} "
+                                  "(same instruction, context and response)")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _warn_held_out_in_training(cfg, rows, [rows[0], {"instruction": "Q", "context": "", "response": "other"}])
+        _warn_held_out_in_training(cfg, rows[:3], rows[3:])  # disjoint: no warning
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and ": 1 of 2 held-out examples" in warnings[0]
+
+
+def test_finetune_warns_when_the_eval_file_is_a_copy_of_the_training_file(tmp_path, capsys, caplog):
+    rows = [{"instruction": f"Q{i}", "context": f"c{i}", "response": f"A{i}"} for i in range(4)]
+    train, copy = tmp_path / "train.jsonl", tmp_path / "copy.jsonl"
+    for path in (train, copy):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from cancerllm_jax.data.instruct import InstructDataConfig, build_instruct_data
+
+    with caplog.at_level(logging.WARNING):
+        build_instruct_data(InstructDataConfig(path=str(train), eval_path=str(copy), max_seq_len=512), _CharTok())
+    assert [r.getMessage()[:len(f"{copy}: 4 of 4")] for r in caplog.records
+            if r.levelno == logging.WARNING] == [f"{copy}: 4 of 4"]
