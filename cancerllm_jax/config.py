@@ -270,11 +270,11 @@ def read_hf_config(folder: str) -> ModelConfig:
 
 
 def read_json_file(path: str):
-    """A JSON file's value; unreadable or invalid JSON (bad UTF-8, nested too deeply, a key given twice) is one
-    error naming the file and line."""
+    """A Hugging Face JSON file's value (a key given twice: the last one, as transformers reads it); unreadable or
+    invalid JSON (bad UTF-8, nested too deeply) is one error naming the file and line."""
     from cancerllm_jax.data.sources import load_json_file
 
-    return load_json_file(path, "not valid JSON")
+    return load_json_file(path, "not valid JSON", unique_keys=False)
 
 
 def hf_eos_ids(folder: str) -> set[int]:
@@ -653,16 +653,28 @@ def _leaves(values: dict, prefix: str = ""):
 
 
 def _same_setting(a, b) -> bool:
-    """Two command-line values of one setting are the same (``--data a.jsonl`` and ``data.sources=[a.jsonl]`` too)."""
-    def norm(v):
-        return [norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+    """Two command-line values of one setting are the same: as written (``--data a.jsonl`` and
+    ``data.sources=[a.jsonl]`` too), as numbers (``1e-4`` and ``0.0001``) or as paths (``./a.jsonl`` and its
+    absolute path)."""
+    def norm(v, path):
+        if isinstance(v, (list, tuple)):
+            return [norm(x, path) for x in v]
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            return v
+        try:
+            return float(v)
+        except ValueError:
+            return os.path.normpath(os.path.abspath(os.path.expanduser(v))) if path else v
 
-    a, b = norm(a), norm(b)
-    if isinstance(a, list) != isinstance(b, list):  # one path, or a list of that one path
-        a, b = (a if isinstance(a, list) else [a]), (b if isinstance(b, list) else [b])
     if isinstance(a, bool) != isinstance(b, bool):  # True == 1 in Python, not as settings
         return False
-    return a == b
+    for path in (False, True):
+        x, y = norm(a, path), norm(b, path)
+        if isinstance(x, list) != isinstance(y, list):  # one path, or a list of that one path
+            x, y = (x if isinstance(x, list) else [x]), (y if isinstance(y, list) else [y])
+        if x == y:
+            return True
+    return False
 
 
 def check_given_once(cls, overrides: list[str], given=()) -> None:

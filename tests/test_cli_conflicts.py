@@ -67,9 +67,12 @@ def test_a_setting_given_twice_with_other_values_is_one_error(tmp_path, capsys, 
 def test_the_same_value_given_twice_is_accepted():
     from cancerllm_jax.train.config import PretrainConfig, resolve
 
-    cfg = resolve(PretrainConfig, None, ["steps=3", "lora.rank=4", "lora={rank: 4}", "data.sources=[a.jsonl]"],
-                  {"steps": 3, "mesh": None}, [("--data a.jsonl", "data.sources=a.jsonl")])
+    cfg = resolve(PretrainConfig, None, ["steps=3", "lora.rank=4", "lora={rank: 4}", "data.sources=[a.jsonl]",
+                                         f"data.sources={os.path.abspath('a.jsonl')}", "optim.lr=1e-4",
+                                         "optim.lr=0.0001"],
+                  {"steps": 3, "mesh": None}, [("--data ./a.jsonl", "data.sources=./a.jsonl")])
     assert cfg.steps == 3 and cfg.lora.rank == 4 and [os.path.basename(s) for s in cfg.data.sources] == ["a.jsonl"]
+    assert cfg.optim.lr == 1e-4  # the same number, written two ways (YAML reads 1e-4 as text)
     with pytest.raises(UserError, match=r"^steps is given twice \(--steps 3 and steps=4\)"):
         resolve(PretrainConfig, None, ["steps=4"], {"steps": 3})
     assert resolve(PretrainConfig, None, ["steps=3", "steps=4"]).steps == 4  # a program's list: the last one

@@ -73,6 +73,20 @@ def test_hf_config_nested_too_deeply(tmp_path):
         read_hf_config(str(tmp_path))
 
 
+def test_hf_files_with_a_key_given_twice_read_as_transformers_reads_them(tmp_path):
+    """A Hugging Face JSON file that repeats a key is read as ``json.load`` reads it (the last value), as
+    transformers and peft read it; a damaged safetensors index is one error naming it (was a raw UnicodeDecodeError)."""
+    from cancerllm_jax.checkpoint.hf import safetensors_files
+    from cancerllm_jax.config import read_json_file
+
+    (tmp_path / "config.json").write_text('{"model_type": "mistral", "torch_dtype": "float16", '
+                                          '"torch_dtype": "bfloat16"}')
+    assert read_json_file(str(tmp_path / "config.json"))["torch_dtype"] == "bfloat16"
+    (tmp_path / "model.safetensors.index.json").write_bytes(b'{"weight_map": {}}\xff')
+    with pytest.raises(UserError, match=r"model\.safetensors\.index\.json"):
+        safetensors_files(str(tmp_path))
+
+
 @pytest.mark.parametrize("text, problem", [(DEEP, "nested too deeply"), (HUGE_INT, "Exceeds the limit")])
 def test_adapter_config_pathological_json(tmp_path, text, problem):
     (tmp_path / "adapter_config.json").write_text(text)

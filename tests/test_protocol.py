@@ -360,27 +360,33 @@ def test_score_file_takes_the_clis_names_and_says_which_file_is_wrong(tmp_path, 
 
 
 def test_predictions_that_hold_their_prompt_are_scored_on_their_response(tmp_path, gold, caplog):
-    """Another generator's whole decoded text (the prompt, then the answer) is scored on the text after its first
-    '### Response:', as the protocol takes a generation (it was scored as it stood: avg F1 9 instead of 100), and a
-    warning counts them; a model's own made-up '### Response:' after its answer is kept, and a prompt with no
-    response header is scored as it stands, with a warning."""
-    from cancerllm_jax.eval.protocol import score
+    """Another generator's whole decoded text in a prediction file (the prompt, then the answer) is scored on the
+    text after the '### Response:' that closes its prompt, as the protocol takes a generation (it was scored as it
+    stood: avg F1 9 instead of 100), and a warning counts them; a few-shot prompt's exemplars (each with its own
+    '### Response:') are skipped; a model's own made-up '### Response:' after its answer is kept, and a prompt with
+    no response header is scored as it stands, with a warning. ``score()`` scores what it is given."""
+    from cancerllm_jax.eval.protocol import generated_text, score
 
-    prompt = "Below is an instruction that describes a task.\n\n### Input:\nnote\n\n### Response:\n Lung cancer. "
+    one = "Below is an instruction that describes a task.\n\n### Input:\n{}\n\n### Response:\n{}"
+    prompt = one.format("note", " Lung cancer. ")
+    shots = one.format("other note", "pr, er") + "\n\n" + prompt
     made_up = "er\n\n### Response: pr"
+    assert generated_text(shots) == "\n Lung cancer. " and generated_text(made_up) is made_up
+    assert score(["lung cancer"], [prompt])["avg_f1"] < 50  # score() takes the text as given
+    pred = _jsonl(tmp_path / "p.jsonl", [{"id": "a", "prediction": shots},
+                                         {"id": "b", "prediction": made_up}])
     with caplog.at_level(logging.WARNING):
-        res = score(["lung cancer", "pr, er"], [prompt, made_up], per_instance=True)
-    assert res["rows"][0]["avg_f1"] == 100.0 and res["rows"][0]["prediction"] == prompt
+        res = score_file(gold, pred, per_instance=True)
+    assert res["rows"][0]["avg_f1"] == 100.0 and res["rows"][0]["prediction"] == shots
     assert res["rows"][1]["em_r"] == 0.0  # kept whole, one answer: cut at its header, "pr" would match a gold
-    assert "1 of 2 predictions hold their prompt" in caplog.text, caplog.text
+    assert "1 of 2 predictions in" in caplog.text and "hold their prompt" in caplog.text, caplog.text
     caplog.clear()
-    pred = _jsonl(tmp_path / "p.jsonl", [{"id": "a", "prediction": prompt},
+    pred = _jsonl(tmp_path / "q.jsonl", [{"id": "a", "prediction": prompt},
                                          {"id": "b", "prediction": "### Instruction:\nName the receptors."}])
     with caplog.at_level(logging.WARNING):
         res = score_file(gold, pred, per_instance=True)
     assert res["rows"][0]["avg_f1"] == 100.0 and res["rows"][1]["avg_f1"] == 0.0
-    assert "1 of 2 predictions in" in caplog.text and "has no '### Response:'" in caplog.text, caplog.text
-    assert "1 of 2 predictions hold their prompt" in caplog.text
+    assert "has no '### Response:'" in caplog.text and "hold their prompt" in caplog.text, caplog.text
 
 
 def test_score_file_by_id_and_by_order(tmp_path, gold, caplog):

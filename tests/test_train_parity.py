@@ -489,8 +489,8 @@ def test_full_fine_tuning_step_matches_transformers_adamw(tmp_path, monkeypatch,
     """``--full``: one step of every weight against transformers + torch AdamW (norms undecayed, as HF Trainer),
     on a tied Llama with one KV head whose pad id is an input: nn.Embedding(padding_idx) gives the pad row no
     gradient from the lookup (it used to get one: that row was 0.08 off after the step). ``loss_tokens_only`` (as
-    fine-tuning runs, the head in chunks of 4 tokens): the tied head's own gradient is taken too, on a loss mask
-    with prompts (labels -100 on torch's side)."""
+    fine-tuning runs) on a loss mask with prompts (labels -100 on torch's side): a trained head keeps the
+    whole-batch head, so its gradient (here the tied embedding's) is taken."""
     import cancerllm_jax.train.step as step_mod
 
     monkeypatch.setattr(step_mod, "LOSS_CHUNK", 4)

@@ -57,10 +57,9 @@ def safetensors_files(folder: str) -> dict[str, str]:
             raise UserError(f"{single}: corrupt or not a safetensors file ({e})") from None
     if os.path.isfile(index):
         try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+            weight_map = read_json_file(index)["weight_map"]
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{index}: not a valid safetensors index (no 'weight_map': {e})") from None
         if not isinstance(weight_map, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
             raise UserError(f"{index}: 'weight_map' must map tensor names to file names")
@@ -213,7 +212,7 @@ def check_hf_tensors(folder: str) -> None:
                 if tuple(t.get_shape()) != tuple(expected):
                     raise UserError(f"{fname}: tensor {name}: shape {tuple(t.get_shape())}, expected "
                                     f"{tuple(expected)} from config.json")
-                if not t.get_dtype().startswith(("F", "BF")):
+                if t.get_dtype() not in ("F16", "BF16", "F32", "F64"):
                     raise UserError(f"{fname}: tensor {name}: dtype {t.get_dtype()}, expected floating-point "
                                     "weights (quantised checkpoints are not supported)")
     missing = sorted(wanted - set(files))

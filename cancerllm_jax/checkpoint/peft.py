@@ -117,7 +117,7 @@ def _adapter_json(folder: str) -> tuple[str, dict]:
         raise UserError(f"{folder}: no {ADAPTER_CONFIG} (expected a PEFT LoRA adapter folder)")
     from cancerllm_jax.data.sources import json_type_name, load_json_file
 
-    conf = load_json_file(path, "not valid JSON")  # bad UTF-8, nested too deeply: path:line
+    conf = load_json_file(path, "not valid JSON", unique_keys=False)  # as peft reads it; bad UTF-8: path:line
     if not isinstance(conf, dict):
         raise UserError(f"{path}: expected a JSON object, got {json_type_name(conf)}")
     return path, conf

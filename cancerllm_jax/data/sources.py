@@ -58,10 +58,11 @@ def json_problem(e: ValueError | RecursionError, what: str = "invalid JSON") -> 
     return f"{what} ({str(e).split(';')[0]})"  # an integer of more than 4300 digits
 
 
-def load_json_file(path: str, what: str = "invalid JSON"):
-    """A whole JSON file's value (a leading BOM dropped; a key given twice refused). Bytes that are not UTF-8 or a
-    value ``loads_json_line`` refuses is one ``UserError`` naming ``path:line`` (the line where known); a file that
-    cannot be read is one naming ``path``."""
+def load_json_file(path: str, what: str = "invalid JSON", unique_keys: bool = True):
+    """A whole JSON file's value (a leading BOM dropped). Bytes that are not UTF-8 or a value ``loads_json_line``
+    refuses is one ``UserError`` naming ``path:line`` (the line where known); a file that cannot be read is one
+    naming ``path``. ``unique_keys=False`` reads a key given twice as ``json.load`` does (the last one), for the
+    Hugging Face files transformers and peft read so."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -69,7 +70,7 @@ def load_json_file(path: str, what: str = "invalid JSON"):
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     text = decode_utf8(path, data)
     try:
-        return loads_json_line(text)
+        return loads_json_line(text) if unique_keys else json.loads(text)
     except (ValueError, RecursionError) as e:
         line = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
         raise UserError(f"{path}{line}: {json_problem(e, what)}") from None

@@ -235,7 +235,7 @@ def _config_changes_the_model(folder: str, sp: SentencePieceTokenizer) -> bool:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             return {}
-        data = load_json_file(path)
+        data = load_json_file(path, unique_keys=False)  # as transformers reads it
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a JSON object, got {json_type_name(data)}")
         return data

@@ -193,12 +193,16 @@ RESPONSE_HEADER = "### Response:"
 
 
 def generated_text(prediction: str) -> str:
-    """What the protocol scores of a prediction: a whole decoded text that starts with its prompt (another
-    generator's output, prompt and all) gives the text after its first ``### Response:``; any other prediction is
-    the generation itself, returned as it is (the same object), a made-up ``### Response:`` in it included."""
-    if prediction.lstrip().startswith(PROMPT_OPENINGS) and RESPONSE_HEADER in prediction:
-        return prediction.partition(RESPONSE_HEADER)[2]
-    return prediction
+    """What the protocol scores of a prediction in a file (``score_file``): a whole decoded text that starts with
+    its prompt (another generator's output, prompt and all) gives the text after the ``### Response:`` that closes
+    its prompt, the first one after the prompt's last ``Below is an instruction`` (each few-shot exemplar has its
+    own); any other prediction is the generation itself, returned as it is (the same object), a made-up
+    ``### Response:`` in it included."""
+    if not prediction.lstrip().startswith(PROMPT_OPENINGS) or RESPONSE_HEADER not in prediction:
+        return prediction
+    last_prompt = max(prediction.rfind(PROMPT_OPENINGS[0]), 0)
+    _, header, answer = prediction[last_prompt:].partition(RESPONSE_HEADER)
+    return answer if header else prediction.partition(RESPONSE_HEADER)[2]
 
 
 def score(
@@ -217,19 +221,11 @@ def score(
     if not golds:
         raise UserValueError("nothing to score: golds and preds are empty")
     rows: list[dict[str, Any]] = []
-    cut = 0
     for i, (g, p) in enumerate(zip(golds, preds, strict=True)):
         if not isinstance(g, str) or not isinstance(p, str):
             raise UserTypeError(f"instance {i}: gold and prediction must be strings, got {type(g).__name__}, "
                             f"{type(p).__name__}")
-        answer = generated_text(p)
-        cut += answer is not p
-        rows.append({"index": i, "gold": g, "prediction": p, **score_instance(g, answer, protocol)})
-    if cut:
-        logging.getLogger(__name__).warning(
-            "%d of %d predictions hold their prompt (they start with 'Below is an instruction' or a '### ' header): "
-            "each is scored on the text after its first '### Response:', as the protocol takes a generation", cut,
-            len(rows))
+        rows.append({"index": i, "gold": g, "prediction": p, **score_instance(g, p, protocol)})
     result: dict[str, Any] = {k: sum(row[k] for row in rows) / len(rows) for k in KEYS}
     result["n"] = len(rows)
     if per_instance:
@@ -447,7 +443,14 @@ def score_file(
             "%d of %d predictions in %s start with a prompt ('Below is an instruction' or a '### ' header) that "
             "has no '### Response:': scored as they stand; give the answers alone (launch/generate.py writes them "
             "so)", framed, len(pairs), pred_path)
-    result = score([g for _, g, _ in pairs], [p for _, _, p in pairs], protocol, per_instance)
-    for row, (key, _, _) in zip(result.get("rows", []), pairs, strict=False):
-        row["id"] = key
+    answers = [generated_text(p) for _, _, p in pairs]
+    cut = sum(a is not p for a, (_, _, p) in zip(answers, pairs))
+    if cut:
+        logging.getLogger(__name__).warning(
+            "%d of %d predictions in %s hold their prompt (they start with 'Below is an instruction' or a '### ' "
+            "header): each is scored on the text after the '### Response:' that closes its prompt, as the protocol "
+            "takes a generation", cut, len(pairs), pred_path)
+    result = score([g for _, g, _ in pairs], answers, protocol, per_instance)
+    for row, (key, _, p) in zip(result.get("rows", []), pairs, strict=False):
+        row["id"], row["prediction"] = key, p
     return result

@@ -325,7 +325,7 @@ def run_finetune(cmd: Sequence[str], log_path: Path) -> None:
 def canonical_overrides(overrides: Sequence[str]) -> list[str]:
     """``key=value`` overrides as a record compares them: the last one of each key, sorted by key (the same settings
     given in another order are the same run); as given where one key holds another (``lora={rank: 4}`` and
-    ``lora.rank=8``: their order decides the rank)."""
+    ``lora.rank=8``: the command line refuses such a pair now, an older record may hold one)."""
     last = {}
     for o in overrides:
         key, _, value = str(o).partition("=")

@@ -811,7 +811,7 @@ class _MetricsLog:
                     line = raw.decode("utf-8")
                     row = json.loads(line) if line.strip() else None
                     step = int(row["step"]) if row is not None else None
-                except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+                except (ValueError, TypeError, KeyError, IndexError, RecursionError, ArithmeticError):
                     if number < len(lines):  # the last piece, after the last newline, is a line a kill cut
                         bad.append(number)
                     continue

@@ -6,7 +6,6 @@ a separate, undonated argument. Loss = mean token cross-entropy over unmasked ta
 """
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any, Callable, Sequence
 
@@ -114,31 +113,40 @@ def per_layer_shardings(shardings: dict, num_layers: int) -> dict:
 def loss_sums(parts: ModelParts, trainable, frozen, batch: dict, dropout_key, loss_tokens_only: bool = False
               ) -> tuple[jax.Array, jax.Array]:
     """``(sum of masked token losses, number of masked tokens)`` for one (micro)batch. ``loss_tokens_only``: the LM
-    head and cross-entropy run on the loss-masked tokens alone (``masked_head_loss``), as fine-tuning wants."""
+    head and cross-entropy run on the loss-masked tokens alone (``masked_head_loss``), as fine-tuning wants, when
+    the head is frozen (LoRA); a trained head (full fine-tuning) keeps the whole-batch head, whose gradient is one
+    product instead of one per chunk."""
     model, layers = parts.model_and_layers(trainable, frozen)
     mask = batch["loss_mask"].astype(jnp.float32)
-    if loss_tokens_only:
+    head_trained = ("embed" if model.cfg.tie_embeddings else "lm_head") in trainable
+    if loss_tokens_only and not head_trained:
         hidden = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key,
                        layers=layers, return_hidden=True)
-        head_grad = ("embed" if model.cfg.tie_embeddings else "lm_head") in trainable  # full fine-tuning
         with full_fp32_dots(model.compute_dtype):
-            total = masked_head_loss(hidden, model.head_weight(), batch["targets"], mask, LOSS_CHUNK, head_grad)
+            total = masked_head_loss(hidden, model.head_weight(), batch["targets"], mask, loss_chunk())
         return total, jnp.sum(mask)
     logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key=dropout_key,
                       layers=layers)
     return jnp.sum(token_losses(logits, batch["targets"]) * mask), jnp.sum(mask)
 
 
-def masked_head_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int,
-                     head_grad: bool = True) -> jax.Array:
-    """``sum(token_losses(hidden @ head, targets) * mask)``, with the LM head computed only where it counts.
+def loss_chunk() -> int:
+    """Tokens per row in each chunk of ``masked_head_loss``: ``LOSS_CHUNK`` on a CPU (measured), 512 on an
+    accelerator, where a batch-1 chunk's head GEMM needs that many rows to be compute-bound (not measured yet)."""
+    return LOSS_CHUNK if jax.default_backend() == "cpu" else 512
+
+
+def masked_head_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int
+                     ) -> jax.Array:
+    """``sum(token_losses(hidden @ head, targets) * mask)``, with the LM head computed only where it counts; the
+    head is a constant here (a frozen head: no gradient reaches it), ``hidden`` gets its gradient.
 
     Each row's loss tokens are moved to its front (a stable sort: their order kept), the rows are cut into chunks
     of ``chunk`` tokens, and a chunk runs the head and cross-entropy only if some row has a loss token in it. A
     fine-tuning batch whose responses are 1/5 of its tokens then runs about 1/5 of the head's GEMMs, forward and
     backward (SmolLM2's head is vocab 49152 × 576: a fifth of the model's FLOPs per token), and no chunk's logits
-    outlive it (``head_chunk_loss``). Rows stay where they were, so a batch sharded over the data axis stays so.
-    ``head_grad=False`` (a frozen head) skips the head's own gradient."""
+    outlive it (``head_chunk_loss``). Rows stay where they were, so a batch sharded over the data axis stays so."""
+    head = jax.lax.stop_gradient(head)
     b, t = mask.shape
     c = min(chunk, t)
     n = -(-t // c)
@@ -152,36 +160,34 @@ def masked_head_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array, mas
 
     def body(total, xs):
         h, y, m = xs
-        part = jax.lax.cond(jnp.any(m > 0), lambda: head_chunk_loss(h, head, y, m, head_grad),
+        part = jax.lax.cond(jnp.any(m > 0), lambda: head_chunk_loss(h, head, y, m),
                             lambda: jnp.zeros((), jnp.float32))
         return total + part, None
 
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), (chunks(hidden), chunks(targets), chunks(mask)))[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def head_chunk_loss(h: jax.Array, head: jax.Array, y: jax.Array, m: jax.Array, head_grad: bool) -> jax.Array:
-    """``sum(token_losses(h @ head, y) * m)`` whose forward also takes the gradients (the cross-entropy's
-    ``(softmax − onehot) · m`` in fp32, cast to the logits' dtype as autodiff casts it, through the head's two
-    products), so the backward only scales them: the ``[tokens, vocab]`` logits are never kept for the backward."""
-    return _head_chunk_fwd(h, head, y, m, head_grad)[0]
+@jax.custom_vjp
+def head_chunk_loss(h: jax.Array, head: jax.Array, y: jax.Array, m: jax.Array) -> jax.Array:
+    """``sum(token_losses(h @ head, y) * m)`` whose forward also takes the gradient of ``h`` (the cross-entropy's
+    ``(softmax − onehot) · m`` in fp32, cast to the logits' dtype as autodiff casts it, through the head), so the
+    backward only scales it: the ``[tokens, vocab]`` logits are never kept for the backward. The head gets no
+    gradient (``masked_head_loss`` passes a frozen one)."""
+    return _head_chunk_fwd(h, head, y, m)[0]
 
 
-def _head_chunk_fwd(h, head, y, m, head_grad):
+def _head_chunk_fwd(h, head, y, m):
     logits = h @ head
     z = logits.astype(jnp.float32)
     logz = jax.nn.logsumexp(z, axis=-1)
     loss = jnp.sum((logz - jnp.take_along_axis(z, y[..., None], axis=-1)[..., 0]) * m)
     dz = ((jnp.exp(z - logz[..., None]) - jax.nn.one_hot(y, z.shape[-1], dtype=jnp.float32)) * m[..., None]
           ).astype(logits.dtype)
-    dh = dz @ head.T
-    dhead = jnp.einsum("...h,...v->hv", h, dz) if head_grad else None
-    return loss, (dh, dhead)
+    return loss, dz @ head.T
 
 
-def _head_chunk_bwd(head_grad, res, g):
-    dh, dhead = res
-    return ((dh * g).astype(dh.dtype), None if dhead is None else (dhead * g).astype(dhead.dtype), None, None)
+def _head_chunk_bwd(dh, g):
+    return (dh * g).astype(dh.dtype), None, None, None
 
 
 head_chunk_loss.defvjp(_head_chunk_fwd, _head_chunk_bwd)
