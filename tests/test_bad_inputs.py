@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import importlib.util
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ import jax
 
 import cancerllm_jax as cj
 from cancerllm_jax.errors import UserError
-from helpers import one_clear_error
+from helpers import cli_module as _module, one_clear_error, run_cli
 
 # Start the backend now with conftest's 10 host devices: otherwise the first in-process launcher (mesh 1x1) would
 # ask for 1 device before JAX starts and every later mesh case would see a 1-device host.
@@ -32,7 +31,6 @@ assert jax.device_count() >= 10
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--mesh", "1x1", "--steps", "2", "--batch-size", "2", "data.block_size=32", "synthetic_documents=20",
         "lora.rank=2", "data.eval_fraction=0"]
-_MODULES: dict[str, object] = {}
 
 
 def tiny_less(extra):
@@ -47,30 +45,6 @@ def tiny_less(extra):
         elif "=" not in a or a.split("=", 1)[0] not in keys:
             out.append(a)
     return out
-
-
-def _module(rel: str):
-    if rel not in _MODULES:
-        folder = os.path.join(ROOT, os.path.dirname(rel))
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
-        spec = importlib.util.spec_from_file_location("cli_" + rel.replace("/", "_")[:-3], os.path.join(ROOT, rel))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod  # dataclasses defined in the script look their module up
-        spec.loader.exec_module(mod)
-        _MODULES[rel] = mod
-    return _MODULES[rel]
-
-
-def run_cli(rel: str, argv: list[str], capsys) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        code = _module(rel).main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
 
 
 def nothing_left(*paths):

@@ -2,7 +2,6 @@
 data tool, and held-out examples that are also training examples. Every case fails before any model is built."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -12,32 +11,9 @@ import numpy as np
 import pytest
 
 from cancerllm_jax.errors import UserError
-from helpers import one_clear_error
+from helpers import cli_module as _module, one_clear_error, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_MODULES: dict[str, object] = {}
-
-
-def _module(rel: str):
-    if rel not in _MODULES:
-        folder = os.path.join(ROOT, os.path.dirname(rel))
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
-        spec = importlib.util.spec_from_file_location("cli_" + rel.replace("/", "_")[:-3], os.path.join(ROOT, rel))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod  # dataclasses defined in the script look their module up
-        spec.loader.exec_module(mod)
-        _MODULES[rel] = mod
-    return _MODULES[rel]
-
-
-def run_cli(rel: str, argv: list, capsys) -> tuple[int, str]:
-    capsys.readouterr()
-    try:
-        code = _module(rel).main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------- a setting given twice
