@@ -137,6 +137,9 @@ def test_write_dataset_refuses_an_empty_folder_name(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="empty"):
         syn.write_dataset("", 10, n_pretrain_docs=1)
     assert os.listdir(tmp_path) == []
+    with pytest.raises(UserError, match="n_pretrain_docs must be at least 1"):  # wrote an empty corpus
+        syn.write_dataset(str(tmp_path / "out"), 10, n_pretrain_docs=0)
+    assert os.listdir(tmp_path) == []
 
 
 def test_cli_writes_files_and_datasheet(tmp_path):

@@ -1801,6 +1801,8 @@ def write_dataset(out_dir: str, n_patients: int, seed: int = 0, n_pretrain_docs:
         raise UserError(f"n_patients must be at least 10 for an 80/10/10 split (got {n_patients})")
     if not str(out_dir).strip():
         raise UserError("the output folder is empty: name a folder (an empty name would write into the current one)")
+    if n_pretrain_docs is not None and n_pretrain_docs < 1:  # an empty corpus: pretraining refuses it later
+        raise UserError(f"n_pretrain_docs must be at least 1 (got {n_pretrain_docs}); None gives 5 per patient")
     unfinished = os.path.isfile(os.path.join(out_dir, INCOMPLETE))  # an earlier write of ours that stopped part-way
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite and not unfinished:
         raise UserError(f"{out_dir} exists and is not empty; pass overwrite=True (CLI: --overwrite) to replace it")
