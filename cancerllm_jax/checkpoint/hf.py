@@ -141,8 +141,7 @@ def read_hf(folder: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
             raise UserError(f"{folder}: tensor {name} is missing")
         used.add(name)
         where = f"{files[name]}: tensor {name}"
-        shape = shapes[name] if name in shapes else shapes[_layer_generic(name)]
-        t = _check(where, _read_tensor(files[name], name), shape)
+        t = _check(where, _read_tensor(files[name], name), _expected_shape(shapes, name))
         if dtype is not None:
             check_fits(where, t, _np_dtype(dtype))
         return t
@@ -177,10 +176,7 @@ def read_hf(folder: str, dtype: str | None = None) -> tuple[ModelConfig, dict]:
     if wide:
         log.warning("%s: %d float64 tensor(s) read as float32: JAX computes in at most 32 bits here", folder,
                     len(wide))
-    extra = sorted(k for k in names - used if not k.endswith(IGNORED_SUFFIXES))
-    if extra:
-        raise UserError(f"{folder}: unexpected tensor(s) {extra[:5]}{'…' if len(extra) > 5 else ''} "
-                        f"(not part of a {cfg.model_type} model with this config)")
+    _refuse_extra(folder, cfg, names - used)
     return cfg, params
 
 
@@ -208,7 +204,7 @@ def check_hf_tensors(folder: str) -> None:
             for name in [n for n, where in files.items() if where == fname and (n in shapes or
                                                                                _layer_generic(n) in shapes)]:
                 t = f.get_slice(name)
-                expected = shapes[name] if name in shapes else shapes[_layer_generic(name)]
+                expected = _expected_shape(shapes, name)
                 if tuple(t.get_shape()) != tuple(expected):
                     raise UserError(f"{fname}: tensor {name}: shape {tuple(t.get_shape())}, expected "
                                     f"{tuple(expected)} from config.json")
@@ -219,10 +215,20 @@ def check_hf_tensors(folder: str) -> None:
     if missing:
         raise UserError(f"{folder}: tensor {missing[0]} is missing" + (f" (and {len(missing) - 1} more)"
                                                                       if len(missing) > 1 else ""))
-    extra = sorted(n for n in files if n not in wanted and n not in (embed, head) and not n.endswith(IGNORED_SUFFIXES))
+    _refuse_extra(folder, cfg, set(files) - wanted - {embed, head})
+
+
+def _refuse_extra(folder: str, cfg: ModelConfig, names: set[str]) -> None:
+    """Tensors no part of the model reads (a rotary table transformers once saved aside) are one error."""
+    extra = sorted(n for n in names if not n.endswith(IGNORED_SUFFIXES))
     if extra:
         raise UserError(f"{folder}: unexpected tensor(s) {extra[:5]}{'…' if len(extra) > 5 else ''} "
                         f"(not part of a {cfg.model_type} model with this config)")
+
+
+def _expected_shape(shapes: dict[str, tuple], name: str) -> tuple:
+    """A tensor's shape from ``_hf_shapes``, a layer's by its generic name."""
+    return shapes[name] if name in shapes else shapes[_layer_generic(name)]
 
 
 def _layer_generic(name: str) -> str:
