@@ -429,7 +429,8 @@ def run_torch(args, cfg, folder) -> dict:
     raw = make_batch(cfg, args.batch, args.seq, response=args.response_fraction)
     inputs = torch.as_tensor(raw["inputs"], device=dev)
     # the prompt's targets -100, as the authors' HF Trainer labels them (cross_entropy's default ignore_index)
-    labels = torch.as_tensor(raw["targets"] * raw["loss_mask"] - 100 * (1 - raw["loss_mask"]), device=dev)
+    labels = torch.as_tensor(raw["targets"], device=dev)
+    labels = labels.masked_fill(torch.as_tensor(raw["loss_mask"], device=dev) == 0, -100)
     total = args.warmup + args.steps
     times, losses, rss_steps = [], [], 0
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
