@@ -445,8 +445,9 @@ def _coerce(value, tp, where: str):
     if dataclasses.is_dataclass(tp):
         return build(tp, {} if value is None else value, where)  # `lora=0` is an error, not the defaults
     if origin in (tuple, list):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()] if value not in ("all",) else value
+        if isinstance(value, str) and value != "all":  # `a,b` is a list; a path that exists is one item
+            value = [value] if os.path.exists(os.path.expanduser(value)) else [
+                v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, str):
             return value
         if not isinstance(value, (list, tuple)):

@@ -66,8 +66,10 @@ def main(argv=None):
     say = announce if jax.process_index() == 0 else (lambda _msg: None)  # one process speaks for the run
     train_records, eval_records = load_records(cfg)
     if train_records is not None:
+        held_out = (f"{len(eval_records)} eval examples" if eval_records is not None
+                    else f"eval examples from {cfg.data.eval_path}")
         say(f"data: no data.path given; using built-in synthetic '{cfg.task}' data "
-                 f"({len(train_records)} train, {len(eval_records)} eval examples)")
+            f"({len(train_records)} train examples, {held_out})")
     # Steps come from epochs, so the data is read (and counted) before the trainer is built; the base is read
     # once, here, when its tokenizer is needed for that.
     base, tok_spec = base_for_data(cfg, args.dry_run)

@@ -562,6 +562,18 @@ def test_finetune_refuses_its_training_file_as_held_out_data(tmp_path, capsys, m
     nothing_left(wd)
 
 
+def test_eval_data_is_read_with_the_synthetic_training_data(tmp_path, capsys, models):
+    """--eval-data without --data: the held-out file is read (its bad line is reported), not the synthetic split."""
+    ev = write(tmp_path / "ev.jsonl", '{"instruction": "q", "response": "a"}\nNOT JSON\n')
+    argv = ["--model", models["tok"], "--eval-data", ev, "--workdir", tmp_path / "run", "--mesh", "1x1",
+            "--batch-size", "2", "--dry-run", "data.max_seq_len=512", "lora.rank=2", "synthetic_patients=10"]
+    code, err = run_cli("launch/finetune.py", argv, capsys)
+    one_clear_error(code, err, "ev.jsonl:2", "invalid JSON")
+    code, err = run_cli("launch/finetune.py", argv + ["--skip-bad-lines"], capsys)
+    assert code in (0, None), err
+    assert f"eval examples from {ev}" in err and "eval data: 1 examples" in err and "1 lines skipped" in err, err
+
+
 def test_repeated_training_examples_are_named_in_a_warning(tmp_path, caplog):
     from cancerllm_jax.data.instruct import read_instruct_jsonl
 

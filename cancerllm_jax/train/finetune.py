@@ -52,8 +52,9 @@ def synthetic_split(task: str, patients: int, seed: int) -> tuple[list[dict], li
 
 
 def load_records(cfg: FinetuneConfig):
-    """``(train, eval)`` examples: the user's JSONL (``data.path``, ``data.eval_path``) or synthetic data."""
+    """``(train, eval)`` examples: ``None`` for what the user's JSONL gives (``data.path``, ``data.eval_path``, read
+    by ``build_instruct_data``), else the synthetic data's split of ``task``."""
     if cfg.data.path:
         return None, None
     train, val, _ = synthetic_split(cfg.task, cfg.synthetic_patients, cfg.data.seed)
-    return train, val
+    return train, (None if cfg.data.eval_path else val)
