@@ -244,6 +244,23 @@ def test_the_lone_cr_hint_is_given_only_for_lone_cr_line_ends(tmp_path):
     assert "lone CR" not in str(e.value)
 
 
+def test_a_json_document_or_a_gzip_file_given_as_jsonl_is_named_so(tmp_path):
+    import gzip
+
+    from cancerllm_jax.data.sources import read_jsonl
+
+    (tmp_path / "doc.jsonl").write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=2))
+    with pytest.raises(UserError, match="doc.jsonl:1: invalid JSON .*one JSON document over many lines"):
+        read_jsonl(str(tmp_path / "doc.jsonl"), {"text": str})
+    (tmp_path / "z.jsonl").write_bytes(gzip.compress(b'{"text": "a"}\n'))
+    with pytest.raises(UserError, match="z.jsonl:1: not valid UTF-8 .*gzip-compressed"):
+        read_jsonl(str(tmp_path / "z.jsonl"), {"text": str})
+    (tmp_path / "ok.jsonl").write_text('{"text": "a"}\n[\n')  # a later line of "[": no such advice
+    with pytest.raises(UserError, match="ok.jsonl:2: invalid JSON") as e:
+        read_jsonl(str(tmp_path / "ok.jsonl"), {"text": str})
+    assert "one JSON document" not in str(e.value)
+
+
 def test_the_float16_range_check_reads_a_host_array_in_slices():
     import numpy as np
 

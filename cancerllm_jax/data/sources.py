@@ -216,6 +216,8 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
             except UnicodeDecodeError as e:
                 column = len(raw[:e.start].decode("utf-8", "replace")) + 1  # characters, as an editor counts
                 problem = f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column})"
+                if lineno == 1 and raw.startswith(b"\x1f\x8b"):
+                    problem += "; the file is gzip-compressed: decompress it first"
             else:
                 if not line.strip():
                     continue
@@ -227,6 +229,8 @@ def read_jsonl(path: str, required: dict[str, Any], skip_bad_lines: bool = False
                             and line[:e.pos].rstrip(" \t").endswith("\r")):  # old Mac line ends:
                         # the whole file reads as one line, its records run together after a CR
                         problem += "; its lines end in a lone CR: convert the file to LF (or CRLF) line ends"
+                    elif lineno == 1 and line.strip() in ("[", "{"):  # a pretty-printed JSON document
+                        problem += "; this reads as one JSON document over many lines: write one object per line"
                 else:
                     # the caller's rule first: a record in another format (generate.py's `prompt`) is named as
                     # such, not as one missing a field
