@@ -356,6 +356,24 @@ def test_patterns_need_no_usable_config_level_rank_or_alpha(tmp_path):
         cj.load(base, adapter=adapter)
 
 
+def test_fields_left_to_peft_and_a_non_positive_alpha_give_peft_logits(tmp_path):
+    """A config without r / lora_alpha / target_modules (or target_modules null) reads peft's defaults (8, 8, q_proj
+    and v_proj for Mistral); lora_alpha 0 or below (an adapter that subtracts) loads as peft loads it (refused
+    before) and exports back."""
+    base, adapter, made_ref, _ = make_adapter(str(tmp_path), seed=8, std=0.3, targets=["q_proj", "v_proj"], r=8,
+                                              num_attention_heads=4, num_key_value_heads=2)
+    path = os.path.join(adapter, "adapter_config.json")
+    conf = json.load(open(path))
+    for edit in ({"target_modules": None}, {"lora_alpha": -8}, {"lora_alpha": 0}, {"lora_alpha": -2.5}):
+        json.dump({k: v for k, v in {**conf, **edit}.items() if k not in ("r", "lora_alpha") or k in edit},
+                  open(path, "w"))
+        ref = torch_logits(peft.PeftModel.from_pretrained(hf_base(base), adapter).eval(), IDS)
+        assert max_diff(ref, made_ref) > 1e-3, "peft's defaults must change the scaling"
+        out = tmp_path / f"out{edit['lora_alpha']}" if "lora_alpha" in edit else tmp_path / "defaults"
+        out.mkdir()
+        assert_peft_logits_and_export(base, adapter, ref, out)
+
+
 def test_a_rank_that_a_reordered_pattern_key_picks_is_named(tmp_path):
     """peft saves pattern keys sorted: keys that match one module can then pick another rank than at creation. The
     error says so (it said "an adapter for another base model?")."""

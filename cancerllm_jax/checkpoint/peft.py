@@ -24,6 +24,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 PREFIX = "base_model.model.model.layers"
 HF_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+# what a field left out of adapter_config.json means when peft loads it (its LoraConfig's defaults; its
+# target_modules for Mistral and Llama, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "use_qalora": False}
 # set, these change which weights get factors or what the layer computes (LoRA variants of peft 0.21)
 _EMPTY = ("modules_to_save", "layer_replication",
@@ -267,6 +270,9 @@ def _read_config(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[
         raise UserError(f"{path}: field {unknown[0]}={conf[unknown[0]]!r} is not known here (a LoRA variant of a "
                         "newer peft?); only plain LoRA adapters are supported")
     targets = conf.get("target_modules")
+    if targets is None:  # peft's default for Mistral and Llama (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+        targets = PEFT_DEFAULTS["target_modules"]
+        conf = {**conf, "target_modules": targets}
     for key in ("layers_to_transform", "layers_pattern"):  # as peft's LoraConfig refuses them
         if isinstance(targets, str) and conf.get(key) is not None:
             raise UserError(f"{path}: {key} cannot be used when target_modules is a string ({targets!r}), as in peft")
@@ -298,18 +304,18 @@ def _read_config(folder: str, num_layers: int | None) -> tuple[LoRAConfig, dict[
         where = f"its {num_layers} layers" if num_layers is not None else "any layer"
         raise UserError(f"{path}: target_modules {targets!r}{settings} adapt none of {sorted(names)} in {where} "
                         "(model.layers.N.*)")
-    r = conf.get("r")
+    r = conf.get("r", PEFT_DEFAULTS["r"])
     if isinstance(r, bool) or not (isinstance(r, int) or isinstance(r, float) and r.is_integer()):
         raise UserError(f"{path}: r must be a whole number, got {json.dumps(r)}")  # int(8.5) would be rank 8
     rank_pattern, alpha_pattern = _pattern(path, conf, "rank_pattern"), _pattern(path, conf, "alpha_pattern")
     rslora = conf.get("use_rslora")
     if rslora not in (None, True, False):  # "false" would be truthy
         raise UserError(f"{path}: use_rslora must be true or false, got {json.dumps(rslora)}")
-    if "lora_alpha" not in conf:
-        raise UserError(f"{path}: missing field 'lora_alpha'")
-    alpha = _json_number(path, conf, "lora_alpha")
+    alpha = _json_number(path, conf, "lora_alpha", PEFT_DEFAULTS["lora_alpha"])
     _json_number(path, conf, "lora_dropout", 0.0)
-    if rank_pattern or alpha_pattern:  # peft: each module's own rank and alpha, the config's r / alpha as defaults
+    if rank_pattern or alpha_pattern or alpha <= 0:
+        # peft: each module's own rank and alpha, the config's r / alpha as defaults; an alpha of 0 or below (an
+        # adapter that subtracts) takes this path too, as a LoRAConfig's alpha is positive
 
         def scale(rank: int, alpha_: float) -> float:
             return alpha_ / math.sqrt(rank) if rslora else alpha_ / rank
