@@ -462,6 +462,22 @@ def test_resume_drops_unreadable_metrics_lines_with_a_warning(tmp_path, capsys):
     assert f"3 unreadable line(s) dropped (first: line {first})" in capsys.readouterr().err
 
 
+def test_a_large_preset_base_not_saved_is_remade_as_the_run_made_it(tmp_path, monkeypatch):
+    """A LoRA run on a preset too large to save (2e9+ parameters: ``base`` is the preset's name and seed) is loaded
+    on the base it was trained on: remade with the run's LoRA factors, which draw from the same seeded stream (it was
+    remade without them: other weights, logits off by ~1)."""
+    from cancerllm_jax.config import ModelConfig
+
+    monkeypatch.setattr(ModelConfig, "num_params", lambda self: 3e9)
+    trainer = make_trainer(tmp_path, "1x1", ["steps=1"])
+    trainer.run()
+    assert json.load(open(tmp_path / "run.json"))["base"]["kind"] == "preset"
+    ids = np.array([[1, 851, 349, 22, 5000, 77, 31000, 4]], np.int32)
+    model = trainer.parts.merge(jax.device_get(trainer.state["params"]), jax.device_get(trainer.frozen))
+    own = np.asarray(model(jax.numpy.asarray(ids))[0])
+    np.testing.assert_allclose(cj.load(str(tmp_path)).logits(ids), own, atol=1e-5, rtol=0)
+
+
 def test_cpu_device_count_from_xla_flags_is_replaced_and_said(tmp_path):
     """XLA_FLAGS forcing 2 host devices and ``--mesh 10x1``: the launcher provides 10 and says so (CPU only)."""
     res = launch(["--mesh", "10x1", "--dry-run", "--workdir", str(tmp_path), *TINY_CLI],

@@ -167,5 +167,6 @@ def read_run_weights(path: str):
     else:
         from cancerllm_jax.model import base_params, create_model
 
-        params = base_params(create_model(cfg, None, meta.get("dtype", "float32"), seed=base.get("seed", 0)))
+        # made as the run made it: with its LoRA factors, which draw from the same seeded stream as the weights
+        params = base_params(create_model(cfg, lora, meta.get("dtype", "float32"), seed=base.get("seed", 0)))
     return LoadedWeights(cfg, params, lora=lora, lora_params=trainable, tokenizer_spec=tok, source=path)
