@@ -73,11 +73,14 @@ def steps_from_epochs(cfg: PretrainConfig, announce: Callable[[str], None] = _st
                         "2**31 - 1 steps")
     if jax.process_index() == 0:
         read = steps * cfg.batch_size  # whole batches: what they read past the epochs is counted, not dropped
-        extra = read - round(cfg.epochs * blocks)
+        wanted = round(cfg.epochs * blocks)
+        extra = read - wanted
+        next_pass = -(-read // blocks) > -(-wanted // blocks)  # the last batch reaches into another pass
         announce(f"data: {blocks} train blocks of {cfg.data.block_size} tokens; {cfg.epochs:g} epochs in batches of "
                  f"{cfg.batch_size} = {steps} steps" + (
-                     f"; {read} blocks read, {extra} past {cfg.epochs:g} epochs (the stream "
-                     "repeats: the last batch fills up from the next pass, where HF's would be short)"
+                     f"; {read} blocks read, {extra} past {cfg.epochs:g} epochs (whole batches" + (
+                         ": the stream repeats, the last batch fills up from the next pass, where HF's would be "
+                         "short)" if next_pass else ")")
                      if extra > 0 else ""))
 
     def make_data(_tokenizer, process_index: int, process_count: int) -> DataBundle:
