@@ -200,7 +200,11 @@ def cli_main(fn):
                   f"with --resume{folder} to continue", file=sys.stderr)
             sys.exit(130 if sigint else 143)
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            print("interrupted", file=sys.stderr, flush=True)
+            if fn.__module__ == "__main__":  # a script's own process: no interpreter shutdown, which dies of
+                # SIGSEGV when the Ctrl-C came while XLA compiles on its threads; `finally` blocks have run by now
+                sys.stdout.flush()
+                os._exit(130)
             sys.exit(130)
         except Exception as e:  # noqa: BLE001 - a bug, not the user's input: still one line without --debug
             if debug:

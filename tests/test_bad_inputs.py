@@ -1708,6 +1708,20 @@ def _ctrl_c_runs(tmp_path, capsys, monkeypatch, write_row, loop, latest_step):
     assert latest_step(str(tmp_path / "r2" / "checkpoints")) in (None, 0)
 
 
+def test_ctrl_c_in_a_script_exits_130_without_interpreter_shutdown(tmp_path):
+    """A Ctrl-C reaching a script's main (``python launch/...``) exits 130 at once: the interpreter's shutdown,
+    which waits for other threads and died of SIGSEGV with an XLA compile running on its threads, is skipped (here a
+    thread that would hold the exit for a minute); in-process (tests) it stays ``SystemExit(130)``."""
+    import subprocess
+
+    script = write(tmp_path / "script.py", "import threading, time\nfrom cancerllm_jax.errors import cli_main\n"
+                   "@cli_main\ndef main():\n    threading.Thread(target=time.sleep, args=(60,)).start()\n"
+                   "    raise KeyboardInterrupt\nmain()\n")
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    res = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=30, env=env)
+    assert res.returncode == 130 and res.stderr.strip().endswith("interrupted"), res.stderr
+
+
 def test_pretrain_epochs_set_the_steps_as_hf_counts_them(tmp_path, capsys):
     """``--epochs E`` reads the corpus first and trains ceil(E x ceil(train blocks / batch)) steps (the paper's
     "1 epoch"); the run records both; a bad value is one clear error."""
