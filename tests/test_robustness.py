@@ -455,6 +455,40 @@ def test_a_table_is_written_last_and_never_outlives_a_failed_update(tmp_path, mo
     assert not Path(paths["table"]).exists()
 
 
+def test_a_sweep_that_recomputes_takes_its_old_results_back_first(tmp_path, monkeypatch):
+    """``--overwrite`` (or a damaged rate) recomputes: the sweep's old table and robustness.json entry are removed
+    before the first rate is decoded, so an interrupted run leaves nothing that reads as its finished result; the
+    other sweep's entry and plot stay; a sweep that reuses every rate takes nothing back."""
+    scores = {f"{m}_{x}": 50.0 for m in ("em", "bleu2", "rougeL") for x in ("p", "r", "f1")}
+    other = rb.SweepResult("counterfactual", [{"task": "phenotype", "rate": 0.5, "n": 1, "avg_f1": 50.0, **scores}],
+                           {"phenotype": 50.0}, {"seed": 0})
+    rb.write_outputs(tmp_path, other, "base")
+    monkeypatch.setattr(rb, "load_model", lambda path, dtype, adapter=None: path)
+    monkeypatch.setattr(rb, "decode", lambda lm, records, task, settings: (
+        [r["response"] for r in records], {"seconds": 0.0}, ["h"] * len(records)))
+    model = _fake_model(tmp_path / "m")
+
+    def sweep(**kw):
+        return rb.misspelling_sweep(model, {"diagnosis": _recs("diagnosis", 2)}, tmp_path, rates=[0.2],
+                                    log=lambda s: None, **kw)
+
+    rb.write_outputs(tmp_path, sweep(), "m")
+    assert (tmp_path / "table6.md").is_file() and set(json.loads((tmp_path / "robustness.json").read_text())) == {
+        "counterfactual", "misspell"}
+    sweep()  # every rate reused: nothing taken back
+    assert (tmp_path / "table6.md").is_file()
+
+    def interrupted(*a, **k):
+        assert not (tmp_path / "table6.md").exists() and (tmp_path / "table5.md").is_file()
+        assert set(json.loads((tmp_path / "robustness.json").read_text())) == {"counterfactual"}
+        assert (tmp_path / "robustness.png").is_file()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rb, "decode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sweep(overwrite=True, settings=rb.DecodeSettings(max_new_tokens=3))
+
+
 def test_cli_refuses_a_rate_given_twice(tmp_path, capsys):
     mod = _launch_robustness()
     with pytest.raises(SystemExit) as e:

@@ -17,7 +17,8 @@ differences (``overwrite=True`` / ``--overwrite`` recomputes such rates instead,
 ``scores.json`` is recomputed with a warning. A counterfactual rate whose fine-tuning was interrupted resumes that run
 (its settings are kept in ``settings.json`` beside it; a run made with other training settings is refused, or started
 again with ``--overwrite``); a finished run is reused when only the decoding settings changed.
-:func:`write_outputs` writes ``table5.md`` / ``table6.md``, ``robustness.json`` and ``robustness.png``.
+:func:`write_outputs` writes ``table5.md`` / ``table6.md``, ``robustness.json`` and ``robustness.png``; a sweep that
+computes any rate first takes its old table and ``robustness.json`` entry back (:func:`retract_outputs`).
 Decoding is greedy with the paper's limits unless told otherwise; nothing here imports jax until a model is loaded.
 """
 from __future__ import annotations
@@ -411,6 +412,8 @@ def counterfactual_sweep(base_model: str, train: Sequence[dict], val: Sequence[d
         result = _cached(d, _unrecorded_digest_matches(key, d / "scores.json", "corrupted_set", saved), overwrite, log)
         plans.append((rate, d, train_key, key, result, corrupted, None if result is not None else _training_state(
             d, _unrecorded_digest_matches(train_key, d / "settings.json", "corrupted_set", saved), overwrite)))
+    if any(plan[4] is None for plan in plans):
+        retract_outputs(out_dir, "counterfactual")
     if val:
         write_jsonl(root / "val.jsonl", val)
     else:
@@ -518,6 +521,8 @@ def misspelling_sweep(model: str | Any, tests: dict[str, Sequence[dict]], out_di
                    "noisy_set": noisy_set, **settings.key(task)}
             seen_key = _unrecorded_digest_matches(key, d / "scores.json", "noisy_set", d / "test.jsonl", ("noise",))
             plans.append((task, noisy, rate, d, key, _cached(d, seen_key, overwrite, log)))
+    if any(plan[5] is None for plan in plans):
+        retract_outputs(out_dir, "misspell")
     lm = None
     rows = []
     for task, noisy, rate, d, key, result in plans:
@@ -638,23 +643,54 @@ def plot_sweeps(results: Sequence[SweepResult], path: str | os.PathLike, model_n
     return str(path)
 
 
+def _table_path(out_dir: str | os.PathLike, kind: str) -> Path:
+    return Path(out_dir) / ("table5.md" if kind == "counterfactual" else "table6.md")
+
+
+def _read_merged(js: Path) -> dict:
+    data = read_json_file(str(js), "merged results file", "delete it and run the sweeps again (their finished rates "
+                          "are reused)") if js.is_file() else {}
+    if not isinstance(data, dict):
+        raise UserError(f"{js}: expected a JSON object; delete it and run the sweeps again")
+    return data
+
+
+def _redraw(out: Path, data: dict) -> str | None:
+    """``robustness.png`` of every sweep in ``data`` (removed when there is none)."""
+    if not data:
+        (out / "robustness.png").unlink(missing_ok=True)
+        return None
+    results = [SweepResult(v["kind"], v["rows"], v["mean_avg_f1"], v["settings"]) for k, v in sorted(data.items())]
+    return plot_sweeps(results, out / "robustness.png", {k: v.get("model_name", "") for k, v in data.items()})
+
+
+def retract_outputs(out_dir: str | os.PathLike, kind: str) -> None:
+    """Take the ``kind`` sweep's table and its entry in ``robustness.json`` (and the plot) back before any of its
+    rates is recomputed: an interrupted sweep must not leave the old results looking current."""
+    out = Path(out_dir)
+    _table_path(out, kind).unlink(missing_ok=True)
+    js = out / "robustness.json"
+    data = _read_merged(js)
+    if kind in data:
+        del data[kind]
+        if data:
+            write_text_atomic(str(js), json.dumps(data, indent=2) + "\n")
+        else:
+            js.unlink()
+        _redraw(out, data)
+
+
 def write_outputs(out_dir: str | os.PathLike, result: SweepResult, model_name: str) -> dict[str, str]:
     """Merge this sweep into ``robustness.json``, redraw ``robustness.png`` from all sweeps recorded there, then
     write its table (last: a table is only there when everything it goes with is); return the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = out / ("table5.md" if result.kind == "counterfactual" else "table6.md")
-    if table.is_file():  # an older table must not outlive a failure below
-        table.unlink()
+    table = _table_path(out, result.kind)
+    table.unlink(missing_ok=True)  # an older table must not outlive a failure below
     js = out / "robustness.json"
-    data = read_json_file(str(js), "merged results file", "delete it and run the sweeps again (their finished rates "
-                          "are reused)") if js.is_file() else {}
-    if not isinstance(data, dict):
-        raise UserError(f"{js}: expected a JSON object; delete it and run the sweeps again")
+    data = _read_merged(js)
     data[result.kind] = {**result.to_json(), "model_name": model_name}
     write_text_atomic(str(js), json.dumps(data, indent=2) + "\n")
-    results = [SweepResult(v["kind"], v["rows"], v["mean_avg_f1"], v["settings"]) for k, v in sorted(data.items())]
-    names = {k: v.get("model_name", "") for k, v in data.items()}
-    png = plot_sweeps(results, out / "robustness.png", names)
+    png = _redraw(out, data)
     write_text_atomic(str(table), table_markdown(result, model_name))
     return {"table": str(table), "json": str(js), "png": png}
