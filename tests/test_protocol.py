@@ -387,6 +387,16 @@ def test_predictions_that_hold_their_prompt_are_scored_on_their_response(tmp_pat
         res = score_file(gold, pred, per_instance=True)
     assert res["rows"][0]["avg_f1"] == 100.0 and res["rows"][1]["avg_f1"] == 0.0
     assert "has no '### Response:'" in caplog.text and "hold their prompt" in caplog.text, caplog.text
+    # our own files (generate.py, `evaluate.py run`: rows with a prompt_hash) hold the generation alone: a header the
+    # model made is part of its answer, as `evaluate.py report` scores it (they were cut here, not there)
+    caplog.clear()
+    ours = _jsonl(tmp_path / "ours.jsonl", [{"id": "a", "prompt_hash": "x", "prediction": "### Response: lung cancer"},
+                                            {"id": "b", "prompt_hash": "y", "prediction": prompt}])
+    with caplog.at_level(logging.WARNING):
+        res = score_file(gold, ours, per_instance=True)
+    assert [r["avg_f1"] for r in res["rows"]] == [score(["lung cancer"], ["### Response: lung cancer"])["avg_f1"],
+                                                  score(["pr, er"], [prompt])["avg_f1"]]
+    assert res["rows"][0]["avg_f1"] < 100.0 and "predictions in" not in caplog.text
 
 
 def test_score_file_by_id_and_by_order(tmp_path, gold, caplog):

@@ -193,7 +193,8 @@ RESPONSE_HEADER = "### Response:"
 
 
 def generated_text(prediction: str) -> str:
-    """What the protocol scores of a prediction in a file (``score_file``): a whole decoded text that starts with
+    """What the protocol scores of a prediction in another generator's file (``score_file``; ours, with a
+    ``prompt_hash``, hold the generation alone): a whole decoded text that starts with
     its prompt (another generator's output, prompt and all) gives the text after the ``### Response:`` that closes
     its prompt, the first one after the prompt's last ``Below is an instruction`` (each few-shot exemplar has its
     own); any other prediction is the generation itself, returned as it is (the same object), a made-up
@@ -437,19 +438,24 @@ def score_file(
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
     pairs = _pairs(gold_path, pred_path, gold_field, pred_field)
-    framed = sum(p.lstrip().startswith(PROMPT_OPENINGS) and RESPONSE_HEADER not in p for _, _, p in pairs)
-    if framed:  # a prompt without its response header: nothing to cut at, scored as it stands, quietly low
-        logging.getLogger(__name__).warning(
-            "%d of %d predictions in %s start with a prompt ('Below is an instruction' or a '### ' header) that "
-            "has no '### Response:': scored as they stand; give the answers alone (launch/generate.py writes them "
-            "so)", framed, len(pairs), pred_path)
-    answers = [generated_text(p) for _, _, p in pairs]
-    cut = sum(a is not p for a, (_, _, p) in zip(answers, pairs))
-    if cut:
-        logging.getLogger(__name__).warning(
-            "%d of %d predictions in %s hold their prompt (they start with 'Below is an instruction' or a '### ' "
-            "header): each is scored on the text after the '### Response:' that closes its prompt, as the protocol "
-            "takes a generation", cut, len(pairs), pred_path)
+    if all("prompt_hash" in obj for _, obj in _read_jsonl(pred_path)):
+        # written by launch/generate.py, `evaluate.py run` or a robustness sweep: each prediction is the generated
+        # text alone, scored as it stands (as `evaluate.py report` scores it), a header the model made included
+        answers = [p for _, _, p in pairs]
+    else:
+        framed = sum(p.lstrip().startswith(PROMPT_OPENINGS) and RESPONSE_HEADER not in p for _, _, p in pairs)
+        if framed:  # a prompt without its response header: nothing to cut at, scored as it stands, quietly low
+            logging.getLogger(__name__).warning(
+                "%d of %d predictions in %s start with a prompt ('Below is an instruction' or a '### ' header) that "
+                "has no '### Response:': scored as they stand; give the answers alone (launch/generate.py writes them "
+                "so)", framed, len(pairs), pred_path)
+        answers = [generated_text(p) for _, _, p in pairs]
+        cut = sum(a is not p for a, (_, _, p) in zip(answers, pairs))
+        if cut:
+            logging.getLogger(__name__).warning(
+                "%d of %d predictions in %s hold their prompt (they start with 'Below is an instruction' or a '### ' "
+                "header): each is scored on the text after the '### Response:' that closes its prompt, as the protocol "
+                "takes a generation", cut, len(pairs), pred_path)
     result = score([g for _, g, _ in pairs], answers, protocol, per_instance)
     for row, (key, _, p) in zip(result.get("rows", []), pairs, strict=False):
         row["id"], row["prediction"] = key, p
