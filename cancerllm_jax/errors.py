@@ -46,6 +46,12 @@ class Terminated(KeyboardInterrupt):
     Ctrl-C), as a process killed by that signal does."""
 
 
+class ChildStopped(KeyboardInterrupt):
+    """SIGTERM or Ctrl-C that reached a command while it waited for a child command (``launch_common.run_child``),
+    passed on to the child, which stopped as it stops (a training run saves the step it finished); ``args``: the
+    signal's name and what the child was. The CLI exits 143 (130 for Ctrl-C)."""
+
+
 _SEQ_LEN = ("max_seq_len", "block_size")
 # names of the same settings in HF TrainingArguments, peft's LoraConfig and other trainers, which difflib misses
 ALIASES = {
@@ -198,6 +204,12 @@ def cli_main(fn):
             folder = f" --workdir {shlex.quote(e.args[2])}" if len(e.args) > 2 and e.args[2] else ""
             print(f"{'interrupted (Ctrl-C)' if sigint else 'terminated (SIGTERM)'}: {saved}; run the same command "
                   f"with --resume{folder} to continue", file=sys.stderr)
+            sys.exit(130 if sigint else 143)
+        except ChildStopped as e:
+            sigint = e.args[0] == "SIGINT"
+            print(f"{'interrupted (Ctrl-C)' if sigint else 'terminated (SIGTERM)'}: {e.args[1]} was stopped too (a "
+                  "training run saves the step it finished); run the same command again to continue",
+                  file=sys.stderr)
             sys.exit(130 if sigint else 143)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr, flush=True)

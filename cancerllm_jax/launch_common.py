@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
+import subprocess
 import sys
 import time
 
-from cancerllm_jax.errors import UserError
+from cancerllm_jax.errors import ChildStopped, UserError
 
 
 def mesh_value_joined(argv=None) -> list[str]:
@@ -231,3 +233,43 @@ def announce_privacy(log_examples: bool) -> None:
     if log_examples:
         announce("--log-examples is ON: note text (possibly PHI) may appear in this run's console output and logs; "
                  "leave the flag out to keep note text out of everything but your prediction files")
+
+
+def run_child(cmd: list[str], stdout, what: str, cwd: str | None = None) -> int:
+    """Run ``cmd`` (output to the file ``stdout``) to its end and return its exit code. A SIGTERM or Ctrl-C to this
+    process is passed on as SIGTERM, which a training run takes as "save the step you finished, then stop" (and takes
+    once, should the terminal's Ctrl-C have reached it too); once the child has ended, ``ChildStopped`` says so
+    (``what``: the child, for the message). A second Ctrl-C kills the child at once. The child is never left running
+    on its own."""
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT, cwd=cwd)
+    got: list[str] = []
+
+    def pass_on(signum, _frame=None) -> None:
+        got.append("SIGINT" if signum == signal.SIGINT else "SIGTERM")
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, pass_on)
+    except ValueError:  # not the main thread: no handler can be set there
+        previous = None
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:
+                if "SIGINT" in got:
+                    proc.kill()
+                    proc.wait()
+                    raise
+                pass_on(signal.SIGINT)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:  # an error of this process's own: the child does not outlive it
+            proc.kill()
+            proc.wait()
+    if got:
+        raise ChildStopped(got[0], what)
+    return code

@@ -36,7 +36,6 @@ import glob
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package first
 
 from cancerllm_jax.errors import UserError, cli_main
+from cancerllm_jax.launch_common import run_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EVAL_TASKS = ("phenotype", "diagnosis", "treatment_plan")
@@ -166,12 +166,12 @@ class Pipeline:
         if cmd:
             logf = os.path.join(self.out, "logs", f"{name}.log")
             with open(logf, "w") as f:
-                p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=os.path.dirname(HERE))
-            if p.returncode != 0:  # one line: the stage's own error (its whole output is in the log)
+                returncode = run_child(cmd, f, f"stage {name} (log: {logf})", cwd=os.path.dirname(HERE))
+            if returncode != 0:  # one line: the stage's own error (its whole output is in the log)
                 lines = [ln.strip() for ln in open(logf, errors="replace").read().splitlines() if ln.strip()]
                 why = next((ln[len("error: "):] for ln in reversed(lines) if ln.startswith("error: ")),
                            lines[-1] if lines else "no output")
-                raise UserError(f"stage {name} failed (exit {p.returncode}): {why[:1000]} (log: {logf})")
+                raise UserError(f"stage {name} failed (exit {returncode}): {why[:1000]} (log: {logf})")
         else:
             fn()
         dt = time.time() - t0

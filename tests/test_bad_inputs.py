@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -1720,6 +1721,35 @@ def test_ctrl_c_in_a_script_exits_130_without_interpreter_shutdown(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     res = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=30, env=env)
     assert res.returncode == 130 and res.stderr.strip().endswith("interrupted"), res.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_to_a_command_waiting_for_its_training_child_stops_the_child_too(tmp_path, sig):
+    """``reproduce.py`` and the counterfactual sweep run training as a child (``launch_common.run_child``): a SIGTERM
+    or Ctrl-C to them is passed on as SIGTERM (the child saves and stops, as a training run does), they wait for it,
+    then exit 143 / 130 with one line; the child was left training on its own, holding its run folder."""
+    import signal
+
+    child = write(tmp_path / "child.py", "import signal, sys, time\n"
+                  "def stop(signum, frame):\n    open(sys.argv[1], 'w').write(signal.Signals(signum).name)\n"
+                  "    sys.exit(143)\nsignal.signal(signal.SIGTERM, stop)\n"
+                  "signal.signal(signal.SIGINT, signal.SIG_IGN)\nopen(sys.argv[2], 'w').close()\ntime.sleep(60)\n")
+    parent = write(tmp_path / "parent.py", "import sys\nfrom cancerllm_jax.errors import cli_main\n"
+                   "from cancerllm_jax.launch_common import run_child\n@cli_main\ndef main():\n"
+                   "    with open(sys.argv[3], 'w') as log:\n"
+                   "        return run_child([sys.executable, sys.argv[4], sys.argv[1], sys.argv[2]], log, 'stage x')\n"
+                   "sys.exit(main())\n")
+    got, started = tmp_path / "got", tmp_path / "started"
+    proc = subprocess.Popen([sys.executable, parent, got, started, tmp_path / "log", child], stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    deadline = time.time() + 60
+    while not started.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    err = proc.communicate(timeout=60)[1]
+    assert got.read_text() == "SIGTERM"  # the child was asked to stop, and stopped before its parent exited
+    assert proc.returncode == (143 if sig == "SIGTERM" else 130), err
+    assert f"{'terminated (SIGTERM)' if sig == 'SIGTERM' else 'interrupted (Ctrl-C)'}: stage x was stopped too" in err
 
 
 def test_pretrain_epochs_set_the_steps_as_hf_counts_them(tmp_path, capsys):

@@ -747,13 +747,13 @@ def test_reproduce_resumes_training_stages_and_refuses_other_settings(tmp_path, 
     other.mkdir()
     cmds = []
 
-    def fake_run(cmd, **kw):
+    def fake_run(cmd, *args, **kw):  # run_child: the exit code
         cmds.append(cmd)
         if "--workdir" in cmd:
             os.makedirs(cmd[cmd.index("--workdir") + 1], exist_ok=True)
-        return type("Done", (), {"returncode": 0})()
+        return 0
 
-    monkeypatch.setattr(rep.subprocess, "run", fake_run)
+    monkeypatch.setattr(rep, "run_child", fake_run)
     argv = ["--scale", "cpu-small", "--model", str(model), "--out", str(out), "--skip", "robustness"]
     assert rep.main(argv) == 0
     stages = {os.path.basename(c[1]): c for c in cmds}
@@ -770,8 +770,7 @@ def test_reproduce_resumes_training_stages_and_refuses_other_settings(tmp_path, 
     # a setting is recorded once a stage that depends on it is finished: a run that failed in pretraining can be
     # started again with other pretraining data
     out2, fail = tmp_path / "out2", []
-    monkeypatch.setattr(rep.subprocess, "run", lambda cmd, **kw: fake_run(cmd) if not fail else type(
-        "Failed", (), {"returncode": 1})())
+    monkeypatch.setattr(rep, "run_child", lambda cmd, *a, **kw: fake_run(cmd) if not fail else 1)
     fail.append(1)
     with pytest.raises(SystemExit):
         rep.main([*argv[:-4], "--out", str(out2), "--pretrain-data", str(tmp_path / "typo.jsonl")])
@@ -829,7 +828,7 @@ def test_reproduce_stages_are_keyed_to_their_inputs(tmp_path, monkeypatch, capsy
     model.mkdir()
     ran, trained = [], [0]
 
-    def fake_run(cmd, **kw):
+    def fake_run(cmd, *args, **kw):  # run_child: the exit code
         ran.append(os.path.basename(cmd[1]))
         if "--workdir" in cmd:  # a training run: new weights every time
             work = Path(cmd[cmd.index("--workdir") + 1])
@@ -840,9 +839,9 @@ def test_reproduce_stages_are_keyed_to_their_inputs(tmp_path, monkeypatch, capsy
             Path(cmd[cmd.index("--out") + 1]).mkdir(parents=True, exist_ok=True)
             (Path(cmd[cmd.index("--out") + 1]) / "report.md").write_text("# r\n")
             (Path(cmd[cmd.index("--out") + 1]) / "table6.md").write_text("TABLE 6\n")
-        return type("Done", (), {"returncode": 0})()
+        return 0
 
-    monkeypatch.setattr(rep.subprocess, "run", fake_run)
+    monkeypatch.setattr(rep, "run_child", fake_run)
     argv = ["--scale", "cpu-small", "--model", str(model), "--out", str(out), "--skip", "robustness"]
     assert rep.main(argv) == 0 and ran == ["pretrain.py", "finetune.py", "evaluate.py"]
     assert ("This run: continued pretraining, then instruction tuning on 64 examples (40 phenotype, 12 diagnosis, "

@@ -31,7 +31,7 @@ RESP = "er"
 def tok():
     if importlib.util.find_spec("mistral_common") is None:
         pytest.skip("the Mistral v1 tokenizer ships in mistral-common, which is not installed")
-    from cancerllm_jax.data.tokenizer import load_tokenizer, mistral_v1_model_file
+    from cancerllm_jax.data.tokenizer import load_tokenizer
 
     return load_tokenizer(None)
 
@@ -261,7 +261,7 @@ def test_hf_tokenizer_framing_follows_the_tokenizer(tmp_path, bos):
     """A tokenizer without BOS (GPT-2 style) frames documents and examples without one (no -1 ids); pad is never
     EOS, even when EOS is id 0 and there is no pad or unk token; a tokenizer without EOS cannot make training data."""
     from cancerllm_jax.data.pretrain import tokenize_documents
-    from cancerllm_jax.data.tokenizer import load_tokenizer, mistral_v1_model_file
+    from cancerllm_jax.data.tokenizer import load_tokenizer
 
     fast = _char_tokenizer(tmp_path / "tok", bos)
     tok = load_tokenizer(str(tmp_path / "tok"))
@@ -307,7 +307,7 @@ def test_special_token_strings_in_user_text_stay_text(tmp_path, tok, hf):
     """'</s>' or '<|im_end|>' typed in a note is text, never the EOS/BOS token (HF's tokenizer(text) would parse it):
     each document and example holds exactly one EOS, at its end, and no text is stripped as a 'special'."""
     from cancerllm_jax.data.pretrain import tokenize_documents
-    from cancerllm_jax.data.tokenizer import load_tokenizer, mistral_v1_model_file
+    from cancerllm_jax.data.tokenizer import load_tokenizer
 
     if hf:
         _char_tokenizer(tmp_path / "tok", bos=True)
@@ -417,7 +417,7 @@ def test_an_empty_response_or_instruction_is_a_bad_line(tmp_path):
 
 
 def test_no_eos_is_one_error_even_when_skipping(tmp_path):
-    from cancerllm_jax.data.tokenizer import load_tokenizer, mistral_v1_model_file
+    from cancerllm_jax.data.tokenizer import load_tokenizer
 
     _char_tokenizer(tmp_path / "noeos", bos=True, eos=False)
     cfg = InstructDataConfig(max_seq_len=64, skip_bad_lines=True)
@@ -450,14 +450,17 @@ def test_in_memory_examples_are_type_checked(tok, record, expect):
 
 
 def test_tokenizer_json_path_loads_its_folder(tmp_path):
-    from cancerllm_jax.data.tokenizer import load_tokenizer, mistral_v1_model_file
+    from cancerllm_jax.data.tokenizer import load_tokenizer
 
     _char_tokenizer(tmp_path / "tok", bos=True)
     assert load_tokenizer(str(tmp_path / "tok" / "tokenizer.json")).encode("ab", bos=True) == [1, 2, 3]
     (tmp_path / "vocab.txt").write_text("a\n")
     with pytest.raises(UserError, match="vocab.txt: not a SentencePiece model"):
         load_tokenizer(str(tmp_path / "vocab.txt"))
-    assert load_tokenizer(mistral_v1_model_file()).vocab_size == 32000  # tokenizer.model.v1: any file name
+    if importlib.util.find_spec("mistral_common") is not None:  # tokenizer.model.v1: any file name is read
+        from cancerllm_jax.data.tokenizer import mistral_v1_model_file
+
+        assert load_tokenizer(mistral_v1_model_file()).vocab_size == 32000
     assert load_tokenizer(tmp_path / "tok" / "tokenizer.json").encode("ab", bos=True) == [1, 2, 3]  # a Path
     for bad in (5, ["tok"]):  # not a file descriptor, not a crash
         with pytest.raises(UserError, match="tokenizer: expected"):
@@ -478,7 +481,7 @@ def test_eval_truncation_is_reported(tok, caplog):
 def test_sentencepiece_decode_skips_specials_and_ids_past_its_vocabulary():
     """A model with more rows than the tokenizer has pieces (32768 vs Mistral v1's 32000) may generate such ids:
     they are dropped as HF's decode(skip_special_tokens=True) drops them, with <unk>, BOS and EOS."""
-    from cancerllm_jax.data.tokenizer import load_tokenizer, mistral_v1_model_file
+    from cancerllm_jax.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(None)
     ids = tok.encode("pt w/ nsclc", bos=True)

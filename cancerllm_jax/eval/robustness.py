@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -308,18 +307,20 @@ def run_finetune(cmd: Sequence[str], log_path: Path) -> None:
     mean what they meant to the caller), its output appended to ``log_path``; a failure is a UserError with the
     run's own one-line ``error:`` (or, without one, how it ended and its last line)."""
     start = log_path.stat().st_size if log_path.exists() else 0  # earlier attempts' output stays in the log
+    from cancerllm_jax.launch_common import run_child
+
     with open(log_path, "a", encoding="utf-8") as log:
-        proc = subprocess.run(list(cmd), stdout=log, stderr=subprocess.STDOUT, check=False)
-    if proc.returncode != 0:
+        returncode = run_child(list(cmd), log, f"its fine-tuning run (log: {log_path})")
+    if returncode != 0:
         with open(log_path, "rb") as f:
             f.seek(start)
             lines = [ln.strip() for ln in f.read().decode("utf-8", errors="replace").splitlines() if ln.strip()]
         error = next((ln for ln in reversed(lines) if ln.startswith("error:")), None)
         if error is None:
-            how = (f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}")
+            how = f"killed by signal {-returncode}" if returncode < 0 else f"exit {returncode}"
             error = f"{how}, no error line; last output: {lines[-1][:200] if lines else 'none'}"
         else:
-            error = f"exit {proc.returncode}: {error[:300]}"
+            error = f"exit {returncode}: {error[:300]}"
         raise UserError(f"fine-tuning failed ({error}) (full log: {log_path})")
 
 
