@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--max-prompt-tokens", type=int, help="default: the paper's limit (1500 / 4000)")
     common.add_argument("--decode-batch", type=int, default=8, help="prompts decoded together")
     common.add_argument("--protocol", choices=("standard", "reference"), default="standard")
-    common.add_argument("--name", help="model name in the table (default: the --model path's last part)")
+    common.add_argument("--name", help="model name in the table (default: the last part of the --adapter path if "
+                        "given, else of --model)")
     common.add_argument("--overwrite", action="store_true",
                         help="recompute rates in --out that were computed with other settings (default: refuse)")
     common.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -478,6 +478,9 @@ def test_adapters_per_model_and_in_the_provenance(finished, tmp_path, monkeypatc
     assert set(metrics["models"]) == {model.name, "tuned-adapter"}  # the adapter names its model by default
     assert metrics["models"]["tuned-adapter"]["adapter"]["path"] == str(adapter.resolve())
     assert "adapter" not in metrics["models"][model.name]
+    setup = (out / "report.md").read_text()  # the report says what ran: the adapter too
+    assert f"`tuned-adapter`: `{model}` + adapter `{adapter.resolve()}`" in setup
+    assert f"`{model.name}`: `{model}`," in setup
     made = json.loads((out / "predictions" / "tuned-adapter__phenotype.produced_by.json").read_text())
     assert made["adapter"]["weights"]
     # the same adapter folder with other weights: refused, naming the adapter

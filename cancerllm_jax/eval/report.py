@@ -91,7 +91,9 @@ def _setup_lines(metrics: dict[str, Any]) -> list[str]:
     ]
     for name, m in metrics.get("models", {}).items():
         extra = f", {m['params_m']:.0f}M parameters" if m.get("params_m") else ""
-        lines.append(f"  - `{name}`: `{m.get('path')}`{extra}" +
+        a = m.get("adapter")
+        adapter = f" + adapter `{a.get('path') if isinstance(a, dict) else a}`" if a else ""
+        lines.append(f"  - `{name}`: `{m.get('path')}`{adapter}{extra}" +
                      (f", loaded in {m['load_time_s']:.1f} s" if m.get("load_time_s") is not None else ""))
     if metrics.get("notes"):
         lines.append("- **Notes:**")
