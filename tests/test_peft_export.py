@@ -231,7 +231,7 @@ def test_a_rank_that_is_no_whole_number_is_refused(base, tuned, tmp_path, value)
         read_peft_adapter(out, cfg)
 
 
-@pytest.mark.parametrize("field, value", [("r", 0), ("lora_alpha", -2), ("lora_dropout", 1.5)])
+@pytest.mark.parametrize("field, value", [("r", 0), ("lora_dropout", 1.5)])  # lora_alpha <= 0 loads, as in peft
 def test_an_out_of_range_adapter_value_names_the_adapter_config(base, tuned, tmp_path, field, value):
     folder, cfg, _, _ = base
     out = str(tmp_path / "a")
