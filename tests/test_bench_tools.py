@@ -124,6 +124,8 @@ def _tool(name):
     ("bench_train", ["--no-doc", "--json", "/nonexistent/a.json"]), ("bench_train", ["--no-doc", "--json", ROOT]),
     ("bench_decode", ["--no-doc", "--json", "/nonexistent/a.json"]),
     ("profile_step", ["train", "--seq", "0"]), ("profile_step", ["decode", "--new", "0"]),
+    ("profile_step", ["train", "--preset", "tiny", "--response-fraction", "0"]),
+    ("profile_step", ["decode", "--preset", "tiny", "--prompt-tokens", "16", "--new", "2"]),  # a UserError: one line
     ("check_parity", ["--hf-dir", "x", "--tol", "-1"]), ("check_parity", ["--hf-dir", "x", "--tol", "nan"]),
     ("check_parity", ["--hf-dir", "x", "--min-agree", "101"]), ("check_parity", ["--hf-dir", "x", "--json", ROOT]),
     ("measure_bf16", ["--json", "/nonexistent/a.json"]), ("measure_bf16", ["--smollm2-dir", "/nonexistent/s"]),
@@ -139,6 +141,13 @@ def test_bad_tool_arguments_are_one_clear_error_before_any_work(tool, args, caps
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err and "this is a bug" not in err
+
+
+def test_profile_step_profiles_a_train_step(capsys):
+    """``profile_step.py train`` builds bench_train's step (it crashed on a flag bench_train added)."""
+    assert _tool("profile_step").main(["train", "--preset", "tiny", "--seq", "16", "--dtype", "float32",
+                                       "--response-fraction", "0.5"]) == 0
+    assert "== train step tiny batch 1 x seq 16" in capsys.readouterr().out
 
 
 def test_check_parity_refuses_an_empty_prompt(tmp_path):

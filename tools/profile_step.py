@@ -20,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train as bt  # noqa: E402
+from cancerllm_jax.errors import cli_main  # noqa: E402  (bench_train put this checkout's package first)
 
 
 def kernel_times(logdir: str) -> tuple[dict, float]:
@@ -99,6 +100,7 @@ def profile_decode(a) -> None:
         report(f"generate {new} tokens, batch {a.batch}, prompts {len(prompts[0])} tokens", logdir, wall, a.top)
 
 
+@cli_main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
@@ -111,11 +113,17 @@ def main(argv=None) -> int:
     p.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
     p.add_argument("--unstack", default="auto", choices=("auto", "no", "yes"),
                    help="train: the frozen layer weights per layer (yes) or stacked (no); auto as the Trainer")
+    p.add_argument("--response-fraction", type=float, default=1.0,
+                   help="train: the loss on each row's last fraction of tokens (the fine-tuning step), as bench_train")
     p.add_argument("--prompt-tokens", type=bt.positive_int, default=512)
     p.add_argument("--new", type=bt.positive_int, default=32)
     p.add_argument("--top", type=bt.positive_int, default=25)
     p.add_argument("--hlo", help="write the compiled HLO text here")
     a = p.parse_args(argv)
+    if not 0 < a.response_fraction <= 1 or round(a.response_fraction * a.seq) < 1:
+        p.error(f"--response-fraction must be in (0, 1] and leave at least one loss token per row, got "
+                f"{a.response_fraction}")
+    bt.resolve_dtype_and_attention(p, a)
     if a.hlo and a.what == "decode":  # every module generate compiles (prefill, decode loop, cache join)
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={a.hlo} --xla_dump_hlo_as_text"
     (profile_train if a.what == "train" else profile_decode)(a)
