@@ -266,6 +266,40 @@ def test_a_failed_side_is_recorded_not_just_missing(bench_train, monkeypatch, tm
     assert args.note == "x; failed: torch"
 
 
+def test_decode_roofline_of_each_side_counts_the_rows_it_reads(bench_decode, monkeypatch, tmp_path):
+    """The one-at-a-time side's step reads the weights and one row of KV cache (it was credited with ours' batch
+    of rows: 1.9× its fraction at batch 64 × 1500 tokens); a side named twice in --only runs once."""
+    import json
+
+    from cancerllm_jax.config import PRESETS
+
+    cfg, b, plen, new, bw = PRESETS["mistral-7b-v0.1"], 64, 1500, 16, 4.0e12
+    ran = []
+
+    def run_side(cmd, label, out, smollm2_dir, host_malloc=None):
+        side = cmd[-1]
+        ran.append(side)
+        step = 0.030 if side == "ours" else 0.008
+        res = {"tokens_per_s": 1, "total_s": 1, "ttft_s": 0.1, "ms_per_step": 1e3 * step, "batches": 1,
+               "peak_rss": 1, "runs": {"full_s": [1], "one_s": [0.1]}, "tokens": [[1]] * b}
+        if side == "ours":
+            res["roofline"] = bench_decode.roofline(cfg, 2, b, plen, new, plen + new, step, bw)
+            res["roofline_one_row"] = bench_decode.roofline(cfg, 2, 1, plen, new, plen + new, step, bw)
+        return res, 0
+
+    monkeypatch.setattr(bench_decode.bt, "run_side", run_side)
+    monkeypatch.setattr(bench_decode, "make_prompts", lambda args: [[1] * plen] * b)
+    monkeypatch.setattr(bench_decode.bt, "machine", lambda: "test machine")
+    path = tmp_path / "d.json"
+    bench_decode.main(["--preset", "mistral-7b", "--only", "ours", "--only", "hf-single", "--only", "ours",
+                       "--batch", str(b), "--prompts", str(b), "--new", str(new), "--prompt-tokens", "2048",
+                       "--no-doc", "--json", str(path)])
+    assert ran == ["ours", "hf-single"]
+    got = json.loads(path.read_text())["results"]["hf-single"]["roofline"]["roofline_fraction"]
+    one = bench_decode.decode_step_bytes(cfg, 2, 1, plen + new / 2)
+    assert got == pytest.approx((one["weight_bytes"] + one["kv_bytes_min"]) / bw / 0.008)
+
+
 def test_attention_bench_credits_torch_with_the_keys_it_attends(monkeypatch, tmp_path):
     """torch's sdpa runs without the sliding window: past the window it does more work than the windowed count."""
     import json
