@@ -109,6 +109,13 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+def proj_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """``[in, out]`` of each projection of one layer."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    return {"q": (d, cfg.q_size), "k": (d, cfg.kv_size), "v": (d, cfg.kv_size), "o": (cfg.q_size, d),
+            "gate": (d, f), "up": (d, f), "down": (f, d)}
+
+
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise UserError(f"unknown model preset {name!r}{suggest(name, PRESETS)}; choose from {sorted(PRESETS)}")

@@ -51,6 +51,10 @@ def test_lora_and_full_flops_match_an_independent_count(tie, window, seq):
     want = 4 * linear + 3 * attn_fwd + 6 * lora_all - 2 * d * qkv - 3 * 2 * 4 * d
     assert lora_train_flops_per_token(cfg, seq, 4, full) == pytest.approx(want, rel=1e-12)
     assert lora_train_flops_per_token(cfg, seq, 4, 2) == lora_train_flops_per_token(cfg, seq, 4, ("q", "k"))
+    # a fine-tuning batch with a quarter of its tokens in the loss: the LM head counted for those alone
+    head = cfg.hidden_size * cfg.vocab_size
+    assert lora_train_flops_per_token(cfg, seq, 4, full, loss_fraction=0.25) == pytest.approx(
+        want - 4 * head * 0.75, rel=1e-12)
 
 
 @pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),

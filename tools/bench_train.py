@@ -18,8 +18,9 @@ its own child process (one after the other), so its peak memory is its own; the 
 rounds' steps and each round's ratio (a shared machine's drift then hits both sides alike). MFU counts model
 FLOPs (``lora_train_flops_per_token``: the forward, the input gradients, the LoRA factors' weight gradients; no
 weight gradient of a frozen weight) against the device's dense bf16 peak; recomputation under ``--remat`` is not
-counted (full remat makes the hardware do about 1.5× the counted work), as MFU conventionally is; nor is the LM
-head that ``--response-fraction`` lets ours skip (the count is the whole batch's, as torch runs it).
+counted (full remat makes the hardware do about 1.5× the counted work), as MFU conventionally is. With
+``--response-fraction F`` the LM head is counted for the loss tokens alone (the only ones the loss needs; torch runs
+it on every token, ours on those), on both sides.
 
 Prints a table, writes ``--json OUT``, and appends a row to ``docs/benchmarks.md`` (unless ``--no-doc``).
 """
@@ -261,6 +262,11 @@ def hf_config(cfg):
     return cls(**d)
 
 
+def loss_share(args) -> float:
+    """The share of each row's tokens in the loss, as ``make_batch`` masks them (the FLOP count's LM-head share)."""
+    return round(args.response_fraction * args.seq) / args.seq
+
+
 def make_batch(cfg, batch: int, seq: int, seed: int = 0, response: float = 1.0) -> dict:
     """Random token ids; ``loss_mask`` 1 on each row's last ``round(response × seq)`` targets (a response after its
     prompt, as instruction tuning trains; 1.0: every token, as pretraining)."""
@@ -352,7 +358,7 @@ def build_ours(args, cfg, folder):
 def run_ours(args, cfg, folder) -> dict:
     import jax
 
-    from cancerllm_jax.train.step import lora_train_flops_per_token, mfu_peak
+    from cancerllm_jax.flops import lora_train_flops_per_token, mfu_peak
 
     import cancerllm_jax
 
@@ -383,7 +389,7 @@ def run_ours(args, cfg, folder) -> dict:
     if stats:
         out["device_peak_bytes"] = int(stats.get("peak_bytes_in_use", 0))
     peak = mfu_peak(jax.devices()[0].device_kind, args.dtype)
-    flops = lora_train_flops_per_token(cfg, args.seq, args.rank, TARGETS)
+    flops = lora_train_flops_per_token(cfg, args.seq, args.rank, TARGETS, loss_share(args))
     out["flops_per_token"] = flops
     out["gflops"] = flops * out["tokens_per_s"] / 1e9
     if peak:
@@ -398,7 +404,7 @@ def run_torch(args, cfg, folder) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from cancerllm_jax.train.step import lora_train_flops_per_token, mfu_peak
+    from cancerllm_jax.flops import lora_train_flops_per_token, mfu_peak
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -458,7 +464,7 @@ def run_torch(args, cfg, folder) -> dict:
     out.update(load_s=load_s, peak_rss=rss_peak(), rss_during_steps=rss_steps, backend=dev,
                threads=torch.get_num_threads(), host_memory_kept=cancerllm_jax.HOST_MEMORY_KEPT,
                remat=torch_remat(args.remat))
-    out["flops_per_token"] = lora_train_flops_per_token(cfg, args.seq, args.rank, TARGETS)
+    out["flops_per_token"] = lora_train_flops_per_token(cfg, args.seq, args.rank, TARGETS, loss_share(args))
     if dev == "cuda":
         out["device_peak_bytes"] = int(torch.cuda.max_memory_allocated())
         peak = mfu_peak(torch.cuda.get_device_name(0), args.dtype)
@@ -732,12 +738,15 @@ def main(argv=None) -> int:
     print(f"machine: {mach}; load avg {load}{contention_note(res)}")
     remat = args.remat + (f" (torch: {torch_remat(args.remat)})" if "torch" in res and args.remat == "dots" else "")
     print(f"preset {args.preset}, batch {args.batch} x seq {args.seq}, LoRA r={args.rank} on 7 projections, "
-          f"dtype {args.dtype}, remat {remat}, median of {args.steps} steps after {args.warmup} warm-up")
+          f"dtype {args.dtype}, remat {remat}, median of {args.steps * args.rounds} steps "
+          f"({args.rounds} round(s) of {args.steps}, each after {args.warmup} warm-up)")
     print(table(args, res))
     if ratios:
         print("ratio per round: " + ", ".join(f"{r:.2f}x" for r in ratios))
     out = {"preset": args.preset, "seq": args.seq, "batch": args.batch, "rank": args.rank, "dtype": args.dtype,
-           "remat": args.remat, "unstack": args.unstack, "steps": args.steps, "warmup": args.warmup, "machine": mach,
+           "remat": args.remat, "unstack": args.unstack, "attention": args.attention,
+           "response_fraction": args.response_fraction, "steps": args.steps, "warmup": args.warmup,
+           "rounds": args.rounds, "machine": mach,
            "load": load, "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": command,
            "results": res}
     if "ours" in res and "torch" in res:

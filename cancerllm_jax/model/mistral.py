@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cancerllm_jax.config import LoRAConfig, ModelConfig
+from cancerllm_jax.config import LoRAConfig, ModelConfig, proj_shapes  # noqa: F401  (proj_shapes: imported from here)
 from cancerllm_jax.errors import UserError
 
 Array = jax.Array
@@ -50,13 +50,6 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def proj_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """``[in, out]`` of each projection of one layer."""
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    return {"q": (d, cfg.q_size), "k": (d, cfg.kv_size), "v": (d, cfg.kv_size), "o": (cfg.q_size, d),
-            "gate": (d, f), "up": (d, f), "down": (f, d)}
 
 
 class Proj(nnx.Module):

@@ -490,8 +490,11 @@ class Trainer:
             self._restore(mngr, start_step, it)
             say(f"resumed from step {start_step} ({self.workdir}/checkpoints/{start_step})")
         logger = _MetricsLog(self.workdir, start_step) if is_main() else None
-        flops_tok = lora_train_flops_per_token(self.model_cfg, data.seq_len, None if cfg.full else cfg.lora.rank,
-                                               cfg.lora.targets)
+        def flops_tok(loss_share: float) -> float:  # LoRA fine-tuning runs the LM head on the loss tokens alone
+            share = loss_share if self.kind == "finetune" and not cfg.full else 1.0
+            return lora_train_flops_per_token(self.model_cfg, data.seq_len, None if cfg.full else cfg.lora.rank,
+                                              cfg.lora.targets, share)
+
         peak = device_peak_flops(self.dtype)  # no MFU for float32 (no peak in the table)
         step = start_step
         last_saved = start_step
@@ -529,7 +532,7 @@ class Trainer:
                        "target_tokens": int(metrics["tokens"]), "tokens_per_s": tokens / dt,
                        "target_tokens_per_s": metrics["tokens"] / dt, "step_s": dt}
                 if peak:
-                    row["mfu"] = flops_tok * tokens / dt / (peak * jax.device_count())
+                    row["mfu"] = flops_tok(metrics["tokens"] / tokens) * tokens / dt / (peak * jax.device_count())
                 if logger and (step % cfg.log_every == 0 or step == end):
                     logger.write(row)
                 bar(step, row)
