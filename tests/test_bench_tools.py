@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,6 +149,18 @@ def test_profile_step_profiles_a_train_step(capsys):
     assert _tool("profile_step").main(["train", "--preset", "tiny", "--seq", "16", "--dtype", "float32",
                                        "--response-fraction", "0.5"]) == 0
     assert "== train step tiny batch 1 x seq 16" in capsys.readouterr().out
+
+
+def test_check_parity_counts_non_finite_logits_as_disagreement():
+    """All-NaN rows have argmax 0 on both sides: they scored 100 % agreement beside a NaN difference."""
+    cp = _tool("check_parity")
+    ref = np.zeros((3, 5))
+    ref[:, 2] = 1.0
+    bad = ref.copy()
+    bad[1] = np.nan
+    assert cp.compare_logits(ref, ref)["argmax_agree_pct"] == 100.0
+    assert cp.compare_logits(ref, bad)["argmax_agree_pct"] == pytest.approx(200 / 3)
+    assert cp.compare_logits(bad, bad)["argmax_agree_pct"] == pytest.approx(200 / 3)
 
 
 def test_check_parity_refuses_an_empty_prompt(tmp_path):

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np
-from bench_train import check_json_out  # noqa: E402  (the tools' one --json check)
+from bench_train import check_json_out, json_safe  # noqa: E402  (the tools' one --json check)
 
 from cancerllm_jax.errors import UserError, cli_main
 
@@ -66,7 +66,8 @@ def compare_logits(ref: np.ndarray, ours: np.ndarray) -> dict:
     ref, ours = ref.astype(np.float64), ours.astype(np.float64)
     lp, lq = log_softmax(ref, axis=-1), log_softmax(ours, axis=-1)
     kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), axis=-1)))
-    agree = float(np.mean(ref.argmax(-1) == ours.argmax(-1)) * 100.0)
+    finite = np.isfinite(ref).all(-1) & np.isfinite(ours).all(-1)  # a NaN row's argmax (0) agrees with nothing
+    agree = float(np.mean(finite & (ref.argmax(-1) == ours.argmax(-1))) * 100.0)
     return {"max_abs_diff": float(np.abs(ref - ours).max()), "mean_kl": max(kl, 0.0), "argmax_agree_pct": agree}
 
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         from cancerllm_jax.train.run_io import write_text_atomic
 
-        write_text_atomic(args.json, json.dumps(summary, indent=2))
+        write_text_atomic(args.json, json.dumps(json_safe(summary), indent=2, allow_nan=False))
     print(f"{len(rows) - failed}/{len(rows)} prompts within tol {args.tol:g}" + ("" if failed else " — PASS"))
     return 1 if failed else 0
 

@@ -23,7 +23,7 @@ import numpy as np
 from cancerllm_jax.errors import cli_main
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_train import check_json_out  # noqa: E402
+from bench_train import check_json_out, json_safe  # noqa: E402
 from check_parity import DEFAULT_PROMPTS, compare_logits
 
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         from cancerllm_jax.train.run_io import write_text_atomic
 
-        write_text_atomic(args.json, json.dumps(results, indent=2))
+        write_text_atomic(args.json, json.dumps(json_safe(results), indent=2, allow_nan=False))
     return 0
 
 
