@@ -40,14 +40,16 @@ def measure(shapes, dtype: str, repeats: int) -> list[dict]:
 
     rng = np.random.default_rng(0)
     matmul = jax.jit(jnp.matmul)
+    cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()  # both sides on the same device
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows = []
     for m, k, n in shapes:
         a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
         ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-        ta, tb = (torch.from_numpy(x).to(getattr(torch, dtype)) for x in (a, b))
+        ta, tb = (torch.from_numpy(x).to("cuda" if cuda else "cpu", getattr(torch, dtype)) for x in (a, b))
         flops = 2 * m * k * n
         jax_s = bt.median_seconds(lambda: matmul(ja, jb).block_until_ready(), repeats)  # warm-up compiles
-        torch_s = bt.median_seconds(lambda: torch.matmul(ta, tb), repeats)
+        torch_s = bt.median_seconds(lambda: (torch.matmul(ta, tb), sync()), repeats)
         rows.append({"shape": f"{m}x{k}x{n}", "jax_gflops": flops / jax_s / 1e9, "torch_gflops": flops / torch_s / 1e9})
     return rows
 
