@@ -203,13 +203,14 @@ class LM:
         logits, _ = model(ids, segment_ids=segments)
         return logits.astype(jnp.float32)
 
-    def logits(self, input_ids, attention_mask=None) -> np.ndarray:
+    def logits(self, input_ids, attention_mask=None, **unknown) -> np.ndarray:
         """``int [B, T]`` → ``float32 numpy [B, T, V]`` (a 1-D input gives ``[T, V]``).
 
         ``attention_mask`` (0/1, the shape of ``input_ids``), as transformers': tokens attend only to earlier tokens
         of mask 1 (left- or right-padded rows give each real token the logits of the row without its padding);
         the logits at mask-0 positions mean nothing. Rows are right-padded to a length bucket (one compile per
         bucket): float32 logits then agree with an exact-length call to the last bits (~1e-6), not bit for bit."""
+        refuse_unknown_arguments("logits", unknown, LM.logits, {"mask": " (use attention_mask=)"})
         try:
             ids = np.asarray(input_ids)
         except ValueError:  # ragged rows
@@ -265,7 +266,8 @@ class LM:
         refuse_unknown_arguments("generate", kwargs, Decoder.generate,
                                  {"do_sample": " (temperature=0.0 is greedy, > 0 samples)",
                                   "max_length": " (use max_new_tokens=: the tokens generated after the prompt)",
-                                  "num_beams": " (beam search is not supported: decoding is greedy or sampled)"})
+                                  "num_beams": " (beam search is not supported: decoding is greedy or sampled)",
+                                  "stop_strings": " (use stop=: strings that end a row's text)"})
         if hasattr(prompts, "__array__"):  # an id array [B, T] (numpy, jax, torch): one prompt per row
             prompts = np.asarray(prompts)
             if prompts.ndim != 2:

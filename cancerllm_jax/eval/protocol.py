@@ -207,9 +207,13 @@ def generated_text(prediction: str) -> str:
 
 
 def score(
-    golds: Sequence[str], preds: Sequence[str], protocol: str = "standard", per_instance: bool = False
+    golds: Sequence[str], preds: Sequence[str], protocol: str = "standard", per_instance: bool = False, **unknown
 ) -> dict[str, Any]:
     """Score a test set: each of ``KEYS`` is the mean over instances in percent, plus ``n`` (and ``rows``)."""
+    if unknown:  # the nearest known name, as load() and generate() say it (api imports jax: only when needed)
+        from cancerllm_jax.api import refuse_unknown_arguments
+
+        refuse_unknown_arguments("score", unknown, score, {})
     _check_protocol(protocol)
     for name, value in (("golds", golds), ("preds", preds)):  # a dict would be scored by its keys
         if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
