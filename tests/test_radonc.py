@@ -5,6 +5,7 @@ import pytest
 
 from cancerllm_jax.eval.radonc import (
     GOLD_UNPARSED,
+    GROUP_ORDER,
     UNPARSED,
     icd10_category,
     icd10_chapter,
@@ -76,13 +77,19 @@ def test_icd10_category_and_chapter():
         assert icd10_category(text) == code, text
     assert icd10_chapter("E90") == "IV endocrine" and icd10_chapter("F00") == "V mental"
     assert icd10_chapter("T98") == "XIX injury" and icd10_chapter("O9A") == "XV pregnancy"
-    # the paper's groups: neoplasms by behaviour, malignant ones by site; other chapters by name
+    # the paper's groups: neoplasms by behaviour, malignant ones by site; blood, congenital, nervous and eye; the
+    # rest "Others" (other chapters kept their names, uncertain behaviour had its own group)
     assert icd10_group("C50") == "malignant: breast" and icd10_group("C34") == "malignant: respiratory, intrathoracic"
     assert icd10_group("D05") == "in situ neoplasms" and icd10_group("D24") == "benign neoplasms"
     assert icd10_group("D61") == "III blood/immune" and icd10_group(UNPARSED) == "other"
+    assert [icd10_group(x) for x in ("Q21", "G93", "H40")] == ["XVII congenital", "VI nervous", "VII eye"]
+    assert [icd10_group(x) for x in ("I10", "E11", "Z51", "D47", "H65")] == ["other"] * 5
     # the letter categories by ICD-10-CM's blocks, not by string order (D3A sorts among D37-D49)
     assert [icd10_group(x) for x in ("D3A", "C4A", "C7A", "C7B")] == [
-        "benign neoplasms", "malignant: skin", "II neoplasms", "malignant: ill-defined, secondary, unspecified"]
+        "benign neoplasms", "malignant: skin", "malignant: neuroendocrine tumours",
+        "malignant: ill-defined, secondary, unspecified"]
+    assert len(set(GROUP_ORDER)) == len(GROUP_ORDER) and {icd10_group(c) for c in (
+        f"{a}{n:02d}" for a in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" for n in range(100))} <= set(GROUP_ORDER)
 
 
 def test_icd10_macro_and_chapter_confusion_by_hand():
@@ -97,11 +104,12 @@ def test_icd10_macro_and_chapter_confusion_by_hand():
     assert m["chapters"] == ["II neoplasms", "IX circulatory"]
     assert m["chapter_confusion"] == [[3, 1], [0, 0]]
     assert m["groups"] == ["malignant: respiratory, intrathoracic", "malignant: breast", "malignant: male genital",
-                           "IX circulatory"]
+                           "other"]  # the paper's "Others"
     assert m["group_confusion"] == [[0, 0, 0, 1], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
     assert icd10_metrics(["C50.9"], ["C509"])["accuracy"] == 1
-    m = icd10_metrics(["C7A.1", "O9A.1"], ["C44.9", "o9a.1"])  # a chapter-II code outside the paper's groups
-    assert m["accuracy"] == 0.5 and "II neoplasms" in m["groups"] and sum(map(sum, m["group_confusion"])) == 2
+    m = icd10_metrics(["C7A.1", "O9A.1"], ["C44.9", "o9a.1"])  # letter categories; pregnancy is one of "Others"
+    assert m["accuracy"] == 0.5 and m["groups"] == ["malignant: skin", "malignant: neuroendocrine tumours", "other"]
+    assert sum(map(sum, m["group_confusion"])) == 2
 
 
 def test_confusion_plot(tmp_path):

@@ -54,8 +54,9 @@ ICD10_CHAPTERS: tuple[tuple[str, str, str], ...] = (
 )
 CHAPTER_ORDER = tuple(name for _, _, name in ICD10_CHAPTERS) + (OTHER_CHAPTER,)
 
-# The paper's confusion-matrix groups (seed 003, Fig. 6): neoplasms by behaviour, the malignant ones by site (the
-# WHO blocks of chapter II); other chapters keep their name.
+# The paper's confusion-matrix groups (seed 003: blood, congenital, nervous, eye, benign, in situ and malignant
+# neoplasms, the malignant ones by site, here the WHO blocks of chapter II); "Codes that did not fit into these
+# defined categories were labeled as 'Others'" (``OTHER_CHAPTER``), neoplasms of uncertain behaviour among them.
 NEOPLASM_GROUPS: tuple[tuple[str, str, str], ...] = (
     ("C00", "C14", "malignant: lip, oral cavity, pharynx"), ("C15", "C26", "malignant: digestive"),
     ("C30", "C39", "malignant: respiratory, intrathoracic"), ("C40", "C41", "malignant: bone, cartilage"),
@@ -66,15 +67,16 @@ NEOPLASM_GROUPS: tuple[tuple[str, str, str], ...] = (
     ("C76", "C80", "malignant: ill-defined, secondary, unspecified"),
     ("C81", "C96", "malignant: lymphoid, haematopoietic"), ("C97", "C97", "malignant: multiple primaries"),
     ("D00", "D09", "in situ neoplasms"), ("D10", "D36", "benign neoplasms"),
-    ("D37", "D49", "neoplasms of uncertain behaviour"),
 )
+PAPER_CHAPTERS = ("III blood/immune", "XVII congenital", "VI nervous", "VII eye")  # the chapters the paper names
 # the neoplasm categories with a letter, by ICD-10-CM's blocks (a string comparison would put D3A among D37-D49):
-# Merkel cell carcinoma (skin), benign and secondary neuroendocrine tumours; malignant neuroendocrine tumours of any
-# site (C7A) stay "II neoplasms"
-_LETTER_GROUPS = {"C4A": "malignant: skin", "C7A": "II neoplasms",
+# Merkel cell carcinoma (skin), malignant neuroendocrine tumours of any site (C7A), secondary (C7B) and benign (D3A)
+# neuroendocrine tumours
+_LETTER_GROUPS = {"C4A": "malignant: skin", "C7A": "malignant: neuroendocrine tumours",
                   "C7B": "malignant: ill-defined, secondary, unspecified",
                   "D3A": "benign neoplasms"}
-GROUP_ORDER = tuple(name for _, _, name in NEOPLASM_GROUPS) + CHAPTER_ORDER
+GROUP_ORDER = (*(name for _, _, name in NEOPLASM_GROUPS[:-2]), _LETTER_GROUPS["C7A"],
+               *(name for _, _, name in NEOPLASM_GROUPS[-2:]), *PAPER_CHAPTERS, OTHER_CHAPTER)
 
 
 # ---------------------------------------------------------------- parsing
@@ -117,9 +119,12 @@ def icd10_chapter(category: str) -> str:
 
 def icd10_group(category: str) -> str:
     """The paper's confusion-matrix group: a neoplasm's behaviour (malignant ones by site, ``C50`` → ``malignant:
-    breast``, ``D05`` → ``in situ neoplasms``), else the chapter (``D61`` → ``III blood/immune``)."""
+    breast``, ``D05`` → ``in situ neoplasms``), one of the four chapters the paper names (``D61`` → ``III
+    blood/immune``), else ``other`` (``I10``, ``D47``: the paper's "Others")."""
     cat = category.strip().upper()[:3]
-    return _LETTER_GROUPS.get(cat) or _in_ranges(cat, NEOPLASM_GROUPS) or icd10_chapter(cat)
+    chapter = icd10_chapter(cat)
+    return (_LETTER_GROUPS.get(cat) or _in_ranges(cat, NEOPLASM_GROUPS)
+            or (chapter if chapter in PAPER_CHAPTERS else OTHER_CHAPTER))
 
 
 # ---------------------------------------------------------------- classification metrics
