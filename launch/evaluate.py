@@ -45,6 +45,9 @@ def format_table(result: dict[str, Any], protocol: str) -> str:
     for label, key in ROWS:
         lines.append(f"{label:<8}" + "".join(f"{result[f'{key}_{x}']:9.2f}" for x in ("p", "r", "f1")))
     lines.append(f"{'Avg F1':<8}{'':>18}{result['avg_f1']:9.2f}")
+    if protocol == "reference":
+        lines.append("(reference protocol, as the published evaluator: the ROUGE-L row is its unigram-set F-measure, "
+                     "beta 1.2, and BLEU-2 is COCO-style)")
     return "\n".join(lines)
 
 

@@ -516,6 +516,7 @@ def test_cli_score_and_errors(tmp_path, gold):
                 "--per-instance", str(rows))
     assert done.returncode == 0, done.stderr
     assert "EM" in done.stdout and "75.00" in done.stdout
+    assert "the ROUGE-L row is its unigram-set F-measure" in done.stdout  # the row's label says ROUGE-L
     summary = json.loads(out.read_text())
     assert summary["protocol"] == "reference" and summary["em_r"] == 75.0 and summary["n"] == 2
     assert [json.loads(line)["id"] for line in rows.read_text().splitlines()] == ["a", "b"]

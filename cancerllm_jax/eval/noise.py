@@ -13,9 +13,9 @@
 
 Counts are ``round(rate × n)`` rounded half up, per text for misspellings (so on short texts the share misspelled
 differs from the rate: 2 % of 20 words is no word; the sweep reports the share actually misspelled); every choice
-comes from a ``random.Random`` seeded with a string, so results are identical across runs and processes. Each rate
-is drawn on its own: the words or instances noised at a lower rate are not necessarily among those noised at a
-higher one. Pure Python: no jax, no numpy.
+comes from a ``random.Random`` seeded with a string, so results are identical across runs and processes. The seed
+does not hold the rate, and ``random.sample`` draws its first picks alike for one seed, so the words or instances
+noised at a lower rate are among those noised at a higher one (nested sweeps). Pure Python: no jax, no numpy.
 """
 from __future__ import annotations
 

@@ -154,7 +154,7 @@ def write_report(out: str, metrics: dict[str, Any], title: str | None = None) ->
               "one's own, run one `evaluate.py run` per model and task into the same `--out`, which resumes), and "
               "on a CPU host the peak RSS during that task's decoding. For scale: the paper's Table 7 (4-bit 7B model, "
               "batch 1, one A100) reports 1:14:12 for phenotypes, 1:26:33 for diagnosis and 11:40:14 for treatment "
-              "plans, and 5,550 MB (the table gives MiB, 2^20 bytes).", ""]
+              "plans, and 5,550 MB (its unit; our memory column is MiB, 2^20 bytes).", ""]
     lines += efficiency_table(metrics) + [""]
     if "efficiency" in plots:
         lines += [f"![Generation time and throughput]({plots['efficiency']})", ""]

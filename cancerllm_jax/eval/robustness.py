@@ -571,7 +571,7 @@ def table_markdown(result: SweepResult, model_name: str) -> str:
              "instances; evaluated on the clean test set)" if number == "5" else
              f"Misspelling robustness on {named} (rate = share of the words of each test instance's context "
              "misspelled, counting words of two or more letters, rounded per instance: the column 'misspelled' "
-             "gives the share of all words actually misspelled; a phenotype context's question is left as written "
+             "gives the share of those words actually misspelled; a phenotype context's question is left as written "
              "when the record names its sentence; the fine-tuned model is scored on the misspelled inputs, not "
              "retrained)")
     misspell = number == "6"
