@@ -452,9 +452,9 @@ def _coerce(value, tp, where: str):
     if dataclasses.is_dataclass(tp):
         return build(tp, {} if value is None else value, where)  # `lora=0` is an error, not the defaults
     if origin in (tuple, list):
-        if isinstance(value, str) and value != "all":  # `a,b` is a list; a path that exists is one item
-            value = [value] if os.path.exists(os.path.expanduser(value)) else [
-                v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str) and value != "all":  # `a,b` is a list; a list of paths: one that exists is one item
+            one_path = where.endswith("sources") and os.path.exists(os.path.expanduser(value))
+            value = [value] if one_path else [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, str):
             return value
         if not isinstance(value, (list, tuple)):

@@ -239,15 +239,19 @@ def run_child(cmd: list[str], stdout, what: str, cwd: str | None = None) -> int:
     """Run ``cmd`` (output to the file ``stdout``) to its end and return its exit code. A SIGTERM or Ctrl-C to this
     process is passed on as SIGTERM, which a training run takes as "save the step you finished, then stop" (and takes
     once, should the terminal's Ctrl-C have reached it too); once the child has ended, ``ChildStopped`` says so
-    (``what``: the child, for the message). A second Ctrl-C kills the child at once. The child is never left running
-    on its own."""
+    (``what``: the child, for the message). A second signal (Ctrl-C or SIGTERM) kills the child at once. The child is
+    never left running on its own."""
     proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT, cwd=cwd)
     got: list[str] = []
 
     def pass_on(signum, _frame=None) -> None:
         got.append("SIGINT" if signum == signal.SIGINT else "SIGTERM")
-        if proc.poll() is None:
+        if proc.poll() is not None:
+            return
+        if len(got) == 1:
             proc.send_signal(signal.SIGTERM)
+        else:  # a second signal of either kind: stop the child at once
+            proc.kill()
 
     try:
         previous = signal.signal(signal.SIGTERM, pass_on)
@@ -259,10 +263,6 @@ def run_child(cmd: list[str], stdout, what: str, cwd: str | None = None) -> int:
                 code = proc.wait()
                 break
             except KeyboardInterrupt:
-                if "SIGINT" in got:
-                    proc.kill()
-                    proc.wait()
-                    raise
                 pass_on(signal.SIGINT)
     finally:
         if previous is not None:

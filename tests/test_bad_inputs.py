@@ -1752,6 +1752,31 @@ def test_a_signal_to_a_command_waiting_for_its_training_child_stops_the_child_to
     assert f"{'terminated (SIGTERM)' if sig == 'SIGTERM' else 'interrupted (Ctrl-C)'}: stage x was stopped too" in err
 
 
+def test_a_second_sigterm_kills_a_child_that_does_not_stop(tmp_path):
+    """A child that ignores SIGTERM (a scheduler sends only SIGTERM, twice): the second one kills it, and the
+    command exits 143 at once instead of waiting for the child to end."""
+    import signal
+
+    child = write(tmp_path / "child.py", "import signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                  "open(sys.argv[1], 'w').close()\ntime.sleep(60)\n")
+    parent = write(tmp_path / "parent.py", "import sys\nfrom cancerllm_jax.errors import cli_main\n"
+                   "from cancerllm_jax.launch_common import run_child\n@cli_main\ndef main():\n"
+                   "    with open(sys.argv[2], 'w') as log:\n"
+                   "        return run_child([sys.executable, sys.argv[3], sys.argv[1]], log, 'stage x')\n"
+                   "sys.exit(main())\n")
+    started = tmp_path / "started"
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, parent, started, tmp_path / "log", child], stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": ROOT})
+    while not started.exists() and time.time() < t0 + 60:
+        time.sleep(0.05)
+    for _ in range(2):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+    err = proc.communicate(timeout=30)[1]
+    assert proc.returncode == 143 and time.time() - t0 < 40, err
+
+
 def test_pretrain_epochs_set_the_steps_as_hf_counts_them(tmp_path, capsys):
     """``--epochs E`` reads the corpus first and trains ceil(E x ceil(train blocks / batch)) steps (the paper's
     "1 epoch"); the run records both; a bad value is one clear error."""

@@ -54,7 +54,7 @@ def test_the_same_value_given_twice_is_accepted():
     assert resolve(PretrainConfig, None, ["steps=3", "steps=4"]).steps == 4  # a program's list: the last one
 
 
-def test_a_list_setting_given_as_one_existing_path_with_a_comma_is_that_path(tmp_path):
+def test_a_list_setting_given_as_one_existing_path_with_a_comma_is_that_path(tmp_path, monkeypatch):
     from cancerllm_jax.train.config import PretrainConfig, resolve
 
     (tmp_path / "a,b.jsonl").write_text('{"text": "x"}\n')
@@ -62,6 +62,9 @@ def test_a_list_setting_given_as_one_existing_path_with_a_comma_is_that_path(tmp
     assert [os.path.basename(s) for s in cfg.data.sources] == ["a,b.jsonl"]
     cfg = resolve(PretrainConfig, None, [f"data.sources={tmp_path / 'a'},{tmp_path / 'b.jsonl'}", "lora.targets=q,v"])
     assert [os.path.basename(s) for s in cfg.data.sources] == ["a", "b.jsonl"] and list(cfg.lora.targets) == ["q", "v"]
+    (tmp_path / "q,v").mkdir()  # only a list of paths reads an existing path whole
+    monkeypatch.chdir(tmp_path)
+    assert list(resolve(PretrainConfig, None, ["lora.targets=q,v"]).lora.targets) == ["q", "v"]
 
 
 # ------------------------------------------------------------------------------ reproduce.py --model checked first

@@ -455,8 +455,11 @@ def test_tokenizer_json_path_loads_its_folder(tmp_path):
     _char_tokenizer(tmp_path / "tok", bos=True)
     assert load_tokenizer(str(tmp_path / "tok" / "tokenizer.json")).encode("ab", bos=True) == [1, 2, 3]
     (tmp_path / "vocab.txt").write_text("a\n")
-    with pytest.raises(UserError, match="vocab.txt: not a SentencePiece model"):
+    with pytest.raises(UserError, match="is not a tokenizer"):  # read by name: no weights file parsed as a model
         load_tokenizer(str(tmp_path / "vocab.txt"))
+    (tmp_path / "bad.model").write_text("a\n")
+    with pytest.raises(UserError, match="bad.model: not a SentencePiece model"):
+        load_tokenizer(str(tmp_path / "bad.model"))
     if importlib.util.find_spec("mistral_common") is not None:  # tokenizer.model.v1: any file name is read
         from cancerllm_jax.data.tokenizer import mistral_v1_model_file
 

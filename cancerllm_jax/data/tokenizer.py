@@ -272,15 +272,15 @@ def _config_changes_the_model(folder: str, sp: SentencePieceTokenizer) -> bool:
 
 
 def load_tokenizer(spec: str | None):
-    """``None``/``"mistral-v1"`` → the shipped Mistral v1 model; a SentencePiece model file (``.model`` or any other
-    name); or an HF tokenizer folder (or its ``tokenizer.json``)."""
+    """``None``/``"mistral-v1"`` → the shipped Mistral v1 model; a SentencePiece model file (``x.model``,
+    ``tokenizer.model.v1``, ``x.spm``); or an HF tokenizer folder (or its ``tokenizer.json``)."""
     if spec in (None, "", "mistral-v1", "mistral"):
         return SentencePieceTokenizer(mistral_v1_model_file())
     spec = tokenizer_path(spec)
     if os.path.isfile(spec) and os.path.basename(spec) in ("tokenizer.json", "tokenizer_config.json"):
         spec = os.path.dirname(os.path.abspath(spec))  # the folder that holds it
-    elif os.path.isfile(spec):  # a SentencePiece model, whatever its name (mistral-common's tokenizer.model.v1)
-        return SentencePieceTokenizer(spec)
+    elif os.path.isfile(spec) and (".model" in os.path.basename(spec) or spec.endswith(".spm")):
+        return SentencePieceTokenizer(spec)  # a SentencePiece model: x.model, mistral-common's tokenizer.model.v1
     if os.path.isdir(spec):
         model_file = os.path.join(spec, "tokenizer.model")
         if os.path.isfile(os.path.join(spec, "tokenizer.json")):
