@@ -26,8 +26,8 @@ folder was made from other inputs is refused until that folder is deleted:
 ``cpu-small``: SmolLM2-135M-Instruct (imported from its GGUF with ``tools/import_gguf.py``), short sequences, a few
 dozen optimiser steps, a few test instances per task and shortened generation budgets (the vanilla model does not
 stop by itself; diagnosis/treatment-plan answers are < 100 tokens), sized to finish on a 2-core CPU within an hour.
-``7b``: the paper's settings (configs/pretrain/cancerllm_7b.yaml, the fine-tuning defaults, paper decoding limits,
-whole test sets, bf16) for a GPU host.
+``7b``: the paper's settings (configs/pretrain/cancerllm_7b.yaml, the fine-tuning defaults with the paper's
+4000-token sequences and gradient checkpointing, paper decoding limits, whole test sets, bf16) for a GPU host.
 """
 from __future__ import annotations
 
@@ -85,11 +85,13 @@ SCALES = {
     "7b": Scale(
         patients=2000,
         pretrain=["--config", os.path.join(os.path.dirname(HERE), "configs", "pretrain", "cancerllm_7b.yaml")],
-        finetune=["--epochs", "5", "dtype=bfloat16"],
+        # the paper's stage 2: max sequence 4000 (the fine-tuning default is 512, a CPU size), gradient checkpointing
+        finetune=["--epochs", "5", "dtype=bfloat16", "data.max_seq_len=4000", "remat=full"],
         train_limits=None,
         evaluate=["--batch-size", "32", "--dtype", "bfloat16"],
         misspell=["--decode-batch", "32"],
-        counterfactual=["--rates", "0.2,0.4,0.6,0.8", "--epochs", "5"],
+        counterfactual=["--rates", "0.2,0.4,0.6,0.8", "--epochs", "5", "dtype=bfloat16", "data.max_seq_len=4000",
+                        "remat=full"],
         dtype="bfloat16",
     ),
 }

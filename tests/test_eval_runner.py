@@ -795,6 +795,19 @@ def test_reproduce_resumes_training_stages_and_refuses_other_settings(tmp_path, 
     assert e.value.code != 0 and "reproduce.json:1: not valid JSON" in capsys.readouterr().err
 
 
+def test_reproduce_7b_fine_tunes_with_the_papers_settings():
+    """The 7B scale's fine-tuning runs (the tuned model and the counterfactual ones) take the paper's stage 2: max
+    sequence 4000 (they took the CPU-sized default of 512 and cut every long context), resolved as finetune.py does."""
+    from cancerllm_jax.train.config import resolve
+    from cancerllm_jax.train.finetune import FinetuneConfig
+
+    scale = _reproduce().SCALES["7b"]
+    for args in (scale.finetune, scale.counterfactual):
+        overrides = [a for a in args if "=" in a]
+        cfg = resolve(FinetuneConfig, None, overrides, {"epochs": float(args[args.index("--epochs") + 1])})
+        assert (cfg.data.max_seq_len, cfg.epochs, cfg.lora.rank, cfg.optim.clip_norm) == (4000, 5.0, 64, 0.3)
+
+
 def test_efficiency_rows_say_when_timings_do_not_cover_the_split():
     from cancerllm_jax.eval.report import efficiency_table
     from cancerllm_jax.eval.runner import summarize_stats
