@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from cancerllm_jax.config import LoRAConfig, ModelConfig, generation_settings_to_name, hf_eos_ids
-from cancerllm_jax.errors import UserError, UserTypeError, suggest
+from cancerllm_jax.errors import UserError, refuse_unknown_arguments  # noqa: F401  (imported from here too)
 
 log = logging.getLogger(__name__)
 
@@ -151,20 +150,6 @@ def with_adapter(w: LoadedWeights, adapter: str, dtype=None) -> LoadedWeights:
         params = merge_lora_params(params, w.lora_params, w.lora, dtype)
     lora, lora_params = read_peft_adapter(os.path.abspath(os.path.expanduser(adapter)), w.cfg)
     return dataclasses.replace(w, params=params, lora=lora, lora_params=lora_params)
-
-
-def refuse_unknown_arguments(name: str, given, function, hints: dict[str, str]) -> None:
-    """A keyword in ``given`` that ``function`` does not name is a ``UserTypeError`` naming the nearest one (or the
-    ``hints`` text for transformers habits such as ``torch_dtype``), not a bare TypeError. ``function``'s own
-    ``**unknown`` collects these; any other ``**kwargs`` (a wrapped or patched decoder) takes anything."""
-    params = inspect.signature(function).parameters
-    if any(p.kind is p.VAR_KEYWORD and p.name != "unknown" for p in params.values()):
-        return
-    known = [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    for key in given:
-        if key not in known:
-            raise UserTypeError(f"{name}() got an unexpected argument {key!r}{hints.get(key) or suggest(key, known)}; "
-                                f"it takes {known}")
 
 
 def _tokenizer_in(folder: str) -> str | None:

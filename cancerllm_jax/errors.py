@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import errno
 import functools
+import inspect
 import logging
 import os
 import re
@@ -236,3 +237,17 @@ def cli_main(fn):
             sys.exit(1)
 
     return wrapper
+
+
+def refuse_unknown_arguments(name: str, given, function, hints: dict[str, str]) -> None:
+    """A keyword in ``given`` that ``function`` does not name is a ``UserTypeError`` naming the nearest one (or the
+    ``hints`` text for transformers habits such as ``torch_dtype``), not a bare TypeError. ``function``'s own
+    ``**unknown`` collects these; any other ``**kwargs`` (a wrapped or patched decoder) takes anything."""
+    params = inspect.signature(function).parameters
+    if any(p.kind is p.VAR_KEYWORD and p.name != "unknown" for p in params.values()):
+        return
+    known = [n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for key in given:
+        if key not in known:
+            raise UserTypeError(f"{name}() got an unexpected argument {key!r}{hints.get(key) or suggest(key, known)}; "
+                                f"it takes {known}")

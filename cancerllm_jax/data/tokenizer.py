@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cancerllm_jax.errors import UserError, UserTypeError, suggest
+from cancerllm_jax.errors import UserError, UserTypeError, refuse_unknown_arguments
 
 
 def mistral_v1_model_file() -> str:
@@ -59,14 +59,6 @@ def _token_ids(ids) -> list[int]:
 
 _ENCODE_HINTS = {"add_bos": " (use bos=True)", "add_special_tokens": " (use bos=True: the BOS where the tokenizer "
                  "frames text with one)", "add_eos": " (use eos=True)"}
-
-
-def _refuse_unknown(unknown: dict) -> None:
-    """``encode``'s unknown keywords: one ``UserTypeError`` naming the nearest argument (not a bare TypeError)."""
-    known = ["text", "bos", "eos", "special"]
-    for key in unknown:
-        hint = _ENCODE_HINTS.get(key) or suggest(key, known)
-        raise UserTypeError(f"encode() got an unexpected argument {key!r}{hint}; it takes {known}")
 
 
 class _CalledAsTransformers:
@@ -128,7 +120,7 @@ class SentencePieceTokenizer(_CalledAsTransformers):
     def encode(self, text: str, bos: bool = False, eos: bool = False, special: bool = False, **unknown) -> list[int]:
         """As ``HFTokenizer.encode``: SentencePiece reads special-token strings (``</s>``) as text; with ``special``
         they are the tokens and the text between them is encoded piece by piece, as Llama's HF tokenizer does."""
-        _refuse_unknown(unknown)
+        refuse_unknown_arguments("encode", unknown, SentencePieceTokenizer.encode, _ENCODE_HINTS)
         _check_text(text)
         head = [self.bos_id] if bos and self.adds_bos else []
         tail = [self.eos_id] if eos and self.eos_id >= 0 else []
@@ -192,7 +184,7 @@ class HFTokenizer(_CalledAsTransformers):
         are encoded as plain text, as SentencePiece does, never as the special tokens themselves (notes and
         examples are data), unless ``special``: then they are the special tokens, as ``tokenizer(text)`` reads
         them (a prompt someone wrote with a chat template)."""
-        _refuse_unknown(unknown)
+        refuse_unknown_arguments("encode", unknown, HFTokenizer.encode, _ENCODE_HINTS)
         ids = list(self.tok.encode(_check_text(text), add_special_tokens=False, split_special_tokens=not special))
         if bos and self.adds_bos:
             ids = [self.bos_id] + ids

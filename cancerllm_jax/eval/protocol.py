@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from cancerllm_jax.errors import UserTypeError, UserValueError
+from cancerllm_jax.errors import UserTypeError, UserValueError, refuse_unknown_arguments
 
 PROTOCOLS = ("standard", "reference")
 METRICS = ("em", "bleu2", "rougeL")
@@ -210,10 +210,7 @@ def score(
     golds: Sequence[str], preds: Sequence[str], protocol: str = "standard", per_instance: bool = False, **unknown
 ) -> dict[str, Any]:
     """Score a test set: each of ``KEYS`` is the mean over instances in percent, plus ``n`` (and ``rows``)."""
-    if unknown:  # the nearest known name, as load() and generate() say it (api imports jax: only when needed)
-        from cancerllm_jax.api import refuse_unknown_arguments
-
-        refuse_unknown_arguments("score", unknown, score, {})
+    refuse_unknown_arguments("score", unknown, score, {})  # the nearest known name, as load() and generate() say it
     _check_protocol(protocol)
     for name, value in (("golds", golds), ("preds", preds)):  # a dict would be scored by its keys
         if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
@@ -432,10 +429,7 @@ def score_file(
         return unknown.pop(short, value)
 
     gold_path, pred_path = alias("gold", "gold_path", gold_path), alias("pred", "pred_path", pred_path)
-    if unknown:  # the nearest known name, as load() and generate() say it (api imports jax: only when needed)
-        from cancerllm_jax.api import refuse_unknown_arguments
-
-        refuse_unknown_arguments("score_file", unknown, score_file, {})
+    refuse_unknown_arguments("score_file", unknown, score_file, {})
     if pred_path is None:
         raise UserTypeError("score_file() needs the prediction file: score_file(gold_path, pred_path) or "
                             "score_file(pred_path=...) for a file that carries its own gold answers")
