@@ -331,12 +331,11 @@ def _field(path: str, rows: list[Row], given: str | None, candidates: tuple[str,
     return found
 
 
-def _pairs(gold_path: str | None, pred_path: str, gold_field: str | None, pred_field: str | None
+def _pairs(gold_path: str | None, pred_path: str, preds: list[Row], gold_field: str | None, pred_field: str | None
            ) -> list[tuple[Any, str, str]]:
-    """(id or None, gold, prediction) per instance, in gold-file order."""
+    """(id or None, gold, prediction) per instance, in gold-file order (``preds``: the prediction file's rows)."""
     from cancerllm_jax.errors import UserError
 
-    preds = _read_jsonl(pred_path)
     pred_ids = rows_by_id(pred_path, preds)
     if gold_path is None:  # a runner's output file: {id, prompt_hash, gold, prediction}
         hint = "" if gold_field else "; predictions without their gold answers are scored against the gold file: --gold"
@@ -435,8 +434,9 @@ def score_file(
                             "score_file(pred_path=...) for a file that carries its own gold answers")
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOLS)}")
-    pairs = _pairs(gold_path, pred_path, gold_field, pred_field)
-    if all("prompt_hash" in obj for _, obj in _read_jsonl(pred_path)):
+    preds = _read_jsonl(pred_path)
+    pairs = _pairs(gold_path, pred_path, preds, gold_field, pred_field)
+    if all("prompt_hash" in obj for _, obj in preds):
         # written by launch/generate.py, `evaluate.py run` or a robustness sweep: each prediction is the generated
         # text alone, scored as it stands (as `evaluate.py report` scores it), a header the model made included
         answers = [p for _, _, p in pairs]
