@@ -27,6 +27,14 @@ def mesh_value_joined(argv=None) -> list[str]:
     return out
 
 
+def _steps_or_fraction(text: str) -> int | float:
+    """``--save-every``: a whole number of steps, or a fraction of the run (HF's ``save_steps`` below 1)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)  # argparse names the flag when this fails
+
+
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 10x1 or 2x5 (default from the config: 1x1)")
@@ -36,7 +44,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                                             "shuffle, eval split and synthetic data use data.seed (default 0): "
                                             "pass data.seed=N too for another draw of the data")
     p.add_argument("--workdir", help="run folder (default: runs/<kind>-<date>-<time>)")
-    p.add_argument("--save-every", type=int, help="checkpoint every N steps (async); 0 = only at the end")
+    p.add_argument("--save-every", type=_steps_or_fraction,
+                   help="checkpoint every N steps (async), or every such fraction of the run (0.2); 0 = only at the end")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
     p.add_argument("--full", action="store_true", default=None, help="train every weight instead of LoRA")
     p.add_argument("--dry-run", action="store_true", help="print shapes, shardings and the memory estimate; exit")

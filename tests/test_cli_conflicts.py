@@ -183,3 +183,29 @@ def test_finetune_warns_when_the_eval_file_is_a_copy_of_the_training_file(tmp_pa
         build_instruct_data(InstructDataConfig(path=str(train), eval_path=str(copy), max_seq_len=512), _CharTok())
     assert [r.getMessage()[:len(f"{copy}: 4 of 4")] for r in caplog.records
             if r.levelno == logging.WARNING] == [f"{copy}: 4 of 4"]
+
+
+def test_save_and_eval_every_take_a_fraction_of_the_run_as_hf_does():
+    """HF Trainer reads save_steps / eval_steps below 1 as a share of the run: ceil(max_steps x ratio)."""
+    from cancerllm_jax.launch_common import _steps_or_fraction
+    from cancerllm_jax.train.config import PretrainConfig, resolve
+
+    cfg = resolve(PretrainConfig, None, ["steps=16001", "eval_every=0.2", "save_every=500"])
+    cfg.validate()
+    assert (cfg.every("eval_every"), cfg.every("save_every")) == (3201, 500)
+    assert resolve(PretrainConfig, None, ["steps=5", "eval_every=1.0"]).every("eval_every") == 1  # one step
+    assert (_steps_or_fraction("7"), _steps_or_fraction("0.25")) == (7, 0.25)
+    for bad in ("eval_every=1.5", "save_every=-0.2"):
+        with pytest.raises(UserError, match=r"(save|eval)_every must be"):
+            resolve(PretrainConfig, None, ["steps=5", bad]).validate()
+
+
+def test_pretrain_with_fractional_save_and_eval_every_saves_at_those_steps(tmp_path, capsys):
+    wd = tmp_path / "w"
+    code, err = run_cli("launch/pretrain.py", ["--mesh", "1x1", "--steps", "5", "--batch-size", "2", "--save-every",
+                                               "0.4", "eval_every=0.5", "data.block_size=32", "lora.rank=2",
+                                               "synthetic_documents=20", "--workdir", wd], capsys)
+    assert code == 0, err
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 5]
+    evals = [json.loads(line)["step"] for line in open(wd / "metrics.jsonl") if "eval_loss" in line]
+    assert evals == [0, 3, 5]

@@ -1,6 +1,7 @@
 """Typed training configs shared by continued pretraining and instruction tuning."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -34,18 +35,31 @@ class TrainConfig:
     # GPU, a longer compile)
     layer_weights: str = "auto"
     fsdp: bool = True  # shard frozen weights over the data axis where a dimension divides
-    save_every: int = 0  # 0: only at the end
+    # 0: only at the end; N: every N steps; a fraction in (0, 1): every ceil(steps x fraction) steps, as HF Trainer
+    # reads save_steps / eval_steps below 1 (the paper's eval_steps 0.2)
+    save_every: int | float = 0
     keep: int = 3
-    eval_every: int = 0  # 0: only at the end
+    eval_every: int | float = 0  # 0: only at the end; as save_every
     eval_batches: int = 0  # 0: every held-out batch
     log_every: int = 1
     log_examples: bool = False  # never log note text unless asked
+
+    def every(self, name: str) -> int:
+        """``save_every`` / ``eval_every`` in steps (0: only at the end); a fraction of the run is
+        ``ceil(steps * fraction)``, as HF Trainer counts it."""
+        value = getattr(self, name)
+        return math.ceil(self.steps * value) if isinstance(value, float) else value
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "keep", "log_every", "save_every", "eval_every", "eval_batches"):
             low = 1 if name in ("steps", "batch_size", "keep", "log_every") else 0
             if not low <= getattr(self, name) <= MAX_COUNT:
                 raise UserError(f"{name} must be >= {low} and at most 2**31 - 1, got {getattr(self, name)}")
+        for name in ("save_every", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not 0 < value < 1:
+                raise UserError(f"{name} must be a whole number of steps or a fraction of the run in (0, 1), "
+                                f"got {value}")
         if not 0 <= self.seed < 2**32:  # JAX keeps a seed's low 32 bits: 2**32 + 5 would quietly be seed 5
             raise UserError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.remat not in ("none", "full", "dots"):

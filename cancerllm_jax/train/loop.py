@@ -501,7 +501,7 @@ class Trainer:
         # holes of more than half a step's temporaries (those of every device of this process) are given back
         stranded_limit = (getattr(self, "memory", {}).get("temp_bytes") or 2**30) * len(self.mesh.local_devices) // 2
         bar = _progress(cfg.steps, start_step)
-        eval_every = cfg.eval_every
+        eval_every, save_every = cfg.every("eval_every"), cfg.every("save_every")
         peer_lost = False
         batch = None  # the last step's batch, on which the weights are checked before a save
         if start_step == 0 and eval_every and data.eval_batches and not self._sigterm.asked:
@@ -538,7 +538,7 @@ class Trainer:
                 bar(step, row)
                 if eval_every and step % eval_every == 0 and step < cfg.steps:
                     self._evaluate(data.eval_batches, step, logger, mngr)
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                if save_every and step % save_every == 0 and step < cfg.steps:
                     self._save(mngr, step, it, batch)
                     last_saved = step
             # saved before the final evaluation (a long one on a big model): a scheduler's kill during it, or an
