@@ -167,10 +167,15 @@ class Pipeline:
         t0 = time.time()
         if cmd:
             logf = os.path.join(self.out, "logs", f"{name}.log")
-            with open(logf, "w") as f:
+            with open(logf, "a") as f:  # a re-run appends: an earlier attempt's output stays readable
+                f.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(map(shlex.quote, cmd))}\n")
+                f.flush()
+                start = f.tell()
                 returncode = run_child(cmd, f, f"stage {name} (log: {logf})", cwd=os.path.dirname(HERE))
-            if returncode != 0:  # one line: the stage's own error (its whole output is in the log)
-                lines = [ln.strip() for ln in open(logf, errors="replace").read().splitlines() if ln.strip()]
+            if returncode != 0:  # one line: this attempt's own error (its whole output is in the log)
+                with open(logf, errors="replace") as f:
+                    f.seek(start)
+                    lines = [ln.strip() for ln in f.read().splitlines() if ln.strip()]
                 why = next((ln[len("error: "):] for ln in reversed(lines) if ln.startswith("error: ")),
                            lines[-1] if lines else "no output")
                 raise UserError(f"stage {name} failed (exit {returncode}): {why[:1000]} (log: {logf})")

@@ -126,6 +126,12 @@ def test_a_failing_stage_is_one_error_line(tmp_path):
         pipe.stage("pretrain", str(tmp_path / "DONE"), {}, cmd)
     assert "\n" not in str(e.value) and "error:" not in str(e.value)
     assert str(e.value).startswith("stage pretrain failed (exit 2): the child failed (log: ")
+    # a second attempt appends to the stage's log, and its error is its own, not the first attempt's
+    with pytest.raises(UserError, match=r"failed \(exit 3\): crashed otherwise \(log: "):
+        pipe.stage("pretrain", str(tmp_path / "DONE"), {}, [sys.executable, "-c",
+                                                            "import sys; print('crashed otherwise'); sys.exit(3)"])
+    log = open(tmp_path / "rep" / "logs" / "pretrain.log").read()
+    assert log.count("=== ") == 2 and "the child failed" in log and log.rstrip().endswith("crashed otherwise")
 
 
 # ------------------------------------------------------------------------------ make_synthetic_data.py counts
