@@ -664,6 +664,12 @@ def test_resume_refuses_a_base_whose_weights_changed(tmp_path, capsys, models):
     save_file(tensors, base / name, metadata={"format": "pt"})
     code, err = run_cli("launch/finetune.py", argv + ["--resume"], capsys)
     one_clear_error(code, err, "--resume", "other weights", "new --workdir")
+    # loading or exporting the run is refused alike: its LoRA would be applied to another model
+    with pytest.raises(UserError, match=r"run: its base model .*base .* has other weights than the run trained on"):
+        cj.load(wd)
+    code, err = run_cli("tools/convert_checkpoint.py", ["to-hf", wd, tmp_path / "hf", "--merge-lora"], capsys)
+    one_clear_error(code, err, "other weights", "put the original weights back")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_a_mistral_folder_without_tokenizer_says_which_one_it_uses(tmp_path, models, caplog):

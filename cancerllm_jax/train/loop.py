@@ -109,7 +109,7 @@ def load_base(cfg: TrainConfig) -> tuple[ModelConfig, dict | None, str | None, d
         say(f"base {cfg.model}: merging its LoRA (r={w.lora.rank}) into the base weights")
         params = merge_lora_params(params, w.lora_params, w.lora)
     return w.cfg, params, w.tokenizer_spec, {"kind": "path", "path": os.path.abspath(cfg.model),
-                                             "model": to_dict(w.cfg), "weights_digest": weights_digest(params)}
+                                             "model": to_dict(w.cfg), "weights_digest": run_io.weights_digest(params)}
 
 
 class _SigtermStop:
@@ -174,21 +174,6 @@ def example_text(tokenizer, batch: dict, limit: int = 4000) -> str:
     return (f"--log-examples: row 0 of the first batch, {int(seen.sum())} tokens, the loss on {int(scored.sum())} of "
             f"them\n--- input ---\n{cut(tokenizer.decode(inputs[seen].tolist()))}\n--- loss on ---\n"
             f"{cut(tokenizer.decode(targets[scored].tolist()))}\n--- end ---")
-
-
-def weights_digest(params: dict, samples: int = 4096) -> str:
-    """A content fingerprint of base weights, cheap at 7B: every tensor's path, shape, dtype and ``samples`` values
-    spread evenly over it (all of a small tensor). ``--resume`` compares it, so a base whose weights changed in place
-    is refused however the files were copied (their dates are not looked at)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:  # dict keys in sorted order
-        flat = np.asarray(x).reshape(-1)
-        picked = flat if flat.size <= samples else flat[np.linspace(0, flat.size - 1, samples).astype(np.int64)]
-        h.update(f"{jax.tree_util.keystr(path)}|{x.shape}|{x.dtype}|".encode())
-        h.update(np.ascontiguousarray(picked).tobytes())
-    return h.hexdigest()[:16]
 
 
 def base_for_data(cfg: TrainConfig, dry_run: bool = False) -> tuple[tuple | None, str | None]:

@@ -121,6 +121,24 @@ def run_tokenizer(meta: dict) -> str:
     return ((meta.get("config") or {}).get("data") or {}).get("tokenizer") or meta.get("tokenizer") or "mistral-v1"
 
 
+def weights_digest(params: dict, samples: int = 4096) -> str:
+    """A content fingerprint of base weights, cheap at 7B: every tensor's path, shape, dtype and ``samples`` values
+    spread evenly over it (all of a small tensor). ``--resume`` and loading a run (:func:`read_run_weights`) compare it, so
+    a base whose weights changed in place is refused however the files were copied (their dates are not looked at)."""
+    import hashlib
+
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:  # dict keys in sorted order
+        flat = np.asarray(x).reshape(-1)
+        picked = flat if flat.size <= samples else flat[np.linspace(0, flat.size - 1, samples).astype(np.int64)]
+        h.update(f"{jax.tree_util.keystr(path)}|{x.shape}|{x.dtype}|".encode())
+        h.update(np.ascontiguousarray(picked).tobytes())
+    return h.hexdigest()[:16]
+
+
 def read_run_weights(path: str):
     """``LoadedWeights`` of a run's latest checkpoint: base + LoRA factors, or all weights for ``--full``."""
     from cancerllm_jax.api import LoadedWeights, read_weights
@@ -164,6 +182,11 @@ def read_run_weights(path: str):
             from cancerllm_jax.model.lora import merge_lora_params
 
             params = merge_lora_params(params, w.lora_params, w.lora)
+        was, now = base.get("weights_digest"), weights_digest(params)
+        if was and was != now:  # as --resume refuses it: the trained factors would apply to another model
+            raise UserError(f"{path}: its base model {base['path']} ({RUN_FILE}: base.path) has other weights than "
+                            f"the run trained on (weights digest {now}, was {was}): its LoRA would apply to another "
+                            "model; put the original weights back there")
     else:
         from cancerllm_jax.model import base_params, create_model
 
