@@ -32,7 +32,12 @@ def _steps_or_fraction(text: str) -> int | float:
     try:
         return int(text)
     except ValueError:
-        return float(text)  # argparse names the flag when this fails
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps or a fraction of the run in (0, 1), "
+                                         f"got {text!r}") from None
 
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:

@@ -2,6 +2,7 @@
 data tool, and held-out examples that are also training examples. Every case fails before any model is built."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -201,6 +202,8 @@ def test_save_and_eval_every_take_a_fraction_of_the_run_as_hf_does():
     assert (cfg.every("eval_every"), cfg.every("save_every")) == (3201, 500)
     assert resolve(PretrainConfig, None, ["steps=5", "eval_every=1.0"]).every("eval_every") == 1  # one step
     assert (_steps_or_fraction("7"), _steps_or_fraction("0.25")) == (7, 0.25)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^expected a whole number of steps or a fraction"):
+        _steps_or_fraction("abc")
     for bad in ("eval_every=1.5", "save_every=-0.2"):
         with pytest.raises(UserError, match=r"(save|eval)_every must be"):
             resolve(PretrainConfig, None, ["steps=5", bad]).validate()
