@@ -23,8 +23,8 @@ from all the data's labels otherwise (a warning says so).
 Both write OUT/table5.md or OUT/table6.md (with each rate's generation time, tokens/s and peak memory below the
 scores), OUT/robustness.json and OUT/robustness.png; each rate's predictions and scores stay under
 OUT/counterfactual/rate_NN/ or OUT/misspell/<task>/rate_NN/. Add 0 to --rates for a clean reference row (left out
-of the mean over rates). Each rate is drawn on its own: the labels or words noised at 20 % are not necessarily
-among those noised at 40 %. One --out holds one counterfactual and one misspell sweep (each table names its model;
+of the mean over rates). The rates are nested: the labels or words noised at 20 % are among those noised at 40 %,
+noised alike (for one --seed). One --out holds one counterfactual and one misspell sweep (each table names its model;
 the two may be different models); the paper's tables set two models side by side, so run each model's sweep with
 its own --out and compare their tables. DIR holds <task>/<split>.jsonl (a test split may also be
 DIR/<task>.jsonl; counterfactual's phenotype/val.jsonl is optional: without it the fine-tuning runs report no

@@ -240,3 +240,22 @@ def test_a_typed_record_never_draws_other_types_from_untyped_labels():
         for r in new[:len(typed)]:
             if r["counterfactual"]["kind"] in ("other_type", "not_relevant_swap"):  # a typed Not relevant too
                 assert r["response"] not in {"stage iv", "left breast", "12 mm"}
+
+
+@pytest.mark.parametrize("n", [8, 22, 69, 100, 300])
+def test_sweeps_are_nested_and_a_shared_word_is_noised_alike(n):
+    """The words (records) noised at a lower rate are among those noised at a higher one, with the same edit (wrong
+    label). random.sample's picks for two counts are not nested (it switches methods with the count: 69 words at
+    6 % and 8 %, 100 records at 20 % and 40 % broke it)."""
+    text = " ".join(f"word{'abcdefghij'[i % 10]}{'klmnopqrst'[i // 10 % 10]}x" for i in range(n))
+    rates = [0.02, 0.04, 0.06, 0.08, 0.2, 0.4, 0.6, 0.8, 1.0]
+    for seed in (0, 1, "s"):
+        edits = [{(e.start, e.original): e.new for e in misspell_edits(text, r, seed)[1]} for r in rates]
+        for low, high in zip(edits, edits[1:]):
+            assert low.items() <= high.items()
+    recs = [{**_records()[i % len(_records())], "id": f"r{i}"} for i in range(n)]
+    for seed in (0, 1):
+        runs = [corrupt_phenotype_labels(recs, r, seed) for r in rates]
+        for (low_recs, low_ids), (high_recs, high_ids) in zip(runs, runs[1:]):
+            assert set(low_ids) <= set(high_ids)
+            assert all(a == b for a, b in zip(low_recs, high_recs) if a["id"] in low_ids)

@@ -14,8 +14,9 @@
 Counts are ``round(rate × n)`` rounded half up, per text for misspellings (so on short texts the share misspelled
 differs from the rate: 2 % of 20 words is no word; the sweep reports the share actually misspelled); every choice
 comes from a ``random.Random`` seeded with a string, so results are identical across runs and processes. The seed
-does not hold the rate, and ``random.sample`` draws its first picks alike for one seed, so the words or instances
-noised at a lower rate are among those noised at a higher one (nested sweeps). Pure Python: no jax, no numpy.
+does not hold the rate: the words or instances are taken in one seeded order, and each word's edit (each record's
+wrong label) is seeded by its position, so those noised at a lower rate are among those noised at a higher one, noised
+alike (nested sweeps). Pure Python: no jax, no numpy.
 """
 from __future__ import annotations
 
@@ -113,6 +114,14 @@ def misspell_word(word: str, rng: random.Random) -> tuple[str, str]:
     raise AssertionError(f"no edit changes {word!r}")  # unreachable: drop always changes a word of length ≥ 2
 
 
+def _seeded_order(items: Iterable[int], seed: str) -> list[int]:
+    """``items`` in one seeded random order: a rate's picks are its first ``k``, so a lower rate's are among a
+    higher one's (``random.sample``'s picks for two ``k`` are not: it switches methods with ``k``)."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    return order
+
+
 def eligible_words(text: str) -> list[re.Match[str]]:
     """The words :func:`misspell_text` may edit: runs of ≥ 2 ASCII letters not glued to digits or letters (of any
     script), nor followed by a combining accent."""
@@ -124,12 +133,11 @@ def misspell_edits(text: str, rate: float, seed: int | str) -> tuple[str, list[E
     _check_rate(rate)
     words = eligible_words(text)
     k = round_half_up(rate * len(words))
-    rng = random.Random(f"misspell:{seed}")
-    chosen = sorted(rng.sample(range(len(words)), k))
+    chosen = sorted(_seeded_order(range(len(words)), f"misspell:{seed}")[:k])
     pieces, edits, last = [], [], 0
     for i in chosen:
         m = words[i]
-        new, kind = misspell_word(m.group(), rng)
+        new, kind = misspell_word(m.group(), random.Random(f"misspell:{seed}:{i}"))  # the same edit at every rate
         pieces += [text[last:m.start()], new]
         edits.append(Edit(m.start(), m.group(), new, kind))
         last = m.end()
@@ -302,8 +310,7 @@ def corrupt_phenotype_labels(records: Sequence[dict], rate: float, seed: int | s
     _check_rate(rate)
     idx = [i for i, r in enumerate(records) if r.get("task", "phenotype") == "phenotype"]
     k = round_half_up(rate * len(idx))
-    rng = random.Random(f"counterfactual:{seed}")
-    chosen = set(rng.sample(idx, k))
+    chosen = set(_seeded_order(idx, f"counterfactual:{seed}")[:k])
     pool = entity_pool(records[i] for i in idx)
     out, ids = [], []
     for i, r in enumerate(records):
