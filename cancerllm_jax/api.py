@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cancerllm_jax.config import LoRAConfig, ModelConfig, generation_settings_to_name, hf_eos_ids
+from cancerllm_jax.config import PRESETS, LoRAConfig, ModelConfig, generation_settings_to_name, hf_eos_ids
 from cancerllm_jax.errors import UserError, refuse_unknown_arguments  # noqa: F401  (imported from here too)
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,8 @@ def read_weights(path: str, dtype: str | None = None) -> LoadedWeights:
     run (latest checkpoint)."""
     from cancerllm_jax.checkpoint import orbax_io
 
+    if isinstance(path, str) and path in PRESETS and not os.path.exists(os.path.expanduser(path)):
+        return preset_weights(path)
     path, kind = model_kind(path)
     if kind == "checkpoint":
         meta = orbax_io.read_meta(path)
@@ -136,6 +138,20 @@ def read_weights(path: str, dtype: str | None = None) -> LoadedWeights:
 
     cfg, params = read_hf(path)
     return LoadedWeights(cfg, params, tokenizer_spec=_tokenizer_in(path), source=path)
+
+
+def preset_weights(name: str) -> LoadedWeights:
+    """A preset's random weights (seed 0, float32) with the Mistral v1 tokenizer, for smoke runs without a model
+    folder (``cj.load("tiny")``, ``robustness.py misspell --model tiny``). A folder of that name wins; presets of 2e9
+    parameters or more (random weights of a 7B model: --dry-run and the benchmarks build them) are refused."""
+    from cancerllm_jax.model import base_params, create_model
+
+    cfg = PRESETS[name]
+    if cfg.num_params() >= 2e9:
+        raise UserError(f"model path not found: {os.path.abspath(name)} ({name} is a preset of random weights, "
+                        f"{cfg.num_params() / 1e9:.1f}B parameters: too large to load as a model; give an HF folder)")
+    return LoadedWeights(cfg, base_params(create_model(cfg, None, "float32", seed=0)), tokenizer_spec="mistral-v1",
+                         source=name)
 
 
 def with_adapter(w: LoadedWeights, adapter: str, dtype=None) -> LoadedWeights:

@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--train-limit", type=int, help="use only the first N training examples")
     c.add_argument("overrides", nargs="*", help="key=value overrides passed to launch/finetune.py")
     m = sub.add_parser("misspell", parents=[common], help="Table 6: misspelled test contexts")
-    m.add_argument("--model", required=True, help="the fine-tuned model: HF folder, converted checkpoint or "
-                                                  "training run")
+    m.add_argument("--model", required=True, help="the fine-tuned model: HF folder, converted checkpoint, "
+                                                  "training run, or a preset's random weights (tiny: a smoke run)")
     m.add_argument("--rates", type=_rates, default=[0.02, 0.04, 0.06, 0.08, 0.2, 0.4, 0.6, 0.8],
                    help="comma-separated fractions of words to misspell (0.02 = 2%%; default "
                         "0.02,0.04,0.06,0.08,0.2,0.4,0.6,0.8)")
@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                                          args.out, args.rates, args.epochs, args.overrides, args.seed, settings,
                                          overwrite=args.overwrite)
     else:
+        from cancerllm_jax.config import PRESETS
+
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         unknown = [t for t in tasks if t not in CANCERLLM_TASKS]
         if not tasks or unknown:
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--data {args.data} is one file, but {len(tasks)} tasks were given ({', '.join(tasks)}): "
                             "one file is one task's test split; give --tasks one task, or a folder with "
                             "<task>/test.jsonl for each")
-        if not os.path.exists(args.model):
+        if args.model not in PRESETS and not os.path.exists(args.model):
             raise UserError(f"--model {args.model}: not found (give an HF folder, converted checkpoint or run)")
         if adapter is not None:  # checked against the model's config before any rate is computed
             from cancerllm_jax.api import check_adapter

@@ -689,3 +689,23 @@ def test_results_of_an_earlier_version_are_reused_when_their_saved_inputs_match(
     counterfactual()
     assert len(trained) == 2 and "--resume" in trained[1] and decoded.count("phenotype") == 2
     assert "corrupted_set" in json.loads((d / "settings.json").read_text())  # recorded from now on
+
+
+def test_cli_misspell_runs_on_the_tiny_preset(tmp_path, capsys):
+    """Issue 5: the sweeps run on a CPU "with SmolLM2 or `tiny`"; misspell used to refuse a preset name. A preset
+    loads as its random weights (seed 0) with the Mistral v1 tokenizer; a 7B preset is refused, naming why."""
+    import cancerllm_jax as cj
+    from cancerllm_jax.errors import UserError
+
+    data = tmp_path / "diagnosis.jsonl"
+    data.write_text("".join(json.dumps({"id": f"n{i}", "context": "Metastatic lung cancer with brain mets, stage IV "
+                                        "adenocarcinoma of the right upper lobe.", "response": "lung cancer"}) + "\n"
+                            for i in range(2)))
+    _launch_robustness().main.__wrapped__(["misspell", "--model", "tiny", "--data", str(data), "--tasks", "diagnosis",
+                                           "--out", str(tmp_path / "o"), "--rates", "0.2", "--max-new-tokens", "2"])
+    result = json.loads((tmp_path / "o" / "robustness.json").read_text())
+    assert (tmp_path / "o" / "table6.md").exists() and "misspell" in result, result.keys()
+    a, b = cj.load("tiny").logits([1, 851, 349]), cj.load("tiny").logits([1, 851, 349])
+    assert a.shape == (3, 32000) and (a == b).all()  # the same random weights at every load
+    with pytest.raises(UserError, match=r"mistral-7b-v0.1 is a preset of random weights, 7.2B parameters"):
+        cj.load("mistral-7b-v0.1")
