@@ -19,8 +19,8 @@ folder was made from other inputs is refused until that folder is deleted:
                  (``launch/finetune.py``)
 4. evaluate      vanilla vs tuned on phenotype / diagnosis / treatment plan (``launch/evaluate.py run``): Tables 2-4
                  and the efficiency table (Table 7)
-5. robustness    misspelled test sets (Table 6) for the tuned model, and counterfactual phenotype labels (Table 5)
-                 for the vanilla base (``launch/robustness.py``)
+5. robustness    misspelled test sets (Table 6) for the tuned model, and counterfactual phenotype labels (Table 5):
+                 one fine-tuning per rate of the model instruction tuning starts from (``launch/robustness.py``)
 6. report        OUT/report.md: stage times, the evaluation report, and the robustness tables
 
 ``cpu-small``: SmolLM2-135M-Instruct (imported from its GGUF with ``tools/import_gguf.py``), short sequences, a few
@@ -74,12 +74,17 @@ SCALES = {
         evaluate=["--limit", "12", "--batch-size", "6", "--max-new-tokens",
                   "phenotype=24,diagnosis=40,treatment_plan=96"],
         misspell=["--rates", "0.08,0.4,0.8", "--limit", "4", "--max-new-tokens", "96", "--decode-batch", "4"],
-        counterfactual=None,  # one fine-tuning per rate does not fit the CPU hour; run launch/robustness.py alone
+        # one fine-tuning per rate on the 40 phenotype training examples (packed: a few steps each), as above
+        counterfactual=["--rates", "0.2,0.4,0.6,0.8", "--epochs", "1", "--train-limit", "40", "--limit", "12",
+                        "--max-new-tokens", "24", "--decode-batch", "6", "batch_size=4", "save_every=0",
+                        "lora.rank=16", "lora.alpha=32", "lora.dropout=0.0", "optim.lr=2e-3",
+                        "optim.warmup_ratio=0.1", "data.max_seq_len=512", "data.pack=true", "eval_batches=1"],
         notes=["cpu-small: 12 pretraining steps of 2 x 256 tokens and one fine-tuning epoch over at most 40 "
                "phenotype, 12 diagnosis and 12 treatment-plan examples (sequences of at most 512 tokens) on a 2-core "
                "CPU; shortened generation budgets (phenotype 24, diagnosis 40, treatment plan 96 new tokens instead "
                "of 50 / 500 / 500) and at most 12 test instances per task (the synthetic test split of 60 patients "
-               "has 6 diagnosis and 6 treatment-plan notes). The numbers show the pipeline working end to end, "
+               "has 6 diagnosis and 6 treatment-plan notes); the counterfactual sweep fine-tunes the same way once per rate "
+               "on the first 40 phenotype training examples. The numbers show the pipeline working end to end, "
                "not the paper's results."],
     ),
     "7b": Scale(

@@ -912,3 +912,21 @@ def test_host_peak_memory_is_each_tasks_own():
     reset_peak_memory()
     after, kind = peak_memory()
     assert kind == "host peak RSS (VmHWM)" and after < high - 128 * 2**20, (high, after)
+
+
+def test_reproduce_runs_both_robustness_sweeps_at_every_scale():
+    """Issue 5: reproduce.py runs "the robustness sweeps" (cpu-small left the counterfactual one, Table 5, out). Each
+    scale's sweep arguments parse as robustness.py parses them and resolve as finetune.py resolves its overrides."""
+    import importlib.util
+
+    from cancerllm_jax.train.config import resolve
+    from cancerllm_jax.train.finetune import FinetuneConfig
+
+    spec = importlib.util.spec_from_file_location("launch_robustness_cf", ROOT / "launch" / "robustness.py")
+    rob = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rob)
+    for name, scale in _reproduce().SCALES.items():
+        assert scale.counterfactual is not None and scale.misspell is not None, name
+        args = rob.build_parser().parse_args(["counterfactual", "--model", "m", "--out", "o", *scale.counterfactual])
+        assert args.rates == [0.2, 0.4, 0.6, 0.8], name
+        resolve(FinetuneConfig, None, args.overrides, {"epochs": args.epochs}).validate()
