@@ -182,7 +182,8 @@ def _print_summary(metrics: dict[str, Any]) -> None:
     models = list(metrics["models"])
     print(f"{'Avg F1':<16}" + "".join(f"{m[:22]:>24}" for m in models))
     for task, by_model in metrics["results"].items():
-        print(f"{task:<16}" + "".join(f"{by_model[m]['avg_f1']:>24.2f}" for m in models))
+        print(f"{task:<16}" + "".join(f"{by_model[m]['avg_f1']:>24.2f}" if m in by_model else f"{'-':>24}"
+                                      for m in models))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -151,6 +151,32 @@ def test_rescore_without_decoding(finished, tmp_path, monkeypatch, capsys):
     assert "instances: 2" in capsys.readouterr().out
 
 
+def test_runs_of_one_task_at_a_time_build_one_report(finished, tmp_path, capsys):
+    """A run into a folder keeps what an earlier run there scored and it does not redo (scored again from the
+    files), unless that result's file is gone or its model name or task settings now mean something else."""
+    model, done = finished
+    out = tmp_path / "out"
+    shutil.copytree(done, out)
+    (out / "predictions" / "tuned__phenotype.jsonl").unlink()
+    args = ["run", "--model", str(model), "--name", "other", "--tasks", "diagnosis", "--limit", "2",
+            "--batch-size", "2", "--max-new-tokens", "4", "--out", str(out)]
+    assert _evaluate().main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {t: set(by) for t, by in metrics["results"].items()} == {
+        "diagnosis": {"other", "vanilla", "tuned"}, "phenotype": {"vanilla"}}
+    assert "tuned__phenotype" not in json.dumps(metrics) and "phenotype / tuned" in capsys.readouterr().err
+    assert metrics["results"]["phenotype"]["vanilla"] == {
+        **json.loads((done / "metrics.json").read_text())["results"]["phenotype"]["vanilla"]}
+    assert set(metrics["models"]) == {"other", "vanilla", "tuned"} and "phenotype / vanilla" in metrics["notes"][0]
+    report = (out / "report.md").read_text()
+    assert "## Cancer phenotype extraction" in report and "| other |" in report
+    # the sparse table re-scores, and a task run again with other settings drops the earlier models' results on it
+    assert _evaluate().main(["report", "--out", str(out)]) == 0
+    assert _evaluate().main([*args[:-4], "--max-new-tokens", "3", "--out", str(out), "--overwrite"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {t: set(by) for t, by in metrics["results"].items()} == {"diagnosis": {"other"}, "phenotype": {"vanilla"}}
+
+
 @pytest.mark.parametrize("damage, message", [
     ("non_json", "not valid JSON"),
     ("missing_id", "missing ids"),

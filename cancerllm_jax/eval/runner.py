@@ -12,7 +12,9 @@ shots, sampling settings, dtype, tokenizer and the sha256 of its files' content:
 so a tokenizer that splits it otherwise is seen there). A run whose model or settings differ from that record is
 refused (``overwrite=True`` / ``--overwrite`` discards such files and decodes again), so one file never mixes
 predictions of two models or two decodings. ``OUT/metrics.json`` and ``OUT/report.md`` (with PNG plots) are written
-at the end; ``rescore(OUT)`` rebuilds both from the prediction files alone, without a model.
+at the end, with what an earlier run into ``OUT`` scored and this one did not redo (same model and task settings,
+prediction file still there), so runs of one task at a time build one report; ``rescore(OUT)`` rebuilds both from
+the prediction files alone, without a model.
 
 Efficiency figures per (model, task): generation wall time for the whole test split (summed over batches,
 including any batch that compiled a new shape; ``steady_tokens_per_s`` leaves those out), generated tokens per
@@ -678,24 +680,27 @@ def _radonc_metrics(task: str, golds: list[str], preds: list[str]) -> dict[str, 
     return out if isinstance(out, dict) else None
 
 
-def score_all(metrics: dict[str, Any], out: str, protocol: str, split: dict[str, dict] | None = None) -> None:
-    """Fill ``metrics['results'][task][model]`` from the prediction files."""
+def score_all(metrics: dict[str, Any], out: str, protocol: str, split: dict[str, dict] | None = None,
+              pairs: Sequence[tuple[str, str]] | None = None) -> None:
+    """Fill ``metrics['results'][task][model]`` from the prediction files, for the (task, model) ``pairs`` (default:
+    every task with every model)."""
     results = metrics.setdefault("results", {})
-    for task in metrics["tasks"]:
-        for model in metrics["models"]:
-            path = pred_path(out, model, task)
-            expected = (split.get(task) or {}).get(model) if split else None
-            order = list(expected) if expected else None
-            res = score_predictions(path, protocol, expected, order, task)
-            res["efficiency"] = summarize_stats(read_stats(stats_path(out, model, task)))
-            res["predictions"] = os.path.relpath(path, out)
-            meta = provenance_path(out, model, task)
-            if os.path.isfile(meta):  # what made the file's predictions (model, weights, decoding settings)
-                res["produced_by"] = read_json_file(meta, "record of what made the predictions",
-                                                    "delete it to re-score without it")
-            prev = results.get(task, {}).get(model, {})
-            res.update({k: v for k, v in prev.items() if k in ("load_time_s", "resumed", "decoded")})
-            results.setdefault(task, {})[model] = res
+    if pairs is None:
+        pairs = [(task, model) for task in metrics["tasks"] for model in metrics["models"]]
+    for task, model in pairs:
+        path = pred_path(out, model, task)
+        expected = (split.get(task) or {}).get(model) if split else None
+        order = list(expected) if expected else None
+        res = score_predictions(path, protocol, expected, order, task)
+        res["efficiency"] = summarize_stats(read_stats(stats_path(out, model, task)))
+        res["predictions"] = os.path.relpath(path, out)
+        meta = provenance_path(out, model, task)
+        if os.path.isfile(meta):  # what made the file's predictions (model, weights, decoding settings)
+            res["produced_by"] = read_json_file(meta, "record of what made the predictions",
+                                                "delete it to re-score without it")
+        prev = results.get(task, {}).get(model, {})
+        res.update({k: v for k, v in prev.items() if k in ("load_time_s", "resumed", "decoded")})
+        results.setdefault(task, {})[model] = res
 
 
 # ---------------------------------------------------------------- the whole run
@@ -766,6 +771,9 @@ def _run_locked(cfg: RunConfig, log: Callable[[str], None], records: dict[str, l
     import cancerllm_jax as cj
 
     fresh = [key for key, want in wanted.items() if check_provenance(cfg.out, *key, want, cfg.overwrite)]
+    this_run = [(s.name, m.name) for s in cfg.tasks for m in cfg.models]
+    earlier, kept = _earlier_results(cfg.out, fingerprints, {s.name: s.to_dict() for s in cfg.tasks}, records,
+                                     this_run, log)
     os.makedirs(os.path.join(cfg.out, "predictions"), exist_ok=True)
     discarded = [key for key in fresh if _has_rows(pred_path(cfg.out, *key))]
     if discarded:  # the old metrics and report describe the predictions discarded now
@@ -808,11 +816,66 @@ def _run_locked(cfg: RunConfig, log: Callable[[str], None], records: dict[str, l
             counts, split[spec.name][model.name] = decode_task(lm, model, spec, records[spec.name], cfg, session, log)
             runs[(spec.name, model.name)] = counts
         del lm
-    score_all(metrics, cfg.out, cfg.protocol, split)
+    for task, model in kept:  # an earlier run's results in this folder, scored again from their files
+        metrics["tasks"].setdefault(task, earlier["tasks"][task])
+        metrics["models"].setdefault(model, earlier["models"][model])
+        ids = earlier["tasks"][task].get("ids")
+        split.setdefault(task, {})[model] = {str(i): (None, None) for i in ids} if ids else None
+        metrics.setdefault("results", {}).setdefault(task, {})[model] = earlier["results"][task][model]
+    if kept:
+        metrics["notes"] = [f"kept from an earlier `evaluate.py run` into this folder ({earlier.get('created', '?')}) "
+                            "and scored again from their prediction files (each one's settings are in its "
+                            "`produced_by` record): " + ", ".join(f"{t} / {m}" for t, m in kept)]
+    score_all(metrics, cfg.out, cfg.protocol, split, [*this_run, *kept])
     for (task, model), counts in runs.items():
         metrics["results"][task][model].update(counts)
     write_results(cfg.out, metrics)
     return metrics
+
+
+_LOAD_KEYS = ("load_time_s", "model_type", "params_m", "tokenizer")  # what a run adds to a model's fingerprint
+
+
+def _earlier_results(out: str, fingerprints: dict[str, dict], specs: dict[str, dict], records: dict[str, list[dict]],
+                     this_run: list[tuple[str, str]], log: Callable[[str], None]) -> tuple[dict, list[tuple[str, str]]]:
+    """The (task, model) results that an earlier run into ``out`` scored and this one does not redo, so that runs of
+    one task (or model) at a time build one ``metrics.json`` and report. A result is kept when its prediction file
+    is still there, its model name here means the same weights and tokenizer, and a task run again here has the same
+    settings and test ids; any other is left out, said in the log. Returns (the earlier metrics, the kept pairs)."""
+    path = os.path.join(out, "metrics.json")
+    if not os.path.isfile(path):
+        return {}, []
+    try:
+        old = read_json_file(path, "metrics file", "it is replaced")
+    except UserError as e:
+        log(f"{e}; its results are not kept")
+        return {}, []
+    if not (isinstance(old, dict) and all(isinstance(old.get(k), dict) for k in ("models", "tasks", "results"))):
+        log(f"{path}: not a metrics.json written by `evaluate.py run`; replaced, its results are not kept")
+        return {}, []
+    kept, left = [], []
+    for task, by_model in old["results"].items():
+        for model in by_model if isinstance(by_model, dict) else ():
+            if (task, model) in this_run:
+                continue
+            spec, was = old["tasks"].get(task), old["models"].get(model)
+            same_model = isinstance(was, dict) and (model not in fingerprints or _as_json(fingerprints[model]) == {
+                k: v for k, v in was.items() if k not in _LOAD_KEYS})
+            same_task = isinstance(spec, dict) and (task not in specs or spec == _as_json(
+                {**specs[task], "n": len(records[task]), "ids": [str(r["id"]) for r in records[task]]}))
+            if same_model and same_task and os.path.isfile(pred_path(out, model, task)):
+                kept.append((task, model))
+            else:
+                left.append(f"{task} / {model}")
+    if left:
+        log(f"{path}: earlier results not kept in the new one (their prediction file is gone, or this run's model of "
+            f"that name or task settings differ): {', '.join(left)}")
+    return old, kept
+
+
+def _as_json(obj: Any) -> Any:
+    """``obj`` as it reads back from a JSON file (tuples become lists), to compare it with what a file holds."""
+    return json.loads(json.dumps(obj))
 
 
 def _param_count(lm) -> float:
@@ -841,10 +904,12 @@ def rescore(out: str, protocol: str | None = None, write: bool = True) -> dict[s
     old = metrics.get("results", {})
     counts = {task: {m: r.get("n") for m, r in by_model.items()} for task, by_model in old.items()}
     # each file must cover exactly the run's test ids (gold and prompt hash are taken from the file)
-    split = {task: {m: {i: (None, None) for i in spec["ids"]} for m in metrics["models"]}
+    pairs = [(task, m) for task, by_model in old.items() for m in by_model] if old else None
+    split = {task: {m: {i: (None, None) for i in spec["ids"]} for m in metrics["models"]
+                    if pairs is None or (task, m) in pairs}
              for task, spec in metrics["tasks"].items() if spec.get("ids")}
     metrics["protocol"] = protocol
-    score_all(metrics, out, protocol, split or None)
+    score_all(metrics, out, protocol, split or None, pairs)
     for task, by_model in metrics["results"].items():
         for model, res in by_model.items():
             n = counts.get(task, {}).get(model)
