@@ -579,7 +579,8 @@ def test_resume_refuses_another_tokenizer_at_the_same_path(finished, tmp_path, m
 
 def test_radonc_icd10_metrics_and_confusion_plot(finished, tmp_path):
     """The ICD-10 task's own metrics reach metrics.json with both confusion matrices, and the report shows the
-    paper-group matrix as a PNG; a code written without its dot counts as the gold's category on re-scoring."""
+    chapter matrix as a table and the paper-group one as a PNG; a code written without its dot counts as the
+    gold's category on re-scoring."""
     model, _ = finished
     out = tmp_path / "out"
     assert _evaluate().main(["run", "--model", str(model), "--tasks", "radonc_icd10", "--limit", "2",
@@ -595,6 +596,10 @@ def test_radonc_icd10_metrics_and_confusion_plot(finished, tmp_path):
     assert len(extra["chapter_confusion"]) == len(extra["chapters"]) and extra["group_confusion"]
     report = (out / "report.md").read_text()
     assert "](icd10_groups_tiny.png)" in report and "group_confusion" not in report
+    assert "Confusion by ICD-10 chapter, tiny" in report and "other" in extra["chapters"]  # the unparsed answer
+    for label, row in zip(extra["chapters"], extra["chapter_confusion"], strict=True):
+        assert f"| {label} | " + " | ".join(map(str, row)) + " |" in report
+    assert sum(map(sum, extra["chapter_confusion"])) == 2
     assert (out / "icd10_groups_tiny.png").read_bytes()[:4] == b"\x89PNG"
     # trust checks the task's own scores against the predictions too (it compared only EM / BLEU / ROUGE)
     from cancerllm_jax.errors import UserError

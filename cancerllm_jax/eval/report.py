@@ -66,6 +66,18 @@ def efficiency_table(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def chapter_confusion_table(model: str, radonc: dict[str, Any]) -> list[str]:
+    """The ICD-10 main categories' confusion matrix by chapter (rows gold, columns predicted; only the chapters
+    either side has) as a Markdown table; nothing when the result has none."""
+    labels, cm = radonc.get("chapters"), radonc.get("chapter_confusion")
+    if not labels or not cm:
+        return []
+    lines = [f"Confusion by ICD-10 chapter, {model} (rows gold, columns predicted; instances):", "",
+             "| gold \\ predicted | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    lines += [f"| {label} | " + " | ".join(str(x) for x in row) + " |" for label, row in zip(labels, cm, strict=True)]
+    return lines + [""]
+
+
 def _setup_lines(metrics: dict[str, Any]) -> list[str]:
     d = metrics.get("decoding", {})
     dec = "greedy" if d.get("greedy", True) else (f"sampling: temperature {d.get('temperature')}, top-k "
@@ -142,6 +154,8 @@ def write_report(out: str, metrics: dict[str, Any], title: str | None = None) ->
                     (f"{v[k]:.4g}" if isinstance(v.get(k), float) else str(v.get(k, "–"))) for k in keys) + " |")
             lines += [""]
             if task == "radonc_icd10":
+                for m, v in radonc.items():
+                    lines += chapter_confusion_table(m, v)
                 lines += [f"![ICD-10 confusion by the paper's groups, {m}]({plots[f'icd10:{m}']})"
                           for m in radonc if f"icd10:{m}" in plots] + [""]
     if "metrics" in plots:
