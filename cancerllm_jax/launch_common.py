@@ -50,7 +50,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                                             "pass data.seed=N too for another draw of the data")
     p.add_argument("--workdir", help="run folder (default: runs/<kind>-<date>-<time>)")
     p.add_argument("--save-every", type=_steps_or_fraction,
-                   help="checkpoint every N steps (async), or every such fraction of the run (0.2); 0 = only at the end")
+                   help="checkpoint every N steps (async), or every such fraction of the run (0.2); "
+                        "0 = only at the end")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
     p.add_argument("--full", action="store_true", default=None, help="train every weight instead of LoRA")
     p.add_argument("--dry-run", action="store_true", help="print shapes, shardings and the memory estimate; exit")

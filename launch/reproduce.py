@@ -83,8 +83,8 @@ SCALES = {
                "phenotype, 12 diagnosis and 12 treatment-plan examples (sequences of at most 512 tokens) on a 2-core "
                "CPU; shortened generation budgets (phenotype 24, diagnosis 40, treatment plan 96 new tokens instead "
                "of 50 / 500 / 500) and at most 12 test instances per task (the synthetic test split of 60 patients "
-               "has 6 diagnosis and 6 treatment-plan notes); the counterfactual sweep fine-tunes the same way once per rate "
-               "on the first 40 phenotype training examples. The numbers show the pipeline working end to end, "
+               "has 6 diagnosis and 6 treatment-plan notes); the counterfactual sweep fine-tunes the same way once per "
+               "rate on the first 40 phenotype training examples. The numbers show the pipeline working end to end, "
                "not the paper's results."],
     ),
     "7b": Scale(

@@ -29,7 +29,7 @@ class FinetuneConfig(TrainConfig):
     epochs: float = 5.0
     steps: int = 0
     batch_size: int = 4
-    eval_every: int | float = 0  # 0: every epoch, as the authors' script evaluates (pretraining's 0 is "only at the end")
+    eval_every: int | float = 0  # 0: every epoch, as the authors' script does (pretraining's 0: only at the end)
     synthetic_patients: int = 60
 
     def validate(self) -> None:

@@ -123,8 +123,9 @@ def run_tokenizer(meta: dict) -> str:
 
 def weights_digest(params: dict, samples: int = 4096) -> str:
     """A content fingerprint of base weights, cheap at 7B: every tensor's path, shape, dtype and ``samples`` values
-    spread evenly over it (all of a small tensor). ``--resume`` and loading a run (:func:`read_run_weights`) compare it, so
-    a base whose weights changed in place is refused however the files were copied (their dates are not looked at)."""
+    spread evenly over it (all of a small tensor). ``--resume`` and loading a run (:func:`read_run_weights`) compare
+    it, so a base whose weights changed in place is refused however the files were copied (their dates are not
+    looked at)."""
     import hashlib
 
     import jax
