@@ -86,7 +86,7 @@ def test_import_reuses_a_complete_folder(smollm2_dir, tmp_path):
         import_gguf(str(tmp_path / "nope.gguf"), out_dir=str(tmp_path / "x"))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file.txt").write_text("x")
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(UserError, match="is not a finished import"):
         import_gguf(out_dir=str(tmp_path / "busy"))
 
 
@@ -111,6 +111,20 @@ def test_a_finished_import_is_reused_only_for_the_gguf_it_was_made_from(tmp_path
     assert import_gguf(str(mine), out_dir=str(done)) == str(done)
     with pytest.raises(UserError, match=r"holds an import of another GGUF \(mine.gguf\), not .*other.gguf"):
         import_gguf(str(other), out_dir=str(done))
+
+
+def test_overwrite_never_replaces_a_folder_that_is_no_import(tmp_path, monkeypatch):
+    """``--overwrite`` on a folder of other files deleted them (the error had said to pass it)."""
+    from cancerllm_jax.checkpoint import gguf
+
+    monkeypatch.setattr(gguf, "_load_gguf", lambda path: pytest.fail("the GGUF was read before --out was checked"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "models" / "other").mkdir(parents=True)
+    (tmp_path / "models" / "other" / "weights.bin").write_text("precious")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=r"not a finished import \(it lacks config.json.*give a new --out"):
+            import_gguf(str(tmp_path / "m.gguf"), out_dir=str(tmp_path / "models"), overwrite=overwrite)
+    assert (tmp_path / "models" / "other" / "weights.bin").read_text() == "precious"
 
 
 def test_an_out_path_that_is_a_file_fails_before_the_import(tmp_path, monkeypatch):

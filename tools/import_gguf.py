@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("gguf_path", nargs="?", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
-    p.add_argument("--overwrite", action="store_true", help="redo the import even if --out is complete")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo the import even if --out is complete, or replace an import of another GGUF there "
+                        "(a folder that is no import is never replaced)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = p.parse_args(argv)
     out = os.path.abspath(os.path.expanduser(args.out))

@@ -68,9 +68,10 @@ def import_gguf(gguf_path: str | None = None, out_dir: str | None = None, overwr
     """Dequantise ``gguf_path`` (default SmolLM2) into an fp32 HF folder at ``out_dir``; returns the folder.
 
     A complete folder already at ``out_dir`` made from the same GGUF (``gguf_source.json``) is reused unless
-    ``overwrite``; one made from another GGUF is an error.
+    ``overwrite``; one made from another GGUF is an error (``overwrite`` replaces it). A non-empty folder that is
+    no finished import is refused, ``overwrite`` or not: replacing it would delete its files.
     """
-    from cancerllm_jax.checkpoint.orbax_io import atomic_dir
+    from cancerllm_jax.checkpoint.orbax_io import atomic_dir, refuse_enclosing_folder
 
     gguf_path = os.path.abspath(os.path.expanduser(gguf_path)) if gguf_path else default_gguf_path()
     out_dir = os.path.abspath(os.path.expanduser(out_dir or DEFAULT_OUT))
@@ -80,8 +81,12 @@ def import_gguf(gguf_path: str | None = None, out_dir: str | None = None, overwr
         return out_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"{out_dir} exists and is not a folder")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise UserError(f"{out_dir} exists, is not empty and is not a finished import; pass --overwrite")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not is_complete(out_dir):
+        # --overwrite replaces an earlier import, never a folder of other files (it would delete them)
+        raise UserError(f"{out_dir} exists, is not empty and is not a finished import (it lacks "
+                        f"{', '.join(f for f in _REQUIRED if not os.path.isfile(os.path.join(out_dir, f)))}); "
+                        "give a new --out, or empty that folder first")
+    refuse_enclosing_folder(out_dir)
     model, tokenizer = _load_gguf(gguf_path)
     with atomic_dir(out_dir, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
