@@ -303,8 +303,12 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
         raise UserError(f"merge_lora must be True or False, got {merge_lora!r}")
     if attention not in ATTENTION_IMPLS:
         raise UserError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
-    if tokenizer is not None:  # checked before any weight is read
+    given_tokenizer = None
+    if tokenizer is not None:  # read before any weight is: a wrong path fails at once, not after minutes of loading
+        from cancerllm_jax.data.tokenizer import load_tokenizer
+
         tokenizer = tokenizer_path(tokenizer)
+        given_tokenizer = load_tokenizer(tokenizer)
     shape = sharding.parse_mesh(mesh)
     sharding.provide_host_devices(shape[0] * shape[1])  # a mesh on a CPU host, while JAX has not started
     mesh_obj = sharding.make_mesh(shape)
@@ -326,7 +330,7 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
     else:
         model = model_from_params(w.cfg, w.params, lora=w.lora if w.lora_params is not None else None,
                                   lora_params=w.lora_params, dtype=dtype, attention=attention)
-    tok = tokenizer_for(w.cfg, tokenizer or w.tokenizer_spec)
+    tok = tokenizer_for(w.cfg, tokenizer or w.tokenizer_spec, given_tokenizer)
     if tok is not None and not (tokenizer or w.tokenizer_spec):
         log.warning("%s: no tokenizer file beside the weights; using the Mistral-7B v0.1 tokenizer shipped in "
                     "mistral-common (this is a 32,000-token Mistral); pass tokenizer= to use another", path)
@@ -347,16 +351,16 @@ def load(path: str, dtype: str = "float32", mesh: str = "1x1", merge_lora: bool 
               adapter=adapter)
 
 
-def tokenizer_for(cfg: ModelConfig, spec: str | None):
-    """The tokenizer a model of ``cfg`` is used with: ``spec`` (given, or found beside the weights), else the shipped
-    Mistral v1 one for a 32,000-token Mistral; None when there is none. One larger than the model's vocabulary is
-    refused."""
+def tokenizer_for(cfg: ModelConfig, spec: str | None, loaded=None):
+    """The tokenizer a model of ``cfg`` is used with: ``spec`` (given, or found beside the weights; ``loaded``: that
+    one already read), else the shipped Mistral v1 one for a 32,000-token Mistral; None when there is none. One
+    larger than the model's vocabulary is refused."""
     from cancerllm_jax.data.tokenizer import load_tokenizer
 
-    tok = None
-    if spec is not None:
+    tok = loaded
+    if tok is None and spec is not None:
         tok = load_tokenizer(spec)
-    elif cfg.vocab_size == 32000 and cfg.model_type == "mistral":
+    elif tok is None and cfg.vocab_size == 32000 and cfg.model_type == "mistral":
         try:
             tok = load_tokenizer(None)
         except UserError:

@@ -398,6 +398,35 @@ def test_a_sentencepiece_folder_without_tokenizer_json_is_read_as_trained(tmp_pa
         (tmp_path / name).unlink()
 
 
+def test_a_wrong_tokenizer_fails_before_the_weights_are_read_and_a_surrogate_is_a_user_error(monkeypatch, tmp_path):
+    """``cj.load(path, tokenizer=WRONG)`` failed only after every weight was read (minutes at 7B); a lone surrogate
+    in a text reached the tokenizer libraries' own TypeError / RuntimeError."""
+    import cancerllm_jax as cj
+    from cancerllm_jax import api
+    from cancerllm_jax.data.tokenizer import load_tokenizer
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights read before the tokenizer was checked")
+
+    monkeypatch.setattr(api, "read_weights", no_weights)
+    (tmp_path / "empty").mkdir()
+    for wrong, message in ((tmp_path / "nope", "tokenizer not found"), (tmp_path / "empty", "no tokenizer.json")):
+        with pytest.raises(cj.UserError, match=message):
+            cj.load("tiny", tokenizer=str(wrong))
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                         eos_token="</s>").save_pretrained(tmp_path / "hf")
+    for tok in (load_tokenizer("mistral-v1"), load_tokenizer(str(tmp_path / "hf"))):
+        with pytest.raises(cj.UserError, match=r"lone UTF-16 surrogate \('\\ud800'\) at character 3"):
+            tok.encode("abc\ud800")
+        with pytest.raises(cj.UserError, match="surrogate"):
+            tok("abc\ud800")
+
+
 def test_the_tokenizer_called_on_text_answers_as_transformers(tmp_path):
     """``lm.tokenizer(text)`` (the habit from transformers; the object was not callable) gives transformers' own
     ``input_ids`` and ``attention_mask``: the BOS where the tokenizer adds one, special-token strings as tokens."""
@@ -418,6 +447,15 @@ def test_the_tokenizer_called_on_text_answers_as_transformers(tmp_path):
         assert ours(text) == {k: list(v) for k, v in hf(text).items() if k in ("input_ids", "attention_mask")}
         assert ours(text, add_special_tokens=False)["input_ids"] == hf(text, add_special_tokens=False)["input_ids"]
     assert ours(texts)["input_ids"] == hf(texts)["input_ids"] and ours("a b")["input_ids"][0] == 1
+    assert not ours.adds_eos
+    # a tokenizer that ends every text with its EOS (a config's add_eos_token): tokenizer(text) too; prompts not
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
+                                         eos_token="</s>").save_pretrained(tmp_path / "eos")
+    hf, ours = transformers.AutoTokenizer.from_pretrained(tmp_path / "eos"), load_tokenizer(str(tmp_path / "eos"))
+    assert ours.adds_eos and ours("a b")["input_ids"] == list(hf("a b")["input_ids"]) == [1, 3, 4, 2]
+    assert ours(texts)["input_ids"] == hf(texts)["input_ids"]
+    assert ours("a b", add_special_tokens=False)["input_ids"] == [3, 4] and ours.encode("a b", bos=True) == [1, 3, 4]
     mistral = load_tokenizer("mistral-v1")
     assert mistral("hello")["input_ids"] == mistral.encode("hello", bos=True) == [1, *mistral.encode("hello")]
     assert mistral("hello").input_ids == mistral("hello")["input_ids"]  # as BatchEncoding reads

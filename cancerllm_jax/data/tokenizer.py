@@ -1,8 +1,9 @@
 """Tokenizers: the Mistral v1 SentencePiece model (through sentencepiece) or any HF tokenizer folder.
 
 Both expose the same small interface: ``encode(text, bos=..., eos=...) -> list[int]``, ``decode(ids) -> str``,
-``bos_id``, ``eos_id``, ``pad_id``, ``vocab_size`` and ``adds_bos`` (whether ``tokenizer(text)`` starts with the BOS:
-``encode(text, bos=True)`` adds it only then, and training data is framed the same way).
+``bos_id``, ``eos_id``, ``pad_id``, ``vocab_size``, ``adds_bos`` (whether ``tokenizer(text)`` starts with the BOS:
+``encode(text, bos=True)`` adds it only then, and training data is framed the same way) and ``adds_eos`` (whether
+``tokenizer(text)`` ends with the EOS: prompts are never framed so, training data ends with it explicitly).
 """
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ def mistral_v1_model_file() -> str:
 def _check_text(text) -> str:
     if not isinstance(text, str):
         raise UserTypeError(f"tokenizer.encode: text must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # the tokenizers' own errors (a TypeError, a RuntimeError) would not say so
+        raise UserError(f"tokenizer.encode: a lone UTF-16 surrogate ({text[e.start]!a}) at character {e.start}: "
+                        "not text (decode the source with errors='replace', or fix it there)") from None
     return text
 
 
@@ -64,7 +70,9 @@ _ENCODE_HINTS = {"add_bos": " (use bos=True)", "add_special_tokens": " (use bos=
 class _CalledAsTransformers:
     """``tokenizer(text)`` as transformers' tokenizers answer it: ``{"input_ids", "attention_mask"}`` with the BOS
     where the tokenizer frames text with one and special-token strings read as those tokens (a list of texts: a
-    list per text, unpadded). ``encode`` is the explicit form (no BOS unless ``bos=True``)."""
+    list per text, unpadded), and the EOS where the tokenizer ends every text with one (``adds_eos``: an
+    ``add_eos_token`` config; a prompt given to ``generate`` is framed without it). ``encode`` is the explicit form
+    (no BOS unless ``bos=True``)."""
 
     def __call__(self, text, add_special_tokens: bool = True, **options) -> "Encoding":
         if options:
@@ -77,6 +85,8 @@ class _CalledAsTransformers:
             rows = [self(t, add_special_tokens) for t in text]
             return Encoding({k: [r[k] for r in rows] for k in ("input_ids", "attention_mask")})
         ids = self.encode(text, bos=add_special_tokens, special=True)
+        if add_special_tokens and getattr(self, "adds_eos", False):  # a tokenizer that ends every text with its EOS
+            ids.append(self.eos_id)
         return Encoding({"input_ids": ids, "attention_mask": [1] * len(ids)})
 
 
@@ -111,6 +121,7 @@ class SentencePieceTokenizer(_CalledAsTransformers):
         self.pad_id = pad if pad >= 0 else int(self.sp.unk_id())
         self.vocab_size = int(self.sp.get_piece_size())
         self.adds_bos = self.bos_id >= 0  # as Llama / Mistral's HF tokenizers frame text
+        self.adds_eos = False  # a folder whose config adds an EOS is read by transformers (HFTokenizer)
         # the control and unknown pieces (<unk>, <s>, </s>): HF's tokenizer(text) reads them as those tokens
         self.specials = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
                          if self.sp.is_control(i) or self.sp.is_unknown(i)}
@@ -163,9 +174,10 @@ class HFTokenizer(_CalledAsTransformers):
         self.pad_id = int(pad)
         self.vocab_size = len(t)
         # does ``tokenizer(text)`` start with BOS? (Llama / Mistral: yes; GPT-2-style byte BPE such as SmolLM2's: no)
-        plain = t.encode("a", add_special_tokens=False)
-        self.adds_bos = self.bos_id >= 0 and t.encode("a", add_special_tokens=True)[:len(plain) + 1] == [
-            self.bos_id] + plain
+        plain, framed = t.encode("a", add_special_tokens=False), t.encode("a", add_special_tokens=True)
+        self.adds_bos = self.bos_id >= 0 and framed[:len(plain) + 1] == [self.bos_id] + plain
+        # does it end every text with the EOS (a config's add_eos_token)? only tokenizer(text) adds it then
+        self.adds_eos = self.eos_id >= 0 and framed[-len(plain) - 1:] == plain + [self.eos_id]
 
     @staticmethod
     def _fast(folder: str):
