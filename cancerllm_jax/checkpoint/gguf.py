@@ -111,7 +111,8 @@ def _load_gguf(gguf_path: str):
                                                           local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except Exception as e:  # gguf raises ValueError, struct.error (a truncated file), KeyError, …
-        raise UserError(f"{gguf_path}: transformers could not read this GGUF ({type(e).__name__}: {e})") from None
+        raise UserError(f"{gguf_path}: transformers could not read this GGUF ({type(e).__name__}: {e}); a file cut "
+                        "short (an interrupted copy) reads so: compare its size with the source's") from None
     config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
                                      if k not in ("quantization_config", "model_type")},
                                   model_type=loaded.config.model_type)
