@@ -438,8 +438,8 @@ def main(argv=None):
         pipe.stage("robustness_misspell", os.path.join(ms, "table6.md"), _inputs(cmd, (ft_dir,), test_files), cmd)
         if scale.counterfactual is not None:
             cf = os.path.join(out, "robustness", "counterfactual")
-            cmd = [py, rb_script, "counterfactual", "--model", tuned_base, "--data", data, "--out", cf,
-                   *scale.counterfactual, "--overwrite"]
+            cmd = [py, rb_script, "counterfactual", "--model", tuned_base, "--name", "cancerllm", "--data", data,
+                   "--out", cf, *scale.counterfactual, "--overwrite"]  # named as the model it makes, not its base
             pipe.stage("robustness_counterfactual", os.path.join(cf, "table5.md"),
                        _inputs(cmd, (tuned_base,), _split_files(data, ("train", "val", "test"))), cmd)
     elif "robustness" not in skip:
