@@ -255,34 +255,39 @@ def run_child(cmd: list[str], stdout, what: str, cwd: str | None = None) -> int:
     process is passed on as SIGTERM, which a training run takes as "save the step you finished, then stop" (and takes
     once, should the terminal's Ctrl-C have reached it too); once the child has ended, ``ChildStopped`` says so
     (``what``: the child, for the message). A second signal (Ctrl-C or SIGTERM) kills the child at once. The child is
-    never left running on its own."""
-    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT, cwd=cwd)
+    never left running on its own: the handlers are set before it starts, so a signal while it starts is passed on
+    once it runs (a Ctrl-C there used to end this process and leave the child training)."""
     got: list[str] = []
+    child: dict = {"proc": None, "sent": 0}
+
+    def forward() -> None:  # each signal received and not yet passed on: the first as SIGTERM, a later one as a kill
+        proc = child["proc"]
+        while proc is not None and proc.poll() is None and child["sent"] < len(got):
+            child["sent"] += 1
+            if child["sent"] == 1:
+                proc.send_signal(signal.SIGTERM)
+            else:  # a second signal of either kind: stop the child at once
+                proc.kill()
 
     def pass_on(signum, _frame=None) -> None:
         got.append("SIGINT" if signum == signal.SIGINT else "SIGTERM")
-        if proc.poll() is not None:
-            return
-        if len(got) == 1:
-            proc.send_signal(signal.SIGTERM)
-        else:  # a second signal of either kind: stop the child at once
-            proc.kill()
+        forward()
 
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[signum] = signal.signal(signum, pass_on)
+        except ValueError:  # not the main thread: no handler can be set there
+            pass
     try:
-        previous = signal.signal(signal.SIGTERM, pass_on)
-    except ValueError:  # not the main thread: no handler can be set there
-        previous = None
-    try:
-        while True:
-            try:
-                code = proc.wait()
-                break
-            except KeyboardInterrupt:
-                pass_on(signal.SIGINT)
+        child["proc"] = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT, cwd=cwd)
+        forward()  # a signal that came while it started
+        code = child["proc"].wait()
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        if proc.poll() is None:  # an error of this process's own: the child does not outlive it
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        proc = child["proc"]
+        if proc is not None and proc.poll() is None:  # an error of this process's own: the child does not outlive it
             proc.kill()
             proc.wait()
     if got:

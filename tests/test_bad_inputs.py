@@ -1758,6 +1758,30 @@ def test_a_signal_to_a_command_waiting_for_its_training_child_stops_the_child_to
     assert f"{'terminated (SIGTERM)' if sig == 'SIGTERM' else 'interrupted (Ctrl-C)'}: stage x was stopped too" in err
 
 
+def test_a_ctrl_c_while_the_child_starts_stops_the_child_too(tmp_path):
+    """A Ctrl-C after the child had started but before ``run_child`` waited on it ended the command and left the
+    child training on its own (the suite under load hit that window); the handlers are now set before the start."""
+    child = write(tmp_path / "child.py", "import signal, sys, time\n"
+                  "def stop(signum, frame):\n    open(sys.argv[1], 'w').write(signal.Signals(signum).name)\n"
+                  "    sys.exit(143)\nsignal.signal(signal.SIGTERM, stop)\n"
+                  "signal.signal(signal.SIGINT, signal.SIG_IGN)\nopen(sys.argv[2], 'w').close()\ntime.sleep(30)\n")
+    parent = write(tmp_path / "parent.py", "import os, signal, subprocess, sys, time\n"
+                   "from cancerllm_jax.errors import cli_main\nfrom cancerllm_jax.launch_common import run_child\n"
+                   "real = subprocess.Popen\n"
+                   "def popen(*a, **k):  # the child is up and ready; the Ctrl-C comes before the wait\n"
+                   "    p = real(*a, **k)\n    while not os.path.exists(sys.argv[2]): time.sleep(0.02)\n"
+                   "    os.kill(os.getpid(), signal.SIGINT)\n    return p\n"
+                   "subprocess.Popen = popen\n@cli_main\ndef main():\n"
+                   "    with open(sys.argv[3], 'w') as log:\n"
+                   "        return run_child([sys.executable, sys.argv[4], sys.argv[1], sys.argv[2]], log, 'stage x')\n"
+                   "sys.exit(main())\n")
+    got, started = tmp_path / "got", tmp_path / "started"
+    res = subprocess.run([sys.executable, parent, got, started, tmp_path / "log", child], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHONPATH": ROOT})
+    assert res.returncode == 130 and "interrupted (Ctrl-C): stage x was stopped too" in res.stderr, res.stderr
+    assert got.read_text() == "SIGTERM"  # passed on, and the child had ended before the command did
+
+
 def test_a_second_sigterm_kills_a_child_that_does_not_stop(tmp_path):
     """A child that ignores SIGTERM (a scheduler sends only SIGTERM, twice): the second one kills it, and the
     command exits 143 at once instead of waiting for the child to end."""
