@@ -105,8 +105,9 @@ def test_a_finished_import_is_reused_only_for_the_gguf_it_was_made_from(tmp_path
     done.mkdir()
     for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
         (done / name).write_text("{}")
-    with pytest.raises(UserError, match="does not record its GGUF; pass --overwrite"):
-        import_gguf(str(mine), out_dir=str(done))
+    for overwrite in (False, True):  # a model folder without the record is no import: never replaced
+        with pytest.raises(UserError, match=r"not a finished import \(it lacks gguf_source.json\): it is never"):
+            import_gguf(str(mine), out_dir=str(done), overwrite=overwrite)
     (done / gguf.SOURCE_FILE).write_text(json.dumps(gguf.gguf_fingerprint(str(mine))))
     assert import_gguf(str(mine), out_dir=str(done)) == str(done)
     with pytest.raises(UserError, match=r"holds an import of another GGUF \(mine.gguf\), not .*other.gguf"):
@@ -125,6 +126,15 @@ def test_overwrite_never_replaces_a_folder_that_is_no_import(tmp_path, monkeypat
         with pytest.raises(UserError, match=r"not a finished import \(it lacks config.json.*give a new --out"):
             import_gguf(str(tmp_path / "m.gguf"), out_dir=str(tmp_path / "models"), overwrite=overwrite)
     assert (tmp_path / "models" / "other" / "weights.bin").read_text() == "precious"
+    # the package's own cache folder holding an import made before imports recorded their GGUF: imported again
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for name in gguf._REQUIRED:
+        (cache / name).write_text("{}")
+    monkeypatch.setattr(gguf, "DEFAULT_OUT", str(cache))
+    monkeypatch.setattr(gguf, "_load_gguf", lambda path: (_ for _ in ()).throw(RuntimeError("imported again")))
+    with pytest.raises(RuntimeError, match="imported again"):
+        import_gguf(str(tmp_path / "m.gguf"))
 
 
 def test_an_out_path_that_is_a_file_fails_before_the_import(tmp_path, monkeypatch):

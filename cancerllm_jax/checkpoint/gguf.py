@@ -31,8 +31,9 @@ def default_gguf_path() -> str:
 
 
 def is_complete(folder: str) -> bool:
-    """True when ``folder`` holds a finished import (written atomically, so presence means complete)."""
-    return all(os.path.isfile(os.path.join(folder, f)) for f in _REQUIRED)
+    """True when ``folder`` holds a finished import (written atomically, so presence means complete): the model and
+    tokenizer files and the record of its GGUF; a model folder without that record is no import of ours."""
+    return all(os.path.isfile(os.path.join(folder, f)) for f in (*_REQUIRED, SOURCE_FILE))
 
 
 def gguf_fingerprint(path: str) -> dict:
@@ -46,17 +47,10 @@ def gguf_fingerprint(path: str) -> dict:
 
 def _reusable(out_dir: str, gguf_path: str) -> bool:
     """True when the finished import at ``out_dir`` was made from ``gguf_path``'s contents; an import of another
-    GGUF is an error (it was reused silently). Imports made before sources were recorded count as the default's."""
-    record = os.path.join(out_dir, SOURCE_FILE)
-    if not os.path.isfile(record):
-        with contextlib.suppress(UserError):
-            if gguf_path == default_gguf_path():
-                return True
-        raise UserError(f"{out_dir} holds an import that does not record its GGUF; pass --overwrite to import "
-                        f"{gguf_path} over it, or give another --out")
+    GGUF is an error (it was reused silently)."""
     from cancerllm_jax.config import read_json_file
 
-    made_from = read_json_file(record)
+    made_from = read_json_file(os.path.join(out_dir, SOURCE_FILE))
     if isinstance(made_from, dict) and made_from.get("sha256") == gguf_fingerprint(gguf_path)["sha256"]:
         return True
     name = made_from.get("file") if isinstance(made_from, dict) else None
@@ -69,7 +63,8 @@ def import_gguf(gguf_path: str | None = None, out_dir: str | None = None, overwr
 
     A complete folder already at ``out_dir`` made from the same GGUF (``gguf_source.json``) is reused unless
     ``overwrite``; one made from another GGUF is an error (``overwrite`` replaces it). A non-empty folder that is
-    no finished import is refused, ``overwrite`` or not: replacing it would delete its files.
+    no finished import is refused, ``overwrite`` or not: replacing it would delete its files (but the default
+    folder, this package's cache, is imported again).
     """
     from cancerllm_jax.checkpoint.orbax_io import atomic_dir, refuse_enclosing_folder
 
@@ -81,11 +76,13 @@ def import_gguf(gguf_path: str | None = None, out_dir: str | None = None, overwr
         return out_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"{out_dir} exists and is not a folder")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not is_complete(out_dir):
-        # --overwrite replaces an earlier import, never a folder of other files (it would delete them)
-        raise UserError(f"{out_dir} exists, is not empty and is not a finished import (it lacks "
-                        f"{', '.join(f for f in _REQUIRED if not os.path.isfile(os.path.join(out_dir, f)))}); "
-                        "give a new --out, or empty that folder first")
+    ours = out_dir == os.path.abspath(os.path.expanduser(DEFAULT_OUT))  # this package's cache: imported again
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not is_complete(out_dir) and not ours:
+        # --overwrite replaces an earlier import, never a folder of other files (a model of the user's: it would
+        # delete them); an import records its GGUF in SOURCE_FILE
+        lacks = [f for f in (*_REQUIRED, SOURCE_FILE) if not os.path.isfile(os.path.join(out_dir, f))]
+        raise UserError(f"{out_dir} exists, is not empty and is not a finished import (it lacks {', '.join(lacks)}): "
+                        "it is never replaced; give a new --out, or empty that folder first")
     refuse_enclosing_folder(out_dir)
     model, tokenizer = _load_gguf(gguf_path)
     with atomic_dir(out_dir, overwrite=True) as tmp:
