@@ -151,9 +151,10 @@ def test_rescore_without_decoding(finished, tmp_path, monkeypatch, capsys):
     assert "instances: 2" in capsys.readouterr().out
 
 
-def test_runs_of_one_task_at_a_time_build_one_report(finished, tmp_path, capsys):
+def test_runs_of_one_task_at_a_time_build_one_report(finished, tmp_path, capsys, monkeypatch):
     """A run into a folder keeps what an earlier run there scored and it does not redo (scored again from the
-    files), unless that result's file is gone or its model name or task settings now mean something else."""
+    files), unless that result's file is gone, its model name or task settings now mean something else, or the
+    earlier run had other decoding settings (the report states them once); a run cut short keeps them too."""
     model, done = finished
     out = tmp_path / "out"
     shutil.copytree(done, out)
@@ -175,6 +176,53 @@ def test_runs_of_one_task_at_a_time_build_one_report(finished, tmp_path, capsys)
     assert _evaluate().main([*args[:-4], "--max-new-tokens", "3", "--out", str(out), "--overwrite"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert {t: set(by) for t, by in metrics["results"].items()} == {"diagnosis": {"other"}, "phenotype": {"vanilla"}}
+    # an --overwrite run cut short after discarding: metrics.json still holds the results a later run keeps
+    from cancerllm_jax.eval import runner
+
+    def cut(*a, **k):
+        raise KeyboardInterrupt
+
+    again = [*args[:-4], "--max-new-tokens", "2", "--out", str(out), "--overwrite"]
+    with monkeypatch.context() as m:
+        m.setattr(runner, "decode_task", cut)
+        with pytest.raises(SystemExit, match="130"):  # as a Ctrl-C ends it
+            _evaluate().main(again)
+    assert set(json.loads((out / "metrics.json").read_text())["results"]) == {"phenotype"}
+    assert not (out / "report.md").exists()
+    assert _evaluate().main(again) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {t: set(by) for t, by in metrics["results"].items()} == {"diagnosis": {"other"}, "phenotype": {"vanilla"}}
+    # other decoding settings (the batch size the report states): nothing earlier is kept
+    capsys.readouterr()
+    assert _evaluate().main([*again[:again.index("--batch-size")], "--batch-size", "1", *again[
+        again.index("--batch-size") + 2:-1]]) == 0
+    assert set(json.loads((out / "metrics.json").read_text())["results"]) == {"diagnosis"}
+    assert "phenotype / vanilla) are not kept: it had other decoding" in capsys.readouterr().err
+
+
+def test_an_earlier_result_on_test_records_changed_since_is_not_kept(finished, tmp_path, capsys):
+    """The same --data path with other test records (an edited gold answer): the earlier results on that task are
+    not kept beside this run's (they were scored against the old answers); those on unchanged tasks are."""
+    model, _ = finished
+    data, out = tmp_path / "data", tmp_path / "out"
+    for task, n in (("phenotype", 2), ("diagnosis", 2)):
+        (data / task).mkdir(parents=True)
+        (data / task / "test.jsonl").write_text("".join(json.dumps(
+            {"id": f"{task}{i}", "context": f"note {i}: er+ breast idc", "response": f"answer {i}"}) + "\n"
+            for i in range(n)))
+    common = ["--batch-size", "2", "--max-new-tokens", "3", "--data", str(data), "--out", str(out)]
+    assert _evaluate().main(["run", "--model", str(model), "--name", "a", "--tasks", "phenotype,diagnosis",
+                             *common]) == 0
+    rows = [json.loads(line) for line in (data / "phenotype" / "test.jsonl").read_text().splitlines()]
+    rows[0]["response"] = "another answer"
+    (data / "phenotype" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert _evaluate().main(["run", "--model", str(model), "--name", "b", "--tasks", "diagnosis", *common]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {t: set(by) for t, by in metrics["results"].items()} == {"diagnosis": {"a", "b"}}
+    err = capsys.readouterr().err
+    assert "test records changed" in err and err.split("test records changed")[1].count("phenotype / a") == 1
+    assert metrics["notes"][0].endswith(": diagnosis / a")
 
 
 @pytest.mark.parametrize("damage, message", [

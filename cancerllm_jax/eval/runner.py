@@ -12,8 +12,9 @@ shots, sampling settings, dtype, tokenizer and the sha256 of its files' content:
 so a tokenizer that splits it otherwise is seen there). A run whose model or settings differ from that record is
 refused (``overwrite=True`` / ``--overwrite`` discards such files and decodes again), so one file never mixes
 predictions of two models or two decodings. ``OUT/metrics.json`` and ``OUT/report.md`` (with PNG plots) are written
-at the end, with what an earlier run into ``OUT`` scored and this one did not redo (same model and task settings,
-prediction file still there), so runs of one task at a time build one report; ``rescore(OUT)`` rebuilds both from
+at the end, with what an earlier run into ``OUT`` scored and this one did not redo (same data, decoding settings
+and dtype, unchanged test records, same model and task settings, prediction file still there), so runs of one
+task at a time build one report; ``rescore(OUT)`` rebuilds both from
 the prediction files alone, without a model.
 
 Efficiency figures per (model, task): generation wall time for the whole test split (summed over batches,
@@ -772,14 +773,19 @@ def _run_locked(cfg: RunConfig, log: Callable[[str], None], records: dict[str, l
 
     fresh = [key for key, want in wanted.items() if check_provenance(cfg.out, *key, want, cfg.overwrite)]
     this_run = [(s.name, m.name) for s in cfg.tasks for m in cfg.models]
-    earlier, kept = _earlier_results(cfg.out, fingerprints, {s.name: s.to_dict() for s in cfg.tasks}, records,
-                                     this_run, log)
+    tasks = {s.name: task_entry(s, records[s.name]) for s in cfg.tasks}
+    earlier, kept = _earlier_results(cfg, fingerprints, tasks, this_run, log)
     os.makedirs(os.path.join(cfg.out, "predictions"), exist_ok=True)
     discarded = [key for key in fresh if _has_rows(pred_path(cfg.out, *key))]
-    if discarded:  # the old metrics and report describe the predictions discarded now
-        for stale in ("metrics.json", "report.md"):
-            if os.path.isfile(os.path.join(cfg.out, stale)):
-                os.remove(os.path.join(cfg.out, stale))
+    if discarded:  # the old report describes the predictions discarded now; metrics.json keeps the kept results
+        if os.path.isfile(os.path.join(cfg.out, "report.md")):
+            os.remove(os.path.join(cfg.out, "report.md"))
+        if kept:  # for a later run to keep them should this one be cut short
+            _write_json(os.path.join(cfg.out, "metrics.json"), {**earlier, "results": {
+                t: {m: r for m, r in by_model.items() if (t, m) in kept} for t, by_model in earlier["results"].items()
+                if any((t, m) in kept for m in by_model)}})
+        elif os.path.isfile(os.path.join(cfg.out, "metrics.json")):
+            os.remove(os.path.join(cfg.out, "metrics.json"))
     for key in fresh:
         for path in (pred_path(cfg.out, *key), stats_path(cfg.out, *key)):
             if os.path.isfile(path):
@@ -795,8 +801,7 @@ def _run_locked(cfg: RunConfig, log: Callable[[str], None], records: dict[str, l
         "seeds": {"decoding": cfg.decoding.seed, "synthetic_data": cfg.data if cfg.data.startswith("synthetic")
                   else None},
         "models": {m.name: dict(fingerprints[m.name]) for m in cfg.models},
-        "tasks": {s.name: {**s.to_dict(), "n": len(records[s.name]), "ids": [str(r["id"]) for r in records[s.name]]}
-                  for s in cfg.tasks},
+        "tasks": tasks,
         "versions": versions(), "device": device_info(), "command": " ".join(sys.argv),
     }
     split: dict[str, dict] = {s.name: {} for s in cfg.tasks}
@@ -836,13 +841,25 @@ def _run_locked(cfg: RunConfig, log: Callable[[str], None], records: dict[str, l
 _LOAD_KEYS = ("load_time_s", "model_type", "params_m", "tokenizer")  # what a run adds to a model's fingerprint
 
 
-def _earlier_results(out: str, fingerprints: dict[str, dict], specs: dict[str, dict], records: dict[str, list[dict]],
+def task_entry(spec: TaskSpec, records: list[dict]) -> dict[str, Any]:
+    """A task's entry in ``metrics.json``: its settings, the test ids and a digest of the test records (what a later
+    run compares before it keeps this run's results)."""
+    digest = hashlib.sha256(json.dumps(records, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {**spec.to_dict(), "n": len(records), "ids": [str(r["id"]) for r in records], "records_sha256": digest}
+
+
+_RUN_KEYS = ("data", "limit", "decoding", "dtype")  # the run-wide settings a report states once for every result
+
+
+def _earlier_results(cfg: RunConfig, fingerprints: dict[str, dict], tasks: dict[str, dict],
                      this_run: list[tuple[str, str]], log: Callable[[str], None]) -> tuple[dict, list[tuple[str, str]]]:
-    """The (task, model) results that an earlier run into ``out`` scored and this one does not redo, so that runs of
-    one task (or model) at a time build one ``metrics.json`` and report. A result is kept when its prediction file
-    is still there, its model name here means the same weights and tokenizer, and a task run again here has the same
-    settings and test ids; any other is left out, said in the log. Returns (the earlier metrics, the kept pairs)."""
-    path = os.path.join(out, "metrics.json")
+    """The (task, model) results that an earlier run into ``cfg.out`` scored and this one does not redo, so that
+    runs of one task (or model) at a time build one ``metrics.json`` and report. They are kept only when that run
+    had this one's data, --limit, decoding settings and dtype (the report states them once for all), and each
+    result when its prediction file is still there, its test records are unchanged (digest), its model name here
+    means the same weights and tokenizer, and a task run again here has the same settings; any other is left out,
+    said in the log. Returns (the earlier metrics, the kept pairs)."""
+    path = os.path.join(cfg.out, "metrics.json")
     if not os.path.isfile(path):
         return {}, []
     try:
@@ -853,23 +870,36 @@ def _earlier_results(out: str, fingerprints: dict[str, dict], specs: dict[str, d
     if not (isinstance(old, dict) and all(isinstance(old.get(k), dict) for k in ("models", "tasks", "results"))):
         log(f"{path}: not a metrics.json written by `evaluate.py run`; replaced, its results are not kept")
         return {}, []
+    now = _as_json({"data": describe_data(cfg.data), "limit": cfg.limit, "decoding": cfg.decoding.to_dict(),
+                    "dtype": cfg.dtype})
+    other = [k for k in _RUN_KEYS if old.get(k) != now[k]]
+    candidates = [(t, m) for t, by_model in old["results"].items() if isinstance(by_model, dict) for m in by_model
+                  if (t, m) not in this_run]
+    if other and candidates:
+        log(f"{path}: the earlier run's results ({', '.join(f'{t} / {m}' for t, m in candidates)}) are not kept: it "
+            f"had other {', '.join(k.replace('limit', '--limit') for k in other)}")
+    if other:
+        return old, []
+    entries = _as_json(tasks)
     kept, left = [], []
-    for task, by_model in old["results"].items():
-        for model in by_model if isinstance(by_model, dict) else ():
-            if (task, model) in this_run:
-                continue
-            spec, was = old["tasks"].get(task), old["models"].get(model)
-            same_model = isinstance(was, dict) and (model not in fingerprints or _as_json(fingerprints[model]) == {
-                k: v for k, v in was.items() if k not in _LOAD_KEYS})
-            same_task = isinstance(spec, dict) and (task not in specs or spec == _as_json(
-                {**specs[task], "n": len(records[task]), "ids": [str(r["id"]) for r in records[task]]}))
-            if same_model and same_task and os.path.isfile(pred_path(out, model, task)):
-                kept.append((task, model))
-            else:
-                left.append(f"{task} / {model}")
+    for task, model in candidates:
+        spec, was = old["tasks"].get(task), old["models"].get(model)
+        if task not in entries:  # a task this run does not read: its test records as they are now
+            try:
+                entries[task] = _as_json(task_entry(get_task(task), read_test_split(task, cfg.data, cfg.limit)))
+            except (UserError, KeyError):
+                entries[task] = None
+        same_model = isinstance(was, dict) and (model not in fingerprints or _as_json(fingerprints[model]) == {
+            k: v for k, v in was.items() if k not in _LOAD_KEYS})
+        same_task = isinstance(spec, dict) and entries[task] is not None and (
+            spec == entries[task] if task in tasks else spec.get("records_sha256") == entries[task]["records_sha256"])
+        if same_model and same_task and os.path.isfile(pred_path(cfg.out, model, task)):
+            kept.append((task, model))
+        else:
+            left.append(f"{task} / {model}")
     if left:
-        log(f"{path}: earlier results not kept in the new one (their prediction file is gone, or this run's model of "
-            f"that name or task settings differ): {', '.join(left)}")
+        log(f"{path}: earlier results not kept in the new one (their prediction file is gone, their test records "
+            f"changed, or this run's model of that name or task settings differ): {', '.join(left)}")
     return old, kept
 
 
