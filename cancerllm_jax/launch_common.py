@@ -40,6 +40,17 @@ def _steps_or_fraction(text: str) -> int | float:
                                          f"got {text!r}") from None
 
 
+def given_at(name: str, flag_value, overrides: list[str], config_path: str | None) -> int:
+    """Where a setting was given: 2 on the command line (flag or key=value), 1 in the --config file, 0 nowhere."""
+    if flag_value is not None or any(o.partition("=")[0].strip() == name for o in overrides):
+        return 2
+    if config_path:
+        from cancerllm_jax.config import load_yaml
+
+        return int(name in load_yaml(config_path))
+    return 0
+
+
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 10x1 or 2x5 (default from the config: 1x1)")

@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package first
 
 from cancerllm_jax.errors import UserError, cli_main
-from cancerllm_jax.launch_common import (add_train_flags, announce, announce_privacy, cli_values,
+from cancerllm_jax.launch_common import (add_train_flags, announce, announce_privacy, cli_values, given_at,
                                          mesh_value_joined, run_folder, start_runtime)
 
 
@@ -28,25 +28,14 @@ def parse(argv=None):
     return p.parse_intermixed_args(mesh_value_joined(argv))  # key=value overrides may come between flags
 
 
-def _given_at(name: str, flag_value, overrides: list[str], config_path: str | None) -> int:
-    """Where a setting was given: 2 on the command line (flag or key=value), 1 in the --config file, 0 nowhere."""
-    if flag_value is not None or any(o.partition("=")[0].strip() == name for o in overrides):
-        return 2
-    if config_path:
-        from cancerllm_jax.config import load_yaml
-
-        return int(name in load_yaml(config_path))
-    return 0
-
-
 def _steps_or_epochs(cfg, args, overrides: list[str]):
     """``steps`` given on the command line over ``epochs`` from --config: ``epochs`` is dropped from the run's
     config, and a note says so. In one --config file ``epochs`` wins (``steps`` is what --dry-run plans with);
     both on the command line is an error."""
     if cfg.epochs is None:
         return cfg
-    steps_at = _given_at("steps", args.steps, overrides, args.config)
-    epochs_at = _given_at("epochs", args.epochs, overrides, args.config)
+    steps_at = given_at("steps", args.steps, overrides, args.config)
+    epochs_at = given_at("epochs", args.epochs, overrides, args.config)
     if steps_at == epochs_at == 2:
         raise UserError(f"both steps ({cfg.steps}) and epochs ({cfg.epochs:g}) are given: pass one of the two")
     if steps_at <= epochs_at:

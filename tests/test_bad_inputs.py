@@ -597,6 +597,9 @@ FINETUNE_ARGS = {
     "epochs_inf": (["--epochs", "inf"], ["epochs", "positive"]),
     "steps_negative": (["--steps", "-5"], ["steps", ">= 0"]),
     "data_seed_negative": (["data.seed=-1"], ["data.seed", "2**32"]),  # --dry-run checks the data settings too
+    # --steps won over --epochs without a word (pretrain.py refused the pair already)
+    "steps_and_epochs_on_the_command_line": (["--steps", "2", "epochs=3"], ["steps (2)", "epochs (3)",
+                                                                          "pass one of the two"]),
 }
 
 
@@ -608,6 +611,15 @@ def test_finetune_bad_arguments(case, tmp_path, capsys, models):
                                                "--dry-run", "data.max_seq_len=64", "lora.rank=2", *extra], capsys)
     one_clear_error(code, err, *needles)
     nothing_left(wd)
+
+
+def test_finetune_says_a_task_given_with_data_picks_nothing(tmp_path, capsys, models):
+    """``--task`` chooses the built-in synthetic data; beside ``--data`` it changed nothing, silently."""
+    train = write(tmp_path / "train.jsonl", '{"instruction": "q", "response": "a"}\n' * 4)
+    code, err = run_cli("launch/finetune.py", ["--model", models["tok"], "--data", train, "--task", "phenotype",
+                                               "--workdir", tmp_path / "run", "--mesh", "1x1", "--batch-size", "2",
+                                               "--dry-run", "data.max_seq_len=64", "lora.rank=2"], capsys)
+    assert code == 0 and "note: task=phenotype picks built-in synthetic data only" in err, err
 
 
 def test_finetune_epochs_too_many_steps(tmp_path, capsys, models):
