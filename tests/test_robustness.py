@@ -335,6 +335,9 @@ def test_finetune_command_uses_absolute_paths(tmp_path, monkeypatch):
         assert cmd[cmd.index(flag) + 1] == str(tmp_path / rel), flag
     assert "--resume" in cmd and cmd[-1] == "lora.rank=4"
     assert rb.finetune_command("tiny", Path("t"), Path("v"), Path("w"), 1.0)[3] == "tiny"  # a preset stays
+    # a steps= override sets the length: --epochs is not passed beside it (finetune.py refuses the pair)
+    assert "--epochs" in cmd and "--epochs" not in rb.finetune_command("tiny", Path("t"), None, Path("w"), 1.0,
+                                                                       ["steps=2"])
 
 
 def test_counterfactual_with_relative_paths_resumes_an_interrupted_rate(tmp_path, monkeypatch):

@@ -292,12 +292,14 @@ def _absolute(path: str | os.PathLike) -> str:
 def finetune_command(base_model: str, train: Path, val: Path | None, workdir: Path, epochs: float,
                      overrides: Sequence[str] = (), resume: bool = False) -> list[str]:
     """The ``launch/finetune.py`` command line of one counterfactual run, with absolute paths (the subprocess may
-    run in another folder); ``resume`` continues the run in ``workdir``; no ``val`` split: no held-out loss."""
+    run in another folder); ``resume`` continues the run in ``workdir``; no ``val`` split: no held-out loss; a
+    ``steps=N`` override sets the run's length instead of ``epochs`` (finetune.py refuses both)."""
     script = ROOT / "launch" / "finetune.py"
     if not script.is_file():
         raise UserError(f"{script} not found: the counterfactual sweep runs launch/finetune.py from a checkout")
     return [sys.executable, str(script), "--model", _absolute(base_model), "--data", _absolute(train),
-            *(["--eval-data", _absolute(val)] if val is not None else []), "--epochs", f"{epochs:g}",
+            *(["--eval-data", _absolute(val)] if val is not None else []),
+            *([] if any(o.partition("=")[0].strip() == "steps" for o in overrides) else ["--epochs", f"{epochs:g}"]),
             "--workdir", _absolute(workdir),
             *(["--resume"] if resume else []), *overrides]
 
