@@ -51,6 +51,13 @@ def given_at(name: str, flag_value, overrides: list[str], config_path: str | Non
     return 0
 
 
+def refuse_steps_with_epochs(cfg, args, overrides: list[str]) -> None:
+    """``steps`` and ``epochs`` both on the command line is one error: which of the two sets the run's length
+    would be a guess."""
+    if given_at("steps", args.steps, overrides, None) == given_at("epochs", args.epochs, overrides, None) == 2:
+        raise UserError(f"both steps ({cfg.steps}) and epochs ({cfg.epochs:g}) are given: pass one of the two")
+
+
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (see configs/)")
     p.add_argument("--mesh", help="DATAxMODEL device mesh, e.g. 10x1 or 2x5 (default from the config: 1x1)")

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from cancerllm_jax.errors import UserError, cli_main
 from cancerllm_jax.launch_common import (add_train_flags, announce, announce_privacy, cli_values, given_at,
-                                         mesh_value_joined, run_folder, start_runtime)
+                                         mesh_value_joined, refuse_steps_with_epochs, run_folder, start_runtime)
 
 
 def parse(argv=None):
@@ -45,8 +45,7 @@ def main(argv=None):
         flags.append(("--skip-bad-lines", "data.skip_bad_lines=true"))
     cli = {**cli_values(args), "model": args.model, "task": args.task, "epochs": args.epochs}
     cfg = resolve(FinetuneConfig, args.config, overrides, cli, flags)
-    if given_at("steps", args.steps, overrides, None) == given_at("epochs", args.epochs, overrides, None) == 2:
-        raise UserError(f"both steps ({cfg.steps}) and epochs ({cfg.epochs:g}) are given: pass one of the two")
+    refuse_steps_with_epochs(cfg, args, overrides)
     if cfg.data.path and given_at("task", args.task, overrides, args.config):
         announce(f"note: task={cfg.task} picks built-in synthetic data only; the data given ({cfg.data.path}) is "
                  "trained on as it is")

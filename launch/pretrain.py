@@ -11,9 +11,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's package first
 
-from cancerllm_jax.errors import UserError, cli_main
+from cancerllm_jax.errors import cli_main
 from cancerllm_jax.launch_common import (add_train_flags, announce, announce_privacy, cli_values, given_at,
-                                         mesh_value_joined, run_folder, start_runtime)
+                                         mesh_value_joined, refuse_steps_with_epochs, run_folder, start_runtime)
 
 
 def parse(argv=None):
@@ -34,11 +34,8 @@ def _steps_or_epochs(cfg, args, overrides: list[str]):
     both on the command line is an error."""
     if cfg.epochs is None:
         return cfg
-    steps_at = given_at("steps", args.steps, overrides, args.config)
-    epochs_at = given_at("epochs", args.epochs, overrides, args.config)
-    if steps_at == epochs_at == 2:
-        raise UserError(f"both steps ({cfg.steps}) and epochs ({cfg.epochs:g}) are given: pass one of the two")
-    if steps_at <= epochs_at:
+    refuse_steps_with_epochs(cfg, args, overrides)
+    if given_at("steps", args.steps, overrides, args.config) <= given_at("epochs", args.epochs, overrides, args.config):
         return cfg
     import dataclasses
 

@@ -85,7 +85,7 @@ class _CalledAsTransformers:
             rows = [self(t, add_special_tokens) for t in text]
             return Encoding({k: [r[k] for r in rows] for k in ("input_ids", "attention_mask")})
         ids = self.encode(text, bos=add_special_tokens, special=True)
-        if add_special_tokens and getattr(self, "adds_eos", False):  # a tokenizer that ends every text with its EOS
+        if add_special_tokens and self.adds_eos:  # a tokenizer that ends every text with its EOS
             ids.append(self.eos_id)
         return Encoding({"input_ids": ids, "attention_mask": [1] * len(ids)})
 

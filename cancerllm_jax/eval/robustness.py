@@ -294,12 +294,14 @@ def finetune_command(base_model: str, train: Path, val: Path | None, workdir: Pa
     """The ``launch/finetune.py`` command line of one counterfactual run, with absolute paths (the subprocess may
     run in another folder); ``resume`` continues the run in ``workdir``; no ``val`` split: no held-out loss; a
     ``steps=N`` override sets the run's length instead of ``epochs`` (finetune.py refuses both)."""
+    from cancerllm_jax.launch_common import given_at
+
     script = ROOT / "launch" / "finetune.py"
     if not script.is_file():
         raise UserError(f"{script} not found: the counterfactual sweep runs launch/finetune.py from a checkout")
     return [sys.executable, str(script), "--model", _absolute(base_model), "--data", _absolute(train),
             *(["--eval-data", _absolute(val)] if val is not None else []),
-            *([] if any(o.partition("=")[0].strip() == "steps" for o in overrides) else ["--epochs", f"{epochs:g}"]),
+            *([] if given_at("steps", None, overrides, None) else ["--epochs", f"{epochs:g}"]),
             "--workdir", _absolute(workdir),
             *(["--resume"] if resume else []), *overrides]
 
